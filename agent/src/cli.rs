@@ -1,0 +1,297 @@
+//! The `bulkhead` command line.
+
+use std::{
+    ffi::OsString,
+    path::{Path, PathBuf},
+};
+
+use clap::{Args, Parser, Subcommand};
+use serde::Serialize;
+
+use crate::{
+    cgroup,
+    config::Config,
+    control::{self, ClientError, Request, StatusReport},
+    record::{Session, SessionStore as _, SledStore},
+};
+
+#[derive(Debug, Parser)]
+#[command(name = "bulkhead", version, about = "Governs the outbound connections of AI tools through a local gateway")]
+pub struct Cli {
+    /// Configuration file [default: /etc/bulkhead/bulkhead.toml if present, else built-in defaults]
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway: attach the eBPF programs to the governed cgroup and relay its connections
+    Daemon {
+        /// Detach the programs when the daemon exits, letting governed connections go direct
+        #[arg(long)]
+        fail_open: bool,
+    },
+    /// Run a command governed: inside the governed cgroup, as the invoking user under sudo
+    Run {
+        /// The command and its arguments
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "CMD")]
+        command: Vec<OsString>,
+    },
+    /// Show whether connections are governed, where, and how many sessions were recorded
+    Status(JsonFlag),
+    /// Recorded sessions
+    #[command(subcommand)]
+    Sessions(SessionsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SessionsCommand {
+    /// Newest sessions first
+    List {
+        /// How many sessions to show
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// One session in full
+    Show {
+        id: u64,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct JsonFlag {
+    /// Print JSON instead of a table
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Control(#[from] ClientError),
+    #[error(transparent)]
+    Store(#[from] crate::record::StoreError),
+    #[error(transparent)]
+    Cgroup(#[from] cgroup::CgroupError),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Asks the daemon; when it is not running, answers from the store and the pins directly.
+fn ask_or_read<T>(config: &Config, req: &Request, offline: impl FnOnce() -> Result<T, CliError>) -> Result<T, CliError>
+where
+    T: serde::de::DeserializeOwned,
+{
+    match control::call(&config.control_socket(), req) {
+        Ok(v) => serde_json::from_value(v).map_err(|e| CliError::Other(format!("unexpected answer from the daemon: {e}"))),
+        Err(ClientError::NotRunning(_)) => offline(),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn open_store(config: &Config) -> Result<SledStore, CliError> {
+    let path = config.store_path();
+    if !path.exists() {
+        return Err(CliError::Other(format!(
+            "no session store at {} (the daemon has not run with this configuration)",
+            path.display()
+        )));
+    }
+    SledStore::open(&path).map_err(|e| CliError::Other(format!("{e} (is a daemon running without its control socket?)")))
+}
+
+pub fn status(config: &Config, json: bool) -> Result<(), CliError> {
+    let report: StatusReport = ask_or_read(config, &Request::Status, || {
+        let mount = cgroup::cgroup2_mount()?;
+        let governed = cgroup::resolve(&mount, &config.governed.cgroup)?;
+        let pinned = crate::ebpf::pinned_links(&config.daemon.bpf_pin_dir).len();
+        let sessions = open_store(config).ok().and_then(|s| s.counts().ok());
+        Ok(StatusReport {
+            daemon: None,
+            governed_cgroup: governed.display().to_string(),
+            pinned_links: pinned,
+            programs_attached: pinned > 0,
+            sessions,
+        })
+    })?;
+    if json {
+        return print_json(&report);
+    }
+    match &report.daemon {
+        Some(d) => {
+            println!("daemon:      running (pid {}, {}, config: {})", d.pid, d.mode, d.config);
+            println!("listeners:   {}", d.listeners.join(", "));
+            println!(
+                "connections: {} active, {} accepted, {} refused since start",
+                d.connections.active, d.connections.accepted, d.connections.refused
+            );
+        }
+        None => println!("daemon:      not running"),
+    }
+    println!("governed:    {}", report.governed_cgroup);
+    let programs = match (&report.daemon, report.programs_attached) {
+        (Some(_), _) => format!("attached ({} pinned links)", report.pinned_links),
+        (None, true) => format!(
+            "attached, pinned ({} links): governed connections are refused until the daemon runs",
+            report.pinned_links
+        ),
+        (None, false) => "not attached: governed processes connect directly".to_string(),
+    };
+    println!("programs:    {programs}");
+    match report.sessions {
+        Some(c) => println!("sessions:    {} recorded, {} open", c.total, c.open),
+        None => println!("sessions:    store unavailable"),
+    }
+    Ok(())
+}
+
+pub fn sessions_list(config: &Config, limit: usize, json: bool) -> Result<(), CliError> {
+    let sessions: Vec<Session> = ask_or_read(config, &Request::SessionsList { limit }, || Ok(open_store(config)?.list(limit)?))?;
+    if json {
+        return print_json(&sessions);
+    }
+    println!(
+        "{:>6}  {:<20}  {:>7}  {:<15}  {:>5}  {:<28}  {:<12}  {:<5}  {:>9}  {:>9}  OUTCOME",
+        "ID", "STARTED (UTC)", "PID", "PROCESS", "UID", "DESTINATION", "TARGET", "PROTO", "UP", "DOWN"
+    );
+    for s in &sessions {
+        println!(
+            "{:>6}  {:<20}  {:>7}  {:<15}  {:>5}  {:<28}  {:<12}  {:<5}  {:>9}  {:>9}  {}",
+            s.id.0,
+            format_time(s.start.started_at_us),
+            s.start.identity.pid,
+            s.start.identity.comm,
+            s.start.identity.uid,
+            s.start.destination.to_string(),
+            s.start.target.as_deref().unwrap_or("-"),
+            s.start.protocol.to_string(),
+            s.bytes_to_target,
+            s.bytes_from_target,
+            s.outcome.label(),
+        );
+    }
+    if sessions.is_empty() {
+        println!("(no sessions recorded)");
+    }
+    Ok(())
+}
+
+pub fn sessions_show(config: &Config, id: u64, json: bool) -> Result<(), CliError> {
+    let session: Session = ask_or_read(config, &Request::SessionsShow { id }, || {
+        open_store(config)?
+            .get(crate::record::SessionId(id))?
+            .ok_or_else(|| CliError::Other(format!("no session with id {id}")))
+    })?;
+    if json {
+        return print_json(&session);
+    }
+    let s = &session;
+    let who = &s.start.identity;
+    println!("session {}  {}", s.id, s.outcome.label());
+    if let crate::record::Outcome::Refused { reason } = &s.outcome {
+        println!("  reason:      {reason}");
+    }
+    if let crate::record::Outcome::UpstreamFailed { error } | crate::record::Outcome::Failed { error } = &s.outcome {
+        println!("  error:       {error}");
+    }
+    println!("  started:     {}", format_time(s.start.started_at_us));
+    if let Some(end) = s.ended_at_us {
+        println!("  ended:       {} ({} ms)", format_time(end), end.saturating_sub(s.start.started_at_us) / 1000);
+    }
+    println!("  destination: {} (target {}, {})", s.start.destination, s.start.target.as_deref().unwrap_or("-"), s.start.protocol);
+    println!("  bytes:       {} to target, {} from target", s.bytes_to_target, s.bytes_from_target);
+    println!("  process:     pid {} (thread {}) {}", who.pid, who.tid, who.comm);
+    println!("  user:        uid {} ({}) gid {}", who.uid, who.user.as_deref().unwrap_or("?"), who.gid);
+    println!("  exe:         {}", who.exe.as_deref().unwrap_or("?"));
+    println!("  cmdline:     {}", who.cmdline.join(" "));
+    println!("  cgroup:      {} (id {})", who.cgroup.as_deref().unwrap_or("?"), who.cgroup_id);
+    if let Some(unit) = &who.unit {
+        println!("  unit:        {unit}");
+    }
+    for a in &who.ancestors {
+        println!(
+            "  parent:      pid {} {} {}{}",
+            a.pid,
+            a.comm,
+            a.exe.as_deref().unwrap_or("?"),
+            if a.governed { "" } else { "  (not governed)" }
+        );
+    }
+    Ok(())
+}
+
+fn print_json<T: Serialize>(value: &T) -> Result<(), CliError> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| CliError::Other(e.to_string()))?;
+    println!("{text}");
+    Ok(())
+}
+
+fn format_time(micros: u64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_micros(micros);
+    humantime::format_rfc3339_seconds(t).to_string().replace('T', " ").trim_end_matches('Z').to_string()
+}
+
+/// `bulkhead run`: enter the governed cgroup, drop back to the sudo caller, exec.
+pub fn run(config: &Config, command: &[OsString]) -> Result<std::convert::Infallible, CliError> {
+    use std::os::unix::process::CommandExt as _;
+
+    let mount = cgroup::cgroup2_mount()?;
+    let governed = cgroup::resolve(&mount, &config.governed.cgroup)?;
+    if !governed.is_dir() {
+        return Err(CliError::Other(format!(
+            "the governed cgroup {} does not exist: start the daemon first (bulkhead daemon)",
+            governed.display()
+        )));
+    }
+    if matches!(control::call(&config.control_socket(), &Request::Status), Err(ClientError::NotRunning(_))) {
+        eprintln!("bulkhead: warning: the daemon is not running; governed connections will be refused");
+    }
+    cgroup::enter(&governed, 0).map_err(|e| {
+        CliError::Other(format!("{e} (bulkhead run must be started as root, e.g. with sudo)"))
+    })?;
+    let (program, args) = command.split_first().ok_or_else(|| CliError::Other("no command given".into()))?;
+    let mut cmd = std::process::Command::new(program);
+    cmd.args(args);
+    if let Some((uid, gid, user)) = sudo_caller() {
+        drop_privileges(uid, gid, &user)?;
+    }
+    let err = cmd.exec();
+    Err(CliError::Other(format!("cannot run {}: {err}", Path::new(program).display())))
+}
+
+/// The user who ran `sudo bulkhead run`, when we are root because of sudo.
+fn sudo_caller() -> Option<(u32, u32, String)> {
+    // SAFETY: getuid has no preconditions.
+    if unsafe { libc::getuid() } != 0 {
+        return None;
+    }
+    let uid: u32 = std::env::var("SUDO_UID").ok()?.parse().ok()?;
+    let gid: u32 = std::env::var("SUDO_GID").ok()?.parse().ok()?;
+    let user = std::env::var("SUDO_USER").ok()?;
+    (uid != 0).then_some((uid, gid, user))
+}
+
+fn drop_privileges(uid: u32, gid: u32, user: &str) -> Result<(), CliError> {
+    let name = std::ffi::CString::new(user).map_err(|_| CliError::Other("SUDO_USER contains NUL".into()))?;
+    // SAFETY: plain syscalls with valid arguments; order is groups, gid, then uid, so each
+    // step still has the privilege it needs.
+    let ok = unsafe {
+        libc::initgroups(name.as_ptr(), gid) == 0 && libc::setgid(gid) == 0 && libc::setuid(uid) == 0
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(CliError::Other(format!(
+            "cannot switch to {user} (uid {uid}): {}",
+            std::io::Error::last_os_error()
+        )))
+    }
+}

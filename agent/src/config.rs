@@ -1,0 +1,600 @@
+//! The daemon's configuration: one TOML file, every key optional, unknown keys rejected.
+//!
+//! Reading is split in two, as in ztunnel: [`Config::load`] reads the file once, and the pure
+//! [`Config::from_toml`] parses and validates text, so tests exercise every rule without I/O.
+//! `bulkhead.example.toml` at the repository root documents each key.
+
+use std::{
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::{Path, PathBuf},
+    str::FromStr,
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::net::{Cidr, OrigDstAddr};
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/bulkhead/bulkhead.toml";
+pub const DEFAULT_LISTENER_PORT: u16 = 15001;
+pub const DEFAULT_GOVERNED_CGROUP: &str = "bulkhead.governed";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/bulkhead";
+pub const DEFAULT_RUN_DIR: &str = "/run/bulkhead";
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/bulkhead";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config file {path}: key `{key}`: {problem}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        problem: String,
+    },
+}
+
+/// Where the configuration came from, for error messages and `bulkhead status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum Source {
+    Embedded,
+    File(PathBuf),
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Embedded => f.write_str("embedded default"),
+            Source::File(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub source: Source,
+    pub daemon: DaemonConfig,
+    pub listener: ListenerConfig,
+    pub governed: GovernedConfig,
+    pub capture: CaptureConfig,
+    pub targets: Vec<Target>,
+}
+
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    pub state_dir: PathBuf,
+    pub run_dir: PathBuf,
+    pub bpf_pin_dir: PathBuf,
+    /// Detach on exit and never pin: when the daemon is gone, governed connections go direct.
+    pub fail_open: bool,
+    /// `tracing` filter directives, overridden by `RUST_LOG`.
+    pub log: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    pub ipv4: Ipv4Addr,
+    /// `None` disables the IPv6 listener; IPv6 connects are then refused rather than redirected.
+    pub ipv6: Option<Ipv6Addr>,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone)]
+pub struct GovernedConfig {
+    /// Relative paths are under the cgroup2 mount.
+    pub cgroup: PathBuf,
+    /// Empty: every process in the cgroup. Otherwise only these uids.
+    pub uids: Vec<u32>,
+}
+
+#[derive(Debug, Clone)]
+pub struct CaptureConfig {
+    pub loopback: bool,
+    pub include: Vec<Cidr>,
+    pub exclude: Vec<Cidr>,
+    pub exclude_ports: Vec<u16>,
+    pub unmatched: Unmatched,
+}
+
+/// What happens to a captured connection whose destination matches no target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Unmatched {
+    /// Relay as opaque TCP and record the session.
+    Relay,
+    /// Close it and record the refusal.
+    Refuse,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Postgres,
+    Ssh,
+    Http,
+    Kubernetes,
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Postgres => "postgres",
+            Protocol::Ssh => "ssh",
+            Protocol::Http => "http",
+            Protocol::Kubernetes => "kubernetes",
+        })
+    }
+}
+
+/// A destination the gateway knows by name.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub name: String,
+    pub addresses: Vec<TargetAddress>,
+    pub protocol: Protocol,
+    pub credentials: Option<CredentialRef>,
+}
+
+/// `10.0.0.5:5432`, `[fd00::5]:5432` (one socket), or `10.0.0.0/24` (any port in a network).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetAddress {
+    Socket(SocketAddr),
+    Network(Cidr),
+}
+
+impl TargetAddress {
+    pub fn matches(&self, dst: OrigDstAddr) -> bool {
+        match self {
+            TargetAddress::Socket(s) => {
+                s.port() == dst.0.port() && s.ip().to_canonical() == dst.0.ip().to_canonical()
+            }
+            TargetAddress::Network(c) => c.contains(dst.0.ip()),
+        }
+    }
+}
+
+impl FromStr for TargetAddress {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.contains('/') {
+            return s.parse().map(TargetAddress::Network);
+        }
+        s.parse::<SocketAddr>().map(TargetAddress::Socket).map_err(|_| {
+            format!("{s:?} is neither IP:PORT ([IPv6]:PORT for IPv6) nor a network like 10.0.0.0/24")
+        })
+    }
+}
+
+/// Where a target's credentials are held; read by the protocol handlers, never by the client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "lowercase")]
+pub enum CredentialRef {
+    File(PathBuf),
+    Env(String),
+}
+
+impl Config {
+    /// The configuration used when no file is given and the default path does not exist.
+    pub fn embedded_default() -> Self {
+        Self::from_raw(RawConfig::default(), Source::Embedded)
+            .expect("the embedded default configuration is valid")
+    }
+
+    /// Reads `path`; with `None`, the default path if it exists, else the embedded default.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let path = match path {
+            Some(p) => p.to_path_buf(),
+            None if Path::new(DEFAULT_CONFIG_PATH).exists() => PathBuf::from(DEFAULT_CONFIG_PATH),
+            None => return Ok(Self::embedded_default()),
+        };
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        Self::from_toml(&text, Source::File(path))
+    }
+
+    /// Parses and validates configuration text.
+    pub fn from_toml(text: &str, source: Source) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: source_path(&source),
+            message: e.to_string(),
+        })?;
+        Self::from_raw(raw, source)
+    }
+
+    fn from_raw(raw: RawConfig, source: Source) -> Result<Self, ConfigError> {
+        let invalid = |key: String, problem: String| ConfigError::Invalid {
+            path: source_path(&source),
+            key,
+            problem,
+        };
+
+        let RawConfig {
+            daemon,
+            listener,
+            governed,
+            capture,
+            target,
+        } = raw;
+
+        let ipv4: Ipv4Addr = listener
+            .ipv4
+            .parse()
+            .map_err(|_| invalid("listener.ipv4".into(), format!("{:?} is not an IPv4 address", listener.ipv4)))?;
+        if !ipv4.is_loopback() {
+            return Err(invalid(
+                "listener.ipv4".into(),
+                format!("{ipv4} is not a loopback address; the listener must not be reachable from the network"),
+            ));
+        }
+        let ipv6 = match listener.ipv6.as_str() {
+            "" => None,
+            s => {
+                let a: Ipv6Addr = s.parse().map_err(|_| {
+                    invalid("listener.ipv6".into(), format!("{s:?} is not an IPv6 address (use \"\" to disable)"))
+                })?;
+                if !a.is_loopback() {
+                    return Err(invalid(
+                        "listener.ipv6".into(),
+                        format!("{a} is not ::1; the listener must not be reachable from the network"),
+                    ));
+                }
+                Some(a)
+            }
+        };
+        if listener.port == 0 {
+            return Err(invalid(
+                "listener.port".into(),
+                "must be a fixed port: the kernel redirects to it even while the daemon restarts".into(),
+            ));
+        }
+
+        if governed.cgroup.as_os_str().is_empty() {
+            return Err(invalid("governed.cgroup".into(), "must not be empty".into()));
+        }
+        if governed
+            .cgroup
+            .components()
+            .any(|c| matches!(c, std::path::Component::ParentDir))
+        {
+            return Err(invalid("governed.cgroup".into(), "must not contain `..`".into()));
+        }
+        if governed.cgroup.components().all(|c| matches!(c, std::path::Component::RootDir)) {
+            return Err(invalid(
+                "governed.cgroup".into(),
+                "must not be the root cgroup: that would govern every process on the host; \
+                 name a cgroup, and use governed.uids to narrow it"
+                    .into(),
+            ));
+        }
+
+        let parse_cidrs = |key: &str, list: &[String]| -> Result<Vec<Cidr>, ConfigError> {
+            list.iter()
+                .enumerate()
+                .map(|(i, s)| s.parse::<Cidr>().map_err(|e| invalid(format!("{key}[{i}]"), e)))
+                .collect()
+        };
+        let include = parse_cidrs("capture.include", &capture.include)?;
+        let exclude = parse_cidrs("capture.exclude", &capture.exclude)?;
+        if let Some(i) = capture.exclude_ports.iter().position(|p| *p == 0) {
+            return Err(invalid(format!("capture.exclude_ports[{i}]"), "port 0 is not a port".into()));
+        }
+
+        let mut targets: Vec<Target> = Vec::with_capacity(target.len());
+        for (i, t) in target.into_iter().enumerate() {
+            if t.name.is_empty() || !t.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+                return Err(invalid(
+                    format!("target[{i}].name"),
+                    format!("{:?} must be non-empty and use only letters, digits, '-', '_' and '.'", t.name),
+                ));
+            }
+            if targets.iter().any(|o| o.name == t.name) {
+                return Err(invalid(format!("target[{i}].name"), format!("{:?} is used by another target", t.name)));
+            }
+            if t.addresses.is_empty() {
+                return Err(invalid(format!("target[{i}].addresses"), "needs at least one address".into()));
+            }
+            let addresses = t
+                .addresses
+                .iter()
+                .enumerate()
+                .map(|(j, a)| a.parse::<TargetAddress>().map_err(|e| invalid(format!("target[{i}].addresses[{j}]"), e)))
+                .collect::<Result<Vec<_>, _>>()?;
+            if t.protocol != Protocol::Tcp {
+                return Err(invalid(
+                    format!("target[{i}].protocol"),
+                    format!("protocol {} is not available in this build yet; use \"tcp\"", t.protocol),
+                ));
+            }
+            if let Some(CredentialRef::Env(name)) = &t.credentials {
+                if name.is_empty() {
+                    return Err(invalid(format!("target[{i}].credentials.env"), "must name a variable".into()));
+                }
+            }
+            targets.push(Target {
+                name: t.name,
+                addresses,
+                protocol: t.protocol,
+                credentials: t.credentials,
+            });
+        }
+
+        Ok(Config {
+            source,
+            daemon: DaemonConfig {
+                state_dir: daemon.state_dir,
+                run_dir: daemon.run_dir,
+                bpf_pin_dir: daemon.bpf_pin_dir,
+                fail_open: daemon.fail_open,
+                log: daemon.log,
+            },
+            listener: ListenerConfig {
+                ipv4,
+                ipv6,
+                port: listener.port,
+            },
+            governed: GovernedConfig {
+                cgroup: governed.cgroup,
+                uids: governed.uids,
+            },
+            capture: CaptureConfig {
+                loopback: capture.loopback,
+                include,
+                exclude,
+                exclude_ports: capture.exclude_ports,
+                unmatched: capture.unmatched,
+            },
+            targets,
+        })
+    }
+
+    /// The first target whose addresses match `dst`: exact sockets before networks.
+    pub fn target_for(&self, dst: OrigDstAddr) -> Option<&Target> {
+        let exact = self.targets.iter().find(|t| {
+            t.addresses
+                .iter()
+                .any(|a| matches!(a, TargetAddress::Socket(_)) && a.matches(dst))
+        });
+        exact.or_else(|| {
+            self.targets.iter().find(|t| {
+                t.addresses
+                    .iter()
+                    .any(|a| matches!(a, TargetAddress::Network(_)) && a.matches(dst))
+            })
+        })
+    }
+
+    pub fn control_socket(&self) -> PathBuf {
+        self.daemon.run_dir.join("control.sock")
+    }
+
+    pub fn store_path(&self) -> PathBuf {
+        self.daemon.state_dir.join("sessions.sled")
+    }
+
+    pub fn listener_v4(&self) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(self.listener.ipv4), self.listener.port)
+    }
+
+    pub fn listener_v6(&self) -> Option<SocketAddr> {
+        self.listener
+            .ipv6
+            .map(|a| SocketAddr::new(IpAddr::V6(a), self.listener.port))
+    }
+}
+
+fn source_path(source: &Source) -> PathBuf {
+    match source {
+        Source::Embedded => PathBuf::from("<embedded>"),
+        Source::File(p) => p.clone(),
+    }
+}
+
+// The file's shape. Every section and key has a default so an empty file is valid.
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawConfig {
+    daemon: RawDaemon,
+    listener: RawListener,
+    governed: RawGoverned,
+    capture: RawCapture,
+    target: Vec<RawTarget>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawDaemon {
+    state_dir: PathBuf,
+    run_dir: PathBuf,
+    bpf_pin_dir: PathBuf,
+    fail_open: bool,
+    log: String,
+}
+
+impl Default for RawDaemon {
+    fn default() -> Self {
+        Self {
+            state_dir: DEFAULT_STATE_DIR.into(),
+            run_dir: DEFAULT_RUN_DIR.into(),
+            bpf_pin_dir: DEFAULT_PIN_DIR.into(),
+            fail_open: false,
+            log: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawListener {
+    ipv4: String,
+    ipv6: String,
+    port: u16,
+}
+
+impl Default for RawListener {
+    fn default() -> Self {
+        Self {
+            ipv4: "127.0.0.1".into(),
+            ipv6: "::1".into(),
+            port: DEFAULT_LISTENER_PORT,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawGoverned {
+    cgroup: PathBuf,
+    uids: Vec<u32>,
+}
+
+impl Default for RawGoverned {
+    fn default() -> Self {
+        Self {
+            cgroup: DEFAULT_GOVERNED_CGROUP.into(),
+            uids: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawCapture {
+    loopback: bool,
+    include: Vec<String>,
+    exclude: Vec<String>,
+    exclude_ports: Vec<u16>,
+    unmatched: Unmatched,
+}
+
+impl Default for RawCapture {
+    fn default() -> Self {
+        Self {
+            loopback: false,
+            include: Vec::new(),
+            exclude: Vec::new(),
+            exclude_ports: Vec::new(),
+            unmatched: Unmatched::Relay,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTarget {
+    name: String,
+    addresses: Vec<String>,
+    #[serde(default = "default_protocol")]
+    protocol: Protocol,
+    #[serde(default)]
+    credentials: Option<CredentialRef>,
+}
+
+fn default_protocol() -> Protocol {
+    Protocol::Tcp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(text, Source::File("test.toml".into()))
+    }
+
+    fn err(text: &str) -> String {
+        parse(text).expect_err("config should be rejected").to_string()
+    }
+
+    #[test]
+    fn empty_file_is_the_embedded_default() {
+        let c = parse("").unwrap();
+        let d = Config::embedded_default();
+        assert_eq!(c.listener_v4(), d.listener_v4());
+        assert_eq!(c.listener_v4(), "127.0.0.1:15001".parse().unwrap());
+        assert_eq!(c.listener_v6(), Some("[::1]:15001".parse().unwrap()));
+        assert_eq!(c.governed.cgroup, PathBuf::from(DEFAULT_GOVERNED_CGROUP));
+        assert!(!c.daemon.fail_open);
+        assert!(!c.capture.loopback);
+        assert_eq!(c.capture.unmatched, Unmatched::Relay);
+        assert_eq!(d.source, Source::Embedded);
+    }
+
+    #[test]
+    fn the_example_file_in_the_repository_parses() {
+        let text = include_str!("../../bulkhead.example.toml");
+        let c = parse(text).unwrap();
+        assert!(!c.targets.is_empty());
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let e = err("[listener]\nprot = 1\n");
+        assert!(e.contains("prot"), "{e}");
+        assert!(e.contains("line 2"), "{e}");
+        let e = err("colour = \"blue\"\n");
+        assert!(e.contains("colour"), "{e}");
+        let e = err("[[target]]\nname = \"db\"\naddresses = [\"10.0.0.5:5432\"]\npassword = \"x\"\n");
+        assert!(e.contains("password"), "{e}");
+    }
+
+    #[test]
+    fn wrong_types_are_named() {
+        let e = err("[listener]\nport = \"fifteen\"\n");
+        assert!(e.contains("port"), "{e}");
+        let e = err("[listener]\nport = 70000\n");
+        assert!(e.contains("port"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_the_key_and_the_problem() {
+        let e = err("[listener]\nipv4 = \"10.0.0.1\"\n");
+        assert!(e.contains("`listener.ipv4`") && e.contains("loopback"), "{e}");
+        let e = err("[listener]\nport = 0\n");
+        assert!(e.contains("`listener.port`"), "{e}");
+        let e = err("[capture]\nexclude = [\"10.0.0.0/33\"]\n");
+        assert!(e.contains("`capture.exclude[0]`"), "{e}");
+        let e = err("[governed]\ncgroup = \"/\"\n");
+        assert!(e.contains("`governed.cgroup`") && e.contains("root"), "{e}");
+        let e = err("[governed]\ncgroup = \"a/../..\"\n");
+        assert!(e.contains("`governed.cgroup`"), "{e}");
+        let e = err("[[target]]\nname = \"db\"\naddresses = [\"db.internal:5432\"]\n");
+        assert!(e.contains("`target[0].addresses[0]`"), "{e}");
+        let e = err("[[target]]\nname = \"db\"\naddresses = []\n");
+        assert!(e.contains("`target[0].addresses`"), "{e}");
+        let e = err("[[target]]\nname = \"a\"\naddresses = [\"10.0.0.1:1\"]\n[[target]]\nname = \"a\"\naddresses = [\"10.0.0.2:1\"]\n");
+        assert!(e.contains("`target[1].name`"), "{e}");
+        let e = err("[[target]]\nname = \"db\"\naddresses = [\"10.0.0.5:5432\"]\nprotocol = \"gopher\"\n");
+        assert!(e.contains("gopher"), "{e}");
+    }
+
+    #[test]
+    fn targets_match_exact_sockets_before_networks() {
+        let c = parse(
+            "[[target]]\nname = \"net\"\naddresses = [\"10.0.0.0/24\"]\n\
+             [[target]]\nname = \"db\"\naddresses = [\"10.0.0.5:5432\", \"[fd00::5]:5432\"]\n\
+             credentials = { env = \"DB_PASSWORD\" }\n",
+        )
+        .unwrap();
+        let at = |s: &str| c.target_for(OrigDstAddr(s.parse().unwrap())).map(|t| t.name.as_str());
+        assert_eq!(at("10.0.0.5:5432"), Some("db"));
+        assert_eq!(at("10.0.0.5:22"), Some("net"));
+        assert_eq!(at("[::ffff:10.0.0.5]:5432"), Some("db"));
+        assert_eq!(at("[fd00::5]:5432"), Some("db"));
+        assert_eq!(at("10.0.1.5:5432"), None);
+        assert_eq!(
+            c.targets[1].credentials,
+            Some(CredentialRef::Env("DB_PASSWORD".into()))
+        );
+    }
+}

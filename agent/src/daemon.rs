@@ -1,0 +1,217 @@
+//! `bulkhead daemon`: put the pieces together and run until told to stop.
+//!
+//! Order matters: the listeners are bound before the programs are attached, so there is no
+//! moment when a redirected connect finds nobody listening because of us; the store is open
+//! before the first accept, so every connection is recorded.
+
+use std::{
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
+
+use tokio::{net::TcpListener, sync::watch};
+use tracing::{error, info, warn};
+
+use crate::{
+    cgroup,
+    config::Config,
+    control::{self, ControlState, DaemonInfo},
+    ebpf::{rules::CaptureRules, Mode, Redirector},
+    identity::ProcReader,
+    proxy::{self, Gateway, Stats, StatsSnapshot},
+    record::{now_micros, SessionStore, SledStore},
+};
+
+/// How long running sessions get to finish after SIGTERM.
+const DRAIN: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Cgroup(#[from] cgroup::CgroupError),
+    #[error(transparent)]
+    Ebpf(#[from] crate::ebpf::EbpfError),
+    #[error(transparent)]
+    Store(#[from] crate::record::StoreError),
+    #[error("cannot listen on {addr}: {source} (is another daemon running?)")]
+    Listen { addr: String, source: std::io::Error },
+    #[error("cannot create {path}: {source}")]
+    Dir { path: PathBuf, source: std::io::Error },
+    #[error("control socket {path}: {source}")]
+    Control { path: PathBuf, source: std::io::Error },
+    #[error("signal handler: {0}")]
+    Signal(std::io::Error),
+}
+
+/// Verbosity of the kernel side's aya-log messages, from the daemon's log filter.
+fn kernel_log_level(filter: &str) -> u8 {
+    // aya-log levels: error 1, warn 2, info 3, debug 4, trace 5.
+    if filter.contains("trace") {
+        5
+    } else if filter.contains("debug") {
+        4
+    } else {
+        2
+    }
+}
+
+pub async fn run(config: Config) -> Result<(), DaemonError> {
+    let config = Arc::new(config);
+    let mount = cgroup::cgroup2_mount()?;
+    let governed = cgroup::resolve(&mount, &config.governed.cgroup)?;
+    cgroup::ensure(&governed)?;
+    let governed_rel = cgroup::relative(&mount, &governed);
+
+    let mut listeners = vec![bind(config.listener_v4()).await?];
+    if let Some(v6) = config.listener_v6() {
+        match bind(v6).await {
+            Ok(l) => listeners.push(l),
+            // No IPv6 on loopback: IPv6 connects are then refused, not leaked.
+            Err(e) => warn!(error = %e, "IPv6 listener unavailable; governed IPv6 connects will be refused"),
+        }
+    }
+    let listener_names: Vec<String> = listeners
+        .iter()
+        .filter_map(|l| l.local_addr().ok().map(|a| a.to_string()))
+        .collect();
+
+    for dir in [&config.daemon.state_dir, &config.daemon.run_dir] {
+        std::fs::create_dir_all(dir).map_err(|source| DaemonError::Dir { path: dir.clone(), source })?;
+    }
+    let store = SledStore::open(&config.store_path())?;
+    let interrupted = store.mark_interrupted()?;
+    if interrupted > 0 {
+        warn!(sessions = interrupted, "sessions left open by the previous daemon marked interrupted");
+    }
+    let store: Arc<dyn SessionStore> = Arc::new(store);
+
+    let mode = if config.daemon.fail_open { Mode::FailOpen } else { Mode::FailClosed };
+    let rules = CaptureRules::from_config(&config);
+    let mut redirector = Redirector::attach(
+        &governed,
+        &rules,
+        &config.daemon.bpf_pin_dir,
+        mode,
+        kernel_log_level(&config.daemon.log),
+    )?;
+    match redirector.logger() {
+        Ok(logger) => {
+            tokio::spawn(forward_kernel_logs(logger));
+        }
+        Err(e) => warn!(error = %e, "kernel-side logs unavailable"),
+    }
+    let orig_dst = Arc::new(redirector.orig_dst()?);
+    info!(
+        cgroup = %governed.display(),
+        mode = ?mode,
+        listeners = ?listener_names,
+        config = %config.source,
+        "governing connections"
+    );
+
+    let gateway = Arc::new(Gateway {
+        config: Arc::clone(&config),
+        orig_dst,
+        store: Arc::clone(&store),
+        proc: ProcReader::new("/", governed_rel),
+        stats: Stats::default(),
+    });
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let control_path = config.control_socket();
+    let control_listener = control::bind(&control_path).map_err(|source| DaemonError::Control {
+        path: control_path.clone(),
+        source,
+    })?;
+    let state = Arc::new(ControlState {
+        gateway: Arc::clone(&gateway),
+        info: DaemonInfo {
+            pid: std::process::id(),
+            started_at_us: now_micros(),
+            config: config.source.to_string(),
+            mode: match mode {
+                Mode::FailClosed => "fail-closed".into(),
+                Mode::FailOpen => "fail-open".into(),
+            },
+            listeners: listener_names,
+            connections: StatsSnapshot::default(),
+        },
+        governed_cgroup: governed.clone(),
+        cgroup_mount: mount,
+        pin_dir: config.daemon.bpf_pin_dir.clone(),
+    });
+    tokio::spawn(control::serve(control_listener, state, shutdown_rx.clone()));
+    let accept_loops: Vec<_> = listeners
+        .into_iter()
+        .map(|l| tokio::spawn(proxy::serve(l, Arc::clone(&gateway), shutdown_rx.clone())))
+        .collect();
+
+    wait_for_signal().await?;
+    info!("stopping: no new connections");
+    let _ = shutdown_tx.send(true);
+    for l in accept_loops {
+        let _ = l.await;
+    }
+    let deadline = tokio::time::Instant::now() + DRAIN;
+    while gateway.stats.snapshot().active > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let left = gateway.stats.snapshot().active;
+    if left > 0 {
+        warn!(sessions = left, "sessions still open at the drain deadline; they will be marked interrupted");
+    }
+    if let Err(e) = store.flush() {
+        error!(error = %e, "flushing the session store");
+    }
+    let _ = std::fs::remove_file(&control_path);
+    match mode {
+        Mode::FailClosed => info!("stopped; programs stay attached: governed connections are refused until the daemon returns"),
+        Mode::FailOpen => info!("stopped; programs detached (fail-open)"),
+    }
+    drop(redirector);
+    Ok(())
+}
+
+async fn bind(addr: std::net::SocketAddr) -> Result<TcpListener, DaemonError> {
+    let listen_err = |source| DaemonError::Listen { addr: addr.to_string(), source };
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(listen_err)?;
+    socket.set_reuseaddr(true).map_err(listen_err)?;
+    socket.bind(addr).map_err(listen_err)?;
+    socket.listen(1024).map_err(listen_err)
+}
+
+async fn wait_for_signal() -> Result<(), DaemonError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signal)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signal)?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
+
+/// Moves aya-log records from the kernel's ring buffer into `tracing`.
+async fn forward_kernel_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    // SAFETY: the logger owns its ring buffer's descriptor for as long as it lives, and the
+    // `AsyncFd` owns the logger, so the descriptor stays open and the same until it is dropped.
+    let registered = unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
+    let mut fd = match registered {
+        Ok(fd) => fd,
+        Err(e) => {
+            warn!(error = %e, "kernel-side logs unavailable");
+            return;
+        }
+    };
+    loop {
+        let Ok(mut guard) = fd.readable_mut().await else { return };
+        guard.get_inner_mut().flush();
+        guard.clear_ready();
+    }
+}

@@ -1,0 +1,360 @@
+//! Loading, attaching and pinning the eBPF programs, and reading the original destination.
+//!
+//! Fail closed (the default): maps and links are pinned under the pin directory, so the
+//! programs stay attached when the daemon dies and governed connects keep going to the
+//! loopback listener, where nothing listens: they are refused, never sent direct. A restarted
+//! daemon reuses the pinned maps, attaches its own programs, then unpins the old links.
+//!
+//! Fail open: nothing is pinned; the links live only as long as the daemon's file descriptors,
+//! so the kernel detaches the programs when the daemon exits, even on `kill -9`.
+
+pub mod rules;
+
+use std::{
+    collections::HashMap as StdHashMap,
+    fs,
+    io,
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use aya::{
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData},
+    programs::{
+        links::{FdLink, PinnedLink},
+        CgroupAttachMode, CgroupSockAddr, SockOps,
+    },
+    Ebpf, EbpfLoader, Pod,
+};
+use bulkhead_common::{maps, programs, CaptureConfig, ConnectRecord, SockKey};
+use tracing::{info, warn};
+
+use self::rules::CaptureRules;
+use crate::net::{to_kernel_bytes, ClientAddr};
+
+/// The eBPF object built by `build.rs`.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bulkhead-ebpf.o"));
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EbpfError {
+    #[error("this binary was built with BULKHEAD_SKIP_EBPF=1 and has no eBPF programs; rebuild it without")]
+    NoObject,
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("eBPF program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("eBPF map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("eBPF link of {name}: {source}")]
+    Link {
+        name: &'static str,
+        source: aya::programs::links::LinkError,
+    },
+    #[error("eBPF object has no {0}")]
+    Missing(&'static str),
+    #[error("pinning {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        source: aya::pin::PinError,
+    },
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{0} is not on a bpf file system (mount -t bpf bpf /sys/fs/bpf)")]
+    NotBpffs(PathBuf),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> EbpfError + '_ {
+    move |source| EbpfError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Where a redirected connection was going and who made it, looked up by the client address
+/// the daemon accepted. A trait so the proxy runs in tests without a kernel.
+pub trait OrigDst: Send + Sync + 'static {
+    /// Takes (and forgets) the record for `client`.
+    fn take(&self, client: ClientAddr) -> Option<ConnectRecord>;
+}
+
+/// The kernel's records, from the pinned or owned `CONNECTIONS` map.
+pub struct BpfOrigDst {
+    map: Mutex<HashMap<MapData, SockKey, ConnectRecord>>,
+}
+
+impl OrigDst for BpfOrigDst {
+    fn take(&self, client: ClientAddr) -> Option<ConnectRecord> {
+        let key = SockKey {
+            addr: to_kernel_bytes(client.0.ip()),
+            port: u32::from(client.0.port()),
+        };
+        let mut map = self.map.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let rec = map.get(&key, 0).ok()?;
+        // A failed remove leaves an entry the LRU evicts; the record was still read once.
+        let _ = map.remove(&key);
+        Some(rec)
+    }
+}
+
+/// Records set by tests.
+#[derive(Default)]
+pub struct MockOrigDst {
+    records: Mutex<StdHashMap<ClientAddr, ConnectRecord>>,
+}
+
+impl MockOrigDst {
+    pub fn insert(&self, client: ClientAddr, rec: ConnectRecord) {
+        self.records
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(client, rec);
+    }
+}
+
+impl OrigDst for MockOrigDst {
+    fn take(&self, client: ClientAddr) -> Option<ConnectRecord> {
+        self.records
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&client)
+    }
+}
+
+/// How the programs are attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    FailClosed,
+    FailOpen,
+}
+
+enum Held {
+    Pinned(#[expect(dead_code, reason = "held for its file descriptor")] PinnedLink),
+    Owned(#[expect(dead_code, reason = "held for its file descriptor; dropping it detaches")] FdLink),
+}
+
+/// The loaded and attached programs. Dropping it closes the daemon's descriptors: in fail-open
+/// mode that detaches the programs; in fail-closed mode the pins keep them attached.
+pub struct Redirector {
+    ebpf: Ebpf,
+    _links: Vec<Held>,
+    pub mode: Mode,
+    pub cgroup: PathBuf,
+    pub adopted: usize,
+}
+
+impl Redirector {
+    /// Loads the programs, fills the maps from `rules`, and attaches to `cgroup`.
+    pub fn attach(cgroup: &Path, rules: &CaptureRules, pin_dir: &Path, mode: Mode, kernel_log_level: u8) -> Result<Self, EbpfError> {
+        if EBPF_OBJECT.is_empty() {
+            return Err(EbpfError::NoObject);
+        }
+        let map_dir = pin_dir.join("maps");
+        let link_dir = pin_dir.join("links");
+        if mode == Mode::FailClosed {
+            ensure_bpffs(pin_dir)?;
+            fs::create_dir_all(&map_dir).map_err(io_err(&map_dir))?;
+            fs::create_dir_all(&link_dir).map_err(io_err(&link_dir))?;
+        }
+        let old_links = pinned_links(pin_dir);
+
+        let mut loader = EbpfLoader::new();
+        if mode == Mode::FailClosed {
+            for name in maps::ALL {
+                loader.map_pin_path(name, map_dir.join(name));
+            }
+        }
+        loader.override_global("AYA_LOG_LEVEL", &kernel_log_level, false);
+        let mut ebpf = loader.load(EBPF_OBJECT)?;
+
+        fill_maps(&mut ebpf, rules)?;
+
+        let cgroup_dir = fs::File::open(cgroup).map_err(io_err(cgroup))?;
+        let generation = crate::record::now_micros();
+        let mut links = Vec::with_capacity(3);
+        for name in [programs::CONNECT4, programs::CONNECT6, programs::SOCK_OPS] {
+            let program_err = |source| EbpfError::Program { name, source };
+            let prog = ebpf.program_mut(name).ok_or(EbpfError::Missing(name))?;
+            let link: FdLink = if name == programs::SOCK_OPS {
+                let p: &mut SockOps = prog.try_into().map_err(program_err)?;
+                p.load().map_err(program_err)?;
+                let id = p.attach(&cgroup_dir, CgroupAttachMode::AllowMultiple).map_err(program_err)?;
+                p.take_link(id).map_err(program_err)?.try_into().map_err(|source| EbpfError::Link { name, source })?
+            } else {
+                let p: &mut CgroupSockAddr = prog.try_into().map_err(program_err)?;
+                p.load().map_err(program_err)?;
+                let id = p.attach(&cgroup_dir, CgroupAttachMode::AllowMultiple).map_err(program_err)?;
+                p.take_link(id).map_err(program_err)?.try_into().map_err(|source| EbpfError::Link { name, source })?
+            };
+            links.push(match mode {
+                Mode::FailClosed => {
+                    let path = link_dir.join(format!("{name}.{generation}"));
+                    Held::Pinned(link.pin(&path).map_err(|source| EbpfError::Pin { path, source })?)
+                }
+                Mode::FailOpen => Held::Owned(link),
+            });
+        }
+
+        // Our programs are attached: the ones a previous daemon left can go. Until now both ran,
+        // over the same maps, so there was no moment without a redirect.
+        let adopted = old_links.len();
+        for old in &old_links {
+            if let Err(e) = fs::remove_file(old) {
+                warn!(path = %old.display(), error = %e, "cannot unpin a previous daemon's link");
+            }
+        }
+        if mode == Mode::FailOpen {
+            // An explicit choice to fail open also drops what a fail-closed run left pinned.
+            for name in maps::ALL {
+                let _ = fs::remove_file(map_dir.join(name));
+            }
+        }
+        if adopted > 0 {
+            info!(replaced = adopted, "adopted pinned state of a previous daemon");
+        }
+        Ok(Self {
+            ebpf,
+            _links: links,
+            mode,
+            cgroup: cgroup.to_path_buf(),
+            adopted,
+        })
+    }
+
+    /// The original-destination source over this redirector's `CONNECTIONS` map.
+    pub fn orig_dst(&mut self) -> Result<BpfOrigDst, EbpfError> {
+        let map = self
+            .ebpf
+            .take_map(maps::CONNECTIONS)
+            .ok_or(EbpfError::Missing(maps::CONNECTIONS))?;
+        let map = HashMap::try_from(map).map_err(|source| EbpfError::Map {
+            name: maps::CONNECTIONS,
+            source,
+        })?;
+        Ok(BpfOrigDst { map: Mutex::new(map) })
+    }
+
+    /// The kernel log reader (aya-log), to be polled by the daemon.
+    pub fn logger(&mut self) -> Result<aya_log::EbpfLogger<&'static dyn log_facade::Log>, aya_log::Error> {
+        aya_log::EbpfLogger::init(&mut self.ebpf)
+    }
+
+    /// Rewrites the capture rules in place (configuration reload).
+    pub fn update_rules(&mut self, rules: &CaptureRules) -> Result<(), EbpfError> {
+        fill_maps(&mut self.ebpf, rules)
+    }
+}
+
+use log as log_facade;
+
+fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> EbpfError {
+    move |source| EbpfError::Map { name, source }
+}
+
+fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut aya::maps::Map, EbpfError> {
+    ebpf.map_mut(name).ok_or(EbpfError::Missing(name))
+}
+
+/// Writes the rules: configuration not-ready first, then every rule map (replacing what a
+/// previous daemon left), then the configuration ready.
+fn fill_maps(ebpf: &mut Ebpf, rules: &CaptureRules) -> Result<(), EbpfError> {
+    {
+        let mut cfg: Array<&mut MapData, CaptureConfig> =
+            Array::try_from(map_mut(ebpf, maps::CAPTURE_CONFIG)?).map_err(map_err(maps::CAPTURE_CONFIG))?;
+        cfg.set(0, rules.not_ready(), 0).map_err(map_err(maps::CAPTURE_CONFIG))?;
+    }
+    replace_trie(ebpf, maps::EXCLUDE_V4, &rules.exclude_v4)?;
+    replace_trie(ebpf, maps::EXCLUDE_V6, &rules.exclude_v6)?;
+    replace_trie(ebpf, maps::INCLUDE_V4, &rules.include_v4)?;
+    replace_trie(ebpf, maps::INCLUDE_V6, &rules.include_v6)?;
+    replace_set(ebpf, maps::EXCLUDE_PORTS, &rules.exclude_ports)?;
+    replace_set(ebpf, maps::GOVERNED_UIDS, &rules.uids)?;
+    let mut cfg: Array<&mut MapData, CaptureConfig> =
+        Array::try_from(map_mut(ebpf, maps::CAPTURE_CONFIG)?).map_err(map_err(maps::CAPTURE_CONFIG))?;
+    cfg.set(0, rules.config, 0).map_err(map_err(maps::CAPTURE_CONFIG))?;
+    Ok(())
+}
+
+fn replace_trie<K: Pod>(ebpf: &mut Ebpf, name: &'static str, entries: &[(K, u32)]) -> Result<(), EbpfError> {
+    let mut trie: LpmTrie<&mut MapData, K, u8> = LpmTrie::try_from(map_mut(ebpf, name)?).map_err(map_err(name))?;
+    let old: Vec<Key<K>> = trie.keys().collect::<Result<_, _>>().map_err(map_err(name))?;
+    for k in &old {
+        trie.remove(k).map_err(map_err(name))?;
+    }
+    for (addr, prefix) in entries {
+        trie.insert(&Key::new(*prefix, *addr), 1, 0).map_err(map_err(name))?;
+    }
+    Ok(())
+}
+
+fn replace_set<K: Pod + Eq + std::hash::Hash>(ebpf: &mut Ebpf, name: &'static str, entries: &[K]) -> Result<(), EbpfError> {
+    let mut set: HashMap<&mut MapData, K, u8> = HashMap::try_from(map_mut(ebpf, name)?).map_err(map_err(name))?;
+    let old: Vec<K> = set.keys().collect::<Result<_, _>>().map_err(map_err(name))?;
+    for k in &old {
+        set.remove(k).map_err(map_err(name))?;
+    }
+    for k in entries {
+        set.insert(k, 1, 0).map_err(map_err(name))?;
+    }
+    Ok(())
+}
+
+/// Links pinned under `pin_dir/links` (by this or a previous daemon).
+pub fn pinned_links(pin_dir: &Path) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = fs::read_dir(pin_dir.join("links"))
+        .map(|rd| rd.filter_map(Result::ok).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
+/// Makes sure `pin_dir` exists on bpffs, mounting bpffs at `/sys/fs/bpf` when the pin
+/// directory is under it and nothing is mounted there (hosts without systemd).
+fn ensure_bpffs(pin_dir: &Path) -> Result<(), EbpfError> {
+    let sys_fs_bpf = Path::new("/sys/fs/bpf");
+    if pin_dir.starts_with(sys_fs_bpf) && !is_bpffs(sys_fs_bpf) {
+        fs::create_dir_all(sys_fs_bpf).map_err(io_err(sys_fs_bpf))?;
+        // SAFETY: all arguments are valid NUL-terminated strings; data may be null.
+        let rc = unsafe {
+            libc::mount(
+                c"bpf".as_ptr(),
+                c"/sys/fs/bpf".as_ptr(),
+                c"bpf".as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        if rc != 0 {
+            return Err(EbpfError::Io {
+                path: sys_fs_bpf.to_path_buf(),
+                source: io::Error::last_os_error(),
+            });
+        }
+        info!("mounted bpffs at /sys/fs/bpf");
+    }
+    fs::create_dir_all(pin_dir).map_err(io_err(pin_dir))?;
+    if is_bpffs(pin_dir) {
+        Ok(())
+    } else {
+        Err(EbpfError::NotBpffs(pin_dir.to_path_buf()))
+    }
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt as _;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: `c` is a valid C string and `st` a properly sized out-parameter.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        libc::statfs(c.as_ptr(), &raw mut st) == 0 && i64::from(st.f_type) == BPF_FS_MAGIC
+    }
+}

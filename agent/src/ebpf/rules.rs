@@ -1,0 +1,200 @@
+//! Capture rules: the configuration turned into the values the eBPF maps hold.
+//!
+//! Pure, so the translation is tested without a kernel; [`decide`] mirrors the kernel's
+//! decision over the same values and is what `bulkhead status` and tests reason with.
+
+use std::net::{IpAddr, SocketAddr};
+
+use bulkhead_common::{
+    CaptureConfig as KernelConfig, FLAG_CAPTURE_LOOPBACK, FLAG_INCLUDE_FILTER, FLAG_READY, FLAG_UID_FILTER,
+};
+
+use crate::{
+    config::Config,
+    net::{to_kernel_bytes, Cidr},
+};
+
+/// Everything user space writes into the maps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaptureRules {
+    /// Written with `FLAG_READY` last, after every other map is filled.
+    pub config: KernelConfig,
+    pub exclude_v4: Vec<([u8; 4], u32)>,
+    pub exclude_v6: Vec<([u8; 16], u32)>,
+    pub include_v4: Vec<([u8; 4], u32)>,
+    pub include_v6: Vec<([u8; 16], u32)>,
+    pub exclude_ports: Vec<u16>,
+    pub uids: Vec<u32>,
+}
+
+fn split(cidrs: &[Cidr]) -> (Vec<([u8; 4], u32)>, Vec<([u8; 16], u32)>) {
+    let mut v4 = Vec::new();
+    let mut v6 = Vec::new();
+    for c in cidrs {
+        match c.addr() {
+            IpAddr::V4(a) => v4.push((a.octets(), u32::from(c.prefix()))),
+            IpAddr::V6(a) => v6.push((a.octets(), u32::from(c.prefix()))),
+        }
+    }
+    (v4, v6)
+}
+
+impl CaptureRules {
+    pub fn from_config(config: &Config) -> Self {
+        let mut flags = FLAG_READY;
+        if config.capture.loopback {
+            flags |= FLAG_CAPTURE_LOOPBACK;
+        }
+        if !config.governed.uids.is_empty() {
+            flags |= FLAG_UID_FILTER;
+        }
+        if !config.capture.include.is_empty() {
+            flags |= FLAG_INCLUDE_FILTER;
+        }
+        let (exclude_v4, exclude_v6) = split(&config.capture.exclude);
+        let (include_v4, include_v6) = split(&config.capture.include);
+        Self {
+            config: KernelConfig {
+                // Without an IPv6 listener, IPv6 connects are sent to `[::]:port`, which the
+                // kernel treats as the local host where nothing listens: they are refused,
+                // never let through.
+                listener_v6: config
+                    .listener
+                    .ipv6
+                    .map_or([0; 16], |a| a.octets()),
+                listener_v4: config.listener.ipv4.octets(),
+                flags,
+                listener_port: config.listener.port,
+                reserved: [0; 6],
+            },
+            exclude_v4,
+            exclude_v6,
+            include_v4,
+            include_v6,
+            exclude_ports: config.capture.exclude_ports.clone(),
+            uids: config.governed.uids.clone(),
+        }
+    }
+
+    /// The configuration value with `FLAG_READY` cleared, written first while the other maps
+    /// are being replaced, so a half-written rule set refuses rather than leaks.
+    pub fn not_ready(&self) -> KernelConfig {
+        KernelConfig {
+            flags: self.config.flags & !FLAG_READY,
+            ..self.config
+        }
+    }
+
+    /// What the kernel programs decide for a TCP connect to `dst` by `uid`: `true` when it is
+    /// redirected to the daemon. Mirrors `agent-ebpf`'s `captured()`.
+    pub fn decide(&self, dst: SocketAddr, uid: u32) -> bool {
+        let cfg = &self.config;
+        let ip = dst.ip().to_canonical();
+        let port = dst.port();
+        let bytes = to_kernel_bytes(ip);
+        if port == cfg.listener_port {
+            let to_listener = match ip {
+                IpAddr::V4(v4) => v4.octets() == cfg.listener_v4 || v4.is_unspecified(),
+                IpAddr::V6(v6) => bytes == cfg.listener_v6 || v6.is_unspecified(),
+            };
+            if to_listener {
+                return false;
+            }
+        }
+        if !cfg.has(FLAG_CAPTURE_LOOPBACK) && (ip.is_loopback() || ip.is_unspecified()) {
+            return false;
+        }
+        if self.exclude_ports.contains(&port) {
+            return false;
+        }
+        if cfg.has(FLAG_UID_FILTER) && !self.uids.contains(&uid) {
+            return false;
+        }
+        let in_list = |v4: &[([u8; 4], u32)], v6: &[([u8; 16], u32)]| match ip {
+            IpAddr::V4(a) => v4.iter().any(|(net, len)| {
+                Cidr::new(IpAddr::from(*net), u8::try_from(*len).unwrap_or(32)).is_ok_and(|c| c.contains(IpAddr::V4(a)))
+            }),
+            IpAddr::V6(a) => v6.iter().any(|(net, len)| {
+                Cidr::new(IpAddr::from(*net), u8::try_from(*len).unwrap_or(128)).is_ok_and(|c| c.contains(IpAddr::V6(a)))
+            }),
+        };
+        if in_list(&self.exclude_v4, &self.exclude_v6) {
+            return false;
+        }
+        !cfg.has(FLAG_INCLUDE_FILTER) || in_list(&self.include_v4, &self.include_v6)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Source;
+
+    fn rules(toml: &str) -> CaptureRules {
+        CaptureRules::from_config(&Config::from_toml(toml, Source::Embedded).unwrap())
+    }
+
+    fn captured(r: &CaptureRules, dst: &str) -> bool {
+        r.decide(dst.parse().unwrap(), 1000)
+    }
+
+    #[test]
+    fn default_captures_every_tcp_destination_but_loopback_and_the_listener() {
+        let r = rules("");
+        assert!(r.config.has(FLAG_READY));
+        assert!(captured(&r, "10.0.0.5:5432"));
+        assert!(captured(&r, "[fd00::5]:22"));
+        assert!(captured(&r, "[::ffff:10.0.0.5]:5432"));
+        assert!(captured(&r, "192.0.2.1:15001"), "the listener port elsewhere is just a port");
+        assert!(!captured(&r, "127.0.0.1:5432"));
+        assert!(!captured(&r, "127.1.2.3:80"));
+        assert!(!captured(&r, "[::1]:5432"));
+        assert!(!captured(&r, "[::ffff:127.0.0.1]:5432"));
+        assert!(!captured(&r, "0.0.0.0:80"));
+        assert!(!captured(&r, "127.0.0.1:15001"));
+    }
+
+    #[test]
+    fn loopback_is_captured_only_when_configured_and_never_the_listener() {
+        let r = rules("[capture]\nloopback = true\n");
+        assert!(captured(&r, "127.0.0.1:5432"));
+        assert!(captured(&r, "[::1]:5432"));
+        assert!(!captured(&r, "127.0.0.1:15001"));
+        assert!(!captured(&r, "[::1]:15001"));
+        assert!(!captured(&r, "[::ffff:127.0.0.1]:15001"));
+        assert!(captured(&r, "127.0.0.2:15001"), "only the listener's own address is exempt");
+    }
+
+    #[test]
+    fn excludes_includes_ports_and_uids() {
+        let r = rules(
+            "[capture]\nexclude = [\"10.9.0.0/16\", \"fd09::/16\"]\nexclude_ports = [53]\n\
+             include = [\"10.0.0.0/8\", \"fd00::/8\"]\n[governed]\nuids = [1000]\n",
+        );
+        assert_eq!(r.exclude_v4, vec![([10, 9, 0, 0], 16)]);
+        assert_eq!(r.include_v6.len(), 1);
+        assert!(r.config.has(FLAG_UID_FILTER) && r.config.has(FLAG_INCLUDE_FILTER));
+        assert!(captured(&r, "10.1.0.1:443"));
+        assert!(!captured(&r, "10.9.1.1:443"), "excluded network");
+        assert!(!captured(&r, "[fd09::1]:443"), "excluded network");
+        assert!(!captured(&r, "10.1.0.1:53"), "excluded port");
+        assert!(!captured(&r, "192.0.2.1:443"), "not included");
+        assert!(captured(&r, "[fd00::1]:443"));
+        assert!(!r.decide("10.1.0.1:443".parse().unwrap(), 0), "uid not governed");
+    }
+
+    #[test]
+    fn not_ready_only_clears_the_ready_flag() {
+        let r = rules("[capture]\nloopback = true\n");
+        let nr = r.not_ready();
+        assert!(!nr.has(FLAG_READY));
+        assert!(nr.has(FLAG_CAPTURE_LOOPBACK));
+        assert_eq!(nr.listener_port, 15001);
+    }
+
+    #[test]
+    fn disabled_ipv6_listener_points_nowhere() {
+        let r = rules("[listener]\nipv6 = \"\"\n");
+        assert_eq!(r.config.listener_v6, [0; 16]);
+    }
+}

@@ -1,0 +1,351 @@
+//! Who made a connection: the kernel's record enriched from `/proc`.
+//!
+//! The kernel's record (pid, uid, comm, cgroup id) is authoritative and captured at `connect()`;
+//! `/proc` adds the executable, command line, systemd unit and the parent chain, best effort,
+//! since the process may already have exited. Parsing takes a root directory so tests run on
+//! fixtures.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use bulkhead_common::ConnectRecord;
+use serde::{Deserialize, Serialize};
+
+use crate::cgroup;
+
+/// How far up the parent chain we look before giving up.
+const MAX_ANCESTORS: usize = 32;
+/// Longest command line kept, in bytes.
+const MAX_CMDLINE: usize = 4096;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessIdentity {
+    /// Process id (the kernel's tgid).
+    pub pid: u32,
+    /// Thread that called `connect()`.
+    pub tid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub user: Option<String>,
+    /// The thread's name at `connect()`, from the kernel.
+    pub comm: String,
+    pub exe: Option<String>,
+    pub cmdline: Vec<String>,
+    pub cgroup_id: u64,
+    /// cgroup path relative to the cgroup2 mount.
+    pub cgroup: Option<String>,
+    /// systemd unit (service or scope) the process runs in, if any.
+    pub unit: Option<String>,
+    /// Parents, nearest first, up to and including the first one outside the governed cgroup.
+    pub ancestors: Vec<Ancestor>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ancestor {
+    pub pid: u32,
+    pub comm: String,
+    pub exe: Option<String>,
+    pub governed: bool,
+}
+
+/// The fields of `/proc/PID/status` we use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Status {
+    pub name: String,
+    pub ppid: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+pub fn parse_status(text: &str) -> Option<Status> {
+    let mut name = None;
+    let mut ppid = None;
+    let mut uid = None;
+    let mut gid = None;
+    for line in text.lines() {
+        let Some((key, value)) = line.split_once(':') else {
+            continue;
+        };
+        let value = value.trim();
+        let first = || value.split_whitespace().next()?.parse::<u32>().ok();
+        match key {
+            "Name" => name = Some(value.to_string()),
+            "PPid" => ppid = first(),
+            "Uid" => uid = first(),
+            "Gid" => gid = first(),
+            _ => {}
+        }
+    }
+    Some(Status {
+        name: name?,
+        ppid: ppid?,
+        uid: uid?,
+        gid: gid?,
+    })
+}
+
+/// `/proc/PID/cmdline`: NUL-separated arguments, bounded.
+pub fn parse_cmdline(bytes: &[u8]) -> Vec<String> {
+    let bytes = &bytes[..bytes.len().min(MAX_CMDLINE)];
+    bytes
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect()
+}
+
+/// The innermost systemd unit in a cgroup path (`/system.slice/ssh.service` → `ssh.service`).
+pub fn unit_from_cgroup_path(path: &str) -> Option<String> {
+    path.rsplit('/')
+        .find(|c| c.ends_with(".service") || c.ends_with(".scope"))
+        .map(str::to_string)
+}
+
+/// The user name for `uid` from `/etc/passwd` text.
+pub fn user_from_passwd(passwd: &str, uid: u32) -> Option<String> {
+    passwd.lines().find_map(|l| {
+        let mut f = l.split(':');
+        let name = f.next()?;
+        let _pw = f.next()?;
+        (f.next()?.parse::<u32>().ok()? == uid).then(|| name.to_string())
+    })
+}
+
+/// The kernel's NUL-padded comm as a string.
+pub fn comm_str(comm: &[u8; 16]) -> String {
+    let end = comm.iter().position(|b| *b == 0).unwrap_or(comm.len());
+    String::from_utf8_lossy(&comm[..end]).into_owned()
+}
+
+/// Reads `/proc` (or a fixture tree) for identity.
+#[derive(Debug, Clone)]
+pub struct ProcReader {
+    root: PathBuf,
+    /// The governed cgroup relative to the cgroup2 mount (`/bulkhead.governed`).
+    governed: String,
+}
+
+impl ProcReader {
+    /// `root` holds `proc/` and `etc/passwd` (`/` on a real host).
+    pub fn new(root: impl Into<PathBuf>, governed_relative: impl Into<String>) -> Self {
+        Self {
+            root: root.into(),
+            governed: governed_relative.into(),
+        }
+    }
+
+    fn proc(&self, pid: u32) -> PathBuf {
+        self.root.join("proc").join(pid.to_string())
+    }
+
+    fn exe(&self, pid: u32) -> Option<String> {
+        let link = fs::read_link(self.proc(pid).join("exe")).ok()?;
+        Some(link.to_string_lossy().into_owned())
+    }
+
+    fn cgroup(&self, pid: u32) -> Option<String> {
+        let text = fs::read_to_string(self.proc(pid).join("cgroup")).ok()?;
+        cgroup::path_from_proc_cgroup(&text).map(str::to_string)
+    }
+
+    fn status(&self, pid: u32) -> Option<Status> {
+        parse_status(&fs::read_to_string(self.proc(pid).join("status")).ok()?)
+    }
+
+    /// Identity for a kernel record. Never fails: what `/proc` cannot tell stays empty.
+    pub fn identify(&self, rec: &ConnectRecord) -> ProcessIdentity {
+        let pid = rec.tgid;
+        let cmdline = fs::read(self.proc(pid).join("cmdline"))
+            .map(|b| parse_cmdline(&b))
+            .unwrap_or_default();
+        let cgroup = self.cgroup(pid);
+        let unit = cgroup.as_deref().and_then(unit_from_cgroup_path);
+        let user = fs::read_to_string(self.root.join("etc/passwd"))
+            .ok()
+            .and_then(|p| user_from_passwd(&p, rec.uid));
+        ProcessIdentity {
+            pid,
+            tid: rec.pid,
+            uid: rec.uid,
+            gid: rec.gid,
+            user,
+            comm: comm_str(&rec.comm),
+            exe: self.exe(pid),
+            cmdline,
+            cgroup_id: rec.cgroup_id,
+            cgroup,
+            unit,
+            ancestors: self.ancestors(pid),
+        }
+    }
+
+    /// Parents of `pid`, nearest first, through the governed ones and the first one outside.
+    pub fn ancestors(&self, pid: u32) -> Vec<Ancestor> {
+        let mut out = Vec::new();
+        let mut ppid = match self.status(pid) {
+            Some(s) => s.ppid,
+            None => return out,
+        };
+        while ppid > 0 && out.len() < MAX_ANCESTORS {
+            let Some(status) = self.status(ppid) else { break };
+            let governed = self
+                .cgroup(ppid)
+                .is_some_and(|c| cgroup::is_within(&c, &self.governed));
+            out.push(Ancestor {
+                pid: ppid,
+                comm: status.name,
+                exe: self.exe(ppid),
+                governed,
+            });
+            if !governed {
+                break;
+            }
+            ppid = status.ppid;
+        }
+        out
+    }
+}
+
+/// Whether `root` looks like a readable proc tree (for the caller's error messages).
+pub fn proc_available(root: &Path) -> bool {
+    root.join("proc/self/status").exists()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STATUS: &str = "Name:\tpsql\nUmask:\t0022\nState:\tS (sleeping)\nTgid:\t4242\nNgid:\t0\n\
+Pid:\t4242\nPPid:\t4200\nTracerPid:\t0\nUid:\t1000\t1000\t1000\t1000\nGid:\t1001\t1001\t1001\t1001\n";
+
+    #[test]
+    fn parses_status() {
+        let s = parse_status(STATUS).unwrap();
+        assert_eq!(
+            s,
+            Status {
+                name: "psql".into(),
+                ppid: 4200,
+                uid: 1000,
+                gid: 1001
+            }
+        );
+        assert_eq!(parse_status("Name:\tx\n"), None);
+        assert_eq!(parse_status(""), None);
+        assert_eq!(parse_status("PPid:\tabc\nName:\tx\nUid:\t1\nGid:\t1\n"), None);
+    }
+
+    #[test]
+    fn parses_cmdline_and_bounds_it() {
+        assert_eq!(parse_cmdline(b"psql\0-h\0db\0"), vec!["psql", "-h", "db"]);
+        assert_eq!(parse_cmdline(b""), Vec::<String>::new());
+        let long = vec![b'a'; MAX_CMDLINE * 2];
+        assert_eq!(parse_cmdline(&long)[0].len(), MAX_CMDLINE);
+    }
+
+    #[test]
+    fn finds_units_and_users() {
+        assert_eq!(unit_from_cgroup_path("/system.slice/ssh.service"), Some("ssh.service".into()));
+        assert_eq!(
+            unit_from_cgroup_path("/user.slice/user-1000.slice/session-3.scope/x"),
+            Some("session-3.scope".into())
+        );
+        assert_eq!(unit_from_cgroup_path("/bulkhead.governed"), None);
+        let passwd = "root:x:0:0:root:/root:/bin/bash\nalice:x:1000:1000::/home/alice:/bin/sh\nbroken\n";
+        assert_eq!(user_from_passwd(passwd, 1000), Some("alice".into()));
+        assert_eq!(user_from_passwd(passwd, 7), None);
+        assert_eq!(comm_str(b"curl\0\0\0\0\0\0\0\0\0\0\0\0"), "curl");
+        assert_eq!(comm_str(b"0123456789abcdef"), "0123456789abcdef");
+    }
+
+    /// A fixture proc tree: agent (4242, governed) ← shell (4200, governed) ← claude (4100,
+    /// governed) ← sshd (4000, not governed) ← init (1).
+    fn fixture() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let procs = [
+            (4242, "psql", 4200, "/bulkhead.governed", "/usr/bin/psql", "psql\0-h\x0010.0.0.5\0"),
+            (4200, "bash", 4100, "/bulkhead.governed", "/usr/bin/bash", "bash\0"),
+            (4100, "claude", 4000, "/bulkhead.governed/claude.scope", "/opt/claude/bin/claude", "claude\0"),
+            (4000, "sshd", 1, "/system.slice/ssh.service", "/usr/sbin/sshd", "sshd: alice\0"),
+            (1, "init", 0, "/", "/sbin/init", "/sbin/init\0"),
+        ];
+        for (pid, name, ppid, cg, exe, cmd) in procs {
+            let p = dir.path().join(format!("proc/{pid}"));
+            fs::create_dir_all(&p).unwrap();
+            fs::write(
+                p.join("status"),
+                format!("Name:\t{name}\nPPid:\t{ppid}\nUid:\t1000\t1000\t1000\t1000\nGid:\t1000\t1000\t1000\t1000\n"),
+            )
+            .unwrap();
+            fs::write(p.join("cgroup"), format!("0::{cg}\n")).unwrap();
+            fs::write(p.join("cmdline"), cmd).unwrap();
+            std::os::unix::fs::symlink(exe, p.join("exe")).unwrap();
+        }
+        fs::create_dir_all(dir.path().join("etc")).unwrap();
+        fs::write(dir.path().join("etc/passwd"), "alice:x:1000:1000::/home/alice:/bin/sh\n").unwrap();
+        dir
+    }
+
+    #[test]
+    fn identifies_a_process_and_its_parent_chain_from_fixtures() {
+        let root = fixture();
+        let reader = ProcReader::new(root.path(), "/bulkhead.governed");
+        let mut comm = [0u8; 16];
+        comm[..4].copy_from_slice(b"psql");
+        let rec = ConnectRecord {
+            cgroup_id: 77,
+            dst_addr: [0; 16],
+            dst_port: 5432,
+            family: 2,
+            pid: 4243,
+            tgid: 4242,
+            uid: 1000,
+            gid: 1000,
+            comm,
+            reserved: 0,
+        };
+        let id = reader.identify(&rec);
+        assert_eq!(id.pid, 4242);
+        assert_eq!(id.tid, 4243);
+        assert_eq!(id.user.as_deref(), Some("alice"));
+        assert_eq!(id.comm, "psql");
+        assert_eq!(id.exe.as_deref(), Some("/usr/bin/psql"));
+        assert_eq!(id.cmdline, vec!["psql", "-h", "10.0.0.5"]);
+        assert_eq!(id.cgroup.as_deref(), Some("/bulkhead.governed"));
+        assert_eq!(id.unit, None);
+        let chain: Vec<(u32, &str, bool)> = id
+            .ancestors
+            .iter()
+            .map(|a| (a.pid, a.comm.as_str(), a.governed))
+            .collect();
+        assert_eq!(
+            chain,
+            vec![(4200, "bash", true), (4100, "claude", true), (4000, "sshd", false)],
+            "the chain stops at the first process outside the governed cgroup"
+        );
+        assert_eq!(id.ancestors[1].exe.as_deref(), Some("/opt/claude/bin/claude"));
+    }
+
+    #[test]
+    fn a_vanished_process_keeps_the_kernel_identity() {
+        let root = fixture();
+        let reader = ProcReader::new(root.path(), "/bulkhead.governed");
+        let rec = ConnectRecord {
+            cgroup_id: 1,
+            dst_addr: [0; 16],
+            dst_port: 1,
+            family: 2,
+            pid: 9,
+            tgid: 9,
+            uid: 5,
+            gid: 5,
+            comm: *b"gone\0\0\0\0\0\0\0\0\0\0\0\0",
+            reserved: 0,
+        };
+        let id = reader.identify(&rec);
+        assert_eq!((id.pid, id.uid, id.comm.as_str()), (9, 5, "gone"));
+        assert!(id.exe.is_none() && id.cmdline.is_empty() && id.ancestors.is_empty());
+    }
+}

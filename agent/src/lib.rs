@@ -1,0 +1,13 @@
+//! Bulkhead: a host agent that puts every outbound connection of a governed process through a
+//! local gateway. See `docs/ARCHITECTURE.md` for the data path.
+
+pub mod cgroup;
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod ebpf;
+pub mod identity;
+pub mod net;
+pub mod proxy;
+pub mod record;
