@@ -13,7 +13,7 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{bpf_sock_addr, BPF_SOCK_OPS_TCP_CONNECT_CB},
+    bindings::{bpf_sock_addr, bpf_sock_ops, BPF_SOCK_OPS_TCP_CONNECT_CB},
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_get_current_uid_gid, bpf_get_socket_cookie,
@@ -245,23 +245,49 @@ fn try_sock_ops(ctx: &SockOpsContext) {
     let Some(rec) = (unsafe { PENDING_BY_COOKIE.get(&cookie) }).copied() else {
         return; // not a redirected connection
     };
-    let addr = match ctx.family() {
-        f if f == u32::from(AF_INET) => v4_mapped(ctx.local_ip4().to_ne_bytes()),
-        f if f == u32::from(AF_INET6) => {
-            let w = ctx.local_ip6();
-            let (a, b, c, d) = (w[0].to_ne_bytes(), w[1].to_ne_bytes(), w[2].to_ne_bytes(), w[3].to_ne_bytes());
-            [
-                a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1],
-                d[2], d[3],
-            ]
-        }
-        _ => return,
+    let ops = ctx.ops;
+    // SAFETY: `ops` is the program's own `bpf_sock_ops`.
+    let (family, local_port) = unsafe { ((*ops).family, (*ops).local_port) };
+    let addr = if family == u32::from(AF_INET) {
+        v4_mapped(local_ip4(ops).to_ne_bytes())
+    } else if family == u32::from(AF_INET6) {
+        let w = local_ip6(ops);
+        let (a, b, c, d) = (w[0].to_ne_bytes(), w[1].to_ne_bytes(), w[2].to_ne_bytes(), w[3].to_ne_bytes());
+        [
+            a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2], d[3],
+        ]
+    } else {
+        return;
     };
-    let key = SockKey { addr, port: ctx.local_port() };
+    let key = SockKey { addr, port: local_port };
     if CONNECTIONS.insert(&key, &rec, 0).is_err() {
         warn!(ctx, "bulkhead: cannot publish connection record");
     }
     let _ = PENDING_BY_COOKIE.remove(&cookie);
+}
+
+// The verifier accepts context loads only at a constant offset from the unmodified context
+// pointer. Inlined into one function, LLVM hoists `ctx + offset` out of the family branches and
+// loads through the moved pointer, which the verifier rejects; separate functions keep each
+// load a plain `*(u32 *)(r1 + off)`.
+
+#[inline(never)]
+fn local_ip4(ops: *mut bpf_sock_ops) -> u32 {
+    // SAFETY: `ops` is the program's own context.
+    unsafe { core::ptr::read_volatile(&raw const (*ops).local_ip4) }
+}
+
+#[inline(never)]
+fn local_ip6(ops: *mut bpf_sock_ops) -> [u32; 4] {
+    // SAFETY: `ops` is the program's own context.
+    unsafe {
+        [
+            core::ptr::read_volatile(&raw const (*ops).local_ip6[0]),
+            core::ptr::read_volatile(&raw const (*ops).local_ip6[1]),
+            core::ptr::read_volatile(&raw const (*ops).local_ip6[2]),
+            core::ptr::read_volatile(&raw const (*ops).local_ip6[3]),
+        ]
+    }
 }
 
 #[cfg(not(test))]

@@ -178,24 +178,34 @@ impl Redirector {
 
         let cgroup_dir = fs::File::open(cgroup).map_err(io_err(cgroup))?;
         let generation = crate::record::now_micros();
-        let mut links = Vec::with_capacity(3);
+        let mut attached = Vec::with_capacity(3);
+        // `Single` means no attach flags. Attached through `bpf_link_create` (kernel 5.7+, which
+        // this daemon requires for pinning) cgroup links take no flags and always coexist with
+        // other links on the cgroup, including a previous daemon's.
         for name in [programs::CONNECT4, programs::CONNECT6, programs::SOCK_OPS] {
             let program_err = |source| EbpfError::Program { name, source };
             let prog = ebpf.program_mut(name).ok_or(EbpfError::Missing(name))?;
             let link: FdLink = if name == programs::SOCK_OPS {
                 let p: &mut SockOps = prog.try_into().map_err(program_err)?;
                 p.load().map_err(program_err)?;
-                let id = p.attach(&cgroup_dir, CgroupAttachMode::AllowMultiple).map_err(program_err)?;
+                let id = p.attach(&cgroup_dir, CgroupAttachMode::Single).map_err(program_err)?;
                 p.take_link(id).map_err(program_err)?.try_into().map_err(|source| EbpfError::Link { name, source })?
             } else {
                 let p: &mut CgroupSockAddr = prog.try_into().map_err(program_err)?;
                 p.load().map_err(program_err)?;
-                let id = p.attach(&cgroup_dir, CgroupAttachMode::AllowMultiple).map_err(program_err)?;
+                let id = p.attach(&cgroup_dir, CgroupAttachMode::Single).map_err(program_err)?;
                 p.take_link(id).map_err(program_err)?.try_into().map_err(|source| EbpfError::Link { name, source })?
             };
+            attached.push((name, link));
+        }
+        // Pinned only once all three are attached: a daemon that fails half-way must not leave
+        // a partial redirect behind.
+        let mut links = Vec::with_capacity(attached.len());
+        for (name, link) in attached {
             links.push(match mode {
                 Mode::FailClosed => {
-                    let path = link_dir.join(format!("{name}.{generation}"));
+                    // bpffs refuses names with dots.
+                    let path = link_dir.join(format!("{name}-{generation}"));
                     Held::Pinned(link.pin(&path).map_err(|source| EbpfError::Pin { path, source })?)
                 }
                 Mode::FailOpen => Held::Owned(link),
