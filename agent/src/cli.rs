@@ -105,7 +105,8 @@ fn open_store(config: &Config) -> Result<SledStore, CliError> {
             path.display()
         )));
     }
-    SledStore::open(&path).map_err(|e| CliError::Other(format!("{e} (is a daemon running without its control socket?)")))
+    SledStore::open_waiting(&path, std::time::Duration::from_secs(2))
+        .map_err(|e| CliError::Other(format!("{e} (is a daemon starting, or running without its control socket?)")))
 }
 
 pub fn status(config: &Config, json: bool) -> Result<(), CliError> {

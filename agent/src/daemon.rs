@@ -79,7 +79,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     for dir in [&config.daemon.state_dir, &config.daemon.run_dir] {
         std::fs::create_dir_all(dir).map_err(|source| DaemonError::Dir { path: dir.clone(), source })?;
     }
-    let store = SledStore::open(&config.store_path())?;
+    let store = SledStore::open_waiting(&config.store_path(), Duration::from_secs(5))?;
     let interrupted = store.mark_interrupted()?;
     if interrupted > 0 {
         warn!(sessions = interrupted, "sessions left open by the previous daemon marked interrupted");

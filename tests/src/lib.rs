@@ -1,1 +1,431 @@
+//! Test topology for Bulkhead's integration tests and benchmarks.
+//!
+//! Every [`Topology`] builds its own world and tears it down in `Drop`:
+//! * a network namespace for the governed side (the daemon and its clients run there), and one
+//!   for the target host, joined by a veth pair: `10.201.0.1/24` + `fd00:201::1/64` on the
+//!   governed side, `10.201.0.2` + `fd00:201::2` on the target;
+//! * a cgroup of its own under the cgroup2 mount: the only cgroup the programs attach to;
+//! * a bpffs pin directory and a state directory of its own.
+//!
+//! Processes are started with their network namespace set in `pre_exec` (not `ip netns exec`,
+//! which remounts `/sys` and hides the cgroup2 mount), tracked by pid, and killed by pid.
+#![expect(clippy::missing_panics_doc, reason = "test harness: panics are the failure report")]
+
+use std::{
+    fs,
+    io::{BufRead as _, BufReader, Read as _},
+    net::SocketAddr,
+    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        mpsc, Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+pub const GOVERNED_V4: &str = "10.201.0.1";
+pub const TARGET_V4: &str = "10.201.0.2";
+pub const GOVERNED_V6: &str = "fd00:201::1";
+pub const TARGET_V6: &str = "fd00:201::2";
+pub const LISTENER_PORT: u16 = 15001;
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// The `bulkhead` binary: `$BULKHEAD_BIN`, else next to this test binary's target directory.
+pub fn bulkhead_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("BULKHEAD_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> → target/<profile>/bulkhead
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+    let bin = profile_dir.join("bulkhead");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (cargo build -p bulkhead), or run `cargo xtask test`",
+        bin.display()
+    );
+    bin
+}
+
+/// The probe helper (`src/bin/bh-probe.rs`), built by cargo for this package's tests.
+pub fn probe_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+    let bin = profile_dir.join("bh-probe");
+    assert!(bin.exists(), "{} is missing", bin.display());
+    bin
+}
+
+/// Runs a command and panics with its output when it fails.
+pub fn sh(program: &str, args: &[&str]) {
+    let out = Command::new(program).args(args).output().unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Says why privileged tests cannot run here, if they cannot.
+pub fn missing_privileges() -> Option<String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("integration tests need root (network namespaces, cgroups, bpf)".into());
+    }
+    if Command::new("ip").arg("-V").output().is_err() {
+        return Some("`ip` (iproute2) is not installed".into());
+    }
+    None
+}
+
+/// A process we started, killed by pid when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+    stdout: Option<mpsc::Receiver<String>>,
+    pub stderr_log: Arc<Mutex<String>>,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The next stdout line, within `timeout`.
+    pub fn line(&mut self, timeout: Duration) -> Option<String> {
+        self.stdout.as_ref()?.recv_timeout(timeout).ok()
+    }
+
+    /// Every stdout line available now.
+    pub fn drain_lines(&mut self) -> Vec<String> {
+        let Some(rx) = self.stdout.as_ref() else { return Vec::new() };
+        rx.try_iter().collect()
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr_log.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    pub fn kill9(&mut self) {
+        // SAFETY: we signal only our own child, by its pid.
+        unsafe {
+            libc::kill(i32::try_from(self.pid()).expect("pid"), libc::SIGKILL);
+        }
+        let _ = self.child.wait();
+    }
+
+    pub fn terminate(&mut self) {
+        // SAFETY: we signal only our own child, by its pid.
+        unsafe {
+            libc::kill(i32::try_from(self.pid()).expect("pid"), libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill9();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.kill9();
+        }
+    }
+}
+
+/// Where a started process runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    /// The governed side's namespace, outside the governed cgroup.
+    Host,
+    /// The governed side's namespace, inside the governed cgroup.
+    Governed,
+    /// The target host's namespace.
+    Target,
+}
+
+pub struct Topology {
+    pub id: String,
+    pub gov_ns: String,
+    pub tgt_ns: String,
+    pub cgroup: PathBuf,
+    pub pin_dir: PathBuf,
+    pub dir: PathBuf,
+    pub config_path: PathBuf,
+    veth: String,
+}
+
+impl Topology {
+    /// Builds the namespaces, veth pair, cgroup and directories. `extra_config` is appended
+    /// to the generated daemon configuration (TOML).
+    pub fn new(extra_config: &str) -> Self {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{}x{n}", std::process::id());
+        let gov_ns = format!("bh-{id}-gov");
+        let tgt_ns = format!("bh-{id}-tgt");
+        // Interface names are limited to 15 bytes.
+        let veth = format!("bh{:x}", std::process::id() * 64 + n);
+        let peer = format!("{veth}t");
+        let mount = cgroup2_mount();
+        let cgroup = mount.join(format!("bulkhead-test-{id}"));
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/bulkhead-test-{id}"));
+        let dir = std::env::temp_dir().join(format!("bulkhead-test-{id}"));
+        let topo = Self {
+            id,
+            gov_ns,
+            tgt_ns,
+            cgroup,
+            pin_dir,
+            dir,
+            config_path: PathBuf::new(),
+            veth,
+        };
+        // From here on, Drop cleans up whatever was created.
+        sh("ip", &["netns", "add", &topo.gov_ns]);
+        sh("ip", &["netns", "add", &topo.tgt_ns]);
+        sh("ip", &["link", "add", &topo.veth, "type", "veth", "peer", "name", &peer]);
+        sh("ip", &["link", "set", &topo.veth, "netns", &topo.gov_ns]);
+        sh("ip", &["link", "set", &peer, "netns", &topo.tgt_ns]);
+        for (ns, dev, v4, v6) in [
+            (&topo.gov_ns, &topo.veth, GOVERNED_V4, GOVERNED_V6),
+            (&topo.tgt_ns, &peer, TARGET_V4, TARGET_V6),
+        ] {
+            sh("ip", &["-n", ns, "addr", "add", &format!("{v4}/24"), "dev", dev]);
+            sh("ip", &["-n", ns, "addr", "add", &format!("{v6}/64"), "dev", dev, "nodad"]);
+            sh("ip", &["-n", ns, "link", "set", dev, "up"]);
+            sh("ip", &["-n", ns, "link", "set", "lo", "up"]);
+        }
+        fs::create_dir_all(&topo.cgroup).expect("create test cgroup");
+        fs::create_dir_all(&topo.dir).expect("create test dir");
+        fs::set_permissions(&topo.dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+        let mut topo = topo;
+        topo.config_path = topo.dir.join("bulkhead.toml");
+        topo.write_config(extra_config);
+        topo
+    }
+
+    /// Writes the daemon configuration: this topology's cgroup, pins and state, plus `extra`.
+    pub fn write_config(&self, extra: &str) {
+        let base = format!(
+            "[daemon]\nstate_dir = \"{state}\"\nrun_dir = \"{run}\"\nbpf_pin_dir = \"{pins}\"\nlog = \"info,bulkhead=debug\"\n\
+             {extra_daemon}\n[governed]\ncgroup = \"{cg}\"\n",
+            state = self.dir.join("state").display(),
+            run = self.dir.join("run").display(),
+            pins = self.pin_dir.display(),
+            cg = self.cgroup.display(),
+            extra_daemon = "",
+        );
+        fs::write(&self.config_path, format!("{base}{extra}")).expect("write config");
+    }
+
+    fn netns_file(&self, side: Side) -> fs::File {
+        let ns = match side {
+            Side::Host | Side::Governed => &self.gov_ns,
+            Side::Target => &self.tgt_ns,
+        };
+        fs::File::open(format!("/run/netns/{ns}")).expect("open netns")
+    }
+
+    /// Starts `cmd` on `side`; stdout lines are collected, stderr is kept for reports.
+    pub fn spawn(&self, side: Side, name: &str, mut cmd: Command) -> Proc {
+        let netns = self.netns_file(side);
+        let procs = (side == Side::Governed).then(|| self.cgroup.join("cgroup.procs"));
+        let fd = netns.as_raw_fd();
+        // SAFETY: between fork and exec we only make async-signal-safe calls (setns, open,
+        // write, close) on data prepared before the fork.
+        let procs_c = procs.map(|p| std::ffi::CString::new(p.to_str().expect("utf-8 path")).expect("path"));
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if let Some(p) = &procs_c {
+                    let f = libc::open(p.as_ptr(), libc::O_WRONLY);
+                    if f < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    let ok = libc::write(f, b"0\n".as_ptr().cast(), 2) == 2;
+                    libc::close(f);
+                    if !ok {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        drop(netns);
+        let (tx, rx) = mpsc::channel();
+        let stdout = child.stdout.take().expect("stdout");
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr_log = Arc::new(Mutex::new(String::new()));
+        let log = Arc::clone(&stderr_log);
+        let mut stderr = child.stderr.take().expect("stderr");
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stderr.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                if let Ok(mut l) = log.lock() {
+                    l.push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            }
+        });
+        Proc {
+            child,
+            name: name.into(),
+            stdout: Some(rx),
+            stderr_log,
+        }
+    }
+
+    /// `bulkhead ARGS` with this topology's configuration.
+    pub fn bulkhead(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(bulkhead_bin());
+        cmd.arg("--config").arg(&self.config_path).args(args);
+        cmd
+    }
+
+    /// Starts the daemon and waits until it accepts on its listener.
+    pub fn start_daemon(&self, extra_args: &[&str]) -> Proc {
+        let mut args = vec!["daemon"];
+        args.extend_from_slice(extra_args);
+        let mut daemon = self.spawn(Side::Host, "daemon", self.bulkhead(&args));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = daemon.child.try_wait() {
+                panic!("daemon exited early ({status}): {}", daemon.stderr());
+            }
+            if self.daemon_ready() {
+                return daemon;
+            }
+            assert!(Instant::now() < deadline, "daemon not ready in time: {}", daemon.stderr());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The control socket answers, so listeners are bound and programs attached.
+    fn daemon_ready(&self) -> bool {
+        self.dir.join("run/control.sock").exists()
+            && self.run_cli(&["status", "--json"]).is_ok_and(|v| v["daemon"].is_object())
+    }
+
+    /// Runs a CLI command on the governed side's network namespace, outside the governed
+    /// cgroup, and parses its JSON output.
+    pub fn run_cli(&self, args: &[&str]) -> Result<serde_json::Value, String> {
+        let out = self.output(Side::Host, self.bulkhead(args));
+        if !out.status.success() {
+            return Err(format!("bulkhead {args:?}: {}", String::from_utf8_lossy(&out.stderr)));
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("bulkhead {args:?}: {e}: {}", String::from_utf8_lossy(&out.stdout)))
+    }
+
+    /// Runs `cmd` on `side` to completion.
+    pub fn output(&self, side: Side, cmd: Command) -> std::process::Output {
+        let mut p = self.spawn(side, "cmd", cmd);
+        let status = p.child.wait().expect("wait");
+        // Let the reader threads finish.
+        let mut stdout = Vec::new();
+        while let Some(l) = p.line(Duration::from_millis(500)) {
+            stdout.extend_from_slice(l.as_bytes());
+            stdout.push(b'\n');
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        std::process::Output {
+            status,
+            stdout,
+            stderr: p.stderr().into_bytes(),
+        }
+    }
+
+    /// A copy of the probe helper in this topology's directory (readable by every user).
+    pub fn probe(&self) -> PathBuf {
+        let dst = self.dir.join("bh-probe");
+        if !dst.exists() {
+            // A hard link, not a copy: a copy's open write descriptor, inherited by a child
+            // another test forks meanwhile, makes exec fail with ETXTBSY.
+            fs::hard_link(probe_bin(), &dst).expect("link probe (the test directory must be on the target directory's file system)");
+        }
+        dst
+    }
+
+    /// An echo server on the target host at `addr` (`bh-probe serve`).
+    pub fn echo_server(&self, side: Side, addr: SocketAddr) -> Proc {
+        let mut cmd = Command::new(self.probe());
+        cmd.args(["serve", &addr.to_string()]);
+        let mut p = self.spawn(side, "echo", cmd);
+        let ready = p.line(Duration::from_secs(10));
+        assert_eq!(ready.as_deref(), Some("ready"), "echo server did not start: {}", p.stderr());
+        p
+    }
+
+    /// Sessions the daemon (or the store) reports, newest first.
+    pub fn sessions(&self) -> Vec<serde_json::Value> {
+        match self.run_cli(&["sessions", "list", "--json", "--limit", "1000"]) {
+            Ok(serde_json::Value::Array(a)) => a,
+            other => panic!("sessions list: {other:?}"),
+        }
+    }
+
+    /// Waits until the newest session is closed.
+    pub fn wait_session_closed(&self) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let s = self.sessions();
+            if let Some(first) = s.first() {
+                if first["outcome"]["kind"] != "open" {
+                    return first.clone();
+                }
+            }
+            assert!(Instant::now() < deadline, "no closed session: {s:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        // Processes left in our cgroup were started by this test: end them by pid.
+        if let Ok(procs) = fs::read_to_string(self.cgroup.join("cgroup.procs")) {
+            for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                // SAFETY: plain kill of a process in the cgroup this test created.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+        }
+        for _ in 0..100 {
+            if fs::remove_dir(&self.cgroup).is_ok() || !self.cgroup.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = fs::remove_dir_all(&self.pin_dir);
+        let _ = Command::new("ip").args(["netns", "del", &self.gov_ns]).output();
+        let _ = Command::new("ip").args(["netns", "del", &self.tgt_ns]).output();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The cgroup2 mount point, found as the daemon finds it.
+pub fn cgroup2_mount() -> PathBuf {
+    bulkhead::cgroup::cgroup2_mount().expect("a cgroup2 mount")
+}
 

@@ -26,6 +26,22 @@ impl SledStore {
         Ok(Self { db, sessions })
     }
 
+    /// Opens the store, waiting up to `patience` while another process holds its lock (a CLI
+    /// reading it while the daemon was down holds it for a moment).
+    pub fn open_waiting(path: &Path, patience: std::time::Duration) -> Result<Self, StoreError> {
+        let deadline = std::time::Instant::now() + patience;
+        loop {
+            match Self::open(path) {
+                Err(StoreError::Sled(sled::Error::Io(e)))
+                    if e.kind() == std::io::ErrorKind::WouldBlock && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// A store that lives in memory only, for tests.
     pub fn temporary() -> Result<Self, StoreError> {
         let db = sled::Config::new().temporary(true).open()?;

@@ -1,0 +1,137 @@
+//! A small TCP client and server for the integration tests and benchmarks, so tests know
+//! exactly what a governed process did (its pid, its addresses, what came back).
+//!
+//! * `serve ADDR` — echo-style server: prints `ready`, then `accepted PEER` per connection;
+//!   answers each connection, after the client's EOF, with a JSON line
+//!   `{"peer": ..., "data": ...}`.
+//! * `connect ADDR TEXT` — sends TEXT, half-closes, prints a JSON line with its own pid, the
+//!   local and peer addresses the socket reports, and the reply; exit 1 on error, with
+//!   `{"error": ..., "kind": ...}`.
+//! * `sink ADDR` — server that reads everything and answers with the byte count.
+//! * `bench-connect ADDR N` — N times connect()+close(); prints nanoseconds in total.
+//! * `bench-send ADDR BYTES` — sends BYTES, waits for the sink's count; prints nanoseconds.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    process::ExitCode,
+    time::{Duration, Instant},
+};
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    let arg = |i: usize| args.get(i).map(String::as_str).unwrap_or_default();
+    let addr = || -> SocketAddr { arg(2).parse().expect("ADDR") };
+    match arg(1) {
+        "serve" => serve(addr(), false),
+        "sink" => serve(addr(), true),
+        "connect" => connect(addr(), arg(3)),
+        "bench-connect" => bench_connect(addr(), arg(3).parse().expect("N")),
+        "bench-send" => bench_send(addr(), arg(3).parse().expect("BYTES")),
+        other => {
+            eprintln!("unknown mode {other:?}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(addr: SocketAddr, sink: bool) -> ExitCode {
+    let listener = TcpListener::bind(addr).expect("bind");
+    println!("ready");
+    for stream in listener.incoming() {
+        let Ok(mut s) = stream else { continue };
+        let peer = s.peer_addr().map(|p| p.to_string()).unwrap_or_default();
+        if !sink {
+            println!("accepted {peer}");
+        }
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 256 * 1024];
+            let mut data = Vec::new();
+            let mut total = 0u64;
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        total += n as u64;
+                        if !sink && data.len() < 64 * 1024 {
+                            data.extend_from_slice(&buf[..n]);
+                        }
+                    }
+                }
+            }
+            let reply = if sink {
+                format!("{total}\n")
+            } else {
+                format!(
+                    "{}\n",
+                    serde_json::json!({ "peer": peer, "data": String::from_utf8_lossy(&data) })
+                )
+            };
+            let _ = s.write_all(reply.as_bytes());
+        });
+    }
+    ExitCode::SUCCESS
+}
+
+fn connect(addr: SocketAddr, text: &str) -> ExitCode {
+    let result = (|| -> std::io::Result<serde_json::Value> {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let local = s.local_addr()?;
+        let peer = s.peer_addr()?;
+        s.write_all(text.as_bytes())?;
+        s.shutdown(Shutdown::Write)?;
+        let mut reply = String::new();
+        s.read_to_string(&mut reply)?;
+        Ok(serde_json::json!({
+            "pid": std::process::id(),
+            "local": local.to_string(),
+            "peer": peer.to_string(),
+            "reply": reply.trim_end(),
+        }))
+    })();
+    match result {
+        Ok(v) => {
+            println!("{v}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            println!("{}", serde_json::json!({ "pid": std::process::id(), "error": e.to_string(), "kind": format!("{:?}", e.kind()) }));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn bench_connect(addr: SocketAddr, n: u32) -> ExitCode {
+    let start = Instant::now();
+    for _ in 0..n {
+        match TcpStream::connect(addr) {
+            Ok(s) => drop(s),
+            Err(e) => {
+                eprintln!("connect: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    println!("{}", start.elapsed().as_nanos());
+    ExitCode::SUCCESS
+}
+
+fn bench_send(addr: SocketAddr, bytes: u64) -> ExitCode {
+    let buf = vec![0x5au8; 256 * 1024];
+    let start = Instant::now();
+    let mut s = TcpStream::connect(addr).expect("connect");
+    let mut left = bytes;
+    while left > 0 {
+        let n = usize::try_from(left.min(buf.len() as u64)).expect("chunk");
+        s.write_all(&buf[..n]).expect("write");
+        left -= n as u64;
+    }
+    s.shutdown(Shutdown::Write).expect("shutdown");
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).expect("read");
+    let elapsed = start.elapsed().as_nanos();
+    assert_eq!(reply.trim(), bytes.to_string(), "the sink did not receive every byte");
+    println!("{elapsed}");
+    ExitCode::SUCCESS
+}
