@@ -321,9 +321,10 @@ impl Topology {
         }
     }
 
-    /// The control socket answers, so listeners are bound and programs attached.
+    /// The control socket answers, so listeners are bound and programs attached. (Only then
+    /// ask the CLI: with no daemon it would read the store, holding its lock.)
     fn daemon_ready(&self) -> bool {
-        self.dir.join("run/control.sock").exists()
+        std::os::unix::net::UnixStream::connect(self.dir.join("run/control.sock")).is_ok()
             && self.run_cli(&["status", "--json"]).is_ok_and(|v| v["daemon"].is_object())
     }
 
