@@ -183,7 +183,8 @@ async fn bind(addr: std::net::SocketAddr) -> Result<TcpListener, DaemonError> {
     .map_err(listen_err)?;
     socket.set_reuseaddr(true).map_err(listen_err)?;
     socket.bind(addr).map_err(listen_err)?;
-    socket.listen(1024).map_err(listen_err)
+    // Deep enough for bursts of connects while the accept loop shares the runtime with relays.
+    socket.listen(4096).map_err(listen_err)
 }
 
 async fn wait_for_signal() -> Result<(), DaemonError> {

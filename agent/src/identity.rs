@@ -119,12 +119,36 @@ pub fn comm_str(comm: &[u8; 16]) -> String {
     String::from_utf8_lossy(&comm[..end]).into_owned()
 }
 
-/// Reads `/proc` (or a fixture tree) for identity.
-#[derive(Debug, Clone)]
+/// The start time of a process (clock ticks after boot) from `/proc/PID/stat` text: with the
+/// pid, it names one process for the life of the system, even when pids are reused.
+pub fn start_time_from_stat(stat: &str) -> Option<u64> {
+    // "pid (comm) state ppid ...": comm may hold spaces and parentheses; fields resume after
+    // the last ')'. starttime is field 22, the 20th after the comm.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// How many processes' identities are kept between connections.
+const CACHE_CAPACITY: usize = 4096;
+
+/// What `/proc` said about a process, valid while its start time, uid, gid and cgroup stay.
+#[derive(Debug)]
+struct Cached {
+    start_time: u64,
+    uid: u32,
+    gid: u32,
+    cgroup: Option<String>,
+    identity: ProcessIdentity,
+}
+
+/// Reads `/proc` (or a fixture tree) for identity, and remembers what it read: a process that
+/// opens many connections (a pool, a benchmark) is looked up in full once.
+#[derive(Debug)]
 pub struct ProcReader {
     root: PathBuf,
     /// The governed cgroup relative to the cgroup2 mount (`/bulkhead.governed`).
     governed: String,
+    cache: std::sync::Mutex<std::collections::HashMap<u32, Cached>>,
 }
 
 impl ProcReader {
@@ -133,6 +157,7 @@ impl ProcReader {
         Self {
             root: root.into(),
             governed: governed_relative.into(),
+            cache: std::sync::Mutex::default(),
         }
     }
 
@@ -157,10 +182,49 @@ impl ProcReader {
     /// Identity for a kernel record. Never fails: what `/proc` cannot tell stays empty.
     pub fn identify(&self, rec: &ConnectRecord) -> ProcessIdentity {
         let pid = rec.tgid;
+        let start_time = fs::read_to_string(self.proc(pid).join("stat"))
+            .ok()
+            .and_then(|s| start_time_from_stat(&s));
+        let cgroup = self.cgroup(pid);
+        let Some(start_time) = start_time else {
+            // Gone already: nothing to cache, the kernel's record is what there is.
+            return self.read_identity(rec, cgroup);
+        };
+        let mut cache = self.cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(c) = cache.get(&pid) {
+            if c.start_time == start_time && c.uid == rec.uid && c.gid == rec.gid && c.cgroup == cgroup {
+                return ProcessIdentity {
+                    tid: rec.pid,
+                    comm: comm_str(&rec.comm),
+                    cgroup_id: rec.cgroup_id,
+                    ..c.identity.clone()
+                };
+            }
+        }
+        drop(cache);
+        let identity = self.read_identity(rec, cgroup.clone());
+        let mut cache = self.cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if cache.len() >= CACHE_CAPACITY {
+            cache.clear();
+        }
+        cache.insert(
+            pid,
+            Cached {
+                start_time,
+                uid: rec.uid,
+                gid: rec.gid,
+                cgroup,
+                identity: identity.clone(),
+            },
+        );
+        identity
+    }
+
+    fn read_identity(&self, rec: &ConnectRecord, cgroup: Option<String>) -> ProcessIdentity {
+        let pid = rec.tgid;
         let cmdline = fs::read(self.proc(pid).join("cmdline"))
             .map(|b| parse_cmdline(&b))
             .unwrap_or_default();
-        let cgroup = self.cgroup(pid);
         let unit = cgroup.as_deref().and_then(unit_from_cgroup_path);
         let user = fs::read_to_string(self.root.join("etc/passwd"))
             .ok()
@@ -258,6 +322,48 @@ Pid:\t4242\nPPid:\t4200\nTracerPid:\t0\nUid:\t1000\t1000\t1000\t1000\nGid:\t1001
         assert_eq!(user_from_passwd(passwd, 7), None);
         assert_eq!(comm_str(b"curl\0\0\0\0\0\0\0\0\0\0\0\0"), "curl");
         assert_eq!(comm_str(b"0123456789abcdef"), "0123456789abcdef");
+    }
+
+    #[test]
+    fn parses_the_start_time_even_with_odd_names() {
+        let stat = "4242 (my (odd) name) S 4200 4242 4200 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 10";
+        assert_eq!(start_time_from_stat(stat), Some(987_654));
+        assert_eq!(start_time_from_stat("4242 (x) S 1"), None);
+        assert_eq!(start_time_from_stat("garbage"), None);
+    }
+
+    #[test]
+    fn a_cached_identity_is_reused_only_for_the_same_process() {
+        let root = fixture();
+        let reader = ProcReader::new(root.path(), "/bulkhead.governed");
+        let p = root.path().join("proc/4242");
+        let stat = |start: u64| format!("4242 (psql) S 4200 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 1 0 {start} 0 0");
+        fs::write(p.join("stat"), stat(100)).unwrap();
+        let mut rec = ConnectRecord {
+            cgroup_id: 1,
+            dst_addr: [0; 16],
+            dst_port: 1,
+            family: 2,
+            pid: 4242,
+            tgid: 4242,
+            uid: 1000,
+            gid: 1000,
+            comm: *b"psql\0\0\0\0\0\0\0\0\0\0\0\0",
+            reserved: 0,
+        };
+        assert_eq!(reader.identify(&rec).cmdline, vec!["psql", "-h", "10.0.0.5"]);
+        // Same process: served from the cache, with this connection's thread.
+        fs::write(p.join("cmdline"), "changed\0").unwrap();
+        rec.pid = 4250;
+        let again = reader.identify(&rec);
+        assert_eq!((again.tid, again.cmdline[0].as_str()), (4250, "psql"));
+        // A new process with the reused pid is read afresh.
+        fs::write(p.join("stat"), stat(200)).unwrap();
+        assert_eq!(reader.identify(&rec).cmdline, vec!["changed"]);
+        // So is the same process after a setuid.
+        fs::write(p.join("cmdline"), "after-setuid\0").unwrap();
+        rec.uid = 0;
+        assert_eq!(reader.identify(&rec).cmdline, vec!["after-setuid"]);
     }
 
     /// A fixture proc tree: agent (4242, governed) ← shell (4200, governed) ← claude (4100,

@@ -33,15 +33,24 @@ pub const LISTENER_PORT: u16 = 15001;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
+/// `target/<profile>`, from this executable: a test (`target/<profile>/deps/<test>`) or a
+/// binary of this package (`target/<profile>/<bin>`).
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().expect("executable's directory");
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().expect("target/<profile>").to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
+}
+
 /// The `bulkhead` binary: `$BULKHEAD_BIN`, else next to this test binary's target directory.
 pub fn bulkhead_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("BULKHEAD_BIN") {
         return PathBuf::from(p);
     }
-    let exe = std::env::current_exe().expect("current exe");
-    // target/<profile>/deps/<test> → target/<profile>/bulkhead
-    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
-    let bin = profile_dir.join("bulkhead");
+    let bin = profile_dir().join("bulkhead");
     assert!(
         bin.exists(),
         "{} is missing: build it first (cargo build -p bulkhead), or run `cargo xtask test`",
@@ -52,9 +61,7 @@ pub fn bulkhead_bin() -> PathBuf {
 
 /// The probe helper (`src/bin/bh-probe.rs`), built by cargo for this package's tests.
 pub fn probe_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
-    let bin = profile_dir.join("bh-probe");
+    let bin = profile_dir().join("bh-probe");
     assert!(bin.exists(), "{} is missing", bin.display());
     bin
 }
@@ -216,7 +223,7 @@ impl Topology {
     /// Writes the daemon configuration: this topology's cgroup, pins and state, plus `extra`.
     pub fn write_config(&self, extra: &str) {
         let base = format!(
-            "[daemon]\nstate_dir = \"{state}\"\nrun_dir = \"{run}\"\nbpf_pin_dir = \"{pins}\"\nlog = \"info,bulkhead=debug\"\n\
+            "[daemon]\nstate_dir = \"{state}\"\nrun_dir = \"{run}\"\nbpf_pin_dir = \"{pins}\"\nlog = \"info\"\n\
              {extra_daemon}\n[governed]\ncgroup = \"{cg}\"\n",
             state = self.dir.join("state").display(),
             run = self.dir.join("run").display(),
@@ -374,6 +381,16 @@ impl Topology {
         let mut p = self.spawn(side, "echo", cmd);
         let ready = p.line(Duration::from_secs(10));
         assert_eq!(ready.as_deref(), Some("ready"), "echo server did not start: {}", p.stderr());
+        p
+    }
+
+    /// A server that reads everything and answers with the byte count (`bh-probe sink`).
+    pub fn echo_server_sink(&self, side: Side, addr: &str) -> Proc {
+        let mut cmd = Command::new(self.probe());
+        cmd.args(["sink", addr]);
+        let mut p = self.spawn(side, "sink", cmd);
+        let ready = p.line(Duration::from_secs(10));
+        assert_eq!(ready.as_deref(), Some("ready"), "sink did not start: {}", p.stderr());
         p
     }
 

@@ -1,1 +1,86 @@
-fn main(){}
+//! Project tasks: `cargo xtask setup | test | bench | daemon`.
+//!
+//! xtask does not build the eBPF object (`agent/build.rs` does); it orchestrates.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the toolchain and packages the build and tests need (scripts/setup.sh)
+    Setup,
+    /// Set up, build, then run every unit and integration test (needs root)
+    Test {
+        /// Extra arguments for `cargo test`, after `--`
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Set up, build in release mode, and run the benchmarks (prints ratios against baselines)
+    Bench,
+    /// Set up, build in release mode, and run the daemon on its embedded defaults
+    Daemon,
+}
+
+fn main() -> Result<()> {
+    let root = workspace_root()?;
+    match Cli::parse().task {
+        Task::Setup => setup(&root),
+        Task::Test { args } => {
+            setup(&root)?;
+            // The integration tests run the `bulkhead` binary; cargo builds a package's binaries
+            // only for that package's own tests, so build it first.
+            cargo(&root, &["build", "--package", "bulkhead", "--bins"])?;
+            // The default members: every crate but the no_std eBPF one.
+            let mut test = vec!["test"];
+            if !args.is_empty() {
+                test.push("--");
+                test.extend(args.iter().map(String::as_str));
+            }
+            cargo(&root, &test)
+        }
+        Task::Bench => {
+            setup(&root)?;
+            cargo(&root, &["build", "--release", "--package", "bulkhead", "--package", "bulkhead-tests", "--bins"])?;
+            let bin = root.join("target/release/bench-foundation");
+            run(Command::new(&bin).env("BULKHEAD_BIN", root.join("target/release/bulkhead")))
+        }
+        Task::Daemon => {
+            setup(&root)?;
+            cargo(&root, &["run", "--release", "--package", "bulkhead", "--", "daemon"])
+        }
+    }
+}
+
+fn workspace_root() -> Result<PathBuf> {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    Ok(manifest.parent().context("xtask lives in the workspace")?.to_path_buf())
+}
+
+fn setup(root: &Path) -> Result<()> {
+    run(Command::new("bash").arg(root.join("scripts/setup.sh")))
+}
+
+fn cargo(root: &Path, args: &[&str]) -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    run(Command::new(cargo).current_dir(root).args(args))
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}

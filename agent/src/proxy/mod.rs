@@ -3,6 +3,7 @@
 //! protocol) does the forwarding. Until the protocol gateways land, every target is relayed as
 //! opaque TCP ([`tcp`]).
 
+mod splice;
 pub mod tcp;
 
 use std::{

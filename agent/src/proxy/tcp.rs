@@ -1,8 +1,9 @@
 //! Opaque TCP: connect to the original destination and move bytes both ways.
 //!
-//! Each direction is its own loop over one reusable buffer; half-closes are passed on (a
-//! client's `shutdown(SHUT_WR)` becomes the target's EOF and the target's answer still flows
-//! back). Byte counts survive errors, so the record says how far a failed session got.
+//! Bytes move with `splice(2)` ([`super::splice`]); [`relay`] is the copying fallback and the
+//! relay for streams that are not plain sockets. Half-closes are passed on (a client's
+//! `shutdown(SHUT_WR)` becomes the target's EOF and the target's answer still flows back).
+//! Byte counts survive errors, so the record says how far a failed session got.
 
 use std::io;
 
@@ -37,9 +38,13 @@ pub async fn forward(client: TcpStream, destination: OrigDstAddr) -> SessionEnd 
     };
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
-    let (client_r, client_w) = client.into_split();
-    let (up_r, up_w) = upstream.into_split();
-    let (up, down, result) = relay((client_r, client_w), (up_r, up_w)).await;
+    let (up, down, result) = match super::splice::relay(&client, &upstream).await {
+        Ok(done) => done,
+        Err(e) => {
+            tracing::warn!(error = %e, "splice unavailable; relaying by copy");
+            relay(client.into_split(), upstream.into_split()).await
+        }
+    };
     let outcome = match result {
         Ok(()) => Outcome::Closed,
         Err(e) => Outcome::Failed { error: e.to_string() },

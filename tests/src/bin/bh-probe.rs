@@ -35,8 +35,17 @@ fn main() -> ExitCode {
     }
 }
 
+/// A listener with a deep accept queue, so connect loops measure connect, not SYN drops.
+fn listen(addr: SocketAddr) -> TcpListener {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None).expect("socket");
+    socket.set_reuse_address(true).expect("SO_REUSEADDR");
+    socket.bind(&addr.into()).expect("bind");
+    socket.listen(4096).expect("listen");
+    socket.into()
+}
+
 fn serve(addr: SocketAddr, sink: bool) -> ExitCode {
-    let listener = TcpListener::bind(addr).expect("bind");
+    let listener = listen(addr);
     println!("ready");
     for stream in listener.incoming() {
         let Ok(mut s) = stream else { continue };

@@ -1,0 +1,104 @@
+//! Foundation benchmarks, each printed as a ratio against a baseline measured in the same run,
+//! on the same topology (namespaces and veth of its own, see `bulkhead_tests::Topology`):
+//!
+//! 1. connect()+close() of a governed process vs an ungoverned one to the same listener when
+//!    the destination is not captured (the cost of the cgroup hook itself);
+//! 2. connect()+close() of a governed process whose connect is captured and redirected to the
+//!    gateway vs an ungoverned process connecting directly to the same target;
+//! 3. a bulk transfer through the gateway's relay vs direct.
+//!
+//! Rounds alternate baseline and subject so drift affects both; the median round is reported.
+//! Run with `cargo xtask bench` (root; builds in release mode).
+
+use std::{process::Command, time::Duration};
+
+use bulkhead_tests::{missing_privileges, Side, Topology, TARGET_V4};
+
+const CONNECTS: u32 = 2_000;
+const ROUNDS: usize = 5;
+const BULK_BYTES: u64 = 1 << 30;
+const BULK_ROUNDS: usize = 3;
+
+fn main() {
+    if let Some(why) = missing_privileges() {
+        eprintln!("bench-foundation: {why}");
+        std::process::exit(2);
+    }
+    // Loopback destinations are not captured by default; port 9000 on the governed side's
+    // loopback is the "same listener, not captured" case.
+    let topo = Topology::new("");
+    let _local_sink = topo.echo_server_sink(Side::Host, "127.0.0.1:9000");
+    let _target_sink = topo.echo_server_sink(Side::Target, &format!("{TARGET_V4}:9000"));
+    let _daemon = topo.start_daemon(&[]);
+
+    println!("bulkhead foundation benchmarks ({ROUNDS} rounds of {CONNECTS} connects, {BULK_ROUNDS} rounds of {} MiB; median)", BULK_BYTES >> 20);
+    println!();
+
+    let (base, subject) = alternate(ROUNDS, || connect_loop(&topo, Side::Host, "127.0.0.1:9000"), || connect_loop(&topo, Side::Governed, "127.0.0.1:9000"));
+    report_connect("hook only (not captured)", "ungoverned", base, "governed", subject);
+
+    let target = format!("{TARGET_V4}:9000");
+    let (base, subject) = alternate(ROUNDS, || connect_loop(&topo, Side::Host, &target), || connect_loop(&topo, Side::Governed, &target));
+    report_connect("captured, redirected to the gateway", "direct", base, "governed", subject);
+
+    let (base, subject) = alternate(BULK_ROUNDS, || bulk(&topo, Side::Host, &target), || bulk(&topo, Side::Governed, &target));
+    let mib = |ns: f64| (BULK_BYTES as f64 / (1 << 20) as f64) / (ns / 1e9);
+    println!("bulk transfer, {} MiB", BULK_BYTES >> 20);
+    println!("  direct:           {:>9.0} MiB/s", mib(base));
+    println!("  through gateway:  {:>9.0} MiB/s", mib(subject));
+    println!("  ratio:            {:>9.2}x of direct (target >= 0.80x)", base / subject);
+}
+
+/// Runs baseline and subject `rounds` times, alternating; returns their medians.
+fn alternate(rounds: usize, mut base: impl FnMut() -> f64, mut subject: impl FnMut() -> f64) -> (f64, f64) {
+    let mut b = Vec::with_capacity(rounds);
+    let mut s = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        b.push(base());
+        s.push(subject());
+    }
+    (median(b), median(s))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn report_connect(what: &str, base_name: &str, base_ns: f64, subject_name: &str, subject_ns: f64) {
+    let per = |ns: f64| ns / f64::from(CONNECTS) / 1000.0;
+    println!("connect()+close(), {what}");
+    println!("  {base_name:<16}  {:>8.2} us/connect", per(base_ns));
+    println!("  {subject_name:<16}  {:>8.2} us/connect", per(subject_ns));
+    println!(
+        "  overhead:         {:>+8.2} us/connect, ratio {:.2}x (target <= +5 us)",
+        per(subject_ns) - per(base_ns),
+        subject_ns / base_ns
+    );
+    println!();
+}
+
+/// Nanoseconds for `CONNECTS` connect()+close() from `side`.
+fn connect_loop(topo: &Topology, side: Side, addr: &str) -> f64 {
+    let mut cmd = Command::new(topo.probe());
+    cmd.args(["bench-connect", addr, &CONNECTS.to_string()]);
+    let out = topo.output(side, cmd);
+    assert!(out.status.success(), "bench-connect failed: {}", String::from_utf8_lossy(&out.stderr));
+    // Let the gateway finish the sessions of this round before the next one starts.
+    std::thread::sleep(Duration::from_millis(300));
+    parse_ns(&out.stdout)
+}
+
+/// Nanoseconds to send `BULK_BYTES` from `side` and get the sink's count back.
+fn bulk(topo: &Topology, side: Side, addr: &str) -> f64 {
+    let mut cmd = Command::new(topo.probe());
+    cmd.args(["bench-send", addr, &BULK_BYTES.to_string()]);
+    let out = topo.output(side, cmd);
+    assert!(out.status.success(), "bench-send failed: {}", String::from_utf8_lossy(&out.stderr));
+    parse_ns(&out.stdout)
+}
+
+fn parse_ns(stdout: &[u8]) -> f64 {
+    let text = String::from_utf8_lossy(stdout);
+    text.trim().parse().unwrap_or_else(|e| panic!("probe printed {text:?}: {e}"))
+}
