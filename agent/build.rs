@@ -24,12 +24,20 @@ const DEBIAN_BPF_CORE: &str = "/usr/lib/rustlib/bpfel-unknown-none";
 
 fn main() -> Result<()> {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?);
-    let workspace = manifest_dir.parent().context("agent/ has a parent")?.to_path_buf();
+    let workspace = manifest_dir
+        .parent()
+        .context("agent/ has a parent")?
+        .to_path_buf();
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
     let object = out_dir.join("bulkhead-ebpf.o");
 
     println!("cargo:rerun-if-env-changed=BULKHEAD_SKIP_EBPF");
-    for dir in ["agent-ebpf/src", "agent-ebpf/Cargo.toml", "agent-common/src", "Cargo.lock"] {
+    for dir in [
+        "agent-ebpf/src",
+        "agent-ebpf/Cargo.toml",
+        "agent-common/src",
+        "Cargo.lock",
+    ] {
         println!("cargo:rerun-if-changed={}", workspace.join(dir).display());
     }
 
@@ -41,13 +49,23 @@ fn main() -> Result<()> {
     let target_dir = out_dir.join("ebpf-target");
     let mut cmd = ebpf_cargo(&workspace)?;
     cmd.current_dir(&workspace)
-        .args(["build", "-p", "bulkhead-ebpf", "--release", "--target", "bpfel-unknown-none"])
-        .args(["--config", "profile.release.panic=\"abort\"", "--config", "profile.release.lto=true"])
+        .args([
+            "build",
+            "-p",
+            "bulkhead-ebpf",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+        ])
+        .args([
+            "--config",
+            "profile.release.panic=\"abort\"",
+            "--config",
+            "profile.release.lto=true",
+        ])
         .arg("--target-dir")
         .arg(&target_dir);
-    let status = cmd
-        .status()
-        .with_context(|| format!("running {cmd:?}"))?;
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
     if !status.success() {
         bail!("building the eBPF programs failed ({status}); run scripts/setup.sh first");
     }
@@ -111,5 +129,7 @@ fn nightly_has_rust_src(workspace: &Path) -> bool {
         .current_dir(workspace)
         .args(["component", "list", "--installed", "--toolchain", "nightly"])
         .output()
-        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains("rust-src"))
+        .is_ok_and(|o| {
+            o.status.success() && String::from_utf8_lossy(&o.stdout).contains("rust-src")
+        })
 }

@@ -99,7 +99,13 @@ fn is_stream(sa: &bpf_sock_addr) -> bool {
 /// Decides whether a connect to `dst` (16 bytes, IPv4 as mapped) from `uid` is captured.
 /// `dst_v4` is `Some` for IPv4 and IPv4-mapped destinations.
 #[inline(always)]
-fn captured(cfg: &CaptureConfig, dst: &[u8; 16], dst_v4: Option<[u8; 4]>, port: u16, uid: u32) -> bool {
+fn captured(
+    cfg: &CaptureConfig,
+    dst: &[u8; 16],
+    dst_v4: Option<[u8; 4]>,
+    port: u16,
+    uid: u32,
+) -> bool {
     // The daemon's own listener is never redirected (it is where captured connects go).
     if port == cfg.listener_port {
         let to_listener = match dst_v4 {
@@ -130,11 +136,17 @@ fn captured(cfg: &CaptureConfig, dst: &[u8; 16], dst_v4: Option<[u8; 4]>, port: 
     let (excluded, included) = match dst_v4 {
         Some(v4) => {
             let key = Key::new(32, v4);
-            (EXCLUDE_V4.get(&key).is_some(), INCLUDE_V4.get(&key).is_some())
+            (
+                EXCLUDE_V4.get(&key).is_some(),
+                INCLUDE_V4.get(&key).is_some(),
+            )
         }
         None => {
             let key = Key::new(128, *dst);
-            (EXCLUDE_V6.get(&key).is_some(), INCLUDE_V6.get(&key).is_some())
+            (
+                EXCLUDE_V6.get(&key).is_some(),
+                INCLUDE_V6.get(&key).is_some(),
+            )
         }
     };
     if excluded {
@@ -210,8 +222,13 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
         dst[i * 4 + 3] = b[3];
         i += 1;
     }
-    let mapped = words[0] == 0 && words[1] == 0 && words[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff]);
-    let dst_v4 = if mapped { Some([dst[12], dst[13], dst[14], dst[15]]) } else { None };
+    let mapped =
+        words[0] == 0 && words[1] == 0 && words[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+    let dst_v4 = if mapped {
+        Some([dst[12], dst[13], dst[14], dst[15]])
+    } else {
+        None
+    };
     let port = u16::from_be(sa.user_port as u16);
     let uid = bpf_get_current_uid_gid() as u32;
     if !captured(cfg, &dst, dst_v4, port, uid) {
@@ -252,14 +269,23 @@ fn try_sock_ops(ctx: &SockOpsContext) {
         v4_mapped(local_ip4(ops).to_ne_bytes())
     } else if family == u32::from(AF_INET6) {
         let w = local_ip6(ops);
-        let (a, b, c, d) = (w[0].to_ne_bytes(), w[1].to_ne_bytes(), w[2].to_ne_bytes(), w[3].to_ne_bytes());
+        let (a, b, c, d) = (
+            w[0].to_ne_bytes(),
+            w[1].to_ne_bytes(),
+            w[2].to_ne_bytes(),
+            w[3].to_ne_bytes(),
+        );
         [
-            a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2], d[3],
+            a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1],
+            d[2], d[3],
         ]
     } else {
         return;
     };
-    let key = SockKey { addr, port: local_port };
+    let key = SockKey {
+        addr,
+        port: local_port,
+    };
     if CONNECTIONS.insert(&key, &rec, 0).is_err() {
         warn!(ctx, "bulkhead: cannot publish connection record");
     }

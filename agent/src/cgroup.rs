@@ -1,8 +1,7 @@
 //! cgroup v2: finding the mount, the governed cgroup, and which cgroup a process is in.
 
 use std::{
-    fs,
-    io,
+    fs, io,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
 };
@@ -47,7 +46,12 @@ fn unescape_mountinfo(s: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'\\' && i + 3 < bytes.len() && bytes[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b)) {
+        if bytes[i] == b'\\'
+            && i + 3 < bytes.len()
+            && bytes[i + 1..i + 4]
+                .iter()
+                .all(|b| (b'0'..=b'7').contains(b))
+        {
             let v = (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0');
             out.push(v);
             i += 4;
@@ -137,16 +141,28 @@ mod tests {
 
     #[test]
     fn finds_the_cgroup2_mount_on_hybrid_and_unified_hosts() {
-        assert_eq!(cgroup2_mount_from(HYBRID), Some(PathBuf::from("/sys/fs/cgroup/unified")));
-        assert_eq!(cgroup2_mount_from(UNIFIED), Some(PathBuf::from("/sys/fs/cgroup")));
-        assert_eq!(cgroup2_mount_from("32 31 0:29 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n"), None);
+        assert_eq!(
+            cgroup2_mount_from(HYBRID),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        assert_eq!(
+            cgroup2_mount_from(UNIFIED),
+            Some(PathBuf::from("/sys/fs/cgroup"))
+        );
+        assert_eq!(
+            cgroup2_mount_from("32 31 0:29 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n"),
+            None
+        );
         assert_eq!(cgroup2_mount_from("garbage\n\n"), None);
     }
 
     #[test]
     fn unescapes_mount_points() {
         let line = "41 31 0:38 / /mnt/my\\040cgroups rw - cgroup2 cgroup2 rw\n";
-        assert_eq!(cgroup2_mount_from(line), Some(PathBuf::from("/mnt/my cgroups")));
+        assert_eq!(
+            cgroup2_mount_from(line),
+            Some(PathBuf::from("/mnt/my cgroups"))
+        );
     }
 
     #[test]
@@ -156,7 +172,10 @@ mod tests {
             resolve(mount, Path::new("bulkhead.governed")).unwrap(),
             PathBuf::from("/sys/fs/cgroup/unified/bulkhead.governed")
         );
-        assert_eq!(resolve(mount, Path::new("/x/y")).unwrap(), PathBuf::from("/x/y"));
+        assert_eq!(
+            resolve(mount, Path::new("/x/y")).unwrap(),
+            PathBuf::from("/x/y")
+        );
         assert!(resolve(mount, Path::new("/sys/fs/cgroup/unified")).is_err());
     }
 
@@ -167,9 +186,15 @@ mod tests {
         assert!(!is_within("/bulkhead.governed2", "/bulkhead.governed"));
         assert!(!is_within("/", "/bulkhead.governed"));
         let proc_cgroup = "12:pids:/\n1:name=systemd:/\n0::/bulkhead.governed\n";
-        assert_eq!(path_from_proc_cgroup(proc_cgroup), Some("/bulkhead.governed"));
         assert_eq!(
-            relative(Path::new("/sys/fs/cgroup/unified"), Path::new("/sys/fs/cgroup/unified/a/b")),
+            path_from_proc_cgroup(proc_cgroup),
+            Some("/bulkhead.governed")
+        );
+        assert_eq!(
+            relative(
+                Path::new("/sys/fs/cgroup/unified"),
+                Path::new("/sys/fs/cgroup/unified/a/b")
+            ),
             "/a/b"
         );
     }

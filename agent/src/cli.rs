@@ -16,7 +16,11 @@ use crate::{
 };
 
 #[derive(Debug, Parser)]
-#[command(name = "bulkhead", version, about = "Governs the outbound connections of AI tools through a local gateway")]
+#[command(
+    name = "bulkhead",
+    version,
+    about = "Governs the outbound connections of AI tools through a local gateway"
+)]
 pub struct Cli {
     /// Configuration file [default: /etc/bulkhead/bulkhead.toml if present, else built-in defaults]
     #[arg(long, global = true, value_name = "FILE")]
@@ -36,7 +40,12 @@ pub enum Command {
     /// Run a command governed: inside the governed cgroup, as the invoking user under sudo
     Run {
         /// The command and its arguments
-        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "CMD")]
+        #[arg(
+            required = true,
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "CMD"
+        )]
         command: Vec<OsString>,
     },
     /// Show whether connections are governed, where, and how many sessions were recorded
@@ -86,12 +95,17 @@ pub enum CliError {
 }
 
 /// Asks the daemon; when it is not running, answers from the store and the pins directly.
-fn ask_or_read<T>(config: &Config, req: &Request, offline: impl FnOnce() -> Result<T, CliError>) -> Result<T, CliError>
+fn ask_or_read<T>(
+    config: &Config,
+    req: &Request,
+    offline: impl FnOnce() -> Result<T, CliError>,
+) -> Result<T, CliError>
 where
     T: serde::de::DeserializeOwned,
 {
     match control::call(&config.control_socket(), req) {
-        Ok(v) => serde_json::from_value(v).map_err(|e| CliError::Other(format!("unexpected answer from the daemon: {e}"))),
+        Ok(v) => serde_json::from_value(v)
+            .map_err(|e| CliError::Other(format!("unexpected answer from the daemon: {e}"))),
         Err(ClientError::NotRunning(_)) => offline(),
         Err(e) => Err(e.into()),
     }
@@ -105,8 +119,11 @@ fn open_store(config: &Config) -> Result<SledStore, CliError> {
             path.display()
         )));
     }
-    SledStore::open_waiting(&path, std::time::Duration::from_secs(2))
-        .map_err(|e| CliError::Other(format!("{e} (is a daemon starting, or running without its control socket?)")))
+    SledStore::open_waiting(&path, std::time::Duration::from_secs(2)).map_err(|e| {
+        CliError::Other(format!(
+            "{e} (is a daemon starting, or running without its control socket?)"
+        ))
+    })
 }
 
 pub fn status(config: &Config, json: bool) -> Result<(), CliError> {
@@ -128,7 +145,10 @@ pub fn status(config: &Config, json: bool) -> Result<(), CliError> {
     }
     match &report.daemon {
         Some(d) => {
-            println!("daemon:      running (pid {}, {}, config: {})", d.pid, d.mode, d.config);
+            println!(
+                "daemon:      running (pid {}, {}, config: {})",
+                d.pid, d.mode, d.config
+            );
             println!("listeners:   {}", d.listeners.join(", "));
             println!(
                 "connections: {} active, {} accepted, {} refused since start",
@@ -155,13 +175,24 @@ pub fn status(config: &Config, json: bool) -> Result<(), CliError> {
 }
 
 pub fn sessions_list(config: &Config, limit: usize, json: bool) -> Result<(), CliError> {
-    let sessions: Vec<Session> = ask_or_read(config, &Request::SessionsList { limit }, || Ok(open_store(config)?.list(limit)?))?;
+    let sessions: Vec<Session> = ask_or_read(config, &Request::SessionsList { limit }, || {
+        Ok(open_store(config)?.list(limit)?)
+    })?;
     if json {
         return print_json(&sessions);
     }
     println!(
         "{:>6}  {:<20}  {:>7}  {:<15}  {:>5}  {:<28}  {:<12}  {:<5}  {:>9}  {:>9}  OUTCOME",
-        "ID", "STARTED (UTC)", "PID", "PROCESS", "UID", "DESTINATION", "TARGET", "PROTO", "UP", "DOWN"
+        "ID",
+        "STARTED (UTC)",
+        "PID",
+        "PROCESS",
+        "UID",
+        "DESTINATION",
+        "TARGET",
+        "PROTO",
+        "UP",
+        "DOWN"
     );
     for s in &sessions {
         println!(
@@ -200,20 +231,46 @@ pub fn sessions_show(config: &Config, id: u64, json: bool) -> Result<(), CliErro
     if let crate::record::Outcome::Refused { reason } = &s.outcome {
         println!("  reason:      {reason}");
     }
-    if let crate::record::Outcome::UpstreamFailed { error } | crate::record::Outcome::Failed { error } = &s.outcome {
+    if let crate::record::Outcome::UpstreamFailed { error }
+    | crate::record::Outcome::Failed { error } = &s.outcome
+    {
         println!("  error:       {error}");
     }
     println!("  started:     {}", format_time(s.start.started_at_us));
     if let Some(end) = s.ended_at_us {
-        println!("  ended:       {} ({} ms)", format_time(end), end.saturating_sub(s.start.started_at_us) / 1000);
+        println!(
+            "  ended:       {} ({} ms)",
+            format_time(end),
+            end.saturating_sub(s.start.started_at_us) / 1000
+        );
     }
-    println!("  destination: {} (target {}, {})", s.start.destination, s.start.target.as_deref().unwrap_or("-"), s.start.protocol);
-    println!("  bytes:       {} to target, {} from target", s.bytes_to_target, s.bytes_from_target);
-    println!("  process:     pid {} (thread {}) {}", who.pid, who.tid, who.comm);
-    println!("  user:        uid {} ({}) gid {}", who.uid, who.user.as_deref().unwrap_or("?"), who.gid);
+    println!(
+        "  destination: {} (target {}, {})",
+        s.start.destination,
+        s.start.target.as_deref().unwrap_or("-"),
+        s.start.protocol
+    );
+    println!(
+        "  bytes:       {} to target, {} from target",
+        s.bytes_to_target, s.bytes_from_target
+    );
+    println!(
+        "  process:     pid {} (thread {}) {}",
+        who.pid, who.tid, who.comm
+    );
+    println!(
+        "  user:        uid {} ({}) gid {}",
+        who.uid,
+        who.user.as_deref().unwrap_or("?"),
+        who.gid
+    );
     println!("  exe:         {}", who.exe.as_deref().unwrap_or("?"));
     println!("  cmdline:     {}", who.cmdline.join(" "));
-    println!("  cgroup:      {} (id {})", who.cgroup.as_deref().unwrap_or("?"), who.cgroup_id);
+    println!(
+        "  cgroup:      {} (id {})",
+        who.cgroup.as_deref().unwrap_or("?"),
+        who.cgroup_id
+    );
     if let Some(unit) = &who.unit {
         println!("  unit:        {unit}");
     }
@@ -237,7 +294,11 @@ fn print_json<T: Serialize>(value: &T) -> Result<(), CliError> {
 
 fn format_time(micros: u64) -> String {
     let t = std::time::UNIX_EPOCH + std::time::Duration::from_micros(micros);
-    humantime::format_rfc3339_seconds(t).to_string().replace('T', " ").trim_end_matches('Z').to_string()
+    humantime::format_rfc3339_seconds(t)
+        .to_string()
+        .replace('T', " ")
+        .trim_end_matches('Z')
+        .to_string()
 }
 
 /// `bulkhead run`: enter the governed cgroup, drop back to the sudo caller, exec.
@@ -252,20 +313,32 @@ pub fn run(config: &Config, command: &[OsString]) -> Result<std::convert::Infall
             governed.display()
         )));
     }
-    if matches!(control::call(&config.control_socket(), &Request::Status), Err(ClientError::NotRunning(_))) {
-        eprintln!("bulkhead: warning: the daemon is not running; governed connections will be refused");
+    if matches!(
+        control::call(&config.control_socket(), &Request::Status),
+        Err(ClientError::NotRunning(_))
+    ) {
+        eprintln!(
+            "bulkhead: warning: the daemon is not running; governed connections will be refused"
+        );
     }
     cgroup::enter(&governed, 0).map_err(|e| {
-        CliError::Other(format!("{e} (bulkhead run must be started as root, e.g. with sudo)"))
+        CliError::Other(format!(
+            "{e} (bulkhead run must be started as root, e.g. with sudo)"
+        ))
     })?;
-    let (program, args) = command.split_first().ok_or_else(|| CliError::Other("no command given".into()))?;
+    let (program, args) = command
+        .split_first()
+        .ok_or_else(|| CliError::Other("no command given".into()))?;
     let mut cmd = std::process::Command::new(program);
     cmd.args(args);
     if let Some((uid, gid, user)) = sudo_caller() {
         drop_privileges(uid, gid, &user)?;
     }
     let err = cmd.exec();
-    Err(CliError::Other(format!("cannot run {}: {err}", Path::new(program).display())))
+    Err(CliError::Other(format!(
+        "cannot run {}: {err}",
+        Path::new(program).display()
+    )))
 }
 
 /// The user who ran `sudo bulkhead run`, when we are root because of sudo.
@@ -281,11 +354,14 @@ fn sudo_caller() -> Option<(u32, u32, String)> {
 }
 
 fn drop_privileges(uid: u32, gid: u32, user: &str) -> Result<(), CliError> {
-    let name = std::ffi::CString::new(user).map_err(|_| CliError::Other("SUDO_USER contains NUL".into()))?;
+    let name = std::ffi::CString::new(user)
+        .map_err(|_| CliError::Other("SUDO_USER contains NUL".into()))?;
     // SAFETY: plain syscalls with valid arguments; order is groups, gid, then uid, so each
     // step still has the privilege it needs.
     let ok = unsafe {
-        libc::initgroups(name.as_ptr(), gid) == 0 && libc::setgid(gid) == 0 && libc::setuid(uid) == 0
+        libc::initgroups(name.as_ptr(), gid) == 0
+            && libc::setgid(gid) == 0
+            && libc::setuid(uid) == 0
     };
     if ok {
         Ok(())

@@ -226,10 +226,12 @@ impl Config {
             target,
         } = raw;
 
-        let ipv4: Ipv4Addr = listener
-            .ipv4
-            .parse()
-            .map_err(|_| invalid("listener.ipv4".into(), format!("{:?} is not an IPv4 address", listener.ipv4)))?;
+        let ipv4: Ipv4Addr = listener.ipv4.parse().map_err(|_| {
+            invalid(
+                "listener.ipv4".into(),
+                format!("{:?} is not an IPv4 address", listener.ipv4),
+            )
+        })?;
         if !ipv4.is_loopback() {
             return Err(invalid(
                 "listener.ipv4".into(),
@@ -240,12 +242,17 @@ impl Config {
             "" => None,
             s => {
                 let a: Ipv6Addr = s.parse().map_err(|_| {
-                    invalid("listener.ipv6".into(), format!("{s:?} is not an IPv6 address (use \"\" to disable)"))
+                    invalid(
+                        "listener.ipv6".into(),
+                        format!("{s:?} is not an IPv6 address (use \"\" to disable)"),
+                    )
                 })?;
                 if !a.is_loopback() {
                     return Err(invalid(
                         "listener.ipv6".into(),
-                        format!("{a} is not ::1; the listener must not be reachable from the network"),
+                        format!(
+                            "{a} is not ::1; the listener must not be reachable from the network"
+                        ),
                     ));
                 }
                 Some(a)
@@ -254,21 +261,32 @@ impl Config {
         if listener.port == 0 {
             return Err(invalid(
                 "listener.port".into(),
-                "must be a fixed port: the kernel redirects to it even while the daemon restarts".into(),
+                "must be a fixed port: the kernel redirects to it even while the daemon restarts"
+                    .into(),
             ));
         }
 
         if governed.cgroup.as_os_str().is_empty() {
-            return Err(invalid("governed.cgroup".into(), "must not be empty".into()));
+            return Err(invalid(
+                "governed.cgroup".into(),
+                "must not be empty".into(),
+            ));
         }
         if governed
             .cgroup
             .components()
             .any(|c| matches!(c, std::path::Component::ParentDir))
         {
-            return Err(invalid("governed.cgroup".into(), "must not contain `..`".into()));
+            return Err(invalid(
+                "governed.cgroup".into(),
+                "must not contain `..`".into(),
+            ));
         }
-        if governed.cgroup.components().all(|c| matches!(c, std::path::Component::RootDir)) {
+        if governed
+            .cgroup
+            .components()
+            .all(|c| matches!(c, std::path::Component::RootDir))
+        {
             return Err(invalid(
                 "governed.cgroup".into(),
                 "must not be the root cgroup: that would govern every process on the host; \
@@ -280,44 +298,73 @@ impl Config {
         let parse_cidrs = |key: &str, list: &[String]| -> Result<Vec<Cidr>, ConfigError> {
             list.iter()
                 .enumerate()
-                .map(|(i, s)| s.parse::<Cidr>().map_err(|e| invalid(format!("{key}[{i}]"), e)))
+                .map(|(i, s)| {
+                    s.parse::<Cidr>()
+                        .map_err(|e| invalid(format!("{key}[{i}]"), e))
+                })
                 .collect()
         };
         let include = parse_cidrs("capture.include", &capture.include)?;
         let exclude = parse_cidrs("capture.exclude", &capture.exclude)?;
         if let Some(i) = capture.exclude_ports.iter().position(|p| *p == 0) {
-            return Err(invalid(format!("capture.exclude_ports[{i}]"), "port 0 is not a port".into()));
+            return Err(invalid(
+                format!("capture.exclude_ports[{i}]"),
+                "port 0 is not a port".into(),
+            ));
         }
 
         let mut targets: Vec<Target> = Vec::with_capacity(target.len());
         for (i, t) in target.into_iter().enumerate() {
-            if t.name.is_empty() || !t.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+            if t.name.is_empty()
+                || !t
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
                 return Err(invalid(
                     format!("target[{i}].name"),
-                    format!("{:?} must be non-empty and use only letters, digits, '-', '_' and '.'", t.name),
+                    format!(
+                        "{:?} must be non-empty and use only letters, digits, '-', '_' and '.'",
+                        t.name
+                    ),
                 ));
             }
             if targets.iter().any(|o| o.name == t.name) {
-                return Err(invalid(format!("target[{i}].name"), format!("{:?} is used by another target", t.name)));
+                return Err(invalid(
+                    format!("target[{i}].name"),
+                    format!("{:?} is used by another target", t.name),
+                ));
             }
             if t.addresses.is_empty() {
-                return Err(invalid(format!("target[{i}].addresses"), "needs at least one address".into()));
+                return Err(invalid(
+                    format!("target[{i}].addresses"),
+                    "needs at least one address".into(),
+                ));
             }
             let addresses = t
                 .addresses
                 .iter()
                 .enumerate()
-                .map(|(j, a)| a.parse::<TargetAddress>().map_err(|e| invalid(format!("target[{i}].addresses[{j}]"), e)))
+                .map(|(j, a)| {
+                    a.parse::<TargetAddress>()
+                        .map_err(|e| invalid(format!("target[{i}].addresses[{j}]"), e))
+                })
                 .collect::<Result<Vec<_>, _>>()?;
             if t.protocol != Protocol::Tcp {
                 return Err(invalid(
                     format!("target[{i}].protocol"),
-                    format!("protocol {} is not available in this build yet; use \"tcp\"", t.protocol),
+                    format!(
+                        "protocol {} is not available in this build yet; use \"tcp\"",
+                        t.protocol
+                    ),
                 ));
             }
             if let Some(CredentialRef::Env(name)) = &t.credentials {
                 if name.is_empty() {
-                    return Err(invalid(format!("target[{i}].credentials.env"), "must name a variable".into()));
+                    return Err(invalid(
+                        format!("target[{i}].credentials.env"),
+                        "must name a variable".into(),
+                    ));
                 }
             }
             targets.push(Target {
@@ -513,7 +560,9 @@ mod tests {
     }
 
     fn err(text: &str) -> String {
-        parse(text).expect_err("config should be rejected").to_string()
+        parse(text)
+            .expect_err("config should be rejected")
+            .to_string()
     }
 
     #[test]
@@ -544,7 +593,8 @@ mod tests {
         assert!(e.contains("line 2"), "{e}");
         let e = err("colour = \"blue\"\n");
         assert!(e.contains("colour"), "{e}");
-        let e = err("[[target]]\nname = \"db\"\naddresses = [\"10.0.0.5:5432\"]\npassword = \"x\"\n");
+        let e =
+            err("[[target]]\nname = \"db\"\naddresses = [\"10.0.0.5:5432\"]\npassword = \"x\"\n");
         assert!(e.contains("password"), "{e}");
     }
 
@@ -559,7 +609,10 @@ mod tests {
     #[test]
     fn bad_values_name_the_key_and_the_problem() {
         let e = err("[listener]\nipv4 = \"10.0.0.1\"\n");
-        assert!(e.contains("`listener.ipv4`") && e.contains("loopback"), "{e}");
+        assert!(
+            e.contains("`listener.ipv4`") && e.contains("loopback"),
+            "{e}"
+        );
         let e = err("[listener]\nport = 0\n");
         assert!(e.contains("`listener.port`"), "{e}");
         let e = err("[capture]\nexclude = [\"10.0.0.0/33\"]\n");
@@ -574,7 +627,9 @@ mod tests {
         assert!(e.contains("`target[0].addresses`"), "{e}");
         let e = err("[[target]]\nname = \"a\"\naddresses = [\"10.0.0.1:1\"]\n[[target]]\nname = \"a\"\naddresses = [\"10.0.0.2:1\"]\n");
         assert!(e.contains("`target[1].name`"), "{e}");
-        let e = err("[[target]]\nname = \"db\"\naddresses = [\"10.0.0.5:5432\"]\nprotocol = \"gopher\"\n");
+        let e = err(
+            "[[target]]\nname = \"db\"\naddresses = [\"10.0.0.5:5432\"]\nprotocol = \"gopher\"\n",
+        );
         assert!(e.contains("gopher"), "{e}");
     }
 
@@ -586,7 +641,10 @@ mod tests {
              credentials = { env = \"DB_PASSWORD\" }\n",
         )
         .unwrap();
-        let at = |s: &str| c.target_for(OrigDstAddr(s.parse().unwrap())).map(|t| t.name.as_str());
+        let at = |s: &str| {
+            c.target_for(OrigDstAddr(s.parse().unwrap()))
+                .map(|t| t.name.as_str())
+        };
         assert_eq!(at("10.0.0.5:5432"), Some("db"));
         assert_eq!(at("10.0.0.5:22"), Some("net"));
         assert_eq!(at("[::ffff:10.0.0.5]:5432"), Some("db"));

@@ -94,28 +94,55 @@ impl ControlState {
             Request::Status => serde_json::to_value(self.status()),
             Request::SessionsList { limit } => match self.gateway.store.list(limit) {
                 Ok(list) => serde_json::to_value(list),
-                Err(e) => return Response::Error { message: e.to_string() },
+                Err(e) => {
+                    return Response::Error {
+                        message: e.to_string(),
+                    }
+                }
             },
             Request::SessionsShow { id } => match self.gateway.store.get(SessionId(id)) {
                 Ok(Some(s)) => serde_json::to_value(s),
-                Ok(None) => return Response::Error { message: format!("no session with id {id}") },
-                Err(e) => return Response::Error { message: e.to_string() },
+                Ok(None) => {
+                    return Response::Error {
+                        message: format!("no session with id {id}"),
+                    }
+                }
+                Err(e) => {
+                    return Response::Error {
+                        message: e.to_string(),
+                    }
+                }
             },
         };
         match result {
             Ok(result) => Response::Ok { result },
-            Err(e) => Response::Error { message: e.to_string() },
+            Err(e) => Response::Error {
+                message: e.to_string(),
+            },
         }
     }
 }
 
 /// Why a peer may not use the socket, or `None` when it may.
-pub fn refusal(uid: u32, gid: u32, pid: Option<u32>, admin_gid: Option<u32>, mount: &Path, governed: &Path) -> Option<String> {
+pub fn refusal(
+    uid: u32,
+    gid: u32,
+    pid: Option<u32>,
+    admin_gid: Option<u32>,
+    mount: &Path,
+    governed: &Path,
+) -> Option<String> {
     if let Some(pid) = pid {
         match cgroup::pid_is_governed(pid, mount, governed) {
             Ok(false) => {}
-            Ok(true) => return Some("permission denied: the caller runs in the governed cgroup".into()),
-            Err(_) => return Some("permission denied: cannot tell which cgroup the caller runs in".into()),
+            Ok(true) => {
+                return Some("permission denied: the caller runs in the governed cgroup".into())
+            }
+            Err(_) => {
+                return Some(
+                    "permission denied: cannot tell which cgroup the caller runs in".into(),
+                )
+            }
         }
     } else {
         return Some("permission denied: the caller's process is unknown".into());
@@ -123,11 +150,14 @@ pub fn refusal(uid: u32, gid: u32, pid: Option<u32>, admin_gid: Option<u32>, mou
     if uid == 0 {
         return None;
     }
-    let in_group = admin_gid.is_some_and(|g| g == gid || pid.is_some_and(|p| supplementary_groups(p).contains(&g)));
+    let in_group = admin_gid
+        .is_some_and(|g| g == gid || pid.is_some_and(|p| supplementary_groups(p).contains(&g)));
     if in_group {
         None
     } else {
-        Some(format!("permission denied: root or the `{ADMIN_GROUP}` group only"))
+        Some(format!(
+            "permission denied: root or the `{ADMIN_GROUP}` group only"
+        ))
     }
 }
 
@@ -136,9 +166,11 @@ fn supplementary_groups(pid: u32) -> Vec<u32> {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Groups:"))
-                .map(|g| g.split_whitespace().filter_map(|x| x.parse().ok()).collect())
+            s.lines().find_map(|l| l.strip_prefix("Groups:")).map(|g| {
+                g.split_whitespace()
+                    .filter_map(|x| x.parse().ok())
+                    .collect()
+            })
         })
         .unwrap_or_default()
 }
@@ -174,7 +206,11 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
     Ok(listener)
 }
 
-pub async fn serve(listener: UnixListener, state: Arc<ControlState>, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(
+    listener: UnixListener,
+    state: Arc<ControlState>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         let stream = tokio::select! {
             r = listener.accept() => match r {
@@ -196,7 +232,14 @@ async fn connection(stream: UnixStream, state: &ControlState) -> io::Result<()> 
     let cred = stream.peer_cred()?;
     let pid = cred.pid().and_then(|p| u32::try_from(p).ok());
     let (r, mut w) = stream.into_split();
-    if let Some(message) = refusal(cred.uid(), cred.gid(), pid, admin_gid(), &state.cgroup_mount, &state.governed_cgroup) {
+    if let Some(message) = refusal(
+        cred.uid(),
+        cred.gid(),
+        pid,
+        admin_gid(),
+        &state.cgroup_mount,
+        &state.governed_cgroup,
+    ) {
         warn!(uid = cred.uid(), pid = ?pid, "control request refused: {message}");
         return write_response(&mut w, &Response::Error { message }).await;
     }
@@ -215,7 +258,10 @@ async fn connection(stream: UnixStream, state: &ControlState) -> io::Result<()> 
 
 use tokio::io::AsyncReadExt as _;
 
-async fn write_response(w: &mut tokio::net::unix::OwnedWriteHalf, response: &Response) -> io::Result<()> {
+async fn write_response(
+    w: &mut tokio::net::unix::OwnedWriteHalf,
+    response: &Response,
+) -> io::Result<()> {
     let mut line = serde_json::to_vec(response).map_err(io::Error::other)?;
     line.push(b'\n');
     w.write_all(&line).await
@@ -242,7 +288,12 @@ pub fn call(path: &Path, req: &Request) -> Result<serde_json::Value, ClientError
     };
     let mut stream = match std::os::unix::net::UnixStream::connect(path) {
         Ok(s) => s,
-        Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused) => {
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+            ) =>
+        {
             return Err(ClientError::NotRunning(path.to_path_buf()))
         }
         Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
@@ -257,7 +308,9 @@ pub fn call(path: &Path, req: &Request) -> Result<serde_json::Value, ClientError
     line.push(b'\n');
     stream.write_all(&line).map_err(io_err)?;
     let mut answer = String::new();
-    std::io::BufReader::new(&stream).read_line(&mut answer).map_err(io_err)?;
+    std::io::BufReader::new(&stream)
+        .read_line(&mut answer)
+        .map_err(io_err)?;
     match serde_json::from_str::<Response>(&answer) {
         Ok(Response::Ok { result }) => Ok(result),
         Ok(Response::Error { message }) => Err(ClientError::Refused(message)),
@@ -282,24 +335,38 @@ mod tests {
         let r: Request = serde_json::from_str(r#"{"op":"sessions_list","limit":5}"#).unwrap();
         assert!(matches!(r, Request::SessionsList { limit: 5 }));
         assert!(serde_json::from_str::<Request>(r#"{"op":"approve"}"#).is_err());
-        let text = serde_json::to_string(&Response::Error { message: "x".into() }).unwrap();
+        let text = serde_json::to_string(&Response::Error {
+            message: "x".into(),
+        })
+        .unwrap();
         assert_eq!(text, r#"{"status":"error","message":"x"}"#);
     }
 
     #[test]
     fn the_peer_without_a_pid_is_refused() {
-        let r = refusal(0, 0, None, None, Path::new("/sys/fs/cgroup"), Path::new("/sys/fs/cgroup/x"));
+        let r = refusal(
+            0,
+            0,
+            None,
+            None,
+            Path::new("/sys/fs/cgroup"),
+            Path::new("/sys/fs/cgroup/x"),
+        );
         assert!(r.is_some());
     }
 
     #[test]
     fn root_outside_the_governed_cgroup_is_allowed_and_others_are_not() {
         let me = std::process::id();
-        let mount = crate::cgroup::cgroup2_mount().unwrap_or_else(|_| PathBuf::from("/sys/fs/cgroup"));
+        let mount =
+            crate::cgroup::cgroup2_mount().unwrap_or_else(|_| PathBuf::from("/sys/fs/cgroup"));
         let governed = mount.join("bulkhead-unit-test-never-created");
         assert_eq!(refusal(0, 0, Some(me), None, &mount, &governed), None);
         let denied = refusal(1000, 1000, Some(me), None, &mount, &governed).unwrap();
         assert!(denied.contains("`bulkhead` group"), "{denied}");
-        assert_eq!(refusal(1000, 998, Some(me), Some(998), &mount, &governed), None);
+        assert_eq!(
+            refusal(1000, 998, Some(me), Some(998), &mount, &governed),
+            None
+        );
     }
 }

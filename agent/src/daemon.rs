@@ -4,11 +4,7 @@
 //! moment when a redirected connect finds nobody listening because of us; the store is open
 //! before the first accept, so every connection is recorded.
 
-use std::{
-    path::PathBuf,
-    sync::Arc,
-    time::Duration,
-};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use tokio::{net::TcpListener, sync::watch};
 use tracing::{error, info, warn};
@@ -35,11 +31,20 @@ pub enum DaemonError {
     #[error(transparent)]
     Store(#[from] crate::record::StoreError),
     #[error("cannot listen on {addr}: {source} (is another daemon running?)")]
-    Listen { addr: String, source: std::io::Error },
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("cannot create {path}: {source}")]
-    Dir { path: PathBuf, source: std::io::Error },
+    Dir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("control socket {path}: {source}")]
-    Control { path: PathBuf, source: std::io::Error },
+    Control {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("signal handler: {0}")]
     Signal(std::io::Error),
 }
@@ -68,7 +73,9 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         match bind(v6).await {
             Ok(l) => listeners.push(l),
             // No IPv6 on loopback: IPv6 connects are then refused, not leaked.
-            Err(e) => warn!(error = %e, "IPv6 listener unavailable; governed IPv6 connects will be refused"),
+            Err(e) => {
+                warn!(error = %e, "IPv6 listener unavailable; governed IPv6 connects will be refused")
+            }
         }
     }
     let listener_names: Vec<String> = listeners
@@ -77,16 +84,26 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         .collect();
 
     for dir in [&config.daemon.state_dir, &config.daemon.run_dir] {
-        std::fs::create_dir_all(dir).map_err(|source| DaemonError::Dir { path: dir.clone(), source })?;
+        std::fs::create_dir_all(dir).map_err(|source| DaemonError::Dir {
+            path: dir.clone(),
+            source,
+        })?;
     }
     let store = SledStore::open_waiting(&config.store_path(), Duration::from_secs(5))?;
     let interrupted = store.mark_interrupted()?;
     if interrupted > 0 {
-        warn!(sessions = interrupted, "sessions left open by the previous daemon marked interrupted");
+        warn!(
+            sessions = interrupted,
+            "sessions left open by the previous daemon marked interrupted"
+        );
     }
     let store: Arc<dyn SessionStore> = Arc::new(store);
 
-    let mode = if config.daemon.fail_open { Mode::FailOpen } else { Mode::FailClosed };
+    let mode = if config.daemon.fail_open {
+        Mode::FailOpen
+    } else {
+        Mode::FailClosed
+    };
     let rules = CaptureRules::from_config(&config);
     let mut redirector = Redirector::attach(
         &governed,
@@ -159,7 +176,10 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     }
     let left = gateway.stats.snapshot().active;
     if left > 0 {
-        warn!(sessions = left, "sessions still open at the drain deadline; they will be marked interrupted");
+        warn!(
+            sessions = left,
+            "sessions still open at the drain deadline; they will be marked interrupted"
+        );
     }
     if let Err(e) = store.flush() {
         error!(error = %e, "flushing the session store");
@@ -174,7 +194,10 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
 }
 
 async fn bind(addr: std::net::SocketAddr) -> Result<TcpListener, DaemonError> {
-    let listen_err = |source| DaemonError::Listen { addr: addr.to_string(), source };
+    let listen_err = |source| DaemonError::Listen {
+        addr: addr.to_string(),
+        source,
+    };
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()
     } else {
@@ -202,7 +225,9 @@ async fn wait_for_signal() -> Result<(), DaemonError> {
 async fn forward_kernel_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
     // SAFETY: the logger owns its ring buffer's descriptor for as long as it lives, and the
     // `AsyncFd` owns the logger, so the descriptor stays open and the same until it is dropped.
-    let registered = unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    };
     let mut fd = match registered {
         Ok(fd) => fd,
         Err(e) => {
@@ -211,7 +236,9 @@ async fn forward_kernel_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>)
         }
     };
     loop {
-        let Ok(mut guard) = fd.readable_mut().await else { return };
+        let Ok(mut guard) = fd.readable_mut().await else {
+            return;
+        };
         guard.get_inner_mut().flush();
         guard.clear_ready();
     }

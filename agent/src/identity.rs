@@ -190,9 +190,16 @@ impl ProcReader {
             // Gone already: nothing to cache, the kernel's record is what there is.
             return self.read_identity(rec, cgroup);
         };
-        let mut cache = self.cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut cache = self
+            .cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(c) = cache.get(&pid) {
-            if c.start_time == start_time && c.uid == rec.uid && c.gid == rec.gid && c.cgroup == cgroup {
+            if c.start_time == start_time
+                && c.uid == rec.uid
+                && c.gid == rec.gid
+                && c.cgroup == cgroup
+            {
                 return ProcessIdentity {
                     tid: rec.pid,
                     comm: comm_str(&rec.comm),
@@ -203,7 +210,10 @@ impl ProcReader {
         }
         drop(cache);
         let identity = self.read_identity(rec, cgroup.clone());
-        let mut cache = self.cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut cache = self
+            .cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if cache.len() >= CACHE_CAPACITY {
             cache.clear();
         }
@@ -253,7 +263,9 @@ impl ProcReader {
             None => return out,
         };
         while ppid > 0 && out.len() < MAX_ANCESTORS {
-            let Some(status) = self.status(ppid) else { break };
+            let Some(status) = self.status(ppid) else {
+                break;
+            };
             let governed = self
                 .cgroup(ppid)
                 .is_some_and(|c| cgroup::is_within(&c, &self.governed));
@@ -298,7 +310,10 @@ Pid:\t4242\nPPid:\t4200\nTracerPid:\t0\nUid:\t1000\t1000\t1000\t1000\nGid:\t1001
         );
         assert_eq!(parse_status("Name:\tx\n"), None);
         assert_eq!(parse_status(""), None);
-        assert_eq!(parse_status("PPid:\tabc\nName:\tx\nUid:\t1\nGid:\t1\n"), None);
+        assert_eq!(
+            parse_status("PPid:\tabc\nName:\tx\nUid:\t1\nGid:\t1\n"),
+            None
+        );
     }
 
     #[test]
@@ -311,13 +326,17 @@ Pid:\t4242\nPPid:\t4200\nTracerPid:\t0\nUid:\t1000\t1000\t1000\t1000\nGid:\t1001
 
     #[test]
     fn finds_units_and_users() {
-        assert_eq!(unit_from_cgroup_path("/system.slice/ssh.service"), Some("ssh.service".into()));
+        assert_eq!(
+            unit_from_cgroup_path("/system.slice/ssh.service"),
+            Some("ssh.service".into())
+        );
         assert_eq!(
             unit_from_cgroup_path("/user.slice/user-1000.slice/session-3.scope/x"),
             Some("session-3.scope".into())
         );
         assert_eq!(unit_from_cgroup_path("/bulkhead.governed"), None);
-        let passwd = "root:x:0:0:root:/root:/bin/bash\nalice:x:1000:1000::/home/alice:/bin/sh\nbroken\n";
+        let passwd =
+            "root:x:0:0:root:/root:/bin/bash\nalice:x:1000:1000::/home/alice:/bin/sh\nbroken\n";
         assert_eq!(user_from_passwd(passwd, 1000), Some("alice".into()));
         assert_eq!(user_from_passwd(passwd, 7), None);
         assert_eq!(comm_str(b"curl\0\0\0\0\0\0\0\0\0\0\0\0"), "curl");
@@ -337,7 +356,9 @@ Pid:\t4242\nPPid:\t4200\nTracerPid:\t0\nUid:\t1000\t1000\t1000\t1000\nGid:\t1001
         let root = fixture();
         let reader = ProcReader::new(root.path(), "/bulkhead.governed");
         let p = root.path().join("proc/4242");
-        let stat = |start: u64| format!("4242 (psql) S 4200 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 1 0 {start} 0 0");
+        let stat = |start: u64| {
+            format!("4242 (psql) S 4200 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 1 0 {start} 0 0")
+        };
         fs::write(p.join("stat"), stat(100)).unwrap();
         let mut rec = ConnectRecord {
             cgroup_id: 1,
@@ -351,7 +372,10 @@ Pid:\t4242\nPPid:\t4200\nTracerPid:\t0\nUid:\t1000\t1000\t1000\t1000\nGid:\t1001
             comm: *b"psql\0\0\0\0\0\0\0\0\0\0\0\0",
             reserved: 0,
         };
-        assert_eq!(reader.identify(&rec).cmdline, vec!["psql", "-h", "10.0.0.5"]);
+        assert_eq!(
+            reader.identify(&rec).cmdline,
+            vec!["psql", "-h", "10.0.0.5"]
+        );
         // Same process: served from the cache, with this connection's thread.
         fs::write(p.join("cmdline"), "changed\0").unwrap();
         rec.pid = 4250;
@@ -371,10 +395,38 @@ Pid:\t4242\nPPid:\t4200\nTracerPid:\t0\nUid:\t1000\t1000\t1000\t1000\nGid:\t1001
     fn fixture() -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
         let procs = [
-            (4242, "psql", 4200, "/bulkhead.governed", "/usr/bin/psql", "psql\0-h\x0010.0.0.5\0"),
-            (4200, "bash", 4100, "/bulkhead.governed", "/usr/bin/bash", "bash\0"),
-            (4100, "claude", 4000, "/bulkhead.governed/claude.scope", "/opt/claude/bin/claude", "claude\0"),
-            (4000, "sshd", 1, "/system.slice/ssh.service", "/usr/sbin/sshd", "sshd: alice\0"),
+            (
+                4242,
+                "psql",
+                4200,
+                "/bulkhead.governed",
+                "/usr/bin/psql",
+                "psql\0-h\x0010.0.0.5\0",
+            ),
+            (
+                4200,
+                "bash",
+                4100,
+                "/bulkhead.governed",
+                "/usr/bin/bash",
+                "bash\0",
+            ),
+            (
+                4100,
+                "claude",
+                4000,
+                "/bulkhead.governed/claude.scope",
+                "/opt/claude/bin/claude",
+                "claude\0",
+            ),
+            (
+                4000,
+                "sshd",
+                1,
+                "/system.slice/ssh.service",
+                "/usr/sbin/sshd",
+                "sshd: alice\0",
+            ),
             (1, "init", 0, "/", "/sbin/init", "/sbin/init\0"),
         ];
         for (pid, name, ppid, cg, exe, cmd) in procs {
@@ -390,7 +442,11 @@ Pid:\t4242\nPPid:\t4200\nTracerPid:\t0\nUid:\t1000\t1000\t1000\t1000\nGid:\t1001
             std::os::unix::fs::symlink(exe, p.join("exe")).unwrap();
         }
         fs::create_dir_all(dir.path().join("etc")).unwrap();
-        fs::write(dir.path().join("etc/passwd"), "alice:x:1000:1000::/home/alice:/bin/sh\n").unwrap();
+        fs::write(
+            dir.path().join("etc/passwd"),
+            "alice:x:1000:1000::/home/alice:/bin/sh\n",
+        )
+        .unwrap();
         dir
     }
 
@@ -428,10 +484,17 @@ Pid:\t4242\nPPid:\t4200\nTracerPid:\t0\nUid:\t1000\t1000\t1000\t1000\nGid:\t1001
             .collect();
         assert_eq!(
             chain,
-            vec![(4200, "bash", true), (4100, "claude", true), (4000, "sshd", false)],
+            vec![
+                (4200, "bash", true),
+                (4100, "claude", true),
+                (4000, "sshd", false)
+            ],
             "the chain stops at the first process outside the governed cgroup"
         );
-        assert_eq!(id.ancestors[1].exe.as_deref(), Some("/opt/claude/bin/claude"));
+        assert_eq!(
+            id.ancestors[1].exe.as_deref(),
+            Some("/opt/claude/bin/claude")
+        );
     }
 
     #[test]

@@ -23,13 +23,19 @@ fn run(args: Cli) -> anyhow::Result<()> {
         Command::Daemon { fail_open } => {
             config.daemon.fail_open |= fail_open;
             init_tracing(&config.daemon.log);
-            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
             runtime.block_on(bulkhead::daemon::run(config))?;
         }
         Command::Run { command } => match cli::run(&config, &command)? {},
         Command::Status(f) => cli::status(&config, f.json)?,
-        Command::Sessions(SessionsCommand::List { limit, json }) => cli::sessions_list(&config, limit, json.json)?,
-        Command::Sessions(SessionsCommand::Show { id, json }) => cli::sessions_show(&config, id, json.json)?,
+        Command::Sessions(SessionsCommand::List { limit, json }) => {
+            cli::sessions_list(&config, limit, json.json)?
+        }
+        Command::Sessions(SessionsCommand::Show { id, json }) => {
+            cli::sessions_show(&config, id, json.json)?
+        }
     }
     Ok(())
 }
@@ -37,5 +43,8 @@ fn run(args: Cli) -> anyhow::Result<()> {
 fn init_tracing(default_filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
-    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .init();
 }

@@ -73,7 +73,9 @@ impl Cidr {
     pub fn contains(&self, ip: IpAddr) -> bool {
         let ip = ip.to_canonical();
         match (self.addr, ip) {
-            (IpAddr::V4(_), IpAddr::V4(_)) | (IpAddr::V6(_), IpAddr::V6(_)) => mask(ip, self.prefix) == self.addr,
+            (IpAddr::V4(_), IpAddr::V4(_)) | (IpAddr::V6(_), IpAddr::V6(_)) => {
+                mask(ip, self.prefix) == self.addr
+            }
             _ => false,
         }
     }
@@ -106,7 +108,13 @@ impl FromStr for Cidr {
             .map_err(|_| format!("{s:?}: {ip:?} is not an IP address"))?;
         let addr = addr.to_canonical();
         let prefix = match prefix {
-            None => if addr.is_ipv4() { 32 } else { 128 },
+            None => {
+                if addr.is_ipv4() {
+                    32
+                } else {
+                    128
+                }
+            }
             Some(p) => p
                 .parse::<u8>()
                 .map_err(|_| format!("{s:?}: {p:?} is not a prefix length"))?,
@@ -140,7 +148,15 @@ mod tests {
 
     #[test]
     fn cidr_rejects_garbage() {
-        for bad in ["", "10.0.0.0/33", "fd00::/129", "10.0.0/8", "x/8", "10.0.0.0/-1", "10.0.0.0/"] {
+        for bad in [
+            "",
+            "10.0.0.0/33",
+            "fd00::/129",
+            "10.0.0/8",
+            "x/8",
+            "10.0.0.0/-1",
+            "10.0.0.0/",
+        ] {
             assert!(bad.parse::<Cidr>().is_err(), "{bad:?} should not parse");
         }
     }

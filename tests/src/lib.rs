@@ -9,7 +9,10 @@
 //!
 //! Processes are started with their network namespace set in `pre_exec` (not `ip netns exec`,
 //! which remounts `/sys` and hides the cgroup2 mount), tracked by pid, and killed by pid.
-#![expect(clippy::missing_panics_doc, reason = "test harness: panics are the failure report")]
+#![expect(
+    clippy::missing_panics_doc,
+    reason = "test harness: panics are the failure report"
+)]
 
 use std::{
     fs,
@@ -68,7 +71,10 @@ pub fn probe_bin() -> PathBuf {
 
 /// Runs a command and panics with its output when it fails.
 pub fn sh(program: &str, args: &[&str]) {
-    let out = Command::new(program).args(args).output().unwrap_or_else(|e| panic!("{program}: {e}"));
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
     assert!(
         out.status.success(),
         "{program} {args:?} failed: {}{}",
@@ -109,12 +115,17 @@ impl Proc {
 
     /// Every stdout line available now.
     pub fn drain_lines(&mut self) -> Vec<String> {
-        let Some(rx) = self.stdout.as_ref() else { return Vec::new() };
+        let Some(rx) = self.stdout.as_ref() else {
+            return Vec::new();
+        };
         rx.try_iter().collect()
     }
 
     pub fn stderr(&self) -> String {
-        self.stderr_log.lock().map(|s| s.clone()).unwrap_or_default()
+        self.stderr_log
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default()
     }
 
     pub fn kill9(&mut self) {
@@ -199,21 +210,45 @@ impl Topology {
         // From here on, Drop cleans up whatever was created.
         sh("ip", &["netns", "add", &topo.gov_ns]);
         sh("ip", &["netns", "add", &topo.tgt_ns]);
-        sh("ip", &["link", "add", &topo.veth, "type", "veth", "peer", "name", &peer]);
+        sh(
+            "ip",
+            &[
+                "link", "add", &topo.veth, "type", "veth", "peer", "name", &peer,
+            ],
+        );
         sh("ip", &["link", "set", &topo.veth, "netns", &topo.gov_ns]);
         sh("ip", &["link", "set", &peer, "netns", &topo.tgt_ns]);
         for (ns, dev, v4, v6) in [
             (&topo.gov_ns, &topo.veth, GOVERNED_V4, GOVERNED_V6),
             (&topo.tgt_ns, &peer, TARGET_V4, TARGET_V6),
         ] {
-            sh("ip", &["-n", ns, "addr", "add", &format!("{v4}/24"), "dev", dev]);
-            sh("ip", &["-n", ns, "addr", "add", &format!("{v6}/64"), "dev", dev, "nodad"]);
+            sh(
+                "ip",
+                &["-n", ns, "addr", "add", &format!("{v4}/24"), "dev", dev],
+            );
+            sh(
+                "ip",
+                &[
+                    "-n",
+                    ns,
+                    "addr",
+                    "add",
+                    &format!("{v6}/64"),
+                    "dev",
+                    dev,
+                    "nodad",
+                ],
+            );
             sh("ip", &["-n", ns, "link", "set", dev, "up"]);
             sh("ip", &["-n", ns, "link", "set", "lo", "up"]);
         }
         fs::create_dir_all(&topo.cgroup).expect("create test cgroup");
         fs::create_dir_all(&topo.dir).expect("create test dir");
-        fs::set_permissions(&topo.dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+        fs::set_permissions(
+            &topo.dir,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .expect("chmod");
         let mut topo = topo;
         topo.config_path = topo.dir.join("bulkhead.toml");
         topo.write_config(extra_config);
@@ -249,7 +284,8 @@ impl Topology {
         let fd = netns.as_raw_fd();
         // SAFETY: between fork and exec we only make async-signal-safe calls (setns, open,
         // write, close) on data prepared before the fork.
-        let procs_c = procs.map(|p| std::ffi::CString::new(p.to_str().expect("utf-8 path")).expect("path"));
+        let procs_c =
+            procs.map(|p| std::ffi::CString::new(p.to_str().expect("utf-8 path")).expect("path"));
         unsafe {
             cmd.pre_exec(move || {
                 if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
@@ -269,7 +305,9 @@ impl Topology {
                 Ok(())
             });
         }
-        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {name}: {e}"));
         drop(netns);
         let (tx, rx) = mpsc::channel();
@@ -323,7 +361,11 @@ impl Topology {
             if self.daemon_ready() {
                 return daemon;
             }
-            assert!(Instant::now() < deadline, "daemon not ready in time: {}", daemon.stderr());
+            assert!(
+                Instant::now() < deadline,
+                "daemon not ready in time: {}",
+                daemon.stderr()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -332,7 +374,9 @@ impl Topology {
     /// ask the CLI: with no daemon it would read the store, holding its lock.)
     fn daemon_ready(&self) -> bool {
         std::os::unix::net::UnixStream::connect(self.dir.join("run/control.sock")).is_ok()
-            && self.run_cli(&["status", "--json"]).is_ok_and(|v| v["daemon"].is_object())
+            && self
+                .run_cli(&["status", "--json"])
+                .is_ok_and(|v| v["daemon"].is_object())
     }
 
     /// Runs a CLI command on the governed side's network namespace, outside the governed
@@ -340,9 +384,17 @@ impl Topology {
     pub fn run_cli(&self, args: &[&str]) -> Result<serde_json::Value, String> {
         let out = self.output(Side::Host, self.bulkhead(args));
         if !out.status.success() {
-            return Err(format!("bulkhead {args:?}: {}", String::from_utf8_lossy(&out.stderr)));
+            return Err(format!(
+                "bulkhead {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
         }
-        serde_json::from_slice(&out.stdout).map_err(|e| format!("bulkhead {args:?}: {e}: {}", String::from_utf8_lossy(&out.stdout)))
+        serde_json::from_slice(&out.stdout).map_err(|e| {
+            format!(
+                "bulkhead {args:?}: {e}: {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
     }
 
     /// Runs `cmd` on `side` to completion.
@@ -369,7 +421,9 @@ impl Topology {
         if !dst.exists() {
             // A hard link, not a copy: a copy's open write descriptor, inherited by a child
             // another test forks meanwhile, makes exec fail with ETXTBSY.
-            fs::hard_link(probe_bin(), &dst).expect("link probe (the test directory must be on the target directory's file system)");
+            fs::hard_link(probe_bin(), &dst).expect(
+                "link probe (the test directory must be on the target directory's file system)",
+            );
         }
         dst
     }
@@ -380,7 +434,12 @@ impl Topology {
         cmd.args(["serve", &addr.to_string()]);
         let mut p = self.spawn(side, "echo", cmd);
         let ready = p.line(Duration::from_secs(10));
-        assert_eq!(ready.as_deref(), Some("ready"), "echo server did not start: {}", p.stderr());
+        assert_eq!(
+            ready.as_deref(),
+            Some("ready"),
+            "echo server did not start: {}",
+            p.stderr()
+        );
         p
     }
 
@@ -390,7 +449,12 @@ impl Topology {
         cmd.args(["sink", addr]);
         let mut p = self.spawn(side, "sink", cmd);
         let ready = p.line(Duration::from_secs(10));
-        assert_eq!(ready.as_deref(), Some("ready"), "sink did not start: {}", p.stderr());
+        assert_eq!(
+            ready.as_deref(),
+            Some("ready"),
+            "sink did not start: {}",
+            p.stderr()
+        );
         p
     }
 
@@ -436,8 +500,12 @@ impl Drop for Topology {
             std::thread::sleep(Duration::from_millis(20));
         }
         let _ = fs::remove_dir_all(&self.pin_dir);
-        let _ = Command::new("ip").args(["netns", "del", &self.gov_ns]).output();
-        let _ = Command::new("ip").args(["netns", "del", &self.tgt_ns]).output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.gov_ns])
+            .output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.tgt_ns])
+            .output();
         let _ = fs::remove_dir_all(&self.dir);
     }
 }
@@ -446,4 +514,3 @@ impl Drop for Topology {
 pub fn cgroup2_mount() -> PathBuf {
     bulkhead::cgroup::cgroup2_mount().expect("a cgroup2 mount")
 }
-

@@ -26,12 +26,21 @@ fn probe_connect(topo: &Topology, side: Side, addr: &str, text: &str) -> Value {
 
 fn parse_probe(out: std::process::Output) -> Value {
     let stdout = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(stdout.lines().last().unwrap_or_default())
-        .unwrap_or_else(|e| panic!("probe output {stdout:?} ({e}); stderr: {}", String::from_utf8_lossy(&out.stderr)))
+    serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap_or_else(|e| {
+        panic!(
+            "probe output {stdout:?} ({e}); stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
 }
 
 fn reply(v: &Value) -> Value {
-    serde_json::from_str(v["reply"].as_str().unwrap_or_else(|| panic!("no reply in {v}"))).expect("reply JSON")
+    serde_json::from_str(
+        v["reply"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no reply in {v}")),
+    )
+    .expect("reply JSON")
 }
 
 #[test]
@@ -44,8 +53,11 @@ fn governed_client_reaches_the_target_through_the_gateway_and_is_recorded() {
     // `bulkhead run` puts the probe in the governed cgroup and, as under sudo, drops to the
     // invoking user (here: nobody).
     let mut cmd = topo.bulkhead(&["run", "--"]);
-    cmd.arg(topo.probe()).args(["connect", &format!("{TARGET_V4}:7000"), "hello"]);
-    cmd.env("SUDO_UID", "65534").env("SUDO_GID", "65534").env("SUDO_USER", "nobody");
+    cmd.arg(topo.probe())
+        .args(["connect", &format!("{TARGET_V4}:7000"), "hello"]);
+    cmd.env("SUDO_UID", "65534")
+        .env("SUDO_GID", "65534")
+        .env("SUDO_USER", "nobody");
     let client = parse_probe(topo.output(Side::Host, cmd));
 
     // The bytes made the round trip.
@@ -53,19 +65,41 @@ fn governed_client_reaches_the_target_through_the_gateway_and_is_recorded() {
     assert_eq!(answer["data"], "hello", "{client}");
     // Through the gateway: the client's socket is connected to the loopback listener, and the
     // target saw the daemon's own connection from the governed side's address.
-    assert!(client["local"].as_str().unwrap().starts_with("127.0.0.1:"), "{client}");
-    assert_eq!(client["peer"], format!("127.0.0.1:{}", bulkhead_tests::LISTENER_PORT));
+    assert!(
+        client["local"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{client}"
+    );
+    assert_eq!(
+        client["peer"],
+        format!("127.0.0.1:{}", bulkhead_tests::LISTENER_PORT)
+    );
     let target_peer = answer["peer"].as_str().unwrap();
-    assert!(target_peer.starts_with(&format!("{GOVERNED_V4}:")), "{target_peer}");
-    assert_ne!(client["local"].as_str().unwrap().rsplit(':').next(), target_peer.rsplit(':').next());
-    assert_eq!(echo.line(Duration::from_secs(5)).as_deref(), Some(format!("accepted {target_peer}").as_str()));
+    assert!(
+        target_peer.starts_with(&format!("{GOVERNED_V4}:")),
+        "{target_peer}"
+    );
+    assert_ne!(
+        client["local"].as_str().unwrap().rsplit(':').next(),
+        target_peer.rsplit(':').next()
+    );
+    assert_eq!(
+        echo.line(Duration::from_secs(5)).as_deref(),
+        Some(format!("accepted {target_peer}").as_str())
+    );
 
     let session = topo.wait_session_closed();
-    assert_eq!(session["destination"], format!("{TARGET_V4}:7000"), "{session}");
+    assert_eq!(
+        session["destination"],
+        format!("{TARGET_V4}:7000"),
+        "{session}"
+    );
     assert_eq!(session["outcome"]["kind"], "closed");
     assert_eq!(session["protocol"], "tcp");
     assert_eq!(session["bytes_to_target"], 5);
-    assert_eq!(session["bytes_from_target"].as_u64().unwrap(), client["reply"].as_str().unwrap().len() as u64 + 1);
+    assert_eq!(
+        session["bytes_from_target"].as_u64().unwrap(),
+        client["reply"].as_str().unwrap().len() as u64 + 1
+    );
     let who = &session["identity"];
     assert_eq!(who["pid"], client["pid"], "{who}");
     assert_eq!(who["uid"], 65534);
@@ -86,10 +120,18 @@ fn ipv6_targets_are_governed_the_same_way() {
     let _echo = topo.echo_server(Side::Target, format!("[{TARGET_V6}]:7000").parse().unwrap());
     let _daemon = topo.start_daemon(&[]);
 
-    let client = probe_connect(&topo, Side::Governed, &format!("[{TARGET_V6}]:7000"), "over six");
+    let client = probe_connect(
+        &topo,
+        Side::Governed,
+        &format!("[{TARGET_V6}]:7000"),
+        "over six",
+    );
     let answer = reply(&client);
     assert_eq!(answer["data"], "over six", "{client}");
-    assert!(client["local"].as_str().unwrap().starts_with("[::1]:"), "{client}");
+    assert!(
+        client["local"].as_str().unwrap().starts_with("[::1]:"),
+        "{client}"
+    );
     let session = topo.wait_session_closed();
     assert_eq!(session["destination"], format!("[{TARGET_V6}]:7000"));
     assert_eq!(session["identity"]["pid"], client["pid"]);
@@ -103,9 +145,20 @@ fn ipv4_mapped_destinations_on_a_dual_stack_socket_are_governed() {
     let _echo = topo.echo_server(Side::Target, format!("{TARGET_V4}:7000").parse().unwrap());
     let _daemon = topo.start_daemon(&[]);
 
-    let client = probe_connect(&topo, Side::Governed, &format!("[::ffff:{TARGET_V4}]:7000"), "mapped");
+    let client = probe_connect(
+        &topo,
+        Side::Governed,
+        &format!("[::ffff:{TARGET_V4}]:7000"),
+        "mapped",
+    );
     assert_eq!(reply(&client)["data"], "mapped", "{client}");
-    assert!(client["local"].as_str().unwrap().starts_with("[::ffff:127.0.0.1]:"), "{client}");
+    assert!(
+        client["local"]
+            .as_str()
+            .unwrap()
+            .starts_with("[::ffff:127.0.0.1]:"),
+        "{client}"
+    );
     let session = topo.wait_session_closed();
     assert_eq!(session["destination"], format!("{TARGET_V4}:7000"));
 }
@@ -119,10 +172,23 @@ fn processes_outside_the_governed_cgroup_connect_directly() {
 
     let client = probe_connect(&topo, Side::Host, &format!("{TARGET_V4}:7000"), "direct");
     assert_eq!(reply(&client)["data"], "direct");
-    assert!(client["local"].as_str().unwrap().starts_with(&format!("{GOVERNED_V4}:")), "{client}");
+    assert!(
+        client["local"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{GOVERNED_V4}:")),
+        "{client}"
+    );
     assert_eq!(client["peer"], format!("{TARGET_V4}:7000"));
-    assert_eq!(reply(&client)["peer"], client["local"], "the target saw the client itself");
-    assert!(topo.sessions().is_empty(), "nothing recorded for an ungoverned process");
+    assert_eq!(
+        reply(&client)["peer"],
+        client["local"],
+        "the target saw the client itself"
+    );
+    assert!(
+        topo.sessions().is_empty(),
+        "nothing recorded for an ungoverned process"
+    );
 }
 
 #[test]
@@ -139,7 +205,11 @@ fn udp_is_not_redirected() {
         ),
     ]);
     let out = topo.output(Side::Governed, cmd);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), TARGET_V4);
 }
 
@@ -161,7 +231,10 @@ fn the_daemons_own_upstream_connection_is_not_captured() {
     // Exactly one connection reached the target and exactly one session exists.
     assert!(echo.line(Duration::from_secs(5)).is_some());
     std::thread::sleep(Duration::from_millis(200));
-    assert!(echo.drain_lines().is_empty(), "the target saw more than one connection");
+    assert!(
+        echo.drain_lines().is_empty(),
+        "the target saw more than one connection"
+    );
     assert_eq!(topo.sessions().len(), 1, "{:?}", topo.sessions());
 }
 
@@ -173,7 +246,10 @@ fn a_killed_daemon_fails_closed_and_a_restarted_one_governs_again() {
     let dst = format!("{TARGET_V4}:7000");
 
     let mut daemon = topo.start_daemon(&[]);
-    assert_eq!(reply(&probe_connect(&topo, Side::Governed, &dst, "one"))["data"], "one");
+    assert_eq!(
+        reply(&probe_connect(&topo, Side::Governed, &dst, "one"))["data"],
+        "one"
+    );
     assert!(echo.line(Duration::from_secs(5)).is_some());
     // Sessions reach the disk within the store's flush interval (100 ms); give it that.
     topo.wait_session_closed();
@@ -183,20 +259,36 @@ fn a_killed_daemon_fails_closed_and_a_restarted_one_governs_again() {
     let refused = probe_connect(&topo, Side::Governed, &dst, "two");
     assert_eq!(refused["kind"], "ConnectionRefused", "{refused}");
     std::thread::sleep(Duration::from_millis(300));
-    assert!(echo.drain_lines().is_empty(), "a governed connection reached the target without the daemon");
+    assert!(
+        echo.drain_lines().is_empty(),
+        "a governed connection reached the target without the daemon"
+    );
     let status = topo.run_cli(&["status", "--json"]).unwrap();
     assert!(status["daemon"].is_null(), "{status}");
     assert_eq!(status["programs_attached"], true, "{status}");
     assert_eq!(status["pinned_links"], 3, "{status}");
 
     let _daemon = topo.start_daemon(&[]);
-    assert_eq!(reply(&probe_connect(&topo, Side::Governed, &dst, "three"))["data"], "three");
+    assert_eq!(
+        reply(&probe_connect(&topo, Side::Governed, &dst, "three"))["data"],
+        "three"
+    );
     assert!(echo.line(Duration::from_secs(5)).is_some());
     let status = topo.run_cli(&["status", "--json"]).unwrap();
-    assert_eq!(status["pinned_links"], 3, "the old links were replaced, not added to: {status}");
+    assert_eq!(
+        status["pinned_links"], 3,
+        "the old links were replaced, not added to: {status}"
+    );
     let sessions = topo.sessions();
-    let kinds: Vec<&str> = sessions.iter().map(|s| s["outcome"]["kind"].as_str().unwrap()).collect();
-    assert_eq!(sessions.len(), 2, "two governed sessions, none for the refused connect: {kinds:?}");
+    let kinds: Vec<&str> = sessions
+        .iter()
+        .map(|s| s["outcome"]["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        sessions.len(),
+        2,
+        "two governed sessions, none for the refused connect: {kinds:?}"
+    );
 }
 
 #[test]
@@ -207,14 +299,23 @@ fn fail_open_mode_detaches_when_the_daemon_dies() {
     let dst = format!("{TARGET_V4}:7000");
     let mut daemon = topo.start_daemon(&["--fail-open"]);
     let through = probe_connect(&topo, Side::Governed, &dst, "governed");
-    assert!(through["local"].as_str().unwrap().starts_with("127.0.0.1:"), "{through}");
+    assert!(
+        through["local"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{through}"
+    );
     assert!(echo.line(Duration::from_secs(5)).is_some());
 
     daemon.kill9();
     // The kernel drops the links with the daemon's descriptors.
     let direct = probe_connect(&topo, Side::Governed, &dst, "direct");
     assert_eq!(reply(&direct)["data"], "direct", "{direct}");
-    assert!(direct["local"].as_str().unwrap().starts_with(&format!("{GOVERNED_V4}:")), "{direct}");
+    assert!(
+        direct["local"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{GOVERNED_V4}:")),
+        "{direct}"
+    );
     let status = topo.run_cli(&["status", "--json"]).unwrap();
     assert_eq!(status["programs_attached"], false, "{status}");
 }
@@ -225,9 +326,17 @@ fn a_connection_to_the_listener_without_a_redirect_is_refused_and_recorded() {
     let topo = Topology::new("");
     let _daemon = topo.start_daemon(&[]);
     // Straight to the listener, from outside the cgroup: there is no kernel record.
-    let out = probe_connect(&topo, Side::Host, &format!("127.0.0.1:{}", bulkhead_tests::LISTENER_PORT), "sneak");
+    let out = probe_connect(
+        &topo,
+        Side::Host,
+        &format!("127.0.0.1:{}", bulkhead_tests::LISTENER_PORT),
+        "sneak",
+    );
     // Closed without an answer: an empty reply, or a reset since the request went unread.
-    assert!(out["reply"] == "" || out["kind"] == "ConnectionReset", "{out}");
+    assert!(
+        out["reply"] == "" || out["kind"] == "ConnectionReset",
+        "{out}"
+    );
     let session = topo.wait_session_closed();
     assert_eq!(session["outcome"]["kind"], "refused", "{session}");
 }
@@ -257,14 +366,22 @@ fn status_and_sessions_work_with_the_daemon_running_and_stopped() {
     let sessions = topo.sessions();
     assert_eq!(sessions.len(), 1);
     assert_eq!(sessions[0]["id"], session["id"]);
-    let shown = topo.run_cli(&["sessions", "show", &session["id"].to_string(), "--json"]).unwrap();
+    let shown = topo
+        .run_cli(&["sessions", "show", &session["id"].to_string(), "--json"])
+        .unwrap();
     assert_eq!(shown["identity"], session["identity"]);
     let out = topo.output(Side::Host, topo.bulkhead(&["sessions", "list"]));
     let table = String::from_utf8_lossy(&out.stdout);
-    assert!(table.contains("10.201.0.2:7000") && table.contains("bh-probe") && table.contains("echo"), "{table}");
+    assert!(
+        table.contains("10.201.0.2:7000") && table.contains("bh-probe") && table.contains("echo"),
+        "{table}"
+    );
     let out = topo.output(Side::Host, topo.bulkhead(&["status"]));
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("not running") && text.contains("refused until the daemon runs"), "{text}");
+    assert!(
+        text.contains("not running") && text.contains("refused until the daemon runs"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -273,10 +390,22 @@ fn bad_configuration_is_reported_with_the_key_and_the_problem() {
     std::fs::create_dir_all(&dir).unwrap();
     let cases = [
         ("[listener]\nprot = 15001\n", &["prot"][..]),
-        ("[listener]\nipv4 = \"10.0.0.1\"\n", &["listener.ipv4", "loopback"][..]),
-        ("[governed]\ncgroup = \"/\"\n", &["governed.cgroup", "root"][..]),
-        ("[capture]\nexclude = [\"10.0.0.0/40\"]\n", &["capture.exclude[0]", "/40"][..]),
-        ("[[target]]\nname = \"db\"\naddresses = [\"db:5432\"]\n", &["target[0].addresses[0]"][..]),
+        (
+            "[listener]\nipv4 = \"10.0.0.1\"\n",
+            &["listener.ipv4", "loopback"][..],
+        ),
+        (
+            "[governed]\ncgroup = \"/\"\n",
+            &["governed.cgroup", "root"][..],
+        ),
+        (
+            "[capture]\nexclude = [\"10.0.0.0/40\"]\n",
+            &["capture.exclude[0]", "/40"][..],
+        ),
+        (
+            "[[target]]\nname = \"db\"\naddresses = [\"db:5432\"]\n",
+            &["target[0].addresses[0]"][..],
+        ),
         ("[listener\n", &["line 1"][..]),
     ];
     for (i, (text, needles)) in cases.iter().enumerate() {
@@ -290,9 +419,15 @@ fn bad_configuration_is_reported_with_the_key_and_the_problem() {
             .unwrap();
         assert!(!out.status.success(), "{text:?} was accepted");
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains(&path.display().to_string()), "error names the file: {err}");
+        assert!(
+            err.contains(&path.display().to_string()),
+            "error names the file: {err}"
+        );
         for n in *needles {
-            assert!(err.contains(n), "error for {text:?} should mention {n:?}: {err}");
+            assert!(
+                err.contains(n),
+                "error for {text:?} should mention {n:?}: {err}"
+            );
         }
     }
     let missing = Command::new(bulkhead_tests::bulkhead_bin())

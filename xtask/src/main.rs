@@ -52,20 +52,37 @@ fn main() -> Result<()> {
         }
         Task::Bench => {
             setup(&root)?;
-            cargo(&root, &["build", "--release", "--package", "bulkhead", "--package", "bulkhead-tests", "--bins"])?;
+            cargo(
+                &root,
+                &[
+                    "build",
+                    "--release",
+                    "--package",
+                    "bulkhead",
+                    "--package",
+                    "bulkhead-tests",
+                    "--bins",
+                ],
+            )?;
             let bin = root.join("target/release/bench-foundation");
             run(Command::new(&bin).env("BULKHEAD_BIN", root.join("target/release/bulkhead")))
         }
         Task::Daemon => {
             setup(&root)?;
-            cargo(&root, &["run", "--release", "--package", "bulkhead", "--", "daemon"])
+            cargo(
+                &root,
+                &["run", "--release", "--package", "bulkhead", "--", "daemon"],
+            )
         }
     }
 }
 
 fn workspace_root() -> Result<PathBuf> {
     let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    Ok(manifest.parent().context("xtask lives in the workspace")?.to_path_buf())
+    Ok(manifest
+        .parent()
+        .context("xtask lives in the workspace")?
+        .to_path_buf())
 }
 
 fn setup(root: &Path) -> Result<()> {

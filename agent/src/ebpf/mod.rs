@@ -12,8 +12,7 @@ pub mod rules;
 
 use std::{
     collections::HashMap as StdHashMap,
-    fs,
-    io,
+    fs, io,
     path::{Path, PathBuf},
     sync::Mutex,
 };
@@ -33,7 +32,8 @@ use self::rules::CaptureRules;
 use crate::net::{to_kernel_bytes, ClientAddr};
 
 /// The eBPF object built by `build.rs`.
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bulkhead-ebpf.o"));
+static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bulkhead-ebpf.o"));
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
@@ -96,7 +96,10 @@ impl OrigDst for BpfOrigDst {
             addr: to_kernel_bytes(client.0.ip()),
             port: u32::from(client.0.port()),
         };
-        let mut map = self.map.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut map = self
+            .map
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let rec = map.get(&key, 0).ok()?;
         // A failed remove leaves an entry the LRU evicts; the record was still read once.
         let _ = map.remove(&key);
@@ -137,7 +140,13 @@ pub enum Mode {
 
 enum Held {
     Pinned(#[expect(dead_code, reason = "held for its file descriptor")] PinnedLink),
-    Owned(#[expect(dead_code, reason = "held for its file descriptor; dropping it detaches")] FdLink),
+    Owned(
+        #[expect(
+            dead_code,
+            reason = "held for its file descriptor; dropping it detaches"
+        )]
+        FdLink,
+    ),
 }
 
 /// The loaded and attached programs. Dropping it closes the daemon's descriptors: in fail-open
@@ -152,7 +161,13 @@ pub struct Redirector {
 
 impl Redirector {
     /// Loads the programs, fills the maps from `rules`, and attaches to `cgroup`.
-    pub fn attach(cgroup: &Path, rules: &CaptureRules, pin_dir: &Path, mode: Mode, kernel_log_level: u8) -> Result<Self, EbpfError> {
+    pub fn attach(
+        cgroup: &Path,
+        rules: &CaptureRules,
+        pin_dir: &Path,
+        mode: Mode,
+        kernel_log_level: u8,
+    ) -> Result<Self, EbpfError> {
         if EBPF_OBJECT.is_empty() {
             return Err(EbpfError::NoObject);
         }
@@ -188,13 +203,23 @@ impl Redirector {
             let link: FdLink = if name == programs::SOCK_OPS {
                 let p: &mut SockOps = prog.try_into().map_err(program_err)?;
                 p.load().map_err(program_err)?;
-                let id = p.attach(&cgroup_dir, CgroupAttachMode::Single).map_err(program_err)?;
-                p.take_link(id).map_err(program_err)?.try_into().map_err(|source| EbpfError::Link { name, source })?
+                let id = p
+                    .attach(&cgroup_dir, CgroupAttachMode::Single)
+                    .map_err(program_err)?;
+                p.take_link(id)
+                    .map_err(program_err)?
+                    .try_into()
+                    .map_err(|source| EbpfError::Link { name, source })?
             } else {
                 let p: &mut CgroupSockAddr = prog.try_into().map_err(program_err)?;
                 p.load().map_err(program_err)?;
-                let id = p.attach(&cgroup_dir, CgroupAttachMode::Single).map_err(program_err)?;
-                p.take_link(id).map_err(program_err)?.try_into().map_err(|source| EbpfError::Link { name, source })?
+                let id = p
+                    .attach(&cgroup_dir, CgroupAttachMode::Single)
+                    .map_err(program_err)?;
+                p.take_link(id)
+                    .map_err(program_err)?
+                    .try_into()
+                    .map_err(|source| EbpfError::Link { name, source })?
             };
             attached.push((name, link));
         }
@@ -206,7 +231,10 @@ impl Redirector {
                 Mode::FailClosed => {
                     // bpffs refuses names with dots.
                     let path = link_dir.join(format!("{name}-{generation}"));
-                    Held::Pinned(link.pin(&path).map_err(|source| EbpfError::Pin { path, source })?)
+                    Held::Pinned(
+                        link.pin(&path)
+                            .map_err(|source| EbpfError::Pin { path, source })?,
+                    )
                 }
                 Mode::FailOpen => Held::Owned(link),
             });
@@ -227,7 +255,10 @@ impl Redirector {
             }
         }
         if adopted > 0 {
-            info!(replaced = adopted, "adopted pinned state of a previous daemon");
+            info!(
+                replaced = adopted,
+                "adopted pinned state of a previous daemon"
+            );
         }
         Ok(Self {
             ebpf,
@@ -248,11 +279,15 @@ impl Redirector {
             name: maps::CONNECTIONS,
             source,
         })?;
-        Ok(BpfOrigDst { map: Mutex::new(map) })
+        Ok(BpfOrigDst {
+            map: Mutex::new(map),
+        })
     }
 
     /// The kernel log reader (aya-log), to be polled by the daemon.
-    pub fn logger(&mut self) -> Result<aya_log::EbpfLogger<&'static dyn log_facade::Log>, aya_log::Error> {
+    pub fn logger(
+        &mut self,
+    ) -> Result<aya_log::EbpfLogger<&'static dyn log_facade::Log>, aya_log::Error> {
         aya_log::EbpfLogger::init(&mut self.ebpf)
     }
 
@@ -268,7 +303,10 @@ fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> EbpfError {
     move |source| EbpfError::Map { name, source }
 }
 
-fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut aya::maps::Map, EbpfError> {
+fn map_mut<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut aya::maps::Map, EbpfError> {
     ebpf.map_mut(name).ok_or(EbpfError::Missing(name))
 }
 
@@ -277,8 +315,10 @@ fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut aya::ma
 fn fill_maps(ebpf: &mut Ebpf, rules: &CaptureRules) -> Result<(), EbpfError> {
     {
         let mut cfg: Array<&mut MapData, CaptureConfig> =
-            Array::try_from(map_mut(ebpf, maps::CAPTURE_CONFIG)?).map_err(map_err(maps::CAPTURE_CONFIG))?;
-        cfg.set(0, rules.not_ready(), 0).map_err(map_err(maps::CAPTURE_CONFIG))?;
+            Array::try_from(map_mut(ebpf, maps::CAPTURE_CONFIG)?)
+                .map_err(map_err(maps::CAPTURE_CONFIG))?;
+        cfg.set(0, rules.not_ready(), 0)
+            .map_err(map_err(maps::CAPTURE_CONFIG))?;
     }
     replace_trie(ebpf, maps::EXCLUDE_V4, &rules.exclude_v4)?;
     replace_trie(ebpf, maps::EXCLUDE_V6, &rules.exclude_v6)?;
@@ -287,26 +327,45 @@ fn fill_maps(ebpf: &mut Ebpf, rules: &CaptureRules) -> Result<(), EbpfError> {
     replace_set(ebpf, maps::EXCLUDE_PORTS, &rules.exclude_ports)?;
     replace_set(ebpf, maps::GOVERNED_UIDS, &rules.uids)?;
     let mut cfg: Array<&mut MapData, CaptureConfig> =
-        Array::try_from(map_mut(ebpf, maps::CAPTURE_CONFIG)?).map_err(map_err(maps::CAPTURE_CONFIG))?;
-    cfg.set(0, rules.config, 0).map_err(map_err(maps::CAPTURE_CONFIG))?;
+        Array::try_from(map_mut(ebpf, maps::CAPTURE_CONFIG)?)
+            .map_err(map_err(maps::CAPTURE_CONFIG))?;
+    cfg.set(0, rules.config, 0)
+        .map_err(map_err(maps::CAPTURE_CONFIG))?;
     Ok(())
 }
 
-fn replace_trie<K: Pod>(ebpf: &mut Ebpf, name: &'static str, entries: &[(K, u32)]) -> Result<(), EbpfError> {
-    let mut trie: LpmTrie<&mut MapData, K, u8> = LpmTrie::try_from(map_mut(ebpf, name)?).map_err(map_err(name))?;
-    let old: Vec<Key<K>> = trie.keys().collect::<Result<_, _>>().map_err(map_err(name))?;
+fn replace_trie<K: Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    entries: &[(K, u32)],
+) -> Result<(), EbpfError> {
+    let mut trie: LpmTrie<&mut MapData, K, u8> =
+        LpmTrie::try_from(map_mut(ebpf, name)?).map_err(map_err(name))?;
+    let old: Vec<Key<K>> = trie
+        .keys()
+        .collect::<Result<_, _>>()
+        .map_err(map_err(name))?;
     for k in &old {
         trie.remove(k).map_err(map_err(name))?;
     }
     for (addr, prefix) in entries {
-        trie.insert(&Key::new(*prefix, *addr), 1, 0).map_err(map_err(name))?;
+        trie.insert(&Key::new(*prefix, *addr), 1, 0)
+            .map_err(map_err(name))?;
     }
     Ok(())
 }
 
-fn replace_set<K: Pod + Eq + std::hash::Hash>(ebpf: &mut Ebpf, name: &'static str, entries: &[K]) -> Result<(), EbpfError> {
-    let mut set: HashMap<&mut MapData, K, u8> = HashMap::try_from(map_mut(ebpf, name)?).map_err(map_err(name))?;
-    let old: Vec<K> = set.keys().collect::<Result<_, _>>().map_err(map_err(name))?;
+fn replace_set<K: Pod + Eq + std::hash::Hash>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    entries: &[K],
+) -> Result<(), EbpfError> {
+    let mut set: HashMap<&mut MapData, K, u8> =
+        HashMap::try_from(map_mut(ebpf, name)?).map_err(map_err(name))?;
+    let old: Vec<K> = set
+        .keys()
+        .collect::<Result<_, _>>()
+        .map_err(map_err(name))?;
     for k in &old {
         set.remove(k).map_err(map_err(name))?;
     }

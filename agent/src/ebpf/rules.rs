@@ -6,7 +6,8 @@
 use std::net::{IpAddr, SocketAddr};
 
 use bulkhead_common::{
-    CaptureConfig as KernelConfig, FLAG_CAPTURE_LOOPBACK, FLAG_INCLUDE_FILTER, FLAG_READY, FLAG_UID_FILTER,
+    CaptureConfig as KernelConfig, FLAG_CAPTURE_LOOPBACK, FLAG_INCLUDE_FILTER, FLAG_READY,
+    FLAG_UID_FILTER,
 };
 
 use crate::{
@@ -58,10 +59,7 @@ impl CaptureRules {
                 // Without an IPv6 listener, IPv6 connects are sent to `[::]:port`, which the
                 // kernel treats as the local host where nothing listens: they are refused,
                 // never let through.
-                listener_v6: config
-                    .listener
-                    .ipv6
-                    .map_or([0; 16], |a| a.octets()),
+                listener_v6: config.listener.ipv6.map_or([0; 16], |a| a.octets()),
                 listener_v4: config.listener.ipv4.octets(),
                 flags,
                 listener_port: config.listener.port,
@@ -112,10 +110,12 @@ impl CaptureRules {
         }
         let in_list = |v4: &[([u8; 4], u32)], v6: &[([u8; 16], u32)]| match ip {
             IpAddr::V4(a) => v4.iter().any(|(net, len)| {
-                Cidr::new(IpAddr::from(*net), u8::try_from(*len).unwrap_or(32)).is_ok_and(|c| c.contains(IpAddr::V4(a)))
+                Cidr::new(IpAddr::from(*net), u8::try_from(*len).unwrap_or(32))
+                    .is_ok_and(|c| c.contains(IpAddr::V4(a)))
             }),
             IpAddr::V6(a) => v6.iter().any(|(net, len)| {
-                Cidr::new(IpAddr::from(*net), u8::try_from(*len).unwrap_or(128)).is_ok_and(|c| c.contains(IpAddr::V6(a)))
+                Cidr::new(IpAddr::from(*net), u8::try_from(*len).unwrap_or(128))
+                    .is_ok_and(|c| c.contains(IpAddr::V6(a)))
             }),
         };
         if in_list(&self.exclude_v4, &self.exclude_v6) {
@@ -145,7 +145,10 @@ mod tests {
         assert!(captured(&r, "10.0.0.5:5432"));
         assert!(captured(&r, "[fd00::5]:22"));
         assert!(captured(&r, "[::ffff:10.0.0.5]:5432"));
-        assert!(captured(&r, "192.0.2.1:15001"), "the listener port elsewhere is just a port");
+        assert!(
+            captured(&r, "192.0.2.1:15001"),
+            "the listener port elsewhere is just a port"
+        );
         assert!(!captured(&r, "127.0.0.1:5432"));
         assert!(!captured(&r, "127.1.2.3:80"));
         assert!(!captured(&r, "[::1]:5432"));
@@ -162,7 +165,10 @@ mod tests {
         assert!(!captured(&r, "127.0.0.1:15001"));
         assert!(!captured(&r, "[::1]:15001"));
         assert!(!captured(&r, "[::ffff:127.0.0.1]:15001"));
-        assert!(captured(&r, "127.0.0.2:15001"), "only the listener's own address is exempt");
+        assert!(
+            captured(&r, "127.0.0.2:15001"),
+            "only the listener's own address is exempt"
+        );
     }
 
     #[test]
@@ -180,7 +186,10 @@ mod tests {
         assert!(!captured(&r, "10.1.0.1:53"), "excluded port");
         assert!(!captured(&r, "192.0.2.1:443"), "not included");
         assert!(captured(&r, "[fd00::1]:443"));
-        assert!(!r.decide("10.1.0.1:443".parse().unwrap(), 0), "uid not governed");
+        assert!(
+            !r.decide("10.1.0.1:443".parse().unwrap(), 0),
+            "uid not governed"
+        );
     }
 
     #[test]

@@ -68,7 +68,11 @@ pub struct Gateway {
 }
 
 /// Accepts until `shutdown` turns true, then returns; running connections keep their tasks.
-pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(
+    listener: TcpListener,
+    gateway: Arc<Gateway>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
@@ -107,10 +111,19 @@ pub async fn handle(gw: &Gateway, client_stream: TcpStream, peer: SocketAddr) {
     let Some(rec) = gw.orig_dst.take(client) else {
         gw.stats.refused.fetch_add(1, Ordering::Relaxed);
         warn!(%client, "connection without a redirect record (not from a governed connect); closing");
-        record_refusal(gw, client, None, ProcessIdentity::default(), "no redirect record: the connection did not come through the kernel redirect");
+        record_refusal(
+            gw,
+            client,
+            None,
+            ProcessIdentity::default(),
+            "no redirect record: the connection did not come through the kernel redirect",
+        );
         return;
     };
-    let destination = OrigDstAddr(SocketAddr::new(from_kernel_bytes(rec.dst_addr), rec.dst_port));
+    let destination = OrigDstAddr(SocketAddr::new(
+        from_kernel_bytes(rec.dst_addr),
+        rec.dst_port,
+    ));
     let identity = gw.proc.identify(&rec);
     let target = gw.config.target_for(destination);
     let span = info_span!(
@@ -129,7 +142,13 @@ pub async fn handle(gw: &Gateway, client_stream: TcpStream, peer: SocketAddr) {
             None if gw.config.capture.unmatched == Unmatched::Refuse => {
                 gw.stats.refused.fetch_add(1, Ordering::Relaxed);
                 info!("destination matches no target; refused (capture.unmatched = \"refuse\")");
-                record_refusal(gw, client, Some(destination), identity, "destination matches no configured target");
+                record_refusal(
+                    gw,
+                    client,
+                    Some(destination),
+                    identity,
+                    "destination matches no configured target",
+                );
                 return;
             }
             None => Protocol::Tcp,
@@ -154,9 +173,11 @@ pub async fn handle(gw: &Gateway, client_stream: TcpStream, peer: SocketAddr) {
         debug!("session opened");
 
         let end = match protocol {
-            Protocol::Tcp | Protocol::Postgres | Protocol::Ssh | Protocol::Http | Protocol::Kubernetes => {
-                tcp::forward(client_stream, destination).await
-            }
+            Protocol::Tcp
+            | Protocol::Postgres
+            | Protocol::Ssh
+            | Protocol::Http
+            | Protocol::Kubernetes => tcp::forward(client_stream, destination).await,
         };
         info!(
             outcome = end.outcome.label(),
@@ -176,12 +197,21 @@ fn close(gw: &Gateway, id: SessionId, end: SessionEnd) {
     }
 }
 
-fn record_refusal(gw: &Gateway, client: ClientAddr, destination: Option<OrigDstAddr>, identity: ProcessIdentity, reason: &str) {
+fn record_refusal(
+    gw: &Gateway,
+    client: ClientAddr,
+    destination: Option<OrigDstAddr>,
+    identity: ProcessIdentity,
+    reason: &str,
+) {
     let now = now_micros();
     let start = NewSession {
         started_at_us: now,
         client,
-        destination: destination.unwrap_or(OrigDstAddr(SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), 0))),
+        destination: destination.unwrap_or(OrigDstAddr(SocketAddr::new(
+            std::net::Ipv4Addr::UNSPECIFIED.into(),
+            0,
+        ))),
         target: None,
         protocol: Protocol::Tcp,
         identity,
@@ -193,7 +223,9 @@ fn record_refusal(gw: &Gateway, client: ClientAddr, destination: Option<OrigDstA
                 ended_at_us: now,
                 bytes_to_target: 0,
                 bytes_from_target: 0,
-                outcome: Outcome::Refused { reason: reason.to_string() },
+                outcome: Outcome::Refused {
+                    reason: reason.to_string(),
+                },
             },
         )
     });
@@ -224,7 +256,10 @@ mod tests {
         }
     }
 
-    async fn gateway(config: &str, orig: Arc<MockOrigDst>) -> (Arc<Gateway>, SocketAddr, watch::Sender<bool>) {
+    async fn gateway(
+        config: &str,
+        orig: Arc<MockOrigDst>,
+    ) -> (Arc<Gateway>, SocketAddr, watch::Sender<bool>) {
         let config = Config::from_toml(config, Source::Embedded).unwrap();
         let gw = Arc::new(Gateway {
             config: Arc::new(config),
@@ -255,7 +290,11 @@ mod tests {
     }
 
     /// Connects with the record in place before the gateway can accept, as the kernel does.
-    async fn connect_governed(gateway: SocketAddr, orig: &MockOrigDst, dst: SocketAddr) -> TcpStream {
+    async fn connect_governed(
+        gateway: SocketAddr,
+        orig: &MockOrigDst,
+        dst: SocketAddr,
+    ) -> TcpStream {
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
         socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
         orig.insert(ClientAddr(socket.local_addr().unwrap()), record_for(dst));
@@ -303,9 +342,17 @@ mod tests {
         let (gw, addr, _shutdown) = gateway("", orig).await;
         let mut c = TcpStream::connect(addr).await.unwrap();
         let mut buf = [0u8; 1];
-        assert_eq!(c.read(&mut buf).await.unwrap_or(0), 0, "closed without data");
+        assert_eq!(
+            c.read(&mut buf).await.unwrap_or(0),
+            0,
+            "closed without data"
+        );
         let s = wait_closed(&gw).await;
-        assert!(matches!(s.outcome, Outcome::Refused { .. }), "{:?}", s.outcome);
+        assert!(
+            matches!(s.outcome, Outcome::Refused { .. }),
+            "{:?}",
+            s.outcome
+        );
         assert_eq!(gw.stats.snapshot().refused, 1);
     }
 
@@ -313,7 +360,8 @@ mod tests {
     async fn unmatched_destinations_are_refused_when_configured() {
         let echo = echo_server().await;
         let orig = Arc::new(MockOrigDst::default());
-        let (gw, addr, _shutdown) = gateway("[capture]\nunmatched = \"refuse\"\n", Arc::clone(&orig)).await;
+        let (gw, addr, _shutdown) =
+            gateway("[capture]\nunmatched = \"refuse\"\n", Arc::clone(&orig)).await;
         let mut c = connect_governed(addr, &orig, echo).await;
         let _ = c.write_all(b"x").await;
         let mut buf = [0u8; 1];
@@ -336,6 +384,10 @@ mod tests {
         let mut buf = [0u8; 1];
         assert_eq!(c.read(&mut buf).await.unwrap_or(0), 0);
         let s = wait_closed(&gw).await;
-        assert!(matches!(s.outcome, Outcome::UpstreamFailed { .. }), "{:?}", s.outcome);
+        assert!(
+            matches!(s.outcome, Outcome::UpstreamFailed { .. }),
+            "{:?}",
+            s.outcome
+        );
     }
 }

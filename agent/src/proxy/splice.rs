@@ -33,7 +33,11 @@ impl Pipe {
         // A larger pipe means fewer round trips; failure (pipe-max-size) only costs speed.
         // SAFETY: plain fcntl on a descriptor we own.
         unsafe {
-            libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE as libc::c_int);
+            libc::fcntl(
+                write.as_raw_fd(),
+                libc::F_SETPIPE_SZ,
+                PIPE_SIZE as libc::c_int,
+            );
         }
         Ok(Self { read, write })
     }
@@ -61,7 +65,9 @@ async fn pump(from: &TcpStream, to: &TcpStream, pipe: Pipe, count: &mut u64) -> 
     loop {
         let n = loop {
             from.readable().await?;
-            match from.try_io(Interest::READABLE, || splice(from.as_raw_fd(), pipe.write.as_raw_fd(), PIPE_SIZE)) {
+            match from.try_io(Interest::READABLE, || {
+                splice(from.as_raw_fd(), pipe.write.as_raw_fd(), PIPE_SIZE)
+            }) {
                 Ok(n) => break n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(e),
@@ -80,7 +86,9 @@ async fn pump(from: &TcpStream, to: &TcpStream, pipe: Pipe, count: &mut u64) -> 
         let mut left = n;
         while left > 0 {
             to.writable().await?;
-            match to.try_io(Interest::WRITABLE, || splice(pipe.read.as_raw_fd(), to.as_raw_fd(), left)) {
+            match to.try_io(Interest::WRITABLE, || {
+                splice(pipe.read.as_raw_fd(), to.as_raw_fd(), left)
+            }) {
                 Ok(m) => {
                     left -= m;
                     *count += m as u64;
@@ -95,7 +103,10 @@ async fn pump(from: &TcpStream, to: &TcpStream, pipe: Pipe, count: &mut u64) -> 
 /// Relays both ways between two sockets; returns bytes client→upstream, upstream→client and
 /// the first error. `Err` before anything moved when the pipes cannot be created (descriptor
 /// limits): the caller can still relay by copying.
-pub async fn relay(client: &TcpStream, upstream: &TcpStream) -> io::Result<(u64, u64, io::Result<()>)> {
+pub async fn relay(
+    client: &TcpStream,
+    upstream: &TcpStream,
+) -> io::Result<(u64, u64, io::Result<()>)> {
     let (up_pipe, down_pipe) = (Pipe::new()?, Pipe::new()?);
     let mut sent = 0u64;
     let mut received = 0u64;

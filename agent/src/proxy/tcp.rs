@@ -23,19 +23,30 @@ const BUFFER: usize = 256 * 1024;
 
 /// Connects to `destination` and relays until both directions are done.
 pub async fn forward(client: TcpStream, destination: OrigDstAddr) -> SessionEnd {
-    let upstream = match tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, TcpStream::connect(destination.0)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return ended(0, 0, Outcome::UpstreamFailed { error: e.to_string() }),
-        Err(_) => {
-            return ended(
-                0,
-                0,
-                Outcome::UpstreamFailed {
-                    error: format!("no answer within {}s", UPSTREAM_CONNECT_TIMEOUT.as_secs()),
-                },
-            )
-        }
-    };
+    let upstream =
+        match tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, TcpStream::connect(destination.0))
+            .await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                return ended(
+                    0,
+                    0,
+                    Outcome::UpstreamFailed {
+                        error: e.to_string(),
+                    },
+                )
+            }
+            Err(_) => {
+                return ended(
+                    0,
+                    0,
+                    Outcome::UpstreamFailed {
+                        error: format!("no answer within {}s", UPSTREAM_CONNECT_TIMEOUT.as_secs()),
+                    },
+                )
+            }
+        };
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
     let (up, down, result) = match super::splice::relay(&client, &upstream).await {
@@ -47,7 +58,9 @@ pub async fn forward(client: TcpStream, destination: OrigDstAddr) -> SessionEnd 
     };
     let outcome = match result {
         Ok(()) => Outcome::Closed,
-        Err(e) => Outcome::Failed { error: e.to_string() },
+        Err(e) => Outcome::Failed {
+            error: e.to_string(),
+        },
     };
     ended(up, down, outcome)
 }
@@ -63,7 +76,10 @@ fn ended(up: u64, down: u64, outcome: Outcome) -> SessionEnd {
 
 /// Relays between the halves of `client` and `upstream`; returns bytes client→upstream,
 /// upstream→client, and the first error. Generic so it is tested over in-memory pipes.
-pub async fn relay<CR, CW, UR, UW>(client: (CR, CW), upstream: (UR, UW)) -> (u64, u64, io::Result<()>)
+pub async fn relay<CR, CW, UR, UW>(
+    client: (CR, CW),
+    upstream: (UR, UW),
+) -> (u64, u64, io::Result<()>)
 where
     CR: AsyncRead + Unpin,
     CW: AsyncWrite + Unpin,

@@ -6,7 +6,9 @@
 
 use std::path::Path;
 
-use super::{NewSession, Outcome, Session, SessionCounts, SessionEnd, SessionId, SessionStore, StoreError};
+use super::{
+    NewSession, Outcome, Session, SessionCounts, SessionEnd, SessionId, SessionStore, StoreError,
+};
 
 /// How often sled writes its log to disk: the most that a crash can lose.
 pub const FLUSH_EVERY_MS: u64 = 100;
@@ -33,7 +35,8 @@ impl SledStore {
         loop {
             match Self::open(path) {
                 Err(StoreError::Sled(sled::Error::Io(e)))
-                    if e.kind() == std::io::ErrorKind::WouldBlock && std::time::Instant::now() < deadline =>
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        && std::time::Instant::now() < deadline =>
                 {
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }
@@ -141,7 +144,11 @@ impl SessionStore for SledStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{config::Protocol, identity::ProcessIdentity, net::{ClientAddr, OrigDstAddr}};
+    use crate::{
+        config::Protocol,
+        identity::ProcessIdentity,
+        net::{ClientAddr, OrigDstAddr},
+    };
 
     fn start(n: u16) -> NewSession {
         NewSession {
@@ -175,14 +182,28 @@ mod tests {
             )
             .unwrap();
         let list = store.list(3).unwrap();
-        assert_eq!(list.iter().map(|s| s.id).collect::<Vec<_>>(), vec![ids[4], ids[3], ids[2]]);
+        assert_eq!(
+            list.iter().map(|s| s.id).collect::<Vec<_>>(),
+            vec![ids[4], ids[3], ids[2]]
+        );
         let s = store.get(ids[1]).unwrap().unwrap();
-        assert_eq!((s.bytes_to_target, s.bytes_from_target, s.ended_at_us), (10, 20, Some(99)));
+        assert_eq!(
+            (s.bytes_to_target, s.bytes_from_target, s.ended_at_us),
+            (10, 20, Some(99))
+        );
         assert_eq!(s.outcome, Outcome::Closed);
         assert_eq!(s.start, start(1));
         assert_eq!(store.counts().unwrap(), SessionCounts { total: 5, open: 4 });
         assert!(matches!(
-            store.close(SessionId(123_456), SessionEnd { ended_at_us: 0, bytes_to_target: 0, bytes_from_target: 0, outcome: Outcome::Closed }),
+            store.close(
+                SessionId(123_456),
+                SessionEnd {
+                    ended_at_us: 0,
+                    bytes_to_target: 0,
+                    bytes_from_target: 0,
+                    outcome: Outcome::Closed
+                }
+            ),
             Err(StoreError::UnknownSession(_))
         ));
     }
@@ -199,7 +220,10 @@ mod tests {
         }
         let store = SledStore::open(&path).unwrap();
         assert_eq!(store.mark_interrupted().unwrap(), 1);
-        assert_eq!(store.get(first).unwrap().unwrap().outcome, Outcome::Interrupted);
+        assert_eq!(
+            store.get(first).unwrap().unwrap().outcome,
+            Outcome::Interrupted
+        );
         let second = store.open(start(2)).unwrap();
         assert!(second > first, "ids keep increasing across reopen");
     }

@@ -34,23 +34,54 @@ fn main() {
     println!("bulkhead foundation benchmarks ({ROUNDS} rounds of {CONNECTS} connects, {BULK_ROUNDS} rounds of {} MiB; median)", BULK_BYTES >> 20);
     println!();
 
-    let (base, subject) = alternate(ROUNDS, || connect_loop(&topo, Side::Host, "127.0.0.1:9000"), || connect_loop(&topo, Side::Governed, "127.0.0.1:9000"));
-    report_connect("hook only (not captured)", "ungoverned", base, "governed", subject);
+    let (base, subject) = alternate(
+        ROUNDS,
+        || connect_loop(&topo, Side::Host, "127.0.0.1:9000"),
+        || connect_loop(&topo, Side::Governed, "127.0.0.1:9000"),
+    );
+    report_connect(
+        "hook only (not captured)",
+        "ungoverned",
+        base,
+        "governed",
+        subject,
+    );
 
     let target = format!("{TARGET_V4}:9000");
-    let (base, subject) = alternate(ROUNDS, || connect_loop(&topo, Side::Host, &target), || connect_loop(&topo, Side::Governed, &target));
-    report_connect("captured, redirected to the gateway", "direct", base, "governed", subject);
+    let (base, subject) = alternate(
+        ROUNDS,
+        || connect_loop(&topo, Side::Host, &target),
+        || connect_loop(&topo, Side::Governed, &target),
+    );
+    report_connect(
+        "captured, redirected to the gateway",
+        "direct",
+        base,
+        "governed",
+        subject,
+    );
 
-    let (base, subject) = alternate(BULK_ROUNDS, || bulk(&topo, Side::Host, &target), || bulk(&topo, Side::Governed, &target));
+    let (base, subject) = alternate(
+        BULK_ROUNDS,
+        || bulk(&topo, Side::Host, &target),
+        || bulk(&topo, Side::Governed, &target),
+    );
     let mib = |ns: f64| (BULK_BYTES as f64 / (1 << 20) as f64) / (ns / 1e9);
     println!("bulk transfer, {} MiB", BULK_BYTES >> 20);
     println!("  direct:           {:>9.0} MiB/s", mib(base));
     println!("  through gateway:  {:>9.0} MiB/s", mib(subject));
-    println!("  ratio:            {:>9.2}x of direct (target >= 0.80x)", base / subject);
+    println!(
+        "  ratio:            {:>9.2}x of direct (target >= 0.80x)",
+        base / subject
+    );
 }
 
 /// Runs baseline and subject `rounds` times, alternating; returns their medians.
-fn alternate(rounds: usize, mut base: impl FnMut() -> f64, mut subject: impl FnMut() -> f64) -> (f64, f64) {
+fn alternate(
+    rounds: usize,
+    mut base: impl FnMut() -> f64,
+    mut subject: impl FnMut() -> f64,
+) -> (f64, f64) {
     let mut b = Vec::with_capacity(rounds);
     let mut s = Vec::with_capacity(rounds);
     for _ in 0..rounds {
@@ -83,7 +114,11 @@ fn connect_loop(topo: &Topology, side: Side, addr: &str) -> f64 {
     let mut cmd = Command::new(topo.probe());
     cmd.args(["bench-connect", addr, &CONNECTS.to_string()]);
     let out = topo.output(side, cmd);
-    assert!(out.status.success(), "bench-connect failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "bench-connect failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Let the gateway finish the sessions of this round before the next one starts.
     std::thread::sleep(Duration::from_millis(300));
     parse_ns(&out.stdout)
@@ -94,11 +129,17 @@ fn bulk(topo: &Topology, side: Side, addr: &str) -> f64 {
     let mut cmd = Command::new(topo.probe());
     cmd.args(["bench-send", addr, &BULK_BYTES.to_string()]);
     let out = topo.output(side, cmd);
-    assert!(out.status.success(), "bench-send failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "bench-send failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     parse_ns(&out.stdout)
 }
 
 fn parse_ns(stdout: &[u8]) -> f64 {
     let text = String::from_utf8_lossy(stdout);
-    text.trim().parse().unwrap_or_else(|e| panic!("probe printed {text:?}: {e}"))
+    text.trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("probe printed {text:?}: {e}"))
 }

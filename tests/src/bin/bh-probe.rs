@@ -37,7 +37,12 @@ fn main() -> ExitCode {
 
 /// A listener with a deep accept queue, so connect loops measure connect, not SYN drops.
 fn listen(addr: SocketAddr) -> TcpListener {
-    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None).expect("socket");
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )
+    .expect("socket");
     socket.set_reuse_address(true).expect("SO_REUSEADDR");
     socket.bind(&addr.into()).expect("bind");
     socket.listen(4096).expect("listen");
@@ -105,7 +110,10 @@ fn connect(addr: SocketAddr, text: &str) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            println!("{}", serde_json::json!({ "pid": std::process::id(), "error": e.to_string(), "kind": format!("{:?}", e.kind()) }));
+            println!(
+                "{}",
+                serde_json::json!({ "pid": std::process::id(), "error": e.to_string(), "kind": format!("{:?}", e.kind()) })
+            );
             ExitCode::FAILURE
         }
     }
@@ -140,7 +148,11 @@ fn bench_send(addr: SocketAddr, bytes: u64) -> ExitCode {
     let mut reply = String::new();
     s.read_to_string(&mut reply).expect("read");
     let elapsed = start.elapsed().as_nanos();
-    assert_eq!(reply.trim(), bytes.to_string(), "the sink did not receive every byte");
+    assert_eq!(
+        reply.trim(),
+        bytes.to_string(),
+        "the sink did not receive every byte"
+    );
     println!("{elapsed}");
     ExitCode::SUCCESS
 }
