@@ -31,6 +31,8 @@ enum Task {
     Bench,
     /// Set up, build in release mode, and run the daemon on its embedded defaults
     Daemon,
+    /// Build in release mode and install as a systemd service (binary, unit, admin group)
+    Install,
 }
 
 fn main() -> Result<()> {
@@ -74,7 +76,52 @@ fn main() -> Result<()> {
                 &["run", "--release", "--package", "bulkhead", "--", "daemon"],
             )
         }
+        Task::Install => install(&root),
     }
+}
+
+/// Installs the release binary, the systemd unit, the example configuration and the
+/// `bulkhead` admin group; enables the service where systemd runs.
+fn install(root: &Path) -> Result<()> {
+    setup(root)?;
+    cargo(
+        root,
+        &["build", "--release", "--package", "bulkhead", "--bins"],
+    )?;
+    let copy = |from: &str, to: &str, mode: u32| -> Result<()> {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::copy(root.join(from), to).with_context(|| format!("installing {to}"))?;
+        std::fs::set_permissions(to, std::fs::Permissions::from_mode(mode))?;
+        println!("installed {to}");
+        Ok(())
+    };
+    copy("target/release/bulkhead", "/usr/local/bin/bulkhead", 0o755)?;
+    std::fs::create_dir_all("/etc/bulkhead/policies")?;
+    copy(
+        "bulkhead.example.toml",
+        "/etc/bulkhead/bulkhead.example.toml",
+        0o644,
+    )?;
+    copy(
+        "packaging/bulkhead.service",
+        "/etc/systemd/system/bulkhead.service",
+        0o644,
+    )?;
+    let group_exists = std::fs::read_to_string("/etc/group")?
+        .lines()
+        .any(|l| l.starts_with("bulkhead:"));
+    if !group_exists {
+        run(Command::new("groupadd").args(["--system", "bulkhead"]))?;
+        println!("created group bulkhead (its members may use the bulkhead CLI)");
+    }
+    if Path::new("/run/systemd/system").exists() {
+        run(Command::new("systemctl").arg("daemon-reload"))?;
+        run(Command::new("systemctl").args(["enable", "--now", "bulkhead.service"]))?;
+        println!("bulkhead.service enabled and started");
+    } else {
+        println!("systemd is not running here: start the daemon with `bulkhead daemon`");
+    }
+    Ok(())
 }
 
 fn workspace_root() -> Result<PathBuf> {
