@@ -332,9 +332,10 @@ fn a_connection_to_the_listener_without_a_redirect_is_refused_and_recorded() {
         &format!("127.0.0.1:{}", bulkhead_tests::LISTENER_PORT),
         "sneak",
     );
-    // Closed without an answer: an empty reply, or a reset since the request went unread.
+    // Closed without an answer: an empty reply, or an error (reset, not connected, broken
+    // pipe) depending on how far the client got before the gateway closed.
     assert!(
-        out["reply"] == "" || out["kind"] == "ConnectionReset",
+        out["reply"] == "" || (out["reply"].is_null() && out["error"].is_string()),
         "{out}"
     );
     let session = topo.wait_session_closed();
