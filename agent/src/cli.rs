@@ -1,5 +1,9 @@
 //! The `bulkhead` command line.
 
+pub mod sessions;
+
+pub use sessions::SessionsCommand;
+
 use std::{
     ffi::OsString,
     path::{Path, PathBuf},
@@ -12,7 +16,7 @@ use crate::{
     cgroup,
     config::Config,
     control::{self, ClientError, Request, StatusReport},
-    record::{Session, SessionStore as _, SledStore},
+    record::{SessionStore as _, SledStore},
 };
 
 #[derive(Debug, Parser)]
@@ -53,24 +57,6 @@ pub enum Command {
     /// Recorded sessions
     #[command(subcommand)]
     Sessions(SessionsCommand),
-}
-
-#[derive(Debug, Subcommand)]
-pub enum SessionsCommand {
-    /// Newest sessions first
-    List {
-        /// How many sessions to show
-        #[arg(long, default_value_t = 50)]
-        limit: usize,
-        #[command(flatten)]
-        json: JsonFlag,
-    },
-    /// One session in full
-    Show {
-        id: u64,
-        #[command(flatten)]
-        json: JsonFlag,
-    },
 }
 
 #[derive(Debug, Args)]
@@ -131,13 +117,14 @@ pub fn status(config: &Config, json: bool) -> Result<(), CliError> {
         let mount = cgroup::cgroup2_mount()?;
         let governed = cgroup::resolve(&mount, &config.governed.cgroup)?;
         let pinned = crate::ebpf::pinned_links(&config.daemon.bpf_pin_dir).len();
-        let sessions = open_store(config).ok().and_then(|s| s.counts().ok());
+        let store = open_store(config).ok().and_then(|s| s.stats().ok());
         Ok(StatusReport {
             daemon: None,
             governed_cgroup: governed.display().to_string(),
             pinned_links: pinned,
             programs_attached: pinned > 0,
-            sessions,
+            store,
+            retention: config.store.retention,
         })
     })?;
     if json {
@@ -167,123 +154,39 @@ pub fn status(config: &Config, json: bool) -> Result<(), CliError> {
         (None, false) => "not attached: governed processes connect directly".to_string(),
     };
     println!("programs:    {programs}");
-    match report.sessions {
-        Some(c) => println!("sessions:    {} recorded, {} open", c.total, c.open),
+    match &report.store {
+        Some(st) => {
+            println!("sessions:    {} recorded, {} open, {} events", st.sessions, st.open_sessions, st.events);
+            println!(
+                "store:       {} recorded, {} on disk{}",
+                format_bytes(st.recorded_bytes),
+                format_bytes(st.disk_bytes),
+                st.oldest_session_us
+                    .map(|t| format!(", oldest session {}", format_time(t)))
+                    .unwrap_or_default()
+            );
+        }
         None => println!("sessions:    store unavailable"),
     }
+    let r = report.retention;
+    println!(
+        "retention:   {}, {}",
+        r.max_age_us.map_or_else(
+            || "kept forever".to_string(),
+            |a| format!("{} max age", humantime::format_duration(std::time::Duration::from_secs(a / 1_000_000)))
+        ),
+        r.max_bytes.map_or_else(|| "no size limit".to_string(), |b| format!("{} max", format_bytes(b)))
+    );
     Ok(())
 }
 
-pub fn sessions_list(config: &Config, limit: usize, json: bool) -> Result<(), CliError> {
-    let sessions: Vec<Session> = ask_or_read(config, &Request::SessionsList { limit }, || {
-        Ok(open_store(config)?.list(limit)?)
-    })?;
-    if json {
-        return print_json(&sessions);
+fn format_bytes(b: u64) -> String {
+    match b {
+        b if b >= 1 << 30 => format!("{:.1} GiB", b as f64 / f64::from(1u32 << 30)),
+        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / f64::from(1u32 << 20)),
+        b if b >= 1 << 10 => format!("{:.1} KiB", b as f64 / 1024.0),
+        b => format!("{b} B"),
     }
-    println!(
-        "{:>6}  {:<20}  {:>7}  {:<15}  {:>5}  {:<28}  {:<12}  {:<5}  {:>9}  {:>9}  OUTCOME",
-        "ID",
-        "STARTED (UTC)",
-        "PID",
-        "PROCESS",
-        "UID",
-        "DESTINATION",
-        "TARGET",
-        "PROTO",
-        "UP",
-        "DOWN"
-    );
-    for s in &sessions {
-        println!(
-            "{:>6}  {:<20}  {:>7}  {:<15}  {:>5}  {:<28}  {:<12}  {:<5}  {:>9}  {:>9}  {}",
-            s.id.0,
-            format_time(s.start.started_at_us),
-            s.start.identity.pid,
-            s.start.identity.comm,
-            s.start.identity.uid,
-            s.start.destination.to_string(),
-            s.start.target.as_deref().unwrap_or("-"),
-            s.start.protocol.to_string(),
-            s.bytes_to_target,
-            s.bytes_from_target,
-            s.outcome.label(),
-        );
-    }
-    if sessions.is_empty() {
-        println!("(no sessions recorded)");
-    }
-    Ok(())
-}
-
-pub fn sessions_show(config: &Config, id: u64, json: bool) -> Result<(), CliError> {
-    let session: Session = ask_or_read(config, &Request::SessionsShow { id }, || {
-        open_store(config)?
-            .get(crate::record::SessionId(id))?
-            .ok_or_else(|| CliError::Other(format!("no session with id {id}")))
-    })?;
-    if json {
-        return print_json(&session);
-    }
-    let s = &session;
-    let who = &s.start.identity;
-    println!("session {}  {}", s.id, s.outcome.label());
-    if let crate::record::Outcome::Refused { reason } = &s.outcome {
-        println!("  reason:      {reason}");
-    }
-    if let crate::record::Outcome::UpstreamFailed { error }
-    | crate::record::Outcome::Failed { error } = &s.outcome
-    {
-        println!("  error:       {error}");
-    }
-    println!("  started:     {}", format_time(s.start.started_at_us));
-    if let Some(end) = s.ended_at_us {
-        println!(
-            "  ended:       {} ({} ms)",
-            format_time(end),
-            end.saturating_sub(s.start.started_at_us) / 1000
-        );
-    }
-    println!(
-        "  destination: {} (target {}, {})",
-        s.start.destination,
-        s.start.target.as_deref().unwrap_or("-"),
-        s.start.protocol
-    );
-    println!(
-        "  bytes:       {} to target, {} from target",
-        s.bytes_to_target, s.bytes_from_target
-    );
-    println!(
-        "  process:     pid {} (thread {}) {}",
-        who.pid, who.tid, who.comm
-    );
-    println!(
-        "  user:        uid {} ({}) gid {}",
-        who.uid,
-        who.user.as_deref().unwrap_or("?"),
-        who.gid
-    );
-    println!("  exe:         {}", who.exe.as_deref().unwrap_or("?"));
-    println!("  cmdline:     {}", who.cmdline.join(" "));
-    println!(
-        "  cgroup:      {} (id {})",
-        who.cgroup.as_deref().unwrap_or("?"),
-        who.cgroup_id
-    );
-    if let Some(unit) = &who.unit {
-        println!("  unit:        {unit}");
-    }
-    for a in &who.ancestors {
-        println!(
-            "  parent:      pid {} {} {}{}",
-            a.pid,
-            a.comm,
-            a.exe.as_deref().unwrap_or("?"),
-            if a.governed { "" } else { "  (not governed)" }
-        );
-    }
-    Ok(())
 }
 
 fn print_json<T: Serialize>(value: &T) -> Result<(), CliError> {

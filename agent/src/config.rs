@@ -63,7 +63,16 @@ pub struct Config {
     pub listener: ListenerConfig,
     pub governed: GovernedConfig,
     pub capture: CaptureConfig,
+    pub store: StoreConfig,
     pub targets: Vec<Target>,
+}
+
+/// Retention of the session record.
+#[derive(Debug, Clone, Copy)]
+pub struct StoreConfig {
+    pub retention: crate::record::Retention,
+    /// How often the daemon prunes.
+    pub prune_interval: std::time::Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -75,6 +84,8 @@ pub struct DaemonConfig {
     pub fail_open: bool,
     /// `tracing` filter directives, overridden by `RUST_LOG`.
     pub log: String,
+    /// Group whose members may use the control socket besides root.
+    pub admin_group: String,
 }
 
 #[derive(Debug, Clone)]
@@ -223,8 +234,26 @@ impl Config {
             listener,
             governed,
             capture,
+            store,
             target,
         } = raw;
+
+        let duration = |key: &str, text: &str| -> Result<std::time::Duration, ConfigError> {
+            humantime::parse_duration(text).map_err(|e| {
+                invalid(key.into(), format!("{text:?} is not a duration like \"30days\" or \"12h\": {e}"))
+            })
+        };
+        let max_age = match store.max_age.as_str() {
+            "" => None,
+            text => Some(duration("store.max_age", text)?),
+        };
+        let prune_interval = duration("store.prune_interval", &store.prune_interval)?;
+        if prune_interval.is_zero() {
+            return Err(invalid("store.prune_interval".into(), "must be longer than zero".into()));
+        }
+        if daemon.admin_group.is_empty() {
+            return Err(invalid("daemon.admin_group".into(), "must name a group".into()));
+        }
 
         let ipv4: Ipv4Addr = listener.ipv4.parse().map_err(|_| {
             invalid(
@@ -383,6 +412,7 @@ impl Config {
                 bpf_pin_dir: daemon.bpf_pin_dir,
                 fail_open: daemon.fail_open,
                 log: daemon.log,
+                admin_group: daemon.admin_group,
             },
             listener: ListenerConfig {
                 ipv4,
@@ -399,6 +429,13 @@ impl Config {
                 exclude,
                 exclude_ports: capture.exclude_ports,
                 unmatched: capture.unmatched,
+            },
+            store: StoreConfig {
+                retention: crate::record::Retention {
+                    max_age_us: max_age.map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
+                    max_bytes: (store.max_size_mb > 0).then(|| store.max_size_mb.saturating_mul(1 << 20)),
+                },
+                prune_interval,
             },
             targets,
         })
@@ -455,7 +492,26 @@ struct RawConfig {
     listener: RawListener,
     governed: RawGoverned,
     capture: RawCapture,
+    store: RawStore,
     target: Vec<RawTarget>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawStore {
+    max_age: String,
+    max_size_mb: u64,
+    prune_interval: String,
+}
+
+impl Default for RawStore {
+    fn default() -> Self {
+        Self {
+            max_age: "90days".into(),
+            max_size_mb: 4096,
+            prune_interval: "1min".into(),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -466,6 +522,7 @@ struct RawDaemon {
     bpf_pin_dir: PathBuf,
     fail_open: bool,
     log: String,
+    admin_group: String,
 }
 
 impl Default for RawDaemon {
@@ -476,6 +533,7 @@ impl Default for RawDaemon {
             bpf_pin_dir: DEFAULT_PIN_DIR.into(),
             fail_open: false,
             log: "info".into(),
+            admin_group: crate::control::ADMIN_GROUP.into(),
         }
     }
 }
@@ -577,6 +635,9 @@ mod tests {
         assert!(!c.capture.loopback);
         assert_eq!(c.capture.unmatched, Unmatched::Relay);
         assert_eq!(d.source, Source::Embedded);
+        assert_eq!(c.daemon.admin_group, "bulkhead");
+        assert_eq!(c.store.retention.max_age_us, Some(90 * 86_400 * 1_000_000));
+        assert_eq!(c.store.retention.max_bytes, Some(4096 << 20));
     }
 
     #[test]
@@ -631,6 +692,19 @@ mod tests {
             "[[target]]\nname = \"db\"\naddresses = [\"10.0.0.5:5432\"]\nprotocol = \"gopher\"\n",
         );
         assert!(e.contains("gopher"), "{e}");
+    }
+
+    #[test]
+    fn store_retention_is_validated() {
+        let e = err("[store]\nmax_age = \"forever\"\n");
+        assert!(e.contains("`store.max_age`"), "{e}");
+        let e = err("[store]\nprune_interval = \"0s\"\n");
+        assert!(e.contains("`store.prune_interval`"), "{e}");
+        let c = parse("[store]\nmax_age = \"\"\nmax_size_mb = 0\n").unwrap();
+        assert_eq!(c.store.retention, crate::record::Retention::default());
+        let c = parse("[store]\nmax_age = \"12h\"\nmax_size_mb = 2\n").unwrap();
+        assert_eq!(c.store.retention.max_age_us, Some(12 * 3600 * 1_000_000));
+        assert_eq!(c.store.retention.max_bytes, Some(2 << 20));
     }
 
     #[test]

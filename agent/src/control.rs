@@ -1,8 +1,11 @@
 //! The admin API: JSON lines on a unix socket, for the CLI.
 //!
-//! Reachable by root and members of the `bulkhead` group only (checked with `SO_PEERCRED`, not
+//! Reachable by root and members of the admin group only (checked with `SO_PEERCRED`, not
 //! just file modes), and never by a process inside the governed cgroup, even as root: a
 //! governed tool must not be able to read or steer its own gateway.
+//!
+//! One request line, then one `ok`/`error` line — or, for `sessions_export` and
+//! `sessions_tail`, any number of `event` lines (then `end` for an export).
 
 use std::{
     io,
@@ -13,19 +16,19 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 use tokio::{
-    io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
-    net::{UnixListener, UnixStream},
-    sync::watch,
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{unix::OwnedWriteHalf, UnixListener, UnixStream},
+    sync::{broadcast, watch},
 };
 use tracing::{debug, warn};
 
 use crate::{
     cgroup,
     proxy::{Gateway, StatsSnapshot},
-    record::{SessionCounts, SessionId},
+    record::{Event, ListFilter, Retention, Session, SessionId, SessionStore, StoreError, StoreStats},
 };
 
-/// The group whose members may use the control socket besides root.
+/// The default group whose members may use the control socket besides root.
 pub const ADMIN_GROUP: &str = "bulkhead";
 /// Longest request line accepted.
 const MAX_REQUEST: u64 = 64 * 1024;
@@ -34,8 +37,18 @@ const MAX_REQUEST: u64 = 64 * 1024;
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
     Status,
-    SessionsList { limit: usize },
+    SessionsList { filter: ListFilter, limit: usize },
     SessionsShow { id: u64 },
+    SessionsExport { selection: Selection },
+    SessionsTail { filter: ListFilter },
+}
+
+/// Which events an export covers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Selection {
+    Session(u64),
+    Range { since_us: Option<u64>, until_us: Option<u64> },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -43,6 +56,8 @@ pub enum Request {
 pub enum Response {
     Ok { result: serde_json::Value },
     Error { message: String },
+    Event { event: Event },
+    End,
 }
 
 /// What `bulkhead status` prints.
@@ -54,7 +69,8 @@ pub struct StatusReport {
     /// Programs are attached when the daemon runs, or when links are pinned without it
     /// (then governed connections are refused: fail closed).
     pub programs_attached: bool,
-    pub sessions: Option<SessionCounts>,
+    pub store: Option<StoreStats>,
+    pub retention: Retention,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -67,6 +83,66 @@ pub struct DaemonInfo {
     pub connections: StatsSnapshot,
 }
 
+/// A session with its timeline, for `sessions show`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionDetail {
+    pub session: Session,
+    pub events: Vec<Event>,
+}
+
+/// Queries shared by the daemon and by the CLI reading a stopped daemon's store.
+pub mod query {
+    use super::{Event, ListFilter, Selection, SessionDetail, SessionId, SessionStore, StoreError};
+
+    #[derive(Debug, thiserror::Error)]
+    pub enum QueryError {
+        #[error(transparent)]
+        Store(#[from] StoreError),
+        #[error("no session with id {0}")]
+        UnknownSession(u64),
+    }
+
+    pub fn show(store: &dyn SessionStore, id: u64) -> Result<SessionDetail, QueryError> {
+        let session = store.get(SessionId(id))?.ok_or(QueryError::UnknownSession(id))?;
+        let events = store.events(SessionId(id))?;
+        Ok(SessionDetail { session, events })
+    }
+
+    /// Calls `emit` for every event of the selection, oldest first.
+    pub fn export(store: &dyn SessionStore, selection: &Selection, mut emit: impl FnMut(Event) -> bool) -> Result<(), QueryError> {
+        match *selection {
+            Selection::Session(id) => {
+                store.get(SessionId(id))?.ok_or(QueryError::UnknownSession(id))?;
+                for e in store.events(SessionId(id))? {
+                    if !emit(e) {
+                        break;
+                    }
+                }
+            }
+            Selection::Range { since_us, until_us } => {
+                // Sessions that started up to a day before `since` may still have events in
+                // the range.
+                let filter = ListFilter {
+                    since_us: since_us.map(|s| s.saturating_sub(86_400_000_000)),
+                    until_us,
+                    ..ListFilter::default()
+                };
+                let mut sessions = store.list(&filter, usize::MAX)?;
+                sessions.reverse();
+                for s in sessions {
+                    for e in store.events(s.id)? {
+                        let in_range = since_us.is_none_or(|t| e.at_us >= t) && until_us.is_none_or(|t| e.at_us <= t);
+                        if in_range && !emit(e) {
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// State the control server answers from.
 pub struct ControlState {
     pub gateway: Arc<Gateway>,
@@ -74,9 +150,15 @@ pub struct ControlState {
     pub governed_cgroup: PathBuf,
     pub cgroup_mount: PathBuf,
     pub pin_dir: PathBuf,
+    pub admin_group: String,
+    pub retention: Retention,
 }
 
 impl ControlState {
+    fn store(&self) -> &dyn SessionStore {
+        self.gateway.store.as_ref()
+    }
+
     fn status(&self) -> StatusReport {
         let mut info = self.info.clone();
         info.connections = self.gateway.stats.snapshot();
@@ -85,40 +167,27 @@ impl ControlState {
             governed_cgroup: self.governed_cgroup.display().to_string(),
             pinned_links: crate::ebpf::pinned_links(&self.pin_dir).len(),
             programs_attached: true,
-            sessions: self.gateway.store.counts().ok(),
+            store: self.store().stats().ok(),
+            retention: self.retention,
         }
     }
 
-    fn answer(&self, req: Request) -> Response {
+    fn answer(&self, req: &Request) -> Response {
         let result = match req {
-            Request::Status => serde_json::to_value(self.status()),
-            Request::SessionsList { limit } => match self.gateway.store.list(limit) {
-                Ok(list) => serde_json::to_value(list),
-                Err(e) => {
-                    return Response::Error {
-                        message: e.to_string(),
-                    }
-                }
-            },
-            Request::SessionsShow { id } => match self.gateway.store.get(SessionId(id)) {
-                Ok(Some(s)) => serde_json::to_value(s),
-                Ok(None) => {
-                    return Response::Error {
-                        message: format!("no session with id {id}"),
-                    }
-                }
-                Err(e) => {
-                    return Response::Error {
-                        message: e.to_string(),
-                    }
-                }
-            },
+            Request::Status => serde_json::to_value(self.status()).map_err(|e| e.to_string()),
+            Request::SessionsList { filter, limit } => self
+                .store()
+                .list(filter, *limit)
+                .map_err(|e| e.to_string())
+                .and_then(|l| serde_json::to_value(l).map_err(|e| e.to_string())),
+            Request::SessionsShow { id } => query::show(self.store(), *id)
+                .map_err(|e| e.to_string())
+                .and_then(|d| serde_json::to_value(d).map_err(|e| e.to_string())),
+            Request::SessionsExport { .. } | Request::SessionsTail { .. } => Err("streaming request".into()),
         };
         match result {
             Ok(result) => Response::Ok { result },
-            Err(e) => Response::Error {
-                message: e.to_string(),
-            },
+            Err(message) => Response::Error { message },
         }
     }
 }
@@ -128,36 +197,25 @@ pub fn refusal(
     uid: u32,
     gid: u32,
     pid: Option<u32>,
-    admin_gid: Option<u32>,
+    admin: Option<(&str, u32)>,
     mount: &Path,
     governed: &Path,
 ) -> Option<String> {
-    if let Some(pid) = pid {
-        match cgroup::pid_is_governed(pid, mount, governed) {
-            Ok(false) => {}
-            Ok(true) => {
-                return Some("permission denied: the caller runs in the governed cgroup".into())
-            }
-            Err(_) => {
-                return Some(
-                    "permission denied: cannot tell which cgroup the caller runs in".into(),
-                )
-            }
-        }
-    } else {
+    let Some(pid) = pid else {
         return Some("permission denied: the caller's process is unknown".into());
+    };
+    match cgroup::pid_is_governed(pid, mount, governed) {
+        Ok(false) => {}
+        Ok(true) => return Some("permission denied: the caller runs in the governed cgroup".into()),
+        Err(_) => return Some("permission denied: cannot tell which cgroup the caller runs in".into()),
     }
     if uid == 0 {
         return None;
     }
-    let in_group = admin_gid
-        .is_some_and(|g| g == gid || pid.is_some_and(|p| supplementary_groups(p).contains(&g)));
-    if in_group {
-        None
-    } else {
-        Some(format!(
-            "permission denied: root or the `{ADMIN_GROUP}` group only"
-        ))
+    match admin {
+        Some((_, g)) if g == gid || supplementary_groups(pid).contains(&g) => None,
+        Some((name, _)) => Some(format!("permission denied: root or members of the `{name}` group only")),
+        None => Some("permission denied: root only (the admin group does not exist)".into()),
     }
 }
 
@@ -166,11 +224,9 @@ fn supplementary_groups(pid: u32) -> Vec<u32> {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
-            s.lines().find_map(|l| l.strip_prefix("Groups:")).map(|g| {
-                g.split_whitespace()
-                    .filter_map(|x| x.parse().ok())
-                    .collect()
-            })
+            s.lines()
+                .find_map(|l| l.strip_prefix("Groups:"))
+                .map(|g| g.split_whitespace().filter_map(|x| x.parse().ok()).collect())
         })
         .unwrap_or_default()
 }
@@ -185,12 +241,12 @@ pub fn gid_from_group_file(text: &str, name: &str) -> Option<u32> {
     })
 }
 
-pub fn admin_gid() -> Option<u32> {
-    gid_from_group_file(&std::fs::read_to_string("/etc/group").ok()?, ADMIN_GROUP)
+pub fn group_gid(name: &str) -> Option<u32> {
+    gid_from_group_file(&std::fs::read_to_string("/etc/group").ok()?, name)
 }
 
-/// Binds the socket: mode 0660, group `bulkhead` when it exists.
-pub fn bind(path: &Path) -> io::Result<UnixListener> {
+/// Binds the socket: mode 0660, owned by the admin group when it exists.
+pub fn bind(path: &Path, admin_group: &str) -> io::Result<UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -200,17 +256,13 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
     }
     let listener = UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
-    if let Some(gid) = admin_gid() {
+    if let Some(gid) = group_gid(admin_group) {
         std::os::unix::fs::chown(path, None, Some(gid))?;
     }
     Ok(listener)
 }
 
-pub async fn serve(
-    listener: UnixListener,
-    state: Arc<ControlState>,
-    mut shutdown: watch::Receiver<bool>,
-) {
+pub async fn serve(listener: UnixListener, state: Arc<ControlState>, mut shutdown: watch::Receiver<bool>) {
     loop {
         let stream = tokio::select! {
             r = listener.accept() => match r {
@@ -220,48 +272,106 @@ pub async fn serve(
             _ = shutdown.changed() => return,
         };
         let state = Arc::clone(&state);
+        let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            if let Err(e) = connection(stream, &state).await {
+            if let Err(e) = connection(stream, &state, shutdown).await {
                 debug!(error = %e, "control connection ended");
             }
         });
     }
 }
 
-async fn connection(stream: UnixStream, state: &ControlState) -> io::Result<()> {
+async fn connection(stream: UnixStream, state: &Arc<ControlState>, mut shutdown: watch::Receiver<bool>) -> io::Result<()> {
     let cred = stream.peer_cred()?;
     let pid = cred.pid().and_then(|p| u32::try_from(p).ok());
     let (r, mut w) = stream.into_split();
-    if let Some(message) = refusal(
-        cred.uid(),
-        cred.gid(),
-        pid,
-        admin_gid(),
-        &state.cgroup_mount,
-        &state.governed_cgroup,
-    ) {
+    let admin = group_gid(&state.admin_group).map(|g| (state.admin_group.as_str(), g));
+    if let Some(message) = refusal(cred.uid(), cred.gid(), pid, admin, &state.cgroup_mount, &state.governed_cgroup) {
         warn!(uid = cred.uid(), pid = ?pid, "control request refused: {message}");
         return write_response(&mut w, &Response::Error { message }).await;
     }
     let mut lines = BufReader::new(r.take(MAX_REQUEST)).lines();
     while let Some(line) = lines.next_line().await? {
-        let response = match serde_json::from_str::<Request>(&line) {
-            Ok(req) => state.answer(req),
-            Err(e) => Response::Error {
-                message: format!("bad request: {e}"),
-            },
+        let req = match serde_json::from_str::<Request>(&line) {
+            Ok(req) => req,
+            Err(e) => {
+                write_response(&mut w, &Response::Error { message: format!("bad request: {e}") }).await?;
+                continue;
+            }
         };
-        write_response(&mut w, &response).await?;
+        match req {
+            Request::SessionsExport { selection } => export(state, selection, &mut w).await?,
+            Request::SessionsTail { filter } => return tail(state, &filter, &mut w, &mut shutdown).await,
+            other => write_response(&mut w, &state.answer(&other)).await?,
+        }
     }
     Ok(())
 }
 
-use tokio::io::AsyncReadExt as _;
+/// Streams an export: events are read on a blocking thread and sent through a bounded
+/// channel, so a large export neither blocks the runtime nor sits whole in memory.
+async fn export(state: &Arc<ControlState>, selection: Selection, w: &mut OwnedWriteHalf) -> io::Result<()> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Response>(256);
+    let st = Arc::clone(state);
+    let reader = tokio::task::spawn_blocking(move || {
+        let result = query::export(st.store(), &selection, |event| tx.blocking_send(Response::Event { event }).is_ok());
+        let last = match result {
+            Ok(()) => Response::End,
+            Err(e) => Response::Error { message: e.to_string() },
+        };
+        let _ = tx.blocking_send(last);
+    });
+    while let Some(r) = rx.recv().await {
+        write_response(w, &r).await?;
+    }
+    reader.await.map_err(io::Error::other)
+}
 
-async fn write_response(
-    w: &mut tokio::net::unix::OwnedWriteHalf,
-    response: &Response,
-) -> io::Result<()> {
+/// Follows new events until the client hangs up or the daemon stops.
+async fn tail(state: &ControlState, filter: &ListFilter, w: &mut OwnedWriteHalf, shutdown: &mut watch::Receiver<bool>) -> io::Result<()> {
+    let mut events = state.store().subscribe();
+    write_response(w, &Response::Ok { result: serde_json::Value::Null }).await?;
+    // Filters apply to the session an event belongs to; look each session up once.
+    let mut verdicts: std::collections::HashMap<SessionId, bool> = std::collections::HashMap::new();
+    loop {
+        let event = tokio::select! {
+            e = events.recv() => e,
+            _ = shutdown.changed() => return write_response(w, &Response::End).await,
+        };
+        match event {
+            Ok(event) => {
+                let wanted = match verdicts.get(&event.session) {
+                    Some(w) => *w,
+                    None => {
+                        let w = state
+                            .store()
+                            .get(event.session)
+                            .ok()
+                            .flatten()
+                            .is_some_and(|s| ListFilter { denied: false, since_us: None, ..filter.clone() }.matches(&s));
+                        if verdicts.len() > 100_000 {
+                            verdicts.clear();
+                        }
+                        verdicts.insert(event.session, w);
+                        w
+                    }
+                };
+                let denied_ok = !filter.denied
+                    || matches!(&event.kind, crate::record::EventKind::Request { verdict: crate::record::RecordedVerdict::Deny, .. });
+                if wanted && denied_ok {
+                    write_response(w, &Response::Event { event }).await?;
+                }
+            }
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                let message = format!("tail fell behind; {n} events skipped (see sessions export)");
+                write_response(w, &Response::Error { message }).await?;
+            }
+            Err(broadcast::error::RecvError::Closed) => return write_response(w, &Response::End).await,
+        }
+    }
+}
+
+async fn write_response(w: &mut OwnedWriteHalf, response: &Response) -> io::Result<()> {
     let mut line = serde_json::to_vec(response).map_err(io::Error::other)?;
     line.push(b'\n');
     w.write_all(&line).await
@@ -279,42 +389,82 @@ pub enum ClientError {
     Protocol(String),
 }
 
-/// One request to the daemon (blocking; the CLI has nothing else to do meanwhile).
-pub fn call(path: &Path, req: &Request) -> Result<serde_json::Value, ClientError> {
-    use std::io::{BufRead as _, Write as _};
-    let io_err = |source| ClientError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let mut stream = match std::os::unix::net::UnixStream::connect(path) {
-        Ok(s) => s,
-        Err(e)
-            if matches!(
-                e.kind(),
-                io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
-            ) =>
-        {
-            return Err(ClientError::NotRunning(path.to_path_buf()))
-        }
-        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
-            return Err(ClientError::Refused(format!(
-                "permission denied on {}: root or the `{ADMIN_GROUP}` group only",
+/// A connection to the daemon (blocking; the CLI has nothing else to do meanwhile).
+pub struct Client {
+    path: PathBuf,
+    reader: std::io::BufReader<std::os::unix::net::UnixStream>,
+}
+
+impl Client {
+    pub fn connect(path: &Path) -> Result<Self, ClientError> {
+        match std::os::unix::net::UnixStream::connect(path) {
+            Ok(s) => Ok(Self {
+                path: path.to_path_buf(),
+                reader: std::io::BufReader::new(s),
+            }),
+            Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused) => {
+                Err(ClientError::NotRunning(path.to_path_buf()))
+            }
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => Err(ClientError::Refused(format!(
+                "permission denied on {}: root or members of the daemon's admin group (default `{ADMIN_GROUP}`) only",
                 path.display()
-            )))
+            ))),
+            Err(source) => Err(ClientError::Io {
+                path: path.to_path_buf(),
+                source,
+            }),
         }
-        Err(e) => return Err(io_err(e)),
-    };
-    let mut line = serde_json::to_vec(req).map_err(|e| ClientError::Protocol(e.to_string()))?;
-    line.push(b'\n');
-    stream.write_all(&line).map_err(io_err)?;
-    let mut answer = String::new();
-    std::io::BufReader::new(&stream)
-        .read_line(&mut answer)
-        .map_err(io_err)?;
-    match serde_json::from_str::<Response>(&answer) {
-        Ok(Response::Ok { result }) => Ok(result),
-        Ok(Response::Error { message }) => Err(ClientError::Refused(message)),
-        Err(e) => Err(ClientError::Protocol(format!("{e}: {answer:?}"))),
+    }
+
+    fn io_err(&self, source: io::Error) -> ClientError {
+        ClientError::Io {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    pub fn send(&mut self, req: &Request) -> Result<(), ClientError> {
+        use std::io::Write as _;
+        let mut line = serde_json::to_vec(req).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        line.push(b'\n');
+        let r = self.reader.get_mut().write_all(&line);
+        r.map_err(|e| self.io_err(e))
+    }
+
+    /// The next response line; `None` when the daemon closed the connection.
+    pub fn next(&mut self) -> Result<Option<Response>, ClientError> {
+        use std::io::BufRead as _;
+        let mut answer = String::new();
+        let n = self.reader.read_line(&mut answer);
+        if n.map_err(|e| self.io_err(e))? == 0 {
+            return Ok(None);
+        }
+        serde_json::from_str(&answer)
+            .map(Some)
+            .map_err(|e| ClientError::Protocol(format!("{e}: {answer:?}")))
+    }
+
+    /// One request, one answer.
+    pub fn call(&mut self, req: &Request) -> Result<serde_json::Value, ClientError> {
+        self.send(req)?;
+        match self.next()? {
+            Some(Response::Ok { result }) => Ok(result),
+            Some(Response::Error { message }) => Err(ClientError::Refused(message)),
+            Some(other) => Err(ClientError::Protocol(format!("{other:?}"))),
+            None => Err(ClientError::Protocol("the daemon closed the connection".into())),
+        }
+    }
+}
+
+/// One request to the daemon at `path`.
+pub fn call(path: &Path, req: &Request) -> Result<serde_json::Value, ClientError> {
+    Client::connect(path)?.call(req)
+}
+
+/// Convenience for `StoreError` in the CLI.
+impl From<StoreError> for ClientError {
+    fn from(e: StoreError) -> Self {
+        ClientError::Protocol(e.to_string())
     }
 }
 
@@ -332,41 +482,31 @@ mod tests {
 
     #[test]
     fn requests_round_trip_as_json_lines() {
-        let r: Request = serde_json::from_str(r#"{"op":"sessions_list","limit":5}"#).unwrap();
-        assert!(matches!(r, Request::SessionsList { limit: 5 }));
+        let r: Request = serde_json::from_str(r#"{"op":"sessions_list","filter":{"uid":5},"limit":5}"#).unwrap();
+        assert!(matches!(r, Request::SessionsList { limit: 5, ref filter } if filter.uid == Some(5)));
         assert!(serde_json::from_str::<Request>(r#"{"op":"approve"}"#).is_err());
-        let text = serde_json::to_string(&Response::Error {
-            message: "x".into(),
-        })
-        .unwrap();
+        let text = serde_json::to_string(&Response::Error { message: "x".into() }).unwrap();
         assert_eq!(text, r#"{"status":"error","message":"x"}"#);
+        let r: Request = serde_json::from_str(r#"{"op":"sessions_export","selection":{"session":3}}"#).unwrap();
+        assert!(matches!(r, Request::SessionsExport { selection: Selection::Session(3) }));
     }
 
     #[test]
     fn the_peer_without_a_pid_is_refused() {
-        let r = refusal(
-            0,
-            0,
-            None,
-            None,
-            Path::new("/sys/fs/cgroup"),
-            Path::new("/sys/fs/cgroup/x"),
-        );
+        let r = refusal(0, 0, None, None, Path::new("/sys/fs/cgroup"), Path::new("/sys/fs/cgroup/x"));
         assert!(r.is_some());
     }
 
     #[test]
     fn root_outside_the_governed_cgroup_is_allowed_and_others_are_not() {
         let me = std::process::id();
-        let mount =
-            crate::cgroup::cgroup2_mount().unwrap_or_else(|_| PathBuf::from("/sys/fs/cgroup"));
+        let mount = crate::cgroup::cgroup2_mount().unwrap_or_else(|_| PathBuf::from("/sys/fs/cgroup"));
         let governed = mount.join("bulkhead-unit-test-never-created");
         assert_eq!(refusal(0, 0, Some(me), None, &mount, &governed), None);
-        let denied = refusal(1000, 1000, Some(me), None, &mount, &governed).unwrap();
+        let denied = refusal(1000, 1000, Some(me), Some(("bulkhead", 998)), &mount, &governed).unwrap();
         assert!(denied.contains("`bulkhead` group"), "{denied}");
-        assert_eq!(
-            refusal(1000, 998, Some(me), Some(998), &mount, &governed),
-            None
-        );
+        assert_eq!(refusal(1000, 998, Some(me), Some(("bulkhead", 998)), &mount, &governed), None);
+        let no_group = refusal(1000, 998, Some(me), None, &mount, &governed).unwrap();
+        assert!(no_group.contains("root only"), "{no_group}");
     }
 }

@@ -137,7 +137,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let control_path = config.control_socket();
-    let control_listener = control::bind(&control_path).map_err(|source| DaemonError::Control {
+    let control_listener = control::bind(&control_path, &config.daemon.admin_group).map_err(|source| DaemonError::Control {
         path: control_path.clone(),
         source,
     })?;
@@ -157,7 +157,10 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         governed_cgroup: governed.clone(),
         cgroup_mount: mount,
         pin_dir: config.daemon.bpf_pin_dir.clone(),
+        admin_group: config.daemon.admin_group.clone(),
+        retention: config.store.retention,
     });
+    tokio::spawn(prune_periodically(Arc::clone(&store), config.store, shutdown_rx.clone()));
     tokio::spawn(control::serve(control_listener, state, shutdown_rx.clone()));
     let accept_loops: Vec<_> = listeners
         .into_iter()
@@ -191,6 +194,26 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     }
     drop(redirector);
     Ok(())
+}
+
+/// Applies retention now and then, off the runtime's worker threads.
+async fn prune_periodically(store: Arc<dyn SessionStore>, cfg: crate::config::StoreConfig, mut shutdown: watch::Receiver<bool>) {
+    if cfg.retention == crate::record::Retention::default() {
+        return;
+    }
+    loop {
+        let st = Arc::clone(&store);
+        match tokio::task::spawn_blocking(move || st.prune(&cfg.retention, now_micros())).await {
+            Ok(Ok(r)) if r.sessions > 0 => info!(sessions = r.sessions, events = r.events, bytes = r.bytes, "pruned the session record"),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => error!(error = %e, "pruning the session record"),
+            Err(e) => error!(error = %e, "pruning task failed"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(cfg.prune_interval) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
 }
 
 async fn bind(addr: std::net::SocketAddr) -> Result<TcpListener, DaemonError> {

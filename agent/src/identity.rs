@@ -190,7 +190,7 @@ impl ProcReader {
             // Gone already: nothing to cache, the kernel's record is what there is.
             return self.read_identity(rec, cgroup);
         };
-        let mut cache = self
+        let cache = self
             .cache
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);

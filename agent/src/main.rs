@@ -1,7 +1,7 @@
 use std::process::ExitCode;
 
 use bulkhead::{
-    cli::{self, Cli, Command, SessionsCommand},
+    cli::{self, Cli, Command},
     config::Config,
 };
 use clap::Parser as _;
@@ -30,12 +30,7 @@ fn run(args: Cli) -> anyhow::Result<()> {
         }
         Command::Run { command } => match cli::run(&config, &command)? {},
         Command::Status(f) => cli::status(&config, f.json)?,
-        Command::Sessions(SessionsCommand::List { limit, json }) => {
-            cli::sessions_list(&config, limit, json.json)?
-        }
-        Command::Sessions(SessionsCommand::Show { id, json }) => {
-            cli::sessions_show(&config, id, json.json)?
-        }
+        Command::Sessions(command) => cli::sessions::run(&config, command)?,
     }
     Ok(())
 }

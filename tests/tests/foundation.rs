@@ -359,7 +359,8 @@ fn status_and_sessions_work_with_the_daemon_running_and_stopped() {
     let session = topo.wait_session_closed();
     assert_eq!(session["target"], "echo");
     let status = topo.run_cli(&["status", "--json"]).unwrap();
-    assert_eq!(status["sessions"]["total"], 1, "{status}");
+    assert_eq!(status["store"]["sessions"], 1, "{status}");
+    assert_eq!(status["store"]["events"], 2, "connect and close: {status}");
     assert_eq!(status["daemon"]["connections"]["accepted"], 1, "{status}");
 
     // Stopped cleanly: the CLI reads the store itself.
@@ -370,7 +371,9 @@ fn status_and_sessions_work_with_the_daemon_running_and_stopped() {
     let shown = topo
         .run_cli(&["sessions", "show", &session["id"].to_string(), "--json"])
         .unwrap();
-    assert_eq!(shown["identity"], session["identity"]);
+    assert_eq!(shown["session"]["identity"], session["identity"]);
+    let kinds: Vec<&str> = shown["events"].as_array().unwrap().iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(kinds, vec!["connect", "close"]);
     let out = topo.output(Side::Host, topo.bulkhead(&["sessions", "list"]));
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(

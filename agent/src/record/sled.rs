@@ -1,21 +1,54 @@
 //! `SessionStore` on sled.
 //!
-//! Tree `sessions`: key = session id (big-endian u64, so key order is start order and the
-//! newest session is the last key), value = the session as JSON. The id comes from sled's
-//! crash-safe id generator, so ids keep increasing across restarts.
+//! * tree `sessions`: key = session id (big-endian u64, so key order is start order and the
+//!   newest session is the last key), value = the session as JSON;
+//! * tree `events`: key = session id ++ event id (both big-endian), value = the event as JSON,
+//!   so a session's events are one ordered prefix scan.
+//!
+//! Ids come from sled's crash-safe generator and keep increasing across restarts. Writes go to
+//! sled's in-memory log; a background thread writes the log to disk every
+//! [`FLUSH_EVERY_MS`] (group commit): after `kill -9`, everything older than that is on disk.
 
-use std::path::Path;
+use std::{
+    path::Path,
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+use tokio::sync::broadcast;
 
 use super::{
-    NewSession, Outcome, Session, SessionCounts, SessionEnd, SessionId, SessionStore, StoreError,
+    Event, EventKind, ListFilter, NewSession, Outcome, PruneReport, RecordedVerdict, Retention, Session,
+    SessionCounts, SessionEnd, SessionId, SessionStore, StoreError, StoreStats, EVENT_SCHEMA_VERSION,
 };
 
 /// How often sled writes its log to disk: the most that a crash can lose.
 pub const FLUSH_EVERY_MS: u64 = 100;
+/// Events buffered for slow `tail` readers before they miss some.
+const TAIL_BUFFER: usize = 4096;
 
 pub struct SledStore {
     db: sled::Db,
     sessions: sled::Tree,
+    events: sled::Tree,
+    tail: broadcast::Sender<Event>,
+    /// Bytes of keys and values in both trees, kept as writes happen.
+    recorded_bytes: AtomicU64,
+    session_count: AtomicU64,
+    event_count: AtomicU64,
+}
+
+fn corrupt(key: &[u8], source: serde_json::Error) -> StoreError {
+    StoreError::Corrupt {
+        key: key.iter().map(|b| format!("{b:02x}")).collect(),
+        source,
+    }
+}
+
+fn event_key(session: SessionId, id: u64) -> [u8; 16] {
+    let mut k = [0u8; 16];
+    k[..8].copy_from_slice(&session.0.to_be_bytes());
+    k[8..].copy_from_slice(&id.to_be_bytes());
+    k
 }
 
 impl SledStore {
@@ -24,8 +57,7 @@ impl SledStore {
             .path(path)
             .flush_every_ms(Some(FLUSH_EVERY_MS))
             .open()?;
-        let sessions = db.open_tree("sessions")?;
-        Ok(Self { db, sessions })
+        Self::from_db(db)
     }
 
     /// Opens the store, waiting up to `patience` while another process holds its lock (a CLI
@@ -35,8 +67,7 @@ impl SledStore {
         loop {
             match Self::open(path) {
                 Err(StoreError::Sled(sled::Error::Io(e)))
-                    if e.kind() == std::io::ErrorKind::WouldBlock
-                        && std::time::Instant::now() < deadline =>
+                    if e.kind() == std::io::ErrorKind::WouldBlock && std::time::Instant::now() < deadline =>
                 {
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }
@@ -47,37 +78,140 @@ impl SledStore {
 
     /// A store that lives in memory only, for tests.
     pub fn temporary() -> Result<Self, StoreError> {
-        let db = sled::Config::new().temporary(true).open()?;
+        Self::from_db(sled::Config::new().temporary(true).open()?)
+    }
+
+    fn from_db(db: sled::Db) -> Result<Self, StoreError> {
         let sessions = db.open_tree("sessions")?;
-        Ok(Self { db, sessions })
+        let events = db.open_tree("events")?;
+        let (tail, _) = broadcast::channel(TAIL_BUFFER);
+        let store = Self {
+            db,
+            sessions,
+            events,
+            tail,
+            recorded_bytes: AtomicU64::new(0),
+            session_count: AtomicU64::new(0),
+            event_count: AtomicU64::new(0),
+        };
+        // One pass at startup so retention and status need no scans later.
+        let mut bytes = 0u64;
+        for tree in [&store.sessions, &store.events] {
+            let mut n = 0u64;
+            for kv in tree {
+                let (k, v) = kv?;
+                bytes += (k.len() + v.len()) as u64;
+                n += 1;
+            }
+            if std::ptr::eq(tree, &store.sessions) {
+                store.session_count.store(n, Ordering::Relaxed);
+            } else {
+                store.event_count.store(n, Ordering::Relaxed);
+            }
+        }
+        store.recorded_bytes.store(bytes, Ordering::Relaxed);
+        Ok(store)
     }
 
-    fn decode(key: &[u8], value: &[u8]) -> Result<Session, StoreError> {
-        serde_json::from_slice(value).map_err(|source| StoreError::Corrupt {
-            id: key.try_into().map_or(0, u64::from_be_bytes),
-            source,
-        })
+    fn decode_session(key: &[u8], value: &[u8]) -> Result<Session, StoreError> {
+        serde_json::from_slice(value).map_err(|e| corrupt(key, e))
     }
 
-    fn put(&self, session: &Session) -> Result<(), StoreError> {
+    fn put_session(&self, session: &Session) -> Result<(), StoreError> {
+        let key = session.id.0.to_be_bytes();
         let value = serde_json::to_vec(session).map_err(StoreError::Encode)?;
-        self.sessions.insert(session.id.0.to_be_bytes(), value)?;
+        let new_len = (key.len() + value.len()) as u64;
+        match self.sessions.insert(key, value)? {
+            Some(old) => {
+                let old_len = (key.len() + old.len()) as u64;
+                self.recorded_bytes.fetch_add(new_len, Ordering::Relaxed);
+                self.recorded_bytes.fetch_sub(old_len, Ordering::Relaxed);
+            }
+            None => {
+                self.recorded_bytes.fetch_add(new_len, Ordering::Relaxed);
+                self.session_count.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         Ok(())
+    }
+
+    fn put_event(&self, session: SessionId, kind: EventKind, at_us: u64) -> Result<u64, StoreError> {
+        let id = self.db.generate_id()?;
+        let event = Event {
+            v: EVENT_SCHEMA_VERSION,
+            session,
+            id,
+            at_us,
+            kind,
+        };
+        let key = event_key(session, id);
+        let value = serde_json::to_vec(&event).map_err(StoreError::Encode)?;
+        self.recorded_bytes
+            .fetch_add((key.len() + value.len()) as u64, Ordering::Relaxed);
+        self.event_count.fetch_add(1, Ordering::Relaxed);
+        self.events.insert(key, value)?;
+        // Nobody tailing is the normal case, not an error.
+        let _ = self.tail.send(event);
+        Ok(id)
+    }
+
+    /// Removes a session and its events; returns (events, bytes) removed.
+    fn remove_session(&self, id: SessionId) -> Result<(u64, u64), StoreError> {
+        let mut bytes = 0u64;
+        let mut events = 0u64;
+        for kv in self.events.scan_prefix(id.0.to_be_bytes()) {
+            let (k, v) = kv?;
+            bytes += (k.len() + v.len()) as u64;
+            events += 1;
+            self.events.remove(k)?;
+        }
+        if let Some(v) = self.sessions.remove(id.0.to_be_bytes())? {
+            bytes += (8 + v.len()) as u64;
+            self.session_count.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.event_count.fetch_sub(events, Ordering::Relaxed);
+        self.recorded_bytes.fetch_sub(bytes, Ordering::Relaxed);
+        Ok((events, bytes))
     }
 }
 
 impl SessionStore for SledStore {
     fn open(&self, start: NewSession) -> Result<SessionId, StoreError> {
         let id = SessionId(self.db.generate_id()?);
-        self.put(&Session {
+        let connect = EventKind::Connect {
+            client: start.client,
+            destination: start.destination,
+            target: start.target.clone(),
+            protocol: start.protocol,
+            pid: start.identity.pid,
+            uid: start.identity.uid,
+            comm: start.identity.comm.clone(),
+        };
+        let at = start.started_at_us;
+        self.put_session(&Session {
             id,
             start,
             ended_at_us: None,
             bytes_to_target: 0,
             bytes_from_target: 0,
             outcome: Outcome::Open,
+            denied: 0,
         })?;
+        self.put_event(id, connect, at)?;
         Ok(id)
+    }
+
+    fn append(&self, session: SessionId, kind: EventKind) -> Result<u64, StoreError> {
+        if let EventKind::Request {
+            verdict: RecordedVerdict::Deny,
+            ..
+        } = &kind
+        {
+            let mut s = self.get(session)?.ok_or(StoreError::UnknownSession(session))?;
+            s.denied += 1;
+            self.put_session(&s)?;
+        }
+        self.put_event(session, kind, super::now_micros())
     }
 
     fn close(&self, id: SessionId, end: SessionEnd) -> Result<(), StoreError> {
@@ -85,59 +219,155 @@ impl SessionStore for SledStore {
         session.ended_at_us = Some(end.ended_at_us);
         session.bytes_to_target = end.bytes_to_target;
         session.bytes_from_target = end.bytes_from_target;
-        session.outcome = end.outcome;
-        self.put(&session)
+        session.outcome = end.outcome.clone();
+        self.put_session(&session)?;
+        self.put_event(
+            id,
+            EventKind::Close {
+                outcome: end.outcome,
+                bytes_to_target: end.bytes_to_target,
+                bytes_from_target: end.bytes_from_target,
+            },
+            end.ended_at_us,
+        )?;
+        Ok(())
     }
 
     fn get(&self, id: SessionId) -> Result<Option<Session>, StoreError> {
         let key = id.0.to_be_bytes();
         self.sessions
             .get(key)?
-            .map(|v| Self::decode(&key, &v))
+            .map(|v| Self::decode_session(&key, &v))
             .transpose()
     }
 
-    fn list(&self, limit: usize) -> Result<Vec<Session>, StoreError> {
-        self.sessions
-            .iter()
-            .rev()
-            .take(limit)
+    fn list(&self, filter: &ListFilter, limit: usize) -> Result<Vec<Session>, StoreError> {
+        let mut out = Vec::with_capacity(limit.min(1024));
+        for kv in self.sessions.iter().rev() {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = kv?;
+            let s = Self::decode_session(&k, &v)?;
+            // Keys are in start order (ids are handed out as sessions open, a few microseconds
+            // after their start time is taken): far enough past `since`, stop scanning.
+            if filter
+                .since_us
+                .is_some_and(|since| s.start.started_at_us.saturating_add(1_000_000) < since)
+            {
+                break;
+            }
+            if filter.matches(&s) {
+                out.push(s);
+            }
+        }
+        Ok(out)
+    }
+
+    fn events(&self, id: SessionId) -> Result<Vec<Event>, StoreError> {
+        self.events
+            .scan_prefix(id.0.to_be_bytes())
             .map(|kv| {
                 let (k, v) = kv?;
-                Self::decode(&k, &v)
+                serde_json::from_slice(&v).map_err(|e| corrupt(&k, e))
             })
             .collect()
     }
 
     fn counts(&self) -> Result<SessionCounts, StoreError> {
-        let mut counts = SessionCounts::default();
-        for kv in &self.sessions {
+        let mut counts = SessionCounts {
+            total: self.session_count.load(Ordering::Relaxed),
+            open: 0,
+        };
+        // Open sessions are the newest ones, except those a crash interrupted (marked at start).
+        for kv in self.sessions.iter().rev() {
             let (k, v) = kv?;
-            counts.total += 1;
-            if Self::decode(&k, &v)?.outcome == Outcome::Open {
+            if Self::decode_session(&k, &v)?.outcome == Outcome::Open {
                 counts.open += 1;
             }
         }
         Ok(counts)
     }
 
-    fn mark_interrupted(&self) -> Result<u64, StoreError> {
-        let mut n = 0;
+    fn stats(&self) -> Result<StoreStats, StoreError> {
+        let counts = self.counts()?;
+        let oldest = match self.sessions.first()? {
+            Some((k, v)) => Some(Self::decode_session(&k, &v)?.start.started_at_us),
+            None => None,
+        };
+        Ok(StoreStats {
+            sessions: counts.total,
+            open_sessions: counts.open,
+            events: self.event_count.load(Ordering::Relaxed),
+            recorded_bytes: self.recorded_bytes.load(Ordering::Relaxed),
+            disk_bytes: self.db.size_on_disk()?,
+            oldest_session_us: oldest,
+        })
+    }
+
+    fn prune(&self, retention: &Retention, now_us: u64) -> Result<PruneReport, StoreError> {
+        let mut report = PruneReport::default();
+        let too_old = |s: &Session| {
+            retention
+                .max_age_us
+                .is_some_and(|age| s.start.started_at_us < now_us.saturating_sub(age))
+        };
+        let too_big = || {
+            retention
+                .max_bytes
+                .is_some_and(|max| self.recorded_bytes.load(Ordering::Relaxed) > max)
+        };
         for kv in &self.sessions {
             let (k, v) = kv?;
-            let mut s = Self::decode(&k, &v)?;
+            let s = Self::decode_session(&k, &v)?;
+            let (old, big) = (too_old(&s), too_big());
+            if !old && !big {
+                break; // oldest first: the rest are younger, and the store fits
+            }
             if s.outcome == Outcome::Open {
-                s.outcome = Outcome::Interrupted;
-                self.put(&s)?;
-                n += 1;
+                continue; // never cut a live session
+            }
+            // Remove as we go so `too_big` sees the store shrink.
+            let (events, bytes) = self.remove_session(s.id)?;
+            report.sessions += 1;
+            report.events += events;
+            report.bytes += bytes;
+        }
+        Ok(report)
+    }
+
+    fn mark_interrupted(&self) -> Result<u64, StoreError> {
+        let mut open = Vec::new();
+        for kv in &self.sessions {
+            let (k, v) = kv?;
+            let s = Self::decode_session(&k, &v)?;
+            if s.outcome == Outcome::Open {
+                open.push(s);
             }
         }
-        Ok(n)
+        for mut s in open.iter().cloned() {
+            s.outcome = Outcome::Interrupted;
+            self.put_session(&s)?;
+            self.put_event(
+                s.id,
+                EventKind::Close {
+                    outcome: Outcome::Interrupted,
+                    bytes_to_target: s.bytes_to_target,
+                    bytes_from_target: s.bytes_from_target,
+                },
+                super::now_micros(),
+            )?;
+        }
+        Ok(open.len() as u64)
     }
 
     fn flush(&self) -> Result<(), StoreError> {
         self.db.flush()?;
         Ok(())
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.tail.subscribe()
     }
 }
 
@@ -152,16 +382,40 @@ mod tests {
 
     fn start(n: u16) -> NewSession {
         NewSession {
-            started_at_us: u64::from(n),
+            started_at_us: u64::from(n) * 1_000_000_000,
             client: ClientAddr(format!("127.0.0.1:{}", 40000 + n).parse().unwrap()),
             destination: OrigDstAddr("10.0.0.5:5432".parse().unwrap()),
-            target: Some("db".into()),
+            target: Some(if n % 2 == 0 { "db" } else { "api" }.into()),
             protocol: Protocol::Tcp,
             identity: ProcessIdentity {
                 pid: u32::from(n),
+                uid: u32::from(n % 3),
                 comm: "psql".into(),
+                exe: Some("/usr/bin/psql".into()),
                 ..ProcessIdentity::default()
             },
+        }
+    }
+
+    fn end(outcome: Outcome) -> SessionEnd {
+        SessionEnd {
+            ended_at_us: 99,
+            bytes_to_target: 10,
+            bytes_from_target: 20,
+            outcome,
+        }
+    }
+
+    fn request(verdict: RecordedVerdict) -> EventKind {
+        EventKind::Request {
+            text: "SELECT 1".into(),
+            class: Some("read".into()),
+            verdict,
+            rules: vec![],
+            observed: false,
+            duration_us: None,
+            summary: None,
+            error: None,
         }
     }
 
@@ -170,42 +424,57 @@ mod tests {
         let store = SledStore::temporary().unwrap();
         let ids: Vec<_> = (0..5).map(|n| store.open(start(n)).unwrap()).collect();
         assert!(ids.windows(2).all(|w| w[0] < w[1]));
-        store
-            .close(
-                ids[1],
-                SessionEnd {
-                    ended_at_us: 99,
-                    bytes_to_target: 10,
-                    bytes_from_target: 20,
-                    outcome: Outcome::Closed,
-                },
-            )
-            .unwrap();
-        let list = store.list(3).unwrap();
-        assert_eq!(
-            list.iter().map(|s| s.id).collect::<Vec<_>>(),
-            vec![ids[4], ids[3], ids[2]]
-        );
+        store.close(ids[1], end(Outcome::Closed)).unwrap();
+        let list = store.list(&ListFilter::default(), 3).unwrap();
+        assert_eq!(list.iter().map(|s| s.id).collect::<Vec<_>>(), vec![ids[4], ids[3], ids[2]]);
         let s = store.get(ids[1]).unwrap().unwrap();
-        assert_eq!(
-            (s.bytes_to_target, s.bytes_from_target, s.ended_at_us),
-            (10, 20, Some(99))
-        );
+        assert_eq!((s.bytes_to_target, s.bytes_from_target, s.ended_at_us), (10, 20, Some(99)));
         assert_eq!(s.outcome, Outcome::Closed);
         assert_eq!(s.start, start(1));
         assert_eq!(store.counts().unwrap(), SessionCounts { total: 5, open: 4 });
         assert!(matches!(
-            store.close(
-                SessionId(123_456),
-                SessionEnd {
-                    ended_at_us: 0,
-                    bytes_to_target: 0,
-                    bytes_from_target: 0,
-                    outcome: Outcome::Closed
-                }
-            ),
+            store.close(SessionId(123_456), end(Outcome::Closed)),
             Err(StoreError::UnknownSession(_))
         ));
+    }
+
+    #[test]
+    fn events_are_ordered_per_session_and_published_to_tail() {
+        let store = SledStore::temporary().unwrap();
+        let mut tail = store.subscribe();
+        let a = store.open(start(1)).unwrap();
+        let b = store.open(start(2)).unwrap();
+        store.append(a, request(RecordedVerdict::Allow)).unwrap();
+        store.append(b, request(RecordedVerdict::Deny)).unwrap();
+        store.append(a, EventKind::Error { message: "x".into() }).unwrap();
+        store.close(a, end(Outcome::Closed)).unwrap();
+        let kinds: Vec<&str> = store.events(a).unwrap().iter().map(|e| e.kind.label()).collect();
+        assert_eq!(kinds, vec!["connect", "request", "error", "close"]);
+        assert_eq!(store.events(b).unwrap().len(), 2);
+        let mut seen = Vec::new();
+        while let Ok(e) = tail.try_recv() {
+            seen.push((e.session, e.kind.label()));
+        }
+        assert_eq!(seen.len(), 6, "{seen:?}");
+        assert_eq!(seen[3], (b, "request"));
+        assert!(store.get(b).unwrap().unwrap().was_denied());
+        assert!(!store.get(a).unwrap().unwrap().was_denied());
+    }
+
+    #[test]
+    fn filters_narrow_the_list() {
+        let store = SledStore::temporary().unwrap();
+        let ids: Vec<_> = (1..=6).map(|n| store.open(start(n)).unwrap()).collect();
+        store.append(ids[2], request(RecordedVerdict::Deny)).unwrap();
+        let f = |filter: ListFilter| -> Vec<SessionId> { store.list(&filter, 100).unwrap().iter().map(|s| s.id).collect() };
+        assert_eq!(f(ListFilter { target: Some("db".into()), ..ListFilter::default() }), vec![ids[5], ids[3], ids[1]]);
+        assert_eq!(f(ListFilter { uid: Some(0), ..ListFilter::default() }), vec![ids[5], ids[2]]);
+        assert_eq!(f(ListFilter { denied: true, ..ListFilter::default() }), vec![ids[2]]);
+        assert_eq!(f(ListFilter { since_us: Some(5_000_000_000), ..ListFilter::default() }), vec![ids[5], ids[4]]);
+        assert_eq!(f(ListFilter { process: Some("psql".into()), ..ListFilter::default() }).len(), 6);
+        assert_eq!(f(ListFilter { process: Some("/usr/bin/psql".into()), ..ListFilter::default() }).len(), 6);
+        assert!(f(ListFilter { process: Some("curl".into()), ..ListFilter::default() }).is_empty());
+        assert!(f(ListFilter { protocol: Some(Protocol::Ssh), ..ListFilter::default() }).is_empty());
     }
 
     #[test]
@@ -213,18 +482,53 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.sled");
         let first;
+        let bytes;
         {
             let store = SledStore::open(&path).unwrap();
             first = store.open(start(1)).unwrap();
+            store.append(first, request(RecordedVerdict::Allow)).unwrap();
             store.flush().unwrap();
+            bytes = store.stats().unwrap().recorded_bytes;
         }
         let store = SledStore::open(&path).unwrap();
+        assert_eq!(store.stats().unwrap().recorded_bytes, bytes, "accounting is rebuilt on open");
         assert_eq!(store.mark_interrupted().unwrap(), 1);
-        assert_eq!(
-            store.get(first).unwrap().unwrap().outcome,
-            Outcome::Interrupted
-        );
+        assert_eq!(store.get(first).unwrap().unwrap().outcome, Outcome::Interrupted);
+        assert_eq!(store.events(first).unwrap().last().unwrap().kind.label(), "close");
         let second = store.open(start(2)).unwrap();
         assert!(second > first, "ids keep increasing across reopen");
+    }
+
+    #[test]
+    fn prunes_oldest_closed_sessions_by_age_and_by_size() {
+        let store = SledStore::temporary().unwrap();
+        let ids: Vec<_> = (1..=10).map(|n| store.open(start(n)).unwrap()).collect();
+        for (i, id) in ids.iter().enumerate() {
+            store.append(*id, request(RecordedVerdict::Allow)).unwrap();
+            if i != 0 {
+                store.close(*id, end(Outcome::Closed)).unwrap(); // the oldest stays open
+            }
+        }
+        // By age: sessions started before t=4s are older than 6s at t=10s.
+        let report = store
+            .prune(&Retention { max_age_us: Some(6_000_000_000), max_bytes: None }, 10_000_000_000)
+            .unwrap();
+        assert_eq!(report.sessions, 2, "sessions 2 and 3 (1 is still open)");
+        assert!(store.get(ids[0]).unwrap().is_some(), "an open session is never pruned");
+        assert!(store.get(ids[1]).unwrap().is_none() && store.events(ids[1]).unwrap().is_empty());
+        assert!(store.get(ids[3]).unwrap().is_some());
+
+        // By size: down to half of what is left, oldest first.
+        let before = store.stats().unwrap();
+        let report = store
+            .prune(&Retention { max_age_us: None, max_bytes: Some(before.recorded_bytes / 2) }, 10_000_000_000)
+            .unwrap();
+        let after = store.stats().unwrap();
+        assert!(after.recorded_bytes <= before.recorded_bytes / 2, "{after:?}");
+        assert_eq!(after.recorded_bytes, before.recorded_bytes - report.bytes);
+        assert_eq!(after.sessions, before.sessions - report.sessions);
+        let left: Vec<SessionId> = store.list(&ListFilter::default(), 100).unwrap().iter().map(|s| s.id).collect();
+        assert!(left.contains(&ids[9]) && left.contains(&ids[0]), "newest and open sessions stay: {left:?}");
+        assert!(!left.contains(&ids[3]), "oldest closed went first: {left:?}");
     }
 }

@@ -1,0 +1,466 @@
+//! `bulkhead sessions list | show | replay | export | tail`.
+
+use std::{
+    io::Write as _,
+    path::PathBuf,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use clap::{Args, Subcommand, ValueEnum};
+
+use super::{ask_or_read, format_time, open_store, print_json, CliError, JsonFlag};
+use crate::{
+    config::{Config, Protocol},
+    control::{self, query, ClientError, Request, Response, Selection, SessionDetail},
+    record::{Event, EventKind, ListFilter, Session, SessionStore as _},
+};
+
+#[derive(Debug, Subcommand)]
+pub enum SessionsCommand {
+    /// Sessions, newest first
+    List {
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// How many sessions to show
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// One session: identity, target, and the timeline of events with verdicts
+    Show {
+        id: u64,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// Replay a session with its timing: terminal output for terminal sessions, a paced
+    /// timeline of events for the others
+    Replay {
+        id: u64,
+        /// Playback speed factor (2 = twice as fast)
+        #[arg(long, default_value_t = 1.0)]
+        speed: f64,
+        /// Longest pause, in seconds, however long the session was idle
+        #[arg(long, default_value_t = 2.0, value_name = "SECONDS")]
+        max_idle: f64,
+    },
+    /// Export events as JSON lines (docs/EVENTS.md), or a terminal session as asciicast v2
+    Export {
+        /// One session's events
+        #[arg(long, value_name = "ID", conflicts_with_all = ["since", "until"])]
+        session: Option<u64>,
+        /// Events at or after this time (RFC 3339, or a duration ago like 2h)
+        #[arg(long, value_parser = parse_when)]
+        since: Option<u64>,
+        /// Events at or before this time (RFC 3339, or a duration ago)
+        #[arg(long, value_parser = parse_when)]
+        until: Option<u64>,
+        #[arg(long, value_enum, default_value_t = ExportFormat::Jsonl)]
+        format: ExportFormat,
+        /// Write to FILE instead of standard output
+        #[arg(long, short, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
+    /// Follow new events as they happen (needs the daemon)
+    Tail {
+        #[command(flatten)]
+        filter: FilterArgs,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ExportFormat {
+    /// One JSON event per line
+    Jsonl,
+    /// asciicast v2 (terminal sessions; plays with `asciinema play` / `asciinema cat`)
+    Asciicast,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum VerdictFilter {
+    /// Sessions in which a connection or request was denied
+    Denied,
+}
+
+#[derive(Debug, Args)]
+pub struct FilterArgs {
+    /// Sessions started at or after this time (RFC 3339, or a duration ago like 15m, 2h, 7days)
+    #[arg(long, value_parser = parse_when)]
+    since: Option<u64>,
+    /// Only this target
+    #[arg(long)]
+    target: Option<String>,
+    /// Only this process (name, executable path or file name)
+    #[arg(long)]
+    process: Option<String>,
+    /// Only this user id
+    #[arg(long)]
+    uid: Option<u32>,
+    #[arg(long, value_enum)]
+    verdict: Option<VerdictFilter>,
+    #[arg(long, value_enum)]
+    protocol: Option<ProtocolArg>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ProtocolArg {
+    Tcp,
+    Postgres,
+    Ssh,
+    Http,
+    Kubernetes,
+}
+
+impl From<&FilterArgs> for ListFilter {
+    fn from(a: &FilterArgs) -> Self {
+        ListFilter {
+            since_us: a.since,
+            until_us: None,
+            target: a.target.clone(),
+            process: a.process.clone(),
+            uid: a.uid,
+            protocol: a.protocol.map(|p| match p {
+                ProtocolArg::Tcp => Protocol::Tcp,
+                ProtocolArg::Postgres => Protocol::Postgres,
+                ProtocolArg::Ssh => Protocol::Ssh,
+                ProtocolArg::Http => Protocol::Http,
+                ProtocolArg::Kubernetes => Protocol::Kubernetes,
+            }),
+            denied: a.verdict == Some(VerdictFilter::Denied),
+        }
+    }
+}
+
+/// An instant as microseconds since the epoch: RFC 3339, or a duration before now.
+fn parse_when(text: &str) -> Result<u64, String> {
+    let to_us = |t: SystemTime| {
+        t.duration_since(UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+            .map_err(|_| format!("{text:?} is before 1970"))
+    };
+    if let Ok(ago) = humantime::parse_duration(text) {
+        return to_us(SystemTime::now().checked_sub(ago).ok_or_else(|| format!("{text:?} is too long ago"))?);
+    }
+    humantime::parse_rfc3339_weak(text)
+        .map_err(|_| format!("{text:?} is neither a time (2026-11-26T14:00:00Z) nor a duration ago (2h, 7days)"))
+        .and_then(to_us)
+}
+
+pub fn run(config: &Config, command: SessionsCommand) -> Result<(), CliError> {
+    match command {
+        SessionsCommand::List { filter, limit, json } => list(config, &ListFilter::from(&filter), limit, json.json),
+        SessionsCommand::Show { id, json } => show(config, id, json.json),
+        SessionsCommand::Replay { id, speed, max_idle } => replay(config, id, speed, max_idle),
+        SessionsCommand::Export {
+            session,
+            since,
+            until,
+            format,
+            output,
+        } => {
+            let selection = match session {
+                Some(id) => Selection::Session(id),
+                None => Selection::Range {
+                    since_us: since,
+                    until_us: until,
+                },
+            };
+            export(config, &selection, format, output)
+        }
+        SessionsCommand::Tail { filter, json } => tail(config, &ListFilter::from(&filter), json.json),
+    }
+}
+
+fn list(config: &Config, filter: &ListFilter, limit: usize, json: bool) -> Result<(), CliError> {
+    let req = Request::SessionsList {
+        filter: filter.clone(),
+        limit,
+    };
+    let sessions: Vec<Session> = ask_or_read(config, &req, || Ok(open_store(config)?.list(filter, limit)?))?;
+    if json {
+        return print_json(&sessions);
+    }
+    println!(
+        "{:>8}  {:<19}  {:>7}  {:<15}  {:>5}  {:<28}  {:<12}  {:<5}  {:>9}  {:>9}  OUTCOME",
+        "ID", "STARTED (UTC)", "PID", "PROCESS", "UID", "DESTINATION", "TARGET", "PROTO", "UP", "DOWN"
+    );
+    for s in &sessions {
+        println!(
+            "{:>8}  {:<19}  {:>7}  {:<15}  {:>5}  {:<28}  {:<12}  {:<5}  {:>9}  {:>9}  {}{}",
+            s.id.0,
+            format_time(s.start.started_at_us),
+            s.start.identity.pid,
+            s.start.identity.comm,
+            s.start.identity.uid,
+            s.start.destination.to_string(),
+            s.start.target.as_deref().unwrap_or("-"),
+            s.start.protocol.to_string(),
+            s.bytes_to_target,
+            s.bytes_from_target,
+            s.outcome.label(),
+            if s.denied > 0 { format!(" ({} denied)", s.denied) } else { String::new() },
+        );
+    }
+    if sessions.is_empty() {
+        println!("(no sessions match)");
+    }
+    Ok(())
+}
+
+fn detail(config: &Config, id: u64) -> Result<SessionDetail, CliError> {
+    ask_or_read(config, &Request::SessionsShow { id }, || {
+        query::show(&open_store(config)?, id).map_err(|e| CliError::Other(e.to_string()))
+    })
+}
+
+fn show(config: &Config, id: u64, json: bool) -> Result<(), CliError> {
+    let d = detail(config, id)?;
+    if json {
+        return print_json(&d);
+    }
+    let s = &d.session;
+    let who = &s.start.identity;
+    println!("session {}  {}", s.id, s.outcome.label());
+    match &s.outcome {
+        crate::record::Outcome::Refused { reason } => println!("  reason:      {reason}"),
+        crate::record::Outcome::UpstreamFailed { error } | crate::record::Outcome::Failed { error } => {
+            println!("  error:       {error}");
+        }
+        _ => {}
+    }
+    println!("  started:     {}", format_time(s.start.started_at_us));
+    if let Some(end) = s.ended_at_us {
+        println!("  ended:       {} ({} ms)", format_time(end), end.saturating_sub(s.start.started_at_us) / 1000);
+    }
+    println!(
+        "  destination: {} (target {}, {})",
+        s.start.destination,
+        s.start.target.as_deref().unwrap_or("-"),
+        s.start.protocol
+    );
+    println!("  bytes:       {} to target, {} from target", s.bytes_to_target, s.bytes_from_target);
+    println!("  process:     pid {} (thread {}) {}", who.pid, who.tid, who.comm);
+    println!("  user:        uid {} ({}) gid {}", who.uid, who.user.as_deref().unwrap_or("?"), who.gid);
+    println!("  exe:         {}", who.exe.as_deref().unwrap_or("?"));
+    println!("  cmdline:     {}", who.cmdline.join(" "));
+    println!("  cgroup:      {} (id {})", who.cgroup.as_deref().unwrap_or("?"), who.cgroup_id);
+    if let Some(unit) = &who.unit {
+        println!("  unit:        {unit}");
+    }
+    for a in &who.ancestors {
+        println!(
+            "  parent:      pid {} {} {}{}",
+            a.pid,
+            a.comm,
+            a.exe.as_deref().unwrap_or("?"),
+            if a.governed { "" } else { "  (not governed)" }
+        );
+    }
+    println!("  timeline:");
+    for e in &d.events {
+        println!("    {}", timeline_line(e, s.start.started_at_us));
+    }
+    Ok(())
+}
+
+/// One event as a human line: offset from the session start, type, details.
+fn timeline_line(e: &Event, start_us: u64) -> String {
+    let offset = e.at_us.saturating_sub(start_us);
+    let when = format!("+{}.{:03}s", offset / 1_000_000, (offset / 1000) % 1000);
+    let what = match &e.kind {
+        EventKind::Connect { destination, pid, uid, comm, .. } => format!("connect     {comm} (pid {pid}, uid {uid}) → {destination}"),
+        EventKind::Auth { side, user, method, ok } => format!(
+            "auth        {side} {method} {} {}",
+            user.as_deref().unwrap_or("-"),
+            if *ok { "ok" } else { "failed" }
+        ),
+        EventKind::Request {
+            text,
+            class,
+            verdict,
+            rules,
+            observed,
+            summary,
+            error,
+            ..
+        } => {
+            let mut l = format!(
+                "request     {:?}{} [{}]{} {}",
+                verdict,
+                if *observed { " (observed)" } else { "" },
+                class.as_deref().unwrap_or("-"),
+                if rules.is_empty() { String::new() } else { format!(" rules {}", rules.join(",")) },
+                text.replace('\n', " ")
+            );
+            if let Some(s) = summary {
+                l.push_str(&format!(" → {s}"));
+            }
+            if let Some(err) = error {
+                l.push_str(&format!(" → error: {err}"));
+            }
+            l
+        }
+        EventKind::Approval { request, state, by_user, reason, .. } => format!(
+            "approval    {state} {request}{}{}",
+            by_user.as_deref().map(|u| format!(" by {u}")).unwrap_or_default(),
+            reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default()
+        ),
+        EventKind::TerminalOutput { data } => format!("output      {} bytes", data.len()),
+        EventKind::TerminalInput { data } => format!("input       {} bytes", data.len()),
+        EventKind::Http { method, host, path, status } => format!(
+            "http        {method} {host}{path} {}",
+            status.map(|s| s.to_string()).unwrap_or_default()
+        ),
+        EventKind::Error { message } => format!("error       {message}"),
+        EventKind::Close { outcome, bytes_to_target, bytes_from_target } => {
+            format!("close       {} ({bytes_to_target} up, {bytes_from_target} down)", outcome.label())
+        }
+    };
+    format!("{when:>10}  {what}")
+}
+
+fn is_terminal(events: &[Event]) -> bool {
+    events
+        .iter()
+        .any(|e| matches!(e.kind, EventKind::TerminalOutput { .. }))
+}
+
+fn replay(config: &Config, id: u64, speed: f64, max_idle: f64) -> Result<(), CliError> {
+    if !(speed.is_finite() && speed > 0.0) {
+        return Err(CliError::Other("--speed must be a positive number".into()));
+    }
+    let d = detail(config, id)?;
+    let terminal = is_terminal(&d.events);
+    let mut out = std::io::stdout().lock();
+    let mut last = d.session.start.started_at_us;
+    for e in &d.events {
+        if terminal && !matches!(e.kind, EventKind::TerminalOutput { .. }) {
+            continue;
+        }
+        let gap = e.at_us.saturating_sub(last) as f64 / 1e6;
+        last = e.at_us;
+        let pause = gap.min(max_idle.max(0.0)) / speed;
+        if pause > 0.0 {
+            out.flush().ok();
+            std::thread::sleep(Duration::from_secs_f64(pause));
+        }
+        let written = match &e.kind {
+            EventKind::TerminalOutput { data } => out.write_all(data.as_bytes()),
+            _ => writeln!(out, "{}", timeline_line(e, d.session.start.started_at_us)),
+        };
+        if written.is_err() {
+            break; // the reader went away (| head)
+        }
+    }
+    out.flush().ok();
+    Ok(())
+}
+
+/// asciicast v2: a header line, then `[seconds, "o"|"i", data]` per terminal event.
+pub fn asciicast(session: &Session, events: &[Event]) -> Result<String, CliError> {
+    if !is_terminal(events) {
+        return Err(CliError::Other(format!(
+            "session {} has no terminal output; export it as --format jsonl",
+            session.id
+        )));
+    }
+    let start = session.start.started_at_us;
+    let header = serde_json::json!({
+        "version": 2,
+        "width": 80,
+        "height": 24,
+        "timestamp": start / 1_000_000,
+        "title": format!("bulkhead session {} {} → {}", session.id, session.start.identity.comm, session.start.destination),
+    });
+    let mut text = format!("{header}\n");
+    for e in events {
+        let (kind, data) = match &e.kind {
+            EventKind::TerminalOutput { data } => ("o", data),
+            EventKind::TerminalInput { data } => ("i", data),
+            _ => continue,
+        };
+        let t = e.at_us.saturating_sub(start) as f64 / 1e6;
+        text.push_str(&serde_json::json!([t, kind, data]).to_string());
+        text.push('\n');
+    }
+    Ok(text)
+}
+
+fn export(config: &Config, selection: &Selection, format: ExportFormat, output: Option<PathBuf>) -> Result<(), CliError> {
+    let mut sink: Box<dyn std::io::Write> = match &output {
+        Some(path) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(path).map_err(|e| CliError::Other(format!("{}: {e}", path.display())))?,
+        )),
+        None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+    };
+    let write_err = |e: std::io::Error| CliError::Other(format!("writing the export: {e}"));
+    if format == ExportFormat::Asciicast {
+        let Selection::Session(id) = *selection else {
+            return Err(CliError::Other("asciicast export needs --session ID".into()));
+        };
+        let d = detail(config, id)?;
+        sink.write_all(asciicast(&d.session, &d.events)?.as_bytes()).map_err(write_err)?;
+        return sink.flush().map_err(write_err);
+    }
+    let mut line = |event: &Event| -> std::io::Result<()> {
+        serde_json::to_writer(&mut sink, event)?;
+        sink.write_all(b"\n")
+    };
+    match control::Client::connect(&config.control_socket()) {
+        Ok(mut client) => {
+            client.send(&Request::SessionsExport { selection: selection.clone() })?;
+            loop {
+                match client.next()? {
+                    Some(Response::Event { event }) => line(&event).map_err(write_err)?,
+                    Some(Response::End) | None => break,
+                    Some(Response::Error { message }) => return Err(CliError::Other(message)),
+                    Some(Response::Ok { .. }) => {}
+                }
+            }
+        }
+        Err(ClientError::NotRunning(_)) => {
+            let store = open_store(config)?;
+            let mut failed = None;
+            query::export(&store, selection, |e| match line(&e) {
+                Ok(()) => true,
+                Err(err) => {
+                    failed = Some(err);
+                    false
+                }
+            })
+            .map_err(|e| CliError::Other(e.to_string()))?;
+            if let Some(e) = failed {
+                return Err(write_err(e));
+            }
+        }
+        Err(e) => return Err(e.into()),
+    }
+    sink.flush().map_err(write_err)
+}
+
+fn tail(config: &Config, filter: &ListFilter, json: bool) -> Result<(), CliError> {
+    let mut client = control::Client::connect(&config.control_socket())?;
+    client.call(&Request::SessionsTail { filter: filter.clone() })?;
+    let mut out = std::io::stdout().lock();
+    loop {
+        match client.next()? {
+            Some(Response::Event { event }) => {
+                let written = if json {
+                    serde_json::to_writer(&mut out, &event)
+                        .map_err(std::io::Error::other)
+                        .and_then(|()| out.write_all(b"\n"))
+                } else {
+                    writeln!(out, "{}  session {:>8}  {}", format_time(event.at_us), event.session, timeline_line(&event, event.at_us).trim_start())
+                };
+                if written.and_then(|()| out.flush()).is_err() {
+                    return Ok(());
+                }
+            }
+            Some(Response::Error { message }) => eprintln!("bulkhead: {message}"),
+            Some(Response::End) | None => return Ok(()),
+            Some(Response::Ok { .. }) => {}
+        }
+    }
+}
