@@ -89,7 +89,7 @@ fn ask_or_read<T>(
 where
     T: serde::de::DeserializeOwned,
 {
-    match control::call(&config.control_socket(), req) {
+    match control::call(&config.control_socket(), &config.daemon.admin_group, req) {
         Ok(v) => serde_json::from_value(v)
             .map_err(|e| CliError::Other(format!("unexpected answer from the daemon: {e}"))),
         Err(ClientError::NotRunning(_)) => offline(),
@@ -156,7 +156,10 @@ pub fn status(config: &Config, json: bool) -> Result<(), CliError> {
     println!("programs:    {programs}");
     match &report.store {
         Some(st) => {
-            println!("sessions:    {} recorded, {} open, {} events", st.sessions, st.open_sessions, st.events);
+            println!(
+                "sessions:    {} recorded, {} open, {} events",
+                st.sessions, st.open_sessions, st.events
+            );
             println!(
                 "store:       {} recorded, {} on disk{}",
                 format_bytes(st.recorded_bytes),
@@ -173,9 +176,15 @@ pub fn status(config: &Config, json: bool) -> Result<(), CliError> {
         "retention:   {}, {}",
         r.max_age_us.map_or_else(
             || "kept forever".to_string(),
-            |a| format!("{} max age", humantime::format_duration(std::time::Duration::from_secs(a / 1_000_000)))
+            |a| format!(
+                "{} max age",
+                humantime::format_duration(std::time::Duration::from_secs(a / 1_000_000))
+            )
         ),
-        r.max_bytes.map_or_else(|| "no size limit".to_string(), |b| format!("{} max", format_bytes(b)))
+        r.max_bytes.map_or_else(
+            || "no size limit".to_string(),
+            |b| format!("{} max", format_bytes(b))
+        )
     );
     Ok(())
 }
@@ -217,7 +226,11 @@ pub fn run(config: &Config, command: &[OsString]) -> Result<std::convert::Infall
         )));
     }
     if matches!(
-        control::call(&config.control_socket(), &Request::Status),
+        control::call(
+            &config.control_socket(),
+            &config.daemon.admin_group,
+            &Request::Status
+        ),
         Err(ClientError::NotRunning(_))
     ) {
         eprintln!(

@@ -240,7 +240,10 @@ impl Config {
 
         let duration = |key: &str, text: &str| -> Result<std::time::Duration, ConfigError> {
             humantime::parse_duration(text).map_err(|e| {
-                invalid(key.into(), format!("{text:?} is not a duration like \"30days\" or \"12h\": {e}"))
+                invalid(
+                    key.into(),
+                    format!("{text:?} is not a duration like \"30days\" or \"12h\": {e}"),
+                )
             })
         };
         let max_age = match store.max_age.as_str() {
@@ -248,11 +251,21 @@ impl Config {
             text => Some(duration("store.max_age", text)?),
         };
         let prune_interval = duration("store.prune_interval", &store.prune_interval)?;
+        let max_bytes = match store.max_size.as_str() {
+            "" => None,
+            text => Some(parse_size(text).map_err(|e| invalid("store.max_size".into(), e))?),
+        };
         if prune_interval.is_zero() {
-            return Err(invalid("store.prune_interval".into(), "must be longer than zero".into()));
+            return Err(invalid(
+                "store.prune_interval".into(),
+                "must be longer than zero".into(),
+            ));
         }
         if daemon.admin_group.is_empty() {
-            return Err(invalid("daemon.admin_group".into(), "must name a group".into()));
+            return Err(invalid(
+                "daemon.admin_group".into(),
+                "must name a group".into(),
+            ));
         }
 
         let ipv4: Ipv4Addr = listener.ipv4.parse().map_err(|_| {
@@ -433,7 +446,7 @@ impl Config {
             store: StoreConfig {
                 retention: crate::record::Retention {
                     max_age_us: max_age.map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
-                    max_bytes: (store.max_size_mb > 0).then(|| store.max_size_mb.saturating_mul(1 << 20)),
+                    max_bytes,
                 },
                 prune_interval,
             },
@@ -476,6 +489,30 @@ impl Config {
     }
 }
 
+/// `512KiB`, `64MiB`, `4GiB`, `1000B` (binary units; a bare number is bytes).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size like \"512MiB\" or \"4GiB\""))?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "K" | "KB" => 1 << 10,
+        "MiB" | "M" | "MB" => 1 << 20,
+        "GiB" | "G" | "GB" => 1 << 30,
+        "TiB" | "T" | "TB" => 1 << 40,
+        other => {
+            return Err(format!(
+                "{text:?}: unknown unit {other:?} (B, KiB, MiB, GiB, TiB)"
+            ))
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{text:?} is too large"))
+}
+
 fn source_path(source: &Source) -> PathBuf {
     match source {
         Source::Embedded => PathBuf::from("<embedded>"),
@@ -500,7 +537,7 @@ struct RawConfig {
 #[serde(deny_unknown_fields, default)]
 struct RawStore {
     max_age: String,
-    max_size_mb: u64,
+    max_size: String,
     prune_interval: String,
 }
 
@@ -508,7 +545,7 @@ impl Default for RawStore {
     fn default() -> Self {
         Self {
             max_age: "90days".into(),
-            max_size_mb: 4096,
+            max_size: "4GiB".into(),
             prune_interval: "1min".into(),
         }
     }
@@ -700,11 +737,17 @@ mod tests {
         assert!(e.contains("`store.max_age`"), "{e}");
         let e = err("[store]\nprune_interval = \"0s\"\n");
         assert!(e.contains("`store.prune_interval`"), "{e}");
-        let c = parse("[store]\nmax_age = \"\"\nmax_size_mb = 0\n").unwrap();
+        let c = parse("[store]\nmax_age = \"\"\nmax_size = \"\"\n").unwrap();
         assert_eq!(c.store.retention, crate::record::Retention::default());
-        let c = parse("[store]\nmax_age = \"12h\"\nmax_size_mb = 2\n").unwrap();
+        let c = parse("[store]\nmax_age = \"12h\"\nmax_size = \"2MiB\"\n").unwrap();
         assert_eq!(c.store.retention.max_age_us, Some(12 * 3600 * 1_000_000));
         assert_eq!(c.store.retention.max_bytes, Some(2 << 20));
+        let e = err("[store]\nmax_size = \"2 parsecs\"\n");
+        assert!(e.contains("`store.max_size`"), "{e}");
+        assert_eq!(parse_size("4KiB"), Ok(4096));
+        assert_eq!(parse_size("100"), Ok(100));
+        assert!(parse_size("99999999999TiB").is_err());
+        assert!(parse_size("MiB").is_err());
     }
 
     #[test]

@@ -25,7 +25,9 @@ use tracing::{debug, warn};
 use crate::{
     cgroup,
     proxy::{Gateway, StatsSnapshot},
-    record::{Event, ListFilter, Retention, Session, SessionId, SessionStore, StoreError, StoreStats},
+    record::{
+        Event, ListFilter, Retention, Session, SessionId, SessionStore, StoreError, StoreStats,
+    },
 };
 
 /// The default group whose members may use the control socket besides root.
@@ -48,7 +50,10 @@ pub enum Request {
 #[serde(rename_all = "snake_case")]
 pub enum Selection {
     Session(u64),
-    Range { since_us: Option<u64>, until_us: Option<u64> },
+    Range {
+        since_us: Option<u64>,
+        until_us: Option<u64>,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -103,16 +108,24 @@ pub mod query {
     }
 
     pub fn show(store: &dyn SessionStore, id: u64) -> Result<SessionDetail, QueryError> {
-        let session = store.get(SessionId(id))?.ok_or(QueryError::UnknownSession(id))?;
+        let session = store
+            .get(SessionId(id))?
+            .ok_or(QueryError::UnknownSession(id))?;
         let events = store.events(SessionId(id))?;
         Ok(SessionDetail { session, events })
     }
 
     /// Calls `emit` for every event of the selection, oldest first.
-    pub fn export(store: &dyn SessionStore, selection: &Selection, mut emit: impl FnMut(Event) -> bool) -> Result<(), QueryError> {
+    pub fn export(
+        store: &dyn SessionStore,
+        selection: &Selection,
+        mut emit: impl FnMut(Event) -> bool,
+    ) -> Result<(), QueryError> {
         match *selection {
             Selection::Session(id) => {
-                store.get(SessionId(id))?.ok_or(QueryError::UnknownSession(id))?;
+                store
+                    .get(SessionId(id))?
+                    .ok_or(QueryError::UnknownSession(id))?;
                 for e in store.events(SessionId(id))? {
                     if !emit(e) {
                         break;
@@ -131,7 +144,8 @@ pub mod query {
                 sessions.reverse();
                 for s in sessions {
                     for e in store.events(s.id)? {
-                        let in_range = since_us.is_none_or(|t| e.at_us >= t) && until_us.is_none_or(|t| e.at_us <= t);
+                        let in_range = since_us.is_none_or(|t| e.at_us >= t)
+                            && until_us.is_none_or(|t| e.at_us <= t);
                         if in_range && !emit(e) {
                             return Ok(());
                         }
@@ -183,7 +197,9 @@ impl ControlState {
             Request::SessionsShow { id } => query::show(self.store(), *id)
                 .map_err(|e| e.to_string())
                 .and_then(|d| serde_json::to_value(d).map_err(|e| e.to_string())),
-            Request::SessionsExport { .. } | Request::SessionsTail { .. } => Err("streaming request".into()),
+            Request::SessionsExport { .. } | Request::SessionsTail { .. } => {
+                Err("streaming request".into())
+            }
         };
         match result {
             Ok(result) => Response::Ok { result },
@@ -206,15 +222,21 @@ pub fn refusal(
     };
     match cgroup::pid_is_governed(pid, mount, governed) {
         Ok(false) => {}
-        Ok(true) => return Some("permission denied: the caller runs in the governed cgroup".into()),
-        Err(_) => return Some("permission denied: cannot tell which cgroup the caller runs in".into()),
+        Ok(true) => {
+            return Some("permission denied: the caller runs in the governed cgroup".into())
+        }
+        Err(_) => {
+            return Some("permission denied: cannot tell which cgroup the caller runs in".into())
+        }
     }
     if uid == 0 {
         return None;
     }
     match admin {
         Some((_, g)) if g == gid || supplementary_groups(pid).contains(&g) => None,
-        Some((name, _)) => Some(format!("permission denied: root or members of the `{name}` group only")),
+        Some((name, _)) => Some(format!(
+            "permission denied: root or members of the `{name}` group only"
+        )),
         None => Some("permission denied: root only (the admin group does not exist)".into()),
     }
 }
@@ -224,9 +246,11 @@ fn supplementary_groups(pid: u32) -> Vec<u32> {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Groups:"))
-                .map(|g| g.split_whitespace().filter_map(|x| x.parse().ok()).collect())
+            s.lines().find_map(|l| l.strip_prefix("Groups:")).map(|g| {
+                g.split_whitespace()
+                    .filter_map(|x| x.parse().ok())
+                    .collect()
+            })
         })
         .unwrap_or_default()
 }
@@ -262,7 +286,11 @@ pub fn bind(path: &Path, admin_group: &str) -> io::Result<UnixListener> {
     Ok(listener)
 }
 
-pub async fn serve(listener: UnixListener, state: Arc<ControlState>, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(
+    listener: UnixListener,
+    state: Arc<ControlState>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         let stream = tokio::select! {
             r = listener.accept() => match r {
@@ -281,12 +309,23 @@ pub async fn serve(listener: UnixListener, state: Arc<ControlState>, mut shutdow
     }
 }
 
-async fn connection(stream: UnixStream, state: &Arc<ControlState>, mut shutdown: watch::Receiver<bool>) -> io::Result<()> {
+async fn connection(
+    stream: UnixStream,
+    state: &Arc<ControlState>,
+    mut shutdown: watch::Receiver<bool>,
+) -> io::Result<()> {
     let cred = stream.peer_cred()?;
     let pid = cred.pid().and_then(|p| u32::try_from(p).ok());
     let (r, mut w) = stream.into_split();
     let admin = group_gid(&state.admin_group).map(|g| (state.admin_group.as_str(), g));
-    if let Some(message) = refusal(cred.uid(), cred.gid(), pid, admin, &state.cgroup_mount, &state.governed_cgroup) {
+    if let Some(message) = refusal(
+        cred.uid(),
+        cred.gid(),
+        pid,
+        admin,
+        &state.cgroup_mount,
+        &state.governed_cgroup,
+    ) {
         warn!(uid = cred.uid(), pid = ?pid, "control request refused: {message}");
         return write_response(&mut w, &Response::Error { message }).await;
     }
@@ -295,13 +334,21 @@ async fn connection(stream: UnixStream, state: &Arc<ControlState>, mut shutdown:
         let req = match serde_json::from_str::<Request>(&line) {
             Ok(req) => req,
             Err(e) => {
-                write_response(&mut w, &Response::Error { message: format!("bad request: {e}") }).await?;
+                write_response(
+                    &mut w,
+                    &Response::Error {
+                        message: format!("bad request: {e}"),
+                    },
+                )
+                .await?;
                 continue;
             }
         };
         match req {
             Request::SessionsExport { selection } => export(state, selection, &mut w).await?,
-            Request::SessionsTail { filter } => return tail(state, &filter, &mut w, &mut shutdown).await,
+            Request::SessionsTail { filter } => {
+                return tail(state, &filter, &mut w, &mut shutdown).await
+            }
             other => write_response(&mut w, &state.answer(&other)).await?,
         }
     }
@@ -310,14 +357,22 @@ async fn connection(stream: UnixStream, state: &Arc<ControlState>, mut shutdown:
 
 /// Streams an export: events are read on a blocking thread and sent through a bounded
 /// channel, so a large export neither blocks the runtime nor sits whole in memory.
-async fn export(state: &Arc<ControlState>, selection: Selection, w: &mut OwnedWriteHalf) -> io::Result<()> {
+async fn export(
+    state: &Arc<ControlState>,
+    selection: Selection,
+    w: &mut OwnedWriteHalf,
+) -> io::Result<()> {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Response>(256);
     let st = Arc::clone(state);
     let reader = tokio::task::spawn_blocking(move || {
-        let result = query::export(st.store(), &selection, |event| tx.blocking_send(Response::Event { event }).is_ok());
+        let result = query::export(st.store(), &selection, |event| {
+            tx.blocking_send(Response::Event { event }).is_ok()
+        });
         let last = match result {
             Ok(()) => Response::End,
-            Err(e) => Response::Error { message: e.to_string() },
+            Err(e) => Response::Error {
+                message: e.to_string(),
+            },
         };
         let _ = tx.blocking_send(last);
     });
@@ -328,9 +383,20 @@ async fn export(state: &Arc<ControlState>, selection: Selection, w: &mut OwnedWr
 }
 
 /// Follows new events until the client hangs up or the daemon stops.
-async fn tail(state: &ControlState, filter: &ListFilter, w: &mut OwnedWriteHalf, shutdown: &mut watch::Receiver<bool>) -> io::Result<()> {
+async fn tail(
+    state: &ControlState,
+    filter: &ListFilter,
+    w: &mut OwnedWriteHalf,
+    shutdown: &mut watch::Receiver<bool>,
+) -> io::Result<()> {
     let mut events = state.store().subscribe();
-    write_response(w, &Response::Ok { result: serde_json::Value::Null }).await?;
+    write_response(
+        w,
+        &Response::Ok {
+            result: serde_json::Value::Null,
+        },
+    )
+    .await?;
     // Filters apply to the session an event belongs to; look each session up once.
     let mut verdicts: std::collections::HashMap<SessionId, bool> = std::collections::HashMap::new();
     loop {
@@ -348,7 +414,14 @@ async fn tail(state: &ControlState, filter: &ListFilter, w: &mut OwnedWriteHalf,
                             .get(event.session)
                             .ok()
                             .flatten()
-                            .is_some_and(|s| ListFilter { denied: false, since_us: None, ..filter.clone() }.matches(&s));
+                            .is_some_and(|s| {
+                                ListFilter {
+                                    denied: false,
+                                    since_us: None,
+                                    ..filter.clone()
+                                }
+                                .matches(&s)
+                            });
                         if verdicts.len() > 100_000 {
                             verdicts.clear();
                         }
@@ -357,7 +430,13 @@ async fn tail(state: &ControlState, filter: &ListFilter, w: &mut OwnedWriteHalf,
                     }
                 };
                 let denied_ok = !filter.denied
-                    || matches!(&event.kind, crate::record::EventKind::Request { verdict: crate::record::RecordedVerdict::Deny, .. });
+                    || matches!(
+                        &event.kind,
+                        crate::record::EventKind::Request {
+                            verdict: crate::record::RecordedVerdict::Deny,
+                            ..
+                        }
+                    );
                 if wanted && denied_ok {
                     write_response(w, &Response::Event { event }).await?;
                 }
@@ -366,7 +445,9 @@ async fn tail(state: &ControlState, filter: &ListFilter, w: &mut OwnedWriteHalf,
                 let message = format!("tail fell behind; {n} events skipped (see sessions export)");
                 write_response(w, &Response::Error { message }).await?;
             }
-            Err(broadcast::error::RecvError::Closed) => return write_response(w, &Response::End).await,
+            Err(broadcast::error::RecvError::Closed) => {
+                return write_response(w, &Response::End).await
+            }
         }
     }
 }
@@ -396,19 +477,27 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn connect(path: &Path) -> Result<Self, ClientError> {
+    /// `admin_group` only words the error when the socket refuses us.
+    pub fn connect(path: &Path, admin_group: &str) -> Result<Self, ClientError> {
         match std::os::unix::net::UnixStream::connect(path) {
             Ok(s) => Ok(Self {
                 path: path.to_path_buf(),
                 reader: std::io::BufReader::new(s),
             }),
-            Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+                ) =>
+            {
                 Err(ClientError::NotRunning(path.to_path_buf()))
             }
-            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => Err(ClientError::Refused(format!(
-                "permission denied on {}: root or members of the daemon's admin group (default `{ADMIN_GROUP}`) only",
-                path.display()
-            ))),
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                Err(ClientError::Refused(format!(
+                    "permission denied on {}: root or members of the `{admin_group}` group only",
+                    path.display()
+                )))
+            }
             Err(source) => Err(ClientError::Io {
                 path: path.to_path_buf(),
                 source,
@@ -451,14 +540,20 @@ impl Client {
             Some(Response::Ok { result }) => Ok(result),
             Some(Response::Error { message }) => Err(ClientError::Refused(message)),
             Some(other) => Err(ClientError::Protocol(format!("{other:?}"))),
-            None => Err(ClientError::Protocol("the daemon closed the connection".into())),
+            None => Err(ClientError::Protocol(
+                "the daemon closed the connection".into(),
+            )),
         }
     }
 }
 
 /// One request to the daemon at `path`.
-pub fn call(path: &Path, req: &Request) -> Result<serde_json::Value, ClientError> {
-    Client::connect(path)?.call(req)
+pub fn call(
+    path: &Path,
+    admin_group: &str,
+    req: &Request,
+) -> Result<serde_json::Value, ClientError> {
+    Client::connect(path, admin_group)?.call(req)
 }
 
 /// Convenience for `StoreError` in the CLI.
@@ -482,30 +577,68 @@ mod tests {
 
     #[test]
     fn requests_round_trip_as_json_lines() {
-        let r: Request = serde_json::from_str(r#"{"op":"sessions_list","filter":{"uid":5},"limit":5}"#).unwrap();
-        assert!(matches!(r, Request::SessionsList { limit: 5, ref filter } if filter.uid == Some(5)));
+        let r: Request =
+            serde_json::from_str(r#"{"op":"sessions_list","filter":{"uid":5},"limit":5}"#).unwrap();
+        assert!(
+            matches!(r, Request::SessionsList { limit: 5, ref filter } if filter.uid == Some(5))
+        );
         assert!(serde_json::from_str::<Request>(r#"{"op":"approve"}"#).is_err());
-        let text = serde_json::to_string(&Response::Error { message: "x".into() }).unwrap();
+        let text = serde_json::to_string(&Response::Error {
+            message: "x".into(),
+        })
+        .unwrap();
         assert_eq!(text, r#"{"status":"error","message":"x"}"#);
-        let r: Request = serde_json::from_str(r#"{"op":"sessions_export","selection":{"session":3}}"#).unwrap();
-        assert!(matches!(r, Request::SessionsExport { selection: Selection::Session(3) }));
+        let r: Request =
+            serde_json::from_str(r#"{"op":"sessions_export","selection":{"session":3}}"#).unwrap();
+        assert!(matches!(
+            r,
+            Request::SessionsExport {
+                selection: Selection::Session(3)
+            }
+        ));
     }
 
     #[test]
     fn the_peer_without_a_pid_is_refused() {
-        let r = refusal(0, 0, None, None, Path::new("/sys/fs/cgroup"), Path::new("/sys/fs/cgroup/x"));
+        let r = refusal(
+            0,
+            0,
+            None,
+            None,
+            Path::new("/sys/fs/cgroup"),
+            Path::new("/sys/fs/cgroup/x"),
+        );
         assert!(r.is_some());
     }
 
     #[test]
     fn root_outside_the_governed_cgroup_is_allowed_and_others_are_not() {
         let me = std::process::id();
-        let mount = crate::cgroup::cgroup2_mount().unwrap_or_else(|_| PathBuf::from("/sys/fs/cgroup"));
+        let mount =
+            crate::cgroup::cgroup2_mount().unwrap_or_else(|_| PathBuf::from("/sys/fs/cgroup"));
         let governed = mount.join("bulkhead-unit-test-never-created");
         assert_eq!(refusal(0, 0, Some(me), None, &mount, &governed), None);
-        let denied = refusal(1000, 1000, Some(me), Some(("bulkhead", 998)), &mount, &governed).unwrap();
+        let denied = refusal(
+            1000,
+            1000,
+            Some(me),
+            Some(("bulkhead", 998)),
+            &mount,
+            &governed,
+        )
+        .unwrap();
         assert!(denied.contains("`bulkhead` group"), "{denied}");
-        assert_eq!(refusal(1000, 998, Some(me), Some(("bulkhead", 998)), &mount, &governed), None);
+        assert_eq!(
+            refusal(
+                1000,
+                998,
+                Some(me),
+                Some(("bulkhead", 998)),
+                &mount,
+                &governed
+            ),
+            None
+        );
         let no_group = refusal(1000, 998, Some(me), None, &mount, &governed).unwrap();
         assert!(no_group.contains("root only"), "{no_group}");
     }

@@ -83,11 +83,23 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         .filter_map(|l| l.local_addr().ok().map(|a| a.to_string()))
         .collect();
 
-    for dir in [&config.daemon.state_dir, &config.daemon.run_dir] {
-        std::fs::create_dir_all(dir).map_err(|source| DaemonError::Dir {
+    // The record is for admins only: root and the admin group may read it (the CLI does when
+    // the daemon is down), nobody else may even list the directory.
+    let admin_gid = control::group_gid(&config.daemon.admin_group);
+    for (dir, mode) in [
+        (&config.daemon.state_dir, 0o750),
+        (&config.daemon.run_dir, 0o755),
+    ] {
+        let dir_err = |source| DaemonError::Dir {
             path: dir.clone(),
             source,
-        })?;
+        };
+        std::fs::create_dir_all(dir).map_err(dir_err)?;
+        std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(mode))
+            .map_err(dir_err)?;
+        if mode == 0o750 {
+            std::os::unix::fs::chown(dir, Some(0), admin_gid).map_err(dir_err)?;
+        }
     }
     let store = SledStore::open_waiting(&config.store_path(), Duration::from_secs(5))?;
     let interrupted = store.mark_interrupted()?;
@@ -137,10 +149,13 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let control_path = config.control_socket();
-    let control_listener = control::bind(&control_path, &config.daemon.admin_group).map_err(|source| DaemonError::Control {
-        path: control_path.clone(),
-        source,
-    })?;
+    let control_listener =
+        control::bind(&control_path, &config.daemon.admin_group).map_err(|source| {
+            DaemonError::Control {
+                path: control_path.clone(),
+                source,
+            }
+        })?;
     let state = Arc::new(ControlState {
         gateway: Arc::clone(&gateway),
         info: DaemonInfo {
@@ -160,7 +175,11 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         admin_group: config.daemon.admin_group.clone(),
         retention: config.store.retention,
     });
-    tokio::spawn(prune_periodically(Arc::clone(&store), config.store, shutdown_rx.clone()));
+    tokio::spawn(prune_periodically(
+        Arc::clone(&store),
+        config.store,
+        shutdown_rx.clone(),
+    ));
     tokio::spawn(control::serve(control_listener, state, shutdown_rx.clone()));
     let accept_loops: Vec<_> = listeners
         .into_iter()
@@ -197,14 +216,23 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
 }
 
 /// Applies retention now and then, off the runtime's worker threads.
-async fn prune_periodically(store: Arc<dyn SessionStore>, cfg: crate::config::StoreConfig, mut shutdown: watch::Receiver<bool>) {
+async fn prune_periodically(
+    store: Arc<dyn SessionStore>,
+    cfg: crate::config::StoreConfig,
+    mut shutdown: watch::Receiver<bool>,
+) {
     if cfg.retention == crate::record::Retention::default() {
         return;
     }
     loop {
         let st = Arc::clone(&store);
         match tokio::task::spawn_blocking(move || st.prune(&cfg.retention, now_micros())).await {
-            Ok(Ok(r)) if r.sessions > 0 => info!(sessions = r.sessions, events = r.events, bytes = r.bytes, "pruned the session record"),
+            Ok(Ok(r)) if r.sessions > 0 => info!(
+                sessions = r.sessions,
+                events = r.events,
+                bytes = r.bytes,
+                "pruned the session record"
+            ),
             Ok(Ok(_)) => {}
             Ok(Err(e)) => error!(error = %e, "pruning the session record"),
             Err(e) => error!(error = %e, "pruning task failed"),

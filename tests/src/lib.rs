@@ -278,7 +278,19 @@ impl Topology {
     }
 
     /// Starts `cmd` on `side`; stdout lines are collected, stderr is kept for reports.
-    pub fn spawn(&self, side: Side, name: &str, mut cmd: Command) -> Proc {
+    pub fn spawn(&self, side: Side, name: &str, cmd: Command) -> Proc {
+        self.spawn_as(side, None, name, cmd)
+    }
+
+    /// As [`Topology::spawn`], switching to `user` (uid, gid; no supplementary groups) after
+    /// entering the namespace and cgroup, which need root.
+    pub fn spawn_as(
+        &self,
+        side: Side,
+        user: Option<(u32, u32)>,
+        name: &str,
+        mut cmd: Command,
+    ) -> Proc {
         let netns = self.netns_file(side);
         let procs = (side == Side::Governed).then(|| self.cgroup.join("cgroup.procs"));
         let fd = netns.as_raw_fd();
@@ -299,6 +311,14 @@ impl Topology {
                     let ok = libc::write(f, b"0\n".as_ptr().cast(), 2) == 2;
                     libc::close(f);
                     if !ok {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                if let Some((uid, gid)) = user {
+                    if libc::setgroups(0, std::ptr::null()) != 0
+                        || libc::setgid(gid) != 0
+                        || libc::setuid(uid) != 0
+                    {
                         return Err(std::io::Error::last_os_error());
                     }
                 }
@@ -341,9 +361,10 @@ impl Topology {
         }
     }
 
-    /// `bulkhead ARGS` with this topology's configuration.
+    /// `bulkhead ARGS` with this topology's configuration, from this topology's directory
+    /// (so that tests running as other users can execute it wherever the build lives).
     pub fn bulkhead(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(bulkhead_bin());
+        let mut cmd = Command::new(self.linked(&bulkhead_bin(), "bulkhead"));
         cmd.arg("--config").arg(&self.config_path).args(args);
         cmd
     }
@@ -399,7 +420,17 @@ impl Topology {
 
     /// Runs `cmd` on `side` to completion.
     pub fn output(&self, side: Side, cmd: Command) -> std::process::Output {
-        let mut p = self.spawn(side, "cmd", cmd);
+        self.output_as(side, None, cmd)
+    }
+
+    /// Runs `cmd` on `side` as `user` to completion.
+    pub fn output_as(
+        &self,
+        side: Side,
+        user: Option<(u32, u32)>,
+        cmd: Command,
+    ) -> std::process::Output {
+        let mut p = self.spawn_as(side, user, "cmd", cmd);
         let status = p.child.wait().expect("wait");
         // Let the reader threads finish.
         let mut stdout = Vec::new();
@@ -415,15 +446,32 @@ impl Topology {
         }
     }
 
-    /// A copy of the probe helper in this topology's directory (readable by every user).
+    /// The probe helper in this topology's directory (executable by every user).
     pub fn probe(&self) -> PathBuf {
-        let dst = self.dir.join("bh-probe");
+        self.linked(&probe_bin(), "bh-probe")
+    }
+
+    /// `src` hard-linked into this topology's directory. A link, not a copy: a copy's open
+    /// write descriptor, inherited by a child another test forks meanwhile, makes exec fail
+    /// with ETXTBSY.
+    fn linked(&self, src: &Path, name: &str) -> PathBuf {
+        let dst = self.dir.join(name);
         if !dst.exists() {
-            // A hard link, not a copy: a copy's open write descriptor, inherited by a child
-            // another test forks meanwhile, makes exec fail with ETXTBSY.
-            fs::hard_link(probe_bin(), &dst).expect(
-                "link probe (the test directory must be on the target directory's file system)",
-            );
+            fs::hard_link(src, &dst)
+                .or_else(|e| {
+                    if e.kind() == std::io::ErrorKind::AlreadyExists {
+                        Ok(())
+                    } else {
+                        Err(e)
+                    }
+                })
+                .unwrap_or_else(|e| {
+                    panic!(
+                    "link {} into {}: {e} (the test directory must be on the build's file system)",
+                    src.display(),
+                    self.dir.display()
+                )
+                });
         }
         dst
     }

@@ -372,7 +372,12 @@ fn status_and_sessions_work_with_the_daemon_running_and_stopped() {
         .run_cli(&["sessions", "show", &session["id"].to_string(), "--json"])
         .unwrap();
     assert_eq!(shown["session"]["identity"], session["identity"]);
-    let kinds: Vec<&str> = shown["events"].as_array().unwrap().iter().map(|e| e["type"].as_str().unwrap()).collect();
+    let kinds: Vec<&str> = shown["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
     assert_eq!(kinds, vec!["connect", "close"]);
     let out = topo.output(Side::Host, topo.bulkhead(&["sessions", "list"]));
     let table = String::from_utf8_lossy(&out.stdout);

@@ -141,18 +141,34 @@ fn parse_when(text: &str) -> Result<u64, String> {
             .map_err(|_| format!("{text:?} is before 1970"))
     };
     if let Ok(ago) = humantime::parse_duration(text) {
-        return to_us(SystemTime::now().checked_sub(ago).ok_or_else(|| format!("{text:?} is too long ago"))?);
+        return to_us(
+            SystemTime::now()
+                .checked_sub(ago)
+                .ok_or_else(|| format!("{text:?} is too long ago"))?,
+        );
     }
     humantime::parse_rfc3339_weak(text)
-        .map_err(|_| format!("{text:?} is neither a time (2026-11-26T14:00:00Z) nor a duration ago (2h, 7days)"))
+        .map_err(|_| {
+            format!(
+                "{text:?} is neither a time (2026-11-26T14:00:00Z) nor a duration ago (2h, 7days)"
+            )
+        })
         .and_then(to_us)
 }
 
 pub fn run(config: &Config, command: SessionsCommand) -> Result<(), CliError> {
     match command {
-        SessionsCommand::List { filter, limit, json } => list(config, &ListFilter::from(&filter), limit, json.json),
+        SessionsCommand::List {
+            filter,
+            limit,
+            json,
+        } => list(config, &ListFilter::from(&filter), limit, json.json),
         SessionsCommand::Show { id, json } => show(config, id, json.json),
-        SessionsCommand::Replay { id, speed, max_idle } => replay(config, id, speed, max_idle),
+        SessionsCommand::Replay {
+            id,
+            speed,
+            max_idle,
+        } => replay(config, id, speed, max_idle),
         SessionsCommand::Export {
             session,
             since,
@@ -169,7 +185,9 @@ pub fn run(config: &Config, command: SessionsCommand) -> Result<(), CliError> {
             };
             export(config, &selection, format, output)
         }
-        SessionsCommand::Tail { filter, json } => tail(config, &ListFilter::from(&filter), json.json),
+        SessionsCommand::Tail { filter, json } => {
+            tail(config, &ListFilter::from(&filter), json.json)
+        }
     }
 }
 
@@ -178,13 +196,27 @@ fn list(config: &Config, filter: &ListFilter, limit: usize, json: bool) -> Resul
         filter: filter.clone(),
         limit,
     };
-    let sessions: Vec<Session> = ask_or_read(config, &req, || Ok(open_store(config)?.list(filter, limit)?))?;
+    let sessions: Vec<Session> =
+        ask_or_read(
+            config,
+            &req,
+            || Ok(open_store(config)?.list(filter, limit)?),
+        )?;
     if json {
         return print_json(&sessions);
     }
     println!(
         "{:>8}  {:<19}  {:>7}  {:<15}  {:>5}  {:<28}  {:<12}  {:<5}  {:>9}  {:>9}  OUTCOME",
-        "ID", "STARTED (UTC)", "PID", "PROCESS", "UID", "DESTINATION", "TARGET", "PROTO", "UP", "DOWN"
+        "ID",
+        "STARTED (UTC)",
+        "PID",
+        "PROCESS",
+        "UID",
+        "DESTINATION",
+        "TARGET",
+        "PROTO",
+        "UP",
+        "DOWN"
     );
     for s in &sessions {
         println!(
@@ -200,7 +232,11 @@ fn list(config: &Config, filter: &ListFilter, limit: usize, json: bool) -> Resul
             s.bytes_to_target,
             s.bytes_from_target,
             s.outcome.label(),
-            if s.denied > 0 { format!(" ({} denied)", s.denied) } else { String::new() },
+            if s.denied > 0 {
+                format!(" ({} denied)", s.denied)
+            } else {
+                String::new()
+            },
         );
     }
     if sessions.is_empty() {
@@ -225,14 +261,19 @@ fn show(config: &Config, id: u64, json: bool) -> Result<(), CliError> {
     println!("session {}  {}", s.id, s.outcome.label());
     match &s.outcome {
         crate::record::Outcome::Refused { reason } => println!("  reason:      {reason}"),
-        crate::record::Outcome::UpstreamFailed { error } | crate::record::Outcome::Failed { error } => {
+        crate::record::Outcome::UpstreamFailed { error }
+        | crate::record::Outcome::Failed { error } => {
             println!("  error:       {error}");
         }
         _ => {}
     }
     println!("  started:     {}", format_time(s.start.started_at_us));
     if let Some(end) = s.ended_at_us {
-        println!("  ended:       {} ({} ms)", format_time(end), end.saturating_sub(s.start.started_at_us) / 1000);
+        println!(
+            "  ended:       {} ({} ms)",
+            format_time(end),
+            end.saturating_sub(s.start.started_at_us) / 1000
+        );
     }
     println!(
         "  destination: {} (target {}, {})",
@@ -240,12 +281,27 @@ fn show(config: &Config, id: u64, json: bool) -> Result<(), CliError> {
         s.start.target.as_deref().unwrap_or("-"),
         s.start.protocol
     );
-    println!("  bytes:       {} to target, {} from target", s.bytes_to_target, s.bytes_from_target);
-    println!("  process:     pid {} (thread {}) {}", who.pid, who.tid, who.comm);
-    println!("  user:        uid {} ({}) gid {}", who.uid, who.user.as_deref().unwrap_or("?"), who.gid);
+    println!(
+        "  bytes:       {} to target, {} from target",
+        s.bytes_to_target, s.bytes_from_target
+    );
+    println!(
+        "  process:     pid {} (thread {}) {}",
+        who.pid, who.tid, who.comm
+    );
+    println!(
+        "  user:        uid {} ({}) gid {}",
+        who.uid,
+        who.user.as_deref().unwrap_or("?"),
+        who.gid
+    );
     println!("  exe:         {}", who.exe.as_deref().unwrap_or("?"));
     println!("  cmdline:     {}", who.cmdline.join(" "));
-    println!("  cgroup:      {} (id {})", who.cgroup.as_deref().unwrap_or("?"), who.cgroup_id);
+    println!(
+        "  cgroup:      {} (id {})",
+        who.cgroup.as_deref().unwrap_or("?"),
+        who.cgroup_id
+    );
     if let Some(unit) = &who.unit {
         println!("  unit:        {unit}");
     }
@@ -270,8 +326,19 @@ fn timeline_line(e: &Event, start_us: u64) -> String {
     let offset = e.at_us.saturating_sub(start_us);
     let when = format!("+{}.{:03}s", offset / 1_000_000, (offset / 1000) % 1000);
     let what = match &e.kind {
-        EventKind::Connect { destination, pid, uid, comm, .. } => format!("connect     {comm} (pid {pid}, uid {uid}) → {destination}"),
-        EventKind::Auth { side, user, method, ok } => format!(
+        EventKind::Connect {
+            destination,
+            pid,
+            uid,
+            comm,
+            ..
+        } => format!("connect     {comm} (pid {pid}, uid {uid}) → {destination}"),
+        EventKind::Auth {
+            side,
+            user,
+            method,
+            ok,
+        } => format!(
             "auth        {side} {method} {} {}",
             user.as_deref().unwrap_or("-"),
             if *ok { "ok" } else { "failed" }
@@ -291,7 +358,11 @@ fn timeline_line(e: &Event, start_us: u64) -> String {
                 verdict,
                 if *observed { " (observed)" } else { "" },
                 class.as_deref().unwrap_or("-"),
-                if rules.is_empty() { String::new() } else { format!(" rules {}", rules.join(",")) },
+                if rules.is_empty() {
+                    String::new()
+                } else {
+                    format!(" rules {}", rules.join(","))
+                },
                 text.replace('\n', " ")
             );
             if let Some(s) = summary {
@@ -302,20 +373,44 @@ fn timeline_line(e: &Event, start_us: u64) -> String {
             }
             l
         }
-        EventKind::Approval { request, state, by_user, reason, .. } => format!(
+        EventKind::Approval {
+            request,
+            state,
+            by_user,
+            reason,
+            ..
+        } => format!(
             "approval    {state} {request}{}{}",
-            by_user.as_deref().map(|u| format!(" by {u}")).unwrap_or_default(),
-            reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default()
+            by_user
+                .as_deref()
+                .map(|u| format!(" by {u}"))
+                .unwrap_or_default(),
+            reason
+                .as_deref()
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default()
         ),
         EventKind::TerminalOutput { data } => format!("output      {} bytes", data.len()),
         EventKind::TerminalInput { data } => format!("input       {} bytes", data.len()),
-        EventKind::Http { method, host, path, status } => format!(
+        EventKind::Http {
+            method,
+            host,
+            path,
+            status,
+        } => format!(
             "http        {method} {host}{path} {}",
             status.map(|s| s.to_string()).unwrap_or_default()
         ),
         EventKind::Error { message } => format!("error       {message}"),
-        EventKind::Close { outcome, bytes_to_target, bytes_from_target } => {
-            format!("close       {} ({bytes_to_target} up, {bytes_from_target} down)", outcome.label())
+        EventKind::Close {
+            outcome,
+            bytes_to_target,
+            bytes_from_target,
+        } => {
+            format!(
+                "close       {} ({bytes_to_target} up, {bytes_from_target} down)",
+                outcome.label()
+            )
         }
     };
     format!("{when:>10}  {what}")
@@ -388,29 +483,40 @@ pub fn asciicast(session: &Session, events: &[Event]) -> Result<String, CliError
     Ok(text)
 }
 
-fn export(config: &Config, selection: &Selection, format: ExportFormat, output: Option<PathBuf>) -> Result<(), CliError> {
+fn export(
+    config: &Config,
+    selection: &Selection,
+    format: ExportFormat,
+    output: Option<PathBuf>,
+) -> Result<(), CliError> {
     let mut sink: Box<dyn std::io::Write> = match &output {
         Some(path) => Box::new(std::io::BufWriter::new(
-            std::fs::File::create(path).map_err(|e| CliError::Other(format!("{}: {e}", path.display())))?,
+            std::fs::File::create(path)
+                .map_err(|e| CliError::Other(format!("{}: {e}", path.display())))?,
         )),
         None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
     };
     let write_err = |e: std::io::Error| CliError::Other(format!("writing the export: {e}"));
     if format == ExportFormat::Asciicast {
         let Selection::Session(id) = *selection else {
-            return Err(CliError::Other("asciicast export needs --session ID".into()));
+            return Err(CliError::Other(
+                "asciicast export needs --session ID".into(),
+            ));
         };
         let d = detail(config, id)?;
-        sink.write_all(asciicast(&d.session, &d.events)?.as_bytes()).map_err(write_err)?;
+        sink.write_all(asciicast(&d.session, &d.events)?.as_bytes())
+            .map_err(write_err)?;
         return sink.flush().map_err(write_err);
     }
     let mut line = |event: &Event| -> std::io::Result<()> {
         serde_json::to_writer(&mut sink, event)?;
         sink.write_all(b"\n")
     };
-    match control::Client::connect(&config.control_socket()) {
+    match control::Client::connect(&config.control_socket(), &config.daemon.admin_group) {
         Ok(mut client) => {
-            client.send(&Request::SessionsExport { selection: selection.clone() })?;
+            client.send(&Request::SessionsExport {
+                selection: selection.clone(),
+            })?;
             loop {
                 match client.next()? {
                     Some(Response::Event { event }) => line(&event).map_err(write_err)?,
@@ -441,8 +547,11 @@ fn export(config: &Config, selection: &Selection, format: ExportFormat, output: 
 }
 
 fn tail(config: &Config, filter: &ListFilter, json: bool) -> Result<(), CliError> {
-    let mut client = control::Client::connect(&config.control_socket())?;
-    client.call(&Request::SessionsTail { filter: filter.clone() })?;
+    let mut client =
+        control::Client::connect(&config.control_socket(), &config.daemon.admin_group)?;
+    client.call(&Request::SessionsTail {
+        filter: filter.clone(),
+    })?;
     let mut out = std::io::stdout().lock();
     loop {
         match client.next()? {
@@ -452,7 +561,13 @@ fn tail(config: &Config, filter: &ListFilter, json: bool) -> Result<(), CliError
                         .map_err(std::io::Error::other)
                         .and_then(|()| out.write_all(b"\n"))
                 } else {
-                    writeln!(out, "{}  session {:>8}  {}", format_time(event.at_us), event.session, timeline_line(&event, event.at_us).trim_start())
+                    writeln!(
+                        out,
+                        "{}  session {:>8}  {}",
+                        format_time(event.at_us),
+                        event.session,
+                        timeline_line(&event, event.at_us).trim_start()
+                    )
                 };
                 if written.and_then(|()| out.flush()).is_err() {
                     return Ok(());

@@ -303,7 +303,12 @@ mod tests {
 
     async fn wait_closed(gw: &Gateway) -> crate::record::Session {
         for _ in 0..200 {
-            if let Some(s) = gw.store.list(&crate::record::ListFilter::default(), 1).unwrap().pop() {
+            if let Some(s) = gw
+                .store
+                .list(&crate::record::ListFilter::default(), 1)
+                .unwrap()
+                .pop()
+            {
                 if s.outcome != Outcome::Open {
                     return s;
                 }

@@ -146,7 +146,12 @@ pub enum EventKind {
         comm: String,
     },
     /// The client authenticated to the gateway, or the gateway to the target.
-    Auth { side: String, user: Option<String>, method: String, ok: bool },
+    Auth {
+        side: String,
+        user: Option<String>,
+        method: String,
+        ok: bool,
+    },
     /// A request (statement, command, HTTP request) with its verdict.
     Request {
         text: String,
@@ -170,14 +175,29 @@ pub enum EventKind {
         reason: Option<String>,
     },
     /// Terminal output from the target (SSH shells), for replay.
-    TerminalOutput { data: String },
+    TerminalOutput {
+        data: String,
+    },
     /// Terminal input from the client.
-    TerminalInput { data: String },
+    TerminalInput {
+        data: String,
+    },
     /// An HTTP exchange in summary.
-    Http { method: String, host: String, path: String, status: Option<u16> },
-    Error { message: String },
+    Http {
+        method: String,
+        host: String,
+        path: String,
+        status: Option<u16>,
+    },
+    Error {
+        message: String,
+    },
     /// The session ended (written when the session closes).
-    Close { outcome: Outcome, bytes_to_target: u64, bytes_from_target: u64 },
+    Close {
+        outcome: Outcome,
+        bytes_to_target: u64,
+        bytes_from_target: u64,
+    },
 }
 
 impl EventKind {
@@ -231,13 +251,19 @@ impl ListFilter {
         let who = &s.start.identity;
         self.since_us.is_none_or(|t| s.start.started_at_us >= t)
             && self.until_us.is_none_or(|t| s.start.started_at_us <= t)
-            && self.target.as_ref().is_none_or(|t| s.start.target.as_ref() == Some(t))
+            && self
+                .target
+                .as_ref()
+                .is_none_or(|t| s.start.target.as_ref() == Some(t))
             && self.uid.is_none_or(|u| who.uid == u)
             && self.protocol.is_none_or(|p| s.start.protocol == p)
             && (!self.denied || s.was_denied())
             && self.process.as_ref().is_none_or(|p| {
                 who.comm == *p
-                    || who.exe.as_deref().is_some_and(|e| e == p || e.rsplit('/').next() == Some(p.as_str()))
+                    || who
+                        .exe
+                        .as_deref()
+                        .is_some_and(|e| e == p || e.rsplit('/').next() == Some(p.as_str()))
             })
     }
 }
@@ -280,7 +306,10 @@ pub enum StoreError {
     #[error("session store: {0}")]
     Sled(#[from] ::sled::Error),
     #[error("session store: corrupt record {key}: {source}")]
-    Corrupt { key: String, source: serde_json::Error },
+    Corrupt {
+        key: String,
+        source: serde_json::Error,
+    },
     #[error("session store: cannot encode: {0}")]
     Encode(serde_json::Error),
     #[error("no session with id {0}")]
@@ -324,7 +353,11 @@ mod tests {
         let long = "é".repeat(MAX_EVENT_TEXT);
         let cut = bounded(&long);
         assert!(cut.len() < long.len());
-        assert!(cut.ends_with(&format!("[{} bytes cut]", long.len() - MAX_EVENT_TEXT)), "{}", &cut[cut.len() - 30..]);
+        assert!(
+            cut.ends_with(&format!("[{} bytes cut]", long.len() - MAX_EVENT_TEXT)),
+            "{}",
+            &cut[cut.len() - 30..]
+        );
     }
 
     #[test]
@@ -346,7 +379,10 @@ mod tests {
             },
         };
         let line = serde_json::to_string(&e).unwrap();
-        assert!(line.contains(r#""type":"request""#) && line.contains(r#""verdict":"deny""#), "{line}");
+        assert!(
+            line.contains(r#""type":"request""#) && line.contains(r#""verdict":"deny""#),
+            "{line}"
+        );
         assert_eq!(serde_json::from_str::<Event>(&line).unwrap(), e);
     }
 }

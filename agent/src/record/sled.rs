@@ -17,8 +17,9 @@ use std::{
 use tokio::sync::broadcast;
 
 use super::{
-    Event, EventKind, ListFilter, NewSession, Outcome, PruneReport, RecordedVerdict, Retention, Session,
-    SessionCounts, SessionEnd, SessionId, SessionStore, StoreError, StoreStats, EVENT_SCHEMA_VERSION,
+    Event, EventKind, ListFilter, NewSession, Outcome, PruneReport, RecordedVerdict, Retention,
+    Session, SessionCounts, SessionEnd, SessionId, SessionStore, StoreError, StoreStats,
+    EVENT_SCHEMA_VERSION,
 };
 
 /// How often sled writes its log to disk: the most that a crash can lose.
@@ -67,7 +68,8 @@ impl SledStore {
         loop {
             match Self::open(path) {
                 Err(StoreError::Sled(sled::Error::Io(e)))
-                    if e.kind() == std::io::ErrorKind::WouldBlock && std::time::Instant::now() < deadline =>
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        && std::time::Instant::now() < deadline =>
                 {
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }
@@ -135,7 +137,12 @@ impl SledStore {
         Ok(())
     }
 
-    fn put_event(&self, session: SessionId, kind: EventKind, at_us: u64) -> Result<u64, StoreError> {
+    fn put_event(
+        &self,
+        session: SessionId,
+        kind: EventKind,
+        at_us: u64,
+    ) -> Result<u64, StoreError> {
         let id = self.db.generate_id()?;
         let event = Event {
             v: EVENT_SCHEMA_VERSION,
@@ -207,7 +214,9 @@ impl SessionStore for SledStore {
             ..
         } = &kind
         {
-            let mut s = self.get(session)?.ok_or(StoreError::UnknownSession(session))?;
+            let mut s = self
+                .get(session)?
+                .ok_or(StoreError::UnknownSession(session))?;
             s.denied += 1;
             self.put_session(&s)?;
         }
@@ -426,9 +435,15 @@ mod tests {
         assert!(ids.windows(2).all(|w| w[0] < w[1]));
         store.close(ids[1], end(Outcome::Closed)).unwrap();
         let list = store.list(&ListFilter::default(), 3).unwrap();
-        assert_eq!(list.iter().map(|s| s.id).collect::<Vec<_>>(), vec![ids[4], ids[3], ids[2]]);
+        assert_eq!(
+            list.iter().map(|s| s.id).collect::<Vec<_>>(),
+            vec![ids[4], ids[3], ids[2]]
+        );
         let s = store.get(ids[1]).unwrap().unwrap();
-        assert_eq!((s.bytes_to_target, s.bytes_from_target, s.ended_at_us), (10, 20, Some(99)));
+        assert_eq!(
+            (s.bytes_to_target, s.bytes_from_target, s.ended_at_us),
+            (10, 20, Some(99))
+        );
         assert_eq!(s.outcome, Outcome::Closed);
         assert_eq!(s.start, start(1));
         assert_eq!(store.counts().unwrap(), SessionCounts { total: 5, open: 4 });
@@ -446,9 +461,21 @@ mod tests {
         let b = store.open(start(2)).unwrap();
         store.append(a, request(RecordedVerdict::Allow)).unwrap();
         store.append(b, request(RecordedVerdict::Deny)).unwrap();
-        store.append(a, EventKind::Error { message: "x".into() }).unwrap();
+        store
+            .append(
+                a,
+                EventKind::Error {
+                    message: "x".into(),
+                },
+            )
+            .unwrap();
         store.close(a, end(Outcome::Closed)).unwrap();
-        let kinds: Vec<&str> = store.events(a).unwrap().iter().map(|e| e.kind.label()).collect();
+        let kinds: Vec<&str> = store
+            .events(a)
+            .unwrap()
+            .iter()
+            .map(|e| e.kind.label())
+            .collect();
         assert_eq!(kinds, vec!["connect", "request", "error", "close"]);
         assert_eq!(store.events(b).unwrap().len(), 2);
         let mut seen = Vec::new();
@@ -465,16 +492,71 @@ mod tests {
     fn filters_narrow_the_list() {
         let store = SledStore::temporary().unwrap();
         let ids: Vec<_> = (1..=6).map(|n| store.open(start(n)).unwrap()).collect();
-        store.append(ids[2], request(RecordedVerdict::Deny)).unwrap();
-        let f = |filter: ListFilter| -> Vec<SessionId> { store.list(&filter, 100).unwrap().iter().map(|s| s.id).collect() };
-        assert_eq!(f(ListFilter { target: Some("db".into()), ..ListFilter::default() }), vec![ids[5], ids[3], ids[1]]);
-        assert_eq!(f(ListFilter { uid: Some(0), ..ListFilter::default() }), vec![ids[5], ids[2]]);
-        assert_eq!(f(ListFilter { denied: true, ..ListFilter::default() }), vec![ids[2]]);
-        assert_eq!(f(ListFilter { since_us: Some(5_000_000_000), ..ListFilter::default() }), vec![ids[5], ids[4]]);
-        assert_eq!(f(ListFilter { process: Some("psql".into()), ..ListFilter::default() }).len(), 6);
-        assert_eq!(f(ListFilter { process: Some("/usr/bin/psql".into()), ..ListFilter::default() }).len(), 6);
-        assert!(f(ListFilter { process: Some("curl".into()), ..ListFilter::default() }).is_empty());
-        assert!(f(ListFilter { protocol: Some(Protocol::Ssh), ..ListFilter::default() }).is_empty());
+        store
+            .append(ids[2], request(RecordedVerdict::Deny))
+            .unwrap();
+        let f = |filter: ListFilter| -> Vec<SessionId> {
+            store
+                .list(&filter, 100)
+                .unwrap()
+                .iter()
+                .map(|s| s.id)
+                .collect()
+        };
+        assert_eq!(
+            f(ListFilter {
+                target: Some("db".into()),
+                ..ListFilter::default()
+            }),
+            vec![ids[5], ids[3], ids[1]]
+        );
+        assert_eq!(
+            f(ListFilter {
+                uid: Some(0),
+                ..ListFilter::default()
+            }),
+            vec![ids[5], ids[2]]
+        );
+        assert_eq!(
+            f(ListFilter {
+                denied: true,
+                ..ListFilter::default()
+            }),
+            vec![ids[2]]
+        );
+        assert_eq!(
+            f(ListFilter {
+                since_us: Some(5_000_000_000),
+                ..ListFilter::default()
+            }),
+            vec![ids[5], ids[4]]
+        );
+        assert_eq!(
+            f(ListFilter {
+                process: Some("psql".into()),
+                ..ListFilter::default()
+            })
+            .len(),
+            6
+        );
+        assert_eq!(
+            f(ListFilter {
+                process: Some("/usr/bin/psql".into()),
+                ..ListFilter::default()
+            })
+            .len(),
+            6
+        );
+        assert!(f(ListFilter {
+            process: Some("curl".into()),
+            ..ListFilter::default()
+        })
+        .is_empty());
+        assert!(f(ListFilter {
+            protocol: Some(Protocol::Ssh),
+            ..ListFilter::default()
+        })
+        .is_empty());
     }
 
     #[test]
@@ -486,15 +568,27 @@ mod tests {
         {
             let store = SledStore::open(&path).unwrap();
             first = store.open(start(1)).unwrap();
-            store.append(first, request(RecordedVerdict::Allow)).unwrap();
+            store
+                .append(first, request(RecordedVerdict::Allow))
+                .unwrap();
             store.flush().unwrap();
             bytes = store.stats().unwrap().recorded_bytes;
         }
         let store = SledStore::open(&path).unwrap();
-        assert_eq!(store.stats().unwrap().recorded_bytes, bytes, "accounting is rebuilt on open");
+        assert_eq!(
+            store.stats().unwrap().recorded_bytes,
+            bytes,
+            "accounting is rebuilt on open"
+        );
         assert_eq!(store.mark_interrupted().unwrap(), 1);
-        assert_eq!(store.get(first).unwrap().unwrap().outcome, Outcome::Interrupted);
-        assert_eq!(store.events(first).unwrap().last().unwrap().kind.label(), "close");
+        assert_eq!(
+            store.get(first).unwrap().unwrap().outcome,
+            Outcome::Interrupted
+        );
+        assert_eq!(
+            store.events(first).unwrap().last().unwrap().kind.label(),
+            "close"
+        );
         let second = store.open(start(2)).unwrap();
         assert!(second > first, "ids keep increasing across reopen");
     }
@@ -511,24 +605,53 @@ mod tests {
         }
         // By age: sessions started before t=4s are older than 6s at t=10s.
         let report = store
-            .prune(&Retention { max_age_us: Some(6_000_000_000), max_bytes: None }, 10_000_000_000)
+            .prune(
+                &Retention {
+                    max_age_us: Some(6_000_000_000),
+                    max_bytes: None,
+                },
+                10_000_000_000,
+            )
             .unwrap();
         assert_eq!(report.sessions, 2, "sessions 2 and 3 (1 is still open)");
-        assert!(store.get(ids[0]).unwrap().is_some(), "an open session is never pruned");
+        assert!(
+            store.get(ids[0]).unwrap().is_some(),
+            "an open session is never pruned"
+        );
         assert!(store.get(ids[1]).unwrap().is_none() && store.events(ids[1]).unwrap().is_empty());
         assert!(store.get(ids[3]).unwrap().is_some());
 
         // By size: down to half of what is left, oldest first.
         let before = store.stats().unwrap();
         let report = store
-            .prune(&Retention { max_age_us: None, max_bytes: Some(before.recorded_bytes / 2) }, 10_000_000_000)
+            .prune(
+                &Retention {
+                    max_age_us: None,
+                    max_bytes: Some(before.recorded_bytes / 2),
+                },
+                10_000_000_000,
+            )
             .unwrap();
         let after = store.stats().unwrap();
-        assert!(after.recorded_bytes <= before.recorded_bytes / 2, "{after:?}");
+        assert!(
+            after.recorded_bytes <= before.recorded_bytes / 2,
+            "{after:?}"
+        );
         assert_eq!(after.recorded_bytes, before.recorded_bytes - report.bytes);
         assert_eq!(after.sessions, before.sessions - report.sessions);
-        let left: Vec<SessionId> = store.list(&ListFilter::default(), 100).unwrap().iter().map(|s| s.id).collect();
-        assert!(left.contains(&ids[9]) && left.contains(&ids[0]), "newest and open sessions stay: {left:?}");
-        assert!(!left.contains(&ids[3]), "oldest closed went first: {left:?}");
+        let left: Vec<SessionId> = store
+            .list(&ListFilter::default(), 100)
+            .unwrap()
+            .iter()
+            .map(|s| s.id)
+            .collect();
+        assert!(
+            left.contains(&ids[9]) && left.contains(&ids[0]),
+            "newest and open sessions stay: {left:?}"
+        );
+        assert!(
+            !left.contains(&ids[3]),
+            "oldest closed went first: {left:?}"
+        );
     }
 }

@@ -1,0 +1,496 @@
+//! The session record and the admin CLI against a real daemon: events, filters, export,
+//! tail, who may use the control socket, durability across `kill -9`, and retention.
+
+use std::{
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use bulkhead::record::{EventKind, NewSession, SessionEnd, SessionStore as _, SledStore};
+use bulkhead_tests::{missing_privileges, Side, Topology, TARGET_V4};
+use serde_json::Value;
+
+fn require_root() {
+    if let Some(why) = missing_privileges() {
+        panic!("cannot run the integration tests: {why}");
+    }
+}
+
+const ECHO: &str = "[[target]]\nname = \"echo\"\naddresses = [\"10.201.0.2:7000\"]\n";
+
+fn governed_connect(topo: &Topology, addr: &str, user: Option<(u32, u32)>) -> Value {
+    let mut cmd = Command::new(topo.probe());
+    cmd.args(["connect", addr, "payload"]);
+    let out = topo.output_as(Side::Governed, user, cmd);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{stdout:?}: {e}"))
+}
+
+fn ids(v: &Value) -> Vec<u64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_u64().unwrap())
+        .collect()
+}
+
+/// Waits until `n` sessions are recorded and closed.
+fn wait_closed_sessions(topo: &Topology, n: usize) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = topo.sessions();
+        if s.len() >= n && s.iter().all(|x| x["outcome"]["kind"] != "open") {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "wanted {n} closed sessions: {s:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn sessions_carry_their_events_and_filters_select_them() {
+    require_root();
+    let topo = Topology::new(&format!("[capture]\nunmatched = \"refuse\"\n{ECHO}"));
+    let _echo = topo.echo_server(Side::Target, format!("{TARGET_V4}:7000").parse().unwrap());
+    let _daemon = topo.start_daemon(&[]);
+
+    let as_root = governed_connect(&topo, &format!("{TARGET_V4}:7000"), None);
+    let as_nobody = governed_connect(&topo, &format!("{TARGET_V4}:7000"), Some((65534, 65534)));
+    let refused = governed_connect(&topo, &format!("{TARGET_V4}:7001"), None);
+    assert!(
+        refused["reply"] == "" || refused["error"].is_string(),
+        "{refused}"
+    );
+    let all = wait_closed_sessions(&topo, 3);
+    let all_ids = ids(&Value::Array(all.clone()));
+    assert!(
+        all_ids.windows(2).all(|w| w[0] > w[1]),
+        "newest first: {all_ids:?}"
+    );
+
+    let list = |args: &[&str]| {
+        let mut a = vec!["sessions", "list", "--json"];
+        a.extend_from_slice(args);
+        ids(&topo.run_cli(&a).unwrap())
+    };
+    let by_pid = |pid: &Value| {
+        all.iter()
+            .find(|s| s["identity"]["pid"] == *pid)
+            .map(|s| s["id"].as_u64().unwrap())
+            .unwrap()
+    };
+    let (root_id, nobody_id, refused_id) = (
+        by_pid(&as_root["pid"]),
+        by_pid(&as_nobody["pid"]),
+        by_pid(&refused["pid"]),
+    );
+
+    assert_eq!(list(&["--target", "echo"]), vec![nobody_id, root_id]);
+    assert_eq!(list(&["--uid", "65534"]), vec![nobody_id]);
+    assert_eq!(list(&["--verdict", "denied"]), vec![refused_id]);
+    assert_eq!(list(&["--process", "bh-probe"]).len(), 3);
+    assert_eq!(list(&["--protocol", "tcp"]).len(), 3);
+    assert!(list(&["--protocol", "ssh"]).is_empty());
+    assert_eq!(list(&["--since", "1h"]).len(), 3);
+    assert!(list(&["--since", "2099-01-01T00:00:00Z"]).is_empty());
+    assert_eq!(list(&["--limit", "1"]), vec![all_ids[0]]);
+
+    let shown = topo
+        .run_cli(&["sessions", "show", &root_id.to_string(), "--json"])
+        .unwrap();
+    let events = shown["events"].as_array().unwrap();
+    assert_eq!(events[0]["type"], "connect");
+    assert_eq!(events[0]["pid"], as_root["pid"]);
+    assert_eq!(events[0]["destination"], format!("{TARGET_V4}:7000"));
+    assert_eq!(events[1]["type"], "close");
+    assert_eq!(events[1]["outcome"]["kind"], "closed");
+    assert_eq!(events[1]["bytes_to_target"], 7);
+
+    // The human forms work too.
+    let out = topo.output(
+        Side::Host,
+        topo.bulkhead(&["sessions", "show", &refused_id.to_string()]),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("refused")
+            && text.contains("matches no configured target")
+            && text.contains("timeline:"),
+        "{text}"
+    );
+    let out = topo.output(Side::Host, topo.bulkhead(&["sessions", "show", "424242"]));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no session with id 424242"));
+    let out = topo.output(
+        Side::Host,
+        topo.bulkhead(&["sessions", "replay", &root_id.to_string(), "--speed", "100"]),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("connect") && text.contains("close"), "{text}");
+}
+
+#[test]
+fn export_round_trips_as_json_lines_with_the_daemon_running_and_stopped() {
+    require_root();
+    let topo = Topology::new(ECHO);
+    let _echo = topo.echo_server(Side::Target, format!("{TARGET_V4}:7000").parse().unwrap());
+    let mut daemon = topo.start_daemon(&[]);
+    for _ in 0..3 {
+        governed_connect(&topo, &format!("{TARGET_V4}:7000"), None);
+    }
+    let sessions = wait_closed_sessions(&topo, 3);
+
+    let export = |args: &[&str]| -> Vec<Value> {
+        let mut a = vec!["sessions", "export"];
+        a.extend_from_slice(args);
+        let out = topo.output(Side::Host, topo.bulkhead(&a));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l:?}: {e}")))
+            .collect()
+    };
+    let all = export(&["--since", "1h"]);
+    assert_eq!(all.len(), 6, "connect and close for each session");
+    assert!(all.iter().all(|e| e["v"] == 1
+        && e["session"].is_u64()
+        && e["at_us"].is_u64()
+        && e["type"].is_string()));
+    let event_ids: Vec<u64> = all.iter().map(|e| e["id"].as_u64().unwrap()).collect();
+    assert!(
+        event_ids.windows(2).all(|w| w[0] < w[1]),
+        "oldest first: {event_ids:?}"
+    );
+    let one = sessions[0]["id"].to_string();
+    let running = export(&["--session", &one]);
+    let shown = topo.run_cli(&["sessions", "show", &one, "--json"]).unwrap();
+    assert_eq!(
+        Value::Array(running.clone()),
+        shown["events"],
+        "export equals show"
+    );
+    assert!(export(&["--until", "2000-01-01T00:00:00Z"]).is_empty());
+
+    daemon.terminate();
+    let stopped = export(&["--session", &one]);
+    assert_eq!(
+        stopped, running,
+        "the store read directly gives the same lines"
+    );
+    assert_eq!(export(&["--since", "1h"]).len(), 6);
+}
+
+#[test]
+fn tail_follows_new_events() {
+    require_root();
+    let topo = Topology::new(ECHO);
+    let _echo = topo.echo_server(Side::Target, format!("{TARGET_V4}:7000").parse().unwrap());
+    let _daemon = topo.start_daemon(&[]);
+    let mut tail = topo.spawn(
+        Side::Host,
+        "tail",
+        topo.bulkhead(&["sessions", "tail", "--json"]),
+    );
+    // The tail is subscribed once its first answer is in; give it a moment.
+    std::thread::sleep(Duration::from_millis(300));
+    let client = governed_connect(&topo, &format!("{TARGET_V4}:7000"), None);
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let line = tail
+            .line(Duration::from_secs(5))
+            .unwrap_or_else(|| panic!("tail printed {seen:?}; stderr {}", tail.stderr()));
+        let e: Value = serde_json::from_str(&line).unwrap();
+        seen.push(e);
+    }
+    assert_eq!(seen[0]["type"], "connect");
+    assert_eq!(seen[0]["pid"], client["pid"]);
+    assert_eq!(seen[1]["type"], "close");
+    assert_eq!(seen[0]["session"], seen[1]["session"]);
+}
+
+#[test]
+fn the_control_socket_admits_admins_outside_the_governed_cgroup_only() {
+    require_root();
+    // `nogroup` plays the admin group, so the test needs no group of its own.
+    let topo = Topology::new("");
+    let mut text = std::fs::read_to_string(&topo.config_path).unwrap();
+    text = text.replace("[governed]", "admin_group = \"nogroup\"\n[governed]");
+    std::fs::write(&topo.config_path, text).unwrap();
+    let _daemon = topo.start_daemon(&[]);
+
+    let status_as = |side: Side, user: Option<(u32, u32)>| {
+        topo.output_as(side, user, topo.bulkhead(&["status", "--json"]))
+    };
+
+    let member = status_as(Side::Host, Some((65534, 65534)));
+    assert!(
+        member.status.success(),
+        "a member of the admin group: {}",
+        String::from_utf8_lossy(&member.stderr)
+    );
+    let v: Value = serde_json::from_slice(&member.stdout).unwrap();
+    assert!(v["daemon"].is_object());
+
+    let outsider = status_as(Side::Host, Some((65534, 4242)));
+    assert!(!outsider.status.success());
+    let err = String::from_utf8_lossy(&outsider.stderr);
+    assert!(
+        err.contains("permission denied") && err.contains("`nogroup`"),
+        "{err}"
+    );
+    // Nor may the outsider read the record directly.
+    let list = topo.output_as(
+        Side::Host,
+        Some((65534, 4242)),
+        topo.bulkhead(&["sessions", "list"]),
+    );
+    assert!(
+        !list.status.success(),
+        "{}",
+        String::from_utf8_lossy(&list.stdout)
+    );
+
+    for user in [None, Some((65534, 65534))] {
+        let governed = status_as(Side::Governed, user);
+        assert!(
+            !governed.status.success(),
+            "a governed process ({user:?}) was let in"
+        );
+        let err = String::from_utf8_lossy(&governed.stderr);
+        assert!(err.contains("governed cgroup"), "{user:?}: {err}");
+    }
+}
+
+#[test]
+fn events_older_than_the_flush_interval_survive_kill_9() {
+    require_root();
+    let topo = Topology::new(ECHO);
+    let _echo = topo.echo_server(Side::Target, format!("{TARGET_V4}:7000").parse().unwrap());
+    let mut daemon = topo.start_daemon(&[]);
+    for _ in 0..10 {
+        governed_connect(&topo, &format!("{TARGET_V4}:7000"), None);
+    }
+    let before = wait_closed_sessions(&topo, 10);
+    // The store flushes every 100 ms; wait past that, then kill without warning.
+    std::thread::sleep(Duration::from_millis(300));
+    daemon.kill9();
+    let after = topo.sessions();
+    assert_eq!(
+        after, before,
+        "every session, as it was, read from the store after kill -9"
+    );
+    let out = topo.output(
+        Side::Host,
+        topo.bulkhead(&["sessions", "export", "--since", "1h"]),
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 20);
+}
+
+#[test]
+fn retention_prunes_oldest_sessions_by_size_and_by_age() {
+    require_root();
+    let by_size = Topology::new(&format!(
+        "[store]\nmax_size = \"6KiB\"\nmax_age = \"\"\nprune_interval = \"200ms\"\n{ECHO}"
+    ));
+    let _echo = by_size.echo_server(Side::Target, format!("{TARGET_V4}:7000").parse().unwrap());
+    let _daemon = by_size.start_daemon(&[]);
+    let mut pids = Vec::new();
+    for _ in 0..20 {
+        pids.push(governed_connect(&by_size, &format!("{TARGET_V4}:7000"), None)["pid"].clone());
+    }
+    std::thread::sleep(Duration::from_millis(800));
+    let status = by_size.run_cli(&["status", "--json"]).unwrap();
+    assert!(
+        status["store"]["recorded_bytes"].as_u64().unwrap() <= 6 * 1024,
+        "{status}"
+    );
+    let left = by_size.sessions();
+    assert!(
+        !left.is_empty() && left.len() < 20,
+        "{} sessions left",
+        left.len()
+    );
+    assert_eq!(
+        left[0]["identity"]["pid"],
+        *pids.last().unwrap(),
+        "the newest stays"
+    );
+    let left_pids: Vec<&Value> = left.iter().map(|s| &s["identity"]["pid"]).collect();
+    assert!(!left_pids.contains(&&pids[0]), "the oldest went first");
+
+    let by_age = Topology::new(&format!(
+        "[store]\nmax_age = \"1s\"\nprune_interval = \"200ms\"\n{ECHO}"
+    ));
+    let _echo = by_age.echo_server(Side::Target, format!("{TARGET_V4}:7000").parse().unwrap());
+    let _daemon = by_age.start_daemon(&[]);
+    governed_connect(&by_age, &format!("{TARGET_V4}:7000"), None);
+    wait_closed_sessions(&by_age, 1);
+    std::thread::sleep(Duration::from_millis(1800));
+    assert!(
+        by_age.sessions().is_empty(),
+        "a session older than max_age was kept"
+    );
+    governed_connect(&by_age, &format!("{TARGET_V4}:7000"), None);
+    assert_eq!(wait_closed_sessions(&by_age, 1).len(), 1);
+}
+
+#[test]
+fn terminal_sessions_export_as_asciicast_that_asciinema_plays() {
+    // Terminal events come from the SSH gateway; here they are written through the store's
+    // own API, and the CLI reads the store of a daemon that is not running.
+    let dir = std::env::temp_dir().join(format!("bulkhead-asciicast-{}", std::process::id()));
+    let state = dir.join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let config = dir.join("bulkhead.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[daemon]\nstate_dir = \"{}\"\nrun_dir = \"{}\"\n",
+            state.display(),
+            dir.join("run").display()
+        ),
+    )
+    .unwrap();
+    let id;
+    {
+        let store = SledStore::open(&state.join("sessions.sled")).unwrap();
+        id = store
+            .open(NewSession {
+                started_at_us: bulkhead::record::now_micros(),
+                client: bulkhead::net::ClientAddr("127.0.0.1:40000".parse().unwrap()),
+                destination: bulkhead::net::OrigDstAddr("10.201.0.2:22".parse().unwrap()),
+                target: Some("bastion".into()),
+                protocol: bulkhead::config::Protocol::Ssh,
+                identity: bulkhead::identity::ProcessIdentity::default(),
+            })
+            .unwrap();
+        for chunk in ["$ ls\r\n", "README.md  src\r\n", "$ exit\r\n"] {
+            store
+                .append(id, EventKind::TerminalOutput { data: chunk.into() })
+                .unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        store
+            .close(
+                id,
+                SessionEnd {
+                    ended_at_us: bulkhead::record::now_micros(),
+                    bytes_to_target: 0,
+                    bytes_from_target: 0,
+                    outcome: bulkhead::record::Outcome::Closed,
+                },
+            )
+            .unwrap();
+        store.flush().unwrap();
+    }
+    let cast = dir.join("session.cast");
+    let out = Command::new(bulkhead_tests::bulkhead_bin())
+        .arg("--config")
+        .arg(&config)
+        .args([
+            "sessions",
+            "export",
+            "--session",
+            &id.to_string(),
+            "--format",
+            "asciicast",
+            "-o",
+        ])
+        .arg(&cast)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&cast).unwrap();
+    let header: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    assert_eq!(header["version"], 2);
+    let frames: Vec<Value> = text
+        .lines()
+        .skip(1)
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(frames.len(), 3);
+    assert!(
+        frames
+            .windows(2)
+            .all(|w| w[0][0].as_f64() < w[1][0].as_f64()),
+        "timed: {frames:?}"
+    );
+
+    // `asciinema cat` insists on a terminal: give it one with script(1). The pty turns "\n"
+    // into "\r\n", so compare without carriage returns.
+    let played = Command::new("script")
+        .args([
+            "-qec",
+            &format!("asciinema cat {}", cast.display()),
+            "/dev/null",
+        ])
+        .output()
+        .expect("script (util-linux) and asciinema (installed by scripts/setup.sh)");
+    assert!(
+        played.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&played.stdout),
+        String::from_utf8_lossy(&played.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&played.stdout).replace('\r', ""),
+        "$ ls\nREADME.md  src\n$ exit\n"
+    );
+
+    // Replay prints the same output, paced.
+    let replay = Command::new(bulkhead_tests::bulkhead_bin())
+        .arg("--config")
+        .arg(&config)
+        .args(["sessions", "replay", &id.to_string(), "--speed", "10"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&replay.stdout),
+        "$ ls\r\nREADME.md  src\r\n$ exit\r\n"
+    );
+
+    // A session without terminal output is refused as asciicast, with a hint.
+    let plain;
+    {
+        let store = SledStore::open(&state.join("sessions.sled")).unwrap();
+        plain = store
+            .open(NewSession {
+                started_at_us: bulkhead::record::now_micros(),
+                client: bulkhead::net::ClientAddr("127.0.0.1:40001".parse().unwrap()),
+                destination: bulkhead::net::OrigDstAddr("10.201.0.2:5432".parse().unwrap()),
+                target: None,
+                protocol: bulkhead::config::Protocol::Tcp,
+                identity: bulkhead::identity::ProcessIdentity::default(),
+            })
+            .unwrap();
+        store.flush().unwrap();
+    }
+    let out = Command::new(bulkhead_tests::bulkhead_bin())
+        .arg("--config")
+        .arg(&config)
+        .args([
+            "sessions",
+            "export",
+            "--session",
+            &plain.to_string(),
+            "--format",
+            "asciicast",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--format jsonl"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
