@@ -67,7 +67,9 @@ fn main() -> Result<()> {
                 ],
             )?;
             let bin = root.join("target/release/bench-foundation");
-            run(Command::new(&bin).env("BULKHEAD_BIN", root.join("target/release/bulkhead")))
+            run(Command::new(&bin).env("BULKHEAD_BIN", root.join("target/release/bulkhead")))?;
+            println!();
+            run(&mut Command::new(root.join("target/release/bench-store")))
         }
         Task::Daemon => {
             setup(&root)?;

@@ -35,6 +35,7 @@ pub struct SledStore {
     /// Bytes of keys and values in both trees, kept as writes happen.
     recorded_bytes: AtomicU64,
     session_count: AtomicU64,
+    open_count: AtomicU64,
     event_count: AtomicU64,
 }
 
@@ -94,24 +95,28 @@ impl SledStore {
             tail,
             recorded_bytes: AtomicU64::new(0),
             session_count: AtomicU64::new(0),
+            open_count: AtomicU64::new(0),
             event_count: AtomicU64::new(0),
         };
         // One pass at startup so retention and status need no scans later.
-        let mut bytes = 0u64;
-        for tree in [&store.sessions, &store.events] {
-            let mut n = 0u64;
-            for kv in tree {
-                let (k, v) = kv?;
-                bytes += (k.len() + v.len()) as u64;
-                n += 1;
-            }
-            if std::ptr::eq(tree, &store.sessions) {
-                store.session_count.store(n, Ordering::Relaxed);
-            } else {
-                store.event_count.store(n, Ordering::Relaxed);
+        let (mut bytes, mut sessions, mut open, mut events) = (0u64, 0u64, 0u64, 0u64);
+        for kv in &store.sessions {
+            let (k, v) = kv?;
+            bytes += (k.len() + v.len()) as u64;
+            sessions += 1;
+            if Self::decode_session(&k, &v)?.outcome == Outcome::Open {
+                open += 1;
             }
         }
+        for kv in &store.events {
+            let (k, v) = kv?;
+            bytes += (k.len() + v.len()) as u64;
+            events += 1;
+        }
         store.recorded_bytes.store(bytes, Ordering::Relaxed);
+        store.session_count.store(sessions, Ordering::Relaxed);
+        store.open_count.store(open, Ordering::Relaxed);
+        store.event_count.store(events, Ordering::Relaxed);
         Ok(store)
     }
 
@@ -195,6 +200,7 @@ impl SessionStore for SledStore {
             comm: start.identity.comm.clone(),
         };
         let at = start.started_at_us;
+        self.open_count.fetch_add(1, Ordering::Relaxed);
         self.put_session(&Session {
             id,
             start,
@@ -225,6 +231,9 @@ impl SessionStore for SledStore {
 
     fn close(&self, id: SessionId, end: SessionEnd) -> Result<(), StoreError> {
         let mut session = self.get(id)?.ok_or(StoreError::UnknownSession(id))?;
+        if session.outcome == Outcome::Open {
+            self.open_count.fetch_sub(1, Ordering::Relaxed);
+        }
         session.ended_at_us = Some(end.ended_at_us);
         session.bytes_to_target = end.bytes_to_target;
         session.bytes_from_target = end.bytes_from_target;
@@ -284,18 +293,10 @@ impl SessionStore for SledStore {
     }
 
     fn counts(&self) -> Result<SessionCounts, StoreError> {
-        let mut counts = SessionCounts {
+        Ok(SessionCounts {
             total: self.session_count.load(Ordering::Relaxed),
-            open: 0,
-        };
-        // Open sessions are the newest ones, except those a crash interrupted (marked at start).
-        for kv in self.sessions.iter().rev() {
-            let (k, v) = kv?;
-            if Self::decode_session(&k, &v)?.outcome == Outcome::Open {
-                counts.open += 1;
-            }
-        }
-        Ok(counts)
+            open: self.open_count.load(Ordering::Relaxed),
+        })
     }
 
     fn stats(&self) -> Result<StoreStats, StoreError> {
@@ -356,6 +357,7 @@ impl SessionStore for SledStore {
         }
         for mut s in open.iter().cloned() {
             s.outcome = Outcome::Interrupted;
+            self.open_count.fetch_sub(1, Ordering::Relaxed);
             self.put_session(&s)?;
             self.put_event(
                 s.id,
@@ -591,6 +593,37 @@ mod tests {
         );
         let second = store.open(start(2)).unwrap();
         assert!(second > first, "ids keep increasing across reopen");
+    }
+
+    #[test]
+    fn a_store_with_100k_events_survives_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sled");
+        let n = 25_000u16;
+        let last;
+        {
+            let store = SledStore::open(&path).unwrap();
+            let mut id = SessionId(0);
+            for i in 0..n {
+                id = store.open(start(i % 1000)).unwrap();
+                store.append(id, request(RecordedVerdict::Allow)).unwrap();
+                store.append(id, request(RecordedVerdict::Allow)).unwrap();
+                if i + 1 < n {
+                    store.close(id, end(Outcome::Closed)).unwrap();
+                }
+            }
+            last = id;
+            store.flush().unwrap();
+        }
+        let store = SledStore::open(&path).unwrap();
+        let stats = store.stats().unwrap();
+        assert_eq!((stats.sessions, stats.events, stats.open_sessions), (25_000, 99_999, 1));
+        let newest = store.list(&ListFilter::default(), 50).unwrap();
+        assert_eq!(newest.len(), 50);
+        assert_eq!(newest[0].id, last);
+        assert!(newest.windows(2).all(|w| w[0].id > w[1].id));
+        assert_eq!(store.mark_interrupted().unwrap(), 1);
+        assert_eq!(store.counts().unwrap(), SessionCounts { total: 25_000, open: 0 });
     }
 
     #[test]

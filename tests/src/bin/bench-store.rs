@@ -1,0 +1,115 @@
+//! Session store benchmark: `sessions list` (newest 50) on a store of 100k sessions against the
+//! same query on a store of 1k sessions, measured in the same run; plus reopen time.
+//! Run with `cargo xtask bench` or `cargo run --release -p bulkhead-tests --bin bench-store`.
+
+use std::time::{Duration, Instant};
+
+use bulkhead::{
+    config::Protocol,
+    identity::ProcessIdentity,
+    net::{ClientAddr, OrigDstAddr},
+    record::{EventKind, ListFilter, NewSession, Outcome, RecordedVerdict, SessionEnd, SessionStore as _, SledStore},
+};
+
+const BIG: u32 = 100_000;
+const SMALL: u32 = 1_000;
+const RUNS: usize = 21;
+
+fn fill(store: &SledStore, n: u32) {
+    for i in 0..n {
+        let id = store
+            .open(NewSession {
+                started_at_us: u64::from(i),
+                client: ClientAddr("127.0.0.1:40000".parse().unwrap()),
+                destination: OrigDstAddr("10.0.0.5:5432".parse().unwrap()),
+                target: Some(if i % 2 == 0 { "db" } else { "api" }.into()),
+                protocol: Protocol::Tcp,
+                identity: ProcessIdentity {
+                    pid: i,
+                    uid: i % 7,
+                    comm: "psql".into(),
+                    exe: Some("/usr/bin/psql".into()),
+                    cmdline: vec!["psql".into(), "-h".into(), "db".into()],
+                    ..ProcessIdentity::default()
+                },
+            })
+            .unwrap();
+        if i % 10 == 0 {
+            store
+                .append(
+                    id,
+                    EventKind::Request {
+                        text: "SELECT abalance FROM pgbench_accounts WHERE aid = $1".into(),
+                        class: Some("read".into()),
+                        verdict: RecordedVerdict::Allow,
+                        rules: vec!["read-only".into()],
+                        observed: false,
+                        duration_us: Some(40),
+                        summary: Some("SELECT 1".into()),
+                        error: None,
+                    },
+                )
+                .unwrap();
+        }
+        store
+            .close(
+                id,
+                SessionEnd {
+                    ended_at_us: u64::from(i) + 10,
+                    bytes_to_target: 100,
+                    bytes_from_target: 1000,
+                    outcome: Outcome::Closed,
+                },
+            )
+            .unwrap();
+    }
+    store.flush().unwrap();
+}
+
+fn median_ms(mut f: impl FnMut()) -> f64 {
+    let mut t: Vec<Duration> = (0..RUNS)
+        .map(|_| {
+            let s = Instant::now();
+            f();
+            s.elapsed()
+        })
+        .collect();
+    t.sort();
+    t[RUNS / 2].as_secs_f64() * 1e3
+}
+
+fn main() {
+    let dir = std::env::temp_dir().join(format!("bulkhead-bench-store-{}", std::process::id()));
+    let (big, small) = (dir.join("big"), dir.join("small"));
+    let start = Instant::now();
+    fill(&SledStore::open(&big).unwrap(), BIG);
+    println!("filled {BIG} sessions in {:.1} s", start.elapsed().as_secs_f64());
+    fill(&SledStore::open(&small).unwrap(), SMALL);
+
+    let s = Instant::now();
+    let big_store = SledStore::open(&big).unwrap();
+    let reopen = s.elapsed();
+    let small_store = SledStore::open(&small).unwrap();
+    let stats = big_store.stats().unwrap();
+    println!("reopened {} sessions / {} events in {:.0} ms", stats.sessions, stats.events, reopen.as_secs_f64() * 1e3);
+
+    let all = ListFilter::default();
+    let by_target = ListFilter { target: Some("api".into()), ..ListFilter::default() };
+    let by_uid = ListFilter { uid: Some(3), ..ListFilter::default() };
+    println!();
+    println!("{:<32} {:>12} {:>12} {:>8}", "list newest 50", "1k sessions", "100k", "ratio");
+    for (name, f) in [("no filter", &all), ("--target api", &by_target), ("--uid 3", &by_uid)] {
+        let a = median_ms(|| assert_eq!(small_store.list(f, 50).unwrap().len(), 50));
+        let b = median_ms(|| assert_eq!(big_store.list(f, 50).unwrap().len(), 50));
+        println!("{name:<32} {a:>9.3} ms {b:>9.3} ms {:>7.2}x   (target < 50 ms)", b / a);
+    }
+    let a = median_ms(|| drop(small_store.stats().unwrap()));
+    let b = median_ms(|| drop(big_store.stats().unwrap()));
+    println!("{:<32} {a:>9.3} ms {b:>9.3} ms {:>7.2}x", "status (store stats)", b / a);
+    let newest = big_store.list(&all, 1).unwrap()[0].id;
+    let a = median_ms(|| assert!(!small_store.events(small_store.list(&all, 1).unwrap()[0].id).unwrap().is_empty()));
+    let b = median_ms(|| assert!(!big_store.events(newest).unwrap().is_empty()));
+    println!("{:<32} {a:>9.3} ms {b:>9.3} ms {:>7.2}x", "events of one session", b / a);
+    drop((big_store, small_store));
+    let _ = std::fs::remove_dir_all(&dir);
+}
