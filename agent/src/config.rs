@@ -152,6 +152,17 @@ pub struct Target {
     pub addresses: Vec<TargetAddress>,
     pub protocol: Protocol,
     pub credentials: Option<CredentialRef>,
+    /// PostgreSQL targets: whom the gateway logs in as.
+    pub postgres: Option<PostgresTarget>,
+}
+
+/// How the gateway logs in to a PostgreSQL target. Unset fields take the client's own
+/// startup values (the user and database it asked for).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresTarget {
+    pub user: Option<String>,
+    pub database: Option<String>,
 }
 
 /// `10.0.0.5:5432`, `[fd00::5]:5432` (one socket), or `10.0.0.0/24` (any port in a network).
@@ -392,13 +403,19 @@ impl Config {
                         .map_err(|e| invalid(format!("target[{i}].addresses[{j}]"), e))
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            if t.protocol != Protocol::Tcp {
+            if !matches!(t.protocol, Protocol::Tcp | Protocol::Postgres) {
                 return Err(invalid(
                     format!("target[{i}].protocol"),
                     format!(
-                        "protocol {} is not available in this build yet; use \"tcp\"",
+                        "protocol {} is not available in this build yet; use \"tcp\" or \"postgres\"",
                         t.protocol
                     ),
+                ));
+            }
+            if t.postgres.is_some() && t.protocol != Protocol::Postgres {
+                return Err(invalid(
+                    format!("target[{i}].postgres"),
+                    "only for targets with protocol = \"postgres\"".into(),
                 ));
             }
             if let Some(CredentialRef::Env(name)) = &t.credentials {
@@ -414,6 +431,7 @@ impl Config {
                 addresses,
                 protocol: t.protocol,
                 credentials: t.credentials,
+                postgres: t.postgres,
             });
         }
 
@@ -640,6 +658,8 @@ struct RawTarget {
     protocol: Protocol,
     #[serde(default)]
     credentials: Option<CredentialRef>,
+    #[serde(default)]
+    postgres: Option<PostgresTarget>,
 }
 
 fn default_protocol() -> Protocol {

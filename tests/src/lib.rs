@@ -562,3 +562,147 @@ impl Drop for Topology {
 pub fn cgroup2_mount() -> PathBuf {
     bulkhead::cgroup::cgroup2_mount().expect("a cgroup2 mount")
 }
+
+/// PostgreSQL's server binaries (Debian's postgresql-15).
+pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+/// A PostgreSQL 15 server of the test's own, on the target host, with an admin role whose
+/// password the test generated. Stopped (by pid) when dropped, with the topology's directory.
+pub struct PgServer {
+    pub proc: Proc,
+    pub addr: SocketAddr,
+    pub user: String,
+    pub password: String,
+    pub data: PathBuf,
+}
+
+/// The uid and gid of a system user, from `/etc/passwd`.
+pub fn system_user(name: &str) -> (u32, u32) {
+    let passwd = fs::read_to_string("/etc/passwd").expect("/etc/passwd");
+    passwd
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.first() == Some(&name)).then(|| (f[2].parse().ok(), f[3].parse().ok()))
+        })
+        .and_then(|(u, g)| Some((u?, g?)))
+        .unwrap_or_else(|| panic!("no user {name} (Debian's postgresql package creates it)"))
+}
+
+impl Topology {
+    /// Starts PostgreSQL on `TARGET_V4:5432`, `auth` being the pg_hba method for TCP clients
+    /// (`scram-sha-256`, `md5`, `password`).
+    pub fn postgres(&self, auth: &str) -> PgServer {
+        let (uid, gid) = system_user("postgres");
+        let data = self.dir.join("pgdata");
+        fs::create_dir_all(&data).expect("pgdata");
+        std::os::unix::fs::chown(&data, Some(uid), Some(gid)).expect("chown pgdata");
+        let password = format!(
+            "pw-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let pwfile = self.dir.join("pgpass.txt");
+        fs::write(&pwfile, &password).expect("pwfile");
+        std::os::unix::fs::chown(&pwfile, Some(uid), Some(gid)).expect("chown pwfile");
+        let encryption = if auth == "md5" {
+            "md5"
+        } else {
+            "scram-sha-256"
+        };
+        let mut initdb = Command::new(format!("{PG_BIN}/initdb"));
+        initdb
+            .arg("-D")
+            .arg(&data)
+            .args([
+                "-U",
+                "admin",
+                "--auth-local=trust",
+                "--no-sync",
+                "-E",
+                "UTF8",
+                "--locale=C",
+            ])
+            .arg(format!("--auth-host={auth}"))
+            .arg(format!("--pwfile={}", pwfile.display()));
+        initdb.env("PGPASSWORD_ENCRYPTION", encryption);
+        let out = self.output_as(Side::Target, Some((uid, gid)), initdb);
+        assert!(
+            out.status.success(),
+            "initdb: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let conf = format!(
+            "listen_addresses = '{TARGET_V4}'\nport = 5432\nunix_socket_directories = '{}'\nfsync = off\n\
+             password_encryption = '{encryption}'\nmax_connections = 50\nshared_buffers = 64MB\n",
+            data.display()
+        );
+        let mut text = fs::read_to_string(data.join("postgresql.conf")).expect("postgresql.conf");
+        text.push_str(&conf);
+        fs::write(data.join("postgresql.conf"), text).expect("postgresql.conf");
+        fs::write(
+            data.join("pg_hba.conf"),
+            format!(
+                "local all all trust\nhost all all 0.0.0.0/0 {auth}\nhost all all ::/0 {auth}\n"
+            ),
+        )
+        .expect("pg_hba.conf");
+        let mut cmd = Command::new(format!("{PG_BIN}/postgres"));
+        cmd.arg("-D").arg(&data);
+        let mut proc = self.spawn_as(Side::Target, Some((uid, gid)), "postgres", cmd);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if proc.stderr().contains("ready to accept connections") {
+                break;
+            }
+            if let Ok(Some(status)) = proc.child.try_wait() {
+                panic!("postgres exited ({status}): {}", proc.stderr());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "postgres did not start: {}",
+                proc.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if encryption == "md5" {
+            // initdb stored the password with the default method; store it as md5.
+            let sql =
+                format!("SET password_encryption = 'md5'; ALTER ROLE admin PASSWORD '{password}'");
+            let mut psql = Command::new("psql");
+            psql.args([
+                "-h",
+                &data.display().to_string(),
+                "-U",
+                "admin",
+                "-d",
+                "postgres",
+                "-c",
+                &sql,
+            ]);
+            let out = self.output_as(Side::Target, Some((uid, gid)), psql);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        PgServer {
+            proc,
+            addr: format!("{TARGET_V4}:5432").parse().expect("addr"),
+            user: "admin".into(),
+            password,
+            data,
+        }
+    }
+
+    /// Writes the held password where a target's `credentials = { file = ... }` points.
+    pub fn credential_file(&self, name: &str, secret: &str) -> PathBuf {
+        let path = self.dir.join(format!("{name}.secret"));
+        fs::write(&path, secret).expect("credential file");
+        fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .expect("chmod");
+        path
+    }
+}

@@ -373,6 +373,22 @@ fn timeline_line(e: &Event, start_us: u64) -> String {
             }
             l
         }
+        EventKind::Response {
+            request,
+            duration_us,
+            summary,
+            error,
+        } => format!(
+            "response    to #{request} in {duration_us} us{}{}",
+            summary
+                .as_deref()
+                .map(|s| format!(": {s}"))
+                .unwrap_or_default(),
+            error
+                .as_deref()
+                .map(|e| format!(" error: {e}"))
+                .unwrap_or_default()
+        ),
         EventKind::Approval {
             request,
             state,

@@ -166,6 +166,15 @@ pub enum EventKind {
         summary: Option<String>,
         error: Option<String>,
     },
+    /// How a request went at the target: written when its answer is complete.
+    Response {
+        /// The `request` event's id.
+        request: u64,
+        duration_us: u64,
+        /// Command tags and row count (`SELECT 1 (1 rows)`).
+        summary: Option<String>,
+        error: Option<String>,
+    },
     /// An approval was asked for, granted, refused or expired.
     Approval {
         request: String,
@@ -206,6 +215,7 @@ impl EventKind {
             EventKind::Connect { .. } => "connect",
             EventKind::Auth { .. } => "auth",
             EventKind::Request { .. } => "request",
+            EventKind::Response { .. } => "response",
             EventKind::Approval { .. } => "approval",
             EventKind::TerminalOutput { .. } => "terminal_output",
             EventKind::TerminalInput { .. } => "terminal_input",

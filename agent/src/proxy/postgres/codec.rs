@@ -1,0 +1,408 @@
+//! PostgreSQL v3 wire framing, typed by direction.
+//!
+//! Frames are kept as raw bytes and forwarded untouched; only the fields the gateway decides on
+//! are parsed, once. Every length is checked against a cap before anything is allocated:
+//! negative, too-small or oversized lengths are protocol errors, never panics or huge buffers.
+
+use bytes::{Buf as _, BufMut as _, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt as _};
+
+/// Largest startup packet PostgreSQL itself accepts.
+pub const MAX_STARTUP: usize = 10_000;
+/// Largest frontend message: statement text, bind parameters, COPY data.
+pub const MAX_FRONTEND: usize = 64 << 20;
+/// Largest backend message (a DataRow with big values).
+pub const MAX_BACKEND: usize = 256 << 20;
+
+pub const PROTOCOL_3_0: i32 = 196_608;
+pub const SSL_REQUEST: i32 = 80_877_103;
+pub const GSSENC_REQUEST: i32 = 80_877_104;
+pub const CANCEL_REQUEST: i32 = 80_877_102;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    #[error("{side} sent a message with invalid length {len}")]
+    BadLength { side: &'static str, len: i64 },
+    #[error("{side} sent a {len}-byte message; the limit is {max}")]
+    TooLong { side: &'static str, len: usize, max: usize },
+    #[error("malformed {what} message")]
+    Malformed { what: &'static str },
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// One tagged message: tag byte and body (without the length).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub tag: u8,
+    pub body: Bytes,
+    /// The whole frame as received (tag, length, body), for forwarding without re-encoding.
+    pub raw: Bytes,
+}
+
+/// Reads frames from one side into a reusable buffer.
+pub struct FrameReader<R> {
+    io: R,
+    buf: BytesMut,
+    side: &'static str,
+    max: usize,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    pub fn new(io: R, side: &'static str, max: usize) -> Self {
+        Self {
+            io,
+            buf: BytesMut::with_capacity(16 * 1024),
+            side,
+            max,
+        }
+    }
+
+    /// Whether a whole frame is already buffered (so the caller may delay flushing).
+    pub fn has_frame(&self) -> bool {
+        if self.buf.len() < 5 {
+            return false;
+        }
+        let len = i32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]);
+        usize::try_from(len).is_ok_and(|l| self.buf.len() > l)
+    }
+
+    async fn fill(&mut self, want: usize) -> Result<bool, CodecError> {
+        while self.buf.len() < want {
+            self.buf.reserve(want - self.buf.len());
+            if self.io.read_buf(&mut self.buf).await? == 0 {
+                if self.buf.is_empty() {
+                    return Ok(false);
+                }
+                return Err(CodecError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+        }
+        Ok(true)
+    }
+
+    /// The next tagged frame; `None` on a clean EOF between frames.
+    pub async fn next(&mut self) -> Result<Option<Frame>, CodecError> {
+        if !self.fill(5).await? {
+            return Ok(None);
+        }
+        let tag = self.buf[0];
+        let len = i32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]);
+        let body_len = checked_len(self.side, len, self.max)?;
+        self.fill(5 + body_len).await?;
+        let raw = self.buf.split_to(5 + body_len).freeze();
+        let body = raw.slice(5..);
+        Ok(Some(Frame { tag, body, raw }))
+    }
+
+    /// An untagged startup-phase packet (StartupMessage, SSLRequest, CancelRequest): the
+    /// body after the length.
+    pub async fn startup(&mut self) -> Result<Option<Bytes>, CodecError> {
+        if !self.fill(4).await? {
+            return Ok(None);
+        }
+        let len = i32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]);
+        let body_len = checked_len(self.side, len, MAX_STARTUP)?;
+        if body_len < 4 {
+            return Err(CodecError::BadLength { side: self.side, len: i64::from(len) });
+        }
+        self.fill(4 + body_len).await?;
+        let mut packet = self.buf.split_to(4 + body_len);
+        packet.advance(4);
+        Ok(Some(packet.freeze()))
+    }
+
+    /// Bytes read but not yet framed (after a TLS upgrade these must be empty).
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    pub fn into_inner(self) -> R {
+        self.io
+    }
+}
+
+/// The body length for a declared length (which counts itself), within `max`.
+fn checked_len(side: &'static str, len: i32, max: usize) -> Result<usize, CodecError> {
+    let Ok(total) = usize::try_from(len) else {
+        return Err(CodecError::BadLength { side, len: i64::from(len) });
+    };
+    if total < 4 {
+        return Err(CodecError::BadLength { side, len: i64::from(len) });
+    }
+    if total - 4 > max {
+        return Err(CodecError::TooLong { side, len: total - 4, max });
+    }
+    Ok(total - 4)
+}
+
+/// A NUL-terminated string at the front of `buf`, advancing past it.
+pub fn take_cstr<'a>(buf: &mut &'a [u8], what: &'static str) -> Result<&'a str, CodecError> {
+    let end = buf.iter().position(|b| *b == 0).ok_or(CodecError::Malformed { what })?;
+    let s = std::str::from_utf8(&buf[..end]).map_err(|_| CodecError::Malformed { what })?;
+    *buf = &buf[end + 1..];
+    Ok(s)
+}
+
+/// A parsed StartupMessage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Startup {
+    pub params: Vec<(String, String)>,
+}
+
+impl Startup {
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.params.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+}
+
+/// What the client's first packet asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartupPacket {
+    Ssl,
+    GssEnc,
+    Cancel { pid: i32, secret: i32 },
+    Startup(Startup),
+}
+
+pub fn parse_startup(packet: &[u8]) -> Result<StartupPacket, CodecError> {
+    let malformed = CodecError::Malformed { what: "startup" };
+    if packet.len() < 4 {
+        return Err(malformed);
+    }
+    let code = i32::from_be_bytes([packet[0], packet[1], packet[2], packet[3]]);
+    let mut rest = &packet[4..];
+    match code {
+        SSL_REQUEST => Ok(StartupPacket::Ssl),
+        GSSENC_REQUEST => Ok(StartupPacket::GssEnc),
+        CANCEL_REQUEST => {
+            if rest.len() < 8 {
+                return Err(malformed);
+            }
+            let pid = rest.get_i32();
+            let secret = rest.get_i32();
+            Ok(StartupPacket::Cancel { pid, secret })
+        }
+        PROTOCOL_3_0 => {
+            let mut params = Vec::new();
+            loop {
+                let key = take_cstr(&mut rest, "startup")?;
+                if key.is_empty() {
+                    break;
+                }
+                let value = take_cstr(&mut rest, "startup")?;
+                params.push((key.to_string(), value.to_string()));
+            }
+            Ok(StartupPacket::Startup(Startup { params }))
+        }
+        _ => Err(malformed),
+    }
+}
+
+// Frontend messages the gateway decides on.
+
+/// Query ('Q'): the SQL text.
+pub fn query_text(body: &[u8]) -> Result<&str, CodecError> {
+    let mut b = body;
+    take_cstr(&mut b, "Query")
+}
+
+/// Parse ('P'): statement name and SQL text.
+pub fn parse_message(body: &[u8]) -> Result<(&str, &str), CodecError> {
+    let mut b = body;
+    let name = take_cstr(&mut b, "Parse")?;
+    let sql = take_cstr(&mut b, "Parse")?;
+    Ok((name, sql))
+}
+
+/// Bind ('B'): portal and statement names.
+pub fn bind_names(body: &[u8]) -> Result<(&str, &str), CodecError> {
+    let mut b = body;
+    let portal = take_cstr(&mut b, "Bind")?;
+    let statement = take_cstr(&mut b, "Bind")?;
+    Ok((portal, statement))
+}
+
+/// Execute ('E'): portal name.
+pub fn execute_portal(body: &[u8]) -> Result<&str, CodecError> {
+    let mut b = body;
+    take_cstr(&mut b, "Execute")
+}
+
+/// Close ('C') / Describe ('D'): kind ('S' statement, 'P' portal) and name.
+pub fn close_target(body: &[u8]) -> Result<(u8, &str), CodecError> {
+    let (&kind, mut rest) = body.split_first().ok_or(CodecError::Malformed { what: "Close" })?;
+    Ok((kind, take_cstr(&mut rest, "Close")?))
+}
+
+// Backend messages.
+
+/// ReadyForQuery ('Z'): transaction status (`I`, `T` or `E`).
+pub fn ready_status(body: &[u8]) -> u8 {
+    body.first().copied().unwrap_or(b'I')
+}
+
+/// CommandComplete ('C'): the tag (`SELECT 1`, `INSERT 0 1`...).
+pub fn command_tag(body: &[u8]) -> &str {
+    let mut b = body;
+    take_cstr(&mut b, "CommandComplete").unwrap_or("")
+}
+
+/// Fields of an ErrorResponse / NoticeResponse: (code byte, value).
+pub fn error_fields(body: &[u8]) -> Vec<(u8, String)> {
+    let mut out = Vec::new();
+    let mut b = body;
+    while let Some((&code, rest)) = b.split_first() {
+        if code == 0 {
+            break;
+        }
+        b = rest;
+        match take_cstr(&mut b, "ErrorResponse") {
+            Ok(v) => out.push((code, v.to_string())),
+            Err(_) => break,
+        }
+    }
+    out
+}
+
+// Builders for what the gateway says itself.
+
+fn frame(tag: u8, body: impl FnOnce(&mut BytesMut)) -> Bytes {
+    let mut buf = BytesMut::with_capacity(64);
+    buf.put_u8(tag);
+    buf.put_i32(0);
+    body(&mut buf);
+    let len = i32::try_from(buf.len() - 1).unwrap_or(i32::MAX);
+    buf[1..5].copy_from_slice(&len.to_be_bytes());
+    buf.freeze()
+}
+
+fn put_cstr(buf: &mut BytesMut, s: &str) {
+    // A NUL inside would end the field early; the peer would misparse the rest.
+    buf.put_slice(s.replace('\0', " ").as_bytes());
+    buf.put_u8(0);
+}
+
+/// ErrorResponse with severity ERROR, a SQLSTATE and a message.
+pub fn error_response(sqlstate: &str, message: &str) -> Bytes {
+    frame(b'E', |b| {
+        for (code, value) in [(b'S', "ERROR"), (b'V', "ERROR"), (b'C', sqlstate), (b'M', message)] {
+            b.put_u8(code);
+            put_cstr(b, value);
+        }
+        b.put_u8(0);
+    })
+}
+
+/// FATAL ErrorResponse, for refusing a connection during startup.
+pub fn fatal_response(sqlstate: &str, message: &str) -> Bytes {
+    frame(b'E', |b| {
+        for (code, value) in [(b'S', "FATAL"), (b'V', "FATAL"), (b'C', sqlstate), (b'M', message)] {
+            b.put_u8(code);
+            put_cstr(b, value);
+        }
+        b.put_u8(0);
+    })
+}
+
+pub fn authentication_ok() -> Bytes {
+    frame(b'R', |b| b.put_i32(0))
+}
+
+pub fn backend_key_data(pid: i32, secret: i32) -> Bytes {
+    frame(b'K', |b| {
+        b.put_i32(pid);
+        b.put_i32(secret);
+    })
+}
+
+pub fn ready_for_query(status: u8) -> Bytes {
+    frame(b'Z', |b| b.put_u8(status))
+}
+
+pub fn query(sql: &str) -> Bytes {
+    frame(b'Q', |b| put_cstr(b, sql))
+}
+
+pub fn terminate() -> Bytes {
+    frame(b'X', |_| {})
+}
+
+/// Parse of `sql` as statement `name`, with no parameter types.
+pub fn parse(name: &str, sql: &str) -> Bytes {
+    frame(b'P', |b| {
+        put_cstr(b, name);
+        put_cstr(b, sql);
+        b.put_i16(0);
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn read_all(bytes: &[u8], max: usize) -> Result<Vec<Frame>, CodecError> {
+        let mut r = FrameReader::new(bytes, "client", max);
+        let mut out = Vec::new();
+        while let Some(f) = r.next().await? {
+            out.push(f);
+        }
+        Ok(out)
+    }
+
+    #[tokio::test]
+    async fn frames_round_trip_and_keep_their_raw_bytes() {
+        let mut wire = Vec::new();
+        wire.extend_from_slice(&query("SELECT 1"));
+        wire.extend_from_slice(&parse("s1", "SELECT $1"));
+        wire.extend_from_slice(&ready_for_query(b'T'));
+        let frames = read_all(&wire, MAX_FRONTEND).await.unwrap();
+        assert_eq!(frames.len(), 3);
+        assert_eq!(query_text(&frames[0].body).unwrap(), "SELECT 1");
+        assert_eq!(parse_message(&frames[1].body).unwrap(), ("s1", "SELECT $1"));
+        assert_eq!(ready_status(&frames[2].body), b'T');
+        let joined: Vec<u8> = frames.iter().flat_map(|f| f.raw.iter().copied()).collect();
+        assert_eq!(joined, wire);
+    }
+
+    #[tokio::test]
+    async fn bad_lengths_are_errors_not_allocations() {
+        for len in [-1i32, 0, 3, i32::MIN] {
+            let mut wire = vec![b'Q'];
+            wire.extend_from_slice(&len.to_be_bytes());
+            assert!(matches!(read_all(&wire, MAX_FRONTEND).await, Err(CodecError::BadLength { .. })), "{len}");
+        }
+        let mut wire = vec![b'Q'];
+        wire.extend_from_slice(&i32::MAX.to_be_bytes());
+        assert!(matches!(read_all(&wire, MAX_FRONTEND).await, Err(CodecError::TooLong { .. })));
+        // Truncated: EOF in the middle of a frame.
+        let q = query("SELECT 1");
+        assert!(matches!(read_all(&q[..q.len() - 2], MAX_FRONTEND).await, Err(CodecError::Io(_))));
+    }
+
+    #[test]
+    fn startup_packets_parse_and_garbage_does_not() {
+        let mut sm = BytesMut::new();
+        postgres_protocol::message::frontend::startup_message([("user", "alice"), ("database", "shop")], &mut sm).unwrap();
+        let StartupPacket::Startup(s) = parse_startup(&sm[4..]).unwrap() else { panic!() };
+        assert_eq!((s.get("user"), s.get("database")), (Some("alice"), Some("shop")));
+        let mut ssl = BytesMut::new();
+        postgres_protocol::message::frontend::ssl_request(&mut ssl);
+        assert_eq!(parse_startup(&ssl[4..]).unwrap(), StartupPacket::Ssl);
+        let mut cancel = BytesMut::new();
+        postgres_protocol::message::frontend::cancel_request(7, 9, &mut cancel);
+        assert_eq!(parse_startup(&cancel[4..]).unwrap(), StartupPacket::Cancel { pid: 7, secret: 9 });
+        for bad in [&b""[..], &b"\x00\x03\x00\x00user\x00"[..], &b"\x00\x00\x00\x01"[..], &b"\x04\xd2\x16\x2e\x00"[..]] {
+            assert!(parse_startup(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn error_responses_carry_sqlstate_and_message() {
+        let e = error_response("42501", "denied by policy: no DDL");
+        let fields = error_fields(&e[5..]);
+        assert!(fields.contains(&(b'C', "42501".into())));
+        assert!(fields.contains(&(b'M', "denied by policy: no DDL".into())));
+        assert_eq!(command_tag(b"INSERT 0 1\0"), "INSERT 0 1");
+        assert!(error_fields(b"Sunterminated").is_empty(), "an unterminated field is dropped");
+    }
+}

@@ -1,0 +1,624 @@
+//! The PostgreSQL gateway: accept → identify → decide → forward → record, per statement.
+//!
+//! The client is answered by the gateway itself at startup (it never authenticates to the
+//! target and never sees the held password); the gateway logs in upstream, then relays frames,
+//! deciding each simple Query and each Parse before it is forwarded.
+//!
+//! A denied statement is not answered by the gateway out of band, which could overtake the
+//! target's answers to earlier pipelined messages. It is replaced, in place, by a statement
+//! that cannot parse and carries a nonce (`BULKHEAD_DENIED_<n>`): the target rejects it at
+//! parse time, executing nothing, and produces its ErrorResponse exactly where the denied
+//! statement's answer belongs, with exactly the transaction effects a real error has (failed
+//! transaction block, skip to Sync in extended mode). On the way back the gateway swaps that
+//! error for SQLSTATE 42501 and the policy's message.
+
+pub mod codec;
+mod upstream;
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, PoisonError,
+    },
+    time::Instant,
+};
+
+use bytes::Bytes;
+use tokio::{
+    io::{AsyncWrite, AsyncWriteExt as _, BufWriter},
+    net::TcpStream,
+};
+use tracing::{debug, info, warn};
+
+use self::codec::{CodecError, FrameReader, StartupPacket};
+use super::Gateway;
+use crate::{
+    config::{CredentialRef, Protocol, Target},
+    identity::ProcessIdentity,
+    net::OrigDstAddr,
+    policy::{self, Action, PreparedStatements, TargetRef, Verdict},
+    record::{now_micros, EventKind, Outcome, RecordedVerdict, SessionEnd, SessionId},
+};
+
+/// The prefix of the statement that stands in for a denied one.
+const DENIED_MARK: &str = "BULKHEAD_DENIED_";
+
+/// Cancel keys the gateway handed to clients, mapped to the target's own.
+#[derive(Default)]
+pub struct CancelKeys {
+    map: Mutex<HashMap<(i32, i32), (OrigDstAddr, i32, i32)>>,
+}
+
+impl CancelKeys {
+    fn issue(&self, upstream: OrigDstAddr, key: (i32, i32)) -> (i32, i32) {
+        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            let ours = (random_i32(), random_i32());
+            if ours.0 > 0 && !map.contains_key(&ours) {
+                map.insert(ours, (upstream, key.0, key.1));
+                return ours;
+            }
+        }
+    }
+
+    fn take(&self, ours: (i32, i32)) -> Option<(OrigDstAddr, i32, i32)> {
+        self.map.lock().unwrap_or_else(PoisonError::into_inner).get(&ours).copied()
+    }
+
+    fn forget(&self, ours: (i32, i32)) {
+        self.map.lock().unwrap_or_else(PoisonError::into_inner).remove(&ours);
+    }
+}
+
+fn random_i32() -> i32 {
+    // A failing system RNG leaves a predictable key; cancel keys are not a security boundary
+    // (the target's own key stays with the gateway), so fall back rather than refuse service.
+    getrandom::u32().map_or_else(|_| i32::try_from(now_micros() & 0x7fff_ffff).unwrap_or(1), |v| (v >> 1) as i32)
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("client: {0}")]
+    Client(CodecError),
+    #[error("target: {0}")]
+    Target(CodecError),
+    #[error("client: unexpected message {0:?}")]
+    UnexpectedFrontend(char),
+}
+
+/// What the server-side loop must do with answers, in the order the client sent requests.
+enum Pending {
+    /// A simple Query: completes at ReadyForQuery.
+    Query { request: u64, started: Instant, tags: Vec<String>, error: Option<String> },
+    /// An Execute: completes at CommandComplete / ErrorResponse / PortalSuspended / EmptyQuery.
+    Execute { request: u64, started: Instant },
+    /// A Sync: executes still queued at its ReadyForQuery were skipped after an error.
+    Sync,
+}
+
+/// State shared by the two directions of one session.
+struct Shared {
+    pending: Mutex<VecDeque<Pending>>,
+    /// Nonce → the policy's message, for denied statements in flight.
+    denied: Mutex<HashMap<u64, String>>,
+}
+
+/// Serves one PostgreSQL session on an accepted, identified connection.
+pub async fn serve(
+    gw: &Gateway,
+    client: TcpStream,
+    target: &Target,
+    identity: &ProcessIdentity,
+    session: SessionId,
+    destination: OrigDstAddr,
+) -> SessionEnd {
+    let _ = client.set_nodelay(true);
+    let (cr, cw) = client.into_split();
+    let mut creader = FrameReader::new(cr, "client", codec::MAX_FRONTEND);
+    let mut cwriter = BufWriter::with_capacity(64 * 1024, cw);
+    let mut up_bytes = 0u64;
+    let mut down_bytes = 0u64;
+    let end = |up, down, outcome| SessionEnd {
+        ended_at_us: now_micros(),
+        bytes_to_target: up,
+        bytes_from_target: down,
+        outcome,
+    };
+
+    // Startup: TLS and GSS encryption are declined (the client falls back to plain text on
+    // loopback); a CancelRequest is mapped to the target's own key.
+    let startup = loop {
+        let packet = match creader.startup().await {
+            Ok(Some(p)) => p,
+            Ok(None) => return end(0, 0, Outcome::Closed),
+            Err(e) => return end(0, 0, Outcome::Failed { error: format!("client startup: {e}") }),
+        };
+        match codec::parse_startup(&packet) {
+            Ok(StartupPacket::Ssl | StartupPacket::GssEnc) => {
+                if cwriter.write_all(b"N").await.and(cwriter.flush().await).is_err() {
+                    return end(0, 0, Outcome::Closed);
+                }
+            }
+            Ok(StartupPacket::Cancel { pid, secret }) => {
+                let outcome = cancel(gw, session, (pid, secret)).await;
+                return end(0, 0, outcome);
+            }
+            Ok(StartupPacket::Startup(s)) => break s,
+            Err(e) => {
+                let _ = cwriter.write_all(&codec::fatal_response("08P01", &format!("bulkhead: {e}"))).await;
+                let _ = cwriter.flush().await;
+                return end(0, 0, Outcome::Failed { error: format!("client startup: {e}") });
+            }
+        }
+    };
+
+    let client_user = startup.get("user").unwrap_or("").to_string();
+    let client_db = startup.get("database").unwrap_or(&client_user).to_string();
+    let pg = target.postgres.clone().unwrap_or_default();
+    let user = pg.user.clone().unwrap_or_else(|| client_user.clone());
+    let database = pg.database.clone().unwrap_or_else(|| client_db.clone());
+    let record = |kind: EventKind| {
+        if let Err(e) = gw.store.append(session, kind) {
+            warn!(error = %e, "cannot record an event");
+        }
+    };
+    record(EventKind::Auth {
+        side: "client".into(),
+        user: Some(client_user.clone()),
+        method: format!("kernel identity (database {client_db})"),
+        ok: true,
+    });
+
+    // Connection-level policy: may this identity talk to this target at all?
+    let policy = gw.policy.current();
+    let decision = policy.evaluate(&policy::Request {
+        target: TargetRef { name: &target.name, protocol: Protocol::Postgres },
+        identity,
+        action: Action::Connect,
+    });
+    if decision.verdict == Verdict::Deny {
+        let message = decision.message.clone().unwrap_or_else(|| "connection denied by policy".into());
+        record(EventKind::Request {
+            text: format!("connect as {client_user} to {client_db}"),
+            class: Some("connect".into()),
+            verdict: RecordedVerdict::Deny,
+            rules: decision.rules.clone(),
+            observed: false,
+            duration_us: None,
+            summary: None,
+            error: None,
+        });
+        let _ = cwriter.write_all(&codec::fatal_response("42501", &format!("bulkhead: {message}"))).await;
+        let _ = cwriter.flush().await;
+        return end(0, 0, Outcome::Refused { reason: message });
+    }
+
+    let password = match read_credential(target.credentials.as_ref()) {
+        Ok(p) => p,
+        Err(e) => {
+            warn!(error = %e, "cannot read the target's credentials");
+            let _ = cwriter
+                .write_all(&codec::fatal_response("28000", "bulkhead: the gateway cannot read this target's credentials"))
+                .await;
+            let _ = cwriter.flush().await;
+            return end(0, 0, Outcome::UpstreamFailed { error: e });
+        }
+    };
+    let extra: Vec<(String, String)> = startup.params.clone();
+    let up = match upstream::login(destination, &user, &database, &extra, password.as_deref()).await {
+        Ok(u) => u,
+        Err(e) => {
+            record(EventKind::Auth { side: "upstream".into(), user: Some(user.clone()), method: "login".into(), ok: false });
+            let _ = cwriter.write_all(&codec::fatal_response("08006", &format!("bulkhead: {e}"))).await;
+            let _ = cwriter.flush().await;
+            return end(0, 0, Outcome::UpstreamFailed { error: e.to_string() });
+        }
+    };
+    record(EventKind::Auth {
+        side: "upstream".into(),
+        user: Some(format!("{user}@{database}")),
+        method: up.method.into(),
+        ok: true,
+    });
+    info!(user = %client_user, upstream_user = %user, database = %database, method = up.method, "postgres session started");
+
+    // The client's greeting: authenticated (by its kernel identity), the target's parameters,
+    // a cancel key of the gateway's own, ready.
+    let ours = up.backend_key.map(|k| gw.pg_cancels.issue(destination, k));
+    let mut greeting = Vec::with_capacity(up.greeting.len() + 3);
+    greeting.push(codec::authentication_ok());
+    greeting.extend(up.greeting.iter().cloned());
+    if let Some((pid, secret)) = ours {
+        greeting.push(codec::backend_key_data(pid, secret));
+    }
+    greeting.push(codec::ready_for_query(b'I'));
+    for g in &greeting {
+        down_bytes += g.len() as u64;
+        if cwriter.write_all(g).await.is_err() {
+            return end(0, down_bytes, Outcome::Closed);
+        }
+    }
+    if cwriter.flush().await.is_err() {
+        return end(0, down_bytes, Outcome::Closed);
+    }
+
+    let shared = Shared {
+        pending: Mutex::new(VecDeque::new()),
+        denied: Mutex::new(HashMap::new()),
+    };
+    let upstream::Upstream { reader: mut ureader, writer: uw, .. } = up;
+    let mut uwriter = BufWriter::with_capacity(64 * 1024, uw);
+    let up_count = AtomicU64::new(0);
+    let down_count = AtomicU64::new(down_bytes);
+    let ctx = Ctx {
+        gw,
+        target,
+        identity,
+        session,
+        shared: &shared,
+    };
+
+    let client_side = ctx.client_to_target(&mut creader, &mut uwriter, &up_count);
+    let target_side = ctx.target_to_client(&mut ureader, &mut cwriter, &down_count);
+    tokio::pin!(client_side, target_side);
+    let result = tokio::select! {
+        r = &mut client_side => {
+            // The client is done and the target was told (Terminate): let its last answers
+            // through.
+            match tokio::time::timeout(std::time::Duration::from_secs(5), &mut target_side).await {
+                Ok(t) => r.and(t),
+                Err(_) => r,
+            }
+        }
+        r = &mut target_side => r,
+    };
+    if let Some(k) = ours {
+        gw.pg_cancels.forget(k);
+    }
+    up_bytes = up_count.load(Ordering::Relaxed);
+    down_bytes = down_count.load(Ordering::Relaxed);
+    let outcome = match result {
+        Ok(()) => Outcome::Closed,
+        Err(e) => {
+            debug!(error = %e, "postgres session ended with an error");
+            Outcome::Failed { error: e.to_string() }
+        }
+    };
+    end(up_bytes, down_bytes, outcome)
+}
+
+struct Ctx<'a> {
+    gw: &'a Gateway,
+    target: &'a Target,
+    identity: &'a ProcessIdentity,
+    session: SessionId,
+    shared: &'a Shared,
+}
+
+/// The gateway's verdict on one statement, as applied.
+struct Applied {
+    forward: bool,
+    message: String,
+}
+
+impl Ctx<'_> {
+    fn record(&self, kind: EventKind) -> u64 {
+        match self.gw.store.append(self.session, kind) {
+            Ok(id) => id,
+            Err(e) => {
+                warn!(error = %e, "cannot record an event");
+                0
+            }
+        }
+    }
+
+    /// Decides `sql`, records the decision (before anything is forwarded), and says whether to
+    /// forward it.
+    async fn decide(&self, sql: &str, prepared: &mut PreparedStatements, statement: Option<&str>) -> (Applied, u64) {
+        let classification = self.gw.sql_cache.classify(sql, Some(prepared));
+        for (name, what) in &classification.prepared {
+            prepared.insert(name, Arc::clone(what));
+        }
+        if let Some(name) = statement.filter(|n| !n.is_empty()) {
+            prepared.insert(name, Arc::clone(&classification));
+        }
+        let policy = self.gw.policy.current();
+        let decision = policy.evaluate(&policy::Request {
+            target: TargetRef { name: &self.target.name, protocol: Protocol::Postgres },
+            identity: self.identity,
+            action: Action::SqlClassified(&classification),
+        });
+        let class = classification.headline().map(|c| c.name().to_string());
+        let recorded = match decision.verdict {
+            Verdict::Allow => RecordedVerdict::Allow,
+            Verdict::Deny => RecordedVerdict::Deny,
+            Verdict::Approve => RecordedVerdict::Approve,
+        };
+        let request = self.record(EventKind::Request {
+            text: crate::record::bounded(sql),
+            class,
+            verdict: recorded,
+            rules: decision.rules.clone(),
+            observed: decision.observe_only,
+            duration_us: None,
+            summary: None,
+            error: None,
+        });
+        let message = decision
+            .message
+            .clone()
+            .unwrap_or_else(|| format!("statement denied by policy ({})", decision.rules.join(", ")));
+        let applied = match decision.verdict {
+            Verdict::Allow => Applied { forward: true, message },
+            Verdict::Deny => Applied { forward: false, message },
+            Verdict::Approve => self.approve(sql, &decision, request).await,
+        };
+        (applied, request)
+    }
+
+    /// Holds the statement until an admin decides (or it expires).
+    async fn approve(&self, sql: &str, decision: &policy::Decision, _request: u64) -> Applied {
+        let rule = decision.rules.first().cloned().unwrap_or_default();
+        let timeout = decision.approval_timeout.unwrap_or(policy::DEFAULT_APPROVAL_TIMEOUT);
+        let outcome = self
+            .gw
+            .approvals
+            .request(crate::approval::ApprovalRequest {
+                session: self.session,
+                identity: crate::approval::ApprovalIdentity::of(self.identity),
+                target: self.target.name.clone(),
+                protocol: Protocol::Postgres,
+                text: crate::record::bounded(sql),
+                rule,
+                timeout,
+            })
+            .await;
+        match outcome {
+            crate::approval::ApprovalOutcome::Approved { .. } => Applied { forward: true, message: String::new() },
+            other => Applied { forward: false, message: other.client_message() },
+        }
+    }
+
+    /// A stand-in that the target rejects at parse time, remembered with `message`.
+    fn denied_standin(&self, message: String) -> String {
+        let nonce = getrandom::u64().unwrap_or_else(|_| now_micros());
+        self.shared.denied.lock().unwrap_or_else(PoisonError::into_inner).insert(nonce, message);
+        format!("{DENIED_MARK}{nonce}")
+    }
+
+    fn push(&self, p: Pending) {
+        self.shared.pending.lock().unwrap_or_else(PoisonError::into_inner).push_back(p);
+    }
+
+    async fn client_to_target<R, W>(&self, reader: &mut FrameReader<R>, writer: &mut BufWriter<W>, count: &AtomicU64) -> Result<(), SessionError>
+    where
+        R: tokio::io::AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let mut prepared = PreparedStatements::default();
+        // Portal → statement, so an Execute can be attributed to its Parse's request.
+        let mut portals: HashMap<String, u64> = HashMap::new();
+        let mut statements: HashMap<String, u64> = HashMap::new();
+        loop {
+            if !reader.has_frame() {
+                writer.flush().await.map_err(|e| SessionError::Target(e.into()))?;
+            }
+            let Some(frame) = reader.next().await.map_err(SessionError::Client)? else {
+                // The client went away without saying goodbye: end the target's session too.
+                let x = codec::terminate();
+                writer.write_all(&x).await.map_err(|e| SessionError::Target(e.into()))?;
+                writer.flush().await.map_err(|e| SessionError::Target(e.into()))?;
+                return Ok(());
+            };
+            let mut out: Bytes = frame.raw.clone();
+            match frame.tag {
+                b'Q' => {
+                    let sql = codec::query_text(&frame.body).map_err(SessionError::Client)?;
+                    let (applied, request) = self.decide(sql, &mut prepared, None).await;
+                    if !applied.forward {
+                        out = codec::query(&self.denied_standin(applied.message));
+                    }
+                    self.push(Pending::Query { request, started: Instant::now(), tags: Vec::new(), error: None });
+                }
+                b'P' => {
+                    let (name, sql) = codec::parse_message(&frame.body).map_err(SessionError::Client)?;
+                    let name = name.to_string();
+                    let (applied, request) = self.decide(sql, &mut prepared, Some(&name)).await;
+                    if !applied.forward {
+                        out = codec::parse(&name, &self.denied_standin(applied.message));
+                    }
+                    statements.insert(name, request);
+                }
+                b'B' => {
+                    let (portal, statement) = codec::bind_names(&frame.body).map_err(SessionError::Client)?;
+                    let request = statements.get(statement).copied().unwrap_or(0);
+                    portals.insert(portal.to_string(), request);
+                }
+                b'E' => {
+                    let portal = codec::execute_portal(&frame.body).map_err(SessionError::Client)?;
+                    let request = portals.get(portal).copied().unwrap_or(0);
+                    self.push(Pending::Execute { request, started: Instant::now() });
+                }
+                b'S' => self.push(Pending::Sync),
+                b'C' => {
+                    let (kind, name) = codec::close_target(&frame.body).map_err(SessionError::Client)?;
+                    if kind == b'S' {
+                        prepared.remove(name);
+                        statements.remove(name);
+                    } else {
+                        portals.remove(name);
+                    }
+                }
+                b'F' => {
+                    // Fastpath function calls name functions by OID: nothing to judge them by.
+                    let request = self.record(EventKind::Request {
+                        text: "fastpath function call".into(),
+                        class: Some("unknown".into()),
+                        verdict: RecordedVerdict::Deny,
+                        rules: Vec::new(),
+                        observed: false,
+                        duration_us: None,
+                        summary: None,
+                        error: None,
+                    });
+                    out = codec::query(&self.denied_standin("fastpath function calls are not allowed through the gateway".into()));
+                    self.push(Pending::Query { request, started: Instant::now(), tags: Vec::new(), error: None });
+                }
+                b'D' | b'H' | b'd' | b'c' | b'f' => {}
+                b'X' => {
+                    writer.write_all(&out).await.map_err(|e| SessionError::Target(e.into()))?;
+                    writer.flush().await.map_err(|e| SessionError::Target(e.into()))?;
+                    count.fetch_add(out.len() as u64, Ordering::Relaxed);
+                    return Ok(());
+                }
+                other => return Err(SessionError::UnexpectedFrontend(char::from(other))),
+            }
+            count.fetch_add(out.len() as u64, Ordering::Relaxed);
+            writer.write_all(&out).await.map_err(|e| SessionError::Target(e.into()))?;
+        }
+    }
+
+    async fn target_to_client<R, W>(&self, reader: &mut FrameReader<R>, writer: &mut BufWriter<W>, count: &AtomicU64) -> Result<(), SessionError>
+    where
+        R: tokio::io::AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        loop {
+            if !reader.has_frame() {
+                writer.flush().await.map_err(|e| SessionError::Client(e.into()))?;
+            }
+            let Some(frame) = reader.next().await.map_err(SessionError::Target)? else {
+                return Ok(());
+            };
+            let mut out = frame.raw.clone();
+            match frame.tag {
+                b'E' => {
+                    let fields = codec::error_fields(&frame.body);
+                    let message = fields.iter().find(|(c, _)| *c == b'M').map(|(_, m)| m.as_str()).unwrap_or("");
+                    let denied = self.take_denied(message);
+                    let error = match &denied {
+                        Some(policy_message) => {
+                            out = codec::error_response("42501", &format!("bulkhead: {policy_message}"));
+                            format!("denied: {policy_message}")
+                        }
+                        None => message.to_string(),
+                    };
+                    self.complete_one(None, Some(error));
+                }
+                b'C' => self.complete_one(Some(codec::command_tag(&frame.body).to_string()), None),
+                b's' => self.complete_one(Some("portal suspended".into()), None),
+                b'I' => self.complete_one(Some("empty query".into()), None),
+                b'Z' => self.complete_sync(),
+                _ => {}
+            }
+            count.fetch_add(out.len() as u64, Ordering::Relaxed);
+            writer.write_all(&out).await.map_err(|e| SessionError::Client(e.into()))?;
+        }
+    }
+
+    /// The policy message for a stand-in's parse error, if `message` is one.
+    fn take_denied(&self, message: &str) -> Option<String> {
+        let at = message.find(DENIED_MARK)?;
+        let digits: String = message[at + DENIED_MARK.len()..].chars().take_while(char::is_ascii_digit).collect();
+        let nonce: u64 = digits.parse().ok()?;
+        self.shared.denied.lock().unwrap_or_else(PoisonError::into_inner).remove(&nonce)
+    }
+
+    /// A CommandComplete / ErrorResponse / PortalSuspended / EmptyQuery answer.
+    fn complete_one(&self, tag: Option<String>, error: Option<String>) {
+        let mut pending = self.shared.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        match pending.front_mut() {
+            Some(Pending::Query { tags, error: e, .. }) => {
+                tags.extend(tag);
+                if error.is_some() {
+                    *e = error;
+                }
+            }
+            Some(Pending::Execute { .. }) => {
+                if let Some(Pending::Execute { request, started }) = pending.pop_front() {
+                    drop(pending);
+                    self.result(request, started, tag.into_iter().collect(), error);
+                }
+            }
+            // Answers to Parse/Bind errors before any Execute, or outside any tracked request.
+            Some(Pending::Sync) | None => {}
+        }
+    }
+
+    /// ReadyForQuery: the front Query is done, or everything up to the Sync is.
+    fn complete_sync(&self) {
+        let mut done = Vec::new();
+        {
+            let mut pending = self.shared.pending.lock().unwrap_or_else(PoisonError::into_inner);
+            match pending.front() {
+                Some(Pending::Query { .. }) => done.extend(pending.pop_front()),
+                _ => {
+                    while let Some(p) = pending.pop_front() {
+                        if matches!(p, Pending::Sync) {
+                            break;
+                        }
+                        done.push(p);
+                    }
+                }
+            }
+        }
+        for p in done {
+            match p {
+                Pending::Query { request, started, tags, error } => self.result(request, started, tags, error),
+                Pending::Execute { request, started } => {
+                    self.result(request, started, Vec::new(), Some("not executed: an earlier message failed".into()));
+                }
+                Pending::Sync => {}
+            }
+        }
+    }
+
+    fn result(&self, request: u64, started: Instant, tags: Vec<String>, error: Option<String>) {
+        let rows: u64 = tags.iter().filter_map(|t| t.rsplit(' ').next()?.parse::<u64>().ok()).sum();
+        let summary = (!tags.is_empty()).then(|| format!("{} ({rows} rows)", tags.join("; ")));
+        self.record(EventKind::Response {
+            request,
+            duration_us: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            summary,
+            error,
+        });
+    }
+}
+
+/// Maps a client's CancelRequest to the target's own key and forwards it.
+async fn cancel(gw: &Gateway, session: SessionId, key: (i32, i32)) -> Outcome {
+    let Some((addr, pid, secret)) = gw.pg_cancels.take(key) else {
+        // Unknown keys are ignored, as PostgreSQL does: no oracle for guessing keys.
+        return Outcome::Refused { reason: "cancel request with an unknown key".into() };
+    };
+    if let Err(e) = gw.store.append(session, EventKind::Request {
+        text: "cancel request".into(),
+        class: Some("cancel".into()),
+        verdict: RecordedVerdict::Allow,
+        rules: Vec::new(),
+        observed: false,
+        duration_us: None,
+        summary: None,
+        error: None,
+    }) {
+        warn!(error = %e, "cannot record a cancel request");
+    }
+    match upstream::cancel(addr, pid, secret).await {
+        Ok(()) => Outcome::Closed,
+        Err(e) => Outcome::UpstreamFailed { error: e.to_string() },
+    }
+}
+
+/// The held password: the first line of the credentials file, or the environment variable.
+fn read_credential(cred: Option<&CredentialRef>) -> Result<Option<String>, String> {
+    match cred {
+        None => Ok(None),
+        Some(CredentialRef::File(path)) => std::fs::read_to_string(path)
+            .map(|s| Some(s.lines().next().unwrap_or("").to_string()))
+            .map_err(|e| format!("{}: {e}", path.display())),
+        Some(CredentialRef::Env(name)) => std::env::var(name)
+            .map(Some)
+            .map_err(|_| format!("environment variable {name} is not set")),
+    }
+}
