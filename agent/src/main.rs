@@ -36,6 +36,7 @@ fn run(args: Cli) -> anyhow::Result<()> {
         Command::Sessions(SessionsCommand::Show { id, json }) => {
             cli::sessions_show(&config, id, json.json)?
         }
+        Command::Policy(cmd) => bulkhead::policy::cli::run(&config, cmd)?,
     }
     Ok(())
 }
