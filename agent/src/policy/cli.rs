@@ -98,7 +98,9 @@ fn parse_protocol(s: &str) -> Result<Protocol, String> {
 
 pub fn run(config: &Config, cmd: PolicyCommand) -> Result<(), PolicyCliError> {
     match cmd {
-        PolicyCommand::Check { dir } => check(&dir.unwrap_or_else(|| PathBuf::from(DEFAULT_POLICY_DIR))),
+        PolicyCommand::Check { dir } => {
+            check(&dir.unwrap_or_else(|| PathBuf::from(DEFAULT_POLICY_DIR)))
+        }
         PolicyCommand::Test(args) => test(config, &args),
     }
 }
@@ -141,7 +143,10 @@ pub fn test(config: &Config, args: &TestArgs) -> Result<(), PolicyCliError> {
     let (method, host, path);
     let (verb, resource, subresource, name);
     let action = if let Some(sql) = &args.sql {
-        Action::Sql { text: sql, prepared: None }
+        Action::Sql {
+            text: sql,
+            prepared: None,
+        }
     } else if let Some(cmd) = &args.ssh {
         Action::SshExec { command: cmd }
     } else if let Some(http) = &args.http {
@@ -169,7 +174,13 @@ pub fn test(config: &Config, args: &TestArgs) -> Result<(), PolicyCliError> {
     };
     let protocol = args
         .protocol
-        .or_else(|| config.targets.iter().find(|t| t.name == args.target).map(|t| t.protocol))
+        .or_else(|| {
+            config
+                .targets
+                .iter()
+                .find(|t| t.name == args.target)
+                .map(|t| t.protocol)
+        })
         .or(match action {
             Action::Sql { .. } | Action::SqlClassified(_) => Some(Protocol::Postgres),
             Action::SshExec { .. } => Some(Protocol::Ssh),
@@ -177,7 +188,12 @@ pub fn test(config: &Config, args: &TestArgs) -> Result<(), PolicyCliError> {
             Action::Kube { .. } => Some(Protocol::Kubernetes),
             Action::Connect => None,
         })
-        .ok_or_else(|| PolicyCliError::Usage(format!("target {:?} is not in the configuration: give --protocol", args.target)))?;
+        .ok_or_else(|| {
+            PolicyCliError::Usage(format!(
+                "target {:?} is not in the configuration: give --protocol",
+                args.target
+            ))
+        })?;
     let req = Request {
         target: TargetRef {
             name: &args.target,
@@ -202,14 +218,30 @@ pub fn test(config: &Config, args: &TestArgs) -> Result<(), PolicyCliError> {
 
 fn print_decision(set: &PolicySet, d: &Decision) {
     if d.observe_only {
-        println!("verdict:   allow (observe mode; would have been: {})", d.decided);
+        println!(
+            "verdict:   allow (observe mode; would have been: {})",
+            d.decided
+        );
     } else {
         println!("verdict:   {}", d.verdict);
     }
-    println!("basis:     {}", serde_json::to_value(d.basis).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default());
+    println!(
+        "basis:     {}",
+        serde_json::to_value(d.basis)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default()
+    );
     for id in &d.rules {
         match set.rules.iter().find(|r| &r.id == id) {
-            Some(r) => println!("rule:      {id} ({}){}", r.origin, r.description.as_deref().map(|s| format!(" - {s}")).unwrap_or_default()),
+            Some(r) => println!(
+                "rule:      {id} ({}){}",
+                r.origin,
+                r.description
+                    .as_deref()
+                    .map(|s| format!(" - {s}"))
+                    .unwrap_or_default()
+            ),
             None => println!("rule:      {id}"),
         }
     }
@@ -225,9 +257,16 @@ fn print_decision(set: &PolicySet, d: &Decision) {
     if let Some(sql) = &d.sql {
         let join = |it: &mut dyn Iterator<Item = String>| {
             let v: Vec<String> = it.collect();
-            if v.is_empty() { "-".to_string() } else { v.join(", ") }
+            if v.is_empty() {
+                "-".to_string()
+            } else {
+                v.join(", ")
+            }
         };
-        println!("sql:       {}", join(&mut sql.classes.iter().map(ToString::to_string)));
+        println!(
+            "sql:       {}",
+            join(&mut sql.classes.iter().map(ToString::to_string))
+        );
         println!("objects:   {}", join(&mut sql.objects.iter().cloned()));
         println!("functions: {}", join(&mut sql.functions.iter().cloned()));
     }
@@ -236,7 +275,14 @@ fn print_decision(set: &PolicySet, d: &Decision) {
             .detectors
             .iter()
             .map(ToString::to_string)
-            .chain(serde_json::to_value(&m.columns).ok().and_then(|v| v.as_array().cloned()).unwrap_or_default().iter().filter_map(|c| c.as_str().map(str::to_string)))
+            .chain(
+                serde_json::to_value(&m.columns)
+                    .ok()
+                    .and_then(|v| v.as_array().cloned())
+                    .unwrap_or_default()
+                    .iter()
+                    .filter_map(|c| c.as_str().map(str::to_string)),
+            )
             .collect();
         println!("mask:      {} ({}: {})", m.rule, m.style, what.join(", "));
     }
@@ -249,7 +295,10 @@ fn identity_of(args: &TestArgs) -> ProcessIdentity {
         .enumerate()
         .map(|(i, a)| {
             let (comm, exe) = if a.contains('/') {
-                (a.rsplit('/').next().unwrap_or(a).to_string(), Some(a.clone()))
+                (
+                    a.rsplit('/').next().unwrap_or(a).to_string(),
+                    Some(a.clone()),
+                )
             } else {
                 (a.clone(), None)
             };
@@ -295,10 +344,24 @@ type KubeParts = (String, String, Option<String>, Option<String>);
 /// kubectl-style words into (verb, resource, subresource, name).
 fn parse_kube(text: &str) -> Result<KubeParts, PolicyCliError> {
     let words: Vec<&str> = text.split_whitespace().collect();
-    let usage = || PolicyCliError::Usage(format!("--kube {text:?}: write VERB RESOURCE[/NAME[/SUBRESOURCE]] [NAME]"));
+    let usage = || {
+        PolicyCliError::Usage(format!(
+            "--kube {text:?}: write VERB RESOURCE[/NAME[/SUBRESOURCE]] [NAME]"
+        ))
+    };
     match words.as_slice() {
-        ["logs", name] => Ok(("get".into(), "pods".into(), Some("log".into()), Some((*name).into()))),
-        ["exec", name, ..] => Ok(("create".into(), "pods".into(), Some("exec".into()), Some((*name).into()))),
+        ["logs", name] => Ok((
+            "get".into(),
+            "pods".into(),
+            Some("log".into()),
+            Some((*name).into()),
+        )),
+        ["exec", name, ..] => Ok((
+            "create".into(),
+            "pods".into(),
+            Some("exec".into()),
+            Some((*name).into()),
+        )),
         [verb, what, rest @ ..] => {
             let mut parts = what.splitn(3, '/');
             let resource = parts.next().ok_or_else(usage)?.to_string();
@@ -321,14 +384,34 @@ mod tests {
 
     #[test]
     fn urls_and_kube_words() {
-        assert_eq!(split_url("https://api.internal:8443/v1/x?y=1"), ("api.internal:8443".into(), "/v1/x?y=1".into()));
+        assert_eq!(
+            split_url("https://api.internal:8443/v1/x?y=1"),
+            ("api.internal:8443".into(), "/v1/x?y=1".into())
+        );
         assert_eq!(split_url("http://h"), ("h".into(), "/".into()));
         assert_eq!(split_url("/v1"), (String::new(), "/v1".into()));
-        assert_eq!(parse_kube("get pods").unwrap(), ("get".into(), "pods".into(), None, None));
-        assert_eq!(parse_kube("delete deployments/web").unwrap(), ("delete".into(), "deployments".into(), None, Some("web".into())));
-        assert_eq!(parse_kube("get pods web-1").unwrap().3, Some("web-1".into()));
+        assert_eq!(
+            parse_kube("get pods").unwrap(),
+            ("get".into(), "pods".into(), None, None)
+        );
+        assert_eq!(
+            parse_kube("delete deployments/web").unwrap(),
+            (
+                "delete".into(),
+                "deployments".into(),
+                None,
+                Some("web".into())
+            )
+        );
+        assert_eq!(
+            parse_kube("get pods web-1").unwrap().3,
+            Some("web-1".into())
+        );
         assert_eq!(parse_kube("exec web-1").unwrap().2, Some("exec".into()));
-        assert_eq!(parse_kube("get pods/web-1/log").unwrap().2, Some("log".into()));
+        assert_eq!(
+            parse_kube("get pods/web-1/log").unwrap().2,
+            Some("log".into())
+        );
         assert!(parse_kube("get").is_err());
     }
 }

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use super::{
     matchers::{normalize_host, normalize_path, split_command, Glob},
     Action, Basis, Classification, Decision, Effect, HttpMatch, IdentityMatch, KubeMatch, Mode,
-    ObjectPattern, PolicySet, Request, RequestMatch, Rule, SqlClass, SqlMatch, SshMatch, TargetMatch,
-    TargetRef, TargetSettings, Verdict,
+    ObjectPattern, PolicySet, Request, RequestMatch, Rule, SqlClass, SqlMatch, SshMatch,
+    TargetMatch, TargetRef, TargetSettings, Verdict,
 };
 use crate::identity::ProcessIdentity;
 
@@ -35,7 +35,10 @@ enum Analysis<'a> {
         name: Option<&'a str>,
     },
     /// Could not be judged, and why; `sql` when it was SQL.
-    Unknown { sql: bool, why: String },
+    Unknown {
+        sql: bool,
+        why: String,
+    },
 }
 
 impl PolicySet {
@@ -69,7 +72,11 @@ impl PolicySet {
             out.mode = out.mode.max(s.mode);
             out.approval_timeout = out.approval_timeout.min(s.approval_timeout);
             // Vouching for a function needs every applicable table to vouch.
-            out.read_only_functions.retain(|g| s.read_only_functions.iter().any(|h| h.as_str() == g.as_str()));
+            out.read_only_functions.retain(|g| {
+                s.read_only_functions
+                    .iter()
+                    .any(|h| h.as_str() == g.as_str())
+            });
         }
         out
     }
@@ -134,19 +141,28 @@ impl PolicySet {
         } else if !allow.is_empty() {
             (Verdict::Allow, Basis::Rules, ids(&allow))
         } else {
-            (settings.default, Basis::Default, vec![format!("target:{target}:default")])
+            (
+                settings.default,
+                Basis::Default,
+                vec![format!("target:{target}:default")],
+            )
         };
 
         let message = (decided == Verdict::Deny).then(|| {
-            let mut from_rules: Vec<&str> = deny.iter().filter_map(|r| r.message.as_deref()).collect();
+            let mut from_rules: Vec<&str> =
+                deny.iter().filter_map(|r| r.message.as_deref()).collect();
             from_rules.sort_unstable();
             from_rules.dedup();
             if !from_rules.is_empty() {
                 return from_rules.join("; ");
             }
             match (&unknown, basis) {
-                (Some(why), Basis::Unknown) => format!("bulkhead: request not understood, denied ({why})"),
-                _ if basis == Basis::Default => format!("bulkhead: no policy allows this on {target}"),
+                (Some(why), Basis::Unknown) => {
+                    format!("bulkhead: request not understood, denied ({why})")
+                }
+                _ if basis == Basis::Default => {
+                    format!("bulkhead: no policy allows this on {target}")
+                }
                 _ => format!("bulkhead: denied by policy ({})", rules.join(", ")),
             }
         });
@@ -208,7 +224,10 @@ impl PolicySet {
                 }
                 let why = c.unknown_reasons.first().cloned().unwrap_or_else(|| {
                     let names: Vec<&str> = c.unknown_functions.iter().map(String::as_str).collect();
-                    format!("calls functions not known to be read-only: {}", names.join(", "))
+                    format!(
+                        "calls functions not known to be read-only: {}",
+                        names.join(", ")
+                    )
                 });
                 Analysis::Unknown { sql: true, why }
             }
@@ -275,7 +294,9 @@ fn basename(path: &str) -> &str {
 
 impl IdentityMatch {
     fn matches(&self, id: &ProcessIdentity, polarity: Polarity) -> bool {
-        let process = |g: &Glob| g.is_match(&id.comm) || id.exe.as_deref().is_some_and(|e| g.is_match(basename(e)));
+        let process = |g: &Glob| {
+            g.is_match(&id.comm) || id.exe.as_deref().is_some_and(|e| g.is_match(basename(e)))
+        };
         (self.uids.is_empty() || self.uids.contains(&id.uid))
             && optional(&self.users, id.user.as_deref(), polarity)
             && (self.processes.is_empty() || self.processes.iter().any(process))
@@ -288,7 +309,8 @@ impl IdentityMatch {
                         if g.as_str().contains('/') {
                             a.exe.as_deref().is_some_and(|e| g.is_match(e))
                         } else {
-                            g.is_match(&a.comm) || a.exe.as_deref().is_some_and(|e| g.is_match(basename(e)))
+                            g.is_match(&a.comm)
+                                || a.exe.as_deref().is_some_and(|e| g.is_match(basename(e)))
                         }
                     })
                 }))
@@ -304,7 +326,9 @@ impl RequestMatch {
             // rules never match it, and other kinds leave unknowns to `on_unknown`.
             (RequestMatch::Sql(m), Analysis::Unknown { sql: true, .. }) => {
                 polarity == Polarity::Touch
-                    && m.classes.as_ref().is_none_or(|c| c.contains(&SqlClass::Unknown))
+                    && m.classes
+                        .as_ref()
+                        .is_none_or(|c| c.contains(&SqlClass::Unknown))
             }
             (RequestMatch::Sql(m), Analysis::Sql(c)) => m.matches(c, polarity),
             (RequestMatch::Ssh(m), Analysis::Ssh(cmds)) => m.matches(cmds, polarity),
@@ -340,19 +364,31 @@ impl SqlMatch {
         let objects = self.objects.is_empty()
             || match polarity {
                 Polarity::Cover => {
-                    c.objects_complete && c.objects.iter().all(|o| self.objects.iter().any(|p| p.covers(o)))
+                    c.objects_complete
+                        && c.objects
+                            .iter()
+                            .all(|o| self.objects.iter().any(|p| p.covers(o)))
                 }
                 Polarity::Touch => {
-                    !c.objects_complete || c.objects.iter().any(|o| self.objects.iter().any(|p| p.touches(o)))
+                    !c.objects_complete
+                        || c.objects
+                            .iter()
+                            .any(|o| self.objects.iter().any(|p| p.touches(o)))
                 }
             };
         let functions = self.functions.is_empty()
             || match polarity {
                 Polarity::Cover => {
-                    c.objects_complete && c.functions.iter().all(|f| self.functions.iter().any(|g| g.is_match(f)))
+                    c.objects_complete
+                        && c.functions
+                            .iter()
+                            .all(|f| self.functions.iter().any(|g| g.is_match(f)))
                 }
                 Polarity::Touch => {
-                    !c.objects_complete || c.functions.iter().any(|f| self.functions.iter().any(|g| g.is_match(f)))
+                    !c.objects_complete
+                        || c.functions
+                            .iter()
+                            .any(|f| self.functions.iter().any(|g| g.is_match(f)))
                 }
             };
         classes && objects && functions
@@ -373,7 +409,8 @@ impl ObjectPattern {
     /// An unqualified name might be in any schema on the search path: any table part match.
     fn touches(&self, object: &str) -> bool {
         self.full.is_match(object)
-            || (!object.contains('.') && self.table_part.as_ref().is_some_and(|g| g.is_match(object)))
+            || (!object.contains('.')
+                && self.table_part.as_ref().is_some_and(|g| g.is_match(object)))
     }
 }
 
@@ -418,7 +455,11 @@ impl KubeMatch {
         };
         (self.verbs.is_empty() || self.verbs.iter().any(|g| g.is_match(verb)))
             && (self.resources.is_empty() || self.resources.iter().any(|g| g.is_match(resource)))
-            && (self.subresources.is_empty() || self.subresources.iter().any(|g| g.is_match(subresource.unwrap_or(""))))
+            && (self.subresources.is_empty()
+                || self
+                    .subresources
+                    .iter()
+                    .any(|g| g.is_match(subresource.unwrap_or(""))))
             && all(&self.namespaces, namespace)
             && all(&self.names, name)
     }

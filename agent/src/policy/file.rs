@@ -19,8 +19,9 @@ use toml::Spanned;
 use super::{
     mask::{ColumnPattern, Detector, MaskRule, MaskStyle},
     matchers::{ArgvPattern, Glob},
-    Effect, HttpMatch, IdentityMatch, KubeMatch, Mode, ObjectPattern, Origin, PolicySet, RequestMatch,
-    Rule, SqlClass, SqlMatch, SshMatch, TargetMatch, TargetSettings, Verdict, DEFAULT_APPROVAL_TIMEOUT,
+    Effect, HttpMatch, IdentityMatch, KubeMatch, Mode, ObjectPattern, Origin, PolicySet,
+    RequestMatch, Rule, SqlClass, SqlMatch, SshMatch, TargetMatch, TargetSettings, Verdict,
+    DEFAULT_APPROVAL_TIMEOUT,
 };
 use crate::config::Protocol;
 
@@ -32,9 +33,15 @@ const MAX_FILES: usize = 1000;
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyFileError {
     #[error("cannot read policy directory {path}: {source}")]
-    ReadDir { path: PathBuf, source: std::io::Error },
+    ReadDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{}", Located { path, line: *line, column: *column, message, hint: hint.as_deref() })]
     Invalid {
         path: PathBuf,
@@ -55,7 +62,14 @@ struct Located<'a> {
 
 impl fmt::Display for Located<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}:{}: {}", self.path.display(), self.line, self.column, self.message)?;
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.path.display(),
+            self.line,
+            self.column,
+            self.message
+        )?;
         if let Some(h) = self.hint {
             write!(f, "\n  hint: {h}")?;
         }
@@ -77,7 +91,10 @@ pub fn load_dir(dir: &Path) -> Result<PolicySet, Vec<PolicyFileError>> {
         .map(|e| e.path())
         .filter(|p| {
             p.extension().is_some_and(|e| e == "toml")
-                && !p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'))
+                && !p
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with('.'))
                 && p.is_file()
         })
         .collect();
@@ -118,7 +135,9 @@ fn read_bounded(path: &Path) -> Result<String, PolicyFileError> {
     };
     let meta = std::fs::metadata(path).map_err(read_err)?;
     if meta.len() > MAX_FILE {
-        return Err(read_err(std::io::Error::other(format!("larger than {MAX_FILE} bytes"))));
+        return Err(read_err(std::io::Error::other(format!(
+            "larger than {MAX_FILE} bytes"
+        ))));
     }
     std::fs::read_to_string(path).map_err(read_err)
 }
@@ -131,7 +150,11 @@ pub struct ParsedFile {
 }
 
 /// Joins files, checking what must be unique across them: rule ids and target selectors.
-fn combine(parsed: Vec<ParsedFile>, files: Vec<PathBuf>, errors: &mut Vec<PolicyFileError>) -> PolicySet {
+fn combine(
+    parsed: Vec<ParsedFile>,
+    files: Vec<PathBuf>,
+    errors: &mut Vec<PolicyFileError>,
+) -> PolicySet {
     let mut rules: Vec<Rule> = Vec::new();
     let mut targets: Vec<TargetSettings> = Vec::new();
     let mut ids: HashMap<String, Origin> = HashMap::new();
@@ -149,11 +172,15 @@ fn combine(parsed: Vec<ParsedFile>, files: Vec<PathBuf>, errors: &mut Vec<Policy
             rules.push(r);
         }
         for t in p.targets {
-            let same = targets
-                .iter()
-                .find(|o| o.protocol == t.protocol && o.name.as_ref().map(Glob::as_str) == t.name.as_ref().map(Glob::as_str));
+            let same = targets.iter().find(|o| {
+                o.protocol == t.protocol
+                    && o.name.as_ref().map(Glob::as_str) == t.name.as_ref().map(Glob::as_str)
+            });
             if let (Some(first), Some(origin)) = (same, &t.origin) {
-                let at = first.origin.as_ref().map_or_else(String::new, |o| format!(" at {o}"));
+                let at = first
+                    .origin
+                    .as_ref()
+                    .map_or_else(String::new, |o| format!(" at {o}"));
                 errors.push(invalid_at(
                     origin,
                     format!("these target settings are already given{at}"),
@@ -394,7 +421,11 @@ impl Ctx<'_> {
             .filter_map(|p| match Glob::new(p.get_ref(), sep, ci) {
                 Ok(g) => Some(g),
                 Err(e) => {
-                    self.error(&p.span(), format!("bad pattern: {e}"), "patterns use `*`, `**`, `?` and `\\` to escape".to_string());
+                    self.error(
+                        &p.span(),
+                        format!("bad pattern: {e}"),
+                        "patterns use `*`, `**`, `?` and `\\` to escape".to_string(),
+                    );
                     None
                 }
             })
@@ -408,8 +439,16 @@ impl Ctx<'_> {
             "approve" => Some(Some(Verdict::Approve)),
             "mask" if allow_mask => Some(None),
             other => {
-                let expected = if allow_mask { "allow, deny, approve or mask" } else { "allow, deny or approve" };
-                self.error(&s.span(), format!("unknown verdict {other:?}"), format!("use {expected}"));
+                let expected = if allow_mask {
+                    "allow, deny, approve or mask"
+                } else {
+                    "allow, deny or approve"
+                };
+                self.error(
+                    &s.span(),
+                    format!("unknown verdict {other:?}"),
+                    format!("use {expected}"),
+                );
                 None
             }
         }
@@ -419,11 +458,19 @@ impl Ctx<'_> {
         match humantime::parse_duration(s.get_ref()) {
             Ok(d) if d > Duration::ZERO && d <= Duration::from_secs(24 * 3600) => Some(d),
             Ok(_) => {
-                self.error(&s.span(), "approval timeout must be between 1s and 24h".into(), None);
+                self.error(
+                    &s.span(),
+                    "approval timeout must be between 1s and 24h".into(),
+                    None,
+                );
                 None
             }
             Err(e) => {
-                self.error(&s.span(), format!("bad duration {:?}: {e}", s.get_ref()), "write e.g. \"30s\", \"5m\", \"1h\"".to_string());
+                self.error(
+                    &s.span(),
+                    format!("bad duration {:?}: {e}", s.get_ref()),
+                    "write e.g. \"30s\", \"5m\", \"1h\"".to_string(),
+                );
                 None
             }
         }
@@ -437,7 +484,11 @@ impl Ctx<'_> {
             "http" => Protocol::Http,
             "kubernetes" => Protocol::Kubernetes,
             other => {
-                self.error(&s.span(), format!("unknown protocol {other:?}"), "use tcp, postgres, ssh, http or kubernetes".to_string());
+                self.error(
+                    &s.span(),
+                    format!("unknown protocol {other:?}"),
+                    "use tcp, postgres, ssh, http or kubernetes".to_string(),
+                );
                 return None;
             }
         })
@@ -446,22 +497,44 @@ impl Ctx<'_> {
     fn target(&mut self, raw: RawTarget, span: Range<usize>) -> Option<TargetSettings> {
         let before = self.errors.len();
         if raw.name.is_none() && raw.protocol.is_none() {
-            self.error(&span, "a [[target]] needs `name`, `protocol` or both".into(), "name = \"orders-db\" (a pattern is fine) and/or protocol = \"postgres\"".to_string());
+            self.error(
+                &span,
+                "a [[target]] needs `name`, `protocol` or both".into(),
+                "name = \"orders-db\" (a pattern is fine) and/or protocol = \"postgres\""
+                    .to_string(),
+            );
         }
-        let name = raw.name.as_ref().and_then(|n| self.globs(&vec![n.clone()], None, false).pop());
+        let name = raw
+            .name
+            .as_ref()
+            .and_then(|n| self.globs(&vec![n.clone()], None, false).pop());
         let protocol = raw.protocol.as_ref().and_then(|p| self.protocol(p));
         let mut settings = TargetSettings::fallback();
-        if let Some(v) = raw.default.as_ref().and_then(|d| self.verdict(d, false)).flatten() {
+        if let Some(v) = raw
+            .default
+            .as_ref()
+            .and_then(|d| self.verdict(d, false))
+            .flatten()
+        {
             settings.default = v;
         }
-        if let Some(v) = raw.on_unknown.as_ref().and_then(|d| self.verdict(d, false)).flatten() {
+        if let Some(v) = raw
+            .on_unknown
+            .as_ref()
+            .and_then(|d| self.verdict(d, false))
+            .flatten()
+        {
             settings.on_unknown = v;
         }
         if let Some(m) = &raw.mode {
             match m.get_ref().as_str() {
                 "enforce" => settings.mode = Mode::Enforce,
                 "observe" => settings.mode = Mode::Observe,
-                other => self.error(&m.span(), format!("unknown mode {other:?}"), "use enforce or observe".to_string()),
+                other => self.error(
+                    &m.span(),
+                    format!("unknown mode {other:?}"),
+                    "use enforce or observe".to_string(),
+                ),
             }
         }
         settings.approval_timeout = raw
@@ -479,7 +552,11 @@ impl Ctx<'_> {
     fn rule(&mut self, raw: RawRule, span: Range<usize>) -> Option<Rule> {
         let before = self.errors.len();
         let id = raw.id.get_ref().clone();
-        if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+        if id.is_empty()
+            || !id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
             self.error(&raw.id.span(), format!("rule id {id:?} must be non-empty and use only letters, digits, '-', '_' and '.'"), None);
         }
         let verdict = self.verdict(&raw.verdict, true);
@@ -506,7 +583,11 @@ impl Ctx<'_> {
         let effect = match verdict {
             Some(Some(v)) => {
                 if let Some(m) = &raw.mask {
-                    self.error(&m.span(), format!("[rule.mask] only belongs to verdict = \"mask\", not {v}"), None);
+                    self.error(
+                        &m.span(),
+                        format!("[rule.mask] only belongs to verdict = \"mask\", not {v}"),
+                        None,
+                    );
                 }
                 Some(Effect::Verdict(v))
             }
@@ -521,12 +602,20 @@ impl Ctx<'_> {
         };
         if let Some(m) = &raw.message {
             if !matches!(effect, Some(Effect::Verdict(Verdict::Deny))) {
-                self.error(&m.span(), "`message` is only shown for verdict = \"deny\"".into(), None);
+                self.error(
+                    &m.span(),
+                    "`message` is only shown for verdict = \"deny\"".into(),
+                    None,
+                );
             }
         }
         let approval_timeout = raw.approval_timeout.as_ref().and_then(|d| {
             if !matches!(effect, Some(Effect::Verdict(Verdict::Approve))) {
-                self.error(&d.span(), "`approval_timeout` only applies to verdict = \"approve\"".into(), None);
+                self.error(
+                    &d.span(),
+                    "`approval_timeout` only applies to verdict = \"approve\"".into(),
+                    None,
+                );
             }
             self.duration(d)
         });
@@ -548,17 +637,30 @@ impl Ctx<'_> {
 
     fn request(&mut self, raw: &RawRule, target: &TargetMatch) -> RequestMatch {
         let sections: Vec<(&str, Range<usize>, Protocol)> = [
-            raw.sql.as_ref().map(|s| ("sql", s.span(), Protocol::Postgres)),
+            raw.sql
+                .as_ref()
+                .map(|s| ("sql", s.span(), Protocol::Postgres)),
             raw.ssh.as_ref().map(|s| ("ssh", s.span(), Protocol::Ssh)),
-            raw.http.as_ref().map(|s| ("http", s.span(), Protocol::Http)),
-            raw.kube.as_ref().map(|s| ("kube", s.span(), Protocol::Kubernetes)),
+            raw.http
+                .as_ref()
+                .map(|s| ("http", s.span(), Protocol::Http)),
+            raw.kube
+                .as_ref()
+                .map(|s| ("kube", s.span(), Protocol::Kubernetes)),
         ]
         .into_iter()
         .flatten()
         .collect();
         if sections.len() > 1 {
             let names: Vec<String> = sections.iter().map(|s| format!("[rule.{}]", s.0)).collect();
-            self.error(&sections[1].1, format!("a rule has one request section, this one has {}", names.join(" and ")), "split it into one rule per protocol".to_string());
+            self.error(
+                &sections[1].1,
+                format!(
+                    "a rule has one request section, this one has {}",
+                    names.join(" and ")
+                ),
+                "split it into one rule per protocol".to_string(),
+            );
         }
         if let Some((name, span, proto)) = sections.first() {
             if !target.protocols.is_empty() && !target.protocols.contains(proto) {
@@ -574,7 +676,14 @@ impl Ctx<'_> {
                         Some(set) => out.extend(set),
                         None => {
                             let all: Vec<&str> = SqlClass::ALL.iter().map(|c| c.name()).collect();
-                            self.error(&c.span(), format!("unknown SQL class {:?}", c.get_ref()), format!("use one of {}, or a group: write, privileged, any", all.join(", ")));
+                            self.error(
+                                &c.span(),
+                                format!("unknown SQL class {:?}", c.get_ref()),
+                                format!(
+                                    "use one of {}, or a group: write, privileged, any",
+                                    all.join(", ")
+                                ),
+                            );
                         }
                     }
                 }
@@ -587,7 +696,10 @@ impl Ctx<'_> {
                 .iter()
                 .filter_map(|o| {
                     let full = self.globs(&vec![o.clone()], Some('.'), false).pop()?;
-                    let table_part = o.get_ref().rsplit_once('.').and_then(|(_, t)| Glob::new(t, Some('.'), false).ok());
+                    let table_part = o
+                        .get_ref()
+                        .rsplit_once('.')
+                        .and_then(|(_, t)| Glob::new(t, Some('.'), false).ok());
                     Some(ObjectPattern { full, table_part })
                 })
                 .collect();
@@ -603,7 +715,12 @@ impl Ctx<'_> {
             for c in &s.command {
                 match ArgvPattern::new(c.get_ref()) {
                     Ok(p) => commands.push(p),
-                    Err(e) => self.error(&c.span(), format!("bad command pattern: {e}"), "words are globs; a last word `**` matches any further arguments".to_string()),
+                    Err(e) => self.error(
+                        &c.span(),
+                        format!("bad command pattern: {e}"),
+                        "words are globs; a last word `**` matches any further arguments"
+                            .to_string(),
+                    ),
                 }
             }
             let mut regexes = Vec::new();
@@ -618,7 +735,11 @@ impl Ctx<'_> {
         if let Some(h) = &raw.http {
             let h = h.get_ref();
             return RequestMatch::Http(HttpMatch {
-                methods: h.method.iter().map(|m| m.get_ref().to_ascii_uppercase()).collect(),
+                methods: h
+                    .method
+                    .iter()
+                    .map(|m| m.get_ref().to_ascii_uppercase())
+                    .collect(),
                 hosts: self.globs(&h.host, Some('.'), true),
                 paths: self.globs(&h.path, Some('/'), false),
             });
@@ -641,7 +762,11 @@ impl Ctx<'_> {
         let m = m.get_ref();
         let before = self.errors.len();
         if m.columns.is_empty() && m.detectors.is_empty() {
-            self.error(&span, "a mask needs `columns`, `detectors` or both".into(), None);
+            self.error(
+                &span,
+                "a mask needs `columns`, `detectors` or both".into(),
+                None,
+            );
         }
         let mut columns = Vec::new();
         for c in &m.columns {
@@ -654,12 +779,20 @@ impl Ctx<'_> {
         for d in &m.detectors {
             match Detector::parse(d.get_ref()) {
                 Some(x) => detectors.push(x),
-                None => self.error(&d.span(), format!("unknown detector {:?}", d.get_ref()), "use email, card, iban or token".to_string()),
+                None => self.error(
+                    &d.span(),
+                    format!("unknown detector {:?}", d.get_ref()),
+                    "use email, card, iban or token".to_string(),
+                ),
             }
         }
         let style = MaskStyle::parse(m.style.get_ref(), m.salt.as_deref());
         if style.is_none() {
-            self.error(&m.style.span(), format!("unknown mask style {:?}", m.style.get_ref()), "use redact, hash or keep-last-N (N up to 64)".to_string());
+            self.error(
+                &m.style.span(),
+                format!("unknown mask style {:?}", m.style.get_ref()),
+                "use redact, hash or keep-last-N (N up to 64)".to_string(),
+            );
         }
         if self.errors.len() != before {
             return None;

@@ -39,11 +39,15 @@ impl Detector {
     }
 
     fn regex(self) -> &'static Regex {
-        static EMAIL: LazyLock<Regex> =
-            LazyLock::new(|| Regex::new(r"(?i)\b[a-z0-9._%+-]+@[a-z0-9-]+(?:\.[a-z0-9-]+)*\.[a-z]{2,}\b").expect("valid regex"));
-        static CARD: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"\b\d(?:[ -]?\d){12,18}\b").expect("valid regex"));
-        static IBAN: LazyLock<Regex> =
-            LazyLock::new(|| Regex::new(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}\b").expect("valid regex"));
+        static EMAIL: LazyLock<Regex> = LazyLock::new(|| {
+            Regex::new(r"(?i)\b[a-z0-9._%+-]+@[a-z0-9-]+(?:\.[a-z0-9-]+)*\.[a-z]{2,}\b")
+                .expect("valid regex")
+        });
+        static CARD: LazyLock<Regex> =
+            LazyLock::new(|| Regex::new(r"\b\d(?:[ -]?\d){12,18}\b").expect("valid regex"));
+        static IBAN: LazyLock<Regex> = LazyLock::new(|| {
+            Regex::new(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}\b").expect("valid regex")
+        });
         static TOKEN: LazyLock<Regex> = LazyLock::new(|| {
             Regex::new(concat!(
                 r"\bAKIA[0-9A-Z]{16}\b",
@@ -173,17 +177,25 @@ impl ColumnPattern {
     pub fn new(pattern: &str) -> Result<Self, String> {
         let parts: Vec<&str> = pattern.split('.').collect();
         if parts.len() > 3 || parts.iter().any(|p| p.is_empty()) {
-            return Err(format!("{pattern:?} is not `column`, `table.column` or `schema.table.column`"));
+            return Err(format!(
+                "{pattern:?} is not `column`, `table.column` or `schema.table.column`"
+            ));
         }
         Ok(Self {
-            parts: parts.iter().map(|p| Glob::new(p, None, false)).collect::<Result<_, _>>()?,
+            parts: parts
+                .iter()
+                .map(|p| Glob::new(p, None, false))
+                .collect::<Result<_, _>>()?,
         })
     }
 
     pub fn matches(&self, schema: &str, table: &str, column: &str) -> bool {
         let id = [schema, table, column];
         let offset = 3 - self.parts.len();
-        self.parts.iter().zip(&id[offset..]).all(|(g, v)| g.is_match(v))
+        self.parts
+            .iter()
+            .zip(&id[offset..])
+            .all(|(g, v)| g.is_match(v))
     }
 }
 
@@ -217,7 +229,9 @@ impl<'a> Masker<'a> {
         for r in &rules {
             for d in &r.detectors {
                 match detectors.iter_mut().find(|(x, _)| x == d) {
-                    Some((_, style)) if style.strength() < r.style.strength() => *style = r.style.clone(),
+                    Some((_, style)) if style.strength() < r.style.strength() => {
+                        *style = r.style.clone()
+                    }
                     Some(_) => {}
                     None => detectors.push((*d, r.style.clone())),
                 }
@@ -286,7 +300,17 @@ pub fn luhn_valid(candidate: &str) -> bool {
         .iter()
         .rev()
         .enumerate()
-        .map(|(i, d)| if i % 2 == 1 { if *d * 2 > 9 { *d * 2 - 9 } else { *d * 2 } } else { *d })
+        .map(|(i, d)| {
+            if i % 2 == 1 {
+                if *d * 2 > 9 {
+                    *d * 2 - 9
+                } else {
+                    *d * 2
+                }
+            } else {
+                *d
+            }
+        })
         .sum();
     sum % 10 == 0
 }
@@ -299,8 +323,14 @@ pub fn iban_valid(candidate: &str) -> bool {
     let rotated = compact[4..].iter().chain(&compact[..4]);
     let mut rem: u32 = 0;
     for c in rotated {
-        let Some(v) = c.to_digit(36) else { return false };
-        rem = if v >= 10 { (rem * 100 + v) % 97 } else { (rem * 10 + v) % 97 };
+        let Some(v) = c.to_digit(36) else {
+            return false;
+        };
+        rem = if v >= 10 {
+            (rem * 100 + v) % 97
+        } else {
+            (rem * 10 + v) % 97
+        };
     }
     rem == 1
 }
@@ -312,7 +342,10 @@ mod tests {
     fn rule(detectors: &[Detector], columns: &[&str], style: MaskStyle) -> MaskRule {
         MaskRule {
             rule: "r".into(),
-            columns: columns.iter().map(|c| ColumnPattern::new(c).unwrap()).collect(),
+            columns: columns
+                .iter()
+                .map(|c| ColumnPattern::new(c).unwrap())
+                .collect(),
             detectors: detectors.to_vec(),
             style,
         }
@@ -331,12 +364,34 @@ mod tests {
 
     #[test]
     fn detectors_find_values_in_free_text_and_respect_checksums() {
-        let r = rule(&[Detector::Email, Detector::Card, Detector::Iban, Detector::Token], &[], MaskStyle::Redact);
+        let r = rule(
+            &[
+                Detector::Email,
+                Detector::Card,
+                Detector::Iban,
+                Detector::Token,
+            ],
+            &[],
+            MaskStyle::Redact,
+        );
         let m = Masker::new([&r]);
-        assert_eq!(m.mask_text("mail bob@example.com now"), "mail [redacted] now");
-        assert_eq!(m.mask_text("{\"card\":\"4111111111111111\"}"), "{\"card\":\"[redacted]\"}");
-        assert_eq!(m.mask_text("order 4111111111111112"), "order 4111111111111112", "not Luhn-valid");
-        assert_eq!(m.mask_text("iban DE89 3704 0044 0532 0130 00."), "iban [redacted].");
+        assert_eq!(
+            m.mask_text("mail bob@example.com now"),
+            "mail [redacted] now"
+        );
+        assert_eq!(
+            m.mask_text("{\"card\":\"4111111111111111\"}"),
+            "{\"card\":\"[redacted]\"}"
+        );
+        assert_eq!(
+            m.mask_text("order 4111111111111112"),
+            "order 4111111111111112",
+            "not Luhn-valid"
+        );
+        assert_eq!(
+            m.mask_text("iban DE89 3704 0044 0532 0130 00."),
+            "iban [redacted]."
+        );
         assert_eq!(m.mask_text("key AKIAIOSFODNN7EXAMPLE"), "key [redacted]");
         assert_eq!(m.mask_text("plain text 42"), "plain text 42");
         assert!(matches!(m.mask_text("nothing"), Cow::Borrowed(_)));
@@ -344,24 +399,40 @@ mod tests {
 
     #[test]
     fn styles_and_columns() {
-        assert_eq!(MaskStyle::KeepLast(4).apply("4111111111111111"), "************1111");
+        assert_eq!(
+            MaskStyle::KeepLast(4).apply("4111111111111111"),
+            "************1111"
+        );
         assert_eq!(MaskStyle::KeepLast(4).apply("ab"), "ab");
         assert!(MaskStyle::KeepLast(2).strength() > MaskStyle::KeepLast(4).strength());
         let h1 = MaskStyle::Hash { salt: "s".into() }.apply("x");
         assert_eq!(h1, MaskStyle::Hash { salt: "s".into() }.apply("x"));
         assert_ne!(h1, MaskStyle::Hash { salt: "t".into() }.apply("x"));
         assert!(h1.starts_with("hash:") && h1.len() == 21);
-        assert_eq!(MaskStyle::parse("keep-last-4", None), Some(MaskStyle::KeepLast(4)));
+        assert_eq!(
+            MaskStyle::parse("keep-last-4", None),
+            Some(MaskStyle::KeepLast(4))
+        );
         assert_eq!(MaskStyle::parse("keep-last-x", None), None);
         assert_eq!(MaskStyle::parse("blur", None), None);
 
         let weak = rule(&[], &["public.users.email"], MaskStyle::KeepLast(3));
         let strong = rule(&[], &["users.email", "*.ssn"], MaskStyle::Redact);
         let m = Masker::new([&weak, &strong]);
-        assert_eq!(m.column_style("public", "users", "email"), Some(&MaskStyle::Redact), "stronger wins");
-        assert_eq!(m.column_style("hr", "people", "ssn"), Some(&MaskStyle::Redact));
+        assert_eq!(
+            m.column_style("public", "users", "email"),
+            Some(&MaskStyle::Redact),
+            "stronger wins"
+        );
+        assert_eq!(
+            m.column_style("hr", "people", "ssn"),
+            Some(&MaskStyle::Redact)
+        );
         assert_eq!(m.column_style("public", "users", "name"), None);
-        assert_eq!(m.mask(Some(("hr", "people", "ssn")), "123-45-6789"), "[redacted]");
+        assert_eq!(
+            m.mask(Some(("hr", "people", "ssn")), "123-45-6789"),
+            "[redacted]"
+        );
         assert!(ColumnPattern::new("a.b.c.d").is_err());
         assert!(ColumnPattern::new("a..c").is_err());
     }

@@ -76,14 +76,22 @@ impl Glob {
 
     /// Whether the pattern matches everything (`*` without a separator, or `**`).
     pub fn matches_all(&self) -> bool {
-        matches!(self.tokens.as_slice(), [Tok::DeepStar]) || (self.sep.is_none() && self.tokens == [Tok::Star])
+        matches!(self.tokens.as_slice(), [Tok::DeepStar])
+            || (self.sep.is_none() && self.tokens == [Tok::Star])
     }
 
     pub fn is_match(&self, text: &str) -> bool {
-        let text: Vec<char> = text.chars().map(|c| fold(c, self.case_insensitive)).collect();
+        let text: Vec<char> = text
+            .chars()
+            .map(|c| fold(c, self.case_insensitive))
+            .collect();
         if self.tokens.iter().all(|t| matches!(t, Tok::Lit(_))) {
             return self.tokens.len() == text.len()
-                && self.tokens.iter().zip(&text).all(|(t, c)| *t == Tok::Lit(*c));
+                && self
+                    .tokens
+                    .iter()
+                    .zip(&text)
+                    .all(|(t, c)| *t == Tok::Lit(*c));
         }
         // reach[j]: the pattern so far can consume exactly text[..j].
         let mut reach = vec![false; text.len() + 1];
@@ -105,7 +113,8 @@ impl Glob {
                     let crosses = *tok == Tok::DeepStar || self.sep.is_none();
                     let mut run = false;
                     for j in 0..=text.len() {
-                        run = reach[j] || (run && j > 0 && (crosses || Some(text[j - 1]) != self.sep));
+                        run = reach[j]
+                            || (run && j > 0 && (crosses || Some(text[j - 1]) != self.sep));
                         next[j] = run;
                     }
                 }
@@ -141,7 +150,10 @@ impl fmt::Display for ShellError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ShellError::UnterminatedQuote => f.write_str("unterminated quote"),
-            ShellError::Expansion(c) => write!(f, "shell expansion `{c}` (the words are only known on the server)"),
+            ShellError::Expansion(c) => write!(
+                f,
+                "shell expansion `{c}` (the words are only known on the server)"
+            ),
             ShellError::Redirection(c) => write!(f, "redirection `{c}`"),
         }
     }
@@ -329,8 +341,12 @@ pub fn normalize_path(target: &str) -> Result<String, PathError> {
     while i < bytes.len() {
         let b = bytes[i];
         if b == b'%' {
-            let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
-            let v = hex.and_then(|h| u8::from_str_radix(h, 16).ok()).ok_or(PathError::AmbiguousEncoding)?;
+            let hex = bytes
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok());
+            let v = hex
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or(PathError::AmbiguousEncoding)?;
             if matches!(v, b'/' | b'\\' | b'%' | 0) {
                 return Err(PathError::AmbiguousEncoding);
             }
@@ -395,7 +411,10 @@ mod tests {
         assert!(!g("ls", None).is_match("lsx"));
         assert!(g("/var/log/*", Some('/')).is_match("/var/log/syslog"));
         assert!(!g("/var/log/*", Some('/')).is_match("/var/log/a/b"));
-        assert!(!g("/var/log/*", Some('/')).is_match("/var/log/../x"), "* never crosses a separator");
+        assert!(
+            !g("/var/log/*", Some('/')).is_match("/var/log/../x"),
+            "* never crosses a separator"
+        );
         assert!(g("/v1/**", Some('/')).is_match("/v1/a/b/c"));
         assert!(g("/v1/**", Some('/')).is_match("/v1/"));
         assert!(g("*.internal", Some('.')).is_match("api.internal"));
@@ -408,23 +427,47 @@ mod tests {
         assert!(Glob::new("a***", None, false).is_err());
         assert!(Glob::new("a\\", None, false).is_err());
         let long = "a".repeat(5000);
-        assert!(!g("*a*a*a*a*a*a*a*b", None).is_match(&long), "no exponential blow-up");
+        assert!(
+            !g("*a*a*a*a*a*a*a*b", None).is_match(&long),
+            "no exponential blow-up"
+        );
     }
 
     #[test]
     fn shell_splitting() {
-        assert_eq!(split_command("ls -la /tmp").unwrap(), vec![vec!["ls", "-la", "/tmp"]]);
-        assert_eq!(split_command("echo 'a b' \"c d\" e\\ f").unwrap(), vec![vec!["echo", "a b", "c d", "e f"]]);
-        assert_eq!(split_command("ls; rm -rf /").unwrap(), vec![vec!["ls"], vec!["rm", "-rf", "/"]]);
+        assert_eq!(
+            split_command("ls -la /tmp").unwrap(),
+            vec![vec!["ls", "-la", "/tmp"]]
+        );
+        assert_eq!(
+            split_command("echo 'a b' \"c d\" e\\ f").unwrap(),
+            vec![vec!["echo", "a b", "c d", "e f"]]
+        );
+        assert_eq!(
+            split_command("ls; rm -rf /").unwrap(),
+            vec![vec!["ls"], vec!["rm", "-rf", "/"]]
+        );
         assert_eq!(split_command("a && b || c | d & e").unwrap().len(), 5);
-        assert_eq!(split_command("r'm' -rf /").unwrap(), vec![vec!["rm", "-rf", "/"]]);
+        assert_eq!(
+            split_command("r'm' -rf /").unwrap(),
+            vec![vec!["rm", "-rf", "/"]]
+        );
         assert_eq!(split_command("echo $HOME"), Err(ShellError::Expansion('$')));
-        assert_eq!(split_command("echo \"$(id)\""), Err(ShellError::Expansion('$')));
+        assert_eq!(
+            split_command("echo \"$(id)\""),
+            Err(ShellError::Expansion('$'))
+        );
         assert_eq!(split_command("echo `id`"), Err(ShellError::Expansion('`')));
         assert_eq!(split_command("{rm,-rf,/}"), Err(ShellError::Expansion('{')));
-        assert_eq!(split_command("ls > /etc/x"), Err(ShellError::Redirection('>')));
+        assert_eq!(
+            split_command("ls > /etc/x"),
+            Err(ShellError::Redirection('>'))
+        );
         assert_eq!(split_command("echo 'x"), Err(ShellError::UnterminatedQuote));
-        assert_eq!(split_command("echo '$HOME'").unwrap(), vec![vec!["echo", "$HOME"]]);
+        assert_eq!(
+            split_command("echo '$HOME'").unwrap(),
+            vec![vec!["echo", "$HOME"]]
+        );
         assert!(split_command("").unwrap().is_empty());
     }
 

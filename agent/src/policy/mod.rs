@@ -98,7 +98,9 @@ pub enum Action<'a> {
     },
     /// A statement the handler classified earlier (an extended-protocol Parse, run by Execute).
     SqlClassified(&'a Arc<Classification>),
-    SshExec { command: &'a str },
+    SshExec {
+        command: &'a str,
+    },
     Http {
         method: &'a str,
         host: &'a str,
@@ -156,7 +158,10 @@ pub struct Decision {
     pub unknown: Option<String>,
 }
 
-fn serialize_opt_duration<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+fn serialize_opt_duration<S: serde::Serializer>(
+    d: &Option<Duration>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
     match d {
         Some(d) => s.serialize_some(&humantime::format_duration(*d).to_string()),
         None => s.serialize_none(),

@@ -64,7 +64,9 @@ impl PolicyHandle {
                     ..PolicyStatus::default()
                 }),
                 dir,
-                current: ArcSwap::from_pointee(PolicySet::deny_all().with_cache(Arc::clone(&cache))),
+                current: ArcSwap::from_pointee(
+                    PolicySet::deny_all().with_cache(Arc::clone(&cache)),
+                ),
                 cache,
                 reloading: Mutex::new(()),
             }),
@@ -87,18 +89,32 @@ impl PolicyHandle {
     }
 
     pub fn status(&self) -> PolicyStatus {
-        self.inner.status.lock().unwrap_or_else(PoisonError::into_inner).clone()
+        self.inner
+            .status
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Parses the directory anew. Valid: swapped in, returns the new version. Invalid: the old
     /// set stays, the error is recorded and returned.
     pub fn reload(&self) -> Result<u64, String> {
-        let _one_at_a_time = self.inner.reloading.lock().unwrap_or_else(PoisonError::into_inner);
+        let _one_at_a_time = self
+            .inner
+            .reloading
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         match load_dir(&self.inner.dir) {
             Ok(set) => {
                 let (files, rules) = (set.files.len(), set.rules.len());
-                self.inner.current.store(Arc::new(set.with_cache(Arc::clone(&self.inner.cache))));
-                let mut status = self.inner.status.lock().unwrap_or_else(PoisonError::into_inner);
+                self.inner
+                    .current
+                    .store(Arc::new(set.with_cache(Arc::clone(&self.inner.cache))));
+                let mut status = self
+                    .inner
+                    .status
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
                 status.version += 1;
                 status.loaded_at_us = now_micros();
                 status.files = files;
@@ -108,8 +124,16 @@ impl PolicyHandle {
                 Ok(status.version)
             }
             Err(errors) => {
-                let text = errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n");
-                let mut status = self.inner.status.lock().unwrap_or_else(PoisonError::into_inner);
+                let text = errors
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                let mut status = self
+                    .inner
+                    .status
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
                 status.last_error = Some(text.clone());
                 status.last_error_at_us = Some(now_micros());
                 Err(text)
@@ -145,7 +169,9 @@ pub async fn watch(handle: PolicyHandle) {
         let result = tokio::task::spawn_blocking(move || h.reload()).await;
         match result {
             Ok(Ok(version)) => info!(version, dir = %handle.dir().display(), "policies reloaded"),
-            Ok(Err(e)) => warn!(dir = %handle.dir().display(), error = %e, "policies not reloaded; the previous set stays in force"),
+            Ok(Err(e)) => {
+                warn!(dir = %handle.dir().display(), error = %e, "policies not reloaded; the previous set stays in force")
+            }
             Err(e) => warn!(error = %e, "policy reload task failed"),
         }
     }
@@ -153,17 +179,18 @@ pub async fn watch(handle: PolicyHandle) {
 
 fn start_watcher(dir: &Path, tx: mpsc::Sender<()>) -> Option<notify::RecommendedWatcher> {
     use notify::{RecursiveMode, Watcher as _};
-    let mut watcher = match notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok_and(|e| !e.kind.is_access()) {
-            let _ = tx.try_send(());
-        }
-    }) {
-        Ok(w) => w,
-        Err(e) => {
-            warn!(error = %e, "cannot watch policy files; reload with SIGHUP");
-            return None;
-        }
-    };
+    let mut watcher =
+        match notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            if event.is_ok_and(|e| !e.kind.is_access()) {
+                let _ = tx.try_send(());
+            }
+        }) {
+            Ok(w) => w,
+            Err(e) => {
+                warn!(error = %e, "cannot watch policy files; reload with SIGHUP");
+                return None;
+            }
+        };
     if let Err(e) = watcher.watch(dir, RecursiveMode::NonRecursive) {
         warn!(dir = %dir.display(), error = %e, "cannot watch the policy directory; reload with SIGHUP");
         return None;

@@ -21,8 +21,8 @@ use serde::{Deserialize, Serialize};
 use sqlparser::{
     ast::{
         CopySource, CopyTarget, Expr, FunctionArg, FunctionArgExpr, FunctionArguments, ObjectName,
-        ObjectType, OnConflictAction, OnInsert, Query, Reset, Select, Set, Statement, TableFactor, Value,
-        Visit, Visitor,
+        ObjectType, OnConflictAction, OnInsert, Query, Reset, Select, Set, Statement, TableFactor,
+        Value, Visit, Visitor,
     },
     dialect::PostgreSqlDialect,
     parser::Parser,
@@ -145,7 +145,15 @@ impl SqlClass {
     pub fn parse_set(name: &str) -> Option<Vec<SqlClass>> {
         use SqlClass as C;
         let group: &[SqlClass] = match name {
-            "write" => &[C::Insert, C::Update, C::Delete, C::Merge, C::CopyIn, C::Sequence, C::Truncate],
+            "write" => &[
+                C::Insert,
+                C::Update,
+                C::Delete,
+                C::Merge,
+                C::CopyIn,
+                C::Sequence,
+                C::Truncate,
+            ],
             "privileged" => &[
                 C::Grant,
                 C::Role,
@@ -211,8 +219,10 @@ impl Classification {
         self.classes.extend(other.classes.iter().copied());
         self.objects.extend(other.objects.iter().cloned());
         self.functions.extend(other.functions.iter().cloned());
-        self.unknown_functions.extend(other.unknown_functions.iter().cloned());
-        self.unknown_reasons.extend(other.unknown_reasons.iter().cloned());
+        self.unknown_functions
+            .extend(other.unknown_functions.iter().cloned());
+        self.unknown_reasons
+            .extend(other.unknown_reasons.iter().cloned());
         self.objects_complete &= other.objects_complete;
     }
 }
@@ -274,7 +284,11 @@ pub fn classify(sql: &str, prepared: Option<&PreparedStatements>) -> Classificat
     out
 }
 
-fn classify_statement(s: &Statement, prepared: Option<&PreparedStatements>, out: &mut Classification) {
+fn classify_statement(
+    s: &Statement,
+    prepared: Option<&PreparedStatements>,
+    out: &mut Classification,
+) {
     out.statements += 1;
     let mut walker = Walker {
         out,
@@ -293,11 +307,16 @@ fn classify_statement(s: &Statement, prepared: Option<&PreparedStatements>, out:
 fn classify_pieces(sql: &str, prepared: Option<&PreparedStatements>, out: &mut Classification) {
     let dialect = PostgreSqlDialect {};
     let Ok(tokens) = Tokenizer::new(&dialect, sql).tokenize_with_location() else {
-        out.merge(&Classification::unknown("cannot tokenize (unterminated quote or comment?)"));
+        out.merge(&Classification::unknown(
+            "cannot tokenize (unterminated quote or comment?)",
+        ));
         return;
     };
     for piece in tokens.split(|t| t.token == Token::SemiColon) {
-        if piece.iter().all(|t| matches!(t.token, Token::Whitespace(_) | Token::EOF)) {
+        if piece
+            .iter()
+            .all(|t| matches!(t.token, Token::Whitespace(_) | Token::EOF))
+        {
             continue;
         }
         let parsed = Parser::new(&dialect)
@@ -400,7 +419,10 @@ impl Walker<'_, '_> {
 
     fn function(&mut self, name: &ObjectName, args: Option<&FunctionArguments>) {
         let full = normalize_name(name);
-        let short = full.strip_prefix("pg_catalog.").unwrap_or(&full).to_string();
+        let short = full
+            .strip_prefix("pg_catalog.")
+            .unwrap_or(&full)
+            .to_string();
         let effect = if short == "set_config" {
             Some(set_config_effect(args))
         } else {
@@ -417,8 +439,64 @@ impl Walker<'_, '_> {
         self.out.functions.insert(short);
     }
 
+    /// Relations the visitor does not report for some statements; statements whose objects
+    /// we have not checked it reports are marked incomplete instead (an allow rule naming
+    /// objects then cannot vouch for them).
+    fn statement_objects(&mut self, s: &Statement) {
+        let names: Vec<&ObjectName> = match s {
+            Statement::Drop { names, .. } => names.iter().collect(),
+            Statement::Copy {
+                source: CopySource::Table { table_name, .. },
+                ..
+            } => vec![table_name],
+            Statement::Vacuum(v) => v.table_name.iter().collect(),
+            Statement::Comment { object_name, .. } => vec![object_name],
+            Statement::Query(_)
+            | Statement::Insert(_)
+            | Statement::Update(_)
+            | Statement::Delete(_)
+            | Statement::Merge(_)
+            | Statement::Copy { .. }
+            | Statement::Truncate(_)
+            | Statement::Lock(_)
+            | Statement::Analyze(_)
+            | Statement::CreateTable(_)
+            | Statement::CreateView(_)
+            | Statement::CreateIndex(_)
+            | Statement::AlterTable(_)
+            | Statement::RefreshMaterializedView(_)
+            | Statement::Explain { .. }
+            | Statement::Prepare { .. }
+            | Statement::Execute { .. }
+            | Statement::Declare { .. }
+            | Statement::Fetch { .. }
+            | Statement::Close { .. }
+            | Statement::StartTransaction { .. }
+            | Statement::Commit { .. }
+            | Statement::Rollback { .. }
+            | Statement::Savepoint { .. }
+            | Statement::ReleaseSavepoint { .. }
+            | Statement::Set(_)
+            | Statement::Reset(_)
+            | Statement::ShowVariable { .. }
+            | Statement::Discard { .. }
+            | Statement::Deallocate { .. }
+            | Statement::LISTEN { .. }
+            | Statement::UNLISTEN { .. }
+            | Statement::NOTIFY { .. } => Vec::new(),
+            _ => {
+                self.out.objects_complete = false;
+                Vec::new()
+            }
+        };
+        for n in names {
+            self.out.objects.insert(normalize_name(n));
+        }
+    }
+
     fn statement(&mut self, s: &Statement) {
         use SqlClass as C;
+        self.statement_objects(s);
         let class = match s {
             Statement::Query(q) => {
                 if q.locks.is_empty() {
@@ -440,11 +518,15 @@ impl Walker<'_, '_> {
             Statement::Update(_) => C::Update,
             Statement::Delete(_) => C::Delete,
             Statement::Merge(_) => C::Merge,
-            Statement::Copy { source, to, target, .. } => copy_class(source, *to, target),
+            Statement::Copy {
+                source, to, target, ..
+            } => copy_class(source, *to, target),
             Statement::Set(set) => set_class(set),
             Statement::Reset(r) => match &r.reset {
                 Reset::SessionAuthorization => C::Role,
-                Reset::ConfigurationParameter(name) if is_role_setting(&normalize_name(name)) => C::Role,
+                Reset::ConfigurationParameter(name) if is_role_setting(&normalize_name(name)) => {
+                    C::Role
+                }
                 _ => C::Session,
             },
             Statement::StartTransaction { .. }
@@ -470,7 +552,9 @@ impl Walker<'_, '_> {
                         return;
                     }
                     None => {
-                        self.unknown(format!("EXECUTE of {key:?}, which this session has not prepared"));
+                        self.unknown(format!(
+                            "EXECUTE of {key:?}, which this session has not prepared"
+                        ));
                         return;
                     }
                 }
@@ -482,9 +566,9 @@ impl Walker<'_, '_> {
             Statement::NOTIFY { .. } => C::Notify,
             Statement::Lock(_) | Statement::LockTables { .. } => C::Lock,
             Statement::Truncate(_) => C::Truncate,
-            Statement::Vacuum(_) | Statement::Analyze(_) | Statement::RefreshMaterializedView(_) => {
-                C::Maintenance
-            }
+            Statement::Vacuum(_)
+            | Statement::Analyze(_)
+            | Statement::RefreshMaterializedView(_) => C::Maintenance,
             Statement::Grant(_)
             | Statement::Revoke(_)
             | Statement::GrantRole(_)
@@ -498,9 +582,9 @@ impl Walker<'_, '_> {
                 ObjectType::Role | ObjectType::User | ObjectType::Group => C::Role,
                 _ => C::Ddl,
             },
-            Statement::CreateExtension(_) | Statement::DropExtension(_) | Statement::Load { .. } => {
-                C::Extension
-            }
+            Statement::CreateExtension(_)
+            | Statement::DropExtension(_)
+            | Statement::Load { .. } => C::Extension,
             Statement::Call(_) => {
                 self.out.objects_complete = false;
                 C::Procedural
@@ -554,7 +638,10 @@ impl Walker<'_, '_> {
             | Statement::RenameTable(_) => C::Ddl,
             other => {
                 let kind = format!("{other:?}");
-                let kind = kind.split(|c: char| !c.is_alphanumeric()).next().unwrap_or("?");
+                let kind = kind
+                    .split(|c: char| !c.is_alphanumeric())
+                    .next()
+                    .unwrap_or("?");
                 self.unknown(format!("statement kind {kind} is not classified"));
                 return;
             }
@@ -569,21 +656,28 @@ impl Visitor for Walker<'_, '_> {
     fn pre_visit_statement(&mut self, s: &Statement) -> ControlFlow<()> {
         self.statement(s);
         let plain_explain = match s {
-            Statement::Explain { analyze, options, .. } => !*analyze && !explain_options_analyze(options.as_deref()),
+            Statement::Explain {
+                analyze, options, ..
+            } => !*analyze && !explain_options_analyze(options.as_deref()),
             _ => false,
         };
         if plain_explain {
             self.suppress += 1;
         }
         self.explain_plain.push(plain_explain);
-        if let Statement::Prepare { name, statement, .. } = s {
+        if let Statement::Prepare {
+            name, statement, ..
+        } = s
+        {
             let mut inner = Classification {
                 objects_complete: true,
                 ..Classification::default()
             };
             classify_statement(statement, self.prepared, &mut inner);
             inner.statements = 1;
-            self.out.prepared.push((normalize_ident(name), Arc::new(inner)));
+            self.out
+                .prepared
+                .push((normalize_ident(name), Arc::new(inner)));
         }
         ControlFlow::Continue(())
     }
@@ -598,15 +692,27 @@ impl Visitor for Walker<'_, '_> {
     fn pre_visit_query(&mut self, q: &Query) -> ControlFlow<()> {
         let mut pushed = 0;
         if let Some((hides, names)) = self.cte_bodies.remove(&std::ptr::from_ref(q)) {
-            self.frames.push(Frame { names, hides: Some(hides) });
+            self.frames.push(Frame {
+                names,
+                hides: Some(hides),
+            });
             pushed += 1;
         }
         if let Some(with) = &q.with {
-            let names: Vec<String> = with.cte_tables.iter().map(|c| normalize_ident(&c.alias.name)).collect();
+            let names: Vec<String> = with
+                .cte_tables
+                .iter()
+                .map(|c| normalize_ident(&c.alias.name))
+                .collect();
             let frame = self.frames.len();
             for (i, cte) in with.cte_tables.iter().enumerate() {
-                let visible = if with.recursive { names.clone() } else { names[..i].to_vec() };
-                self.cte_bodies.insert(std::ptr::from_ref(cte.query.as_ref()), (frame, visible));
+                let visible = if with.recursive {
+                    names.clone()
+                } else {
+                    names[..i].to_vec()
+                };
+                self.cte_bodies
+                    .insert(std::ptr::from_ref(cte.query.as_ref()), (frame, visible));
             }
             self.frames.push(Frame { names, hides: None });
             pushed += 1;
@@ -620,12 +726,14 @@ impl Visitor for Walker<'_, '_> {
 
     fn post_visit_query(&mut self, _q: &Query) -> ControlFlow<()> {
         let pushed = self.query_pushed.pop().unwrap_or(0);
-        self.frames.truncate(self.frames.len().saturating_sub(pushed));
+        self.frames
+            .truncate(self.frames.len().saturating_sub(pushed));
         ControlFlow::Continue(())
     }
 
     fn pre_visit_select(&mut self, select: &Select) -> ControlFlow<()> {
         if select.into.is_some() {
+            self.out.objects_complete = false;
             self.add(SqlClass::Ddl);
         }
         ControlFlow::Continue(())
@@ -633,7 +741,11 @@ impl Visitor for Walker<'_, '_> {
 
     fn pre_visit_table_factor(&mut self, t: &TableFactor) -> ControlFlow<()> {
         match t {
-            TableFactor::Table { name, args: Some(_), .. } => {
+            TableFactor::Table {
+                name,
+                args: Some(_),
+                ..
+            } => {
                 self.skip_relation = Some(std::ptr::from_ref(name));
                 self.function(name, None);
             }
@@ -672,8 +784,13 @@ fn explain_options_analyze(options: Option<&[sqlparser::ast::UtilityOption]>) ->
         }
         let off = match &o.arg {
             None => false,
-            Some(Expr::Value(v)) => matches!(v.value.to_string().to_ascii_lowercase().trim_matches('\''), "false" | "off" | "0"),
-            Some(Expr::Identifier(i)) => matches!(i.value.to_ascii_lowercase().as_str(), "false" | "off"),
+            Some(Expr::Value(v)) => matches!(
+                v.value.to_string().to_ascii_lowercase().trim_matches('\''),
+                "false" | "off" | "0"
+            ),
+            Some(Expr::Identifier(i)) => {
+                matches!(i.value.to_ascii_lowercase().as_str(), "false" | "off")
+            }
             Some(_) => false,
         };
         !off
@@ -712,20 +829,28 @@ fn set_class(set: &Set) -> SqlClass {
             }
         }
         Set::ParenthesizedAssignments { variables, .. } => {
-            if variables.iter().any(|v| is_role_setting(&normalize_name(v))) {
+            if variables
+                .iter()
+                .any(|v| is_role_setting(&normalize_name(v)))
+            {
                 SqlClass::Role
             } else {
                 SqlClass::Session
             }
         }
         Set::MultipleAssignments { assignments } => {
-            if assignments.iter().any(|a| is_role_setting(&normalize_name(&a.name))) {
+            if assignments
+                .iter()
+                .any(|a| is_role_setting(&normalize_name(&a.name)))
+            {
                 SqlClass::Role
             } else {
                 SqlClass::Session
             }
         }
-        Set::SetTimeZone { .. } | Set::SetNames { .. } | Set::SetNamesDefault {} => SqlClass::Session,
+        Set::SetTimeZone { .. } | Set::SetNames { .. } | Set::SetNamesDefault {} => {
+            SqlClass::Session
+        }
         _ => SqlClass::Unknown,
     }
 }
@@ -739,7 +864,9 @@ fn set_config_effect(args: Option<&FunctionArguments>) -> SqlClass {
     };
     match first {
         Some(FunctionArg::Unnamed(FunctionArgExpr::Expr(Expr::Value(v)))) => match &v.value {
-            Value::SingleQuotedString(s) | Value::EscapedStringLiteral(s) | Value::DollarQuotedString(sqlparser::ast::DollarQuotedString { value: s, .. }) => {
+            Value::SingleQuotedString(s)
+            | Value::EscapedStringLiteral(s)
+            | Value::DollarQuotedString(sqlparser::ast::DollarQuotedString { value: s, .. }) => {
                 if is_role_setting(&s.to_ascii_lowercase()) {
                     SqlClass::Role
                 } else {
@@ -808,7 +935,11 @@ impl SqlCache {
         }
     }
 
-    pub fn classify(&self, sql: &str, prepared: Option<&PreparedStatements>) -> Arc<Classification> {
+    pub fn classify(
+        &self,
+        sql: &str,
+        prepared: Option<&PreparedStatements>,
+    ) -> Arc<Classification> {
         let cacheable = self.capacity > 0 && sql.len() <= Self::MAX_KEY;
         if cacheable {
             let map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
@@ -828,7 +959,10 @@ impl SqlCache {
     }
 
     pub fn len(&self) -> usize {
-        self.map.lock().unwrap_or_else(PoisonError::into_inner).len()
+        self.map
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
     }
 
     pub fn is_empty(&self) -> bool {
