@@ -17,6 +17,8 @@
 
 pub mod cli;
 mod eval;
+#[cfg(test)]
+mod example_tests;
 pub mod file;
 pub mod mask;
 pub mod matchers;
