@@ -1,11 +1,11 @@
 //! [`PolicySet::evaluate`]: match every rule, then combine order-independently.
 
-use std::sync::Arc;
+use std::{borrow::Cow, sync::Arc};
 
 use super::{
     matchers::{normalize_host, normalize_path, split_command, Glob},
-    Action, Basis, Classification, Decision, Effect, HttpMatch, IdentityMatch, KubeMatch, Mode,
-    ObjectPattern, PolicySet, Request, RequestMatch, Rule, SqlClass, SqlMatch, SshMatch,
+    Action, Basis, Classification, Decision, Effect, HttpMatch, IdentityMatch, KubeMatch, MaskRule,
+    Mode, ObjectPattern, PolicySet, Request, RequestMatch, Rule, SqlClass, SqlMatch, SshMatch,
     TargetMatch, TargetRef, TargetSettings, Verdict,
 };
 use crate::identity::ProcessIdentity;
@@ -41,10 +41,18 @@ enum Analysis<'a> {
     },
 }
 
+#[derive(Default)]
+struct Matched<'r> {
+    deny: Vec<&'r Rule>,
+    approve: Vec<&'r Rule>,
+    allow: Vec<&'r Rule>,
+    masks: Vec<Arc<MaskRule>>,
+}
+
 impl PolicySet {
     /// The settings for a target: the most specific `[[target]]` tables that match (exact name,
     /// then name pattern, then protocol only); several equally specific ones combine strictly.
-    pub fn settings_for(&self, target: TargetRef<'_>) -> TargetSettings {
+    pub fn settings_for(&self, target: TargetRef<'_>) -> Cow<'_, TargetSettings> {
         let specificity = |s: &TargetSettings| -> Option<u8> {
             if s.protocol.is_some_and(|p| p != target.protocol) {
                 return None;
@@ -59,14 +67,18 @@ impl PolicySet {
         };
         let best = self.targets.iter().filter_map(specificity).max();
         let Some(best) = best else {
-            return TargetSettings::fallback();
+            return Cow::Owned(TargetSettings::fallback());
         };
         let mut chosen = self.targets.iter().filter(|s| specificity(s) == Some(best));
         let Some(first) = chosen.next() else {
-            return TargetSettings::fallback();
+            return Cow::Owned(TargetSettings::fallback());
         };
+        let mut rest = chosen.peekable();
+        if rest.peek().is_none() {
+            return Cow::Borrowed(first);
+        }
         let mut out = first.clone();
-        for s in chosen {
+        for s in rest {
             out.default = out.default.max(s.default);
             out.on_unknown = out.on_unknown.max(s.on_unknown);
             out.mode = out.mode.max(s.mode);
@@ -78,7 +90,7 @@ impl PolicySet {
                     .any(|h| h.as_str() == g.as_str())
             });
         }
-        out
+        Cow::Owned(out)
     }
 
     pub fn evaluate(&self, req: &Request<'_>) -> Decision {
@@ -92,29 +104,12 @@ impl PolicySet {
             },
         };
 
-        let mut deny: Vec<&Rule> = Vec::new();
-        let mut approve: Vec<&Rule> = Vec::new();
-        let mut allow: Vec<&Rule> = Vec::new();
-        let mut masks = Vec::new();
-        for rule in &self.rules {
-            let polarity = match rule.effect {
-                Effect::Verdict(Verdict::Allow) => Polarity::Cover,
-                _ => Polarity::Touch,
-            };
-            if !rule.target.matches(req.target)
-                || !rule.identity.matches(req.identity, polarity)
-                || !rule.request.matches(&analysis, polarity)
-            {
-                continue;
-            }
-            match &rule.effect {
-                Effect::Verdict(Verdict::Deny) => deny.push(rule),
-                Effect::Verdict(Verdict::Approve) => approve.push(rule),
-                Effect::Verdict(Verdict::Allow) => allow.push(rule),
-                Effect::Mask(m) => masks.push(Arc::clone(m)),
-            }
-        }
-
+        let Matched {
+            deny,
+            approve,
+            allow,
+            masks,
+        } = self.match_rules(req, &analysis);
         let target = req.target.name;
         let ids = |rules: &[&Rule]| {
             let mut v: Vec<String> = rules.iter().map(|r| r.id.clone()).collect();
@@ -187,6 +182,30 @@ impl PolicySet {
             sql,
             unknown,
         }
+    }
+
+    /// Every rule that matches, by what it does.
+    fn match_rules(&self, req: &Request<'_>, analysis: &Analysis<'_>) -> Matched<'_> {
+        let mut m = Matched::default();
+        for rule in &self.rules {
+            let polarity = match rule.effect {
+                Effect::Verdict(Verdict::Allow) => Polarity::Cover,
+                _ => Polarity::Touch,
+            };
+            if !rule.target.matches(req.target)
+                || !rule.identity.matches(req.identity, polarity)
+                || !rule.request.matches(analysis, polarity)
+            {
+                continue;
+            }
+            match &rule.effect {
+                Effect::Verdict(Verdict::Deny) => m.deny.push(rule),
+                Effect::Verdict(Verdict::Approve) => m.approve.push(rule),
+                Effect::Verdict(Verdict::Allow) => m.allow.push(rule),
+                Effect::Mask(mask) => m.masks.push(Arc::clone(mask)),
+            }
+        }
+        m
     }
 
     fn sql_of(&self, action: &Action<'_>) -> Option<Arc<Classification>> {
@@ -397,7 +416,7 @@ impl SqlMatch {
 
 impl ObjectPattern {
     /// Unqualified names resolve through the search path; a covering rule assumes the default
-    /// (`public`), as PostgreSQL does for a role without its own schema.
+    /// (`public`), as the server does for a role without its own schema.
     fn covers(&self, object: &str) -> bool {
         if object.contains('.') {
             self.full.is_match(object)

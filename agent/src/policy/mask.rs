@@ -1,12 +1,12 @@
 //! Masking of result data: by column identity and by value detectors.
 //!
-//! Column rules need the real column (schema, table, column from RowDescription's table OID),
+//! Column rules need the real column (schema, table, column from `RowDescription`'s table OID),
 //! not the alias the query gave it. Value detectors run over every text value, so an alias,
 //! `row_to_json(u)` or a COPY line does not leak what the column rule would have hidden. Card
 //! numbers and IBANs are only masked when their checksum holds, which keeps order ids and
 //! phone numbers readable.
 
-use std::{borrow::Cow, fmt, sync::LazyLock};
+use std::{borrow::Cow, fmt, fmt::Write as _, sync::LazyLock};
 
 use regex::Regex;
 use serde::{Serialize, Serializer};
@@ -135,7 +135,10 @@ impl MaskStyle {
                 h.update(salt.as_bytes());
                 h.update(value.as_bytes());
                 let digest = h.finalize();
-                let hex: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+                let hex = digest.iter().take(8).fold(String::new(), |mut s, b| {
+                    let _ = write!(s, "{b:02x}");
+                    s
+                });
                 format!("hash:{hex}")
             }
             MaskStyle::KeepLast(n) => {
@@ -230,7 +233,7 @@ impl<'a> Masker<'a> {
             for d in &r.detectors {
                 match detectors.iter_mut().find(|(x, _)| x == d) {
                     Some((_, style)) if style.strength() < r.style.strength() => {
-                        *style = r.style.clone()
+                        *style = r.style.clone();
                     }
                     Some(_) => {}
                     None => detectors.push((*d, r.style.clone())),
@@ -312,7 +315,7 @@ pub fn luhn_valid(candidate: &str) -> bool {
             }
         })
         .sum();
-    sum % 10 == 0
+    sum.is_multiple_of(10)
 }
 
 pub fn iban_valid(candidate: &str) -> bool {

@@ -81,23 +81,29 @@ impl Glob {
     }
 
     pub fn is_match(&self, text: &str) -> bool {
-        let text: Vec<char> = text
-            .chars()
-            .map(|c| fold(c, self.case_insensitive))
-            .collect();
-        if self.tokens.iter().all(|t| matches!(t, Tok::Lit(_))) {
-            return self.tokens.len() == text.len()
-                && self
-                    .tokens
-                    .iter()
-                    .zip(&text)
-                    .all(|(t, c)| *t == Tok::Lit(*c));
+        let ci = self.case_insensitive;
+        // Fast paths for the common shapes (`name`, `prefix*`, `*`), without allocating.
+        match self.tokens.split_last() {
+            None => return text.is_empty(),
+            Some((Tok::DeepStar, prefix)) if prefix.iter().all(|t| matches!(t, Tok::Lit(_))) => {
+                return literal_prefix(prefix, text, ci).is_some();
+            }
+            Some((Tok::Star, prefix)) if prefix.iter().all(|t| matches!(t, Tok::Lit(_))) => {
+                return literal_prefix(prefix, text, ci)
+                    .is_some_and(|rest| self.sep.is_none_or(|s| !rest.contains(s)));
+            }
+            Some((Tok::Lit(_), _)) if self.tokens.iter().all(|t| matches!(t, Tok::Lit(_))) => {
+                return literal_prefix(&self.tokens, text, ci).is_some_and(str::is_empty);
+            }
+            Some(_) => {}
         }
+        let text: Vec<char> = text.chars().map(|c| fold(c, ci)).collect();
         // reach[j]: the pattern so far can consume exactly text[..j].
         let mut reach = vec![false; text.len() + 1];
+        let mut next = vec![false; text.len() + 1];
         reach[0] = true;
         for tok in &self.tokens {
-            let mut next = vec![false; text.len() + 1];
+            next.fill(false);
             match tok {
                 Tok::Lit(l) => {
                     for j in 0..text.len() {
@@ -119,13 +125,26 @@ impl Glob {
                     }
                 }
             }
-            reach = next;
+            std::mem::swap(&mut reach, &mut next);
             if !reach.iter().any(|r| *r) {
                 return false;
             }
         }
         reach[text.len()]
     }
+}
+
+/// The rest of `text` after the literal tokens, if it starts with them.
+fn literal_prefix<'t>(lits: &[Tok], text: &'t str, ci: bool) -> Option<&'t str> {
+    let mut chars = text.char_indices();
+    for t in lits {
+        let Tok::Lit(l) = t else { return None };
+        let (_, c) = chars.next()?;
+        if fold(c, ci) != *l {
+            return None;
+        }
+    }
+    Some(chars.as_str())
 }
 
 fn fold(c: char, case_insensitive: bool) -> char {

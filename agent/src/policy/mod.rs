@@ -25,6 +25,7 @@ pub mod matchers;
 pub mod reload;
 pub mod sql;
 mod sql_functions;
+mod sql_walk;
 #[cfg(test)]
 mod tests;
 
@@ -44,7 +45,7 @@ use matchers::{ArgvPattern, Glob};
 /// Where policy files live unless configured otherwise.
 pub const DEFAULT_POLICY_DIR: &str = "/etc/bulkhead/policies";
 /// How long an approval is waited for when neither rule nor target says.
-pub const DEFAULT_APPROVAL_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+pub const DEFAULT_APPROVAL_TIMEOUT: Duration = Duration::from_mins(5);
 
 /// What happens to a request. Ordered: a later variant beats an earlier one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -160,6 +161,10 @@ pub struct Decision {
     pub unknown: Option<String>,
 }
 
+#[expect(
+    clippy::ref_option,
+    reason = "the signature serde's serialize_with requires"
+)]
 fn serialize_opt_duration<S: serde::Serializer>(
     d: &Option<Duration>,
     s: S,

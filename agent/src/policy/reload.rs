@@ -170,7 +170,7 @@ pub async fn watch(handle: PolicyHandle) {
         match result {
             Ok(Ok(version)) => info!(version, dir = %handle.dir().display(), "policies reloaded"),
             Ok(Err(e)) => {
-                warn!(dir = %handle.dir().display(), error = %e, "policies not reloaded; the previous set stays in force")
+                warn!(dir = %handle.dir().display(), error = %e, "policies not reloaded; the previous set stays in force");
             }
             Err(e) => warn!(error = %e, "policy reload task failed"),
         }
