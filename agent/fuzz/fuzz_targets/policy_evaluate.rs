@@ -27,11 +27,32 @@ fuzz_target!(|data: &[u8]| {
     };
     let id = ProcessIdentity::default();
     let (name, protocol, action) = match kind % 4 {
-        0 => ("orders-db", Protocol::Postgres, Action::Sql { text, prepared: None }),
-        1 => ("build-hosts", Protocol::Ssh, Action::SshExec { command: text }),
+        0 => (
+            "orders-db",
+            Protocol::Postgres,
+            Action::Sql {
+                text,
+                prepared: None,
+            },
+        ),
+        1 => (
+            "build-hosts",
+            Protocol::Ssh,
+            Action::SshExec { command: text },
+        ),
         2 => {
-            let (host, path) = text.split_once(' ').unwrap_or(("api.internal.example", text));
-            ("internal-api", Protocol::Http, Action::Http { method: "GET", host, path })
+            let (host, path) = text
+                .split_once(' ')
+                .unwrap_or(("api.internal.example", text));
+            (
+                "internal-api",
+                Protocol::Http,
+                Action::Http {
+                    method: "GET",
+                    host,
+                    path,
+                },
+            )
         }
         _ => {
             let mut w = text.splitn(3, ' ');
@@ -41,10 +62,20 @@ fuzz_target!(|data: &[u8]| {
             (
                 "prod-cluster",
                 Protocol::Kubernetes,
-                Action::Kube { verb, resource, subresource: None, namespace, name: None },
+                Action::Kube {
+                    verb,
+                    resource,
+                    subresource: None,
+                    namespace,
+                    name: None,
+                },
             )
         }
     };
-    let d = policies().evaluate(&Request { target: TargetRef { name, protocol }, identity: &id, action });
+    let d = policies().evaluate(&Request {
+        target: TargetRef { name, protocol },
+        identity: &id,
+        action,
+    });
     let _ = serde_json::to_string(&d);
 });

@@ -17,6 +17,9 @@ fuzz_target!(|data: &[u8]| {
         );
     }
     for (_, inner) in &c.prepared {
-        assert!(inner.classes.iter().all(|k| c.classes.contains(k)), "PREPARE counts what it holds");
+        assert!(
+            inner.classes.iter().all(|k| c.classes.contains(k)),
+            "PREPARE counts what it holds"
+        );
     }
 });
