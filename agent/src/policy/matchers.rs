@@ -97,7 +97,15 @@ impl Glob {
             }
             Some(_) => {}
         }
-        let text: Vec<char> = text.chars().map(|c| fold(c, ci)).collect();
+        self.dp_match(text)
+    }
+
+    /// The general matcher (the fast paths above must agree with it; a test checks).
+    fn dp_match(&self, text: &str) -> bool {
+        let text: Vec<char> = text
+            .chars()
+            .map(|c| fold(c, self.case_insensitive))
+            .collect();
         // reach[j]: the pattern so far can consume exactly text[..j].
         let mut reach = vec![false; text.len() + 1];
         let mut next = vec![false; text.len() + 1];
@@ -450,6 +458,31 @@ mod tests {
             !g("*a*a*a*a*a*a*a*b", None).is_match(&long),
             "no exponential blow-up"
         );
+    }
+
+    #[test]
+    fn fast_paths_agree_with_the_general_matcher() {
+        let patterns = [
+            "", "ls", "prod-*", "/v1/**", "*", "**", "GET", "a\\*", "api.*",
+        ];
+        let texts = [
+            "", "ls", "lsx", "prod-", "prod-a", "prod-a/b", "prod-a.b", "/v1/", "/v1/a/b", "/v2",
+            "get", "GET", "a*", "ab", "api.x", "api.x.y",
+        ];
+        for p in patterns {
+            for sep in [None, Some('/'), Some('.')] {
+                for ci in [false, true] {
+                    let g = Glob::new(p, sep, ci).unwrap();
+                    for t in texts {
+                        assert_eq!(
+                            g.is_match(t),
+                            g.dp_match(t),
+                            "pattern {p:?} sep {sep:?} ci {ci} text {t:?}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[test]
