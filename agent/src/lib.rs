@@ -9,5 +9,6 @@ pub mod daemon;
 pub mod ebpf;
 pub mod identity;
 pub mod net;
+pub mod policy;
 pub mod proxy;
 pub mod record;

@@ -1,0 +1,417 @@
+//! `bulkhead policy check` and `bulkhead policy test`: both work on files alone, without a
+//! daemon or a target, so an admin can try a policy before installing it.
+
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Subcommand};
+use serde::Serialize;
+
+use super::{load_dir, Action, Decision, PolicySet, Request, TargetRef, DEFAULT_POLICY_DIR};
+use crate::{
+    config::{Config, Protocol},
+    identity::{Ancestor, ProcessIdentity},
+};
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Validate the policy files; errors name file, line and a hint
+    Check {
+        /// Policy directory [default: /etc/bulkhead/policies]
+        dir: Option<PathBuf>,
+    },
+    /// Show the verdict and the deciding rules for one request, without a target
+    Test(Box<TestArgs>),
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("action").required(true).args(["sql", "ssh", "http", "kube", "connect"])))]
+pub struct TestArgs {
+    /// Policy directory [default: /etc/bulkhead/policies]
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+    /// Target name (its protocol is taken from the daemon configuration if it is there)
+    #[arg(long)]
+    pub target: String,
+    /// tcp, postgres, ssh, http or kubernetes [default: from the configuration, else the request kind]
+    #[arg(long, value_parser = parse_protocol)]
+    pub protocol: Option<Protocol>,
+    #[arg(long, default_value_t = 1000)]
+    pub uid: u32,
+    #[arg(long)]
+    pub user: Option<String>,
+    /// Process name (comm)
+    #[arg(long, default_value = "bash")]
+    pub process: String,
+    #[arg(long)]
+    pub exe: Option<String>,
+    /// An ancestor process, nearest first; a name or an executable path (repeatable)
+    #[arg(long = "ancestor", value_name = "NAME|PATH")]
+    pub ancestors: Vec<String>,
+    #[arg(long)]
+    pub cgroup: Option<String>,
+    #[arg(long)]
+    pub unit: Option<String>,
+    /// A SQL message (simple query)
+    #[arg(long)]
+    pub sql: Option<String>,
+    /// An SSH exec command line
+    #[arg(long)]
+    pub ssh: Option<String>,
+    /// An HTTP request: METHOD URL
+    #[arg(long, num_args = 2, value_names = ["METHOD", "URL"])]
+    pub http: Option<Vec<String>>,
+    /// A Kubernetes request, kubectl style: "get pods", "delete deployments/web", "logs web-1",
+    /// "exec web-1", "get pods/web-1/log"
+    #[arg(long, value_name = "REQUEST")]
+    pub kube: Option<String>,
+    /// Namespace of the Kubernetes request (none: cluster-scoped or all namespaces)
+    #[arg(long, short = 'n')]
+    pub namespace: Option<String>,
+    /// Only the connection itself
+    #[arg(long)]
+    pub connect: bool,
+    /// Print the decision as JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyCliError {
+    #[error("{count} error(s) in {dir}")]
+    Invalid { dir: PathBuf, count: usize },
+    #[error("{0}")]
+    Usage(String),
+    #[error("cannot print JSON: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+fn parse_protocol(s: &str) -> Result<Protocol, String> {
+    match s {
+        "tcp" => Ok(Protocol::Tcp),
+        "postgres" => Ok(Protocol::Postgres),
+        "ssh" => Ok(Protocol::Ssh),
+        "http" => Ok(Protocol::Http),
+        "kubernetes" => Ok(Protocol::Kubernetes),
+        _ => Err("use tcp, postgres, ssh, http or kubernetes".into()),
+    }
+}
+
+pub fn run(config: &Config, cmd: PolicyCommand) -> Result<(), PolicyCliError> {
+    match cmd {
+        PolicyCommand::Check { dir } => {
+            check(&dir.unwrap_or_else(|| PathBuf::from(DEFAULT_POLICY_DIR)))
+        }
+        PolicyCommand::Test(args) => test(config, &args),
+    }
+}
+
+fn load(dir: &Path) -> Result<PolicySet, PolicyCliError> {
+    load_dir(dir).map_err(|errors| {
+        for e in &errors {
+            eprintln!("{e}");
+        }
+        PolicyCliError::Invalid {
+            dir: dir.to_path_buf(),
+            count: errors.len(),
+        }
+    })
+}
+
+pub fn check(dir: &Path) -> Result<(), PolicyCliError> {
+    let set = load(dir)?;
+    println!(
+        "{}: ok ({} files, {} rules, {} target settings)",
+        dir.display(),
+        set.files.len(),
+        set.rules.len(),
+        set.targets.len()
+    );
+    Ok(())
+}
+
+#[derive(Debug, Serialize)]
+struct TestOutput<'a> {
+    target: &'a str,
+    protocol: Protocol,
+    #[serde(flatten)]
+    decision: &'a Decision,
+}
+
+pub fn test(config: &Config, args: &TestArgs) -> Result<(), PolicyCliError> {
+    let set = load(args.dir.as_deref().unwrap_or(Path::new(DEFAULT_POLICY_DIR)))?;
+    let identity = identity_of(args);
+    let (method, host, path);
+    let (verb, resource, subresource, name);
+    let action = if let Some(sql) = &args.sql {
+        Action::Sql {
+            text: sql,
+            prepared: None,
+        }
+    } else if let Some(cmd) = &args.ssh {
+        Action::SshExec { command: cmd }
+    } else if let Some(http) = &args.http {
+        let [m, url] = http.as_slice() else {
+            return Err(PolicyCliError::Usage("--http takes METHOD URL".into()));
+        };
+        (host, path) = split_url(url);
+        method = m.clone();
+        Action::Http {
+            method: &method,
+            host: &host,
+            path: &path,
+        }
+    } else if let Some(kube) = &args.kube {
+        (verb, resource, subresource, name) = parse_kube(kube)?;
+        Action::Kube {
+            verb: &verb,
+            resource: &resource,
+            subresource: subresource.as_deref(),
+            namespace: args.namespace.as_deref(),
+            name: name.as_deref(),
+        }
+    } else {
+        Action::Connect
+    };
+    let protocol = args
+        .protocol
+        .or_else(|| {
+            config
+                .targets
+                .iter()
+                .find(|t| t.name == args.target)
+                .map(|t| t.protocol)
+        })
+        .or(match action {
+            Action::Sql { .. } | Action::SqlClassified(_) => Some(Protocol::Postgres),
+            Action::SshExec { .. } => Some(Protocol::Ssh),
+            Action::Http { .. } => Some(Protocol::Http),
+            Action::Kube { .. } => Some(Protocol::Kubernetes),
+            Action::Connect => None,
+        })
+        .ok_or_else(|| {
+            PolicyCliError::Usage(format!(
+                "target {:?} is not in the configuration: give --protocol",
+                args.target
+            ))
+        })?;
+    let req = Request {
+        target: TargetRef {
+            name: &args.target,
+            protocol,
+        },
+        identity: &identity,
+        action,
+    };
+    let decision = set.evaluate(&req);
+    if args.json {
+        let out = TestOutput {
+            target: &args.target,
+            protocol,
+            decision: &decision,
+        };
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        print_decision(&set, &decision);
+    }
+    Ok(())
+}
+
+fn print_decision(set: &PolicySet, d: &Decision) {
+    if d.observe_only {
+        println!(
+            "verdict:   allow (observe mode; would have been: {})",
+            d.decided
+        );
+    } else {
+        println!("verdict:   {}", d.verdict);
+    }
+    println!(
+        "basis:     {}",
+        serde_json::to_value(d.basis)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default()
+    );
+    for id in &d.rules {
+        match set.rules.iter().find(|r| &r.id == id) {
+            Some(r) => println!(
+                "rule:      {id} ({}){}",
+                r.origin,
+                r.description
+                    .as_deref()
+                    .map(|s| format!(" - {s}"))
+                    .unwrap_or_default()
+            ),
+            None => println!("rule:      {id}"),
+        }
+    }
+    if let Some(m) = &d.message {
+        println!("message:   {m}");
+    }
+    if let Some(t) = d.approval_timeout {
+        println!("approval:  held up to {}", humantime::format_duration(t));
+    }
+    if let Some(why) = &d.unknown {
+        println!("unknown:   {why}");
+    }
+    if let Some(sql) = &d.sql {
+        let join = |it: &mut dyn Iterator<Item = String>| {
+            let v: Vec<String> = it.collect();
+            if v.is_empty() {
+                "-".to_string()
+            } else {
+                v.join(", ")
+            }
+        };
+        println!(
+            "sql:       {}",
+            join(&mut sql.classes.iter().map(ToString::to_string))
+        );
+        println!("objects:   {}", join(&mut sql.objects.iter().cloned()));
+        println!("functions: {}", join(&mut sql.functions.iter().cloned()));
+    }
+    for m in &d.masks {
+        let what: Vec<String> = m
+            .detectors
+            .iter()
+            .map(ToString::to_string)
+            .chain(
+                serde_json::to_value(&m.columns)
+                    .ok()
+                    .and_then(|v| v.as_array().cloned())
+                    .unwrap_or_default()
+                    .iter()
+                    .filter_map(|c| c.as_str().map(str::to_string)),
+            )
+            .collect();
+        println!("mask:      {} ({}: {})", m.rule, m.style, what.join(", "));
+    }
+}
+
+fn identity_of(args: &TestArgs) -> ProcessIdentity {
+    let ancestors = args
+        .ancestors
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let (comm, exe) = if a.contains('/') {
+                (
+                    a.rsplit('/').next().unwrap_or(a).to_string(),
+                    Some(a.clone()),
+                )
+            } else {
+                (a.clone(), None)
+            };
+            Ancestor {
+                pid: u32::try_from(i).unwrap_or(0) + 2,
+                comm,
+                exe,
+                governed: true,
+            }
+        })
+        .collect();
+    ProcessIdentity {
+        pid: 1,
+        tid: 1,
+        uid: args.uid,
+        gid: args.uid,
+        user: args.user.clone(),
+        comm: args.process.clone(),
+        exe: args.exe.clone(),
+        cmdline: vec![args.process.clone()],
+        cgroup_id: 0,
+        cgroup: args.cgroup.clone(),
+        unit: args.unit.clone(),
+        ancestors,
+    }
+}
+
+/// `https://host:port/path?q` → (`host:port`, `/path?q`); a bare `/path` has no host.
+fn split_url(url: &str) -> (String, String) {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    if rest.starts_with('/') {
+        return (String::new(), rest.to_string());
+    }
+    match rest.find(['/', '?']) {
+        Some(i) if rest[i..].starts_with('/') => (rest[..i].to_string(), rest[i..].to_string()),
+        Some(i) => (rest[..i].to_string(), format!("/{}", &rest[i..])),
+        None => (rest.to_string(), "/".to_string()),
+    }
+}
+
+type KubeParts = (String, String, Option<String>, Option<String>);
+
+/// kubectl-style words into (verb, resource, subresource, name).
+fn parse_kube(text: &str) -> Result<KubeParts, PolicyCliError> {
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let usage = || {
+        PolicyCliError::Usage(format!(
+            "--kube {text:?}: write VERB RESOURCE[/NAME[/SUBRESOURCE]] [NAME]"
+        ))
+    };
+    match words.as_slice() {
+        ["logs", name] => Ok((
+            "get".into(),
+            "pods".into(),
+            Some("log".into()),
+            Some((*name).into()),
+        )),
+        ["exec", name, ..] => Ok((
+            "create".into(),
+            "pods".into(),
+            Some("exec".into()),
+            Some((*name).into()),
+        )),
+        [verb, what, rest @ ..] => {
+            let mut parts = what.splitn(3, '/');
+            let resource = parts.next().ok_or_else(usage)?.to_string();
+            let mut name = parts.next().map(str::to_string);
+            let sub = parts.next().map(str::to_string);
+            if let [n] = rest {
+                name = Some((*n).to_string());
+            } else if !rest.is_empty() {
+                return Err(usage());
+            }
+            Ok(((*verb).to_string(), resource, sub, name))
+        }
+        _ => Err(usage()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_and_kube_words() {
+        assert_eq!(
+            split_url("https://api.internal:8443/v1/x?y=1"),
+            ("api.internal:8443".into(), "/v1/x?y=1".into())
+        );
+        assert_eq!(split_url("http://h"), ("h".into(), "/".into()));
+        assert_eq!(split_url("/v1"), (String::new(), "/v1".into()));
+        assert_eq!(
+            parse_kube("get pods").unwrap(),
+            ("get".into(), "pods".into(), None, None)
+        );
+        assert_eq!(
+            parse_kube("delete deployments/web").unwrap(),
+            (
+                "delete".into(),
+                "deployments".into(),
+                None,
+                Some("web".into())
+            )
+        );
+        assert_eq!(
+            parse_kube("get pods web-1").unwrap().3,
+            Some("web-1".into())
+        );
+        assert_eq!(parse_kube("exec web-1").unwrap().2, Some("exec".into()));
+        assert_eq!(
+            parse_kube("get pods/web-1/log").unwrap().2,
+            Some("log".into())
+        );
+        assert!(parse_kube("get").is_err());
+    }
+}

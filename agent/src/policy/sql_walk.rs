@@ -1,0 +1,573 @@
+//! The walk over one parsed statement: what each statement kind, nested statement, function
+//! call and relation adds to a [`Classification`].
+//!
+//! The visitor sees every nested statement (a CTE's DELETE, a PREPARE's body, an EXPLAIN
+//! ANALYZE's statement), every expression and every relation, so nothing inside a statement is
+//! skipped by construction; statement kinds not listed here are `unknown`.
+
+use std::{collections::HashMap, ops::ControlFlow, sync::Arc};
+
+use sqlparser::ast::{
+    CopySource, CopyTarget, DollarQuotedString, Expr, FunctionArg, FunctionArgExpr,
+    FunctionArguments, Ident, ObjectName, ObjectType, OnConflictAction, OnInsert, Query, Reset,
+    Select, Set, Statement, TableFactor, UtilityOption, Value, Visit, Visitor,
+};
+
+use super::{
+    sql::{Classification, PreparedStatements, SqlClass},
+    sql_functions::function_effect,
+};
+
+pub(super) fn classify_statement(
+    s: &Statement,
+    prepared: Option<&PreparedStatements>,
+    out: &mut Classification,
+) {
+    out.statements += 1;
+    let mut walker = Walker {
+        out,
+        prepared,
+        frames: Vec::new(),
+        query_pushed: Vec::new(),
+        cte_bodies: HashMap::new(),
+        skip_relation: None,
+        explain_plain: Vec::new(),
+        suppress: 0,
+    };
+    let _ = s.visit(&mut walker);
+}
+
+/// One frame of CTE names in scope; `hides` masks the frame of the query that defines them
+/// while one of its own non-recursive CTE bodies is visited.
+struct Frame {
+    names: Vec<String>,
+    hides: Option<usize>,
+}
+
+struct Walker<'a, 'p> {
+    out: &'a mut Classification,
+    prepared: Option<&'p PreparedStatements>,
+    frames: Vec<Frame>,
+    /// Per visited query, how many frames it pushed (popped in `post_visit_query`).
+    query_pushed: Vec<usize>,
+    /// CTE body queries by address: (frame index of the defining query, names visible).
+    cte_bodies: HashMap<*const Query, (usize, Vec<String>)>,
+    /// A table-function name in FROM, reported as a function, not a relation.
+    skip_relation: Option<*const ObjectName>,
+    /// Per visited statement, whether it is a plain EXPLAIN (its body does not run).
+    explain_plain: Vec<bool>,
+    suppress: usize,
+}
+
+impl Walker<'_, '_> {
+    fn add(&mut self, class: SqlClass) {
+        if self.suppress == 0 || class == SqlClass::Unknown {
+            self.out.classes.insert(class);
+        }
+    }
+
+    fn unknown(&mut self, reason: String) {
+        self.out.classes.insert(SqlClass::Unknown);
+        self.out.unknown_reasons.push(reason);
+    }
+
+    fn cte_in_scope(&self, name: &str) -> bool {
+        let mut hidden = Vec::new();
+        for (i, f) in self.frames.iter().enumerate().rev() {
+            if hidden.contains(&i) {
+                continue;
+            }
+            if f.names.iter().any(|n| n == name) {
+                return true;
+            }
+            if let Some(h) = f.hides {
+                hidden.push(h);
+            }
+        }
+        false
+    }
+
+    fn function(&mut self, name: &ObjectName, args: Option<&FunctionArguments>) {
+        let full = normalize_name(name);
+        let short = full
+            .strip_prefix("pg_catalog.")
+            .unwrap_or(&full)
+            .to_string();
+        let effect = if short == "set_config" {
+            Some(set_config_effect(args))
+        } else {
+            function_effect(&short)
+        };
+        match effect {
+            None => {}
+            Some(SqlClass::Unknown) => {
+                self.out.classes.insert(SqlClass::Unknown);
+                self.out.unknown_functions.insert(short.clone());
+            }
+            Some(class) => self.add(class),
+        }
+        self.out.functions.insert(short);
+    }
+
+    /// Relations the visitor does not report for some statements; statements whose objects
+    /// we have not checked it reports are marked incomplete instead (an allow rule naming
+    /// objects then cannot vouch for them).
+    fn statement_objects(&mut self, s: &Statement) {
+        let names: Vec<&ObjectName> = match s {
+            Statement::Drop { names, .. } => names.iter().collect(),
+            Statement::Copy {
+                source: CopySource::Table { table_name, .. },
+                ..
+            } => vec![table_name],
+            Statement::Vacuum(v) => v.table_name.iter().collect(),
+            Statement::Comment { object_name, .. } => vec![object_name],
+            Statement::Query(_)
+            | Statement::Insert(_)
+            | Statement::Update(_)
+            | Statement::Delete(_)
+            | Statement::Merge(_)
+            | Statement::Copy { .. }
+            | Statement::Truncate(_)
+            | Statement::Lock(_)
+            | Statement::Analyze(_)
+            | Statement::CreateTable(_)
+            | Statement::CreateView(_)
+            | Statement::CreateIndex(_)
+            | Statement::AlterTable(_)
+            | Statement::RefreshMaterializedView(_)
+            | Statement::Explain { .. }
+            | Statement::Prepare { .. }
+            | Statement::Execute { .. }
+            | Statement::Declare { .. }
+            | Statement::Fetch { .. }
+            | Statement::Close { .. }
+            | Statement::StartTransaction { .. }
+            | Statement::Commit { .. }
+            | Statement::Rollback { .. }
+            | Statement::Savepoint { .. }
+            | Statement::ReleaseSavepoint { .. }
+            | Statement::Set(_)
+            | Statement::Reset(_)
+            | Statement::ShowVariable { .. }
+            | Statement::Discard { .. }
+            | Statement::Deallocate { .. }
+            | Statement::LISTEN { .. }
+            | Statement::UNLISTEN { .. }
+            | Statement::NOTIFY { .. } => Vec::new(),
+            _ => {
+                self.out.objects_complete = false;
+                Vec::new()
+            }
+        };
+        for n in names {
+            self.out.objects.insert(normalize_name(n));
+        }
+    }
+
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one arm per statement kind: a table reads best whole"
+    )]
+    fn statement(&mut self, s: &Statement) {
+        use SqlClass as C;
+        self.statement_objects(s);
+        let class = match s {
+            Statement::Query(q) => {
+                if q.locks.is_empty() {
+                    C::Read
+                } else {
+                    C::Lock
+                }
+            }
+            Statement::Insert(i) => {
+                if let Some(OnInsert::OnConflict(c)) = &i.on {
+                    if matches!(c.action, OnConflictAction::DoUpdate(_)) {
+                        self.add(C::Update);
+                    }
+                } else if i.on.is_some() {
+                    self.add(C::Update);
+                }
+                C::Insert
+            }
+            Statement::Update(_) => C::Update,
+            Statement::Delete(_) => C::Delete,
+            Statement::Merge(_) => C::Merge,
+            Statement::Copy {
+                source, to, target, ..
+            } => copy_class(source, *to, target),
+            Statement::Set(set) => set_class(set),
+            Statement::Reset(r) => match &r.reset {
+                Reset::SessionAuthorization => C::Role,
+                Reset::ConfigurationParameter(name) if is_role_setting(&normalize_name(name)) => {
+                    C::Role
+                }
+                _ => C::Session,
+            },
+            Statement::StartTransaction { .. }
+            | Statement::Commit { .. }
+            | Statement::Rollback { .. }
+            | Statement::Savepoint { .. }
+            | Statement::ReleaseSavepoint { .. } => C::Transaction,
+            Statement::ShowVariable { .. }
+            | Statement::ShowVariables { .. }
+            | Statement::ShowStatus { .. }
+            | Statement::ExplainTable { .. }
+            | Statement::Declare { .. }
+            | Statement::Fetch { .. }
+            | Statement::Close { .. }
+            | Statement::Explain { .. }
+            | Statement::Prepare { .. } => C::Read,
+            Statement::Execute { name, .. } => {
+                self.out.uses_prepared = true;
+                let key = name.as_ref().map(normalize_name).unwrap_or_default();
+                if let Some(what) = self.prepared.and_then(|p| p.get(&key)) {
+                    let what = Arc::clone(what);
+                    self.out.merge(&what);
+                } else {
+                    self.unknown(format!(
+                        "EXECUTE of {key:?}, which this session has not prepared"
+                    ));
+                }
+                return;
+            }
+            Statement::Deallocate { .. }
+            | Statement::Discard { .. }
+            | Statement::LISTEN { .. }
+            | Statement::UNLISTEN { .. } => C::Session,
+            Statement::NOTIFY { .. } => C::Notify,
+            Statement::Lock(_) | Statement::LockTables { .. } => C::Lock,
+            Statement::Truncate(_) => C::Truncate,
+            Statement::Vacuum(_)
+            | Statement::Analyze(_)
+            | Statement::RefreshMaterializedView(_) => C::Maintenance,
+            Statement::Grant(_)
+            | Statement::Revoke(_)
+            | Statement::GrantRole(_)
+            | Statement::RevokeRole(_)
+            | Statement::AlterDefaultPrivileges(_) => C::Grant,
+            Statement::CreateRole(_)
+            | Statement::AlterRole { .. }
+            | Statement::CreateUser(_)
+            | Statement::AlterUser(_) => C::Role,
+            Statement::Drop { object_type, .. } => match object_type {
+                ObjectType::Role | ObjectType::User | ObjectType::Group => C::Role,
+                _ => C::Ddl,
+            },
+            Statement::CreateExtension(_)
+            | Statement::DropExtension(_)
+            | Statement::Load { .. } => C::Extension,
+            Statement::Call(_) => {
+                self.out.objects_complete = false;
+                C::Procedural
+            }
+            Statement::CreateView(_)
+            | Statement::CreateTable(_)
+            | Statement::CreateIndex(_)
+            | Statement::CreateServer(_)
+            | Statement::CreateForeignTable(_)
+            | Statement::CreateForeignDataWrapper(_)
+            | Statement::CreateUserMapping(_)
+            | Statement::CreatePolicy(_)
+            | Statement::CreateRule(_)
+            | Statement::CreateOperator(_)
+            | Statement::CreateOperatorFamily(_)
+            | Statement::CreateOperatorClass(_)
+            | Statement::CreateTextSearch(_)
+            | Statement::CreateAggregate(_)
+            | Statement::CreateCollation(_)
+            | Statement::CreateSchema { .. }
+            | Statement::CreateDatabase { .. }
+            | Statement::CreateFunction(_)
+            | Statement::CreateTrigger(_)
+            | Statement::CreateProcedure { .. }
+            | Statement::CreateSequence { .. }
+            | Statement::CreateDomain(_)
+            | Statement::CreateType { .. }
+            | Statement::AlterTable(_)
+            | Statement::AlterSchema(_)
+            | Statement::AlterIndex { .. }
+            | Statement::AlterView(_)
+            | Statement::AlterFunction(_)
+            | Statement::AlterType(_)
+            | Statement::AlterCollation(_)
+            | Statement::AlterOperator(_)
+            | Statement::AlterOperatorFamily(_)
+            | Statement::AlterOperatorClass(_)
+            | Statement::AlterTextSearch(_)
+            | Statement::AlterPolicy(_)
+            | Statement::AlterTrigger(_)
+            | Statement::DropFunction(_)
+            | Statement::DropDomain(_)
+            | Statement::DropProcedure { .. }
+            | Statement::DropPolicy(_)
+            | Statement::DropRule(_)
+            | Statement::DropOperator(_)
+            | Statement::DropOperatorFamily(_)
+            | Statement::DropOperatorClass(_)
+            | Statement::DropTrigger(_)
+            | Statement::Comment { .. }
+            | Statement::RenameTable(_) => C::Ddl,
+            other => {
+                let kind = format!("{other:?}");
+                let kind = kind
+                    .split(|c: char| !c.is_alphanumeric())
+                    .next()
+                    .unwrap_or("?");
+                self.unknown(format!("statement kind {kind} is not classified"));
+                return;
+            }
+        };
+        self.add(class);
+    }
+}
+
+impl Visitor for Walker<'_, '_> {
+    type Break = ();
+
+    fn pre_visit_statement(&mut self, s: &Statement) -> ControlFlow<()> {
+        self.statement(s);
+        let plain_explain = match s {
+            Statement::Explain {
+                analyze, options, ..
+            } => !*analyze && !explain_options_analyze(options.as_deref()),
+            _ => false,
+        };
+        if plain_explain {
+            self.suppress += 1;
+        }
+        self.explain_plain.push(plain_explain);
+        if let Statement::Prepare {
+            name, statement, ..
+        } = s
+        {
+            let mut inner = Classification {
+                objects_complete: true,
+                ..Classification::default()
+            };
+            classify_statement(statement, self.prepared, &mut inner);
+            inner.statements = 1;
+            self.out
+                .prepared
+                .push((normalize_ident(name), Arc::new(inner)));
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn post_visit_statement(&mut self, _s: &Statement) -> ControlFlow<()> {
+        if self.explain_plain.pop() == Some(true) {
+            self.suppress = self.suppress.saturating_sub(1);
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_query(&mut self, q: &Query) -> ControlFlow<()> {
+        let mut pushed = 0;
+        if let Some((hides, names)) = self.cte_bodies.remove(&std::ptr::from_ref(q)) {
+            self.frames.push(Frame {
+                names,
+                hides: Some(hides),
+            });
+            pushed += 1;
+        }
+        if let Some(with) = &q.with {
+            let names: Vec<String> = with
+                .cte_tables
+                .iter()
+                .map(|c| normalize_ident(&c.alias.name))
+                .collect();
+            let frame = self.frames.len();
+            for (i, cte) in with.cte_tables.iter().enumerate() {
+                let visible = if with.recursive {
+                    names.clone()
+                } else {
+                    names[..i].to_vec()
+                };
+                self.cte_bodies
+                    .insert(std::ptr::from_ref(cte.query.as_ref()), (frame, visible));
+            }
+            self.frames.push(Frame { names, hides: None });
+            pushed += 1;
+        }
+        self.query_pushed.push(pushed);
+        if !q.locks.is_empty() {
+            self.add(SqlClass::Lock);
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn post_visit_query(&mut self, _q: &Query) -> ControlFlow<()> {
+        let pushed = self.query_pushed.pop().unwrap_or(0);
+        self.frames
+            .truncate(self.frames.len().saturating_sub(pushed));
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_select(&mut self, select: &Select) -> ControlFlow<()> {
+        if select.into.is_some() {
+            self.out.objects_complete = false;
+            self.add(SqlClass::Ddl);
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_table_factor(&mut self, t: &TableFactor) -> ControlFlow<()> {
+        match t {
+            TableFactor::Table {
+                name,
+                args: Some(_),
+                ..
+            } => {
+                self.skip_relation = Some(std::ptr::from_ref(name));
+                self.function(name, None);
+            }
+            TableFactor::Function { name, .. } => self.function(name, None),
+            _ => {}
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_relation(&mut self, relation: &ObjectName) -> ControlFlow<()> {
+        if self.skip_relation == Some(std::ptr::from_ref(relation)) {
+            self.skip_relation = None;
+            return ControlFlow::Continue(());
+        }
+        let name = normalize_name(relation);
+        if relation.0.len() == 1 && self.cte_in_scope(&name) {
+            return ControlFlow::Continue(());
+        }
+        self.out.objects.insert(name);
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
+        if let Expr::Function(f) = e {
+            self.function(&f.name, Some(&f.args));
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+/// `EXPLAIN (ANALYZE [TRUE|ON|1])` runs the statement; `ANALYZE FALSE|OFF|0` does not.
+fn explain_options_analyze(options: Option<&[UtilityOption]>) -> bool {
+    options.unwrap_or_default().iter().any(|o| {
+        if !o.name.value.eq_ignore_ascii_case("analyze") {
+            return false;
+        }
+        let off = match &o.arg {
+            Some(Expr::Value(v)) => matches!(
+                v.value.to_string().to_ascii_lowercase().trim_matches('\''),
+                "false" | "off" | "0"
+            ),
+            Some(Expr::Identifier(i)) => {
+                matches!(i.value.to_ascii_lowercase().as_str(), "false" | "off")
+            }
+            None | Some(_) => false,
+        };
+        !off
+    })
+}
+
+fn copy_class(source: &CopySource, to: bool, target: &CopyTarget) -> SqlClass {
+    match (to, target) {
+        (true, CopyTarget::Stdout) => SqlClass::Read,
+        (false, CopyTarget::Stdin) => {
+            if matches!(source, CopySource::Table { .. }) {
+                SqlClass::CopyIn
+            } else {
+                SqlClass::Unknown
+            }
+        }
+        (_, CopyTarget::File { .. }) => SqlClass::FileAccess,
+        (_, CopyTarget::Program { .. }) => SqlClass::CopyProgram,
+        _ => SqlClass::Unknown,
+    }
+}
+
+fn is_role_setting(name: &str) -> bool {
+    matches!(name, "role" | "session_authorization")
+}
+
+fn set_class(set: &Set) -> SqlClass {
+    match set {
+        Set::SetRole { .. } | Set::SetSessionAuthorization(_) => SqlClass::Role,
+        Set::SetTransaction { .. } => SqlClass::Transaction,
+        Set::SingleAssignment { variable, .. } => {
+            if is_role_setting(&normalize_name(variable)) {
+                SqlClass::Role
+            } else {
+                SqlClass::Session
+            }
+        }
+        Set::ParenthesizedAssignments { variables, .. } => {
+            if variables
+                .iter()
+                .any(|v| is_role_setting(&normalize_name(v)))
+            {
+                SqlClass::Role
+            } else {
+                SqlClass::Session
+            }
+        }
+        Set::MultipleAssignments { assignments } => {
+            if assignments
+                .iter()
+                .any(|a| is_role_setting(&normalize_name(&a.name)))
+            {
+                SqlClass::Role
+            } else {
+                SqlClass::Session
+            }
+        }
+        Set::SetTimeZone { .. } | Set::SetNames { .. } | Set::SetNamesDefault {} => {
+            SqlClass::Session
+        }
+        Set::SetSessionParam(_) => SqlClass::Unknown,
+    }
+}
+
+/// `set_config('role', ...)` changes who we are; other settings are session state. A name
+/// that is not a literal could be either: judged as the worse.
+fn set_config_effect(args: Option<&FunctionArguments>) -> SqlClass {
+    let first = match args {
+        Some(FunctionArguments::List(list)) => list.args.first(),
+        _ => None,
+    };
+    match first {
+        Some(FunctionArg::Unnamed(FunctionArgExpr::Expr(Expr::Value(v)))) => match &v.value {
+            Value::SingleQuotedString(s)
+            | Value::EscapedStringLiteral(s)
+            | Value::DollarQuotedString(DollarQuotedString { value: s, .. }) => {
+                if is_role_setting(&s.to_ascii_lowercase()) {
+                    SqlClass::Role
+                } else {
+                    SqlClass::Session
+                }
+            }
+            _ => SqlClass::Role,
+        },
+        _ => SqlClass::Role,
+    }
+}
+
+/// An identifier as the server resolves it: unquoted names fold to lowercase.
+fn normalize_ident(ident: &Ident) -> String {
+    if ident.quote_style.is_some() {
+        ident.value.clone()
+    } else {
+        ident.value.to_lowercase()
+    }
+}
+
+fn normalize_name(name: &ObjectName) -> String {
+    let mut out = String::new();
+    for (i, part) in name.0.iter().enumerate() {
+        if i > 0 {
+            out.push('.');
+        }
+        match part.as_ident() {
+            Some(ident) => out.push_str(&normalize_ident(ident)),
+            None => out.push('?'),
+        }
+    }
+    out
+}

@@ -1,0 +1,431 @@
+//! Table-driven SQL cases, evaluation semantics, and file errors.
+
+use std::{path::Path, sync::Arc};
+
+use serde::Deserialize;
+
+use super::{
+    file::parse_file, Action, Basis, Classification, PolicySet, PreparedStatements, Request,
+    SqlClass, TargetRef, Verdict,
+};
+use crate::{
+    config::Protocol,
+    identity::{Ancestor, ProcessIdentity},
+};
+
+/// A policy from one file's text (panics with the errors: test input).
+pub(super) fn policy(text: &str) -> PolicySet {
+    match parse_file(Path::new("test.toml"), text) {
+        Ok(p) => PolicySet::new(p.rules, p.targets, vec!["test.toml".into()]),
+        Err(e) => panic!(
+            "policy does not load:\n{}",
+            e.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("\n")
+        ),
+    }
+}
+
+pub(super) fn agent() -> ProcessIdentity {
+    ProcessIdentity {
+        pid: 4242,
+        tid: 4242,
+        uid: 1000,
+        gid: 1000,
+        user: Some("alice".into()),
+        comm: "psql".into(),
+        exe: Some("/usr/bin/psql".into()),
+        cmdline: vec!["psql".into()],
+        cgroup_id: 1,
+        cgroup: Some("/bulkhead.governed".into()),
+        unit: None,
+        ancestors: vec![
+            Ancestor {
+                pid: 4200,
+                comm: "bash".into(),
+                exe: Some("/usr/bin/bash".into()),
+                governed: true,
+            },
+            Ancestor {
+                pid: 4100,
+                comm: "claude".into(),
+                exe: Some("/opt/claude/bin/claude".into()),
+                governed: true,
+            },
+        ],
+    }
+}
+
+pub(super) fn sql<'a>(target: &'a str, id: &'a ProcessIdentity, text: &'a str) -> Request<'a> {
+    Request {
+        target: TargetRef {
+            name: target,
+            protocol: Protocol::Postgres,
+        },
+        identity: id,
+        action: Action::Sql {
+            text,
+            prepared: None,
+        },
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CaseFile {
+    policy: String,
+    case: Vec<Case>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Case {
+    sql: String,
+    class: Option<String>,
+    classes: Option<Vec<String>>,
+    verdict: String,
+    objects: Option<Vec<String>>,
+    #[serde(default)]
+    prepared: std::collections::BTreeMap<String, String>,
+    #[allow(dead_code, reason = "documentation for the reader of the table")]
+    note: Option<String>,
+}
+
+#[test]
+fn sql_case_table() {
+    let text = include_str!("testdata/sql_cases.toml");
+    let file: CaseFile = toml::from_str(text).expect("sql_cases.toml parses");
+    let set = policy(&file.policy);
+    let id = agent();
+    let mut failures = Vec::new();
+    for (i, case) in file.case.iter().enumerate() {
+        let mut prepared = PreparedStatements::default();
+        for (name, body) in &case.prepared {
+            let c = super::classify(body, None);
+            prepared.insert(name, Arc::new(c));
+        }
+        let req = Request {
+            action: Action::Sql {
+                text: &case.sql,
+                prepared: Some(&prepared),
+            },
+            ..sql("db", &id, "")
+        };
+        let d = set.evaluate(&req);
+        let c: &Classification = d
+            .sql
+            .as_deref()
+            .expect("SQL decisions carry the classification");
+        let mut problems = Vec::new();
+        let headline = c.headline().map(SqlClass::name);
+        if headline != case.class.as_deref() {
+            problems.push(format!("class {headline:?}, expected {:?}", case.class));
+        }
+        if let Some(expected) = &case.classes {
+            let got: Vec<&str> = c.classes.iter().map(|k| k.name()).collect();
+            if got != expected.iter().map(String::as_str).collect::<Vec<_>>() {
+                problems.push(format!("classes {got:?}, expected {expected:?}"));
+            }
+        }
+        if d.decided.to_string() != case.verdict {
+            problems.push(format!(
+                "verdict {}, expected {} (rules {:?})",
+                d.decided, case.verdict, d.rules
+            ));
+        }
+        if let Some(expected) = &case.objects {
+            let got: Vec<&String> = c.objects.iter().collect();
+            if got != expected.iter().collect::<Vec<_>>() {
+                problems.push(format!("objects {got:?}, expected {expected:?}"));
+            }
+        }
+        if !problems.is_empty() {
+            failures.push(format!(
+                "case {} {:?}: {}",
+                i + 1,
+                case.sql,
+                problems.join("; ")
+            ));
+        }
+    }
+    assert!(
+        file.case.len() >= 150,
+        "the table must keep at least 150 cases"
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {} SQL cases failed:\n{}",
+        failures.len(),
+        file.case.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn every_family_has_a_case_denied_as_read_only() {
+    let text = include_str!("testdata/sql_cases.toml");
+    let file: CaseFile = toml::from_str(text).expect("sql_cases.toml parses");
+    for class in SqlClass::ALL {
+        if matches!(
+            class,
+            SqlClass::Read | SqlClass::Transaction | SqlClass::Session
+        ) {
+            continue;
+        }
+        assert!(
+            file.case
+                .iter()
+                .any(|c| c.class.as_deref() == Some(class.name()) && c.verdict == "deny"),
+            "no denied case for class {class}"
+        );
+    }
+}
+
+#[test]
+fn deny_beats_approve_beats_allow_whatever_the_order() {
+    let rules = [
+        "[[rule]]\nid = \"a-allow\"\nverdict = \"allow\"\n",
+        "[[rule]]\nid = \"b-approve\"\nverdict = \"approve\"\napproval_timeout = \"2m\"\nsql = { class = [\"write\"] }\n",
+        "[[rule]]\nid = \"c-deny\"\nverdict = \"deny\"\nmessage = \"no deletes\"\nsql = { class = [\"delete\"] }\n",
+    ];
+    let id = agent();
+    for order in [[0, 1, 2], [2, 1, 0], [1, 2, 0]] {
+        let text: String = order
+            .iter()
+            .map(|i| rules[*i])
+            .collect::<Vec<_>>()
+            .join("\n");
+        let set = policy(&format!(
+            "[[target]]\nname = \"db\"\ndefault = \"deny\"\n{text}"
+        ));
+        let d = set.evaluate(&sql("db", &id, "DELETE FROM t"));
+        assert_eq!(
+            (d.verdict, d.rules.clone()),
+            (Verdict::Deny, vec!["c-deny".to_string()])
+        );
+        assert_eq!(d.message.as_deref(), Some("no deletes"));
+        let d = set.evaluate(&sql("db", &id, "UPDATE t SET a = 1"));
+        assert_eq!(d.verdict, Verdict::Approve);
+        assert_eq!(d.approval_timeout, Some(std::time::Duration::from_mins(2)));
+        let d = set.evaluate(&sql("db", &id, "SELECT 1"));
+        assert_eq!((d.verdict, d.basis), (Verdict::Allow, Basis::Rules));
+    }
+}
+
+#[test]
+fn unknown_gets_on_unknown_and_allow_rules_never_apply() {
+    let id = agent();
+    let set = policy("[[target]]\nname = \"db\"\ndefault = \"allow\"\n\n[[rule]]\nid = \"all\"\nverdict = \"allow\"\n");
+    let d = set.evaluate(&sql("db", &id, "selec 1"));
+    assert_eq!(
+        (d.verdict, d.basis),
+        (Verdict::Deny, Basis::Unknown),
+        "on_unknown defaults to deny"
+    );
+    assert!(d
+        .message
+        .as_deref()
+        .is_some_and(|m| m.contains("not understood")));
+    let set = policy("[[target]]\nname = \"db\"\non_unknown = \"approve\"\n");
+    let d = set.evaluate(&sql("db", &id, "selec 1"));
+    assert_eq!(
+        (d.verdict, d.rules.clone()),
+        (Verdict::Approve, vec!["target:db:on_unknown".to_string()])
+    );
+    assert_eq!(d.approval_timeout, Some(super::DEFAULT_APPROVAL_TIMEOUT));
+    // Restricting rules that name `unknown` (or no class) catch it too.
+    let set = policy(
+        "[[target]]\nname = \"db\"\non_unknown = \"allow\"\n[[rule]]\nid = \"hold\"\nverdict = \"approve\"\nsql = { class = [\"unknown\"] }\n",
+    );
+    assert_eq!(
+        set.evaluate(&sql("db", &id, "selec 1")).verdict,
+        Verdict::Approve
+    );
+    assert_eq!(
+        set.evaluate(&sql("db", &id, "SELECT 1")).verdict,
+        Verdict::Deny,
+        "default deny"
+    );
+}
+
+#[test]
+fn targets_without_settings_deny_and_settings_pick_the_most_specific() {
+    let id = agent();
+    let set = policy(
+        "[[target]]\nprotocol = \"postgres\"\ndefault = \"allow\"\n\
+         [[target]]\nname = \"prod-*\"\ndefault = \"approve\"\n\
+         [[target]]\nname = \"prod-orders\"\ndefault = \"deny\"\n",
+    );
+    let verdict = |t: &str| set.evaluate(&sql(t, &id, "SELECT 1")).verdict;
+    assert_eq!(verdict("dev"), Verdict::Allow);
+    assert_eq!(verdict("prod-users"), Verdict::Approve);
+    assert_eq!(verdict("prod-orders"), Verdict::Deny);
+    let empty = policy("");
+    assert_eq!(
+        empty.evaluate(&sql("x", &id, "SELECT 1")).verdict,
+        Verdict::Deny
+    );
+}
+
+#[test]
+fn observe_mode_records_what_would_have_been_enforced() {
+    let id = agent();
+    let set = policy(
+        "[[target]]\nname = \"db\"\nmode = \"observe\"\n\
+         [[rule]]\nid = \"no-ddl\"\nverdict = \"deny\"\nmessage = \"no DDL\"\nsql = { class = [\"ddl\"] }\n",
+    );
+    let d = set.evaluate(&sql("db", &id, "DROP TABLE t"));
+    assert_eq!(
+        (d.verdict, d.decided, d.observe_only),
+        (Verdict::Allow, Verdict::Deny, true)
+    );
+    assert_eq!(d.rules, vec!["no-ddl"]);
+    let d = set.evaluate(&sql("db", &id, "selec"));
+    assert_eq!(
+        (d.verdict, d.decided, d.observe_only),
+        (Verdict::Allow, Verdict::Deny, true)
+    );
+}
+
+#[test]
+fn identity_matchers_cover_or_touch() {
+    let mut id = agent();
+    let set = policy(
+        "[[target]]\nname = \"db\"\n\
+         [[rule]]\nid = \"claude-reads\"\nverdict = \"allow\"\nidentity = { ancestor = [\"claude\"], exe = [\"/usr/bin/*\"] }\nsql = { class = [\"read\"] }\n\
+         [[rule]]\nid = \"no-python\"\nverdict = \"deny\"\nidentity = { exe = [\"/usr/bin/python*\"] }\n",
+    );
+    assert_eq!(
+        set.evaluate(&sql("db", &id, "SELECT 1")).verdict,
+        Verdict::Allow
+    );
+    id.exe = None;
+    let d = set.evaluate(&sql("db", &id, "SELECT 1"));
+    assert_eq!(
+        (d.verdict, d.rules.clone()),
+        (Verdict::Deny, vec!["no-python".to_string()]),
+        "an unknown exe cannot be vouched for by allow, and may be what deny names"
+    );
+    let mut id = agent();
+    id.ancestors.truncate(1);
+    assert_eq!(
+        set.evaluate(&sql("db", &id, "SELECT 1")).basis,
+        Basis::Default,
+        "not under claude"
+    );
+}
+
+#[test]
+fn objects_and_functions() {
+    let id = agent();
+    let set = policy(
+        "[[target]]\nname = \"db\"\nread_only_functions = [\"app.report_*\"]\n\
+         [[rule]]\nid = \"public-reads\"\nverdict = \"allow\"\nsql = { class = [\"read\"], objects = [\"public.*\"] }\n\
+         [[rule]]\nid = \"no-salaries\"\nverdict = \"deny\"\nsql = { objects = [\"hr.salaries\"] }\n",
+    );
+    let verdict = |q: &str| set.evaluate(&sql("db", &id, q)).verdict;
+    assert_eq!(
+        verdict("SELECT * FROM users"),
+        Verdict::Allow,
+        "unqualified resolves to public for allow"
+    );
+    assert_eq!(
+        verdict("SELECT * FROM public.users JOIN hr.people ON true"),
+        Verdict::Deny,
+        "default: hr.people not covered"
+    );
+    assert_eq!(
+        verdict("SELECT * FROM salaries"),
+        Verdict::Deny,
+        "unqualified may be hr.salaries for deny"
+    );
+    assert_eq!(
+        verdict("SELECT app.report_total()"),
+        Verdict::Allow,
+        "vouched-for function"
+    );
+    assert_eq!(verdict("SELECT app.other()"), Verdict::Deny);
+}
+
+#[test]
+fn prepared_statements_are_reported_for_the_session() {
+    let c = super::classify("PREPARE q (int) AS DELETE FROM t WHERE id = $1", None);
+    assert_eq!(c.prepared.len(), 1);
+    assert_eq!(c.prepared[0].0, "q");
+    assert_eq!(c.prepared[0].1.headline(), Some(SqlClass::Delete));
+}
+
+#[test]
+fn the_cache_never_changes_a_verdict() {
+    let id = agent();
+    let set = policy("[[target]]\nname = \"db\"\n[[rule]]\nid = \"r\"\nverdict = \"allow\"\nsql = { class = [\"read\"] }\n");
+    let mut prepared = PreparedStatements::default();
+    prepared.insert("q", Arc::new(super::classify("SELECT 1", None)));
+    let exec = |p: &PreparedStatements| {
+        set.evaluate(&Request {
+            action: Action::Sql {
+                text: "EXECUTE q",
+                prepared: Some(p),
+            },
+            ..sql("db", &id, "")
+        })
+        .verdict
+    };
+    assert_eq!(exec(&prepared), Verdict::Allow);
+    prepared.insert("q", Arc::new(super::classify("DELETE FROM t", None)));
+    assert_eq!(
+        exec(&prepared),
+        Verdict::Deny,
+        "EXECUTE is never served from the cache"
+    );
+    for _ in 0..3 {
+        assert_eq!(
+            set.evaluate(&sql("db", &id, "SELECT 1")).verdict,
+            Verdict::Allow
+        );
+    }
+    assert!(!set.cache().is_empty());
+}
+
+#[test]
+fn file_errors_name_file_line_and_key() {
+    let err = |text: &str| match parse_file(Path::new("p/bad.toml"), text) {
+        Ok(_) => panic!("should not load: {text}"),
+        Err(e) => e
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("\n"),
+    };
+    let e = err("[[rule]]\nid = \"x\"\nverdict = \"allow\"\nsql = { clas = [\"read\"] }\n");
+    assert!(
+        e.contains("p/bad.toml:4:") && e.contains("clas") && e.contains("hint:"),
+        "{e}"
+    );
+    let e = err("[[rule]]\nid = \"x\"\nverdict = \"allow\"\n\n[rule.identity]\nproces = [\"x\"]\n");
+    assert!(e.contains(":6:") && e.contains("proces"), "{e}");
+    let e = err("[[rule]]\nid = \"x\"\nverdict = \"permit\"\n");
+    assert!(
+        e.contains(":3:") && e.contains("permit") && e.contains("allow, deny, approve or mask"),
+        "{e}"
+    );
+    let e = err("[[rule]]\nid = \"x\"\nverdict = \"deny\"\nsql = { class = [\"reads\"] }\n");
+    assert!(e.contains(":4:") && e.contains("reads"), "{e}");
+    let e = err("[[rule]]\nid = \"x\"\nverdict = \"approve\"\napproval_timeout = \"soon\"\n");
+    assert!(e.contains(":4:") && e.contains("soon"), "{e}");
+    let e = err("[[rule]]\nid = \"x\"\nverdict = \"mask\"\n");
+    assert!(e.contains("[rule.mask]"), "{e}");
+    let e = err("[[rule]]\nid = \"x\"\nverdict = \"allow\"\nsql = {}\nssh = {}\n");
+    assert!(e.contains("one request section"), "{e}");
+    let e = err("[[rule]]\nid = \"x\"\nverdict = \"allow\"\nmessage = \"hi\"\n");
+    assert!(e.contains("only shown for verdict = \"deny\""), "{e}");
+    let e = err("[[rule]]\nid = \"x\"\nverdict = \"allow\"\nssh = { regex = [\"(\"] }\n");
+    assert!(e.contains(":4:") && e.contains("regex"), "{e}");
+    let e = err("[[target]]\nname = \"db\"\nmode = \"audit\"\n");
+    assert!(e.contains(":3:") && e.contains("audit"), "{e}");
+    let e = err("colour = 1\n");
+    assert!(e.contains(":1:") && e.contains("colour"), "{e}");
+    let e = err("[[rule]]\nverdict = \"allow\"\n");
+    assert!(e.contains("id"), "{e}");
+}
