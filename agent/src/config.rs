@@ -86,6 +86,8 @@ pub struct DaemonConfig {
     pub log: String,
     /// Group whose members may use the control socket besides root.
     pub admin_group: String,
+    /// Policy files (`*.toml`), reloaded on change and on SIGHUP.
+    pub policy_dir: PathBuf,
 }
 
 #[derive(Debug, Clone)]
@@ -444,6 +446,7 @@ impl Config {
                 fail_open: daemon.fail_open,
                 log: daemon.log,
                 admin_group: daemon.admin_group,
+                policy_dir: daemon.policy_dir,
             },
             listener: ListenerConfig {
                 ipv4,
@@ -578,6 +581,7 @@ struct RawDaemon {
     fail_open: bool,
     log: String,
     admin_group: String,
+    policy_dir: PathBuf,
 }
 
 impl Default for RawDaemon {
@@ -589,6 +593,7 @@ impl Default for RawDaemon {
             fail_open: false,
             log: "info".into(),
             admin_group: crate::control::ADMIN_GROUP.into(),
+            policy_dir: crate::policy::DEFAULT_POLICY_DIR.into(),
         }
     }
 }

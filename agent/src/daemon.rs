@@ -139,12 +139,25 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         "governing connections"
     );
 
+    let policy = crate::policy::PolicyHandle::new(&config.daemon.policy_dir);
+    match policy.reload() {
+        Ok(version) => info!(dir = %config.daemon.policy_dir.display(), version, "policies loaded"),
+        Err(e) => warn!(
+            dir = %config.daemon.policy_dir.display(),
+            error = %e,
+            "no valid policies: every decision is deny until they load (fail closed)"
+        ),
+    }
+    tokio::spawn(crate::policy::watch(policy.clone()));
+
     let gateway = Arc::new(Gateway {
         config: Arc::clone(&config),
         orig_dst,
         store: Arc::clone(&store),
         proc: ProcReader::new("/", governed_rel),
         stats: Stats::default(),
+        policy,
+        pg_cancels: crate::proxy::postgres::CancelKeys::default(),
     });
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);

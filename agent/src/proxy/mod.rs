@@ -3,6 +3,7 @@
 //! protocol) does the forwarding. Until the protocol gateways land, every target is relayed as
 //! opaque TCP ([`tcp`]).
 
+pub mod postgres;
 mod splice;
 pub mod tcp;
 
@@ -65,6 +66,10 @@ pub struct Gateway {
     pub store: Arc<dyn SessionStore>,
     pub proc: ProcReader,
     pub stats: Stats,
+    /// The policy in force; protocol handlers take a snapshot per decision.
+    pub policy: crate::policy::PolicyHandle,
+    /// Cancel keys handed to PostgreSQL clients.
+    pub pg_cancels: postgres::CancelKeys,
 }
 
 /// Accepts until `shutdown` turns true, then returns; running connections keep their tasks.
@@ -161,7 +166,7 @@ pub async fn handle(gw: &Gateway, client_stream: TcpStream, peer: SocketAddr) {
             destination,
             target: target.map(|t| t.name.clone()),
             protocol,
-            identity,
+            identity: identity.clone(),
         }) {
             Ok(id) => id,
             Err(e) => {
@@ -172,12 +177,12 @@ pub async fn handle(gw: &Gateway, client_stream: TcpStream, peer: SocketAddr) {
         tracing::Span::current().record("session", id.0);
         debug!("session opened");
 
-        let end = match protocol {
-            Protocol::Tcp
-            | Protocol::Postgres
-            | Protocol::Ssh
-            | Protocol::Http
-            | Protocol::Kubernetes => tcp::forward(client_stream, destination).await,
+        let end = match (protocol, target) {
+            (Protocol::Postgres, Some(t)) => {
+                postgres::serve(gw, client_stream, t, &identity, id, destination).await
+            }
+            // Other protocols are relayed as opaque TCP until their gateways exist.
+            _ => tcp::forward(client_stream, destination).await,
         };
         info!(
             outcome = end.outcome.label(),
@@ -267,6 +272,8 @@ mod tests {
             store: Arc::new(SledStore::temporary().unwrap()),
             proc: ProcReader::new("/", "/none"),
             stats: Stats::default(),
+            policy: crate::policy::PolicyHandle::new("/nonexistent"),
+            pg_cancels: postgres::CancelKeys::default(),
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

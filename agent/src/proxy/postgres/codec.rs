@@ -24,7 +24,11 @@ pub enum CodecError {
     #[error("{side} sent a message with invalid length {len}")]
     BadLength { side: &'static str, len: i64 },
     #[error("{side} sent a {len}-byte message; the limit is {max}")]
-    TooLong { side: &'static str, len: usize, max: usize },
+    TooLong {
+        side: &'static str,
+        len: usize,
+        max: usize,
+    },
     #[error("malformed {what} message")]
     Malformed { what: &'static str },
     #[error(transparent)]
@@ -103,7 +107,10 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         let len = i32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]);
         let body_len = checked_len(self.side, len, MAX_STARTUP)?;
         if body_len < 4 {
-            return Err(CodecError::BadLength { side: self.side, len: i64::from(len) });
+            return Err(CodecError::BadLength {
+                side: self.side,
+                len: i64::from(len),
+            });
         }
         self.fill(4 + body_len).await?;
         let mut packet = self.buf.split_to(4 + body_len);
@@ -124,20 +131,33 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 /// The body length for a declared length (which counts itself), within `max`.
 fn checked_len(side: &'static str, len: i32, max: usize) -> Result<usize, CodecError> {
     let Ok(total) = usize::try_from(len) else {
-        return Err(CodecError::BadLength { side, len: i64::from(len) });
+        return Err(CodecError::BadLength {
+            side,
+            len: i64::from(len),
+        });
     };
     if total < 4 {
-        return Err(CodecError::BadLength { side, len: i64::from(len) });
+        return Err(CodecError::BadLength {
+            side,
+            len: i64::from(len),
+        });
     }
     if total - 4 > max {
-        return Err(CodecError::TooLong { side, len: total - 4, max });
+        return Err(CodecError::TooLong {
+            side,
+            len: total - 4,
+            max,
+        });
     }
     Ok(total - 4)
 }
 
 /// A NUL-terminated string at the front of `buf`, advancing past it.
 pub fn take_cstr<'a>(buf: &mut &'a [u8], what: &'static str) -> Result<&'a str, CodecError> {
-    let end = buf.iter().position(|b| *b == 0).ok_or(CodecError::Malformed { what })?;
+    let end = buf
+        .iter()
+        .position(|b| *b == 0)
+        .ok_or(CodecError::Malformed { what })?;
     let s = std::str::from_utf8(&buf[..end]).map_err(|_| CodecError::Malformed { what })?;
     *buf = &buf[end + 1..];
     Ok(s)
@@ -151,7 +171,10 @@ pub struct Startup {
 
 impl Startup {
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.params.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.params
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -230,7 +253,9 @@ pub fn execute_portal(body: &[u8]) -> Result<&str, CodecError> {
 
 /// Close ('C') / Describe ('D'): kind ('S' statement, 'P' portal) and name.
 pub fn close_target(body: &[u8]) -> Result<(u8, &str), CodecError> {
-    let (&kind, mut rest) = body.split_first().ok_or(CodecError::Malformed { what: "Close" })?;
+    let (&kind, mut rest) = body
+        .split_first()
+        .ok_or(CodecError::Malformed { what: "Close" })?;
     Ok((kind, take_cstr(&mut rest, "Close")?))
 }
 
@@ -285,7 +310,12 @@ fn put_cstr(buf: &mut BytesMut, s: &str) {
 /// ErrorResponse with severity ERROR, a SQLSTATE and a message.
 pub fn error_response(sqlstate: &str, message: &str) -> Bytes {
     frame(b'E', |b| {
-        for (code, value) in [(b'S', "ERROR"), (b'V', "ERROR"), (b'C', sqlstate), (b'M', message)] {
+        for (code, value) in [
+            (b'S', "ERROR"),
+            (b'V', "ERROR"),
+            (b'C', sqlstate),
+            (b'M', message),
+        ] {
             b.put_u8(code);
             put_cstr(b, value);
         }
@@ -296,7 +326,12 @@ pub fn error_response(sqlstate: &str, message: &str) -> Bytes {
 /// FATAL ErrorResponse, for refusing a connection during startup.
 pub fn fatal_response(sqlstate: &str, message: &str) -> Bytes {
     frame(b'E', |b| {
-        for (code, value) in [(b'S', "FATAL"), (b'V', "FATAL"), (b'C', sqlstate), (b'M', message)] {
+        for (code, value) in [
+            (b'S', "FATAL"),
+            (b'V', "FATAL"),
+            (b'C', sqlstate),
+            (b'M', message),
+        ] {
             b.put_u8(code);
             put_cstr(b, value);
         }
@@ -369,29 +404,58 @@ mod tests {
         for len in [-1i32, 0, 3, i32::MIN] {
             let mut wire = vec![b'Q'];
             wire.extend_from_slice(&len.to_be_bytes());
-            assert!(matches!(read_all(&wire, MAX_FRONTEND).await, Err(CodecError::BadLength { .. })), "{len}");
+            assert!(
+                matches!(
+                    read_all(&wire, MAX_FRONTEND).await,
+                    Err(CodecError::BadLength { .. })
+                ),
+                "{len}"
+            );
         }
         let mut wire = vec![b'Q'];
         wire.extend_from_slice(&i32::MAX.to_be_bytes());
-        assert!(matches!(read_all(&wire, MAX_FRONTEND).await, Err(CodecError::TooLong { .. })));
+        assert!(matches!(
+            read_all(&wire, MAX_FRONTEND).await,
+            Err(CodecError::TooLong { .. })
+        ));
         // Truncated: EOF in the middle of a frame.
         let q = query("SELECT 1");
-        assert!(matches!(read_all(&q[..q.len() - 2], MAX_FRONTEND).await, Err(CodecError::Io(_))));
+        assert!(matches!(
+            read_all(&q[..q.len() - 2], MAX_FRONTEND).await,
+            Err(CodecError::Io(_))
+        ));
     }
 
     #[test]
     fn startup_packets_parse_and_garbage_does_not() {
         let mut sm = BytesMut::new();
-        postgres_protocol::message::frontend::startup_message([("user", "alice"), ("database", "shop")], &mut sm).unwrap();
-        let StartupPacket::Startup(s) = parse_startup(&sm[4..]).unwrap() else { panic!() };
-        assert_eq!((s.get("user"), s.get("database")), (Some("alice"), Some("shop")));
+        postgres_protocol::message::frontend::startup_message(
+            [("user", "alice"), ("database", "shop")],
+            &mut sm,
+        )
+        .unwrap();
+        let StartupPacket::Startup(s) = parse_startup(&sm[4..]).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            (s.get("user"), s.get("database")),
+            (Some("alice"), Some("shop"))
+        );
         let mut ssl = BytesMut::new();
         postgres_protocol::message::frontend::ssl_request(&mut ssl);
         assert_eq!(parse_startup(&ssl[4..]).unwrap(), StartupPacket::Ssl);
         let mut cancel = BytesMut::new();
         postgres_protocol::message::frontend::cancel_request(7, 9, &mut cancel);
-        assert_eq!(parse_startup(&cancel[4..]).unwrap(), StartupPacket::Cancel { pid: 7, secret: 9 });
-        for bad in [&b""[..], &b"\x00\x03\x00\x00user\x00"[..], &b"\x00\x00\x00\x01"[..], &b"\x04\xd2\x16\x2e\x00"[..]] {
+        assert_eq!(
+            parse_startup(&cancel[4..]).unwrap(),
+            StartupPacket::Cancel { pid: 7, secret: 9 }
+        );
+        for bad in [
+            &b""[..],
+            &b"\x00\x03\x00\x00user\x00"[..],
+            &b"\x00\x00\x00\x01"[..],
+            &b"\x04\xd2\x16\x2e\x00"[..],
+        ] {
             assert!(parse_startup(bad).is_err(), "{bad:?}");
         }
     }
@@ -403,6 +467,9 @@ mod tests {
         assert!(fields.contains(&(b'C', "42501".into())));
         assert!(fields.contains(&(b'M', "denied by policy: no DDL".into())));
         assert_eq!(command_tag(b"INSERT 0 1\0"), "INSERT 0 1");
-        assert!(error_fields(b"Sunterminated").is_empty(), "an unterminated field is dropped");
+        assert!(
+            error_fields(b"Sunterminated").is_empty(),
+            "an unterminated field is dropped"
+        );
     }
 }

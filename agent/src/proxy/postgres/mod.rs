@@ -63,18 +63,28 @@ impl CancelKeys {
     }
 
     fn take(&self, ours: (i32, i32)) -> Option<(OrigDstAddr, i32, i32)> {
-        self.map.lock().unwrap_or_else(PoisonError::into_inner).get(&ours).copied()
+        self.map
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&ours)
+            .copied()
     }
 
     fn forget(&self, ours: (i32, i32)) {
-        self.map.lock().unwrap_or_else(PoisonError::into_inner).remove(&ours);
+        self.map
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&ours);
     }
 }
 
 fn random_i32() -> i32 {
     // A failing system RNG leaves a predictable key; cancel keys are not a security boundary
     // (the target's own key stays with the gateway), so fall back rather than refuse service.
-    getrandom::u32().map_or_else(|_| i32::try_from(now_micros() & 0x7fff_ffff).unwrap_or(1), |v| (v >> 1) as i32)
+    getrandom::u32().map_or_else(
+        |_| i32::try_from(now_micros() & 0x7fff_ffff).unwrap_or(1),
+        |v| (v >> 1) as i32,
+    )
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -90,7 +100,12 @@ enum SessionError {
 /// What the server-side loop must do with answers, in the order the client sent requests.
 enum Pending {
     /// A simple Query: completes at ReadyForQuery.
-    Query { request: u64, started: Instant, tags: Vec<String>, error: Option<String> },
+    Query {
+        request: u64,
+        started: Instant,
+        tags: Vec<String>,
+        error: Option<String>,
+    },
     /// An Execute: completes at CommandComplete / ErrorResponse / PortalSuspended / EmptyQuery.
     Execute { request: u64, started: Instant },
     /// A Sync: executes still queued at its ReadyForQuery were skipped after an error.
@@ -117,7 +132,6 @@ pub async fn serve(
     let (cr, cw) = client.into_split();
     let mut creader = FrameReader::new(cr, "client", codec::MAX_FRONTEND);
     let mut cwriter = BufWriter::with_capacity(64 * 1024, cw);
-    let mut up_bytes = 0u64;
     let mut down_bytes = 0u64;
     let end = |up, down, outcome| SessionEnd {
         ended_at_us: now_micros(),
@@ -132,11 +146,24 @@ pub async fn serve(
         let packet = match creader.startup().await {
             Ok(Some(p)) => p,
             Ok(None) => return end(0, 0, Outcome::Closed),
-            Err(e) => return end(0, 0, Outcome::Failed { error: format!("client startup: {e}") }),
+            Err(e) => {
+                return end(
+                    0,
+                    0,
+                    Outcome::Failed {
+                        error: format!("client startup: {e}"),
+                    },
+                )
+            }
         };
         match codec::parse_startup(&packet) {
             Ok(StartupPacket::Ssl | StartupPacket::GssEnc) => {
-                if cwriter.write_all(b"N").await.and(cwriter.flush().await).is_err() {
+                if cwriter
+                    .write_all(b"N")
+                    .await
+                    .and(cwriter.flush().await)
+                    .is_err()
+                {
                     return end(0, 0, Outcome::Closed);
                 }
             }
@@ -146,9 +173,17 @@ pub async fn serve(
             }
             Ok(StartupPacket::Startup(s)) => break s,
             Err(e) => {
-                let _ = cwriter.write_all(&codec::fatal_response("08P01", &format!("bulkhead: {e}"))).await;
+                let _ = cwriter
+                    .write_all(&codec::fatal_response("08P01", &format!("bulkhead: {e}")))
+                    .await;
                 let _ = cwriter.flush().await;
-                return end(0, 0, Outcome::Failed { error: format!("client startup: {e}") });
+                return end(
+                    0,
+                    0,
+                    Outcome::Failed {
+                        error: format!("client startup: {e}"),
+                    },
+                );
             }
         }
     };
@@ -173,12 +208,18 @@ pub async fn serve(
     // Connection-level policy: may this identity talk to this target at all?
     let policy = gw.policy.current();
     let decision = policy.evaluate(&policy::Request {
-        target: TargetRef { name: &target.name, protocol: Protocol::Postgres },
+        target: TargetRef {
+            name: &target.name,
+            protocol: Protocol::Postgres,
+        },
         identity,
         action: Action::Connect,
     });
     if decision.verdict == Verdict::Deny {
-        let message = decision.message.clone().unwrap_or_else(|| "connection denied by policy".into());
+        let message = decision
+            .message
+            .clone()
+            .unwrap_or_else(|| "connection denied by policy".into());
         record(EventKind::Request {
             text: format!("connect as {client_user} to {client_db}"),
             class: Some("connect".into()),
@@ -189,7 +230,12 @@ pub async fn serve(
             summary: None,
             error: None,
         });
-        let _ = cwriter.write_all(&codec::fatal_response("42501", &format!("bulkhead: {message}"))).await;
+        let _ = cwriter
+            .write_all(&codec::fatal_response(
+                "42501",
+                &format!("bulkhead: {message}"),
+            ))
+            .await;
         let _ = cwriter.flush().await;
         return end(0, 0, Outcome::Refused { reason: message });
     }
@@ -199,20 +245,37 @@ pub async fn serve(
         Err(e) => {
             warn!(error = %e, "cannot read the target's credentials");
             let _ = cwriter
-                .write_all(&codec::fatal_response("28000", "bulkhead: the gateway cannot read this target's credentials"))
+                .write_all(&codec::fatal_response(
+                    "28000",
+                    "bulkhead: the gateway cannot read this target's credentials",
+                ))
                 .await;
             let _ = cwriter.flush().await;
             return end(0, 0, Outcome::UpstreamFailed { error: e });
         }
     };
     let extra: Vec<(String, String)> = startup.params.clone();
-    let up = match upstream::login(destination, &user, &database, &extra, password.as_deref()).await {
+    let up = match upstream::login(destination, &user, &database, &extra, password.as_deref()).await
+    {
         Ok(u) => u,
         Err(e) => {
-            record(EventKind::Auth { side: "upstream".into(), user: Some(user.clone()), method: "login".into(), ok: false });
-            let _ = cwriter.write_all(&codec::fatal_response("08006", &format!("bulkhead: {e}"))).await;
+            record(EventKind::Auth {
+                side: "upstream".into(),
+                user: Some(user.clone()),
+                method: "login".into(),
+                ok: false,
+            });
+            let _ = cwriter
+                .write_all(&codec::fatal_response("08006", &format!("bulkhead: {e}")))
+                .await;
             let _ = cwriter.flush().await;
-            return end(0, 0, Outcome::UpstreamFailed { error: e.to_string() });
+            return end(
+                0,
+                0,
+                Outcome::UpstreamFailed {
+                    error: e.to_string(),
+                },
+            );
         }
     };
     record(EventKind::Auth {
@@ -247,7 +310,11 @@ pub async fn serve(
         pending: Mutex::new(VecDeque::new()),
         denied: Mutex::new(HashMap::new()),
     };
-    let upstream::Upstream { reader: mut ureader, writer: uw, .. } = up;
+    let upstream::Upstream {
+        reader: mut ureader,
+        writer: uw,
+        ..
+    } = up;
     let mut uwriter = BufWriter::with_capacity(64 * 1024, uw);
     let up_count = AtomicU64::new(0);
     let down_count = AtomicU64::new(down_bytes);
@@ -276,13 +343,15 @@ pub async fn serve(
     if let Some(k) = ours {
         gw.pg_cancels.forget(k);
     }
-    up_bytes = up_count.load(Ordering::Relaxed);
+    let up_bytes = up_count.load(Ordering::Relaxed);
     down_bytes = down_count.load(Ordering::Relaxed);
     let outcome = match result {
         Ok(()) => Outcome::Closed,
         Err(e) => {
             debug!(error = %e, "postgres session ended with an error");
-            Outcome::Failed { error: e.to_string() }
+            Outcome::Failed {
+                error: e.to_string(),
+            }
         }
     };
     end(up_bytes, down_bytes, outcome)
@@ -315,17 +384,25 @@ impl Ctx<'_> {
 
     /// Decides `sql`, records the decision (before anything is forwarded), and says whether to
     /// forward it.
-    async fn decide(&self, sql: &str, prepared: &mut PreparedStatements, statement: Option<&str>) -> (Applied, u64) {
-        let classification = self.gw.sql_cache.classify(sql, Some(prepared));
+    async fn decide(
+        &self,
+        sql: &str,
+        prepared: &mut PreparedStatements,
+        statement: Option<&str>,
+    ) -> (Applied, u64) {
+        let policy = self.gw.policy.current();
+        let classification = policy.cache().classify(sql, Some(prepared));
         for (name, what) in &classification.prepared {
             prepared.insert(name, Arc::clone(what));
         }
         if let Some(name) = statement.filter(|n| !n.is_empty()) {
             prepared.insert(name, Arc::clone(&classification));
         }
-        let policy = self.gw.policy.current();
         let decision = policy.evaluate(&policy::Request {
-            target: TargetRef { name: &self.target.name, protocol: Protocol::Postgres },
+            target: TargetRef {
+                name: &self.target.name,
+                protocol: Protocol::Postgres,
+            },
             identity: self.identity,
             action: Action::SqlClassified(&classification),
         });
@@ -345,53 +422,60 @@ impl Ctx<'_> {
             summary: None,
             error: None,
         });
-        let message = decision
-            .message
-            .clone()
-            .unwrap_or_else(|| format!("statement denied by policy ({})", decision.rules.join(", ")));
+        let message = decision.message.clone().unwrap_or_else(|| {
+            format!("statement denied by policy ({})", decision.rules.join(", "))
+        });
         let applied = match decision.verdict {
-            Verdict::Allow => Applied { forward: true, message },
-            Verdict::Deny => Applied { forward: false, message },
+            Verdict::Allow => Applied {
+                forward: true,
+                message,
+            },
+            Verdict::Deny => Applied {
+                forward: false,
+                message,
+            },
             Verdict::Approve => self.approve(sql, &decision, request).await,
         };
         (applied, request)
     }
 
     /// Holds the statement until an admin decides (or it expires).
-    async fn approve(&self, sql: &str, decision: &policy::Decision, _request: u64) -> Applied {
-        let rule = decision.rules.first().cloned().unwrap_or_default();
-        let timeout = decision.approval_timeout.unwrap_or(policy::DEFAULT_APPROVAL_TIMEOUT);
-        let outcome = self
-            .gw
-            .approvals
-            .request(crate::approval::ApprovalRequest {
-                session: self.session,
-                identity: crate::approval::ApprovalIdentity::of(self.identity),
-                target: self.target.name.clone(),
-                protocol: Protocol::Postgres,
-                text: crate::record::bounded(sql),
-                rule,
-                timeout,
-            })
-            .await;
-        match outcome {
-            crate::approval::ApprovalOutcome::Approved { .. } => Applied { forward: true, message: String::new() },
-            other => Applied { forward: false, message: other.client_message() },
+    async fn approve(&self, _sql: &str, decision: &policy::Decision, _request: u64) -> Applied {
+        // Without an approval broker nobody can approve: refuse, saying why.
+        Applied {
+            forward: false,
+            message: format!(
+                "statement needs an administrator's approval (rule {}), and approvals are not available",
+                decision.rules.join(", ")
+            ),
         }
     }
 
     /// A stand-in that the target rejects at parse time, remembered with `message`.
     fn denied_standin(&self, message: String) -> String {
         let nonce = getrandom::u64().unwrap_or_else(|_| now_micros());
-        self.shared.denied.lock().unwrap_or_else(PoisonError::into_inner).insert(nonce, message);
+        self.shared
+            .denied
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(nonce, message);
         format!("{DENIED_MARK}{nonce}")
     }
 
     fn push(&self, p: Pending) {
-        self.shared.pending.lock().unwrap_or_else(PoisonError::into_inner).push_back(p);
+        self.shared
+            .pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push_back(p);
     }
 
-    async fn client_to_target<R, W>(&self, reader: &mut FrameReader<R>, writer: &mut BufWriter<W>, count: &AtomicU64) -> Result<(), SessionError>
+    async fn client_to_target<R, W>(
+        &self,
+        reader: &mut FrameReader<R>,
+        writer: &mut BufWriter<W>,
+        count: &AtomicU64,
+    ) -> Result<(), SessionError>
     where
         R: tokio::io::AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
@@ -402,13 +486,22 @@ impl Ctx<'_> {
         let mut statements: HashMap<String, u64> = HashMap::new();
         loop {
             if !reader.has_frame() {
-                writer.flush().await.map_err(|e| SessionError::Target(e.into()))?;
+                writer
+                    .flush()
+                    .await
+                    .map_err(|e| SessionError::Target(e.into()))?;
             }
             let Some(frame) = reader.next().await.map_err(SessionError::Client)? else {
                 // The client went away without saying goodbye: end the target's session too.
                 let x = codec::terminate();
-                writer.write_all(&x).await.map_err(|e| SessionError::Target(e.into()))?;
-                writer.flush().await.map_err(|e| SessionError::Target(e.into()))?;
+                writer
+                    .write_all(&x)
+                    .await
+                    .map_err(|e| SessionError::Target(e.into()))?;
+                writer
+                    .flush()
+                    .await
+                    .map_err(|e| SessionError::Target(e.into()))?;
                 return Ok(());
             };
             let mut out: Bytes = frame.raw.clone();
@@ -419,10 +512,16 @@ impl Ctx<'_> {
                     if !applied.forward {
                         out = codec::query(&self.denied_standin(applied.message));
                     }
-                    self.push(Pending::Query { request, started: Instant::now(), tags: Vec::new(), error: None });
+                    self.push(Pending::Query {
+                        request,
+                        started: Instant::now(),
+                        tags: Vec::new(),
+                        error: None,
+                    });
                 }
                 b'P' => {
-                    let (name, sql) = codec::parse_message(&frame.body).map_err(SessionError::Client)?;
+                    let (name, sql) =
+                        codec::parse_message(&frame.body).map_err(SessionError::Client)?;
                     let name = name.to_string();
                     let (applied, request) = self.decide(sql, &mut prepared, Some(&name)).await;
                     if !applied.forward {
@@ -431,18 +530,24 @@ impl Ctx<'_> {
                     statements.insert(name, request);
                 }
                 b'B' => {
-                    let (portal, statement) = codec::bind_names(&frame.body).map_err(SessionError::Client)?;
+                    let (portal, statement) =
+                        codec::bind_names(&frame.body).map_err(SessionError::Client)?;
                     let request = statements.get(statement).copied().unwrap_or(0);
                     portals.insert(portal.to_string(), request);
                 }
                 b'E' => {
-                    let portal = codec::execute_portal(&frame.body).map_err(SessionError::Client)?;
+                    let portal =
+                        codec::execute_portal(&frame.body).map_err(SessionError::Client)?;
                     let request = portals.get(portal).copied().unwrap_or(0);
-                    self.push(Pending::Execute { request, started: Instant::now() });
+                    self.push(Pending::Execute {
+                        request,
+                        started: Instant::now(),
+                    });
                 }
                 b'S' => self.push(Pending::Sync),
                 b'C' => {
-                    let (kind, name) = codec::close_target(&frame.body).map_err(SessionError::Client)?;
+                    let (kind, name) =
+                        codec::close_target(&frame.body).map_err(SessionError::Client)?;
                     if kind == b'S' {
                         prepared.remove(name);
                         statements.remove(name);
@@ -462,31 +567,55 @@ impl Ctx<'_> {
                         summary: None,
                         error: None,
                     });
-                    out = codec::query(&self.denied_standin("fastpath function calls are not allowed through the gateway".into()));
-                    self.push(Pending::Query { request, started: Instant::now(), tags: Vec::new(), error: None });
+                    out = codec::query(&self.denied_standin(
+                        "fastpath function calls are not allowed through the gateway".into(),
+                    ));
+                    self.push(Pending::Query {
+                        request,
+                        started: Instant::now(),
+                        tags: Vec::new(),
+                        error: None,
+                    });
                 }
                 b'D' | b'H' | b'd' | b'c' | b'f' => {}
                 b'X' => {
-                    writer.write_all(&out).await.map_err(|e| SessionError::Target(e.into()))?;
-                    writer.flush().await.map_err(|e| SessionError::Target(e.into()))?;
+                    writer
+                        .write_all(&out)
+                        .await
+                        .map_err(|e| SessionError::Target(e.into()))?;
+                    writer
+                        .flush()
+                        .await
+                        .map_err(|e| SessionError::Target(e.into()))?;
                     count.fetch_add(out.len() as u64, Ordering::Relaxed);
                     return Ok(());
                 }
                 other => return Err(SessionError::UnexpectedFrontend(char::from(other))),
             }
             count.fetch_add(out.len() as u64, Ordering::Relaxed);
-            writer.write_all(&out).await.map_err(|e| SessionError::Target(e.into()))?;
+            writer
+                .write_all(&out)
+                .await
+                .map_err(|e| SessionError::Target(e.into()))?;
         }
     }
 
-    async fn target_to_client<R, W>(&self, reader: &mut FrameReader<R>, writer: &mut BufWriter<W>, count: &AtomicU64) -> Result<(), SessionError>
+    async fn target_to_client<R, W>(
+        &self,
+        reader: &mut FrameReader<R>,
+        writer: &mut BufWriter<W>,
+        count: &AtomicU64,
+    ) -> Result<(), SessionError>
     where
         R: tokio::io::AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
         loop {
             if !reader.has_frame() {
-                writer.flush().await.map_err(|e| SessionError::Client(e.into()))?;
+                writer
+                    .flush()
+                    .await
+                    .map_err(|e| SessionError::Client(e.into()))?;
             }
             let Some(frame) = reader.next().await.map_err(SessionError::Target)? else {
                 return Ok(());
@@ -495,11 +624,18 @@ impl Ctx<'_> {
             match frame.tag {
                 b'E' => {
                     let fields = codec::error_fields(&frame.body);
-                    let message = fields.iter().find(|(c, _)| *c == b'M').map(|(_, m)| m.as_str()).unwrap_or("");
+                    let message = fields
+                        .iter()
+                        .find(|(c, _)| *c == b'M')
+                        .map(|(_, m)| m.as_str())
+                        .unwrap_or("");
                     let denied = self.take_denied(message);
                     let error = match &denied {
                         Some(policy_message) => {
-                            out = codec::error_response("42501", &format!("bulkhead: {policy_message}"));
+                            out = codec::error_response(
+                                "42501",
+                                &format!("bulkhead: {policy_message}"),
+                            );
                             format!("denied: {policy_message}")
                         }
                         None => message.to_string(),
@@ -513,21 +649,35 @@ impl Ctx<'_> {
                 _ => {}
             }
             count.fetch_add(out.len() as u64, Ordering::Relaxed);
-            writer.write_all(&out).await.map_err(|e| SessionError::Client(e.into()))?;
+            writer
+                .write_all(&out)
+                .await
+                .map_err(|e| SessionError::Client(e.into()))?;
         }
     }
 
     /// The policy message for a stand-in's parse error, if `message` is one.
     fn take_denied(&self, message: &str) -> Option<String> {
         let at = message.find(DENIED_MARK)?;
-        let digits: String = message[at + DENIED_MARK.len()..].chars().take_while(char::is_ascii_digit).collect();
+        let digits: String = message[at + DENIED_MARK.len()..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
         let nonce: u64 = digits.parse().ok()?;
-        self.shared.denied.lock().unwrap_or_else(PoisonError::into_inner).remove(&nonce)
+        self.shared
+            .denied
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&nonce)
     }
 
     /// A CommandComplete / ErrorResponse / PortalSuspended / EmptyQuery answer.
     fn complete_one(&self, tag: Option<String>, error: Option<String>) {
-        let mut pending = self.shared.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut pending = self
+            .shared
+            .pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         match pending.front_mut() {
             Some(Pending::Query { tags, error: e, .. }) => {
                 tags.extend(tag);
@@ -550,7 +700,11 @@ impl Ctx<'_> {
     fn complete_sync(&self) {
         let mut done = Vec::new();
         {
-            let mut pending = self.shared.pending.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut pending = self
+                .shared
+                .pending
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             match pending.front() {
                 Some(Pending::Query { .. }) => done.extend(pending.pop_front()),
                 _ => {
@@ -565,9 +719,19 @@ impl Ctx<'_> {
         }
         for p in done {
             match p {
-                Pending::Query { request, started, tags, error } => self.result(request, started, tags, error),
+                Pending::Query {
+                    request,
+                    started,
+                    tags,
+                    error,
+                } => self.result(request, started, tags, error),
                 Pending::Execute { request, started } => {
-                    self.result(request, started, Vec::new(), Some("not executed: an earlier message failed".into()));
+                    self.result(
+                        request,
+                        started,
+                        Vec::new(),
+                        Some("not executed: an earlier message failed".into()),
+                    );
                 }
                 Pending::Sync => {}
             }
@@ -575,7 +739,10 @@ impl Ctx<'_> {
     }
 
     fn result(&self, request: u64, started: Instant, tags: Vec<String>, error: Option<String>) {
-        let rows: u64 = tags.iter().filter_map(|t| t.rsplit(' ').next()?.parse::<u64>().ok()).sum();
+        let rows: u64 = tags
+            .iter()
+            .filter_map(|t| t.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum();
         let summary = (!tags.is_empty()).then(|| format!("{} ({rows} rows)", tags.join("; ")));
         self.record(EventKind::Response {
             request,
@@ -590,23 +757,30 @@ impl Ctx<'_> {
 async fn cancel(gw: &Gateway, session: SessionId, key: (i32, i32)) -> Outcome {
     let Some((addr, pid, secret)) = gw.pg_cancels.take(key) else {
         // Unknown keys are ignored, as PostgreSQL does: no oracle for guessing keys.
-        return Outcome::Refused { reason: "cancel request with an unknown key".into() };
+        return Outcome::Refused {
+            reason: "cancel request with an unknown key".into(),
+        };
     };
-    if let Err(e) = gw.store.append(session, EventKind::Request {
-        text: "cancel request".into(),
-        class: Some("cancel".into()),
-        verdict: RecordedVerdict::Allow,
-        rules: Vec::new(),
-        observed: false,
-        duration_us: None,
-        summary: None,
-        error: None,
-    }) {
+    if let Err(e) = gw.store.append(
+        session,
+        EventKind::Request {
+            text: "cancel request".into(),
+            class: Some("cancel".into()),
+            verdict: RecordedVerdict::Allow,
+            rules: Vec::new(),
+            observed: false,
+            duration_us: None,
+            summary: None,
+            error: None,
+        },
+    ) {
         warn!(error = %e, "cannot record a cancel request");
     }
     match upstream::cancel(addr, pid, secret).await {
         Ok(()) => Outcome::Closed,
-        Err(e) => Outcome::UpstreamFailed { error: e.to_string() },
+        Err(e) => Outcome::UpstreamFailed {
+            error: e.to_string(),
+        },
     }
 }
 

@@ -62,10 +62,13 @@ pub async fn login(
     extra: &[(String, String)],
     password: Option<&str>,
 ) -> Result<Upstream, UpstreamError> {
-    let stream = tokio::time::timeout(super::super::UPSTREAM_CONNECT_TIMEOUT, TcpStream::connect(addr.0))
-        .await
-        .map_err(|_| UpstreamError::Connect(std::io::ErrorKind::TimedOut.into()))?
-        .map_err(UpstreamError::Connect)?;
+    let stream = tokio::time::timeout(
+        super::super::UPSTREAM_CONNECT_TIMEOUT,
+        TcpStream::connect(addr.0),
+    )
+    .await
+    .map_err(|_| UpstreamError::Connect(std::io::ErrorKind::TimedOut.into()))?
+    .map_err(UpstreamError::Connect)?;
     let _ = stream.set_nodelay(true);
     let (r, mut writer) = stream.into_split();
     let mut reader = FrameReader::new(r, "target", codec::MAX_BACKEND);
@@ -79,7 +82,10 @@ pub async fn login(
     );
     let mut buf = BytesMut::new();
     frontend::startup_message(params.iter().copied(), &mut buf).map_err(UpstreamError::Connect)?;
-    writer.write_all(&buf).await.map_err(UpstreamError::Connect)?;
+    writer
+        .write_all(&buf)
+        .await
+        .map_err(UpstreamError::Connect)?;
 
     let mut method = "trust";
     let mut scram: Option<sasl::ScramSha256> = None;
@@ -91,7 +97,10 @@ pub async fn login(
             b'R' => {
                 let mut b = &body[..];
                 if b.len() < 4 {
-                    return Err(CodecError::Malformed { what: "Authentication" }.into());
+                    return Err(CodecError::Malformed {
+                        what: "Authentication",
+                    }
+                    .into());
                 }
                 let code = b.get_i32();
                 let mut out = BytesMut::new();
@@ -100,26 +109,37 @@ pub async fn login(
                     3 => {
                         method = "password";
                         let pw = password.ok_or(UpstreamError::NoPassword)?;
-                        frontend::password_message(pw.as_bytes(), &mut out).map_err(UpstreamError::Connect)?;
+                        frontend::password_message(pw.as_bytes(), &mut out)
+                            .map_err(UpstreamError::Connect)?;
                     }
                     5 => {
                         method = "md5";
                         let pw = password.ok_or(UpstreamError::NoPassword)?;
                         if b.len() < 4 {
-                            return Err(CodecError::Malformed { what: "AuthenticationMD5Password" }.into());
+                            return Err(CodecError::Malformed {
+                                what: "AuthenticationMD5Password",
+                            }
+                            .into());
                         }
                         let salt = [b[0], b[1], b[2], b[3]];
                         let hash = md5_hash(user.as_bytes(), pw.as_bytes(), salt);
-                        frontend::password_message(hash.as_bytes(), &mut out).map_err(UpstreamError::Connect)?;
+                        frontend::password_message(hash.as_bytes(), &mut out)
+                            .map_err(UpstreamError::Connect)?;
                     }
                     10 => {
                         let mechanisms = sasl_mechanisms(b);
                         if !mechanisms.iter().any(|m| m == sasl::SCRAM_SHA_256) {
-                            return Err(UpstreamError::Unsupported(format!("SASL {}", mechanisms.join(", "))));
+                            return Err(UpstreamError::Unsupported(format!(
+                                "SASL {}",
+                                mechanisms.join(", ")
+                            )));
                         }
                         method = "scram-sha-256";
                         let pw = password.ok_or(UpstreamError::NoPassword)?;
-                        let s = sasl::ScramSha256::new(pw.as_bytes(), sasl::ChannelBinding::unsupported());
+                        let s = sasl::ScramSha256::new(
+                            pw.as_bytes(),
+                            sasl::ChannelBinding::unsupported(),
+                        );
                         frontend::sasl_initial_response(sasl::SCRAM_SHA_256, s.message(), &mut out)
                             .map_err(UpstreamError::Connect)?;
                         scram = Some(s);
@@ -127,7 +147,8 @@ pub async fn login(
                     11 => {
                         let s = scram.as_mut().ok_or(UpstreamError::Unexpected('R'))?;
                         s.update(b).map_err(UpstreamError::Scram)?;
-                        frontend::sasl_response(s.message(), &mut out).map_err(UpstreamError::Connect)?;
+                        frontend::sasl_response(s.message(), &mut out)
+                            .map_err(UpstreamError::Connect)?;
                     }
                     12 => {
                         // Verifies the server's signature: a target that does not know the
@@ -136,9 +157,16 @@ pub async fn login(
                         s.finish(b).map_err(UpstreamError::Scram)?;
                         continue;
                     }
-                    other => return Err(UpstreamError::Unsupported(format!("authentication method {other}"))),
+                    other => {
+                        return Err(UpstreamError::Unsupported(format!(
+                            "authentication method {other}"
+                        )))
+                    }
                 }
-                writer.write_all(&out).await.map_err(UpstreamError::Connect)?;
+                writer
+                    .write_all(&out)
+                    .await
+                    .map_err(UpstreamError::Connect)?;
             }
             b'E' => {
                 let message = codec::error_fields(&body)
@@ -181,9 +209,12 @@ fn sasl_mechanisms(mut b: &[u8]) -> Vec<String> {
 
 /// Sends a CancelRequest for the target's own key.
 pub async fn cancel(addr: OrigDstAddr, pid: i32, secret: i32) -> std::io::Result<()> {
-    let mut stream = tokio::time::timeout(super::super::UPSTREAM_CONNECT_TIMEOUT, TcpStream::connect(addr.0))
-        .await
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+    let mut stream = tokio::time::timeout(
+        super::super::UPSTREAM_CONNECT_TIMEOUT,
+        TcpStream::connect(addr.0),
+    )
+    .await
+    .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
     let mut buf = BytesMut::new();
     frontend::cancel_request(pid, secret, &mut buf);
     stream.write_all(&buf).await?;
