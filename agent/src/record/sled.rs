@@ -617,13 +617,22 @@ mod tests {
         }
         let store = SledStore::open(&path).unwrap();
         let stats = store.stats().unwrap();
-        assert_eq!((stats.sessions, stats.events, stats.open_sessions), (25_000, 99_999, 1));
+        assert_eq!(
+            (stats.sessions, stats.events, stats.open_sessions),
+            (25_000, 99_999, 1)
+        );
         let newest = store.list(&ListFilter::default(), 50).unwrap();
         assert_eq!(newest.len(), 50);
         assert_eq!(newest[0].id, last);
         assert!(newest.windows(2).all(|w| w[0].id > w[1].id));
         assert_eq!(store.mark_interrupted().unwrap(), 1);
-        assert_eq!(store.counts().unwrap(), SessionCounts { total: 25_000, open: 0 });
+        assert_eq!(
+            store.counts().unwrap(),
+            SessionCounts {
+                total: 25_000,
+                open: 0
+            }
+        );
     }
 
     #[test]

@@ -8,7 +8,10 @@ use bulkhead::{
     config::Protocol,
     identity::ProcessIdentity,
     net::{ClientAddr, OrigDstAddr},
-    record::{EventKind, ListFilter, NewSession, Outcome, RecordedVerdict, SessionEnd, SessionStore as _, SledStore},
+    record::{
+        EventKind, ListFilter, NewSession, Outcome, RecordedVerdict, SessionEnd, SessionStore as _,
+        SledStore,
+    },
 };
 
 const BIG: u32 = 100_000;
@@ -83,7 +86,10 @@ fn main() {
     let (big, small) = (dir.join("big"), dir.join("small"));
     let start = Instant::now();
     fill(&SledStore::open(&big).unwrap(), BIG);
-    println!("filled {BIG} sessions in {:.1} s", start.elapsed().as_secs_f64());
+    println!(
+        "filled {BIG} sessions in {:.1} s",
+        start.elapsed().as_secs_f64()
+    );
     fill(&SledStore::open(&small).unwrap(), SMALL);
 
     let s = Instant::now();
@@ -91,25 +97,59 @@ fn main() {
     let reopen = s.elapsed();
     let small_store = SledStore::open(&small).unwrap();
     let stats = big_store.stats().unwrap();
-    println!("reopened {} sessions / {} events in {:.0} ms", stats.sessions, stats.events, reopen.as_secs_f64() * 1e3);
+    println!(
+        "reopened {} sessions / {} events in {:.0} ms",
+        stats.sessions,
+        stats.events,
+        reopen.as_secs_f64() * 1e3
+    );
 
     let all = ListFilter::default();
-    let by_target = ListFilter { target: Some("api".into()), ..ListFilter::default() };
-    let by_uid = ListFilter { uid: Some(3), ..ListFilter::default() };
+    let by_target = ListFilter {
+        target: Some("api".into()),
+        ..ListFilter::default()
+    };
+    let by_uid = ListFilter {
+        uid: Some(3),
+        ..ListFilter::default()
+    };
     println!();
-    println!("{:<32} {:>12} {:>12} {:>8}", "list newest 50", "1k sessions", "100k", "ratio");
-    for (name, f) in [("no filter", &all), ("--target api", &by_target), ("--uid 3", &by_uid)] {
+    println!(
+        "{:<32} {:>12} {:>12} {:>8}",
+        "list newest 50", "1k sessions", "100k", "ratio"
+    );
+    for (name, f) in [
+        ("no filter", &all),
+        ("--target api", &by_target),
+        ("--uid 3", &by_uid),
+    ] {
         let a = median_ms(|| assert_eq!(small_store.list(f, 50).unwrap().len(), 50));
         let b = median_ms(|| assert_eq!(big_store.list(f, 50).unwrap().len(), 50));
-        println!("{name:<32} {a:>9.3} ms {b:>9.3} ms {:>7.2}x   (target < 50 ms)", b / a);
+        println!(
+            "{name:<32} {a:>9.3} ms {b:>9.3} ms {:>7.2}x   (target < 50 ms)",
+            b / a
+        );
     }
     let a = median_ms(|| drop(small_store.stats().unwrap()));
     let b = median_ms(|| drop(big_store.stats().unwrap()));
-    println!("{:<32} {a:>9.3} ms {b:>9.3} ms {:>7.2}x", "status (store stats)", b / a);
+    println!(
+        "{:<32} {a:>9.3} ms {b:>9.3} ms {:>7.2}x",
+        "status (store stats)",
+        b / a
+    );
     let newest = big_store.list(&all, 1).unwrap()[0].id;
-    let a = median_ms(|| assert!(!small_store.events(small_store.list(&all, 1).unwrap()[0].id).unwrap().is_empty()));
+    let a = median_ms(|| {
+        assert!(!small_store
+            .events(small_store.list(&all, 1).unwrap()[0].id)
+            .unwrap()
+            .is_empty())
+    });
     let b = median_ms(|| assert!(!big_store.events(newest).unwrap().is_empty()));
-    println!("{:<32} {a:>9.3} ms {b:>9.3} ms {:>7.2}x", "events of one session", b / a);
+    println!(
+        "{:<32} {a:>9.3} ms {b:>9.3} ms {:>7.2}x",
+        "events of one session",
+        b / a
+    );
     drop((big_store, small_store));
     let _ = std::fs::remove_dir_all(&dir);
 }
