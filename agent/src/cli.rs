@@ -1,5 +1,6 @@
 //! The `bulkhead` command line.
 
+pub mod approvals;
 pub mod sessions;
 
 pub use sessions::SessionsCommand;
@@ -57,6 +58,9 @@ pub enum Command {
     /// Recorded sessions
     #[command(subcommand)]
     Sessions(SessionsCommand),
+    /// Requests held for approval: list, approve, deny, watch; grant windows (needs the daemon)
+    #[command(subcommand)]
+    Approvals(approvals::ApprovalsCommand),
 }
 
 #[derive(Debug, Args)]

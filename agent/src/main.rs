@@ -31,6 +31,7 @@ fn run(args: Cli) -> anyhow::Result<()> {
         Command::Run { command } => match cli::run(&config, &command)? {},
         Command::Status(f) => cli::status(&config, f.json)?,
         Command::Sessions(command) => cli::sessions::run(&config, command)?,
+        Command::Approvals(command) => cli::approvals::run(&config, command)?,
     }
     Ok(())
 }

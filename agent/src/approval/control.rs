@@ -105,7 +105,7 @@ async fn write<W: AsyncWrite + Unpin>(w: &mut W, response: &Response) -> io::Res
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::{path::PathBuf, sync::Arc};
 
     use tokio::{
@@ -124,7 +124,7 @@ mod tests {
         record::{EventKind, Retention, SessionId, SessionStore, SledStore},
     };
 
-    fn broker() -> (Arc<ApprovalBroker>, Arc<dyn SessionStore>) {
+    pub(crate) fn broker() -> (Arc<ApprovalBroker>, Arc<dyn SessionStore>) {
         let store: Arc<dyn SessionStore> = Arc::new(SledStore::temporary().unwrap());
         let config = Config::embedded_default();
         (
@@ -151,7 +151,9 @@ mod tests {
     }
 
     /// Holds a request in a task and returns its id once pending.
-    async fn held(broker: &Arc<ApprovalBroker>) -> (u64, tokio::task::JoinHandle<ApprovalOutcome>) {
+    pub(crate) async fn held(
+        broker: &Arc<ApprovalBroker>,
+    ) -> (u64, tokio::task::JoinHandle<ApprovalOutcome>) {
         let mut notices = broker.subscribe();
         let b = Arc::clone(broker);
         let task = tokio::spawn(async move { b.request(request()).await });
@@ -278,29 +280,29 @@ mod tests {
         })
     }
 
-    /// Through the real socket: the approver is whoever `SO_PEERCRED` says connected (this
-    /// test process), and `approvals_watch` streams what is pending, then what comes.
-    #[tokio::test]
-    async fn over_the_socket_the_approver_comes_from_peer_credentials() {
-        // SAFETY: getuid and getgid have no preconditions.
-        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    /// A control server on `dir/control.sock` answering from `broker`, reachable by this test
+    /// process whoever runs it (its own primary group is the admin group).
+    pub(crate) fn serve_for_test(
+        broker: &Arc<ApprovalBroker>,
+        store: &Arc<dyn SessionStore>,
+        dir: &std::path::Path,
+    ) -> (PathBuf, tokio::sync::watch::Sender<bool>) {
+        // SAFETY: getgid has no preconditions.
+        let gid = unsafe { libc::getgid() };
         let admin_group = std::fs::read_to_string("/etc/group")
             .ok()
             .and_then(|t| group_name(&t, gid))
             .unwrap_or_else(|| "bulkhead".into());
-        let dir = tempfile::tempdir().unwrap();
-        let (broker, store) = broker();
         let mount =
             crate::cgroup::cgroup2_mount().unwrap_or_else(|_| PathBuf::from("/sys/fs/cgroup"));
-        let config = Config::embedded_default();
         let state = Arc::new(ControlState {
             gateway: Arc::new(Gateway {
-                config: Arc::new(config),
+                config: Arc::new(Config::embedded_default()),
                 orig_dst: Arc::new(MockOrigDst::default()),
-                store: Arc::clone(&store),
+                store: Arc::clone(store),
                 proc: ProcReader::new("/", "/none"),
                 stats: Stats::default(),
-                approvals: Arc::clone(&broker),
+                approvals: Arc::clone(broker),
             }),
             info: DaemonInfo {
                 pid: std::process::id(),
@@ -312,15 +314,27 @@ mod tests {
             },
             governed_cgroup: mount.join("bulkhead-unit-test-never-created"),
             cgroup_mount: mount,
-            pin_dir: dir.path().join("pins"),
+            pin_dir: dir.join("pins"),
             admin_group: admin_group.clone(),
             retention: Retention::default(),
-            approvals: Arc::clone(&broker),
+            approvals: Arc::clone(broker),
         });
-        let path = dir.path().join("control.sock");
+        let path = dir.join("control.sock");
         let listener = crate::control::bind(&path, &admin_group).unwrap();
         let (stop, stopped) = tokio::sync::watch::channel(false);
         tokio::spawn(crate::control::serve(listener, state, stopped));
+        (path, stop)
+    }
+
+    /// Through the real socket: the approver is whoever `SO_PEERCRED` says connected (this
+    /// test process), and `approvals_watch` streams what is pending, then what comes.
+    #[tokio::test]
+    async fn over_the_socket_the_approver_comes_from_peer_credentials() {
+        // SAFETY: getuid has no preconditions.
+        let uid = unsafe { libc::getuid() };
+        let dir = tempfile::tempdir().unwrap();
+        let (broker, store) = broker();
+        let (path, stop) = serve_for_test(&broker, &store, dir.path());
 
         let (first, first_task) = held(&broker).await;
         let watcher = UnixStream::connect(&path).await.unwrap();
