@@ -568,3 +568,13 @@ async fn long_text_is_held_and_recorded_bounded() {
     f.broker.deny(id, alice(), None).unwrap();
     task.await.unwrap();
 }
+
+#[test]
+fn approval_events_recorded_before_the_added_fields_still_read() {
+    let old = r#"{"v":1,"session":4,"id":9,"at_us":1,"type":"approval","request":"DROP TABLE t","state":"approved","by_uid":0,"by_user":"root","reason":null}"#;
+    let e: Event = serde_json::from_str(old).unwrap();
+    assert_eq!(
+        fields(&e),
+        ("approved", None, Some(0), Some("root"), None, None)
+    );
+}
