@@ -1,5 +1,6 @@
 //! The `bulkhead` command line.
 
+pub mod approvals;
 pub mod sessions;
 
 pub use sessions::SessionsCommand;
@@ -60,6 +61,9 @@ pub enum Command {
     /// Policy files: validate them, or see what they decide for a request
     #[command(subcommand)]
     Policy(crate::policy::cli::PolicyCommand),
+    /// Requests held for approval: list, approve, deny, watch; grant windows (needs the daemon)
+    #[command(subcommand)]
+    Approvals(approvals::ApprovalsCommand),
 }
 
 #[derive(Debug, Args)]

@@ -64,8 +64,27 @@ pub struct Config {
     pub governed: GovernedConfig,
     pub capture: CaptureConfig,
     pub store: StoreConfig,
+    pub approvals: ApprovalsConfig,
     pub targets: Vec<Target>,
 }
+
+/// How requests held for approval wait (`[approvals]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApprovalsConfig {
+    /// How long a request waits for an admin when its rule does not say; then it is denied.
+    pub default_timeout: std::time::Duration,
+    /// Pending approvals one identity (uid + executable) may have at once: a looping tool
+    /// cannot flood the admins.
+    pub max_pending_per_identity: usize,
+    /// Pending approvals on the host at once: bounds the memory and the admins' queue.
+    pub max_pending: usize,
+}
+
+/// The longest an approval may wait, or a grant window last: held requests and grants are
+/// bounded in time like everything else.
+pub const MAX_APPROVAL_WAIT: std::time::Duration = std::time::Duration::from_hours(24);
+/// The most pending approvals `approvals.max_pending` may allow.
+pub const MAX_PENDING_APPROVALS: usize = 10_000;
 
 /// Retention of the session record.
 #[derive(Debug, Clone, Copy)]
@@ -248,8 +267,10 @@ impl Config {
             governed,
             capture,
             store,
+            approvals,
             target,
         } = raw;
+        let approvals = approvals_from_raw(&approvals, &invalid)?;
 
         let duration = |key: &str, text: &str| -> Result<std::time::Duration, ConfigError> {
             humantime::parse_duration(text).map_err(|e| {
@@ -471,6 +492,7 @@ impl Config {
                 },
                 prune_interval,
             },
+            approvals,
             targets,
         })
     }
@@ -534,6 +556,50 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{text:?} is too large"))
 }
 
+/// Validates `[approvals]`; `invalid` builds the error naming the key.
+fn approvals_from_raw(
+    raw: &RawApprovals,
+    invalid: &dyn Fn(String, String) -> ConfigError,
+) -> Result<ApprovalsConfig, ConfigError> {
+    let default_timeout = humantime::parse_duration(&raw.default_timeout).map_err(|e| {
+        invalid(
+            "approvals.default_timeout".into(),
+            format!(
+                "{:?} is not a duration like \"5min\" or \"90s\": {e}",
+                raw.default_timeout
+            ),
+        )
+    })?;
+    if default_timeout.is_zero() || default_timeout > MAX_APPROVAL_WAIT {
+        return Err(invalid(
+            "approvals.default_timeout".into(),
+            format!(
+                "must be longer than zero and at most {}",
+                humantime::format_duration(MAX_APPROVAL_WAIT)
+            ),
+        ));
+    }
+    for (key, value) in [
+        (
+            "approvals.max_pending_per_identity",
+            raw.max_pending_per_identity,
+        ),
+        ("approvals.max_pending", raw.max_pending),
+    ] {
+        if value == 0 || value > MAX_PENDING_APPROVALS {
+            return Err(invalid(
+                key.into(),
+                format!("must be between 1 and {MAX_PENDING_APPROVALS}"),
+            ));
+        }
+    }
+    Ok(ApprovalsConfig {
+        default_timeout,
+        max_pending_per_identity: raw.max_pending_per_identity,
+        max_pending: raw.max_pending,
+    })
+}
+
 fn source_path(source: &Source) -> PathBuf {
     match source {
         Source::Embedded => PathBuf::from("<embedded>"),
@@ -551,7 +617,26 @@ struct RawConfig {
     governed: RawGoverned,
     capture: RawCapture,
     store: RawStore,
+    approvals: RawApprovals,
     target: Vec<RawTarget>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawApprovals {
+    default_timeout: String,
+    max_pending_per_identity: usize,
+    max_pending: usize,
+}
+
+impl Default for RawApprovals {
+    fn default() -> Self {
+        Self {
+            default_timeout: "5min".into(),
+            max_pending_per_identity: 5,
+            max_pending: 100,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -773,6 +858,36 @@ mod tests {
         assert_eq!(parse_size("100"), Ok(100));
         assert!(parse_size("99999999999TiB").is_err());
         assert!(parse_size("MiB").is_err());
+    }
+
+    #[test]
+    fn approvals_have_defaults_and_are_validated() {
+        let c = parse("").unwrap();
+        assert_eq!(
+            c.approvals,
+            ApprovalsConfig {
+                default_timeout: std::time::Duration::from_mins(5),
+                max_pending_per_identity: 5,
+                max_pending: 100,
+            }
+        );
+        let c = parse("[approvals]\ndefault_timeout = \"90s\"\nmax_pending = 7\n").unwrap();
+        assert_eq!(c.approvals.default_timeout.as_secs(), 90);
+        assert_eq!(c.approvals.max_pending, 7);
+        let e = err("[approvals]\ndefault_timeout = \"soon\"\n");
+        assert!(e.contains("`approvals.default_timeout`"), "{e}");
+        let e = err("[approvals]\ndefault_timeout = \"0s\"\n");
+        assert!(e.contains("`approvals.default_timeout`"), "{e}");
+        let e = err("[approvals]\ndefault_timeout = \"3days\"\n");
+        assert!(e.contains("`approvals.default_timeout`"), "{e}");
+        let e = err("[approvals]\nmax_pending = 0\n");
+        assert!(e.contains("`approvals.max_pending`"), "{e}");
+        let e = err("[approvals]\nmax_pending_per_identity = 0\n");
+        assert!(e.contains("`approvals.max_pending_per_identity`"), "{e}");
+        let e = err("[approvals]\nmax_pending_per_identity = -1\n");
+        assert!(e.contains("max_pending_per_identity"), "{e}");
+        let e = err("[approvals]\ntimeout = \"5min\"\n");
+        assert!(e.contains("timeout"), "{e}");
     }
 
     #[test]

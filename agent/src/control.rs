@@ -5,7 +5,8 @@
 //! governed tool must not be able to read or steer its own gateway.
 //!
 //! One request line, then one `ok`/`error` line — or, for `sessions_export` and
-//! `sessions_tail`, any number of `event` lines (then `end` for an export).
+//! `sessions_tail`, any number of `event` lines (then `end` for an export), and for
+//! `approvals_watch` one `ok` line per notice (`crate::approval::control`).
 
 use std::{
     io,
@@ -23,6 +24,7 @@ use tokio::{
 use tracing::{debug, warn};
 
 use crate::{
+    approval::{self, ApprovalBroker, Approver},
     cgroup,
     proxy::{Gateway, StatsSnapshot},
     record::{
@@ -39,10 +41,39 @@ const MAX_REQUEST: u64 = 64 * 1024;
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
     Status,
-    SessionsList { filter: ListFilter, limit: usize },
-    SessionsShow { id: u64 },
-    SessionsExport { selection: Selection },
-    SessionsTail { filter: ListFilter },
+    SessionsList {
+        filter: ListFilter,
+        limit: usize,
+    },
+    SessionsShow {
+        id: u64,
+    },
+    SessionsExport {
+        selection: Selection,
+    },
+    SessionsTail {
+        filter: ListFilter,
+    },
+    // Approvals (`crate::approval::control`): the approver is the peer, never a field here.
+    ApprovalsList,
+    ApprovalsApprove {
+        id: u64,
+        #[serde(default)]
+        reason: Option<String>,
+        /// Also approve requests like this one for this many seconds (a grant window).
+        #[serde(default)]
+        for_secs: Option<u64>,
+    },
+    ApprovalsDeny {
+        id: u64,
+        #[serde(default)]
+        reason: Option<String>,
+    },
+    ApprovalsGrants,
+    ApprovalsRevoke {
+        id: u64,
+    },
+    ApprovalsWatch,
 }
 
 /// Which events an export covers.
@@ -58,6 +89,10 @@ pub enum Selection {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "status", rename_all = "snake_case")]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "a response is written once and dropped; boxing events would add an allocation per exported event"
+)]
 pub enum Response {
     Ok { result: serde_json::Value },
     Error { message: String },
@@ -166,6 +201,7 @@ pub struct ControlState {
     pub pin_dir: PathBuf,
     pub admin_group: String,
     pub retention: Retention,
+    pub approvals: Arc<ApprovalBroker>,
 }
 
 impl ControlState {
@@ -197,8 +233,15 @@ impl ControlState {
             Request::SessionsShow { id } => query::show(self.store(), *id)
                 .map_err(|e| e.to_string())
                 .and_then(|d| serde_json::to_value(d).map_err(|e| e.to_string())),
-            Request::SessionsExport { .. } | Request::SessionsTail { .. } => {
-                Err("streaming request".into())
+            Request::SessionsExport { .. }
+            | Request::SessionsTail { .. }
+            | Request::ApprovalsWatch => Err("streaming request".into()),
+            Request::ApprovalsList
+            | Request::ApprovalsApprove { .. }
+            | Request::ApprovalsDeny { .. }
+            | Request::ApprovalsGrants
+            | Request::ApprovalsRevoke { .. } => {
+                Err("approvals are answered with the peer's identity".into())
             }
         };
         match result {
@@ -329,6 +372,7 @@ async fn connection(
         warn!(uid = cred.uid(), pid = ?pid, "control request refused: {message}");
         return write_response(&mut w, &Response::Error { message }).await;
     }
+    let approver = Approver::from_uid(cred.uid());
     let mut lines = BufReader::new(r.take(MAX_REQUEST)).lines();
     while let Some(line) = lines.next_line().await? {
         let req = match serde_json::from_str::<Request>(&line) {
@@ -349,7 +393,14 @@ async fn connection(
             Request::SessionsTail { filter } => {
                 return tail(state, &filter, &mut w, &mut shutdown).await
             }
-            other => write_response(&mut w, &state.answer(&other)).await?,
+            Request::ApprovalsWatch => {
+                return approval::control::watch(&state.approvals, &mut w, &mut shutdown).await
+            }
+            other => {
+                let response = approval::control::answer(&state.approvals, &other, &approver)
+                    .unwrap_or_else(|| state.answer(&other));
+                write_response(&mut w, &response).await?;
+            }
         }
     }
     Ok(())
@@ -609,6 +660,35 @@ mod tests {
             Path::new("/sys/fs/cgroup/x"),
         );
         assert!(r.is_some());
+    }
+
+    /// The approvals requests rest on this: a governed process, even root, never reaches the
+    /// broker, so it can never approve (or list, or deny) its own held request.
+    #[test]
+    fn a_governed_process_is_refused_even_as_root() {
+        let me = std::process::id();
+        let mount =
+            crate::cgroup::cgroup2_mount().unwrap_or_else(|_| PathBuf::from("/sys/fs/cgroup"));
+        let own = std::fs::read_to_string(format!("/proc/{me}/cgroup")).unwrap();
+        let own = crate::cgroup::path_from_proc_cgroup(&own)
+            .expect("this process has a cgroup2 path")
+            .trim_start_matches('/')
+            .to_string();
+        // Treat the test's own cgroup as the governed one: it is now a governed process.
+        let governed = mount.join(own);
+        let refused = refusal(0, 0, Some(me), Some(("bulkhead", 0)), &mount, &governed)
+            .expect("a governed root process must be refused");
+        assert!(refused.contains("governed cgroup"), "{refused}");
+        let refused = refusal(
+            1000,
+            998,
+            Some(me),
+            Some(("bulkhead", 998)),
+            &mount,
+            &governed,
+        )
+        .expect("a governed admin must be refused");
+        assert!(refused.contains("governed cgroup"), "{refused}");
     }
 
     #[test]

@@ -10,6 +10,7 @@ use tokio::{net::TcpListener, sync::watch};
 use tracing::{error, info, warn};
 
 use crate::{
+    approval::ApprovalBroker,
     cgroup,
     config::Config,
     control::{self, ControlState, DaemonInfo},
@@ -149,6 +150,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         ),
     }
     tokio::spawn(crate::policy::watch(policy.clone()));
+    // Approvals: one broker for every protocol handler and the control socket.
+    let approvals = Arc::new(ApprovalBroker::new(Arc::clone(&store), config.approvals));
 
     let gateway = Arc::new(Gateway {
         config: Arc::clone(&config),
@@ -158,6 +161,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         stats: Stats::default(),
         policy,
         pg_cancels: crate::proxy::postgres::CancelKeys::default(),
+        approvals: Arc::clone(&approvals),
     });
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -187,6 +191,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         pin_dir: config.daemon.bpf_pin_dir.clone(),
         admin_group: config.daemon.admin_group.clone(),
         retention: config.store.retention,
+        approvals: Arc::clone(&approvals),
     });
     tokio::spawn(prune_periodically(
         Arc::clone(&store),
@@ -202,6 +207,9 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     wait_for_signal().await?;
     info!("stopping: no new connections");
     let _ = shutdown_tx.send(true);
+    // Nobody can approve once the control socket stops: refuse held requests now, so their
+    // sessions can finish within the drain.
+    approvals.shutdown();
     for l in accept_loops {
         let _ = l.await;
     }

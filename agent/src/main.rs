@@ -32,6 +32,7 @@ fn run(args: Cli) -> anyhow::Result<()> {
         Command::Status(f) => cli::status(&config, f.json)?,
         Command::Sessions(command) => cli::sessions::run(&config, command)?,
         Command::Policy(cmd) => bulkhead::policy::cli::run(&config, cmd)?,
+        Command::Approvals(command) => cli::approvals::run(&config, command)?,
     }
     Ok(())
 }

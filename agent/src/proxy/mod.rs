@@ -24,6 +24,7 @@ use tokio::{
 use tracing::{debug, error, info, info_span, warn, Instrument as _};
 
 use crate::{
+    approval::ApprovalBroker,
     config::{Config, Protocol, Unmatched},
     ebpf::OrigDst,
     identity::{ProcReader, ProcessIdentity},
@@ -70,6 +71,8 @@ pub struct Gateway {
     pub policy: crate::policy::PolicyHandle,
     /// Cancel keys handed to PostgreSQL clients.
     pub pg_cancels: postgres::CancelKeys,
+    /// Where a handler holds a request whose verdict is `approve` (`ApprovalBroker::request`).
+    pub approvals: Arc<ApprovalBroker>,
 }
 
 /// Accepts until `shutdown` turns true, then returns; running connections keep their tasks.
@@ -266,14 +269,17 @@ mod tests {
         orig: Arc<MockOrigDst>,
     ) -> (Arc<Gateway>, SocketAddr, watch::Sender<bool>) {
         let config = Config::from_toml(config, Source::Embedded).unwrap();
+        let store: Arc<dyn SessionStore> = Arc::new(SledStore::temporary().unwrap());
+        let approvals = Arc::new(ApprovalBroker::new(Arc::clone(&store), config.approvals));
         let gw = Arc::new(Gateway {
             config: Arc::new(config),
             orig_dst: orig,
-            store: Arc::new(SledStore::temporary().unwrap()),
+            store,
             proc: ProcReader::new("/", "/none"),
             stats: Stats::default(),
             policy: crate::policy::PolicyHandle::new("/nonexistent"),
             pg_cancels: postgres::CancelKeys::default(),
+            approvals,
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

@@ -175,13 +175,31 @@ pub enum EventKind {
         summary: Option<String>,
         error: Option<String>,
     },
-    /// An approval was asked for, granted, refused or expired.
+    /// An approval was asked for, granted, refused or expired (states in `docs/EVENTS.md`).
     Approval {
+        /// The request's text (statement, command line, request line), bounded.
         request: String,
         state: String,
         by_uid: Option<u32>,
         by_user: Option<String>,
         reason: Option<String>,
+        /// The approval's id: the `id` of its `requested` event (null on that event itself).
+        #[serde(default)]
+        approval: Option<u64>,
+        /// The target and the rule that asked for approval.
+        #[serde(default)]
+        target: Option<String>,
+        #[serde(default)]
+        rule: Option<String>,
+        /// The grant window this event opened, used or revoked.
+        #[serde(default)]
+        grant: Option<u64>,
+        /// When a pending request expires, or when a grant window ends.
+        #[serde(default)]
+        until_us: Option<u64>,
+        /// How long the request waited for its decision.
+        #[serde(default)]
+        waited_us: Option<u64>,
     },
     /// Terminal output from the target (SSH shells), for replay.
     TerminalOutput {

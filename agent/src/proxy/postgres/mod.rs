@@ -414,7 +414,7 @@ impl Ctx<'_> {
         };
         let request = self.record(EventKind::Request {
             text: crate::record::bounded(sql),
-            class,
+            class: class.clone(),
             verdict: recorded,
             rules: decision.rules.clone(),
             observed: decision.observe_only,
@@ -434,20 +434,58 @@ impl Ctx<'_> {
                 forward: false,
                 message,
             },
-            Verdict::Approve => self.approve(sql, &decision, request).await,
+            Verdict::Approve => self.approve(sql, &decision, class).await,
         };
         (applied, request)
     }
 
-    /// Holds the statement until an admin decides (or it expires).
-    async fn approve(&self, _sql: &str, decision: &policy::Decision, _request: u64) -> Applied {
-        // Without an approval broker nobody can approve: refuse, saying why.
-        Applied {
-            forward: false,
-            message: format!(
-                "statement needs an administrator's approval (rule {}), and approvals are not available",
-                decision.rules.join(", ")
-            ),
+    /// Holds the statement until an admin decides (or it expires). The client simply waits:
+    /// nothing more is read from it meanwhile, so later messages keep their order.
+    async fn approve(
+        &self,
+        sql: &str,
+        decision: &policy::Decision,
+        class: Option<String>,
+    ) -> Applied {
+        let rule = decision.rules.first().cloned().unwrap_or_default();
+        let timeout = decision
+            .approval_timeout
+            .unwrap_or_else(|| self.gw.approvals.default_timeout());
+        let outcome = self
+            .gw
+            .approvals
+            .request(crate::approval::ApprovalRequest {
+                session: self.session,
+                identity: crate::approval::ApprovalIdentity::from(self.identity),
+                target: self.target.name.clone(),
+                protocol: Protocol::Postgres,
+                text: sql.to_string(),
+                rule,
+                timeout,
+            })
+            .await;
+        match outcome.denial_message() {
+            None => Applied {
+                forward: true,
+                message: String::new(),
+            },
+            Some(message) => {
+                // The final verdict is a denial: that is what counts the session as denied.
+                self.record(EventKind::Request {
+                    text: crate::record::bounded(sql),
+                    class,
+                    verdict: RecordedVerdict::Deny,
+                    rules: decision.rules.clone(),
+                    observed: false,
+                    duration_us: None,
+                    summary: None,
+                    error: Some(message.clone()),
+                });
+                Applied {
+                    forward: false,
+                    message,
+                }
+            }
         }
     }
 
