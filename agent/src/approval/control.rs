@@ -303,6 +303,8 @@ pub(crate) mod tests {
                 proc: ProcReader::new("/", "/none"),
                 stats: Stats::default(),
                 approvals: Arc::clone(broker),
+                policy: crate::policy::PolicyHandle::new("/nonexistent"),
+                pg_cancels: crate::proxy::postgres::CancelKeys::default(),
             }),
             info: DaemonInfo {
                 pid: std::process::id(),
