@@ -255,14 +255,26 @@ impl Topology {
         topo
     }
 
+    /// The daemon's policy directory (empty until a test writes files into it).
+    pub fn policy_dir(&self) -> PathBuf {
+        self.dir.join("policies")
+    }
+
+    /// Writes a policy file.
+    pub fn policy(&self, name: &str, text: &str) {
+        fs::create_dir_all(self.policy_dir()).expect("policy dir");
+        fs::write(self.policy_dir().join(name), text).expect("policy file");
+    }
+
     /// Writes the daemon configuration: this topology's cgroup, pins and state, plus `extra`.
     pub fn write_config(&self, extra: &str) {
         let base = format!(
-            "[daemon]\nstate_dir = \"{state}\"\nrun_dir = \"{run}\"\nbpf_pin_dir = \"{pins}\"\nlog = \"info\"\n\
+            "[daemon]\nstate_dir = \"{state}\"\nrun_dir = \"{run}\"\nbpf_pin_dir = \"{pins}\"\nlog = \"info\"\npolicy_dir = \"{policies}\"\n\
              {extra_daemon}\n[governed]\ncgroup = \"{cg}\"\n",
             state = self.dir.join("state").display(),
             run = self.dir.join("run").display(),
             pins = self.pin_dir.display(),
+            policies = self.policy_dir().display(),
             cg = self.cgroup.display(),
             extra_daemon = "",
         );

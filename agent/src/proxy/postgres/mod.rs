@@ -215,7 +215,9 @@ pub async fn serve(
         identity,
         action: Action::Connect,
     });
-    if decision.verdict == Verdict::Deny {
+    // Only an explicit rule refuses the connection itself; a target's default verdict is for
+    // its statements, each judged on its own.
+    if decision.verdict == Verdict::Deny && decision.basis == policy::Basis::Rules {
         let message = decision
             .message
             .clone()
@@ -326,20 +328,30 @@ pub async fn serve(
         shared: &shared,
     };
 
-    let client_side = ctx.client_to_target(&mut creader, &mut uwriter, &up_count);
-    let target_side = ctx.target_to_client(&mut ureader, &mut cwriter, &down_count);
-    tokio::pin!(client_side, target_side);
-    let result = tokio::select! {
-        r = &mut client_side => {
-            // The client is done and the target was told (Terminate): let its last answers
-            // through.
-            match tokio::time::timeout(std::time::Duration::from_secs(5), &mut target_side).await {
-                Ok(t) => r.and(t),
-                Err(_) => r,
+    let result = {
+        let client_side = ctx.client_to_target(&mut creader, &mut uwriter, &up_count);
+        let target_side = ctx.target_to_client(&mut ureader, &mut cwriter, &down_count);
+        tokio::pin!(client_side, target_side);
+        tokio::select! {
+            r = &mut client_side => {
+                // The client is done and the target was told (Terminate): let its last
+                // answers through.
+                match tokio::time::timeout(std::time::Duration::from_secs(5), &mut target_side).await {
+                    Ok(t) => r.and(t),
+                    Err(_) => r,
+                }
             }
+            r = &mut target_side => r,
         }
-        r = &mut target_side => r,
     };
+    if let Err(e @ (SessionError::Client(_) | SessionError::UnexpectedFrontend(_))) = &result {
+        // A malformed message ends this session only, with a protocol error the client can
+        // read.
+        let _ = cwriter
+            .write_all(&codec::fatal_response("08P01", &format!("bulkhead: {e}")))
+            .await;
+        let _ = cwriter.flush().await;
+    }
     if let Some(k) = ours {
         gw.pg_cancels.forget(k);
     }
@@ -491,6 +503,12 @@ impl Ctx<'_> {
 
     /// A stand-in that the target rejects at parse time, remembered with `message`.
     fn denied_standin(&self, message: String) -> String {
+        // Every message the client sees from the gateway says it came from the gateway.
+        let message = if message.starts_with("bulkhead:") {
+            message
+        } else {
+            format!("bulkhead: {message}")
+        };
         let nonce = getrandom::u64().unwrap_or_else(|_| now_micros());
         self.shared
             .denied
@@ -670,10 +688,7 @@ impl Ctx<'_> {
                     let denied = self.take_denied(message);
                     let error = match &denied {
                         Some(policy_message) => {
-                            out = codec::error_response(
-                                "42501",
-                                &format!("bulkhead: {policy_message}"),
-                            );
+                            out = codec::error_response("42501", policy_message);
                             format!("denied: {policy_message}")
                         }
                         None => message.to_string(),

@@ -1,0 +1,547 @@
+//! The PostgreSQL gateway against a real PostgreSQL 15 (Debian's), started by each test on its
+//! own target host, with real clients: psql, pgbench, and a raw client that checks what bytes
+//! reach the governed side.
+
+use std::{
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use bulkhead_tests::{missing_privileges, PgServer, Side, Topology, TARGET_V4};
+use serde_json::Value;
+
+fn require_root() {
+    if let Some(why) = missing_privileges() {
+        panic!("cannot run the integration tests: {why}");
+    }
+}
+
+/// A policy for target `db`: reads and ordinary writes allowed, DDL denied with a message,
+/// deletes from `public.precious` held for approval; unknown statements denied.
+const POLICY: &str = r#"
+[[target]]
+name = "db"
+protocol = "postgres"
+default = "deny"
+on_unknown = "deny"
+
+[[rule]]
+id = "db-allow"
+verdict = "allow"
+target = { name = ["db"] }
+sql = { class = ["read", "transaction", "session", "insert", "update", "delete", "copy_in", "sequence", "lock", "maintenance"] }
+
+[[rule]]
+id = "db-no-ddl"
+verdict = "deny"
+message = "no DDL through the gateway"
+target = { name = ["db"] }
+sql = { class = ["ddl", "truncate"] }
+
+[[rule]]
+id = "db-precious-deletes"
+verdict = "approve"
+approval_timeout = "20s"
+target = { name = ["db"] }
+sql = { class = ["delete"], objects = ["public.precious"] }
+"#;
+
+/// Starts PostgreSQL (pg_hba `auth`), writes `policy`, configures target `db` with the held
+/// password, and starts the daemon.
+fn setup(auth: &str, policy: &str) -> (Topology, PgServer, bulkhead_tests::Proc) {
+    let topo = Topology::new("");
+    let pg = topo.postgres(auth);
+    let secret = topo.credential_file("db", &pg.password);
+    topo.write_config(&format!(
+        "[[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddresses = [\"{TARGET_V4}:5432\"]\n\
+         credentials = {{ file = \"{}\" }}\n",
+        secret.display()
+    ));
+    topo.policy("db.toml", policy);
+    let daemon = topo.start_daemon(&[]);
+    (topo, pg, daemon)
+}
+
+/// Runs psql on the governed side with `script` on stdin; returns (status ok, stdout, stderr).
+fn psql(topo: &Topology, pg: &PgServer, script: &str) -> (bool, String, String) {
+    let path = topo.dir.join(format!(
+        "script-{}.sql",
+        Instant::now().elapsed().as_nanos()
+    ));
+    std::fs::write(&path, script).unwrap();
+    let mut cmd = Command::new("psql");
+    cmd.args([
+        "-X",
+        "-q",
+        "-h",
+        TARGET_V4,
+        "-U",
+        &pg.user,
+        "-d",
+        "postgres",
+        "-v",
+        "ON_ERROR_STOP=0",
+        "-At",
+        "-f",
+    ])
+    .arg(&path)
+    .env("PGSSLMODE", "prefer")
+    .env_remove("PGPASSWORD")
+    .current_dir(&topo.dir);
+    let out = topo.output(Side::Governed, cmd);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn events_of_newest(topo: &Topology) -> Vec<Value> {
+    let s = topo.wait_session_closed();
+    let shown = topo
+        .run_cli(&["sessions", "show", &s["id"].to_string(), "--json"])
+        .unwrap();
+    shown["events"].as_array().unwrap().clone()
+}
+
+#[test]
+fn psql_queries_multi_statement_copy_and_a_denied_ddl_that_leaves_the_session_usable() {
+    require_root();
+    let (topo, pg, _daemon) = setup("scram-sha-256", POLICY);
+    // DDL is denied for the client, so the table is made on the server directly.
+    let admin = |sql: &str| {
+        let mut c = Command::new("psql");
+        c.args([
+            "-X",
+            "-h",
+            &pg.data.display().to_string(),
+            "-U",
+            "admin",
+            "-d",
+            "postgres",
+            "-c",
+            sql,
+        ]);
+        let out = topo.output_as(
+            Side::Target,
+            Some(bulkhead_tests::system_user("postgres")),
+            c,
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    admin("CREATE TABLE items (id int primary key, name text)");
+    std::fs::write(topo.dir.join("in.csv"), "1,apple\n2,pear\n3,plum\n").unwrap();
+
+    let (_, out, err) = psql(
+        &topo,
+        &pg,
+        "SELECT 40 + 2;\n\
+         SELECT 'a' AS x; SELECT 'b' AS y;\n\
+         CREATE TABLE evil (x int);\n\
+         SELECT 'still here';\n\
+         \\copy items FROM 'in.csv' WITH (FORMAT csv)\n\
+         \\copy (SELECT name FROM items ORDER BY id) TO 'out.csv'\n\
+         BEGIN; INSERT INTO items VALUES (4, 'fig'); COMMIT;\n\
+         SELECT count(*) FROM items;\n",
+    );
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines,
+        vec!["42", "a", "b", "still here", "4"],
+        "stdout {out:?}, stderr {err:?}"
+    );
+    assert!(
+        err.contains("ERROR:  bulkhead: no DDL through the gateway"),
+        "the policy's message reaches psql: {err}"
+    );
+    assert!(
+        !err.contains("BULKHEAD_DENIED"),
+        "the stand-in never shows: {err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(topo.dir.join("out.csv")).unwrap(),
+        "apple\npear\nplum\n"
+    );
+
+    let events = events_of_newest(&topo);
+    let requests: Vec<(&str, &str)> = events
+        .iter()
+        .filter(|e| e["type"] == "request")
+        .map(|e| (e["text"].as_str().unwrap(), e["verdict"].as_str().unwrap()))
+        .collect();
+    assert!(
+        requests.contains(&("CREATE TABLE evil (x int);", "deny")),
+        "{requests:?}"
+    );
+    assert!(
+        requests
+            .iter()
+            .any(|(t, v)| t.starts_with("SELECT 40 + 2") && *v == "allow"),
+        "{requests:?}"
+    );
+    let denied = events
+        .iter()
+        .find(|e| e["type"] == "request" && e["verdict"] == "deny")
+        .unwrap();
+    assert_eq!(denied["rules"][0], "db-no-ddl");
+    assert_eq!(denied["class"], "ddl");
+    let responses: Vec<&Value> = events.iter().filter(|e| e["type"] == "response").collect();
+    assert!(
+        responses.iter().any(|r| r["summary"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("SELECT 1"))),
+        "{responses:?}"
+    );
+    assert!(
+        responses
+            .iter()
+            .any(|r| r["error"].as_str().is_some_and(|s| s.contains("no DDL"))),
+        "{responses:?}"
+    );
+    let auth: Vec<&Value> = events.iter().filter(|e| e["type"] == "auth").collect();
+    assert_eq!(auth[1]["method"], "scram-sha-256", "{auth:?}");
+    // The table the denied DDL named does not exist.
+    let (_, out, err) = psql(
+        &topo,
+        &pg,
+        "SELECT count(*) FROM pg_class WHERE relname = 'evil';\n",
+    );
+    assert_eq!(out.trim(), "0", "{err}");
+}
+
+#[test]
+fn pgbench_initialises_and_runs_in_simple_extended_and_prepared_modes() {
+    require_root();
+    let permissive = r#"
+[[target]]
+name = "db"
+protocol = "postgres"
+default = "deny"
+
+[[rule]]
+id = "bench"
+verdict = "allow"
+target = { name = ["db"] }
+sql = { class = ["read", "transaction", "session", "insert", "update", "delete", "copy_in", "ddl", "truncate", "maintenance", "sequence", "lock"] }
+"#;
+    let (topo, pg, _daemon) = setup("scram-sha-256", permissive);
+    let pgbench = |args: &[&str]| {
+        let mut cmd = Command::new("pgbench");
+        cmd.args(["-h", TARGET_V4, "-U", &pg.user])
+            .args(args)
+            .arg("postgres");
+        let out = topo.output(Side::Governed, cmd);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "pgbench {args:?}: {text}");
+        text
+    };
+    // Server-side data generation, no vacuum: client-side generation sends `COPY ... WITH
+    // (FREEZE ON)` and the vacuum step `VACUUM ANALYZE t`, which the SQL parser rejects, so
+    // the gateway denies both as unknown (fail closed).
+    let init = pgbench(&["-i", "-I", "dtGp", "-s", "1", "-q"]);
+    assert!(init.contains("done"), "{init}");
+    for mode in ["simple", "extended", "prepared"] {
+        let text = pgbench(&["-M", mode, "-c", "4", "-j", "2", "-t", "200"]);
+        assert!(
+            text.contains("number of transactions actually processed: 800/800"),
+            "{mode}: {text}"
+        );
+        assert!(
+            text.contains("number of failed transactions: 0"),
+            "{mode}: {text}"
+        );
+    }
+    let denied = topo
+        .run_cli(&["sessions", "list", "--json", "--verdict", "denied"])
+        .unwrap();
+    assert_eq!(denied.as_array().unwrap().len(), 0, "{denied}");
+}
+
+#[test]
+fn a_held_delete_waits_for_an_admin_and_runs_when_approved() {
+    require_root();
+    let (topo, pg, _daemon) = setup("scram-sha-256", POLICY);
+    let mut c = Command::new("psql");
+    c.args([
+        "-X",
+        "-h",
+        &pg.data.display().to_string(),
+        "-U",
+        "admin",
+        "-d",
+        "postgres",
+        "-c",
+    ]);
+    c.arg("CREATE TABLE precious (id int); INSERT INTO precious VALUES (1), (2)");
+    let out = topo.output_as(
+        Side::Target,
+        Some(bulkhead_tests::system_user("postgres")),
+        c,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // psql waits while the DELETE is held.
+    let mut cmd = Command::new("psql");
+    cmd.args([
+        "-X",
+        "-h",
+        TARGET_V4,
+        "-U",
+        &pg.user,
+        "-d",
+        "postgres",
+        "-At",
+        "-c",
+        "DELETE FROM precious WHERE id = 1",
+    ]);
+    let mut client = topo.spawn(Side::Governed, "psql", cmd);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let pending = loop {
+        let list = topo.run_cli(&["approvals", "list", "--json"]).unwrap();
+        if let Some(p) = list.as_array().and_then(|a| a.first()).cloned() {
+            break p;
+        }
+        assert!(Instant::now() < deadline, "no pending approval: {list}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        client.child.try_wait().unwrap().is_none(),
+        "psql is still waiting"
+    );
+    let text = pending.to_string();
+    assert!(
+        text.contains("DELETE FROM precious WHERE id = 1") && text.contains("db-precious-deletes"),
+        "{text}"
+    );
+
+    let id = pending["id"].to_string();
+    let approved = topo.output(
+        Side::Host,
+        topo.bulkhead(&["approvals", "approve", &id, "--reason", "cleanup ticket 7"]),
+    );
+    assert!(
+        approved.status.success(),
+        "{}",
+        String::from_utf8_lossy(&approved.stderr)
+    );
+    let status = client.child.wait().unwrap();
+    assert!(status.success(), "{}", client.stderr());
+    let (_, out, _) = psql(&topo, &pg, "SELECT count(*) FROM precious;\n");
+    assert_eq!(out.trim(), "1", "the delete ran after approval");
+
+    // Denied this time: psql shows the reason, and nothing is deleted.
+    let mut cmd = Command::new("psql");
+    cmd.args([
+        "-X",
+        "-h",
+        TARGET_V4,
+        "-U",
+        &pg.user,
+        "-d",
+        "postgres",
+        "-At",
+        "-c",
+        "DELETE FROM precious",
+    ]);
+    let mut client = topo.spawn(Side::Governed, "psql", cmd);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let pending = loop {
+        let list = topo.run_cli(&["approvals", "list", "--json"]).unwrap();
+        if let Some(p) = list.as_array().and_then(|a| a.first()).cloned() {
+            break p;
+        }
+        assert!(Instant::now() < deadline, "no pending approval: {list}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let denied = topo.output(
+        Side::Host,
+        topo.bulkhead(&[
+            "approvals",
+            "deny",
+            &pending["id"].to_string(),
+            "--reason",
+            "not today",
+        ]),
+    );
+    assert!(
+        denied.status.success(),
+        "{}",
+        String::from_utf8_lossy(&denied.stderr)
+    );
+    let status = client.child.wait().unwrap();
+    assert!(!status.success());
+    assert!(client.stderr().contains("not today"), "{}", client.stderr());
+    let (_, out, _) = psql(&topo, &pg, "SELECT count(*) FROM precious;\n");
+    assert_eq!(out.trim(), "1");
+}
+
+#[test]
+fn cancelling_a_long_query_stops_it_on_the_target() {
+    require_root();
+    let (topo, pg, _daemon) = setup("scram-sha-256", POLICY);
+    let mut cmd = Command::new("psql");
+    let long = "SELECT count(*) FROM generate_series(1, 100000000000::bigint)";
+    cmd.args([
+        "-X", "-h", TARGET_V4, "-U", &pg.user, "-d", "postgres", "-c", long,
+    ]);
+    let mut client = topo.spawn(Side::Governed, "psql", cmd);
+    std::thread::sleep(Duration::from_millis(1500));
+    let started = Instant::now();
+    // SAFETY: signalling our own child by pid; psql sends a CancelRequest on SIGINT.
+    unsafe {
+        libc::kill(i32::try_from(client.pid()).unwrap(), libc::SIGINT);
+    }
+    let status = client.child.wait().unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "cancel took {:?}",
+        started.elapsed()
+    );
+    assert!(!status.success());
+    assert!(
+        client
+            .stderr()
+            .contains("canceling statement due to user request"),
+        "{}",
+        client.stderr()
+    );
+}
+
+#[test]
+fn the_client_never_receives_the_held_password() {
+    require_root();
+    for auth in ["scram-sha-256", "md5", "password"] {
+        let (topo, pg, _daemon) = setup(auth, POLICY);
+        // A raw client: startup, one query, terminate; print every byte received, hex.
+        let script = format!(
+            r#"
+import socket, struct, sys
+s = socket.create_connection(("{TARGET_V4}", 5432))
+params = b"user\x00{user}\x00database\x00postgres\x00\x00"
+s.sendall(struct.pack("!ii", 8 + len(params), 196608) + params)
+q = b"SELECT current_user\x00"
+got = b""
+def until_ready():
+    global got
+    while not got.endswith(b"Z\x00\x00\x00\x05I"):
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        got += chunk
+until_ready()
+s.sendall(b"Q" + struct.pack("!i", 4 + len(q)) + q)
+until_ready()
+s.sendall(b"X\x00\x00\x00\x04")
+sys.stdout.write(got.hex())
+"#,
+            user = pg.user
+        );
+        let mut cmd = Command::new("python3");
+        cmd.args(["-c", &script]);
+        let out = topo.output(Side::Governed, cmd);
+        assert!(
+            out.status.success(),
+            "{auth}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let received = hex_decode(String::from_utf8_lossy(&out.stdout).trim());
+        assert!(
+            received.windows(5).any(|w| w == b"admin"),
+            "{auth}: the query answered (current_user)"
+        );
+        assert_eq!(
+            &received[..9],
+            b"R\x00\x00\x00\x08\x00\x00\x00\x00",
+            "{auth}: AuthenticationOk first, no password request"
+        );
+        let pw = pg.password.as_bytes();
+        assert!(
+            !received.windows(pw.len()).any(|w| w == pw),
+            "{auth}: the password reached the client"
+        );
+        let events = events_of_newest(&topo);
+        let upstream = events
+            .iter()
+            .find(|e| e["type"] == "auth" && e["side"] == "upstream")
+            .unwrap();
+        assert_eq!(
+            upstream["method"],
+            if auth == "scram-sha-256" {
+                "scram-sha-256"
+            } else {
+                auth
+            },
+            "{upstream}"
+        );
+    }
+}
+
+fn hex_decode(s: &str) -> Vec<u8> {
+    (0..s.len() / 2)
+        .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).unwrap())
+        .collect()
+}
+
+#[test]
+fn malformed_frames_get_a_protocol_error_and_do_not_disturb_other_sessions() {
+    require_root();
+    let (topo, pg, _daemon) = setup("scram-sha-256", POLICY);
+    // A startup with a negative length, then a session that sends a huge Query length.
+    let script = format!(
+        r#"
+import socket, struct
+s = socket.create_connection(("{TARGET_V4}", 5432))
+s.sendall(struct.pack("!i", -5) + b"xxxx")
+print("first:", s.recv(1000)[:1])
+s = socket.create_connection(("{TARGET_V4}", 5432))
+params = b"user\x00{user}\x00database\x00postgres\x00\x00"
+s.sendall(struct.pack("!ii", 8 + len(params), 196608) + params)
+got = b""
+while not got.endswith(b"Z\x00\x00\x00\x05I"):
+    got += s.recv(65536)
+s.sendall(b"Q" + struct.pack("!i", 0x7ffffff0))
+rest = b""
+while True:
+    c = s.recv(65536)
+    if not c:
+        break
+    rest += c
+print("second:", rest[:1])
+"#,
+        user = pg.user
+    );
+    let mut cmd = Command::new("python3");
+    cmd.args(["-c", &script]);
+    let out = topo.output(Side::Governed, cmd);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("first: b'E'") || text.contains("first: b''"),
+        "{text}"
+    );
+    // The daemon is fine and serves the next client.
+    let (_, out, err) = psql(&topo, &pg, "SELECT 'alive';\n");
+    assert_eq!(out.trim(), "alive", "{err}");
+    let failed = topo
+        .sessions()
+        .iter()
+        .filter(|s| s["outcome"]["kind"] == "failed")
+        .count();
+    assert!(failed >= 1, "the malformed sessions are recorded as failed");
+}
