@@ -37,7 +37,7 @@ need_root
 command -v cargo >/dev/null || { echo "setup: cargo (rustup stable) is required" >&2; exit 1; }
 
 apt_install ca-certificates build-essential pkg-config iproute2 python3 zlib1g-dev libzstd-dev systemd asciinema \
-  postgresql-15 postgresql-client-15 util-linux
+  postgresql-15 postgresql-client-15 util-linux pgbouncer
 
 if apt-cache show libstd-rust-web-dev-bpf >/dev/null 2>&1 || installed libstd-rust-web-dev-bpf; then
   apt_install rustc-web cargo-web libstd-rust-web-dev-bpf llvm-22-dev

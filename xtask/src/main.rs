@@ -69,7 +69,11 @@ fn main() -> Result<()> {
             let bin = root.join("target/release/bench-foundation");
             run(Command::new(&bin).env("BULKHEAD_BIN", root.join("target/release/bulkhead")))?;
             println!();
-            run(&mut Command::new(root.join("target/release/bench-store")))
+            run(&mut Command::new(root.join("target/release/bench-store")))?;
+            println!();
+            run(&mut Command::new(
+                root.join("target/release/bench-postgres"),
+            ))
         }
         Task::Daemon => {
             setup(&root)?;

@@ -1,0 +1,200 @@
+//! PostgreSQL gateway benchmark: pgbench through the gateway (policy and recording on) against
+//! pgbench straight to the server and through pgbouncer (session pooling), all in one run on
+//! the same server, printed as ratios of the direct figure.
+//!
+//! Run with `cargo xtask bench` (root; release build).
+
+use std::{fs, process::Command, time::Duration};
+
+use bulkhead_tests::{missing_privileges, system_user, Side, Topology, TARGET_V4};
+
+const SECONDS: &str = "10";
+
+fn main() {
+    if let Some(why) = missing_privileges() {
+        eprintln!("bench-postgres: {why}");
+        std::process::exit(2);
+    }
+    let topo = Topology::new("");
+    let pg = topo.postgres("scram-sha-256");
+    let secret = topo.credential_file("db", &pg.password);
+    topo.write_config(&format!(
+        "[[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddresses = [\"{TARGET_V4}:5432\"]\n\
+         credentials = {{ file = \"{}\" }}\n",
+        secret.display()
+    ));
+    topo.policy(
+        "db.toml",
+        r#"
+[[target]]
+name = "db"
+protocol = "postgres"
+default = "deny"
+
+[[rule]]
+id = "bench"
+verdict = "allow"
+target = { name = ["db"] }
+sql = { class = ["read", "transaction", "session", "insert", "update", "delete", "ddl", "truncate", "sequence"] }
+"#,
+    );
+    let _daemon = topo.start_daemon(&[]);
+
+    // pgbouncer on the governed side's loopback (not captured), session pooling.
+    let (pg_uid, pg_gid) = system_user("postgres");
+    let bouncer_dir = topo.dir.join("pgbouncer");
+    fs::create_dir_all(&bouncer_dir).unwrap();
+    fs::write(
+        bouncer_dir.join("userlist.txt"),
+        format!("\"{}\" \"{}\"\n", pg.user, pg.password),
+    )
+    .unwrap();
+    fs::write(
+        bouncer_dir.join("pgbouncer.ini"),
+        format!(
+            "[databases]\npostgres = host={TARGET_V4} port=5432 dbname=postgres\n[pgbouncer]\n\
+             listen_addr = 127.0.0.1\nlisten_port = 6432\nauth_type = scram-sha-256\nauth_file = {}/userlist.txt\n\
+             pool_mode = session\nmax_client_conn = 100\ndefault_pool_size = 20\nunix_socket_dir =\n\
+             logfile = {}/pgbouncer.log\n",
+            bouncer_dir.display(),
+            bouncer_dir.display()
+        ),
+    )
+    .unwrap();
+    std::os::unix::fs::chown(&bouncer_dir, Some(pg_uid), Some(pg_gid)).unwrap();
+    for f in ["userlist.txt", "pgbouncer.ini"] {
+        std::os::unix::fs::chown(bouncer_dir.join(f), Some(pg_uid), Some(pg_gid)).unwrap();
+    }
+    let mut cmd = Command::new("pgbouncer");
+    cmd.arg(bouncer_dir.join("pgbouncer.ini"));
+    let _bouncer = topo.spawn_as(Side::Host, Some((pg_uid, pg_gid)), "pgbouncer", cmd);
+    std::thread::sleep(Duration::from_millis(500));
+
+    // Initialise straight on the server.
+    let init = pgbench(
+        &topo,
+        Side::Host,
+        TARGET_V4,
+        "5432",
+        &pg.password,
+        &["-i", "-s", "10", "-q"],
+    );
+    assert!(init.contains("done"), "{init}");
+
+    println!("pgbench -S, 8 clients, 2 threads, {SECONDS} s per run, scale 10; PostgreSQL 15 on the target host");
+    println!();
+    println!(
+        "{:<10} {:>14} {:>14} {:>14} {:>10} {:>12}",
+        "mode", "direct tps", "gateway tps", "pgbouncer tps", "gateway", "pgbouncer"
+    );
+    for mode in ["simple", "prepared"] {
+        let args = ["-S", "-M", mode, "-c", "8", "-j", "2", "-T", SECONDS];
+        let direct = tps(&pgbench(
+            &topo,
+            Side::Host,
+            TARGET_V4,
+            "5432",
+            &pg.password,
+            &args,
+        ));
+        let gateway = tps(&pgbench(
+            &topo,
+            Side::Governed,
+            TARGET_V4,
+            "5432",
+            "",
+            &args,
+        ));
+        let bouncer = tps(&pgbench(
+            &topo,
+            Side::Host,
+            "127.0.0.1",
+            "6432",
+            &pg.password,
+            &args,
+        ));
+        println!(
+            "{mode:<10} {direct:>14.0} {gateway:>14.0} {bouncer:>14.0} {:>9.2}x {:>11.2}x",
+            gateway / direct,
+            bouncer / direct
+        );
+    }
+    println!();
+    let args = ["-S", "-M", "prepared", "-c", "1", "-j", "1", "-T", SECONDS];
+    let direct = latency(&pgbench(
+        &topo,
+        Side::Host,
+        TARGET_V4,
+        "5432",
+        &pg.password,
+        &args,
+    ));
+    let gateway = latency(&pgbench(
+        &topo,
+        Side::Governed,
+        TARGET_V4,
+        "5432",
+        "",
+        &args,
+    ));
+    println!(
+        "single client latency (-S -M prepared -c 1): direct {direct:.1} us, gateway {gateway:.1} us, {:+.1} us (target <= +25 us)",
+        gateway - direct
+    );
+}
+
+fn pgbench(
+    topo: &Topology,
+    side: Side,
+    host: &str,
+    port: &str,
+    password: &str,
+    args: &[&str],
+) -> String {
+    let mut cmd = Command::new("pgbench");
+    cmd.args(["-h", host, "-p", port, "-U", "admin"])
+        .args(args)
+        .arg("postgres");
+    if password.is_empty() {
+        cmd.env_remove("PGPASSWORD");
+    } else {
+        cmd.env("PGPASSWORD", password);
+    }
+    let out = topo.output(side, cmd);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "pgbench {args:?} on {host}:{port}: {text}"
+    );
+    text
+}
+
+fn tps(text: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix("tps = ")?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no tps in {text}"))
+}
+
+/// Average latency in microseconds.
+fn latency(text: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix("latency average = ")?
+                .split_whitespace()
+                .next()?
+                .parse::<f64>()
+                .ok()
+        })
+        .map(|ms| ms * 1000.0)
+        .unwrap_or_else(|| panic!("no latency in {text}"))
+}
