@@ -149,7 +149,8 @@ pub struct Decision {
     /// How long to hold for approval when `decided` is approve.
     #[serde(serialize_with = "serialize_opt_duration")]
     pub approval_timeout: Option<Duration>,
-    /// Masks for the result data (not applied in observe mode).
+    /// Masks for the result data. Apply them unless `observe_only` (observe mode records
+    /// them without changing what the client sees).
     pub masks: Vec<Arc<MaskRule>>,
     /// Observe mode turned a deny, an approval or a mask into a record only.
     pub observe_only: bool,

@@ -253,11 +253,38 @@ impl PreparedStatements {
     }
 }
 
+/// Longest message classified on the caller's stack. Each level of nesting takes at least two
+/// bytes (`+1`), and dropping a deeply nested tree recurses: longer messages are classified on a
+/// thread whose stack grows with the message, so no input can overflow the daemon's stacks.
+const INLINE_MAX: usize = 16 * 1024;
+/// Stack bytes per message byte for long messages (about four times what a debug build uses
+/// per nesting level).
+const STACK_PER_BYTE: usize = 256;
+
 /// Classifies `sql` as one message.
 pub fn classify(sql: &str, prepared: Option<&PreparedStatements>) -> Classification {
     if sql.len() > MAX_SQL_LEN {
         return Classification::unknown(format!("message longer than {MAX_SQL_LEN} bytes"));
     }
+    if sql.len() <= INLINE_MAX {
+        return classify_inline(sql, prepared);
+    }
+    let stack = (sql.len() * STACK_PER_BYTE).max(8 << 20);
+    std::thread::scope(|scope| {
+        match std::thread::Builder::new()
+            .name("bulkhead-sql".into())
+            .stack_size(stack)
+            .spawn_scoped(scope, || classify_inline(sql, prepared))
+        {
+            Ok(worker) => worker.join().unwrap_or_else(|_| {
+                Classification::unknown("the classifier failed on this message")
+            }),
+            Err(e) => Classification::unknown(format!("no thread to classify a long message: {e}")),
+        }
+    })
+}
+
+fn classify_inline(sql: &str, prepared: Option<&PreparedStatements>) -> Classification {
     let dialect = PostgreSqlDialect {};
     let mut out = Classification {
         objects_complete: true,

@@ -429,3 +429,17 @@ fn file_errors_name_file_line_and_key() {
     let e = err("[[rule]]\nverdict = \"allow\"\n");
     assert!(e.contains("id"), "{e}");
 }
+
+#[test]
+fn long_operator_chains_do_not_overflow_the_stack() {
+    for (op, n) in [
+        ("+", 100_000),
+        (" AND ", 100_000),
+        ("::int", 150_000),
+        ("+", 400_000),
+    ] {
+        let sql = format!("SELECT 1{}", format!("{op}1").repeat(n));
+        let c = super::classify(&sql, None);
+        assert!(c.headline().is_some(), "{op} x {n}");
+    }
+}
