@@ -8,7 +8,7 @@ use super::{
     Mode, ObjectPattern, PolicySet, Request, RequestMatch, Rule, SqlClass, SqlMatch, SshMatch,
     TargetMatch, TargetRef, TargetSettings, Verdict,
 };
-use crate::identity::ProcessIdentity;
+use crate::{config::Protocol, identity::ProcessIdentity};
 
 /// Whether a rule must cover the whole request (allow) or only touch it (deny, approve, mask).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,6 +135,14 @@ impl PolicySet {
             (Verdict::Approve, Basis::Rules, ids(&approve))
         } else if !allow.is_empty() {
             (Verdict::Allow, Basis::Rules, ids(&allow))
+        } else if matches!(req.action, Action::Connect) && req.target.protocol != Protocol::Tcp {
+            // Opening a session grants nothing on a protocol target: each request in it is
+            // judged. Only rules without a request section (identity gates) decide here.
+            (
+                Verdict::Allow,
+                Basis::Default,
+                vec![format!("target:{target}:connect")],
+            )
         } else {
             (
                 settings.default,

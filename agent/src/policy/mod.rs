@@ -92,7 +92,9 @@ pub struct Request<'a> {
 
 #[derive(Debug, Clone, Copy)]
 pub enum Action<'a> {
-    /// Opening the connection (and opaque TCP, where there is nothing finer to judge).
+    /// Opening the connection. On a `tcp` target (opaque, nothing finer to judge) the target's
+    /// default applies when no rule decides; on a protocol target a session grants nothing by
+    /// itself, so only rules without a request section decide and the fallback is allow.
     Connect,
     /// A simple-query message; `prepared` resolves `EXECUTE name`.
     Sql {

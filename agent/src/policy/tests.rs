@@ -443,3 +443,36 @@ fn long_operator_chains_do_not_overflow_the_stack() {
         assert!(c.headline().is_some(), "{op} x {n}");
     }
 }
+
+#[test]
+fn connect_is_gated_by_identity_rules_and_the_tcp_default() {
+    let id = agent();
+    let set = policy(
+        "[[target]]\nname = \"db\"\n[[target]]\nname = \"raw\"\nprotocol = \"tcp\"\n\
+         [[rule]]\nid = \"no-python\"\nverdict = \"deny\"\nidentity = { process = [\"python*\"] }\n\
+         [[rule]]\nid = \"reads\"\nverdict = \"allow\"\nsql = { class = [\"read\"] }\n",
+    );
+    let connect = |name: &'static str, protocol: Protocol, who: &ProcessIdentity| {
+        set.evaluate(&Request {
+            target: TargetRef { name, protocol },
+            identity: who,
+            action: Action::Connect,
+        })
+    };
+    let d = connect("db", Protocol::Postgres, &id);
+    assert_eq!(
+        (d.verdict, d.rules.clone()),
+        (Verdict::Allow, vec!["target:db:connect".to_string()])
+    );
+    assert_eq!(
+        connect("raw", Protocol::Tcp, &id).verdict,
+        Verdict::Deny,
+        "opaque TCP: the default"
+    );
+    let mut py = agent();
+    py.comm = "python3".into();
+    assert_eq!(
+        connect("db", Protocol::Postgres, &py).rules,
+        vec!["no-python"]
+    );
+}
