@@ -128,6 +128,13 @@ fn main() {
     run(&set, &id, PGBENCH, Duration::from_millis(200));
     run(&set, &id, LONGER, Duration::from_millis(200));
 
+    for text in PGBENCH {
+        let short: String = text.chars().take(34).collect();
+        report(
+            &format!("  uncached: {short}"),
+            run(&uncached, &id, &[*text], budget / 4),
+        );
+    }
     let pg_uncached = report(
         "pgbench statements, uncached",
         run(&uncached, &id, PGBENCH, budget),
