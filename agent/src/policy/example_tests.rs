@@ -469,6 +469,15 @@ fn reload_swaps_valid_sets_and_keeps_the_old_one_on_error() {
         .last_error
         .as_deref()
         .is_some_and(|e| e.contains("clas")));
+    let lines = status.lines();
+    assert!(
+        lines[0].starts_with("policy:      version 2 (2 rules, 2 files)"),
+        "{lines:?}"
+    );
+    assert!(
+        lines[1].contains("last reload failed") && lines[1].contains("clas"),
+        "{lines:?}"
+    );
 
     std::fs::remove_file(dir.path().join("b.toml")).expect("remove");
     assert_eq!(handle.reload(), Ok(3));

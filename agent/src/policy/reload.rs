@@ -36,6 +36,43 @@ pub struct PolicyStatus {
     pub last_error_at_us: Option<u64>,
 }
 
+impl PolicyStatus {
+    /// Lines for `bulkhead status`, aligned with its other rows.
+    pub fn lines(&self) -> Vec<String> {
+        let when = |us: u64| {
+            let t = std::time::UNIX_EPOCH + Duration::from_micros(us);
+            humantime::format_rfc3339_seconds(t).to_string()
+        };
+        let mut out = vec![if self.version == 0 {
+            format!(
+                "policy:      none loaded from {}: every request is denied",
+                self.dir
+            )
+        } else {
+            format!(
+                "policy:      version {} ({} rules, {} files) from {}, loaded {}",
+                self.version,
+                self.rules,
+                self.files,
+                self.dir,
+                when(self.loaded_at_us)
+            )
+        }];
+        if let Some(e) = &self.last_error {
+            let at = self.last_error_at_us.map(when).unwrap_or_default();
+            let first = e.lines().next().unwrap_or_default();
+            let more = e.lines().count().saturating_sub(1);
+            out.push(format!("             last reload failed {at}: {first}"));
+            if more > 0 {
+                out.push(format!(
+                    "             ... and {more} more lines (bulkhead policy check)"
+                ));
+            }
+        }
+        out
+    }
+}
+
 /// The live policy set. Cheap to clone; [`PolicyHandle::current`] never blocks on a reload.
 #[derive(Debug, Clone)]
 pub struct PolicyHandle {
