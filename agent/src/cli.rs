@@ -132,6 +132,7 @@ pub fn status(config: &Config, json: bool) -> Result<(), CliError> {
             programs_attached: pinned > 0,
             store,
             retention: config.store.retention,
+            policy: None,
         })
     })?;
     if json {
@@ -161,6 +162,11 @@ pub fn status(config: &Config, json: bool) -> Result<(), CliError> {
         (None, false) => "not attached: governed processes connect directly".to_string(),
     };
     println!("programs:    {programs}");
+    if let Some(p) = &report.policy {
+        for line in p.lines() {
+            println!("{line}");
+        }
+    }
     match &report.store {
         Some(st) => {
             println!(

@@ -111,6 +111,9 @@ pub struct StatusReport {
     pub programs_attached: bool,
     pub store: Option<StoreStats>,
     pub retention: Retention,
+    /// The policy in force and the last reload error (only while the daemon runs).
+    #[serde(default)]
+    pub policy: Option<crate::policy::PolicyStatus>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -219,6 +222,7 @@ impl ControlState {
             programs_attached: true,
             store: self.store().stats().ok(),
             retention: self.retention,
+            policy: Some(self.gateway.policy.status()),
         }
     }
 

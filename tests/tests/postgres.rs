@@ -545,3 +545,72 @@ print("second:", rest[:1])
         .count();
     assert!(failed >= 1, "the malformed sessions are recorded as failed");
 }
+
+#[test]
+fn policies_reload_under_a_running_daemon_and_a_broken_file_keeps_the_old_set() {
+    require_root();
+    let (topo, pg, _daemon) = setup("scram-sha-256", POLICY);
+    let version = |topo: &Topology| {
+        topo.run_cli(&["status", "--json"]).unwrap()["policy"]["version"]
+            .as_u64()
+            .unwrap()
+    };
+    let wait_version = |topo: &Topology, want: u64| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while version(topo) < want {
+            assert!(
+                Instant::now() < deadline,
+                "policy never reached version {want}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    assert_eq!(version(&topo), 1);
+    let (_, _, err) = psql(&topo, &pg, "CREATE TABLE t1 (x int);\n");
+    assert!(err.contains("no DDL through the gateway"), "{err}");
+
+    // Allow DDL: the file watcher reloads, the next statement sees it.
+    topo.policy(
+        "db.toml",
+        &POLICY
+            .replace("class = [\"ddl\", \"truncate\"]", "class = [\"truncate\"]")
+            .replace("\"maintenance\"]", "\"maintenance\", \"ddl\"]"),
+    );
+    wait_version(&topo, 2);
+    let (_, _, err) = psql(&topo, &pg, "CREATE TABLE t1 (x int);\n");
+    assert!(err.is_empty(), "DDL allowed after the reload: {err}");
+
+    // A broken file is refused; the previous set stays in force and status says why.
+    topo.policy("broken.toml", "[[rule]]\nid = \"x\"\nverdict = \"maybe\"\n");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = topo.run_cli(&["status", "--json"]).unwrap();
+        if status["policy"]["last_error"].is_string() {
+            assert!(
+                status["policy"]["last_error"]
+                    .as_str()
+                    .unwrap()
+                    .contains("broken.toml"),
+                "{status}"
+            );
+            assert_eq!(status["policy"]["version"], 2);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the broken file was not reported: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (_, _, err) = psql(&topo, &pg, "CREATE TABLE t2 (x int);\n");
+    assert!(
+        err.is_empty(),
+        "the old set (DDL allowed) is still in force: {err}"
+    );
+    let out = topo.output(Side::Host, topo.bulkhead(&["status"]));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("policy:") && text.contains("broken.toml"),
+        "{text}"
+    );
+}

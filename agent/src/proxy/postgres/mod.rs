@@ -419,7 +419,9 @@ impl Ctx<'_> {
             action: Action::SqlClassified(&classification),
         });
         let class = classification.headline().map(|c| c.name().to_string());
-        let recorded = match decision.verdict {
+        // In observe mode the record says what would have been enforced (`decided`), marked
+        // observed; what is applied is `verdict`.
+        let recorded = match decision.decided {
             Verdict::Allow => RecordedVerdict::Allow,
             Verdict::Deny => RecordedVerdict::Deny,
             Verdict::Approve => RecordedVerdict::Approve,
