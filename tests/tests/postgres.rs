@@ -614,3 +614,144 @@ fn policies_reload_under_a_running_daemon_and_a_broken_file_keeps_the_old_set() 
         "{text}"
     );
 }
+
+/// Waits for the first pending approval.
+fn first_pending(topo: &Topology) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let list = topo.run_cli(&["approvals", "list", "--json"]).unwrap();
+        if let Some(p) = list.as_array().and_then(|a| a.first()).cloned() {
+            return p;
+        }
+        assert!(Instant::now() < deadline, "no pending approval: {list}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn approvals_expire_cannot_be_given_by_the_governed_side_and_grant_windows_cover_the_same_rule_only(
+) {
+    require_root();
+    let policy = POLICY.replace("approval_timeout = \"20s\"", "approval_timeout = \"2s\"")
+        + r#"
+[[rule]]
+id = "db-audit-deletes"
+verdict = "approve"
+target = { name = ["db"] }
+sql = { class = ["delete"], objects = ["public.audit"] }
+"#;
+    let (topo, pg, _daemon) = setup("scram-sha-256", &policy);
+    let mut c = Command::new("psql");
+    c.args([
+        "-X",
+        "-h",
+        &pg.data.display().to_string(),
+        "-U",
+        "admin",
+        "-d",
+        "postgres",
+        "-c",
+    ]);
+    c.arg("CREATE TABLE precious (id int); INSERT INTO precious VALUES (1), (2), (3); CREATE TABLE audit (id int); INSERT INTO audit VALUES (1)");
+    let out = topo.output_as(
+        Side::Target,
+        Some(bulkhead_tests::system_user("postgres")),
+        c,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let governed_psql = |sql: &str| {
+        let mut cmd = Command::new("psql");
+        cmd.args([
+            "-X", "-h", TARGET_V4, "-U", &pg.user, "-d", "postgres", "-At", "-c", sql,
+        ]);
+        topo.spawn(Side::Governed, "psql", cmd)
+    };
+
+    // Nobody decides: the request expires and psql says so.
+    let mut client = governed_psql("DELETE FROM precious WHERE id = 1");
+    let pending = first_pending(&topo);
+    // A governed process cannot approve it, even as root.
+    let mut approve = topo.bulkhead(&["approvals", "approve", &pending["id"].to_string()]);
+    approve.env_remove("SUDO_UID");
+    let out = topo.output(Side::Governed, approve);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("governed cgroup"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = client.child.wait().unwrap();
+    assert!(!status.success());
+    assert!(client.stderr().contains("expired"), "{}", client.stderr());
+
+    // Approved with a window: the next matching delete runs without asking...
+    let mut client = governed_psql("DELETE FROM precious WHERE id = 2");
+    let pending = first_pending(&topo);
+    let out = topo.output(
+        Side::Host,
+        topo.bulkhead(&[
+            "approvals",
+            "approve",
+            &pending["id"].to_string(),
+            "--for",
+            "10m",
+        ]),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        client.child.wait().unwrap().success(),
+        "{}",
+        client.stderr()
+    );
+    let started = Instant::now();
+    let mut client = governed_psql("DELETE FROM precious WHERE id = 3");
+    assert!(
+        client.child.wait().unwrap().success(),
+        "{}",
+        client.stderr()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "covered by the window, not held"
+    );
+    let grants = topo.run_cli(&["approvals", "grants", "--json"]).unwrap();
+    assert_eq!(grants.as_array().unwrap().len(), 1, "{grants}");
+
+    // ...but a different rule's request still waits.
+    let mut client = governed_psql("DELETE FROM audit");
+    let pending = first_pending(&topo);
+    assert!(
+        pending.to_string().contains("db-audit-deletes"),
+        "{pending}"
+    );
+    let out = topo.output(
+        Side::Host,
+        topo.bulkhead(&[
+            "approvals",
+            "deny",
+            &pending["id"].to_string(),
+            "--reason",
+            "keep the audit",
+        ]),
+    );
+    assert!(out.status.success());
+    assert!(!client.child.wait().unwrap().success());
+    let (_, out, _) = psql(
+        &topo,
+        &pg,
+        "SELECT (SELECT count(*) FROM precious) || '/' || (SELECT count(*) FROM audit);\n",
+    );
+    assert_eq!(
+        out.trim(),
+        "1/1",
+        "only the approved and window-covered deletes ran"
+    );
+}
