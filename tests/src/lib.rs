@@ -709,6 +709,21 @@ impl Topology {
         }
     }
 
+    /// PostgreSQL (pg_hba `auth`) on the target host, configured as target `db` whose password
+    /// the gateway holds, `policy` written as `db.toml`, and the daemon started.
+    pub fn postgres_target(&self, auth: &str, policy: &str) -> (PgServer, Proc) {
+        let pg = self.postgres(auth);
+        let secret = self.credential_file("db", &pg.password);
+        self.write_config(&format!(
+            "[[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddresses = [\"{TARGET_V4}:5432\"]\n\
+             credentials = {{ file = \"{}\" }}\n",
+            secret.display()
+        ));
+        self.policy("db.toml", policy);
+        let daemon = self.start_daemon(&[]);
+        (pg, daemon)
+    }
+
     /// Writes the held password where a target's `credentials = { file = ... }` points.
     pub fn credential_file(&self, name: &str, secret: &str) -> PathBuf {
         let path = self.dir.join(format!("{name}.secret"));

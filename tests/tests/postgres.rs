@@ -50,15 +50,7 @@ sql = { class = ["delete"], objects = ["public.precious"] }
 /// password, and starts the daemon.
 fn setup(auth: &str, policy: &str) -> (Topology, PgServer, bulkhead_tests::Proc) {
     let topo = Topology::new("");
-    let pg = topo.postgres(auth);
-    let secret = topo.credential_file("db", &pg.password);
-    topo.write_config(&format!(
-        "[[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddresses = [\"{TARGET_V4}:5432\"]\n\
-         credentials = {{ file = \"{}\" }}\n",
-        secret.display()
-    ));
-    topo.policy("db.toml", policy);
-    let daemon = topo.start_daemon(&[]);
+    let (pg, daemon) = topo.postgres_target(auth, policy);
     (topo, pg, daemon)
 }
 
@@ -307,15 +299,7 @@ fn a_held_delete_waits_for_an_admin_and_runs_when_approved() {
         "DELETE FROM precious WHERE id = 1",
     ]);
     let mut client = topo.spawn(Side::Governed, "psql", cmd);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let pending = loop {
-        let list = topo.run_cli(&["approvals", "list", "--json"]).unwrap();
-        if let Some(p) = list.as_array().and_then(|a| a.first()).cloned() {
-            break p;
-        }
-        assert!(Instant::now() < deadline, "no pending approval: {list}");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let pending = first_pending(&topo);
     assert!(
         client.child.try_wait().unwrap().is_none(),
         "psql is still waiting"
@@ -356,15 +340,7 @@ fn a_held_delete_waits_for_an_admin_and_runs_when_approved() {
         "DELETE FROM precious",
     ]);
     let mut client = topo.spawn(Side::Governed, "psql", cmd);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let pending = loop {
-        let list = topo.run_cli(&["approvals", "list", "--json"]).unwrap();
-        if let Some(p) = list.as_array().and_then(|a| a.first()).cloned() {
-            break p;
-        }
-        assert!(Instant::now() < deadline, "no pending approval: {list}");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let pending = first_pending(&topo);
     let denied = topo.output(
         Side::Host,
         topo.bulkhead(&[

@@ -16,15 +16,8 @@ fn main() {
         std::process::exit(2);
     }
     let topo = Topology::new("");
-    let pg = topo.postgres("scram-sha-256");
-    let secret = topo.credential_file("db", &pg.password);
-    topo.write_config(&format!(
-        "[[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddresses = [\"{TARGET_V4}:5432\"]\n\
-         credentials = {{ file = \"{}\" }}\n",
-        secret.display()
-    ));
-    topo.policy(
-        "db.toml",
+    let (pg, _daemon) = topo.postgres_target(
+        "scram-sha-256",
         r#"
 [[target]]
 name = "db"
@@ -38,7 +31,6 @@ target = { name = ["db"] }
 sql = { class = ["read", "transaction", "session", "insert", "update", "delete", "ddl", "truncate", "sequence"] }
 "#,
     );
-    let _daemon = topo.start_daemon(&[]);
 
     // pgbouncer on the governed side's loopback (not captured), session pooling.
     let (pg_uid, pg_gid) = system_user("postgres");
