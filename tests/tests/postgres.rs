@@ -731,3 +731,68 @@ sql = { class = ["delete"], objects = ["public.audit"] }
         "only the approved and window-covered deletes ran"
     );
 }
+
+#[test]
+fn masking_hides_detected_values_whatever_the_alias_json_or_copy() {
+    require_root();
+    let policy = POLICY.to_string()
+        + r#"
+[[rule]]
+id = "pii-values"
+verdict = "mask"
+target = { name = ["db"] }
+mask = { detectors = ["email", "card"], style = "redact" }
+"#;
+    let (topo, pg, _daemon) = setup("scram-sha-256", &policy);
+    let mut c = Command::new("psql");
+    c.args([
+        "-X",
+        "-h",
+        &pg.data.display().to_string(),
+        "-U",
+        "admin",
+        "-d",
+        "postgres",
+        "-c",
+    ]);
+    c.arg(
+        "CREATE TABLE users (id int, email text, card text, note text); \
+         INSERT INTO users VALUES (1, 'alice@example.com', '4111 1111 1111 1111', 'plain note')",
+    );
+    let out = topo.output_as(
+        Side::Target,
+        Some(bulkhead_tests::system_user("postgres")),
+        c,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let (_, out, err) = psql(
+        &topo,
+        &pg,
+        "SELECT email, card, note FROM users;\n\
+         SELECT email AS e, upper(email) AS shout FROM users;\n\
+         SELECT row_to_json(u) FROM users u;\n\
+         \\copy users TO 'users.csv' WITH (FORMAT csv)\n",
+    );
+    assert!(err.is_empty(), "{err}");
+    let copied = std::fs::read_to_string(topo.dir.join("users.csv")).unwrap();
+    for leaked in [
+        "alice@example.com",
+        "ALICE@EXAMPLE.COM",
+        "4111 1111 1111 1111",
+    ] {
+        assert!(
+            !out.contains(leaked) && !copied.contains(leaked),
+            "{leaked} leaked: {out} / {copied}"
+        );
+    }
+    assert!(
+        out.contains("plain note") && copied.contains("plain note"),
+        "other values pass: {out} / {copied}"
+    );
+    assert_eq!(out.lines().count(), 3, "{out}");
+}

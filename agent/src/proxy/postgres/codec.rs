@@ -358,6 +358,66 @@ pub fn query(sql: &str) -> Bytes {
     frame(b'Q', |b| put_cstr(b, sql))
 }
 
+pub fn copy_data(data: &[u8]) -> Bytes {
+    frame(b'd', |b| b.put_slice(data))
+}
+
+/// A DataRow ('D') with some values replaced: `f` returns the new value of a field, or `None`
+/// to keep it. `Ok(None)` when nothing changed; an error for a malformed row, which must not
+/// pass unmasked.
+pub fn rewrite_data_row(
+    body: &[u8],
+    mut f: impl FnMut(&[u8]) -> Option<Vec<u8>>,
+) -> Result<Option<Bytes>, CodecError> {
+    let malformed = || CodecError::Malformed { what: "DataRow" };
+    let mut b = body;
+    if b.len() < 2 {
+        return Err(malformed());
+    }
+    let count = b.get_i16();
+    let mut fields: Vec<Option<std::borrow::Cow<'_, [u8]>>> =
+        Vec::with_capacity(usize::try_from(count).map_err(|_| malformed())?);
+    let mut changed = false;
+    for _ in 0..count {
+        if b.len() < 4 {
+            return Err(malformed());
+        }
+        let len = b.get_i32();
+        if len < 0 {
+            fields.push(None);
+            continue;
+        }
+        let len = usize::try_from(len).map_err(|_| malformed())?;
+        if b.len() < len {
+            return Err(malformed());
+        }
+        let (value, rest) = b.split_at(len);
+        b = rest;
+        match f(value) {
+            Some(new) => {
+                changed = true;
+                fields.push(Some(std::borrow::Cow::Owned(new)));
+            }
+            None => fields.push(Some(std::borrow::Cow::Borrowed(value))),
+        }
+    }
+    if !changed {
+        return Ok(None);
+    }
+    Ok(Some(frame(b'D', |out| {
+        out.put_i16(count);
+        for field in &fields {
+            match field {
+                None => out.put_i32(-1),
+                Some(v) => {
+                    out.put_i32(i32::try_from(v.len()).unwrap_or(i32::MAX));
+                    out.put_slice(v);
+                }
+            }
+        }
+    })))
+}
+
 pub fn terminate() -> Bytes {
     frame(b'X', |_| {})
 }
@@ -458,6 +518,44 @@ mod tests {
         ] {
             assert!(parse_startup(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn data_rows_are_rewritten_field_by_field_and_nulls_kept() {
+        let mut row = BytesMut::new();
+        row.put_i16(3);
+        for v in [Some(&b"keep"[..]), None, Some(&b"secret"[..])] {
+            match v {
+                Some(v) => {
+                    row.put_i32(i32::try_from(v.len()).unwrap());
+                    row.put_slice(v);
+                }
+                None => row.put_i32(-1),
+            }
+        }
+        let out = rewrite_data_row(&row, |v| (v == b"secret").then(|| b"***".to_vec()))
+            .unwrap()
+            .unwrap();
+        let mut expected = BytesMut::new();
+        expected.put_i16(3);
+        expected.put_i32(4);
+        expected.put_slice(b"keep");
+        expected.put_i32(-1);
+        expected.put_i32(3);
+        expected.put_slice(b"***");
+        assert_eq!(&out[5..], &expected[..]);
+        assert_eq!(
+            i32::from_be_bytes([out[1], out[2], out[3], out[4]]) as usize,
+            out.len() - 1
+        );
+        assert!(
+            rewrite_data_row(&row, |_| None).unwrap().is_none(),
+            "unchanged rows are forwarded as they are"
+        );
+        assert!(
+            rewrite_data_row(&row[..7], |_| Some(vec![])).is_err(),
+            "a truncated row is an error, never passed unmasked"
+        );
     }
 
     #[test]

@@ -97,6 +97,9 @@ enum SessionError {
     UnexpectedFrontend(char),
 }
 
+/// The mask rules that apply to a statement's results (empty: none).
+type Masks = Arc<[Arc<policy::MaskRule>]>;
+
 /// What the server-side loop must do with answers, in the order the client sent requests.
 enum Pending {
     /// A simple Query: completes at ReadyForQuery.
@@ -105,9 +108,14 @@ enum Pending {
         started: Instant,
         tags: Vec<String>,
         error: Option<String>,
+        masks: Masks,
     },
     /// An Execute: completes at CommandComplete / ErrorResponse / PortalSuspended / EmptyQuery.
-    Execute { request: u64, started: Instant },
+    Execute {
+        request: u64,
+        started: Instant,
+        masks: Masks,
+    },
     /// A Sync: executes still queued at its ReadyForQuery were skipped after an error.
     Sync,
 }
@@ -381,6 +389,8 @@ struct Ctx<'a> {
 struct Applied {
     forward: bool,
     message: String,
+    /// Masks for the results; none in observe mode, which never changes what flows.
+    masks: Masks,
 }
 
 impl Ctx<'_> {
@@ -439,17 +449,25 @@ impl Ctx<'_> {
         let message = decision.message.clone().unwrap_or_else(|| {
             format!("statement denied by policy ({})", decision.rules.join(", "))
         });
-        let applied = match decision.verdict {
+        let masks: Masks = if decision.observe_only {
+            Arc::from([])
+        } else {
+            decision.masks.iter().cloned().collect()
+        };
+        let mut applied = match decision.verdict {
             Verdict::Allow => Applied {
                 forward: true,
                 message,
+                masks: Arc::from([]),
             },
             Verdict::Deny => Applied {
                 forward: false,
                 message,
+                masks: Arc::from([]),
             },
             Verdict::Approve => self.approve(sql, &decision, class).await,
         };
+        applied.masks = masks;
         (applied, request)
     }
 
@@ -482,6 +500,7 @@ impl Ctx<'_> {
             None => Applied {
                 forward: true,
                 message: String::new(),
+                masks: Arc::from([]),
             },
             Some(message) => {
                 // The final verdict is a denial: that is what counts the session as denied.
@@ -498,6 +517,7 @@ impl Ctx<'_> {
                 Applied {
                     forward: false,
                     message,
+                    masks: Arc::from([]),
                 }
             }
         }
@@ -540,8 +560,8 @@ impl Ctx<'_> {
     {
         let mut prepared = PreparedStatements::default();
         // Portal → statement, so an Execute can be attributed to its Parse's request.
-        let mut portals: HashMap<String, u64> = HashMap::new();
-        let mut statements: HashMap<String, u64> = HashMap::new();
+        let mut portals: HashMap<String, (u64, Masks)> = HashMap::new();
+        let mut statements: HashMap<String, (u64, Masks)> = HashMap::new();
         loop {
             if !reader.has_frame() {
                 writer
@@ -575,6 +595,7 @@ impl Ctx<'_> {
                         started: Instant::now(),
                         tags: Vec::new(),
                         error: None,
+                        masks: applied.masks,
                     });
                 }
                 b'P' => {
@@ -585,21 +606,28 @@ impl Ctx<'_> {
                     if !applied.forward {
                         out = codec::parse(&name, &self.denied_standin(applied.message));
                     }
-                    statements.insert(name, request);
+                    statements.insert(name, (request, applied.masks));
                 }
                 b'B' => {
                     let (portal, statement) =
                         codec::bind_names(&frame.body).map_err(SessionError::Client)?;
-                    let request = statements.get(statement).copied().unwrap_or(0);
-                    portals.insert(portal.to_string(), request);
+                    let entry = statements
+                        .get(statement)
+                        .cloned()
+                        .unwrap_or_else(|| (0, Arc::from([])));
+                    portals.insert(portal.to_string(), entry);
                 }
                 b'E' => {
                     let portal =
                         codec::execute_portal(&frame.body).map_err(SessionError::Client)?;
-                    let request = portals.get(portal).copied().unwrap_or(0);
+                    let (request, masks) = portals
+                        .get(portal)
+                        .cloned()
+                        .unwrap_or_else(|| (0, Arc::from([])));
                     self.push(Pending::Execute {
                         request,
                         started: Instant::now(),
+                        masks,
                     });
                 }
                 b'S' => self.push(Pending::Sync),
@@ -633,6 +661,7 @@ impl Ctx<'_> {
                         started: Instant::now(),
                         tags: Vec::new(),
                         error: None,
+                        masks: Arc::from([]),
                     });
                 }
                 b'D' | b'H' | b'd' | b'c' | b'f' => {}
@@ -697,6 +726,14 @@ impl Ctx<'_> {
                     };
                     self.complete_one(None, Some(error));
                 }
+                b'D' | b'd' => {
+                    if let Some(masked) = self
+                        .mask(frame.tag, &frame.body)
+                        .map_err(SessionError::Target)?
+                    {
+                        out = masked;
+                    }
+                }
                 b'C' => self.complete_one(Some(codec::command_tag(&frame.body).to_string()), None),
                 b's' => self.complete_one(Some("portal suspended".into()), None),
                 b'I' => self.complete_one(Some("empty query".into()), None),
@@ -708,6 +745,40 @@ impl Ctx<'_> {
                 .write_all(&out)
                 .await
                 .map_err(|e| SessionError::Client(e.into()))?;
+        }
+    }
+
+    /// A DataRow or COPY OUT line with masked values, if the current statement has masks and
+    /// anything matched. Every field is scanned, whatever its format or alias: a value cannot
+    /// escape by being renamed, cast to text or wrapped in JSON.
+    fn mask(&self, tag: u8, body: &[u8]) -> Result<Option<Bytes>, CodecError> {
+        let masks = {
+            let pending = self
+                .shared
+                .pending
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            match pending.front() {
+                Some(Pending::Query { masks, .. } | Pending::Execute { masks, .. })
+                    if !masks.is_empty() =>
+                {
+                    Arc::clone(masks)
+                }
+                _ => return Ok(None),
+            }
+        };
+        let masker = policy::Masker::new(masks.iter().map(AsRef::as_ref));
+        let apply = |value: &[u8]| -> Option<Vec<u8>> {
+            let text = std::str::from_utf8(value).ok()?;
+            match masker.mask_text(text) {
+                std::borrow::Cow::Borrowed(_) => None,
+                std::borrow::Cow::Owned(m) => Some(m.into_bytes()),
+            }
+        };
+        if tag == b'D' {
+            codec::rewrite_data_row(body, apply)
+        } else {
+            Ok(apply(body).map(|m| codec::copy_data(&m)))
         }
     }
 
@@ -741,7 +812,10 @@ impl Ctx<'_> {
                 }
             }
             Some(Pending::Execute { .. }) => {
-                if let Some(Pending::Execute { request, started }) = pending.pop_front() {
+                if let Some(Pending::Execute {
+                    request, started, ..
+                }) = pending.pop_front()
+                {
                     drop(pending);
                     self.result(request, started, tag.into_iter().collect(), error);
                 }
@@ -779,8 +853,11 @@ impl Ctx<'_> {
                     started,
                     tags,
                     error,
+                    ..
                 } => self.result(request, started, tags, error),
-                Pending::Execute { request, started } => {
+                Pending::Execute {
+                    request, started, ..
+                } => {
                     self.result(
                         request,
                         started,
