@@ -572,7 +572,15 @@ impl Client {
         let mut line = serde_json::to_vec(req).map_err(|e| ClientError::Protocol(e.to_string()))?;
         line.push(b'\n');
         let r = self.reader.get_mut().write_all(&line);
-        r.map_err(|e| self.io_err(e))
+        match r {
+            Ok(()) => Ok(()),
+            // The daemon refuses a peer by answering at once and closing; the refusal may
+            // already be waiting for us even though our request could not be written.
+            Err(e) => match self.next() {
+                Ok(Some(Response::Error { message })) => Err(ClientError::Refused(message)),
+                _ => Err(self.io_err(e)),
+            },
+        }
     }
 
     /// The next response line; `None` when the daemon closed the connection.
