@@ -39,6 +39,12 @@ command -v cargo >/dev/null || { echo "setup: cargo (rustup stable) is required"
 apt_install ca-certificates build-essential pkg-config iproute2 python3 zlib1g-dev libzstd-dev systemd asciinema \
   postgresql-15 postgresql-client-15 util-linux pgbouncer
 
+# Python driver for the PostgreSQL gateway tests.
+if ! python3 -c "import psycopg" 2>/dev/null; then
+  log "installing psycopg 3 from PyPI"
+  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "psycopg[binary]"
+fi
+
 if apt-cache show libstd-rust-web-dev-bpf >/dev/null 2>&1 || installed libstd-rust-web-dev-bpf; then
   apt_install rustc-web cargo-web libstd-rust-web-dev-bpf llvm-22-dev
 elif nightly_has_rust_src; then

@@ -796,3 +796,83 @@ mask = { detectors = ["email", "card"], style = "redact" }
     );
     assert_eq!(out.lines().count(), 3, "{out}");
 }
+
+#[test]
+fn a_rust_driver_with_binary_parameters_and_prepared_statements() {
+    require_root();
+    let (topo, _pg, _daemon) = setup("scram-sha-256", POLICY);
+    let exe = bulkhead_tests::probe_bin().with_file_name("bh-pg-client");
+    let out = topo.output(Side::Governed, {
+        let mut c = Command::new(exe);
+        c.arg(TARGET_V4);
+        c
+    });
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["n"], 42);
+    assert_eq!(v["s"], "binary");
+    assert_eq!(v["b"], serde_json::json!([0, 1, 255]));
+    assert_eq!(v["f"], 1.5);
+    assert_eq!(v["sum"], 9900);
+    assert_eq!(v["denied"]["code"], "42501", "{v}");
+    assert!(
+        v["denied"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no DDL through the gateway"),
+        "{v}"
+    );
+    assert_eq!(v["after"], "still usable");
+}
+
+#[test]
+fn psycopg_with_server_side_binding_and_pipeline_mode() {
+    require_root();
+    let (topo, _pg, _daemon) = setup("scram-sha-256", POLICY);
+    let script = format!(
+        r#"
+import json, psycopg
+out = {{}}
+conn = psycopg.connect("host={TARGET_V4} user=admin dbname=postgres", autocommit=True)
+out["binary"] = list(conn.execute("SELECT %b::int + 1, %b::text", (41, "x"), binary=True).fetchone())
+with conn.pipeline():
+    a = conn.execute("SELECT %s::int * 2", (21,))
+    b = conn.execute("SELECT %s::text || 'y'", ("x",))
+out["pipeline"] = [a.fetchone()[0], b.fetchone()[0]]
+try:
+    with conn.pipeline():
+        conn.execute("SELECT 1")
+        conn.execute("CREATE TABLE nope (x int)")
+        conn.execute("SELECT 2")
+except psycopg.errors.InsufficientPrivilege as e:
+    out["denied"] = str(e)
+out["after"] = conn.execute("SELECT 'ok'").fetchone()[0]
+print(json.dumps(out))
+"#
+    );
+    let mut cmd = Command::new("python3");
+    cmd.args(["-c", &script]);
+    let out = topo.output(Side::Governed, cmd);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["binary"], serde_json::json!([42, "x"]));
+    assert_eq!(v["pipeline"], serde_json::json!([42, "xy"]));
+    assert!(
+        v["denied"]
+            .as_str()
+            .unwrap_or("")
+            .contains("no DDL through the gateway"),
+        "{v}"
+    );
+    assert_eq!(v["after"], "ok");
+}
