@@ -101,6 +101,7 @@ pub struct Proc {
     pub name: String,
     stdout: Option<mpsc::Receiver<String>>,
     pub stderr_log: Arc<Mutex<String>>,
+    stderr_reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Proc {
@@ -119,6 +120,15 @@ impl Proc {
             return Vec::new();
         };
         rx.try_iter().collect()
+    }
+
+    /// Waits for the process to exit and for its stderr to be read to the end.
+    pub fn wait(&mut self) -> std::process::ExitStatus {
+        let status = self.child.wait().expect("wait");
+        if let Some(reader) = self.stderr_reader.take() {
+            let _ = reader.join();
+        }
+        status
     }
 
     pub fn stderr(&self) -> String {
@@ -354,7 +364,7 @@ impl Topology {
         let stderr_log = Arc::new(Mutex::new(String::new()));
         let log = Arc::clone(&stderr_log);
         let mut stderr = child.stderr.take().expect("stderr");
-        std::thread::spawn(move || {
+        let stderr_reader = std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
             while let Ok(n) = stderr.read(&mut buf) {
                 if n == 0 {
@@ -370,6 +380,7 @@ impl Topology {
             name: name.into(),
             stdout: Some(rx),
             stderr_log,
+            stderr_reader: Some(stderr_reader),
         }
     }
 
@@ -443,7 +454,7 @@ impl Topology {
         cmd: Command,
     ) -> std::process::Output {
         let mut p = self.spawn_as(side, user, "cmd", cmd);
-        let status = p.child.wait().expect("wait");
+        let status = p.wait();
         // Let the reader threads finish.
         let mut stdout = Vec::new();
         while let Some(l) = p.line(Duration::from_millis(500)) {

@@ -320,7 +320,7 @@ fn a_held_delete_waits_for_an_admin_and_runs_when_approved() {
         "{}",
         String::from_utf8_lossy(&approved.stderr)
     );
-    let status = client.child.wait().unwrap();
+    let status = client.wait();
     assert!(status.success(), "{}", client.stderr());
     let (_, out, _) = psql(&topo, &pg, "SELECT count(*) FROM precious;\n");
     assert_eq!(out.trim(), "1", "the delete ran after approval");
@@ -356,7 +356,7 @@ fn a_held_delete_waits_for_an_admin_and_runs_when_approved() {
         "{}",
         String::from_utf8_lossy(&denied.stderr)
     );
-    let status = client.child.wait().unwrap();
+    let status = client.wait();
     assert!(!status.success());
     assert!(client.stderr().contains("not today"), "{}", client.stderr());
     let (_, out, _) = psql(&topo, &pg, "SELECT count(*) FROM precious;\n");
@@ -379,7 +379,7 @@ fn cancelling_a_long_query_stops_it_on_the_target() {
     unsafe {
         libc::kill(i32::try_from(client.pid()).unwrap(), libc::SIGINT);
     }
-    let status = client.child.wait().unwrap();
+    let status = client.wait();
     assert!(
         started.elapsed() < Duration::from_secs(10),
         "cancel took {:?}",
@@ -660,7 +660,7 @@ sql = { class = ["delete"], objects = ["public.audit"] }
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let status = client.child.wait().unwrap();
+    let status = client.wait();
     assert!(!status.success());
     assert!(client.stderr().contains("expired"), "{}", client.stderr());
 
@@ -682,18 +682,10 @@ sql = { class = ["delete"], objects = ["public.audit"] }
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(
-        client.child.wait().unwrap().success(),
-        "{}",
-        client.stderr()
-    );
+    assert!(client.wait().success(), "{}", client.stderr());
     let started = Instant::now();
     let mut client = governed_psql("DELETE FROM precious WHERE id = 3");
-    assert!(
-        client.child.wait().unwrap().success(),
-        "{}",
-        client.stderr()
-    );
+    assert!(client.wait().success(), "{}", client.stderr());
     assert!(
         started.elapsed() < Duration::from_secs(2),
         "covered by the window, not held"
@@ -719,7 +711,7 @@ sql = { class = ["delete"], objects = ["public.audit"] }
         ]),
     );
     assert!(out.status.success());
-    assert!(!client.child.wait().unwrap().success());
+    assert!(!client.wait().success());
     let (_, out, _) = psql(
         &topo,
         &pg,
