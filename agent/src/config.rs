@@ -184,6 +184,20 @@ pub struct Target {
 pub struct PostgresTarget {
     pub user: Option<String>,
     pub database: Option<String>,
+    /// TLS to the target: `disable` (default) or `verify-full` (the server's certificate must
+    /// chain to `ca` and name `server_name`, or the target's address).
+    #[serde(default)]
+    pub tls: UpstreamTls,
+    pub ca: Option<PathBuf>,
+    pub server_name: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpstreamTls {
+    #[default]
+    Disable,
+    VerifyFull,
 }
 
 /// `10.0.0.5:5432`, `[fd00::5]:5432` (one socket), or `10.0.0.0/24` (any port in a network).
@@ -434,6 +448,15 @@ impl Config {
                         t.protocol
                     ),
                 ));
+            }
+            if let Some(pg) = &t.postgres {
+                if pg.tls == UpstreamTls::VerifyFull && pg.ca.is_none() {
+                    return Err(invalid(
+                        format!("target[{i}].postgres.ca"),
+                        "tls = \"verify-full\" needs the CA that signed the target's certificate"
+                            .into(),
+                    ));
+                }
             }
             if t.postgres.is_some() && t.protocol != Protocol::Postgres {
                 return Err(invalid(

@@ -161,6 +161,13 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         stats: Stats::default(),
         policy,
         pg_cancels: crate::proxy::postgres::CancelKeys::default(),
+        tls: match crate::tls::LocalCa::load_or_create(&config.daemon.state_dir.join("ca")) {
+            Ok(ca) => Some(Arc::new(ca)),
+            Err(e) => {
+                warn!(error = %e, "no local CA: clients asking for TLS are declined");
+                None
+            }
+        },
         approvals: Arc::clone(&approvals),
     });
 

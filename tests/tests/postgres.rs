@@ -868,3 +868,168 @@ print(json.dumps(out))
     );
     assert_eq!(v["after"], "ok");
 }
+
+/// Runs openssl with `args`, panicking with its output on failure.
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn tls_on_both_legs_with_verified_certificates() {
+    require_root();
+    let topo = Topology::new("");
+    let pg = topo.postgres("scram-sha-256");
+    // The target's certificate, from a CA of the test's own, naming its address.
+    let dir = topo.dir.join("target-tls");
+    std::fs::create_dir_all(&dir).unwrap();
+    openssl(
+        &dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-subj",
+            "/CN=test target CA",
+            "-days",
+            "2",
+        ],
+    );
+    openssl(
+        &dir,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=db",
+        ],
+    );
+    std::fs::write(
+        dir.join("san.ext"),
+        format!("subjectAltName=IP:{TARGET_V4}\n"),
+    )
+    .unwrap();
+    openssl(
+        &dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+        ],
+    );
+    let (uid, gid) = bulkhead_tests::system_user("postgres");
+    for f in ["server.pem", "server.key"] {
+        std::fs::copy(dir.join(f), pg.data.join(f)).unwrap();
+        std::os::unix::fs::chown(pg.data.join(f), Some(uid), Some(gid)).unwrap();
+        std::fs::set_permissions(
+            pg.data.join(f),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
+    }
+    let mut conf = std::fs::read_to_string(pg.data.join("postgresql.conf")).unwrap();
+    conf.push_str("ssl = on\nssl_cert_file = 'server.pem'\nssl_key_file = 'server.key'\n");
+    std::fs::write(pg.data.join("postgresql.conf"), conf).unwrap();
+    // TCP clients must use TLS.
+    std::fs::write(
+        pg.data.join("pg_hba.conf"),
+        "local all all trust\nhostssl all all 0.0.0.0/0 scram-sha-256\n",
+    )
+    .unwrap();
+    let mut reload = Command::new(format!("{}/pg_ctl", bulkhead_tests::PG_BIN));
+    reload.args(["reload", "-D"]).arg(&pg.data);
+    let out = topo.output_as(Side::Target, Some((uid, gid)), reload);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::thread::sleep(Duration::from_millis(500));
+
+    let secret = topo.credential_file("db", &pg.password);
+    let target = |ca: &std::path::Path| {
+        format!(
+            "[[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddresses = [\"{TARGET_V4}:5432\"]\n\
+             credentials = {{ file = \"{}\" }}\npostgres = {{ tls = \"verify-full\", ca = \"{}\" }}\n",
+            secret.display(),
+            ca.display()
+        )
+    };
+    topo.write_config(&target(&dir.join("ca.pem")));
+    topo.policy("db.toml", POLICY);
+    let mut daemon = topo.start_daemon(&[]);
+
+    // The client verifies the gateway's certificate against the gateway's CA; the gateway
+    // verifies the target's against the target's.
+    let gateway_ca = topo.dir.join("state/ca/ca.pem");
+    let verified_psql = |sql: &str| {
+        let mut cmd = Command::new("psql");
+        cmd.args(["-X", "-At", "-c", sql]).arg(format!(
+            "host={TARGET_V4} user=admin dbname=postgres sslmode=verify-full sslrootcert={}",
+            gateway_ca.display()
+        ));
+        topo.output(Side::Governed, cmd)
+    };
+    let out = verified_psql("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "t",
+        "the gateway reached the target over TLS"
+    );
+    let events = events_of_newest(&topo);
+    let auth: Vec<String> = events
+        .iter()
+        .filter(|e| e["type"] == "auth")
+        .map(|e| e["method"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        auth[0].contains("TLS") && auth[1] == "scram-sha-256 over TLS",
+        "{auth:?}"
+    );
+
+    // A target whose certificate does not chain to the configured CA is not logged in to.
+    daemon.terminate();
+    topo.write_config(&target(&gateway_ca));
+    let _daemon = topo.start_daemon(&[]);
+    let out = verified_psql("SELECT 1");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("TLS to the target"), "{err}");
+}

@@ -305,6 +305,7 @@ pub(crate) mod tests {
                 approvals: Arc::clone(broker),
                 policy: crate::policy::PolicyHandle::new("/nonexistent"),
                 pg_cancels: crate::proxy::postgres::CancelKeys::default(),
+                tls: None,
             }),
             info: DaemonInfo {
                 pid: std::process::id(),

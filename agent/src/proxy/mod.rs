@@ -71,6 +71,8 @@ pub struct Gateway {
     pub policy: crate::policy::PolicyHandle,
     /// Cancel keys handed to PostgreSQL clients.
     pub pg_cancels: postgres::CancelKeys,
+    /// The local CA for TLS toward clients; `None` declines client TLS.
+    pub tls: Option<Arc<crate::tls::LocalCa>>,
     /// Where a handler holds a request whose verdict is `approve` (`ApprovalBroker::request`).
     pub approvals: Arc<ApprovalBroker>,
 }
@@ -280,6 +282,7 @@ mod tests {
             policy: crate::policy::PolicyHandle::new("/nonexistent"),
             pg_cancels: postgres::CancelKeys::default(),
             approvals,
+            tls: None,
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

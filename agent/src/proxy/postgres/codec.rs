@@ -126,6 +126,24 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub fn into_inner(self) -> R {
         self.io
     }
+
+    pub fn get_mut(&mut self) -> &mut R {
+        &mut self.io
+    }
+
+    /// Replaces the reader's I/O (splitting a stream in two, say), keeping what it buffered.
+    pub fn map_io<R2, T>(self, f: impl FnOnce(R) -> (R2, T)) -> (FrameReader<R2>, T) {
+        let (io, other) = f(self.io);
+        (
+            FrameReader {
+                io,
+                buf: self.buf,
+                side: self.side,
+                max: self.max,
+            },
+            other,
+        )
+    }
 }
 
 /// The body length for a declared length (which counts itself), within `max`.

@@ -127,6 +127,42 @@ struct Shared {
     denied: Mutex<HashMap<u64, String>>,
 }
 
+/// Either leg's byte stream: a plain socket or TLS over it.
+pub trait ByteStream: tokio::io::AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + AsyncWrite + Unpin + Send> ByteStream for T {}
+pub type Stream = Box<dyn ByteStream>;
+
+/// Ends a connection during startup with a FATAL error the client can read.
+async fn refuse(stream: &mut Stream, sqlstate: &str, message: &str) -> std::io::Result<()> {
+    stream
+        .write_all(&codec::fatal_response(
+            sqlstate,
+            &format!("bulkhead: {message}"),
+        ))
+        .await?;
+    stream.flush().await
+}
+
+/// Answers an SSLRequest with `S` and runs the TLS handshake, presenting a leaf from the
+/// local CA for the address the client dialled.
+async fn accept_tls(
+    gw: &Gateway,
+    mut stream: Stream,
+    dialled: OrigDstAddr,
+) -> Result<Stream, String> {
+    let ca = gw.tls.as_ref().ok_or("no local CA")?;
+    let config = ca
+        .server_config(dialled.0.ip(), &[])
+        .map_err(|e| e.to_string())?;
+    stream.write_all(b"S").await.map_err(|e| e.to_string())?;
+    stream.flush().await.map_err(|e| e.to_string())?;
+    let tls = tokio_rustls::TlsAcceptor::from(config)
+        .accept(stream)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(Box::new(tls))
+}
+
 /// Serves one PostgreSQL session on an accepted, identified connection.
 pub async fn serve(
     gw: &Gateway,
@@ -137,9 +173,6 @@ pub async fn serve(
     destination: OrigDstAddr,
 ) -> SessionEnd {
     let _ = client.set_nodelay(true);
-    let (cr, cw) = client.into_split();
-    let mut creader = FrameReader::new(cr, "client", codec::MAX_FRONTEND);
-    let mut cwriter = BufWriter::with_capacity(64 * 1024, cw);
     let mut down_bytes = 0u64;
     let end = |up, down, outcome| SessionEnd {
         ended_at_us: now_micros(),
@@ -148,30 +181,59 @@ pub async fn serve(
         outcome,
     };
 
-    // Startup: TLS and GSS encryption are declined (the client falls back to plain text on
-    // loopback); a CancelRequest is mapped to the target's own key.
+    // Startup: TLS is accepted with a certificate from the local CA for the address the client
+    // dialled, GSS encryption is declined, a CancelRequest is mapped to the target's own key.
+    let mut creader: FrameReader<Stream> =
+        FrameReader::new(Box::new(client), "client", codec::MAX_FRONTEND);
+    let mut tls = false;
     let startup = loop {
         let packet = match creader.startup().await {
             Ok(Some(p)) => p,
             Ok(None) => return end(0, 0, Outcome::Closed),
             Err(e) => {
+                let _ = refuse(creader.get_mut(), "08P01", &e.to_string()).await;
                 return end(
                     0,
                     0,
                     Outcome::Failed {
                         error: format!("client startup: {e}"),
                     },
-                )
+                );
             }
         };
         match codec::parse_startup(&packet) {
+            Ok(StartupPacket::Ssl) if !tls && gw.tls.is_some() => {
+                // Bytes after the SSLRequest would be read as if they came through TLS
+                // (CVE-2021-23222): refuse.
+                if creader.buffered() > 0 {
+                    let _ = refuse(creader.get_mut(), "08P01", "data after SSLRequest").await;
+                    return end(
+                        0,
+                        0,
+                        Outcome::Failed {
+                            error: "client sent data after SSLRequest".into(),
+                        },
+                    );
+                }
+                match accept_tls(gw, creader.into_inner(), destination).await {
+                    Ok(stream) => {
+                        creader = FrameReader::new(stream, "client", codec::MAX_FRONTEND);
+                        tls = true;
+                    }
+                    Err(e) => {
+                        return end(
+                            0,
+                            0,
+                            Outcome::Failed {
+                                error: format!("client TLS: {e}"),
+                            },
+                        )
+                    }
+                }
+            }
             Ok(StartupPacket::Ssl | StartupPacket::GssEnc) => {
-                if cwriter
-                    .write_all(b"N")
-                    .await
-                    .and(cwriter.flush().await)
-                    .is_err()
-                {
+                let w = creader.get_mut();
+                if w.write_all(b"N").await.and(w.flush().await).is_err() {
                     return end(0, 0, Outcome::Closed);
                 }
             }
@@ -181,10 +243,7 @@ pub async fn serve(
             }
             Ok(StartupPacket::Startup(s)) => break s,
             Err(e) => {
-                let _ = cwriter
-                    .write_all(&codec::fatal_response("08P01", &format!("bulkhead: {e}")))
-                    .await;
-                let _ = cwriter.flush().await;
+                let _ = refuse(creader.get_mut(), "08P01", &e.to_string()).await;
                 return end(
                     0,
                     0,
@@ -195,6 +254,9 @@ pub async fn serve(
             }
         }
     };
+    // From here on each direction has its own half; the reader keeps what it buffered.
+    let (mut creader, cw) = creader.map_io(tokio::io::split);
+    let mut cwriter = BufWriter::with_capacity(64 * 1024, cw);
 
     let client_user = startup.get("user").unwrap_or("").to_string();
     let client_db = startup.get("database").unwrap_or(&client_user).to_string();
@@ -209,7 +271,10 @@ pub async fn serve(
     record(EventKind::Auth {
         side: "client".into(),
         user: Some(client_user.clone()),
-        method: format!("kernel identity (database {client_db})"),
+        method: format!(
+            "kernel identity (database {client_db}{})",
+            if tls { ", TLS" } else { "" }
+        ),
         ok: true,
     });
 
@@ -265,7 +330,15 @@ pub async fn serve(
         }
     };
     let extra: Vec<(String, String)> = startup.params.clone();
-    let up = match upstream::login(destination, &user, &database, &extra, password.as_deref()).await
+    let up = match upstream::login(
+        destination,
+        &pg,
+        &user,
+        &database,
+        &extra,
+        password.as_deref(),
+    )
+    .await
     {
         Ok(u) => u,
         Err(e) => {
@@ -291,7 +364,11 @@ pub async fn serve(
     record(EventKind::Auth {
         side: "upstream".into(),
         user: Some(format!("{user}@{database}")),
-        method: up.method.into(),
+        method: if up.tls {
+            format!("{} over TLS", up.method)
+        } else {
+            up.method.into()
+        },
         ok: true,
     });
     info!(user = %client_user, upstream_user = %user, database = %database, method = up.method, "postgres session started");

@@ -11,15 +11,18 @@ use postgres_protocol::{
     message::frontend,
 };
 use tokio::{
-    io::AsyncWriteExt as _,
-    net::{
-        tcp::{OwnedReadHalf, OwnedWriteHalf},
-        TcpStream,
-    },
+    io::{AsyncReadExt as _, AsyncWriteExt as _, ReadHalf, WriteHalf},
+    net::TcpStream,
 };
 
-use super::codec::{self, CodecError, Frame, FrameReader};
-use crate::net::OrigDstAddr;
+use super::{
+    codec::{self, CodecError, Frame, FrameReader},
+    Stream,
+};
+use crate::{
+    config::{PostgresTarget, UpstreamTls},
+    net::OrigDstAddr,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -37,14 +40,20 @@ pub enum UpstreamError {
     Closed,
     #[error("the target sent {0:?} during login")]
     Unexpected(char),
+    #[error("the target refused TLS, which its configuration requires")]
+    TlsRefused,
+    #[error("TLS to the target: {0}")]
+    Tls(String),
     #[error(transparent)]
     Codec(#[from] CodecError),
 }
 
 /// A logged-in upstream connection.
 pub struct Upstream {
-    pub reader: FrameReader<OwnedReadHalf>,
-    pub writer: OwnedWriteHalf,
+    pub reader: FrameReader<ReadHalf<Stream>>,
+    pub writer: WriteHalf<Stream>,
+    /// Whether the connection is TLS, verified against the configured CA.
+    pub tls: bool,
     /// ParameterStatus and NoticeResponse frames to pass on to the client.
     pub greeting: Vec<Bytes>,
     /// The target's own cancel key.
@@ -57,6 +66,7 @@ pub struct Upstream {
 /// parameters (application_name, client_encoding...).
 pub async fn login(
     addr: OrigDstAddr,
+    pg: &PostgresTarget,
     user: &str,
     database: &str,
     extra: &[(String, String)],
@@ -70,7 +80,13 @@ pub async fn login(
     .map_err(|_| UpstreamError::Connect(std::io::ErrorKind::TimedOut.into()))?
     .map_err(UpstreamError::Connect)?;
     let _ = stream.set_nodelay(true);
-    let (r, mut writer) = stream.into_split();
+    let tls = pg.tls == UpstreamTls::VerifyFull;
+    let stream: Stream = if tls {
+        Box::new(start_tls(stream, addr, pg).await?)
+    } else {
+        Box::new(stream)
+    };
+    let (r, mut writer) = tokio::io::split(stream);
     let mut reader = FrameReader::new(r, "target", codec::MAX_BACKEND);
 
     let mut params: Vec<(&str, &str)> = vec![("user", user), ("database", database)];
@@ -186,6 +202,7 @@ pub async fn login(
                 return Ok(Upstream {
                     reader,
                     writer,
+                    tls,
                     greeting,
                     backend_key,
                     method,
@@ -194,6 +211,43 @@ pub async fn login(
             other => return Err(UpstreamError::Unexpected(char::from(other))),
         }
     }
+}
+
+/// SSLRequest, then a verified TLS handshake: a target that will not speak TLS, or whose
+/// certificate does not chain to the configured CA and name, is not logged in to.
+async fn start_tls(
+    mut stream: TcpStream,
+    addr: OrigDstAddr,
+    pg: &PostgresTarget,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, UpstreamError> {
+    let mut buf = BytesMut::new();
+    frontend::ssl_request(&mut buf);
+    stream
+        .write_all(&buf)
+        .await
+        .map_err(UpstreamError::Connect)?;
+    let mut answer = [0u8; 1];
+    stream
+        .read_exact(&mut answer)
+        .await
+        .map_err(UpstreamError::Connect)?;
+    if answer[0] != b'S' {
+        return Err(UpstreamError::TlsRefused);
+    }
+    let ca = pg
+        .ca
+        .as_deref()
+        .ok_or_else(|| UpstreamError::Tls("no CA configured".into()))?;
+    let config = crate::tls::client_config(ca).map_err(|e| UpstreamError::Tls(e.to_string()))?;
+    let name = match &pg.server_name {
+        Some(n) => rustls_pki_types::ServerName::try_from(n.clone())
+            .map_err(|e| UpstreamError::Tls(e.to_string()))?,
+        None => rustls_pki_types::ServerName::IpAddress(addr.0.ip().into()),
+    };
+    tokio_rustls::TlsConnector::from(config)
+        .connect(name, stream)
+        .await
+        .map_err(|e| UpstreamError::Tls(e.to_string()))
 }
 
 fn sasl_mechanisms(mut b: &[u8]) -> Vec<String> {
