@@ -58,12 +58,38 @@ pub enum Command {
     /// Recorded sessions
     #[command(subcommand)]
     Sessions(SessionsCommand),
+    /// The gateway's local certificate authority (clients that want TLS trust it)
+    #[command(subcommand)]
+    Ca(CaCommand),
     /// Policy files: validate them, or see what they decide for a request
     #[command(subcommand)]
     Policy(crate::policy::cli::PolicyCommand),
     /// Requests held for approval: list, approve, deny, watch; grant windows (needs the daemon)
     #[command(subcommand)]
     Approvals(approvals::ApprovalsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Print the CA certificate (PEM), for a trust store or `sslrootcert`
+    Export,
+}
+
+/// `bulkhead ca export`.
+pub fn ca(config: &Config, command: &CaCommand) -> Result<(), CliError> {
+    match command {
+        CaCommand::Export => {
+            let path = config.daemon.state_dir.join("ca/ca.pem");
+            let pem = std::fs::read_to_string(&path).map_err(|e| {
+                CliError::Other(format!(
+                    "{}: {e} (the daemon creates the CA when it first starts)",
+                    path.display()
+                ))
+            })?;
+            print!("{pem}");
+            Ok(())
+        }
+    }
 }
 
 #[derive(Debug, Args)]

@@ -31,6 +31,7 @@ fn run(args: Cli) -> anyhow::Result<()> {
         Command::Run { command } => match cli::run(&config, &command)? {},
         Command::Status(f) => cli::status(&config, f.json)?,
         Command::Sessions(command) => cli::sessions::run(&config, command)?,
+        Command::Ca(command) => cli::ca(&config, &command)?,
         Command::Policy(cmd) => bulkhead::policy::cli::run(&config, cmd)?,
         Command::Approvals(command) => cli::approvals::run(&config, command)?,
     }

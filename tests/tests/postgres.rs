@@ -994,6 +994,11 @@ fn tls_on_both_legs_with_verified_certificates() {
     // The client verifies the gateway's certificate against the gateway's CA; the gateway
     // verifies the target's against the target's.
     let gateway_ca = topo.dir.join("state/ca/ca.pem");
+    let exported = topo.output(Side::Host, topo.bulkhead(&["ca", "export"]));
+    assert_eq!(
+        String::from_utf8_lossy(&exported.stdout),
+        std::fs::read_to_string(&gateway_ca).unwrap()
+    );
     let verified_psql = |sql: &str| {
         let mut cmd = Command::new("psql");
         cmd.args(["-X", "-At", "-c", sql]).arg(format!(
