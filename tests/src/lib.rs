@@ -599,6 +599,31 @@ pub struct PgServer {
     pub data: PathBuf,
 }
 
+impl PgServer {
+    /// Runs `sql` on the server directly (its unix socket, as the postgres user), bypassing the
+    /// gateway: for setting up what the policy under test would not allow.
+    pub fn admin_sql(&self, topo: &Topology, sql: &str) {
+        let mut psql = Command::new("psql");
+        psql.args([
+            "-X",
+            "-h",
+            &self.data.display().to_string(),
+            "-U",
+            "admin",
+            "-d",
+            "postgres",
+            "-c",
+            sql,
+        ]);
+        let out = topo.output_as(Side::Target, Some(system_user("postgres")), psql);
+        assert!(
+            out.status.success(),
+            "{sql}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
 /// The uid and gid of a system user, from `/etc/passwd`.
 pub fn system_user(name: &str) -> (u32, u32) {
     let passwd = fs::read_to_string("/etc/passwd").expect("/etc/passwd");
@@ -689,35 +714,22 @@ impl Topology {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        if encryption == "md5" {
-            // initdb stored the password with the default method; store it as md5.
-            let sql =
-                format!("SET password_encryption = 'md5'; ALTER ROLE admin PASSWORD '{password}'");
-            let mut psql = Command::new("psql");
-            psql.args([
-                "-h",
-                &data.display().to_string(),
-                "-U",
-                "admin",
-                "-d",
-                "postgres",
-                "-c",
-                &sql,
-            ]);
-            let out = self.output_as(Side::Target, Some((uid, gid)), psql);
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        PgServer {
+        let server = PgServer {
             proc,
             addr: format!("{TARGET_V4}:5432").parse().expect("addr"),
             user: "admin".into(),
             password,
             data,
+        };
+        if encryption == "md5" {
+            // initdb stored the password with the default method; store it as md5.
+            let p = &server.password;
+            server.admin_sql(
+                self,
+                &format!("SET password_encryption = 'md5'; ALTER ROLE admin PASSWORD '{p}'"),
+            );
         }
+        server
     }
 
     /// PostgreSQL (pg_hba `auth`) on the target host, configured as target `db` whose password

@@ -101,31 +101,7 @@ fn psql_queries_multi_statement_copy_and_a_denied_ddl_that_leaves_the_session_us
     require_root();
     let (topo, pg, _daemon) = setup("scram-sha-256", POLICY);
     // DDL is denied for the client, so the table is made on the server directly.
-    let admin = |sql: &str| {
-        let mut c = Command::new("psql");
-        c.args([
-            "-X",
-            "-h",
-            &pg.data.display().to_string(),
-            "-U",
-            "admin",
-            "-d",
-            "postgres",
-            "-c",
-            sql,
-        ]);
-        let out = topo.output_as(
-            Side::Target,
-            Some(bulkhead_tests::system_user("postgres")),
-            c,
-        );
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    admin("CREATE TABLE items (id int primary key, name text)");
+    pg.admin_sql(&topo, "CREATE TABLE items (id int primary key, name text)");
     std::fs::write(topo.dir.join("in.csv"), "1,apple\n2,pear\n3,plum\n").unwrap();
 
     let (_, out, err) = psql(
@@ -261,27 +237,9 @@ sql = { class = ["read", "transaction", "session", "insert", "update", "delete",
 fn a_held_delete_waits_for_an_admin_and_runs_when_approved() {
     require_root();
     let (topo, pg, _daemon) = setup("scram-sha-256", POLICY);
-    let mut c = Command::new("psql");
-    c.args([
-        "-X",
-        "-h",
-        &pg.data.display().to_string(),
-        "-U",
-        "admin",
-        "-d",
-        "postgres",
-        "-c",
-    ]);
-    c.arg("CREATE TABLE precious (id int); INSERT INTO precious VALUES (1), (2)");
-    let out = topo.output_as(
-        Side::Target,
-        Some(bulkhead_tests::system_user("postgres")),
-        c,
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    pg.admin_sql(
+        &topo,
+        "CREATE TABLE precious (id int); INSERT INTO precious VALUES (1), (2)",
     );
 
     // psql waits while the DELETE is held.
@@ -617,28 +575,7 @@ target = { name = ["db"] }
 sql = { class = ["delete"], objects = ["public.audit"] }
 "#;
     let (topo, pg, _daemon) = setup("scram-sha-256", &policy);
-    let mut c = Command::new("psql");
-    c.args([
-        "-X",
-        "-h",
-        &pg.data.display().to_string(),
-        "-U",
-        "admin",
-        "-d",
-        "postgres",
-        "-c",
-    ]);
-    c.arg("CREATE TABLE precious (id int); INSERT INTO precious VALUES (1), (2), (3); CREATE TABLE audit (id int); INSERT INTO audit VALUES (1)");
-    let out = topo.output_as(
-        Side::Target,
-        Some(bulkhead_tests::system_user("postgres")),
-        c,
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    pg.admin_sql(&topo, "CREATE TABLE precious (id int); INSERT INTO precious VALUES (1), (2), (3); CREATE TABLE audit (id int); INSERT INTO audit VALUES (1)");
     let governed_psql = |sql: &str| {
         let mut cmd = Command::new("psql");
         cmd.args([
@@ -736,30 +673,10 @@ target = { name = ["db"] }
 mask = { detectors = ["email", "card"], style = "redact" }
 "#;
     let (topo, pg, _daemon) = setup("scram-sha-256", &policy);
-    let mut c = Command::new("psql");
-    c.args([
-        "-X",
-        "-h",
-        &pg.data.display().to_string(),
-        "-U",
-        "admin",
-        "-d",
-        "postgres",
-        "-c",
-    ]);
-    c.arg(
+    pg.admin_sql(
+        &topo,
         "CREATE TABLE users (id int, email text, card text, note text); \
          INSERT INTO users VALUES (1, 'alice@example.com', '4111 1111 1111 1111', 'plain note')",
-    );
-    let out = topo.output_as(
-        Side::Target,
-        Some(bulkhead_tests::system_user("postgres")),
-        c,
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
 
     let (_, out, err) = psql(
