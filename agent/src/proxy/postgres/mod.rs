@@ -513,16 +513,33 @@ impl Ctx<'_> {
             Verdict::Deny => RecordedVerdict::Deny,
             Verdict::Approve => RecordedVerdict::Approve,
         };
-        let request = self.record(EventKind::Request {
-            text: crate::record::bounded(sql),
-            class: class.clone(),
-            verdict: recorded,
-            rules: decision.rules.clone(),
-            observed: decision.observe_only,
-            duration_us: None,
-            summary: None,
-            error: None,
-        });
+        let recorded_ok = self.gw.store.append(
+            self.session,
+            EventKind::Request {
+                text: crate::record::bounded(sql),
+                class: class.clone(),
+                verdict: recorded,
+                rules: decision.rules.clone(),
+                observed: decision.observe_only,
+                duration_us: None,
+                summary: None,
+                error: None,
+            },
+        );
+        let request = match recorded_ok {
+            Ok(id) => id,
+            Err(e) => {
+                // Record before act: a decision that is not in the store has no effect.
+                warn!(error = %e, "cannot record a decision; the statement is refused");
+                let applied = Applied {
+                    forward: false,
+                    message: "bulkhead: the gateway cannot record this statement, so it is not run"
+                        .into(),
+                    masks: Arc::from([]),
+                };
+                return (applied, 0);
+            }
+        };
         let message = decision.message.clone().unwrap_or_else(|| {
             format!("statement denied by policy ({})", decision.rules.join(", "))
         });
