@@ -243,20 +243,7 @@ fn a_held_delete_waits_for_an_admin_and_runs_when_approved() {
     );
 
     // psql waits while the DELETE is held.
-    let mut cmd = Command::new("psql");
-    cmd.args([
-        "-X",
-        "-h",
-        TARGET_V4,
-        "-U",
-        &pg.user,
-        "-d",
-        "postgres",
-        "-At",
-        "-c",
-        "DELETE FROM precious WHERE id = 1",
-    ]);
-    let mut client = topo.spawn(Side::Governed, "psql", cmd);
+    let mut client = governed_psql(&topo, &pg, "DELETE FROM precious WHERE id = 1");
     let pending = first_pending(&topo);
     assert!(
         client.child.try_wait().unwrap().is_none(),
@@ -284,20 +271,7 @@ fn a_held_delete_waits_for_an_admin_and_runs_when_approved() {
     assert_eq!(out.trim(), "1", "the delete ran after approval");
 
     // Denied this time: psql shows the reason, and nothing is deleted.
-    let mut cmd = Command::new("psql");
-    cmd.args([
-        "-X",
-        "-h",
-        TARGET_V4,
-        "-U",
-        &pg.user,
-        "-d",
-        "postgres",
-        "-At",
-        "-c",
-        "DELETE FROM precious",
-    ]);
-    let mut client = topo.spawn(Side::Governed, "psql", cmd);
+    let mut client = governed_psql(&topo, &pg, "DELETE FROM precious");
     let pending = first_pending(&topo);
     let denied = topo.output(
         Side::Host,
@@ -549,6 +523,15 @@ fn policies_reload_under_a_running_daemon_and_a_broken_file_keeps_the_old_set() 
     );
 }
 
+/// psql running `sql` on the governed side, in the background (it may be held).
+fn governed_psql(topo: &Topology, pg: &PgServer, sql: &str) -> bulkhead_tests::Proc {
+    let mut cmd = Command::new("psql");
+    cmd.args([
+        "-X", "-h", TARGET_V4, "-U", &pg.user, "-d", "postgres", "-At", "-c", sql,
+    ]);
+    topo.spawn(Side::Governed, "psql", cmd)
+}
+
 /// Waits for the first pending approval.
 fn first_pending(topo: &Topology) -> Value {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -576,16 +559,9 @@ sql = { class = ["delete"], objects = ["public.audit"] }
 "#;
     let (topo, pg, _daemon) = setup("scram-sha-256", &policy);
     pg.admin_sql(&topo, "CREATE TABLE precious (id int); INSERT INTO precious VALUES (1), (2), (3); CREATE TABLE audit (id int); INSERT INTO audit VALUES (1)");
-    let governed_psql = |sql: &str| {
-        let mut cmd = Command::new("psql");
-        cmd.args([
-            "-X", "-h", TARGET_V4, "-U", &pg.user, "-d", "postgres", "-At", "-c", sql,
-        ]);
-        topo.spawn(Side::Governed, "psql", cmd)
-    };
 
     // Nobody decides: the request expires and psql says so.
-    let mut client = governed_psql("DELETE FROM precious WHERE id = 1");
+    let mut client = governed_psql(&topo, &pg, "DELETE FROM precious WHERE id = 1");
     let pending = first_pending(&topo);
     // A governed process cannot approve it, even as root.
     let mut approve = topo.bulkhead(&["approvals", "approve", &pending["id"].to_string()]);
@@ -602,7 +578,7 @@ sql = { class = ["delete"], objects = ["public.audit"] }
     assert!(client.stderr().contains("expired"), "{}", client.stderr());
 
     // Approved with a window: the next matching delete runs without asking...
-    let mut client = governed_psql("DELETE FROM precious WHERE id = 2");
+    let mut client = governed_psql(&topo, &pg, "DELETE FROM precious WHERE id = 2");
     let pending = first_pending(&topo);
     let out = topo.output(
         Side::Host,
@@ -621,7 +597,7 @@ sql = { class = ["delete"], objects = ["public.audit"] }
     );
     assert!(client.wait().success(), "{}", client.stderr());
     let started = Instant::now();
-    let mut client = governed_psql("DELETE FROM precious WHERE id = 3");
+    let mut client = governed_psql(&topo, &pg, "DELETE FROM precious WHERE id = 3");
     assert!(client.wait().success(), "{}", client.stderr());
     assert!(
         started.elapsed() < Duration::from_secs(2),
@@ -631,7 +607,7 @@ sql = { class = ["delete"], objects = ["public.audit"] }
     assert_eq!(grants.as_array().unwrap().len(), 1, "{grants}");
 
     // ...but a different rule's request still waits.
-    let mut client = governed_psql("DELETE FROM audit");
+    let mut client = governed_psql(&topo, &pg, "DELETE FROM audit");
     let pending = first_pending(&topo);
     assert!(
         pending.to_string().contains("db-audit-deletes"),
