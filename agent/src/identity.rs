@@ -5,10 +5,7 @@
 //! since the process may already have exited. Parsing takes a root directory so tests run on
 //! fixtures.
 
-use std::{
-    fs,
-    path::{Path, PathBuf},
-};
+use std::{fs, path::PathBuf};
 
 use bulkhead_common::ConnectRecord;
 use serde::{Deserialize, Serialize};
@@ -282,11 +279,6 @@ impl ProcReader {
         }
         out
     }
-}
-
-/// Whether `root` looks like a readable proc tree (for the caller's error messages).
-pub fn proc_available(root: &Path) -> bool {
-    root.join("proc/self/status").exists()
 }
 
 #[cfg(test)]

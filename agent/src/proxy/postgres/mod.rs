@@ -62,7 +62,7 @@ impl CancelKeys {
         }
     }
 
-    fn take(&self, ours: (i32, i32)) -> Option<(OrigDstAddr, i32, i32)> {
+    fn lookup(&self, ours: (i32, i32)) -> Option<(OrigDstAddr, i32, i32)> {
         self.map
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -981,7 +981,7 @@ impl Ctx<'_> {
 
 /// Maps a client's CancelRequest to the target's own key and forwards it.
 async fn cancel(gw: &Gateway, session: SessionId, key: (i32, i32)) -> Outcome {
-    let Some((addr, pid, secret)) = gw.pg_cancels.take(key) else {
+    let Some((addr, pid, secret)) = gw.pg_cancels.lookup(key) else {
         // Unknown keys are ignored, as PostgreSQL does: no oracle for guessing keys.
         return Outcome::Refused {
             reason: "cancel request with an unknown key".into(),
