@@ -464,7 +464,8 @@ fn terminal_sessions_export_as_asciicast_that_asciinema_plays() {
     // A session without terminal output is refused as asciicast, with a hint.
     let plain;
     {
-        let store = SledStore::open(&state.join("sessions.sled")).unwrap();
+        let store =
+            SledStore::open_waiting(&state.join("sessions.sled"), Duration::from_secs(5)).unwrap();
         plain = store
             .open(NewSession {
                 started_at_us: bulkhead::record::now_micros(),

@@ -62,8 +62,9 @@ impl SledStore {
         Self::from_db(db)
     }
 
-    /// Opens the store, waiting up to `patience` while another process holds its lock (a CLI
-    /// reading it while the daemon was down holds it for a moment).
+    /// Opens the store, waiting up to `patience` while its lock is held: by a CLI reading it
+    /// while the daemon was down, or by this process's previous handle, whose background
+    /// flusher releases the lock a moment after the last handle is dropped.
     pub fn open_waiting(path: &Path, patience: std::time::Duration) -> Result<Self, StoreError> {
         let deadline = std::time::Instant::now() + patience;
         loop {
@@ -576,7 +577,7 @@ mod tests {
             store.flush().unwrap();
             bytes = store.stats().unwrap().recorded_bytes;
         }
-        let store = SledStore::open(&path).unwrap();
+        let store = SledStore::open_waiting(&path, std::time::Duration::from_secs(5)).unwrap();
         assert_eq!(
             store.stats().unwrap().recorded_bytes,
             bytes,
@@ -615,7 +616,7 @@ mod tests {
             last = id;
             store.flush().unwrap();
         }
-        let store = SledStore::open(&path).unwrap();
+        let store = SledStore::open_waiting(&path, std::time::Duration::from_secs(5)).unwrap();
         let stats = store.stats().unwrap();
         assert_eq!(
             (stats.sessions, stats.events, stats.open_sessions),
