@@ -366,10 +366,103 @@ fn keyword_fallback(piece: &[TokenWithSpan]) -> Option<SqlClass> {
     })
 }
 
-/// A bounded cache of classifications by exact message text. Only messages whose meaning does
-/// not depend on session state (no `EXECUTE`) are cached, so a hit can never change a verdict.
-/// Exact text, not a normalized form: normalizing would need the tokenizer, which is most of
-/// the cost it saves, and drivers send the same text for the same statement anyway.
+/// Writes into `out` the cache key of `sql`: its text with every numeric literal outside
+/// quotes and comments written as `0`; returns false (use the exact text) when the message has
+/// nothing to fold or a form this scanner does not follow.
+///
+/// Why a shared entry is sound: two messages with the same key differ only in the values of
+/// numeric literals, and classification never depends on a number's value (string literals,
+/// which it does read, e.g. `set_config('role', ...)`, are kept verbatim). Comments are kept
+/// verbatim too; dollar quotes and strings with backslashes are not followed, so such
+/// messages are keyed by their exact text.
+pub fn shape_key(sql: &str, out: &mut String) -> bool {
+    let b = sql.as_bytes();
+    out.clear();
+    let mut folded = false;
+    let mut copied = 0; // b[..copied] is in `out`
+    let mut i = 0;
+    let ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80;
+    while i < b.len() {
+        match b[i] {
+            b'\'' | b'"' => {
+                let quote = b[i];
+                i += 1;
+                loop {
+                    match b.get(i) {
+                        None => return false,
+                        // An escape, in `E'...'` or with standard_conforming_strings off.
+                        Some(b'\\') if quote == b'\'' => return false,
+                        Some(&c) if c == quote => {
+                            if b.get(i + 1) == Some(&quote) {
+                                i += 2; // a doubled quote stands for itself
+                            } else {
+                                i += 1;
+                                break;
+                            }
+                        }
+                        Some(_) => i += 1,
+                    }
+                }
+            }
+            b'-' if b.get(i + 1) == Some(&b'-') => {
+                while i < b.len() && b[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            b'/' if b.get(i + 1) == Some(&b'*') => {
+                let mut depth = 0usize;
+                loop {
+                    match (b.get(i), b.get(i + 1)) {
+                        (Some(b'/'), Some(b'*')) => {
+                            depth += 1;
+                            i += 2;
+                        }
+                        (Some(b'*'), Some(b'/')) => {
+                            depth -= 1;
+                            i += 2;
+                            if depth == 0 {
+                                break;
+                            }
+                        }
+                        (Some(_), _) => i += 1,
+                        (None, _) => return false,
+                    }
+                }
+            }
+            // `$1` is a parameter, `$tag$` a dollar quote: neither is folded, the second not
+            // followed.
+            b'$' if !b.get(i + 1).is_some_and(u8::is_ascii_digit) => return false,
+            c if c.is_ascii_digit() && (i == 0 || !ident(b[i - 1])) => {
+                let start = i;
+                while i < b.len() && b[i].is_ascii_digit() {
+                    i += 1;
+                }
+                if b[start..i] != *b"0" {
+                    out.push_str(&sql[copied..start]);
+                    out.push('0');
+                    copied = i;
+                    folded = true;
+                }
+            }
+            c if ident(c) => {
+                while i < b.len() && ident(b[i]) {
+                    i += 1;
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    if folded {
+        out.push_str(&sql[copied..]);
+    }
+    folded
+}
+
+/// A bounded cache of classifications by message text with its numeric literals folded (see
+/// [`shape_key`]): `... WHERE aid = 17` and `... WHERE aid = 42` share an entry, so a client
+/// that inlines its values (simple query protocol, pgbench `-M simple`) does not parse every
+/// message. Only messages whose meaning does not depend on session state (no `EXECUTE`) are
+/// cached, so a hit can never change a verdict.
 #[derive(Debug)]
 pub struct SqlCache {
     map: Mutex<HashMap<Box<str>, Arc<Classification>>>,
@@ -405,19 +498,22 @@ impl SqlCache {
         prepared: Option<&PreparedStatements>,
     ) -> Arc<Classification> {
         let cacheable = self.capacity > 0 && sql.len() <= Self::MAX_KEY;
+        let mut key = String::new();
         if cacheable {
+            let key: &str = if shape_key(sql, &mut key) { &key } else { sql };
             let map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
-            if let Some(hit) = map.get(sql) {
+            if let Some(hit) = map.get(key) {
                 return Arc::clone(hit);
             }
         }
         let c = Arc::new(classify(sql, prepared));
         if cacheable && !c.uses_prepared {
+            let key: Box<str> = if key.is_empty() { sql.into() } else { key.into() };
             let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
             if map.len() >= self.capacity {
                 map.clear();
             }
-            map.insert(sql.into(), Arc::clone(&c));
+            map.insert(key, Arc::clone(&c));
         }
         c
     }

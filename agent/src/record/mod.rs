@@ -342,11 +342,13 @@ pub enum StoreError {
     Encode(serde_json::Error),
     #[error("no session with id {0}")]
     UnknownSession(SessionId),
+    #[error("session store: cannot record: {0}")]
+    Unavailable(String),
 }
 
 /// Where sessions and their events are recorded. Implementations are synchronous and fast
-/// enough to call from async code: a write is an in-memory insert, and a background flush makes
-/// it durable within a bounded interval (group commit).
+/// enough to call from async code: an append is an in-memory queue push, and background
+/// threads make it durable within a bounded interval (group commit).
 pub trait SessionStore: Send + Sync {
     /// Records the start of a session (and its `connect` event) before anything is relayed.
     fn open(&self, start: NewSession) -> Result<SessionId, StoreError>;

@@ -5,13 +5,25 @@
 //! * tree `events`: key = session id ++ event id (both big-endian), value = the event as JSON,
 //!   so a session's events are one ordered prefix scan.
 //!
-//! Ids come from sled's crash-safe generator and keep increasing across restarts. Writes go to
-//! sled's in-memory log; a background thread writes the log to disk every
-//! [`FLUSH_EVERY_MS`] (group commit): after `kill -9`, everything older than that is on disk.
+//! Ids come from sled's crash-safe generator and keep increasing across restarts.
+//!
+//! Events are appended to an in-memory queue (an id, a lock, a push: nothing on the request
+//! path touches the tree), and a writer thread moves the queue into the tree every
+//! [`WRITE_EVERY_MS`], one value per session per batch: a *chunk* of length-prefixed JSON
+//! events keyed by its first event (see [`encode_chunk`]). Reads that need events first write
+//! the queue out, so they see everything appended before them. sled writes its log to disk
+//! every [`FLUSH_EVERY_MS`] (group commit): after `kill -9`, everything older than the sum of
+//! the two is on disk. If the writer fails, or falls too far behind, appends fail, and callers
+//! that must record before they act refuse to act.
 
 use std::{
     path::Path,
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Condvar, Mutex, PoisonError,
+    },
+    thread::JoinHandle,
+    time::Duration,
 };
 
 use tokio::sync::broadcast;
@@ -24,19 +36,169 @@ use super::{
 
 /// How often sled writes its log to disk: the most that a crash can lose.
 pub const FLUSH_EVERY_MS: u64 = 100;
+/// How often the writer thread moves queued events into the tree.
+pub const WRITE_EVERY_MS: u64 = 10;
+/// Queued events that wake the writer before its interval is up.
+const WRITE_BATCH: usize = 2048;
+/// Queued events beyond which appends fail: the writer is stuck, and a gateway that records
+/// before it acts must stop acting rather than grow without bound.
+const MAX_QUEUED: usize = 256 * 1024;
 /// Events buffered for slow `tail` readers before they miss some.
 const TAIL_BUFFER: usize = 4096;
+/// First byte of a chunk value. A value written one event per key (before chunks) is a JSON
+/// object and starts with `{`.
+const CHUNK_MAGIC: u8 = 0xB1;
 
 pub struct SledStore {
     db: sled::Db,
     sessions: sled::Tree,
     events: sled::Tree,
     tail: broadcast::Sender<Event>,
+    queue: Arc<Queue>,
+    writer: Option<JoinHandle<()>>,
     /// Bytes of keys and values in both trees, kept as writes happen.
-    recorded_bytes: AtomicU64,
+    recorded_bytes: Arc<AtomicU64>,
     session_count: AtomicU64,
     open_count: AtomicU64,
     event_count: AtomicU64,
+}
+
+/// Events appended but not yet in the tree.
+struct Queue {
+    state: Mutex<QueueState>,
+    wake: Condvar,
+    /// Held while a batch moves from the queue into the tree, so a reader that writes the
+    /// queue out first cannot overtake a batch the writer thread has already taken.
+    write: Mutex<()>,
+}
+
+#[derive(Default)]
+struct QueueState {
+    events: Vec<Event>,
+    stop: bool,
+    /// Why the last write failed; appends fail while it is set.
+    failed: Option<String>,
+}
+
+impl Queue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Where the writer puts a batch.
+struct Sink {
+    events: sled::Tree,
+    recorded_bytes: Arc<AtomicU64>,
+}
+
+impl Sink {
+    /// Moves everything queued so far into the tree.
+    fn write_out(&self, queue: &Queue) -> Result<(), StoreError> {
+        let _writing = queue.write.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut batch = std::mem::take(&mut queue.lock().events);
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let result = self.write(&mut batch);
+        let mut state = queue.lock();
+        match result {
+            Ok(()) => {
+                state.failed = None;
+                // Give the allocation back for the next batch.
+                if state.events.is_empty() {
+                    batch.clear();
+                    state.events = batch;
+                }
+                Ok(())
+            }
+            Err(e) => {
+                // Nothing accepted is dropped: the batch goes back, first, for the next try.
+                state.failed = Some(e.to_string());
+                batch.sort_by_key(|e| e.id);
+                state.events.splice(0..0, batch);
+                Err(e)
+            }
+        }
+    }
+
+    fn write(&self, batch: &mut [Event]) -> Result<(), StoreError> {
+        // One chunk per session, events in append order (the sort is stable).
+        batch.sort_by_key(|e| e.session);
+        let mut writes = sled::Batch::default();
+        let mut bytes = 0u64;
+        for run in batch.chunk_by(|a, b| a.session == b.session) {
+            let key = event_key(run[0].session, run[0].id);
+            let value = encode_chunk(run)?;
+            bytes += (key.len() + value.len()) as u64;
+            writes.insert(&key, value);
+        }
+        self.events.apply_batch(writes)?;
+        self.recorded_bytes.fetch_add(bytes, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn run(self, queue: &Queue) {
+        loop {
+            let stop = {
+                let mut state = queue.lock();
+                if !state.stop && state.events.len() < WRITE_BATCH {
+                    state = queue
+                        .wake
+                        .wait_timeout(state, Duration::from_millis(WRITE_EVERY_MS))
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0;
+                }
+                state.stop
+            };
+            if let Err(e) = self.write_out(queue) {
+                tracing::error!(error = %e, "cannot write events to the store; appends fail until a write succeeds");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            if stop {
+                return;
+            }
+        }
+    }
+}
+
+/// A chunk: [`CHUNK_MAGIC`], then per event its JSON length (u32, little-endian) and JSON.
+fn encode_chunk(events: &[Event]) -> Result<Vec<u8>, StoreError> {
+    let mut out = Vec::with_capacity(1 + events.len() * 256);
+    out.push(CHUNK_MAGIC);
+    for event in events {
+        let at = out.len();
+        out.extend_from_slice(&[0; 4]);
+        serde_json::to_writer(&mut out, event).map_err(StoreError::Encode)?;
+        let len = u32::try_from(out.len() - at - 4).map_err(|_| {
+            StoreError::Encode(serde::ser::Error::custom("event larger than 4 GiB"))
+        })?;
+        out[at..at + 4].copy_from_slice(&len.to_le_bytes());
+    }
+    Ok(out)
+}
+
+/// The JSON of each event in a stored value: a chunk, or one event (the format before chunks).
+fn chunk_events<'v>(key: &[u8], value: &'v [u8]) -> Result<Vec<&'v [u8]>, StoreError> {
+    let Some((&CHUNK_MAGIC, mut rest)) = value.split_first() else {
+        return Ok(vec![value]);
+    };
+    let mut out = Vec::new();
+    while !rest.is_empty() {
+        let json = rest
+            .get(..4)
+            .map(|l| u32::from_le_bytes([l[0], l[1], l[2], l[3]]) as usize)
+            .and_then(|len| rest.get(4..4 + len));
+        let Some(json) = json else {
+            return Err(corrupt(
+                key,
+                serde::de::Error::custom("chunk cut short inside an event"),
+            ));
+        };
+        rest = &rest[4 + json.len()..];
+        out.push(json);
+    }
+    Ok(out)
 }
 
 fn corrupt(key: &[u8], source: serde_json::Error) -> StoreError {
@@ -89,12 +251,31 @@ impl SledStore {
         let sessions = db.open_tree("sessions")?;
         let events = db.open_tree("events")?;
         let (tail, _) = broadcast::channel(TAIL_BUFFER);
+        let queue = Arc::new(Queue {
+            state: Mutex::new(QueueState::default()),
+            wake: Condvar::new(),
+            write: Mutex::new(()),
+        });
+        let recorded_bytes = Arc::new(AtomicU64::new(0));
+        let sink = Sink {
+            events: events.clone(),
+            recorded_bytes: Arc::clone(&recorded_bytes),
+        };
+        let writer = {
+            let queue = Arc::clone(&queue);
+            std::thread::Builder::new()
+                .name("store-writer".into())
+                .spawn(move || sink.run(&queue))
+                .map_err(|e| StoreError::Sled(sled::Error::Io(e)))?
+        };
         let store = Self {
             db,
             sessions,
             events,
             tail,
-            recorded_bytes: AtomicU64::new(0),
+            queue,
+            writer: Some(writer),
+            recorded_bytes,
             session_count: AtomicU64::new(0),
             open_count: AtomicU64::new(0),
             event_count: AtomicU64::new(0),
@@ -112,7 +293,7 @@ impl SledStore {
         for kv in &store.events {
             let (k, v) = kv?;
             bytes += (k.len() + v.len()) as u64;
-            events += 1;
+            events += chunk_events(&k, &v)?.len() as u64;
         }
         store.recorded_bytes.store(bytes, Ordering::Relaxed);
         store.session_count.store(sessions, Ordering::Relaxed);
@@ -143,12 +324,22 @@ impl SledStore {
         Ok(())
     }
 
+    /// Queues an event; ids are taken under the queue's lock, so queue order is id order.
     fn put_event(
         &self,
         session: SessionId,
         kind: EventKind,
         at_us: u64,
     ) -> Result<u64, StoreError> {
+        let mut state = self.queue.lock();
+        if let Some(why) = &state.failed {
+            return Err(StoreError::Unavailable(why.clone()));
+        }
+        if state.events.len() >= MAX_QUEUED {
+            return Err(StoreError::Unavailable(format!(
+                "{MAX_QUEUED} events waiting to be written"
+            )));
+        }
         let id = self.db.generate_id()?;
         let event = Event {
             v: EVENT_SCHEMA_VERSION,
@@ -157,15 +348,26 @@ impl SledStore {
             at_us,
             kind,
         };
-        let key = event_key(session, id);
-        let value = serde_json::to_vec(&event).map_err(StoreError::Encode)?;
-        self.recorded_bytes
-            .fetch_add((key.len() + value.len()) as u64, Ordering::Relaxed);
+        // Nobody tailing is the normal case: no copy then.
+        if self.tail.receiver_count() > 0 {
+            let _ = self.tail.send(event.clone());
+        }
+        state.events.push(event);
+        if state.events.len() == WRITE_BATCH {
+            self.queue.wake.notify_one();
+        }
+        drop(state);
         self.event_count.fetch_add(1, Ordering::Relaxed);
-        self.events.insert(key, value)?;
-        // Nobody tailing is the normal case, not an error.
-        let _ = self.tail.send(event);
         Ok(id)
+    }
+
+    /// Writes queued events into the tree, so a read sees every event appended before it.
+    fn write_out(&self) -> Result<(), StoreError> {
+        Sink {
+            events: self.events.clone(),
+            recorded_bytes: Arc::clone(&self.recorded_bytes),
+        }
+        .write_out(&self.queue)
     }
 
     /// Removes a session and its events; returns (events, bytes) removed.
@@ -175,7 +377,7 @@ impl SledStore {
         for kv in self.events.scan_prefix(id.0.to_be_bytes()) {
             let (k, v) = kv?;
             bytes += (k.len() + v.len()) as u64;
-            events += 1;
+            events += chunk_events(&k, &v)?.len() as u64;
             self.events.remove(k)?;
         }
         if let Some(v) = self.sessions.remove(id.0.to_be_bytes())? {
@@ -284,13 +486,18 @@ impl SessionStore for SledStore {
     }
 
     fn events(&self, id: SessionId) -> Result<Vec<Event>, StoreError> {
-        self.events
-            .scan_prefix(id.0.to_be_bytes())
-            .map(|kv| {
-                let (k, v) = kv?;
-                serde_json::from_slice(&v).map_err(|e| corrupt(&k, e))
-            })
-            .collect()
+        self.write_out()?;
+        let mut out: Vec<Event> = Vec::new();
+        for kv in self.events.scan_prefix(id.0.to_be_bytes()) {
+            let (k, v) = kv?;
+            for json in chunk_events(&k, &v)? {
+                out.push(serde_json::from_slice(json).map_err(|e| corrupt(&k, e))?);
+            }
+        }
+        // Chunks are keyed by their first event and written in id order; sorting keeps the
+        // promise even for a store written otherwise.
+        out.sort_by_key(|e| e.id);
+        Ok(out)
     }
 
     fn counts(&self) -> Result<SessionCounts, StoreError> {
@@ -317,6 +524,8 @@ impl SessionStore for SledStore {
     }
 
     fn prune(&self, retention: &Retention, now_us: u64) -> Result<PruneReport, StoreError> {
+        // A closed session's last events may still be queued: write them so they go too.
+        self.write_out()?;
         let mut report = PruneReport::default();
         let too_old = |s: &Session| {
             retention
@@ -374,12 +583,24 @@ impl SessionStore for SledStore {
     }
 
     fn flush(&self) -> Result<(), StoreError> {
+        self.write_out()?;
         self.db.flush()?;
         Ok(())
     }
 
     fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.tail.subscribe()
+    }
+}
+
+impl Drop for SledStore {
+    /// Stops the writer after it has written everything queued.
+    fn drop(&mut self) {
+        self.queue.lock().stop = true;
+        self.queue.wake.notify_one();
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
     }
 }
 
@@ -594,6 +815,59 @@ mod tests {
         );
         let second = store.open(start(2)).unwrap();
         assert!(second > first, "ids keep increasing across reopen");
+    }
+
+    #[test]
+    fn queued_events_are_read_back_in_order_next_to_values_written_before_chunks() {
+        let store = SledStore::temporary().unwrap();
+        let a = store.open(start(1)).unwrap();
+        let b = store.open(start(2)).unwrap();
+        // A value as the store wrote it before chunks: one event, plain JSON.
+        let legacy = Event {
+            v: EVENT_SCHEMA_VERSION,
+            session: a,
+            id: store.db.generate_id().unwrap(),
+            at_us: 5,
+            kind: request(RecordedVerdict::Allow),
+        };
+        store
+            .events
+            .insert(
+                event_key(a, legacy.id),
+                serde_json::to_vec(&legacy).unwrap(),
+            )
+            .unwrap();
+        let mut ids = vec![];
+        for i in 0..10 {
+            let s = if i % 2 == 0 { a } else { b };
+            let id = store.append(s, request(RecordedVerdict::Allow)).unwrap();
+            if s == a {
+                ids.push(id);
+            }
+        }
+        // Read before the writer thread ran: the read writes the queue out first.
+        let events = store.events(a).unwrap();
+        let got: Vec<u64> = events.iter().map(|e| e.id).collect();
+        assert!(got.windows(2).all(|w| w[0] < w[1]), "{got:?}");
+        assert!(got.contains(&legacy.id));
+        assert!(ids.iter().all(|id| got.contains(id)));
+        assert_eq!(store.events(b).unwrap().len(), 1 + 5, "connect + 5 requests");
+    }
+
+    #[test]
+    fn a_cut_chunk_is_reported_as_corrupt_not_a_panic() {
+        let key = event_key(SessionId(1), 1);
+        let mut value = vec![CHUNK_MAGIC, 200, 0, 0, 0];
+        value.extend_from_slice(b"{}");
+        assert!(matches!(
+            chunk_events(&key, &value),
+            Err(StoreError::Corrupt { .. })
+        ));
+        assert!(matches!(
+            chunk_events(&key, &[CHUNK_MAGIC, 1, 0]),
+            Err(StoreError::Corrupt { .. })
+        ));
+        assert_eq!(chunk_events(&key, &[CHUNK_MAGIC]).unwrap().len(), 0);
     }
 
     #[test]
