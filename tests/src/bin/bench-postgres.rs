@@ -10,6 +10,11 @@ use bulkhead_tests::{missing_privileges, system_user, Side, Topology, TARGET_V4}
 
 const SECONDS: &str = "10";
 
+/// `BENCH_PG_ONLY=gateway` runs only the gateway legs, for `BENCH_PG_SECONDS` each (profiling).
+fn only_gateway() -> bool {
+    std::env::var("BENCH_PG_ONLY").is_ok_and(|v| v == "gateway")
+}
+
 fn main() {
     if let Some(why) = missing_privileges() {
         eprintln!("bench-postgres: {why}");
@@ -79,6 +84,15 @@ sql = { class = ["read", "transaction", "session", "insert", "update", "delete",
         "{:<10} {:>14} {:>14} {:>14} {:>10} {:>12}",
         "mode", "direct tps", "gateway tps", "pgbouncer tps", "gateway", "pgbouncer"
     );
+    let seconds = std::env::var("BENCH_PG_SECONDS").unwrap_or_else(|_| SECONDS.into());
+    if only_gateway() {
+        for mode in ["simple", "prepared"] {
+            let args = ["-S", "-M", mode, "-c", "8", "-j", "2", "-T", &seconds];
+            let gateway = tps(&pgbench(&topo, Side::Governed, TARGET_V4, "5432", "", &args));
+            println!("{mode:<10} gateway {gateway:.0} tps");
+        }
+        return;
+    }
     for mode in ["simple", "prepared"] {
         let args = ["-S", "-M", mode, "-c", "8", "-j", "2", "-T", SECONDS];
         let direct = tps(&pgbench(
@@ -147,6 +161,9 @@ fn pgbench(
     cmd.args(["-h", host, "-p", port, "-U", "admin"])
         .args(args)
         .arg("postgres");
+    // No TLS on any leg: the server and pgbouncer here offer none, so the gateway's (which
+    // libpq's default `prefer` would take) would be the only encrypted run.
+    cmd.env("PGSSLMODE", "disable");
     if password.is_empty() {
         cmd.env_remove("PGPASSWORD");
     } else {
