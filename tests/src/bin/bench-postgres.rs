@@ -21,7 +21,7 @@ fn main() {
         std::process::exit(2);
     }
     let topo = Topology::new("");
-    let (pg, _daemon) = topo.postgres_target(
+    let (pg, daemon) = topo.postgres_target(
         "scram-sha-256",
         r#"
 [[target]]
@@ -64,7 +64,7 @@ sql = { class = ["read", "transaction", "session", "insert", "update", "delete",
     }
     let mut cmd = Command::new("pgbouncer");
     cmd.arg(bouncer_dir.join("pgbouncer.ini"));
-    let _bouncer = topo.spawn_as(Side::Host, Some((pg_uid, pg_gid)), "pgbouncer", cmd);
+    let bouncer_proc = topo.spawn_as(Side::Host, Some((pg_uid, pg_gid)), "pgbouncer", cmd);
     std::thread::sleep(Duration::from_millis(500));
 
     // Initialise straight on the server.
@@ -81,15 +81,18 @@ sql = { class = ["read", "transaction", "session", "insert", "update", "delete",
     println!("pgbench -S, 8 clients, 2 threads, {SECONDS} s per run, scale 10; PostgreSQL 15 on the target host");
     println!();
     println!(
-        "{:<10} {:>14} {:>14} {:>14} {:>10} {:>12}",
-        "mode", "direct tps", "gateway tps", "pgbouncer tps", "gateway", "pgbouncer"
+        "{:<10} {:>14} {:>14} {:>14} {:>10} {:>12} {:>12} {:>12}",
+        "mode", "direct tps", "gateway tps", "pgbouncer tps", "gateway", "pgbouncer", "gw cpu/tx", "pgb cpu/tx"
     );
     let seconds = std::env::var("BENCH_PG_SECONDS").unwrap_or_else(|_| SECONDS.into());
+    let daemon_pid = daemon.child.id();
     if only_gateway() {
         for mode in ["simple", "prepared"] {
             let args = ["-S", "-M", mode, "-c", "8", "-j", "2", "-T", &seconds];
-            let gateway = tps(&pgbench(&topo, Side::Governed, TARGET_V4, "5432", "", &args));
-            println!("{mode:<10} gateway {gateway:.0} tps");
+            let before = cpu_us(daemon_pid);
+            let out = pgbench(&topo, Side::Governed, TARGET_V4, "5432", "", &args);
+            let per_tx = (cpu_us(daemon_pid) - before) / transactions(&out);
+            println!("{mode:<10} gateway {:.0} tps, daemon CPU {per_tx:.1} us per transaction", tps(&out));
         }
         return;
     }
@@ -103,24 +106,16 @@ sql = { class = ["read", "transaction", "session", "insert", "update", "delete",
             &pg.password,
             &args,
         ));
-        let gateway = tps(&pgbench(
-            &topo,
-            Side::Governed,
-            TARGET_V4,
-            "5432",
-            "",
-            &args,
-        ));
-        let bouncer = tps(&pgbench(
-            &topo,
-            Side::Host,
-            "127.0.0.1",
-            "6432",
-            &pg.password,
-            &args,
-        ));
+        let before = cpu_us(daemon_pid);
+        let out = pgbench(&topo, Side::Governed, TARGET_V4, "5432", "", &args);
+        let gateway_cpu = (cpu_us(daemon_pid) - before) / transactions(&out);
+        let gateway = tps(&out);
+        let before = cpu_us(bouncer_proc.child.id());
+        let out = pgbench(&topo, Side::Host, "127.0.0.1", "6432", &pg.password, &args);
+        let bouncer_cpu = (cpu_us(bouncer_proc.child.id()) - before) / transactions(&out);
+        let bouncer = tps(&out);
         println!(
-            "{mode:<10} {direct:>14.0} {gateway:>14.0} {bouncer:>14.0} {:>9.2}x {:>11.2}x",
+            "{mode:<10} {direct:>14.0} {gateway:>14.0} {bouncer:>14.0} {:>9.2}x {:>11.2}x {gateway_cpu:>12.1} {bouncer_cpu:>12.1}",
             gateway / direct,
             bouncer / direct
         );
@@ -206,4 +201,30 @@ fn latency(text: &str) -> f64 {
         })
         .map(|ms| ms * 1000.0)
         .unwrap_or_else(|| panic!("no latency in {text}"))
+}
+
+/// CPU time (user + system) the process has used, in microseconds.
+fn cpu_us(pid: u32) -> f64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).expect("daemon's /proc stat");
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let after = &stat[stat.rfind(')').expect("stat has a command") + 2..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the name.
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    ticks * 1e6 / hz
+}
+
+/// Transactions pgbench completed.
+fn transactions(text: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix("number of transactions actually processed: ")?
+                .split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no transaction count in {text}"))
 }
