@@ -13,7 +13,10 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::net::{Cidr, OrigDstAddr};
+use crate::{
+    net::{Cidr, OrigDstAddr},
+    policy::matchers::Glob,
+};
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/bulkhead/bulkhead.toml";
 pub const DEFAULT_LISTENER_PORT: u16 = 15001;
@@ -190,6 +193,106 @@ pub struct PostgresTarget {
     pub tls: UpstreamTls,
     pub ca: Option<PathBuf>,
     pub server_name: Option<String>,
+    /// Client user/database → upstream login, first match wins. When there are entries, a
+    /// client that matches none is refused.
+    #[serde(default)]
+    pub map: Vec<PostgresMapping>,
+}
+
+/// One `[[target.postgres.map]]` entry: clients it covers and whom the gateway logs in as.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresMapping {
+    /// The user the client asked for; absent: any.
+    pub client_user: Option<ClientPattern>,
+    /// The database the client asked for (its user name when it asked for none); absent: any.
+    pub client_database: Option<ClientPattern>,
+    /// The upstream user; absent: the target's `postgres.user`, else the client's.
+    pub user: Option<String>,
+    /// The upstream database; absent: the target's `postgres.database`, else the client's.
+    pub database: Option<String>,
+    /// The upstream user's password; absent: the target's `credentials`.
+    pub credentials: Option<CredentialRef>,
+}
+
+/// A name or a glob (`*` any run, `?` one character, `\` escapes) matched against a client's
+/// startup value, case-sensitively as PostgreSQL compares role and database names.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct ClientPattern(Glob);
+
+impl ClientPattern {
+    pub fn is_match(&self, value: &str) -> bool {
+        self.0.is_match(value)
+    }
+}
+
+impl TryFrom<String> for ClientPattern {
+    type Error = String;
+    fn try_from(pattern: String) -> Result<Self, String> {
+        if pattern.is_empty() {
+            return Err(
+                "an empty pattern matches no client; leave the key out to match any".into(),
+            );
+        }
+        Glob::new(&pattern, None, false).map(ClientPattern)
+    }
+}
+
+/// Whom the gateway logs in to a PostgreSQL target as, for one client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PostgresLogin<'a> {
+    pub user: String,
+    pub database: String,
+    pub credentials: Option<&'a CredentialRef>,
+    /// The `postgres.map` entry (0-based) that chose this login; `None`: the target's own.
+    pub mapping: Option<usize>,
+}
+
+impl Target {
+    /// The upstream login for a client that asked for `client_user` and `client_database`:
+    /// the first `postgres.map` entry that matches both, or with no entries the target's own.
+    /// What an entry leaves out is the target's `postgres.user` / `postgres.database` /
+    /// `credentials`, and a user or database the target leaves out is the client's.
+    /// `None` when there are entries and none matches: the connection is refused.
+    pub fn postgres_login(
+        &self,
+        client_user: &str,
+        client_database: &str,
+    ) -> Option<PostgresLogin<'_>> {
+        let pg = self.postgres.as_ref();
+        let default_user = || {
+            pg.and_then(|p| p.user.clone())
+                .unwrap_or_else(|| client_user.to_string())
+        };
+        let default_database = || {
+            pg.and_then(|p| p.database.clone())
+                .unwrap_or_else(|| client_database.to_string())
+        };
+        let map = pg.map_or(&[][..], |p| &p.map[..]);
+        if map.is_empty() {
+            return Some(PostgresLogin {
+                user: default_user(),
+                database: default_database(),
+                credentials: self.credentials.as_ref(),
+                mapping: None,
+            });
+        }
+        let (i, m) = map.iter().enumerate().find(|(_, m)| {
+            m.client_user
+                .as_ref()
+                .is_none_or(|p| p.is_match(client_user))
+                && m.client_database
+                    .as_ref()
+                    .is_none_or(|p| p.is_match(client_database))
+        })?;
+        Some(PostgresLogin {
+            user: m.user.clone().unwrap_or_else(default_user),
+            database: m.database.clone().unwrap_or_else(default_database),
+            credentials: m.credentials.as_ref().or(self.credentials.as_ref()),
+            mapping: Some(i),
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -458,6 +561,9 @@ impl Config {
                     ));
                 }
             }
+            if let Some(pg) = &t.postgres {
+                postgres_map_valid(i, pg, &invalid)?;
+            }
             if t.postgres.is_some() && t.protocol != Protocol::Postgres {
                 return Err(invalid(
                     format!("target[{i}].postgres"),
@@ -577,6 +683,34 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     };
     n.checked_mul(mult)
         .ok_or_else(|| format!("{text:?} is too large"))
+}
+
+/// Checks target `i`'s `postgres.map` entries; `invalid` builds the error naming the key.
+fn postgres_map_valid(
+    i: usize,
+    pg: &PostgresTarget,
+    invalid: &dyn Fn(String, String) -> ConfigError,
+) -> Result<(), ConfigError> {
+    for (j, m) in pg.map.iter().enumerate() {
+        let key = |field: &str| format!("target[{i}].postgres.map[{j}].{field}");
+        for (field, value) in [("user", &m.user), ("database", &m.database)] {
+            if value.as_deref() == Some("") {
+                return Err(invalid(
+                    key(field),
+                    format!("must name a {field}; leave the key out for the default"),
+                ));
+            }
+        }
+        if let Some(CredentialRef::Env(name)) = &m.credentials {
+            if name.is_empty() {
+                return Err(invalid(
+                    key("credentials.env"),
+                    "must name a variable".into(),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Validates `[approvals]`; `invalid` builds the error naming the key.
@@ -815,6 +949,17 @@ mod tests {
         let text = include_str!("../../bulkhead.example.toml");
         let c = parse(text).unwrap();
         assert!(!c.targets.is_empty());
+        let orders = &c.targets[0];
+        let login = |u: &str, d: &str| orders.postgres_login(u, d).map(|l| (l.user, l.database));
+        assert_eq!(
+            login("report_daily", "orders"),
+            Some(("reporting".into(), "orders".into()))
+        );
+        assert_eq!(
+            login("app", "orders"),
+            Some(("app".into(), "orders".into()))
+        );
+        assert_eq!(login("app", "postgres"), None);
     }
 
     #[test]
@@ -934,5 +1079,147 @@ mod tests {
             c.targets[1].credentials,
             Some(CredentialRef::Env("DB_PASSWORD".into()))
         );
+    }
+
+    const MAPPED: &str =
+        "[[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddresses = [\"10.0.0.5:5432\"]\n\
+        credentials = { file = \"/etc/bulkhead/creds/db\" }\n\
+        [target.postgres]\ndatabase = \"main\"\n\
+        [[target.postgres.map]]\nclient_user = \"app_ro\"\nclient_database = \"sales\"\n\
+        user = \"reporting\"\ndatabase = \"sales_prod\"\n\
+        credentials = { file = \"/etc/bulkhead/creds/reporting\" }\n\
+        [[target.postgres.map]]\nclient_user = \"etl_*\"\nuser = \"loader\"\n\
+        [[target.postgres.map]]\nclient_user = \"app_ro\"\nuser = \"reader\"\n\
+        [[target.postgres.map]]\nclient_database = \"scratch\"\n";
+
+    #[test]
+    fn postgres_map_first_match_wins_and_unmatched_clients_are_refused() {
+        let c = parse(MAPPED).unwrap();
+        let t = &c.targets[0];
+        let login = |u: &str, d: &str| t.postgres_login(u, d);
+        let reporting = CredentialRef::File("/etc/bulkhead/creds/reporting".into());
+        let target_creds = CredentialRef::File("/etc/bulkhead/creds/db".into());
+        assert_eq!(
+            login("app_ro", "sales"),
+            Some(PostgresLogin {
+                user: "reporting".into(),
+                database: "sales_prod".into(),
+                credentials: Some(&reporting),
+                mapping: Some(0),
+            })
+        );
+        assert_eq!(
+            login("app_ro", "hr"),
+            Some(PostgresLogin {
+                user: "reader".into(),
+                database: "main".into(),
+                credentials: Some(&target_creds),
+                mapping: Some(2),
+            }),
+            "a later entry, the target's database and credentials"
+        );
+        assert_eq!(
+            login("etl_nightly", "x").map(|l| l.user),
+            Some("loader".into())
+        );
+        assert_eq!(login("etl_", "x").map(|l| l.mapping), Some(Some(1)));
+        assert_eq!(
+            login("bob", "scratch"),
+            Some(PostgresLogin {
+                user: "bob".into(),
+                database: "main".into(),
+                credentials: Some(&target_creds),
+                mapping: Some(3),
+            }),
+            "an entry without user: the client's own (the target sets none)"
+        );
+        assert_eq!(login("App_ro", "sales"), None, "names are case-sensitive");
+        assert_eq!(login("mallory", "sales"), None);
+        assert_eq!(login("", ""), None);
+    }
+
+    #[test]
+    fn without_a_map_the_target_defaults_apply() {
+        let c = parse(
+            "[[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddresses = [\"10.0.0.5:5432\"]\n\
+             credentials = { env = \"DB_PW\" }\n[target.postgres]\nuser = \"svc\"\n\
+             [[target]]\nname = \"plain\"\nprotocol = \"postgres\"\naddresses = [\"10.0.0.6:5432\"]\n",
+        )
+        .unwrap();
+        let env = CredentialRef::Env("DB_PW".into());
+        assert_eq!(
+            c.targets[0].postgres_login("alice", "sales"),
+            Some(PostgresLogin {
+                user: "svc".into(),
+                database: "sales".into(),
+                credentials: Some(&env),
+                mapping: None,
+            })
+        );
+        assert_eq!(
+            c.targets[1].postgres_login("alice", "sales"),
+            Some(PostgresLogin {
+                user: "alice".into(),
+                database: "sales".into(),
+                credentials: None,
+                mapping: None,
+            })
+        );
+    }
+
+    #[test]
+    fn a_map_entry_takes_what_it_leaves_out_from_the_target() {
+        let c = parse(
+            "[[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddresses = [\"10.0.0.5:5432\"]\n\
+             [target.postgres]\nuser = \"svc\"\n\
+             [[target.postgres.map]]\nclient_user = \"claude\"\n",
+        )
+        .unwrap();
+        let t = &c.targets[0];
+        assert_eq!(
+            t.postgres_login("claude", "orders"),
+            Some(PostgresLogin {
+                user: "svc".into(),
+                database: "orders".into(),
+                credentials: None,
+                mapping: Some(0),
+            })
+        );
+        assert_eq!(t.postgres_login("cursor", "orders"), None);
+    }
+
+    #[test]
+    fn postgres_map_errors_name_the_entry() {
+        let head =
+            "[[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddresses = [\"10.0.0.5:5432\"]\n";
+        let e = err(&format!(
+            "{head}[[target.postgres.map]]\nclient_usr = \"a\"\nuser = \"b\"\n"
+        ));
+        assert!(e.contains("client_usr") && e.contains("client_user"), "{e}");
+        let e = err(&format!(
+            "{head}[[target.postgres.map]]\nclient_user = \"\"\nuser = \"b\"\n"
+        ));
+        assert!(e.contains("empty pattern") && e.contains("line"), "{e}");
+        let e = err(&format!(
+            "{head}[[target.postgres.map]]\nclient_database = \"a\\\\\"\nuser = \"b\"\n"
+        ));
+        assert!(e.contains("backslash"), "{e}");
+        let e = err(&format!("{head}[[target.postgres.map]]\nuser = \"\"\n"));
+        assert!(e.contains("`target[0].postgres.map[0].user`"), "{e}");
+        let e = err(&format!(
+            "{head}[[target.postgres.map]]\nuser = \"a\"\n[[target.postgres.map]]\nuser = \"b\"\ndatabase = \"\"\n"
+        ));
+        assert!(e.contains("`target[0].postgres.map[1].database`"), "{e}");
+        let e = err(&format!(
+            "{head}[[target.postgres.map]]\nuser = \"a\"\ncredentials = {{ env = \"\" }}\n"
+        ));
+        assert!(
+            e.contains("`target[0].postgres.map[0].credentials.env`"),
+            "{e}"
+        );
+        let e = err(&format!(
+            "{head}[[target.postgres.map]]\nuser = \"a\"\ncredentials = {{ password = \"x\" }}\n"
+        ));
+        assert!(e.contains("password"), "{e}");
     }
 }

@@ -735,11 +735,22 @@ impl Topology {
     /// PostgreSQL (pg_hba `auth`) on the target host, configured as target `db` whose password
     /// the gateway holds, `policy` written as `db.toml`, and the daemon started.
     pub fn postgres_target(&self, auth: &str, policy: &str) -> (PgServer, Proc) {
+        self.postgres_target_with(auth, policy, "")
+    }
+
+    /// [`Self::postgres_target`], with `target_toml` added to target `db`'s table (its own
+    /// keys, or sub-tables such as `[[target.postgres.map]]`).
+    pub fn postgres_target_with(
+        &self,
+        auth: &str,
+        policy: &str,
+        target_toml: &str,
+    ) -> (PgServer, Proc) {
         let pg = self.postgres(auth);
         let secret = self.credential_file("db", &pg.password);
         self.write_config(&format!(
             "[[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddresses = [\"{TARGET_V4}:5432\"]\n\
-             credentials = {{ file = \"{}\" }}\n",
+             credentials = {{ file = \"{}\" }}\n{target_toml}",
             secret.display()
         ));
         self.policy("db.toml", policy);

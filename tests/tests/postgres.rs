@@ -211,11 +211,15 @@ sql = { class = ["read", "transaction", "session", "insert", "update", "delete",
         assert!(out.status.success(), "pgbench {args:?}: {text}");
         text
     };
-    // Server-side data generation, no vacuum: client-side generation sends `COPY ... WITH
-    // (FREEZE ON)` and the vacuum step `VACUUM ANALYZE t`, which the SQL parser rejects, so
-    // the gateway denies both as unknown (fail closed).
-    let init = pgbench(&["-i", "-I", "dtGp", "-s", "1", "-q"]);
+    // The default steps (dtgvp): client-side generation sends `copy ... from stdin with (freeze
+    // on)` and the vacuum step `vacuum analyze pgbench_branches`, both outside what the SQL
+    // parser reads; the gateway reads them from their tokens (`sql_utility`).
+    let init = pgbench(&["-i", "-s", "1", "-q"]);
     assert!(init.contains("done"), "{init}");
+    assert!(
+        init.contains("vacuuming") && init.contains("generating data (client-side)"),
+        "{init}"
+    );
     for mode in ["simple", "extended", "prepared"] {
         let text = pgbench(&["-M", mode, "-c", "4", "-j", "2", "-t", "200"]);
         assert!(
@@ -930,4 +934,104 @@ fn tls_on_both_legs_with_verified_certificates() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("TLS to the target"), "{err}");
+}
+
+/// psql on the governed side as `user` asking for `database`, one command; plain TCP so a
+/// refused login is one session (with `prefer`, libpq retries without TLS).
+fn psql_login(topo: &Topology, user: &str, database: &str, sql: &str) -> std::process::Output {
+    let mut cmd = Command::new("psql");
+    cmd.args([
+        "-X", "-h", TARGET_V4, "-U", user, "-d", database, "-At", "-c", sql,
+    ])
+    .env("PGSSLMODE", "disable")
+    .env_remove("PGPASSWORD");
+    topo.output(Side::Governed, cmd)
+}
+
+#[test]
+fn mapped_client_users_log_in_as_their_own_upstream_roles_and_unmapped_ones_are_refused() {
+    require_root();
+    let topo = Topology::new("");
+    let reporting_pw = format!("pw-reporting-{}", std::process::id());
+    let loader_pw = format!("pw-loader-{}", std::process::id());
+    let reporting = topo.credential_file("reporting", &reporting_pw);
+    let loader = topo.credential_file("loader", &loader_pw);
+    let map = format!(
+        "[[target.postgres.map]]\nclient_user = \"report_*\"\nuser = \"reporting\"\n\
+         credentials = {{ file = \"{}\" }}\n\
+         [[target.postgres.map]]\nclient_user = \"etl\"\nclient_database = \"postgres\"\n\
+         user = \"loader\"\ndatabase = \"warehouse\"\ncredentials = {{ file = \"{}\" }}\n",
+        reporting.display(),
+        loader.display()
+    );
+    let (pg, _daemon) = topo.postgres_target_with("scram-sha-256", POLICY, &map);
+    pg.admin_sql(
+        &topo,
+        &format!("CREATE ROLE reporting LOGIN PASSWORD '{reporting_pw}'"),
+    );
+    pg.admin_sql(
+        &topo,
+        &format!("CREATE ROLE loader LOGIN PASSWORD '{loader_pw}'"),
+    );
+    pg.admin_sql(&topo, "CREATE DATABASE warehouse OWNER loader");
+
+    let who = "SELECT current_user || '@' || current_database()";
+    for (client, database, upstream, entry) in [
+        ("report_daily", "postgres", "reporting@postgres", 0),
+        ("etl", "postgres", "loader@warehouse", 1),
+    ] {
+        let out = psql_login(&topo, client, database, who);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{client}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(stdout.trim(), upstream, "{client}: current_user@database");
+        let events = events_of_newest(&topo);
+        let auth: Vec<&Value> = events.iter().filter(|e| e["type"] == "auth").collect();
+        assert_eq!(auth.len(), 2, "{events:?}");
+        assert_eq!(auth[0]["side"], "client");
+        assert_eq!(auth[0]["user"], client, "{auth:?}");
+        assert!(
+            auth[0]["method"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("database {database}")),
+            "{auth:?}"
+        );
+        assert_eq!(auth[1]["side"], "upstream");
+        assert_eq!(auth[1]["user"], upstream, "{auth:?}");
+        assert_eq!(
+            auth[1]["method"],
+            format!("scram-sha-256, postgres.map[{entry}]"),
+            "{auth:?}"
+        );
+    }
+
+    // Not covered by any entry: the user, or the database (etl is mapped for `postgres` only).
+    for (client, database) in [("mallory", "postgres"), ("etl", "sales")] {
+        let out = psql_login(&topo, client, database, who);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{client}@{database} logged in");
+        let expected = format!(
+            "FATAL:  bulkhead: no upstream login is mapped for user \"{client}\" and database \"{database}\" on target db"
+        );
+        assert!(stderr.contains(&expected), "{client}: {stderr}");
+        let session = topo.wait_session_closed();
+        assert_eq!(session["outcome"]["kind"], "refused", "{session}");
+        let events = events_of_newest(&topo);
+        assert!(
+            events
+                .iter()
+                .any(|e| e["type"] == "error" && expected.contains(e["message"].as_str().unwrap())),
+            "{events:?}"
+        );
+        assert!(
+            !events
+                .iter()
+                .any(|e| e["type"] == "auth" && e["side"] == "upstream"),
+            "no upstream login was attempted: {events:?}"
+        );
+    }
 }

@@ -25,6 +25,7 @@ pub mod matchers;
 pub mod reload;
 pub mod sql;
 mod sql_functions;
+mod sql_utility;
 mod sql_walk;
 #[cfg(test)]
 mod tests;

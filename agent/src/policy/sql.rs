@@ -6,8 +6,10 @@
 //!
 //! Fail closed: what `sqlparser` cannot parse is split at top-level semicolons (the tokenizer
 //! knows quotes, comments and dollar-quoting) and each piece parsed alone; a piece that still
-//! fails is placed by its leading keywords only for a few statements the parser lacks (`DO`,
-//! `ALTER SYSTEM`, `REINDEX`, ...), and otherwise is `unknown`. A call to a function that is not
+//! fails is read from its tokens if it is a `COPY` with options the parser lacks (see
+//! `sql_utility`), placed by its leading keywords only for a few statements the parser lacks
+//! (`DO`, `ALTER SYSTEM`, `REINDEX`, ...), and otherwise is `unknown`. `VACUUM` and `ANALYZE`
+//! are always read from their tokens (the parser rejects or misreads most of their forms). A call to a function that is not
 //! a vetted read-only built-in is `unknown` too (see `sql_functions`).
 
 use std::{
@@ -18,12 +20,13 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 use sqlparser::{
+    ast::Statement,
     dialect::PostgreSqlDialect,
     parser::Parser,
     tokenizer::{Token, TokenWithSpan, Tokenizer},
 };
 
-use super::sql_walk::classify_statement;
+use super::{sql_utility, sql_walk::classify_statement};
 
 /// Longest message classified; longer ones are `unknown` (the parser's time grows with size).
 pub const MAX_SQL_LEN: usize = 1024 * 1024;
@@ -295,12 +298,16 @@ fn classify_inline(sql: &str, prepared: Option<&PreparedStatements>) -> Classifi
         .try_with_sql(sql)
         .and_then(|mut p| p.parse_statements());
     match parsed {
-        Ok(statements) => {
+        Ok(statements)
+            if !statements
+                .iter()
+                .any(|s| matches!(s, Statement::Vacuum(_) | Statement::Analyze(_))) =>
+        {
             for s in &statements {
                 classify_statement(s, prepared, &mut out);
             }
         }
-        Err(_) => classify_pieces(sql, prepared, &mut out),
+        Ok(_) | Err(_) => classify_pieces(sql, prepared, &mut out),
     }
     out
 }
@@ -321,6 +328,10 @@ fn classify_pieces(sql: &str, prepared: Option<&PreparedStatements>, out: &mut C
         {
             continue;
         }
+        if sql_utility::is_vacuum_or_analyze(piece) {
+            utility_piece(sql_utility::vacuum_or_analyze(piece), out);
+            continue;
+        }
         let parsed = Parser::new(&dialect)
             .with_recursion_limit(RECURSION_LIMIT)
             .with_tokens_with_locations(piece.to_vec())
@@ -332,6 +343,10 @@ fn classify_pieces(sql: &str, prepared: Option<&PreparedStatements>, out: &mut C
                 }
             }
             Err(e) => {
+                if let Some(copy) = sql_utility::copy_with_options(piece) {
+                    utility_piece(Some(copy), out);
+                    continue;
+                }
                 out.statements += 1;
                 out.objects_complete = false;
                 if let Some(class) = keyword_fallback(piece) {
@@ -342,6 +357,21 @@ fn classify_pieces(sql: &str, prepared: Option<&PreparedStatements>, out: &mut C
                 }
             }
         }
+    }
+}
+
+/// Adds a statement read by `sql_utility`; `None` (outside its grammar) is `unknown`.
+fn utility_piece(read: Option<sql_utility::Utility>, out: &mut Classification) {
+    out.statements += 1;
+    if let Some(u) = read {
+        out.classes.insert(u.class);
+        out.objects.extend(u.objects);
+        out.objects_complete &= u.objects_complete;
+    } else {
+        out.objects_complete = false;
+        out.classes.insert(SqlClass::Unknown);
+        out.unknown_reasons
+            .push("not understood: a VACUUM or ANALYZE form the gateway does not read".into());
     }
 }
 

@@ -193,6 +193,14 @@ impl Walker<'_, '_> {
             Statement::Delete(_) => C::Delete,
             Statement::Merge(_) => C::Merge,
             Statement::Copy {
+                payload: Some(_), ..
+            } => {
+                // The wire protocol carries COPY data in CopyData messages, never in the query
+                // text: lines the tokenizer took for inline data are statements the server runs.
+                self.unknown("COPY data inside the statement text".into());
+                return;
+            }
+            Statement::Copy {
                 source, to, target, ..
             } => copy_class(source, *to, target),
             Statement::Set(set) => set_class(set),

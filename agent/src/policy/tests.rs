@@ -349,6 +349,39 @@ fn objects_and_functions() {
 }
 
 #[test]
+fn maintenance_rules_can_name_tables() {
+    let id = agent();
+    let set = policy(
+        "[[target]]\nname = \"db\"\n\
+         [[rule]]\nid = \"bench-maintenance\"\nverdict = \"allow\"\n\
+         sql = { class = [\"maintenance\", \"copy_in\"], objects = [\"public.pgbench_*\"] }\n",
+    );
+    let verdict = |q: &str| set.evaluate(&sql("db", &id, q)).verdict;
+    assert_eq!(verdict("vacuum analyze pgbench_branches"), Verdict::Allow);
+    assert_eq!(
+        verdict("VACUUM (ANALYZE) pgbench_tellers, public.pgbench_history"),
+        Verdict::Allow
+    );
+    assert_eq!(
+        verdict("VACUUM ANALYZE pgbench_branches, users"),
+        Verdict::Deny
+    );
+    assert_eq!(
+        verdict("VACUUM ANALYZE"),
+        Verdict::Deny,
+        "every table: the rule cannot vouch for tables it does not see"
+    );
+    assert_eq!(
+        verdict("copy pgbench_accounts from stdin with (freeze on)"),
+        Verdict::Allow
+    );
+    assert_eq!(
+        verdict("COPY users FROM STDIN WITH (FREEZE ON)"),
+        Verdict::Deny
+    );
+}
+
+#[test]
 fn prepared_statements_are_reported_for_the_session() {
     let c = super::classify("PREPARE q (int) AS DELETE FROM t WHERE id = $1", None);
     assert_eq!(c.prepared.len(), 1);

@@ -33,7 +33,7 @@ default = "deny"
 id = "bench"
 verdict = "allow"
 target = { name = ["db"] }
-sql = { class = ["read", "transaction", "session", "insert", "update", "delete", "ddl", "truncate", "sequence"] }
+sql = { class = ["read", "transaction", "session", "insert", "update", "delete", "ddl", "truncate", "sequence", "maintenance"] }
 "#,
     );
 

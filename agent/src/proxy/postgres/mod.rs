@@ -261,8 +261,6 @@ pub async fn serve(
     let client_user = startup.get("user").unwrap_or("").to_string();
     let client_db = startup.get("database").unwrap_or(&client_user).to_string();
     let pg = target.postgres.clone().unwrap_or_default();
-    let user = pg.user.clone().unwrap_or_else(|| client_user.clone());
-    let database = pg.database.clone().unwrap_or_else(|| client_db.clone());
     let record = |kind: EventKind| {
         if let Err(e) = gw.store.append(session, kind) {
             warn!(error = %e, "cannot record an event");
@@ -315,7 +313,27 @@ pub async fn serve(
         return end(0, 0, Outcome::Refused { reason: message });
     }
 
-    let password = match read_credential(target.credentials.as_ref()) {
+    // Whom to log in as upstream: the target's `postgres.map`, else its defaults. A client the
+    // map does not cover is refused (fail closed).
+    let Some(login) = target.postgres_login(&client_user, &client_db) else {
+        let message = format!(
+            "no upstream login is mapped for user \"{client_user}\" and database \"{client_db}\" on target {}",
+            target.name
+        );
+        record(EventKind::Error {
+            message: message.clone(),
+        });
+        let _ = cwriter
+            .write_all(&codec::fatal_response(
+                "28000",
+                &format!("bulkhead: {message}"),
+            ))
+            .await;
+        let _ = cwriter.flush().await;
+        return end(0, 0, Outcome::Refused { reason: message });
+    };
+    let (user, database) = (login.user.clone(), login.database.clone());
+    let password = match read_credential(login.credentials) {
         Ok(p) => p,
         Err(e) => {
             warn!(error = %e, "cannot read the target's credentials");
@@ -344,8 +362,8 @@ pub async fn serve(
         Err(e) => {
             record(EventKind::Auth {
                 side: "upstream".into(),
-                user: Some(user.clone()),
-                method: "login".into(),
+                user: Some(format!("{user}@{database}")),
+                method: login_method("login", login.mapping),
                 ok: false,
             });
             let _ = cwriter
@@ -364,11 +382,14 @@ pub async fn serve(
     record(EventKind::Auth {
         side: "upstream".into(),
         user: Some(format!("{user}@{database}")),
-        method: if up.tls {
-            format!("{} over TLS", up.method)
-        } else {
-            up.method.into()
-        },
+        method: login_method(
+            &if up.tls {
+                format!("{} over TLS", up.method)
+            } else {
+                up.method.into()
+            },
+            login.mapping,
+        ),
         ok: true,
     });
     info!(user = %client_user, upstream_user = %user, database = %database, method = up.method, "postgres session started");
@@ -1007,6 +1028,14 @@ async fn cancel(gw: &Gateway, session: SessionId, key: (i32, i32)) -> Outcome {
         Err(e) => Outcome::UpstreamFailed {
             error: e.to_string(),
         },
+    }
+}
+
+/// The upstream login's method as recorded, naming the `postgres.map` entry that chose it.
+fn login_method(method: &str, mapping: Option<usize>) -> String {
+    match mapping {
+        Some(i) => format!("{method}, postgres.map[{i}]"),
+        None => method.to_string(),
     }
 }
 
