@@ -56,6 +56,16 @@ fn setup(auth: &str, policy: &str) -> (Topology, PgServer, bulkhead_tests::Proc)
 
 /// Runs psql on the governed side with `script` on stdin; returns (status ok, stdout, stderr).
 fn psql(topo: &Topology, pg: &PgServer, script: &str) -> (bool, String, String) {
+    psql_env(topo, pg, script, &[])
+}
+
+/// `psql` with extra environment variables.
+fn psql_env(
+    topo: &Topology,
+    pg: &PgServer,
+    script: &str,
+    env: &[(&str, &str)],
+) -> (bool, String, String) {
     let path = topo.dir.join(format!(
         "script-{}.sql",
         Instant::now().elapsed().as_nanos()
@@ -79,6 +89,7 @@ fn psql(topo: &Topology, pg: &PgServer, script: &str) -> (bool, String, String) 
     .arg(&path)
     .env("PGSSLMODE", "prefer")
     .env_remove("PGPASSWORD")
+    .envs(env.iter().copied())
     .current_dir(&topo.dir);
     let out = topo.output(Side::Governed, cmd);
     (
@@ -1034,4 +1045,55 @@ fn mapped_client_users_log_in_as_their_own_upstream_roles_and_unmapped_ones_are_
             "no upstream login was attempted: {events:?}"
         );
     }
+}
+
+#[test]
+fn startup_settings_are_judged_like_the_set_statements_they_amount_to() {
+    require_root();
+    let (topo, pg, _daemon) = setup("scram-sha-256", POLICY);
+    // Plain session state passes, and the target applies it.
+    let (ok, out, err) = psql_env(
+        &topo,
+        &pg,
+        "SHOW statement_timeout;",
+        &[("PGOPTIONS", "-c statement_timeout=4321")],
+    );
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "4321ms");
+    // A role, or a setting that changes how SQL is read, needs what the SET would need: this
+    // policy has no rule for either, so the login is refused, with the reason.
+    for options in [
+        "-c role=pg_read_all_data",
+        "--standard-conforming-strings=off",
+        "-B 100",
+    ] {
+        let (ok, out, err) = psql_env(
+            &topo,
+            &pg,
+            "SELECT 'connected';",
+            &[("PGOPTIONS", options), ("PGSSLMODE", "disable")],
+        );
+        assert!(!ok, "{options}: {out}");
+        assert!(err.contains("bulkhead:"), "{options}: {err}");
+        assert!(!out.contains("connected"), "{options}: {out}");
+    }
+    let (_, _, err) = psql_env(
+        &topo,
+        &pg,
+        "SELECT 1;",
+        &[("PGOPTIONS", "-c role=pg_read_all_data"), ("PGSSLMODE", "disable")],
+    );
+    assert!(
+        err.contains("startup setting `SET role = 'pg_read_all_data'` refused"),
+        "{err}"
+    );
+    let events = events_of_newest(&topo);
+    assert!(
+        events.iter().any(|e| e["type"] == "request"
+            && e["verdict"] == "deny"
+            && e["text"]
+                .as_str()
+                .is_some_and(|t| t.contains("SET role = 'pg_read_all_data'"))),
+        "{events:#?}"
+    );
 }

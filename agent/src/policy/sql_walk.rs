@@ -61,7 +61,11 @@ struct Walker<'a, 'p> {
 
 impl Walker<'_, '_> {
     fn add(&mut self, class: SqlClass) {
-        if self.suppress == 0 || class == SqlClass::Unknown {
+        if class == SqlClass::Unknown {
+            // With a reason: an `unknown` without one reads as "only functions a policy may
+            // vouch for", which a statement kind is not.
+            self.unknown("a statement the gateway does not judge by its kind".into());
+        } else if self.suppress == 0 {
             self.out.classes.insert(class);
         }
     }
@@ -206,9 +210,7 @@ impl Walker<'_, '_> {
             Statement::Set(set) => set_class(set),
             Statement::Reset(r) => match &r.reset {
                 Reset::SessionAuthorization => C::Role,
-                Reset::ConfigurationParameter(name) if is_role_setting(&normalize_name(name)) => {
-                    C::Role
-                }
+                Reset::ConfigurationParameter(name) => settings_class(std::iter::once(name)),
                 _ => C::Session,
             },
             Statement::StartTransaction { .. }
@@ -491,36 +493,33 @@ fn is_role_setting(name: &str) -> bool {
     matches!(name, "role" | "session_authorization")
 }
 
+/// Settings that change how the server reads SQL text: with `standard_conforming_strings`
+/// off, `'a\'; DROP TABLE t; --'` is no longer one string, and the gateway, which reads SQL
+/// the standard way, would judge a different statement than the server runs.
+fn is_parsing_setting(name: &str) -> bool {
+    matches!(name, "standard_conforming_strings" | "backslash_quote")
+}
+
+/// The class of assigning these settings.
+fn settings_class<'a>(mut names: impl Iterator<Item = &'a ObjectName>) -> SqlClass {
+    let names: Vec<String> = names.by_ref().map(normalize_name).collect();
+    if names.iter().any(|n| is_parsing_setting(n)) {
+        SqlClass::Unknown
+    } else if names.iter().any(|n| is_role_setting(n)) {
+        SqlClass::Role
+    } else {
+        SqlClass::Session
+    }
+}
+
 fn set_class(set: &Set) -> SqlClass {
     match set {
         Set::SetRole { .. } | Set::SetSessionAuthorization(_) => SqlClass::Role,
         Set::SetTransaction { .. } => SqlClass::Transaction,
-        Set::SingleAssignment { variable, .. } => {
-            if is_role_setting(&normalize_name(variable)) {
-                SqlClass::Role
-            } else {
-                SqlClass::Session
-            }
-        }
-        Set::ParenthesizedAssignments { variables, .. } => {
-            if variables
-                .iter()
-                .any(|v| is_role_setting(&normalize_name(v)))
-            {
-                SqlClass::Role
-            } else {
-                SqlClass::Session
-            }
-        }
+        Set::SingleAssignment { variable, .. } => settings_class(std::iter::once(variable)),
+        Set::ParenthesizedAssignments { variables, .. } => settings_class(variables.iter()),
         Set::MultipleAssignments { assignments } => {
-            if assignments
-                .iter()
-                .any(|a| is_role_setting(&normalize_name(&a.name)))
-            {
-                SqlClass::Role
-            } else {
-                SqlClass::Session
-            }
+            settings_class(assignments.iter().map(|a| &a.name))
         }
         Set::SetTimeZone { .. } | Set::SetNames { .. } | Set::SetNamesDefault {} => {
             SqlClass::Session
@@ -541,7 +540,10 @@ fn set_config_effect(args: Option<&FunctionArguments>) -> SqlClass {
             Value::SingleQuotedString(s)
             | Value::EscapedStringLiteral(s)
             | Value::DollarQuotedString(DollarQuotedString { value: s, .. }) => {
-                if is_role_setting(&s.to_ascii_lowercase()) {
+                let name = s.to_ascii_lowercase();
+                if is_parsing_setting(&name) {
+                    SqlClass::Unknown
+                } else if is_role_setting(&name) {
                     SqlClass::Role
                 } else {
                     SqlClass::Session

@@ -13,6 +13,7 @@
 //! error for SQLSTATE 42501 and the policy's message.
 
 pub mod codec;
+mod startup;
 mod upstream;
 
 use std::{
@@ -303,6 +304,20 @@ pub async fn serve(
             summary: None,
             error: None,
         });
+        let _ = cwriter
+            .write_all(&codec::fatal_response(
+                "42501",
+                &format!("bulkhead: {message}"),
+            ))
+            .await;
+        let _ = cwriter.flush().await;
+        return end(0, 0, Outcome::Refused { reason: message });
+    }
+
+    // Startup parameters are settings the target applies at login: each is judged as the SET
+    // it amounts to. Plain session state passes; anything else (a role, a setting that changes
+    // how SQL is read, what cannot be classified) needs the policy's allow.
+    if let Err(message) = judge_startup_settings(gw, target, identity, &startup.params, &record) {
         let _ = cwriter
             .write_all(&codec::fatal_response(
                 "42501",
@@ -998,6 +1013,68 @@ impl Ctx<'_> {
             error,
         });
     }
+}
+
+/// Judges the startup parameters as `SET` statements (see [`startup`]); the refusal message if
+/// one is not allowed.
+fn judge_startup_settings(
+    gw: &Gateway,
+    target: &Target,
+    identity: &ProcessIdentity,
+    params: &[(String, String)],
+    record: &impl Fn(EventKind),
+) -> Result<(), String> {
+    let statements = startup::settings(params).inspect_err(|e| {
+        record(EventKind::Error { message: e.clone() });
+    })?;
+    let policy = gw.policy.current();
+    for text in statements {
+        let classification = policy.cache().classify(&text, None);
+        if classification.headline() == Some(policy::SqlClass::Session)
+            && classification.classes.len() == 1
+        {
+            continue;
+        }
+        let decision = policy.evaluate(&policy::Request {
+            target: TargetRef {
+                name: &target.name,
+                protocol: Protocol::Postgres,
+            },
+            identity,
+            action: Action::SqlClassified(&classification),
+        });
+        let verdict = match decision.decided {
+            Verdict::Allow => RecordedVerdict::Allow,
+            Verdict::Deny => RecordedVerdict::Deny,
+            Verdict::Approve => RecordedVerdict::Approve,
+        };
+        // An approval cannot be waited for during login: only an allow lets it through.
+        let refused = decision.verdict != Verdict::Allow;
+        record(EventKind::Request {
+            text: format!("startup parameter: {text}"),
+            class: classification.headline().map(|c| c.name().to_string()),
+            verdict: if refused && !decision.observe_only {
+                RecordedVerdict::Deny
+            } else {
+                verdict
+            },
+            rules: decision.rules.clone(),
+            observed: decision.observe_only,
+            duration_us: None,
+            summary: None,
+            error: None,
+        });
+        if refused {
+            let why = decision
+                .message
+                .clone()
+                .unwrap_or_else(|| "not allowed by policy".into());
+            return Err(format!(
+                "startup setting `{text}` refused: {why} (a statement that needs approval must be run after connecting)"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Maps a client's CancelRequest to the target's own key and forwards it.
