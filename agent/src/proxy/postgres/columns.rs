@@ -521,6 +521,11 @@ impl<'a> Results<'a> {
             }
             return;
         }
+        self.follow(tag, body, masked);
+    }
+
+    /// The answer's place in the extended protocol, for a session that follows Describes.
+    fn follow(&mut self, tag: u8, body: &[u8], masked: impl FnOnce() -> bool) {
         let tracker = self.tracker;
         let mut queue = tracker.queue.lock().unwrap_or_else(PoisonError::into_inner);
         match tag {

@@ -243,10 +243,10 @@ pub fn unescape_text(raw: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(raw.len());
     let mut i = 0;
     while i < raw.len() {
-        let c = raw[i];
+        let byte = raw[i];
         i += 1;
-        if c != b'\\' || i >= raw.len() {
-            out.push(c);
+        if byte != b'\\' || i >= raw.len() {
+            out.push(byte);
             continue;
         }
         let e = raw[i];
