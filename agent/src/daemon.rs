@@ -161,6 +161,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         stats: Stats::default(),
         policy,
         pg_cancels: crate::proxy::postgres::CancelKeys::default(),
+        pg_catalogs: crate::proxy::postgres::Catalogs::default(),
         tls: match crate::tls::LocalCa::load_or_create(&config.daemon.state_dir.join("ca")) {
             Ok(ca) => Some(Arc::new(ca)),
             Err(e) => {

@@ -698,6 +698,135 @@ mask = { detectors = ["email", "card"], style = "redact" }
 }
 
 #[test]
+fn column_rules_mask_the_real_column_whatever_the_alias_protocol_or_copy() {
+    require_root();
+    let policy = POLICY.to_string()
+        + r#"
+[[rule]]
+id = "ssn-column"
+verdict = "mask"
+target = { name = ["db"] }
+mask = { columns = ["public.users.ssn"], style = "redact" }
+"#;
+    let (topo, pg, _daemon) = setup("scram-sha-256", &policy);
+    pg.admin_sql(
+        &topo,
+        "CREATE TABLE users (id int, name text, ssn text); \
+         INSERT INTO users VALUES (1, 'alice', '123-45-6789'); \
+         CREATE TABLE other (id int, ssn text); \
+         INSERT INTO other VALUES (2, '987-65-4321')",
+    );
+    let secret = "123-45-6789";
+
+    // Simple query protocol (psql): an alias, a table alias, a multi-statement query, another
+    // table's column of the same name, COPY in text and CSV.
+    let (_, out, err) = psql(
+        &topo,
+        &pg,
+        "SELECT ssn AS x FROM users;\n\
+         SELECT u.name, u.ssn FROM users u;\n\
+         SELECT id FROM users \\; SELECT o.ssn AS y, u.ssn AS z FROM other o, users u;\n\
+         SELECT ssn FROM other;\n\
+         \\copy users to stdout\n\
+         \\copy users (ssn, name) to stdout with (format csv, header true)\n\
+         \\copy (SELECT name, ssn FROM users) to stdout\n",
+    );
+    assert!(err.is_empty(), "{err}");
+    assert!(!out.contains(secret), "the column leaked: {out}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines,
+        vec![
+            "[redacted]",
+            "alice|[redacted]",
+            "1",
+            "987-65-4321|[redacted]",
+            "987-65-4321",
+            "1\talice\t[redacted]",
+            "ssn,name",
+            "\"[redacted]\",alice",
+            "[redacted]\t[redacted]",
+        ],
+        "{out}"
+    );
+
+    // Extended protocol, tokio-postgres: the rows of an Execute follow no RowDescription (it
+    // came with the statement's Describe, in an earlier round trip) and are binary.
+    let exe = bulkhead_tests::probe_bin().with_file_name("bh-pg-client");
+    let out = topo.output(Side::Governed, {
+        let mut c = Command::new(exe);
+        c.args([
+            TARGET_V4,
+            "query",
+            "SELECT ssn AS x, name, id FROM users",
+            "SELECT ssn FROM other",
+            "SELECT o.ssn, u.ssn FROM other o JOIN users u ON true",
+        ]);
+        c
+    });
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(
+        v,
+        serde_json::json!([
+            [["[redacted]", "alice", "1"]],
+            [["987-65-4321"]],
+            [["987-65-4321", "[redacted]"]]
+        ])
+    );
+
+    // Extended protocol, psycopg: Describe of the portal, text and binary results, a named
+    // prepared statement, a pipeline.
+    let script = format!(
+        r#"
+import json, psycopg
+out = {{}}
+conn = psycopg.connect("host={TARGET_V4} user=admin dbname=postgres", autocommit=True)
+q = "SELECT ssn AS x, name FROM users WHERE id = %s"
+out["text"] = list(conn.execute(q, (1,)).fetchone())
+out["binary"] = list(conn.execute(q, (1,), binary=True).fetchone())
+out["prepared"] = [list(conn.execute(q, (1,), prepare=True).fetchone()) for _ in range(3)]
+out["other"] = conn.execute("SELECT ssn FROM other WHERE id = %s", (2,)).fetchone()[0]
+with conn.pipeline():
+    a = conn.execute("SELECT ssn FROM other WHERE id = %s", (2,))
+    b = conn.execute("SELECT name, ssn FROM users WHERE id = %s", (1,))
+out["pipeline"] = [a.fetchone()[0], list(b.fetchone())]
+print(json.dumps(out))
+"#
+    );
+    let mut cmd = Command::new("python3");
+    cmd.args(["-c", &script]);
+    let out = topo.output(Side::Governed, cmd);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["text"], serde_json::json!(["[redacted]", "alice"]));
+    assert_eq!(v["binary"], serde_json::json!(["[redacted]", "alice"]));
+    assert_eq!(
+        v["prepared"],
+        serde_json::json!([
+            ["[redacted]", "alice"],
+            ["[redacted]", "alice"],
+            ["[redacted]", "alice"]
+        ])
+    );
+    assert_eq!(v["other"], "987-65-4321");
+    assert_eq!(
+        v["pipeline"],
+        serde_json::json!(["987-65-4321", ["alice", "[redacted]"]])
+    );
+}
+
+#[test]
 fn a_rust_driver_with_binary_parameters_and_prepared_statements() {
     require_root();
     let (topo, _pg, _daemon) = setup("scram-sha-256", POLICY);

@@ -305,6 +305,7 @@ pub(crate) mod tests {
                 approvals: Arc::clone(broker),
                 policy: crate::policy::PolicyHandle::new("/nonexistent"),
                 pg_cancels: crate::proxy::postgres::CancelKeys::default(),
+                pg_catalogs: crate::proxy::postgres::Catalogs::default(),
                 tls: None,
             }),
             info: DaemonInfo {

@@ -200,6 +200,15 @@ impl ColumnPattern {
             .zip(&id[offset..])
             .all(|(g, v)| g.is_match(v))
     }
+
+    /// Whether some column of a table could match: the schema and table parts, where the
+    /// pattern has them. An unknown schema (`None`: the name was not qualified) matches.
+    pub fn may_match_table(&self, schema: Option<&str>, table: &str) -> bool {
+        let n = self.parts.len();
+        let table_ok = n < 2 || self.parts[n - 2].is_match(table);
+        let schema_ok = n < 3 || schema.is_none_or(|s| self.parts[0].is_match(s));
+        table_ok && schema_ok
+    }
 }
 
 impl Serialize for ColumnPattern {
@@ -222,7 +231,14 @@ pub struct MaskRule {
 #[derive(Debug, Clone, Default)]
 pub struct Masker<'a> {
     rules: Vec<&'a MaskRule>,
-    detectors: Vec<(Detector, MaskStyle)>,
+    detectors: Detectors,
+}
+
+/// The value detectors of a set of rules, each with its strongest style; owned, so a result
+/// can keep it for all its rows.
+#[derive(Debug, Clone, Default)]
+pub struct Detectors {
+    found: Vec<(Detector, MaskStyle)>,
 }
 
 impl<'a> Masker<'a> {
@@ -241,11 +257,19 @@ impl<'a> Masker<'a> {
             }
         }
         detectors.sort_by_key(|(d, _)| *d);
-        Self { rules, detectors }
+        Self {
+            rules,
+            detectors: Detectors { found: detectors },
+        }
     }
 
     pub fn is_empty(&self) -> bool {
         self.rules.is_empty()
+    }
+
+    /// Whether any rule names columns (only those need the real column identity).
+    pub fn has_column_rules(&self) -> bool {
+        self.rules.iter().any(|r| !r.columns.is_empty())
     }
 
     /// The strongest style for a column, if any rule names it.
@@ -255,6 +279,29 @@ impl<'a> Masker<'a> {
             .filter(|r| r.columns.iter().any(|c| c.matches(schema, table, column)))
             .map(|r| &r.style)
             .max_by_key(|s| s.strength())
+    }
+
+    /// The strongest style of any column rule: what a value gets when its column cannot be
+    /// identified but a column rule might name it.
+    pub fn strongest_column_style(&self) -> Option<&MaskStyle> {
+        self.rules
+            .iter()
+            .filter(|r| !r.columns.is_empty())
+            .map(|r| &r.style)
+            .max_by_key(|s| s.strength())
+    }
+
+    /// Whether a column rule could name some column of `schema.table` (`None`: unqualified).
+    pub fn may_mask_table(&self, schema: Option<&str>, table: &str) -> bool {
+        self.rules
+            .iter()
+            .flat_map(|r| &r.columns)
+            .any(|c| c.may_match_table(schema, table))
+    }
+
+    /// The value detectors, for keeping beyond this masker.
+    pub fn detectors(&self) -> &Detectors {
+        &self.detectors
     }
 
     /// Masks a value: the whole of it if its column is named, else what the detectors find.
@@ -267,8 +314,19 @@ impl<'a> Masker<'a> {
 
     /// Replaces what the detectors find in free text.
     pub fn mask_text<'v>(&self, text: &'v str) -> Cow<'v, str> {
+        self.detectors.mask_text(text)
+    }
+}
+
+impl Detectors {
+    pub fn is_empty(&self) -> bool {
+        self.found.is_empty()
+    }
+
+    /// Replaces what the detectors find in free text.
+    pub fn mask_text<'v>(&self, text: &'v str) -> Cow<'v, str> {
         let mut found: Vec<(usize, usize, &MaskStyle)> = Vec::new();
-        for (d, style) in &self.detectors {
+        for (d, style) in &self.found {
             for m in d.regex().find_iter(text) {
                 if d.confirms(m.as_str()) {
                     found.push((m.start(), m.end(), style));

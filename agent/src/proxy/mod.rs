@@ -71,6 +71,8 @@ pub struct Gateway {
     pub policy: crate::policy::PolicyHandle,
     /// Cancel keys handed to PostgreSQL clients.
     pub pg_cancels: postgres::CancelKeys,
+    /// Column identities read from PostgreSQL targets' catalogs, for column mask rules.
+    pub pg_catalogs: postgres::Catalogs,
     /// The local CA for TLS toward clients; `None` declines client TLS.
     pub tls: Option<Arc<crate::tls::LocalCa>>,
     /// Where a handler holds a request whose verdict is `approve` (`ApprovalBroker::request`).
@@ -281,6 +283,7 @@ mod tests {
             stats: Stats::default(),
             policy: crate::policy::PolicyHandle::new("/nonexistent"),
             pg_cancels: postgres::CancelKeys::default(),
+            pg_catalogs: postgres::Catalogs::default(),
             approvals,
             tls: None,
         });

@@ -1,6 +1,9 @@
 //! A Rust driver (tokio-postgres) as a governed client: binary parameters and results, a
 //! prepared statement run many times, a transaction, and a denied statement. Prints one JSON
 //! line; run by `tests/postgres.rs` inside the governed cgroup.
+//!
+//! `bh-pg-client HOST query SQL...` instead runs each SQL (prepared, then executed with binary
+//! results, as tokio-postgres does) and prints its rows as JSON arrays of text values.
 
 use tokio_postgres::NoTls;
 
@@ -11,6 +14,21 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (client, connection) =
         tokio_postgres::connect(&format!("host={host} user=admin dbname=postgres"), NoTls).await?;
     tokio::spawn(connection);
+
+    let args: Vec<String> = std::env::args().skip(2).collect();
+    if args.first().map(String::as_str) == Some("query") {
+        let mut results = Vec::new();
+        for sql in &args[1..] {
+            let rows = client.query(sql.as_str(), &[]).await?;
+            let rows: Vec<Vec<Option<String>>> = rows
+                .iter()
+                .map(|r| (0..r.len()).map(|i| text_of(r, i)).collect())
+                .collect();
+            results.push(rows);
+        }
+        println!("{}", serde_json::json!(results));
+        return Ok(());
+    }
 
     let row = client
         .query_one(
@@ -43,4 +61,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         serde_json::json!({ "n": n, "s": s, "b": b, "f": f, "sum": sum, "denied": denied, "after": after })
     );
     Ok(())
+}
+
+/// A value as text: strings as they are, integers printed, anything else by its type name.
+fn text_of(row: &tokio_postgres::Row, i: usize) -> Option<String> {
+    if let Ok(v) = row.try_get::<_, Option<String>>(i) {
+        return v;
+    }
+    if let Ok(v) = row.try_get::<_, Option<i32>>(i) {
+        return v.map(|v| v.to_string());
+    }
+    Some(format!("<{}>", row.columns()[i].type_().name()))
 }

@@ -436,6 +436,199 @@ pub fn rewrite_data_row(
     })))
 }
 
+/// One column of a RowDescription ('T').
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldDescription {
+    /// The name the query gave the column (an alias, say): never used to decide masking.
+    pub name: String,
+    /// The table the column comes from, 0 for an expression.
+    pub table_oid: u32,
+    /// The column's attribute number in that table, 0 for an expression.
+    pub column: i16,
+    pub type_oid: u32,
+    pub type_len: i16,
+    pub type_mod: i32,
+    /// 0 text, 1 binary (always 0 in the answer to a Describe of a statement).
+    pub format: i16,
+}
+
+/// RowDescription ('T'): every field, checked against the message's length.
+pub fn row_description(body: &[u8]) -> Result<Vec<FieldDescription>, CodecError> {
+    let malformed = CodecError::Malformed {
+        what: "RowDescription",
+    };
+    let mut b = body;
+    if b.len() < 2 {
+        return Err(malformed);
+    }
+    let count = usize::try_from(b.get_i16()).map_err(|_| CodecError::Malformed {
+        what: "RowDescription",
+    })?;
+    // Each field takes at least 19 bytes: a count that cannot fit is not trusted to size
+    // anything.
+    if count > b.len() / 19 {
+        return Err(malformed);
+    }
+    let mut fields = Vec::with_capacity(count);
+    for _ in 0..count {
+        let name = take_cstr(&mut b, "RowDescription")?.to_string();
+        if b.len() < 18 {
+            return Err(CodecError::Malformed {
+                what: "RowDescription",
+            });
+        }
+        fields.push(FieldDescription {
+            name,
+            table_oid: b.get_u32(),
+            column: b.get_i16(),
+            type_oid: b.get_u32(),
+            type_len: b.get_i16(),
+            type_mod: b.get_i32(),
+            format: b.get_i16(),
+        });
+    }
+    Ok(fields)
+}
+
+/// The values of a DataRow ('D') or of a binary COPY tuple, `None` for NULL.
+pub fn data_row_values(body: &[u8]) -> Result<Vec<Option<&[u8]>>, CodecError> {
+    let malformed = || CodecError::Malformed { what: "DataRow" };
+    let mut b = body;
+    if b.len() < 2 {
+        return Err(malformed());
+    }
+    let count = usize::try_from(b.get_i16()).map_err(|_| malformed())?;
+    if count > b.len() / 4 {
+        return Err(malformed());
+    }
+    let mut values = Vec::with_capacity(count);
+    for _ in 0..count {
+        if b.len() < 4 {
+            return Err(malformed());
+        }
+        let len = b.get_i32();
+        if len < 0 {
+            values.push(None);
+            continue;
+        }
+        let len = usize::try_from(len).map_err(|_| malformed())?;
+        if b.len() < len {
+            return Err(malformed());
+        }
+        let (value, rest) = b.split_at(len);
+        values.push(Some(value));
+        b = rest;
+    }
+    Ok(values)
+}
+
+/// A new value for a field being rewritten.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Replacement {
+    Value(Vec<u8>),
+    Null,
+}
+
+/// The body of a DataRow (or of a binary COPY tuple, which has the same layout) with some
+/// values replaced: `f` gets each non-NULL field's index and value. `Ok(None)` when nothing
+/// changed; an error for a malformed row, which must not pass unmasked.
+pub fn rewrite_row_body(
+    body: &[u8],
+    mut f: impl FnMut(usize, &[u8]) -> Option<Replacement>,
+) -> Result<Option<BytesMut>, CodecError> {
+    let values = data_row_values(body)?;
+    let mut changed: Vec<Option<Replacement>> = Vec::new();
+    for (i, v) in values.iter().enumerate() {
+        if let Some(v) = v {
+            if let Some(r) = f(i, v) {
+                if changed.is_empty() {
+                    changed.resize(values.len(), None);
+                }
+                changed[i] = Some(r);
+            }
+        }
+    }
+    if changed.is_empty() {
+        return Ok(None);
+    }
+    let mut out = BytesMut::with_capacity(body.len() + 16);
+    out.put_i16(i16::try_from(values.len()).unwrap_or(i16::MAX));
+    for (v, r) in values.iter().zip(&changed) {
+        let value: Option<&[u8]> = match r {
+            Some(Replacement::Null) => None,
+            Some(Replacement::Value(new)) => Some(new),
+            None => *v,
+        };
+        match value {
+            None => out.put_i32(-1),
+            Some(v) => {
+                out.put_i32(i32::try_from(v.len()).unwrap_or(i32::MAX));
+                out.put_slice(v);
+            }
+        }
+    }
+    Ok(Some(out))
+}
+
+/// A DataRow frame around a rewritten body.
+pub fn data_row(body: &[u8]) -> Bytes {
+    frame(b'D', |b| b.put_slice(body))
+}
+
+/// Bind ('B'): the result-column format codes (none: all text; one: all alike).
+pub fn bind_result_formats(body: &[u8]) -> Result<Vec<i16>, CodecError> {
+    let malformed = || CodecError::Malformed { what: "Bind" };
+    let mut b = body;
+    take_cstr(&mut b, "Bind")?;
+    take_cstr(&mut b, "Bind")?;
+    let skip = |b: &mut &[u8], n: usize| -> Result<(), CodecError> {
+        if b.len() < n {
+            return Err(malformed());
+        }
+        b.advance(n);
+        Ok(())
+    };
+    let count = |b: &mut &[u8]| -> Result<usize, CodecError> {
+        if b.len() < 2 {
+            return Err(malformed());
+        }
+        usize::try_from(b.get_i16()).map_err(|_| malformed())
+    };
+    let parameter_formats = count(&mut b)?;
+    skip(&mut b, parameter_formats * 2)?;
+    for _ in 0..count(&mut b)? {
+        if b.len() < 4 {
+            return Err(malformed());
+        }
+        let len = b.get_i32();
+        if len > 0 {
+            skip(&mut b, usize::try_from(len).map_err(|_| malformed())?)?;
+        }
+    }
+    let n = count(&mut b)?;
+    if b.len() < n * 2 {
+        return Err(malformed());
+    }
+    Ok((0..n).map(|_| b.get_i16()).collect())
+}
+
+/// CopyOutResponse ('H'): overall format (0 text, 1 binary) and the per-column formats.
+pub fn copy_out_response(body: &[u8]) -> Result<(i8, Vec<i16>), CodecError> {
+    let malformed = || CodecError::Malformed {
+        what: "CopyOutResponse",
+    };
+    let mut b = body;
+    if b.len() < 3 {
+        return Err(malformed());
+    }
+    let format = b.get_i8();
+    let n = usize::try_from(b.get_i16()).map_err(|_| malformed())?;
+    if b.len() < n * 2 {
+        return Err(malformed());
+    }
+    Ok((format, (0..n).map(|_| b.get_i16()).collect()))
+}
+
 pub fn terminate() -> Bytes {
     frame(b'X', |_| {})
 }
@@ -574,6 +767,128 @@ mod tests {
             rewrite_data_row(&row[..7], |_| Some(vec![])).is_err(),
             "a truncated row is an error, never passed unmasked"
         );
+    }
+
+    fn row_description_body(fields: &[(&str, u32, i16, u32, i16)]) -> BytesMut {
+        let mut b = BytesMut::new();
+        b.put_i16(i16::try_from(fields.len()).unwrap());
+        for (name, table, column, type_oid, format) in fields {
+            b.put_slice(name.as_bytes());
+            b.put_u8(0);
+            b.put_u32(*table);
+            b.put_i16(*column);
+            b.put_u32(*type_oid);
+            b.put_i16(-1);
+            b.put_i32(-1);
+            b.put_i16(*format);
+        }
+        b
+    }
+
+    #[test]
+    fn row_descriptions_parse_and_truncated_ones_do_not() {
+        let body = row_description_body(&[("x", 16384, 3, 25, 0), ("?column?", 0, 0, 23, 1)]);
+        let fields = row_description(&body).unwrap();
+        assert_eq!(
+            fields[0],
+            FieldDescription {
+                name: "x".into(),
+                table_oid: 16384,
+                column: 3,
+                type_oid: 25,
+                type_len: -1,
+                type_mod: -1,
+                format: 0,
+            }
+        );
+        assert_eq!((fields[1].table_oid, fields[1].format), (0, 1));
+        assert!(row_description(&row_description_body(&[]))
+            .unwrap()
+            .is_empty());
+        for cut in 0..body.len() {
+            assert!(row_description(&body[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut lying = body.clone();
+        lying[0..2].copy_from_slice(&i16::MAX.to_be_bytes());
+        assert!(
+            row_description(&lying).is_err(),
+            "a count the body cannot hold"
+        );
+        lying[0..2].copy_from_slice(&(-1i16).to_be_bytes());
+        assert!(row_description(&lying).is_err());
+        let mut unterminated = BytesMut::new();
+        unterminated.put_i16(1);
+        unterminated.put_slice(&[b'a'; 40]);
+        assert!(row_description(&unterminated).is_err());
+    }
+
+    #[test]
+    fn rows_rewrite_by_index_with_nulls_and_only_when_changed() {
+        let mut row = BytesMut::new();
+        row.put_i16(3);
+        for v in [Some(&b"keep"[..]), None, Some(&b"secret"[..])] {
+            match v {
+                Some(v) => {
+                    row.put_i32(i32::try_from(v.len()).unwrap());
+                    row.put_slice(v);
+                }
+                None => row.put_i32(-1),
+            }
+        }
+        assert_eq!(
+            data_row_values(&row).unwrap(),
+            vec![Some(&b"keep"[..]), None, Some(&b"secret"[..])]
+        );
+        let out = rewrite_row_body(&row, |i, _| match i {
+            0 => Some(Replacement::Null),
+            2 => Some(Replacement::Value(b"***".to_vec())),
+            _ => unreachable!("NULL fields are not offered"),
+        })
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            data_row_values(&out).unwrap(),
+            vec![None, None, Some(&b"***"[..])]
+        );
+        assert!(rewrite_row_body(&row, |_, _| None).unwrap().is_none());
+        for cut in 0..row.len() {
+            assert!(
+                rewrite_row_body(&row[..cut], |_, _| None).is_err(),
+                "cut at {cut}"
+            );
+        }
+        let framed = data_row(&out);
+        assert_eq!(framed[0], b'D');
+        assert_eq!(&framed[5..], &out[..]);
+    }
+
+    #[test]
+    fn bind_result_formats_and_copy_out_responses() {
+        let mut bind = BytesMut::new();
+        postgres_protocol::message::frontend::bind(
+            "p",
+            "s1",
+            [1i16],
+            [7i32],
+            |v, buf| {
+                buf.put_i32(v);
+                Ok(postgres_protocol::IsNull::No)
+            },
+            [1i16, 0],
+            &mut bind,
+        )
+        .map_err(|_| ())
+        .unwrap();
+        assert_eq!(bind_result_formats(&bind[5..]).unwrap(), vec![1, 0]);
+        assert_eq!(bind_names(&bind[5..]).unwrap(), ("p", "s1"));
+        for cut in 5..bind.len() {
+            assert!(bind_result_formats(&bind[5..cut]).is_err(), "cut at {cut}");
+        }
+        assert_eq!(
+            copy_out_response(&[0, 0, 2, 0, 0, 0, 0]).unwrap(),
+            (0, vec![0, 0])
+        );
+        assert!(copy_out_response(&[1, 0, 2, 0, 1]).is_err());
     }
 
     #[test]

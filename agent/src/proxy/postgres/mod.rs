@@ -12,9 +12,14 @@
 //! transaction block, skip to Sync in extended mode). On the way back the gateway swaps that
 //! error for SQLSTATE 42501 and the policy's message.
 
+mod catalog;
 pub mod codec;
+mod columns;
+mod copy_out;
 mod startup;
 mod upstream;
+
+pub use self::catalog::Catalogs;
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -126,6 +131,8 @@ struct Shared {
     pending: Mutex<VecDeque<Pending>>,
     /// Nonce → the policy's message, for denied statements in flight.
     denied: Mutex<HashMap<u64, String>>,
+    /// Which result columns are which, for column mask rules.
+    columns: columns::Tracker,
 }
 
 /// Either leg's byte stream: a plain socket or TLS over it.
@@ -432,6 +439,16 @@ pub async fn serve(
     let shared = Shared {
         pending: Mutex::new(VecDeque::new()),
         denied: Mutex::new(HashMap::new()),
+        columns: columns::Tracker::new(
+            columns::policy_has_column_rules(&policy),
+            catalog::Login {
+                addr: destination,
+                pg: pg.clone(),
+                user: user.clone(),
+                database: database.clone(),
+                password: password.clone(),
+            },
+        ),
     };
     let upstream::Upstream {
         reader: mut ureader,
@@ -527,6 +544,9 @@ impl Ctx<'_> {
     ) -> (Applied, u64) {
         let policy = self.gw.policy.current();
         let classification = policy.cache().classify(sql, Some(prepared));
+        self.shared
+            .columns
+            .decided(&self.gw.pg_catalogs, &classification);
         for (name, what) in &classification.prepared {
             prepared.insert(name, Arc::clone(what));
         }
@@ -720,6 +740,7 @@ impl Ctx<'_> {
                     if !applied.forward {
                         out = codec::query(&self.denied_standin(applied.message));
                     }
+                    self.shared.columns.query(self.gw, sql, &applied.masks);
                     self.push(Pending::Query {
                         request,
                         started: Instant::now(),
@@ -736,6 +757,9 @@ impl Ctx<'_> {
                     if !applied.forward {
                         out = codec::parse(&name, &self.denied_standin(applied.message));
                     }
+                    self.shared
+                        .columns
+                        .parse(self.gw, &name, sql, &applied.masks);
                     statements.insert(name, (request, applied.masks));
                 }
                 b'B' => {
@@ -786,6 +810,7 @@ impl Ctx<'_> {
                     out = codec::query(&self.denied_standin(
                         "fastpath function calls are not allowed through the gateway".into(),
                     ));
+                    self.shared.columns.query(self.gw, "", &Arc::from([]));
                     self.push(Pending::Query {
                         request,
                         started: Instant::now(),
@@ -809,6 +834,7 @@ impl Ctx<'_> {
                 }
                 other => return Err(SessionError::UnexpectedFrontend(char::from(other))),
             }
+            self.shared.columns.frontend(frame.tag, &frame.body);
             count.fetch_add(out.len() as u64, Ordering::Relaxed);
             writer
                 .write_all(&out)
@@ -827,6 +853,12 @@ impl Ctx<'_> {
         R: tokio::io::AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
+        let mut results = columns::Results::new(
+            &self.shared.columns,
+            &self.gw.pg_catalogs,
+            self.gw.store.as_ref(),
+            self.session,
+        );
         loop {
             if !reader.has_frame() {
                 writer
@@ -837,6 +869,7 @@ impl Ctx<'_> {
             let Some(frame) = reader.next().await.map_err(SessionError::Target)? else {
                 return Ok(());
             };
+            results.observe(frame.tag, &frame.body, || self.front_masks().is_some());
             let mut out = frame.raw.clone();
             match frame.tag {
                 b'E' => {
@@ -858,7 +891,8 @@ impl Ctx<'_> {
                 }
                 b'D' | b'd' => {
                     if let Some(masked) = self
-                        .mask(frame.tag, &frame.body)
+                        .mask(&mut results, frame.tag, &frame.body)
+                        .await
                         .map_err(SessionError::Target)?
                     {
                         out = masked;
@@ -878,38 +912,37 @@ impl Ctx<'_> {
         }
     }
 
-    /// A DataRow or COPY OUT line with masked values, if the current statement has masks and
-    /// anything matched. Every field is scanned, whatever its format or alias: a value cannot
-    /// escape by being renamed, cast to text or wrapped in JSON.
-    fn mask(&self, tag: u8, body: &[u8]) -> Result<Option<Bytes>, CodecError> {
-        let masks = {
-            let pending = self
-                .shared
-                .pending
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            match pending.front() {
-                Some(Pending::Query { masks, .. } | Pending::Execute { masks, .. })
-                    if !masks.is_empty() =>
-                {
-                    Arc::clone(masks)
-                }
-                _ => return Ok(None),
+    /// The masks of the request whose answers are arriving, if it has any.
+    fn front_masks(&self) -> Option<(columns::Front, Masks)> {
+        let pending = self
+            .shared
+            .pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match pending.front() {
+            Some(Pending::Query { masks, .. }) if !masks.is_empty() => {
+                Some((columns::Front::Query, Arc::clone(masks)))
             }
-        };
-        let masker = policy::Masker::new(masks.iter().map(AsRef::as_ref));
-        let apply = |value: &[u8]| -> Option<Vec<u8>> {
-            let text = std::str::from_utf8(value).ok()?;
-            match masker.mask_text(text) {
-                std::borrow::Cow::Borrowed(_) => None,
-                std::borrow::Cow::Owned(m) => Some(m.into_bytes()),
+            Some(Pending::Execute { masks, .. }) if !masks.is_empty() => {
+                Some((columns::Front::Execute, Arc::clone(masks)))
             }
-        };
-        if tag == b'D' {
-            codec::rewrite_data_row(body, apply)
-        } else {
-            Ok(apply(body).map(|m| codec::copy_data(&m)))
+            _ => None,
         }
+    }
+
+    /// A DataRow or COPY OUT line with masked values, if the current statement has masks and
+    /// anything matched: by column rule for the fields whose real column a rule names, by
+    /// the value detectors for every other field, whatever its alias (`columns.rs`).
+    async fn mask(
+        &self,
+        results: &mut columns::Results<'_>,
+        tag: u8,
+        body: &[u8],
+    ) -> Result<Option<Bytes>, CodecError> {
+        let Some((front, masks)) = self.front_masks() else {
+            return Ok(None);
+        };
+        results.mask(front, &masks, tag, body).await
     }
 
     /// The policy message for a stand-in's parse error, if `message` is one.
