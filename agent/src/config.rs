@@ -110,6 +110,8 @@ pub struct DaemonConfig {
     pub admin_group: String,
     /// Policy files (`*.toml`), reloaded on change and on SIGHUP.
     pub policy_dir: PathBuf,
+    /// Runtime worker threads for the relays.
+    pub workers: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -418,6 +420,12 @@ impl Config {
                 "must name a group".into(),
             ));
         }
+        if !(1..=256).contains(&daemon.workers) {
+            return Err(invalid(
+                "daemon.workers".into(),
+                format!("{} is not between 1 and 256", daemon.workers),
+            ));
+        }
 
         let ipv4: Ipv4Addr = listener.ipv4.parse().map_err(|_| {
             invalid(
@@ -597,6 +605,7 @@ impl Config {
                 log: daemon.log,
                 admin_group: daemon.admin_group,
                 policy_dir: daemon.policy_dir,
+                workers: daemon.workers,
             },
             listener: ListenerConfig {
                 ipv4,
@@ -824,6 +833,7 @@ struct RawDaemon {
     log: String,
     admin_group: String,
     policy_dir: PathBuf,
+    workers: usize,
 }
 
 impl Default for RawDaemon {
@@ -836,6 +846,7 @@ impl Default for RawDaemon {
             log: "info".into(),
             admin_group: crate::control::ADMIN_GROUP.into(),
             policy_dir: crate::policy::DEFAULT_POLICY_DIR.into(),
+            workers: 1,
         }
     }
 }

@@ -27,6 +27,7 @@ fn run(args: Cli) -> anyhow::Result<()> {
             config.daemon.fail_open |= fail_open;
             init_tracing(&config.daemon.log);
             let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(config.daemon.workers)
                 .enable_all()
                 .build()?;
             runtime.block_on(bulkhead::daemon::run(config))?;

@@ -138,9 +138,18 @@ sql = { class = ["read", "transaction", "session", "insert", "update", "delete",
         "",
         &args,
     ));
+    let bouncer = latency(&pgbench(
+        &topo,
+        Side::Host,
+        "127.0.0.1",
+        "6432",
+        &pg.password,
+        &args,
+    ));
     println!(
-        "single client latency (-S -M prepared -c 1): direct {direct:.1} us, gateway {gateway:.1} us, {:+.1} us (target <= +25 us)",
-        gateway - direct
+        "single client latency (-S -M prepared -c 1): direct {direct:.1} us, gateway {gateway:.1} us, {:+.1} us (target <= +25 us); pgbouncer {bouncer:.1} us, {:+.1} us",
+        gateway - direct,
+        bouncer - direct
     );
 }
 

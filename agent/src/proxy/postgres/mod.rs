@@ -133,6 +133,9 @@ struct Shared {
     denied: Mutex<HashMap<u64, String>>,
     /// Which result columns are which, for column mask rules.
     columns: columns::Tracker,
+    /// Results complete but not yet recorded: recorded after the answers are flushed to the
+    /// client, off the statement's latency.
+    finished: Mutex<Vec<EventKind>>,
 }
 
 /// Either leg's byte stream: a plain socket or TLS over it.
@@ -439,6 +442,7 @@ pub async fn serve(
     let shared = Shared {
         pending: Mutex::new(VecDeque::new()),
         denied: Mutex::new(HashMap::new()),
+        finished: Mutex::new(Vec::new()),
         columns: columns::Tracker::new(
             columns::policy_has_column_rules(&policy),
             catalog::Login {
@@ -482,6 +486,7 @@ pub async fn serve(
             r = &mut target_side => r,
         }
     };
+    ctx.record_finished();
     if let Err(e @ (SessionError::Client(_) | SessionError::UnexpectedFrontend(_))) = &result {
         // A malformed message ends this session only, with a protocol error the client can
         // read.
@@ -596,10 +601,7 @@ impl Ctx<'_> {
                 return (applied, 0);
             }
         };
-        let message = decision.message.clone().unwrap_or_else(|| {
-            format!("statement denied by policy ({})", decision.rules.join(", "))
-        });
-        let masks: Masks = if decision.observe_only {
+        let masks: Masks = if decision.observe_only || decision.masks.is_empty() {
             Arc::from([])
         } else {
             decision.masks.iter().cloned().collect()
@@ -607,12 +609,14 @@ impl Ctx<'_> {
         let mut applied = match decision.verdict {
             Verdict::Allow => Applied {
                 forward: true,
-                message,
+                message: String::new(),
                 masks: Arc::from([]),
             },
             Verdict::Deny => Applied {
                 forward: false,
-                message,
+                message: decision.message.clone().unwrap_or_else(|| {
+                    format!("statement denied by policy ({})", decision.rules.join(", "))
+                }),
                 masks: Arc::from([]),
             },
             Verdict::Approve => self.approve(sql, &decision, class).await,
@@ -865,6 +869,7 @@ impl Ctx<'_> {
                     .flush()
                     .await
                     .map_err(|e| SessionError::Client(e.into()))?;
+                self.record_finished();
             }
             let Some(frame) = reader.next().await.map_err(SessionError::Target)? else {
                 return Ok(());
@@ -1033,18 +1038,37 @@ impl Ctx<'_> {
         }
     }
 
+    /// A request's result, recorded once its answers are on their way to the client.
     fn result(&self, request: u64, started: Instant, tags: Vec<String>, error: Option<String>) {
+        let duration_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         let rows: u64 = tags
             .iter()
             .filter_map(|t| t.rsplit(' ').next()?.parse::<u64>().ok())
             .sum();
-        let summary = (!tags.is_empty()).then(|| format!("{} ({rows} rows)", tags.join("; ")));
-        self.record(EventKind::Response {
-            request,
-            duration_us: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
-            summary,
-            error,
-        });
+        let summary = match tags.as_slice() {
+            [] => None,
+            [one] => Some(format!("{one} ({rows} rows)")),
+            many => Some(format!("{} ({rows} rows)", many.join("; "))),
+        };
+        self.shared
+            .finished
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(EventKind::Response {
+                request,
+                duration_us,
+                summary,
+                error,
+            });
+    }
+
+    /// Records the results completed so far.
+    fn record_finished(&self) {
+        let finished =
+            std::mem::take(&mut *self.shared.finished.lock().unwrap_or_else(PoisonError::into_inner));
+        for kind in finished {
+            self.record(kind);
+        }
     }
 }
 
