@@ -20,7 +20,10 @@ fuzz_target!(|data: &[u8]| {
                 b'E' | b'N' => drop(codec::error_fields(&frame.body)),
                 b'C' => drop(codec::command_tag(&frame.body)),
                 b'Z' => drop(codec::ready_status(&frame.body)),
+                b'T' => drop(codec::row_description(&frame.body)),
+                b'H' => drop(codec::copy_out_response(&frame.body)),
                 b'D' => {
+                    drop(codec::data_row_values(&frame.body));
                     let rebuilt = codec::rewrite_data_row(&frame.body, |v| Some(v.iter().rev().copied().collect()));
                     if let Ok(Some(row)) = rebuilt {
                         // A rebuilt row is itself a well-formed frame of the same field count.
