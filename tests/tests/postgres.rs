@@ -1210,7 +1210,10 @@ fn startup_settings_are_judged_like_the_set_statements_they_amount_to() {
         &topo,
         &pg,
         "SELECT 1;",
-        &[("PGOPTIONS", "-c role=pg_read_all_data"), ("PGSSLMODE", "disable")],
+        &[
+            ("PGOPTIONS", "-c role=pg_read_all_data"),
+            ("PGSSLMODE", "disable"),
+        ],
     );
     assert!(
         err.contains("startup setting `SET role = 'pg_read_all_data'` refused"),

@@ -538,7 +538,11 @@ impl SqlCache {
         }
         let c = Arc::new(classify(sql, prepared));
         if cacheable && !c.uses_prepared {
-            let key: Box<str> = if key.is_empty() { sql.into() } else { key.into() };
+            let key: Box<str> = if key.is_empty() {
+                sql.into()
+            } else {
+                key.into()
+            };
             let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
             if map.len() >= self.capacity {
                 map.clear();

@@ -524,7 +524,11 @@ fn shape_keys_fold_numbers_outside_quotes_and_comments_only() {
         key("select 1.5e10, -7 from t2 where c = 'a1 9' and \"x 9\" = 3 -- 42\n/* 5 /* 6 */ 7 */ limit 10").as_deref(),
         Some("select 0.0e10, -0 from t2 where c = 'a1 9' and \"x 9\" = 0 -- 42\n/* 5 /* 6 */ 7 */ limit 0")
     );
-    assert_eq!(key("SELECT $1, t0.c FROM t0"), None, "parameters and names stay");
+    assert_eq!(
+        key("SELECT $1, t0.c FROM t0"),
+        None,
+        "parameters and names stay"
+    );
     assert_eq!(key("SELECT 0"), None, "nothing to fold");
     assert_eq!(key("SELECT 'it''s', 2"), Some("SELECT 'it''s', 0".into()));
     // Forms the scanner does not follow are keyed by their exact text.
@@ -550,8 +554,20 @@ fn folding_numbers_never_changes_a_classification_in_the_case_table() {
             super::classify(&key, None),
         );
         assert_eq!(
-            (&a.classes, &a.objects, &a.functions, &a.unknown_functions, a.objects_complete),
-            (&b.classes, &b.objects, &b.functions, &b.unknown_functions, b.objects_complete),
+            (
+                &a.classes,
+                &a.objects,
+                &a.functions,
+                &a.unknown_functions,
+                a.objects_complete
+            ),
+            (
+                &b.classes,
+                &b.objects,
+                &b.functions,
+                &b.unknown_functions,
+                b.objects_complete
+            ),
             "{:?} and its key {key:?}",
             case.sql
         );
@@ -569,8 +585,12 @@ fn statements_differing_in_numbers_share_one_cache_entry() {
     }
     assert_eq!(set.cache().len(), 1);
     assert_eq!(
-        set.evaluate(&sql("db", &id, "DELETE FROM pgbench_accounts WHERE aid = 5"))
-            .verdict,
+        set.evaluate(&sql(
+            "db",
+            &id,
+            "DELETE FROM pgbench_accounts WHERE aid = 5"
+        ))
+        .verdict,
         Verdict::Deny
     );
 }

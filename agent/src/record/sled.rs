@@ -851,7 +851,11 @@ mod tests {
         assert!(got.windows(2).all(|w| w[0] < w[1]), "{got:?}");
         assert!(got.contains(&legacy.id));
         assert!(ids.iter().all(|id| got.contains(id)));
-        assert_eq!(store.events(b).unwrap().len(), 1 + 5, "connect + 5 requests");
+        assert_eq!(
+            store.events(b).unwrap().len(),
+            1 + 5,
+            "connect + 5 requests"
+        );
     }
 
     #[test]

@@ -82,7 +82,14 @@ sql = { class = ["read", "transaction", "session", "insert", "update", "delete",
     println!();
     println!(
         "{:<10} {:>14} {:>14} {:>14} {:>10} {:>12} {:>12} {:>12}",
-        "mode", "direct tps", "gateway tps", "pgbouncer tps", "gateway", "pgbouncer", "gw cpu/tx", "pgb cpu/tx"
+        "mode",
+        "direct tps",
+        "gateway tps",
+        "pgbouncer tps",
+        "gateway",
+        "pgbouncer",
+        "gw cpu/tx",
+        "pgb cpu/tx"
     );
     let seconds = std::env::var("BENCH_PG_SECONDS").unwrap_or_else(|_| SECONDS.into());
     let daemon_pid = daemon.child.id();
@@ -92,7 +99,10 @@ sql = { class = ["read", "transaction", "session", "insert", "update", "delete",
             let before = cpu_us(daemon_pid);
             let out = pgbench(&topo, Side::Governed, TARGET_V4, "5432", "", &args);
             let per_tx = (cpu_us(daemon_pid) - before) / transactions(&out);
-            println!("{mode:<10} gateway {:.0} tps, daemon CPU {per_tx:.1} us per transaction", tps(&out));
+            println!(
+                "{mode:<10} gateway {:.0} tps, daemon CPU {per_tx:.1} us per transaction",
+                tps(&out)
+            );
         }
         return;
     }

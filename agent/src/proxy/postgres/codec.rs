@@ -387,53 +387,7 @@ pub fn rewrite_data_row(
     body: &[u8],
     mut f: impl FnMut(&[u8]) -> Option<Vec<u8>>,
 ) -> Result<Option<Bytes>, CodecError> {
-    let malformed = || CodecError::Malformed { what: "DataRow" };
-    let mut b = body;
-    if b.len() < 2 {
-        return Err(malformed());
-    }
-    let count = b.get_i16();
-    let mut fields: Vec<Option<std::borrow::Cow<'_, [u8]>>> =
-        Vec::with_capacity(usize::try_from(count).map_err(|_| malformed())?);
-    let mut changed = false;
-    for _ in 0..count {
-        if b.len() < 4 {
-            return Err(malformed());
-        }
-        let len = b.get_i32();
-        if len < 0 {
-            fields.push(None);
-            continue;
-        }
-        let len = usize::try_from(len).map_err(|_| malformed())?;
-        if b.len() < len {
-            return Err(malformed());
-        }
-        let (value, rest) = b.split_at(len);
-        b = rest;
-        match f(value) {
-            Some(new) => {
-                changed = true;
-                fields.push(Some(std::borrow::Cow::Owned(new)));
-            }
-            None => fields.push(Some(std::borrow::Cow::Borrowed(value))),
-        }
-    }
-    if !changed {
-        return Ok(None);
-    }
-    Ok(Some(frame(b'D', |out| {
-        out.put_i16(count);
-        for field in &fields {
-            match field {
-                None => out.put_i32(-1),
-                Some(v) => {
-                    out.put_i32(i32::try_from(v.len()).unwrap_or(i32::MAX));
-                    out.put_slice(v);
-                }
-            }
-        }
-    })))
+    Ok(rewrite_row_body(body, |_, v| f(v).map(Replacement::Value))?.map(|b| data_row(&b)))
 }
 
 /// One column of a RowDescription ('T').

@@ -143,6 +143,13 @@ pub trait ByteStream: tokio::io::AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + AsyncWrite + Unpin + Send> ByteStream for T {}
 pub type Stream = Box<dyn ByteStream>;
 
+/// Sends a FATAL error the client can read (the connection ends after it); a client already
+/// gone is not an error.
+async fn send_fatal<W: AsyncWrite + Unpin>(w: &mut W, sqlstate: &str, message: &str) {
+    let _ = w.write_all(&codec::fatal_response(sqlstate, message)).await;
+    let _ = w.flush().await;
+}
+
 /// Ends a connection during startup with a FATAL error the client can read.
 async fn refuse(stream: &mut Stream, sqlstate: &str, message: &str) -> std::io::Result<()> {
     stream
@@ -314,13 +321,7 @@ pub async fn serve(
             summary: None,
             error: None,
         });
-        let _ = cwriter
-            .write_all(&codec::fatal_response(
-                "42501",
-                &format!("bulkhead: {message}"),
-            ))
-            .await;
-        let _ = cwriter.flush().await;
+        send_fatal(&mut cwriter, "42501", &format!("bulkhead: {message}")).await;
         return end(0, 0, Outcome::Refused { reason: message });
     }
 
@@ -328,13 +329,7 @@ pub async fn serve(
     // it amounts to. Plain session state passes; anything else (a role, a setting that changes
     // how SQL is read, what cannot be classified) needs the policy's allow.
     if let Err(message) = judge_startup_settings(gw, target, identity, &startup.params, &record) {
-        let _ = cwriter
-            .write_all(&codec::fatal_response(
-                "42501",
-                &format!("bulkhead: {message}"),
-            ))
-            .await;
-        let _ = cwriter.flush().await;
+        send_fatal(&mut cwriter, "42501", &format!("bulkhead: {message}")).await;
         return end(0, 0, Outcome::Refused { reason: message });
     }
 
@@ -348,13 +343,7 @@ pub async fn serve(
         record(EventKind::Error {
             message: message.clone(),
         });
-        let _ = cwriter
-            .write_all(&codec::fatal_response(
-                "28000",
-                &format!("bulkhead: {message}"),
-            ))
-            .await;
-        let _ = cwriter.flush().await;
+        send_fatal(&mut cwriter, "28000", &format!("bulkhead: {message}")).await;
         return end(0, 0, Outcome::Refused { reason: message });
     };
     let (user, database) = (login.user.clone(), login.database.clone());
@@ -362,13 +351,12 @@ pub async fn serve(
         Ok(p) => p,
         Err(e) => {
             warn!(error = %e, "cannot read the target's credentials");
-            let _ = cwriter
-                .write_all(&codec::fatal_response(
-                    "28000",
-                    "bulkhead: the gateway cannot read this target's credentials",
-                ))
-                .await;
-            let _ = cwriter.flush().await;
+            send_fatal(
+                &mut cwriter,
+                "28000",
+                "bulkhead: the gateway cannot read this target's credentials",
+            )
+            .await;
             return end(0, 0, Outcome::UpstreamFailed { error: e });
         }
     };
@@ -391,10 +379,7 @@ pub async fn serve(
                 method: login_method("login", login.mapping),
                 ok: false,
             });
-            let _ = cwriter
-                .write_all(&codec::fatal_response("08006", &format!("bulkhead: {e}")))
-                .await;
-            let _ = cwriter.flush().await;
+            send_fatal(&mut cwriter, "08006", &format!("bulkhead: {e}")).await;
             return end(
                 0,
                 0,
@@ -490,10 +475,7 @@ pub async fn serve(
     if let Err(e @ (SessionError::Client(_) | SessionError::UnexpectedFrontend(_))) = &result {
         // A malformed message ends this session only, with a protocol error the client can
         // read.
-        let _ = cwriter
-            .write_all(&codec::fatal_response("08P01", &format!("bulkhead: {e}")))
-            .await;
-        let _ = cwriter.flush().await;
+        send_fatal(&mut cwriter, "08P01", &format!("bulkhead: {e}")).await;
     }
     if let Some(k) = ours {
         gw.pg_cancels.forget(k);
@@ -1064,8 +1046,13 @@ impl Ctx<'_> {
 
     /// Records the results completed so far.
     fn record_finished(&self) {
-        let finished =
-            std::mem::take(&mut *self.shared.finished.lock().unwrap_or_else(PoisonError::into_inner));
+        let finished = std::mem::take(
+            &mut *self
+                .shared
+                .finished
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
         for kind in finished {
             self.record(kind);
         }

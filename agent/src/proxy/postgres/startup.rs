@@ -70,7 +70,9 @@ fn split_options(options: &str) -> Vec<String> {
 fn set_statement(name: &str, value: &str) -> Result<String, String> {
     let lower = name.to_ascii_lowercase();
     let plain = lower.split('.').all(|part| {
-        part.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        part.chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
             && part
                 .chars()
                 .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
