@@ -22,7 +22,10 @@ fuzz_target!(|data: &[u8]| {
             match frame.tag {
                 b'Q' => drop(codec::query_text(&frame.body)),
                 b'P' => drop(codec::parse_message(&frame.body)),
-                b'B' => drop(codec::bind_names(&frame.body)),
+                b'B' => {
+                    drop(codec::bind_names(&frame.body));
+                    drop(codec::bind_result_formats(&frame.body));
+                }
                 b'E' => drop(codec::execute_portal(&frame.body)),
                 b'C' | b'D' => drop(codec::close_target(&frame.body)),
                 _ => {}
