@@ -1229,3 +1229,45 @@ fn startup_settings_are_judged_like_the_set_statements_they_amount_to() {
         "{events:#?}"
     );
 }
+
+#[test]
+fn notifications_notices_and_a_clean_termination_pass_through() {
+    require_root();
+    let (topo, pg, _daemon) = setup("scram-sha-256", POLICY);
+    // The notification comes from another session, straight on the server, while the governed
+    // one listens (NOTIFY itself is a class this policy does not allow).
+    std::fs::write(
+        topo.dir.join("listen.sql"),
+        "LISTEN bh_channel;\nSELECT count(*) > 0 FROM generate_series(1, 30000000);\nROLLBACK;\nSELECT 'still here';\n",
+    )
+    .unwrap();
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(format!(
+            "psql -X -At -h {TARGET_V4} -U {} -d postgres -f listen.sql > listen.out 2> listen.err",
+            pg.user
+        ))
+        .env_remove("PGPASSWORD")
+        .current_dir(&topo.dir);
+    let mut listener = topo.spawn(Side::Governed, "psql-listen", cmd);
+    // A few times, so one lands after the LISTEN however slowly psql starts.
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(400));
+        pg.admin_sql(&topo, "NOTIFY bh_channel, 'hello through the gateway'");
+    }
+    let ok = listener.wait().success();
+    let out = std::fs::read_to_string(topo.dir.join("listen.out")).unwrap();
+    let err = std::fs::read_to_string(topo.dir.join("listen.err")).unwrap();
+    assert!(ok, "{err}");
+    // NotificationResponse, from the target, after the NOTIFY's transaction commits.
+    assert!(
+        out.contains("Asynchronous notification \"bh_channel\" with payload \"hello through the gateway\""),
+        "{out}\n{err}"
+    );
+    // NoticeResponse (a WARNING for ROLLBACK outside a transaction).
+    assert!(err.contains("there is no transaction in progress"), "{err}");
+    assert!(out.contains("still here"), "{out}");
+    // psql's Terminate ends the session normally.
+    let s = topo.wait_session_closed();
+    assert_eq!(s["outcome"]["kind"], "closed", "{s:#}");
+}
