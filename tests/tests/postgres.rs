@@ -1261,7 +1261,9 @@ fn notifications_notices_and_a_clean_termination_pass_through() {
     assert!(ok, "{err}");
     // NotificationResponse, from the target, after the NOTIFY's transaction commits.
     assert!(
-        out.contains("Asynchronous notification \"bh_channel\" with payload \"hello through the gateway\""),
+        out.contains(
+            "Asynchronous notification \"bh_channel\" with payload \"hello through the gateway\""
+        ),
         "{out}\n{err}"
     );
     // NoticeResponse (a WARNING for ROLLBACK outside a transaction).

@@ -208,6 +208,12 @@ fn corrupt(key: &[u8], source: serde_json::Error) -> StoreError {
     }
 }
 
+/// Whether opening failed only because another handle holds the store's lock. sled reports it
+/// as an `Other` error wrapping the `WouldBlock` of the lock call.
+fn lock_busy(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::WouldBlock || e.to_string().contains("could not acquire lock")
+}
+
 fn event_key(session: SessionId, id: u64) -> [u8; 16] {
     let mut k = [0u8; 16];
     k[..8].copy_from_slice(&session.0.to_be_bytes());
@@ -232,8 +238,7 @@ impl SledStore {
         loop {
             match Self::open(path) {
                 Err(StoreError::Sled(sled::Error::Io(e)))
-                    if e.kind() == std::io::ErrorKind::WouldBlock
-                        && std::time::Instant::now() < deadline =>
+                    if lock_busy(&e) && std::time::Instant::now() < deadline =>
                 {
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }
@@ -856,6 +861,27 @@ mod tests {
             1 + 5,
             "connect + 5 requests"
         );
+    }
+
+    #[test]
+    fn opening_waits_while_another_handle_holds_the_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sled");
+        let first = SledStore::open(&path).unwrap();
+        let id = first.open(start(1)).unwrap();
+        // sled reports a held lock as `Other`, wrapping the lock call's `WouldBlock`.
+        match SledStore::open(&path) {
+            Err(StoreError::Sled(sled::Error::Io(e))) => assert!(lock_busy(&e), "{e}"),
+            Err(e) => panic!("unexpected error: {e}"),
+            Ok(_) => panic!("a second handle opened a locked store"),
+        }
+        let holder = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            drop(first);
+        });
+        let second = SledStore::open_waiting(&path, std::time::Duration::from_secs(10)).unwrap();
+        holder.join().unwrap();
+        assert!(second.get(id).unwrap().is_some());
     }
 
     #[test]
