@@ -501,8 +501,8 @@ fn is_parsing_setting(name: &str) -> bool {
 }
 
 /// The class of assigning these settings.
-fn settings_class<'a>(mut names: impl Iterator<Item = &'a ObjectName>) -> SqlClass {
-    let names: Vec<String> = names.by_ref().map(normalize_name).collect();
+fn settings_class<'a>(names: impl Iterator<Item = &'a ObjectName>) -> SqlClass {
+    let names: Vec<String> = names.map(normalize_name).collect();
     if names.iter().any(|n| is_parsing_setting(n)) {
         SqlClass::Unknown
     } else if names.iter().any(|n| is_role_setting(n)) {

@@ -55,9 +55,9 @@ pub struct SledStore {
     events: sled::Tree,
     tail: broadcast::Sender<Event>,
     queue: Arc<Queue>,
+    /// Shared with the writer thread.
+    sink: Arc<Sink>,
     writer: Option<JoinHandle<()>>,
-    /// Bytes of keys and values in both trees, kept as writes happen.
-    recorded_bytes: Arc<AtomicU64>,
     session_count: AtomicU64,
     open_count: AtomicU64,
     event_count: AtomicU64,
@@ -89,7 +89,8 @@ impl Queue {
 /// Where the writer puts a batch.
 struct Sink {
     events: sled::Tree,
-    recorded_bytes: Arc<AtomicU64>,
+    /// Bytes of keys and values in both trees, kept as writes happen.
+    recorded_bytes: AtomicU64,
 }
 
 impl Sink {
@@ -138,7 +139,7 @@ impl Sink {
         Ok(())
     }
 
-    fn run(self, queue: &Queue) {
+    fn run(&self, queue: &Queue) {
         loop {
             let stop = {
                 let mut state = queue.lock();
@@ -261,13 +262,12 @@ impl SledStore {
             wake: Condvar::new(),
             write: Mutex::new(()),
         });
-        let recorded_bytes = Arc::new(AtomicU64::new(0));
-        let sink = Sink {
+        let sink = Arc::new(Sink {
             events: events.clone(),
-            recorded_bytes: Arc::clone(&recorded_bytes),
-        };
+            recorded_bytes: AtomicU64::new(0),
+        });
         let writer = {
-            let queue = Arc::clone(&queue);
+            let (queue, sink) = (Arc::clone(&queue), Arc::clone(&sink));
             std::thread::Builder::new()
                 .name("store-writer".into())
                 .spawn(move || sink.run(&queue))
@@ -279,8 +279,8 @@ impl SledStore {
             events,
             tail,
             queue,
+            sink,
             writer: Some(writer),
-            recorded_bytes,
             session_count: AtomicU64::new(0),
             open_count: AtomicU64::new(0),
             event_count: AtomicU64::new(0),
@@ -300,7 +300,7 @@ impl SledStore {
             bytes += (k.len() + v.len()) as u64;
             events += chunk_events(&k, &v)?.len() as u64;
         }
-        store.recorded_bytes.store(bytes, Ordering::Relaxed);
+        store.sink.recorded_bytes.store(bytes, Ordering::Relaxed);
         store.session_count.store(sessions, Ordering::Relaxed);
         store.open_count.store(open, Ordering::Relaxed);
         store.event_count.store(events, Ordering::Relaxed);
@@ -318,11 +318,17 @@ impl SledStore {
         match self.sessions.insert(key, value)? {
             Some(old) => {
                 let old_len = (key.len() + old.len()) as u64;
-                self.recorded_bytes.fetch_add(new_len, Ordering::Relaxed);
-                self.recorded_bytes.fetch_sub(old_len, Ordering::Relaxed);
+                self.sink
+                    .recorded_bytes
+                    .fetch_add(new_len, Ordering::Relaxed);
+                self.sink
+                    .recorded_bytes
+                    .fetch_sub(old_len, Ordering::Relaxed);
             }
             None => {
-                self.recorded_bytes.fetch_add(new_len, Ordering::Relaxed);
+                self.sink
+                    .recorded_bytes
+                    .fetch_add(new_len, Ordering::Relaxed);
                 self.session_count.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -368,11 +374,7 @@ impl SledStore {
 
     /// Writes queued events into the tree, so a read sees every event appended before it.
     fn write_out(&self) -> Result<(), StoreError> {
-        Sink {
-            events: self.events.clone(),
-            recorded_bytes: Arc::clone(&self.recorded_bytes),
-        }
-        .write_out(&self.queue)
+        self.sink.write_out(&self.queue)
     }
 
     /// Removes a session and its events; returns (events, bytes) removed.
@@ -390,7 +392,7 @@ impl SledStore {
             self.session_count.fetch_sub(1, Ordering::Relaxed);
         }
         self.event_count.fetch_sub(events, Ordering::Relaxed);
-        self.recorded_bytes.fetch_sub(bytes, Ordering::Relaxed);
+        self.sink.recorded_bytes.fetch_sub(bytes, Ordering::Relaxed);
         Ok((events, bytes))
     }
 }
@@ -522,7 +524,7 @@ impl SessionStore for SledStore {
             sessions: counts.total,
             open_sessions: counts.open,
             events: self.event_count.load(Ordering::Relaxed),
-            recorded_bytes: self.recorded_bytes.load(Ordering::Relaxed),
+            recorded_bytes: self.sink.recorded_bytes.load(Ordering::Relaxed),
             disk_bytes: self.db.size_on_disk()?,
             oldest_session_us: oldest,
         })
@@ -540,7 +542,7 @@ impl SessionStore for SledStore {
         let too_big = || {
             retention
                 .max_bytes
-                .is_some_and(|max| self.recorded_bytes.load(Ordering::Relaxed) > max)
+                .is_some_and(|max| self.sink.recorded_bytes.load(Ordering::Relaxed) > max)
         };
         for kv in &self.sessions {
             let (k, v) = kv?;

@@ -327,26 +327,19 @@ fn put_cstr(buf: &mut BytesMut, s: &str) {
 
 /// ErrorResponse with severity ERROR, a SQLSTATE and a message.
 pub fn error_response(sqlstate: &str, message: &str) -> Bytes {
-    frame(b'E', |b| {
-        for (code, value) in [
-            (b'S', "ERROR"),
-            (b'V', "ERROR"),
-            (b'C', sqlstate),
-            (b'M', message),
-        ] {
-            b.put_u8(code);
-            put_cstr(b, value);
-        }
-        b.put_u8(0);
-    })
+    error_with_severity("ERROR", sqlstate, message)
 }
 
 /// FATAL ErrorResponse, for refusing a connection during startup.
 pub fn fatal_response(sqlstate: &str, message: &str) -> Bytes {
+    error_with_severity("FATAL", sqlstate, message)
+}
+
+fn error_with_severity(severity: &str, sqlstate: &str, message: &str) -> Bytes {
     frame(b'E', |b| {
         for (code, value) in [
-            (b'S', "FATAL"),
-            (b'V', "FATAL"),
+            (b'S', severity),
+            (b'V', severity),
             (b'C', sqlstate),
             (b'M', message),
         ] {

@@ -551,17 +551,12 @@ impl Ctx<'_> {
         let class = classification.headline().map(|c| c.name().to_string());
         // In observe mode the record says what would have been enforced (`decided`), marked
         // observed; what is applied is `verdict`.
-        let recorded = match decision.decided {
-            Verdict::Allow => RecordedVerdict::Allow,
-            Verdict::Deny => RecordedVerdict::Deny,
-            Verdict::Approve => RecordedVerdict::Approve,
-        };
         let recorded_ok = self.gw.store.append(
             self.session,
             EventKind::Request {
                 text: crate::record::bounded(sql),
                 class: class.clone(),
-                verdict: recorded,
+                verdict: recorded(decision.decided),
                 rules: decision.rules.clone(),
                 observed: decision.observe_only,
                 duration_us: None,
@@ -1059,6 +1054,15 @@ impl Ctx<'_> {
     }
 }
 
+/// A decision's verdict as the record spells it.
+fn recorded(verdict: Verdict) -> RecordedVerdict {
+    match verdict {
+        Verdict::Allow => RecordedVerdict::Allow,
+        Verdict::Deny => RecordedVerdict::Deny,
+        Verdict::Approve => RecordedVerdict::Approve,
+    }
+}
+
 /// Judges the startup parameters as `SET` statements (see [`startup`]); the refusal message if
 /// one is not allowed.
 fn judge_startup_settings(
@@ -1087,20 +1091,17 @@ fn judge_startup_settings(
             identity,
             action: Action::SqlClassified(&classification),
         });
-        let verdict = match decision.decided {
-            Verdict::Allow => RecordedVerdict::Allow,
-            Verdict::Deny => RecordedVerdict::Deny,
-            Verdict::Approve => RecordedVerdict::Approve,
-        };
         // An approval cannot be waited for during login: only an allow lets it through.
         let refused = decision.verdict != Verdict::Allow;
         record(EventKind::Request {
             text: format!("startup parameter: {text}"),
             class: classification.headline().map(|c| c.name().to_string()),
-            verdict: if refused && !decision.observe_only {
+            // Refused is final (observe mode never refuses); otherwise what was decided,
+            // marked observed in observe mode.
+            verdict: if refused {
                 RecordedVerdict::Deny
             } else {
-                verdict
+                recorded(decision.decided)
             },
             rules: decision.rules.clone(),
             observed: decision.observe_only,
