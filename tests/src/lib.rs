@@ -286,7 +286,10 @@ impl Topology {
             pins = self.pin_dir.display(),
             policies = self.policy_dir().display(),
             cg = self.cgroup.display(),
-            extra_daemon = "",
+            // Benchmarks compare runtime sizes with this (e.g. `BENCH_DAEMON_WORKERS=2`).
+            extra_daemon = std::env::var("BENCH_DAEMON_WORKERS")
+                .map(|w| format!("workers = {w}\n"))
+                .unwrap_or_default(),
         );
         fs::write(&self.config_path, format!("{base}{extra}")).expect("write config");
     }

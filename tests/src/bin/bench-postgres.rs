@@ -10,9 +10,10 @@ use bulkhead_tests::{missing_privileges, system_user, Side, Topology, TARGET_V4}
 
 const SECONDS: &str = "10";
 
-/// `BENCH_PG_ONLY=gateway` runs only the gateway legs, for `BENCH_PG_SECONDS` each (profiling).
-fn only_gateway() -> bool {
-    std::env::var("BENCH_PG_ONLY").is_ok_and(|v| v == "gateway")
+/// `BENCH_PG_ONLY=direct|gateway|pgbouncer|relay` runs only that leg, for `BENCH_PG_SECONDS`
+/// per mode (for profiling it from outside).
+fn only() -> Option<String> {
+    std::env::var("BENCH_PG_ONLY").ok()
 }
 
 fn main() {
@@ -78,56 +79,63 @@ sql = { class = ["read", "transaction", "session", "insert", "update", "delete",
     );
     assert!(init.contains("done"), "{init}");
 
+    // The ceiling for any proxy here: a relay that only copies bytes (`bh-probe relay`).
+    let mut cmd = Command::new(topo.probe());
+    cmd.args(["relay", "127.0.0.1:6433", &format!("{TARGET_V4}:5432")]);
+    let mut relay_proc = topo.spawn(Side::Host, "relay", cmd);
+    assert_eq!(
+        relay_proc.line(Duration::from_secs(10)).as_deref(),
+        Some("ready"),
+        "relay did not start: {}",
+        relay_proc.stderr()
+    );
+
     println!("pgbench -S, 8 clients, 2 threads, {SECONDS} s per run, scale 10; PostgreSQL 15 on the target host");
+    println!("ratios are of the direct figure; cpu/tx is each proxy's CPU (user + system) per transaction, in us");
     println!();
     println!(
-        "{:<10} {:>14} {:>14} {:>14} {:>10} {:>12} {:>12} {:>12}",
-        "mode",
-        "direct tps",
-        "gateway tps",
-        "pgbouncer tps",
-        "gateway",
-        "pgbouncer",
-        "gw cpu/tx",
-        "pgb cpu/tx"
+        "{:<9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>7} {:>7}",
+        "mode", "direct", "gateway", "pgbouncr", "relay", "gateway", "pgbouncr", "relay", "gw cpu", "pgb cpu", "rly cpu"
     );
     let seconds = std::env::var("BENCH_PG_SECONDS").unwrap_or_else(|_| SECONDS.into());
-    let daemon_pid = daemon.child.id();
-    if only_gateway() {
+    // Each leg: where pgbench runs, where it connects, the password it gives, the proxy's pid.
+    let legs = [
+        ("direct", Side::Host, TARGET_V4, "5432", pg.password.as_str(), None),
+        ("gateway", Side::Governed, TARGET_V4, "5432", "", Some(daemon.child.id())),
+        ("pgbouncer", Side::Host, "127.0.0.1", "6432", pg.password.as_str(), Some(bouncer_proc.child.id())),
+        ("relay", Side::Host, "127.0.0.1", "6433", pg.password.as_str(), Some(relay_proc.child.id())),
+    ];
+    // Transactions per second and the proxy's CPU per transaction.
+    let run = |leg: &(&str, Side, &str, &str, &str, Option<u32>), mode: &str, seconds: &str| {
+        let (_, side, host, port, password, pid) = *leg;
+        let args = ["-S", "-M", mode, "-c", "8", "-j", "2", "-T", seconds];
+        let before = pid.map(cpu_us);
+        let out = pgbench(&topo, side, host, port, password, &args);
+        let cpu = pid.zip(before).map(|(p, b)| (cpu_us(p) - b) / transactions(&out));
+        (tps(&out), cpu.unwrap_or(0.0))
+    };
+    if let Some(name) = only() {
+        let leg = legs.iter().find(|l| l.0 == name).expect("BENCH_PG_ONLY names a leg");
         for mode in ["simple", "prepared"] {
-            let args = ["-S", "-M", mode, "-c", "8", "-j", "2", "-T", &seconds];
-            let before = cpu_us(daemon_pid);
-            let out = pgbench(&topo, Side::Governed, TARGET_V4, "5432", "", &args);
-            let per_tx = (cpu_us(daemon_pid) - before) / transactions(&out);
-            println!(
-                "{mode:<10} gateway {:.0} tps, daemon CPU {per_tx:.1} us per transaction",
-                tps(&out)
-            );
+            let (tps, cpu) = run(leg, mode, &seconds);
+            println!("{mode:<9} {name} {tps:.0} tps, proxy CPU {cpu:.1} us per transaction");
         }
         return;
     }
     for mode in ["simple", "prepared"] {
-        let args = ["-S", "-M", mode, "-c", "8", "-j", "2", "-T", SECONDS];
-        let direct = tps(&pgbench(
-            &topo,
-            Side::Host,
-            TARGET_V4,
-            "5432",
-            &pg.password,
-            &args,
-        ));
-        let before = cpu_us(daemon_pid);
-        let out = pgbench(&topo, Side::Governed, TARGET_V4, "5432", "", &args);
-        let gateway_cpu = (cpu_us(daemon_pid) - before) / transactions(&out);
-        let gateway = tps(&out);
-        let before = cpu_us(bouncer_proc.child.id());
-        let out = pgbench(&topo, Side::Host, "127.0.0.1", "6432", &pg.password, &args);
-        let bouncer_cpu = (cpu_us(bouncer_proc.child.id()) - before) / transactions(&out);
-        let bouncer = tps(&out);
+        let [direct, gateway, bouncer, relay] = legs.each_ref().map(|leg| run(leg, mode, SECONDS));
         println!(
-            "{mode:<10} {direct:>14.0} {gateway:>14.0} {bouncer:>14.0} {:>9.2}x {:>11.2}x {gateway_cpu:>12.1} {bouncer_cpu:>12.1}",
-            gateway / direct,
-            bouncer / direct
+            "{mode:<9} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>7.2}x {:>7.2}x {:>7.2}x {:>7.1} {:>7.1} {:>7.1}",
+            direct.0,
+            gateway.0,
+            bouncer.0,
+            relay.0,
+            gateway.0 / direct.0,
+            bouncer.0 / direct.0,
+            relay.0 / direct.0,
+            gateway.1,
+            bouncer.1,
+            relay.1
         );
     }
     println!();
@@ -156,10 +164,19 @@ sql = { class = ["read", "transaction", "session", "insert", "update", "delete",
         &pg.password,
         &args,
     ));
+    let relay = latency(&pgbench(
+        &topo,
+        Side::Host,
+        "127.0.0.1",
+        "6433",
+        &pg.password,
+        &args,
+    ));
     println!(
-        "single client latency (-S -M prepared -c 1): direct {direct:.1} us, gateway {gateway:.1} us, {:+.1} us (target <= +25 us); pgbouncer {bouncer:.1} us, {:+.1} us",
+        "single client latency (-S -M prepared -c 1): direct {direct:.1} us; gateway {gateway:.1} us, {:+.1} us (target <= +25 us); pgbouncer {bouncer:.1} us, {:+.1} us; relay {relay:.1} us, {:+.1} us",
         gateway - direct,
-        bouncer - direct
+        bouncer - direct,
+        relay - direct
     );
 }
 

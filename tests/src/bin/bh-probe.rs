@@ -10,6 +10,9 @@
 //! * `sink ADDR` — server that reads everything and answers with the byte count.
 //! * `bench-connect ADDR N` — N times connect()+close(); prints nanoseconds in total.
 //! * `bench-send ADDR BYTES` — sends BYTES, waits for the sink's count; prints nanoseconds.
+//! * `relay ADDR TARGET` — the least a user-space TCP relay can do: per connection, one
+//!   thread per direction copying with blocking `read`/`write` (no event loop, no parsing).
+//!   Benchmarks use it as the ceiling for any proxy in the data path.
 
 use std::{
     io::{Read as _, Write as _},
@@ -28,6 +31,7 @@ fn main() -> ExitCode {
         "connect" => connect(addr(), arg(3)),
         "bench-connect" => bench_connect(addr(), arg(3).parse().expect("N")),
         "bench-send" => bench_send(addr(), arg(3).parse().expect("BYTES")),
+        "relay" => relay(addr(), arg(3).parse().expect("TARGET")),
         other => {
             eprintln!("unknown mode {other:?}");
             ExitCode::FAILURE
@@ -155,4 +159,36 @@ fn bench_send(addr: SocketAddr, bytes: u64) -> ExitCode {
     );
     println!("{elapsed}");
     ExitCode::SUCCESS
+}
+
+fn relay(addr: SocketAddr, target: SocketAddr) -> ExitCode {
+    let listener = listen(addr);
+    println!("ready");
+    for stream in listener.incoming() {
+        let Ok(client) = stream else { continue };
+        let Ok(upstream) = TcpStream::connect(target) else {
+            continue;
+        };
+        for s in [&client, &upstream] {
+            let _ = s.set_nodelay(true);
+        }
+        let (Ok(client2), Ok(upstream2)) = (client.try_clone(), upstream.try_clone()) else {
+            continue;
+        };
+        std::thread::spawn(move || copy(client, upstream));
+        std::thread::spawn(move || copy(upstream2, client2));
+    }
+    ExitCode::SUCCESS
+}
+
+/// Copies until EOF or an error, then shuts both directions so the peer thread ends too.
+fn copy(mut from: TcpStream, mut to: TcpStream) {
+    let mut buf = vec![0u8; 64 * 1024];
+    while let Ok(n) = from.read(&mut buf) {
+        if n == 0 || to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(Shutdown::Both);
+    let _ = from.shutdown(Shutdown::Both);
 }
