@@ -17,8 +17,9 @@ pub mod maps {
     pub const GOVERNED_UIDS: &str = "GOVERNED_UIDS";
     pub const PENDING_BY_COOKIE: &str = "PENDING_BY_COOKIE";
     pub const CONNECTIONS: &str = "CONNECTIONS";
+    pub const ORIGINAL_BY_COOKIE: &str = "ORIGINAL_BY_COOKIE";
     /// Every map, in the order user space pins them.
-    pub const ALL: [&str; 9] = [
+    pub const ALL: [&str; 10] = [
         CAPTURE_CONFIG,
         EXCLUDE_V4,
         EXCLUDE_V6,
@@ -28,6 +29,7 @@ pub mod maps {
         GOVERNED_UIDS,
         PENDING_BY_COOKIE,
         CONNECTIONS,
+        ORIGINAL_BY_COOKIE,
     ];
 }
 
@@ -36,6 +38,10 @@ pub mod programs {
     pub const CONNECT4: &str = "bulkhead_connect4";
     pub const CONNECT6: &str = "bulkhead_connect6";
     pub const SOCK_OPS: &str = "bulkhead_sock_ops";
+    pub const GETPEERNAME4: &str = "bulkhead_getpeername4";
+    pub const GETPEERNAME6: &str = "bulkhead_getpeername6";
+    /// Every program, in the order user space attaches them.
+    pub const ALL: [&str; 5] = [CONNECT4, CONNECT6, SOCK_OPS, GETPEERNAME4, GETPEERNAME6];
 }
 
 /// Maximum entries of the per-connection maps (LRU: a record nobody collects is evicted).

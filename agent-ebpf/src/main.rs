@@ -7,6 +7,9 @@
 //! * `sock_ops` runs when that socket sends its SYN (`TCP_CONNECT_CB`), when its local address
 //!   and port are known, and moves the record to a key the daemon can compute from `accept()`:
 //!   the client's local address and port.
+//! * `cgroup/getpeername4` and `cgroup/getpeername6` answer `getpeername()` on a redirected
+//!   socket with the original destination, not the daemon's listener, so the governed process
+//!   sees the peer it dialled.
 //!
 //! UDP and other non-stream sockets are never touched.
 #![no_std]
@@ -57,6 +60,21 @@ static PENDING_BY_COOKIE: LruHashMap<u64, ConnectRecord> =
 #[map]
 static CONNECTIONS: LruHashMap<SockKey, ConnectRecord> =
     LruHashMap::with_max_entries(MAX_CONNECTIONS, 0);
+/// Where each redirected socket was going, by socket cookie (unique per boot), for the
+/// socket's `getpeername()`. LRU: a closed socket's entry is evicted in time.
+#[map]
+static ORIGINAL_BY_COOKIE: LruHashMap<u64, Original> =
+    LruHashMap::with_max_entries(MAX_CONNECTIONS, 0);
+
+/// The destination a redirected socket dialled: IPv4 as mapped, the port in host order, and
+/// the socket's family (which `getpeername` hook answers it).
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct Original {
+    addr: [u8; 16],
+    port: u16,
+    family: u16,
+}
 
 #[cgroup_sock_addr(connect4)]
 pub fn bulkhead_connect4(ctx: SockAddrContext) -> i32 {
@@ -70,6 +88,49 @@ pub fn bulkhead_connect6(ctx: SockAddrContext) -> i32 {
     match try_connect6(&ctx) {
         Ok(verdict) | Err(verdict) => verdict,
     }
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn bulkhead_getpeername4(ctx: SockAddrContext) -> i32 {
+    if let Some(o) = original(&ctx, AF_INET) {
+        // SAFETY: the kernel hands the program a valid `bpf_sock_addr`.
+        let sa = unsafe { &mut *ctx.sock_addr };
+        sa.user_ip4 = u32::from_ne_bytes([o.addr[12], o.addr[13], o.addr[14], o.addr[15]]);
+        sa.user_port = u32::from(o.port.to_be());
+    }
+    // getpeername hooks cannot refuse; 1 is the only valid return.
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn bulkhead_getpeername6(ctx: SockAddrContext) -> i32 {
+    if let Some(o) = original(&ctx, AF_INET6) {
+        // SAFETY: the kernel hands the program a valid `bpf_sock_addr`.
+        let sa = unsafe { &mut *ctx.sock_addr };
+        let a = o.addr;
+        sa.user_ip6 = [
+            u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+            u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
+            u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
+            u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+        ];
+        sa.user_port = u32::from(o.port.to_be());
+    }
+    ALLOW
+}
+
+/// The original destination of this (redirected, stream) socket, if it was dialled as `family`.
+#[inline(always)]
+fn original(ctx: &SockAddrContext, family: u16) -> Option<Original> {
+    // SAFETY: the kernel hands the program a valid `bpf_sock_addr`.
+    if !is_stream(unsafe { &*ctx.sock_addr }) {
+        return None;
+    }
+    // SAFETY: the context pointer is the program's own `bpf_sock_addr`.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    // SAFETY: the value is plain bytes, copied out at once.
+    let o = unsafe { ORIGINAL_BY_COOKIE.get(&cookie) }.copied()?;
+    (o.family == family).then_some(o)
 }
 
 #[sock_ops]
@@ -180,6 +241,13 @@ fn record(ctx: &SockAddrContext, dst: [u8; 16], port: u16, family: u16) -> Resul
         warn!(ctx, "bulkhead: cannot record connect, refusing");
         return Err(REJECT);
     }
+    // Without this entry only getpeername() shows the listener: no reason to refuse.
+    let original = Original {
+        addr: dst,
+        port,
+        family,
+    };
+    let _ = ORIGINAL_BY_COOKIE.insert(&cookie, &original, 0);
     Ok(())
 }
 

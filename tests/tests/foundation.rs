@@ -63,16 +63,14 @@ fn governed_client_reaches_the_target_through_the_gateway_and_is_recorded() {
     // The bytes made the round trip.
     let answer = reply(&client);
     assert_eq!(answer["data"], "hello", "{client}");
-    // Through the gateway: the client's socket is connected to the loopback listener, and the
+    // Through the gateway: the client's socket is connected to the loopback listener (its
+    // local address says so), yet getpeername() answers with the destination it dialled; the
     // target saw the daemon's own connection from the governed side's address.
     assert!(
         client["local"].as_str().unwrap().starts_with("127.0.0.1:"),
         "{client}"
     );
-    assert_eq!(
-        client["peer"],
-        format!("127.0.0.1:{}", bulkhead_tests::LISTENER_PORT)
-    );
+    assert_eq!(client["peer"], format!("{TARGET_V4}:7000"), "{client}");
     let target_peer = answer["peer"].as_str().unwrap();
     assert!(
         target_peer.starts_with(&format!("{GOVERNED_V4}:")),
@@ -132,6 +130,7 @@ fn ipv6_targets_are_governed_the_same_way() {
         client["local"].as_str().unwrap().starts_with("[::1]:"),
         "{client}"
     );
+    assert_eq!(client["peer"], format!("[{TARGET_V6}]:7000"), "{client}");
     let session = topo.wait_session_closed();
     assert_eq!(session["destination"], format!("[{TARGET_V6}]:7000"));
     assert_eq!(session["identity"]["pid"], client["pid"]);
@@ -157,6 +156,11 @@ fn ipv4_mapped_destinations_on_a_dual_stack_socket_are_governed() {
             .as_str()
             .unwrap()
             .starts_with("[::ffff:127.0.0.1]:"),
+        "{client}"
+    );
+    assert_eq!(
+        client["peer"],
+        format!("[::ffff:{TARGET_V4}]:7000"),
         "{client}"
     );
     let session = topo.wait_session_closed();
@@ -266,7 +270,8 @@ fn a_killed_daemon_fails_closed_and_a_restarted_one_governs_again() {
     let status = topo.run_cli(&["status", "--json"]).unwrap();
     assert!(status["daemon"].is_null(), "{status}");
     assert_eq!(status["programs_attached"], true, "{status}");
-    assert_eq!(status["pinned_links"], 3, "{status}");
+    // connect4, connect6, sock_ops, getpeername4, getpeername6.
+    assert_eq!(status["pinned_links"], 5, "{status}");
 
     let _daemon = topo.start_daemon(&[]);
     assert_eq!(
@@ -276,7 +281,7 @@ fn a_killed_daemon_fails_closed_and_a_restarted_one_governs_again() {
     assert!(echo.line(Duration::from_secs(5)).is_some());
     let status = topo.run_cli(&["status", "--json"]).unwrap();
     assert_eq!(
-        status["pinned_links"], 3,
+        status["pinned_links"], 5,
         "the old links were replaced, not added to: {status}"
     );
     let sessions = topo.sessions();

@@ -193,11 +193,11 @@ impl Redirector {
 
         let cgroup_dir = fs::File::open(cgroup).map_err(io_err(cgroup))?;
         let generation = crate::record::now_micros();
-        let mut attached = Vec::with_capacity(3);
+        let mut attached = Vec::with_capacity(programs::ALL.len());
         // `Single` means no attach flags. Attached through `bpf_link_create` (kernel 5.7+, which
         // this daemon requires for pinning) cgroup links take no flags and always coexist with
         // other links on the cgroup, including a previous daemon's.
-        for name in [programs::CONNECT4, programs::CONNECT6, programs::SOCK_OPS] {
+        for name in programs::ALL {
             let program_err = |source| EbpfError::Program { name, source };
             let prog = ebpf.program_mut(name).ok_or(EbpfError::Missing(name))?;
             let link: FdLink = if name == programs::SOCK_OPS {
@@ -223,7 +223,7 @@ impl Redirector {
             };
             attached.push((name, link));
         }
-        // Pinned only once all three are attached: a daemon that fails half-way must not leave
+        // Pinned only once all are attached: a daemon that fails half-way must not leave
         // a partial redirect behind.
         let mut links = Vec::with_capacity(attached.len());
         for (name, link) in attached {
