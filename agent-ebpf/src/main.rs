@@ -6,7 +6,8 @@
 //!   under the socket's cookie.
 //! * `sock_ops` runs when that socket sends its SYN (`TCP_CONNECT_CB`), when its local address
 //!   and port are known, and moves the record to a key the daemon can compute from `accept()`:
-//!   the client's local address and port.
+//!   the client's local address and port. It then follows that socket's state: when it closes,
+//!   its records go (a connect refused while the daemon was down leaves none behind).
 //! * `cgroup/getpeername4` and `cgroup/getpeername6` answer `getpeername()` on a redirected
 //!   socket with the original destination, not the daemon's listener, so the governed process
 //!   sees the peer it dialled.
@@ -16,7 +17,10 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{bpf_sock_addr, bpf_sock_ops, BPF_SOCK_OPS_TCP_CONNECT_CB},
+    bindings::{
+        bpf_sock_addr, bpf_sock_ops, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, BPF_TCP_SYN_SENT,
+    },
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_get_current_uid_gid, bpf_get_socket_cookie,
@@ -321,15 +325,55 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
 }
 
 fn try_sock_ops(ctx: &SockOpsContext) {
-    if ctx.op() != BPF_SOCK_OPS_TCP_CONNECT_CB {
-        return;
+    match ctx.op() {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(ctx),
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => on_close(ctx),
+        _ => {}
     }
+}
+
+/// A redirected socket sends its SYN: publish its record under the key the daemon will see,
+/// and ask for its state changes, so its records go when it closes.
+#[inline(always)]
+fn on_connect(ctx: &SockOpsContext) {
     // SAFETY: the context pointer is the program's own `bpf_sock_ops`.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
     // SAFETY: the value is copied out before the entry is removed.
     let Some(rec) = (unsafe { PENDING_BY_COOKIE.get(&cookie) }).copied() else {
         return; // not a redirected connection
     };
+    let Some(key) = local_key(ctx) else {
+        return;
+    };
+    if CONNECTIONS.insert(&key, &rec, 0).is_err() {
+        warn!(ctx, "bulkhead: cannot publish connection record");
+    }
+    let _ = PENDING_BY_COOKIE.remove(&cookie);
+    let flags = ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG;
+    if ctx.set_cb_flags(flags as i32).is_err() {
+        warn!(ctx, "bulkhead: cannot follow a redirected socket's state");
+    }
+}
+
+/// A redirected socket closes. Its original destination is no longer needed. If it never got
+/// past SYN_SENT (the daemon was down: nothing listened), the daemon never took its record,
+/// which would otherwise wait for whoever next connects to the listener from the same local
+/// address and port, and lend them this process's identity.
+#[inline(always)]
+fn on_close(ctx: &SockOpsContext) {
+    // SAFETY: the context pointer is the program's own `bpf_sock_ops`.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+    let _ = ORIGINAL_BY_COOKIE.remove(&cookie);
+    if ctx.arg(0) == BPF_TCP_SYN_SENT {
+        if let Some(key) = local_key(ctx) {
+            let _ = CONNECTIONS.remove(&key);
+        }
+    }
+}
+
+/// The socket's local address and port: the peer address the daemon sees on `accept()`.
+#[inline(always)]
+fn local_key(ctx: &SockOpsContext) -> Option<SockKey> {
     let ops = ctx.ops;
     // SAFETY: `ops` is the program's own `bpf_sock_ops`.
     let (family, local_port) = unsafe { ((*ops).family, (*ops).local_port) };
@@ -348,16 +392,12 @@ fn try_sock_ops(ctx: &SockOpsContext) {
             d[2], d[3],
         ]
     } else {
-        return;
+        return None;
     };
-    let key = SockKey {
+    Some(SockKey {
         addr,
         port: local_port,
-    };
-    if CONNECTIONS.insert(&key, &rec, 0).is_err() {
-        warn!(ctx, "bulkhead: cannot publish connection record");
-    }
-    let _ = PENDING_BY_COOKIE.remove(&cookie);
+    })
 }
 
 // The verifier accepts context loads only at a constant offset from the unmodified context

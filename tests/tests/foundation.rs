@@ -326,6 +326,43 @@ fn fail_open_mode_detaches_when_the_daemon_dies() {
 }
 
 #[test]
+fn a_connect_refused_while_the_daemon_was_down_lends_its_identity_to_nobody() {
+    require_root();
+    let topo = Topology::new("");
+    let dst = format!("{TARGET_V4}:7000");
+    let mut echo = topo.echo_server(Side::Target, dst.parse().unwrap());
+    let mut daemon = topo.start_daemon(&[]);
+    daemon.kill9();
+    // Fail closed: redirected to the listener, where nothing listens. The local port is fixed
+    // (this topology has its own network namespace), so it can be used again below.
+    let local = "127.0.0.1:41234";
+    let mut cmd = Command::new(topo.probe());
+    cmd.args(["connect", &dst, "governed", local]);
+    let refused = parse_probe(topo.output(Side::Governed, cmd));
+    assert_eq!(refused["kind"], "ConnectionRefused", "{refused}");
+
+    // Outside the cgroup, straight to the listener, from the same local address and port: the
+    // refused connect's kernel record must not make this a governed session.
+    let _daemon = topo.start_daemon(&[]);
+    let mut cmd = Command::new(topo.probe());
+    cmd.args([
+        "connect",
+        &format!("127.0.0.1:{}", bulkhead_tests::LISTENER_PORT),
+        "sneak",
+        local,
+    ]);
+    let sneak = parse_probe(topo.output(Side::Host, cmd));
+    assert!(
+        sneak["reply"] == "" || (sneak["reply"].is_null() && sneak["error"].is_string()),
+        "{sneak}"
+    );
+    let session = topo.wait_session_closed();
+    assert_eq!(session["outcome"]["kind"], "refused", "{session}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(echo.drain_lines().is_empty(), "nothing reached the target");
+}
+
+#[test]
 fn a_connection_to_the_listener_without_a_redirect_is_refused_and_recorded() {
     require_root();
     let topo = Topology::new("");

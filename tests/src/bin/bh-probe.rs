@@ -4,7 +4,7 @@
 //! * `serve ADDR` — echo-style server: prints `ready`, then `accepted PEER` per connection;
 //!   answers each connection, after the client's EOF, with a JSON line
 //!   `{"peer": ..., "data": ...}`.
-//! * `connect ADDR TEXT` — sends TEXT, half-closes, prints a JSON line with its own pid, the
+//! * `connect ADDR TEXT [BIND]` — (bound to BIND first, if given) sends TEXT, half-closes, prints a JSON line with its own pid, the
 //!   local and peer addresses the socket reports, and the reply; exit 1 on error, with
 //!   `{"error": ..., "kind": ...}`.
 //! * `sink ADDR` — server that reads everything and answers with the byte count.
@@ -28,7 +28,11 @@ fn main() -> ExitCode {
     match arg(1) {
         "serve" => serve(addr(), false),
         "sink" => serve(addr(), true),
-        "connect" => connect(addr(), arg(3)),
+        "connect" => connect(
+            addr(),
+            arg(3),
+            args.get(4).map(|b| b.parse().expect("BIND")),
+        ),
         "bench-connect" => bench_connect(addr(), arg(3).parse().expect("N")),
         "bench-send" => bench_send(addr(), arg(3).parse().expect("BYTES")),
         "relay" => relay(addr(), arg(3).parse().expect("TARGET")),
@@ -91,9 +95,22 @@ fn serve(addr: SocketAddr, sink: bool) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn connect(addr: SocketAddr, text: &str) -> ExitCode {
+fn connect(addr: SocketAddr, text: &str, bind: Option<SocketAddr>) -> ExitCode {
     let result = (|| -> std::io::Result<serde_json::Value> {
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        let mut s = match bind {
+            None => TcpStream::connect_timeout(&addr, Duration::from_secs(5))?,
+            Some(local) => {
+                let socket = socket2::Socket::new(
+                    socket2::Domain::for_address(addr),
+                    socket2::Type::STREAM,
+                    None,
+                )?;
+                socket.set_reuse_address(true)?;
+                socket.bind(&local.into())?;
+                socket.connect_timeout(&addr.into(), Duration::from_secs(5))?;
+                socket.into()
+            }
+        };
         s.set_read_timeout(Some(Duration::from_secs(10)))?;
         let local = s.local_addr()?;
         let peer = s.peer_addr()?;
