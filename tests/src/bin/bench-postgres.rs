@@ -1,6 +1,7 @@
 //! PostgreSQL gateway benchmark: pgbench through the gateway (policy and recording on) against
-//! pgbench straight to the server and through pgbouncer (session pooling), all in one run on
-//! the same server, printed as ratios of the direct figure.
+//! pgbench straight to the server, through pgbouncer (session pooling) and through a bare
+//! relay, all in one run on the same server, in alternating rounds (`BENCH_PG_ROUNDS`, 3),
+//! printed as ratios of the direct figure with the medians of the rounds.
 //!
 //! Run with `cargo xtask bench` (root; release build).
 
@@ -94,8 +95,8 @@ sql = { class = ["read", "transaction", "session", "insert", "update", "delete",
     println!("ratios are of the direct figure; cpu/tx is each proxy's CPU (user + system) per transaction, in us");
     println!();
     println!(
-        "{:<9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>7} {:>7}",
-        "mode", "direct", "gateway", "pgbouncr", "relay", "gateway", "pgbouncr", "relay", "gw cpu", "pgb cpu", "rly cpu"
+        "{:<11} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>7} {:>7}",
+        "mode round", "direct", "gateway", "pgbouncr", "relay", "gateway", "pgbouncr", "relay", "gw cpu", "pgb cpu", "rly cpu"
     );
     let seconds = std::env::var("BENCH_PG_SECONDS").unwrap_or_else(|_| SECONDS.into());
     // Each leg: where pgbench runs, where it connects, the password it gives, the proxy's pid.
@@ -122,62 +123,79 @@ sql = { class = ["read", "transaction", "session", "insert", "update", "delete",
         }
         return;
     }
-    for mode in ["simple", "prepared"] {
-        let [direct, gateway, bouncer, relay] = legs.each_ref().map(|leg| run(leg, mode, SECONDS));
+    // The machine's run-to-run noise is larger than the differences measured, so the legs are
+    // run in rounds, alternating, and the medians of the same-round figures are reported.
+    let rounds: usize = std::env::var("BENCH_PG_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(3);
+    let latency_args = ["-S", "-M", "prepared", "-c", "1", "-j", "1", "-T", SECONDS];
+    // Per mode: per round, [tps per leg, ratio per proxy leg, cpu per proxy leg].
+    let mut table: [Vec<[f64; 10]>; 2] = [Vec::new(), Vec::new()];
+    // Per round: single-client latency per leg.
+    let mut latencies: Vec<[f64; 4]> = Vec::new();
+    for round in 1..=rounds {
+        for (m, mode) in ["simple", "prepared"].into_iter().enumerate() {
+            let [direct, gateway, bouncer, relay] =
+                legs.each_ref().map(|leg| run(leg, mode, SECONDS));
+            let row = [
+                direct.0,
+                gateway.0,
+                bouncer.0,
+                relay.0,
+                gateway.0 / direct.0,
+                bouncer.0 / direct.0,
+                relay.0 / direct.0,
+                gateway.1,
+                bouncer.1,
+                relay.1,
+            ];
+            print_row(&format!("{mode} {round}"), &row);
+            table[m].push(row);
+        }
+        let lat = legs.each_ref().map(|&(_, side, host, port, password, _)| {
+            latency(&pgbench(&topo, side, host, port, password, &latency_args))
+        });
         println!(
-            "{mode:<9} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>7.2}x {:>7.2}x {:>7.2}x {:>7.1} {:>7.1} {:>7.1}",
-            direct.0,
-            gateway.0,
-            bouncer.0,
-            relay.0,
-            gateway.0 / direct.0,
-            bouncer.0 / direct.0,
-            relay.0 / direct.0,
-            gateway.1,
-            bouncer.1,
-            relay.1
+            "latency {round}: direct {:.1} us; gateway {:+.1} us, pgbouncer {:+.1} us, relay {:+.1} us",
+            lat[0],
+            lat[1] - lat[0],
+            lat[2] - lat[0],
+            lat[3] - lat[0]
         );
+        latencies.push(lat);
     }
     println!();
-    let args = ["-S", "-M", "prepared", "-c", "1", "-j", "1", "-T", SECONDS];
-    let direct = latency(&pgbench(
-        &topo,
-        Side::Host,
-        TARGET_V4,
-        "5432",
-        &pg.password,
-        &args,
-    ));
-    let gateway = latency(&pgbench(
-        &topo,
-        Side::Governed,
-        TARGET_V4,
-        "5432",
-        "",
-        &args,
-    ));
-    let bouncer = latency(&pgbench(
-        &topo,
-        Side::Host,
-        "127.0.0.1",
-        "6432",
-        &pg.password,
-        &args,
-    ));
-    let relay = latency(&pgbench(
-        &topo,
-        Side::Host,
-        "127.0.0.1",
-        "6433",
-        &pg.password,
-        &args,
-    ));
+    println!("median of {rounds} rounds:");
+    for (m, mode) in ["simple", "prepared"].into_iter().enumerate() {
+        let row: [f64; 10] =
+            std::array::from_fn(|i| median(table[m].iter().map(|r| r[i]).collect()));
+        print_row(mode, &row);
+    }
+    let over = |leg: usize| median(latencies.iter().map(|l| l[leg] - l[0]).collect());
     println!(
-        "single client latency (-S -M prepared -c 1): direct {direct:.1} us; gateway {gateway:.1} us, {:+.1} us (target <= +25 us); pgbouncer {bouncer:.1} us, {:+.1} us; relay {relay:.1} us, {:+.1} us",
-        gateway - direct,
-        bouncer - direct,
-        relay - direct
+        "single client latency (-S -M prepared -c 1) over direct ({:.1} us): gateway {:+.1} us (target <= +25 us), pgbouncer {:+.1} us, relay {:+.1} us",
+        median(latencies.iter().map(|l| l[0]).collect()),
+        over(1),
+        over(2),
+        over(3)
     );
+}
+
+fn print_row(label: &str, r: &[f64; 10]) {
+    println!(
+        "{label:<11} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>7.2}x {:>7.2}x {:>7.2}x {:>7.1} {:>7.1} {:>7.1}",
+        r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9]
+    );
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => f64::midpoint(v[n / 2 - 1], v[n / 2]),
+    }
 }
 
 fn pgbench(
