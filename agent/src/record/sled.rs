@@ -55,9 +55,11 @@ const CHUNK_MAGIC: u8 = 0xB1;
 /// (u32, little-endian), the length of the uncompressed body (u32, little-endian), and the
 /// body, which is a [`CHUNK_MAGIC`] chunk without its first byte, as an LZ4 block.
 const CHUNK_LZ4: u8 = 0xB2;
+/// Uncompressed body size past which the writer starts a new chunk for the same session, so a
+/// body is at most this plus one event, however far the queue grew while the writer stalled.
+const CHUNK_TARGET: usize = 1 << 20;
 /// The largest uncompressed chunk body a reader accepts: a damaged length must not make it
-/// allocate gigabytes. The writer's chunks are one session's events of one batch (at most
-/// [`WRITE_BATCH`] bounded events), far below this.
+/// allocate gigabytes. Far above what the writer writes ([`CHUNK_TARGET`] plus one event).
 const MAX_CHUNK_BODY: usize = 256 << 20;
 
 pub struct SledStore {
@@ -149,10 +151,14 @@ impl Sink {
         let mut bytes = 0u64;
         let mut scratch = Vec::new();
         for run in batch.chunk_by(|a, b| a.session == b.session) {
-            let key = event_key(run[0].session, run[0].id);
-            let value = encode_chunk(run, &mut scratch)?;
-            bytes += (key.len() + value.len()) as u64;
-            writes.insert(&key, value);
+            let mut rest = run;
+            while let Some(first) = rest.first() {
+                let key = event_key(first.session, first.id);
+                let (value, taken) = encode_chunk(rest, &mut scratch)?;
+                rest = &rest[taken..];
+                bytes += (key.len() + value.len()) as u64;
+                writes.insert(&key, value);
+            }
         }
         self.events.apply_batch(writes)?;
         self.recorded_bytes.fetch_add(bytes, Ordering::Relaxed);
@@ -183,19 +189,25 @@ impl Sink {
     }
 }
 
-/// A compressed chunk ([`CHUNK_LZ4`]) of `events`. `scratch` keeps the uncompressed body's
-/// allocation from one chunk to the next.
-fn encode_chunk(events: &[Event], scratch: &mut Vec<u8>) -> Result<Vec<u8>, StoreError> {
+/// A compressed chunk ([`CHUNK_LZ4`]) of the first of `events` (at least one; fewer than all
+/// once the body passes [`CHUNK_TARGET`]), and how many it holds. `scratch` keeps the
+/// uncompressed body's allocation from one chunk to the next.
+fn encode_chunk(events: &[Event], scratch: &mut Vec<u8>) -> Result<(Vec<u8>, usize), StoreError> {
     let too_big = || StoreError::Encode(serde::ser::Error::custom("chunk larger than 4 GiB"));
     scratch.clear();
+    let mut taken = 0;
     for event in events {
+        if taken > 0 && scratch.len() >= CHUNK_TARGET {
+            break;
+        }
+        taken += 1;
         let at = scratch.len();
         scratch.extend_from_slice(&[0; 4]);
         serde_json::to_writer(&mut *scratch, event).map_err(StoreError::Encode)?;
         let len = u32::try_from(scratch.len() - at - 4).map_err(|_| too_big())?;
         scratch[at..at + 4].copy_from_slice(&len.to_le_bytes());
     }
-    let count = u32::try_from(events.len()).map_err(|_| too_big())?;
+    let count = u32::try_from(taken).map_err(|_| too_big())?;
     let body_len = u32::try_from(scratch.len()).map_err(|_| too_big())?;
     let header = 9;
     let mut out = vec![0u8; header + lz4_flex::block::get_maximum_output_size(scratch.len())];
@@ -205,7 +217,7 @@ fn encode_chunk(events: &[Event], scratch: &mut Vec<u8>) -> Result<Vec<u8>, Stor
     let n = lz4_flex::block::compress_into(scratch, &mut out[header..])
         .map_err(|e| StoreError::Encode(serde::ser::Error::custom(e)))?;
     out.truncate(header + n);
-    Ok(out)
+    Ok((out, taken))
 }
 
 /// How many events a stored value holds, without decompressing it.
@@ -682,6 +694,7 @@ mod tests {
         config::Protocol,
         identity::ProcessIdentity,
         net::{ClientAddr, OrigDstAddr},
+        record::MAX_EVENT_TEXT,
     };
 
     fn start(n: u16) -> NewSession {
@@ -993,7 +1006,8 @@ mod tests {
             .collect();
         let key = event_key(SessionId(7), 100);
         let mut scratch = Vec::new();
-        let value = encode_chunk(&events, &mut scratch).unwrap();
+        let (value, taken) = encode_chunk(&events, &mut scratch).unwrap();
+        assert_eq!(taken, 50);
         assert_eq!(value[0], CHUNK_LZ4);
         assert!(
             value.len() * 3 < scratch.len(),
@@ -1012,6 +1026,48 @@ mod tests {
     }
 
     #[test]
+    fn a_long_run_of_one_session_is_split_into_chunks_a_reader_accepts() {
+        let store = SledStore::temporary().unwrap();
+        let s = store.open(start(1)).unwrap();
+        // Incompressible text near the bound, enough for several chunks in one batch.
+        let mut seed = 0x9E37_79B9_7F4A_7C15_u64;
+        let mut noise = || {
+            (0..MAX_EVENT_TEXT / 2)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    char::from(b'a' + (seed % 26) as u8)
+                })
+                .collect::<String>()
+        };
+        let n = 3 * CHUNK_TARGET / (MAX_EVENT_TEXT / 2) + 1;
+        for _ in 0..n {
+            store
+                .append(s, EventKind::Error { message: noise() })
+                .unwrap();
+        }
+        store.flush().unwrap();
+        let values: Vec<_> = store
+            .events
+            .scan_prefix(s.0.to_be_bytes())
+            .map(Result::unwrap)
+            .collect();
+        assert!(values.len() >= 3, "{} chunks", values.len());
+        for (k, v) in &values {
+            let plain = chunk_plain(k, v).unwrap();
+            assert!(
+                plain.len() <= CHUNK_TARGET + 2 * MAX_EVENT_TEXT,
+                "{}",
+                plain.len()
+            );
+        }
+        let events = store.events(s).unwrap();
+        assert_eq!(events.len(), 1 + n, "connect + every error");
+        assert!(events.windows(2).all(|w| w[0].id < w[1].id));
+    }
+
+    #[test]
     fn a_damaged_compressed_chunk_is_reported_as_corrupt_not_a_panic() {
         let key = event_key(SessionId(1), 1);
         let events = [Event {
@@ -1021,7 +1077,7 @@ mod tests {
             at_us: 1,
             kind: request(RecordedVerdict::Deny),
         }];
-        let good = encode_chunk(&events, &mut Vec::new()).unwrap();
+        let (good, _) = encode_chunk(&events, &mut Vec::new()).unwrap();
         let mut huge = good.clone();
         huge[5..9].copy_from_slice(&u32::MAX.to_le_bytes());
         let mut longer = good.clone();

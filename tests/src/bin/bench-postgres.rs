@@ -96,15 +96,53 @@ sql = { class = ["read", "transaction", "session", "insert", "update", "delete",
     println!();
     println!(
         "{:<11} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>7} {:>7}",
-        "mode round", "direct", "gateway", "pgbouncr", "relay", "gateway", "pgbouncr", "relay", "gw cpu", "pgb cpu", "rly cpu"
+        "mode round",
+        "direct",
+        "gateway",
+        "pgbouncr",
+        "relay",
+        "gateway",
+        "pgbouncr",
+        "relay",
+        "gw cpu",
+        "pgb cpu",
+        "rly cpu"
     );
     let seconds = std::env::var("BENCH_PG_SECONDS").unwrap_or_else(|_| SECONDS.into());
     // Each leg: where pgbench runs, where it connects, the password it gives, the proxy's pid.
     let legs = [
-        ("direct", Side::Host, TARGET_V4, "5432", pg.password.as_str(), None),
-        ("gateway", Side::Governed, TARGET_V4, "5432", "", Some(daemon.child.id())),
-        ("pgbouncer", Side::Host, "127.0.0.1", "6432", pg.password.as_str(), Some(bouncer_proc.child.id())),
-        ("relay", Side::Host, "127.0.0.1", "6433", pg.password.as_str(), Some(relay_proc.child.id())),
+        (
+            "direct",
+            Side::Host,
+            TARGET_V4,
+            "5432",
+            pg.password.as_str(),
+            None,
+        ),
+        (
+            "gateway",
+            Side::Governed,
+            TARGET_V4,
+            "5432",
+            "",
+            Some(daemon.child.id()),
+        ),
+        (
+            "pgbouncer",
+            Side::Host,
+            "127.0.0.1",
+            "6432",
+            pg.password.as_str(),
+            Some(bouncer_proc.child.id()),
+        ),
+        (
+            "relay",
+            Side::Host,
+            "127.0.0.1",
+            "6433",
+            pg.password.as_str(),
+            Some(relay_proc.child.id()),
+        ),
     ];
     // Transactions per second and the proxy's CPU per transaction.
     let run = |leg: &(&str, Side, &str, &str, &str, Option<u32>), mode: &str, seconds: &str| {
@@ -112,11 +150,16 @@ sql = { class = ["read", "transaction", "session", "insert", "update", "delete",
         let args = ["-S", "-M", mode, "-c", "8", "-j", "2", "-T", seconds];
         let before = pid.map(cpu_us);
         let out = pgbench(&topo, side, host, port, password, &args);
-        let cpu = pid.zip(before).map(|(p, b)| (cpu_us(p) - b) / transactions(&out));
+        let cpu = pid
+            .zip(before)
+            .map(|(p, b)| (cpu_us(p) - b) / transactions(&out));
         (tps(&out), cpu.unwrap_or(0.0))
     };
     if let Some(name) = only() {
-        let leg = legs.iter().find(|l| l.0 == name).expect("BENCH_PG_ONLY names a leg");
+        let leg = legs
+            .iter()
+            .find(|l| l.0 == name)
+            .expect("BENCH_PG_ONLY names a leg");
         for mode in ["simple", "prepared"] {
             let (tps, cpu) = run(leg, mode, &seconds);
             println!("{mode:<9} {name} {tps:.0} tps, proxy CPU {cpu:.1} us per transaction");
