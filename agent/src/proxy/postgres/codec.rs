@@ -589,6 +589,23 @@ pub fn parse(name: &str, sql: &str) -> Bytes {
     })
 }
 
+/// A DataRow body holding `values` (`None`: SQL NULL), for tests here and in `columns`.
+#[cfg(test)]
+pub(crate) fn data_row_body(values: &[Option<&[u8]>]) -> BytesMut {
+    let mut b = BytesMut::new();
+    b.put_i16(i16::try_from(values.len()).expect("field count"));
+    for v in values {
+        match v {
+            Some(v) => {
+                b.put_i32(i32::try_from(v.len()).expect("field length"));
+                b.put_slice(v);
+            }
+            None => b.put_i32(-1),
+        }
+    }
+    b
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -680,17 +697,7 @@ mod tests {
 
     #[test]
     fn data_rows_are_rewritten_field_by_field_and_nulls_kept() {
-        let mut row = BytesMut::new();
-        row.put_i16(3);
-        for v in [Some(&b"keep"[..]), None, Some(&b"secret"[..])] {
-            match v {
-                Some(v) => {
-                    row.put_i32(i32::try_from(v.len()).unwrap());
-                    row.put_slice(v);
-                }
-                None => row.put_i32(-1),
-            }
-        }
+        let row = data_row_body(&[Some(b"keep"), None, Some(b"secret")]);
         let out = rewrite_data_row(&row, |v| (v == b"secret").then(|| b"***".to_vec()))
             .unwrap()
             .unwrap();
@@ -771,17 +778,7 @@ mod tests {
 
     #[test]
     fn rows_rewrite_by_index_with_nulls_and_only_when_changed() {
-        let mut row = BytesMut::new();
-        row.put_i16(3);
-        for v in [Some(&b"keep"[..]), None, Some(&b"secret"[..])] {
-            match v {
-                Some(v) => {
-                    row.put_i32(i32::try_from(v.len()).unwrap());
-                    row.put_slice(v);
-                }
-                None => row.put_i32(-1),
-            }
-        }
+        let row = data_row_body(&[Some(b"keep"), None, Some(b"secret")]);
         assert_eq!(
             data_row_values(&row).unwrap(),
             vec![Some(&b"keep"[..]), None, Some(&b"secret"[..])]

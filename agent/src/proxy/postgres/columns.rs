@@ -1153,18 +1153,7 @@ mod tests {
     }
 
     fn row(values: &[Option<&[u8]>]) -> Vec<u8> {
-        let mut b = BytesMut::new();
-        b.put_i16(i16::try_from(values.len()).unwrap());
-        for v in values {
-            match v {
-                Some(v) => {
-                    b.put_i32(i32::try_from(v.len()).unwrap());
-                    b.put_slice(v);
-                }
-                None => b.put_i32(-1),
-            }
-        }
-        b.to_vec()
+        codec::data_row_body(values).to_vec()
     }
 
     fn values(body: &[u8]) -> Vec<Option<Vec<u8>>> {
