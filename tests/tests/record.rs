@@ -368,7 +368,7 @@ fn terminal_sessions_export_as_asciicast_that_asciinema_plays() {
                 client: bulkhead::net::ClientAddr("127.0.0.1:40000".parse().unwrap()),
                 destination: bulkhead::net::OrigDstAddr("10.201.0.2:22".parse().unwrap()),
                 target: Some("bastion".into()),
-                protocol: bulkhead::config::Protocol::Ssh,
+                protocol: bulkhead::protocol::Protocol::Ssh,
                 identity: bulkhead::identity::ProcessIdentity::default(),
             })
             .unwrap();
@@ -472,7 +472,7 @@ fn terminal_sessions_export_as_asciicast_that_asciinema_plays() {
                 client: bulkhead::net::ClientAddr("127.0.0.1:40001".parse().unwrap()),
                 destination: bulkhead::net::OrigDstAddr("10.201.0.2:5432".parse().unwrap()),
                 target: None,
-                protocol: bulkhead::config::Protocol::Tcp,
+                protocol: bulkhead::protocol::Protocol::Tcp,
                 identity: bulkhead::identity::ProcessIdentity::default(),
             })
             .unwrap();

@@ -116,8 +116,9 @@ pub(crate) mod tests {
     use super::*;
     use crate::{
         approval::{ApprovalIdentity, ApprovalOutcome, ApprovalRequest},
-        config::{Config, Protocol},
+        config::Config,
         control::{ControlState, DaemonInfo},
+        protocol::Protocol,
         proxy::StatsSnapshot,
         record::{EventKind, Retention, SessionId, SessionStore, SledStore},
     };

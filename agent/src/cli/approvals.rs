@@ -511,7 +511,7 @@ mod tests {
             session: crate::record::SessionId(3),
             identity: identity.clone(),
             target: "orders-db".into(),
-            protocol: crate::config::Protocol::Postgres,
+            protocol: crate::protocol::Protocol::Postgres,
             text: "DELETE FROM orders".into(),
             rule: "deletes".into(),
             requested_at_us: 0,

@@ -10,8 +10,9 @@ use clap::{Args, Subcommand, ValueEnum};
 
 use super::{ask_or_read, format_time, open_store, print_json, CliError, JsonFlag};
 use crate::{
-    config::{Config, Protocol},
+    config::Config,
     control::{self, query, ClientError, Request, Response, Selection, SessionDetail},
+    protocol::Protocol,
     record::{Event, EventKind, ListFilter, Session, SessionStore as _},
 };
 

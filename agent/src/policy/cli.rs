@@ -8,8 +8,9 @@ use serde::Serialize;
 
 use super::{load_dir, Action, Decision, PolicySet, Request, TargetRef};
 use crate::{
-    config::{Config, Protocol},
+    config::Config,
     identity::{Ancestor, ProcessIdentity},
+    protocol::Protocol,
 };
 
 #[derive(Debug, Subcommand)]
@@ -35,7 +36,7 @@ pub struct TestArgs {
     #[arg(long)]
     pub target: String,
     /// tcp, postgres, ssh, http or kubernetes [default: from the configuration, else the request kind]
-    #[arg(long, value_parser = parse_protocol)]
+    #[arg(long)]
     pub protocol: Option<Protocol>,
     #[arg(long, default_value_t = 1000)]
     pub uid: u32,
@@ -85,17 +86,6 @@ pub enum PolicyCliError {
     Usage(String),
     #[error("cannot print JSON: {0}")]
     Json(#[from] serde_json::Error),
-}
-
-fn parse_protocol(s: &str) -> Result<Protocol, String> {
-    match s {
-        "tcp" => Ok(Protocol::Tcp),
-        "postgres" => Ok(Protocol::Postgres),
-        "ssh" => Ok(Protocol::Ssh),
-        "http" => Ok(Protocol::Http),
-        "kubernetes" => Ok(Protocol::Kubernetes),
-        _ => Err("use tcp, postgres, ssh, http or kubernetes".into()),
-    }
 }
 
 pub fn run(config: &Config, cmd: PolicyCommand) -> Result<(), PolicyCliError> {
@@ -229,7 +219,7 @@ pub fn decide(
 /// else a name the configuration does not know (the protocol must then be given or implied).
 pub fn resolve_target(config: &Config, target: &str) -> (String, Option<Protocol>) {
     if let Some(t) = config.targets.iter().find(|t| t.name == target) {
-        return (t.name.clone(), Some(t.protocol));
+        return (t.name.clone(), Some(t.protocol()));
     }
     match target.parse::<std::net::SocketAddr>() {
         Ok(addr) => {

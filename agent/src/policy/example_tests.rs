@@ -9,7 +9,7 @@ use super::{
     tests::{agent, sql},
     Action, Basis, Masker, PolicyHandle, PolicySet, Request, TargetRef, Verdict,
 };
-use crate::{config::Protocol, identity::ProcessIdentity};
+use crate::{identity::ProcessIdentity, protocol::Protocol};
 
 fn examples_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../policies")

@@ -33,10 +33,11 @@ use tracing::{debug, error, info, info_span, warn, Instrument as _};
 use self::session::Conn;
 use crate::{
     approval::ApprovalBroker,
-    config::{Config, Protocol, Unmatched},
+    config::{Config, Unmatched},
     ebpf::OrigDst,
     identity::{ProcReader, ProcessIdentity},
     net::{from_kernel_bytes, ClientAddr, OrigDstAddr},
+    protocol::Protocol,
     record::{now_micros, NewSession, Outcome, SessionEnd, SessionId, SessionStore},
 };
 

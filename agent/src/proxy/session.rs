@@ -15,10 +15,11 @@ use tracing::warn;
 use super::Gateway;
 use crate::{
     approval::{ApprovalIdentity, ApprovalRequest},
-    config::{unmatched_name, Protocol, ResolvedTarget},
+    config::{unmatched_name, ResolvedTarget},
     identity::ProcessIdentity,
     net::{ClientAddr, OrigDstAddr},
     policy::{self, Action, Basis, Decision, PolicySet, Verdict},
+    protocol::Protocol,
     record::{EventKind, RecordedVerdict, SessionId},
 };
 

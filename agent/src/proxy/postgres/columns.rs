@@ -1112,12 +1112,12 @@ mod tests {
 
     use super::*;
     use crate::{
-        config::PostgresTarget,
         net::OrigDstAddr,
         policy::{
             mask::{ColumnPattern, Detector},
             MaskRule,
         },
+        proxy::postgres::settings::PostgresTarget,
         record::SledStore,
     };
 

@@ -16,6 +16,7 @@ mod catalog;
 pub mod codec;
 mod columns;
 mod copy_out;
+pub mod settings;
 mod startup;
 mod upstream;
 
@@ -43,7 +44,8 @@ use super::{
     Gateway,
 };
 use crate::{
-    config::CredentialRef,
+    config::TargetKind,
+    credentials::CredentialRef,
     net::OrigDstAddr,
     policy::{self, Action, PreparedStatements},
     record::{now_micros, EventKind, Outcome, RecordedVerdict, SessionEnd},
@@ -339,7 +341,15 @@ pub async fn serve(conn: &Conn<'_>, client: TcpStream) -> SessionEnd {
 
     let client_user = startup.get("user").unwrap_or("").to_string();
     let client_db = startup.get("database").unwrap_or(&client_user).to_string();
-    let pg = target.postgres.clone().unwrap_or_default();
+    let TargetKind::Postgres(pg) = &target.kind else {
+        return end(
+            0,
+            0,
+            Outcome::Failed {
+                error: "not a PostgreSQL target".into(),
+            },
+        );
+    };
     let record = |kind: EventKind| {
         conn.record(kind);
     };
@@ -363,7 +373,7 @@ pub async fn serve(conn: &Conn<'_>, client: TcpStream) -> SessionEnd {
 
     // Whom to log in as upstream: the target's `postgres.map`, else its defaults. A client the
     // map does not cover is refused (fail closed).
-    let Some(login) = target.postgres_login(&client_user, &client_db) else {
+    let Some(login) = pg.login(target.credentials.as_ref(), &client_user, &client_db) else {
         let message = format!(
             "no upstream login is mapped for user \"{client_user}\" and database \"{client_db}\" on target {}",
             target.name
@@ -375,7 +385,11 @@ pub async fn serve(conn: &Conn<'_>, client: TcpStream) -> SessionEnd {
         return end(0, 0, Outcome::Refused { reason: message });
     };
     let (user, database) = (login.user.clone(), login.database.clone());
-    let password = match read_credential(login.credentials) {
+    let password = match login
+        .credentials
+        .map(CredentialRef::read_secret)
+        .transpose()
+    {
         Ok(p) => p,
         Err(e) => {
             warn!(error = %e, "cannot read the target's credentials");
@@ -391,7 +405,7 @@ pub async fn serve(conn: &Conn<'_>, client: TcpStream) -> SessionEnd {
     let extra: Vec<(String, String)> = startup.params.clone();
     let up = match upstream::login(
         destination,
-        &pg,
+        pg,
         &user,
         &database,
         &extra,
@@ -1053,18 +1067,5 @@ fn login_method(method: &str, mapping: Option<usize>) -> String {
     match mapping {
         Some(i) => format!("{method}, postgres.map[{i}]"),
         None => method.to_string(),
-    }
-}
-
-/// The held password: the first line of the credentials file, or the environment variable.
-fn read_credential(cred: Option<&CredentialRef>) -> Result<Option<String>, String> {
-    match cred {
-        None => Ok(None),
-        Some(CredentialRef::File(path)) => std::fs::read_to_string(path)
-            .map(|s| Some(s.lines().next().unwrap_or("").to_string()))
-            .map_err(|e| format!("{}: {e}", path.display())),
-        Some(CredentialRef::Env(name)) => std::env::var(name)
-            .map(Some)
-            .map_err(|_| format!("environment variable {name} is not set")),
     }
 }
