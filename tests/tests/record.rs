@@ -7,14 +7,8 @@ use std::{
 };
 
 use bulkhead::record::{EventKind, NewSession, SessionEnd, SessionStore as _, SledStore};
-use bulkhead_tests::{missing_privileges, Side, Topology, TARGET_V4};
+use bulkhead_tests::{require_root, Side, Topology, TARGET_V4};
 use serde_json::Value;
-
-fn require_root() {
-    if let Some(why) = missing_privileges() {
-        panic!("cannot run the integration tests: {why}");
-    }
-}
 
 const ECHO: &str = "[[target]]\nname = \"echo\"\naddresses = [\"10.201.0.2:7000\"]\n";
 
