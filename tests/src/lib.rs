@@ -283,6 +283,15 @@ impl Topology {
         fs::write(self.policy_dir().join(name), text).expect("policy file");
     }
 
+    /// A policy that lets every opaque TCP connection through: `tcp` targets and destinations
+    /// that match no target. Without a policy, connections are denied.
+    pub fn allow_opaque_tcp(&self) {
+        self.policy(
+            "opaque-tcp.toml",
+            "[[target]]\nprotocol = \"tcp\"\ndefault = \"allow\"\n",
+        );
+    }
+
     /// Writes the daemon configuration: this topology's cgroup, pins and state, plus `extra`.
     pub fn write_config(&self, extra: &str) {
         let base = format!(

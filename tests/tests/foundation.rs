@@ -16,6 +16,7 @@ use bulkhead_tests::{
 fn governed_client_reaches_the_target_through_the_gateway_and_is_recorded() {
     require_root();
     let topo = Topology::new("");
+    topo.allow_opaque_tcp();
     let mut echo = topo.echo_server(Side::Target, format!("{TARGET_V4}:7000").parse().unwrap());
     let _daemon = topo.start_daemon(&[]);
 
@@ -84,6 +85,7 @@ fn governed_client_reaches_the_target_through_the_gateway_and_is_recorded() {
 fn ipv6_targets_are_governed_the_same_way() {
     require_root();
     let topo = Topology::new("");
+    topo.allow_opaque_tcp();
     let _echo = topo.echo_server(Side::Target, format!("[{TARGET_V6}]:7000").parse().unwrap());
     let _daemon = topo.start_daemon(&[]);
 
@@ -105,6 +107,7 @@ fn ipv6_targets_are_governed_the_same_way() {
 fn ipv4_mapped_destinations_on_a_dual_stack_socket_are_governed() {
     require_root();
     let topo = Topology::new("");
+    topo.allow_opaque_tcp();
     let _echo = topo.echo_server(Side::Target, format!("{TARGET_V4}:7000").parse().unwrap());
     let _daemon = topo.start_daemon(&[]);
 
@@ -186,6 +189,7 @@ fn the_daemons_own_upstream_connection_is_not_captured() {
     // Capture loopback too, and put the target on the governed side's loopback: were the
     // daemon's upstream connect captured, it would be redirected back into the daemon.
     let topo = Topology::new("[capture]\nloopback = true\n");
+    topo.allow_opaque_tcp();
     let mut echo = topo.echo_server(Side::Host, "127.0.0.1:7100".parse().unwrap());
     let _daemon = topo.start_daemon(&[]);
 
@@ -209,6 +213,7 @@ fn the_daemons_own_upstream_connection_is_not_captured() {
 fn a_killed_daemon_fails_closed_and_a_restarted_one_governs_again() {
     require_root();
     let topo = Topology::new("");
+    topo.allow_opaque_tcp();
     let mut echo = topo.echo_server(Side::Target, format!("{TARGET_V4}:7000").parse().unwrap());
     let dst = format!("{TARGET_V4}:7000");
 
@@ -263,6 +268,7 @@ fn a_killed_daemon_fails_closed_and_a_restarted_one_governs_again() {
 fn fail_open_mode_detaches_when_the_daemon_dies() {
     require_root();
     let topo = Topology::new("");
+    topo.allow_opaque_tcp();
     let mut echo = topo.echo_server(Side::Target, format!("{TARGET_V4}:7000").parse().unwrap());
     let dst = format!("{TARGET_V4}:7000");
     let mut daemon = topo.start_daemon(&["--fail-open"]);
@@ -292,6 +298,9 @@ fn fail_open_mode_detaches_when_the_daemon_dies() {
 fn a_connect_refused_while_the_daemon_was_down_lends_its_identity_to_nobody() {
     require_root();
     let topo = Topology::new("");
+    // The policy would let the governed connection through: only the missing record may
+    // refuse the sneak below.
+    topo.allow_opaque_tcp();
     let dst = format!("{TARGET_V4}:7000");
     let mut echo = topo.echo_server(Side::Target, dst.parse().unwrap());
     let mut daemon = topo.start_daemon(&[]);
@@ -350,6 +359,7 @@ fn a_connection_to_the_listener_without_a_redirect_is_refused_and_recorded() {
 fn status_and_sessions_work_with_the_daemon_running_and_stopped() {
     require_root();
     let topo = Topology::new("[[target]]\nname = \"echo\"\naddresses = [\"10.201.0.2:7000\"]\n");
+    topo.allow_opaque_tcp();
     let _echo = topo.echo_server(Side::Target, format!("{TARGET_V4}:7000").parse().unwrap());
     let mut daemon = topo.start_daemon(&[]);
     let status = topo.run_cli(&["status", "--json"]).unwrap();

@@ -49,6 +49,7 @@ fn wait_closed_sessions(topo: &Topology, n: usize) -> Vec<Value> {
 fn sessions_carry_their_events_and_filters_select_them() {
     require_root();
     let topo = Topology::new(&format!("[capture]\nunmatched = \"refuse\"\n{ECHO}"));
+    topo.allow_opaque_tcp();
     let _echo = topo.echo_server(Side::Target, format!("{TARGET_V4}:7000").parse().unwrap());
     let _daemon = topo.start_daemon(&[]);
 
@@ -131,6 +132,7 @@ fn sessions_carry_their_events_and_filters_select_them() {
 fn export_round_trips_as_json_lines_with_the_daemon_running_and_stopped() {
     require_root();
     let topo = Topology::new(ECHO);
+    topo.allow_opaque_tcp();
     let _echo = topo.echo_server(Side::Target, format!("{TARGET_V4}:7000").parse().unwrap());
     let mut daemon = topo.start_daemon(&[]);
     for _ in 0..3 {
@@ -186,6 +188,7 @@ fn export_round_trips_as_json_lines_with_the_daemon_running_and_stopped() {
 fn tail_follows_new_events() {
     require_root();
     let topo = Topology::new(ECHO);
+    topo.allow_opaque_tcp();
     let _echo = topo.echo_server(Side::Target, format!("{TARGET_V4}:7000").parse().unwrap());
     let _daemon = topo.start_daemon(&[]);
     let mut tail = topo.spawn(
@@ -267,6 +270,7 @@ fn the_control_socket_admits_admins_outside_the_governed_cgroup_only() {
 fn events_older_than_the_flush_interval_survive_kill_9() {
     require_root();
     let topo = Topology::new(ECHO);
+    topo.allow_opaque_tcp();
     let _echo = topo.echo_server(Side::Target, format!("{TARGET_V4}:7000").parse().unwrap());
     let mut daemon = topo.start_daemon(&[]);
     for _ in 0..10 {
@@ -294,6 +298,7 @@ fn retention_prunes_oldest_sessions_by_size_and_by_age() {
     let by_size = Topology::new(&format!(
         "[store]\nmax_size = \"6KiB\"\nmax_age = \"\"\nprune_interval = \"200ms\"\n{ECHO}"
     ));
+    by_size.allow_opaque_tcp();
     let _echo = by_size.echo_server(Side::Target, format!("{TARGET_V4}:7000").parse().unwrap());
     let _daemon = by_size.start_daemon(&[]);
     let mut pids = Vec::new();
@@ -323,6 +328,7 @@ fn retention_prunes_oldest_sessions_by_size_and_by_age() {
     let by_age = Topology::new(&format!(
         "[store]\nmax_age = \"1s\"\nprune_interval = \"200ms\"\n{ECHO}"
     ));
+    by_age.allow_opaque_tcp();
     let _echo = by_age.echo_server(Side::Target, format!("{TARGET_V4}:7000").parse().unwrap());
     let _daemon = by_age.start_daemon(&[]);
     governed_connect(&by_age, &format!("{TARGET_V4}:7000"), None);
