@@ -196,6 +196,27 @@ fn a_tcp_target_denied_by_default_is_reset_before_the_target_sees_it() {
     let client = w.connect(&build_host_addr(), "");
     let session = w.assert_refused(&client, &build_host_addr(), "target:build-host:default");
     assert_eq!(session["target"], "build-host", "{session}");
+    // The reason recorded is the policy's message, as `policy test` shows it.
+    let dir = w.topo.policy_dir().display().to_string();
+    let tried = w
+        .topo
+        .run_cli(&[
+            "policy",
+            "test",
+            "--dir",
+            &dir,
+            "--target",
+            "build-host",
+            "--connect",
+            "--json",
+        ])
+        .unwrap();
+    assert_eq!(
+        tried["rules"],
+        json!(["target:build-host:default"]),
+        "{tried}"
+    );
+    assert_eq!(session["outcome"]["reason"], tried["message"], "{tried}");
 }
 
 #[test]
