@@ -5,6 +5,7 @@
 //! `bulkhead.example.toml` at the repository root documents each key.
 
 use std::{
+    borrow::Cow,
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
@@ -169,6 +170,31 @@ impl fmt::Display for Protocol {
             Protocol::Kubernetes => "kubernetes",
         })
     }
+}
+
+/// Where a connection goes, as the policy knows it ([`Config::resolve`]).
+#[derive(Debug, Clone)]
+pub struct ResolvedTarget<'c> {
+    /// The target's name, or the address for a destination no target names.
+    pub name: Cow<'c, str>,
+    pub protocol: Protocol,
+    /// The target's configuration; `None` for a destination no target names.
+    pub target: Option<&'c Target>,
+}
+
+impl ResolvedTarget<'_> {
+    pub fn policy_ref(&self) -> crate::policy::TargetRef<'_> {
+        crate::policy::TargetRef {
+            name: &self.name,
+            protocol: self.protocol,
+        }
+    }
+}
+
+/// The name a destination no target names is judged by: its address as `IP:PORT` or
+/// `[IPv6]:PORT`, an IPv4-mapped address shown as IPv4 (`10.0.0.5:443`, `[fd00::5]:443`).
+pub fn unmatched_name(dst: OrigDstAddr) -> String {
+    SocketAddr::new(dst.0.ip().to_canonical(), dst.0.port()).to_string()
 }
 
 /// A destination the gateway knows by name.
@@ -633,6 +659,23 @@ impl Config {
             approvals,
             targets,
         })
+    }
+
+    /// Where a connection to `dst` goes, as the policy knows it: its target, or for a
+    /// destination no target names, a `tcp` target named by the address.
+    pub fn resolve(&self, dst: OrigDstAddr) -> ResolvedTarget<'_> {
+        match self.target_for(dst) {
+            Some(t) => ResolvedTarget {
+                name: Cow::Borrowed(&t.name),
+                protocol: t.protocol,
+                target: Some(t),
+            },
+            None => ResolvedTarget {
+                name: Cow::Owned(unmatched_name(dst)),
+                protocol: Protocol::Tcp,
+                target: None,
+            },
+        }
     }
 
     /// The first target whose addresses match `dst`: exact sockets before networks.

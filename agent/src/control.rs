@@ -26,7 +26,8 @@ use tracing::{debug, warn};
 use crate::{
     approval::{self, ApprovalBroker, Approver},
     cgroup,
-    proxy::{Gateway, StatsSnapshot},
+    policy::PolicyHandle,
+    proxy::{Stats, StatsSnapshot},
     record::{
         Event, ListFilter, Retention, Session, SessionId, SessionStore, StoreError, StoreStats,
     },
@@ -197,7 +198,9 @@ pub mod query {
 
 /// State the control server answers from.
 pub struct ControlState {
-    pub gateway: Arc<Gateway>,
+    pub store: Arc<dyn SessionStore>,
+    pub stats: Arc<Stats>,
+    pub policy: PolicyHandle,
     pub info: DaemonInfo,
     pub governed_cgroup: PathBuf,
     pub cgroup_mount: PathBuf,
@@ -209,12 +212,12 @@ pub struct ControlState {
 
 impl ControlState {
     fn store(&self) -> &dyn SessionStore {
-        self.gateway.store.as_ref()
+        self.store.as_ref()
     }
 
     fn status(&self) -> StatusReport {
         let mut info = self.info.clone();
-        info.connections = self.gateway.stats.snapshot();
+        info.connections = self.stats.snapshot();
         StatusReport {
             daemon: Some(info),
             governed_cgroup: self.governed_cgroup.display().to_string(),
@@ -222,7 +225,7 @@ impl ControlState {
             programs_attached: true,
             store: self.store().stats().ok(),
             retention: self.retention,
-            policy: Some(self.gateway.policy.status()),
+            policy: Some(self.policy.status()),
         }
     }
 

@@ -16,7 +16,7 @@ use crate::{
     control::{self, ControlState, DaemonInfo},
     ebpf::{rules::CaptureRules, Mode, Redirector},
     identity::ProcReader,
-    proxy::{self, Gateway, Stats, StatsSnapshot},
+    proxy::{self, Gateway, StatsSnapshot},
     record::{now_micros, SessionStore, SledStore},
 };
 
@@ -158,10 +158,9 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         orig_dst,
         store: Arc::clone(&store),
         proc: ProcReader::new("/", governed_rel),
-        stats: Stats::default(),
+        stats: Arc::default(),
         policy,
-        pg_cancels: crate::proxy::postgres::CancelKeys::default(),
-        pg_catalogs: crate::proxy::postgres::Catalogs::default(),
+        postgres: crate::proxy::postgres::Shared::default(),
         tls: match crate::tls::LocalCa::load_or_create(&config.daemon.state_dir.join("ca")) {
             Ok(ca) => Some(Arc::new(ca)),
             Err(e) => {
@@ -182,7 +181,9 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             }
         })?;
     let state = Arc::new(ControlState {
-        gateway: Arc::clone(&gateway),
+        store: Arc::clone(&gateway.store),
+        stats: Arc::clone(&gateway.stats),
+        policy: gateway.policy.clone(),
         info: DaemonInfo {
             pid: std::process::id(),
             started_at_us: now_micros(),

@@ -118,9 +118,7 @@ pub(crate) mod tests {
         approval::{ApprovalIdentity, ApprovalOutcome, ApprovalRequest},
         config::{Config, Protocol},
         control::{ControlState, DaemonInfo},
-        ebpf::MockOrigDst,
-        identity::ProcReader,
-        proxy::{Gateway, Stats, StatsSnapshot},
+        proxy::StatsSnapshot,
         record::{EventKind, Retention, SessionId, SessionStore, SledStore},
     };
 
@@ -296,18 +294,9 @@ pub(crate) mod tests {
         let mount =
             crate::cgroup::cgroup2_mount().unwrap_or_else(|_| PathBuf::from("/sys/fs/cgroup"));
         let state = Arc::new(ControlState {
-            gateway: Arc::new(Gateway {
-                config: Arc::new(Config::embedded_default()),
-                orig_dst: Arc::new(MockOrigDst::default()),
-                store: Arc::clone(store),
-                proc: ProcReader::new("/", "/none"),
-                stats: Stats::default(),
-                approvals: Arc::clone(broker),
-                policy: crate::policy::PolicyHandle::new("/nonexistent"),
-                pg_cancels: crate::proxy::postgres::CancelKeys::default(),
-                pg_catalogs: crate::proxy::postgres::Catalogs::default(),
-                tls: None,
-            }),
+            store: Arc::clone(store),
+            stats: Arc::default(),
+            policy: crate::policy::PolicyHandle::new("/nonexistent"),
             info: DaemonInfo {
                 pid: std::process::id(),
                 started_at_us: 0,

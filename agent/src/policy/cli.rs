@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use clap::{Args, Subcommand};
 use serde::Serialize;
 
-use super::{load_dir, Action, Decision, PolicySet, Request, TargetRef, DEFAULT_POLICY_DIR};
+use super::{load_dir, Action, Decision, PolicySet, Request, TargetRef};
 use crate::{
     config::{Config, Protocol},
     identity::{Ancestor, ProcessIdentity},
@@ -16,7 +16,7 @@ use crate::{
 pub enum PolicyCommand {
     /// Validate the policy files; errors name file, line and a hint
     Check {
-        /// Policy directory [default: /etc/bulkhead/policies]
+        /// Policy directory [default: the configuration's daemon.policy_dir]
         dir: Option<PathBuf>,
     },
     /// Show the verdict and the deciding rules for one request, without a target
@@ -26,10 +26,12 @@ pub enum PolicyCommand {
 #[derive(Debug, Args)]
 #[command(group(clap::ArgGroup::new("action").required(true).args(["sql", "ssh", "http", "kube", "connect"])))]
 pub struct TestArgs {
-    /// Policy directory [default: /etc/bulkhead/policies]
+    /// Policy directory [default: the configuration's daemon.policy_dir]
     #[arg(long, value_name = "DIR")]
     pub dir: Option<PathBuf>,
-    /// Target name (its protocol is taken from the daemon configuration if it is there)
+    /// Target name (its protocol is taken from the daemon configuration if it is there), or a
+    /// destination IP:PORT, judged as the daemon judges a connection to it: as the configured
+    /// target whose addresses match, else as a `tcp` target named by the address
     #[arg(long)]
     pub target: String,
     /// tcp, postgres, ssh, http or kubernetes [default: from the configuration, else the request kind]
@@ -99,7 +101,7 @@ fn parse_protocol(s: &str) -> Result<Protocol, String> {
 pub fn run(config: &Config, cmd: PolicyCommand) -> Result<(), PolicyCliError> {
     match cmd {
         PolicyCommand::Check { dir } => {
-            check(&dir.unwrap_or_else(|| PathBuf::from(DEFAULT_POLICY_DIR)))
+            check(&dir.unwrap_or_else(|| config.daemon.policy_dir.clone()))
         }
         PolicyCommand::Test(args) => test(config, &args),
     }
@@ -138,7 +140,28 @@ struct TestOutput<'a> {
 }
 
 pub fn test(config: &Config, args: &TestArgs) -> Result<(), PolicyCliError> {
-    let set = load(args.dir.as_deref().unwrap_or(Path::new(DEFAULT_POLICY_DIR)))?;
+    let set = load(args.dir.as_deref().unwrap_or(&config.daemon.policy_dir))?;
+    let (target, protocol, decision) = decide(config, &set, args)?;
+    if args.json {
+        let out = TestOutput {
+            target: &target,
+            protocol,
+            decision: &decision,
+        };
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        print_decision(&set, &decision);
+    }
+    Ok(())
+}
+
+/// What `policy test` decides for `args` under `set`: the target as judged, its protocol, and
+/// the decision.
+pub fn decide(
+    config: &Config,
+    set: &PolicySet,
+    args: &TestArgs,
+) -> Result<(String, Protocol, Decision), PolicyCliError> {
     let identity = identity_of(args);
     let (method, host, path);
     let (verb, resource, subresource, name);
@@ -172,15 +195,10 @@ pub fn test(config: &Config, args: &TestArgs) -> Result<(), PolicyCliError> {
     } else {
         Action::Connect
     };
+    let (target, protocol) = resolve_target(config, &args.target);
     let protocol = args
         .protocol
-        .or_else(|| {
-            config
-                .targets
-                .iter()
-                .find(|t| t.name == args.target)
-                .map(|t| t.protocol)
-        })
+        .or(protocol)
         .or(match action {
             Action::Sql { .. } | Action::SqlClassified(_) => Some(Protocol::Postgres),
             Action::SshExec { .. } => Some(Protocol::Ssh),
@@ -196,24 +214,30 @@ pub fn test(config: &Config, args: &TestArgs) -> Result<(), PolicyCliError> {
         })?;
     let req = Request {
         target: TargetRef {
-            name: &args.target,
+            name: &target,
             protocol,
         },
         identity: &identity,
         action,
     };
     let decision = set.evaluate(&req);
-    if args.json {
-        let out = TestOutput {
-            target: &args.target,
-            protocol,
-            decision: &decision,
-        };
-        println!("{}", serde_json::to_string_pretty(&out)?);
-    } else {
-        print_decision(&set, &decision);
+    Ok((target, protocol, decision))
+}
+
+/// The target name and protocol `--target` stands for: a configured target by name; else an
+/// address, resolved as the daemon resolves a connection's destination (`Config::resolve`);
+/// else a name the configuration does not know (the protocol must then be given or implied).
+pub fn resolve_target(config: &Config, target: &str) -> (String, Option<Protocol>) {
+    if let Some(t) = config.targets.iter().find(|t| t.name == target) {
+        return (t.name.clone(), Some(t.protocol));
     }
-    Ok(())
+    match target.parse::<std::net::SocketAddr>() {
+        Ok(addr) => {
+            let resolved = config.resolve(crate::net::OrigDstAddr(addr));
+            (resolved.name.into_owned(), Some(resolved.protocol))
+        }
+        Err(_) => (target.to_string(), None),
+    }
 }
 
 fn print_decision(set: &PolicySet, d: &Decision) {

@@ -12,7 +12,7 @@ use tokio::{
     net::TcpStream,
 };
 
-use super::UPSTREAM_CONNECT_TIMEOUT;
+use super::{session::Conn, UPSTREAM_CONNECT_TIMEOUT};
 use crate::{
     net::OrigDstAddr,
     record::{now_micros, Outcome, SessionEnd},
@@ -21,8 +21,24 @@ use crate::{
 /// Per-direction buffer. Large enough that a bulk transfer over loopback is not syscall-bound.
 const BUFFER: usize = 256 * 1024;
 
+/// Serves an allowed connection: connects to the original destination and relays until both
+/// directions are done. Opaque bytes carry no requests to judge; the connection was decided.
+pub async fn serve(conn: &Conn<'_>, client: TcpStream) -> SessionEnd {
+    forward(client, conn.destination).await
+}
+
+/// Refuses a connection: reset at once (`SO_LINGER` 0), so the client sees the refusal on its
+/// first read or write instead of a clean end of stream it could take for an empty answer.
+pub fn refuse(client: TcpStream, reason: String) -> SessionEnd {
+    if let Err(e) = client.set_zero_linger() {
+        tracing::debug!(error = %e, "cannot set SO_LINGER; closing without a reset");
+    }
+    drop(client);
+    ended(0, 0, Outcome::Refused { reason })
+}
+
 /// Connects to `destination` and relays until both directions are done.
-pub async fn forward(client: TcpStream, destination: OrigDstAddr) -> SessionEnd {
+async fn forward(client: TcpStream, destination: OrigDstAddr) -> SessionEnd {
     let upstream =
         match tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, TcpStream::connect(destination.0))
             .await

@@ -228,6 +228,43 @@ pub enum EventKind {
 }
 
 impl EventKind {
+    /// A request with its verdict, its text bounded: the one place request events are built.
+    pub fn request(
+        text: &str,
+        class: Option<String>,
+        verdict: RecordedVerdict,
+        rules: Vec<String>,
+    ) -> Self {
+        EventKind::Request {
+            text: bounded(text),
+            class,
+            verdict,
+            rules,
+            observed: false,
+            duration_us: None,
+            summary: None,
+            error: None,
+        }
+    }
+
+    /// A request event marked as recorded, not enforced (observe mode).
+    #[must_use]
+    pub fn observed(mut self, yes: bool) -> Self {
+        if let EventKind::Request { observed, .. } = &mut self {
+            *observed = yes;
+        }
+        self
+    }
+
+    /// A request event with the error that ended it.
+    #[must_use]
+    pub fn with_error(mut self, message: String) -> Self {
+        if let EventKind::Request { error, .. } = &mut self {
+            *error = Some(message);
+        }
+        self
+    }
+
     pub fn label(&self) -> &'static str {
         match self {
             EventKind::Connect { .. } => "connect",

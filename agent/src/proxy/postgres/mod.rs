@@ -37,18 +37,29 @@ use tokio::{
 };
 use tracing::{debug, info, warn};
 
-use self::codec::{CodecError, FrameReader, StartupPacket};
-use super::Gateway;
+use self::codec::{CodecError, FrameReader, Startup, StartupPacket};
+use super::{
+    session::{Ask, Conn},
+    Gateway,
+};
 use crate::{
-    config::{CredentialRef, Protocol, Target},
-    identity::ProcessIdentity,
+    config::CredentialRef,
     net::OrigDstAddr,
-    policy::{self, Action, PreparedStatements, TargetRef, Verdict},
-    record::{now_micros, EventKind, Outcome, RecordedVerdict, SessionEnd, SessionId},
+    policy::{self, Action, PreparedStatements},
+    record::{now_micros, EventKind, Outcome, RecordedVerdict, SessionEnd},
 };
 
 /// The prefix of the statement that stands in for a denied one.
 const DENIED_MARK: &str = "BULKHEAD_DENIED_";
+
+/// The PostgreSQL gateway's state shared by all its sessions.
+#[derive(Default)]
+pub struct Shared {
+    /// Cancel keys handed to clients.
+    pub cancels: CancelKeys,
+    /// Column identities read from targets' catalogs, for column mask rules.
+    pub catalogs: Catalogs,
+}
 
 /// Cancel keys the gateway handed to clients, mapped to the target's own.
 #[derive(Default)]
@@ -127,7 +138,7 @@ enum Pending {
 }
 
 /// State shared by the two directions of one session.
-struct Shared {
+struct SessionState {
     pending: Mutex<VecDeque<Pending>>,
     /// Nonce → the policy's message, for denied statements in flight.
     denied: Mutex<HashMap<u64, String>>,
@@ -151,7 +162,7 @@ async fn send_fatal<W: AsyncWrite + Unpin>(w: &mut W, sqlstate: &str, message: &
 }
 
 /// Ends a connection during startup with a FATAL error the client can read.
-async fn refuse(stream: &mut Stream, sqlstate: &str, message: &str) -> std::io::Result<()> {
+async fn refuse_startup(stream: &mut Stream, sqlstate: &str, message: &str) -> std::io::Result<()> {
     stream
         .write_all(&codec::fatal_response(
             sqlstate,
@@ -181,42 +192,44 @@ async fn accept_tls(
     Ok(Box::new(tls))
 }
 
-/// Serves one PostgreSQL session on an accepted, identified connection.
-pub async fn serve(
-    gw: &Gateway,
-    client: TcpStream,
-    target: &Target,
-    identity: &ProcessIdentity,
-    session: SessionId,
-    destination: OrigDstAddr,
-) -> SessionEnd {
-    let _ = client.set_nodelay(true);
-    let mut down_bytes = 0u64;
-    let end = |up, down, outcome| SessionEnd {
+fn ended(up: u64, down: u64, outcome: Outcome) -> SessionEnd {
+    SessionEnd {
         ended_at_us: now_micros(),
         bytes_to_target: up,
         bytes_from_target: down,
         outcome,
-    };
+    }
+}
 
-    // Startup: TLS is accepted with a certificate from the local CA for the address the client
-    // dialled, GSS encryption is declined, a CancelRequest is mapped to the target's own key.
+/// The client's side after startup: its reader, what it asked for, and whether it took TLS.
+struct Started {
+    reader: FrameReader<Stream>,
+    startup: Startup,
+    tls: bool,
+}
+
+/// Startup: TLS is accepted with a certificate from the local CA for the address the client
+/// dialled, GSS encryption is declined, a CancelRequest is mapped to the target's own key.
+/// `Err` is how the session ended when no StartupMessage came.
+async fn start(conn: &Conn<'_>, client: TcpStream) -> Result<Started, SessionEnd> {
+    let _ = client.set_nodelay(true);
+    let gw = conn.gw;
     let mut creader: FrameReader<Stream> =
         FrameReader::new(Box::new(client), "client", codec::MAX_FRONTEND);
     let mut tls = false;
-    let startup = loop {
+    loop {
         let packet = match creader.startup().await {
             Ok(Some(p)) => p,
-            Ok(None) => return end(0, 0, Outcome::Closed),
+            Ok(None) => return Err(ended(0, 0, Outcome::Closed)),
             Err(e) => {
-                let _ = refuse(creader.get_mut(), "08P01", &e.to_string()).await;
-                return end(
+                let _ = refuse_startup(creader.get_mut(), "08P01", &e.to_string()).await;
+                return Err(ended(
                     0,
                     0,
                     Outcome::Failed {
                         error: format!("client startup: {e}"),
                     },
-                );
+                ));
             }
         };
         match codec::parse_startup(&packet) {
@@ -224,53 +237,101 @@ pub async fn serve(
                 // Bytes after the SSLRequest would be read as if they came through TLS
                 // (CVE-2021-23222): refuse.
                 if creader.buffered() > 0 {
-                    let _ = refuse(creader.get_mut(), "08P01", "data after SSLRequest").await;
-                    return end(
+                    let _ =
+                        refuse_startup(creader.get_mut(), "08P01", "data after SSLRequest").await;
+                    return Err(ended(
                         0,
                         0,
                         Outcome::Failed {
                             error: "client sent data after SSLRequest".into(),
                         },
-                    );
+                    ));
                 }
-                match accept_tls(gw, creader.into_inner(), destination).await {
+                match accept_tls(gw, creader.into_inner(), conn.destination).await {
                     Ok(stream) => {
                         creader = FrameReader::new(stream, "client", codec::MAX_FRONTEND);
                         tls = true;
                     }
                     Err(e) => {
-                        return end(
+                        return Err(ended(
                             0,
                             0,
                             Outcome::Failed {
                                 error: format!("client TLS: {e}"),
                             },
-                        )
+                        ))
                     }
                 }
             }
             Ok(StartupPacket::Ssl | StartupPacket::GssEnc) => {
                 let w = creader.get_mut();
                 if w.write_all(b"N").await.and(w.flush().await).is_err() {
-                    return end(0, 0, Outcome::Closed);
+                    return Err(ended(0, 0, Outcome::Closed));
                 }
             }
             Ok(StartupPacket::Cancel { pid, secret }) => {
-                let outcome = cancel(gw, session, (pid, secret)).await;
-                return end(0, 0, outcome);
+                return Err(ended(0, 0, cancel(conn, (pid, secret)).await));
             }
-            Ok(StartupPacket::Startup(s)) => break s,
+            Ok(StartupPacket::Startup(startup)) => {
+                return Ok(Started {
+                    reader: creader,
+                    startup,
+                    tls,
+                })
+            }
             Err(e) => {
-                let _ = refuse(creader.get_mut(), "08P01", &e.to_string()).await;
-                return end(
+                let _ = refuse_startup(creader.get_mut(), "08P01", &e.to_string()).await;
+                return Err(ended(
                     0,
                     0,
                     Outcome::Failed {
                         error: format!("client startup: {e}"),
                     },
-                );
+                ));
             }
         }
+    }
+}
+
+/// Refuses a connection the policy denied, in the protocol: the client's startup is read (TLS
+/// accepted as usual) and answered with FATAL 42501 and the policy's message. Nothing reaches
+/// the target.
+pub async fn refuse(conn: &Conn<'_>, client: TcpStream, message: &str) -> SessionEnd {
+    let reason = message.to_string();
+    if let Ok(mut started) = start(conn, client).await {
+        let message = if message.starts_with("bulkhead:") {
+            message.to_string()
+        } else {
+            format!("bulkhead: {message}")
+        };
+        send_fatal(started.reader.get_mut(), "42501", &message).await;
+    }
+    ended(0, 0, Outcome::Refused { reason })
+}
+
+/// Serves one PostgreSQL session on an accepted, identified connection that the policy let
+/// through.
+pub async fn serve(conn: &Conn<'_>, client: TcpStream) -> SessionEnd {
+    let gw = conn.gw;
+    let destination = conn.destination;
+    let Some(target) = conn.target.target else {
+        return ended(
+            0,
+            0,
+            Outcome::Failed {
+                error: "a PostgreSQL session needs a configured target".into(),
+            },
+        );
+    };
+    let end = ended;
+    let mut down_bytes = 0u64;
+    let Started {
+        reader: creader,
+        startup,
+        tls,
+    } = match start(conn, client).await {
+        Ok(s) => s,
+        Err(end) => return end,
     };
     // From here on each direction has its own half; the reader keeps what it buffered.
     let (mut creader, cw) = creader.map_io(tokio::io::split);
@@ -280,9 +341,7 @@ pub async fn serve(
     let client_db = startup.get("database").unwrap_or(&client_user).to_string();
     let pg = target.postgres.clone().unwrap_or_default();
     let record = |kind: EventKind| {
-        if let Err(e) = gw.store.append(session, kind) {
-            warn!(error = %e, "cannot record an event");
-        }
+        conn.record(kind);
     };
     record(EventKind::Auth {
         side: "client".into(),
@@ -294,41 +353,10 @@ pub async fn serve(
         ok: true,
     });
 
-    // Connection-level policy: may this identity talk to this target at all?
-    let policy = gw.policy.current();
-    let decision = policy.evaluate(&policy::Request {
-        target: TargetRef {
-            name: &target.name,
-            protocol: Protocol::Postgres,
-        },
-        identity,
-        action: Action::Connect,
-    });
-    // Only an explicit rule refuses the connection itself; a target's default verdict is for
-    // its statements, each judged on its own.
-    if decision.verdict == Verdict::Deny && decision.basis == policy::Basis::Rules {
-        let message = decision
-            .message
-            .clone()
-            .unwrap_or_else(|| "connection denied by policy".into());
-        record(EventKind::Request {
-            text: format!("connect as {client_user} to {client_db}"),
-            class: Some("connect".into()),
-            verdict: RecordedVerdict::Deny,
-            rules: decision.rules.clone(),
-            observed: false,
-            duration_us: None,
-            summary: None,
-            error: None,
-        });
-        send_fatal(&mut cwriter, "42501", &format!("bulkhead: {message}")).await;
-        return end(0, 0, Outcome::Refused { reason: message });
-    }
-
     // Startup parameters are settings the target applies at login: each is judged as the SET
     // it amounts to. Plain session state passes; anything else (a role, a setting that changes
     // how SQL is read, what cannot be classified) needs the policy's allow.
-    if let Err(message) = judge_startup_settings(gw, target, identity, &startup.params, &record) {
+    if let Err(message) = judge_startup_settings(conn, &startup.params).await {
         send_fatal(&mut cwriter, "42501", &format!("bulkhead: {message}")).await;
         return end(0, 0, Outcome::Refused { reason: message });
     }
@@ -406,7 +434,9 @@ pub async fn serve(
 
     // The client's greeting: authenticated (by its kernel identity), the target's parameters,
     // a cancel key of the gateway's own, ready.
-    let ours = up.backend_key.map(|k| gw.pg_cancels.issue(destination, k));
+    let ours = up
+        .backend_key
+        .map(|k| gw.postgres.cancels.issue(destination, k));
     let mut greeting = Vec::with_capacity(up.greeting.len() + 3);
     greeting.push(codec::authentication_ok());
     greeting.extend(up.greeting.iter().cloned());
@@ -424,12 +454,12 @@ pub async fn serve(
         return end(0, down_bytes, Outcome::Closed);
     }
 
-    let shared = Shared {
+    let shared = SessionState {
         pending: Mutex::new(VecDeque::new()),
         denied: Mutex::new(HashMap::new()),
         finished: Mutex::new(Vec::new()),
         columns: columns::Tracker::new(
-            columns::policy_has_column_rules(&policy),
+            columns::policy_has_column_rules(&conn.policy()),
             catalog::Login {
                 addr: destination,
                 pg: pg.clone(),
@@ -448,10 +478,8 @@ pub async fn serve(
     let up_count = AtomicU64::new(0);
     let down_count = AtomicU64::new(down_bytes);
     let ctx = Ctx {
+        conn,
         gw,
-        target,
-        identity,
-        session,
         shared: &shared,
     };
 
@@ -478,7 +506,7 @@ pub async fn serve(
         send_fatal(&mut cwriter, "08P01", &format!("bulkhead: {e}")).await;
     }
     if let Some(k) = ours {
-        gw.pg_cancels.forget(k);
+        gw.postgres.cancels.forget(k);
     }
     let up_bytes = up_count.load(Ordering::Relaxed);
     down_bytes = down_count.load(Ordering::Relaxed);
@@ -495,11 +523,9 @@ pub async fn serve(
 }
 
 struct Ctx<'a> {
+    conn: &'a Conn<'a>,
     gw: &'a Gateway,
-    target: &'a Target,
-    identity: &'a ProcessIdentity,
-    session: SessionId,
-    shared: &'a Shared,
+    shared: &'a SessionState,
 }
 
 /// The gateway's verdict on one statement, as applied.
@@ -512,146 +538,59 @@ struct Applied {
 
 impl Ctx<'_> {
     fn record(&self, kind: EventKind) -> u64 {
-        match self.gw.store.append(self.session, kind) {
-            Ok(id) => id,
-            Err(e) => {
-                warn!(error = %e, "cannot record an event");
-                0
-            }
-        }
+        self.conn.record(kind)
     }
 
-    /// Decides `sql`, records the decision (before anything is forwarded), and says whether to
-    /// forward it.
+    /// Classifies `sql`, then decides it through the session pipeline (recorded before
+    /// anything is forwarded; held for approval; observe mode), and says whether to forward it.
     async fn decide(
         &self,
         sql: &str,
         prepared: &mut PreparedStatements,
         statement: Option<&str>,
     ) -> (Applied, u64) {
-        let policy = self.gw.policy.current();
+        let policy = self.conn.policy();
         let classification = policy.cache().classify(sql, Some(prepared));
         self.shared
             .columns
-            .decided(&self.gw.pg_catalogs, &classification);
+            .decided(&self.gw.postgres.catalogs, &classification);
         for (name, what) in &classification.prepared {
             prepared.insert(name, Arc::clone(what));
         }
         if let Some(name) = statement.filter(|n| !n.is_empty()) {
             prepared.insert(name, Arc::clone(&classification));
         }
-        let decision = policy.evaluate(&policy::Request {
-            target: TargetRef {
-                name: &self.target.name,
-                protocol: Protocol::Postgres,
-            },
-            identity: self.identity,
-            action: Action::SqlClassified(&classification),
-        });
-        let class = classification.headline().map(|c| c.name().to_string());
-        // In observe mode the record says what would have been enforced (`decided`), marked
-        // observed; what is applied is `verdict`.
-        let recorded_ok = self.gw.store.append(
-            self.session,
-            EventKind::Request {
-                text: crate::record::bounded(sql),
-                class: class.clone(),
-                verdict: recorded(decision.decided),
-                rules: decision.rules.clone(),
-                observed: decision.observe_only,
-                duration_us: None,
-                summary: None,
-                error: None,
-            },
-        );
-        let request = match recorded_ok {
-            Ok(id) => id,
-            Err(e) => {
-                // Record before act: a decision that is not in the store has no effect.
-                warn!(error = %e, "cannot record a decision; the statement is refused");
-                let applied = Applied {
-                    forward: false,
-                    message: "bulkhead: the gateway cannot record this statement, so it is not run"
-                        .into(),
-                    masks: Arc::from([]),
-                };
-                return (applied, 0);
-            }
-        };
+        let decided = self
+            .conn
+            .decide(
+                &policy,
+                Ask {
+                    action: Action::SqlClassified(&classification),
+                    text: sql,
+                    class: classification.headline().map(|c| c.name().to_string()),
+                },
+            )
+            .await;
+        let decision = &decided.decision;
+        // Observe mode never changes what flows: its masks are recorded, not applied.
         let masks: Masks = if decision.observe_only || decision.masks.is_empty() {
             Arc::from([])
         } else {
             decision.masks.iter().cloned().collect()
         };
-        let mut applied = match decision.verdict {
-            Verdict::Allow => Applied {
-                forward: true,
-                message: String::new(),
-                masks: Arc::from([]),
-            },
-            Verdict::Deny => Applied {
-                forward: false,
-                message: decision.message.clone().unwrap_or_else(|| {
-                    format!("statement denied by policy ({})", decision.rules.join(", "))
-                }),
-                masks: Arc::from([]),
-            },
-            Verdict::Approve => self.approve(sql, &decision, class).await,
-        };
-        applied.masks = masks;
-        (applied, request)
-    }
-
-    /// Holds the statement until an admin decides (or it expires). The client simply waits:
-    /// nothing more is read from it meanwhile, so later messages keep their order.
-    async fn approve(
-        &self,
-        sql: &str,
-        decision: &policy::Decision,
-        class: Option<String>,
-    ) -> Applied {
-        let rule = decision.rules.first().cloned().unwrap_or_default();
-        let timeout = decision
-            .approval_timeout
-            .unwrap_or_else(|| self.gw.approvals.default_timeout());
-        let outcome = self
-            .gw
-            .approvals
-            .request(crate::approval::ApprovalRequest {
-                session: self.session,
-                identity: crate::approval::ApprovalIdentity::from(self.identity),
-                target: self.target.name.clone(),
-                protocol: Protocol::Postgres,
-                text: sql.to_string(),
-                rule,
-                timeout,
-            })
-            .await;
-        match outcome.denial_message() {
+        let applied = match decided.refusal {
             None => Applied {
                 forward: true,
                 message: String::new(),
+                masks,
+            },
+            Some(message) => Applied {
+                forward: false,
+                message,
                 masks: Arc::from([]),
             },
-            Some(message) => {
-                // The final verdict is a denial: that is what counts the session as denied.
-                self.record(EventKind::Request {
-                    text: crate::record::bounded(sql),
-                    class,
-                    verdict: RecordedVerdict::Deny,
-                    rules: decision.rules.clone(),
-                    observed: false,
-                    duration_us: None,
-                    summary: None,
-                    error: Some(message.clone()),
-                });
-                Applied {
-                    forward: false,
-                    message,
-                    masks: Arc::from([]),
-                }
-            }
-        }
+        };
+        (applied, decided.request)
     }
 
     /// A stand-in that the target rejects at parse time, remembered with `message`.
@@ -778,16 +717,12 @@ impl Ctx<'_> {
                 }
                 b'F' => {
                     // Fastpath function calls name functions by OID: nothing to judge them by.
-                    let request = self.record(EventKind::Request {
-                        text: "fastpath function call".into(),
-                        class: Some("unknown".into()),
-                        verdict: RecordedVerdict::Deny,
-                        rules: Vec::new(),
-                        observed: false,
-                        duration_us: None,
-                        summary: None,
-                        error: None,
-                    });
+                    let request = self.record(EventKind::request(
+                        "fastpath function call",
+                        Some("unknown".into()),
+                        RecordedVerdict::Deny,
+                        Vec::new(),
+                    ));
                     out = codec::query(&self.denied_standin(
                         "fastpath function calls are not allowed through the gateway".into(),
                     ));
@@ -836,9 +771,9 @@ impl Ctx<'_> {
     {
         let mut results = columns::Results::new(
             &self.shared.columns,
-            &self.gw.pg_catalogs,
+            &self.gw.postgres.catalogs,
             self.gw.store.as_ref(),
-            self.session,
+            self.conn.session,
         );
         loop {
             if !reader.has_frame() {
@@ -1054,28 +989,16 @@ impl Ctx<'_> {
     }
 }
 
-/// A decision's verdict as the record spells it.
-fn recorded(verdict: Verdict) -> RecordedVerdict {
-    match verdict {
-        Verdict::Allow => RecordedVerdict::Allow,
-        Verdict::Deny => RecordedVerdict::Deny,
-        Verdict::Approve => RecordedVerdict::Approve,
-    }
-}
-
 /// Judges the startup parameters as `SET` statements (see [`startup`]); the refusal message if
 /// one is not allowed.
-fn judge_startup_settings(
-    gw: &Gateway,
-    target: &Target,
-    identity: &ProcessIdentity,
+async fn judge_startup_settings(
+    conn: &Conn<'_>,
     params: &[(String, String)],
-    record: &impl Fn(EventKind),
 ) -> Result<(), String> {
     let statements = startup::settings(params).inspect_err(|e| {
-        record(EventKind::Error { message: e.clone() });
+        conn.record(EventKind::Error { message: e.clone() });
     })?;
-    let policy = gw.policy.current();
+    let policy = conn.policy();
     for text in statements {
         let classification = policy.cache().classify(&text, None);
         if classification.headline() == Some(policy::SqlClass::Session)
@@ -1083,37 +1006,18 @@ fn judge_startup_settings(
         {
             continue;
         }
-        let decision = policy.evaluate(&policy::Request {
-            target: TargetRef {
-                name: &target.name,
-                protocol: Protocol::Postgres,
-            },
-            identity,
-            action: Action::SqlClassified(&classification),
-        });
         // An approval cannot be waited for during login: only an allow lets it through.
-        let refused = decision.verdict != Verdict::Allow;
-        record(EventKind::Request {
-            text: format!("startup parameter: {text}"),
-            class: classification.headline().map(|c| c.name().to_string()),
-            // Refused is final (observe mode never refuses); otherwise what was decided,
-            // marked observed in observe mode.
-            verdict: if refused {
-                RecordedVerdict::Deny
-            } else {
-                recorded(decision.decided)
-            },
-            rules: decision.rules.clone(),
-            observed: decision.observe_only,
-            duration_us: None,
-            summary: None,
-            error: None,
-        });
-        if refused {
-            let why = decision
-                .message
-                .clone()
-                .unwrap_or_else(|| "not allowed by policy".into());
+        let decided = conn
+            .decide_at_once(
+                &policy,
+                Ask {
+                    action: Action::SqlClassified(&classification),
+                    text: &format!("startup parameter: {text}"),
+                    class: classification.headline().map(|c| c.name().to_string()),
+                },
+            )
+            .await;
+        if let Some(why) = decided.refusal {
             return Err(format!(
                 "startup setting `{text}` refused: {why} (a statement that needs approval must be run after connecting)"
             ));
@@ -1123,28 +1027,19 @@ fn judge_startup_settings(
 }
 
 /// Maps a client's CancelRequest to the target's own key and forwards it.
-async fn cancel(gw: &Gateway, session: SessionId, key: (i32, i32)) -> Outcome {
-    let Some((addr, pid, secret)) = gw.pg_cancels.lookup(key) else {
+async fn cancel(conn: &Conn<'_>, key: (i32, i32)) -> Outcome {
+    let Some((addr, pid, secret)) = conn.gw.postgres.cancels.lookup(key) else {
         // Unknown keys are ignored, as PostgreSQL does: no oracle for guessing keys.
         return Outcome::Refused {
             reason: "cancel request with an unknown key".into(),
         };
     };
-    if let Err(e) = gw.store.append(
-        session,
-        EventKind::Request {
-            text: "cancel request".into(),
-            class: Some("cancel".into()),
-            verdict: RecordedVerdict::Allow,
-            rules: Vec::new(),
-            observed: false,
-            duration_us: None,
-            summary: None,
-            error: None,
-        },
-    ) {
-        warn!(error = %e, "cannot record a cancel request");
-    }
+    conn.record(EventKind::request(
+        "cancel request",
+        Some("cancel".into()),
+        RecordedVerdict::Allow,
+        Vec::new(),
+    ));
     match upstream::cancel(addr, pid, secret).await {
         Ok(()) => Outcome::Closed,
         Err(e) => Outcome::UpstreamFailed {

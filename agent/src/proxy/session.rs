@@ -1,0 +1,210 @@
+//! The per-connection context every protocol is served with, and its one way to decide.
+//!
+//! The accept loop ([`super::handle`]) builds a [`Conn`] once the connection is identified and
+//! its target resolved, decides the connection itself ([`Conn::decide_connect`]), opens the
+//! session, and hands the `Conn` to the protocol's `serve`. From then on every request a
+//! protocol judges goes through [`Conn::decide`]: evaluate the policy, record the decision
+//! before acting on it, hold it for an admin when the verdict is `approve`, and let observe mode
+//! record without blocking. A protocol never builds a request event or talks to the approval
+//! broker itself.
+
+use std::sync::Arc;
+
+use tracing::warn;
+
+use super::Gateway;
+use crate::{
+    approval::{ApprovalIdentity, ApprovalRequest},
+    config::{unmatched_name, Protocol, ResolvedTarget},
+    identity::ProcessIdentity,
+    net::{ClientAddr, OrigDstAddr},
+    policy::{self, Action, Basis, Decision, PolicySet, Verdict},
+    record::{EventKind, RecordedVerdict, SessionId},
+};
+
+/// The class recorded for a connection's own decision.
+pub const CONNECT_CLASS: &str = "connect";
+
+/// One identified connection with its session open: everything a protocol needs.
+pub struct Conn<'g> {
+    pub gw: &'g Gateway,
+    pub client: ClientAddr,
+    /// Where the governed process was connecting; the gateway connects here upstream.
+    pub destination: OrigDstAddr,
+    pub identity: ProcessIdentity,
+    pub session: SessionId,
+    pub target: ResolvedTarget<'g>,
+}
+
+/// What a protocol is to do with a decided request.
+#[derive(Debug)]
+pub struct Decided {
+    /// The id of the recorded request event (0 when none was recorded), for its response.
+    pub request: u64,
+    /// `None`: forward it. `Some(message)`: refuse it, telling the client `message`.
+    pub refusal: Option<String>,
+    /// The policy's decision, for what a protocol applies beyond the verdict (masks).
+    pub decision: Decision,
+}
+
+impl Decided {
+    pub fn forward(&self) -> bool {
+        self.refusal.is_none()
+    }
+}
+
+/// A request to decide: the policy's view of it, and how the record shows it.
+pub struct Ask<'a> {
+    pub action: Action<'a>,
+    /// What the client asked for, as recorded and shown to an approver.
+    pub text: &'a str,
+    /// Its class as recorded (`read`, `connect`, ...).
+    pub class: Option<String>,
+}
+
+impl Conn<'_> {
+    /// Appends an event to this session; a failure is logged and yields id 0. For events that
+    /// must be recorded before something happens, use [`Conn::decide`].
+    pub fn record(&self, kind: EventKind) -> u64 {
+        match self.gw.store.append(self.session, kind) {
+            Ok(id) => id,
+            Err(e) => {
+                warn!(error = %e, "cannot record an event");
+                0
+            }
+        }
+    }
+
+    /// The policy in force now.
+    pub fn policy(&self) -> Arc<PolicySet> {
+        self.gw.policy.current()
+    }
+
+    /// Evaluates `ask` under `policy` and applies the decision ([`Conn::apply`]).
+    pub async fn decide(&self, policy: &PolicySet, ask: Ask<'_>) -> Decided {
+        let decision = policy.evaluate(&policy::Request {
+            target: self.target.policy_ref(),
+            identity: &self.identity,
+            action: ask.action,
+        });
+        self.apply(decision, ask.text, ask.class).await
+    }
+
+    /// Like [`Conn::decide`] where no one can wait (during a protocol's login): a request that
+    /// needs approval is refused, and recorded as denied.
+    pub async fn decide_at_once(&self, policy: &PolicySet, ask: Ask<'_>) -> Decided {
+        let mut decision = policy.evaluate(&policy::Request {
+            target: self.target.policy_ref(),
+            identity: &self.identity,
+            action: ask.action,
+        });
+        if decision.verdict == Verdict::Approve {
+            decision.verdict = Verdict::Deny;
+            decision.decided = Verdict::Deny;
+            decision.message = Some("it needs approval, which cannot be waited for here".into());
+        }
+        self.apply(decision, ask.text, ask.class).await
+    }
+
+    /// Decides the connection itself, before the protocol reads a byte. On a protocol target a
+    /// connection grants nothing by itself (each request is judged), so a pass by default is
+    /// not recorded as a request; every other decision is.
+    pub async fn decide_connect(&self) -> Decided {
+        let policy = self.policy();
+        let decision = policy.evaluate(&policy::Request {
+            target: self.target.policy_ref(),
+            identity: &self.identity,
+            action: Action::Connect,
+        });
+        if self.target.protocol != Protocol::Tcp
+            && decision.basis == Basis::Default
+            && decision.decided == Verdict::Allow
+        {
+            return Decided {
+                request: 0,
+                refusal: None,
+                decision,
+            };
+        }
+        let text = format!("connect {}", unmatched_name(self.destination));
+        self.apply(decision, &text, Some(CONNECT_CLASS.into()))
+            .await
+    }
+
+    /// Records `decision` (before anything is forwarded: a decision that cannot be recorded
+    /// refuses), then enforces it: allow forwards, deny refuses with the policy's message,
+    /// approve holds until an admin decides or the approval expires. In observe mode the record
+    /// says what would have been enforced, marked observed, and the request is forwarded.
+    pub async fn apply(&self, decision: Decision, text: &str, class: Option<String>) -> Decided {
+        let event = EventKind::request(
+            text,
+            class.clone(),
+            recorded(decision.decided),
+            decision.rules.clone(),
+        )
+        .observed(decision.observe_only);
+        let request = match self.gw.store.append(self.session, event) {
+            Ok(id) => id,
+            Err(e) => {
+                warn!(error = %e, "cannot record a decision; the request is refused");
+                return Decided {
+                    request: 0,
+                    refusal: Some(
+                        "bulkhead: the gateway cannot record this request, so it is not run".into(),
+                    ),
+                    decision,
+                };
+            }
+        };
+        let refusal = match decision.verdict {
+            Verdict::Allow => None,
+            Verdict::Deny => Some(decision.message.clone().unwrap_or_else(|| {
+                format!("bulkhead: denied by policy ({})", decision.rules.join(", "))
+            })),
+            Verdict::Approve => self.hold(&decision, text, class).await,
+        };
+        Decided {
+            request,
+            refusal,
+            decision,
+        }
+    }
+
+    /// Holds a request until an admin decides (or it expires); the refusal message unless
+    /// approved. The caller reads nothing more from the client meanwhile, so the client simply
+    /// waits and later requests keep their order.
+    async fn hold(&self, decision: &Decision, text: &str, class: Option<String>) -> Option<String> {
+        let timeout = decision
+            .approval_timeout
+            .unwrap_or_else(|| self.gw.approvals.default_timeout());
+        let outcome = self
+            .gw
+            .approvals
+            .request(ApprovalRequest {
+                session: self.session,
+                identity: ApprovalIdentity::from(&self.identity),
+                target: self.target.name.to_string(),
+                protocol: self.target.protocol,
+                text: text.to_string(),
+                rule: decision.rules.first().cloned().unwrap_or_default(),
+                timeout,
+            })
+            .await;
+        let message = outcome.denial_message()?;
+        // The final verdict is a denial: that is what counts the session as denied.
+        self.record(
+            EventKind::request(text, class, RecordedVerdict::Deny, decision.rules.clone())
+                .with_error(message.clone()),
+        );
+        Some(message)
+    }
+}
+
+/// A decision's verdict as the record spells it.
+pub fn recorded(verdict: Verdict) -> RecordedVerdict {
+    match verdict {
+        Verdict::Allow => RecordedVerdict::Allow,
+        Verdict::Deny => RecordedVerdict::Deny,
+        Verdict::Approve => RecordedVerdict::Approve,
+    }
+}
