@@ -102,10 +102,11 @@ impl World {
             self.denied_sessions().contains(&session["id"]),
             "`sessions list --verdict denied` lists {session}"
         );
-        let request = self.connect_request(&session);
-        assert_eq!(request["verdict"], "deny", "{request}");
-        assert_eq!(request["observed"], false, "{request}");
-        assert_eq!(request["rules"], json!([rule]), "{request}");
+        assert_eq!(
+            self.decisions(&session).last(),
+            Some(&decision("deny", &[rule], false)),
+            "the connection's final decision: {session}"
+        );
         self.assert_targets_saw_nothing();
         // The probe sent nothing and half-closed: a plain close would read as an empty reply,
         // a reset as an error (on the read, or earlier if it came first).
@@ -118,19 +119,23 @@ impl World {
         session
     }
 
-    /// The session's one `request` event: the decision on the connection itself.
-    fn connect_request(&self, session: &Value) -> Value {
-        let events = self.topo.events(&session["id"]);
-        let requests: Vec<&Value> = events.iter().filter(|e| e["type"] == "request").collect();
-        assert_eq!(requests.len(), 1, "one decision per connection: {events:?}");
-        let request = requests[0].clone();
-        assert_eq!(request["class"], "connect", "{request}");
-        assert_eq!(
-            request["text"],
-            format!("connect {}", session["destination"].as_str().unwrap()),
-            "{request}"
-        );
-        request
+    /// The session's `request` events, each a decision on the connection itself, as
+    /// [`decision`]s.
+    fn decisions(&self, session: &Value) -> Vec<Value> {
+        let text = format!("connect {}", session["destination"].as_str().unwrap());
+        self.topo
+            .events(&session["id"])
+            .iter()
+            .filter(|e| e["type"] == "request")
+            .map(|e| {
+                assert_eq!(
+                    (&e["class"], &e["text"]),
+                    (&json!("connect"), &json!(text)),
+                    "{e}"
+                );
+                json!({ "verdict": e["verdict"], "rules": e["rules"], "observed": e["observed"] })
+            })
+            .collect()
     }
 
     /// The `state` and `reason` of the session's approval events, in order.
@@ -179,6 +184,11 @@ impl World {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+/// A decision on a connection as [`World::decisions`] lists it.
+fn decision(verdict: &str, rules: &[&str], observed: bool) -> Value {
+    json!({ "verdict": verdict, "rules": rules, "observed": observed })
 }
 
 /// The JSON line a spawned probe printed when it finished.
@@ -231,7 +241,11 @@ identity = { process = ["bh-probe"] }
 "#,
     );
     let allowed = w.connect(&build_host_addr(), "gated");
-    w.assert_relayed(&allowed, "gated", 0);
+    let session = w.assert_relayed(&allowed, "gated", 0);
+    assert_eq!(
+        w.decisions(&session),
+        [decision("allow", &["probe-may"], false)]
+    );
 
     // The same program under another name is another process to the policy.
     let other = w
@@ -269,6 +283,10 @@ target = { name = ["build-host"] }
     let client = finished(&mut held);
     let session = w.assert_relayed(&client, "held", 0);
     assert_eq!(
+        w.decisions(&session),
+        [decision("approve", &["ask-first"], false)]
+    );
+    assert_eq!(
         w.approval_events(&session),
         vec![
             (json!("requested"), Value::Null),
@@ -286,6 +304,14 @@ target = { name = ["build-host"] }
     w.decide("deny", &pending, "not now");
     let client = finished(&mut refused);
     let session = w.assert_refused(&client, &dst, "ask-first");
+    // The hold, then the final verdict (which counts the session as denied).
+    assert_eq!(
+        w.decisions(&session),
+        [
+            decision("approve", &["ask-first"], false),
+            decision("deny", &["ask-first"], false)
+        ]
+    );
     assert_eq!(
         w.approval_events(&session),
         vec![
@@ -300,13 +326,9 @@ fn observe_mode_relays_a_connection_the_policy_would_deny_and_records_that() {
     let mut w = World::build_host(r#"mode = "observe""#);
     let client = w.connect(&build_host_addr(), "watched");
     let session = w.assert_relayed(&client, "watched", 0);
-    let request = w.connect_request(&session);
-    assert_eq!(request["verdict"], "deny", "{request}");
-    assert_eq!(request["observed"], true, "{request}");
     assert_eq!(
-        request["rules"],
-        json!(["target:build-host:default"]),
-        "{request}"
+        w.decisions(&session),
+        [decision("deny", &["target:build-host:default"], true)]
     );
     assert!(
         w.denied_sessions().contains(&session["id"]),
@@ -337,6 +359,14 @@ target = { name = ["10.201.0.2:7001", "[fd00:201::2]:7001"] }
         let client = w.connect(&open, "open");
         let session = w.assert_relayed(&client, "open", 1);
         assert_eq!(session["destination"], open, "{session}");
+        assert_eq!(
+            w.decisions(&session),
+            [decision(
+                "allow",
+                &[&format!("target:{open}:default")],
+                false
+            )]
+        );
         assert!(!w.denied_sessions().contains(&session["id"]), "{session}");
     }
     // The IPv4-mapped form of the denied address is the same destination, named the same way.
