@@ -374,7 +374,10 @@ fn status_and_sessions_work_with_the_daemon_running_and_stopped() {
     assert_eq!(session["target"], "echo");
     let status = topo.run_cli(&["status", "--json"]).unwrap();
     assert_eq!(status["store"]["sessions"], 1, "{status}");
-    assert_eq!(status["store"]["events"], 2, "connect and close: {status}");
+    assert_eq!(
+        status["store"]["events"], 3,
+        "connect, the connection's decision, close: {status}"
+    );
     assert_eq!(status["daemon"]["connections"]["accepted"], 1, "{status}");
 
     // Stopped cleanly: the CLI reads the store itself.
@@ -392,7 +395,7 @@ fn status_and_sessions_work_with_the_daemon_running_and_stopped() {
         .iter()
         .map(|e| e["type"].as_str().unwrap())
         .collect();
-    assert_eq!(kinds, vec!["connect", "close"]);
+    assert_eq!(kinds, vec!["connect", "request", "close"]);
     let out = topo.output(Side::Host, topo.bulkhead(&["sessions", "list"]));
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(

@@ -101,9 +101,19 @@ fn sessions_carry_their_events_and_filters_select_them() {
     assert_eq!(events[0]["type"], "connect");
     assert_eq!(events[0]["pid"], as_root["pid"]);
     assert_eq!(events[0]["destination"], format!("{TARGET_V4}:7000"));
-    assert_eq!(events[1]["type"], "close");
-    assert_eq!(events[1]["outcome"]["kind"], "closed");
-    assert_eq!(events[1]["bytes_to_target"], 7);
+    // The connection's decision, before any byte moved.
+    assert_eq!(events[1]["type"], "request");
+    assert_eq!(events[1]["class"], "connect");
+    assert_eq!(events[1]["text"], format!("connect {TARGET_V4}:7000"));
+    assert_eq!(events[1]["verdict"], "allow");
+    assert_eq!(
+        events[1]["rules"],
+        serde_json::json!(["target:echo:default"])
+    );
+    assert_eq!(events[2]["type"], "close");
+    assert_eq!(events[2]["outcome"]["kind"], "closed");
+    assert_eq!(events[2]["bytes_to_target"], 7);
+    assert_eq!(events.len(), 3, "{events:?}");
 
     // The human forms work too.
     let out = topo.output(
@@ -155,7 +165,11 @@ fn export_round_trips_as_json_lines_with_the_daemon_running_and_stopped() {
             .collect()
     };
     let all = export(&["--since", "1h"]);
-    assert_eq!(all.len(), 6, "connect and close for each session");
+    assert_eq!(
+        all.len(),
+        9,
+        "connect, the connection's decision and close for each session"
+    );
     assert!(all.iter().all(|e| e["v"] == 1
         && e["session"].is_u64()
         && e["at_us"].is_u64()
@@ -181,7 +195,7 @@ fn export_round_trips_as_json_lines_with_the_daemon_running_and_stopped() {
         stopped, running,
         "the store read directly gives the same lines"
     );
-    assert_eq!(export(&["--since", "1h"]).len(), 6);
+    assert_eq!(export(&["--since", "1h"]).len(), 9);
 }
 
 #[test]
@@ -200,7 +214,7 @@ fn tail_follows_new_events() {
     std::thread::sleep(Duration::from_millis(300));
     let client = governed_connect(&topo, &format!("{TARGET_V4}:7000"), None);
     let mut seen = Vec::new();
-    while seen.len() < 2 {
+    while seen.len() < 3 {
         let line = tail
             .line(Duration::from_secs(5))
             .unwrap_or_else(|| panic!("tail printed {seen:?}; stderr {}", tail.stderr()));
@@ -209,8 +223,12 @@ fn tail_follows_new_events() {
     }
     assert_eq!(seen[0]["type"], "connect");
     assert_eq!(seen[0]["pid"], client["pid"]);
-    assert_eq!(seen[1]["type"], "close");
-    assert_eq!(seen[0]["session"], seen[1]["session"]);
+    assert_eq!(seen[1]["type"], "request");
+    assert_eq!(seen[2]["type"], "close");
+    assert!(
+        seen.iter().all(|e| e["session"] == seen[0]["session"]),
+        "{seen:?}"
+    );
 }
 
 #[test]
@@ -289,7 +307,8 @@ fn events_older_than_the_flush_interval_survive_kill_9() {
         Side::Host,
         topo.bulkhead(&["sessions", "export", "--since", "1h"]),
     );
-    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 20);
+    // Connect, the connection's decision and close, for each of the ten.
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 30);
 }
 
 #[test]
