@@ -60,6 +60,7 @@ fn all_examples_load_together_and_each_is_tested() {
         "http-get-only.toml",
         "kubernetes-read-only.toml",
         "no-ddl.toml",
+        "opaque-tcp.toml",
         "pii-masking.toml",
         "read-only-agent.toml",
         "ssh-safe-commands.toml",
@@ -512,4 +513,68 @@ async fn watch_reloads_on_file_change() {
             .verdict,
         Verdict::Allow
     );
+}
+
+fn connect<'a>(id: &'a ProcessIdentity, name: &'a str) -> Request<'a> {
+    Request {
+        target: TargetRef {
+            name,
+            protocol: Protocol::Tcp,
+        },
+        identity: id,
+        action: Action::Connect,
+    }
+}
+
+#[test]
+fn opaque_tcp() {
+    let set = example("opaque-tcp.toml");
+    let id = agent();
+    let d = |name| set.evaluate(&connect(&id, name));
+    let cache = d("artifact-cache");
+    assert_eq!(
+        (cache.verdict, cache.rules.clone()),
+        (
+            Verdict::Allow,
+            vec!["target:artifact-cache:default".to_string()]
+        )
+    );
+    let jump = d("jump-host");
+    assert_eq!(
+        (jump.verdict, jump.rules.clone()),
+        (
+            Verdict::Approve,
+            vec!["jump-host-needs-approval".to_string()]
+        )
+    );
+    assert_eq!(
+        jump.approval_timeout,
+        Some(std::time::Duration::from_secs(600))
+    );
+    // Destinations no target names are judged by their address.
+    assert_eq!(d("10.20.0.5:443").rules, vec!["mirrors-https"]);
+    assert_eq!(d("10.20.0.5:443").verdict, Verdict::Allow);
+    for other in [
+        "10.20.0.5:80",
+        "10.20.1.5:443",
+        "[fd00::5]:443",
+        "build-box",
+    ] {
+        let denied = d(other);
+        assert_eq!(
+            (denied.verdict, denied.basis),
+            (Verdict::Deny, Basis::Default),
+            "{other}"
+        );
+    }
+    // A PostgreSQL target is untouched: its connection passes, its statements are judged.
+    let pg = set.evaluate(&Request {
+        target: TargetRef {
+            name: "orders-db",
+            protocol: Protocol::Postgres,
+        },
+        identity: &id,
+        action: Action::Connect,
+    });
+    assert_eq!(pg.verdict, Verdict::Allow);
 }

@@ -468,6 +468,7 @@ async fn policy_test_connect_and_the_live_gateway_agree_on_every_example_policy(
         ("internal-api", "tcp"),
         ("prod-cluster", "tcp"),
         ("artifact-cache", "tcp"),
+        ("jump-host", "tcp"),
     ];
     let mut config = String::new();
     let mut destinations = Vec::new();
