@@ -27,6 +27,8 @@ pub const DEFAULT_GOVERNED_CGROUP: &str = "bulkhead.governed";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/bulkhead";
 pub const DEFAULT_RUN_DIR: &str = "/run/bulkhead";
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/bulkhead";
+/// Besides root, members of this group may use the CLI (the control socket).
+pub const DEFAULT_ADMIN_GROUP: &str = "bulkhead";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -721,7 +723,7 @@ impl Default for RawDaemon {
             bpf_pin_dir: DEFAULT_PIN_DIR.into(),
             fail_open: false,
             log: "info".into(),
-            admin_group: crate::control::ADMIN_GROUP.into(),
+            admin_group: DEFAULT_ADMIN_GROUP.into(),
             policy_dir: crate::policy::DEFAULT_POLICY_DIR.into(),
             workers: 1,
         }

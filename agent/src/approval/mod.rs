@@ -12,7 +12,6 @@
 //! that `approvals watch` streams.
 
 mod book;
-pub mod control;
 
 use std::{
     fmt,

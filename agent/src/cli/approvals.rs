@@ -422,7 +422,7 @@ mod tests {
     /// answers, in both output modes.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn every_subcommand_talks_to_the_daemon() {
-        use crate::approval::control::tests::{broker, held, serve_for_test};
+        use crate::control::approvals::tests::{broker, held, serve_for_test};
         let dir = tempfile::tempdir().unwrap();
         let (broker, store) = broker();
         let (_path, _stop) = serve_for_test(&broker, &store, dir.path());

@@ -549,7 +549,7 @@ fn opaque_tcp() {
     );
     assert_eq!(
         jump.approval_timeout,
-        Some(std::time::Duration::from_secs(600))
+        Some(std::time::Duration::from_mins(10))
     );
     // Destinations no target names are judged by their address.
     assert_eq!(d("10.20.0.5:443").rules, vec!["mirrors-https"]);

@@ -44,7 +44,7 @@ use super::{
     copy_out::{CopyFormat, CopyRows, FieldMask},
     Masks,
 };
-use crate::proxy::Gateway;
+use crate::proxy::session::Gateway;
 use crate::{
     policy::{mask::Detectors, Classification, MaskStyle, Masker, PolicySet, SqlClass},
     record::{EventKind, SessionId},

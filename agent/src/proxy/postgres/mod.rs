@@ -39,10 +39,7 @@ use tokio::{
 use tracing::{debug, info, warn};
 
 use self::codec::{CodecError, FrameReader, Startup, StartupPacket};
-use super::{
-    session::{Ask, Conn},
-    Gateway,
-};
+use super::session::{Ask, Conn, Gateway};
 use crate::{
     config::TargetKind,
     credentials::CredentialRef,

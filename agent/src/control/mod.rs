@@ -6,7 +6,9 @@
 //!
 //! One request line, then one `ok`/`error` line — or, for `sessions_export` and
 //! `sessions_tail`, any number of `event` lines (then `end` for an export), and for
-//! `approvals_watch` one `ok` line per notice (`crate::approval::control`).
+//! `approvals_watch` one `ok` line per notice (`approvals.rs`).
+
+pub mod approvals;
 
 use std::{
     io,
@@ -24,7 +26,7 @@ use tokio::{
 use tracing::{debug, warn};
 
 use crate::{
-    approval::{self, ApprovalBroker, Approver},
+    approval::{ApprovalBroker, Approver},
     cgroup,
     policy::PolicyHandle,
     proxy::{Stats, StatsSnapshot},
@@ -33,8 +35,6 @@ use crate::{
     },
 };
 
-/// The default group whose members may use the control socket besides root.
-pub const ADMIN_GROUP: &str = "bulkhead";
 /// Longest request line accepted.
 const MAX_REQUEST: u64 = 64 * 1024;
 
@@ -55,7 +55,7 @@ pub enum Request {
     SessionsTail {
         filter: ListFilter,
     },
-    // Approvals (`crate::approval::control`): the approver is the peer, never a field here.
+    // Approvals (`approvals.rs`): the approver is the peer, never a field here.
     ApprovalsList,
     ApprovalsApprove {
         id: u64,
@@ -401,10 +401,10 @@ async fn connection(
                 return tail(state, &filter, &mut w, &mut shutdown).await
             }
             Request::ApprovalsWatch => {
-                return approval::control::watch(&state.approvals, &mut w, &mut shutdown).await
+                return approvals::watch(&state.approvals, &mut w, &mut shutdown).await
             }
             other => {
-                let response = approval::control::answer(&state.approvals, &other, &approver)
+                let response = approvals::answer(&state.approvals, &other, &approver)
                     .unwrap_or_else(|| state.answer(&other));
                 write_response(&mut w, &response).await?;
             }

@@ -12,8 +12,8 @@ use tokio::{
     sync::{broadcast, watch},
 };
 
-use super::{ApprovalBroker, Approver, Notice};
-use crate::control::{Request, Response};
+use super::{Request, Response};
+use crate::approval::{ApprovalBroker, Approver, Notice};
 
 /// Answers an approvals request from `approver`; `None` when `req` is not one (or is
 /// `approvals_watch`, which streams: see [`watch`]).
