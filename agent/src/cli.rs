@@ -264,17 +264,27 @@ pub fn run(config: &Config, command: &[OsString]) -> Result<std::convert::Infall
             governed.display()
         )));
     }
-    if matches!(
-        control::call(
-            &config.control_socket(),
-            &config.daemon.admin_group,
-            &Request::Status
-        ),
-        Err(ClientError::NotRunning(_))
+    match control::call(
+        &config.control_socket(),
+        &config.daemon.admin_group,
+        &Request::Status,
     ) {
-        eprintln!(
+        Err(ClientError::NotRunning(_)) => eprintln!(
             "bulkhead: warning: the daemon is not running; governed connections will be refused"
-        );
+        ),
+        Ok(report) => {
+            let starter = serde_json::from_value::<StatusReport>(report)
+                .ok()
+                .and_then(|r| r.policy)
+                .is_some_and(|p| p.starter);
+            if starter {
+                eprintln!(
+                    "bulkhead: OBSERVE MODE (built-in starter policy): connections are recorded, \
+                     nothing is enforced; `sudo bulkhead policy init` to enforce"
+                );
+            }
+        }
+        Err(_) => {}
     }
     cgroup::enter(&governed, 0).map_err(|e| {
         CliError::Other(format!(

@@ -141,13 +141,26 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     );
 
     let policy = crate::policy::PolicyHandle::new(&config.daemon.policy_dir);
-    match policy.reload() {
-        Ok(version) => info!(dir = %config.daemon.policy_dir.display(), version, "policies loaded"),
-        Err(e) => warn!(
+    let embedded = matches!(config.source, crate::config::Source::Embedded);
+    if embedded && policy.start_with_starter_if_missing() {
+        warn!(
+            dir = %config.daemon.policy_dir.display(),
+            "NO POLICY DIRECTORY: running the built-in starter policy in OBSERVE MODE. Every \
+             connection and statement is recorded with the verdict an enforcing policy would \
+             give, and NOTHING IS BLOCKED OR MASKED. To enforce: `bulkhead policy init` (writes \
+             the example policies to the directory; they load within seconds)"
+        );
+    } else {
+        match policy.reload() {
+            Ok(version) => {
+                info!(dir = %config.daemon.policy_dir.display(), version, "policies loaded")
+            }
+            Err(e) => warn!(
             dir = %config.daemon.policy_dir.display(),
             error = %e,
             "no valid policies: every decision is deny until they load (fail closed)"
-        ),
+            ),
+        }
     }
     tokio::spawn(crate::policy::watch(policy.clone()));
     // Approvals: one broker for every protocol handler and the control socket.

@@ -11,6 +11,15 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let args = Cli::parse();
+    if !matches!(args.command, Command::Daemon { .. }) {
+        // A reader that stops early (`bulkhead sessions list | head`) ends a CLI command
+        // quietly, as it ends other Unix tools, instead of a panic on a failed print. The daemon
+        // keeps Rust's default (ignored): a peer that goes away is an error on that socket.
+        // SAFETY: setting a signal's disposition to the default before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
