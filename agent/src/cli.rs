@@ -1,14 +1,14 @@
 //! The `bulkhead` command line.
 
 pub mod approvals;
+mod run;
 pub mod sessions;
+
+pub use run::run;
 
 pub use sessions::SessionsCommand;
 
-use std::{
-    ffi::OsString,
-    path::{Path, PathBuf},
-};
+use std::{ffi::OsString, path::PathBuf};
 
 use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
@@ -43,7 +43,14 @@ pub enum Command {
         fail_open: bool,
     },
     /// Run a command governed: inside the governed cgroup, as the invoking user under sudo
+    /// (or --user), with that user's HOME, USER, LOGNAME and SHELL
+    #[command(
+        after_help = "Examples:\n  sudo bulkhead run -- claude\n  sudo bulkhead run --user alice -- psql -h 10.20.0.5 orders"
+    )]
     Run {
+        /// Run as this user (name or uid) instead of the sudo caller
+        #[arg(long, value_name = "NAME")]
+        user: Option<String>,
         /// The command and its arguments
         #[arg(
             required = true,
@@ -111,6 +118,10 @@ pub enum CliError {
     Cgroup(#[from] cgroup::CgroupError),
     #[error("{0}")]
     Other(String),
+    /// Exit with this status after printing the message (as a shell does for a command it
+    /// cannot run: 127 not found, 126 not executable).
+    #[error("{1}")]
+    Exit(u8, String),
 }
 
 /// Asks the daemon; when it is not running, answers from the store and the pins directly.
@@ -250,90 +261,4 @@ fn format_time(micros: u64) -> String {
         .replace('T', " ")
         .trim_end_matches('Z')
         .to_string()
-}
-
-/// `bulkhead run`: enter the governed cgroup, drop back to the sudo caller, exec.
-pub fn run(config: &Config, command: &[OsString]) -> Result<std::convert::Infallible, CliError> {
-    use std::os::unix::process::CommandExt as _;
-
-    let mount = cgroup::cgroup2_mount()?;
-    let governed = cgroup::resolve(&mount, &config.governed.cgroup)?;
-    if !governed.is_dir() {
-        return Err(CliError::Other(format!(
-            "the governed cgroup {} does not exist: start the daemon first (bulkhead daemon)",
-            governed.display()
-        )));
-    }
-    match control::call(
-        &config.control_socket(),
-        &config.daemon.admin_group,
-        &Request::Status,
-    ) {
-        Err(ClientError::NotRunning(_)) => eprintln!(
-            "bulkhead: warning: the daemon is not running; governed connections will be refused"
-        ),
-        Ok(report) => {
-            let starter = serde_json::from_value::<StatusReport>(report)
-                .ok()
-                .and_then(|r| r.policy)
-                .is_some_and(|p| p.starter);
-            if starter {
-                eprintln!(
-                    "bulkhead: OBSERVE MODE (built-in starter policy): connections are recorded, \
-                     nothing is enforced; `sudo bulkhead policy init` to enforce"
-                );
-            }
-        }
-        Err(_) => {}
-    }
-    cgroup::enter(&governed, 0).map_err(|e| {
-        CliError::Other(format!(
-            "{e} (bulkhead run must be started as root, e.g. with sudo)"
-        ))
-    })?;
-    let (program, args) = command
-        .split_first()
-        .ok_or_else(|| CliError::Other("no command given".into()))?;
-    let mut cmd = std::process::Command::new(program);
-    cmd.args(args);
-    if let Some((uid, gid, user)) = sudo_caller() {
-        drop_privileges(uid, gid, &user)?;
-    }
-    let err = cmd.exec();
-    Err(CliError::Other(format!(
-        "cannot run {}: {err}",
-        Path::new(program).display()
-    )))
-}
-
-/// The user who ran `sudo bulkhead run`, when we are root because of sudo.
-fn sudo_caller() -> Option<(u32, u32, String)> {
-    // SAFETY: getuid has no preconditions.
-    if unsafe { libc::getuid() } != 0 {
-        return None;
-    }
-    let uid: u32 = std::env::var("SUDO_UID").ok()?.parse().ok()?;
-    let gid: u32 = std::env::var("SUDO_GID").ok()?.parse().ok()?;
-    let user = std::env::var("SUDO_USER").ok()?;
-    (uid != 0).then_some((uid, gid, user))
-}
-
-fn drop_privileges(uid: u32, gid: u32, user: &str) -> Result<(), CliError> {
-    let name = std::ffi::CString::new(user)
-        .map_err(|_| CliError::Other("SUDO_USER contains NUL".into()))?;
-    // SAFETY: plain syscalls with valid arguments; order is groups, gid, then uid, so each
-    // step still has the privilege it needs.
-    let ok = unsafe {
-        libc::initgroups(name.as_ptr(), gid) == 0
-            && libc::setgid(gid) == 0
-            && libc::setuid(uid) == 0
-    };
-    if ok {
-        Ok(())
-    } else {
-        Err(CliError::Other(format!(
-            "cannot switch to {user} (uid {uid}): {}",
-            std::io::Error::last_os_error()
-        )))
-    }
 }

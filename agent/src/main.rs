@@ -24,7 +24,10 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("bulkhead: {e:#}");
-            ExitCode::FAILURE
+            match e.downcast_ref::<cli::CliError>() {
+                Some(cli::CliError::Exit(code, _)) => ExitCode::from(*code),
+                _ => ExitCode::FAILURE,
+            }
         }
     }
 }
@@ -41,7 +44,7 @@ fn run(args: Cli) -> anyhow::Result<()> {
                 .build()?;
             runtime.block_on(bulkhead::daemon::run(config))?;
         }
-        Command::Run { command } => match cli::run(&config, &command)? {},
+        Command::Run { user, command } => match cli::run(&config, user.as_deref(), &command)? {},
         Command::Status(f) => cli::status(&config, f.json)?,
         Command::Sessions(command) => cli::sessions::run(&config, command)?,
         Command::Ca(command) => cli::ca(&config, &command)?,

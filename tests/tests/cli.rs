@@ -101,3 +101,76 @@ fn policy_commands_use_the_policy_directory_of_the_configuration() {
         "# edited by the admin\n"
     );
 }
+
+/// `bulkhead run -- CMD` in a test topology's cgroup (no daemon needed to start a command).
+fn run_governed(
+    topo: &bulkhead_tests::Topology,
+    args: &[&str],
+    sudo_caller: Option<&str>,
+) -> std::process::Output {
+    let mut cmd = topo.bulkhead(&["run"]);
+    cmd.args(args);
+    if let Some(uid) = sudo_caller {
+        cmd.env("SUDO_UID", uid)
+            .env("SUDO_GID", uid)
+            .env("SUDO_USER", "nobody");
+    }
+    cmd.env("HOME", "/root")
+        .env("USER", "root")
+        .env("LOGNAME", "root");
+    topo.output(bulkhead_tests::Side::Host, cmd)
+}
+
+fn env_of(out: &std::process::Output) -> std::collections::HashMap<String, String> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+#[test]
+fn run_gives_the_tool_its_users_environment_and_says_when_it_cannot_start_it() {
+    bulkhead_tests::require_root();
+    let topo = bulkhead_tests::Topology::new("");
+    let nobody = |out: &std::process::Output| {
+        let env = env_of(out);
+        let want = [
+            ("HOME", "/nonexistent"),
+            ("USER", "nobody"),
+            ("LOGNAME", "nobody"),
+            ("SHELL", "/usr/sbin/nologin"),
+        ];
+        for (k, v) in want {
+            assert_eq!(env.get(k).map(String::as_str), Some(v), "{k}: {out:?}");
+        }
+    };
+    // Under sudo: the caller's account, not root's HOME.
+    let out = run_governed(&topo, &["--", "/usr/bin/env"], Some("65534"));
+    assert!(out.status.success(), "{out:?}");
+    nobody(&out);
+    // --user, without sudo.
+    let out = run_governed(&topo, &["--user", "nobody", "--", "/usr/bin/env"], None);
+    assert!(out.status.success(), "{out:?}");
+    nobody(&out);
+    let out = run_governed(
+        &topo,
+        &["--user", "no-such-user-x", "--", "/usr/bin/env"],
+        None,
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no such user"),
+        "{out:?}"
+    );
+    // As root: it runs, and says that it runs as root.
+    let out = run_governed(&topo, &["--", "/usr/bin/true"], None);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("runs as root"),
+        "{out:?}"
+    );
+    // A command that does not exist: 127, as a shell says it.
+    let out = run_governed(&topo, &["--", "/no/such/command"], Some("65534"));
+    assert_eq!(out.status.code(), Some(127), "{out:?}");
+}
