@@ -15,6 +15,7 @@ use crate::{
     config::Config,
     control::{self, ControlState, DaemonInfo},
     ebpf::{rules::CaptureRules, Mode, Redirector},
+    exclusive::{lock_dir, LockError},
     identity::ProcReader,
     proxy::{self, Gateway, StatsSnapshot},
     record::{now_micros, SessionStore, SledStore},
@@ -48,6 +49,8 @@ pub enum DaemonError {
     },
     #[error("signal handler: {0}")]
     Signal(std::io::Error),
+    #[error(transparent)]
+    Exclusive(#[from] LockError),
 }
 
 /// Verbosity of the kernel side's aya-log messages, from the daemon's log filter.
@@ -68,6 +71,19 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let governed = cgroup::resolve(&mount, &config.governed.cgroup)?;
     cgroup::ensure(&governed)?;
     let governed_rel = cgroup::relative(&mount, &governed);
+    // One daemon per governed cgroup and pin directory, held until this one exits (a
+    // fail-open daemon pins nothing).
+    let _exclusive = {
+        let cgroup_lock = lock_dir(&governed)?;
+        let pins = &config.daemon.bpf_pin_dir;
+        let pin_lock = if config.daemon.fail_open {
+            None
+        } else {
+            crate::ebpf::ensure_pin_dir(pins)?;
+            Some(lock_dir(pins)?)
+        };
+        (cgroup_lock, pin_lock)
+    };
 
     let mut listeners = vec![bind(config.listener_v4()).await?];
     if let Some(v6) = config.listener_v6() {
@@ -153,7 +169,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     } else {
         match policy.reload() {
             Ok(version) => {
-                info!(dir = %config.daemon.policy_dir.display(), version, "policies loaded")
+                info!(dir = %config.daemon.policy_dir.display(), version, "policies loaded");
             }
             Err(e) => warn!(
             dir = %config.daemon.policy_dir.display(),
