@@ -141,6 +141,60 @@ where
     }
 }
 
+/// What a follower does after one streamed answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Flow {
+    Continue,
+    /// The reader went away (`| head`): stop quietly.
+    Stop,
+}
+
+/// How long a follower waits between attempts to reach a daemon that went away.
+const RECONNECT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Follows a streaming request (`sessions tail`, `approvals watch`). The first connection
+/// must succeed (an error says why); after that, when the daemon goes away (restart, stop),
+/// a note goes to stderr and the request is sent again, built anew by `request`, once the
+/// daemon is back.
+pub(crate) fn follow(
+    config: &Config,
+    mut request: impl FnMut() -> Request,
+    mut on: impl FnMut(control::Response) -> Result<Flow, CliError>,
+) -> Result<(), CliError> {
+    let mut followed = false;
+    loop {
+        let started =
+            control::Client::connect(&config.control_socket(), &config.daemon.admin_group)
+                .and_then(|mut c| c.call(&request()).map(|_| c));
+        let mut client = match started {
+            Ok(c) => c,
+            Err(e) if !followed => return Err(e.into()),
+            Err(_) => {
+                std::thread::sleep(RECONNECT_EVERY);
+                continue;
+            }
+        };
+        if followed {
+            eprintln!("bulkhead: reconnected to the daemon");
+        }
+        followed = true;
+        loop {
+            match client.next() {
+                Ok(Some(control::Response::End) | None) | Err(_) => break,
+                Ok(Some(answer)) => {
+                    if on(answer)? == Flow::Stop {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        eprintln!(
+            "bulkhead: the daemon went away; following again when it is back (Ctrl-C to stop)"
+        );
+        std::thread::sleep(RECONNECT_EVERY);
+    }
+}
+
 fn open_store(config: &Config) -> Result<SledStore, CliError> {
     let path = config.store_path();
     if !path.exists() {
