@@ -240,6 +240,34 @@ pub fn status(config: &Config, json: bool) -> Result<(), CliError> {
                 "connections: {} active, {} accepted, {} refused since start",
                 d.connections.active, d.connections.accepted, d.connections.refused
             );
+            for (i, t) in d.targets.iter().enumerate() {
+                println!(
+                    "{}{} ({}) {}",
+                    if i == 0 {
+                        "targets:     "
+                    } else {
+                        "             "
+                    },
+                    t.name,
+                    t.protocol,
+                    t.addresses.join(", ")
+                );
+            }
+            if d.targets.is_empty() {
+                println!(
+                    "targets:     none configured (every destination is judged by its address)"
+                );
+            }
+            if d.config_changed {
+                println!(
+                    "config:      CHANGED since the daemon started ({}): targets, listeners and \
+                     capture rules apply after a restart; policies reload by themselves",
+                    d.config
+                );
+            }
+            for w in &d.warnings {
+                println!("warning:     {w}");
+            }
         }
         None => println!("daemon:      not running"),
     }
