@@ -1,9 +1,11 @@
 //! The `bulkhead` command line.
 
 pub mod approvals;
+mod help;
 mod run;
 pub mod sessions;
 
+pub use help::{command, leaf_commands, parse};
 pub use run::run;
 
 pub use sessions::SessionsCommand;
@@ -44,9 +46,6 @@ pub enum Command {
     },
     /// Run a command governed: inside the governed cgroup, as the invoking user under sudo
     /// (or --user), with that user's HOME, USER, LOGNAME and SHELL
-    #[command(
-        after_help = "Examples:\n  sudo bulkhead run -- claude\n  sudo bulkhead run --user alice -- psql -h 10.20.0.5 orders"
-    )]
     Run {
         /// Run as this user (name or uid) instead of the sudo caller
         #[arg(long, value_name = "NAME")]

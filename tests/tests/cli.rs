@@ -210,3 +210,24 @@ fn status_lists_targets_startup_problems_and_a_changed_configuration() {
         "{text}"
     );
 }
+
+#[test]
+fn every_command_shows_examples_in_its_help() {
+    let commands = bulkhead::cli::leaf_commands();
+    assert!(commands.len() >= 15, "{commands:?}");
+    for path in commands {
+        let out = Command::new(bulkhead_bin())
+            .args(&path)
+            .arg("--help")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{path:?}: {out:?}");
+        let examples = text.split("Examples:").nth(1).unwrap_or_default();
+        assert!(
+            examples.contains(&format!("bulkhead {}", path.join(" "))),
+            "bulkhead {} --help has no example line:\n{text}",
+            path.join(" ")
+        );
+    }
+}
