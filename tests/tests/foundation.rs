@@ -235,7 +235,7 @@ fn a_killed_daemon_fails_closed_and_a_restarted_one_governs_again() {
         echo.drain_lines().is_empty(),
         "a governed connection reached the target without the daemon"
     );
-    let status = topo.run_cli(&["status", "--json"]).unwrap();
+    let status = topo.status_while_stopped();
     assert!(status["daemon"].is_null(), "{status}");
     assert_eq!(status["programs_attached"], true, "{status}");
     // connect4, connect6, sock_ops, getpeername4, getpeername6.
@@ -290,7 +290,7 @@ fn fail_open_mode_detaches_when_the_daemon_dies() {
             .starts_with(&format!("{GOVERNED_V4}:")),
         "{direct}"
     );
-    let status = topo.run_cli(&["status", "--json"]).unwrap();
+    let status = topo.status_while_stopped();
     assert_eq!(status["programs_attached"], false, "{status}");
 }
 
