@@ -73,6 +73,42 @@ pub enum Command {
     /// Requests held for approval: list, approve, deny, watch; grant windows (needs the daemon)
     #[command(subcommand)]
     Approvals(approvals::ApprovalsCommand),
+    /// Remove the pinned programs a stopped daemon left (fail closed) so governed processes
+    /// connect directly again; refused while a daemon runs
+    UninstallPrograms,
+}
+
+/// `bulkhead uninstall-programs`.
+pub fn uninstall_programs(config: &Config) -> Result<(), CliError> {
+    let pins = &config.daemon.bpf_pin_dir;
+    let mount = cgroup::cgroup2_mount()?;
+    let governed = cgroup::resolve(&mount, &config.governed.cgroup)?;
+    let refused = |e: crate::exclusive::LockError| {
+        CliError::Other(format!(
+            "{e}; stop the daemon first (it detaches or keeps its programs itself)"
+        ))
+    };
+    // Held while removing: no daemon can start and adopt half-removed pins meanwhile.
+    let _cgroup = if governed.is_dir() {
+        Some(crate::exclusive::lock_dir(&governed).map_err(refused)?)
+    } else {
+        None
+    };
+    if !pins.is_dir() {
+        println!(
+            "nothing pinned at {}: no programs to remove",
+            pins.display()
+        );
+        return Ok(());
+    }
+    let _pins = crate::exclusive::lock_dir(pins).map_err(refused)?;
+    let links = crate::ebpf::remove_pins(pins).map_err(|e| CliError::Other(e.to_string()))?;
+    println!(
+        "removed {links} pinned links and their maps from {}: processes in {} connect directly now",
+        pins.display(),
+        governed.display()
+    );
+    Ok(())
 }
 
 #[derive(Debug, Subcommand)]

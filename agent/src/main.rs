@@ -67,6 +67,7 @@ fn run(args: Cli) -> anyhow::Result<()> {
         Command::Ca(command) => cli::ca(&config, &command)?,
         Command::Policy(cmd) => bulkhead::policy::cli::run(&config, cmd)?,
         Command::Approvals(command) => cli::approvals::run(&config, command)?,
+        Command::UninstallPrograms => cli::uninstall_programs(&config)?,
     }
     Ok(())
 }
