@@ -7,42 +7,7 @@
 
 use std::borrow::Cow;
 
-use crate::policy::{mask::Detectors, MaskStyle};
-
-/// How COPY writes its rows (from the statement's options).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CopyFormat {
-    Text {
-        delimiter: u8,
-        null: Vec<u8>,
-    },
-    Csv {
-        delimiter: u8,
-        quote: u8,
-        escape: u8,
-        null: Vec<u8>,
-    },
-    Binary,
-}
-
-impl CopyFormat {
-    pub fn text() -> Self {
-        CopyFormat::Text {
-            delimiter: b'\t',
-            null: b"\\N".to_vec(),
-        }
-    }
-
-    #[cfg(test)]
-    pub fn csv() -> Self {
-        CopyFormat::Csv {
-            delimiter: b',',
-            quote: b'"',
-            escape: b'"',
-            null: Vec::new(),
-        }
-    }
-}
+use crate::policy::{mask::Detectors, sql_copy::CopyFormat, MaskStyle};
 
 /// What happens to one field of a row.
 #[derive(Debug, Clone, PartialEq, Eq)]
