@@ -37,7 +37,7 @@ use super::{
     catalog::{self, Catalogs, Table},
     codec::{self, CodecError, FieldDescription, Replacement},
     copy_out::{CopyRows, FieldMask},
-    Masks,
+    state::{Front, Masks},
 };
 use crate::proxy::Gateway;
 use crate::{
@@ -215,13 +215,6 @@ impl Tracker {
 struct Described {
     fields: Option<Arc<[FieldDescription]>>,
     copy: Option<Arc<CopySpec>>,
-}
-
-/// Whose rows are arriving: the pending request at the front (from the session's queue).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Front {
-    Query,
-    Execute,
 }
 
 /// One field's treatment in a result.
