@@ -423,3 +423,6 @@ impl State {
         });
     }
 }
+
+#[cfg(test)]
+mod tests;
