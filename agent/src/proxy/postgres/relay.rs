@@ -332,3 +332,6 @@ impl<'a> Relay<'a> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
