@@ -221,26 +221,20 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::policy::{
-        mask::{ColumnPattern, Detector},
-        MaskRule, MaskStyle,
-    };
+    use crate::policy::{mask::Detector, MaskRule, MaskStyle};
 
     fn masks() -> Vec<Arc<MaskRule>> {
-        let rule = |columns: &[&str], detectors: &[Detector]| {
-            Arc::new(MaskRule {
-                rule: "r".into(),
-                columns: columns
-                    .iter()
-                    .map(|c| ColumnPattern::new(c).unwrap())
-                    .collect(),
-                detectors: detectors.to_vec(),
-                style: MaskStyle::Redact,
-            })
-        };
         vec![
-            rule(&["public.users.ssn"], &[]),
-            rule(&[], &[Detector::Email]),
+            Arc::new(MaskRule::for_test(
+                &["public.users.ssn"],
+                &[],
+                MaskStyle::Redact,
+            )),
+            Arc::new(MaskRule::for_test(
+                &[],
+                &[Detector::Email],
+                MaskStyle::Redact,
+            )),
         ]
     }
 

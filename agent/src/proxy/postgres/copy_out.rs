@@ -354,18 +354,10 @@ pub fn quote_csv(value: &str, quote: u8, escape: u8) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::{
-        mask::{ColumnPattern, Detector},
-        MaskRule, Masker,
-    };
+    use crate::policy::{mask::Detector, MaskRule, Masker};
 
     fn detectors() -> Detectors {
-        let rule = MaskRule {
-            rule: "d".into(),
-            columns: vec![ColumnPattern::new("x").unwrap()],
-            detectors: vec![Detector::Email],
-            style: MaskStyle::Redact,
-        };
+        let rule = MaskRule::for_test(&["x"], &[Detector::Email], MaskStyle::Redact);
         Masker::new([&rule]).detectors().clone()
     }
 

@@ -10,24 +10,13 @@ use super::{
 use crate::{
     config::PostgresTarget,
     net::OrigDstAddr,
-    policy::{
-        mask::{ColumnPattern, Detector},
-        MaskRule, MaskStyle, Masker,
-    },
+    policy::{mask::Detector, MaskRule, MaskStyle, Masker},
     proxy::postgres::{catalog, state::Front},
     record::SledStore,
 };
 
 fn rule(columns: &[&str], detectors: &[Detector], style: MaskStyle) -> Arc<MaskRule> {
-    Arc::new(MaskRule {
-        rule: "r".into(),
-        columns: columns
-            .iter()
-            .map(|c| ColumnPattern::new(c).unwrap())
-            .collect(),
-        detectors: detectors.to_vec(),
-        style,
-    })
+    Arc::new(MaskRule::for_test(columns, detectors, style))
 }
 
 fn masks() -> Masks {

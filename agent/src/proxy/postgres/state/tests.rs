@@ -51,9 +51,7 @@ fn masked(request: u64) -> Judged {
     Judged {
         masks: Arc::from([Arc::new(MaskRule {
             rule: format!("mask-{request}"),
-            columns: Vec::new(),
-            detectors: vec![Detector::Email],
-            style: MaskStyle::Redact,
+            ..MaskRule::for_test(&[], &[Detector::Email], MaskStyle::Redact)
         })]),
         ..allow(request)
     }
