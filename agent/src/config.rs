@@ -14,9 +14,11 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+use crate::protocol::Protocol;
 use crate::{
+    credentials::CredentialRef,
     net::{Cidr, OrigDstAddr},
-    policy::matchers::Glob,
+    proxy::postgres::settings::PostgresTarget,
 };
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/bulkhead/bulkhead.toml";
@@ -25,6 +27,8 @@ pub const DEFAULT_GOVERNED_CGROUP: &str = "bulkhead.governed";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/bulkhead";
 pub const DEFAULT_RUN_DIR: &str = "/run/bulkhead";
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/bulkhead";
+/// Besides root, members of this group may use the CLI (the control socket).
+pub const DEFAULT_ADMIN_GROUP: &str = "bulkhead";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -150,28 +154,6 @@ pub enum Unmatched {
     Refuse,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Protocol {
-    Tcp,
-    Postgres,
-    Ssh,
-    Http,
-    Kubernetes,
-}
-
-impl fmt::Display for Protocol {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Protocol::Tcp => "tcp",
-            Protocol::Postgres => "postgres",
-            Protocol::Ssh => "ssh",
-            Protocol::Http => "http",
-            Protocol::Kubernetes => "kubernetes",
-        })
-    }
-}
-
 /// Where a connection goes, as the policy knows it ([`Config::resolve`]).
 #[derive(Debug, Clone)]
 pub struct ResolvedTarget<'c> {
@@ -202,133 +184,28 @@ pub fn unmatched_name(dst: OrigDstAddr) -> String {
 pub struct Target {
     pub name: String,
     pub addresses: Vec<TargetAddress>,
-    pub protocol: Protocol,
+    /// Credentials the gateway holds for the target (the governed tool never sees them).
     pub credentials: Option<CredentialRef>,
-    /// PostgreSQL targets: whom the gateway logs in as.
-    pub postgres: Option<PostgresTarget>,
+    /// The protocol, with that protocol's own settings.
+    pub kind: TargetKind,
 }
 
-/// How the gateway logs in to a PostgreSQL target. Unset fields take the client's own
-/// startup values (the user and database it asked for).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PostgresTarget {
-    pub user: Option<String>,
-    pub database: Option<String>,
-    /// TLS to the target: `disable` (default) or `verify-full` (the server's certificate must
-    /// chain to `ca` and name `server_name`, or the target's address).
-    #[serde(default)]
-    pub tls: UpstreamTls,
-    pub ca: Option<PathBuf>,
-    pub server_name: Option<String>,
-    /// Client user/database → upstream login, first match wins. When there are entries, a
-    /// client that matches none is refused.
-    #[serde(default)]
-    pub map: Vec<PostgresMapping>,
-}
-
-/// One `[[target.postgres.map]]` entry: clients it covers and whom the gateway logs in as.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PostgresMapping {
-    /// The user the client asked for; absent: any.
-    pub client_user: Option<ClientPattern>,
-    /// The database the client asked for (its user name when it asked for none); absent: any.
-    pub client_database: Option<ClientPattern>,
-    /// The upstream user; absent: the target's `postgres.user`, else the client's.
-    pub user: Option<String>,
-    /// The upstream database; absent: the target's `postgres.database`, else the client's.
-    pub database: Option<String>,
-    /// The upstream user's password; absent: the target's `credentials`.
-    pub credentials: Option<CredentialRef>,
-}
-
-/// A name or a glob (`*` any run, `?` one character, `\` escapes) matched against a client's
-/// startup value, case-sensitively as PostgreSQL compares role and database names.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(try_from = "String")]
-pub struct ClientPattern(Glob);
-
-impl ClientPattern {
-    pub fn is_match(&self, value: &str) -> bool {
-        self.0.is_match(value)
-    }
-}
-
-impl TryFrom<String> for ClientPattern {
-    type Error = String;
-    fn try_from(pattern: String) -> Result<Self, String> {
-        if pattern.is_empty() {
-            return Err(
-                "an empty pattern matches no client; leave the key out to match any".into(),
-            );
-        }
-        Glob::new(&pattern, None, false).map(ClientPattern)
-    }
-}
-
-/// Whom the gateway logs in to a PostgreSQL target as, for one client.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PostgresLogin<'a> {
-    pub user: String,
-    pub database: String,
-    pub credentials: Option<&'a CredentialRef>,
-    /// The `postgres.map` entry (0-based) that chose this login; `None`: the target's own.
-    pub mapping: Option<usize>,
+/// A target's protocol and the settings only that protocol has. SSH, HTTP and Kubernetes
+/// targets are refused by the configuration until their gateways exist.
+#[derive(Debug, Clone)]
+pub enum TargetKind {
+    /// Opaque TCP: the connection is decided, recorded and relayed.
+    Tcp,
+    Postgres(PostgresTarget),
 }
 
 impl Target {
-    /// The upstream login for a client that asked for `client_user` and `client_database`:
-    /// the first `postgres.map` entry that matches both, or with no entries the target's own.
-    /// What an entry leaves out is the target's `postgres.user` / `postgres.database` /
-    /// `credentials`, and a user or database the target leaves out is the client's.
-    /// `None` when there are entries and none matches: the connection is refused.
-    pub fn postgres_login(
-        &self,
-        client_user: &str,
-        client_database: &str,
-    ) -> Option<PostgresLogin<'_>> {
-        let pg = self.postgres.as_ref();
-        let default_user = || {
-            pg.and_then(|p| p.user.clone())
-                .unwrap_or_else(|| client_user.to_string())
-        };
-        let default_database = || {
-            pg.and_then(|p| p.database.clone())
-                .unwrap_or_else(|| client_database.to_string())
-        };
-        let map = pg.map_or(&[][..], |p| &p.map[..]);
-        if map.is_empty() {
-            return Some(PostgresLogin {
-                user: default_user(),
-                database: default_database(),
-                credentials: self.credentials.as_ref(),
-                mapping: None,
-            });
+    pub fn protocol(&self) -> Protocol {
+        match self.kind {
+            TargetKind::Tcp => Protocol::Tcp,
+            TargetKind::Postgres(_) => Protocol::Postgres,
         }
-        let (i, m) = map.iter().enumerate().find(|(_, m)| {
-            m.client_user
-                .as_ref()
-                .is_none_or(|p| p.is_match(client_user))
-                && m.client_database
-                    .as_ref()
-                    .is_none_or(|p| p.is_match(client_database))
-        })?;
-        Some(PostgresLogin {
-            user: m.user.clone().unwrap_or_else(default_user),
-            database: m.database.clone().unwrap_or_else(default_database),
-            credentials: m.credentials.as_ref().or(self.credentials.as_ref()),
-            mapping: Some(i),
-        })
     }
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum UpstreamTls {
-    #[default]
-    Disable,
-    VerifyFull,
 }
 
 /// `10.0.0.5:5432`, `[fd00::5]:5432` (one socket), or `10.0.0.0/24` (any port in a network).
@@ -359,14 +236,6 @@ impl FromStr for TargetAddress {
             format!("{s:?} is neither IP:PORT ([IPv6]:PORT for IPv6) nor a network like 10.0.0.0/24")
         })
     }
-}
-
-/// Where a target's credentials are held; read by the protocol handlers, never by the client.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "lowercase")]
-pub enum CredentialRef {
-    File(PathBuf),
-    Env(String),
 }
 
 impl Config {
@@ -577,47 +446,42 @@ impl Config {
                         .map_err(|e| invalid(format!("target[{i}].addresses[{j}]"), e))
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            if !matches!(t.protocol, Protocol::Tcp | Protocol::Postgres) {
+            if let Some((field, problem)) = t.credentials.as_ref().and_then(CredentialRef::problem)
+            {
                 return Err(invalid(
-                    format!("target[{i}].protocol"),
-                    format!(
-                        "protocol {} is not available in this build yet; use \"tcp\" or \"postgres\"",
-                        t.protocol
-                    ),
+                    format!("target[{i}].credentials.{field}"),
+                    problem.into(),
                 ));
             }
-            if let Some(pg) = &t.postgres {
-                if pg.tls == UpstreamTls::VerifyFull && pg.ca.is_none() {
-                    return Err(invalid(
-                        format!("target[{i}].postgres.ca"),
-                        "tls = \"verify-full\" needs the CA that signed the target's certificate"
-                            .into(),
-                    ));
+            let kind = match (t.protocol, t.postgres) {
+                (Protocol::Postgres, pg) => {
+                    let pg = pg.unwrap_or_default();
+                    if let Some((key, problem)) = pg.problem() {
+                        return Err(invalid(format!("target[{i}].postgres.{key}"), problem));
+                    }
+                    TargetKind::Postgres(pg)
                 }
-            }
-            if let Some(pg) = &t.postgres {
-                postgres_map_valid(i, pg, &invalid)?;
-            }
-            if t.postgres.is_some() && t.protocol != Protocol::Postgres {
-                return Err(invalid(
-                    format!("target[{i}].postgres"),
-                    "only for targets with protocol = \"postgres\"".into(),
-                ));
-            }
-            if let Some(CredentialRef::Env(name)) = &t.credentials {
-                if name.is_empty() {
+                (_, Some(_)) => {
                     return Err(invalid(
-                        format!("target[{i}].credentials.env"),
-                        "must name a variable".into(),
-                    ));
+                        format!("target[{i}].postgres"),
+                        "only for targets with protocol = \"postgres\"".into(),
+                    ))
                 }
-            }
+                (Protocol::Tcp, None) => TargetKind::Tcp,
+                (other, None) => {
+                    return Err(invalid(
+                        format!("target[{i}].protocol"),
+                        format!(
+                            "protocol {other} is not available in this build yet; use \"tcp\" or \"postgres\""
+                        ),
+                    ))
+                }
+            };
             targets.push(Target {
                 name: t.name,
                 addresses,
-                protocol: t.protocol,
                 credentials: t.credentials,
-                postgres: t.postgres,
+                kind,
             });
         }
 
@@ -667,7 +531,7 @@ impl Config {
         match self.target_for(dst) {
             Some(t) => ResolvedTarget {
                 name: Cow::Borrowed(&t.name),
-                protocol: t.protocol,
+                protocol: t.protocol(),
                 target: Some(t),
             },
             None => ResolvedTarget {
@@ -735,34 +599,6 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     };
     n.checked_mul(mult)
         .ok_or_else(|| format!("{text:?} is too large"))
-}
-
-/// Checks target `i`'s `postgres.map` entries; `invalid` builds the error naming the key.
-fn postgres_map_valid(
-    i: usize,
-    pg: &PostgresTarget,
-    invalid: &dyn Fn(String, String) -> ConfigError,
-) -> Result<(), ConfigError> {
-    for (j, m) in pg.map.iter().enumerate() {
-        let key = |field: &str| format!("target[{i}].postgres.map[{j}].{field}");
-        for (field, value) in [("user", &m.user), ("database", &m.database)] {
-            if value.as_deref() == Some("") {
-                return Err(invalid(
-                    key(field),
-                    format!("must name a {field}; leave the key out for the default"),
-                ));
-            }
-        }
-        if let Some(CredentialRef::Env(name)) = &m.credentials {
-            if name.is_empty() {
-                return Err(invalid(
-                    key("credentials.env"),
-                    "must name a variable".into(),
-                ));
-            }
-        }
-    }
-    Ok(())
 }
 
 /// Validates `[approvals]`; `invalid` builds the error naming the key.
@@ -887,7 +723,7 @@ impl Default for RawDaemon {
             bpf_pin_dir: DEFAULT_PIN_DIR.into(),
             fail_open: false,
             log: "info".into(),
-            admin_group: crate::control::ADMIN_GROUP.into(),
+            admin_group: DEFAULT_ADMIN_GROUP.into(),
             policy_dir: crate::policy::DEFAULT_POLICY_DIR.into(),
             workers: 1,
         }
@@ -970,6 +806,14 @@ fn default_protocol() -> Protocol {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proxy::postgres::settings::PostgresLogin;
+
+    fn pg_login<'a>(t: &'a Target, user: &str, database: &str) -> Option<PostgresLogin<'a>> {
+        match &t.kind {
+            TargetKind::Postgres(pg) => pg.login(t.credentials.as_ref(), user, database),
+            TargetKind::Tcp => panic!("{} is not a PostgreSQL target", t.name),
+        }
+    }
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::from_toml(text, Source::File("test.toml".into()))
@@ -1004,7 +848,7 @@ mod tests {
         let c = parse(text).unwrap();
         assert!(!c.targets.is_empty());
         let orders = &c.targets[0];
-        let login = |u: &str, d: &str| orders.postgres_login(u, d).map(|l| (l.user, l.database));
+        let login = |u: &str, d: &str| pg_login(orders, u, d).map(|l| (l.user, l.database));
         assert_eq!(
             login("report_daily", "orders"),
             Some(("reporting".into(), "orders".into()))
@@ -1150,7 +994,7 @@ mod tests {
     fn postgres_map_first_match_wins_and_unmatched_clients_are_refused() {
         let c = parse(MAPPED).unwrap();
         let t = &c.targets[0];
-        let login = |u: &str, d: &str| t.postgres_login(u, d);
+        let login = |u: &str, d: &str| pg_login(t, u, d);
         let reporting = CredentialRef::File("/etc/bulkhead/creds/reporting".into());
         let target_creds = CredentialRef::File("/etc/bulkhead/creds/db".into());
         assert_eq!(
@@ -1202,7 +1046,7 @@ mod tests {
         .unwrap();
         let env = CredentialRef::Env("DB_PW".into());
         assert_eq!(
-            c.targets[0].postgres_login("alice", "sales"),
+            pg_login(&c.targets[0], "alice", "sales"),
             Some(PostgresLogin {
                 user: "svc".into(),
                 database: "sales".into(),
@@ -1211,7 +1055,7 @@ mod tests {
             })
         );
         assert_eq!(
-            c.targets[1].postgres_login("alice", "sales"),
+            pg_login(&c.targets[1], "alice", "sales"),
             Some(PostgresLogin {
                 user: "alice".into(),
                 database: "sales".into(),
@@ -1231,7 +1075,7 @@ mod tests {
         .unwrap();
         let t = &c.targets[0];
         assert_eq!(
-            t.postgres_login("claude", "orders"),
+            pg_login(t, "claude", "orders"),
             Some(PostgresLogin {
                 user: "svc".into(),
                 database: "orders".into(),
@@ -1239,7 +1083,7 @@ mod tests {
                 mapping: Some(0),
             })
         );
-        assert_eq!(t.postgres_login("cursor", "orders"), None);
+        assert_eq!(pg_login(t, "cursor", "orders"), None);
     }
 
     #[test]

@@ -83,6 +83,13 @@ pub fn sh(program: &str, args: &[&str]) {
     );
 }
 
+/// Panics, saying why, when privileged tests cannot run here: a skipped test would pass.
+pub fn require_root() {
+    if let Some(why) = missing_privileges() {
+        panic!("cannot run the integration tests: {why}");
+    }
+}
+
 /// Says why privileged tests cannot run here, if they cannot.
 pub fn missing_privileges() -> Option<String> {
     // SAFETY: geteuid has no preconditions.
@@ -274,6 +281,15 @@ impl Topology {
     pub fn policy(&self, name: &str, text: &str) {
         fs::create_dir_all(self.policy_dir()).expect("policy dir");
         fs::write(self.policy_dir().join(name), text).expect("policy file");
+    }
+
+    /// A policy that lets every opaque TCP connection through: `tcp` targets and destinations
+    /// that match no target. Without a policy, connections are denied.
+    pub fn allow_opaque_tcp(&self) {
+        self.policy(
+            "opaque-tcp.toml",
+            "[[target]]\nprotocol = \"tcp\"\ndefault = \"allow\"\n",
+        );
     }
 
     /// Writes the daemon configuration: this topology's cgroup, pins and state, plus `extra`.
@@ -474,7 +490,31 @@ impl Topology {
 
     /// The probe helper in this topology's directory (executable by every user).
     pub fn probe(&self) -> PathBuf {
-        self.linked(&probe_bin(), "bh-probe")
+        self.probe_named("bh-probe")
+    }
+
+    /// The probe helper linked under another name: a process of that name (`comm` and the
+    /// executable's file name), for identity rules.
+    pub fn probe_named(&self, name: &str) -> PathBuf {
+        self.linked(&probe_bin(), name)
+    }
+
+    /// Runs `bh-probe connect ADDR TEXT` on `side` and parses its JSON line.
+    pub fn probe_connect(&self, side: Side, addr: &str, text: &str) -> serde_json::Value {
+        self.named_probe_connect("bh-probe", side, addr, text)
+    }
+
+    /// [`Self::probe_connect`], run as the probe linked under `name` ([`Self::probe_named`]).
+    pub fn named_probe_connect(
+        &self,
+        name: &str,
+        side: Side,
+        addr: &str,
+        text: &str,
+    ) -> serde_json::Value {
+        let mut cmd = Command::new(self.probe_named(name));
+        cmd.args(["connect", addr, text]);
+        parse_probe(&self.output(side, cmd))
     }
 
     /// `src` hard-linked into this topology's directory. A link, not a copy: a copy's open
@@ -540,6 +580,50 @@ impl Topology {
         }
     }
 
+    /// The events of session `id`, in order.
+    pub fn events(&self, id: &serde_json::Value) -> Vec<serde_json::Value> {
+        let shown = self
+            .run_cli(&["sessions", "show", &id.to_string(), "--json"])
+            .unwrap_or_else(|e| panic!("{e}"));
+        match &shown["events"] {
+            serde_json::Value::Array(a) => a.clone(),
+            other => panic!("no events in {shown}: {other}"),
+        }
+    }
+
+    /// Waits for the first request pending approval.
+    pub fn first_pending(&self) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let list = self
+                .run_cli(&["approvals", "list", "--json"])
+                .unwrap_or_else(|e| panic!("{e}"));
+            if let Some(p) = list.as_array().and_then(|a| a.first()).cloned() {
+                return p;
+            }
+            assert!(Instant::now() < deadline, "no pending approval: {list}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits until the session of the process `pid` is closed.
+    pub fn wait_session_of(&self, pid: &serde_json::Value) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let s = self.sessions();
+            if let Some(session) = s.iter().find(|s| s["identity"]["pid"] == *pid) {
+                if session["outcome"]["kind"] != "open" {
+                    return session.clone();
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no closed session for pid {pid}: {s:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Waits until the newest session is closed.
     pub fn wait_session_closed(&self) -> serde_json::Value {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -582,6 +666,27 @@ impl Drop for Topology {
             .output();
         let _ = fs::remove_dir_all(&self.dir);
     }
+}
+
+/// The JSON line `bh-probe connect` printed last.
+pub fn parse_probe(out: &std::process::Output) -> serde_json::Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap_or_else(|e| {
+        panic!(
+            "probe output {stdout:?} ({e}); stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// What the echo server answered a probe: `{"peer": ..., "data": ...}`.
+pub fn reply(probe: &serde_json::Value) -> serde_json::Value {
+    serde_json::from_str(
+        probe["reply"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no reply in {probe}")),
+    )
+    .unwrap_or_else(|e| panic!("reply is not JSON ({e}): {probe}"))
 }
 
 /// The cgroup2 mount point, found as the daemon finds it.

@@ -8,45 +8,15 @@
 
 use std::{process::Command, time::Duration};
 
-use bulkhead_tests::{missing_privileges, Side, Topology, GOVERNED_V4, TARGET_V4, TARGET_V6};
-use serde_json::Value;
-
-fn require_root() {
-    if let Some(why) = missing_privileges() {
-        panic!("cannot run the integration tests: {why}");
-    }
-}
-
-/// Runs `bh-probe connect ADDR TEXT` on `side` and parses its JSON line.
-fn probe_connect(topo: &Topology, side: Side, addr: &str, text: &str) -> Value {
-    let mut cmd = Command::new(topo.probe());
-    cmd.args(["connect", addr, text]);
-    parse_probe(topo.output(side, cmd))
-}
-
-fn parse_probe(out: std::process::Output) -> Value {
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap_or_else(|e| {
-        panic!(
-            "probe output {stdout:?} ({e}); stderr: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
-}
-
-fn reply(v: &Value) -> Value {
-    serde_json::from_str(
-        v["reply"]
-            .as_str()
-            .unwrap_or_else(|| panic!("no reply in {v}")),
-    )
-    .expect("reply JSON")
-}
+use bulkhead_tests::{
+    parse_probe, reply, require_root, Side, Topology, GOVERNED_V4, TARGET_V4, TARGET_V6,
+};
 
 #[test]
 fn governed_client_reaches_the_target_through_the_gateway_and_is_recorded() {
     require_root();
     let topo = Topology::new("");
+    topo.allow_opaque_tcp();
     let mut echo = topo.echo_server(Side::Target, format!("{TARGET_V4}:7000").parse().unwrap());
     let _daemon = topo.start_daemon(&[]);
 
@@ -58,7 +28,7 @@ fn governed_client_reaches_the_target_through_the_gateway_and_is_recorded() {
     cmd.env("SUDO_UID", "65534")
         .env("SUDO_GID", "65534")
         .env("SUDO_USER", "nobody");
-    let client = parse_probe(topo.output(Side::Host, cmd));
+    let client = parse_probe(&topo.output(Side::Host, cmd));
 
     // The bytes made the round trip.
     let answer = reply(&client);
@@ -115,15 +85,11 @@ fn governed_client_reaches_the_target_through_the_gateway_and_is_recorded() {
 fn ipv6_targets_are_governed_the_same_way() {
     require_root();
     let topo = Topology::new("");
+    topo.allow_opaque_tcp();
     let _echo = topo.echo_server(Side::Target, format!("[{TARGET_V6}]:7000").parse().unwrap());
     let _daemon = topo.start_daemon(&[]);
 
-    let client = probe_connect(
-        &topo,
-        Side::Governed,
-        &format!("[{TARGET_V6}]:7000"),
-        "over six",
-    );
+    let client = topo.probe_connect(Side::Governed, &format!("[{TARGET_V6}]:7000"), "over six");
     let answer = reply(&client);
     assert_eq!(answer["data"], "over six", "{client}");
     assert!(
@@ -141,11 +107,11 @@ fn ipv6_targets_are_governed_the_same_way() {
 fn ipv4_mapped_destinations_on_a_dual_stack_socket_are_governed() {
     require_root();
     let topo = Topology::new("");
+    topo.allow_opaque_tcp();
     let _echo = topo.echo_server(Side::Target, format!("{TARGET_V4}:7000").parse().unwrap());
     let _daemon = topo.start_daemon(&[]);
 
-    let client = probe_connect(
-        &topo,
+    let client = topo.probe_connect(
         Side::Governed,
         &format!("[::ffff:{TARGET_V4}]:7000"),
         "mapped",
@@ -174,7 +140,7 @@ fn processes_outside_the_governed_cgroup_connect_directly() {
     let _echo = topo.echo_server(Side::Target, format!("{TARGET_V4}:7000").parse().unwrap());
     let _daemon = topo.start_daemon(&[]);
 
-    let client = probe_connect(&topo, Side::Host, &format!("{TARGET_V4}:7000"), "direct");
+    let client = topo.probe_connect(Side::Host, &format!("{TARGET_V4}:7000"), "direct");
     assert_eq!(reply(&client)["data"], "direct");
     assert!(
         client["local"]
@@ -223,10 +189,11 @@ fn the_daemons_own_upstream_connection_is_not_captured() {
     // Capture loopback too, and put the target on the governed side's loopback: were the
     // daemon's upstream connect captured, it would be redirected back into the daemon.
     let topo = Topology::new("[capture]\nloopback = true\n");
+    topo.allow_opaque_tcp();
     let mut echo = topo.echo_server(Side::Host, "127.0.0.1:7100".parse().unwrap());
     let _daemon = topo.start_daemon(&[]);
 
-    let client = probe_connect(&topo, Side::Governed, "127.0.0.1:7100", "no loop");
+    let client = topo.probe_connect(Side::Governed, "127.0.0.1:7100", "no loop");
     let answer = reply(&client);
     assert_eq!(answer["data"], "no loop", "{client}");
     let session = topo.wait_session_closed();
@@ -246,12 +213,13 @@ fn the_daemons_own_upstream_connection_is_not_captured() {
 fn a_killed_daemon_fails_closed_and_a_restarted_one_governs_again() {
     require_root();
     let topo = Topology::new("");
+    topo.allow_opaque_tcp();
     let mut echo = topo.echo_server(Side::Target, format!("{TARGET_V4}:7000").parse().unwrap());
     let dst = format!("{TARGET_V4}:7000");
 
     let mut daemon = topo.start_daemon(&[]);
     assert_eq!(
-        reply(&probe_connect(&topo, Side::Governed, &dst, "one"))["data"],
+        reply(&topo.probe_connect(Side::Governed, &dst, "one"))["data"],
         "one"
     );
     assert!(echo.line(Duration::from_secs(5)).is_some());
@@ -260,7 +228,7 @@ fn a_killed_daemon_fails_closed_and_a_restarted_one_governs_again() {
     std::thread::sleep(Duration::from_millis(300));
 
     daemon.kill9();
-    let refused = probe_connect(&topo, Side::Governed, &dst, "two");
+    let refused = topo.probe_connect(Side::Governed, &dst, "two");
     assert_eq!(refused["kind"], "ConnectionRefused", "{refused}");
     std::thread::sleep(Duration::from_millis(300));
     assert!(
@@ -275,7 +243,7 @@ fn a_killed_daemon_fails_closed_and_a_restarted_one_governs_again() {
 
     let _daemon = topo.start_daemon(&[]);
     assert_eq!(
-        reply(&probe_connect(&topo, Side::Governed, &dst, "three"))["data"],
+        reply(&topo.probe_connect(Side::Governed, &dst, "three"))["data"],
         "three"
     );
     assert!(echo.line(Duration::from_secs(5)).is_some());
@@ -300,10 +268,11 @@ fn a_killed_daemon_fails_closed_and_a_restarted_one_governs_again() {
 fn fail_open_mode_detaches_when_the_daemon_dies() {
     require_root();
     let topo = Topology::new("");
+    topo.allow_opaque_tcp();
     let mut echo = topo.echo_server(Side::Target, format!("{TARGET_V4}:7000").parse().unwrap());
     let dst = format!("{TARGET_V4}:7000");
     let mut daemon = topo.start_daemon(&["--fail-open"]);
-    let through = probe_connect(&topo, Side::Governed, &dst, "governed");
+    let through = topo.probe_connect(Side::Governed, &dst, "governed");
     assert!(
         through["local"].as_str().unwrap().starts_with("127.0.0.1:"),
         "{through}"
@@ -312,7 +281,7 @@ fn fail_open_mode_detaches_when_the_daemon_dies() {
 
     daemon.kill9();
     // The kernel drops the links with the daemon's descriptors.
-    let direct = probe_connect(&topo, Side::Governed, &dst, "direct");
+    let direct = topo.probe_connect(Side::Governed, &dst, "direct");
     assert_eq!(reply(&direct)["data"], "direct", "{direct}");
     assert!(
         direct["local"]
@@ -329,6 +298,9 @@ fn fail_open_mode_detaches_when_the_daemon_dies() {
 fn a_connect_refused_while_the_daemon_was_down_lends_its_identity_to_nobody() {
     require_root();
     let topo = Topology::new("");
+    // The policy would let the governed connection through: only the missing record may
+    // refuse the sneak below.
+    topo.allow_opaque_tcp();
     let dst = format!("{TARGET_V4}:7000");
     let mut echo = topo.echo_server(Side::Target, dst.parse().unwrap());
     let mut daemon = topo.start_daemon(&[]);
@@ -338,7 +310,7 @@ fn a_connect_refused_while_the_daemon_was_down_lends_its_identity_to_nobody() {
     let local = "127.0.0.1:41234";
     let mut cmd = Command::new(topo.probe());
     cmd.args(["connect", &dst, "governed", local]);
-    let refused = parse_probe(topo.output(Side::Governed, cmd));
+    let refused = parse_probe(&topo.output(Side::Governed, cmd));
     assert_eq!(refused["kind"], "ConnectionRefused", "{refused}");
 
     // Outside the cgroup, straight to the listener, from the same local address and port: the
@@ -351,7 +323,7 @@ fn a_connect_refused_while_the_daemon_was_down_lends_its_identity_to_nobody() {
         "sneak",
         local,
     ]);
-    let sneak = parse_probe(topo.output(Side::Host, cmd));
+    let sneak = parse_probe(&topo.output(Side::Host, cmd));
     assert!(
         sneak["reply"] == "" || (sneak["reply"].is_null() && sneak["error"].is_string()),
         "{sneak}"
@@ -368,8 +340,7 @@ fn a_connection_to_the_listener_without_a_redirect_is_refused_and_recorded() {
     let topo = Topology::new("");
     let _daemon = topo.start_daemon(&[]);
     // Straight to the listener, from outside the cgroup: there is no kernel record.
-    let out = probe_connect(
-        &topo,
+    let out = topo.probe_connect(
         Side::Host,
         &format!("127.0.0.1:{}", bulkhead_tests::LISTENER_PORT),
         "sneak",
@@ -388,6 +359,7 @@ fn a_connection_to_the_listener_without_a_redirect_is_refused_and_recorded() {
 fn status_and_sessions_work_with_the_daemon_running_and_stopped() {
     require_root();
     let topo = Topology::new("[[target]]\nname = \"echo\"\naddresses = [\"10.201.0.2:7000\"]\n");
+    topo.allow_opaque_tcp();
     let _echo = topo.echo_server(Side::Target, format!("{TARGET_V4}:7000").parse().unwrap());
     let mut daemon = topo.start_daemon(&[]);
     let status = topo.run_cli(&["status", "--json"]).unwrap();
@@ -397,12 +369,15 @@ fn status_and_sessions_work_with_the_daemon_running_and_stopped() {
     let listeners = status["daemon"]["listeners"].as_array().unwrap();
     assert!(listeners.iter().any(|l| l == "127.0.0.1:15001"), "{status}");
 
-    probe_connect(&topo, Side::Governed, &format!("{TARGET_V4}:7000"), "x");
+    topo.probe_connect(Side::Governed, &format!("{TARGET_V4}:7000"), "x");
     let session = topo.wait_session_closed();
     assert_eq!(session["target"], "echo");
     let status = topo.run_cli(&["status", "--json"]).unwrap();
     assert_eq!(status["store"]["sessions"], 1, "{status}");
-    assert_eq!(status["store"]["events"], 2, "connect and close: {status}");
+    assert_eq!(
+        status["store"]["events"], 3,
+        "connect, the connection's decision, close: {status}"
+    );
     assert_eq!(status["daemon"]["connections"]["accepted"], 1, "{status}");
 
     // Stopped cleanly: the CLI reads the store itself.
@@ -420,7 +395,7 @@ fn status_and_sessions_work_with_the_daemon_running_and_stopped() {
         .iter()
         .map(|e| e["type"].as_str().unwrap())
         .collect();
-    assert_eq!(kinds, vec!["connect", "close"]);
+    assert_eq!(kinds, vec!["connect", "request", "close"]);
     let out = topo.output(Side::Host, topo.bulkhead(&["sessions", "list"]));
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -488,4 +463,56 @@ fn bad_configuration_is_reported_with_the_key_and_the_problem() {
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/bulkhead.toml"));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_second_daemon_for_the_same_cgroup_and_pins_refuses_to_start_and_names_the_first() {
+    require_root();
+    let topo = Topology::new("");
+    topo.allow_opaque_tcp();
+    let _echo = topo.echo_server(Side::Target, format!("{TARGET_V4}:7000").parse().unwrap());
+    let daemon = topo.start_daemon(&[]);
+    // Same cgroup and pins; its own port, state and control socket, so nothing else stops it.
+    let first = std::fs::read_to_string(&topo.config_path).unwrap();
+    let second = topo.dir.join("second.toml");
+    std::fs::write(
+        &second,
+        first
+            .replace(
+                &topo.dir.join("state").display().to_string(),
+                &topo.dir.join("state2").display().to_string(),
+            )
+            .replace(
+                &topo.dir.join("run").display().to_string(),
+                &topo.dir.join("run2").display().to_string(),
+            )
+            + "[listener]\nport = 15002\n",
+    )
+    .unwrap();
+    let mut cmd = Command::new(bulkhead_tests::bulkhead_bin());
+    cmd.arg("--config").arg(&second).arg("daemon");
+    let mut second = topo.spawn(Side::Host, "second-daemon", cmd);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = second.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the second daemon kept running: {}",
+            second.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = second.wait();
+    let stderr = second.stderr();
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains("held by another bulkhead daemon")
+            && stderr.contains(&format!("(pid {})", daemon.pid())),
+        "{stderr}"
+    );
+    // The first still governs: a governed connection reaches the target through it.
+    let client = topo.probe_connect(Side::Governed, &format!("{TARGET_V4}:7000"), "still here");
+    assert_eq!(reply(&client)["data"], "still here", "{client}");
 }

@@ -7,14 +7,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bulkhead_tests::{missing_privileges, PgServer, Side, Topology, TARGET_V4};
+use bulkhead_tests::{require_root, PgServer, Side, Topology, TARGET_V4};
 use serde_json::Value;
-
-fn require_root() {
-    if let Some(why) = missing_privileges() {
-        panic!("cannot run the integration tests: {why}");
-    }
-}
 
 /// A policy for target `db`: reads and ordinary writes allowed, DDL denied with a message,
 /// deletes from `public.precious` held for approval; unknown statements denied.
@@ -259,7 +253,7 @@ fn a_held_delete_waits_for_an_admin_and_runs_when_approved() {
 
     // psql waits while the DELETE is held.
     let mut client = governed_psql(&topo, &pg, "DELETE FROM precious WHERE id = 1");
-    let pending = first_pending(&topo);
+    let pending = topo.first_pending();
     assert!(
         client.child.try_wait().unwrap().is_none(),
         "psql is still waiting"
@@ -287,7 +281,7 @@ fn a_held_delete_waits_for_an_admin_and_runs_when_approved() {
 
     // Denied this time: psql shows the reason, and nothing is deleted.
     let mut client = governed_psql(&topo, &pg, "DELETE FROM precious");
-    let pending = first_pending(&topo);
+    let pending = topo.first_pending();
     let denied = topo.output(
         Side::Host,
         topo.bulkhead(&[
@@ -547,19 +541,6 @@ fn governed_psql(topo: &Topology, pg: &PgServer, sql: &str) -> bulkhead_tests::P
     topo.spawn(Side::Governed, "psql", cmd)
 }
 
-/// Waits for the first pending approval.
-fn first_pending(topo: &Topology) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let list = topo.run_cli(&["approvals", "list", "--json"]).unwrap();
-        if let Some(p) = list.as_array().and_then(|a| a.first()).cloned() {
-            return p;
-        }
-        assert!(Instant::now() < deadline, "no pending approval: {list}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[test]
 fn approvals_expire_cannot_be_given_by_the_governed_side_and_grant_windows_cover_the_same_rule_only(
 ) {
@@ -577,7 +558,7 @@ sql = { class = ["delete"], objects = ["public.audit"] }
 
     // Nobody decides: the request expires and psql says so.
     let mut client = governed_psql(&topo, &pg, "DELETE FROM precious WHERE id = 1");
-    let pending = first_pending(&topo);
+    let pending = topo.first_pending();
     // A governed process cannot approve it, even as root.
     let mut approve = topo.bulkhead(&["approvals", "approve", &pending["id"].to_string()]);
     approve.env_remove("SUDO_UID");
@@ -594,7 +575,7 @@ sql = { class = ["delete"], objects = ["public.audit"] }
 
     // Approved with a window: the next matching delete runs without asking...
     let mut client = governed_psql(&topo, &pg, "DELETE FROM precious WHERE id = 2");
-    let pending = first_pending(&topo);
+    let pending = topo.first_pending();
     let out = topo.output(
         Side::Host,
         topo.bulkhead(&[
@@ -623,7 +604,7 @@ sql = { class = ["delete"], objects = ["public.audit"] }
 
     // ...but a different rule's request still waits.
     let mut client = governed_psql(&topo, &pg, "DELETE FROM audit");
-    let pending = first_pending(&topo);
+    let pending = topo.first_pending();
     assert!(
         pending.to_string().contains("db-audit-deletes"),
         "{pending}"

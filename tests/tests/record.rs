@@ -7,14 +7,8 @@ use std::{
 };
 
 use bulkhead::record::{EventKind, NewSession, SessionEnd, SessionStore as _, SledStore};
-use bulkhead_tests::{missing_privileges, Side, Topology, TARGET_V4};
+use bulkhead_tests::{require_root, Side, Topology, TARGET_V4};
 use serde_json::Value;
-
-fn require_root() {
-    if let Some(why) = missing_privileges() {
-        panic!("cannot run the integration tests: {why}");
-    }
-}
 
 const ECHO: &str = "[[target]]\nname = \"echo\"\naddresses = [\"10.201.0.2:7000\"]\n";
 
@@ -55,6 +49,7 @@ fn wait_closed_sessions(topo: &Topology, n: usize) -> Vec<Value> {
 fn sessions_carry_their_events_and_filters_select_them() {
     require_root();
     let topo = Topology::new(&format!("[capture]\nunmatched = \"refuse\"\n{ECHO}"));
+    topo.allow_opaque_tcp();
     let _echo = topo.echo_server(Side::Target, format!("{TARGET_V4}:7000").parse().unwrap());
     let _daemon = topo.start_daemon(&[]);
 
@@ -106,9 +101,19 @@ fn sessions_carry_their_events_and_filters_select_them() {
     assert_eq!(events[0]["type"], "connect");
     assert_eq!(events[0]["pid"], as_root["pid"]);
     assert_eq!(events[0]["destination"], format!("{TARGET_V4}:7000"));
-    assert_eq!(events[1]["type"], "close");
-    assert_eq!(events[1]["outcome"]["kind"], "closed");
-    assert_eq!(events[1]["bytes_to_target"], 7);
+    // The connection's decision, before any byte moved.
+    assert_eq!(events[1]["type"], "request");
+    assert_eq!(events[1]["class"], "connect");
+    assert_eq!(events[1]["text"], format!("connect {TARGET_V4}:7000"));
+    assert_eq!(events[1]["verdict"], "allow");
+    assert_eq!(
+        events[1]["rules"],
+        serde_json::json!(["target:echo:default"])
+    );
+    assert_eq!(events[2]["type"], "close");
+    assert_eq!(events[2]["outcome"]["kind"], "closed");
+    assert_eq!(events[2]["bytes_to_target"], 7);
+    assert_eq!(events.len(), 3, "{events:?}");
 
     // The human forms work too.
     let out = topo.output(
@@ -137,6 +142,7 @@ fn sessions_carry_their_events_and_filters_select_them() {
 fn export_round_trips_as_json_lines_with_the_daemon_running_and_stopped() {
     require_root();
     let topo = Topology::new(ECHO);
+    topo.allow_opaque_tcp();
     let _echo = topo.echo_server(Side::Target, format!("{TARGET_V4}:7000").parse().unwrap());
     let mut daemon = topo.start_daemon(&[]);
     for _ in 0..3 {
@@ -159,7 +165,11 @@ fn export_round_trips_as_json_lines_with_the_daemon_running_and_stopped() {
             .collect()
     };
     let all = export(&["--since", "1h"]);
-    assert_eq!(all.len(), 6, "connect and close for each session");
+    assert_eq!(
+        all.len(),
+        9,
+        "connect, the connection's decision and close for each session"
+    );
     assert!(all.iter().all(|e| e["v"] == 1
         && e["session"].is_u64()
         && e["at_us"].is_u64()
@@ -185,13 +195,14 @@ fn export_round_trips_as_json_lines_with_the_daemon_running_and_stopped() {
         stopped, running,
         "the store read directly gives the same lines"
     );
-    assert_eq!(export(&["--since", "1h"]).len(), 6);
+    assert_eq!(export(&["--since", "1h"]).len(), 9);
 }
 
 #[test]
 fn tail_follows_new_events() {
     require_root();
     let topo = Topology::new(ECHO);
+    topo.allow_opaque_tcp();
     let _echo = topo.echo_server(Side::Target, format!("{TARGET_V4}:7000").parse().unwrap());
     let _daemon = topo.start_daemon(&[]);
     let mut tail = topo.spawn(
@@ -203,7 +214,7 @@ fn tail_follows_new_events() {
     std::thread::sleep(Duration::from_millis(300));
     let client = governed_connect(&topo, &format!("{TARGET_V4}:7000"), None);
     let mut seen = Vec::new();
-    while seen.len() < 2 {
+    while seen.len() < 3 {
         let line = tail
             .line(Duration::from_secs(5))
             .unwrap_or_else(|| panic!("tail printed {seen:?}; stderr {}", tail.stderr()));
@@ -212,8 +223,12 @@ fn tail_follows_new_events() {
     }
     assert_eq!(seen[0]["type"], "connect");
     assert_eq!(seen[0]["pid"], client["pid"]);
-    assert_eq!(seen[1]["type"], "close");
-    assert_eq!(seen[0]["session"], seen[1]["session"]);
+    assert_eq!(seen[1]["type"], "request");
+    assert_eq!(seen[2]["type"], "close");
+    assert!(
+        seen.iter().all(|e| e["session"] == seen[0]["session"]),
+        "{seen:?}"
+    );
 }
 
 #[test]
@@ -273,6 +288,7 @@ fn the_control_socket_admits_admins_outside_the_governed_cgroup_only() {
 fn events_older_than_the_flush_interval_survive_kill_9() {
     require_root();
     let topo = Topology::new(ECHO);
+    topo.allow_opaque_tcp();
     let _echo = topo.echo_server(Side::Target, format!("{TARGET_V4}:7000").parse().unwrap());
     let mut daemon = topo.start_daemon(&[]);
     for _ in 0..10 {
@@ -291,7 +307,8 @@ fn events_older_than_the_flush_interval_survive_kill_9() {
         Side::Host,
         topo.bulkhead(&["sessions", "export", "--since", "1h"]),
     );
-    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 20);
+    // Connect, the connection's decision and close, for each of the ten.
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 30);
 }
 
 #[test]
@@ -300,6 +317,7 @@ fn retention_prunes_oldest_sessions_by_size_and_by_age() {
     let by_size = Topology::new(&format!(
         "[store]\nmax_size = \"6KiB\"\nmax_age = \"\"\nprune_interval = \"200ms\"\n{ECHO}"
     ));
+    by_size.allow_opaque_tcp();
     let _echo = by_size.echo_server(Side::Target, format!("{TARGET_V4}:7000").parse().unwrap());
     let _daemon = by_size.start_daemon(&[]);
     let mut pids = Vec::new();
@@ -329,6 +347,7 @@ fn retention_prunes_oldest_sessions_by_size_and_by_age() {
     let by_age = Topology::new(&format!(
         "[store]\nmax_age = \"1s\"\nprune_interval = \"200ms\"\n{ECHO}"
     ));
+    by_age.allow_opaque_tcp();
     let _echo = by_age.echo_server(Side::Target, format!("{TARGET_V4}:7000").parse().unwrap());
     let _daemon = by_age.start_daemon(&[]);
     governed_connect(&by_age, &format!("{TARGET_V4}:7000"), None);
@@ -368,7 +387,7 @@ fn terminal_sessions_export_as_asciicast_that_asciinema_plays() {
                 client: bulkhead::net::ClientAddr("127.0.0.1:40000".parse().unwrap()),
                 destination: bulkhead::net::OrigDstAddr("10.201.0.2:22".parse().unwrap()),
                 target: Some("bastion".into()),
-                protocol: bulkhead::config::Protocol::Ssh,
+                protocol: bulkhead::protocol::Protocol::Ssh,
                 identity: bulkhead::identity::ProcessIdentity::default(),
             })
             .unwrap();
@@ -472,7 +491,7 @@ fn terminal_sessions_export_as_asciicast_that_asciinema_plays() {
                 client: bulkhead::net::ClientAddr("127.0.0.1:40001".parse().unwrap()),
                 destination: bulkhead::net::OrigDstAddr("10.201.0.2:5432".parse().unwrap()),
                 target: None,
-                protocol: bulkhead::config::Protocol::Tcp,
+                protocol: bulkhead::protocol::Protocol::Tcp,
                 identity: bulkhead::identity::ProcessIdentity::default(),
             })
             .unwrap();
@@ -494,4 +513,55 @@ fn terminal_sessions_export_as_asciicast_that_asciinema_plays() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--format jsonl"));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The next `n` JSON events a follower prints.
+fn next_events(tail: &mut bulkhead_tests::Proc, n: usize) -> Vec<Value> {
+    (0..n)
+        .map(|_| {
+            let line = tail
+                .line(Duration::from_secs(10))
+                .unwrap_or_else(|| panic!("tail printed nothing more; stderr {}", tail.stderr()));
+            serde_json::from_str(&line).unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn tail_shows_the_history_since_and_follows_across_a_daemon_restart() {
+    require_root();
+    let topo = Topology::new(ECHO);
+    topo.allow_opaque_tcp();
+    let _echo = topo.echo_server(Side::Target, format!("{TARGET_V4}:7000").parse().unwrap());
+    let mut daemon = topo.start_daemon(&[]);
+    let before = governed_connect(&topo, &format!("{TARGET_V4}:7000"), None);
+    wait_closed_sessions(&topo, 1);
+
+    // --since: the recorded session first.
+    let mut tail = topo.spawn(
+        Side::Host,
+        "tail",
+        topo.bulkhead(&["sessions", "tail", "--since", "10m", "--json"]),
+    );
+    let history = next_events(&mut tail, 3);
+    assert_eq!(history[0]["type"], "connect", "{history:?}");
+    assert_eq!(history[0]["pid"], before["pid"]);
+    assert_eq!(history[2]["type"], "close");
+
+    // The daemon restarts: the tail says so, waits, and goes on with the new daemon's events.
+    daemon.terminate();
+    let mut daemon = topo.start_daemon(&[]);
+    let after = governed_connect(&topo, &format!("{TARGET_V4}:7000"), None);
+    let mut events = next_events(&mut tail, 3);
+    // Sessions the restart marked interrupted are none here; only the new session's events.
+    events.retain(|e| e["session"] != history[0]["session"]);
+    assert_eq!(events.len(), 3, "an event was shown twice: {events:?}");
+    assert_eq!(events[0]["type"], "connect");
+    assert_eq!(events[0]["pid"], after["pid"]);
+    assert!(
+        tail.stderr().contains("the daemon went away") && tail.stderr().contains("reconnected"),
+        "{}",
+        tail.stderr()
+    );
+    daemon.terminate();
 }

@@ -252,7 +252,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::{approval::ApprovalIdentity, config::Protocol, record::SessionId};
+    use crate::{approval::ApprovalIdentity, protocol::Protocol, record::SessionId};
 
     fn config(per_identity: usize, total: usize) -> ApprovalsConfig {
         ApprovalsConfig {

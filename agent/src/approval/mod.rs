@@ -12,7 +12,6 @@
 //! that `approvals watch` streams.
 
 mod book;
-pub mod control;
 
 use std::{
     fmt,
@@ -29,8 +28,9 @@ use tracing::{error, info, warn};
 
 use self::book::{Admission, Book, Grant, Held};
 use crate::{
-    config::{ApprovalsConfig, Protocol, MAX_APPROVAL_WAIT},
+    config::{ApprovalsConfig, MAX_APPROVAL_WAIT},
     identity::ProcessIdentity,
+    protocol::Protocol,
     record::{bounded, now_micros, EventKind, SessionId, SessionStore, StoreError},
 };
 

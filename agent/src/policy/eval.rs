@@ -8,7 +8,7 @@ use super::{
     Mode, ObjectPattern, PolicySet, Request, RequestMatch, Rule, SqlClass, SqlMatch, SshMatch,
     TargetMatch, TargetRef, TargetSettings, Verdict,
 };
-use crate::{config::Protocol, identity::ProcessIdentity};
+use crate::{identity::ProcessIdentity, protocol::Protocol};
 
 /// Whether a rule must cover the whole request (allow) or only touch it (deny, approve, mask).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

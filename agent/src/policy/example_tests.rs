@@ -9,7 +9,7 @@ use super::{
     tests::{agent, sql},
     Action, Basis, Masker, PolicyHandle, PolicySet, Request, TargetRef, Verdict,
 };
-use crate::{config::Protocol, identity::ProcessIdentity};
+use crate::{identity::ProcessIdentity, protocol::Protocol};
 
 fn examples_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../policies")
@@ -60,12 +60,20 @@ fn all_examples_load_together_and_each_is_tested() {
         "http-get-only.toml",
         "kubernetes-read-only.toml",
         "no-ddl.toml",
+        "opaque-tcp.toml",
         "pii-masking.toml",
         "read-only-agent.toml",
         "ssh-safe-commands.toml",
         "writes-need-approval.toml",
     ];
     assert_eq!(names, tested, "a new example needs a test here");
+    // `bulkhead policy init` writes exactly these files, as they are.
+    for (name, text) in super::cli::EXAMPLES {
+        let on_disk = std::fs::read_to_string(examples_dir().join(name)).unwrap();
+        assert_eq!(*text, on_disk, "{name}");
+    }
+    let written: Vec<&str> = super::cli::EXAMPLES.iter().map(|(n, _)| *n).collect();
+    assert_eq!(written, tested, "policy init writes every example");
     // Together: no-ddl applies across targets and beats the approval on orders-db.
     let id = agent();
     let d = set.evaluate(&sql(
@@ -512,4 +520,110 @@ async fn watch_reloads_on_file_change() {
             .verdict,
         Verdict::Allow
     );
+}
+
+fn connect<'a>(id: &'a ProcessIdentity, name: &'a str) -> Request<'a> {
+    Request {
+        target: TargetRef {
+            name,
+            protocol: Protocol::Tcp,
+        },
+        identity: id,
+        action: Action::Connect,
+    }
+}
+
+#[test]
+fn opaque_tcp() {
+    let set = example("opaque-tcp.toml");
+    let id = agent();
+    let d = |name| set.evaluate(&connect(&id, name));
+    let cache = d("artifact-cache");
+    assert_eq!(
+        (cache.verdict, cache.rules.clone()),
+        (
+            Verdict::Allow,
+            vec!["target:artifact-cache:default".to_string()]
+        )
+    );
+    let jump = d("jump-host");
+    assert_eq!(
+        (jump.verdict, jump.rules.clone()),
+        (
+            Verdict::Approve,
+            vec!["jump-host-needs-approval".to_string()]
+        )
+    );
+    assert_eq!(
+        jump.approval_timeout,
+        Some(std::time::Duration::from_mins(10))
+    );
+    // Destinations no target names are judged by their address.
+    assert_eq!(d("10.20.0.5:443").rules, vec!["mirrors-https"]);
+    assert_eq!(d("10.20.0.5:443").verdict, Verdict::Allow);
+    for other in [
+        "10.20.0.5:80",
+        "10.20.1.5:443",
+        "[fd00::5]:443",
+        "build-box",
+    ] {
+        let denied = d(other);
+        assert_eq!(
+            (denied.verdict, denied.basis),
+            (Verdict::Deny, Basis::Default),
+            "{other}"
+        );
+    }
+    // A PostgreSQL target is untouched: its connection passes, its statements are judged.
+    let pg = set.evaluate(&Request {
+        target: TargetRef {
+            name: "orders-db",
+            protocol: Protocol::Postgres,
+        },
+        identity: &id,
+        action: Action::Connect,
+    });
+    assert_eq!(pg.verdict, Verdict::Allow);
+}
+
+#[test]
+fn the_starter_policy_observes_everything_and_a_missing_directory_selects_it() {
+    let set = super::reload::starter_policy();
+    assert_eq!(set.targets.len(), 1, "it parses");
+    let id = agent();
+    for (name, protocol, action) in [
+        ("10.0.0.5:443", Protocol::Tcp, Action::Connect),
+        (
+            "orders-db",
+            Protocol::Postgres,
+            Action::Sql {
+                text: "DELETE FROM orders",
+                prepared: None,
+            },
+        ),
+    ] {
+        let d = set.evaluate(&Request {
+            target: TargetRef { name, protocol },
+            identity: &id,
+            action,
+        });
+        assert_eq!(
+            (d.verdict, d.decided, d.observe_only),
+            (Verdict::Allow, Verdict::Deny, true),
+            "{name}"
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("policies");
+    let handle = PolicyHandle::new(&missing);
+    assert!(handle.start_with_starter_if_missing());
+    assert!(handle.status().starter);
+    assert!(handle.status().lines()[0].contains("STARTER"));
+    // The directory appears: its policies replace the starter.
+    super::cli::init(&missing).unwrap();
+    handle.reload().unwrap();
+    assert!(!handle.status().starter);
+    assert_eq!(handle.current().files.len(), super::cli::EXAMPLES.len());
+    // An existing directory never selects the starter.
+    assert!(!PolicyHandle::new(&missing).start_with_starter_if_missing());
 }

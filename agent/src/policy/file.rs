@@ -18,7 +18,7 @@ use toml::Spanned;
 mod rules;
 
 use super::{matchers::Glob, Origin, PolicySet, Rule, TargetSettings, Verdict};
-use crate::config::Protocol;
+use crate::protocol::Protocol;
 
 /// Largest policy file read.
 const MAX_FILE: u64 = 1024 * 1024;

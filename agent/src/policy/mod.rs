@@ -41,7 +41,7 @@ pub use self::{
     reload::{watch, PolicyHandle, PolicyStatus},
     sql::{classify, Classification, PreparedStatements, SqlCache, SqlClass},
 };
-use crate::{config::Protocol, identity::ProcessIdentity};
+use crate::{identity::ProcessIdentity, protocol::Protocol};
 use matchers::{ArgvPattern, Glob};
 
 /// Where policy files live unless configured otherwise.

@@ -9,8 +9,8 @@ use super::{
     SqlClass, TargetRef, Verdict,
 };
 use crate::{
-    config::Protocol,
     identity::{Ancestor, ProcessIdentity},
+    protocol::Protocol,
 };
 
 /// A policy from one file's text (panics with the errors: test input).

@@ -16,14 +16,10 @@ pub mod tcp;
 
 use std::{
     net::SocketAddr,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc,
-    },
+    sync::{atomic::Ordering, Arc},
     time::Duration,
 };
 
-use serde::{Deserialize, Serialize};
 use tokio::{
     net::{TcpListener, TcpStream},
     sync::watch,
@@ -31,59 +27,14 @@ use tokio::{
 use tracing::{debug, error, info, info_span, warn, Instrument as _};
 
 use self::session::Conn;
+pub use self::session::{Gateway, Stats, StatsSnapshot, UPSTREAM_CONNECT_TIMEOUT};
 use crate::{
-    approval::ApprovalBroker,
-    config::{Config, Protocol, Unmatched},
-    ebpf::OrigDst,
-    identity::{ProcReader, ProcessIdentity},
+    config::Unmatched,
+    identity::ProcessIdentity,
     net::{from_kernel_bytes, ClientAddr, OrigDstAddr},
-    record::{now_micros, NewSession, Outcome, SessionEnd, SessionId, SessionStore},
+    protocol::Protocol,
+    record::{now_micros, NewSession, Outcome, SessionEnd, SessionId},
 };
-
-/// How long the gateway waits for a target to accept.
-pub const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Counters shown by `bulkhead status`.
-#[derive(Debug, Default)]
-pub struct Stats {
-    pub accepted: AtomicU64,
-    pub active: AtomicU64,
-    pub refused: AtomicU64,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StatsSnapshot {
-    pub accepted: u64,
-    pub active: u64,
-    pub refused: u64,
-}
-
-impl Stats {
-    pub fn snapshot(&self) -> StatsSnapshot {
-        StatsSnapshot {
-            accepted: self.accepted.load(Ordering::Relaxed),
-            active: self.active.load(Ordering::Relaxed),
-            refused: self.refused.load(Ordering::Relaxed),
-        }
-    }
-}
-
-/// The services every connection shares.
-pub struct Gateway {
-    pub config: Arc<Config>,
-    pub orig_dst: Arc<dyn OrigDst>,
-    pub store: Arc<dyn SessionStore>,
-    pub proc: ProcReader,
-    pub stats: Arc<Stats>,
-    /// The policy in force; a decision takes a snapshot.
-    pub policy: crate::policy::PolicyHandle,
-    /// The local CA for TLS toward clients; `None` declines client TLS.
-    pub tls: Option<Arc<crate::tls::LocalCa>>,
-    /// Where a request whose verdict is `approve` is held ([`session::Conn::decide`]).
-    pub approvals: Arc<ApprovalBroker>,
-    /// The PostgreSQL gateway's own shared state (cancel keys, catalog caches).
-    pub postgres: postgres::Shared,
-}
 
 /// Accepts until `shutdown` turns true, then returns; running connections keep their tasks.
 pub async fn serve(

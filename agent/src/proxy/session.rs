@@ -8,22 +8,76 @@
 //! record without blocking. A protocol never builds a request event or talks to the approval
 //! broker itself.
 
-use std::sync::Arc;
+use std::{
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
+use serde::{Deserialize, Serialize};
 use tracing::warn;
 
-use super::Gateway;
+use super::postgres;
 use crate::{
-    approval::{ApprovalIdentity, ApprovalRequest},
-    config::{unmatched_name, Protocol, ResolvedTarget},
-    identity::ProcessIdentity,
+    approval::{ApprovalBroker, ApprovalIdentity, ApprovalRequest},
+    config::{unmatched_name, Config, ResolvedTarget},
+    ebpf::OrigDst,
+    identity::{ProcReader, ProcessIdentity},
     net::{ClientAddr, OrigDstAddr},
     policy::{self, Action, Basis, Decision, PolicySet, Verdict},
-    record::{EventKind, RecordedVerdict, SessionId},
+    protocol::Protocol,
+    record::{EventKind, RecordedVerdict, SessionId, SessionStore},
 };
 
 /// The class recorded for a connection's own decision.
 pub const CONNECT_CLASS: &str = "connect";
+
+/// How long the gateway waits for a target to accept.
+pub const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Counters shown by `bulkhead status`.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub accepted: AtomicU64,
+    pub active: AtomicU64,
+    pub refused: AtomicU64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatsSnapshot {
+    pub accepted: u64,
+    pub active: u64,
+    pub refused: u64,
+}
+
+impl Stats {
+    pub fn snapshot(&self) -> StatsSnapshot {
+        StatsSnapshot {
+            accepted: self.accepted.load(Ordering::Relaxed),
+            active: self.active.load(Ordering::Relaxed),
+            refused: self.refused.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// The services every connection shares.
+pub struct Gateway {
+    pub config: Arc<Config>,
+    pub orig_dst: Arc<dyn OrigDst>,
+    pub store: Arc<dyn SessionStore>,
+    pub proc: ProcReader,
+    pub stats: Arc<Stats>,
+    /// The policy in force; a decision takes a snapshot.
+    pub policy: crate::policy::PolicyHandle,
+    /// The local CA for TLS toward clients; `None` declines client TLS.
+    pub tls: Option<Arc<crate::tls::LocalCa>>,
+    /// Where a request whose verdict is `approve` is held ([`session::Conn::decide`]).
+    pub approvals: Arc<ApprovalBroker>,
+    /// The PostgreSQL gateway's own shared state (cancel keys, catalog caches).
+    pub postgres: postgres::Shared,
+}
 
 /// One identified connection with its session open: everything a protocol needs.
 pub struct Conn<'g> {

@@ -12,7 +12,7 @@ use tokio::{
     net::TcpStream,
 };
 
-use super::{session::Conn, UPSTREAM_CONNECT_TIMEOUT};
+use super::session::{Conn, UPSTREAM_CONNECT_TIMEOUT};
 use crate::{
     net::OrigDstAddr,
     record::{now_micros, Outcome, SessionEnd},

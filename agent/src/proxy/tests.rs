@@ -1,16 +1,17 @@
 //! The session pipeline, driven in process with a mock kernel record: connections are decided
 //! before a byte reaches the target, recorded, refused, held and relayed.
 
-use std::path::Path;
+use std::{path::Path, sync::atomic::AtomicU64};
 
 use super::*;
 use crate::{
-    approval::Approver,
-    config::Source,
-    ebpf::MockOrigDst,
+    approval::{ApprovalBroker, Approver},
+    config::{Config, Source},
+    ebpf::{MockOrigDst, OrigDst},
+    identity::ProcReader,
     net::to_kernel_bytes,
     policy::{self, PolicyHandle},
-    record::{EventKind, ListFilter, RecordedVerdict, Session, SledStore},
+    record::{EventKind, ListFilter, RecordedVerdict, Session, SessionStore, SledStore},
 };
 use bulkhead_common::ConnectRecord;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -468,6 +469,7 @@ async fn policy_test_connect_and_the_live_gateway_agree_on_every_example_policy(
         ("internal-api", "tcp"),
         ("prod-cluster", "tcp"),
         ("artifact-cache", "tcp"),
+        ("jump-host", "tcp"),
     ];
     let mut config = String::new();
     let mut destinations = Vec::new();

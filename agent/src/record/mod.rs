@@ -12,9 +12,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    config::Protocol,
     identity::ProcessIdentity,
     net::{ClientAddr, OrigDstAddr},
+    protocol::Protocol,
 };
 
 pub use self::sled::SledStore;

@@ -691,9 +691,9 @@ impl Drop for SledStore {
 mod tests {
     use super::*;
     use crate::{
-        config::Protocol,
         identity::ProcessIdentity,
         net::{ClientAddr, OrigDstAddr},
+        protocol::Protocol,
         record::MAX_EVENT_TEXT,
     };
 

@@ -27,6 +27,8 @@ fn main() {
     // Loopback destinations are not captured by default; port 9000 on the governed side's
     // loopback is the "same listener, not captured" case.
     let topo = Topology::new("");
+    // The relay's cost, not the policy's refusal: let opaque TCP through.
+    topo.allow_opaque_tcp();
     let _local_sink = topo.echo_server_sink(Side::Host, "127.0.0.1:9000");
     let _target_sink = topo.echo_server_sink(Side::Target, &format!("{TARGET_V4}:9000"));
     let _daemon = topo.start_daemon(&[]);

@@ -5,9 +5,9 @@
 use std::time::{Duration, Instant};
 
 use bulkhead::{
-    config::Protocol,
     identity::ProcessIdentity,
     net::{ClientAddr, OrigDstAddr},
+    protocol::Protocol,
     record::{
         EventKind, ListFilter, NewSession, Outcome, RecordedVerdict, SessionEnd, SessionStore as _,
         SledStore,

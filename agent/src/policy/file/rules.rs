@@ -6,7 +6,6 @@ use toml::Spanned;
 
 use super::{Ctx, RawMask, RawRule, RawSql, RawTarget};
 use crate::{
-    config::Protocol,
     policy::{
         mask::{ColumnPattern, Detector, MaskRule, MaskStyle},
         matchers::{ArgvPattern, Glob},
@@ -14,6 +13,7 @@ use crate::{
         SqlClass, SqlMatch, SshMatch, TargetMatch, TargetSettings, Verdict,
         DEFAULT_APPROVAL_TIMEOUT,
     },
+    protocol::Protocol,
 };
 
 impl Ctx<'_> {

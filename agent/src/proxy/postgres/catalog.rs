@@ -20,11 +20,12 @@ use std::{
 
 use tokio::io::AsyncWriteExt as _;
 
+use super::settings::PostgresTarget;
 use super::{
     codec::{self, CodecError},
     upstream::{self, UpstreamError},
 };
-use crate::{config::PostgresTarget, net::OrigDstAddr};
+use crate::net::OrigDstAddr;
 
 /// How long a table's columns are trusted without asking again (DDL made outside the
 /// gateway is seen after at most this long).

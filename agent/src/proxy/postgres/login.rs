@@ -13,16 +13,16 @@ use super::{
     cancel::{self, CancelKey},
     catalog,
     codec::{self, FrameReader, Startup, StartupPacket},
-    ended, relay, send_fatal, startup, upstream, Stream,
+    ended, relay, send_fatal,
+    settings::PostgresTarget,
+    startup, upstream, Stream,
 };
 use crate::{
-    config::{CredentialRef, Target},
+    config::Target,
+    credentials::CredentialRef,
     net::OrigDstAddr,
     policy::{self, Action},
-    proxy::{
-        session::{Ask, Conn},
-        Gateway,
-    },
+    proxy::session::{Ask, Conn, Gateway},
     record::{EventKind, Outcome, SessionEnd},
 };
 
@@ -168,13 +168,21 @@ pub struct LoggedIn {
 pub async fn log_in(
     conn: &Conn<'_>,
     target: &Target,
+    pg: &PostgresTarget,
     started: Started,
 ) -> Result<LoggedIn, SessionEnd> {
     // From here on each direction has its own half; the reader keeps what it buffered.
     let (client, to_client) = started.reader.map_io(tokio::io::split);
     let mut to_client = BufWriter::with_capacity(relay::WRITE_BUFFER, to_client);
-    let (upstream, login) =
-        upstream_login(conn, target, &started.startup, started.tls, &mut to_client).await?;
+    let (upstream, login) = upstream_login(
+        conn,
+        target,
+        pg,
+        &started.startup,
+        started.tls,
+        &mut to_client,
+    )
+    .await?;
     let (cancel_key, greeted) = greet(
         conn,
         &mut to_client,
@@ -197,6 +205,7 @@ pub async fn log_in(
 async fn upstream_login<W: AsyncWrite + Unpin>(
     conn: &Conn<'_>,
     target: &Target,
+    pg: &PostgresTarget,
     startup: &Startup,
     tls: bool,
     cwriter: &mut W,
@@ -205,11 +214,7 @@ async fn upstream_login<W: AsyncWrite + Unpin>(
     let end = |up: u64, down: u64, outcome: Outcome| Err(ended(up, down, outcome));
     let client_user = startup.get("user").unwrap_or("").to_string();
     let client_db = startup.get("database").unwrap_or(&client_user).to_string();
-    let pg = target.postgres.clone().unwrap_or_default();
-    let record = |kind: EventKind| {
-        conn.record(kind);
-    };
-    record(EventKind::Auth {
+    conn.record(EventKind::Auth {
         side: "client".into(),
         user: Some(client_user.clone()),
         method: format!(
@@ -229,19 +234,23 @@ async fn upstream_login<W: AsyncWrite + Unpin>(
 
     // Whom to log in as upstream: the target's `postgres.map`, else its defaults. A client the
     // map does not cover is refused (fail closed).
-    let Some(login) = target.postgres_login(&client_user, &client_db) else {
+    let Some(login) = pg.login(target.credentials.as_ref(), &client_user, &client_db) else {
         let message = format!(
             "no upstream login is mapped for user \"{client_user}\" and database \"{client_db}\" on target {}",
             target.name
         );
-        record(EventKind::Error {
+        conn.record(EventKind::Error {
             message: message.clone(),
         });
         send_fatal(cwriter, "28000", &format!("bulkhead: {message}")).await;
         return end(0, 0, Outcome::Refused { reason: message });
     };
     let (user, database) = (login.user.clone(), login.database.clone());
-    let password = match read_credential(login.credentials) {
+    let password = match login
+        .credentials
+        .map(CredentialRef::read_secret)
+        .transpose()
+    {
         Ok(p) => p,
         Err(e) => {
             warn!(error = %e, "cannot read the target's credentials");
@@ -257,7 +266,7 @@ async fn upstream_login<W: AsyncWrite + Unpin>(
     let extra: Vec<(String, String)> = startup.params.clone();
     let up = match upstream::login(
         destination,
-        &pg,
+        pg,
         &user,
         &database,
         &extra,
@@ -267,7 +276,7 @@ async fn upstream_login<W: AsyncWrite + Unpin>(
     {
         Ok(u) => u,
         Err(e) => {
-            record(EventKind::Auth {
+            conn.record(EventKind::Auth {
                 side: "upstream".into(),
                 user: Some(format!("{user}@{database}")),
                 method: login_method("login", login.mapping),
@@ -283,7 +292,7 @@ async fn upstream_login<W: AsyncWrite + Unpin>(
             );
         }
     };
-    record(EventKind::Auth {
+    conn.record(EventKind::Auth {
         side: "upstream".into(),
         user: Some(format!("{user}@{database}")),
         method: login_method(
@@ -385,18 +394,5 @@ fn login_method(method: &str, mapping: Option<usize>) -> String {
     match mapping {
         Some(i) => format!("{method}, postgres.map[{i}]"),
         None => method.to_string(),
-    }
-}
-
-/// The held password: the first line of the credentials file, or the environment variable.
-fn read_credential(cred: Option<&CredentialRef>) -> Result<Option<String>, String> {
-    match cred {
-        None => Ok(None),
-        Some(CredentialRef::File(path)) => std::fs::read_to_string(path)
-            .map(|s| Some(s.lines().next().unwrap_or("").to_string()))
-            .map_err(|e| format!("{}: {e}", path.display())),
-        Some(CredentialRef::Env(name)) => std::env::var(name)
-            .map(Some)
-            .map_err(|_| format!("environment variable {name} is not set")),
     }
 }

@@ -26,6 +26,7 @@ mod columns;
 mod copy_out;
 mod login;
 mod relay;
+pub mod settings;
 mod startup;
 mod state;
 mod upstream;
@@ -39,7 +40,10 @@ use tokio::{
 
 use self::codec::CodecError;
 use super::session::Conn;
-use crate::record::{now_micros, Outcome, SessionEnd};
+use crate::{
+    config::TargetKind,
+    record::{now_micros, Outcome, SessionEnd},
+};
 
 /// The PostgreSQL gateway's state shared by all its sessions.
 #[derive(Default)]
@@ -109,11 +113,20 @@ pub async fn serve(conn: &Conn<'_>, client: TcpStream) -> SessionEnd {
             },
         );
     };
+    let TargetKind::Postgres(pg) = &target.kind else {
+        return ended(
+            0,
+            0,
+            Outcome::Failed {
+                error: "not a PostgreSQL target".into(),
+            },
+        );
+    };
     let started = match login::start(conn, client).await {
         Ok(s) => s,
         Err(end) => return end,
     };
-    let session = match login::log_in(conn, target, started).await {
+    let session = match login::log_in(conn, target, pg, started).await {
         Ok(s) => s,
         Err(end) => return end,
     };

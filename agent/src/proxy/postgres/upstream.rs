@@ -20,8 +20,8 @@ use super::{
     Stream,
 };
 use crate::{
-    config::{PostgresTarget, UpstreamTls},
     net::OrigDstAddr,
+    proxy::postgres::settings::{PostgresTarget, UpstreamTls},
 };
 
 #[derive(Debug, thiserror::Error)]

@@ -8,10 +8,9 @@ use super::{
     *,
 };
 use crate::{
-    config::PostgresTarget,
     net::OrigDstAddr,
     policy::{mask::Detector, MaskRule, MaskStyle, Masker},
-    proxy::postgres::{catalog, state::Front},
+    proxy::postgres::{catalog, settings::PostgresTarget, state::Front},
     record::SledStore,
 };
 

@@ -28,7 +28,7 @@ use crate::{
             codec::{self, FieldDescription},
             state::{Front, Masks},
         },
-        Gateway,
+        session::Gateway,
     },
 };
 

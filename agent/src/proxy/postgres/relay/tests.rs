@@ -93,7 +93,7 @@ fn conn(gw: &Gateway) -> Conn<'_> {
 fn login() -> catalog::Login {
     catalog::Login {
         addr: destination(),
-        pg: crate::config::PostgresTarget::default(),
+        pg: super::super::settings::PostgresTarget::default(),
         user: "app".into(),
         database: "app".into(),
         password: None,

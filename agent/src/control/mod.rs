@@ -6,7 +6,9 @@
 //!
 //! One request line, then one `ok`/`error` line — or, for `sessions_export` and
 //! `sessions_tail`, any number of `event` lines (then `end` for an export), and for
-//! `approvals_watch` one `ok` line per notice (`crate::approval::control`).
+//! `approvals_watch` one `ok` line per notice (`approvals.rs`).
+
+pub mod approvals;
 
 use std::{
     io,
@@ -24,7 +26,7 @@ use tokio::{
 use tracing::{debug, warn};
 
 use crate::{
-    approval::{self, ApprovalBroker, Approver},
+    approval::{ApprovalBroker, Approver},
     cgroup,
     policy::PolicyHandle,
     proxy::{Stats, StatsSnapshot},
@@ -33,8 +35,6 @@ use crate::{
     },
 };
 
-/// The default group whose members may use the control socket besides root.
-pub const ADMIN_GROUP: &str = "bulkhead";
 /// Longest request line accepted.
 const MAX_REQUEST: u64 = 64 * 1024;
 
@@ -55,7 +55,7 @@ pub enum Request {
     SessionsTail {
         filter: ListFilter,
     },
-    // Approvals (`crate::approval::control`): the approver is the peer, never a field here.
+    // Approvals (`approvals.rs`): the approver is the peer, never a field here.
     ApprovalsList,
     ApprovalsApprove {
         id: u64,
@@ -398,13 +398,13 @@ async fn connection(
         match req {
             Request::SessionsExport { selection } => export(state, selection, &mut w).await?,
             Request::SessionsTail { filter } => {
-                return tail(state, &filter, &mut w, &mut shutdown).await
+                return tail(&state, &filter, &mut w, &mut shutdown).await
             }
             Request::ApprovalsWatch => {
-                return approval::control::watch(&state.approvals, &mut w, &mut shutdown).await
+                return approvals::watch(&state.approvals, &mut w, &mut shutdown).await
             }
             other => {
-                let response = approval::control::answer(&state.approvals, &other, &approver)
+                let response = approvals::answer(&state.approvals, &other, &approver)
                     .unwrap_or_else(|| state.answer(&other));
                 write_response(&mut w, &response).await?;
             }
@@ -440,13 +440,61 @@ async fn export(
     reader.await.map_err(io::Error::other)
 }
 
-/// Follows new events until the client hangs up or the daemon stops.
+/// Which events a tail wants: those of sessions its filter matches (each session looked up
+/// once), and with `--verdict denied` only the denials.
+struct TailFilter {
+    /// The filter on sessions, without its time and verdict parts.
+    sessions: ListFilter,
+    denied_only: bool,
+    seen: std::collections::HashMap<SessionId, bool>,
+}
+
+impl TailFilter {
+    fn new(filter: &ListFilter) -> Self {
+        Self {
+            sessions: ListFilter {
+                denied: false,
+                since_us: None,
+                ..filter.clone()
+            },
+            denied_only: filter.denied,
+            seen: std::collections::HashMap::new(),
+        }
+    }
+
+    fn wants(&mut self, store: &dyn SessionStore, event: &Event) -> bool {
+        if self.seen.len() > 100_000 {
+            self.seen.clear();
+        }
+        let sessions = &self.sessions;
+        let wanted = *self.seen.entry(event.session).or_insert_with(|| {
+            store
+                .get(event.session)
+                .ok()
+                .flatten()
+                .is_some_and(|s| sessions.matches(&s))
+        });
+        wanted
+            && (!self.denied_only
+                || matches!(
+                    &event.kind,
+                    crate::record::EventKind::Request {
+                        verdict: crate::record::RecordedVerdict::Deny,
+                        ..
+                    }
+                ))
+    }
+}
+
+/// Follows events until the client hangs up or the daemon stops: first the recorded ones
+/// since `filter.since_us` (if given), then new ones as they are recorded, none twice.
 async fn tail(
-    state: &ControlState,
+    state: &Arc<ControlState>,
     filter: &ListFilter,
     w: &mut OwnedWriteHalf,
     shutdown: &mut watch::Receiver<bool>,
 ) -> io::Result<()> {
+    // Subscribe before reading the history, so nothing falls between the two.
     let mut events = state.store().subscribe();
     write_response(
         w,
@@ -455,47 +503,40 @@ async fn tail(
         },
     )
     .await?;
-    // Filters apply to the session an event belongs to; look each session up once.
-    let mut verdicts: std::collections::HashMap<SessionId, bool> = std::collections::HashMap::new();
+    let mut wanted = TailFilter::new(filter);
+    let mut last_id = 0;
+    if let Some(since_us) = filter.since_us {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Event>(256);
+        let st = Arc::clone(state);
+        let reader = tokio::task::spawn_blocking(move || {
+            let selection = Selection::Range {
+                since_us: Some(since_us),
+                until_us: None,
+            };
+            query::export(st.store(), &selection, |event| {
+                tx.blocking_send(event).is_ok()
+            })
+        });
+        while let Some(event) = rx.recv().await {
+            last_id = last_id.max(event.id);
+            if wanted.wants(state.store(), &event) {
+                write_response(w, &Response::Event { event }).await?;
+            }
+        }
+        if let Ok(Err(e)) = reader.await {
+            let message = format!("history not complete: {e}");
+            write_response(w, &Response::Error { message }).await?;
+        }
+    }
     loop {
         let event = tokio::select! {
             e = events.recv() => e,
             _ = shutdown.changed() => return write_response(w, &Response::End).await,
         };
         match event {
+            Ok(event) if event.id <= last_id => {}
             Ok(event) => {
-                let wanted = match verdicts.get(&event.session) {
-                    Some(w) => *w,
-                    None => {
-                        let w = state
-                            .store()
-                            .get(event.session)
-                            .ok()
-                            .flatten()
-                            .is_some_and(|s| {
-                                ListFilter {
-                                    denied: false,
-                                    since_us: None,
-                                    ..filter.clone()
-                                }
-                                .matches(&s)
-                            });
-                        if verdicts.len() > 100_000 {
-                            verdicts.clear();
-                        }
-                        verdicts.insert(event.session, w);
-                        w
-                    }
-                };
-                let denied_ok = !filter.denied
-                    || matches!(
-                        &event.kind,
-                        crate::record::EventKind::Request {
-                            verdict: crate::record::RecordedVerdict::Deny,
-                            ..
-                        }
-                    );
-                if wanted && denied_ok {
+                if wanted.wants(state.store(), &event) {
                     write_response(w, &Response::Event { event }).await?;
                 }
             }

@@ -12,8 +12,8 @@ use tokio::{
     sync::{broadcast, watch},
 };
 
-use super::{ApprovalBroker, Approver, Notice};
-use crate::control::{Request, Response};
+use super::{Request, Response};
+use crate::approval::{ApprovalBroker, Approver, Notice};
 
 /// Answers an approvals request from `approver`; `None` when `req` is not one (or is
 /// `approvals_watch`, which streams: see [`watch`]).
@@ -116,8 +116,9 @@ pub(crate) mod tests {
     use super::*;
     use crate::{
         approval::{ApprovalIdentity, ApprovalOutcome, ApprovalRequest},
-        config::{Config, Protocol},
+        config::Config,
         control::{ControlState, DaemonInfo},
+        protocol::Protocol,
         proxy::StatsSnapshot,
         record::{EventKind, Retention, SessionId, SessionStore, SledStore},
     };
