@@ -1,9 +1,11 @@
 //! The `bulkhead` command line.
 
 pub mod approvals;
+mod help;
 mod run;
 pub mod sessions;
 
+pub use help::{command, leaf_commands, parse};
 pub use run::run;
 
 pub use sessions::SessionsCommand;
@@ -44,9 +46,6 @@ pub enum Command {
     },
     /// Run a command governed: inside the governed cgroup, as the invoking user under sudo
     /// (or --user), with that user's HOME, USER, LOGNAME and SHELL
-    #[command(
-        after_help = "Examples:\n  sudo bulkhead run -- claude\n  sudo bulkhead run --user alice -- psql -h 10.20.0.5 orders"
-    )]
     Run {
         /// Run as this user (name or uid) instead of the sudo caller
         #[arg(long, value_name = "NAME")]
@@ -240,6 +239,34 @@ pub fn status(config: &Config, json: bool) -> Result<(), CliError> {
                 "connections: {} active, {} accepted, {} refused since start",
                 d.connections.active, d.connections.accepted, d.connections.refused
             );
+            for (i, t) in d.targets.iter().enumerate() {
+                println!(
+                    "{}{} ({}) {}",
+                    if i == 0 {
+                        "targets:     "
+                    } else {
+                        "             "
+                    },
+                    t.name,
+                    t.protocol,
+                    t.addresses.join(", ")
+                );
+            }
+            if d.targets.is_empty() {
+                println!(
+                    "targets:     none configured (every destination is judged by its address)"
+                );
+            }
+            if d.config_changed {
+                println!(
+                    "config:      CHANGED since the daemon started ({}): targets, listeners and \
+                     capture rules apply after a restart; policies reload by themselves",
+                    d.config
+                );
+            }
+            for w in &d.warnings {
+                println!("warning:     {w}");
+            }
         }
         None => println!("daemon:      not running"),
     }

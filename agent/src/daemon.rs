@@ -12,8 +12,8 @@ use tracing::{error, info, warn};
 use crate::{
     approval::ApprovalBroker,
     cgroup,
-    config::Config,
-    control::{self, ControlState, DaemonInfo},
+    config::{Config, Source},
+    control::{self, ControlState, DaemonInfo, TargetInfo},
     ebpf::{rules::CaptureRules, Mode, Redirector},
     exclusive::{lock_dir, LockError},
     identity::ProcReader,
@@ -156,8 +156,12 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         "governing connections"
     );
 
+    let startup_problems = config.startup_problems();
+    for problem in &startup_problems {
+        warn!("{problem}");
+    }
     let policy = crate::policy::PolicyHandle::new(&config.daemon.policy_dir);
-    let embedded = matches!(config.source, crate::config::Source::Embedded);
+    let embedded = matches!(config.source, Source::Embedded);
     if embedded && policy.start_with_starter_if_missing() {
         warn!(
             dir = %config.daemon.policy_dir.display(),
@@ -223,6 +227,21 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             },
             listeners: listener_names,
             connections: StatsSnapshot::default(),
+            targets: config
+                .targets
+                .iter()
+                .map(|t| TargetInfo {
+                    name: t.name.clone(),
+                    protocol: t.protocol(),
+                    addresses: t.addresses.iter().map(ToString::to_string).collect(),
+                })
+                .collect(),
+            warnings: startup_problems,
+            config_changed: false,
+        },
+        config_file: match &config.source {
+            Source::File(path) => Some((path.clone(), crate::config::file_digest(path))),
+            Source::Embedded => None,
         },
         governed_cgroup: governed.clone(),
         cgroup_mount: mount,

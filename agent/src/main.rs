@@ -4,13 +4,12 @@ use bulkhead::{
     cli::{self, Cli, Command},
     config::Config,
 };
-use clap::Parser as _;
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    let args = Cli::parse();
+    let args = cli::parse();
     if !matches!(args.command, Command::Daemon { .. }) {
         // A reader that stops early (`bulkhead sessions list | head`) ends a CLI command
         // quietly, as it ends other Unix tools, instead of a panic on a failed print. The daemon

@@ -174,3 +174,60 @@ fn run_gives_the_tool_its_users_environment_and_says_when_it_cannot_start_it() {
     let out = run_governed(&topo, &["--", "/no/such/command"], Some("65534"));
     assert_eq!(out.status.code(), Some(127), "{out:?}");
 }
+
+#[test]
+fn status_lists_targets_startup_problems_and_a_changed_configuration() {
+    bulkhead_tests::require_root();
+    let topo = bulkhead_tests::Topology::new(
+        "[[target]]\nname = \"echo\"\naddresses = [\"10.201.0.2:7000\", \"10.201.0.0/24\"]\n\
+         [[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddresses = [\"10.201.0.2:5432\"]\n\
+         credentials = { file = \"/nonexistent/bulkhead-test-credentials\" }\n",
+    );
+    let _daemon = topo.start_daemon(&[]);
+    let status = topo.run_cli(&["status", "--json"]).unwrap();
+    let daemon = &status["daemon"];
+    assert_eq!(daemon["targets"][0]["name"], "echo", "{status}");
+    assert_eq!(daemon["targets"][0]["protocol"], "tcp");
+    assert_eq!(daemon["targets"][0]["addresses"][1], "10.201.0.0/24");
+    assert_eq!(daemon["targets"][1]["protocol"], "postgres");
+    let warnings = daemon["warnings"].to_string();
+    assert!(
+        warnings.contains("target db: credentials unreadable"),
+        "{warnings}"
+    );
+    assert_eq!(daemon["config_changed"], false);
+
+    let mut text = std::fs::read_to_string(&topo.config_path).unwrap();
+    text.push_str("# an admin's edit\n");
+    std::fs::write(&topo.config_path, text).unwrap();
+    let status = topo.run_cli(&["status", "--json"]).unwrap();
+    assert_eq!(status["daemon"]["config_changed"], true, "{status}");
+    let out = topo.output(bulkhead_tests::Side::Host, topo.bulkhead(&["status"]));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("CHANGED since the daemon started"), "{text}");
+    assert!(
+        text.contains("echo (tcp) 10.201.0.2:7000, 10.201.0.0/24"),
+        "{text}"
+    );
+}
+
+#[test]
+fn every_command_shows_examples_in_its_help() {
+    let commands = bulkhead::cli::leaf_commands();
+    assert!(commands.len() >= 15, "{commands:?}");
+    for path in commands {
+        let out = Command::new(bulkhead_bin())
+            .args(&path)
+            .arg("--help")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{path:?}: {out:?}");
+        let examples = text.split("Examples:").nth(1).unwrap_or_default();
+        assert!(
+            examples.contains(&format!("bulkhead {}", path.join(" "))),
+            "bulkhead {} --help has no example line:\n{text}",
+            path.join(" ")
+        );
+    }
+}

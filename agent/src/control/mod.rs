@@ -29,6 +29,7 @@ use crate::{
     approval::{ApprovalBroker, Approver},
     cgroup,
     policy::PolicyHandle,
+    protocol::Protocol,
     proxy::{Stats, StatsSnapshot},
     record::{
         Event, ListFilter, Retention, Session, SessionId, SessionStore, StoreError, StoreStats,
@@ -125,6 +126,25 @@ pub struct DaemonInfo {
     pub mode: String,
     pub listeners: Vec<String>,
     pub connections: StatsSnapshot,
+    /// The configured targets, as the daemon read them at start.
+    #[serde(default)]
+    pub targets: Vec<TargetInfo>,
+    /// What the daemon found wrong at start without refusing to run (unreadable credentials,
+    /// a missing admin group).
+    #[serde(default)]
+    pub warnings: Vec<String>,
+    /// The configuration file differs from the one the daemon started with: targets,
+    /// listeners and capture rules apply only after a restart.
+    #[serde(default)]
+    pub config_changed: bool,
+}
+
+/// A configured target, for `bulkhead status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TargetInfo {
+    pub name: String,
+    pub protocol: Protocol,
+    pub addresses: Vec<String>,
 }
 
 /// A session with its timeline, for `sessions show`.
@@ -206,6 +226,8 @@ pub struct ControlState {
     pub cgroup_mount: PathBuf,
     pub pin_dir: PathBuf,
     pub admin_group: String,
+    /// The configuration file and its digest at start, to tell when it changed.
+    pub config_file: Option<(PathBuf, Option<[u8; 32]>)>,
     pub retention: Retention,
     pub approvals: Arc<ApprovalBroker>,
 }
@@ -218,6 +240,10 @@ impl ControlState {
     fn status(&self) -> StatusReport {
         let mut info = self.info.clone();
         info.connections = self.stats.snapshot();
+        info.config_changed = self
+            .config_file
+            .as_ref()
+            .is_some_and(|(path, digest)| crate::config::file_digest(path) != *digest);
         StatusReport {
             daemon: Some(info),
             governed_cgroup: self.governed_cgroup.display().to_string(),
