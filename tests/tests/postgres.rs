@@ -692,6 +692,26 @@ mask = { detectors = ["email", "card"], style = "redact" }
         "other values pass: {out} / {copied}"
     );
     assert_eq!(out.lines().count(), 3, "{out}");
+
+    // The record says what was masked: each statement's masked rows and the rules.
+    let session = topo.wait_session_closed();
+    let id = session["id"].to_string();
+    let shown = topo.run_cli(&["sessions", "show", &id, "--json"]).unwrap();
+    let masked: Vec<(u64, Value)> = shown["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "response")
+        .filter_map(|e| Some((e["masked_rows"].as_u64()?, e["mask_rules"].clone())))
+        .collect();
+    assert_eq!(
+        masked,
+        vec![(1, serde_json::json!(["pii-values"])); 4],
+        "three SELECTs and the COPY, one masked row each: {shown}"
+    );
+    let text = topo.output(Side::Host, topo.bulkhead(&["sessions", "show", &id]));
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("MASKED in 1 row by pii-values"), "{text}");
 }
 
 #[test]

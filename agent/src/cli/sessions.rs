@@ -379,11 +379,20 @@ fn timeline_line(e: &Event, start_us: u64) -> String {
             duration_us,
             summary,
             error,
+            masked_rows,
+            mask_rules,
         } => format!(
-            "response    to #{request} in {duration_us} us{}{}",
+            "response    to #{request} in {duration_us} us{}{}{}",
             summary
                 .as_deref()
                 .map(|s| format!(": {s}"))
+                .unwrap_or_default(),
+            masked_rows
+                .map(|n| format!(
+                    ", MASKED in {} by {}",
+                    crate::text::count(usize::try_from(n).unwrap_or(usize::MAX), "row", "rows"),
+                    mask_rules.join(", ")
+                ))
                 .unwrap_or_default(),
             error
                 .as_deref()

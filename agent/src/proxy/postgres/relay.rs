@@ -328,10 +328,16 @@ impl<'a> Relay<'a> {
             };
             results.observe(frame.tag, &frame.body, || self.front_masks().is_some());
             let replaced = match frame.tag {
-                b'D' | b'd' => self
-                    .mask(&mut results, frame.tag, &frame.body)
-                    .await
-                    .map_err(SessionError::Target)?,
+                b'D' | b'd' => {
+                    let masked = self
+                        .mask(&mut results, frame.tag, &frame.body)
+                        .await
+                        .map_err(SessionError::Target)?;
+                    if masked.is_some() {
+                        self.state().masked_a_row();
+                    }
+                    masked
+                }
                 tag => self.backend(tag, &frame.body),
             };
             let out = replaced.unwrap_or(frame.raw);

@@ -137,12 +137,15 @@ enum Pending {
         tags: Vec<String>,
         error: Option<String>,
         masks: Masks,
+        /// Rows (or COPY lines) sent with masked values.
+        masked_rows: u64,
     },
     /// An Execute: completes at CommandComplete / ErrorResponse / PortalSuspended / EmptyQuery.
     Execute {
         request: u64,
         started: Instant,
         masks: Masks,
+        masked_rows: u64,
     },
     /// A Sync: Executes still waiting at its ReadyForQuery were skipped after an error.
     Sync,
@@ -196,6 +199,7 @@ impl State {
                     tags: Vec::new(),
                     error: None,
                     masks,
+                    masked_rows: 0,
                 });
                 replacement
             }
@@ -224,6 +228,7 @@ impl State {
                     request,
                     started: Instant::now(),
                     masks,
+                    masked_rows: 0,
                 });
                 None
             }
@@ -354,10 +359,14 @@ impl State {
             }
             Some(Pending::Execute { .. }) => {
                 if let Some(Pending::Execute {
-                    request, started, ..
+                    request,
+                    started,
+                    masks,
+                    masked_rows,
                 }) = self.pending.pop_front()
                 {
                     self.finish(request, started, tag.as_slice(), error);
+                    self.note_masks(&masks, masked_rows);
                 }
             }
             // Answers to Parse/Bind errors before any Execute, or outside any tracked request.
@@ -373,10 +382,12 @@ impl State {
                 started,
                 tags,
                 error,
-                ..
+                masks,
+                masked_rows,
             }) = self.pending.pop_front()
             {
                 self.finish(request, started, &tags, error);
+                self.note_masks(&masks, masked_rows);
             }
             return;
         }
@@ -397,9 +408,40 @@ impl State {
                     started,
                     tags,
                     error,
-                    ..
-                } => self.finish(request, started, &tags, error),
+                    masks,
+                    masked_rows,
+                } => {
+                    self.finish(request, started, &tags, error);
+                    self.note_masks(&masks, masked_rows);
+                }
             }
+        }
+    }
+
+    /// The statement whose answers are arriving sent a row (or COPY line) with masked values.
+    pub fn masked_a_row(&mut self) {
+        if let Some(Pending::Query { masked_rows, .. } | Pending::Execute { masked_rows, .. }) =
+            self.pending.front_mut()
+        {
+            *masked_rows += 1;
+        }
+    }
+
+    /// Adds to the result just finished how many rows were masked, and by which rules.
+    fn note_masks(&mut self, masks: &Masks, rows: u64) {
+        if rows == 0 {
+            return;
+        }
+        if let Some(EventKind::Response {
+            masked_rows,
+            mask_rules,
+            ..
+        }) = self.finished.last_mut()
+        {
+            *masked_rows = Some(rows);
+            *mask_rules = masks.iter().map(|m| m.rule.clone()).collect();
+            mask_rules.sort();
+            mask_rules.dedup();
         }
     }
 
@@ -420,6 +462,8 @@ impl State {
             duration_us,
             summary,
             error,
+            masked_rows: None,
+            mask_rules: Vec::new(),
         });
     }
 }
