@@ -456,7 +456,7 @@ impl Config {
             let kind = match (t.protocol, t.postgres) {
                 (Protocol::Postgres, pg) => {
                     let pg = pg.unwrap_or_default();
-                    if let Some((key, problem)) = pg.problem() {
+                    if let Some((key, problem)) = pg.problem(t.credentials.is_some()) {
                         return Err(invalid(format!("target[{i}].postgres.{key}"), problem));
                     }
                     TargetKind::Postgres(pg)
@@ -806,7 +806,7 @@ fn default_protocol() -> Protocol {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::postgres::settings::PostgresLogin;
+    use crate::proxy::postgres::settings::{AuthMethod, PostgresLogin};
 
     fn pg_login<'a>(t: &'a Target, user: &str, database: &str) -> Option<PostgresLogin<'a>> {
         match &t.kind {
@@ -858,6 +858,10 @@ mod tests {
             Some(("app".into(), "orders".into()))
         );
         assert_eq!(login("app", "postgres"), None);
+        let TargetKind::Postgres(pg) = &orders.kind else {
+            panic!("orders-db is a postgres target")
+        };
+        assert_eq!(pg.auth, [AuthMethod::ScramSha256]);
     }
 
     #[test]
@@ -1041,7 +1045,8 @@ mod tests {
         let c = parse(
             "[[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddresses = [\"10.0.0.5:5432\"]\n\
              credentials = { env = \"DB_PW\" }\n[target.postgres]\nuser = \"svc\"\n\
-             [[target]]\nname = \"plain\"\nprotocol = \"postgres\"\naddresses = [\"10.0.0.6:5432\"]\n",
+             [[target]]\nname = \"plain\"\nprotocol = \"postgres\"\naddresses = [\"10.0.0.6:5432\"]\n\
+             postgres = { auth = [\"none\"] }\n",
         )
         .unwrap();
         let env = CredentialRef::Env("DB_PW".into());
@@ -1069,7 +1074,7 @@ mod tests {
     fn a_map_entry_takes_what_it_leaves_out_from_the_target() {
         let c = parse(
             "[[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddresses = [\"10.0.0.5:5432\"]\n\
-             [target.postgres]\nuser = \"svc\"\n\
+             [target.postgres]\nuser = \"svc\"\nauth = [\"none\"]\n\
              [[target.postgres.map]]\nclient_user = \"claude\"\n",
         )
         .unwrap();
@@ -1119,5 +1124,61 @@ mod tests {
             "{head}[[target.postgres.map]]\nuser = \"a\"\ncredentials = {{ password = \"x\" }}\n"
         ));
         assert!(e.contains("password"), "{e}");
+    }
+
+    #[test]
+    fn postgres_auth_methods_are_named_and_validated() {
+        let head = "[[target]]\nname = \"db\"\nprotocol = \"postgres\"\n\
+                    addresses = [\"10.0.0.5:5432\"]\ncredentials = { env = \"DB_PW\" }\n";
+        let pg = |c: &Config| match &c.targets[0].kind {
+            TargetKind::Postgres(pg) => pg.clone(),
+            TargetKind::Tcp => panic!("a postgres target"),
+        };
+        let c = parse(head).unwrap();
+        assert_eq!(pg(&c).auth, [AuthMethod::ScramSha256], "the default");
+        let c = parse(&format!(
+            "{head}postgres = {{ auth = [\"md5\", \"password\", \"none\", \"scram-sha-256\"] }}\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            pg(&c).auth,
+            [
+                AuthMethod::Md5,
+                AuthMethod::Password,
+                AuthMethod::None,
+                AuthMethod::ScramSha256
+            ]
+        );
+        let e = err(&format!("{head}postgres = {{ auth = [\"md4\"] }}\n"));
+        assert!(
+            e.contains("postgres.auth") && e.contains("\"md4\"") && e.contains("line 6"),
+            "{e}"
+        );
+        let e = err(&format!("{head}[target.postgres]\nauth = [\"trust\"]\n"));
+        assert!(
+            e.contains("postgres.auth") && e.contains("\"none\"") && e.contains("line 7"),
+            "{e}"
+        );
+        let e = err(&format!("{head}postgres = {{ auth = [] }}\n"));
+        assert!(e.contains("`target[0].postgres.auth`"), "{e}");
+    }
+
+    #[test]
+    fn a_postgres_target_without_a_password_must_allow_none() {
+        let head =
+            "[[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddresses = [\"10.0.0.5:5432\"]\n";
+        let e = err(head);
+        assert!(
+            e.contains("`target[0].postgres.auth`") && e.contains("\"none\""),
+            "{e}"
+        );
+        parse(&format!("{head}postgres = {{ auth = [\"none\"] }}\n")).unwrap();
+        // Every mapped login holds its own password: the default holds.
+        let mapped = "[[target.postgres.map]]\nuser = \"a\"\ncredentials = { env = \"A_PW\" }\n";
+        parse(&format!("{head}{mapped}")).unwrap();
+        let e = err(&format!(
+            "{head}{mapped}[[target.postgres.map]]\nuser = \"b\"\n"
+        ));
+        assert!(e.contains("`target[0].postgres.auth`"), "{e}");
     }
 }

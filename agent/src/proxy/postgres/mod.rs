@@ -415,17 +415,12 @@ pub async fn serve(conn: &Conn<'_>, client: TcpStream) -> SessionEnd {
             record(EventKind::Auth {
                 side: "upstream".into(),
                 user: Some(format!("{user}@{database}")),
-                method: login_method("login", login.mapping),
+                method: login_method(&e.recorded_method(), login.mapping),
                 ok: false,
             });
-            send_fatal(&mut cwriter, "08006", &format!("bulkhead: {e}")).await;
-            return end(
-                0,
-                0,
-                Outcome::UpstreamFailed {
-                    error: e.to_string(),
-                },
-            );
+            let message = format!("bulkhead: target {}: {e}", target.name);
+            send_fatal(&mut cwriter, e.sqlstate(), &message).await;
+            return end(0, 0, e.outcome(&target.name));
         }
     };
     record(EventKind::Auth {
@@ -435,13 +430,13 @@ pub async fn serve(conn: &Conn<'_>, client: TcpStream) -> SessionEnd {
             &if up.tls {
                 format!("{} over TLS", up.method)
             } else {
-                up.method.into()
+                up.method.to_string()
             },
             login.mapping,
         ),
         ok: true,
     });
-    info!(user = %client_user, upstream_user = %user, database = %database, method = up.method, "postgres session started");
+    info!(user = %client_user, upstream_user = %user, database = %database, method = %up.method, "postgres session started");
 
     // The client's greeting: authenticated (by its kernel identity), the target's parameters,
     // a cancel key of the gateway's own, ready.
