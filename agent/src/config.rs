@@ -459,6 +459,21 @@ impl Config {
                     if let Some((key, problem)) = pg.problem(t.credentials.is_some()) {
                         return Err(invalid(format!("target[{i}].postgres.{key}"), problem));
                     }
+                    // The gateway logs in with the held credentials only at addresses named
+                    // as sockets (unless opted in): with only networks, nowhere.
+                    let named_socket = addresses
+                        .iter()
+                        .any(|a| matches!(a, TargetAddress::Socket(_)));
+                    if !named_socket && !pg.login_to_network {
+                        return Err(invalid(
+                            format!("target[{i}].addresses"),
+                            "a postgres target is logged in to only at the IP:PORT addresses it \
+                             names, and this one names only networks: name its servers as \
+                             IP:PORT, or set postgres.login_to_network = true to log in with its \
+                             credentials at whatever address in the network a client dials"
+                                .into(),
+                        ));
+                    }
                     TargetKind::Postgres(pg)
                 }
                 (_, Some(_)) => {
@@ -862,6 +877,7 @@ mod tests {
             panic!("orders-db is a postgres target")
         };
         assert_eq!(pg.auth, [AuthMethod::ScramSha256]);
+        assert!(!pg.login_to_network);
     }
 
     #[test]
@@ -1180,5 +1196,31 @@ mod tests {
             "{head}{mapped}[[target.postgres.map]]\nuser = \"b\"\n"
         ));
         assert!(e.contains("`target[0].postgres.auth`"), "{e}");
+    }
+
+    #[test]
+    fn a_postgres_target_of_networks_alone_must_opt_in_to_log_in_there() {
+        let target = |addresses: &str, extra: &str| {
+            format!(
+                "[[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddresses = [{addresses}]\n\
+                 credentials = {{ env = \"DB_PW\" }}\n{extra}"
+            )
+        };
+        let e = err(&target("\"10.30.0.0/24\"", ""));
+        assert!(
+            e.contains("`target[0].addresses`") && e.contains("postgres.login_to_network = true"),
+            "{e}"
+        );
+        let c = parse(&target(
+            "\"10.30.0.0/24\"",
+            "postgres = { login_to_network = true }\n",
+        ))
+        .unwrap();
+        assert!(matches!(&c.targets[0].kind, TargetKind::Postgres(pg) if pg.login_to_network));
+        // A named server beside the network: logged in to there, refused elsewhere
+        // (proxy::postgres::upstream::network_refusal).
+        parse(&target("\"10.30.0.5:5432\", \"10.30.0.0/24\"", "")).unwrap();
+        // Opaque TCP holds no credentials: networks alone are fine.
+        parse("[[target]]\nname = \"net\"\naddresses = [\"10.30.0.0/24\"]\n").unwrap();
     }
 }

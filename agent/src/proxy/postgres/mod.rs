@@ -368,6 +368,14 @@ pub async fn serve(conn: &Conn<'_>, client: TcpStream) -> SessionEnd {
         return end(0, 0, Outcome::Refused { reason: message });
     }
 
+    // The held credentials go only to addresses the target names as sockets (or opts in).
+    if let Some(message) = upstream::network_refusal(target, pg, destination) {
+        record(EventKind::Error {
+            message: message.clone(),
+        });
+        send_fatal(&mut cwriter, "28000", &format!("bulkhead: {message}")).await;
+        return end(0, 0, Outcome::Refused { reason: message });
+    }
     // Whom to log in as upstream: the target's `postgres.map`, else its defaults. A client the
     // map does not cover is refused (fail closed).
     let Some(login) = pg.login(target.credentials.as_ref(), &client_user, &client_db) else {

@@ -19,6 +19,10 @@ pub struct PostgresTarget {
     /// asks for anything else is not answered, nothing derived from the password is sent.
     #[serde(default = "default_auth")]
     pub auth: Vec<AuthMethod>,
+    /// Log in (with the held credentials) at any address of the target's networks, not only at
+    /// the `IP:PORT` addresses it names.
+    #[serde(default)]
+    pub login_to_network: bool,
     /// TLS to the target: `disable` (default) or `verify-full` (the server's certificate must
     /// chain to `ca` and name `server_name`, or the target's address).
     #[serde(default)]
@@ -37,6 +41,7 @@ impl Default for PostgresTarget {
             user: None,
             database: None,
             auth: default_auth(),
+            login_to_network: false,
             tls: UpstreamTls::default(),
             ca: None,
             server_name: None,

@@ -5,7 +5,8 @@
 //! (postgres-protocol's implementation, which also verifies the server's signature), md5 or
 //! cleartext, whichever the server asks for among the methods the target's `postgres.auth`
 //! allows ([`Authenticator`], pure). A server that asks for another gets nothing derived from
-//! the password: the gateway hangs up.
+//! the password: the gateway hangs up. The held credentials go only to the addresses the
+//! target names as sockets ([`network_refusal`]).
 
 use bytes::{Buf as _, Bytes, BytesMut};
 use postgres_protocol::{
@@ -22,6 +23,7 @@ use super::{
     Stream,
 };
 use crate::{
+    config::{Target, TargetAddress},
     net::OrigDstAddr,
     proxy::postgres::settings::{AuthMethod, PostgresTarget, UpstreamTls},
     record::Outcome,
@@ -113,6 +115,35 @@ fn names(methods: &[AuthMethod]) -> String {
         .map(|m| format!("\"{m}\""))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// Why the gateway will not log in to `target` at `dst`, if it will not: the held credentials
+/// go only to the addresses the admin named as `IP:PORT`. A destination inside one of the
+/// target's networks could be any host there (another server, one a tool set up to collect
+/// logins), so it is logged in to only when the target opts in (`postgres.login_to_network`).
+pub fn network_refusal(target: &Target, pg: &PostgresTarget, dst: OrigDstAddr) -> Option<String> {
+    if pg.login_to_network {
+        return None;
+    }
+    let named = |a: &&TargetAddress| matches!(a, TargetAddress::Socket(_)) && a.matches(dst);
+    if target.addresses.iter().any(|a| named(&a)) {
+        return None;
+    }
+    let network = target
+        .addresses
+        .iter()
+        .find_map(|a| match a {
+            TargetAddress::Network(n) if a.matches(dst) => Some(n.to_string()),
+            _ => None,
+        })
+        .unwrap_or_else(|| "a network".into());
+    Some(format!(
+        "target {}: {} is in its network {network} but is not one of its IP:PORT addresses, \
+         and the gateway logs in with the target's credentials only at those (add this server \
+         to the target's addresses, or set postgres.login_to_network = true)",
+        target.name,
+        crate::config::unmatched_name(dst),
+    ))
 }
 
 /// What a target's Authentication message asks of the gateway.
@@ -477,6 +508,7 @@ pub async fn cancel(addr: OrigDstAddr, pid: i32, secret: i32) -> std::io::Result
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::TargetKind;
 
     const PASSWORD: &str = "held-secret";
 
@@ -683,5 +715,41 @@ mod tests {
         );
         assert!(AuthRequest::parse(&msg(5, b"abc")).is_err());
         assert!(AuthRequest::parse(b"\0\0").is_err());
+    }
+
+    fn target(addresses: &[&str], pg: PostgresTarget) -> Target {
+        Target {
+            name: "orders-db".into(),
+            addresses: addresses.iter().map(|a| a.parse().unwrap()).collect(),
+            credentials: None,
+            kind: TargetKind::Postgres(pg),
+        }
+    }
+
+    #[test]
+    fn held_credentials_go_only_to_the_sockets_a_target_names() {
+        let pg = PostgresTarget::default();
+        let t = target(&["10.30.0.5:5432", "10.30.0.0/24"], pg.clone());
+        let refusal = |t: &Target, pg: &PostgresTarget, dst: &str| {
+            network_refusal(t, pg, OrigDstAddr(dst.parse().unwrap()))
+        };
+        assert_eq!(refusal(&t, &pg, "10.30.0.5:5432"), None);
+        assert_eq!(refusal(&t, &pg, "[::ffff:10.30.0.5]:5432"), None);
+        let message = refusal(&t, &pg, "10.30.0.7:5432").expect("another host in the network");
+        for part in [
+            "target orders-db: ",
+            "10.30.0.7:5432",
+            "10.30.0.0/24",
+            "postgres.login_to_network = true",
+        ] {
+            assert!(message.contains(part), "{part:?} in {message}");
+        }
+        assert!(refusal(&t, &pg, "10.30.0.5:6432").is_some(), "another port");
+        let opted = PostgresTarget {
+            login_to_network: true,
+            ..PostgresTarget::default()
+        };
+        let t = target(&["10.30.0.0/24"], opted.clone());
+        assert_eq!(refusal(&t, &opted, "10.30.0.7:5432"), None);
     }
 }
