@@ -208,6 +208,15 @@ impl Target {
     }
 }
 
+/// The SHA-256 of a configuration file's bytes (`None` when it cannot be read), to tell a
+/// running daemon that its file changed.
+pub fn file_digest(path: &Path) -> Option<[u8; 32]> {
+    use sha2::Digest as _;
+    std::fs::read(path)
+        .ok()
+        .map(|b| sha2::Sha256::digest(&b).into())
+}
+
 /// `10.0.0.5:5432`, `[fd00::5]:5432` (one socket), or `10.0.0.0/24` (any port in a network).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TargetAddress {
@@ -222,6 +231,15 @@ impl TargetAddress {
                 s.port() == dst.0.port() && s.ip().to_canonical() == dst.0.ip().to_canonical()
             }
             TargetAddress::Network(c) => c.contains(dst.0.ip()),
+        }
+    }
+}
+
+impl fmt::Display for TargetAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TargetAddress::Socket(s) => s.fmt(f),
+            TargetAddress::Network(c) => c.fmt(f),
         }
     }
 }
@@ -571,6 +589,33 @@ impl Config {
                     .any(|a| matches!(a, TargetAddress::Network(_)) && a.matches(dst))
             })
         })
+    }
+
+    /// What can be checked before any session and is wrong, without being a reason to refuse
+    /// to start: credentials the gateway cannot read, an admin group that does not exist.
+    pub fn startup_problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        for t in &self.targets {
+            let mut creds: Vec<&CredentialRef> = t.credentials.iter().collect();
+            if let TargetKind::Postgres(pg) = &t.kind {
+                creds.extend(pg.map.iter().filter_map(|m| m.credentials.as_ref()));
+            }
+            for c in creds {
+                if let Err(e) = c.read_secret() {
+                    problems.push(format!(
+                        "target {}: credentials unreadable ({e}): its sessions will fail to log in",
+                        t.name
+                    ));
+                }
+            }
+        }
+        if crate::control::group_gid(&self.daemon.admin_group).is_none() {
+            problems.push(format!(
+                "admin group {:?} does not exist: only root can use the CLI (groupadd --system {})",
+                self.daemon.admin_group, self.daemon.admin_group
+            ));
+        }
+        problems
     }
 
     pub fn control_socket(&self) -> PathBuf {

@@ -12,9 +12,10 @@ use tracing::{error, info, warn};
 use crate::{
     approval::ApprovalBroker,
     cgroup,
-    config::Config,
-    control::{self, ControlState, DaemonInfo},
+    config::{Config, Source},
+    control::{self, ControlState, DaemonInfo, TargetInfo},
     ebpf::{rules::CaptureRules, Mode, Redirector},
+    exclusive::{lock_dir, LockError},
     identity::ProcReader,
     proxy::{self, Gateway, StatsSnapshot},
     record::{now_micros, SessionStore, SledStore},
@@ -48,6 +49,8 @@ pub enum DaemonError {
     },
     #[error("signal handler: {0}")]
     Signal(std::io::Error),
+    #[error(transparent)]
+    Exclusive(#[from] LockError),
 }
 
 /// Verbosity of the kernel side's aya-log messages, from the daemon's log filter.
@@ -68,6 +71,19 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let governed = cgroup::resolve(&mount, &config.governed.cgroup)?;
     cgroup::ensure(&governed)?;
     let governed_rel = cgroup::relative(&mount, &governed);
+    // One daemon per governed cgroup and pin directory, held until this one exits (a
+    // fail-open daemon pins nothing).
+    let _exclusive = {
+        let cgroup_lock = lock_dir(&governed)?;
+        let pins = &config.daemon.bpf_pin_dir;
+        let pin_lock = if config.daemon.fail_open {
+            None
+        } else {
+            crate::ebpf::ensure_pin_dir(pins)?;
+            Some(lock_dir(pins)?)
+        };
+        (cgroup_lock, pin_lock)
+    };
 
     let mut listeners = vec![bind(config.listener_v4()).await?];
     if let Some(v6) = config.listener_v6() {
@@ -140,14 +156,31 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         "governing connections"
     );
 
+    let startup_problems = config.startup_problems();
+    for problem in &startup_problems {
+        warn!("{problem}");
+    }
     let policy = crate::policy::PolicyHandle::new(&config.daemon.policy_dir);
-    match policy.reload() {
-        Ok(version) => info!(dir = %config.daemon.policy_dir.display(), version, "policies loaded"),
-        Err(e) => warn!(
+    let embedded = matches!(config.source, Source::Embedded);
+    if embedded && policy.start_with_starter_if_missing() {
+        warn!(
+            dir = %config.daemon.policy_dir.display(),
+            "NO POLICY DIRECTORY: running the built-in starter policy in OBSERVE MODE. Every \
+             connection and statement is recorded with the verdict an enforcing policy would \
+             give, and NOTHING IS BLOCKED OR MASKED. To enforce: `bulkhead policy init` (writes \
+             the example policies to the directory; they load within seconds)"
+        );
+    } else {
+        match policy.reload() {
+            Ok(version) => {
+                info!(dir = %config.daemon.policy_dir.display(), version, "policies loaded");
+            }
+            Err(e) => warn!(
             dir = %config.daemon.policy_dir.display(),
             error = %e,
             "no valid policies: every decision is deny until they load (fail closed)"
-        ),
+            ),
+        }
     }
     tokio::spawn(crate::policy::watch(policy.clone()));
     // Approvals: one broker for every protocol handler and the control socket.
@@ -194,6 +227,21 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             },
             listeners: listener_names,
             connections: StatsSnapshot::default(),
+            targets: config
+                .targets
+                .iter()
+                .map(|t| TargetInfo {
+                    name: t.name.clone(),
+                    protocol: t.protocol(),
+                    addresses: t.addresses.iter().map(ToString::to_string).collect(),
+                })
+                .collect(),
+            warnings: startup_problems,
+            config_changed: false,
+        },
+        config_file: match &config.source {
+            Source::File(path) => Some((path.clone(), crate::config::file_digest(path))),
+            Source::Embedded => None,
         },
         governed_cgroup: governed.clone(),
         cgroup_mount: mount,

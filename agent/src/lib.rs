@@ -9,6 +9,7 @@ pub mod control;
 pub mod credentials;
 pub mod daemon;
 pub mod ebpf;
+pub mod exclusive;
 pub mod identity;
 pub mod net;
 pub mod policy;

@@ -4,18 +4,29 @@ use bulkhead::{
     cli::{self, Cli, Command},
     config::Config,
 };
-use clap::Parser as _;
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    let args = Cli::parse();
+    let args = cli::parse();
+    if !matches!(args.command, Command::Daemon { .. }) {
+        // A reader that stops early (`bulkhead sessions list | head`) ends a CLI command
+        // quietly, as it ends other Unix tools, instead of a panic on a failed print. The daemon
+        // keeps Rust's default (ignored): a peer that goes away is an error on that socket.
+        // SAFETY: setting a signal's disposition to the default before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("bulkhead: {e:#}");
-            ExitCode::FAILURE
+            match e.downcast_ref::<cli::CliError>() {
+                Some(cli::CliError::Exit(code, _)) => ExitCode::from(*code),
+                _ => ExitCode::FAILURE,
+            }
         }
     }
 }
@@ -32,7 +43,7 @@ fn run(args: Cli) -> anyhow::Result<()> {
                 .build()?;
             runtime.block_on(bulkhead::daemon::run(config))?;
         }
-        Command::Run { command } => match cli::run(&config, &command)? {},
+        Command::Run { user, command } => match cli::run(&config, user.as_deref(), &command)? {},
         Command::Status(f) => cli::status(&config, f.json)?,
         Command::Sessions(command) => cli::sessions::run(&config, command)?,
         Command::Ca(command) => cli::ca(&config, &command)?,

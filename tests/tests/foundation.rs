@@ -464,3 +464,55 @@ fn bad_configuration_is_reported_with_the_key_and_the_problem() {
     assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/bulkhead.toml"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_second_daemon_for_the_same_cgroup_and_pins_refuses_to_start_and_names_the_first() {
+    require_root();
+    let topo = Topology::new("");
+    topo.allow_opaque_tcp();
+    let _echo = topo.echo_server(Side::Target, format!("{TARGET_V4}:7000").parse().unwrap());
+    let daemon = topo.start_daemon(&[]);
+    // Same cgroup and pins; its own port, state and control socket, so nothing else stops it.
+    let first = std::fs::read_to_string(&topo.config_path).unwrap();
+    let second = topo.dir.join("second.toml");
+    std::fs::write(
+        &second,
+        first
+            .replace(
+                &topo.dir.join("state").display().to_string(),
+                &topo.dir.join("state2").display().to_string(),
+            )
+            .replace(
+                &topo.dir.join("run").display().to_string(),
+                &topo.dir.join("run2").display().to_string(),
+            )
+            + "[listener]\nport = 15002\n",
+    )
+    .unwrap();
+    let mut cmd = Command::new(bulkhead_tests::bulkhead_bin());
+    cmd.arg("--config").arg(&second).arg("daemon");
+    let mut second = topo.spawn(Side::Host, "second-daemon", cmd);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = second.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the second daemon kept running: {}",
+            second.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = second.wait();
+    let stderr = second.stderr();
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains("held by another bulkhead daemon")
+            && stderr.contains(&format!("(pid {})", daemon.pid())),
+        "{stderr}"
+    );
+    // The first still governs: a governed connection reaches the target through it.
+    let client = topo.probe_connect(Side::Governed, &format!("{TARGET_V4}:7000"), "still here");
+    assert_eq!(reply(&client)["data"], "still here", "{client}");
+}

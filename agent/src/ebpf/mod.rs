@@ -174,7 +174,7 @@ impl Redirector {
         let map_dir = pin_dir.join("maps");
         let link_dir = pin_dir.join("links");
         if mode == Mode::FailClosed {
-            ensure_bpffs(pin_dir)?;
+            ensure_pin_dir(pin_dir)?;
             fs::create_dir_all(&map_dir).map_err(io_err(&map_dir))?;
             fs::create_dir_all(&link_dir).map_err(io_err(&link_dir))?;
         }
@@ -386,7 +386,7 @@ pub fn pinned_links(pin_dir: &Path) -> Vec<PathBuf> {
 
 /// Makes sure `pin_dir` exists on bpffs, mounting bpffs at `/sys/fs/bpf` when the pin
 /// directory is under it and nothing is mounted there (hosts without systemd).
-fn ensure_bpffs(pin_dir: &Path) -> Result<(), EbpfError> {
+pub fn ensure_pin_dir(pin_dir: &Path) -> Result<(), EbpfError> {
     let sys_fs_bpf = Path::new("/sys/fs/bpf");
     if pin_dir.starts_with(sys_fs_bpf) && !is_bpffs(sys_fs_bpf) {
         fs::create_dir_all(sys_fs_bpf).map_err(io_err(sys_fs_bpf))?;

@@ -22,7 +22,46 @@ pub enum PolicyCommand {
     },
     /// Show the verdict and the deciding rules for one request, without a target
     Test(Box<TestArgs>),
+    /// Write the example policies into the policy directory, to start enforcing (a daemon
+    /// running the built-in starter policy loads them within seconds)
+    Init {
+        /// Policy directory [default: the configuration's daemon.policy_dir]
+        dir: Option<PathBuf>,
+    },
 }
+
+/// The example policies (`policies/` in the source tree), as `policy init` writes them.
+pub const EXAMPLES: &[(&str, &str)] = &[
+    (
+        "http-get-only.toml",
+        include_str!("../../../policies/http-get-only.toml"),
+    ),
+    (
+        "kubernetes-read-only.toml",
+        include_str!("../../../policies/kubernetes-read-only.toml"),
+    ),
+    ("no-ddl.toml", include_str!("../../../policies/no-ddl.toml")),
+    (
+        "opaque-tcp.toml",
+        include_str!("../../../policies/opaque-tcp.toml"),
+    ),
+    (
+        "pii-masking.toml",
+        include_str!("../../../policies/pii-masking.toml"),
+    ),
+    (
+        "read-only-agent.toml",
+        include_str!("../../../policies/read-only-agent.toml"),
+    ),
+    (
+        "ssh-safe-commands.toml",
+        include_str!("../../../policies/ssh-safe-commands.toml"),
+    ),
+    (
+        "writes-need-approval.toml",
+        include_str!("../../../policies/writes-need-approval.toml"),
+    ),
+];
 
 #[derive(Debug, Args)]
 #[command(group(clap::ArgGroup::new("action").required(true).args(["sql", "ssh", "http", "kube", "connect"])))]
@@ -94,6 +133,9 @@ pub fn run(config: &Config, cmd: PolicyCommand) -> Result<(), PolicyCliError> {
             check(&dir.unwrap_or_else(|| config.daemon.policy_dir.clone()))
         }
         PolicyCommand::Test(args) => test(config, &args),
+        PolicyCommand::Init { dir } => {
+            init(&dir.unwrap_or_else(|| config.daemon.policy_dir.clone()))
+        }
     }
 }
 
@@ -107,6 +149,39 @@ fn load(dir: &Path) -> Result<PolicySet, PolicyCliError> {
             count: errors.len(),
         }
     })
+}
+
+/// Writes the example policies into `dir` (created if missing); files already there are kept.
+pub fn init(dir: &Path) -> Result<(), PolicyCliError> {
+    let io =
+        |e: std::io::Error, what: &Path| PolicyCliError::Usage(format!("{}: {e}", what.display()));
+    std::fs::create_dir_all(dir).map_err(|e| io(e, dir))?;
+    for (name, text) in EXAMPLES {
+        let path = dir.join(name);
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+        {
+            Ok(mut f) => {
+                std::io::Write::write_all(&mut f, text.as_bytes()).map_err(|e| io(e, &path))?;
+                println!("wrote   {}", path.display());
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                println!("kept    {} (already there)", path.display());
+            }
+            Err(e) => return Err(io(e, &path)),
+        }
+    }
+    let set = load(dir)?;
+    println!(
+        "{}: {} files, {} rules. Each file says at the top what it does; edit the target names \
+         to yours. A running daemon loads the directory within seconds and enforces it.",
+        dir.display(),
+        set.files.len(),
+        set.rules.len()
+    );
+    Ok(())
 }
 
 pub fn check(dir: &Path) -> Result<(), PolicyCliError> {
