@@ -73,6 +73,42 @@ pub enum Command {
     /// Requests held for approval: list, approve, deny, watch; grant windows (needs the daemon)
     #[command(subcommand)]
     Approvals(approvals::ApprovalsCommand),
+    /// Remove the pinned programs a stopped daemon left (fail closed) so governed processes
+    /// connect directly again; refused while a daemon runs
+    UninstallPrograms,
+}
+
+/// `bulkhead uninstall-programs`.
+pub fn uninstall_programs(config: &Config) -> Result<(), CliError> {
+    let pins = &config.daemon.bpf_pin_dir;
+    let mount = cgroup::cgroup2_mount()?;
+    let governed = cgroup::resolve(&mount, &config.governed.cgroup)?;
+    let refused = |e: crate::exclusive::LockError| {
+        CliError::Other(format!(
+            "{e}; stop the daemon first (it detaches or keeps its programs itself)"
+        ))
+    };
+    // Held while removing: no daemon can start and adopt half-removed pins meanwhile.
+    let _cgroup = if governed.is_dir() {
+        Some(crate::exclusive::lock_dir(&governed).map_err(refused)?)
+    } else {
+        None
+    };
+    if !pins.is_dir() {
+        println!(
+            "nothing pinned at {}: no programs to remove",
+            pins.display()
+        );
+        return Ok(());
+    }
+    let _pins = crate::exclusive::lock_dir(pins).map_err(refused)?;
+    let links = crate::ebpf::remove_pins(pins).map_err(|e| CliError::Other(e.to_string()))?;
+    println!(
+        "removed {links} pinned links and their maps from {}: processes in {} connect directly now",
+        pins.display(),
+        governed.display()
+    );
+    Ok(())
 }
 
 #[derive(Debug, Subcommand)]
@@ -121,6 +157,9 @@ pub enum CliError {
     /// cannot run: 127 not found, 126 not executable).
     #[error("{1}")]
     Exit(u8, String),
+    /// The command did its work and its answer is this exit status (nothing more to print).
+    #[error("exit status {0}")]
+    Status(u8),
 }
 
 /// Asks the daemon; when it is not running, answers from the store and the pins directly.
@@ -209,8 +248,20 @@ fn open_store(config: &Config) -> Result<SledStore, CliError> {
     })
 }
 
+/// `status`'s exit status: 0 governing with a loaded policy, 1 the daemon is not running,
+/// 3 it runs but the last policy reload failed (2 is a usage error, as for every command).
 pub fn status(config: &Config, json: bool) -> Result<(), CliError> {
-    let report: StatusReport = ask_or_read(config, &Request::Status, || {
+    let report = status_report(config)?;
+    print_status(&report, json)?;
+    match (&report.daemon, &report.policy) {
+        (None, _) => Err(CliError::Status(1)),
+        (Some(_), Some(p)) if p.last_error.is_some() => Err(CliError::Status(3)),
+        _ => Ok(()),
+    }
+}
+
+fn status_report(config: &Config) -> Result<StatusReport, CliError> {
+    ask_or_read(config, &Request::Status, || {
         let mount = cgroup::cgroup2_mount()?;
         let governed = cgroup::resolve(&mount, &config.governed.cgroup)?;
         let pinned = crate::ebpf::pinned_links(&config.daemon.bpf_pin_dir).len();
@@ -224,9 +275,12 @@ pub fn status(config: &Config, json: bool) -> Result<(), CliError> {
             retention: config.store.retention,
             policy: None,
         })
-    })?;
+    })
+}
+
+fn print_status(report: &StatusReport, json: bool) -> Result<(), CliError> {
     if json {
-        return print_json(&report);
+        return print_json(report);
     }
     match &report.daemon {
         Some(d) => {

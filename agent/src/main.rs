@@ -22,12 +22,30 @@ fn main() -> ExitCode {
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            if let Some(code) = answer_status(&e) {
+                return ExitCode::from(code);
+            }
             eprintln!("bulkhead: {e:#}");
             match e.downcast_ref::<cli::CliError>() {
                 Some(cli::CliError::Exit(code, _)) => ExitCode::from(*code),
                 _ => ExitCode::FAILURE,
             }
         }
+    }
+}
+
+/// Errors that are an answer, not a failure (`status` when the daemon is down, `policy test`
+/// on a deny): their exit status; what there was to say is printed already.
+fn answer_status(e: &anyhow::Error) -> Option<u8> {
+    use bulkhead::policy::cli::PolicyCliError;
+    match (
+        e.downcast_ref::<cli::CliError>(),
+        e.downcast_ref::<PolicyCliError>(),
+    ) {
+        (Some(cli::CliError::Status(code)), _) | (_, Some(PolicyCliError::Verdict(code))) => {
+            Some(*code)
+        }
+        _ => None,
     }
 }
 
@@ -49,6 +67,7 @@ fn run(args: Cli) -> anyhow::Result<()> {
         Command::Ca(command) => cli::ca(&config, &command)?,
         Command::Policy(cmd) => bulkhead::policy::cli::run(&config, cmd)?,
         Command::Approvals(command) => cli::approvals::run(&config, command)?,
+        Command::UninstallPrograms => cli::uninstall_programs(&config)?,
     }
     Ok(())
 }

@@ -437,9 +437,7 @@ impl Topology {
     /// ask the CLI: with no daemon it would read the store, holding its lock.)
     fn daemon_ready(&self) -> bool {
         std::os::unix::net::UnixStream::connect(self.dir.join("run/control.sock")).is_ok()
-            && self
-                .run_cli(&["status", "--json"])
-                .is_ok_and(|v| v["daemon"].is_object())
+            && self.status().1["daemon"].is_object()
     }
 
     /// Runs a CLI command on the governed side's network namespace, outside the governed
@@ -458,6 +456,26 @@ impl Topology {
                 String::from_utf8_lossy(&out.stdout)
             )
         })
+    }
+
+    /// `bulkhead status --json`: its exit status (0 governing, 1 no daemon, 3 the last policy
+    /// reload failed) and the report.
+    pub fn status(&self) -> (Option<i32>, serde_json::Value) {
+        let out = self.output(Side::Host, self.bulkhead(&["status", "--json"]));
+        let report = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("status JSON: {e}: {out:?}"));
+        (out.status.code(), report)
+    }
+
+    /// `bulkhead status --json` with the daemon stopped: exit status 1, and the report.
+    pub fn status_while_stopped(&self) -> serde_json::Value {
+        let (code, report) = self.status();
+        assert_eq!(
+            code,
+            Some(1),
+            "status exits 1 while the daemon is not running: {report}"
+        );
+        report
     }
 
     /// Runs `cmd` on `side` to completion.

@@ -92,6 +92,20 @@ fn policy_commands_use_the_policy_directory_of_the_configuration() {
     ]);
     let text = String::from_utf8_lossy(&test.stdout);
     assert!(text.contains("verdict:   approve"), "{test:?}");
+    assert_eq!(test.status.code(), Some(3), "approve exits 3");
+    let allowed = bulkhead(&[
+        "policy",
+        "test",
+        "--target",
+        "artifact-cache",
+        "--protocol",
+        "tcp",
+        "--connect",
+    ]);
+    assert_eq!(allowed.status.code(), Some(0), "{allowed:?}");
+    let denied = bulkhead(&["policy", "test", "--target", "10.9.9.9:22", "--connect"]);
+    assert_eq!(denied.status.code(), Some(1), "{denied:?}");
+    assert!(String::from_utf8_lossy(&denied.stdout).contains("verdict:   deny"));
     // A second init keeps what is there.
     std::fs::write(policies.join("opaque-tcp.toml"), "# edited by the admin\n").unwrap();
     let again = bulkhead(&["policy", "init"]);
@@ -183,6 +197,7 @@ fn status_lists_targets_startup_problems_and_a_changed_configuration() {
          [[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddresses = [\"10.201.0.2:5432\"]\n\
          credentials = { file = \"/nonexistent/bulkhead-test-credentials\" }\n",
     );
+    topo.allow_opaque_tcp();
     let _daemon = topo.start_daemon(&[]);
     let status = topo.run_cli(&["status", "--json"]).unwrap();
     let daemon = &status["daemon"];

@@ -807,8 +807,9 @@ fn policies_reload_under_a_running_daemon_and_a_broken_file_keeps_the_old_set() 
     topo.policy("broken.toml", "[[rule]]\nid = \"x\"\nverdict = \"maybe\"\n");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let status = topo.run_cli(&["status", "--json"]).unwrap();
+        let (code, status) = topo.status();
         if status["policy"]["last_error"].is_string() {
+            assert_eq!(code, Some(3), "status exits 3 after a failed reload");
             assert!(
                 status["policy"]["last_error"]
                     .as_str()

@@ -239,6 +239,8 @@ fn the_control_socket_admits_admins_outside_the_governed_cgroup_only() {
     let mut text = std::fs::read_to_string(&topo.config_path).unwrap();
     text = text.replace("[governed]", "admin_group = \"nogroup\"\n[governed]");
     std::fs::write(&topo.config_path, text).unwrap();
+    // A loaded policy, so `status` answers 0 (it answers 3 while no policy loads).
+    topo.allow_opaque_tcp();
     let _daemon = topo.start_daemon(&[]);
 
     let status_as = |side: Side, user: Option<(u32, u32)>| {

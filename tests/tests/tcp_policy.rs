@@ -208,9 +208,9 @@ fn a_tcp_target_denied_by_default_is_reset_before_the_target_sees_it() {
     assert_eq!(session["target"], "build-host", "{session}");
     // The reason recorded is the policy's message, as `policy test` shows it.
     let dir = w.topo.policy_dir().display().to_string();
-    let tried = w
-        .topo
-        .run_cli(&[
+    let out = w.topo.output(
+        Side::Host,
+        w.topo.bulkhead(&[
             "policy",
             "test",
             "--dir",
@@ -219,8 +219,14 @@ fn a_tcp_target_denied_by_default_is_reset_before_the_target_sees_it() {
             "build-host",
             "--connect",
             "--json",
-        ])
-        .unwrap();
+        ]),
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "policy test exits 1 on deny: {out:?}"
+    );
+    let tried: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(
         tried["rules"],
         json!(["target:build-host:default"]),

@@ -25,6 +25,7 @@ const EXAMPLES: &[(&[&str], &str)] = &[
     (&["approvals", "watch"], "bulkhead approvals watch\n  bulkhead approvals watch --json"),
     (&["approvals", "grants"], "bulkhead approvals grants"),
     (&["approvals", "revoke"], "bulkhead approvals revoke 2000130"),
+    (&["uninstall-programs"], "sudo bulkhead uninstall-programs"),
 ];
 
 /// The command line definition, with the examples in each command's help.

@@ -125,6 +125,10 @@ pub enum PolicyCliError {
     Usage(String),
     #[error("cannot print JSON: {0}")]
     Json(#[from] serde_json::Error),
+    /// `policy test`'s answer as an exit status, for scripts: 1 deny, 3 approve (0 allow; 2 is
+    /// a usage error, as for every command).
+    #[error("exit status {0}")]
+    Verdict(u8),
 }
 
 pub fn run(config: &Config, cmd: PolicyCommand) -> Result<(), PolicyCliError> {
@@ -217,7 +221,11 @@ pub fn test(config: &Config, args: &TestArgs) -> Result<(), PolicyCliError> {
     } else {
         print_decision(&set, &decision);
     }
-    Ok(())
+    match decision.verdict {
+        super::Verdict::Allow => Ok(()),
+        super::Verdict::Deny => Err(PolicyCliError::Verdict(1)),
+        super::Verdict::Approve => Err(PolicyCliError::Verdict(3)),
+    }
 }
 
 /// What `policy test` decides for `args` under `set`: the target as judged, its protocol, and

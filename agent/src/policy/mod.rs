@@ -24,6 +24,7 @@ pub mod mask;
 pub mod matchers;
 pub mod reload;
 pub mod sql;
+pub mod sql_copy;
 mod sql_functions;
 mod sql_utility;
 mod sql_walk;
