@@ -234,11 +234,7 @@ async fn upstream_login<W: AsyncWrite + Unpin>(
 
     // The held credentials go only to addresses the target names as sockets (or opts in).
     if let Some(message) = upstream::network_refusal(target, pg, destination) {
-        conn.record(EventKind::Error {
-            message: message.clone(),
-        });
-        send_fatal(cwriter, "28000", &format!("bulkhead: {message}")).await;
-        return end(0, 0, Outcome::Refused { reason: message });
+        return Err(refuse_login(conn, cwriter, message).await);
     }
     // Whom to log in as upstream: the target's `postgres.map`, else its defaults. A client the
     // map does not cover is refused (fail closed).
@@ -247,11 +243,7 @@ async fn upstream_login<W: AsyncWrite + Unpin>(
             "no upstream login is mapped for user \"{client_user}\" and database \"{client_db}\" on target {}",
             target.name
         );
-        conn.record(EventKind::Error {
-            message: message.clone(),
-        });
-        send_fatal(cwriter, "28000", &format!("bulkhead: {message}")).await;
-        return end(0, 0, Outcome::Refused { reason: message });
+        return Err(refuse_login(conn, cwriter, message).await);
     };
     let (user, database) = (login.user.clone(), login.database.clone());
     let password = match login
@@ -317,6 +309,20 @@ async fn upstream_login<W: AsyncWrite + Unpin>(
         password,
     };
     Ok((up, login))
+}
+
+/// Refuses a client's login before the gateway logs in upstream: an `error` event, then
+/// FATAL 28000 with `message`; the session's outcome is `refused`.
+async fn refuse_login<W: AsyncWrite + Unpin>(
+    conn: &Conn<'_>,
+    cwriter: &mut W,
+    message: String,
+) -> SessionEnd {
+    conn.record(EventKind::Error {
+        message: message.clone(),
+    });
+    send_fatal(cwriter, "28000", &format!("bulkhead: {message}")).await;
+    ended(0, 0, Outcome::Refused { reason: message })
 }
 
 /// The client's greeting: authenticated (by its kernel identity), the target's parameters
