@@ -591,33 +591,6 @@ impl Config {
         })
     }
 
-    /// What can be checked before any session and is wrong, without being a reason to refuse
-    /// to start: credentials the gateway cannot read, an admin group that does not exist.
-    pub fn startup_problems(&self) -> Vec<String> {
-        let mut problems = Vec::new();
-        for t in &self.targets {
-            let mut creds: Vec<&CredentialRef> = t.credentials.iter().collect();
-            if let TargetKind::Postgres(pg) = &t.kind {
-                creds.extend(pg.map.iter().filter_map(|m| m.credentials.as_ref()));
-            }
-            for c in creds {
-                if let Err(e) = c.read_secret() {
-                    problems.push(format!(
-                        "target {}: credentials unreadable ({e}): its sessions will fail to log in",
-                        t.name
-                    ));
-                }
-            }
-        }
-        if crate::control::group_gid(&self.daemon.admin_group).is_none() {
-            problems.push(format!(
-                "admin group {:?} does not exist: only root can use the CLI (groupadd --system {})",
-                self.daemon.admin_group, self.daemon.admin_group
-            ));
-        }
-        problems
-    }
-
     pub fn control_socket(&self) -> PathBuf {
         self.daemon.run_dir.join("control.sock")
     }

@@ -12,8 +12,9 @@ use tracing::{error, info, warn};
 use crate::{
     approval::ApprovalBroker,
     cgroup,
-    config::{Config, Source},
+    config::{Config, Source, TargetKind},
     control::{self, ControlState, DaemonInfo, TargetInfo},
+    credentials::CredentialRef,
     ebpf::{rules::CaptureRules, Mode, Redirector},
     exclusive::{lock_dir, LockError},
     identity::ProcReader,
@@ -51,6 +52,33 @@ pub enum DaemonError {
     Signal(std::io::Error),
     #[error(transparent)]
     Exclusive(#[from] LockError),
+}
+
+/// What can be checked before any session and is wrong, without being a reason to refuse
+/// to start: credentials the gateway cannot read, an admin group that does not exist.
+fn startup_problems(config: &Config) -> Vec<String> {
+    let mut problems = Vec::new();
+    for t in &config.targets {
+        let mut creds: Vec<&CredentialRef> = t.credentials.iter().collect();
+        if let TargetKind::Postgres(pg) = &t.kind {
+            creds.extend(pg.map.iter().filter_map(|m| m.credentials.as_ref()));
+        }
+        for c in creds {
+            if let Err(e) = c.read_secret() {
+                problems.push(format!(
+                    "target {}: credentials unreadable ({e}): its sessions will fail to log in",
+                    t.name
+                ));
+            }
+        }
+    }
+    if control::group_gid(&config.daemon.admin_group).is_none() {
+        problems.push(format!(
+            "admin group {:?} does not exist: only root can use the CLI (groupadd --system {})",
+            config.daemon.admin_group, config.daemon.admin_group
+        ));
+    }
+    problems
 }
 
 /// Verbosity of the kernel side's aya-log messages, from the daemon's log filter.
@@ -156,7 +184,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         "governing connections"
     );
 
-    let startup_problems = config.startup_problems();
+    let startup_problems = startup_problems(&config);
     for problem in &startup_problems {
         warn!("{problem}");
     }
@@ -193,7 +221,6 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         proc: ProcReader::new("/", governed_rel),
         stats: Arc::default(),
         policy,
-        postgres: crate::proxy::postgres::Shared::default(),
         tls: match crate::tls::LocalCa::load_or_create(&config.daemon.state_dir.join("ca")) {
             Ok(ca) => Some(Arc::new(ca)),
             Err(e) => {
@@ -256,9 +283,17 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         shutdown_rx.clone(),
     ));
     tokio::spawn(control::serve(control_listener, state, shutdown_rx.clone()));
+    let protocols = Arc::new(proxy::Protocols::default());
     let accept_loops: Vec<_> = listeners
         .into_iter()
-        .map(|l| tokio::spawn(proxy::serve(l, Arc::clone(&gateway), shutdown_rx.clone())))
+        .map(|l| {
+            tokio::spawn(proxy::serve(
+                l,
+                Arc::clone(&gateway),
+                Arc::clone(&protocols),
+                shutdown_rx.clone(),
+            ))
+        })
         .collect();
 
     wait_for_signal().await?;

@@ -19,7 +19,6 @@ use std::{
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
-use super::postgres;
 use crate::{
     approval::{ApprovalBroker, ApprovalIdentity, ApprovalRequest},
     config::{unmatched_name, Config, ResolvedTarget},
@@ -73,10 +72,8 @@ pub struct Gateway {
     pub policy: crate::policy::PolicyHandle,
     /// The local CA for TLS toward clients; `None` declines client TLS.
     pub tls: Option<Arc<crate::tls::LocalCa>>,
-    /// Where a request whose verdict is `approve` is held ([`session::Conn::decide`]).
+    /// Where a request whose verdict is `approve` is held ([`Conn::decide`]).
     pub approvals: Arc<ApprovalBroker>,
-    /// The PostgreSQL gateway's own shared state (cancel keys, catalog caches).
-    pub postgres: postgres::Shared,
 }
 
 /// One identified connection with its session open: everything a protocol needs.

@@ -44,14 +44,13 @@ impl Harness {
             proc: ProcReader::new("/", "/none"),
             stats: Arc::default(),
             policy: PolicyHandle::open(policies.path()).unwrap(),
-            postgres: postgres::Shared::default(),
             approvals,
             tls: None,
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = watch::channel(false);
-        tokio::spawn(serve(listener, Arc::clone(&gw), rx));
+        tokio::spawn(serve(listener, Arc::clone(&gw), Arc::default(), rx));
         Self {
             gw,
             listener: addr,

@@ -62,8 +62,8 @@ fn random_i32() -> i32 {
 }
 
 /// Maps a client's CancelRequest to the target's own key and forwards it.
-pub async fn cancel(conn: &Conn<'_>, key: CancelKey) -> Outcome {
-    let Some((addr, (pid, secret))) = conn.gw.postgres.cancels.lookup(key) else {
+pub async fn cancel(conn: &Conn<'_>, cancels: &CancelKeys, key: CancelKey) -> Outcome {
+    let Some((addr, (pid, secret))) = cancels.lookup(key) else {
         // Unknown keys are ignored, as PostgreSQL does: no oracle for guessing keys.
         return Outcome::Refused {
             reason: "cancel request with an unknown key".into(),

@@ -10,12 +10,12 @@ use tokio::{
 use tracing::{info, warn};
 
 use super::{
-    cancel::{self, CancelKey},
+    cancel::{self, CancelKey, CancelKeys},
     catalog,
     codec::{self, FrameReader, Startup, StartupPacket},
     ended, relay, send_fatal,
     settings::PostgresTarget,
-    startup, upstream, Stream,
+    startup, upstream, Shared, Stream,
 };
 use crate::{
     config::Target,
@@ -36,7 +36,11 @@ pub struct Started {
 /// Startup: TLS is accepted with a certificate from the local CA for the address the client
 /// dialled, GSS encryption is declined, a CancelRequest is mapped to the target's own key.
 /// `Err` is how the session ended when no StartupMessage came.
-pub async fn start(conn: &Conn<'_>, client: TcpStream) -> Result<Started, SessionEnd> {
+pub async fn start(
+    conn: &Conn<'_>,
+    shared: &Shared,
+    client: TcpStream,
+) -> Result<Started, SessionEnd> {
     let _ = client.set_nodelay(true);
     let gw = conn.gw;
     let mut creader: FrameReader<Stream> =
@@ -95,7 +99,11 @@ pub async fn start(conn: &Conn<'_>, client: TcpStream) -> Result<Started, Sessio
                 }
             }
             Ok(StartupPacket::Cancel { pid, secret }) => {
-                return Err(ended(0, 0, cancel::cancel(conn, (pid, secret)).await));
+                return Err(ended(
+                    0,
+                    0,
+                    cancel::cancel(conn, &shared.cancels, (pid, secret)).await,
+                ));
             }
             Ok(StartupPacket::Startup(startup)) => {
                 return Ok(Started {
@@ -167,6 +175,7 @@ pub struct LoggedIn {
 /// and greets the client. `Err` is how the session ended when it could not.
 pub async fn log_in(
     conn: &Conn<'_>,
+    shared: &Shared,
     target: &Target,
     pg: &PostgresTarget,
     started: Started,
@@ -185,6 +194,7 @@ pub async fn log_in(
     .await?;
     let (cancel_key, greeted) = greet(
         conn,
+        &shared.cancels,
         &mut to_client,
         &upstream.greeting,
         upstream.backend_key,
@@ -330,11 +340,11 @@ async fn refuse_login<W: AsyncWrite + Unpin>(
 /// Returns the key and the bytes sent.
 async fn greet<W: AsyncWrite + Unpin>(
     conn: &Conn<'_>,
+    cancels: &CancelKeys,
     to_client: &mut W,
     parameters: &[Bytes],
     backend_key: Option<CancelKey>,
 ) -> Result<(Option<CancelKey>, u64), SessionEnd> {
-    let cancels = &conn.gw.postgres.cancels;
     let ours = backend_key.map(|k| cancels.issue(conn.destination, k));
     let mut greeting = Vec::with_capacity(parameters.len() + 3);
     greeting.push(codec::authentication_ok());

@@ -88,9 +88,14 @@ fn ended(up: u64, down: u64, outcome: Outcome) -> SessionEnd {
 /// Refuses a connection the policy denied, in the protocol: the client's startup is read (TLS
 /// accepted as usual) and answered with FATAL 42501 and the policy's message. Nothing reaches
 /// the target.
-pub async fn refuse(conn: &Conn<'_>, client: TcpStream, message: &str) -> SessionEnd {
+pub async fn refuse(
+    conn: &Conn<'_>,
+    shared: &Shared,
+    client: TcpStream,
+    message: &str,
+) -> SessionEnd {
     let reason = message.to_string();
-    if let Ok(mut started) = login::start(conn, client).await {
+    if let Ok(mut started) = login::start(conn, shared, client).await {
         let message = if message.starts_with("bulkhead:") {
             message.to_string()
         } else {
@@ -103,7 +108,7 @@ pub async fn refuse(conn: &Conn<'_>, client: TcpStream, message: &str) -> Sessio
 
 /// Serves one PostgreSQL session on an accepted, identified connection that the policy let
 /// through.
-pub async fn serve(conn: &Conn<'_>, client: TcpStream) -> SessionEnd {
+pub async fn serve(conn: &Conn<'_>, shared: &Shared, client: TcpStream) -> SessionEnd {
     let Some(target) = conn.target.target else {
         return ended(
             0,
@@ -122,16 +127,16 @@ pub async fn serve(conn: &Conn<'_>, client: TcpStream) -> SessionEnd {
             },
         );
     };
-    let started = match login::start(conn, client).await {
+    let started = match login::start(conn, shared, client).await {
         Ok(s) => s,
         Err(end) => return end,
     };
-    let session = match login::log_in(conn, target, pg, started).await {
+    let session = match login::log_in(conn, shared, target, pg, started).await {
         Ok(s) => s,
         Err(end) => return end,
     };
     let upstream::Upstream { reader, writer, .. } = session.upstream;
-    let end = relay::Relay::new(conn, session.login)
+    let end = relay::Relay::new(conn, &shared.catalogs, session.login)
         .run(
             relay::Leg::new(session.client, writer),
             relay::Leg {
@@ -142,7 +147,7 @@ pub async fn serve(conn: &Conn<'_>, client: TcpStream) -> SessionEnd {
         )
         .await;
     if let Some(k) = session.cancel_key {
-        conn.gw.postgres.cancels.forget(k);
+        shared.cancels.forget(k);
     }
     end
 }

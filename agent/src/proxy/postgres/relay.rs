@@ -25,7 +25,7 @@ use super::{
     codec::{CodecError, FrameReader},
     columns, ended, send_fatal,
     state::{Judged, Masks, Request, State},
-    SessionError,
+    Catalogs, SessionError,
 };
 use crate::{
     policy::{Action, PreparedStatements},
@@ -56,6 +56,8 @@ impl<R, W: AsyncWrite> Leg<R, W> {
 /// One logged-in session's relay.
 pub struct Relay<'a> {
     conn: &'a Conn<'a>,
+    /// Column identities of the targets' catalogs (the PostgreSQL gateway's shared cache).
+    catalogs: &'a Catalogs,
     state: Mutex<State>,
     /// Which result columns are which, for column mask rules.
     columns: columns::Tracker,
@@ -64,9 +66,10 @@ pub struct Relay<'a> {
 impl<'a> Relay<'a> {
     /// `login` is how the session logged in upstream: the catalog's side connections log in
     /// the same way.
-    pub fn new(conn: &'a Conn<'a>, login: catalog::Login) -> Self {
+    pub fn new(conn: &'a Conn<'a>, catalogs: &'a Catalogs, login: catalog::Login) -> Self {
         Self {
             conn,
+            catalogs,
             state: Mutex::new(State::default()),
             columns: columns::Tracker::new(columns::policy_has_column_rules(&conn.policy()), login),
         }
@@ -140,8 +143,7 @@ impl<'a> Relay<'a> {
     ) -> Judged {
         let policy = self.conn.policy();
         let classification = policy.cache().classify(sql, Some(prepared));
-        self.columns
-            .decided(&self.conn.gw.postgres.catalogs, &classification);
+        self.columns.decided(self.catalogs, &classification);
         for (name, what) in &classification.prepared {
             prepared.insert(name, Arc::clone(what));
         }
@@ -269,7 +271,7 @@ impl<'a> Relay<'a> {
         let gw = self.conn.gw;
         let mut results = columns::Results::new(
             &self.columns,
-            &gw.postgres.catalogs,
+            self.catalogs,
             gw.store.as_ref(),
             self.conn.session,
         );

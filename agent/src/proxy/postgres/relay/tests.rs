@@ -62,7 +62,6 @@ fn gateway(policies: &tempfile::TempDir) -> Gateway {
         proc: ProcReader::new("/", "/none"),
         stats: Arc::default(),
         policy: PolicyHandle::open(policies.path()).unwrap(),
-        postgres: super::super::Shared::default(),
         tls: None,
     }
 }
@@ -105,7 +104,8 @@ fn login() -> catalog::Login {
 async fn relay(conn: &Conn<'_>, client: DuplexStream, target: DuplexStream) -> SessionEnd {
     let (client_reader, client_writer) = split(client);
     let (target_reader, target_writer) = split(target);
-    Relay::new(conn, login())
+    let catalogs = Catalogs::default();
+    Relay::new(conn, &catalogs, login())
         .run(
             Leg::new(
                 FrameReader::new(client_reader, "client", codec::MAX_FRONTEND),
