@@ -265,6 +265,21 @@ fn a_held_delete_waits_for_an_admin_and_runs_when_approved() {
     );
 
     let id = pending["id"].to_string();
+    // While it waits, psql has been told why and how an admin decides (a NOTICE).
+    let told = format!("bulkhead approvals approve {id}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !client.stderr().contains(&told) {
+        assert!(
+            Instant::now() < deadline,
+            "no notice of the hold: {}",
+            client.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        client.child.try_wait().unwrap().is_none(),
+        "psql is still waiting"
+    );
     let approved = topo.output(
         Side::Host,
         topo.bulkhead(&["approvals", "approve", &id, "--reason", "cleanup ticket 7"]),

@@ -396,6 +396,7 @@ async fn judge_startup_settings(
                     action: Action::SqlClassified(&classification),
                     text: &format!("startup parameter: {text}"),
                     class: classification.headline().map(|c| c.name().to_string()),
+                    on_hold: None,
                 },
             )
             .await;

@@ -61,15 +61,22 @@ pub struct Relay<'a> {
     state: Mutex<State>,
     /// Which result columns are which, for column mask rules.
     columns: columns::Tracker,
+    /// Messages for the client from the gateway itself (a NOTICE that a statement waits for
+    /// approval), written by the target-to-client loop between the target's messages.
+    notices: tokio::sync::mpsc::UnboundedSender<Bytes>,
+    notices_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Bytes>>>,
 }
 
 impl<'a> Relay<'a> {
     /// `login` is how the session logged in upstream: the catalog's side connections log in
     /// the same way.
     pub fn new(conn: &'a Conn<'a>, catalogs: &'a Catalogs, login: catalog::Login) -> Self {
+        let (notices, notices_rx) = tokio::sync::mpsc::unbounded_channel();
         Self {
             conn,
             catalogs,
+            notices,
+            notices_rx: Mutex::new(Some(notices_rx)),
             state: Mutex::new(State::default()),
             columns: columns::Tracker::new(columns::policy_has_column_rules(&conn.policy()), login),
         }
@@ -129,6 +136,16 @@ impl<'a> Relay<'a> {
         )
     }
 
+    /// Tells the client that its statement waits for approval `id`, and how an admin decides.
+    fn tell_held(&self, id: u64) {
+        let message = format!(
+            "bulkhead: this statement waits for an admin's approval (id {id}): \
+             `bulkhead approvals approve {id}` or `bulkhead approvals deny {id}`"
+        );
+        // The relay ending first drops the receiver: nobody left to tell.
+        let _ = self.notices.send(codec::notice_response(&message));
+    }
+
     fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -158,6 +175,7 @@ impl<'a> Relay<'a> {
                     action: Action::SqlClassified(&classification),
                     text: sql,
                     class: classification.headline().map(|c| c.name().to_string()),
+                    on_hold: Some(&|id| self.tell_held(id)),
                 },
             )
             .await;
@@ -269,6 +287,11 @@ impl<'a> Relay<'a> {
         W: AsyncWrite + Unpin,
     {
         let gw = self.conn.gw;
+        let mut notices = self
+            .notices_rx
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
         let mut results = columns::Results::new(
             &self.columns,
             self.catalogs,
@@ -283,7 +306,24 @@ impl<'a> Relay<'a> {
                     .map_err(|e| SessionError::Client(e.into()))?;
                 self.record_finished();
             }
-            let Some(frame) = leg.from.next().await.map_err(SessionError::Target)? else {
+            // Only when the next read would wait anyway is a gateway notice let in (between
+            // whole frames; the reader keeps a partly read frame across the select).
+            let next = match notices.as_mut() {
+                Some(rx) if !leg.from.has_frame() => tokio::select! {
+                    biased;
+                    frame = leg.from.next() => frame,
+                    Some(notice) = rx.recv() => {
+                        count.fetch_add(notice.len() as u64, Ordering::Relaxed);
+                        leg.to
+                            .write_all(&notice)
+                            .await
+                            .map_err(|e| SessionError::Client(e.into()))?;
+                        continue;
+                    }
+                },
+                _ => leg.from.next().await,
+            };
+            let Some(frame) = next.map_err(SessionError::Target)? else {
                 return Ok(());
             };
             results.observe(frame.tag, &frame.body, || self.front_masks().is_some());

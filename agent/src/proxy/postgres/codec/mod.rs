@@ -330,13 +330,24 @@ pub fn error_response(sqlstate: &str, message: &str) -> Bytes {
     error_with_severity("ERROR", sqlstate, message)
 }
 
+/// NoticeResponse from the gateway itself (severity NOTICE, SQLSTATE 00000): a message the
+/// server may send at any time between other messages.
+pub fn notice_response(message: &str) -> Bytes {
+    fields_frame(b'N', "NOTICE", "00000", message)
+}
+
 /// FATAL ErrorResponse, for refusing a connection during startup.
 pub fn fatal_response(sqlstate: &str, message: &str) -> Bytes {
     error_with_severity("FATAL", sqlstate, message)
 }
 
 fn error_with_severity(severity: &str, sqlstate: &str, message: &str) -> Bytes {
-    frame(b'E', |b| {
+    fields_frame(b'E', severity, sqlstate, message)
+}
+
+/// An ErrorResponse or NoticeResponse: severity (localized and not), SQLSTATE, message.
+fn fields_frame(tag: u8, severity: &str, sqlstate: &str, message: &str) -> Bytes {
+    frame(tag, |b| {
         for (code, value) in [
             (b'S', severity),
             (b'V', severity),
