@@ -363,7 +363,7 @@ fn print_status(report: &StatusReport, json: bool) -> Result<(), CliError> {
             || "kept forever".to_string(),
             |a| format!(
                 "{} max age",
-                humantime::format_duration(std::time::Duration::from_secs(a / 1_000_000))
+                crate::text::duration(std::time::Duration::from_micros(a))
             )
         ),
         r.max_bytes.map_or_else(

@@ -33,7 +33,14 @@ pub enum DaemonError {
     Ebpf(#[from] crate::ebpf::EbpfError),
     #[error(transparent)]
     Store(#[from] crate::record::StoreError),
-    #[error("cannot listen on {addr}: {source} (is another daemon running?)")]
+    #[error(
+        "cannot listen on {addr}: {source}{}",
+        if source.kind() == std::io::ErrorKind::AddrInUse {
+            " (another program holds the port: `ss -ltnp` names it; the port is `listener.port` in the configuration)"
+        } else {
+            ""
+        }
+    )]
     Listen {
         addr: String,
         source: std::io::Error,

@@ -16,4 +16,5 @@ pub mod policy;
 pub mod protocol;
 pub mod proxy;
 pub mod record;
+pub mod text;
 pub mod tls;

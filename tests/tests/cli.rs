@@ -163,6 +163,11 @@ fn run_gives_the_tool_its_users_environment_and_says_when_it_cannot_start_it() {
     let out = run_governed(&topo, &["--", "/usr/bin/env"], Some("65534"));
     assert!(out.status.success(), "{out:?}");
     nobody(&out);
+    // No daemon and nothing pinned: it says plainly that connections are not governed.
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("NOT governed"),
+        "{out:?}"
+    );
     // --user, without sudo.
     let out = run_governed(&topo, &["--user", "nobody", "--", "/usr/bin/env"], None);
     assert!(out.status.success(), "{out:?}");

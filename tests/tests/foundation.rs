@@ -555,3 +555,26 @@ fn uninstall_programs_removes_a_stopped_daemons_pins_and_is_refused_while_one_ru
     );
     assert_eq!(topo.status_while_stopped()["programs_attached"], false);
 }
+
+#[test]
+fn a_listener_port_in_use_is_reported_with_its_key() {
+    require_root();
+    let topo = Topology::new("");
+    // Something else holds the gateway's port on the governed side's loopback.
+    let mut holder = Command::new(topo.probe());
+    holder.args(["serve", "127.0.0.1:15001"]);
+    let mut holder = topo.spawn(Side::Host, "port-holder", holder);
+    assert_eq!(
+        holder.line(Duration::from_secs(10)).as_deref(),
+        Some("ready")
+    );
+    let mut cmd = topo.bulkhead(&["daemon"]);
+    cmd.env("RUST_LOG", "error");
+    let out = topo.output(Side::Host, cmd);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("127.0.0.1:15001") && err.contains("`listener.port`"),
+        "{err}"
+    );
+}

@@ -158,9 +158,19 @@ fn announce(config: &Config) {
         &config.daemon.admin_group,
         &Request::Status,
     ) {
-        Err(ClientError::NotRunning(_)) => eprintln!(
-            "bulkhead: warning: the daemon is not running; governed connections will be refused"
-        ),
+        Err(ClientError::NotRunning(_)) => {
+            if crate::ebpf::pinned_links(&config.daemon.bpf_pin_dir).is_empty() {
+                eprintln!(
+                    "bulkhead: warning: the daemon is not running and no programs are pinned: \
+                     connections are NOT governed; they go direct and are not recorded"
+                );
+            } else {
+                eprintln!(
+                    "bulkhead: warning: the daemon is not running; governed connections will be \
+                     refused until it runs (fail closed)"
+                );
+            }
+        }
         Ok(report) => {
             let starter = serde_json::from_value::<StatusReport>(report)
                 .ok()

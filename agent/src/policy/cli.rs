@@ -11,6 +11,7 @@ use crate::{
     config::Config,
     identity::{Ancestor, ProcessIdentity},
     protocol::Protocol,
+    text::count,
 };
 
 #[derive(Debug, Subcommand)]
@@ -119,7 +120,7 @@ pub struct TestArgs {
 
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyCliError {
-    #[error("{count} error(s) in {dir}")]
+    #[error("{} in {}", crate::text::count(*count, "error", "errors"), dir.display())]
     Invalid { dir: PathBuf, count: usize },
     #[error("{0}")]
     Usage(String),
@@ -179,11 +180,11 @@ pub fn init(dir: &Path) -> Result<(), PolicyCliError> {
     }
     let set = load(dir)?;
     println!(
-        "{}: {} files, {} rules. Each file says at the top what it does; edit the target names \
+        "{}: {}, {}. Each file says at the top what it does; edit the target names \
          to yours. A running daemon loads the directory within seconds and enforces it.",
         dir.display(),
-        set.files.len(),
-        set.rules.len()
+        count(set.files.len(), "file", "files"),
+        count(set.rules.len(), "rule", "rules"),
     );
     Ok(())
 }
@@ -191,11 +192,11 @@ pub fn init(dir: &Path) -> Result<(), PolicyCliError> {
 pub fn check(dir: &Path) -> Result<(), PolicyCliError> {
     let set = load(dir)?;
     println!(
-        "{}: ok ({} files, {} rules, {} target settings)",
+        "{}: ok ({}, {}, {})",
         dir.display(),
-        set.files.len(),
-        set.rules.len(),
-        set.targets.len()
+        count(set.files.len(), "file", "files"),
+        count(set.rules.len(), "rule", "rules"),
+        count(set.targets.len(), "target table", "target tables"),
     );
     Ok(())
 }

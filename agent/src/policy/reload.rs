@@ -61,10 +61,10 @@ impl PolicyStatus {
             )
         } else {
             format!(
-                "policy:      version {} ({} rules, {} files) from {}, loaded {}",
+                "policy:      version {} ({}, {}) from {}, loaded {}",
                 self.version,
-                self.rules,
-                self.files,
+                crate::text::count(self.rules, "rule", "rules"),
+                crate::text::count(self.files, "file", "files"),
                 self.dir,
                 when(self.loaded_at_us)
             )
