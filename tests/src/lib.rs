@@ -873,15 +873,32 @@ impl Topology {
         target_toml: &str,
     ) -> (PgServer, Proc) {
         let pg = self.postgres(auth);
-        let secret = self.credential_file("db", &pg.password);
+        let daemon = self.held_postgres_target(
+            &format!("\"{TARGET_V4}:5432\""),
+            &pg.password,
+            policy,
+            target_toml,
+        );
+        (pg, daemon)
+    }
+
+    /// Configures target `db` (PostgreSQL) at `addresses` (TOML list items) with `password`
+    /// held, `target_toml` added to its table, `policy` written as `db.toml`; starts the daemon.
+    pub fn held_postgres_target(
+        &self,
+        addresses: &str,
+        password: &str,
+        policy: &str,
+        target_toml: &str,
+    ) -> Proc {
+        let secret = self.credential_file("db", password);
         self.write_config(&format!(
-            "[[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddresses = [\"{TARGET_V4}:5432\"]\n\
+            "[[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddresses = [{addresses}]\n\
              credentials = {{ file = \"{}\" }}\n{target_toml}",
             secret.display()
         ));
         self.policy("db.toml", policy);
-        let daemon = self.start_daemon(&[]);
-        (pg, daemon)
+        self.start_daemon(&[])
     }
 
     /// Writes the held password where a target's `credentials = { file = ... }` points.

@@ -158,7 +158,13 @@ async fn round_trip(mut c: TcpStream, text: &[u8]) -> std::io::Result<Vec<u8>> {
 }
 
 fn target_config(name: &str, addr: SocketAddr, protocol: &str) -> String {
-    format!("[[target]]\nname = \"{name}\"\naddresses = [\"{addr}\"]\nprotocol = \"{protocol}\"\n")
+    // A postgres target without credentials logs in only where the server asks for nothing.
+    let auth = if protocol == "postgres" {
+        "postgres = { auth = [\"none\"] }\n"
+    } else {
+        ""
+    };
+    format!("[[target]]\nname = \"{name}\"\naddresses = [\"{addr}\"]\nprotocol = \"{protocol}\"\n{auth}")
 }
 
 fn tcp_target(name: &str, addr: SocketAddr) -> String {

@@ -242,6 +242,10 @@ async fn upstream_login<W: AsyncWrite + Unpin>(
         return end(0, 0, Outcome::Refused { reason: message });
     }
 
+    // The held credentials go only to addresses the target names as sockets (or opts in).
+    if let Some(message) = upstream::network_refusal(target, pg, destination) {
+        return Err(refuse_login(conn, cwriter, message).await);
+    }
     // Whom to log in as upstream: the target's `postgres.map`, else its defaults. A client the
     // map does not cover is refused (fail closed).
     let Some(login) = pg.login(target.credentials.as_ref(), &client_user, &client_db) else {
@@ -249,11 +253,7 @@ async fn upstream_login<W: AsyncWrite + Unpin>(
             "no upstream login is mapped for user \"{client_user}\" and database \"{client_db}\" on target {}",
             target.name
         );
-        conn.record(EventKind::Error {
-            message: message.clone(),
-        });
-        send_fatal(cwriter, "28000", &format!("bulkhead: {message}")).await;
-        return end(0, 0, Outcome::Refused { reason: message });
+        return Err(refuse_login(conn, cwriter, message).await);
     };
     let (user, database) = (login.user.clone(), login.database.clone());
     let password = match login
@@ -289,17 +289,12 @@ async fn upstream_login<W: AsyncWrite + Unpin>(
             conn.record(EventKind::Auth {
                 side: "upstream".into(),
                 user: Some(format!("{user}@{database}")),
-                method: login_method("login", login.mapping),
+                method: login_method(&e.recorded_method(), login.mapping),
                 ok: false,
             });
-            send_fatal(cwriter, "08006", &format!("bulkhead: {e}")).await;
-            return end(
-                0,
-                0,
-                Outcome::UpstreamFailed {
-                    error: e.to_string(),
-                },
-            );
+            let message = format!("bulkhead: target {}: {e}", target.name);
+            send_fatal(cwriter, e.sqlstate(), &message).await;
+            return end(0, 0, e.outcome(&target.name));
         }
     };
     conn.record(EventKind::Auth {
@@ -309,13 +304,13 @@ async fn upstream_login<W: AsyncWrite + Unpin>(
             &if up.tls {
                 format!("{} over TLS", up.method)
             } else {
-                up.method.into()
+                up.method.to_string()
             },
             login.mapping,
         ),
         ok: true,
     });
-    info!(user = %client_user, upstream_user = %user, database = %database, method = up.method, "postgres session started");
+    info!(user = %client_user, upstream_user = %user, database = %database, method = %up.method, "postgres session started");
     let login = catalog::Login {
         addr: destination,
         pg: pg.clone(),
@@ -324,6 +319,20 @@ async fn upstream_login<W: AsyncWrite + Unpin>(
         password,
     };
     Ok((up, login))
+}
+
+/// Refuses a client's login before the gateway logs in upstream: an `error` event, then
+/// FATAL 28000 with `message`; the session's outcome is `refused`.
+async fn refuse_login<W: AsyncWrite + Unpin>(
+    conn: &Conn<'_>,
+    cwriter: &mut W,
+    message: String,
+) -> SessionEnd {
+    conn.record(EventKind::Error {
+        message: message.clone(),
+    });
+    send_fatal(cwriter, "28000", &format!("bulkhead: {message}")).await;
+    ended(0, 0, Outcome::Refused { reason: message })
 }
 
 /// The client's greeting: authenticated (by its kernel identity), the target's parameters

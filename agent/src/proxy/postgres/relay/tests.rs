@@ -46,7 +46,8 @@ fn gateway(policies: &tempfile::TempDir) -> Gateway {
     std::fs::write(policies.path().join("test.toml"), POLICY).unwrap();
     let config = Config::from_toml(
         &format!(
-            "[[target]]\nname = \"db\"\naddresses = [\"{}\"]\nprotocol = \"postgres\"\n",
+            "[[target]]\nname = \"db\"\naddresses = [\"{}\"]\nprotocol = \"postgres\"\n\
+             postgres = {{ auth = [\"none\"] }}\n",
             destination()
         ),
         Source::Embedded,
