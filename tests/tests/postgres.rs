@@ -1018,6 +1018,15 @@ mask = { detectors = ["email", "card"], style = "redact" }
     let text = topo.output(Side::Host, topo.bulkhead(&["sessions", "show", &id]));
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(text.contains("MASKED in 1 row by pii-values"), "{text}");
+    let listed = topo
+        .run_cli(&["sessions", "list", "--verdict", "masked", "--json"])
+        .unwrap();
+    assert_eq!(listed[0]["id"], session["id"], "{listed}");
+    assert_eq!(listed[0]["masked"], 4, "{listed}");
+    let listed = topo
+        .run_cli(&["sessions", "list", "--verdict", "held", "--json"])
+        .unwrap();
+    assert_eq!(listed, serde_json::json!([]), "nothing was held");
 }
 
 #[test]

@@ -81,8 +81,14 @@ pub enum ExportFormat {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum VerdictFilter {
+    /// Sessions in which nothing was denied
+    Allowed,
     /// Sessions in which a connection or request was denied
     Denied,
+    /// Sessions in which a request was held for an admin's approval
+    Held,
+    /// Sessions in which result values were masked
+    Masked,
 }
 
 #[derive(Debug, Args)]
@@ -130,6 +136,9 @@ impl From<&FilterArgs> for ListFilter {
                 ProtocolArg::Kubernetes => Protocol::Kubernetes,
             }),
             denied: a.verdict == Some(VerdictFilter::Denied),
+            allowed: a.verdict == Some(VerdictFilter::Allowed),
+            held: a.verdict == Some(VerdictFilter::Held),
+            masked: a.verdict == Some(VerdictFilter::Masked),
         }
     }
 }

@@ -467,11 +467,12 @@ async fn export(
 }
 
 /// Which events a tail wants: those of sessions its filter matches (each session looked up
-/// once), and with `--verdict denied` only the denials.
+/// once), and with `--verdict` only the events of that verdict (denials, holds, masked
+/// results, allowed requests).
 struct TailFilter {
     /// The filter on sessions, without its time and verdict parts.
     sessions: ListFilter,
-    denied_only: bool,
+    verdicts: ListFilter,
     seen: std::collections::HashMap<SessionId, bool>,
 }
 
@@ -480,15 +481,19 @@ impl TailFilter {
         Self {
             sessions: ListFilter {
                 denied: false,
+                allowed: false,
+                held: false,
+                masked: false,
                 since_us: None,
                 ..filter.clone()
             },
-            denied_only: filter.denied,
+            verdicts: filter.clone(),
             seen: std::collections::HashMap::new(),
         }
     }
 
     fn wants(&mut self, store: &dyn SessionStore, event: &Event) -> bool {
+        use crate::record::{EventKind, RecordedVerdict};
         if self.seen.len() > 100_000 {
             self.seen.clear();
         }
@@ -500,12 +505,32 @@ impl TailFilter {
                 .flatten()
                 .is_some_and(|s| sessions.matches(&s))
         });
+        let v = &self.verdicts;
+        let kind = &event.kind;
         wanted
-            && (!self.denied_only
+            && (!v.denied
                 || matches!(
-                    &event.kind,
-                    crate::record::EventKind::Request {
-                        verdict: crate::record::RecordedVerdict::Deny,
+                    kind,
+                    EventKind::Request {
+                        verdict: RecordedVerdict::Deny,
+                        ..
+                    }
+                ))
+            && (!v.allowed
+                || matches!(
+                    kind,
+                    EventKind::Request {
+                        verdict: RecordedVerdict::Allow,
+                        ..
+                    }
+                ))
+            && (!v.held
+                || matches!(kind, EventKind::Approval { state, .. } if state == "requested"))
+            && (!v.masked
+                || matches!(
+                    kind,
+                    EventKind::Response {
+                        masked_rows: Some(_),
                         ..
                     }
                 ))

@@ -104,6 +104,12 @@ pub struct Session {
     /// Requests denied (or that would have been, in observe mode) during the session.
     #[serde(default)]
     pub denied: u32,
+    /// Requests held for an admin's approval during the session.
+    #[serde(default)]
+    pub held: u32,
+    /// Results sent with masked values during the session.
+    #[serde(default)]
+    pub masked: u32,
 }
 
 impl Session {
@@ -315,6 +321,15 @@ pub struct ListFilter {
     pub protocol: Option<Protocol>,
     /// Only sessions in which something was denied.
     pub denied: bool,
+    /// Only sessions in which nothing was denied.
+    #[serde(default)]
+    pub allowed: bool,
+    /// Only sessions in which a request was held for approval.
+    #[serde(default)]
+    pub held: bool,
+    /// Only sessions in which result values were masked.
+    #[serde(default)]
+    pub masked: bool,
 }
 
 impl ListFilter {
@@ -329,6 +344,9 @@ impl ListFilter {
             && self.uid.is_none_or(|u| who.uid == u)
             && self.protocol.is_none_or(|p| s.start.protocol == p)
             && (!self.denied || s.was_denied())
+            && (!self.allowed || !s.was_denied())
+            && (!self.held || s.held > 0)
+            && (!self.masked || s.masked > 0)
             && self.process.as_ref().is_none_or(|p| {
                 who.comm == *p
                     || who

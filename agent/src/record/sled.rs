@@ -494,21 +494,32 @@ impl SessionStore for SledStore {
             bytes_from_target: 0,
             outcome: Outcome::Open,
             denied: 0,
+            held: 0,
+            masked: 0,
         })?;
         self.put_event(id, connect, at)?;
         Ok(id)
     }
 
     fn append(&self, session: SessionId, kind: EventKind) -> Result<u64, StoreError> {
-        if let EventKind::Request {
-            verdict: RecordedVerdict::Deny,
-            ..
-        } = &kind
-        {
+        // The session's counters that `sessions list --verdict` selects by.
+        let counter: Option<fn(&mut Session)> = match &kind {
+            EventKind::Request {
+                verdict: RecordedVerdict::Deny,
+                ..
+            } => Some(|s| s.denied += 1),
+            EventKind::Approval { state, .. } if state == "requested" => Some(|s| s.held += 1),
+            EventKind::Response {
+                masked_rows: Some(_),
+                ..
+            } => Some(|s| s.masked += 1),
+            _ => None,
+        };
+        if let Some(count) = counter {
             let mut s = self
                 .get(session)?
                 .ok_or(StoreError::UnknownSession(session))?;
-            s.denied += 1;
+            count(&mut s);
             self.put_session(&s)?;
         }
         self.put_event(session, kind, super::now_micros())
@@ -759,6 +770,85 @@ mod tests {
             store.close(SessionId(123_456), end(Outcome::Closed)),
             Err(StoreError::UnknownSession(_))
         ));
+    }
+
+    #[test]
+    fn sessions_are_selected_by_what_happened_in_them() {
+        let store = SledStore::temporary().unwrap();
+        let plain = store.open(start(1)).unwrap();
+        let denied = store.open(start(2)).unwrap();
+        let held = store.open(start(3)).unwrap();
+        let masked = store.open(start(4)).unwrap();
+        store
+            .append(plain, request(RecordedVerdict::Allow))
+            .unwrap();
+        store
+            .append(denied, request(RecordedVerdict::Deny))
+            .unwrap();
+        store
+            .append(
+                held,
+                EventKind::Approval {
+                    request: "DELETE FROM t".into(),
+                    state: "requested".into(),
+                    by_uid: None,
+                    by_user: None,
+                    reason: None,
+                    approval: None,
+                    target: None,
+                    rule: None,
+                    grant: None,
+                    until_us: None,
+                    waited_us: None,
+                },
+            )
+            .unwrap();
+        store
+            .append(
+                masked,
+                EventKind::Response {
+                    request: 1,
+                    duration_us: 5,
+                    summary: None,
+                    error: None,
+                    masked_rows: Some(2),
+                    mask_rules: vec!["pii".into()],
+                },
+            )
+            .unwrap();
+        let ids = |f: ListFilter| -> Vec<SessionId> {
+            let mut v: Vec<SessionId> = store.list(&f, 10).unwrap().iter().map(|s| s.id).collect();
+            v.sort();
+            v
+        };
+        assert_eq!(
+            ids(ListFilter {
+                denied: true,
+                ..ListFilter::default()
+            }),
+            vec![denied]
+        );
+        assert_eq!(
+            ids(ListFilter {
+                held: true,
+                ..ListFilter::default()
+            }),
+            vec![held]
+        );
+        assert_eq!(
+            ids(ListFilter {
+                masked: true,
+                ..ListFilter::default()
+            }),
+            vec![masked]
+        );
+        assert_eq!(
+            ids(ListFilter {
+                allowed: true,
+                ..ListFilter::default()
+            }),
+            vec![plain, held, masked]
+        );
     }
 
     #[test]
