@@ -25,6 +25,7 @@ pub mod matchers;
 pub mod reload;
 pub mod sql;
 mod sql_functions;
+mod sql_settings;
 mod sql_utility;
 mod sql_walk;
 #[cfg(test)]
@@ -39,6 +40,7 @@ pub use self::{
     mask::{MaskRule, MaskStyle, Masker},
     reload::{watch, PolicyHandle, PolicyStatus},
     sql::{classify, Classification, PreparedStatements, SqlCache, SqlClass},
+    sql_settings::{login_hazard, split_identifier_list},
 };
 use crate::{identity::ProcessIdentity, protocol::Protocol};
 use matchers::{ArgvPattern, Glob};

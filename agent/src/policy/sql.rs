@@ -26,7 +26,7 @@ use sqlparser::{
     tokenizer::{Token, TokenWithSpan, Tokenizer},
 };
 
-use super::{sql_utility, sql_walk::classify_statement};
+use super::{sql_settings, sql_utility, sql_walk::classify_statement};
 
 /// Longest message classified; longer ones are `unknown` (the parser's time grows with size).
 pub const MAX_SQL_LEN: usize = 1024 * 1024;
@@ -345,6 +345,19 @@ fn classify_pieces(sql: &str, prepared: Option<&PreparedStatements>, out: &mut C
             Err(e) => {
                 if let Some(copy) = sql_utility::copy_with_options(piece) {
                     utility_piece(Some(copy), out);
+                    continue;
+                }
+                if let Some(judged) = sql_settings::set_schema(piece) {
+                    out.statements += 1;
+                    match judged {
+                        Ok(class) => {
+                            out.classes.insert(class);
+                        }
+                        Err(reason) => {
+                            out.classes.insert(SqlClass::Unknown);
+                            out.unknown_reasons.push(reason);
+                        }
+                    }
                     continue;
                 }
                 out.statements += 1;

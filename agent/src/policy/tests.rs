@@ -88,6 +88,8 @@ struct Case {
     objects: Option<Vec<String>>,
     #[serde(default)]
     prepared: std::collections::BTreeMap<String, String>,
+    /// Words an `unknown` classification's reasons must contain.
+    reason: Option<String>,
     #[allow(dead_code, reason = "documentation for the reader of the table")]
     note: Option<String>,
 }
@@ -138,6 +140,18 @@ fn sql_case_table() {
             let got: Vec<&String> = c.objects.iter().collect();
             if got != expected.iter().collect::<Vec<_>>() {
                 problems.push(format!("objects {got:?}, expected {expected:?}"));
+            }
+        }
+        if let Some(expected) = &case.reason {
+            if !c
+                .unknown_reasons
+                .iter()
+                .any(|r| r.contains(expected.as_str()))
+            {
+                problems.push(format!(
+                    "reasons {:?}, expected one with {expected:?}",
+                    c.unknown_reasons
+                ));
             }
         }
         if !problems.is_empty() {
