@@ -20,8 +20,9 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 use sqlparser::{
-    ast::Statement,
+    ast::{Query, Statement},
     dialect::PostgreSqlDialect,
+    keywords::Keyword,
     parser::Parser,
     tokenizer::{Token, TokenWithSpan, Tokenizer},
 };
@@ -347,6 +348,10 @@ fn classify_pieces(sql: &str, prepared: Option<&PreparedStatements>, out: &mut C
                     utility_piece(Some(copy), out);
                     continue;
                 }
+                if let Some(query) = table_statement(piece) {
+                    classify_statement(&Statement::Query(query), prepared, out);
+                    continue;
+                }
                 if let Some(judged) = sql_settings::set_schema(piece) {
                     out.statements += 1;
                     match judged {
@@ -371,6 +376,25 @@ fn classify_pieces(sql: &str, prepared: Option<&PreparedStatements>, out: &mut C
             }
         }
     }
+}
+
+/// `TABLE name ...` as a statement of its own, which the parser reads only inside a query:
+/// read as the query it is (`SELECT * FROM name ...`), with what may follow it (set operations,
+/// ORDER BY, LIMIT, FOR UPDATE).
+fn table_statement(piece: &[TokenWithSpan]) -> Option<Box<Query>> {
+    let first = piece
+        .iter()
+        .find(|t| !matches!(t.token, Token::Whitespace(_)))?;
+    if !matches!(&first.token, Token::Word(w) if w.quote_style.is_none() && w.keyword == Keyword::TABLE)
+    {
+        return None;
+    }
+    let dialect = PostgreSqlDialect {};
+    let mut parser = Parser::new(&dialect)
+        .with_recursion_limit(RECURSION_LIMIT)
+        .with_tokens_with_locations(piece.to_vec());
+    let query = parser.parse_query().ok()?;
+    (parser.peek_token().token == Token::EOF).then_some(query)
 }
 
 /// Adds a statement read by `sql_utility`; `None` (outside its grammar) is `unknown`.

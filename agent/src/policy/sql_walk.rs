@@ -10,7 +10,7 @@ use std::{collections::HashMap, ops::ControlFlow, sync::Arc};
 use sqlparser::ast::{
     CopySource, CopyTarget, DollarQuotedString, Expr, FunctionArg, FunctionArgExpr,
     FunctionArguments, Ident, ObjectName, ObjectType, OnConflictAction, OnInsert, Query, Reset,
-    Select, Set, Statement, TableFactor, UtilityOption, Value, Visit, Visitor,
+    Select, Set, SetExpr, Statement, TableFactor, UtilityOption, Value, Visit, Visitor,
 };
 
 use super::{
@@ -115,6 +115,33 @@ impl Walker<'_, '_> {
     fn relation(&mut self, name: String) {
         self.settings_view |= matches!(name.as_str(), "pg_settings" | "pg_catalog.pg_settings");
         self.out.objects.insert(name);
+    }
+
+    /// `TABLE name` in a query body (alone, or as a branch of UNION / INTERSECT / EXCEPT) is
+    /// `SELECT * FROM name`; the parser keeps it out of the relations the visitor reports.
+    /// Bodies in parentheses are queries of their own, visited separately.
+    fn body_tables(&mut self, body: &SetExpr) {
+        match body {
+            SetExpr::Table(t) => match (&t.schema_name, &t.table_name) {
+                (None, Some(table)) => {
+                    let name = normalize_ident(table);
+                    if !self.cte_in_scope(&name) {
+                        self.relation(name);
+                    }
+                }
+                (Some(schema), Some(table)) => self.relation(format!(
+                    "{}.{}",
+                    normalize_ident(schema),
+                    normalize_ident(table)
+                )),
+                (_, None) => self.out.objects_complete = false,
+            },
+            SetExpr::SetOperation { left, right, .. } => {
+                self.body_tables(left);
+                self.body_tables(right);
+            }
+            _ => {}
+        }
     }
 
     fn function(&mut self, name: &ObjectName, args: Option<&FunctionArguments>) {
@@ -441,6 +468,7 @@ impl Visitor for Walker<'_, '_> {
             pushed += 1;
         }
         self.query_pushed.push(pushed);
+        self.body_tables(&q.body);
         if !q.locks.is_empty() {
             self.add(SqlClass::Lock);
         }
