@@ -1,14 +1,16 @@
 //! The `bulkhead` command line.
 
 pub mod approvals;
+mod help;
+mod run;
 pub mod sessions;
+
+pub use help::{command, leaf_commands, parse};
+pub use run::run;
 
 pub use sessions::SessionsCommand;
 
-use std::{
-    ffi::OsString,
-    path::{Path, PathBuf},
-};
+use std::{ffi::OsString, path::PathBuf};
 
 use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
@@ -43,7 +45,11 @@ pub enum Command {
         fail_open: bool,
     },
     /// Run a command governed: inside the governed cgroup, as the invoking user under sudo
+    /// (or --user), with that user's HOME, USER, LOGNAME and SHELL
     Run {
+        /// Run as this user (name or uid) instead of the sudo caller
+        #[arg(long, value_name = "NAME")]
+        user: Option<String>,
         /// The command and its arguments
         #[arg(
             required = true,
@@ -67,6 +73,42 @@ pub enum Command {
     /// Requests held for approval: list, approve, deny, watch; grant windows (needs the daemon)
     #[command(subcommand)]
     Approvals(approvals::ApprovalsCommand),
+    /// Remove the pinned programs a stopped daemon left (fail closed) so governed processes
+    /// connect directly again; refused while a daemon runs
+    UninstallPrograms,
+}
+
+/// `bulkhead uninstall-programs`.
+pub fn uninstall_programs(config: &Config) -> Result<(), CliError> {
+    let pins = &config.daemon.bpf_pin_dir;
+    let mount = cgroup::cgroup2_mount()?;
+    let governed = cgroup::resolve(&mount, &config.governed.cgroup)?;
+    let refused = |e: crate::exclusive::LockError| {
+        CliError::Other(format!(
+            "{e}; stop the daemon first (it detaches or keeps its programs itself)"
+        ))
+    };
+    // Held while removing: no daemon can start and adopt half-removed pins meanwhile.
+    let _cgroup = if governed.is_dir() {
+        Some(crate::exclusive::lock_dir(&governed).map_err(refused)?)
+    } else {
+        None
+    };
+    if !pins.is_dir() {
+        println!(
+            "nothing pinned at {}: no programs to remove",
+            pins.display()
+        );
+        return Ok(());
+    }
+    let _pins = crate::exclusive::lock_dir(pins).map_err(refused)?;
+    let links = crate::ebpf::remove_pins(pins).map_err(|e| CliError::Other(e.to_string()))?;
+    println!(
+        "removed {links} pinned links and their maps from {}: processes in {} connect directly now",
+        pins.display(),
+        governed.display()
+    );
+    Ok(())
 }
 
 #[derive(Debug, Subcommand)]
@@ -111,6 +153,13 @@ pub enum CliError {
     Cgroup(#[from] cgroup::CgroupError),
     #[error("{0}")]
     Other(String),
+    /// Exit with this status after printing the message (as a shell does for a command it
+    /// cannot run: 127 not found, 126 not executable).
+    #[error("{1}")]
+    Exit(u8, String),
+    /// The command did its work and its answer is this exit status (nothing more to print).
+    #[error("exit status {0}")]
+    Status(u8),
 }
 
 /// Asks the daemon; when it is not running, answers from the store and the pins directly.
@@ -130,6 +179,60 @@ where
     }
 }
 
+/// What a follower does after one streamed answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Flow {
+    Continue,
+    /// The reader went away (`| head`): stop quietly.
+    Stop,
+}
+
+/// How long a follower waits between attempts to reach a daemon that went away.
+const RECONNECT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Follows a streaming request (`sessions tail`, `approvals watch`). The first connection
+/// must succeed (an error says why); after that, when the daemon goes away (restart, stop),
+/// a note goes to stderr and the request is sent again, built anew by `request`, once the
+/// daemon is back.
+pub(crate) fn follow(
+    config: &Config,
+    mut request: impl FnMut() -> Request,
+    mut on: impl FnMut(control::Response) -> Result<Flow, CliError>,
+) -> Result<(), CliError> {
+    let mut followed = false;
+    loop {
+        let started =
+            control::Client::connect(&config.control_socket(), &config.daemon.admin_group)
+                .and_then(|mut c| c.call(&request()).map(|_| c));
+        let mut client = match started {
+            Ok(c) => c,
+            Err(e) if !followed => return Err(e.into()),
+            Err(_) => {
+                std::thread::sleep(RECONNECT_EVERY);
+                continue;
+            }
+        };
+        if followed {
+            eprintln!("bulkhead: reconnected to the daemon");
+        }
+        followed = true;
+        loop {
+            match client.next() {
+                Ok(Some(control::Response::End) | None) | Err(_) => break,
+                Ok(Some(answer)) => {
+                    if on(answer)? == Flow::Stop {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        eprintln!(
+            "bulkhead: the daemon went away; following again when it is back (Ctrl-C to stop)"
+        );
+        std::thread::sleep(RECONNECT_EVERY);
+    }
+}
+
 fn open_store(config: &Config) -> Result<SledStore, CliError> {
     let path = config.store_path();
     if !path.exists() {
@@ -145,8 +248,20 @@ fn open_store(config: &Config) -> Result<SledStore, CliError> {
     })
 }
 
+/// `status`'s exit status: 0 governing with a loaded policy, 1 the daemon is not running,
+/// 3 it runs but the last policy reload failed (2 is a usage error, as for every command).
 pub fn status(config: &Config, json: bool) -> Result<(), CliError> {
-    let report: StatusReport = ask_or_read(config, &Request::Status, || {
+    let report = status_report(config)?;
+    print_status(&report, json)?;
+    match (&report.daemon, &report.policy) {
+        (None, _) => Err(CliError::Status(1)),
+        (Some(_), Some(p)) if p.last_error.is_some() => Err(CliError::Status(3)),
+        _ => Ok(()),
+    }
+}
+
+fn status_report(config: &Config) -> Result<StatusReport, CliError> {
+    ask_or_read(config, &Request::Status, || {
         let mount = cgroup::cgroup2_mount()?;
         let governed = cgroup::resolve(&mount, &config.governed.cgroup)?;
         let pinned = crate::ebpf::pinned_links(&config.daemon.bpf_pin_dir).len();
@@ -160,9 +275,12 @@ pub fn status(config: &Config, json: bool) -> Result<(), CliError> {
             retention: config.store.retention,
             policy: None,
         })
-    })?;
+    })
+}
+
+fn print_status(report: &StatusReport, json: bool) -> Result<(), CliError> {
     if json {
-        return print_json(&report);
+        return print_json(report);
     }
     match &report.daemon {
         Some(d) => {
@@ -175,6 +293,34 @@ pub fn status(config: &Config, json: bool) -> Result<(), CliError> {
                 "connections: {} active, {} accepted, {} refused since start",
                 d.connections.active, d.connections.accepted, d.connections.refused
             );
+            for (i, t) in d.targets.iter().enumerate() {
+                println!(
+                    "{}{} ({}) {}",
+                    if i == 0 {
+                        "targets:     "
+                    } else {
+                        "             "
+                    },
+                    t.name,
+                    t.protocol,
+                    t.addresses.join(", ")
+                );
+            }
+            if d.targets.is_empty() {
+                println!(
+                    "targets:     none configured (every destination is judged by its address)"
+                );
+            }
+            if d.config_changed {
+                println!(
+                    "config:      CHANGED since the daemon started ({}): targets, listeners and \
+                     capture rules apply after a restart; policies reload by themselves",
+                    d.config
+                );
+            }
+            for w in &d.warnings {
+                println!("warning:     {w}");
+            }
         }
         None => println!("daemon:      not running"),
     }
@@ -217,7 +363,7 @@ pub fn status(config: &Config, json: bool) -> Result<(), CliError> {
             || "kept forever".to_string(),
             |a| format!(
                 "{} max age",
-                humantime::format_duration(std::time::Duration::from_secs(a / 1_000_000))
+                crate::text::duration(std::time::Duration::from_micros(a))
             )
         ),
         r.max_bytes.map_or_else(
@@ -250,80 +396,4 @@ fn format_time(micros: u64) -> String {
         .replace('T', " ")
         .trim_end_matches('Z')
         .to_string()
-}
-
-/// `bulkhead run`: enter the governed cgroup, drop back to the sudo caller, exec.
-pub fn run(config: &Config, command: &[OsString]) -> Result<std::convert::Infallible, CliError> {
-    use std::os::unix::process::CommandExt as _;
-
-    let mount = cgroup::cgroup2_mount()?;
-    let governed = cgroup::resolve(&mount, &config.governed.cgroup)?;
-    if !governed.is_dir() {
-        return Err(CliError::Other(format!(
-            "the governed cgroup {} does not exist: start the daemon first (bulkhead daemon)",
-            governed.display()
-        )));
-    }
-    if matches!(
-        control::call(
-            &config.control_socket(),
-            &config.daemon.admin_group,
-            &Request::Status
-        ),
-        Err(ClientError::NotRunning(_))
-    ) {
-        eprintln!(
-            "bulkhead: warning: the daemon is not running; governed connections will be refused"
-        );
-    }
-    cgroup::enter(&governed, 0).map_err(|e| {
-        CliError::Other(format!(
-            "{e} (bulkhead run must be started as root, e.g. with sudo)"
-        ))
-    })?;
-    let (program, args) = command
-        .split_first()
-        .ok_or_else(|| CliError::Other("no command given".into()))?;
-    let mut cmd = std::process::Command::new(program);
-    cmd.args(args);
-    if let Some((uid, gid, user)) = sudo_caller() {
-        drop_privileges(uid, gid, &user)?;
-    }
-    let err = cmd.exec();
-    Err(CliError::Other(format!(
-        "cannot run {}: {err}",
-        Path::new(program).display()
-    )))
-}
-
-/// The user who ran `sudo bulkhead run`, when we are root because of sudo.
-fn sudo_caller() -> Option<(u32, u32, String)> {
-    // SAFETY: getuid has no preconditions.
-    if unsafe { libc::getuid() } != 0 {
-        return None;
-    }
-    let uid: u32 = std::env::var("SUDO_UID").ok()?.parse().ok()?;
-    let gid: u32 = std::env::var("SUDO_GID").ok()?.parse().ok()?;
-    let user = std::env::var("SUDO_USER").ok()?;
-    (uid != 0).then_some((uid, gid, user))
-}
-
-fn drop_privileges(uid: u32, gid: u32, user: &str) -> Result<(), CliError> {
-    let name = std::ffi::CString::new(user)
-        .map_err(|_| CliError::Other("SUDO_USER contains NUL".into()))?;
-    // SAFETY: plain syscalls with valid arguments; order is groups, gid, then uid, so each
-    // step still has the privilege it needs.
-    let ok = unsafe {
-        libc::initgroups(name.as_ptr(), gid) == 0
-            && libc::setgid(gid) == 0
-            && libc::setuid(uid) == 0
-    };
-    if ok {
-        Ok(())
-    } else {
-        Err(CliError::Other(format!(
-            "cannot switch to {user} (uid {uid}): {}",
-            std::io::Error::last_os_error()
-        )))
-    }
 }

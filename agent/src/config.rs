@@ -208,6 +208,15 @@ impl Target {
     }
 }
 
+/// The SHA-256 of a configuration file's bytes (`None` when it cannot be read), to tell a
+/// running daemon that its file changed.
+pub fn file_digest(path: &Path) -> Option<[u8; 32]> {
+    use sha2::Digest as _;
+    std::fs::read(path)
+        .ok()
+        .map(|b| sha2::Sha256::digest(&b).into())
+}
+
 /// `10.0.0.5:5432`, `[fd00::5]:5432` (one socket), or `10.0.0.0/24` (any port in a network).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TargetAddress {
@@ -222,6 +231,15 @@ impl TargetAddress {
                 s.port() == dst.0.port() && s.ip().to_canonical() == dst.0.ip().to_canonical()
             }
             TargetAddress::Network(c) => c.contains(dst.0.ip()),
+        }
+    }
+}
+
+impl fmt::Display for TargetAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TargetAddress::Socket(s) => s.fmt(f),
+            TargetAddress::Network(c) => c.fmt(f),
         }
     }
 }
@@ -456,8 +474,23 @@ impl Config {
             let kind = match (t.protocol, t.postgres) {
                 (Protocol::Postgres, pg) => {
                     let pg = pg.unwrap_or_default();
-                    if let Some((key, problem)) = pg.problem() {
+                    if let Some((key, problem)) = pg.problem(t.credentials.is_some()) {
                         return Err(invalid(format!("target[{i}].postgres.{key}"), problem));
+                    }
+                    // The gateway logs in with the held credentials only at addresses named
+                    // as sockets (unless opted in): with only networks, nowhere.
+                    let named_socket = addresses
+                        .iter()
+                        .any(|a| matches!(a, TargetAddress::Socket(_)));
+                    if !named_socket && !pg.login_to_network {
+                        return Err(invalid(
+                            format!("target[{i}].addresses"),
+                            "a postgres target is logged in to only at the IP:PORT addresses it \
+                             names, and this one names only networks: name its servers as \
+                             IP:PORT, or set postgres.login_to_network = true to log in with its \
+                             credentials at whatever address in the network a client dials"
+                                .into(),
+                        ));
                     }
                     TargetKind::Postgres(pg)
                 }
@@ -806,7 +839,7 @@ fn default_protocol() -> Protocol {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::postgres::settings::PostgresLogin;
+    use crate::proxy::postgres::settings::{AuthMethod, PostgresLogin};
 
     fn pg_login<'a>(t: &'a Target, user: &str, database: &str) -> Option<PostgresLogin<'a>> {
         match &t.kind {
@@ -858,6 +891,11 @@ mod tests {
             Some(("app".into(), "orders".into()))
         );
         assert_eq!(login("app", "postgres"), None);
+        let TargetKind::Postgres(pg) = &orders.kind else {
+            panic!("orders-db is a postgres target")
+        };
+        assert_eq!(pg.auth, [AuthMethod::ScramSha256]);
+        assert!(!pg.login_to_network);
     }
 
     #[test]
@@ -1041,7 +1079,8 @@ mod tests {
         let c = parse(
             "[[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddresses = [\"10.0.0.5:5432\"]\n\
              credentials = { env = \"DB_PW\" }\n[target.postgres]\nuser = \"svc\"\n\
-             [[target]]\nname = \"plain\"\nprotocol = \"postgres\"\naddresses = [\"10.0.0.6:5432\"]\n",
+             [[target]]\nname = \"plain\"\nprotocol = \"postgres\"\naddresses = [\"10.0.0.6:5432\"]\n\
+             postgres = { auth = [\"none\"] }\n",
         )
         .unwrap();
         let env = CredentialRef::Env("DB_PW".into());
@@ -1069,7 +1108,7 @@ mod tests {
     fn a_map_entry_takes_what_it_leaves_out_from_the_target() {
         let c = parse(
             "[[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddresses = [\"10.0.0.5:5432\"]\n\
-             [target.postgres]\nuser = \"svc\"\n\
+             [target.postgres]\nuser = \"svc\"\nauth = [\"none\"]\n\
              [[target.postgres.map]]\nclient_user = \"claude\"\n",
         )
         .unwrap();
@@ -1119,5 +1158,87 @@ mod tests {
             "{head}[[target.postgres.map]]\nuser = \"a\"\ncredentials = {{ password = \"x\" }}\n"
         ));
         assert!(e.contains("password"), "{e}");
+    }
+
+    #[test]
+    fn postgres_auth_methods_are_named_and_validated() {
+        let head = "[[target]]\nname = \"db\"\nprotocol = \"postgres\"\n\
+                    addresses = [\"10.0.0.5:5432\"]\ncredentials = { env = \"DB_PW\" }\n";
+        let pg = |c: &Config| match &c.targets[0].kind {
+            TargetKind::Postgres(pg) => pg.clone(),
+            TargetKind::Tcp => panic!("a postgres target"),
+        };
+        let c = parse(head).unwrap();
+        assert_eq!(pg(&c).auth, [AuthMethod::ScramSha256], "the default");
+        let c = parse(&format!(
+            "{head}postgres = {{ auth = [\"md5\", \"password\", \"none\", \"scram-sha-256\"] }}\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            pg(&c).auth,
+            [
+                AuthMethod::Md5,
+                AuthMethod::Password,
+                AuthMethod::None,
+                AuthMethod::ScramSha256
+            ]
+        );
+        let e = err(&format!("{head}postgres = {{ auth = [\"md4\"] }}\n"));
+        assert!(
+            e.contains("postgres.auth") && e.contains("\"md4\"") && e.contains("line 6"),
+            "{e}"
+        );
+        let e = err(&format!("{head}[target.postgres]\nauth = [\"trust\"]\n"));
+        assert!(
+            e.contains("postgres.auth") && e.contains("\"none\"") && e.contains("line 7"),
+            "{e}"
+        );
+        let e = err(&format!("{head}postgres = {{ auth = [] }}\n"));
+        assert!(e.contains("`target[0].postgres.auth`"), "{e}");
+    }
+
+    #[test]
+    fn a_postgres_target_without_a_password_must_allow_none() {
+        let head =
+            "[[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddresses = [\"10.0.0.5:5432\"]\n";
+        let e = err(head);
+        assert!(
+            e.contains("`target[0].postgres.auth`") && e.contains("\"none\""),
+            "{e}"
+        );
+        parse(&format!("{head}postgres = {{ auth = [\"none\"] }}\n")).unwrap();
+        // Every mapped login holds its own password: the default holds.
+        let mapped = "[[target.postgres.map]]\nuser = \"a\"\ncredentials = { env = \"A_PW\" }\n";
+        parse(&format!("{head}{mapped}")).unwrap();
+        let e = err(&format!(
+            "{head}{mapped}[[target.postgres.map]]\nuser = \"b\"\n"
+        ));
+        assert!(e.contains("`target[0].postgres.auth`"), "{e}");
+    }
+
+    #[test]
+    fn a_postgres_target_of_networks_alone_must_opt_in_to_log_in_there() {
+        let target = |addresses: &str, extra: &str| {
+            format!(
+                "[[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddresses = [{addresses}]\n\
+                 credentials = {{ env = \"DB_PW\" }}\n{extra}"
+            )
+        };
+        let e = err(&target("\"10.30.0.0/24\"", ""));
+        assert!(
+            e.contains("`target[0].addresses`") && e.contains("postgres.login_to_network = true"),
+            "{e}"
+        );
+        let c = parse(&target(
+            "\"10.30.0.0/24\"",
+            "postgres = { login_to_network = true }\n",
+        ))
+        .unwrap();
+        assert!(matches!(&c.targets[0].kind, TargetKind::Postgres(pg) if pg.login_to_network));
+        // A named server beside the network: logged in to there, refused elsewhere
+        // (proxy::postgres::upstream::network_refusal).
+        parse(&target("\"10.30.0.5:5432\", \"10.30.0.0/24\"", "")).unwrap();
+        // Opaque TCP holds no credentials: networks alone are fine.
+        parse("[[target]]\nname = \"net\"\naddresses = [\"10.30.0.0/24\"]\n").unwrap();
     }
 }

@@ -12,9 +12,11 @@ use tracing::{error, info, warn};
 use crate::{
     approval::ApprovalBroker,
     cgroup,
-    config::Config,
-    control::{self, ControlState, DaemonInfo},
+    config::{Config, Source, TargetKind},
+    control::{self, ControlState, DaemonInfo, TargetInfo},
+    credentials::CredentialRef,
     ebpf::{rules::CaptureRules, Mode, Redirector},
+    exclusive::{lock_dir, LockError},
     identity::ProcReader,
     proxy::{self, Gateway, StatsSnapshot},
     record::{now_micros, SessionStore, SledStore},
@@ -31,7 +33,14 @@ pub enum DaemonError {
     Ebpf(#[from] crate::ebpf::EbpfError),
     #[error(transparent)]
     Store(#[from] crate::record::StoreError),
-    #[error("cannot listen on {addr}: {source} (is another daemon running?)")]
+    #[error(
+        "cannot listen on {addr}: {source}{}",
+        if source.kind() == std::io::ErrorKind::AddrInUse {
+            " (another program holds the port: `ss -ltnp` names it; the port is `listener.port` in the configuration)"
+        } else {
+            ""
+        }
+    )]
     Listen {
         addr: String,
         source: std::io::Error,
@@ -48,6 +57,35 @@ pub enum DaemonError {
     },
     #[error("signal handler: {0}")]
     Signal(std::io::Error),
+    #[error(transparent)]
+    Exclusive(#[from] LockError),
+}
+
+/// What can be checked before any session and is wrong, without being a reason to refuse
+/// to start: credentials the gateway cannot read, an admin group that does not exist.
+fn startup_problems(config: &Config) -> Vec<String> {
+    let mut problems = Vec::new();
+    for t in &config.targets {
+        let mut creds: Vec<&CredentialRef> = t.credentials.iter().collect();
+        if let TargetKind::Postgres(pg) = &t.kind {
+            creds.extend(pg.map.iter().filter_map(|m| m.credentials.as_ref()));
+        }
+        for c in creds {
+            if let Err(e) = c.read_secret() {
+                problems.push(format!(
+                    "target {}: credentials unreadable ({e}): its sessions will fail to log in",
+                    t.name
+                ));
+            }
+        }
+    }
+    if control::group_gid(&config.daemon.admin_group).is_none() {
+        problems.push(format!(
+            "admin group {:?} does not exist: only root can use the CLI (groupadd --system {})",
+            config.daemon.admin_group, config.daemon.admin_group
+        ));
+    }
+    problems
 }
 
 /// Verbosity of the kernel side's aya-log messages, from the daemon's log filter.
@@ -68,6 +106,19 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let governed = cgroup::resolve(&mount, &config.governed.cgroup)?;
     cgroup::ensure(&governed)?;
     let governed_rel = cgroup::relative(&mount, &governed);
+    // One daemon per governed cgroup and pin directory, held until this one exits (a
+    // fail-open daemon pins nothing).
+    let _exclusive = {
+        let cgroup_lock = lock_dir(&governed)?;
+        let pins = &config.daemon.bpf_pin_dir;
+        let pin_lock = if config.daemon.fail_open {
+            None
+        } else {
+            crate::ebpf::ensure_pin_dir(pins)?;
+            Some(lock_dir(pins)?)
+        };
+        (cgroup_lock, pin_lock)
+    };
 
     let mut listeners = vec![bind(config.listener_v4()).await?];
     if let Some(v6) = config.listener_v6() {
@@ -140,14 +191,31 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         "governing connections"
     );
 
+    let startup_problems = startup_problems(&config);
+    for problem in &startup_problems {
+        warn!("{problem}");
+    }
     let policy = crate::policy::PolicyHandle::new(&config.daemon.policy_dir);
-    match policy.reload() {
-        Ok(version) => info!(dir = %config.daemon.policy_dir.display(), version, "policies loaded"),
-        Err(e) => warn!(
+    let embedded = matches!(config.source, Source::Embedded);
+    if embedded && policy.start_with_starter_if_missing() {
+        warn!(
+            dir = %config.daemon.policy_dir.display(),
+            "NO POLICY DIRECTORY: running the built-in starter policy in OBSERVE MODE. Every \
+             connection and statement is recorded with the verdict an enforcing policy would \
+             give, and NOTHING IS BLOCKED OR MASKED. To enforce: `bulkhead policy init` (writes \
+             the example policies to the directory; they load within seconds)"
+        );
+    } else {
+        match policy.reload() {
+            Ok(version) => {
+                info!(dir = %config.daemon.policy_dir.display(), version, "policies loaded");
+            }
+            Err(e) => warn!(
             dir = %config.daemon.policy_dir.display(),
             error = %e,
             "no valid policies: every decision is deny until they load (fail closed)"
-        ),
+            ),
+        }
     }
     tokio::spawn(crate::policy::watch(policy.clone()));
     // Approvals: one broker for every protocol handler and the control socket.
@@ -160,7 +228,6 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         proc: ProcReader::new("/", governed_rel),
         stats: Arc::default(),
         policy,
-        postgres: crate::proxy::postgres::Shared::default(),
         tls: match crate::tls::LocalCa::load_or_create(&config.daemon.state_dir.join("ca")) {
             Ok(ca) => Some(Arc::new(ca)),
             Err(e) => {
@@ -194,6 +261,21 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             },
             listeners: listener_names,
             connections: StatsSnapshot::default(),
+            targets: config
+                .targets
+                .iter()
+                .map(|t| TargetInfo {
+                    name: t.name.clone(),
+                    protocol: t.protocol(),
+                    addresses: t.addresses.iter().map(ToString::to_string).collect(),
+                })
+                .collect(),
+            warnings: startup_problems,
+            config_changed: false,
+        },
+        config_file: match &config.source {
+            Source::File(path) => Some((path.clone(), crate::config::file_digest(path))),
+            Source::Embedded => None,
         },
         governed_cgroup: governed.clone(),
         cgroup_mount: mount,
@@ -208,9 +290,17 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         shutdown_rx.clone(),
     ));
     tokio::spawn(control::serve(control_listener, state, shutdown_rx.clone()));
+    let protocols = Arc::new(proxy::Protocols::default());
     let accept_loops: Vec<_> = listeners
         .into_iter()
-        .map(|l| tokio::spawn(proxy::serve(l, Arc::clone(&gateway), shutdown_rx.clone())))
+        .map(|l| {
+            tokio::spawn(proxy::serve(
+                l,
+                Arc::clone(&gateway),
+                Arc::clone(&protocols),
+                shutdown_rx.clone(),
+            ))
+        })
         .collect();
 
     wait_for_signal().await?;

@@ -4,19 +4,48 @@ use bulkhead::{
     cli::{self, Cli, Command},
     config::Config,
 };
-use clap::Parser as _;
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    let args = Cli::parse();
+    let args = cli::parse();
+    if !matches!(args.command, Command::Daemon { .. }) {
+        // A reader that stops early (`bulkhead sessions list | head`) ends a CLI command
+        // quietly, as it ends other Unix tools, instead of a panic on a failed print. The daemon
+        // keeps Rust's default (ignored): a peer that goes away is an error on that socket.
+        // SAFETY: setting a signal's disposition to the default before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            if let Some(code) = answer_status(&e) {
+                return ExitCode::from(code);
+            }
             eprintln!("bulkhead: {e:#}");
-            ExitCode::FAILURE
+            match e.downcast_ref::<cli::CliError>() {
+                Some(cli::CliError::Exit(code, _)) => ExitCode::from(*code),
+                _ => ExitCode::FAILURE,
+            }
         }
+    }
+}
+
+/// Errors that are an answer, not a failure (`status` when the daemon is down, `policy test`
+/// on a deny): their exit status; what there was to say is printed already.
+fn answer_status(e: &anyhow::Error) -> Option<u8> {
+    use bulkhead::policy::cli::PolicyCliError;
+    match (
+        e.downcast_ref::<cli::CliError>(),
+        e.downcast_ref::<PolicyCliError>(),
+    ) {
+        (Some(cli::CliError::Status(code)), _) | (_, Some(PolicyCliError::Verdict(code))) => {
+            Some(*code)
+        }
+        _ => None,
     }
 }
 
@@ -32,12 +61,13 @@ fn run(args: Cli) -> anyhow::Result<()> {
                 .build()?;
             runtime.block_on(bulkhead::daemon::run(config))?;
         }
-        Command::Run { command } => match cli::run(&config, &command)? {},
+        Command::Run { user, command } => match cli::run(&config, user.as_deref(), &command)? {},
         Command::Status(f) => cli::status(&config, f.json)?,
         Command::Sessions(command) => cli::sessions::run(&config, command)?,
         Command::Ca(command) => cli::ca(&config, &command)?,
         Command::Policy(cmd) => bulkhead::policy::cli::run(&config, cmd)?,
         Command::Approvals(command) => cli::approvals::run(&config, command)?,
+        Command::UninstallPrograms => cli::uninstall_programs(&config)?,
     }
     Ok(())
 }

@@ -437,9 +437,7 @@ impl Topology {
     /// ask the CLI: with no daemon it would read the store, holding its lock.)
     fn daemon_ready(&self) -> bool {
         std::os::unix::net::UnixStream::connect(self.dir.join("run/control.sock")).is_ok()
-            && self
-                .run_cli(&["status", "--json"])
-                .is_ok_and(|v| v["daemon"].is_object())
+            && self.status().1["daemon"].is_object()
     }
 
     /// Runs a CLI command on the governed side's network namespace, outside the governed
@@ -458,6 +456,26 @@ impl Topology {
                 String::from_utf8_lossy(&out.stdout)
             )
         })
+    }
+
+    /// `bulkhead status --json`: its exit status (0 governing, 1 no daemon, 3 the last policy
+    /// reload failed) and the report.
+    pub fn status(&self) -> (Option<i32>, serde_json::Value) {
+        let out = self.output(Side::Host, self.bulkhead(&["status", "--json"]));
+        let report = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("status JSON: {e}: {out:?}"));
+        (out.status.code(), report)
+    }
+
+    /// `bulkhead status --json` with the daemon stopped: exit status 1, and the report.
+    pub fn status_while_stopped(&self) -> serde_json::Value {
+        let (code, report) = self.status();
+        assert_eq!(
+            code,
+            Some(1),
+            "status exits 1 while the daemon is not running: {report}"
+        );
+        report
     }
 
     /// Runs `cmd` on `side` to completion.
@@ -855,15 +873,32 @@ impl Topology {
         target_toml: &str,
     ) -> (PgServer, Proc) {
         let pg = self.postgres(auth);
-        let secret = self.credential_file("db", &pg.password);
+        let daemon = self.held_postgres_target(
+            &format!("\"{TARGET_V4}:5432\""),
+            &pg.password,
+            policy,
+            target_toml,
+        );
+        (pg, daemon)
+    }
+
+    /// Configures target `db` (PostgreSQL) at `addresses` (TOML list items) with `password`
+    /// held, `target_toml` added to its table, `policy` written as `db.toml`; starts the daemon.
+    pub fn held_postgres_target(
+        &self,
+        addresses: &str,
+        password: &str,
+        policy: &str,
+        target_toml: &str,
+    ) -> Proc {
+        let secret = self.credential_file("db", password);
         self.write_config(&format!(
-            "[[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddresses = [\"{TARGET_V4}:5432\"]\n\
+            "[[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddresses = [{addresses}]\n\
              credentials = {{ file = \"{}\" }}\n{target_toml}",
             secret.display()
         ));
         self.policy("db.toml", policy);
-        let daemon = self.start_daemon(&[]);
-        (pg, daemon)
+        self.start_daemon(&[])
     }
 
     /// Writes the held password where a target's `credentials = { file = ... }` points.

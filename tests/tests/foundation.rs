@@ -235,7 +235,7 @@ fn a_killed_daemon_fails_closed_and_a_restarted_one_governs_again() {
         echo.drain_lines().is_empty(),
         "a governed connection reached the target without the daemon"
     );
-    let status = topo.run_cli(&["status", "--json"]).unwrap();
+    let status = topo.status_while_stopped();
     assert!(status["daemon"].is_null(), "{status}");
     assert_eq!(status["programs_attached"], true, "{status}");
     // connect4, connect6, sock_ops, getpeername4, getpeername6.
@@ -290,7 +290,7 @@ fn fail_open_mode_detaches_when_the_daemon_dies() {
             .starts_with(&format!("{GOVERNED_V4}:")),
         "{direct}"
     );
-    let status = topo.run_cli(&["status", "--json"]).unwrap();
+    let status = topo.status_while_stopped();
     assert_eq!(status["programs_attached"], false, "{status}");
 }
 
@@ -463,4 +463,118 @@ fn bad_configuration_is_reported_with_the_key_and_the_problem() {
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/bulkhead.toml"));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_second_daemon_for_the_same_cgroup_and_pins_refuses_to_start_and_names_the_first() {
+    require_root();
+    let topo = Topology::new("");
+    topo.allow_opaque_tcp();
+    let _echo = topo.echo_server(Side::Target, format!("{TARGET_V4}:7000").parse().unwrap());
+    let daemon = topo.start_daemon(&[]);
+    // Same cgroup and pins; its own port, state and control socket, so nothing else stops it.
+    let first = std::fs::read_to_string(&topo.config_path).unwrap();
+    let second = topo.dir.join("second.toml");
+    std::fs::write(
+        &second,
+        first
+            .replace(
+                &topo.dir.join("state").display().to_string(),
+                &topo.dir.join("state2").display().to_string(),
+            )
+            .replace(
+                &topo.dir.join("run").display().to_string(),
+                &topo.dir.join("run2").display().to_string(),
+            )
+            + "[listener]\nport = 15002\n",
+    )
+    .unwrap();
+    let mut cmd = Command::new(bulkhead_tests::bulkhead_bin());
+    cmd.arg("--config").arg(&second).arg("daemon");
+    let mut second = topo.spawn(Side::Host, "second-daemon", cmd);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = second.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the second daemon kept running: {}",
+            second.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = second.wait();
+    let stderr = second.stderr();
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains("held by another bulkhead daemon")
+            && stderr.contains(&format!("(pid {})", daemon.pid())),
+        "{stderr}"
+    );
+    // The first still governs: a governed connection reaches the target through it.
+    let client = topo.probe_connect(Side::Governed, &format!("{TARGET_V4}:7000"), "still here");
+    assert_eq!(reply(&client)["data"], "still here", "{client}");
+}
+
+#[test]
+fn uninstall_programs_removes_a_stopped_daemons_pins_and_is_refused_while_one_runs() {
+    require_root();
+    let topo = Topology::new("");
+    topo.allow_opaque_tcp();
+    let _echo = topo.echo_server(Side::Target, format!("{TARGET_V4}:7000").parse().unwrap());
+    let dst = format!("{TARGET_V4}:7000");
+    let mut daemon = topo.start_daemon(&[]);
+    let out = topo.output(Side::Host, topo.bulkhead(&["uninstall-programs"]));
+    assert!(
+        !out.status.success(),
+        "removed under a running daemon: {out:?}"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("(pid {})", daemon.pid())) && err.contains("stop the daemon first"),
+        "{err}"
+    );
+
+    // Killed: the pins stay and governed connections are refused (fail closed) ...
+    daemon.kill9();
+    let refused = topo.probe_connect(Side::Governed, &dst, "x");
+    assert_eq!(refused["kind"], "ConnectionRefused", "{refused}");
+    // ... until the admin removes them: then governed processes connect directly.
+    let out = topo.output(Side::Host, topo.bulkhead(&["uninstall-programs"]));
+    assert!(out.status.success(), "{out:?}");
+    assert!(!topo.pin_dir.exists(), "the pin directory is gone");
+    let direct = topo.probe_connect(Side::Governed, &dst, "direct");
+    assert_eq!(reply(&direct)["data"], "direct", "{direct}");
+    assert!(
+        direct["local"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{GOVERNED_V4}:")),
+        "not through a gateway: {direct}"
+    );
+    assert_eq!(topo.status_while_stopped()["programs_attached"], false);
+}
+
+#[test]
+fn a_listener_port_in_use_is_reported_with_its_key() {
+    require_root();
+    let topo = Topology::new("");
+    // Something else holds the gateway's port on the governed side's loopback.
+    let mut holder = Command::new(topo.probe());
+    holder.args(["serve", "127.0.0.1:15001"]);
+    let mut holder = topo.spawn(Side::Host, "port-holder", holder);
+    assert_eq!(
+        holder.line(Duration::from_secs(10)).as_deref(),
+        Some("ready")
+    );
+    let mut cmd = topo.bulkhead(&["daemon"]);
+    cmd.env("RUST_LOG", "error");
+    let out = topo.output(Side::Host, cmd);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("127.0.0.1:15001") && err.contains("`listener.port`"),
+        "{err}"
+    );
 }

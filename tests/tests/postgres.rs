@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bulkhead_tests::{require_root, PgServer, Side, Topology, TARGET_V4};
+use bulkhead_tests::{require_root, PgServer, Side, Topology, GOVERNED_V4, TARGET_V4};
 use serde_json::Value;
 
 /// A policy for target `db`: reads and ordinary writes allowed, DDL denied with a message,
@@ -265,6 +265,21 @@ fn a_held_delete_waits_for_an_admin_and_runs_when_approved() {
     );
 
     let id = pending["id"].to_string();
+    // While it waits, psql has been told why and how an admin decides (a NOTICE).
+    let told = format!("bulkhead approvals approve {id}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !client.stderr().contains(&told) {
+        assert!(
+            Instant::now() < deadline,
+            "no notice of the hold: {}",
+            client.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        client.child.try_wait().unwrap().is_none(),
+        "psql is still waiting"
+    );
     let approved = topo.output(
         Side::Host,
         topo.bulkhead(&["approvals", "approve", &id, "--reason", "cleanup ticket 7"]),
@@ -340,7 +355,15 @@ fn cancelling_a_long_query_stops_it_on_the_target() {
 fn the_client_never_receives_the_held_password() {
     require_root();
     for auth in ["scram-sha-256", "md5", "password"] {
-        let (topo, pg, _daemon) = setup(auth, POLICY);
+        // md5 and cleartext only where the target's auth allows them (scram-sha-256 is the
+        // default).
+        let allow = if auth == "scram-sha-256" {
+            String::new()
+        } else {
+            format!("postgres = {{ auth = [\"{auth}\"] }}\n")
+        };
+        let topo = Topology::new("");
+        let (pg, _daemon) = topo.postgres_target_with(auth, POLICY, &allow);
         // A raw client: startup, one query, terminate; print every byte received, hex.
         let script = format!(
             r#"
@@ -409,6 +432,304 @@ fn hex_decode(s: &str) -> Vec<u8> {
     (0..s.len() / 2)
         .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).unwrap())
         .collect()
+}
+
+/// Waits until the server's log (its stderr) contains `text`.
+fn wait_for_log(pg: &PgServer, text: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !pg.proc.stderr().contains(text) {
+        assert!(
+            Instant::now() < deadline,
+            "no {text:?} in the server's log: {}",
+            pg.proc.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// psql's login as `user` is refused: its FATAL says each of `says` and the session is
+/// recorded as refused. Returns the session's events.
+fn assert_login_refused(topo: &Topology, user: &str, says: &[&str]) -> Vec<Value> {
+    let out = psql_login(topo, user, "postgres", "SELECT 1");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "logged in: {stderr}");
+    for part in says {
+        assert!(stderr.contains(part), "{part:?} in {stderr}");
+    }
+    let session = topo.wait_session_closed();
+    assert_eq!(session["outcome"]["kind"], "refused", "{session}");
+    events_of_newest(topo)
+}
+
+fn assert_no_upstream_login(events: &[Value]) {
+    assert!(
+        !events
+            .iter()
+            .any(|e| e["type"] == "auth" && e["side"] == "upstream"),
+        "no upstream login was attempted: {events:?}"
+    );
+}
+
+/// Turns on the server's `log_connections` and waits until it is in force.
+fn log_connections(topo: &Topology, pg: &PgServer) {
+    pg.admin_sql(topo, "ALTER SYSTEM SET log_connections = on");
+    pg.admin_sql(topo, "SELECT pg_reload_conf()");
+    wait_for_log(pg, "parameter \"log_connections\" changed to \"on\"");
+}
+
+#[test]
+fn a_target_asking_for_md5_or_a_cleartext_password_is_refused_unless_its_auth_allows_it() {
+    require_root();
+    // Allowed (`postgres.auth`), the same servers log the gateway in:
+    // the_client_never_receives_the_held_password.
+    for auth in ["md5", "password"] {
+        let (topo, pg, _daemon) = setup(auth, POLICY);
+        log_connections(&topo, &pg);
+        let events = assert_login_refused(
+            &topo,
+            &pg.user,
+            &[
+                "FATAL:  bulkhead: target db: the server asked for ",
+                &format!("(\"{auth}\")"),
+                "postgres.auth",
+            ],
+        );
+        let upstream: Vec<&Value> = events
+            .iter()
+            .filter(|e| e["type"] == "auth" && e["side"] == "upstream")
+            .collect();
+        assert_eq!(upstream.len(), 1, "{auth}: {events:?}");
+        assert_eq!(upstream[0]["ok"], false, "{auth}: {upstream:?}");
+        assert_eq!(
+            upstream[0]["method"],
+            format!("{auth} (refused: not in postgres.auth)"),
+            "{auth}: {upstream:?}"
+        );
+        // The server saw the gateway connect, and neither a login nor a failed one: the
+        // gateway answered its request for a password with nothing at all.
+        wait_for_log(&pg, &format!("connection received: host={GOVERNED_V4}"));
+        std::thread::sleep(Duration::from_millis(300));
+        let log = pg.proc.stderr();
+        assert!(
+            !log.contains("connection authorized") && !log.contains("authentication failed"),
+            "{auth}: {log}"
+        );
+    }
+}
+
+/// A fake PostgreSQL server on the target host for one connection: it reads the startup
+/// message and asks for `mode`: `password`, `md5`, `none` (AuthenticationOk at once), or
+/// `scram-partial` (SCRAM up to the client's proof, then AuthenticationOk without the server's
+/// signature, as a server that does not know the password would). Then it prints as hex
+/// everything it received after the startup message, once the gateway hangs up or 5 s pass
+/// (a password message is answered with an authentication error).
+const FAKE_SERVER: &str = r#"
+import socket, struct, sys
+mode, host = sys.argv[1], sys.argv[2]
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind((host, 5432))
+srv.listen(1)
+print("listening", flush=True)
+c, _ = srv.accept()
+c.settimeout(5)
+got = b""
+def read_exact(n):
+    global got
+    b = b""
+    while len(b) < n:
+        chunk = c.recv(n - len(b))
+        if not chunk:
+            print(got.hex(), flush=True)
+            sys.exit(0)
+        b += chunk
+    return b
+def auth(code, data=b""):
+    c.sendall(b"R" + struct.pack("!ii", 8 + len(data), code) + data)
+ready = b"Z" + struct.pack("!i", 5) + b"I"
+n = struct.unpack("!i", read_exact(4))[0]
+read_exact(n - 4)
+if mode == "password":
+    auth(3)
+elif mode == "md5":
+    auth(5, b"salt")
+elif mode == "none":
+    auth(0)
+    c.sendall(ready)
+elif mode == "scram-partial":
+    auth(10, b"SCRAM-SHA-256\x00\x00")
+    head = read_exact(5)
+    first = read_exact(struct.unpack("!i", head[1:])[0] - 4)
+    got += head + first
+    nonce = first.split(b"r=")[1]
+    auth(11, b"r=" + nonce + b"impostor,s=c2FsdHNhbHQ=,i=4096")
+    head = read_exact(5)
+    got += head + read_exact(struct.unpack("!i", head[1:])[0] - 4)
+    auth(0)
+    c.sendall(ready)
+try:
+    while True:
+        chunk = c.recv(65536)
+        if not chunk:
+            break
+        got += chunk
+        if got.endswith(b"X\x00\x00\x00\x04"):
+            break
+        if mode in ("password", "md5") and got.startswith(b"p"):
+            err = b"SFATAL\x00C28P01\x00Mpassword authentication failed\x00\x00"
+            c.sendall(b"E" + struct.pack("!i", 4 + len(err)) + err)
+            break
+except socket.timeout:
+    pass
+print(got.hex(), flush=True)
+"#;
+
+/// What a fake server received after the startup message.
+type Received<'a> = &'a dyn Fn(&[u8]) -> bool;
+
+/// The tags of the frontend messages in `bytes`, in order.
+fn frontend_tags(mut bytes: &[u8]) -> Vec<u8> {
+    let mut tags = Vec::new();
+    while bytes.len() >= 5 {
+        let len = u32::from_be_bytes(bytes[1..5].try_into().unwrap()) as usize;
+        tags.push(bytes[0]);
+        bytes = &bytes[(1 + len).min(bytes.len())..];
+    }
+    tags
+}
+
+#[test]
+fn a_fake_server_gets_the_password_only_by_an_allowed_method_and_must_finish_scram() {
+    require_root();
+    let held = format!("held-{}", std::process::id());
+    let not_allowed = |m: &str| format!("(\"{m}\"), which the target's postgres.auth");
+    // (what the server asks for, the target's postgres table, what it must receive, what the
+    // client's FATAL must say: `None` for a login)
+    let cases: [(&str, &str, Received, Option<String>); 7] = [
+        (
+            "password",
+            "",
+            &|got| got.is_empty(),
+            Some(not_allowed("password")),
+        ),
+        ("md5", "", &|got| got.is_empty(), Some(not_allowed("md5"))),
+        ("none", "", &|got| got.is_empty(), Some(not_allowed("none"))),
+        // SCRAM is allowed; the proof is sent (SCRAM sends it before the server's
+        // signature), the session is not.
+        (
+            "scram-partial",
+            "",
+            &|got| frontend_tags(got) == b"pp",
+            Some("without proving that it knows the password".into()),
+        ),
+        // Allowed: the positive controls, proving the fake sees what the gateway sends.
+        (
+            "password",
+            "postgres = { auth = [\"password\"] }\n",
+            &|got| got.starts_with(b"p") && got.windows(held.len()).any(|w| w == held.as_bytes()),
+            Some("password authentication failed".into()),
+        ),
+        (
+            "md5",
+            "postgres = { auth = [\"md5\"] }\n",
+            &|got| got.starts_with(b"p") && got[5..].starts_with(b"md5"),
+            Some("password authentication failed".into()),
+        ),
+        (
+            "none",
+            "postgres = { auth = [\"none\"] }\n",
+            &|got| got == b"X\x00\x00\x00\x04",
+            None,
+        ),
+    ];
+    for (mode, target_toml, received, refusal) in cases {
+        let topo = Topology::new("");
+        let mut fake = Command::new("python3");
+        fake.args(["-c", FAKE_SERVER, mode, TARGET_V4]);
+        let mut server = topo.spawn(Side::Target, "fake-postgres", fake);
+        assert_eq!(
+            server.line(Duration::from_secs(10)).as_deref(),
+            Some("listening"),
+            "{}",
+            server.stderr()
+        );
+        let _daemon =
+            topo.held_postgres_target(&format!("\"{TARGET_V4}:5432\""), &held, POLICY, target_toml);
+        let out = psql_login(&topo, "app", "postgres", "\\q");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let hex = server
+            .line(Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("{mode}: the fake printed nothing: {}", server.stderr()));
+        let got = hex_decode(&hex);
+        assert!(
+            received(&got),
+            "{mode} {target_toml:?}: the server received {:?}",
+            String::from_utf8_lossy(&got)
+        );
+        match refusal {
+            Some(says) => {
+                assert!(!out.status.success(), "{mode} {target_toml:?}: logged in");
+                assert!(stderr.contains("FATAL:  bulkhead: target db: "), "{stderr}");
+                assert!(stderr.contains(&says), "{mode}: {says:?} in {stderr}");
+            }
+            None => assert!(out.status.success(), "{mode}: {stderr}"),
+        }
+    }
+}
+
+#[test]
+fn a_postgres_target_named_by_a_network_is_logged_in_to_only_at_its_named_sockets_unless_it_opts_in(
+) {
+    require_root();
+    let topo = Topology::new("");
+    let pg = topo.postgres("scram-sha-256");
+    log_connections(&topo, &pg);
+    // The server the admin named is elsewhere; the client dials another address in the network.
+    let addresses = "\"10.201.0.9:5432\", \"10.201.0.0/24\"";
+    let daemon = topo.held_postgres_target(addresses, &pg.password, POLICY, "");
+    let events = assert_login_refused(
+        &topo,
+        &pg.user,
+        &[
+            "FATAL:  bulkhead: target db: ",
+            "10.201.0.0/24",
+            &format!("{TARGET_V4}:5432"),
+            "postgres.login_to_network",
+        ],
+    );
+    assert!(
+        events.iter().any(|e| e["type"] == "error"
+            && e["message"]
+                .as_str()
+                .unwrap()
+                .contains("postgres.login_to_network")),
+        "{events:?}"
+    );
+    assert_no_upstream_login(&events);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !pg.proc
+            .stderr()
+            .contains(&format!("connection received: host={GOVERNED_V4}")),
+        "the gateway connected to the server: {}",
+        pg.proc.stderr()
+    );
+
+    // Opted in: the same address is logged in to.
+    drop(daemon);
+    let _daemon = topo.held_postgres_target(
+        addresses,
+        &pg.password,
+        POLICY,
+        "postgres = { login_to_network = true }\n",
+    );
+    let out = psql_login(&topo, &pg.user, "postgres", "SELECT current_user");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), pg.user);
 }
 
 #[test]
@@ -501,8 +822,9 @@ fn policies_reload_under_a_running_daemon_and_a_broken_file_keeps_the_old_set() 
     topo.policy("broken.toml", "[[rule]]\nid = \"x\"\nverdict = \"maybe\"\n");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let status = topo.run_cli(&["status", "--json"]).unwrap();
+        let (code, status) = topo.status();
         if status["policy"]["last_error"].is_string() {
+            assert_eq!(code, Some(3), "status exits 3 after a failed reload");
             assert!(
                 status["policy"]["last_error"]
                     .as_str()
@@ -676,6 +998,26 @@ mask = { detectors = ["email", "card"], style = "redact" }
         "other values pass: {out} / {copied}"
     );
     assert_eq!(out.lines().count(), 3, "{out}");
+
+    // The record says what was masked: each statement's masked rows and the rules.
+    let session = topo.wait_session_closed();
+    let id = session["id"].to_string();
+    let shown = topo.run_cli(&["sessions", "show", &id, "--json"]).unwrap();
+    let masked: Vec<(u64, Value)> = shown["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "response")
+        .filter_map(|e| Some((e["masked_rows"].as_u64()?, e["mask_rules"].clone())))
+        .collect();
+    assert_eq!(
+        masked,
+        vec![(1, serde_json::json!(["pii-values"])); 4],
+        "three SELECTs and the COPY, one masked row each: {shown}"
+    );
+    let text = topo.output(Side::Host, topo.bulkhead(&["sessions", "show", &id]));
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("MASKED in 1 row by pii-values"), "{text}");
 }
 
 #[test]
@@ -1148,12 +1490,7 @@ fn mapped_client_users_log_in_as_their_own_upstream_roles_and_unmapped_ones_are_
                 .any(|e| e["type"] == "error" && expected.contains(e["message"].as_str().unwrap())),
             "{events:?}"
         );
-        assert!(
-            !events
-                .iter()
-                .any(|e| e["type"] == "auth" && e["side"] == "upstream"),
-            "no upstream login was attempted: {events:?}"
-        );
+        assert_no_upstream_login(&events);
     }
 }
 

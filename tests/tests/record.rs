@@ -239,6 +239,8 @@ fn the_control_socket_admits_admins_outside_the_governed_cgroup_only() {
     let mut text = std::fs::read_to_string(&topo.config_path).unwrap();
     text = text.replace("[governed]", "admin_group = \"nogroup\"\n[governed]");
     std::fs::write(&topo.config_path, text).unwrap();
+    // A loaded policy, so `status` answers 0 (it answers 3 while no policy loads).
+    topo.allow_opaque_tcp();
     let _daemon = topo.start_daemon(&[]);
 
     let status_as = |side: Side, user: Option<(u32, u32)>| {
@@ -513,4 +515,55 @@ fn terminal_sessions_export_as_asciicast_that_asciinema_plays() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--format jsonl"));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The next `n` JSON events a follower prints.
+fn next_events(tail: &mut bulkhead_tests::Proc, n: usize) -> Vec<Value> {
+    (0..n)
+        .map(|_| {
+            let line = tail
+                .line(Duration::from_secs(10))
+                .unwrap_or_else(|| panic!("tail printed nothing more; stderr {}", tail.stderr()));
+            serde_json::from_str(&line).unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn tail_shows_the_history_since_and_follows_across_a_daemon_restart() {
+    require_root();
+    let topo = Topology::new(ECHO);
+    topo.allow_opaque_tcp();
+    let _echo = topo.echo_server(Side::Target, format!("{TARGET_V4}:7000").parse().unwrap());
+    let mut daemon = topo.start_daemon(&[]);
+    let before = governed_connect(&topo, &format!("{TARGET_V4}:7000"), None);
+    wait_closed_sessions(&topo, 1);
+
+    // --since: the recorded session first.
+    let mut tail = topo.spawn(
+        Side::Host,
+        "tail",
+        topo.bulkhead(&["sessions", "tail", "--since", "10m", "--json"]),
+    );
+    let history = next_events(&mut tail, 3);
+    assert_eq!(history[0]["type"], "connect", "{history:?}");
+    assert_eq!(history[0]["pid"], before["pid"]);
+    assert_eq!(history[2]["type"], "close");
+
+    // The daemon restarts: the tail says so, waits, and goes on with the new daemon's events.
+    daemon.terminate();
+    let mut daemon = topo.start_daemon(&[]);
+    let after = governed_connect(&topo, &format!("{TARGET_V4}:7000"), None);
+    let mut events = next_events(&mut tail, 3);
+    // Sessions the restart marked interrupted are none here; only the new session's events.
+    events.retain(|e| e["session"] != history[0]["session"]);
+    assert_eq!(events.len(), 3, "an event was shown twice: {events:?}");
+    assert_eq!(events[0]["type"], "connect");
+    assert_eq!(events[0]["pid"], after["pid"]);
+    assert!(
+        tail.stderr().contains("the daemon went away") && tail.stderr().contains("reconnected"),
+        "{}",
+        tail.stderr()
+    );
+    daemon.terminate();
 }

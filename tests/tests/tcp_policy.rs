@@ -208,9 +208,9 @@ fn a_tcp_target_denied_by_default_is_reset_before_the_target_sees_it() {
     assert_eq!(session["target"], "build-host", "{session}");
     // The reason recorded is the policy's message, as `policy test` shows it.
     let dir = w.topo.policy_dir().display().to_string();
-    let tried = w
-        .topo
-        .run_cli(&[
+    let out = w.topo.output(
+        Side::Host,
+        w.topo.bulkhead(&[
             "policy",
             "test",
             "--dir",
@@ -219,8 +219,14 @@ fn a_tcp_target_denied_by_default_is_reset_before_the_target_sees_it() {
             "build-host",
             "--connect",
             "--json",
-        ])
-        .unwrap();
+        ]),
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "policy test exits 1 on deny: {out:?}"
+    );
+    let tried: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(
         tried["rules"],
         json!(["target:build-host:default"]),
@@ -387,4 +393,62 @@ target = { name = ["10.201.0.2:7001", "[fd00:201::2]:7001"] }
             "the rule's message is the reason: {session}"
         );
     }
+}
+
+/// A request that succeeded for the client is recorded as such: Python's urllib (which closes
+/// its socket without reading to the end) through the opaque relay.
+#[test]
+fn a_python_http_request_through_the_relay_is_recorded_closed() {
+    require_root();
+    let topo = Topology::new("");
+    topo.allow_opaque_tcp();
+    let root = topo.dir.join("www");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(root.join("hello.txt"), "hello from the target\n").unwrap();
+    let mut server = Command::new("python3");
+    server
+        .args([
+            "-m",
+            "http.server",
+            "--bind",
+            TARGET_V4,
+            "8080",
+            "--directory",
+        ])
+        .arg(&root);
+    let _server = topo.spawn(Side::Target, "http", server);
+    let _daemon = topo.start_daemon(&[]);
+    let script = format!(
+        "import time, urllib.request\n\
+         for _ in range(50):\n\
+         \x20   try:\n\
+         \x20       print(urllib.request.urlopen('http://{TARGET_V4}:8080/hello.txt', timeout=5).read().decode(), end='')\n\
+         \x20       break\n\
+         \x20   except OSError:\n\
+         \x20       time.sleep(0.1)\n"
+    );
+    let mut client = Command::new("python3");
+    client.args(["-c", &script]);
+    let out = topo.output(Side::Governed, client);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hello from the target\n",
+        "{out:?}"
+    );
+    let sessions = topo.sessions();
+    let last = sessions
+        .iter()
+        .find(|s| s["bytes_from_target"].as_u64().unwrap_or(0) > 0)
+        .unwrap_or_else(|| panic!("{sessions:?}"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut last = last.clone();
+    while last["outcome"]["kind"] == "open" && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        last = topo
+            .sessions()
+            .into_iter()
+            .find(|s| s["id"] == last["id"])
+            .unwrap();
+    }
+    assert_eq!(last["outcome"]["kind"], "closed", "{last}");
 }

@@ -9,7 +9,7 @@ use std::{io::Write as _, time::Duration};
 use clap::Subcommand;
 use serde::de::DeserializeOwned;
 
-use super::{format_time, print_json, CliError, JsonFlag};
+use super::{follow, format_time, print_json, CliError, Flow, JsonFlag};
 use crate::{
     approval::{ApprovalIdentity, Decision, GrantInfo, Notice, PendingApproval},
     config::Config,
@@ -311,36 +311,38 @@ fn notice_line(n: &Notice) -> String {
     }
 }
 
+/// `approvals watch`: notices as they happen; across a daemon restart it follows again.
 fn watch(config: &Config, json: bool) -> Result<(), CliError> {
-    let mut client =
-        match control::Client::connect(&config.control_socket(), &config.daemon.admin_group) {
-            Ok(c) => c,
-            Err(ClientError::NotRunning(path)) => return Err(not_running(&path)),
-            Err(e) => return Err(e.into()),
-        };
-    client.call(&Request::ApprovalsWatch)?;
     let mut out = std::io::stdout().lock();
-    loop {
-        match client.next()? {
-            Some(Response::Ok { result }) => {
-                let written = if json {
-                    serde_json::to_writer(&mut out, &result)
-                        .map_err(std::io::Error::other)
-                        .and_then(|()| out.write_all(b"\n"))
-                } else {
-                    let notice: Notice = serde_json::from_value(result).map_err(|e| {
-                        CliError::Other(format!("unexpected notice from the daemon: {e}"))
-                    })?;
-                    writeln!(out, "{}", notice_line(&notice))
-                };
-                if written.and_then(|()| out.flush()).is_err() {
-                    return Ok(()); // the reader went away (| head)
+    let followed = follow(
+        config,
+        || Request::ApprovalsWatch,
+        |answer| {
+            match answer {
+                Response::Ok { result } => {
+                    let written = if json {
+                        serde_json::to_writer(&mut out, &result)
+                            .map_err(std::io::Error::other)
+                            .and_then(|()| out.write_all(b"\n"))
+                    } else {
+                        let notice: Notice = serde_json::from_value(result).map_err(|e| {
+                            CliError::Other(format!("unexpected notice from the daemon: {e}"))
+                        })?;
+                        writeln!(out, "{}", notice_line(&notice))
+                    };
+                    if written.and_then(|()| out.flush()).is_err() {
+                        return Ok(Flow::Stop); // the reader went away (| head)
+                    }
                 }
+                Response::Error { message } => eprintln!("bulkhead: {message}"),
+                Response::Event { .. } | Response::End => {}
             }
-            Some(Response::Error { message }) => eprintln!("bulkhead: {message}"),
-            Some(Response::End) | None => return Ok(()),
-            Some(Response::Event { .. }) => {}
-        }
+            Ok(Flow::Continue)
+        },
+    );
+    match followed {
+        Err(CliError::Control(ClientError::NotRunning(path))) => Err(not_running(&path)),
+        other => other,
     }
 }
 

@@ -8,7 +8,7 @@ use std::{
 
 use clap::{Args, Subcommand, ValueEnum};
 
-use super::{ask_or_read, format_time, open_store, print_json, CliError, JsonFlag};
+use super::{ask_or_read, follow, format_time, open_store, print_json, CliError, Flow, JsonFlag};
 use crate::{
     config::Config,
     control::{self, query, ClientError, Request, Response, Selection, SessionDetail},
@@ -379,11 +379,20 @@ fn timeline_line(e: &Event, start_us: u64) -> String {
             duration_us,
             summary,
             error,
+            masked_rows,
+            mask_rules,
         } => format!(
-            "response    to #{request} in {duration_us} us{}{}",
+            "response    to #{request} in {duration_us} us{}{}{}",
             summary
                 .as_deref()
                 .map(|s| format!(": {s}"))
+                .unwrap_or_default(),
+            masked_rows
+                .map(|n| format!(
+                    ", MASKED in {} by {}",
+                    crate::text::count(usize::try_from(n).unwrap_or(usize::MAX), "row", "rows"),
+                    mask_rules.join(", ")
+                ))
                 .unwrap_or_default(),
             error
                 .as_deref()
@@ -563,36 +572,47 @@ fn export(
     sink.flush().map_err(write_err)
 }
 
+/// `sessions tail`: the events since `--since` first, then new ones; across a daemon restart
+/// it picks up where it left off (no event twice, none lost that the store kept).
 fn tail(config: &Config, filter: &ListFilter, json: bool) -> Result<(), CliError> {
-    let mut client =
-        control::Client::connect(&config.control_socket(), &config.daemon.admin_group)?;
-    client.call(&Request::SessionsTail {
-        filter: filter.clone(),
-    })?;
     let mut out = std::io::stdout().lock();
-    loop {
-        match client.next()? {
-            Some(Response::Event { event }) => {
-                let written = if json {
-                    serde_json::to_writer(&mut out, &event)
-                        .map_err(std::io::Error::other)
-                        .and_then(|()| out.write_all(b"\n"))
-                } else {
-                    writeln!(
-                        out,
-                        "{}  session {:>8}  {}",
-                        format_time(event.at_us),
-                        event.session,
-                        timeline_line(&event, event.at_us).trim_start()
-                    )
-                };
-                if written.and_then(|()| out.flush()).is_err() {
-                    return Ok(());
+    let last = std::cell::Cell::new(None::<(u64, u64)>); // (event id, its time)
+    follow(
+        config,
+        || Request::SessionsTail {
+            filter: ListFilter {
+                since_us: last.get().map(|(_, at)| at).or(filter.since_us),
+                ..filter.clone()
+            },
+        },
+        |answer| {
+            match answer {
+                Response::Event { event } => {
+                    if last.get().is_some_and(|(id, _)| event.id <= id) {
+                        return Ok(Flow::Continue);
+                    }
+                    last.set(Some((event.id, event.at_us)));
+                    let written = if json {
+                        serde_json::to_writer(&mut out, &event)
+                            .map_err(std::io::Error::other)
+                            .and_then(|()| out.write_all(b"\n"))
+                    } else {
+                        writeln!(
+                            out,
+                            "{}  session {:>8}  {}",
+                            format_time(event.at_us),
+                            event.session,
+                            timeline_line(&event, event.at_us).trim_start()
+                        )
+                    };
+                    if written.and_then(|()| out.flush()).is_err() {
+                        return Ok(Flow::Stop);
+                    }
                 }
+                Response::Error { message } => eprintln!("bulkhead: {message}"),
+                Response::Ok { .. } | Response::End => {}
             }
-            Some(Response::Error { message }) => eprintln!("bulkhead: {message}"),
-            Some(Response::End) | None => return Ok(()),
-            Some(Response::Ok { .. }) => {}
-        }
-    }
+            Ok(Flow::Continue)
+        },
+    )
 }

@@ -29,6 +29,7 @@ use crate::{
     approval::{ApprovalBroker, Approver},
     cgroup,
     policy::PolicyHandle,
+    protocol::Protocol,
     proxy::{Stats, StatsSnapshot},
     record::{
         Event, ListFilter, Retention, Session, SessionId, SessionStore, StoreError, StoreStats,
@@ -125,6 +126,25 @@ pub struct DaemonInfo {
     pub mode: String,
     pub listeners: Vec<String>,
     pub connections: StatsSnapshot,
+    /// The configured targets, as the daemon read them at start.
+    #[serde(default)]
+    pub targets: Vec<TargetInfo>,
+    /// What the daemon found wrong at start without refusing to run (unreadable credentials,
+    /// a missing admin group).
+    #[serde(default)]
+    pub warnings: Vec<String>,
+    /// The configuration file differs from the one the daemon started with: targets,
+    /// listeners and capture rules apply only after a restart.
+    #[serde(default)]
+    pub config_changed: bool,
+}
+
+/// A configured target, for `bulkhead status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TargetInfo {
+    pub name: String,
+    pub protocol: Protocol,
+    pub addresses: Vec<String>,
 }
 
 /// A session with its timeline, for `sessions show`.
@@ -206,6 +226,8 @@ pub struct ControlState {
     pub cgroup_mount: PathBuf,
     pub pin_dir: PathBuf,
     pub admin_group: String,
+    /// The configuration file and its digest at start, to tell when it changed.
+    pub config_file: Option<(PathBuf, Option<[u8; 32]>)>,
     pub retention: Retention,
     pub approvals: Arc<ApprovalBroker>,
 }
@@ -218,6 +240,10 @@ impl ControlState {
     fn status(&self) -> StatusReport {
         let mut info = self.info.clone();
         info.connections = self.stats.snapshot();
+        info.config_changed = self
+            .config_file
+            .as_ref()
+            .is_some_and(|(path, digest)| crate::config::file_digest(path) != *digest);
         StatusReport {
             daemon: Some(info),
             governed_cgroup: self.governed_cgroup.display().to_string(),
@@ -398,7 +424,7 @@ async fn connection(
         match req {
             Request::SessionsExport { selection } => export(state, selection, &mut w).await?,
             Request::SessionsTail { filter } => {
-                return tail(state, &filter, &mut w, &mut shutdown).await
+                return tail(&state, &filter, &mut w, &mut shutdown).await
             }
             Request::ApprovalsWatch => {
                 return approvals::watch(&state.approvals, &mut w, &mut shutdown).await
@@ -440,13 +466,61 @@ async fn export(
     reader.await.map_err(io::Error::other)
 }
 
-/// Follows new events until the client hangs up or the daemon stops.
+/// Which events a tail wants: those of sessions its filter matches (each session looked up
+/// once), and with `--verdict denied` only the denials.
+struct TailFilter {
+    /// The filter on sessions, without its time and verdict parts.
+    sessions: ListFilter,
+    denied_only: bool,
+    seen: std::collections::HashMap<SessionId, bool>,
+}
+
+impl TailFilter {
+    fn new(filter: &ListFilter) -> Self {
+        Self {
+            sessions: ListFilter {
+                denied: false,
+                since_us: None,
+                ..filter.clone()
+            },
+            denied_only: filter.denied,
+            seen: std::collections::HashMap::new(),
+        }
+    }
+
+    fn wants(&mut self, store: &dyn SessionStore, event: &Event) -> bool {
+        if self.seen.len() > 100_000 {
+            self.seen.clear();
+        }
+        let sessions = &self.sessions;
+        let wanted = *self.seen.entry(event.session).or_insert_with(|| {
+            store
+                .get(event.session)
+                .ok()
+                .flatten()
+                .is_some_and(|s| sessions.matches(&s))
+        });
+        wanted
+            && (!self.denied_only
+                || matches!(
+                    &event.kind,
+                    crate::record::EventKind::Request {
+                        verdict: crate::record::RecordedVerdict::Deny,
+                        ..
+                    }
+                ))
+    }
+}
+
+/// Follows events until the client hangs up or the daemon stops: first the recorded ones
+/// since `filter.since_us` (if given), then new ones as they are recorded, none twice.
 async fn tail(
-    state: &ControlState,
+    state: &Arc<ControlState>,
     filter: &ListFilter,
     w: &mut OwnedWriteHalf,
     shutdown: &mut watch::Receiver<bool>,
 ) -> io::Result<()> {
+    // Subscribe before reading the history, so nothing falls between the two.
     let mut events = state.store().subscribe();
     write_response(
         w,
@@ -455,47 +529,40 @@ async fn tail(
         },
     )
     .await?;
-    // Filters apply to the session an event belongs to; look each session up once.
-    let mut verdicts: std::collections::HashMap<SessionId, bool> = std::collections::HashMap::new();
+    let mut wanted = TailFilter::new(filter);
+    let mut last_id = 0;
+    if let Some(since_us) = filter.since_us {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Event>(256);
+        let st = Arc::clone(state);
+        let reader = tokio::task::spawn_blocking(move || {
+            let selection = Selection::Range {
+                since_us: Some(since_us),
+                until_us: None,
+            };
+            query::export(st.store(), &selection, |event| {
+                tx.blocking_send(event).is_ok()
+            })
+        });
+        while let Some(event) = rx.recv().await {
+            last_id = last_id.max(event.id);
+            if wanted.wants(state.store(), &event) {
+                write_response(w, &Response::Event { event }).await?;
+            }
+        }
+        if let Ok(Err(e)) = reader.await {
+            let message = format!("history not complete: {e}");
+            write_response(w, &Response::Error { message }).await?;
+        }
+    }
     loop {
         let event = tokio::select! {
             e = events.recv() => e,
             _ = shutdown.changed() => return write_response(w, &Response::End).await,
         };
         match event {
+            Ok(event) if event.id <= last_id => {}
             Ok(event) => {
-                let wanted = match verdicts.get(&event.session) {
-                    Some(w) => *w,
-                    None => {
-                        let w = state
-                            .store()
-                            .get(event.session)
-                            .ok()
-                            .flatten()
-                            .is_some_and(|s| {
-                                ListFilter {
-                                    denied: false,
-                                    since_us: None,
-                                    ..filter.clone()
-                                }
-                                .matches(&s)
-                            });
-                        if verdicts.len() > 100_000 {
-                            verdicts.clear();
-                        }
-                        verdicts.insert(event.session, w);
-                        w
-                    }
-                };
-                let denied_ok = !filter.denied
-                    || matches!(
-                        &event.kind,
-                        crate::record::EventKind::Request {
-                            verdict: crate::record::RecordedVerdict::Deny,
-                            ..
-                        }
-                    );
-                if wanted && denied_ok {
+                if wanted.wants(state.store(), &event) {
                     write_response(w, &Response::Event { event }).await?;
                 }
             }

@@ -174,7 +174,7 @@ impl Redirector {
         let map_dir = pin_dir.join("maps");
         let link_dir = pin_dir.join("links");
         if mode == Mode::FailClosed {
-            ensure_bpffs(pin_dir)?;
+            ensure_pin_dir(pin_dir)?;
             fs::create_dir_all(&map_dir).map_err(io_err(&map_dir))?;
             fs::create_dir_all(&link_dir).map_err(io_err(&link_dir))?;
         }
@@ -384,9 +384,33 @@ pub fn pinned_links(pin_dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// Removes what a fail-closed daemon left pinned in `pin_dir` (links first, which detaches
+/// the programs from the governed cgroup, then maps), and the directory. Returns how many
+/// links were removed. The caller makes sure no daemon runs (it holds the directory's lock).
+pub fn remove_pins(pin_dir: &Path) -> Result<usize, EbpfError> {
+    let links = pinned_links(pin_dir);
+    for link in &links {
+        fs::remove_file(link).map_err(io_err(link))?;
+    }
+    for dir in [pin_dir.join("links"), pin_dir.join("maps")] {
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.filter_map(Result::ok) {
+            let path = entry.path();
+            fs::remove_file(&path).map_err(io_err(&path))?;
+        }
+        fs::remove_dir(&dir).map_err(io_err(&dir))?;
+    }
+    match fs::remove_dir(pin_dir) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err(pin_dir)(e)),
+        _ => Ok(links.len()),
+    }
+}
+
 /// Makes sure `pin_dir` exists on bpffs, mounting bpffs at `/sys/fs/bpf` when the pin
 /// directory is under it and nothing is mounted there (hosts without systemd).
-fn ensure_bpffs(pin_dir: &Path) -> Result<(), EbpfError> {
+pub fn ensure_pin_dir(pin_dir: &Path) -> Result<(), EbpfError> {
     let sys_fs_bpf = Path::new("/sys/fs/bpf");
     if pin_dir.starts_with(sys_fs_bpf) && !is_bpffs(sys_fs_bpf) {
         fs::create_dir_all(sys_fs_bpf).map_err(io_err(sys_fs_bpf))?;

@@ -11,6 +11,7 @@ use crate::{
     config::Config,
     identity::{Ancestor, ProcessIdentity},
     protocol::Protocol,
+    text::count,
 };
 
 #[derive(Debug, Subcommand)]
@@ -22,7 +23,46 @@ pub enum PolicyCommand {
     },
     /// Show the verdict and the deciding rules for one request, without a target
     Test(Box<TestArgs>),
+    /// Write the example policies into the policy directory, to start enforcing (a daemon
+    /// running the built-in starter policy loads them within seconds)
+    Init {
+        /// Policy directory [default: the configuration's daemon.policy_dir]
+        dir: Option<PathBuf>,
+    },
 }
+
+/// The example policies (`policies/` in the source tree), as `policy init` writes them.
+pub const EXAMPLES: &[(&str, &str)] = &[
+    (
+        "http-get-only.toml",
+        include_str!("../../../policies/http-get-only.toml"),
+    ),
+    (
+        "kubernetes-read-only.toml",
+        include_str!("../../../policies/kubernetes-read-only.toml"),
+    ),
+    ("no-ddl.toml", include_str!("../../../policies/no-ddl.toml")),
+    (
+        "opaque-tcp.toml",
+        include_str!("../../../policies/opaque-tcp.toml"),
+    ),
+    (
+        "pii-masking.toml",
+        include_str!("../../../policies/pii-masking.toml"),
+    ),
+    (
+        "read-only-agent.toml",
+        include_str!("../../../policies/read-only-agent.toml"),
+    ),
+    (
+        "ssh-safe-commands.toml",
+        include_str!("../../../policies/ssh-safe-commands.toml"),
+    ),
+    (
+        "writes-need-approval.toml",
+        include_str!("../../../policies/writes-need-approval.toml"),
+    ),
+];
 
 #[derive(Debug, Args)]
 #[command(group(clap::ArgGroup::new("action").required(true).args(["sql", "ssh", "http", "kube", "connect"])))]
@@ -80,12 +120,16 @@ pub struct TestArgs {
 
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyCliError {
-    #[error("{count} error(s) in {dir}")]
+    #[error("{} in {}", crate::text::count(*count, "error", "errors"), dir.display())]
     Invalid { dir: PathBuf, count: usize },
     #[error("{0}")]
     Usage(String),
     #[error("cannot print JSON: {0}")]
     Json(#[from] serde_json::Error),
+    /// `policy test`'s answer as an exit status, for scripts: 1 deny, 3 approve (0 allow; 2 is
+    /// a usage error, as for every command).
+    #[error("exit status {0}")]
+    Verdict(u8),
 }
 
 pub fn run(config: &Config, cmd: PolicyCommand) -> Result<(), PolicyCliError> {
@@ -94,6 +138,9 @@ pub fn run(config: &Config, cmd: PolicyCommand) -> Result<(), PolicyCliError> {
             check(&dir.unwrap_or_else(|| config.daemon.policy_dir.clone()))
         }
         PolicyCommand::Test(args) => test(config, &args),
+        PolicyCommand::Init { dir } => {
+            init(&dir.unwrap_or_else(|| config.daemon.policy_dir.clone()))
+        }
     }
 }
 
@@ -109,14 +156,47 @@ fn load(dir: &Path) -> Result<PolicySet, PolicyCliError> {
     })
 }
 
+/// Writes the example policies into `dir` (created if missing); files already there are kept.
+pub fn init(dir: &Path) -> Result<(), PolicyCliError> {
+    let io =
+        |e: std::io::Error, what: &Path| PolicyCliError::Usage(format!("{}: {e}", what.display()));
+    std::fs::create_dir_all(dir).map_err(|e| io(e, dir))?;
+    for (name, text) in EXAMPLES {
+        let path = dir.join(name);
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+        {
+            Ok(mut f) => {
+                std::io::Write::write_all(&mut f, text.as_bytes()).map_err(|e| io(e, &path))?;
+                println!("wrote   {}", path.display());
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                println!("kept    {} (already there)", path.display());
+            }
+            Err(e) => return Err(io(e, &path)),
+        }
+    }
+    let set = load(dir)?;
+    println!(
+        "{}: {}, {}. Each file says at the top what it does; edit the target names \
+         to yours. A running daemon loads the directory within seconds and enforces it.",
+        dir.display(),
+        count(set.files.len(), "file", "files"),
+        count(set.rules.len(), "rule", "rules"),
+    );
+    Ok(())
+}
+
 pub fn check(dir: &Path) -> Result<(), PolicyCliError> {
     let set = load(dir)?;
     println!(
-        "{}: ok ({} files, {} rules, {} target settings)",
+        "{}: ok ({}, {}, {})",
         dir.display(),
-        set.files.len(),
-        set.rules.len(),
-        set.targets.len()
+        count(set.files.len(), "file", "files"),
+        count(set.rules.len(), "rule", "rules"),
+        count(set.targets.len(), "target table", "target tables"),
     );
     Ok(())
 }
@@ -142,7 +222,11 @@ pub fn test(config: &Config, args: &TestArgs) -> Result<(), PolicyCliError> {
     } else {
         print_decision(&set, &decision);
     }
-    Ok(())
+    match decision.verdict {
+        super::Verdict::Allow => Ok(()),
+        super::Verdict::Deny => Err(PolicyCliError::Verdict(1)),
+        super::Verdict::Approve => Err(PolicyCliError::Verdict(3)),
+    }
 }
 
 /// What `policy test` decides for `args` under `set`: the target as judged, its protocol, and

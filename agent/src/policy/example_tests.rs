@@ -67,6 +67,13 @@ fn all_examples_load_together_and_each_is_tested() {
         "writes-need-approval.toml",
     ];
     assert_eq!(names, tested, "a new example needs a test here");
+    // `bulkhead policy init` writes exactly these files, as they are.
+    for (name, text) in super::cli::EXAMPLES {
+        let on_disk = std::fs::read_to_string(examples_dir().join(name)).unwrap();
+        assert_eq!(*text, on_disk, "{name}");
+    }
+    let written: Vec<&str> = super::cli::EXAMPLES.iter().map(|(n, _)| *n).collect();
+    assert_eq!(written, tested, "policy init writes every example");
     // Together: no-ddl applies across targets and beats the approval on orders-db.
     let id = agent();
     let d = set.evaluate(&sql(
@@ -577,4 +584,46 @@ fn opaque_tcp() {
         action: Action::Connect,
     });
     assert_eq!(pg.verdict, Verdict::Allow);
+}
+
+#[test]
+fn the_starter_policy_observes_everything_and_a_missing_directory_selects_it() {
+    let set = super::reload::starter_policy();
+    assert_eq!(set.targets.len(), 1, "it parses");
+    let id = agent();
+    for (name, protocol, action) in [
+        ("10.0.0.5:443", Protocol::Tcp, Action::Connect),
+        (
+            "orders-db",
+            Protocol::Postgres,
+            Action::Sql {
+                text: "DELETE FROM orders",
+                prepared: None,
+            },
+        ),
+    ] {
+        let d = set.evaluate(&Request {
+            target: TargetRef { name, protocol },
+            identity: &id,
+            action,
+        });
+        assert_eq!(
+            (d.verdict, d.decided, d.observe_only),
+            (Verdict::Allow, Verdict::Deny, true),
+            "{name}"
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("policies");
+    let handle = PolicyHandle::new(&missing);
+    assert!(handle.start_with_starter_if_missing());
+    assert!(handle.status().starter);
+    assert!(handle.status().lines()[0].contains("STARTER"));
+    // The directory appears: its policies replace the starter.
+    super::cli::init(&missing).unwrap();
+    handle.reload().unwrap();
+    assert!(!handle.status().starter);
+    assert_eq!(handle.current().files.len(), super::cli::EXAMPLES.len());
+    // An existing directory never selects the starter.
+    assert!(!PolicyHandle::new(&missing).start_with_starter_if_missing());
 }

@@ -227,6 +227,22 @@ pub struct MaskRule {
     pub style: MaskStyle,
 }
 
+#[cfg(test)]
+impl MaskRule {
+    /// A rule named `r` for tests: `columns` are patterns (valid ones), `detectors` scan.
+    pub(crate) fn for_test(columns: &[&str], detectors: &[Detector], style: MaskStyle) -> Self {
+        Self {
+            rule: "r".into(),
+            columns: columns
+                .iter()
+                .map(|c| ColumnPattern::new(c).expect("a valid column pattern"))
+                .collect(),
+            detectors: detectors.to_vec(),
+            style,
+        }
+    }
+}
+
 /// The masks of one decision, ready to apply to result values.
 #[derive(Debug, Clone, Default)]
 pub struct Masker<'a> {
@@ -400,18 +416,6 @@ pub fn iban_valid(candidate: &str) -> bool {
 mod tests {
     use super::*;
 
-    fn rule(detectors: &[Detector], columns: &[&str], style: MaskStyle) -> MaskRule {
-        MaskRule {
-            rule: "r".into(),
-            columns: columns
-                .iter()
-                .map(|c| ColumnPattern::new(c).unwrap())
-                .collect(),
-            detectors: detectors.to_vec(),
-            style,
-        }
-    }
-
     #[test]
     fn checksums() {
         assert!(luhn_valid("4111 1111 1111 1111"));
@@ -425,14 +429,14 @@ mod tests {
 
     #[test]
     fn detectors_find_values_in_free_text_and_respect_checksums() {
-        let r = rule(
+        let r = MaskRule::for_test(
+            &[],
             &[
                 Detector::Email,
                 Detector::Card,
                 Detector::Iban,
                 Detector::Token,
             ],
-            &[],
             MaskStyle::Redact,
         );
         let m = Masker::new([&r]);
@@ -477,8 +481,8 @@ mod tests {
         assert_eq!(MaskStyle::parse("keep-last-x", None), None);
         assert_eq!(MaskStyle::parse("blur", None), None);
 
-        let weak = rule(&[], &["public.users.email"], MaskStyle::KeepLast(3));
-        let strong = rule(&[], &["users.email", "*.ssn"], MaskStyle::Redact);
+        let weak = MaskRule::for_test(&["public.users.email"], &[], MaskStyle::KeepLast(3));
+        let strong = MaskRule::for_test(&["users.email", "*.ssn"], &[], MaskStyle::Redact);
         let m = Masker::new([&weak, &strong]);
         assert_eq!(
             m.column_style("public", "users", "email"),

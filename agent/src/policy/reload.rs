@@ -21,6 +21,8 @@ use crate::record::now_micros;
 
 /// How long file events are gathered before one reload (editors write in several steps).
 const DEBOUNCE: Duration = Duration::from_millis(200);
+/// How often a missing policy directory is looked for.
+const MISSING_DIR_POLL: Duration = Duration::from_secs(2);
 
 /// What `bulkhead status` shows about the policy.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -31,6 +33,9 @@ pub struct PolicyStatus {
     pub loaded_at_us: u64,
     pub files: usize,
     pub rules: usize,
+    /// The built-in starter policy is in force (observe mode), not the directory's.
+    #[serde(default)]
+    pub starter: bool,
     /// The last failed load's errors, cleared by the next successful one.
     pub last_error: Option<String>,
     pub last_error_at_us: Option<u64>,
@@ -43,17 +48,23 @@ impl PolicyStatus {
             let t = std::time::UNIX_EPOCH + Duration::from_micros(us);
             humantime::format_rfc3339_seconds(t).to_string()
         };
-        let mut out = vec![if self.version == 0 {
+        let mut out = vec![if self.starter {
+            format!(
+                "policy:      BUILT-IN STARTER (observe mode): everything is recorded, nothing is enforced; \
+                 {} does not exist (bulkhead policy init writes the examples there)",
+                self.dir
+            )
+        } else if self.version == 0 {
             format!(
                 "policy:      none loaded from {}: every request is denied",
                 self.dir
             )
         } else {
             format!(
-                "policy:      version {} ({} rules, {} files) from {}, loaded {}",
+                "policy:      version {} ({}, {}) from {}, loaded {}",
                 self.version,
-                self.rules,
-                self.files,
+                crate::text::count(self.rules, "rule", "rules"),
+                crate::text::count(self.files, "file", "files"),
                 self.dir,
                 when(self.loaded_at_us)
             )
@@ -110,6 +121,28 @@ impl PolicyHandle {
         }
     }
 
+    /// For a daemon on its embedded default configuration: when the policy directory does not
+    /// exist, the built-in starter policy is in force (observe mode: record everything, enforce
+    /// nothing) until the directory appears and loads. Returns whether the starter is in force.
+    /// Never after a directory failed to load, and never for a directory a configuration
+    /// names: those keep deny-everything until a valid load.
+    pub fn start_with_starter_if_missing(&self) -> bool {
+        if self.inner.dir.exists() {
+            return false;
+        }
+        let set = starter_policy().with_cache(Arc::clone(&self.inner.cache));
+        self.inner.current.store(Arc::new(set));
+        let mut status = self
+            .inner
+            .status
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        status.starter = true;
+        status.rules = 0;
+        status.files = 0;
+        true
+    }
+
     /// Loads the directory; on success the new set replaces the old one.
     pub fn open(dir: impl Into<PathBuf>) -> Result<Self, String> {
         let handle = Self::new(dir);
@@ -153,6 +186,7 @@ impl PolicyHandle {
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner);
                 status.version += 1;
+                status.starter = false;
                 status.loaded_at_us = now_micros();
                 status.files = files;
                 status.rules = rules;
@@ -179,12 +213,28 @@ impl PolicyHandle {
     }
 }
 
+/// The text of the built-in starter policy.
+pub const STARTER_POLICY: &str = include_str!("builtin/starter.toml");
+
+/// The built-in starter policy: every target in observe mode, decided as deny unless allowed.
+pub fn starter_policy() -> PolicySet {
+    let path = Path::new("<built-in starter policy>");
+    match super::file::parse_file(path, STARTER_POLICY) {
+        Ok(p) => PolicySet::new(p.rules, p.targets, vec![path.to_path_buf()]),
+        // The text is part of the binary and tested; should it ever fail, deny everything.
+        Err(_) => PolicySet::deny_all(),
+    }
+}
+
 /// Reloads `handle` when a file in its directory changes or the process gets SIGHUP; runs until
 /// the task is dropped. Without file watching (no inotify, directory missing at start) SIGHUP
 /// still works, and the reason is logged.
 pub async fn watch(handle: PolicyHandle) {
     let (tx, mut rx) = mpsc::channel::<()>(16);
-    let _watcher = start_watcher(handle.dir(), tx.clone());
+    let mut watcher = start_watcher(handle.dir(), tx.clone());
+    // A directory that does not exist yet (the starter policy is in force, or it was removed)
+    // is looked for every few seconds: once it appears it is loaded and watched.
+    let mut look_for_dir = tokio::time::interval(MISSING_DIR_POLL);
     let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(s) => Some(s),
         Err(e) => {
@@ -200,6 +250,13 @@ pub async fn watch(handle: PolicyHandle) {
                 while rx.try_recv().is_ok() {}
             }
             Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {}
+            _ = look_for_dir.tick(), if watcher.is_none() => {
+                if !handle.dir().is_dir() {
+                    continue;
+                }
+                info!(dir = %handle.dir().display(), "the policy directory appeared");
+                watcher = start_watcher(handle.dir(), tx.clone());
+            }
             else => return,
         }
         let h = handle.clone();

@@ -36,10 +36,18 @@ use crate::{
     record::{now_micros, NewSession, Outcome, SessionEnd, SessionId},
 };
 
+/// What each protocol keeps for all its sessions (cancel keys, catalog caches), owned by the
+/// accept loop and handed to that protocol's `serve` only: the shared pipeline knows none of it.
+#[derive(Default)]
+pub struct Protocols {
+    pub postgres: postgres::Shared,
+}
+
 /// Accepts until `shutdown` turns true, then returns; running connections keep their tasks.
 pub async fn serve(
     listener: TcpListener,
     gateway: Arc<Gateway>,
+    protocols: Arc<Protocols>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
@@ -51,7 +59,8 @@ pub async fn serve(
             Ok((stream, peer)) => {
                 gateway.stats.accepted.fetch_add(1, Ordering::Relaxed);
                 let gw = Arc::clone(&gateway);
-                tokio::spawn(async move { handle(&gw, stream, peer).await });
+                let protocols = Arc::clone(&protocols);
+                tokio::spawn(async move { handle(&gw, &protocols, stream, peer).await });
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
@@ -71,7 +80,12 @@ impl Drop for ActiveGuard<'_> {
 }
 
 /// One connection, start to finish: the session pipeline.
-pub async fn handle(gw: &Gateway, client_stream: TcpStream, peer: SocketAddr) {
+pub async fn handle(
+    gw: &Gateway,
+    protocols: &Protocols,
+    client_stream: TcpStream,
+    peer: SocketAddr,
+) {
     gw.stats.active.fetch_add(1, Ordering::Relaxed);
     let _active = ActiveGuard(&gw.stats);
     let client = ClientAddr(SocketAddr::new(peer.ip().to_canonical(), peer.port()));
@@ -151,12 +165,16 @@ pub async fn handle(gw: &Gateway, client_stream: TcpStream, peer: SocketAddr) {
             gw.stats.refused.fetch_add(1, Ordering::Relaxed);
             info!(rules = ?decided.decision.rules, "connection refused by policy");
             match conn.target.protocol {
-                Protocol::Postgres => postgres::refuse(&conn, client_stream, &reason).await,
+                Protocol::Postgres => {
+                    postgres::refuse(&conn, &protocols.postgres, client_stream, &reason).await
+                }
                 _ => tcp::refuse(client_stream, reason),
             }
         } else {
             match conn.target.protocol {
-                Protocol::Postgres => postgres::serve(&conn, client_stream).await,
+                Protocol::Postgres => {
+                    postgres::serve(&conn, &protocols.postgres, client_stream).await
+                }
                 // SSH, HTTP and Kubernetes are relayed as opaque TCP until their gateways exist.
                 Protocol::Tcp | Protocol::Ssh | Protocol::Http | Protocol::Kubernetes => {
                     tcp::serve(&conn, client_stream).await

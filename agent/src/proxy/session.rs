@@ -17,11 +17,11 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
 use tracing::warn;
 
-use super::postgres;
 use crate::{
-    approval::{ApprovalBroker, ApprovalIdentity, ApprovalRequest},
+    approval::{ApprovalBroker, ApprovalIdentity, ApprovalRequest, Notice},
     config::{unmatched_name, Config, ResolvedTarget},
     ebpf::OrigDst,
     identity::{ProcReader, ProcessIdentity},
@@ -73,10 +73,8 @@ pub struct Gateway {
     pub policy: crate::policy::PolicyHandle,
     /// The local CA for TLS toward clients; `None` declines client TLS.
     pub tls: Option<Arc<crate::tls::LocalCa>>,
-    /// Where a request whose verdict is `approve` is held ([`session::Conn::decide`]).
+    /// Where a request whose verdict is `approve` is held ([`Conn::decide`]).
     pub approvals: Arc<ApprovalBroker>,
-    /// The PostgreSQL gateway's own shared state (cancel keys, catalog caches).
-    pub postgres: postgres::Shared,
 }
 
 /// One identified connection with its session open: everything a protocol needs.
@@ -114,6 +112,9 @@ pub struct Ask<'a> {
     pub text: &'a str,
     /// Its class as recorded (`read`, `connect`, ...).
     pub class: Option<String>,
+    /// Told the approval's id as soon as the request waits for an admin, so the protocol can
+    /// say so to a client that would otherwise just hang (a PostgreSQL NOTICE).
+    pub on_hold: Option<&'a (dyn Fn(u64) + Send + Sync)>,
 }
 
 impl Conn<'_> {
@@ -141,7 +142,8 @@ impl Conn<'_> {
             identity: &self.identity,
             action: ask.action,
         });
-        self.apply(decision, ask.text, ask.class).await
+        self.apply_telling(decision, ask.text, ask.class, ask.on_hold)
+            .await
     }
 
     /// Like [`Conn::decide`] where no one can wait (during a protocol's login): a request that
@@ -190,6 +192,17 @@ impl Conn<'_> {
     /// approve holds until an admin decides or the approval expires. In observe mode the record
     /// says what would have been enforced, marked observed, and the request is forwarded.
     pub async fn apply(&self, decision: Decision, text: &str, class: Option<String>) -> Decided {
+        self.apply_telling(decision, text, class, None).await
+    }
+
+    /// [`Conn::apply`], telling `on_hold` the approval's id once the request waits.
+    async fn apply_telling(
+        &self,
+        decision: Decision,
+        text: &str,
+        class: Option<String>,
+        on_hold: Option<&(dyn Fn(u64) + Send + Sync)>,
+    ) -> Decided {
         let event = EventKind::request(
             text,
             class.clone(),
@@ -215,7 +228,7 @@ impl Conn<'_> {
             Verdict::Deny => Some(decision.message.clone().unwrap_or_else(|| {
                 format!("bulkhead: denied by policy ({})", decision.rules.join(", "))
             })),
-            Verdict::Approve => self.hold(&decision, text, class).await,
+            Verdict::Approve => self.hold(&decision, text, class, on_hold).await,
         };
         Decided {
             request,
@@ -227,23 +240,46 @@ impl Conn<'_> {
     /// Holds a request until an admin decides (or it expires); the refusal message unless
     /// approved. The caller reads nothing more from the client meanwhile, so the client simply
     /// waits and later requests keep their order.
-    async fn hold(&self, decision: &Decision, text: &str, class: Option<String>) -> Option<String> {
+    async fn hold(
+        &self,
+        decision: &Decision,
+        text: &str,
+        class: Option<String>,
+        on_hold: Option<&(dyn Fn(u64) + Send + Sync)>,
+    ) -> Option<String> {
         let timeout = decision
             .approval_timeout
             .unwrap_or_else(|| self.gw.approvals.default_timeout());
-        let outcome = self
-            .gw
-            .approvals
-            .request(ApprovalRequest {
-                session: self.session,
-                identity: ApprovalIdentity::from(&self.identity),
-                target: self.target.name.to_string(),
-                protocol: self.target.protocol,
-                text: text.to_string(),
-                rule: decision.rules.first().cloned().unwrap_or_default(),
-                timeout,
-            })
-            .await;
+        // Subscribed before asking, so the notice that it waits cannot be missed.
+        let mut notices = on_hold.map(|_| self.gw.approvals.subscribe());
+        let request = self.gw.approvals.request(ApprovalRequest {
+            session: self.session,
+            identity: ApprovalIdentity::from(&self.identity),
+            target: self.target.name.to_string(),
+            protocol: self.target.protocol,
+            text: text.to_string(),
+            rule: decision.rules.first().cloned().unwrap_or_default(),
+            timeout,
+        });
+        tokio::pin!(request);
+        let outcome = loop {
+            let Some(rx) = notices.as_mut() else {
+                break request.await;
+            };
+            tokio::select! {
+                outcome = &mut request => break outcome,
+                notice = rx.recv() => match notice {
+                    Ok(Notice::Requested { approval }) if approval.session == self.session => {
+                        if let Some(tell) = on_hold {
+                            tell(approval.id);
+                        }
+                        notices = None;
+                    }
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => notices = None,
+                },
+            }
+        };
         let message = outcome.denial_message()?;
         // The final verdict is a denial: that is what counts the session as denied.
         self.record(

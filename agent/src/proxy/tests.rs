@@ -44,14 +44,13 @@ impl Harness {
             proc: ProcReader::new("/", "/none"),
             stats: Arc::default(),
             policy: PolicyHandle::open(policies.path()).unwrap(),
-            postgres: postgres::Shared::default(),
             approvals,
             tls: None,
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = watch::channel(false);
-        tokio::spawn(serve(listener, Arc::clone(&gw), rx));
+        tokio::spawn(serve(listener, Arc::clone(&gw), Arc::default(), rx));
         Self {
             gw,
             listener: addr,
@@ -159,7 +158,13 @@ async fn round_trip(mut c: TcpStream, text: &[u8]) -> std::io::Result<Vec<u8>> {
 }
 
 fn target_config(name: &str, addr: SocketAddr, protocol: &str) -> String {
-    format!("[[target]]\nname = \"{name}\"\naddresses = [\"{addr}\"]\nprotocol = \"{protocol}\"\n")
+    // A postgres target without credentials logs in only where the server asks for nothing.
+    let auth = if protocol == "postgres" {
+        "postgres = { auth = [\"none\"] }\n"
+    } else {
+        ""
+    };
+    format!("[[target]]\nname = \"{name}\"\naddresses = [\"{addr}\"]\nprotocol = \"{protocol}\"\n{auth}")
 }
 
 fn tcp_target(name: &str, addr: SocketAddr) -> String {

@@ -174,6 +174,12 @@ pub enum EventKind {
         /// Command tags and row count (`SELECT 1 (1 rows)`).
         summary: Option<String>,
         error: Option<String>,
+        /// Rows (or COPY lines) the client got with masked values; absent when none.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        masked_rows: Option<u64>,
+        /// The mask rules in force for those rows.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        mask_rules: Vec<String>,
     },
     /// An approval was asked for, granted, refused or expired (states in `docs/EVENTS.md`).
     Approval {

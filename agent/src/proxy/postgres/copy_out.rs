@@ -7,42 +7,7 @@
 
 use std::borrow::Cow;
 
-use crate::policy::{mask::Detectors, MaskStyle};
-
-/// How COPY writes its rows (from the statement's options).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CopyFormat {
-    Text {
-        delimiter: u8,
-        null: Vec<u8>,
-    },
-    Csv {
-        delimiter: u8,
-        quote: u8,
-        escape: u8,
-        null: Vec<u8>,
-    },
-    Binary,
-}
-
-impl CopyFormat {
-    pub fn text() -> Self {
-        CopyFormat::Text {
-            delimiter: b'\t',
-            null: b"\\N".to_vec(),
-        }
-    }
-
-    #[cfg(test)]
-    pub fn csv() -> Self {
-        CopyFormat::Csv {
-            delimiter: b',',
-            quote: b'"',
-            escape: b'"',
-            null: Vec::new(),
-        }
-    }
-}
+use crate::policy::{mask::Detectors, sql_copy::CopyFormat, MaskStyle};
 
 /// What happens to one field of a row.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -389,18 +354,10 @@ pub fn quote_csv(value: &str, quote: u8, escape: u8) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::{
-        mask::{ColumnPattern, Detector},
-        MaskRule, Masker,
-    };
+    use crate::policy::{mask::Detector, MaskRule, Masker};
 
     fn detectors() -> Detectors {
-        let rule = MaskRule {
-            rule: "d".into(),
-            columns: vec![ColumnPattern::new("x").unwrap()],
-            detectors: vec![Detector::Email],
-            style: MaskStyle::Redact,
-        };
+        let rule = MaskRule::for_test(&["x"], &[Detector::Email], MaskStyle::Redact);
         Masker::new([&rule]).detectors().clone()
     }
 

@@ -1,8 +1,8 @@
 //! A PostgreSQL target's own settings (`[target.postgres]` in the configuration): whom the
-//! gateway logs in as upstream, and TLS to the target. The configuration parses them; the
-//! gateway applies them.
+//! gateway logs in as upstream, how it may authenticate, and TLS to the target. The
+//! configuration parses them; the gateway applies them.
 
-use std::path::PathBuf;
+use std::{fmt, path::PathBuf};
 
 use serde::Deserialize;
 
@@ -10,11 +10,19 @@ use crate::{credentials::CredentialRef, policy::matchers::Glob};
 
 /// How the gateway logs in to a PostgreSQL target. Unset fields take the client's own
 /// startup values (the user and database it asked for).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PostgresTarget {
     pub user: Option<String>,
     pub database: Option<String>,
+    /// How the server may have the gateway authenticate (libpq's `require_auth`): a server that
+    /// asks for anything else is not answered, nothing derived from the password is sent.
+    #[serde(default = "default_auth")]
+    pub auth: Vec<AuthMethod>,
+    /// Log in (with the held credentials) at any address of the target's networks, not only at
+    /// the `IP:PORT` addresses it names.
+    #[serde(default)]
+    pub login_to_network: bool,
     /// TLS to the target: `disable` (default) or `verify-full` (the server's certificate must
     /// chain to `ca` and name `server_name`, or the target's address).
     #[serde(default)]
@@ -25,6 +33,82 @@ pub struct PostgresTarget {
     /// client that matches none is refused.
     #[serde(default)]
     pub map: Vec<PostgresMapping>,
+}
+
+impl Default for PostgresTarget {
+    fn default() -> Self {
+        Self {
+            user: None,
+            database: None,
+            auth: default_auth(),
+            login_to_network: false,
+            tls: UpstreamTls::default(),
+            ca: None,
+            server_name: None,
+            map: Vec::new(),
+        }
+    }
+}
+
+fn default_auth() -> Vec<AuthMethod> {
+    vec![AuthMethod::ScramSha256]
+}
+
+/// A way the gateway may authenticate to a target, by libpq's `require_auth` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum AuthMethod {
+    /// SCRAM-SHA-256: the password never crosses the wire, and the server proves it knows it.
+    ScramSha256,
+    /// md5: a hash of the password salted by the server, from which whoever asks can guess the
+    /// password offline at md5's speed.
+    Md5,
+    /// The password itself, in cleartext (readable on the way unless TLS protects it).
+    Password,
+    /// No authentication at all: the server logs the gateway in without asking (pg_hba
+    /// `trust`), proving nothing about being the target.
+    None,
+}
+
+impl AuthMethod {
+    pub const ALL: [AuthMethod; 4] = [
+        AuthMethod::ScramSha256,
+        AuthMethod::Md5,
+        AuthMethod::Password,
+        AuthMethod::None,
+    ];
+
+    /// The name in `postgres.auth` (and in libpq's `require_auth`).
+    pub fn name(self) -> &'static str {
+        match self {
+            AuthMethod::ScramSha256 => "scram-sha-256",
+            AuthMethod::Md5 => "md5",
+            AuthMethod::Password => "password",
+            AuthMethod::None => "none",
+        }
+    }
+}
+
+impl fmt::Display for AuthMethod {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl TryFrom<String> for AuthMethod {
+    type Error = String;
+    fn try_from(name: String) -> Result<Self, String> {
+        if let Some(m) = AuthMethod::ALL.into_iter().find(|m| m.name() == name) {
+            return Ok(m);
+        }
+        let known = AuthMethod::ALL.map(|m| format!("\"{m}\"")).join(", ");
+        Err(match name.as_str() {
+            "trust" => format!(
+                "postgres.auth: a server that asks for no password is \"none\" here (libpq's name for pg_hba's trust); one of {known}"
+            ),
+            _ => format!("postgres.auth: {name:?} is not a method the gateway knows; one of {known}"),
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -128,7 +212,15 @@ impl PostgresTarget {
     }
 
     /// The first problem in these settings, as the key under `postgres.` and what is wrong.
-    pub fn problem(&self) -> Option<(String, String)> {
+    /// `target_credentials`: whether the target itself holds credentials.
+    pub fn problem(&self, target_credentials: bool) -> Option<(String, String)> {
+        if self.auth.is_empty() {
+            return Some((
+                "auth".into(),
+                "allows no way to log in; leave the key out for the default, [\"scram-sha-256\"]"
+                    .into(),
+            ));
+        }
         if self.tls == UpstreamTls::VerifyFull && self.ca.is_none() {
             return Some((
                 "ca".into(),
@@ -149,6 +241,17 @@ impl PostgresTarget {
             {
                 return Some((key(&format!("credentials.{field}")), problem.into()));
             }
+        }
+        // A login without a password succeeds only where the server asks for none.
+        let passwordless = !target_credentials
+            && (self.map.is_empty() || self.map.iter().any(|m| m.credentials.is_none()));
+        if passwordless && !self.auth.contains(&AuthMethod::None) {
+            return Some((
+                "auth".into(),
+                "the gateway holds no password for this target (no credentials), so it can only \
+                 log in where the server asks for none: add credentials, or add \"none\" to auth"
+                    .into(),
+            ));
         }
         None
     }

@@ -3,7 +3,10 @@
 //! The governed client never authenticates to the target and never sees the password: the
 //! gateway answers the client's startup itself and logs in upstream with SCRAM-SHA-256
 //! (postgres-protocol's implementation, which also verifies the server's signature), md5 or
-//! cleartext, whichever the server asks for.
+//! cleartext, whichever the server asks for among the methods the target's `postgres.auth`
+//! allows ([`Authenticator`], pure). A server that asks for another gets nothing derived from
+//! the password: the gateway hangs up. The held credentials go only to the addresses the
+//! target names as sockets ([`network_refusal`]).
 
 use bytes::{Buf as _, Bytes, BytesMut};
 use postgres_protocol::{
@@ -20,8 +23,10 @@ use super::{
     Stream,
 };
 use crate::{
+    config::{Target, TargetAddress},
     net::OrigDstAddr,
-    proxy::postgres::settings::{PostgresTarget, UpstreamTls},
+    proxy::postgres::settings::{AuthMethod, PostgresTarget, UpstreamTls},
+    record::Outcome,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -34,8 +39,23 @@ pub enum UpstreamError {
     Refused(String),
     #[error("the target asked for {0}, which the gateway does not support")]
     Unsupported(String),
+    #[error(
+        "the server asked for {}, which the target's postgres.auth ({}) does not allow; the \
+         gateway sent nothing derived from the password (to allow it, add \"{asked}\" to \
+         postgres.auth)",
+        describe(*asked),
+        names(allowed)
+    )]
+    NotAllowed {
+        asked: AuthMethod,
+        allowed: Vec<AuthMethod>,
+    },
     #[error("SCRAM exchange failed: {0}")]
     Scram(std::io::Error),
+    #[error("the target ended the SCRAM exchange without proving that it knows the password")]
+    ScramIncomplete,
+    #[error("the target asked the gateway to authenticate a second time")]
+    AuthAgain,
     #[error("the target closed the connection during login")]
     Closed,
     #[error("the target sent {0:?} during login")]
@@ -50,6 +70,280 @@ pub enum UpstreamError {
     Codec(#[from] CodecError),
 }
 
+impl UpstreamError {
+    /// The upstream `auth` event's method for a login that failed this way.
+    pub fn recorded_method(&self) -> String {
+        match self {
+            UpstreamError::NotAllowed { asked, .. } => {
+                format!("{asked} (refused: not in postgres.auth)")
+            }
+            _ => "login".into(),
+        }
+    }
+
+    /// The SQLSTATE the client's FATAL carries.
+    pub fn sqlstate(&self) -> &'static str {
+        match self {
+            UpstreamError::NotAllowed { .. } => "28000",
+            _ => "08006",
+        }
+    }
+
+    /// How the session ended: refused when the gateway would not log in, else failed.
+    pub fn outcome(&self, target: &str) -> Outcome {
+        match self {
+            UpstreamError::NotAllowed { .. } => Outcome::Refused {
+                reason: format!("target {target}: {self}"),
+            },
+            _ => Outcome::UpstreamFailed {
+                error: self.to_string(),
+            },
+        }
+    }
+}
+
+fn describe(method: AuthMethod) -> &'static str {
+    match method {
+        AuthMethod::ScramSha256 => "SCRAM-SHA-256 (\"scram-sha-256\")",
+        AuthMethod::Md5 => "md5 authentication (\"md5\")",
+        AuthMethod::Password => "the password in cleartext (\"password\")",
+        AuthMethod::None => "no authentication at all (\"none\")",
+    }
+}
+
+fn names(methods: &[AuthMethod]) -> String {
+    methods
+        .iter()
+        .map(|m| format!("\"{m}\""))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Why the gateway will not log in to `target` at `dst`, if it will not: the held credentials
+/// go only to the addresses the admin named as `IP:PORT`. A destination inside one of the
+/// target's networks could be any host there (another server, one a tool set up to collect
+/// logins), so it is logged in to only when the target opts in (`postgres.login_to_network`).
+pub fn network_refusal(target: &Target, pg: &PostgresTarget, dst: OrigDstAddr) -> Option<String> {
+    if pg.login_to_network {
+        return None;
+    }
+    let named = |a: &&TargetAddress| matches!(a, TargetAddress::Socket(_)) && a.matches(dst);
+    if target.addresses.iter().any(|a| named(&a)) {
+        return None;
+    }
+    let network = target
+        .addresses
+        .iter()
+        .find_map(|a| match a {
+            TargetAddress::Network(n) if a.matches(dst) => Some(n.to_string()),
+            _ => None,
+        })
+        .unwrap_or_else(|| "a network".into());
+    Some(format!(
+        "target {}: {} is in its network {network} but is not one of its IP:PORT addresses, \
+         and the gateway logs in with the target's credentials only at those (add this server \
+         to the target's addresses, or set postgres.login_to_network = true)",
+        target.name,
+        crate::config::unmatched_name(dst),
+    ))
+}
+
+/// What a target's Authentication message asks of the gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthRequest {
+    /// AuthenticationOk: logged in.
+    Ok,
+    /// AuthenticationCleartextPassword.
+    Cleartext,
+    /// AuthenticationMD5Password, with the salt.
+    Md5([u8; 4]),
+    /// AuthenticationSASL, with the mechanisms offered.
+    Sasl(Vec<String>),
+    SaslContinue(Bytes),
+    SaslFinal(Bytes),
+    /// A method the gateway does not implement (Kerberos, GSSAPI, SSPI...), by its code.
+    Other(i32),
+}
+
+impl AuthRequest {
+    pub fn parse(body: &[u8]) -> Result<Self, CodecError> {
+        let mut b = body;
+        if b.len() < 4 {
+            return Err(CodecError::Malformed {
+                what: "Authentication",
+            });
+        }
+        Ok(match b.get_i32() {
+            0 => AuthRequest::Ok,
+            3 => AuthRequest::Cleartext,
+            5 => {
+                let salt = b.get(..4).ok_or(CodecError::Malformed {
+                    what: "AuthenticationMD5Password",
+                })?;
+                AuthRequest::Md5([salt[0], salt[1], salt[2], salt[3]])
+            }
+            10 => AuthRequest::Sasl(sasl_mechanisms(b)),
+            11 => AuthRequest::SaslContinue(Bytes::copy_from_slice(b)),
+            12 => AuthRequest::SaslFinal(Bytes::copy_from_slice(b)),
+            other => AuthRequest::Other(other),
+        })
+    }
+
+    /// The method an opening request asks for; `None` for continuations and the unsupported.
+    fn method(&self) -> Option<AuthMethod> {
+        match self {
+            AuthRequest::Ok => Some(AuthMethod::None),
+            AuthRequest::Cleartext => Some(AuthMethod::Password),
+            AuthRequest::Md5(_) => Some(AuthMethod::Md5),
+            AuthRequest::Sasl(m) if m.iter().any(|m| m == sasl::SCRAM_SHA_256) => {
+                Some(AuthMethod::ScramSha256)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// What the gateway does after one Authentication request.
+#[derive(Debug)]
+pub enum AuthStep {
+    /// Send this answer.
+    Send(BytesMut),
+    /// Nothing to send; the target speaks next.
+    Wait,
+    /// Logged in, with this method.
+    LoggedIn(AuthMethod),
+}
+
+enum AuthState {
+    /// No request yet.
+    Start,
+    /// Answered a password request; the next is the verdict.
+    Answered(AuthMethod),
+    /// In a SCRAM exchange, the server's signature not verified yet.
+    Scram(Box<sasl::ScramSha256>),
+    /// The server proved it knows the password.
+    ScramVerified,
+    /// AuthenticationOk came.
+    LoggedIn,
+}
+
+/// The gateway's side of the login exchange, without I/O: fed the target's Authentication
+/// requests in order, it answers each, or says why it will not. Whether a request may be
+/// answered is decided before anything is derived from the password.
+pub struct Authenticator<'a> {
+    allowed: &'a [AuthMethod],
+    user: &'a str,
+    password: Option<&'a str>,
+    state: AuthState,
+}
+
+impl<'a> Authenticator<'a> {
+    pub fn new(allowed: &'a [AuthMethod], user: &'a str, password: Option<&'a str>) -> Self {
+        Self {
+            allowed,
+            user,
+            password,
+            state: AuthState::Start,
+        }
+    }
+
+    pub fn step(&mut self, request: &AuthRequest) -> Result<AuthStep, UpstreamError> {
+        match (request, &mut self.state) {
+            (_, AuthState::LoggedIn) => Err(UpstreamError::AuthAgain),
+            (AuthRequest::Ok, AuthState::Start) => {
+                self.permit(AuthMethod::None)?;
+                self.state = AuthState::LoggedIn;
+                Ok(AuthStep::LoggedIn(AuthMethod::None))
+            }
+            (AuthRequest::Ok, AuthState::Answered(method)) => {
+                let method = *method;
+                self.state = AuthState::LoggedIn;
+                Ok(AuthStep::LoggedIn(method))
+            }
+            (AuthRequest::Ok, AuthState::ScramVerified) => {
+                self.state = AuthState::LoggedIn;
+                Ok(AuthStep::LoggedIn(AuthMethod::ScramSha256))
+            }
+            // Without the server's signature, a server that does not know the password could
+            // pass for the target (and keep the proof to guess the password from).
+            (AuthRequest::Ok, AuthState::Scram(_)) => Err(UpstreamError::ScramIncomplete),
+            (AuthRequest::SaslContinue(data), AuthState::Scram(scram)) => {
+                scram.update(data).map_err(UpstreamError::Scram)?;
+                let mut out = BytesMut::new();
+                frontend::sasl_response(scram.message(), &mut out)
+                    .map_err(UpstreamError::Connect)?;
+                Ok(AuthStep::Send(out))
+            }
+            (AuthRequest::SaslFinal(data), AuthState::Scram(scram)) => {
+                scram.finish(data).map_err(UpstreamError::Scram)?;
+                self.state = AuthState::ScramVerified;
+                Ok(AuthStep::Wait)
+            }
+            (AuthRequest::SaslContinue(_) | AuthRequest::SaslFinal(_), _) => {
+                Err(UpstreamError::Unexpected('R'))
+            }
+            (AuthRequest::Other(code), _) => Err(UpstreamError::Unsupported(match code {
+                2 => "Kerberos V5 authentication".into(),
+                7 => "GSSAPI authentication".into(),
+                9 => "SSPI authentication".into(),
+                other => format!("authentication method {other}"),
+            })),
+            (AuthRequest::Sasl(mechanisms), AuthState::Start) if request.method().is_none() => Err(
+                UpstreamError::Unsupported(format!("SASL {}", mechanisms.join(", "))),
+            ),
+            (
+                AuthRequest::Cleartext | AuthRequest::Md5(_) | AuthRequest::Sasl(_),
+                AuthState::Start,
+            ) => self.open(request),
+            (AuthRequest::Cleartext | AuthRequest::Md5(_) | AuthRequest::Sasl(_), _) => {
+                Err(UpstreamError::AuthAgain)
+            }
+        }
+    }
+
+    fn permit(&self, asked: AuthMethod) -> Result<(), UpstreamError> {
+        if self.allowed.contains(&asked) {
+            Ok(())
+        } else {
+            Err(UpstreamError::NotAllowed {
+                asked,
+                allowed: self.allowed.to_vec(),
+            })
+        }
+    }
+
+    /// Answers a request for a password (cleartext, md5, SCRAM), if its method is allowed.
+    fn open(&mut self, request: &AuthRequest) -> Result<AuthStep, UpstreamError> {
+        let method = request.method().ok_or(UpstreamError::Unexpected('R'))?;
+        self.permit(method)?;
+        let password = self.password.ok_or(UpstreamError::NoPassword)?;
+        let mut out = BytesMut::new();
+        match request {
+            AuthRequest::Cleartext => {
+                frontend::password_message(password.as_bytes(), &mut out)
+                    .map_err(UpstreamError::Connect)?;
+            }
+            AuthRequest::Md5(salt) => {
+                let hash = md5_hash(self.user.as_bytes(), password.as_bytes(), *salt);
+                frontend::password_message(hash.as_bytes(), &mut out)
+                    .map_err(UpstreamError::Connect)?;
+            }
+            _ => {
+                let scram = sasl::ScramSha256::new(
+                    password.as_bytes(),
+                    sasl::ChannelBinding::unsupported(),
+                );
+                frontend::sasl_initial_response(sasl::SCRAM_SHA_256, scram.message(), &mut out)
+                    .map_err(UpstreamError::Connect)?;
+                self.state = AuthState::Scram(Box::new(scram));
+                return Ok(AuthStep::Send(out));
+            }
+        }
+        self.state = AuthState::Answered(method);
+        Ok(AuthStep::Send(out))
+    }
+}
+
 /// A logged-in upstream connection.
 pub struct Upstream {
     pub reader: FrameReader<ReadHalf<Stream>>,
@@ -60,8 +354,8 @@ pub struct Upstream {
     pub greeting: Vec<Bytes>,
     /// The target's own cancel key.
     pub backend_key: Option<(i32, i32)>,
-    /// How the gateway authenticated (`scram-sha-256`, `md5`, `password`, `trust`).
-    pub method: &'static str,
+    /// How the gateway authenticated.
+    pub method: AuthMethod,
 }
 
 /// Connects to `addr` and logs in as `user` to `database`, passing `extra` startup
@@ -105,87 +399,21 @@ pub async fn login(
         .await
         .map_err(UpstreamError::Connect)?;
 
-    let mut method = "trust";
-    let mut scram: Option<sasl::ScramSha256> = None;
+    let mut auth = Authenticator::new(&pg.auth, user, password);
+    let mut method = None;
     let mut greeting = Vec::new();
     let mut backend_key = None;
     loop {
         let Frame { tag, body, raw } = reader.next().await?.ok_or(UpstreamError::Closed)?;
         match tag {
-            b'R' => {
-                let mut b = &body[..];
-                if b.len() < 4 {
-                    return Err(CodecError::Malformed {
-                        what: "Authentication",
-                    }
-                    .into());
-                }
-                let code = b.get_i32();
-                let mut out = BytesMut::new();
-                match code {
-                    0 => continue,
-                    3 => {
-                        method = "password";
-                        let pw = password.ok_or(UpstreamError::NoPassword)?;
-                        frontend::password_message(pw.as_bytes(), &mut out)
-                            .map_err(UpstreamError::Connect)?;
-                    }
-                    5 => {
-                        method = "md5";
-                        let pw = password.ok_or(UpstreamError::NoPassword)?;
-                        if b.len() < 4 {
-                            return Err(CodecError::Malformed {
-                                what: "AuthenticationMD5Password",
-                            }
-                            .into());
-                        }
-                        let salt = [b[0], b[1], b[2], b[3]];
-                        let hash = md5_hash(user.as_bytes(), pw.as_bytes(), salt);
-                        frontend::password_message(hash.as_bytes(), &mut out)
-                            .map_err(UpstreamError::Connect)?;
-                    }
-                    10 => {
-                        let mechanisms = sasl_mechanisms(b);
-                        if !mechanisms.iter().any(|m| m == sasl::SCRAM_SHA_256) {
-                            return Err(UpstreamError::Unsupported(format!(
-                                "SASL {}",
-                                mechanisms.join(", ")
-                            )));
-                        }
-                        method = "scram-sha-256";
-                        let pw = password.ok_or(UpstreamError::NoPassword)?;
-                        let s = sasl::ScramSha256::new(
-                            pw.as_bytes(),
-                            sasl::ChannelBinding::unsupported(),
-                        );
-                        frontend::sasl_initial_response(sasl::SCRAM_SHA_256, s.message(), &mut out)
-                            .map_err(UpstreamError::Connect)?;
-                        scram = Some(s);
-                    }
-                    11 => {
-                        let s = scram.as_mut().ok_or(UpstreamError::Unexpected('R'))?;
-                        s.update(b).map_err(UpstreamError::Scram)?;
-                        frontend::sasl_response(s.message(), &mut out)
-                            .map_err(UpstreamError::Connect)?;
-                    }
-                    12 => {
-                        // Verifies the server's signature: a target that does not know the
-                        // password cannot pretend to be the database.
-                        let s = scram.as_mut().ok_or(UpstreamError::Unexpected('R'))?;
-                        s.finish(b).map_err(UpstreamError::Scram)?;
-                        continue;
-                    }
-                    other => {
-                        return Err(UpstreamError::Unsupported(format!(
-                            "authentication method {other}"
-                        )))
-                    }
-                }
-                writer
+            b'R' => match auth.step(&AuthRequest::parse(&body)?)? {
+                AuthStep::Send(out) => writer
                     .write_all(&out)
                     .await
-                    .map_err(UpstreamError::Connect)?;
-            }
+                    .map_err(UpstreamError::Connect)?,
+                AuthStep::Wait => {}
+                AuthStep::LoggedIn(m) => method = Some(m),
+            },
             b'E' => {
                 let message = codec::error_fields(&body)
                     .into_iter()
@@ -205,6 +433,8 @@ pub async fn login(
             }
             b'N' => greeting.push(raw),
             b'Z' => {
+                // Ready before AuthenticationOk: the target skipped authentication.
+                let method = method.ok_or(UpstreamError::Unexpected('Z'))?;
                 return Ok(Upstream {
                     reader,
                     writer,
@@ -212,7 +442,7 @@ pub async fn login(
                     greeting,
                     backend_key,
                     method,
-                })
+                });
             }
             other => return Err(UpstreamError::Unexpected(char::from(other))),
         }
@@ -297,3 +527,6 @@ pub async fn cancel(addr: OrigDstAddr, pid: i32, secret: i32) -> std::io::Result
     stream.write_all(&buf).await?;
     stream.shutdown().await
 }
+
+#[cfg(test)]
+mod tests;

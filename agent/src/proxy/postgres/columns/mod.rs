@@ -1,0 +1,138 @@
+//! Masking result data by the real column: which table and column each result field comes
+//! from, whatever the query called it.
+//!
+//! A RowDescription names each field's table OID and attribute number; [`catalog`] turns those
+//! into schema, table and column on a side connection. A simple query's rows follow their
+//! RowDescription; an Execute's rows follow none, so the description comes from an earlier
+//! Describe of the portal or of its statement. To know which Describe an answer belongs to, the
+//! [`Tracker`] follows the extended-protocol messages in the order the target answers them
+//! (Parse, Bind, Describe, Execute, Close, Sync, Query). That costs a lock per message, so it is
+//! on only for sessions that start under a policy with column mask rules; the rest pay one
+//! `bool` test.
+//!
+//! Fail closed: under a column rule, a field whose column cannot be identified (the side
+//! connection failed, the table is gone, the session did not follow Describes because the
+//! rule arrived with a policy reload) is masked with the strongest column style, as is every
+//! field of a COPY whose columns cannot be attributed (`COPY (query) TO` touching a table a
+//! column rule could name).
+//!
+//! Representation: a text-format value is replaced by the style's text. A binary-format value
+//! is replaced by the style's text only for types whose binary form is their text (text,
+//! varchar, char(n), name, unknown); any other binary value under a column rule, or one the
+//! detectors find something in whose type is not text-like, is sent as NULL: the client gets
+//! a well-formed row without the value.
+//!
+//! - [`track`]: which description describes which rows (the [`Tracker`] of the answers the
+//!   target owes, and the descriptions of statements and portals).
+//! - [`plan`]: how a result's or a COPY's values are masked, worked out once per result.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tracing::warn;
+
+use self::plan::RowPlan;
+pub use self::track::Tracker;
+use super::{
+    catalog::Catalogs,
+    codec::{self, FieldDescription},
+    copy_out::CopyRows,
+    state::Masks,
+};
+use crate::{
+    policy::{sql_copy::CopySpec, PolicySet},
+    record::{EventKind, SessionId},
+};
+
+mod plan;
+#[cfg(test)]
+mod tests;
+mod track;
+
+/// Whether any rule of the policy masks by column: sessions started under such a policy
+/// follow Describes.
+pub fn policy_has_column_rules(policy: &PolicySet) -> bool {
+    policy.rules.iter().any(|r| match &r.effect {
+        crate::policy::Effect::Mask(m) => !m.columns.is_empty(),
+        crate::policy::Effect::Verdict(_) => false,
+    })
+}
+
+fn has_column_rules(masks: &Masks) -> bool {
+    masks.iter().any(|m| !m.columns.is_empty())
+}
+
+/// What a statement or portal is known to return.
+#[derive(Debug, Clone, Default)]
+struct Described {
+    fields: Option<Arc<[FieldDescription]>>,
+    copy: Option<Arc<CopySpec>>,
+}
+
+/// A COPY OUT in progress.
+#[derive(Debug)]
+struct CopyOut {
+    binary: bool,
+    /// What its statement says; `None`: not known (not attributable).
+    spec: Option<Arc<CopySpec>>,
+    rows: Option<CopyRows>,
+    binary_plan: Option<RowPlan>,
+    binary_started: bool,
+}
+
+impl CopyOut {
+    fn new(response: &[u8], spec: Option<Arc<CopySpec>>) -> Self {
+        Self {
+            binary: codec::copy_out_response(response).is_ok_and(|(f, _)| f == 1),
+            spec,
+            rows: None,
+            binary_plan: None,
+            binary_started: false,
+        }
+    }
+}
+
+/// The target-to-client side: descriptions and the masking of the result in progress.
+pub struct Results<'a> {
+    tracker: &'a Tracker,
+    catalogs: &'a Catalogs,
+    store: &'a dyn crate::record::SessionStore,
+    session: SessionId,
+    statements: HashMap<String, Described>,
+    portals: HashMap<String, Described>,
+    /// The latest RowDescription outside a Describe: a simple query's current result.
+    query_fields: Option<Arc<[FieldDescription]>>,
+    plan: Option<RowPlan>,
+    copy: Option<CopyOut>,
+}
+
+impl<'a> Results<'a> {
+    pub fn new(
+        tracker: &'a Tracker,
+        catalogs: &'a Catalogs,
+        store: &'a dyn crate::record::SessionStore,
+        session: SessionId,
+    ) -> Self {
+        Self {
+            tracker,
+            catalogs,
+            store,
+            session,
+            statements: HashMap::new(),
+            portals: HashMap::new(),
+            query_fields: None,
+            plan: None,
+            copy: None,
+        }
+    }
+
+    fn note(&self, message: String) {
+        warn!(%message, "column masking");
+        if let Err(e) = self
+            .store
+            .append(self.session, EventKind::Error { message })
+        {
+            warn!(error = %e, "cannot record an event");
+        }
+    }
+}

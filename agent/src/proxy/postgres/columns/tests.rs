@@ -1,0 +1,287 @@
+use std::net::SocketAddr;
+
+use bytes::{BufMut as _, BytesMut};
+
+use super::{
+    plan::{FieldAction, RowPlan},
+    track::{with_formats, Expect},
+    *,
+};
+use crate::{
+    net::OrigDstAddr,
+    policy::{mask::Detector, MaskRule, MaskStyle, Masker},
+    proxy::postgres::{catalog, settings::PostgresTarget, state::Front},
+    record::SledStore,
+};
+
+fn rule(columns: &[&str], detectors: &[Detector], style: MaskStyle) -> Arc<MaskRule> {
+    Arc::new(MaskRule::for_test(columns, detectors, style))
+}
+
+fn masks() -> Masks {
+    Arc::from([
+        rule(&["public.users.ssn"], &[], MaskStyle::Redact),
+        rule(&[], &[Detector::Email], MaskStyle::Redact),
+    ])
+}
+
+fn field(table_oid: u32, column: i16, type_oid: u32, format: i16) -> FieldDescription {
+    FieldDescription {
+        name: "alias".into(),
+        table_oid,
+        column,
+        type_oid,
+        type_len: -1,
+        type_mod: -1,
+        format,
+    }
+}
+
+fn row(values: &[Option<&[u8]>]) -> Vec<u8> {
+    codec::data_row_body(values).to_vec()
+}
+
+fn values(body: &[u8]) -> Vec<Option<Vec<u8>>> {
+    codec::data_row_values(body)
+        .unwrap()
+        .into_iter()
+        .map(|v| v.map(<[u8]>::to_vec))
+        .collect()
+}
+
+fn masker_of(m: &Masks) -> Masker<'_> {
+    Masker::new(m.iter().map(AsRef::as_ref))
+}
+
+#[test]
+fn plans_mask_named_columns_whole_and_the_rest_by_detectors() {
+    let m = masks();
+    let masker = masker_of(&m);
+    let plan = RowPlan {
+        detectors: masker.detectors().clone(),
+        fields: Some(vec![
+            FieldAction::Column {
+                style: MaskStyle::Redact,
+                format: 0,
+                type_oid: 25,
+            },
+            FieldAction::Detect {
+                format: 0,
+                type_oid: 25,
+            },
+            FieldAction::Column {
+                style: MaskStyle::Redact,
+                format: 1,
+                type_oid: 25,
+            },
+            FieldAction::Column {
+                style: MaskStyle::Redact,
+                format: 1,
+                type_oid: 23,
+            },
+            FieldAction::Detect {
+                format: 1,
+                type_oid: 1009,
+            },
+            FieldAction::Detect {
+                format: 1,
+                type_oid: 25,
+            },
+        ]),
+        unknown: Some(MaskStyle::Redact),
+        binary: false,
+    };
+    let body = row(&[
+        Some(b"123-45-6789"),
+        Some(b"mail bob@example.com"),
+        Some(b"123-45-6789"),
+        Some(&[0, 0, 0, 7]),
+        Some(b"\x00\x00\x00\x01bob@example.com"),
+        Some(b"bob@example.com"),
+    ]);
+    let out = plan.apply(&body).unwrap().unwrap();
+    assert_eq!(
+        values(&out),
+        vec![
+            Some(b"[redacted]".to_vec()),
+            Some(b"mail [redacted]".to_vec()),
+            Some(b"[redacted]".to_vec()),
+            None,
+            None,
+            Some(b"[redacted]".to_vec()),
+        ],
+        "binary text gets the text; other binary values become NULL"
+    );
+    let clean = row(&[None, Some(b"plain"), None, None, None, Some(b"x")]);
+    assert!(
+        plan.apply(&clean).unwrap().is_none(),
+        "unchanged rows pass as they are"
+    );
+    // More values than described: not attributable, withheld.
+    let extra = row(&[None, None, None, None, None, None, Some(b"?")]);
+    assert_eq!(values(&plan.apply(&extra).unwrap().unwrap())[6], None);
+}
+
+#[test]
+fn bind_formats_apply_to_a_statement_description() {
+    let fields = [field(1, 1, 25, 0), field(0, 0, 23, 0)];
+    let all_binary = with_formats(&fields, &[1]).unwrap();
+    assert!(all_binary.iter().all(|f| f.format == 1));
+    let each = with_formats(&fields, &[0, 1]).unwrap();
+    assert_eq!((each[0].format, each[1].format), (0, 1));
+    assert!(with_formats(&fields, &[])
+        .unwrap()
+        .iter()
+        .all(|f| f.format == 0));
+    assert!(with_formats(&fields, &[0, 1, 1]).is_none());
+}
+
+fn tracker(enabled: bool) -> Tracker {
+    // Port 1 on loopback: nothing listens, so a catalog lookup fails at once.
+    let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+    Tracker::new(
+        enabled,
+        catalog::Login {
+            addr: OrigDstAddr(addr),
+            pg: PostgresTarget::default(),
+            user: "u".into(),
+            database: "d".into(),
+            password: None,
+        },
+    )
+}
+
+fn description(fields: &[FieldDescription]) -> Vec<u8> {
+    let mut b = BytesMut::new();
+    b.put_i16(i16::try_from(fields.len()).unwrap());
+    for f in fields {
+        b.put_slice(f.name.as_bytes());
+        b.put_u8(0);
+        b.put_u32(f.table_oid);
+        b.put_i16(f.column);
+        b.put_u32(f.type_oid);
+        b.put_i16(f.type_len);
+        b.put_i32(f.type_mod);
+        b.put_i16(f.format);
+    }
+    b.to_vec()
+}
+
+fn frontend(t: &Tracker, tag: u8, parts: &[&[u8]]) {
+    t.frontend(tag, &parts.concat());
+}
+
+#[tokio::test]
+async fn an_execute_uses_the_description_of_its_statement_with_its_bind_formats() {
+    let t = tracker(true);
+    let catalogs = Catalogs::default();
+    let store = SledStore::temporary().unwrap();
+    let mut r = Results::new(&t, &catalogs, &store, SessionId(1));
+    let m = masks();
+    let fields = [field(0, 0, 25, 0), field(0, 0, 23, 0)];
+
+    // Prepare: Parse s1, Describe S s1, Sync (tokio-postgres' prepare).
+    t.push(Expect::Parse {
+        name: "s1".into(),
+        copy: None,
+    });
+    frontend(&t, b'D', &[b"S", b"s1\0"]);
+    frontend(&t, b'S', &[]);
+    for (tag, body) in [
+        (b'1', vec![]),
+        (b't', vec![0, 0]),
+        (b'T', description(&fields)),
+        (b'Z', vec![b'I']),
+    ] {
+        r.observe(tag, &body, || true);
+    }
+    assert!(t.queue.lock().unwrap().is_empty());
+
+    // Later, in another round trip: Bind (binary results), Execute, Sync.
+    let mut bind = BytesMut::new();
+    bind.put_slice(b"\0s1\0");
+    bind.put_i16(0);
+    bind.put_i16(0);
+    bind.put_i16(1);
+    bind.put_i16(1);
+    t.frontend(b'B', &bind);
+    frontend(&t, b'E', &[b"\0", &[0, 0, 0, 0]]);
+    frontend(&t, b'S', &[]);
+    r.observe(b'2', &[], || true);
+    let got = r.current_fields(Front::Execute).unwrap();
+    assert_eq!(got.len(), 2);
+    assert!(got.iter().all(|f| f.format == 1), "formats from the Bind");
+    let body = row(&[Some(b"bob@example.com"), Some(&[0, 0, 0, 1])]);
+    let out = r
+        .mask(Front::Execute, &m, b'D', &body)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(values(&out[5..])[0], Some(b"[redacted]".to_vec()));
+    assert_eq!(values(&out[5..])[1], Some(vec![0, 0, 0, 1]));
+    r.observe(b'C', b"SELECT 1\0", || true);
+    r.observe(b'Z', b"I", || true);
+    assert!(t.queue.lock().unwrap().is_empty());
+
+    // An error skips to the Sync: what was queued after it is dropped with it.
+    t.push(Expect::Parse {
+        name: String::new(),
+        copy: None,
+    });
+    t.frontend(b'B', b"\0\0\0\0\0\0\0\0");
+    frontend(&t, b'E', &[b"\0", &[0, 0, 0, 0]]);
+    frontend(&t, b'S', &[]);
+    r.observe(b'E', b"\0", || true);
+    assert_eq!(t.queue.lock().unwrap().len(), 1);
+    r.observe(b'Z', b"I", || true);
+    assert!(t.queue.lock().unwrap().is_empty());
+    assert!(
+        r.current_fields(Front::Execute).is_none(),
+        "no Execute in flight"
+    );
+}
+
+#[tokio::test]
+async fn unknown_columns_under_a_column_rule_are_withheld() {
+    let t = tracker(false);
+    let catalogs = Catalogs::default();
+    let store = SledStore::temporary().unwrap();
+    let mut r = Results::new(&t, &catalogs, &store, SessionId(1));
+    let m = masks();
+    // An Execute whose description the session did not follow: every value withheld.
+    let body = row(&[Some(b"x"), None]);
+    let out = r
+        .mask(Front::Execute, &m, b'D', &body)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(values(&out[5..]), vec![None, None]);
+
+    // A simple query whose table column cannot be looked up (the side connection fails):
+    // that column is masked, the expression is only scanned.
+    r.observe(b'C', b"SELECT 1\0", || true);
+    r.observe(
+        b'T',
+        &description(&[field(16384, 2, 25, 0), field(0, 0, 25, 0)]),
+        || true,
+    );
+    let body = row(&[Some(b"123-45-6789"), Some(b"plain")]);
+    let out = r
+        .mask(Front::Query, &m, b'D', &body)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        values(&out[5..]),
+        vec![Some(b"[redacted]".to_vec()), Some(b"plain".to_vec())]
+    );
+    // Detector-only masks never ask the catalog: the table column is only scanned.
+    let detectors_only: Masks = Arc::from([rule(&[], &[Detector::Email], MaskStyle::Redact)]);
+    r.observe(b'T', &description(&[field(16384, 2, 25, 0)]), || true);
+    let body = row(&[Some(b"123-45-6789")]);
+    assert!(r
+        .mask(Front::Query, &detectors_only, b'D', &body)
+        .await
+        .unwrap()
+        .is_none());
+}

@@ -1,0 +1,385 @@
+//! The two relay loops of a logged-in session, client → target and target → client, run
+//! together in the session's task. The client side decides each statement through the
+//! session pipeline ([`Conn::decide`]) before it is forwarded; the target side masks result
+//! data. Both tell the session's [`State`] what went by, and do what it says: forward a
+//! stand-in for a denied statement, swap the policy's error in for the stand-in's.
+//!
+//! Frames are written to buffered writers and flushed whenever no further frame is already
+//! buffered on the reading side, so a pipeline is forwarded in one write; results are
+//! recorded after each flush, off the statements' latency.
+
+use std::{
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, MutexGuard, PoisonError,
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, BufWriter};
+use tracing::debug;
+
+use super::{
+    catalog, codec,
+    codec::{CodecError, FrameReader},
+    columns, ended, send_fatal,
+    state::{Judged, Masks, Request, State},
+    Catalogs, SessionError,
+};
+use crate::{
+    policy::{Action, PreparedStatements},
+    proxy::session::{Ask, Conn},
+    record::{EventKind, Outcome, RecordedVerdict, SessionEnd},
+};
+
+/// How long the target's last answers are waited for once the client has gone.
+const LAST_ANSWERS: Duration = Duration::from_secs(5);
+/// Each writer's buffer.
+pub const WRITE_BUFFER: usize = 64 * 1024;
+
+/// One direction of a session: frames read from one side, written to the other.
+pub struct Leg<R, W> {
+    pub from: FrameReader<R>,
+    pub to: BufWriter<W>,
+}
+
+impl<R, W: AsyncWrite> Leg<R, W> {
+    pub fn new(from: FrameReader<R>, to: W) -> Self {
+        Self {
+            from,
+            to: BufWriter::with_capacity(WRITE_BUFFER, to),
+        }
+    }
+}
+
+/// One logged-in session's relay.
+pub struct Relay<'a> {
+    conn: &'a Conn<'a>,
+    /// Column identities of the targets' catalogs (the PostgreSQL gateway's shared cache).
+    catalogs: &'a Catalogs,
+    state: Mutex<State>,
+    /// Which result columns are which, for column mask rules.
+    columns: columns::Tracker,
+    /// Messages for the client from the gateway itself (a NOTICE that a statement waits for
+    /// approval), written by the target-to-client loop between the target's messages.
+    notices: tokio::sync::mpsc::UnboundedSender<Bytes>,
+    notices_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Bytes>>>,
+}
+
+impl<'a> Relay<'a> {
+    /// `login` is how the session logged in upstream: the catalog's side connections log in
+    /// the same way.
+    pub fn new(conn: &'a Conn<'a>, catalogs: &'a Catalogs, login: catalog::Login) -> Self {
+        let (notices, notices_rx) = tokio::sync::mpsc::unbounded_channel();
+        Self {
+            conn,
+            catalogs,
+            notices,
+            notices_rx: Mutex::new(Some(notices_rx)),
+            state: Mutex::new(State::default()),
+            columns: columns::Tracker::new(columns::policy_has_column_rules(&conn.policy()), login),
+        }
+    }
+
+    /// Relays until either side ends, then records what finished. `greeted`: bytes already
+    /// sent to the client.
+    pub async fn run<CR, UW, UR, CW>(
+        &self,
+        mut to_target: Leg<CR, UW>,
+        mut to_client: Leg<UR, CW>,
+        greeted: u64,
+    ) -> SessionEnd
+    where
+        CR: AsyncRead + Unpin,
+        UW: AsyncWrite + Unpin,
+        UR: AsyncRead + Unpin,
+        CW: AsyncWrite + Unpin,
+    {
+        let up_count = AtomicU64::new(0);
+        let down_count = AtomicU64::new(greeted);
+        let result = {
+            let client_side = self.client_to_target(&mut to_target, &up_count);
+            let target_side = self.target_to_client(&mut to_client, &down_count);
+            tokio::pin!(client_side, target_side);
+            tokio::select! {
+                r = &mut client_side => {
+                    // The client is done and the target was told (Terminate): let its last
+                    // answers through.
+                    match tokio::time::timeout(LAST_ANSWERS, &mut target_side).await {
+                        Ok(t) => r.and(t),
+                        Err(_) => r,
+                    }
+                }
+                r = &mut target_side => r,
+            }
+        };
+        self.record_finished();
+        if let Err(e @ (SessionError::Client(_) | SessionError::UnexpectedFrontend(_))) = &result {
+            // A malformed message ends this session only, with a protocol error the client can
+            // read.
+            send_fatal(&mut to_client.to, "08P01", &format!("bulkhead: {e}")).await;
+        }
+        let outcome = match result {
+            Ok(()) => Outcome::Closed,
+            Err(e) => {
+                debug!(error = %e, "postgres session ended with an error");
+                Outcome::Failed {
+                    error: e.to_string(),
+                }
+            }
+        };
+        ended(
+            up_count.load(Ordering::Relaxed),
+            down_count.load(Ordering::Relaxed),
+            outcome,
+        )
+    }
+
+    /// Tells the client that its statement waits for approval `id`, and how an admin decides.
+    fn tell_held(&self, id: u64) {
+        let message = format!(
+            "bulkhead: this statement waits for an admin's approval (id {id}): \
+             `bulkhead approvals approve {id}` or `bulkhead approvals deny {id}`"
+        );
+        // The relay ending first drops the receiver: nobody left to tell.
+        let _ = self.notices.send(codec::notice_response(&message));
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Classifies `sql`, then decides it through the session pipeline (recorded before
+    /// anything is forwarded; held for approval; observe mode).
+    async fn decide(
+        &self,
+        sql: &str,
+        prepared: &mut PreparedStatements,
+        statement: Option<&str>,
+    ) -> Judged {
+        let policy = self.conn.policy();
+        let classification = policy.cache().classify(sql, Some(prepared));
+        self.columns.decided(self.catalogs, &classification);
+        for (name, what) in &classification.prepared {
+            prepared.insert(name, Arc::clone(what));
+        }
+        if let Some(name) = statement.filter(|n| !n.is_empty()) {
+            prepared.insert(name, Arc::clone(&classification));
+        }
+        let decided = self
+            .conn
+            .decide(
+                &policy,
+                Ask {
+                    action: Action::SqlClassified(&classification),
+                    text: sql,
+                    class: classification.headline().map(|c| c.name().to_string()),
+                    on_hold: Some(&|id| self.tell_held(id)),
+                },
+            )
+            .await;
+        let decision = &decided.decision;
+        // Observe mode never changes what flows: its masks are recorded, not applied. Nothing
+        // of a refused statement runs.
+        let masks: Masks =
+            if decision.observe_only || decision.masks.is_empty() || !decided.forward() {
+                Arc::from([])
+            } else {
+                decision.masks.iter().cloned().collect()
+            };
+        Judged {
+            request: decided.request,
+            refusal: decided.refusal,
+            masks,
+        }
+    }
+
+    /// A fastpath function call, refused: it names a function by OID, with nothing to judge.
+    fn refuse_function_call(&self) -> Judged {
+        let request = self.conn.record(EventKind::request(
+            "fastpath function call",
+            Some("unknown".into()),
+            RecordedVerdict::Deny,
+            Vec::new(),
+        ));
+        Judged {
+            request,
+            refusal: Some("fastpath function calls are not allowed through the gateway".into()),
+            masks: Arc::from([]),
+        }
+    }
+
+    async fn client_to_target<R, W>(
+        &self,
+        leg: &mut Leg<R, W>,
+        count: &AtomicU64,
+    ) -> Result<(), SessionError>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let gw = self.conn.gw;
+        let target_error = |e: std::io::Error| SessionError::Target(e.into());
+        let mut prepared = PreparedStatements::default();
+        loop {
+            if !leg.from.has_frame() {
+                leg.to.flush().await.map_err(target_error)?;
+            }
+            let Some(frame) = leg.from.next().await.map_err(SessionError::Client)? else {
+                // The client went away without saying goodbye: end the target's session too.
+                leg.to
+                    .write_all(&codec::terminate())
+                    .await
+                    .map_err(target_error)?;
+                leg.to.flush().await.map_err(target_error)?;
+                return Ok(());
+            };
+            let request = Request::read(frame.tag, &frame.body)?;
+            let judged = match request {
+                Request::Query { sql } => {
+                    let judged = self.decide(sql, &mut prepared, None).await;
+                    self.columns.query(gw, sql, &judged.masks);
+                    Some(judged)
+                }
+                Request::Parse { name, sql } => {
+                    let judged = self.decide(sql, &mut prepared, Some(name)).await;
+                    self.columns.parse(gw, name, sql, &judged.masks);
+                    Some(judged)
+                }
+                Request::FunctionCall => {
+                    self.columns.query(gw, "", &Arc::from([]));
+                    Some(self.refuse_function_call())
+                }
+                Request::Close {
+                    statement: true,
+                    name,
+                } => {
+                    prepared.remove(name);
+                    None
+                }
+                _ => None,
+            };
+            let out = self
+                .frontend(&request, judged)
+                .unwrap_or_else(|| frame.raw.clone());
+            self.columns.frontend(frame.tag, &frame.body);
+            count.fetch_add(out.len() as u64, Ordering::Relaxed);
+            leg.to.write_all(&out).await.map_err(target_error)?;
+            if request == Request::Terminate {
+                leg.to.flush().await.map_err(target_error)?;
+                return Ok(());
+            }
+        }
+    }
+
+    fn frontend(&self, request: &Request<'_>, judged: Option<Judged>) -> Option<Bytes> {
+        self.state().on_frontend(request, judged)
+    }
+
+    async fn target_to_client<R, W>(
+        &self,
+        leg: &mut Leg<R, W>,
+        count: &AtomicU64,
+    ) -> Result<(), SessionError>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let gw = self.conn.gw;
+        let mut notices = self
+            .notices_rx
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let mut results = columns::Results::new(
+            &self.columns,
+            self.catalogs,
+            gw.store.as_ref(),
+            self.conn.session,
+        );
+        loop {
+            if !leg.from.has_frame() {
+                leg.to
+                    .flush()
+                    .await
+                    .map_err(|e| SessionError::Client(e.into()))?;
+                self.record_finished();
+            }
+            // Only when the next read would wait anyway is a gateway notice let in (between
+            // whole frames; the reader keeps a partly read frame across the select).
+            let next = match notices.as_mut() {
+                Some(rx) if !leg.from.has_frame() => tokio::select! {
+                    biased;
+                    frame = leg.from.next() => frame,
+                    Some(notice) = rx.recv() => {
+                        count.fetch_add(notice.len() as u64, Ordering::Relaxed);
+                        leg.to
+                            .write_all(&notice)
+                            .await
+                            .map_err(|e| SessionError::Client(e.into()))?;
+                        continue;
+                    }
+                },
+                _ => leg.from.next().await,
+            };
+            let Some(frame) = next.map_err(SessionError::Target)? else {
+                return Ok(());
+            };
+            results.observe(frame.tag, &frame.body, || self.front_masks().is_some());
+            let replaced = match frame.tag {
+                b'D' | b'd' => {
+                    let masked = self
+                        .mask(&mut results, frame.tag, &frame.body)
+                        .await
+                        .map_err(SessionError::Target)?;
+                    if masked.is_some() {
+                        self.state().masked_a_row();
+                    }
+                    masked
+                }
+                tag => self.backend(tag, &frame.body),
+            };
+            let out = replaced.unwrap_or(frame.raw);
+            count.fetch_add(out.len() as u64, Ordering::Relaxed);
+            leg.to
+                .write_all(&out)
+                .await
+                .map_err(|e| SessionError::Client(e.into()))?;
+        }
+    }
+
+    fn backend(&self, tag: u8, body: &[u8]) -> Option<Bytes> {
+        self.state().on_backend(tag, body)
+    }
+
+    fn front_masks(&self) -> Option<(super::state::Front, Masks)> {
+        self.state().front_masks()
+    }
+
+    /// A DataRow or COPY OUT line with masked values, if the current statement has masks and
+    /// anything matched: by column rule for the fields whose real column a rule names, by
+    /// the value detectors for every other field, whatever its alias (`columns.rs`).
+    async fn mask(
+        &self,
+        results: &mut columns::Results<'_>,
+        tag: u8,
+        body: &[u8],
+    ) -> Result<Option<Bytes>, CodecError> {
+        let Some((front, masks)) = self.front_masks() else {
+            return Ok(None);
+        };
+        results.mask(front, &masks, tag, body).await
+    }
+
+    /// Records the results completed so far.
+    fn record_finished(&self) {
+        let finished = self.state().take_finished();
+        for kind in finished {
+            self.conn.record(kind);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,377 @@
+//! The relay loops over in-memory streams (`tokio::io::duplex`): a scripted client on one
+//! side, a fake target on the other that answers each round with recorded backend frames.
+
+use std::{collections::HashMap, future::Future, net::SocketAddr};
+
+use bytes::{BufMut as _, BytesMut};
+use tokio::io::{split, AsyncReadExt as _, DuplexStream};
+
+use super::*;
+use crate::{
+    approval::ApprovalBroker,
+    config::{Config, Source},
+    ebpf::MockOrigDst,
+    identity::{ProcReader, ProcessIdentity},
+    net::{ClientAddr, OrigDstAddr},
+    policy::PolicyHandle,
+    proxy::{postgres::codec::Frame, Gateway},
+    record::{now_micros, NewSession, SessionId, SessionStore, SledStore},
+};
+
+const POLICY: &str = r#"
+[[target]]
+protocol = "postgres"
+default = "allow"
+
+[[rule]]
+id = "no-deletes"
+verdict = "deny"
+message = "no deletes here"
+target = { protocol = ["postgres"] }
+sql = { class = ["delete"] }
+
+[[rule]]
+id = "emails"
+verdict = "mask"
+target = { protocol = ["postgres"] }
+mask = { detectors = ["email"], style = "redact" }
+"#;
+
+/// Where the governed client connected: never dialled, the fake target stands in for it.
+fn destination() -> OrigDstAddr {
+    OrigDstAddr("192.0.2.10:5432".parse().unwrap())
+}
+
+fn gateway(policies: &tempfile::TempDir) -> Gateway {
+    std::fs::write(policies.path().join("test.toml"), POLICY).unwrap();
+    let config = Config::from_toml(
+        &format!(
+            "[[target]]\nname = \"db\"\naddresses = [\"{}\"]\nprotocol = \"postgres\"\n\
+             postgres = {{ auth = [\"none\"] }}\n",
+            destination()
+        ),
+        Source::Embedded,
+    )
+    .unwrap();
+    let store: Arc<dyn SessionStore> = Arc::new(SledStore::temporary().unwrap());
+    Gateway {
+        approvals: Arc::new(ApprovalBroker::new(Arc::clone(&store), config.approvals)),
+        config: Arc::new(config),
+        orig_dst: Arc::new(MockOrigDst::default()),
+        store,
+        proc: ProcReader::new("/", "/none"),
+        stats: Arc::default(),
+        policy: PolicyHandle::open(policies.path()).unwrap(),
+        tls: None,
+    }
+}
+
+fn conn(gw: &Gateway) -> Conn<'_> {
+    let client = ClientAddr(SocketAddr::from(([127, 0, 0, 1], 40000)));
+    let target = gw.config.resolve(destination());
+    let session = gw
+        .store
+        .open(NewSession {
+            started_at_us: now_micros(),
+            client,
+            destination: destination(),
+            target: Some(target.name.to_string()),
+            protocol: target.protocol,
+            identity: ProcessIdentity::default(),
+        })
+        .unwrap();
+    Conn {
+        gw,
+        client,
+        destination: destination(),
+        identity: ProcessIdentity::default(),
+        session,
+        target,
+    }
+}
+
+fn login() -> catalog::Login {
+    catalog::Login {
+        addr: destination(),
+        pg: super::super::settings::PostgresTarget::default(),
+        user: "app".into(),
+        database: "app".into(),
+        password: None,
+    }
+}
+
+/// Runs the relay of a logged-in session between a client stream and a target stream.
+async fn relay(conn: &Conn<'_>, client: DuplexStream, target: DuplexStream) -> SessionEnd {
+    let (client_reader, client_writer) = split(client);
+    let (target_reader, target_writer) = split(target);
+    let catalogs = Catalogs::default();
+    Relay::new(conn, &catalogs, login())
+        .run(
+            Leg::new(
+                FrameReader::new(client_reader, "client", codec::MAX_FRONTEND),
+                target_writer,
+            ),
+            Leg::new(
+                FrameReader::new(target_reader, "target", codec::MAX_BACKEND),
+                client_writer,
+            ),
+            0,
+        )
+        .await
+}
+
+/// What a session relayed between a scripted client and a fake target left behind.
+struct Relayed<T> {
+    end: SessionEnd,
+    /// Every frame the target received.
+    received: Vec<Frame>,
+    /// What the client's script returned.
+    client: T,
+    /// Each recorded result with its request's text and verdict, in order.
+    results: Vec<(String, RecordedVerdict, Option<String>, Option<String>)>,
+}
+
+/// Relays one logged-in session under [`POLICY`] between `client` (a script over the
+/// client's end of the connection) and a fake target that answers with `answer`.
+async fn relayed<T, F: Future<Output = T>>(
+    answer: impl FnMut(&[Frame]) -> Vec<Bytes>,
+    client: impl FnOnce(DuplexStream) -> F,
+) -> Relayed<T> {
+    let policies = tempfile::tempdir().unwrap();
+    let gw = gateway(&policies);
+    let conn = conn(&gw);
+    let (client_end, gw_client) = tokio::io::duplex(64 * 1024);
+    let (gw_target, target_end) = tokio::io::duplex(64 * 1024);
+    let (end, received, client) = tokio::join!(
+        relay(&conn, gw_client, gw_target),
+        fake_target(target_end, answer),
+        client(client_end)
+    );
+    Relayed {
+        end,
+        received,
+        client,
+        results: results(gw.store.as_ref(), conn.session),
+    }
+}
+
+/// A fake target: reads rounds of frames (up to a Sync or a Query), answers each with
+/// `answer(round)`, and stops at Terminate or EOF. Returns every frame it received.
+async fn fake_target(
+    io: DuplexStream,
+    mut answer: impl FnMut(&[Frame]) -> Vec<Bytes>,
+) -> Vec<Frame> {
+    let (r, mut w) = split(io);
+    let mut reader = FrameReader::new(r, "client", codec::MAX_FRONTEND);
+    let mut received = Vec::new();
+    let mut round = Vec::new();
+    while let Some(frame) = reader.next().await.unwrap() {
+        received.push(frame.clone());
+        if frame.tag == b'X' {
+            break;
+        }
+        let ends_round = matches!(frame.tag, b'S' | b'Q');
+        round.push(frame);
+        if ends_round {
+            for out in answer(&round) {
+                w.write_all(&out).await.unwrap();
+            }
+            round.clear();
+        }
+    }
+    received
+}
+
+/// Every frame until ReadyForQuery, included.
+async fn read_until_ready<R: AsyncRead + Unpin>(reader: &mut FrameReader<R>) -> Vec<Frame> {
+    let mut frames = Vec::new();
+    while let Some(f) = reader.next().await.unwrap() {
+        let ready = f.tag == b'Z';
+        frames.push(f);
+        if ready {
+            break;
+        }
+    }
+    frames
+}
+
+fn frame(tag: u8, body: &[u8]) -> Bytes {
+    let mut b = BytesMut::new();
+    b.put_u8(tag);
+    b.put_i32(i32::try_from(body.len() + 4).unwrap());
+    b.put_slice(body);
+    b.freeze()
+}
+
+fn bind_execute() -> Vec<Bytes> {
+    vec![frame(b'B', b"\0\0\0\0\0\0\0\0"), frame(b'E', b"\0\0\0\0\0")]
+}
+
+/// Each recorded result with its request's text and verdict, in order.
+fn results(
+    store: &dyn SessionStore,
+    session: SessionId,
+) -> Vec<(String, RecordedVerdict, Option<String>, Option<String>)> {
+    let events = store.events(session).unwrap();
+    let requests: HashMap<u64, (String, RecordedVerdict)> = events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EventKind::Request { text, verdict, .. } => Some((e.id, (text.clone(), *verdict))),
+            _ => None,
+        })
+        .collect();
+    events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EventKind::Response {
+                request,
+                summary,
+                error,
+                ..
+            } => {
+                let (text, verdict) = requests[request].clone();
+                Some((text, verdict, summary.clone(), error.clone()))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_pipeline_with_a_denied_statement_is_answered_in_order_masked_and_recorded() {
+    let answer = |round: &[Frame]| {
+        // The denied Parse arrives as a stand-in; the target's parse error names it.
+        let (_, stand_in) = codec::parse_message(&round[3].body).unwrap();
+        let mut row = BytesMut::new();
+        row.put_i16(1);
+        row.put_i32(15);
+        row.put_slice(b"bob@example.com");
+        vec![
+            frame(b'1', b""),
+            frame(b'2', b""),
+            frame(b'D', &row),
+            frame(b'C', b"SELECT 1\0"),
+            codec::error_response("42601", &format!("syntax error at or near \"{stand_in}\"")),
+            frame(b'Z', b"I"),
+        ]
+    };
+    let client = |client| async move {
+        let (r, mut w) = split(client);
+        let mut reader = FrameReader::new(r, "target", codec::MAX_BACKEND);
+        let mut pipeline = vec![codec::parse("", "SELECT email FROM users")];
+        pipeline.extend(bind_execute());
+        pipeline.push(codec::parse("", "DELETE FROM orders"));
+        pipeline.extend(bind_execute());
+        pipeline.push(codec::parse("", "SELECT 3"));
+        pipeline.extend(bind_execute());
+        pipeline.push(frame(b'S', b""));
+        w.write_all(&pipeline.concat()).await.unwrap();
+        let answers = read_until_ready(&mut reader).await;
+        w.write_all(&codec::terminate()).await.unwrap();
+        let mut rest = Vec::new();
+        reader.get_mut().read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty(), "nothing after the session's end");
+        answers
+    };
+    let Relayed {
+        end,
+        received,
+        client: answers,
+        results,
+    } = relayed(answer, client).await;
+
+    let texts: Vec<String> = received
+        .iter()
+        .filter(|f| f.tag == b'P')
+        .map(|f| codec::parse_message(&f.body).unwrap().1.to_string())
+        .collect();
+    assert_eq!(texts[0], "SELECT email FROM users");
+    assert!(
+        texts[1].starts_with("BULKHEAD_DENIED_"),
+        "the DELETE never reaches the target"
+    );
+    assert_eq!(texts[2], "SELECT 3");
+    assert_eq!(
+        received.last().unwrap().tag,
+        b'X',
+        "the client's Terminate is passed on"
+    );
+
+    let tags: Vec<u8> = answers.iter().map(|f| f.tag).collect();
+    assert_eq!(tags, b"12DCEZ");
+    assert_eq!(
+        codec::data_row_values(&answers[2].body).unwrap(),
+        vec![Some(&b"[redacted]"[..])],
+        "the first statement's rows are masked by its rules"
+    );
+    let error: HashMap<u8, String> = codec::error_fields(&answers[4].body).into_iter().collect();
+    assert_eq!(error[&b'C'], "42501");
+    assert_eq!(error[&b'M'], "bulkhead: no deletes here");
+
+    assert_eq!(end.outcome, Outcome::Closed);
+    let sent: usize = received.iter().map(|f| f.raw.len()).sum();
+    let got: usize = answers.iter().map(|f| f.raw.len()).sum();
+    assert_eq!(
+        (end.bytes_to_target, end.bytes_from_target),
+        (sent as u64, got as u64)
+    );
+
+    // Recorded: each statement's decision, then its result, attributed by request id.
+    assert_eq!(
+        results,
+        vec![
+            (
+                "SELECT email FROM users".into(),
+                RecordedVerdict::Allow,
+                Some("SELECT 1 (1 rows)".into()),
+                None
+            ),
+            (
+                "DELETE FROM orders".into(),
+                RecordedVerdict::Deny,
+                None,
+                Some("denied: bulkhead: no deletes here".into())
+            ),
+            (
+                "SELECT 3".into(),
+                RecordedVerdict::Allow,
+                None,
+                Some("not executed: an earlier message failed".into())
+            ),
+        ]
+    );
+}
+
+// Paused time: after a client error the relay still gives the target 5 s for its last answers.
+#[tokio::test(start_paused = true)]
+async fn a_message_the_gateway_cannot_read_ends_the_session_with_a_protocol_error() {
+    let client = |client| async move {
+        let (r, mut w) = split(client);
+        let mut reader = FrameReader::new(r, "target", codec::MAX_BACKEND);
+        w.write_all(&codec::query("SELECT 1")).await.unwrap();
+        let first = read_until_ready(&mut reader).await;
+        // A PasswordMessage after login: no place for it.
+        w.write_all(&frame(b'p', b"secret\0")).await.unwrap();
+        let mut rest = Vec::new();
+        reader.get_mut().read_to_end(&mut rest).await.unwrap();
+        (first, rest)
+    };
+    let Relayed {
+        end,
+        received,
+        client: (first, rest),
+        ..
+    } = relayed(|_| vec![frame(b'Z', b"I")], client).await;
+    assert_eq!(first.len(), 1);
+    assert_eq!(
+        received.iter().map(|f| f.tag).collect::<Vec<_>>(),
+        b"Q",
+        "the unreadable message is not forwarded"
+    );
+    assert_eq!(rest[0], b'E');
+    let fatal: HashMap<u8, String> = codec::error_fields(&rest[5..]).into_iter().collect();
+    assert_eq!(fatal[&b'S'], "FATAL");
+    assert_eq!(fatal[&b'C'], "08P01");
+    assert_eq!(fatal[&b'M'], "bulkhead: client: unexpected message 'p'");
+    assert!(matches!(end.outcome, Outcome::Failed { .. }));
+}

@@ -1,0 +1,253 @@
+//! The `bulkhead` command line as an admin uses it, without a daemon: pipes, policy commands.
+
+use std::{
+    io::Read as _,
+    process::{Command, Stdio},
+};
+
+use bulkhead_tests::bulkhead_bin;
+
+/// A config file whose policy directory is `policies` (state and run dirs in `dir`).
+fn config_in(dir: &std::path::Path, policies: &std::path::Path) -> std::path::PathBuf {
+    let path = dir.join("bulkhead.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[daemon]\nstate_dir = \"{}\"\nrun_dir = \"{}\"\npolicy_dir = \"{}\"\n",
+            dir.join("state").display(),
+            dir.join("run").display(),
+            policies.display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+#[test]
+fn a_reader_that_stops_early_ends_the_cli_quietly() {
+    use std::os::unix::process::ExitStatusExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies");
+    let config = config_in(dir.path(), &policies);
+    // The reader is gone before the command prints its first line (its startup alone takes
+    // longer than closing our end of the pipe).
+    let mut child = Command::new(bulkhead_bin())
+        .arg("--config")
+        .arg(&config)
+        .args(["policy", "init"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("Broken pipe"),
+        "{stderr}"
+    );
+    assert!(
+        status.success() || status.signal() == Some(libc::SIGPIPE),
+        "{status:?}: {stderr}"
+    );
+}
+
+#[test]
+fn policy_commands_use_the_policy_directory_of_the_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies");
+    let config = config_in(dir.path(), &policies);
+    let bulkhead = |args: &[&str]| {
+        Command::new(bulkhead_bin())
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let init = bulkhead(&["policy", "init"]);
+    assert!(init.status.success(), "{init:?}");
+    assert!(policies.join("opaque-tcp.toml").is_file());
+    let check = bulkhead(&["policy", "check"]);
+    let text = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        check.status.success() && text.contains(&policies.display().to_string()),
+        "{check:?}"
+    );
+    // `policy test` reads the same directory: the jump host of opaque-tcp.toml is held.
+    let test = bulkhead(&[
+        "policy",
+        "test",
+        "--target",
+        "jump-host",
+        "--protocol",
+        "tcp",
+        "--connect",
+    ]);
+    let text = String::from_utf8_lossy(&test.stdout);
+    assert!(text.contains("verdict:   approve"), "{test:?}");
+    assert_eq!(test.status.code(), Some(3), "approve exits 3");
+    let allowed = bulkhead(&[
+        "policy",
+        "test",
+        "--target",
+        "artifact-cache",
+        "--protocol",
+        "tcp",
+        "--connect",
+    ]);
+    assert_eq!(allowed.status.code(), Some(0), "{allowed:?}");
+    let denied = bulkhead(&["policy", "test", "--target", "10.9.9.9:22", "--connect"]);
+    assert_eq!(denied.status.code(), Some(1), "{denied:?}");
+    assert!(String::from_utf8_lossy(&denied.stdout).contains("verdict:   deny"));
+    // A second init keeps what is there.
+    std::fs::write(policies.join("opaque-tcp.toml"), "# edited by the admin\n").unwrap();
+    let again = bulkhead(&["policy", "init"]);
+    assert!(String::from_utf8_lossy(&again.stdout).contains("kept"));
+    assert_eq!(
+        std::fs::read_to_string(policies.join("opaque-tcp.toml")).unwrap(),
+        "# edited by the admin\n"
+    );
+}
+
+/// `bulkhead run -- CMD` in a test topology's cgroup (no daemon needed to start a command).
+fn run_governed(
+    topo: &bulkhead_tests::Topology,
+    args: &[&str],
+    sudo_caller: Option<&str>,
+) -> std::process::Output {
+    let mut cmd = topo.bulkhead(&["run"]);
+    cmd.args(args);
+    if let Some(uid) = sudo_caller {
+        cmd.env("SUDO_UID", uid)
+            .env("SUDO_GID", uid)
+            .env("SUDO_USER", "nobody");
+    }
+    cmd.env("HOME", "/root")
+        .env("USER", "root")
+        .env("LOGNAME", "root");
+    topo.output(bulkhead_tests::Side::Host, cmd)
+}
+
+fn env_of(out: &std::process::Output) -> std::collections::HashMap<String, String> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+#[test]
+fn run_gives_the_tool_its_users_environment_and_says_when_it_cannot_start_it() {
+    bulkhead_tests::require_root();
+    let topo = bulkhead_tests::Topology::new("");
+    let nobody = |out: &std::process::Output| {
+        let env = env_of(out);
+        let want = [
+            ("HOME", "/nonexistent"),
+            ("USER", "nobody"),
+            ("LOGNAME", "nobody"),
+            ("SHELL", "/usr/sbin/nologin"),
+        ];
+        for (k, v) in want {
+            assert_eq!(env.get(k).map(String::as_str), Some(v), "{k}: {out:?}");
+        }
+    };
+    // Under sudo: the caller's account, not root's HOME.
+    let out = run_governed(&topo, &["--", "/usr/bin/env"], Some("65534"));
+    assert!(out.status.success(), "{out:?}");
+    nobody(&out);
+    // No daemon and nothing pinned: it says plainly that connections are not governed.
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("NOT governed"),
+        "{out:?}"
+    );
+    // --user, without sudo.
+    let out = run_governed(&topo, &["--user", "nobody", "--", "/usr/bin/env"], None);
+    assert!(out.status.success(), "{out:?}");
+    nobody(&out);
+    let out = run_governed(
+        &topo,
+        &["--user", "no-such-user-x", "--", "/usr/bin/env"],
+        None,
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no such user"),
+        "{out:?}"
+    );
+    // As root: it runs, and says that it runs as root.
+    let out = run_governed(&topo, &["--", "/usr/bin/true"], None);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("runs as root"),
+        "{out:?}"
+    );
+    // A command that does not exist: 127, as a shell says it.
+    let out = run_governed(&topo, &["--", "/no/such/command"], Some("65534"));
+    assert_eq!(out.status.code(), Some(127), "{out:?}");
+}
+
+#[test]
+fn status_lists_targets_startup_problems_and_a_changed_configuration() {
+    bulkhead_tests::require_root();
+    let topo = bulkhead_tests::Topology::new(
+        "[[target]]\nname = \"echo\"\naddresses = [\"10.201.0.2:7000\", \"10.201.0.0/24\"]\n\
+         [[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddresses = [\"10.201.0.2:5432\"]\n\
+         credentials = { file = \"/nonexistent/bulkhead-test-credentials\" }\n",
+    );
+    topo.allow_opaque_tcp();
+    let _daemon = topo.start_daemon(&[]);
+    let status = topo.run_cli(&["status", "--json"]).unwrap();
+    let daemon = &status["daemon"];
+    assert_eq!(daemon["targets"][0]["name"], "echo", "{status}");
+    assert_eq!(daemon["targets"][0]["protocol"], "tcp");
+    assert_eq!(daemon["targets"][0]["addresses"][1], "10.201.0.0/24");
+    assert_eq!(daemon["targets"][1]["protocol"], "postgres");
+    let warnings = daemon["warnings"].to_string();
+    assert!(
+        warnings.contains("target db: credentials unreadable"),
+        "{warnings}"
+    );
+    assert_eq!(daemon["config_changed"], false);
+
+    let mut text = std::fs::read_to_string(&topo.config_path).unwrap();
+    text.push_str("# an admin's edit\n");
+    std::fs::write(&topo.config_path, text).unwrap();
+    let status = topo.run_cli(&["status", "--json"]).unwrap();
+    assert_eq!(status["daemon"]["config_changed"], true, "{status}");
+    let out = topo.output(bulkhead_tests::Side::Host, topo.bulkhead(&["status"]));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("CHANGED since the daemon started"), "{text}");
+    assert!(
+        text.contains("echo (tcp) 10.201.0.2:7000, 10.201.0.0/24"),
+        "{text}"
+    );
+}
+
+#[test]
+fn every_command_shows_examples_in_its_help() {
+    let commands = bulkhead::cli::leaf_commands();
+    assert!(commands.len() >= 15, "{commands:?}");
+    for path in commands {
+        let out = Command::new(bulkhead_bin())
+            .args(&path)
+            .arg("--help")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{path:?}: {out:?}");
+        let examples = text.split("Examples:").nth(1).unwrap_or_default();
+        assert!(
+            examples.contains(&format!("bulkhead {}", path.join(" "))),
+            "bulkhead {} --help has no example line:\n{text}",
+            path.join(" ")
+        );
+    }
+}
