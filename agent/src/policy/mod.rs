@@ -15,6 +15,8 @@
 //!
 //! See `policies/README.md` for the file format.
 
+#[cfg(test)]
+mod cache_tests;
 pub mod cli;
 mod eval;
 #[cfg(test)]
@@ -24,8 +26,10 @@ pub mod mask;
 pub mod matchers;
 pub mod reload;
 pub mod sql;
+mod sql_cache;
 pub mod sql_copy;
 mod sql_functions;
+mod sql_settings;
 mod sql_utility;
 mod sql_walk;
 #[cfg(test)]
@@ -39,7 +43,9 @@ pub use self::{
     file::{load_dir, parse_file, PolicyFileError},
     mask::{MaskRule, MaskStyle, Masker},
     reload::{watch, PolicyHandle, PolicyStatus},
-    sql::{classify, Classification, PreparedStatements, SqlCache, SqlClass},
+    sql::{classify, Classification, PreparedStatements, SqlClass},
+    sql_cache::SqlCache,
+    sql_settings::{login_hazard, split_identifier_list},
 };
 use crate::{identity::ProcessIdentity, protocol::Protocol};
 use matchers::{ArgvPattern, Glob};

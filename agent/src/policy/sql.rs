@@ -15,18 +15,19 @@
 use std::{
     collections::{BTreeSet, HashMap},
     fmt,
-    sync::{Arc, Mutex, PoisonError},
+    sync::Arc,
 };
 
 use serde::{Deserialize, Serialize};
 use sqlparser::{
-    ast::Statement,
+    ast::{Query, Statement},
     dialect::PostgreSqlDialect,
+    keywords::Keyword,
     parser::Parser,
     tokenizer::{Token, TokenWithSpan, Tokenizer},
 };
 
-use super::{sql_utility, sql_walk::classify_statement};
+use super::{sql_settings, sql_utility, sql_walk::classify_statement};
 
 /// Longest message classified; longer ones are `unknown` (the parser's time grows with size).
 pub const MAX_SQL_LEN: usize = 1024 * 1024;
@@ -347,6 +348,23 @@ fn classify_pieces(sql: &str, prepared: Option<&PreparedStatements>, out: &mut C
                     utility_piece(Some(copy), out);
                     continue;
                 }
+                if let Some(query) = table_statement(piece) {
+                    classify_statement(&Statement::Query(query), prepared, out);
+                    continue;
+                }
+                if let Some(judged) = sql_settings::set_schema(piece) {
+                    out.statements += 1;
+                    match judged {
+                        Ok(class) => {
+                            out.classes.insert(class);
+                        }
+                        Err(reason) => {
+                            out.classes.insert(SqlClass::Unknown);
+                            out.unknown_reasons.push(reason);
+                        }
+                    }
+                    continue;
+                }
                 out.statements += 1;
                 out.objects_complete = false;
                 if let Some(class) = keyword_fallback(piece) {
@@ -358,6 +376,25 @@ fn classify_pieces(sql: &str, prepared: Option<&PreparedStatements>, out: &mut C
             }
         }
     }
+}
+
+/// `TABLE name ...` as a statement of its own, which the parser reads only inside a query:
+/// read as the query it is (`SELECT * FROM name ...`), with what may follow it (set operations,
+/// ORDER BY, LIMIT, FOR UPDATE).
+fn table_statement(piece: &[TokenWithSpan]) -> Option<Box<Query>> {
+    let first = piece
+        .iter()
+        .find(|t| !matches!(t.token, Token::Whitespace(_)))?;
+    if !matches!(&first.token, Token::Word(w) if w.quote_style.is_none() && w.keyword == Keyword::TABLE)
+    {
+        return None;
+    }
+    let dialect = PostgreSqlDialect {};
+    let mut parser = Parser::new(&dialect)
+        .with_recursion_limit(RECURSION_LIMIT)
+        .with_tokens_with_locations(piece.to_vec());
+    let query = parser.parse_query().ok()?;
+    (parser.peek_token().token == Token::EOF).then_some(query)
 }
 
 /// Adds a statement read by `sql_utility`; `None` (outside its grammar) is `unknown`.
@@ -394,172 +431,4 @@ fn keyword_fallback(piece: &[TokenWithSpan]) -> Option<SqlClass> {
         ("SECURITY", "LABEL") | ("IMPORT", "FOREIGN") => SqlClass::Ddl,
         _ => return None,
     })
-}
-
-/// Writes into `out` the cache key of `sql`: its text with every numeric literal outside
-/// quotes and comments written as `0`; returns false (use the exact text) when the message has
-/// nothing to fold or a form this scanner does not follow.
-///
-/// Why a shared entry is sound: two messages with the same key differ only in the values of
-/// numeric literals, and classification never depends on a number's value (string literals,
-/// which it does read, e.g. `set_config('role', ...)`, are kept verbatim). Comments are kept
-/// verbatim too; dollar quotes and strings with backslashes are not followed, so such
-/// messages are keyed by their exact text.
-pub fn shape_key(sql: &str, out: &mut String) -> bool {
-    let b = sql.as_bytes();
-    out.clear();
-    let mut folded = false;
-    let mut copied = 0; // b[..copied] is in `out`
-    let mut i = 0;
-    let ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80;
-    while i < b.len() {
-        match b[i] {
-            b'\'' | b'"' => {
-                let quote = b[i];
-                i += 1;
-                loop {
-                    match b.get(i) {
-                        None => return false,
-                        // An escape, in `E'...'` or with standard_conforming_strings off.
-                        Some(b'\\') if quote == b'\'' => return false,
-                        Some(&c) if c == quote => {
-                            if b.get(i + 1) == Some(&quote) {
-                                i += 2; // a doubled quote stands for itself
-                            } else {
-                                i += 1;
-                                break;
-                            }
-                        }
-                        Some(_) => i += 1,
-                    }
-                }
-            }
-            b'-' if b.get(i + 1) == Some(&b'-') => {
-                while i < b.len() && b[i] != b'\n' {
-                    i += 1;
-                }
-            }
-            b'/' if b.get(i + 1) == Some(&b'*') => {
-                let mut depth = 0usize;
-                loop {
-                    match (b.get(i), b.get(i + 1)) {
-                        (Some(b'/'), Some(b'*')) => {
-                            depth += 1;
-                            i += 2;
-                        }
-                        (Some(b'*'), Some(b'/')) => {
-                            depth -= 1;
-                            i += 2;
-                            if depth == 0 {
-                                break;
-                            }
-                        }
-                        (Some(_), _) => i += 1,
-                        (None, _) => return false,
-                    }
-                }
-            }
-            // `$1` is a parameter, `$tag$` a dollar quote: neither is folded, the second not
-            // followed.
-            b'$' if !b.get(i + 1).is_some_and(u8::is_ascii_digit) => return false,
-            c if c.is_ascii_digit() && (i == 0 || !ident(b[i - 1])) => {
-                let start = i;
-                while i < b.len() && b[i].is_ascii_digit() {
-                    i += 1;
-                }
-                if b[start..i] != *b"0" {
-                    out.push_str(&sql[copied..start]);
-                    out.push('0');
-                    copied = i;
-                    folded = true;
-                }
-            }
-            c if ident(c) => {
-                while i < b.len() && ident(b[i]) {
-                    i += 1;
-                }
-            }
-            _ => i += 1,
-        }
-    }
-    if folded {
-        out.push_str(&sql[copied..]);
-    }
-    folded
-}
-
-/// A bounded cache of classifications by message text with its numeric literals folded (see
-/// [`shape_key`]): `... WHERE aid = 17` and `... WHERE aid = 42` share an entry, so a client
-/// that inlines its values (simple query protocol, pgbench `-M simple`) does not parse every
-/// message. Only messages whose meaning does not depend on session state (no `EXECUTE`) are
-/// cached, so a hit can never change a verdict.
-#[derive(Debug)]
-pub struct SqlCache {
-    map: Mutex<HashMap<Box<str>, Arc<Classification>>>,
-    capacity: usize,
-}
-
-impl Default for SqlCache {
-    fn default() -> Self {
-        Self {
-            map: Mutex::new(HashMap::new()),
-            capacity: Self::CAPACITY,
-        }
-    }
-}
-
-impl SqlCache {
-    /// Entries kept before the cache starts over.
-    pub const CAPACITY: usize = 4096;
-    /// Longest text cached: long messages are rarely repeated.
-    pub const MAX_KEY: usize = 4096;
-
-    /// A cache that never keeps anything.
-    pub fn disabled() -> Self {
-        Self {
-            map: Mutex::new(HashMap::new()),
-            capacity: 0,
-        }
-    }
-
-    pub fn classify(
-        &self,
-        sql: &str,
-        prepared: Option<&PreparedStatements>,
-    ) -> Arc<Classification> {
-        let cacheable = self.capacity > 0 && sql.len() <= Self::MAX_KEY;
-        let mut key = String::new();
-        if cacheable {
-            let key: &str = if shape_key(sql, &mut key) { &key } else { sql };
-            let map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
-            if let Some(hit) = map.get(key) {
-                return Arc::clone(hit);
-            }
-        }
-        let c = Arc::new(classify(sql, prepared));
-        if cacheable && !c.uses_prepared {
-            let key: Box<str> = if key.is_empty() {
-                sql.into()
-            } else {
-                key.into()
-            };
-            let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
-            if map.len() >= self.capacity {
-                map.clear();
-            }
-            map.insert(key, Arc::clone(&c));
-        }
-        c
-    }
-
-    pub fn len(&self) -> usize {
-        self.map
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }

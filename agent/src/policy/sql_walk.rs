@@ -10,12 +10,13 @@ use std::{collections::HashMap, ops::ControlFlow, sync::Arc};
 use sqlparser::ast::{
     CopySource, CopyTarget, DollarQuotedString, Expr, FunctionArg, FunctionArgExpr,
     FunctionArguments, Ident, ObjectName, ObjectType, OnConflictAction, OnInsert, Query, Reset,
-    Select, Set, Statement, TableFactor, UtilityOption, Value, Visit, Visitor,
+    Select, Set, SetExpr, Statement, TableFactor, UtilityOption, Value, Visit, Visitor,
 };
 
 use super::{
     sql::{Classification, PreparedStatements, SqlClass},
     sql_functions::function_effect,
+    sql_settings::{self, SettingValue},
 };
 
 pub(super) fn classify_statement(
@@ -33,8 +34,16 @@ pub(super) fn classify_statement(
         skip_relation: None,
         explain_plain: Vec::new(),
         suppress: 0,
+        settings_view: false,
+        writes: false,
     };
     let _ = s.visit(&mut walker);
+    if walker.settings_view && walker.writes {
+        walker.unknown(
+            "a write to pg_settings, which changes server settings the gateway judges (client_encoding, search_path, role, ...)"
+                .into(),
+        );
+    }
 }
 
 /// One frame of CTE names in scope; `hides` masks the frame of the query that defines them
@@ -57,6 +66,10 @@ struct Walker<'a, 'p> {
     /// Per visited statement, whether it is a plain EXPLAIN (its body does not run).
     explain_plain: Vec<bool>,
     suppress: usize,
+    /// The statement names `pg_settings`, a view whose rows the server turns into `set_config`.
+    settings_view: bool,
+    /// The statement writes rows (insert, update, delete, merge, copy in).
+    writes: bool,
 }
 
 impl Walker<'_, '_> {
@@ -66,6 +79,14 @@ impl Walker<'_, '_> {
             // vouch for", which a statement kind is not.
             self.unknown("a statement the gateway does not judge by its kind".into());
         } else if self.suppress == 0 {
+            self.writes |= matches!(
+                class,
+                SqlClass::Insert
+                    | SqlClass::Update
+                    | SqlClass::Delete
+                    | SqlClass::Merge
+                    | SqlClass::CopyIn
+            );
             self.out.classes.insert(class);
         }
     }
@@ -91,6 +112,38 @@ impl Walker<'_, '_> {
         false
     }
 
+    fn relation(&mut self, name: String) {
+        self.settings_view |= matches!(name.as_str(), "pg_settings" | "pg_catalog.pg_settings");
+        self.out.objects.insert(name);
+    }
+
+    /// `TABLE name` in a query body (alone, or as a branch of UNION / INTERSECT / EXCEPT) is
+    /// `SELECT * FROM name`; the parser keeps it out of the relations the visitor reports.
+    /// Bodies in parentheses are queries of their own, visited separately.
+    fn body_tables(&mut self, body: &SetExpr) {
+        match body {
+            SetExpr::Table(t) => match (&t.schema_name, &t.table_name) {
+                (None, Some(table)) => {
+                    let name = normalize_ident(table);
+                    if !self.cte_in_scope(&name) {
+                        self.relation(name);
+                    }
+                }
+                (Some(schema), Some(table)) => self.relation(format!(
+                    "{}.{}",
+                    normalize_ident(schema),
+                    normalize_ident(table)
+                )),
+                (_, None) => self.out.objects_complete = false,
+            },
+            SetExpr::SetOperation { left, right, .. } => {
+                self.body_tables(left);
+                self.body_tables(right);
+            }
+            _ => {}
+        }
+    }
+
     fn function(&mut self, name: &ObjectName, args: Option<&FunctionArguments>) {
         let full = normalize_name(name);
         let short = full
@@ -98,7 +151,13 @@ impl Walker<'_, '_> {
             .unwrap_or(&full)
             .to_string();
         let effect = if short == "set_config" {
-            Some(set_config_effect(args))
+            match set_config_effect(args) {
+                Ok(class) => Some(class),
+                Err(reason) => {
+                    self.unknown(reason);
+                    None
+                }
+            }
         } else {
             function_effect(&short)
         };
@@ -207,10 +266,24 @@ impl Walker<'_, '_> {
             Statement::Copy {
                 source, to, target, ..
             } => copy_class(source, *to, target),
-            Statement::Set(set) => set_class(set),
+            Statement::Set(set) => match set_class(set) {
+                Ok(class) => class,
+                Err(reason) => {
+                    self.unknown(reason);
+                    return;
+                }
+            },
             Statement::Reset(r) => match &r.reset {
                 Reset::SessionAuthorization => C::Role,
-                Reset::ConfigurationParameter(name) => settings_class(std::iter::once(name)),
+                Reset::ConfigurationParameter(name) => {
+                    match sql_settings::judge(&normalize_name(name), &SettingValue::Reset) {
+                        Ok(class) => class,
+                        Err(reason) => {
+                            self.unknown(reason);
+                            return;
+                        }
+                    }
+                }
                 _ => C::Session,
             },
             Statement::StartTransaction { .. }
@@ -395,6 +468,7 @@ impl Visitor for Walker<'_, '_> {
             pushed += 1;
         }
         self.query_pushed.push(pushed);
+        self.body_tables(&q.body);
         if !q.locks.is_empty() {
             self.add(SqlClass::Lock);
         }
@@ -441,7 +515,7 @@ impl Visitor for Walker<'_, '_> {
         if relation.0.len() == 1 && self.cte_in_scope(&name) {
             return ControlFlow::Continue(());
         }
-        self.out.objects.insert(name);
+        self.relation(name);
         ControlFlow::Continue(())
     }
 
@@ -489,70 +563,97 @@ fn copy_class(source: &CopySource, to: bool, target: &CopyTarget) -> SqlClass {
     }
 }
 
-fn is_role_setting(name: &str) -> bool {
-    matches!(name, "role" | "session_authorization")
-}
-
-/// Settings that change how the server reads SQL text: with `standard_conforming_strings`
-/// off, `'a\'; DROP TABLE t; --'` is no longer one string, and the gateway, which reads SQL
-/// the standard way, would judge a different statement than the server runs.
-fn is_parsing_setting(name: &str) -> bool {
-    matches!(name, "standard_conforming_strings" | "backslash_quote")
-}
-
-/// The class of assigning these settings.
-fn settings_class<'a>(names: impl Iterator<Item = &'a ObjectName>) -> SqlClass {
-    let names: Vec<String> = names.map(normalize_name).collect();
-    if names.iter().any(|n| is_parsing_setting(n)) {
-        SqlClass::Unknown
-    } else if names.iter().any(|n| is_role_setting(n)) {
-        SqlClass::Role
-    } else {
-        SqlClass::Session
+/// The class of assigning `values` to each of `names`: the most consequential, or the first
+/// reason one of them is `unknown`.
+fn settings_class<'a>(
+    assignments: impl Iterator<Item = (&'a ObjectName, SettingValue)>,
+) -> Result<SqlClass, String> {
+    let mut class = SqlClass::Session;
+    for (name, value) in assignments {
+        class = class.max(sql_settings::judge(&normalize_name(name), &value)?);
     }
+    Ok(class)
 }
 
-fn set_class(set: &Set) -> SqlClass {
-    match set {
-        Set::SetRole { .. } | Set::SetSessionAuthorization(_) => SqlClass::Role,
-        Set::SetTransaction { .. } => SqlClass::Transaction,
-        Set::SingleAssignment { variable, .. } => settings_class(std::iter::once(variable)),
-        Set::ParenthesizedAssignments { variables, .. } => settings_class(variables.iter()),
-        Set::MultipleAssignments { assignments } => {
-            settings_class(assignments.iter().map(|a| &a.name))
+/// A `SET` value list as the server reads it: strings and identifiers are the items' texts;
+/// `DEFAULT` alone is the starting value.
+fn set_value(values: &[Expr]) -> SettingValue {
+    if let [Expr::Identifier(i)] = values {
+        if i.quote_style.is_none() && i.value.eq_ignore_ascii_case("default") {
+            return SettingValue::Reset;
         }
-        Set::SetTimeZone { .. } | Set::SetNames { .. } | Set::SetNamesDefault {} => {
-            SqlClass::Session
-        }
-        Set::SetSessionParam(_) => SqlClass::Unknown,
     }
+    SettingValue::Items(
+        values
+            .iter()
+            .map(|v| match v {
+                Expr::Identifier(i) => Some(normalize_ident(i)),
+                Expr::Value(v) => string_literal(&v.value).map(str::to_string),
+                _ => None,
+            })
+            .collect(),
+    )
 }
 
-/// `set_config('role', ...)` changes who we are; other settings are session state. A name
-/// that is not a literal could be either: judged as the worse.
-fn set_config_effect(args: Option<&FunctionArguments>) -> SqlClass {
-    let first = match args {
-        Some(FunctionArguments::List(list)) => list.args.first(),
+fn string_literal(v: &Value) -> Option<&str> {
+    match v {
+        Value::SingleQuotedString(s)
+        | Value::EscapedStringLiteral(s)
+        | Value::DollarQuotedString(DollarQuotedString { value: s, .. }) => Some(s),
         _ => None,
-    };
-    match first {
-        Some(FunctionArg::Unnamed(FunctionArgExpr::Expr(Expr::Value(v)))) => match &v.value {
-            Value::SingleQuotedString(s)
-            | Value::EscapedStringLiteral(s)
-            | Value::DollarQuotedString(DollarQuotedString { value: s, .. }) => {
-                let name = s.to_ascii_lowercase();
-                if is_parsing_setting(&name) {
-                    SqlClass::Unknown
-                } else if is_role_setting(&name) {
-                    SqlClass::Role
-                } else {
-                    SqlClass::Session
-                }
-            }
-            _ => SqlClass::Role,
-        },
-        _ => SqlClass::Role,
     }
+}
+
+fn set_class(set: &Set) -> Result<SqlClass, String> {
+    match set {
+        Set::SetRole { .. } | Set::SetSessionAuthorization(_) => Ok(SqlClass::Role),
+        Set::SetTransaction { .. } => Ok(SqlClass::Transaction),
+        Set::SingleAssignment {
+            variable, values, ..
+        } => settings_class(std::iter::once((variable, set_value(values)))),
+        Set::ParenthesizedAssignments { variables, .. } => {
+            settings_class(variables.iter().map(|v| (v, SettingValue::NotLiteral)))
+        }
+        Set::MultipleAssignments { assignments } => settings_class(
+            assignments
+                .iter()
+                .map(|a| (&a.name, set_value(std::slice::from_ref(&a.value)))),
+        ),
+        Set::SetNames { charset_name, .. } => sql_settings::judge(
+            "client_encoding",
+            &SettingValue::Items(vec![Some(charset_name.value.clone())]),
+        ),
+        Set::SetNamesDefault {} => sql_settings::judge("client_encoding", &SettingValue::Reset),
+        Set::SetTimeZone { .. } => Ok(SqlClass::Session),
+        Set::SetSessionParam(_) => Err("a SET form the gateway does not judge".into()),
+    }
+}
+
+/// `set_config(name, value, is_local)`: judged as the `SET` it amounts to. A name that is not a
+/// literal could be any setting, and a judged setting's value that is not a literal any value:
+/// both are `unknown`.
+fn set_config_effect(args: Option<&FunctionArguments>) -> Result<SqlClass, String> {
+    let args: Vec<Option<&str>> = match args {
+        Some(FunctionArguments::List(list)) => list
+            .args
+            .iter()
+            .map(|a| match a {
+                FunctionArg::Unnamed(FunctionArgExpr::Expr(Expr::Value(v))) => {
+                    string_literal(&v.value)
+                }
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    let Some(Some(name)) = args.first() else {
+        return Err("set_config of a setting the gateway cannot name".into());
+    };
+    let value = match args.get(1) {
+        Some(Some(value)) => SettingValue::Raw((*value).to_string()),
+        _ => SettingValue::NotLiteral,
+    };
+    sql_settings::judge(name, &value)
 }
 
 /// An identifier as the server resolves it: unquoted names fold to lowercase.

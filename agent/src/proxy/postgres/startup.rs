@@ -6,6 +6,8 @@
 //! `SET` statement it amounts to: a client cannot take at login what a statement would be
 //! refused.
 
+use crate::policy;
+
 /// The `SET` statements `params` amount to, in order. `user`, `database` and `replication`
 /// (which the gateway drops) are not settings. Errors on an `options` word other than
 /// `-c name=value` / `--name=value`, or a setting name that is not a plain identifier.
@@ -69,6 +71,9 @@ fn split_options(options: &str) -> Vec<String> {
 
 fn set_statement(name: &str, value: &str) -> Result<String, String> {
     let lower = name.to_ascii_lowercase();
+    if lower == "search_path" {
+        return Ok(search_path_statement(value));
+    }
     let plain = lower.split('.').all(|part| {
         part.chars()
             .next()
@@ -80,7 +85,29 @@ fn set_statement(name: &str, value: &str) -> Result<String, String> {
     if !plain {
         return Err(format!("startup parameter {name:?} is not a setting name"));
     }
-    Ok(format!("SET {lower} = '{}'", value.replace('\'', "''")))
+    Ok(format!("SET {lower} = {}", quote_literal(value)))
+}
+
+fn quote_literal(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "''"))
+}
+
+/// A startup `search_path` is a list in the setting's own syntax (`"$user", public`), which
+/// `SET` with one string would take as one schema name: it becomes the `SET` of the names the
+/// server reads from it, each quoted. Text the server would not read as a list stays one string
+/// (and is judged as that one odd name).
+fn search_path_statement(value: &str) -> String {
+    match policy::split_identifier_list(value) {
+        Some(names) if !names.is_empty() => format!(
+            "SET search_path = {}",
+            names
+                .iter()
+                .map(|n| format!("\"{}\"", n.replace('"', "\"\"")))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        _ => format!("SET search_path = {}", quote_literal(value)),
+    }
 }
 
 #[cfg(test)]
@@ -118,6 +145,67 @@ mod tests {
                 "SET x.y = '''q'",
             ]
         );
+    }
+
+    #[test]
+    fn a_startup_search_path_is_read_as_the_list_it_is() {
+        let got = settings(&p(&[
+            ("search_path", r#""$user", public"#),
+            (
+                "options",
+                r"-c search_path=secret,public -csearch_path=\ public",
+            ),
+            ("SEARCH_PATH", r#""a""b", C"#),
+            ("search_path", ""),
+            ("search_path", "a b"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            got,
+            [
+                r#"SET search_path = "$user", "public""#,
+                r#"SET search_path = "secret", "public""#,
+                r#"SET search_path = "public""#,
+                r#"SET search_path = "a""b", "c""#,
+                "SET search_path = ''",
+                "SET search_path = 'a b'",
+            ]
+        );
+        let judged = |text: &str| crate::policy::classify(text, None);
+        assert_eq!(
+            judged(&got[0]).headline(),
+            Some(crate::policy::SqlClass::Session)
+        );
+        assert_eq!(
+            judged(&got[2]).headline(),
+            Some(crate::policy::SqlClass::Session)
+        );
+        for refused in [&got[1], &got[3], &got[4], &got[5]] {
+            assert_eq!(
+                judged(refused).headline(),
+                Some(crate::policy::SqlClass::Unknown),
+                "{refused}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_startup_client_encoding_is_judged_by_its_value() {
+        for (params, session) in [
+            (&[("client_encoding", "UTF8")][..], true),
+            (&[("client_encoding", "SJIS")], false),
+            (&[("options", "-c client_encoding=Shift-JIS")], false),
+            (&[("options", "--client-encoding=big5")], false),
+            (&[("client_encoding", "LATIN1")], true),
+        ] {
+            let statements = settings(&p(params)).unwrap();
+            let c = crate::policy::classify(&statements[0], None);
+            assert_eq!(
+                c.headline() == Some(crate::policy::SqlClass::Session),
+                session,
+                "{params:?}: {c:?}"
+            );
+        }
     }
 
     #[test]

@@ -64,6 +64,8 @@ pub enum UpstreamError {
     TlsRefused,
     #[error("TLS to the target: {0}")]
     Tls(String),
+    #[error("the target's session would not read SQL as the gateway does: {0}")]
+    Unjudgeable(String),
     #[error(transparent)]
     Codec(#[from] CodecError),
 }
@@ -425,7 +427,11 @@ pub async fn login(
                     backend_key = Some((b.get_i32(), b.get_i32()));
                 }
             }
-            b'S' | b'N' => greeting.push(raw),
+            b'S' => {
+                judge_parameter_status(&body)?;
+                greeting.push(raw);
+            }
+            b'N' => greeting.push(raw),
             b'Z' => {
                 // Ready before AuthenticationOk: the target skipped authentication.
                 let method = method.ok_or(UpstreamError::Unexpected('Z'))?;
@@ -441,6 +447,23 @@ pub async fn login(
             other => return Err(UpstreamError::Unexpected(char::from(other))),
         }
     }
+}
+
+/// A ParameterStatus of the login: what the role's or database's settings (or the server's
+/// configuration) gave the session, which no statement or startup parameter of the client's
+/// was there to judge. A session whose SQL the server would read differently from the gateway
+/// (a client-only `client_encoding`, `standard_conforming_strings` off) is not served.
+fn judge_parameter_status(body: &[u8]) -> Result<(), UpstreamError> {
+    let mut b = body;
+    if let Ok(name @ ("client_encoding" | "standard_conforming_strings")) =
+        codec::take_cstr(&mut b, "ParameterStatus")
+    {
+        let value = codec::take_cstr(&mut b, "ParameterStatus")?;
+        if let Some(why) = crate::policy::login_hazard(name, value) {
+            return Err(UpstreamError::Unjudgeable(why));
+        }
+    }
+    Ok(())
 }
 
 /// SSLRequest, then a verified TLS handshake: a target that will not speak TLS, or whose
