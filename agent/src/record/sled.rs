@@ -516,11 +516,12 @@ impl SessionStore for SledStore {
             _ => None,
         };
         if let Some(count) = counter {
-            let mut s = self
-                .get(session)?
-                .ok_or(StoreError::UnknownSession(session))?;
-            count(&mut s);
-            self.put_session(&s)?;
+            // Events are recorded whether or not their session is known (as every other
+            // event is); only a known session has counters to keep.
+            if let Some(mut s) = self.get(session)? {
+                count(&mut s);
+                self.put_session(&s)?;
+            }
         }
         self.put_event(session, kind, super::now_micros())
     }
