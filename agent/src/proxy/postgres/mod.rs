@@ -62,6 +62,10 @@ enum SessionError {
     Target(CodecError),
     #[error("client: unexpected message {0:?}")]
     UnexpectedFrontend(char),
+    /// A message the gateway does not let through where it came, because it could not follow
+    /// what the server does with it.
+    #[error("client: {0}")]
+    Unsupported(&'static str),
 }
 
 /// Either leg's byte stream: a plain socket or TLS over it.

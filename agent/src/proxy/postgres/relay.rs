@@ -115,7 +115,12 @@ impl<'a> Relay<'a> {
             }
         };
         self.record_finished();
-        if let Err(e @ (SessionError::Client(_) | SessionError::UnexpectedFrontend(_))) = &result {
+        if let Err(
+            e @ (SessionError::Client(_)
+            | SessionError::UnexpectedFrontend(_)
+            | SessionError::Unsupported(_)),
+        ) = &result
+        {
             // A malformed message ends this session only, with a protocol error the client can
             // read.
             send_fatal(&mut to_client.to, "08P01", &format!("bulkhead: {e}")).await;
@@ -236,6 +241,21 @@ impl<'a> Relay<'a> {
                 return Ok(());
             };
             let request = Request::read(frame.tag, &frame.body)?;
+            if matches!(request, Request::Query { .. } | Request::FunctionCall)
+                && self.state().mid_batch()
+            {
+                // Nothing of it reaches the target; the target is told the session ends.
+                leg.to
+                    .write_all(&codec::terminate())
+                    .await
+                    .map_err(target_error)?;
+                leg.to.flush().await.map_err(target_error)?;
+                return Err(SessionError::Unsupported(
+                    "a simple Query or function call inside an unfinished extended-protocol \
+                     batch is not let through (send Sync first): after an error the server \
+                     discards it, and the gateway could not tell whose answers follow",
+                ));
+            }
             let judged = match request {
                 Request::Query { sql } => {
                     let judged = self.decide(sql, &mut prepared, None).await;

@@ -181,6 +181,10 @@ pub struct State {
     /// Results complete but not yet recorded (`Response` events): recorded after the answers
     /// are flushed to the client, off the statement's latency.
     finished: Vec<EventKind>,
+    /// Extended-protocol messages sent since the last Sync. After an error the server
+    /// discards everything up to the Sync, a simple Query included, and the gateway could not
+    /// tell whose answers follow: such a Query is not let in ([`State::mid_batch`]).
+    unsynced: bool,
 }
 
 impl State {
@@ -189,6 +193,14 @@ impl State {
     /// the frame to forward in its place (a denied statement's stand-in), or `None` to
     /// forward it as it came.
     pub fn on_frontend(&mut self, request: &Request<'_>, judged: Option<Judged>) -> Option<Bytes> {
+        match request {
+            Request::Parse { .. }
+            | Request::Bind { .. }
+            | Request::Execute { .. }
+            | Request::Close { .. } => self.unsynced = true,
+            Request::Sync => self.unsynced = false,
+            _ => {}
+        }
         match *request {
             Request::Query { .. } | Request::FunctionCall => {
                 let (Attribution { request, masks }, replacement) =
@@ -276,6 +288,13 @@ impl State {
             _ => {}
         }
         None
+    }
+
+    /// Whether extended-protocol messages were sent since the last Sync: a simple Query or a
+    /// function call now could be discarded by the server (after an error) or answered in an
+    /// order the gateway cannot follow, so the relay refuses it and ends the session.
+    pub fn mid_batch(&self) -> bool {
+        self.unsynced
     }
 
     /// The masks of the request whose answers are arriving, if it has any.

@@ -375,3 +375,42 @@ async fn a_message_the_gateway_cannot_read_ends_the_session_with_a_protocol_erro
     assert_eq!(fatal[&b'M'], "bulkhead: client: unexpected message 'p'");
     assert!(matches!(end.outcome, Outcome::Failed { .. }));
 }
+
+/// After an error the server discards everything up to the Sync, a simple Query included; the
+/// gateway would then take the Sync's answer for the Query's and attribute every later answer
+/// (and its masks) one request late. So a Query inside an unfinished extended batch ends the
+/// session before it reaches the target.
+#[tokio::test(start_paused = true)]
+async fn a_simple_query_inside_an_unfinished_extended_batch_ends_the_session() {
+    let client = |client| async move {
+        let (r, mut w) = split(client);
+        let mut reader = FrameReader::new(r, "target", codec::MAX_BACKEND);
+        let mut batch = vec![codec::parse("", "SELECT nope FROM nowhere")];
+        batch.extend(bind_execute());
+        batch.push(codec::query("SELECT email FROM users"));
+        batch.push(frame(b'S', b""));
+        w.write_all(&batch.concat()).await.unwrap();
+        let mut rest = Vec::new();
+        reader.get_mut().read_to_end(&mut rest).await.unwrap();
+        rest
+    };
+    let Relayed {
+        end,
+        received,
+        client: rest,
+        ..
+    } = relayed(|_| Vec::new(), client).await;
+    assert_eq!(
+        received.iter().map(|f| f.tag).collect::<Vec<_>>(),
+        b"PBEX",
+        "the Query is not forwarded; the target is told the session ends"
+    );
+    assert_eq!(rest[0], b'E');
+    let fatal: HashMap<u8, String> = codec::error_fields(&rest[5..]).into_iter().collect();
+    assert_eq!(fatal[&b'S'], "FATAL");
+    assert!(
+        fatal[&b'M'].contains("inside an unfinished extended-protocol batch"),
+        "{fatal:?}"
+    );
+    assert!(matches!(end.outcome, Outcome::Failed { .. }));
+}

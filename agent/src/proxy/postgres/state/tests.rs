@@ -503,3 +503,20 @@ fn frontend_messages_are_read_and_unknown_or_malformed_ones_are_errors() {
         Err(SessionError::UnexpectedFrontend('p'))
     ));
 }
+
+#[test]
+fn extended_messages_without_a_sync_make_a_simple_query_mid_batch() {
+    let mut s = Session::default();
+    assert!(!s.state.mid_batch());
+    s.query("SELECT 1", allow(1));
+    assert!(!s.state.mid_batch(), "simple queries alone");
+    s.statement("a", "SELECT 2", allow(2));
+    assert!(
+        s.state.mid_batch(),
+        "Parse, Bind and Execute without a Sync"
+    );
+    s.send(&sync(), None);
+    assert!(!s.state.mid_batch(), "a Sync ends the batch");
+    s.send(&bind("", "a"), None);
+    assert!(s.state.mid_batch(), "a Bind alone starts one");
+}
