@@ -4,9 +4,9 @@
 use std::sync::OnceLock;
 
 use bulkhead::{
-    config::Protocol,
     identity::ProcessIdentity,
     policy::{load_dir, Action, PolicySet, Request, TargetRef},
+    protocol::Protocol,
 };
 use libfuzzer_sys::fuzz_target;
 
