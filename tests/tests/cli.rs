@@ -210,6 +210,11 @@ fn status_lists_targets_startup_problems_and_a_changed_configuration() {
     assert_eq!(daemon["targets"][0]["protocol"], "tcp");
     assert_eq!(daemon["targets"][0]["addresses"][1], "10.201.0.0/24");
     assert_eq!(daemon["targets"][1]["protocol"], "postgres");
+    let logs = _daemon.stderr();
+    assert!(
+        !logs.contains('\u{1b}'),
+        "no terminal colours in a log that is not a terminal: {logs}"
+    );
     let warnings = daemon["warnings"].to_string();
     assert!(
         warnings.contains("target db: credentials unreadable"),
@@ -250,4 +255,47 @@ fn every_command_shows_examples_in_its_help() {
             path.join(" ")
         );
     }
+}
+
+#[test]
+fn policy_test_judges_the_callers_own_uid_unless_told_otherwise() {
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    // SAFETY: getuid has no preconditions.
+    let me = unsafe { libc::getuid() };
+    std::fs::write(
+        policies.join("mine.toml"),
+        format!(
+            "[[target]]\nname = \"mine\"\nprotocol = \"tcp\"\ndefault = \"deny\"\n\
+             [[rule]]\nid = \"me\"\nverdict = \"allow\"\ntarget = {{ name = [\"mine\"] }}\n\
+             identity = {{ uid = [{me}] }}\n"
+        ),
+    )
+    .unwrap();
+    let config = config_in(dir.path(), &policies);
+    let test = |extra: &[&str]| {
+        Command::new(bulkhead_bin())
+            .arg("--config")
+            .arg(&config)
+            .args([
+                "policy",
+                "test",
+                "--target",
+                "mine",
+                "--protocol",
+                "tcp",
+                "--connect",
+            ])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    assert_eq!(test(&[]).status.code(), Some(0), "my own uid is allowed");
+    let other = (me + 1).to_string();
+    assert_eq!(
+        test(&["--uid", &other]).status.code(),
+        Some(1),
+        "another uid is not"
+    );
 }

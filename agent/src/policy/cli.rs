@@ -78,8 +78,9 @@ pub struct TestArgs {
     /// tcp, postgres, ssh, http or kubernetes [default: from the configuration, else the request kind]
     #[arg(long)]
     pub protocol: Option<Protocol>,
-    #[arg(long, default_value_t = 1000)]
-    pub uid: u32,
+    /// User id of the process [default: yours]
+    #[arg(long)]
+    pub uid: Option<u32>,
     #[arg(long)]
     pub user: Option<String>,
     /// Process name (comm)
@@ -411,8 +412,9 @@ fn identity_of(args: &TestArgs) -> ProcessIdentity {
     ProcessIdentity {
         pid: 1,
         tid: 1,
-        uid: args.uid,
-        gid: args.uid,
+        // SAFETY: getuid has no preconditions.
+        uid: args.uid.unwrap_or_else(|| unsafe { libc::getuid() }),
+        gid: args.uid.unwrap_or_else(|| unsafe { libc::getgid() }),
         user: args.user.clone(),
         comm: args.process.clone(),
         exe: args.exe.clone(),
