@@ -80,6 +80,15 @@ fn policy_commands_use_the_policy_directory_of_the_configuration() {
         check.status.success() && text.contains(&policies.display().to_string()),
         "{check:?}"
     );
+    // --json, with a warning for each rule naming a target this configuration lacks.
+    let report: serde_json::Value =
+        serde_json::from_slice(&bulkhead(&["policy", "check", "--json"]).stdout).unwrap();
+    assert_eq!(report["ok"], true, "{report}");
+    let warnings = report["warnings"].to_string();
+    assert!(
+        warnings.contains("jump-host-needs-approval") && warnings.contains("matches no target"),
+        "{warnings}"
+    );
     // `policy test` reads the same directory: the jump host of opaque-tcp.toml is held.
     let test = bulkhead(&[
         "policy",
@@ -106,6 +115,21 @@ fn policy_commands_use_the_policy_directory_of_the_configuration() {
     let denied = bulkhead(&["policy", "test", "--target", "10.9.9.9:22", "--connect"]);
     assert_eq!(denied.status.code(), Some(1), "{denied:?}");
     assert!(String::from_utf8_lossy(&denied.stdout).contains("verdict:   deny"));
+    // A broken file: the JSON report says so, with the error, and the exit status is 1.
+    std::fs::write(
+        policies.join("zz-broken.toml"),
+        "[[rule]]\nid = \"x\"\nverdict = \"maybe\"\n",
+    )
+    .unwrap();
+    let broken = bulkhead(&["policy", "check", "--json"]);
+    assert_eq!(broken.status.code(), Some(1));
+    let report: serde_json::Value = serde_json::from_slice(&broken.stdout).unwrap();
+    assert_eq!(report["ok"], false, "{report}");
+    assert!(
+        report["errors"].to_string().contains("zz-broken.toml"),
+        "{report}"
+    );
+    std::fs::remove_file(policies.join("zz-broken.toml")).unwrap();
     // A second init keeps what is there.
     std::fs::write(policies.join("opaque-tcp.toml"), "# edited by the admin\n").unwrap();
     let again = bulkhead(&["policy", "init"]);

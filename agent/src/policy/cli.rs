@@ -20,6 +20,9 @@ pub enum PolicyCommand {
     Check {
         /// Policy directory [default: the configuration's daemon.policy_dir]
         dir: Option<PathBuf>,
+        /// Print the result as JSON (errors and warnings included)
+        #[arg(long)]
+        json: bool,
     },
     /// Show the verdict and the deciding rules for one request, without a target
     Test(Box<TestArgs>),
@@ -135,9 +138,11 @@ pub enum PolicyCliError {
 
 pub fn run(config: &Config, cmd: PolicyCommand) -> Result<(), PolicyCliError> {
     match cmd {
-        PolicyCommand::Check { dir } => {
-            check(&dir.unwrap_or_else(|| config.daemon.policy_dir.clone()))
-        }
+        PolicyCommand::Check { dir, json } => check(
+            config,
+            &dir.unwrap_or_else(|| config.daemon.policy_dir.clone()),
+            json,
+        ),
         PolicyCommand::Test(args) => test(config, &args),
         PolicyCommand::Init { dir } => {
             init(&dir.unwrap_or_else(|| config.daemon.policy_dir.clone()))
@@ -190,16 +195,87 @@ pub fn init(dir: &Path) -> Result<(), PolicyCliError> {
     Ok(())
 }
 
-pub fn check(dir: &Path) -> Result<(), PolicyCliError> {
-    let set = load(dir)?;
-    println!(
-        "{}: ok ({}, {}, {})",
-        dir.display(),
-        count(set.files.len(), "file", "files"),
-        count(set.rules.len(), "rule", "rules"),
-        count(set.targets.len(), "target table", "target tables"),
-    );
-    Ok(())
+/// What `policy check --json` prints.
+#[derive(Debug, Serialize)]
+struct CheckReport {
+    dir: PathBuf,
+    ok: bool,
+    files: usize,
+    rules: usize,
+    targets: usize,
+    errors: Vec<String>,
+    warnings: Vec<String>,
+}
+
+pub fn check(config: &Config, dir: &Path, json: bool) -> Result<(), PolicyCliError> {
+    let loaded = load_dir(dir);
+    let (set, errors) = match loaded {
+        Ok(set) => (Some(set), Vec::new()),
+        Err(errors) => (None, errors.iter().map(ToString::to_string).collect()),
+    };
+    let warnings = set
+        .as_ref()
+        .map(|s| unknown_target_names(config, s))
+        .unwrap_or_default();
+    if json {
+        let report = CheckReport {
+            dir: dir.to_path_buf(),
+            ok: set.is_some(),
+            files: set.as_ref().map_or(0, |s| s.files.len()),
+            rules: set.as_ref().map_or(0, |s| s.rules.len()),
+            targets: set.as_ref().map_or(0, |s| s.targets.len()),
+            errors: errors.clone(),
+            warnings,
+        };
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        for e in &errors {
+            eprintln!("{e}");
+        }
+        for w in &warnings {
+            eprintln!("warning: {w}");
+        }
+        if let Some(set) = &set {
+            println!(
+                "{}: ok ({}, {}, {})",
+                dir.display(),
+                count(set.files.len(), "file", "files"),
+                count(set.rules.len(), "rule", "rules"),
+                count(set.targets.len(), "target table", "target tables"),
+            );
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(PolicyCliError::Invalid {
+            dir: dir.to_path_buf(),
+            count: errors.len(),
+        })
+    }
+}
+
+/// Rules whose target names match no target of the configuration (a typo, or a target not
+/// configured yet). Patterns with a `:` name destinations by address and are not checked.
+fn unknown_target_names(config: &Config, set: &PolicySet) -> Vec<String> {
+    let mut out = Vec::new();
+    for rule in &set.rules {
+        for name in &rule.target.names {
+            let by_address = name.as_str().contains(':');
+            if by_address || name.matches_all() {
+                continue;
+            }
+            if !config.targets.iter().any(|t| name.is_match(&t.name)) {
+                out.push(format!(
+                    "rule {} ({}): target name {:?} matches no target of the configuration",
+                    rule.id,
+                    rule.origin,
+                    name.as_str()
+                ));
+            }
+        }
+    }
+    out
 }
 
 #[derive(Debug, Serialize)]
