@@ -12,6 +12,21 @@ use bulkhead_tests::{
     parse_probe, reply, require_root, Side, Topology, GOVERNED_V4, TARGET_V4, TARGET_V6,
 };
 
+/// `text` reached the target from `side` without the gateway: the echo came back and the
+/// client's socket is bound to the governed side's own address, not to loopback.
+fn assert_direct(topo: &Topology, side: Side, dst: &str, text: &str) -> serde_json::Value {
+    let client = topo.probe_connect(side, dst, text);
+    assert_eq!(reply(&client)["data"], text, "{client}");
+    assert!(
+        client["local"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{GOVERNED_V4}:")),
+        "not direct: {client}"
+    );
+    client
+}
+
 #[test]
 fn governed_client_reaches_the_target_through_the_gateway_and_is_recorded() {
     require_root();
@@ -140,15 +155,7 @@ fn processes_outside_the_governed_cgroup_connect_directly() {
     let _echo = topo.echo_server(Side::Target, format!("{TARGET_V4}:7000").parse().unwrap());
     let _daemon = topo.start_daemon(&[]);
 
-    let client = topo.probe_connect(Side::Host, &format!("{TARGET_V4}:7000"), "direct");
-    assert_eq!(reply(&client)["data"], "direct");
-    assert!(
-        client["local"]
-            .as_str()
-            .unwrap()
-            .starts_with(&format!("{GOVERNED_V4}:")),
-        "{client}"
-    );
+    let client = assert_direct(&topo, Side::Host, &format!("{TARGET_V4}:7000"), "direct");
     assert_eq!(client["peer"], format!("{TARGET_V4}:7000"));
     assert_eq!(
         reply(&client)["peer"],
@@ -281,15 +288,7 @@ fn fail_open_mode_detaches_when_the_daemon_dies() {
 
     daemon.kill9();
     // The kernel drops the links with the daemon's descriptors.
-    let direct = topo.probe_connect(Side::Governed, &dst, "direct");
-    assert_eq!(reply(&direct)["data"], "direct", "{direct}");
-    assert!(
-        direct["local"]
-            .as_str()
-            .unwrap()
-            .starts_with(&format!("{GOVERNED_V4}:")),
-        "{direct}"
-    );
+    assert_direct(&topo, Side::Governed, &dst, "direct");
     let status = topo.status_while_stopped();
     assert_eq!(status["programs_attached"], false, "{status}");
 }
@@ -544,15 +543,7 @@ fn uninstall_programs_removes_a_stopped_daemons_pins_and_is_refused_while_one_ru
     let out = topo.output(Side::Host, topo.bulkhead(&["uninstall-programs"]));
     assert!(out.status.success(), "{out:?}");
     assert!(!topo.pin_dir.exists(), "the pin directory is gone");
-    let direct = topo.probe_connect(Side::Governed, &dst, "direct");
-    assert_eq!(reply(&direct)["data"], "direct", "{direct}");
-    assert!(
-        direct["local"]
-            .as_str()
-            .unwrap()
-            .starts_with(&format!("{GOVERNED_V4}:")),
-        "not through a gateway: {direct}"
-    );
+    assert_direct(&topo, Side::Governed, &dst, "direct");
     assert_eq!(topo.status_while_stopped()["programs_attached"], false);
 }
 

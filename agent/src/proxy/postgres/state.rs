@@ -384,8 +384,13 @@ impl State {
                     masked_rows,
                 }) = self.pending.pop_front()
                 {
-                    self.finish(request, started, tag.as_slice(), error);
-                    self.note_masks(&masks, masked_rows);
+                    self.finish(
+                        request,
+                        started,
+                        tag.as_slice(),
+                        error,
+                        (&masks, masked_rows),
+                    );
                 }
             }
             // Answers to Parse/Bind errors before any Execute, or outside any tracked request.
@@ -405,8 +410,7 @@ impl State {
                 masked_rows,
             }) = self.pending.pop_front()
             {
-                self.finish(request, started, &tags, error);
-                self.note_masks(&masks, masked_rows);
+                self.finish(request, started, &tags, error, (&masks, masked_rows));
             }
             return;
         }
@@ -420,6 +424,7 @@ impl State {
                     started,
                     &[],
                     Some("not executed: an earlier message failed".into()),
+                    (&Arc::from([]), 0),
                 ),
                 // A Query sent after Executes without a Sync between them.
                 Pending::Query {
@@ -429,10 +434,7 @@ impl State {
                     error,
                     masks,
                     masked_rows,
-                } => {
-                    self.finish(request, started, &tags, error);
-                    self.note_masks(&masks, masked_rows);
-                }
+                } => self.finish(request, started, &tags, error, (&masks, masked_rows)),
             }
         }
     }
@@ -446,26 +448,16 @@ impl State {
         }
     }
 
-    /// Adds to the result just finished how many rows were masked, and by which rules.
-    fn note_masks(&mut self, masks: &Masks, rows: u64) {
-        if rows == 0 {
-            return;
-        }
-        if let Some(EventKind::Response {
-            masked_rows,
-            mask_rules,
-            ..
-        }) = self.finished.last_mut()
-        {
-            *masked_rows = Some(rows);
-            *mask_rules = masks.iter().map(|m| m.rule.clone()).collect();
-            mask_rules.sort();
-            mask_rules.dedup();
-        }
-    }
-
     /// A request's result, to be recorded once its answers are on their way to the client.
-    fn finish(&mut self, request: u64, started: Instant, tags: &[String], error: Option<String>) {
+    /// `masked`: the statement's mask rules and how many rows went out masked.
+    fn finish(
+        &mut self,
+        request: u64,
+        started: Instant,
+        tags: &[String],
+        error: Option<String>,
+        (masks, masked): (&Masks, u64),
+    ) {
         let duration_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         let rows: u64 = tags
             .iter()
@@ -481,8 +473,15 @@ impl State {
             duration_us,
             summary,
             error,
-            masked_rows: None,
-            mask_rules: Vec::new(),
+            masked_rows: (masked > 0).then_some(masked),
+            mask_rules: if masked > 0 {
+                let mut rules: Vec<String> = masks.iter().map(|m| m.rule.clone()).collect();
+                rules.sort();
+                rules.dedup();
+                rules
+            } else {
+                Vec::new()
+            },
         });
     }
 }
