@@ -278,6 +278,28 @@ fn status_report(config: &Config) -> Result<StatusReport, CliError> {
     })
 }
 
+fn print_containment(c: &crate::control::Containment) {
+    println!("sockets:     filtered at socket(): {}", c.socket_filter);
+    if !c.sockets_allowed.is_empty() {
+        println!(
+            "             also allowed: {}",
+            c.sockets_allowed.join(", ")
+        );
+    }
+    let or_none = |v: &[String]| {
+        if v.is_empty() {
+            "none".to_string()
+        } else {
+            v.join(", ")
+        }
+    };
+    println!(
+        "udp:         DNS to {}; other UDP to {}; every other datagram refused and recorded",
+        or_none(&c.dns),
+        or_none(&c.udp_allow)
+    );
+}
+
 fn print_status(report: &StatusReport, json: bool) -> Result<(), CliError> {
     if json {
         return print_json(report);
@@ -318,6 +340,7 @@ fn print_status(report: &StatusReport, json: bool) -> Result<(), CliError> {
                     d.config
                 );
             }
+            print_containment(&d.containment);
             for w in &d.warnings {
                 println!("warning:     {w}");
             }

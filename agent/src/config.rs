@@ -142,6 +142,80 @@ pub struct CaptureConfig {
     pub exclude: Vec<Cidr>,
     pub exclude_ports: Vec<u16>,
     pub unmatched: Unmatched,
+    /// Resolvers governed processes may send DNS datagrams to (`capture.dns`, with `"system"`
+    /// read from `/etc/resolv.conf` when the configuration loads).
+    pub dns: Vec<SocketAddr>,
+    /// Other UDP destinations governed processes may send to (`capture.udp_allow`).
+    pub udp_allow: Vec<UdpAllow>,
+    /// Socket kinds governed processes may open beyond TCP, UDP, unix and netlink.
+    pub sockets: Vec<SocketKind>,
+}
+
+/// A network and a port that governed processes may send datagrams to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UdpAllow {
+    pub net: Cidr,
+    pub port: u16,
+}
+
+impl std::str::FromStr for UdpAllow {
+    type Err = String;
+    /// `ADDR:PORT` or `NET/LEN:PORT`; IPv6 in brackets: `[fd00::5]:53`, `[fd00::/64]:53`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let syntax = || format!("{s:?} is not ADDR:PORT or NET/LEN:PORT (IPv6 in brackets)");
+        let (net, port) = s.rsplit_once(':').ok_or_else(syntax)?;
+        let port: u16 = port.parse().map_err(|_| syntax())?;
+        if port == 0 {
+            return Err("port 0 is not a port".into());
+        }
+        let net = net.trim_start_matches('[').replacen(']', "", 1);
+        let net: Cidr = if net.contains('/') {
+            net.parse()?
+        } else {
+            let ip: IpAddr = net.parse().map_err(|_| syntax())?;
+            Cidr::new(ip, if ip.is_ipv4() { 32 } else { 128 })?
+        };
+        Ok(Self { net, port })
+    }
+}
+
+impl std::fmt::Display for UdpAllow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.net.addr() {
+            IpAddr::V4(_) => write!(f, "{}:{}", self.net, self.port),
+            IpAddr::V6(_) => write!(f, "[{}]:{}", self.net, self.port),
+        }
+    }
+}
+
+/// A kind of socket governed processes may not open unless the configuration says so.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SocketKind {
+    /// ICMP echo ("ping") datagram sockets.
+    Ping,
+    /// Raw IP sockets.
+    Raw,
+    /// SCTP.
+    Sctp,
+    /// Multipath TCP (not redirected: it would bypass the gateway).
+    Mptcp,
+    /// `AF_PACKET`.
+    Packet,
+}
+
+/// The nameservers of a `resolv.conf` text, port 53 (scoped IPv6 addresses skipped).
+pub fn resolv_conf_nameservers(text: &str) -> Vec<SocketAddr> {
+    text.lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            (words.next() == Some("nameserver"))
+                .then(|| words.next())
+                .flatten()
+                .and_then(|a| a.parse::<IpAddr>().ok())
+                .map(|ip| SocketAddr::new(ip, 53))
+        })
+        .collect()
 }
 
 /// What happens to a captured connection whose destination matches no target.
@@ -426,6 +500,34 @@ impl Config {
                 "port 0 is not a port".into(),
             ));
         }
+        let mut dns = Vec::new();
+        for (i, entry) in capture.dns.iter().enumerate() {
+            if entry == "system" {
+                // Read once, when the configuration loads; a missing file names no resolver.
+                let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+                dns.extend(resolv_conf_nameservers(&text));
+                continue;
+            }
+            let addr = entry
+                .parse::<SocketAddr>()
+                .or_else(|_| entry.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+                .map_err(|_| {
+                    invalid(
+                        format!("capture.dns[{i}]"),
+                        format!("{entry:?} is not \"system\", an IP address or IP:PORT"),
+                    )
+                })?;
+            dns.push(addr);
+        }
+        let udp_allow = capture
+            .udp_allow
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                s.parse::<UdpAllow>()
+                    .map_err(|e| invalid(format!("capture.udp_allow[{i}]"), e))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
 
         let mut targets: Vec<Target> = Vec::with_capacity(target.len());
         for (i, t) in target.into_iter().enumerate() {
@@ -545,6 +647,9 @@ impl Config {
                 exclude,
                 exclude_ports: capture.exclude_ports,
                 unmatched: capture.unmatched,
+                dns,
+                udp_allow,
+                sockets: capture.sockets,
             },
             store: StoreConfig {
                 retention: crate::record::Retention {
@@ -805,6 +910,9 @@ struct RawCapture {
     exclude: Vec<String>,
     exclude_ports: Vec<u16>,
     unmatched: Unmatched,
+    dns: Vec<String>,
+    udp_allow: Vec<String>,
+    sockets: Vec<SocketKind>,
 }
 
 impl Default for RawCapture {
@@ -815,6 +923,9 @@ impl Default for RawCapture {
             exclude: Vec::new(),
             exclude_ports: Vec::new(),
             unmatched: Unmatched::Relay,
+            dns: vec!["system".into()],
+            udp_allow: Vec::new(),
+            sockets: Vec::new(),
         }
     }
 }

@@ -13,7 +13,7 @@ use crate::{
     approval::ApprovalBroker,
     cgroup,
     config::{Config, Source, TargetKind},
-    control::{self, ControlState, DaemonInfo, TargetInfo},
+    control::{self, Containment, ControlState, DaemonInfo, TargetInfo},
     credentials::CredentialRef,
     ebpf::{rules::CaptureRules, Mode, Redirector},
     exclusive::{lock_dir, LockError},
@@ -183,6 +183,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         Err(e) => warn!(error = %e, "kernel-side logs unavailable"),
     }
     let orig_dst = Arc::new(redirector.orig_dst()?);
+    let refusals = redirector.refusals()?;
     info!(
         cgroup = %governed.display(),
         mode = ?mode,
@@ -225,7 +226,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         config: Arc::clone(&config),
         orig_dst,
         store: Arc::clone(&store),
-        proc: ProcReader::new("/", governed_rel),
+        proc: ProcReader::new("/", governed_rel.clone()),
         stats: Arc::default(),
         policy,
         tls: match crate::tls::LocalCa::load_or_create(&config.daemon.state_dir.join("ca")) {
@@ -272,6 +273,22 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
                 .collect(),
             warnings: startup_problems,
             config_changed: false,
+            containment: Containment {
+                socket_filter: redirector.socket_filter.describe().to_string(),
+                sockets_allowed: config
+                    .capture
+                    .sockets
+                    .iter()
+                    .map(|k| format!("{k:?}").to_lowercase())
+                    .collect(),
+                dns: config.capture.dns.iter().map(ToString::to_string).collect(),
+                udp_allow: config
+                    .capture
+                    .udp_allow
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect(),
+            },
         },
         config_file: match &config.source {
             Source::File(path) => Some((path.clone(), crate::config::file_digest(path))),
@@ -290,6 +307,11 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         shutdown_rx.clone(),
     ));
     tokio::spawn(control::serve(control_listener, state, shutdown_rx.clone()));
+    let refusals_done = tokio::spawn(crate::refusals::record(
+        refusals,
+        crate::refusals::Recorder::new(Arc::clone(&store), ProcReader::new("/", governed_rel)),
+        shutdown_rx.clone(),
+    ));
     let protocols = Arc::new(proxy::Protocols::default());
     let accept_loops: Vec<_> = listeners
         .into_iter()
@@ -323,6 +345,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             "sessions still open at the drain deadline; they will be marked interrupted"
         );
     }
+    // The refusals recorder closes its open sessions on shutdown.
+    let _ = refusals_done.await;
     if let Err(e) = store.flush() {
         error!(error = %e, "flushing the session store");
     }

@@ -16,5 +16,6 @@ pub mod policy;
 pub mod protocol;
 pub mod proxy;
 pub mod record;
+pub mod refusals;
 pub mod text;
 pub mod tls;

@@ -308,6 +308,7 @@ pub(crate) mod tests {
                 targets: Vec::new(),
                 warnings: Vec::new(),
                 config_changed: false,
+                containment: crate::control::Containment::default(),
             },
             config_file: None,
             governed_cgroup: mount.join("bulkhead-unit-test-never-created"),

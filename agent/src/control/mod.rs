@@ -137,6 +137,22 @@ pub struct DaemonInfo {
     /// listeners and capture rules apply only after a restart.
     #[serde(default)]
     pub config_changed: bool,
+    /// What governed processes can reach besides TCP through the gateway.
+    #[serde(default)]
+    pub containment: Containment,
+}
+
+/// Besides TCP through the gateway: the sockets and datagrams governed processes may use.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Containment {
+    /// Which sockets the kernel filters at `socket()`.
+    pub socket_filter: String,
+    /// Socket kinds the configuration allows beyond TCP, UDP, unix and netlink.
+    pub sockets_allowed: Vec<String>,
+    /// Resolvers governed processes may send DNS to.
+    pub dns: Vec<String>,
+    /// Other UDP destinations they may send to. Every other datagram is refused and recorded.
+    pub udp_allow: Vec<String>,
 }
 
 /// A configured target, for `bulkhead status`.
