@@ -26,7 +26,7 @@
 use aya_ebpf::{
     bindings::{
         bpf_sock_addr, bpf_sock_ops, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, BPF_TCP_SYN_SENT,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, BPF_TCP_ESTABLISHED, BPF_TCP_SYN_SENT,
     },
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
@@ -586,15 +586,19 @@ fn on_connect(ctx: &SockOpsContext) {
 }
 
 /// A redirected socket closes. Its original destination is no longer needed. If it never got
-/// past SYN_SENT (the daemon was down: nothing listened), the daemon never took its record,
-/// which would otherwise wait for whoever next connects to the listener from the same local
-/// address and port, and lend them this process's identity.
+/// past SYN_SENT (the daemon was down: nothing listened), or was reset while established
+/// (queued at a listener that then closed: the daemon stopped before accepting it), the
+/// daemon may never have taken its record, which would otherwise wait for whoever next
+/// connects to the listener from the same local address and port, and lend them this
+/// process's identity. A graceful close (FIN_WAIT, CLOSE_WAIT) keeps it: a client may close
+/// before the daemon accepts, and its bytes are still to be relayed.
 #[inline(always)]
 fn on_close(ctx: &SockOpsContext) {
     // SAFETY: the context pointer is the program's own `bpf_sock_ops`.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
     let _ = ORIGINAL_BY_COOKIE.remove(&cookie);
-    if ctx.arg(0) == BPF_TCP_SYN_SENT {
+    let old_state = ctx.arg(0);
+    if old_state == BPF_TCP_SYN_SENT || old_state == BPF_TCP_ESTABLISHED {
         if let Some(key) = local_key(ctx) {
             let _ = CONNECTIONS.remove(&key);
         }

@@ -22,7 +22,9 @@ use crate::{
 };
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/bulkhead/bulkhead.toml";
-pub const DEFAULT_LISTENER_PORT: u16 = 15001;
+/// Below 1024 (`net.ipv4.ip_unprivileged_port_start`): while the daemon is down no other local
+/// user can bind it and receive what the pinned programs still send there.
+pub const DEFAULT_LISTENER_PORT: u16 = 951;
 pub const DEFAULT_GOVERNED_CGROUP: &str = "bulkhead.governed";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/bulkhead";
 pub const DEFAULT_RUN_DIR: &str = "/run/bulkhead";
@@ -918,7 +920,7 @@ struct RawCapture {
 impl Default for RawCapture {
     fn default() -> Self {
         Self {
-            loopback: false,
+            loopback: true,
             include: Vec::new(),
             exclude: Vec::new(),
             exclude_ports: Vec::new(),
@@ -974,11 +976,11 @@ mod tests {
         let c = parse("").unwrap();
         let d = Config::embedded_default();
         assert_eq!(c.listener_v4(), d.listener_v4());
-        assert_eq!(c.listener_v4(), "127.0.0.1:15001".parse().unwrap());
-        assert_eq!(c.listener_v6(), Some("[::1]:15001".parse().unwrap()));
+        assert_eq!(c.listener_v4(), "127.0.0.1:951".parse().unwrap());
+        assert_eq!(c.listener_v6(), Some("[::1]:951".parse().unwrap()));
         assert_eq!(c.governed.cgroup, PathBuf::from(DEFAULT_GOVERNED_CGROUP));
         assert!(!c.daemon.fail_open);
-        assert!(!c.capture.loopback);
+        assert!(c.capture.loopback, "loopback is captured by default");
         assert_eq!(c.capture.unmatched, Unmatched::Relay);
         assert_eq!(d.source, Source::Embedded);
         assert_eq!(c.daemon.admin_group, "bulkhead");

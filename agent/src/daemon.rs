@@ -63,6 +63,15 @@ pub enum DaemonError {
 
 /// What can be checked before any session and is wrong, without being a reason to refuse
 /// to start: credentials the gateway cannot read, an admin group that does not exist.
+/// The lowest port an unprivileged process may bind (`net.ipv4.ip_unprivileged_port_start`;
+/// 1024 when unreadable, the kernel's default).
+fn unprivileged_port_start() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(1024)
+}
+
 fn startup_problems(config: &Config) -> Vec<String> {
     let mut problems = Vec::new();
     for t in &config.targets {
@@ -83,6 +92,16 @@ fn startup_problems(config: &Config) -> Vec<String> {
         problems.push(format!(
             "admin group {:?} does not exist: only root can use the CLI (groupadd --system {})",
             config.daemon.admin_group, config.daemon.admin_group
+        ));
+    }
+    let port = config.listener.port;
+    if port >= unprivileged_port_start() {
+        problems.push(format!(
+            "listener.port {port} can be bound by any local user (ip_unprivileged_port_start is \
+             {}): while the daemon is down such a user could receive the governed connections \
+             the pinned programs still send there; use a port below it (the default is {})",
+            unprivileged_port_start(),
+            crate::config::DEFAULT_LISTENER_PORT
         ));
     }
     problems
@@ -120,15 +139,21 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         (cgroup_lock, pin_lock)
     };
 
-    let mut listeners = vec![bind(config.listener_v4()).await?];
-    if let Some(v6) = config.listener_v6() {
-        match bind(v6).await {
-            Ok(l) => listeners.push(l),
-            // No IPv6 on loopback: IPv6 connects are then refused, not leaked.
-            Err(e) => {
-                warn!(error = %e, "IPv6 listener unavailable; governed IPv6 connects will be refused")
-            }
+    // Records the pinned programs left for connections nobody accepted (the previous daemon
+    // stopped with them queued) go before the listener exists: none can be lent to a later
+    // connection from the same local address and port.
+    if !config.daemon.fail_open {
+        match crate::ebpf::clear_stale_records(&config.daemon.bpf_pin_dir) {
+            Ok(0) => {}
+            Ok(n) => info!(records = n, "removed connection records nobody accepted"),
+            Err(e) => warn!(error = %e, "cannot clear stale connection records"),
         }
+    }
+    let mut listeners = vec![bind(config.listener_v4()).await?];
+    // An IPv6 listener that cannot be bound is fatal: set `listener.ipv6 = ""` to run without
+    // one (governed IPv6 connects are then refused).
+    if let Some(v6) = config.listener_v6() {
+        listeners.push(bind(v6).await?);
     }
     let listener_names: Vec<String> = listeners
         .iter()

@@ -5,7 +5,9 @@
 
 use std::{process::Command, time::Duration};
 
-use bulkhead_tests::{require_root, Side, Topology, TARGET_V4, TARGET_V6};
+use bulkhead_tests::{
+    parse_probe, require_root, Side, Topology, LISTENER_PORT, TARGET_V4, TARGET_V6,
+};
 
 /// A UDP echo server on `addr` in the target namespace (a stand-in resolver or service).
 fn udp_echo(topo: &Topology, addr: &str) -> bulkhead_tests::Proc {
@@ -292,4 +294,115 @@ fn socket_kinds_the_configuration_allows_can_be_opened() {
     for refused in ["mptcp", "udplite"] {
         assert_eq!(governed[refused], "EPERM", "{refused}: {governed}");
     }
+}
+
+#[test]
+fn loopback_services_are_captured_by_default() {
+    require_root();
+    let topo = Topology::new("");
+    // A service next to the tool, on the governed side's loopback (an SSH daemon, a database).
+    let mut local = topo.echo_server(Side::Host, "127.0.0.1:7100".parse().unwrap());
+    let _daemon = topo.start_daemon(&[]);
+    // No policy allows it: refused at the gateway, not reached directly.
+    let out = topo.probe_connect(Side::Governed, "127.0.0.1:7100", "local");
+    assert!(out["reply"].is_null() || out["reply"] == "", "{out}");
+    let session = topo.wait_session_closed();
+    assert_eq!(session["destination"], "127.0.0.1:7100", "{session}");
+    assert_eq!(session["outcome"]["kind"], "refused", "{session}");
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        local.drain_lines().is_empty(),
+        "the local service saw nothing"
+    );
+}
+
+#[test]
+fn the_listener_port_is_privileged_and_no_user_can_take_it_while_the_daemon_is_down() {
+    require_root();
+    assert!(
+        LISTENER_PORT < 1024,
+        "the default listener port is privileged"
+    );
+    let topo = Topology::new("");
+    let dst = format!("{TARGET_V4}:7000");
+    let mut echo = topo.echo_server(Side::Target, dst.parse().unwrap());
+    let mut daemon = topo.start_daemon(&[]);
+    daemon.kill9();
+    // Another local user tries to take the port and receive the governed connections the
+    // pinned programs still send there.
+    let mut thief = Command::new(topo.probe());
+    thief.args(["serve", &format!("127.0.0.1:{LISTENER_PORT}")]);
+    let mut thief = topo.spawn_as(Side::Host, Some((65534, 65534)), "thief", thief);
+    let status = thief.wait();
+    assert!(!status.success(), "nobody bound the listener port");
+    assert!(
+        thief.stderr().contains("Permission denied"),
+        "{}",
+        thief.stderr()
+    );
+    let out = topo.probe_connect(Side::Governed, &dst, "governed");
+    assert_eq!(out["kind"], "ConnectionRefused", "{out}");
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(echo.drain_lines().is_empty(), "nothing reached the target");
+}
+
+#[test]
+fn an_unprivileged_listener_port_is_warned_about() {
+    require_root();
+    let topo = Topology::new("[listener]\nport = 15001\n");
+    let _daemon = topo.start_daemon(&[]);
+    let (_, status) = topo.status();
+    let warnings = status["daemon"]["warnings"].to_string();
+    assert!(
+        warnings.contains("listener.port 15001 can be bound by any local user"),
+        "{status}"
+    );
+}
+
+#[test]
+fn a_connection_queued_when_the_daemon_stops_lends_its_identity_to_nobody() {
+    require_root();
+    let topo = Topology::new("");
+    topo.allow_opaque_tcp();
+    let dst = format!("{TARGET_V4}:7000");
+    let mut echo = topo.echo_server(Side::Target, dst.parse().unwrap());
+    let mut daemon = topo.start_daemon(&[]);
+    // The daemon stops accepting: the governed connect completes into the listener's queue,
+    // its kernel record waiting for an accept that never comes.
+    bulkhead_tests::sh("kill", &["-STOP", &daemon.pid().to_string()]);
+    let local = "127.0.0.1:41235";
+    let mut cmd = Command::new(topo.probe());
+    cmd.args(["connect", &dst, "governed", local]);
+    let mut queued = topo.spawn(Side::Governed, "queued", cmd);
+    std::thread::sleep(Duration::from_millis(500));
+    daemon.kill9();
+    let queued = parse_probe(&std::process::Output {
+        status: queued.wait(),
+        stdout: queued
+            .line(Duration::from_secs(5))
+            .unwrap_or_default()
+            .into_bytes(),
+        stderr: Vec::new(),
+    });
+    assert!(queued["error"].is_string(), "{queued}");
+
+    // Outside the cgroup, straight to the listener, from the queued connection's local address
+    // and port: its record must be gone.
+    let _daemon = topo.start_daemon(&[]);
+    let mut cmd = Command::new(topo.probe());
+    cmd.args([
+        "connect",
+        &format!("127.0.0.1:{LISTENER_PORT}"),
+        "sneak",
+        local,
+    ]);
+    let sneak = parse_probe(&topo.output(Side::Host, cmd));
+    assert!(
+        sneak["reply"] == "" || (sneak["reply"].is_null() && sneak["error"].is_string()),
+        "{sneak}"
+    );
+    let session = topo.wait_session_closed();
+    assert_eq!(session["outcome"]["kind"], "refused", "{session}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(echo.drain_lines().is_empty(), "nothing reached the target");
 }

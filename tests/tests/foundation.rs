@@ -367,7 +367,8 @@ fn status_and_sessions_work_with_the_daemon_running_and_stopped() {
     assert_eq!(status["governed_cgroup"], topo.cgroup.display().to_string());
     assert_eq!(status["programs_attached"], true);
     let listeners = status["daemon"]["listeners"].as_array().unwrap();
-    assert!(listeners.iter().any(|l| l == "127.0.0.1:15001"), "{status}");
+    let listener = format!("127.0.0.1:{}", bulkhead_tests::LISTENER_PORT);
+    assert!(listeners.iter().any(|l| *l == listener), "{status}");
 
     topo.probe_connect(Side::Governed, &format!("{TARGET_V4}:7000"), "x");
     let session = topo.wait_session_closed();
@@ -554,7 +555,8 @@ fn a_listener_port_in_use_is_reported_with_its_key() {
     let topo = Topology::new("");
     // Something else holds the gateway's port on the governed side's loopback.
     let mut holder = Command::new(topo.probe());
-    holder.args(["serve", "127.0.0.1:15001"]);
+    let port = bulkhead_tests::LISTENER_PORT;
+    holder.args(["serve", &format!("127.0.0.1:{port}")]);
     let mut holder = topo.spawn(Side::Host, "port-holder", holder);
     assert_eq!(
         holder.line(Duration::from_secs(10)).as_deref(),
@@ -566,7 +568,7 @@ fn a_listener_port_in_use_is_reported_with_its_key() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("127.0.0.1:15001") && err.contains("`listener.port`"),
+        err.contains(&format!("127.0.0.1:{port}")) && err.contains("`listener.port`"),
         "{err}"
     );
 }

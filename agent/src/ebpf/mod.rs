@@ -457,6 +457,23 @@ fn replace_set<K: Pod + Eq + std::hash::Hash>(
     Ok(())
 }
 
+/// Empties the pinned `CONNECTIONS` map (records of redirected connections nobody accepted)
+/// and returns how many went. Nothing pinned: nothing to do.
+pub fn clear_stale_records(pin_dir: &Path) -> Result<usize, EbpfError> {
+    let path = pin_dir.join("maps").join(maps::CONNECTIONS);
+    if !path.exists() {
+        return Ok(0);
+    }
+    let data = MapData::from_pin(&path).map_err(map_err(maps::CONNECTIONS))?;
+    let mut map: HashMap<MapData, SockKey, ConnectRecord> =
+        HashMap::try_from(aya::maps::Map::LruHashMap(data)).map_err(map_err(maps::CONNECTIONS))?;
+    let keys: Vec<SockKey> = map.keys().filter_map(Result::ok).collect();
+    for k in &keys {
+        let _ = map.remove(k);
+    }
+    Ok(keys.len())
+}
+
 /// Links pinned under `pin_dir/links` (by this or a previous daemon).
 pub fn pinned_links(pin_dir: &Path) -> Vec<PathBuf> {
     let mut out: Vec<PathBuf> = fs::read_dir(pin_dir.join("links"))

@@ -204,34 +204,48 @@ mod tests {
     }
 
     #[test]
-    fn default_captures_every_tcp_destination_but_loopback_and_the_listener() {
+    fn default_captures_every_tcp_destination_and_loopback_but_the_listener() {
         let r = rules("");
         assert!(r.config.has(FLAG_READY));
+        assert!(r.config.has(FLAG_CAPTURE_LOOPBACK));
         assert!(captured(&r, "10.0.0.5:5432"));
         assert!(captured(&r, "[fd00::5]:22"));
         assert!(captured(&r, "[::ffff:10.0.0.5]:5432"));
         assert!(
-            captured(&r, "192.0.2.1:15001"),
+            captured(&r, "192.0.2.1:951"),
             "the listener port elsewhere is just a port"
         );
+        assert!(captured(&r, "127.0.0.1:5432"));
+        assert!(captured(&r, "127.1.2.3:80"));
+        assert!(captured(&r, "[::1]:22"));
+        assert!(captured(&r, "[::ffff:127.0.0.1]:5432"));
+        assert!(!captured(&r, "127.0.0.1:951"));
+        assert!(!captured(&r, "[::1]:951"));
+        assert!(!captured(&r, "0.0.0.0:951"));
+    }
+
+    #[test]
+    fn loopback_can_be_left_direct() {
+        let r = rules("[capture]\nloopback = false\n");
+        assert!(!r.config.has(FLAG_CAPTURE_LOOPBACK));
         assert!(!captured(&r, "127.0.0.1:5432"));
         assert!(!captured(&r, "127.1.2.3:80"));
         assert!(!captured(&r, "[::1]:5432"));
         assert!(!captured(&r, "[::ffff:127.0.0.1]:5432"));
         assert!(!captured(&r, "0.0.0.0:80"));
-        assert!(!captured(&r, "127.0.0.1:15001"));
+        assert!(captured(&r, "10.0.0.5:5432"));
     }
 
     #[test]
-    fn loopback_is_captured_only_when_configured_and_never_the_listener() {
+    fn the_listener_is_never_captured_but_only_its_own_address_is_exempt() {
         let r = rules("[capture]\nloopback = true\n");
         assert!(captured(&r, "127.0.0.1:5432"));
         assert!(captured(&r, "[::1]:5432"));
-        assert!(!captured(&r, "127.0.0.1:15001"));
-        assert!(!captured(&r, "[::1]:15001"));
-        assert!(!captured(&r, "[::ffff:127.0.0.1]:15001"));
+        assert!(!captured(&r, "127.0.0.1:951"));
+        assert!(!captured(&r, "[::1]:951"));
+        assert!(!captured(&r, "[::ffff:127.0.0.1]:951"));
         assert!(
-            captured(&r, "127.0.0.2:15001"),
+            captured(&r, "127.0.0.2:951"),
             "only the listener's own address is exempt"
         );
     }
@@ -279,7 +293,7 @@ mod tests {
         assert!(ok("[fd00:1:2::9]:4789"));
         assert!(!ok("[fd00:2::9]:4789"));
         assert!(!ok("198.51.100.7:443"), "QUIC anywhere else is refused");
-        assert!(ok("127.0.0.1:9"), "loopback is not captured by default");
+        assert!(!ok("127.0.0.1:9"), "loopback is captured by default");
         assert!(
             !r.udp_allowed("198.51.100.7:443".parse().unwrap(), 0),
             "no uid filter: every uid is governed"
@@ -300,7 +314,7 @@ mod tests {
         let nr = r.not_ready();
         assert!(!nr.has(FLAG_READY));
         assert!(nr.has(FLAG_CAPTURE_LOOPBACK));
-        assert_eq!(nr.listener_port, 15001);
+        assert_eq!(nr.listener_port, 951);
     }
 
     #[test]

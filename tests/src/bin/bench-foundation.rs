@@ -24,9 +24,9 @@ fn main() {
         eprintln!("bench-foundation: {why}");
         std::process::exit(2);
     }
-    // Loopback destinations are not captured by default; port 9000 on the governed side's
-    // loopback is the "same listener, not captured" case.
-    let topo = Topology::new("");
+    // With loopback not captured, port 9000 on the governed side's loopback is the "same
+    // listener, not captured" case.
+    let topo = Topology::new("[capture]\nloopback = false\n");
     // The relay's cost, not the policy's refusal: let opaque TCP through.
     topo.allow_opaque_tcp();
     let _local_sink = topo.echo_server_sink(Side::Host, "127.0.0.1:9000");
