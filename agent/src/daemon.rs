@@ -62,7 +62,8 @@ pub enum DaemonError {
 }
 
 /// What can be checked before any session and is wrong, without being a reason to refuse
-/// to start: credentials the gateway cannot read, an admin group that does not exist.
+/// to start: credentials the gateway cannot read, an admin group that does not exist, a
+/// governed user in the admin group.
 fn startup_problems(config: &Config) -> Vec<String> {
     let mut problems = Vec::new();
     for t in &config.targets {
@@ -85,6 +86,7 @@ fn startup_problems(config: &Config) -> Vec<String> {
             config.daemon.admin_group, config.daemon.admin_group
         ));
     }
+    problems.extend(crate::privilege::warnings(config));
     problems
 }
 

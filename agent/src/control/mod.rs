@@ -116,6 +116,10 @@ pub struct StatusReport {
     /// The policy in force and the last reload error (only while the daemon runs).
     #[serde(default)]
     pub policy: Option<crate::policy::PolicyStatus>,
+    /// What is wrong with the configuration, read by the CLI while the daemon is not running
+    /// (a running daemon's are in `daemon.warnings`).
+    #[serde(default)]
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -252,6 +256,7 @@ impl ControlState {
             store: self.store().stats().ok(),
             retention: self.retention,
             policy: Some(self.policy.status()),
+            warnings: Vec::new(),
         }
     }
 
