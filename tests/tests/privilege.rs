@@ -1,12 +1,17 @@
 //! Privilege and containment: what `bulkhead run` takes away from a governed command (setuid,
-//! supplementary groups, the admin's terminal, root).
+//! supplementary groups, the admin's terminal, root), and who may approve a held request.
 //!
 //! Each test builds its own topology (namespaces, cgroup) and, where it needs them, its own
 //! users and groups (removed in `Drop`). Needs root.
 
-use std::process::{Command, Output};
+use std::{
+    path::PathBuf,
+    process::{Command, Output},
+    time::Duration,
+};
 
-use bulkhead_tests::{require_root, sh, Side, Topology};
+use bulkhead_tests::{reply, require_root, sh, Proc, Side, Topology, TARGET_V4};
+use serde_json::Value;
 
 /// Groups and a user this test created, removed when dropped.
 struct Accounts {
@@ -313,4 +318,194 @@ fn a_command_gets_a_session_of_its_own_unless_the_terminal_is_its_users() {
     assert!(!new_session, "--keep-tty keeps it: {stdout}");
     let (new_session, stdout) = in_terminal("--allow-root --new-session");
     assert!(new_session, "--new-session: {stdout}");
+}
+
+/// Target `build-host` (the echo server at `TARGET_V4:7000`) whose connections need approval.
+const HELD: &str =
+    "[[target]]\nname = \"build-host\"\naddresses = [\"10.201.0.2:7000\"]\nprotocol = \"tcp\"\n";
+const HELD_POLICY: &str = r#"
+[[target]]
+name = "build-host"
+default = "deny"
+
+[[rule]]
+id = "ask-first"
+verdict = "approve"
+target = { name = ["build-host"] }
+"#;
+
+/// A cgroup beside the topology's (never inside it), removed when dropped.
+struct OutsideCgroup(PathBuf);
+
+impl Drop for OutsideCgroup {
+    fn drop(&mut self) {
+        if let Ok(procs) = std::fs::read_to_string(self.0.join("cgroup.procs")) {
+            for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                // SAFETY: a process in the cgroup this test created, started by this test.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+        }
+        for _ in 0..100 {
+            if std::fs::remove_dir(&self.0).is_ok() || !self.0.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// The approval events of the session of pending request `pending`: (state, `by_uid`, reason).
+fn approval_events(topo: &Topology, pending: &Value) -> Vec<(Value, Value, Value)> {
+    topo.events(&pending["session"])
+        .iter()
+        .filter(|e| e["type"] == "approval")
+        .map(|e| (e["state"].clone(), e["by_uid"].clone(), e["reason"].clone()))
+        .collect()
+}
+
+#[test]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one held request through each kind of approver, in order"
+)]
+fn a_held_request_is_approved_neither_by_its_own_user_nor_from_the_governed_side() {
+    require_root();
+    let topo = Topology::new("");
+    let mut acc = accounts();
+    let admin = unique("bhapadm");
+    let admin_gid = acc.group(&admin);
+    let agent = unique("bhagent");
+    // The governed user is (wrongly) in the admin group.
+    let (agent_uid, _) = acc.user(&agent, &[&admin]);
+    configure(&topo, &admin, &format!("uids = [{agent_uid}]\n{HELD}"));
+    topo.policy("held.toml", HELD_POLICY);
+    let _echo = topo.echo_server(
+        Side::Target,
+        format!("{TARGET_V4}:7000").parse().expect("addr"),
+    );
+    let mut daemon = topo.start_daemon(&[]);
+    // The daemon warns at start, in its log and in `status`.
+    let status = topo.run_cli(&["status", "--json"]).expect("status");
+    assert!(
+        status["daemon"]["warnings"].to_string().contains(&format!(
+            "governed user {agent} (uid {agent_uid}) is in the admin group"
+        )),
+        "{status}"
+    );
+    let log = format!("{}{}", daemon.drain_lines().join("\n"), daemon.stderr());
+    assert!(log.contains("is in the admin group"), "{log}");
+
+    // The agent's governed connection waits for approval.
+    let mut connect = Command::new(topo.probe());
+    connect.args(["connect", &format!("{TARGET_V4}:7000"), "held"]);
+    let mut client: Proc = topo.spawn_as(
+        Side::Governed,
+        Some((agent_uid, admin_gid)),
+        "client",
+        connect,
+    );
+    let pending = topo.first_pending();
+    let id = pending["id"].to_string();
+    assert_eq!(pending["identity"]["uid"], agent_uid, "{pending}");
+
+    // 1. The agent's own uid, from a process outside the governed cgroup, in the admin group
+    //    (its primary group here): the socket lets it in, the approval is refused.
+    let out = topo.output_as(
+        Side::Host,
+        Some((agent_uid, admin_gid)),
+        topo.bulkhead(&["approvals", "approve", &id, "--reason", "mine"]),
+    );
+    assert!(!out.status.success(), "self-approval refused: {out:?}");
+    assert!(
+        text(&out.stderr).contains("is the user whose process made this request"),
+        "{out:?}"
+    );
+
+    // 2. From inside the governed cgroup, even as root.
+    let mut inside = topo.bulkhead(&["approvals", "approve", &id]);
+    inside.env_remove("SUDO_UID");
+    let out = topo.output(Side::Governed, inside);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        text(&out.stderr).contains("runs in the governed cgroup"),
+        "{out:?}"
+    );
+
+    // 3. From a root process outside the cgroup whose parent is governed (a governed root
+    //    process moved its child out before asking).
+    let outside = OutsideCgroup(
+        bulkhead_tests::cgroup2_mount().join(format!("bulkhead-test-{}-outside", topo.id)),
+    );
+    std::fs::create_dir_all(&outside.0).expect("outside cgroup");
+    let approve = format!(
+        "{} --config {} approvals approve {id}",
+        topo.dir.join("bulkhead").display(),
+        topo.config_path.display()
+    );
+    let inner = format!(
+        "echo $$ > {}/cgroup.procs && exec {approve}",
+        outside.0.display()
+    );
+    let mut escape = Command::new("/bin/sh");
+    escape
+        .arg("-c")
+        .arg(format!("/bin/sh -c '{inner}'; echo parent-done"))
+        .env_remove("SUDO_UID");
+    let out = topo.output(Side::Governed, escape);
+    assert!(text(&out.stdout).contains("parent-done"), "{out:?}");
+    assert!(
+        text(&out.stderr).contains("descends from process")
+            && text(&out.stderr).contains("which runs in the governed cgroup"),
+        "refused: {out:?}"
+    );
+    assert!(
+        client.child.try_wait().expect("wait").is_none(),
+        "still held after three refusals"
+    );
+
+    // Each attempt is on the record, in the request's session; none approved it.
+    let events = approval_events(&topo, &pending);
+    let refused: Vec<_> = events
+        .iter()
+        .filter(|(state, _, _)| state == "approver_refused")
+        .collect();
+    assert_eq!(refused.len(), 3, "{events:?}");
+    assert_eq!(refused[0].1, agent_uid, "{events:?}");
+    assert!(
+        refused[1]
+            .2
+            .to_string()
+            .contains("runs in the governed cgroup"),
+        "{events:?}"
+    );
+    assert!(
+        refused[2].2.to_string().contains("descends from process"),
+        "{events:?}"
+    );
+    assert!(
+        !events.iter().any(|(state, _, _)| state == "approved"),
+        "{events:?}"
+    );
+
+    // 4. An admin (root, outside the cgroup, not the requester) approves it: it goes through.
+    let out = topo.output(
+        Side::Host,
+        topo.bulkhead(&["approvals", "approve", &id, "--reason", "checked"]),
+    );
+    assert!(out.status.success(), "{out:?}");
+    client.wait();
+    let line = client
+        .line(Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("the probe printed nothing: {}", client.stderr()));
+    let probe: Value = serde_json::from_str(&line).expect("probe JSON");
+    assert_eq!(reply(&probe)["data"], "held", "{probe}");
+    let events = approval_events(&topo, &pending);
+    assert_eq!(
+        events.last().map(|e| (&e.0, &e.1)),
+        Some((&Value::from("approved"), &Value::from(0))),
+        "{events:?}"
+    );
+    drop(outside);
 }
