@@ -621,9 +621,12 @@ impl ApprovalBroker {
         let mut book = self.book();
         // The governed user could run the CLI from a process outside the cgroup (a service of
         // its own, a second login): a request is never approved by its own process's user.
+        // Root is the exception: a governed root process (`bulkhead run --allow-root`) is not
+        // contained anyway (it can leave the cgroup, stop the daemon, rewrite the store), so
+        // refusing root approvers would stop only the admins, not it.
         if book
             .pending_request(id)
-            .is_some_and(|r| r.identity.uid == approver.uid)
+            .is_some_and(|r| r.identity.uid == approver.uid && r.identity.uid != 0)
         {
             drop(book);
             self.refuse_approver(
