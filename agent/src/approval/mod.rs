@@ -260,6 +260,15 @@ pub enum Notice {
     },
     /// A grant window was ended early.
     Revoked { grant: GrantInfo, by: Approver },
+    /// Someone who may not decide a pending request tried to; it keeps waiting.
+    ApproverRefused {
+        approval: u64,
+        session: SessionId,
+        target: String,
+        rule: String,
+        by: Approver,
+        reason: String,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -596,6 +605,16 @@ impl ApprovalBroker {
         if let Err(e) = self.record(req, ApprovalState::ApproverRefused, &facts) {
             error!(approval = id, error = %e, "cannot record a refused approver");
         }
+        let notice = Notice::ApproverRefused {
+            approval: id,
+            session: req.session,
+            target: req.target.clone(),
+            rule: req.rule.clone(),
+            by: approver.clone(),
+            reason: why.into(),
+        };
+        drop(book);
+        self.notify(notice);
     }
 
     /// Requests waiting for a decision, oldest first.

@@ -591,10 +591,15 @@ async fn nobody_approves_a_request_of_their_own_uid() {
         user: Some("agent".into()),
     };
     let (id, task) = f.held(req.clone()).await;
+    let mut watcher = f.broker.subscribe();
     let err = f
         .broker
         .approve(id, agent.clone(), Some("mine".into()), Some(FIVE_MIN))
         .unwrap_err();
+    assert!(matches!(
+        watcher.try_recv(),
+        Ok(Notice::ApproverRefused { approval, ref by, .. }) if approval == id && *by == agent
+    ));
     assert!(matches!(err, ApprovalError::SelfApproval { id: i, .. } if i == id));
     let text = err.to_string();
     assert!(text.contains("whose process made this request"), "{text}");
