@@ -6,7 +6,7 @@ mod run;
 pub mod sessions;
 
 pub use help::{command, leaf_commands, parse};
-pub use run::run;
+pub use run::{run, Account, RunOptions};
 
 pub use sessions::SessionsCommand;
 
@@ -45,11 +45,25 @@ pub enum Command {
         fail_open: bool,
     },
     /// Run a command governed: inside the governed cgroup, as the invoking user under sudo
-    /// (or --user), with that user's HOME, USER, LOGNAME and SHELL
+    /// (or --user), with that user's HOME, USER, LOGNAME and SHELL; setuid programs cannot
+    /// raise its privileges, and it keeps only the supplementary groups `[run] keep_groups`
+    /// lists (never the admin group)
     Run {
         /// Run as this user (name or uid) instead of the sudo caller
         #[arg(long, value_name = "NAME")]
         user: Option<String>,
+        /// Allow the command to run as root. Refused without it: a root process can leave the
+        /// governed cgroup and detach the gateway, so nothing it does would be governed
+        #[arg(long)]
+        allow_root: bool,
+        /// Keep the terminal as the command's controlling terminal even when it is not the
+        /// command's user's own (by default the command then gets a new session without one)
+        #[arg(long, conflicts_with = "new_session")]
+        keep_tty: bool,
+        /// Start the command in a new session, without a controlling terminal, even from its
+        /// user's own terminal
+        #[arg(long)]
+        new_session: bool,
         /// The command and its arguments
         #[arg(
             required = true,
@@ -274,6 +288,7 @@ fn status_report(config: &Config) -> Result<StatusReport, CliError> {
             store,
             retention: config.store.retention,
             policy: None,
+            warnings: crate::privilege::warnings(config),
         })
     })
 }
@@ -346,6 +361,9 @@ fn print_status(report: &StatusReport, json: bool) -> Result<(), CliError> {
             }
         }
         None => println!("daemon:      not running"),
+    }
+    for w in &report.warnings {
+        println!("warning:     {w}");
     }
     println!("governed:    {}", report.governed_cgroup);
     let programs = match (&report.daemon, report.programs_attached) {

@@ -75,7 +75,16 @@ pub struct Config {
     pub capture: CaptureConfig,
     pub store: StoreConfig,
     pub approvals: ApprovalsConfig,
+    pub run: RunConfig,
     pub targets: Vec<Target>,
+}
+
+/// How `bulkhead run` starts a governed command (`[run]`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunConfig {
+    /// Supplementary groups (names or gids) the command keeps from its user's groups; every
+    /// other one is dropped, and the admin group always is.
+    pub keep_groups: Vec<String>,
 }
 
 /// How requests held for approval wait (`[approvals]`).
@@ -376,6 +385,7 @@ impl Config {
             capture,
             store,
             approvals,
+            run,
             target,
         } = raw;
         let approvals = approvals_from_raw(&approvals, &invalid)?;
@@ -407,6 +417,12 @@ impl Config {
             return Err(invalid(
                 "daemon.admin_group".into(),
                 "must name a group".into(),
+            ));
+        }
+        if let Some(i) = run.keep_groups.iter().position(|g| g.trim().is_empty()) {
+            return Err(invalid(
+                format!("run.keep_groups[{i}]"),
+                "must name a group (or give its gid)".into(),
             ));
         }
         if !(1..=256).contains(&daemon.workers) {
@@ -661,6 +677,9 @@ impl Config {
                 prune_interval,
             },
             approvals,
+            run: RunConfig {
+                keep_groups: run.keep_groups,
+            },
             targets,
         })
     }
@@ -803,7 +822,14 @@ struct RawConfig {
     capture: RawCapture,
     store: RawStore,
     approvals: RawApprovals,
+    run: RawRun,
     target: Vec<RawTarget>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawRun {
+    keep_groups: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1044,6 +1070,15 @@ mod tests {
         assert!(e.contains("`capture.exclude[0]`"), "{e}");
         let e = err("[governed]\ncgroup = \"/\"\n");
         assert!(e.contains("`governed.cgroup`") && e.contains("root"), "{e}");
+        let e = err("[run]\nkeep_groups = [\"docker\", \" \"]\n");
+        assert!(e.contains("`run.keep_groups[1]`"), "{e}");
+        let c = Config::from_toml(
+            "[run]\nkeep_groups = [\"docker\", \"999\"]\n",
+            Source::Embedded,
+        )
+        .unwrap();
+        assert_eq!(c.run.keep_groups, ["docker", "999"]);
+        assert!(Config::embedded_default().run.keep_groups.is_empty());
         let e = err("[governed]\ncgroup = \"a/../..\"\n");
         assert!(e.contains("`governed.cgroup`"), "{e}");
         let e = err("[[target]]\nname = \"db\"\naddresses = [\"db.internal:5432\"]\n");

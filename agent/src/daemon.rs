@@ -61,8 +61,6 @@ pub enum DaemonError {
     Exclusive(#[from] LockError),
 }
 
-/// What can be checked before any session and is wrong, without being a reason to refuse
-/// to start: credentials the gateway cannot read, an admin group that does not exist.
 /// The lowest port an unprivileged process may bind (`net.ipv4.ip_unprivileged_port_start`;
 /// 1024 when unreadable, the kernel's default).
 fn unprivileged_port_start() -> u16 {
@@ -72,6 +70,9 @@ fn unprivileged_port_start() -> u16 {
         .unwrap_or(1024)
 }
 
+/// What can be checked before any session and is wrong, without being a reason to refuse
+/// to start: credentials the gateway cannot read, an admin group that does not exist, a
+/// governed user in the admin group, a listener port any user could bind.
 fn startup_problems(config: &Config) -> Vec<String> {
     let mut problems = Vec::new();
     for t in &config.targets {
@@ -104,6 +105,7 @@ fn startup_problems(config: &Config) -> Vec<String> {
             crate::config::DEFAULT_LISTENER_PORT
         ));
     }
+    problems.extend(crate::privilege::warnings(config));
     problems
 }
 

@@ -13,6 +13,7 @@ pub mod exclusive;
 pub mod identity;
 pub mod net;
 pub mod policy;
+pub mod privilege;
 pub mod protocol;
 pub mod proxy;
 pub mod record;

@@ -116,6 +116,10 @@ pub struct StatusReport {
     /// The policy in force and the last reload error (only while the daemon runs).
     #[serde(default)]
     pub policy: Option<crate::policy::PolicyStatus>,
+    /// What is wrong with the configuration, read by the CLI while the daemon is not running
+    /// (a running daemon's are in `daemon.warnings`).
+    #[serde(default)]
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -268,6 +272,7 @@ impl ControlState {
             store: self.store().stats().ok(),
             retention: self.retention,
             policy: Some(self.policy.status()),
+            warnings: Vec::new(),
         }
     }
 
@@ -300,7 +305,15 @@ impl ControlState {
     }
 }
 
+/// How far up the process tree [`refusal`] looks for a governed ancestor; a deeper tree is
+/// refused (it cannot be told apart from one that hides a governed ancestor).
+const MAX_ANCESTRY: usize = 256;
+
 /// Why a peer may not use the socket, or `None` when it may.
+///
+/// A peer whose process, or any of its ancestors, runs in the governed cgroup is refused, even
+/// as root: a governed process must not reach the control socket through a child it moved out
+/// of the cgroup (as root) or through anything it started on the way.
 pub fn refusal(
     uid: u32,
     gid: u32,
@@ -312,13 +325,23 @@ pub fn refusal(
     let Some(pid) = pid else {
         return Some("permission denied: the caller's process is unknown".into());
     };
-    match cgroup::pid_is_governed(pid, mount, governed) {
-        Ok(false) => {}
-        Ok(true) => {
+    match governed_in_ancestry(pid, mount, governed) {
+        Ok(None) => {}
+        Ok(Some(p)) if p == pid => {
             return Some("permission denied: the caller runs in the governed cgroup".into())
         }
-        Err(_) => {
-            return Some("permission denied: cannot tell which cgroup the caller runs in".into())
+        Ok(Some(p)) => {
+            return Some(format!(
+                "permission denied: the caller descends from process {p} ({}), which runs in \
+                 the governed cgroup",
+                process_name(p)
+            ))
+        }
+        Err(e) => {
+            return Some(format!(
+                "permission denied: cannot tell whether the caller or one of its ancestors runs \
+                 in the governed cgroup ({e})"
+            ))
         }
     }
     if uid == 0 {
@@ -331,6 +354,53 @@ pub fn refusal(
         )),
         None => Some("permission denied: root only (the admin group does not exist)".into()),
     }
+}
+
+/// The first of `pid` and its ancestors that runs in the governed cgroup, if any.
+fn governed_in_ancestry(pid: u32, mount: &Path, governed: &Path) -> io::Result<Option<u32>> {
+    first_governed(
+        pid,
+        |p| cgroup::pid_is_governed(p, mount, governed),
+        parent_pid,
+    )
+}
+
+fn first_governed(
+    pid: u32,
+    is_governed: impl Fn(u32) -> io::Result<bool>,
+    parent_of: impl Fn(u32) -> io::Result<u32>,
+) -> io::Result<Option<u32>> {
+    let mut p = pid;
+    for _ in 0..MAX_ANCESTRY {
+        if is_governed(p)? {
+            return Ok(Some(p));
+        }
+        match parent_of(p)? {
+            // The top of this pid namespace's tree (init, or kthreadd's children).
+            0 | 1 => return Ok(None),
+            parent => p = parent,
+        }
+    }
+    Err(io::Error::other(format!(
+        "more than {MAX_ANCESTRY} ancestors"
+    )))
+}
+
+/// The parent of `pid`, from `/proc/PID/stat` (the field after the state, which follows the
+/// last `)`: the name in parentheses may itself contain `)` and spaces).
+fn parent_pid(pid: u32) -> io::Result<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    parent_from_stat(&stat).ok_or_else(|| io::Error::other(format!("unreadable /proc/{pid}/stat")))
+}
+
+fn parent_from_stat(stat: &str) -> Option<u32> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn process_name(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map_or_else(|_| "gone".into(), |c| c.trim_end().to_string())
 }
 
 /// The supplementary groups of a process, from `/proc/PID/status`.
@@ -419,6 +489,7 @@ async fn connection(
         &state.governed_cgroup,
     ) {
         warn!(uid = cred.uid(), pid = ?pid, "control request refused: {message}");
+        record_refused_decision(r, state, cred.uid(), &message).await;
         return write_response(&mut w, &Response::Error { message }).await;
     }
     let approver = Approver::from_uid(cred.uid());
@@ -453,6 +524,32 @@ async fn connection(
         }
     }
     Ok(())
+}
+
+/// How long a refused peer's request is waited for, to record an attempt to decide an approval.
+const REFUSED_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A refused peer's first request, when it tries to approve or deny a pending request, is
+/// recorded in that request's session (`approver_refused`): an attempt from the governed side
+/// to decide its own request is worth an auditor's eyes. Nothing else is read from it.
+async fn record_refused_decision(
+    r: tokio::net::unix::OwnedReadHalf,
+    state: &ControlState,
+    uid: u32,
+    message: &str,
+) {
+    let mut lines = BufReader::new(r.take(MAX_REQUEST)).lines();
+    let Ok(Ok(Some(line))) = tokio::time::timeout(REFUSED_READ_TIMEOUT, lines.next_line()).await
+    else {
+        return;
+    };
+    if let Ok(Request::ApprovalsApprove { id, .. } | Request::ApprovalsDeny { id, .. }) =
+        serde_json::from_str::<Request>(&line)
+    {
+        state
+            .approvals
+            .refuse_approver(id, &Approver::from_uid(uid), message);
+    }
 }
 
 /// Streams an export: events are read on a blocking thread and sent through a bounded
@@ -770,6 +867,46 @@ mod tests {
                 selection: Selection::Session(3)
             }
         ));
+    }
+
+    #[test]
+    fn the_parent_is_read_past_a_name_with_parentheses_and_spaces() {
+        assert_eq!(parent_from_stat("42 (bash) S 7 42 42 0"), Some(7));
+        assert_eq!(parent_from_stat("42 (a) b) (c) S 9 42 42"), Some(9));
+        assert_eq!(parent_from_stat("42 (x"), None);
+        assert_eq!(
+            parent_pid(std::process::id()).ok(),
+            Some(std::os::unix::process::parent_id())
+        );
+    }
+
+    /// A process outside the governed cgroup whose parent (or any ancestor) is in it is
+    /// found; a process that cannot be read, or a loop, is an error (refused).
+    #[test]
+    fn a_governed_ancestor_is_found_and_unreadable_ancestry_is_an_error() {
+        // 40 -> 30 -> 20 -> 10 -> 1; 20 is governed.
+        let parent = |p: u32| match p {
+            40 => Ok(30),
+            30 => Ok(20),
+            20 => Ok(10),
+            10 => Ok(1),
+            _ => Err(io::Error::other("gone")),
+        };
+        let governed = |set: &'static [u32]| move |p: u32| Ok(set.contains(&p));
+        assert_eq!(
+            first_governed(40, governed(&[20]), parent).unwrap(),
+            Some(20)
+        );
+        assert_eq!(
+            first_governed(40, governed(&[40]), parent).unwrap(),
+            Some(40)
+        );
+        assert_eq!(first_governed(40, governed(&[]), parent).unwrap(), None);
+        assert!(first_governed(50, governed(&[]), parent).is_err());
+        let looping = |p: u32| Ok(if p == 7 { 8 } else { 7 });
+        assert!(first_governed(7, governed(&[]), looping).is_err());
+        let unreadable = |_: u32| Err(io::Error::other("no /proc"));
+        assert!(first_governed(40, unreadable, parent).is_err());
     }
 
     #[test]
