@@ -96,7 +96,7 @@ pub enum Command {
 pub fn uninstall_programs(config: &Config) -> Result<(), CliError> {
     let pins = &config.daemon.bpf_pin_dir;
     let mount = cgroup::cgroup2_mount()?;
-    let governed = cgroup::resolve(&mount, &config.governed.cgroup)?;
+    let governed = config.governed.resolve(&mount)?;
     let refused = |e: crate::exclusive::LockError| {
         CliError::Other(format!(
             "{e}; stop the daemon first (it detaches or keeps its programs itself)"
@@ -277,12 +277,13 @@ pub fn status(config: &Config, json: bool) -> Result<(), CliError> {
 fn status_report(config: &Config) -> Result<StatusReport, CliError> {
     ask_or_read(config, &Request::Status, || {
         let mount = cgroup::cgroup2_mount()?;
-        let governed = cgroup::resolve(&mount, &config.governed.cgroup)?;
+        let governed = config.governed.resolve(&mount)?;
         let pinned = crate::ebpf::pinned_links(&config.daemon.bpf_pin_dir).len();
         let store = open_store(config).ok().and_then(|s| s.stats().ok());
         Ok(StatusReport {
             daemon: None,
             governed_cgroup: governed.display().to_string(),
+            governed_uids: config.governed.uids.clone(),
             pinned_links: pinned,
             programs_attached: pinned > 0,
             store,
@@ -365,7 +366,20 @@ fn print_status(report: &StatusReport, json: bool) -> Result<(), CliError> {
     for w in &report.warnings {
         println!("warning:     {w}");
     }
-    println!("governed:    {}", report.governed_cgroup);
+    if report.governed_uids.is_empty() {
+        println!("governed:    {}", report.governed_cgroup);
+    } else {
+        let users: Vec<String> = report
+            .governed_uids
+            .iter()
+            .map(|&u| crate::account::Account::by_uid(u).map_or_else(|| u.to_string(), |a| a.name))
+            .collect();
+        println!(
+            "governed:    {} and below, processes of {} only",
+            report.governed_cgroup,
+            users.join(", ")
+        );
+    }
     let programs = match (&report.daemon, report.programs_attached) {
         (Some(_), _) => format!("attached ({} pinned links)", report.pinned_links),
         (None, true) => format!(

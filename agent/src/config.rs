@@ -140,10 +140,21 @@ pub struct ListenerConfig {
 
 #[derive(Debug, Clone)]
 pub struct GovernedConfig {
-    /// Relative paths are under the cgroup2 mount.
+    /// Relative paths are under the cgroup2 mount; `/` is the hierarchy's root (only with
+    /// governed users).
     pub cgroup: PathBuf,
-    /// Empty: every process in the cgroup. Otherwise only these uids.
+    /// Empty: every process in the cgroup. Otherwise only these uids (`governed.uids` and the
+    /// accounts of `governed.users`).
     pub uids: Vec<u32>,
+    /// `governed.users` as configured, for messages.
+    pub users: Vec<String>,
+}
+
+impl GovernedConfig {
+    /// The governed cgroup's directory under `mount`.
+    pub fn resolve(&self, mount: &Path) -> Result<PathBuf, crate::cgroup::CgroupError> {
+        crate::cgroup::resolve(mount, &self.cgroup, !self.uids.is_empty())
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -472,14 +483,32 @@ impl Config {
             ));
         }
 
-        if governed.cgroup.as_os_str().is_empty() {
+        let mut uids = governed.uids;
+        for (i, name) in governed.users.iter().enumerate() {
+            let account = crate::account::Account::lookup(name).ok_or_else(|| {
+                invalid(
+                    format!("governed.users[{i}]"),
+                    format!("no user {name:?} on this host"),
+                )
+            })?;
+            if !uids.contains(&account.uid) {
+                uids.push(account.uid);
+            }
+        }
+        let cgroup = governed.cgroup.unwrap_or_else(|| {
+            if governed.users.is_empty() {
+                DEFAULT_GOVERNED_CGROUP.into()
+            } else {
+                "/".into()
+            }
+        });
+        if cgroup.as_os_str().is_empty() {
             return Err(invalid(
                 "governed.cgroup".into(),
                 "must not be empty".into(),
             ));
         }
-        if governed
-            .cgroup
+        if cgroup
             .components()
             .any(|c| matches!(c, std::path::Component::ParentDir))
         {
@@ -488,15 +517,15 @@ impl Config {
                 "must not contain `..`".into(),
             ));
         }
-        if governed
-            .cgroup
-            .components()
-            .all(|c| matches!(c, std::path::Component::RootDir))
+        if uids.is_empty()
+            && cgroup
+                .components()
+                .all(|c| matches!(c, std::path::Component::RootDir))
         {
             return Err(invalid(
                 "governed.cgroup".into(),
                 "must not be the root cgroup: that would govern every process on the host; \
-                 name a cgroup, and use governed.uids to narrow it"
+                 name a cgroup, or govern users everywhere with governed.users (or uids)"
                     .into(),
             ));
         }
@@ -656,8 +685,9 @@ impl Config {
                 port: listener.port,
             },
             governed: GovernedConfig {
-                cgroup: governed.cgroup,
-                uids: governed.uids,
+                cgroup,
+                uids,
+                users: governed.users,
             },
             capture: CaptureConfig {
                 loopback: capture.loopback,
@@ -914,20 +944,13 @@ impl Default for RawListener {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawGoverned {
-    cgroup: PathBuf,
+    /// Default: `DEFAULT_GOVERNED_CGROUP`, or `/` (the hierarchy's root) with `users`.
+    cgroup: Option<PathBuf>,
     uids: Vec<u32>,
-}
-
-impl Default for RawGoverned {
-    fn default() -> Self {
-        Self {
-            cgroup: DEFAULT_GOVERNED_CGROUP.into(),
-            uids: Vec::new(),
-        }
-    }
+    users: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -995,6 +1018,32 @@ mod tests {
         parse(text)
             .expect_err("config should be rejected")
             .to_string()
+    }
+
+    #[test]
+    fn governed_users_are_uids_everywhere_and_only_they_allow_the_root_cgroup() {
+        let c = parse("[governed]\nusers = [\"nobody\"]\nuids = [4242]\n").unwrap();
+        assert_eq!(
+            c.governed.cgroup,
+            PathBuf::from("/"),
+            "users govern everywhere"
+        );
+        assert_eq!(c.governed.uids, vec![4242, 65534]);
+        assert_eq!(c.governed.users, vec!["nobody".to_string()]);
+        let c = parse("[governed]\nusers = [\"nobody\"]\ncgroup = \"agents\"\n").unwrap();
+        assert_eq!(c.governed.cgroup, PathBuf::from("agents"));
+        let c = parse("[governed]\ncgroup = \"/\"\nuids = [1000]\n").unwrap();
+        assert_eq!(c.governed.cgroup, PathBuf::from("/"));
+        let e = err("[governed]\ncgroup = \"/\"\n");
+        assert!(
+            e.contains("`governed.cgroup`") && e.contains("governed.users"),
+            "{e}"
+        );
+        let e = err("[governed]\nusers = [\"no-such-user-here\"]\n");
+        assert!(
+            e.contains("`governed.users[0]`") && e.contains("no-such-user-here"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -124,7 +124,7 @@ fn kernel_log_level(filter: &str) -> u8 {
 pub async fn run(config: Config) -> Result<(), DaemonError> {
     let config = Arc::new(config);
     let mount = cgroup::cgroup2_mount()?;
-    let governed = cgroup::resolve(&mount, &config.governed.cgroup)?;
+    let governed = config.governed.resolve(&mount)?;
     cgroup::ensure(&governed)?;
     let governed_rel = cgroup::relative(&mount, &governed);
     // One daemon per governed cgroup and pin directory, held until this one exits (a
@@ -253,7 +253,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         config: Arc::clone(&config),
         orig_dst,
         store: Arc::clone(&store),
-        proc: ProcReader::new("/", governed_rel.clone()),
+        proc: ProcReader::new("/", governed_rel.clone())
+            .governing_uids(config.governed.uids.clone()),
         stats: Arc::default(),
         policy,
         tls: match crate::tls::LocalCa::load_or_create(&config.daemon.state_dir.join("ca")) {
@@ -322,6 +323,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             Source::Embedded => None,
         },
         governed_cgroup: governed.clone(),
+        governed_uids: config.governed.uids.clone(),
         cgroup_mount: mount,
         pin_dir: config.daemon.bpf_pin_dir.clone(),
         admin_group: config.daemon.admin_group.clone(),
@@ -336,7 +338,10 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     tokio::spawn(control::serve(control_listener, state, shutdown_rx.clone()));
     let refusals_done = tokio::spawn(crate::refusals::record(
         refusals,
-        crate::refusals::Recorder::new(Arc::clone(&store), ProcReader::new("/", governed_rel)),
+        crate::refusals::Recorder::new(
+            Arc::clone(&store),
+            ProcReader::new("/", governed_rel).governing_uids(config.governed.uids.clone()),
+        ),
         shutdown_rx.clone(),
     ));
     let protocols = Arc::new(proxy::Protocols::default());

@@ -1,6 +1,7 @@
 //! Bulkhead: a host agent that puts every outbound connection of a governed process through a
 //! local gateway. See `docs/ARCHITECTURE.md` for the data path.
 
+pub mod account;
 pub mod approval;
 pub mod cgroup;
 pub mod cli;

@@ -156,13 +156,13 @@ pub fn warnings(config: &Config) -> Vec<String> {
         .uids
         .iter()
         .filter_map(|&uid| {
-            let a = crate::cli::Account::by_uid(uid)?;
+            let a = crate::account::Account::by_uid(uid)?;
             let groups = user_groups(&a.name, a.gid).unwrap_or_default();
             Some((uid, a.gid, groups))
         })
         .collect();
     for uid in admin_members(&governed, admin) {
-        let name = crate::cli::Account::by_uid(uid).map_or_else(|| uid.to_string(), |a| a.name);
+        let name = crate::account::Account::by_uid(uid).map_or_else(|| uid.to_string(), |a| a.name);
         out.push(format!(
             "governed user {name} (uid {uid}) is in the admin group `{admin_name}`: from a \
              process outside the governed cgroup it can read every session and decide other \

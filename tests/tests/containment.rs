@@ -406,3 +406,75 @@ fn a_connection_queued_when_the_daemon_stops_lends_its_identity_to_nobody() {
     std::thread::sleep(Duration::from_millis(300));
     assert!(echo.drain_lines().is_empty(), "nothing reached the target");
 }
+
+#[test]
+fn governed_users_are_governed_wherever_they_run_below_the_cgroup_and_other_uids_are_not() {
+    require_root();
+    // `governed.users` at the test's own cgroup (the product's default is the hierarchy's
+    // root, which tests never touch): it holds the agent's "service" and a root process.
+    let topo = Topology::new("users = [\"nobody\"]\n");
+    topo.allow_opaque_tcp();
+    let dst = format!("{TARGET_V4}:7000");
+    let _echo = topo.echo_server(Side::Target, dst.parse().unwrap());
+    let _daemon = topo.start_daemon(&[]);
+    let (_, status) = topo.status();
+    assert_eq!(status["daemon"]["mode"], "fail-closed", "{status}");
+
+    // A service of the agent's user, started outside `bulkhead run` in a cgroup of its own
+    // below the governed one (as systemd would start a user service or a cron job).
+    let service = topo.cgroup.join("service");
+    std::fs::create_dir_all(&service).unwrap();
+    let mut cmd = Command::new("sh");
+    cmd.args([
+        "-c",
+        &format!(
+            "echo $$ > {}/cgroup.procs && exec setpriv --reuid=65534 --regid=65534 \
+             --clear-groups {} connect {dst} from-the-service",
+            service.display(),
+            topo.probe().display()
+        ),
+    ]);
+    let out = topo.output(Side::Host, cmd);
+    let service_client = parse_probe(&out);
+    assert!(
+        service_client["local"]
+            .as_str()
+            .is_some_and(|l| l.starts_with("127.0.0.1:")),
+        "the service's connection went through the gateway: {service_client}"
+    );
+    let session = topo.wait_session_of(&service_client["pid"]);
+    assert_eq!(session["identity"]["uid"], 65534, "{session}");
+
+    // Root in the same cgroup is not a governed user: direct, unrecorded, its UDP and raw
+    // sockets untouched, and it may use the control socket.
+    let root_client = topo.probe_connect(Side::Governed, &dst, "root");
+    assert!(
+        root_client["local"]
+            .as_str()
+            .is_some_and(|l| l.starts_with(&format!("{}:", bulkhead_tests::GOVERNED_V4))),
+        "root went direct: {root_client}"
+    );
+    let code = format!(
+        "{SOCK_FN}{UDP_FN}print(json.dumps({{'raw': sock(socket.AF_INET, socket.SOCK_RAW, 1), \
+         'udp': udp(socket.AF_INET, '{TARGET_V4}', 7009, False)}}))\n"
+    );
+    let root = python(&topo, Side::Governed, &code);
+    assert_eq!(root["raw"], "ok", "{root}");
+    assert_ne!(root["udp"], "EPERM", "{root}");
+    let mut status = topo.bulkhead(&["status", "--json"]);
+    status.env("RUST_LOG", "error");
+    let out = topo.output(Side::Governed, status);
+    assert!(
+        out.status.success(),
+        "root below the cgroup, not governed, may use the CLI: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The agent's user in the same cgroup: its UDP is decided.
+    let nobody = {
+        let mut cmd = Command::new("python3");
+        cmd.args(["-c", &format!("import errno, json, socket\n{code}")]);
+        let out = topo.output_as(Side::Governed, Some((65534, 65534)), cmd);
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    assert_eq!(nobody["udp"], "EPERM", "{nobody}");
+}

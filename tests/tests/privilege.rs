@@ -377,9 +377,11 @@ fn a_held_request_is_approved_neither_by_its_own_user_nor_from_the_governed_side
     let admin = unique("bhapadm");
     let admin_gid = acc.group(&admin);
     let agent = unique("bhagent");
-    // The governed user is (wrongly) in the admin group.
+    // The governed user is (wrongly) in the admin group. Root is governed too, so that a
+    // root process in the cgroup (steps 2 and 3) is a governed one: with a uid filter, only
+    // the listed uids in the cgroup are governed.
     let (agent_uid, _) = acc.user(&agent, &[&admin]);
-    configure(&topo, &admin, &format!("uids = [{agent_uid}]\n{HELD}"));
+    configure(&topo, &admin, &format!("uids = [{agent_uid}, 0]\n{HELD}"));
     topo.policy("held.toml", HELD_POLICY);
     let _echo = topo.echo_server(
         Side::Target,

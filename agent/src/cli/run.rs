@@ -1,80 +1,15 @@
 //! `bulkhead run`: enter the governed cgroup, become the user the tool should run as, exec.
 
-use std::{
-    ffi::{CStr, CString, OsString},
-    path::Path,
-};
+use std::{ffi::OsString, path::Path};
 
 use super::CliError;
+pub use crate::account::Account;
 use crate::{
     cgroup,
     config::Config,
     control::{self, ClientError, Request, StatusReport},
     privilege,
 };
-
-/// A local account, as the C library's user database (NSS) knows it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Account {
-    pub name: String,
-    pub uid: u32,
-    pub gid: u32,
-    pub home: String,
-    pub shell: String,
-}
-
-impl Account {
-    /// By name, or by uid when `who` is a number.
-    pub fn lookup(who: &str) -> Option<Self> {
-        if let Ok(uid) = who.parse::<u32>() {
-            return Self::by_uid(uid);
-        }
-        let name = CString::new(who).ok()?;
-        // SAFETY: getpwnam_r with a valid NUL-terminated name and buffers we own.
-        with_passwd(|pwd, buf, out| unsafe {
-            libc::getpwnam_r(name.as_ptr(), pwd, buf.as_mut_ptr(), buf.len(), out)
-        })
-    }
-
-    pub fn by_uid(uid: u32) -> Option<Self> {
-        // SAFETY: getpwuid_r with buffers we own.
-        with_passwd(|pwd, buf, out| unsafe {
-            libc::getpwuid_r(uid, pwd, buf.as_mut_ptr(), buf.len(), out)
-        })
-    }
-}
-
-/// Calls a `getpw*_r` function with a buffer that grows on ERANGE.
-fn with_passwd(
-    call: impl Fn(*mut libc::passwd, &mut [libc::c_char], *mut *mut libc::passwd) -> libc::c_int,
-) -> Option<Account> {
-    let mut size = 1024;
-    loop {
-        let mut buf = vec![0 as libc::c_char; size];
-        // SAFETY: an all-zero passwd is a valid value for the call to fill in.
-        let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
-        let mut out: *mut libc::passwd = std::ptr::null_mut();
-        match call(&raw mut pwd, &mut buf, &raw mut out) {
-            0 if out.is_null() => return None,
-            0 => {
-                let text = |p: *const libc::c_char| {
-                    // SAFETY: the call filled these with NUL-terminated strings in `buf`.
-                    (!p.is_null())
-                        .then(|| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
-                };
-                return Some(Account {
-                    name: text(pwd.pw_name)?,
-                    uid: pwd.pw_uid,
-                    gid: pwd.pw_gid,
-                    home: text(pwd.pw_dir).unwrap_or_else(|| "/".into()),
-                    shell: text(pwd.pw_shell).unwrap_or_else(|| "/bin/sh".into()),
-                });
-            }
-            libc::ERANGE if size < 1 << 20 => size *= 4,
-            _ => return None,
-        }
-    }
-}
 
 /// Whom the command runs as: `--user`, else the sudo caller, else nobody else (stay root).
 fn account_to_run_as(user: Option<&str>) -> Result<Option<Account>, CliError> {
@@ -124,7 +59,7 @@ pub fn run(
     use std::os::unix::process::CommandExt as _;
 
     let mount = cgroup::cgroup2_mount()?;
-    let governed = cgroup::resolve(&mount, &config.governed.cgroup)?;
+    let governed = config.governed.resolve(&mount)?;
     if !governed.is_dir() {
         return Err(CliError::Other(format!(
             "the governed cgroup {} does not exist: start the daemon first (bulkhead daemon)",
@@ -145,6 +80,15 @@ pub fn run(
         None => None,
     };
     let run_as = account.as_ref().map_or(euid, |a| a.uid);
+    let uids = &config.governed.uids;
+    if !uids.is_empty() && !uids.contains(&run_as) {
+        return Err(CliError::Other(format!(
+            "{} would run as uid {run_as}, which is not governed (governed.users / \
+             governed.uids: {uids:?}): nothing it did would go through the gateway; use --user \
+             with a governed user",
+            Path::new(program).display()
+        )));
+    }
     if run_as == 0 {
         if !options.allow_root {
             return Err(CliError::Other(ROOT_REFUSED.into()));
@@ -171,11 +115,15 @@ pub fn run(
         // a child, and this process, still root and outside the governed cgroup, waits for it.
         fork_and_wait()?;
     }
-    cgroup::enter(&governed, 0).map_err(|e| {
-        CliError::Other(format!(
-            "{e} (bulkhead run must be started as root, e.g. with sudo)"
-        ))
-    })?;
+    // Governing users everywhere (the hierarchy's root): every process of theirs below it is
+    // governed already; moving this one to the root cgroup would only take it out of its unit.
+    if governed != mount {
+        cgroup::enter(&governed, 0).map_err(|e| {
+            CliError::Other(format!(
+                "{e} (bulkhead run must be started as root, e.g. with sudo)"
+            ))
+        })?;
+    }
     // SAFETY: setsid has no preconditions; this process is not a process group leader here.
     if session.new && unsafe { libc::setsid() } < 0 {
         return Err(CliError::Other(format!(

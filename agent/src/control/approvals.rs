@@ -312,6 +312,7 @@ pub(crate) mod tests {
             },
             config_file: None,
             governed_cgroup: mount.join("bulkhead-unit-test-never-created"),
+            governed_uids: Vec::new(),
             cgroup_mount: mount,
             pin_dir: dir.join("pins"),
             admin_group: admin_group.clone(),

@@ -107,6 +107,9 @@ pub enum Response {
 pub struct StatusReport {
     pub daemon: Option<DaemonInfo>,
     pub governed_cgroup: String,
+    /// Only these uids are governed in the cgroup and below (empty: every process).
+    #[serde(default)]
+    pub governed_uids: Vec<u32>,
     pub pinned_links: usize,
     /// Programs are attached when the daemon runs, or when links are pinned without it
     /// (then governed connections are refused: fail closed).
@@ -243,6 +246,8 @@ pub struct ControlState {
     pub policy: PolicyHandle,
     pub info: DaemonInfo,
     pub governed_cgroup: PathBuf,
+    /// Only these uids are governed in it (empty: every process).
+    pub governed_uids: Vec<u32>,
     pub cgroup_mount: PathBuf,
     pub pin_dir: PathBuf,
     pub admin_group: String,
@@ -267,6 +272,7 @@ impl ControlState {
         StatusReport {
             daemon: Some(info),
             governed_cgroup: self.governed_cgroup.display().to_string(),
+            governed_uids: self.governed_uids.clone(),
             pinned_links: crate::ebpf::pinned_links(&self.pin_dir).len(),
             programs_attached: true,
             store: self.store().stats().ok(),
@@ -321,11 +327,12 @@ pub fn refusal(
     admin: Option<(&str, u32)>,
     mount: &Path,
     governed: &Path,
+    governed_uids: &[u32],
 ) -> Option<String> {
     let Some(pid) = pid else {
         return Some("permission denied: the caller's process is unknown".into());
     };
-    match governed_in_ancestry(pid, mount, governed) {
+    match governed_in_ancestry(pid, mount, governed, governed_uids) {
         Ok(None) => {}
         Ok(Some(p)) if p == pid => {
             return Some("permission denied: the caller runs in the governed cgroup".into())
@@ -357,10 +364,15 @@ pub fn refusal(
 }
 
 /// The first of `pid` and its ancestors that runs in the governed cgroup, if any.
-fn governed_in_ancestry(pid: u32, mount: &Path, governed: &Path) -> io::Result<Option<u32>> {
+fn governed_in_ancestry(
+    pid: u32,
+    mount: &Path,
+    governed: &Path,
+    uids: &[u32],
+) -> io::Result<Option<u32>> {
     first_governed(
         pid,
-        |p| cgroup::pid_is_governed(p, mount, governed),
+        |p| cgroup::pid_is_governed(p, mount, governed, uids),
         parent_pid,
     )
 }
@@ -487,6 +499,7 @@ async fn connection(
         admin,
         &state.cgroup_mount,
         &state.governed_cgroup,
+        &state.governed_uids,
     ) {
         warn!(uid = cred.uid(), pid = ?pid, "control request refused: {message}");
         record_refused_decision(r, state, cred.uid(), &message).await;
@@ -918,6 +931,7 @@ mod tests {
             None,
             Path::new("/sys/fs/cgroup"),
             Path::new("/sys/fs/cgroup/x"),
+            &[],
         );
         assert!(r.is_some());
     }
@@ -936,8 +950,30 @@ mod tests {
             .to_string();
         // Treat the test's own cgroup as the governed one: it is now a governed process.
         let governed = mount.join(own);
-        let refused = refusal(0, 0, Some(me), Some(("bulkhead", 0)), &mount, &governed)
-            .expect("a governed root process must be refused");
+        let refused = refusal(
+            0,
+            0,
+            Some(me),
+            Some(("bulkhead", 0)),
+            &mount,
+            &governed,
+            &[],
+        )
+        .expect("a governed root process must be refused");
+        // Governed users only: this process (root) is in the cgroup but not governed.
+        assert!(
+            refusal(
+                0,
+                0,
+                Some(me),
+                Some(("bulkhead", 0)),
+                &mount,
+                &governed,
+                &[65534]
+            )
+            .is_none(),
+            "a process of an ungoverned uid below the cgroup is not governed"
+        );
         assert!(refused.contains("governed cgroup"), "{refused}");
         let refused = refusal(
             1000,
@@ -946,6 +982,7 @@ mod tests {
             Some(("bulkhead", 998)),
             &mount,
             &governed,
+            &[],
         )
         .expect("a governed admin must be refused");
         assert!(refused.contains("governed cgroup"), "{refused}");
@@ -957,7 +994,7 @@ mod tests {
         let mount =
             crate::cgroup::cgroup2_mount().unwrap_or_else(|_| PathBuf::from("/sys/fs/cgroup"));
         let governed = mount.join("bulkhead-unit-test-never-created");
-        assert_eq!(refusal(0, 0, Some(me), None, &mount, &governed), None);
+        assert_eq!(refusal(0, 0, Some(me), None, &mount, &governed, &[]), None);
         let denied = refusal(
             1000,
             1000,
@@ -965,6 +1002,7 @@ mod tests {
             Some(("bulkhead", 998)),
             &mount,
             &governed,
+            &[],
         )
         .unwrap();
         assert!(denied.contains("`bulkhead` group"), "{denied}");
@@ -975,11 +1013,12 @@ mod tests {
                 Some(me),
                 Some(("bulkhead", 998)),
                 &mount,
-                &governed
+                &governed,
+                &[]
             ),
             None
         );
-        let no_group = refusal(1000, 998, Some(me), None, &mount, &governed).unwrap();
+        let no_group = refusal(1000, 998, Some(me), None, &mount, &governed, &[]).unwrap();
         assert!(no_group.contains("root only"), "{no_group}");
     }
 }
