@@ -25,14 +25,17 @@
 //! - [`track`]: which description describes which rows (the [`Tracker`] of the answers the
 //!   target owes, and the descriptions of statements and portals).
 //! - [`plan`]: how a result's or a COPY's values are masked, worked out once per result.
+//! - [`lineage`]: which table columns each output column of a statement reads (its text,
+//!   parsed), for fields the RowDescription cannot place (computed: table OID 0).
+//! - [`computed`]: what those reads, and view columns, call for, with the catalog's help.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use tracing::warn;
 
-use self::plan::RowPlan;
 pub use self::track::Tracker;
+use self::{lineage::Lineage, plan::RowPlan};
 use super::{
     catalog::Catalogs,
     codec::{self, FieldDescription},
@@ -44,6 +47,8 @@ use crate::{
     record::{EventKind, SessionId},
 };
 
+mod computed;
+mod lineage;
 mod plan;
 #[cfg(test)]
 mod tests;
@@ -67,6 +72,8 @@ fn has_column_rules(masks: &Masks) -> bool {
 struct Described {
     fields: Option<Arc<[FieldDescription]>>,
     copy: Option<Arc<CopySpec>>,
+    /// What its output columns read (`None`: not analysed, no column rule applied).
+    lineage: Option<Arc<Lineage>>,
 }
 
 /// A COPY OUT in progress.
@@ -75,16 +82,19 @@ struct CopyOut {
     binary: bool,
     /// What its statement says; `None`: not known (not attributable).
     spec: Option<Arc<CopySpec>>,
+    /// What its statement's columns read.
+    lineage: Option<Arc<Lineage>>,
     rows: Option<CopyRows>,
     binary_plan: Option<RowPlan>,
     binary_started: bool,
 }
 
 impl CopyOut {
-    fn new(response: &[u8], spec: Option<Arc<CopySpec>>) -> Self {
+    fn new(response: &[u8], spec: Option<Arc<CopySpec>>, lineage: Option<Arc<Lineage>>) -> Self {
         Self {
             binary: codec::copy_out_response(response).is_ok_and(|(f, _)| f == 1),
             spec,
+            lineage,
             rows: None,
             binary_plan: None,
             binary_started: false,
@@ -102,6 +112,8 @@ pub struct Results<'a> {
     portals: HashMap<String, Described>,
     /// The latest RowDescription outside a Describe: a simple query's current result.
     query_fields: Option<Arc<[FieldDescription]>>,
+    /// What the current simple query's output columns read.
+    query_lineage: Option<Arc<Lineage>>,
     plan: Option<RowPlan>,
     copy: Option<CopyOut>,
 }
@@ -121,6 +133,7 @@ impl<'a> Results<'a> {
             statements: HashMap::new(),
             portals: HashMap::new(),
             query_fields: None,
+            query_lineage: None,
             plan: None,
             copy: None,
         }
