@@ -28,7 +28,12 @@ use sqlparser::{
 };
 
 /// Longest statement analysed (longer ones read relations the analysis cannot list).
-const MAX_SQL_LEN: usize = 64 * 1024;
+const MAX_SQL_LEN: usize = 1024 * 1024;
+/// Longest statement analysed on the caller's stack; longer ones on a thread whose stack
+/// grows with the text (an operator chain nests one level per operator, and walking or
+/// dropping the tree recurses), as the classifier does.
+const INLINE_MAX: usize = 16 * 1024;
+const STACK_PER_BYTE: usize = 256;
 /// Nesting the parser follows before giving up.
 const RECURSION_LIMIT: usize = 64;
 
@@ -174,6 +179,23 @@ pub fn analyze(sql: &str) -> Lineage {
     if sql.len() > MAX_SQL_LEN {
         return Lineage::unknown();
     }
+    if sql.len() <= INLINE_MAX {
+        return analyze_inline(sql);
+    }
+    let stack = (sql.len() * STACK_PER_BYTE).max(8 << 20);
+    std::thread::scope(|scope| {
+        match std::thread::Builder::new()
+            .name("bulkhead-lineage".into())
+            .stack_size(stack)
+            .spawn_scoped(scope, || analyze_inline(sql))
+        {
+            Ok(worker) => worker.join().unwrap_or_else(|_| Lineage::unknown()),
+            Err(_) => Lineage::unknown(),
+        }
+    })
+}
+
+fn analyze_inline(sql: &str) -> Lineage {
     let Ok(statements) = Parser::new(&PostgreSqlDialect {})
         .with_recursion_limit(RECURSION_LIMIT)
         .try_with_sql(sql)
@@ -1073,6 +1095,25 @@ mod tests {
         let mut l = analyze("SELECT upper(name) FROM users");
         l.mark_incomplete();
         assert!(!l.complete && l.fields(1).unwrap()[0].opaque);
+    }
+
+    #[test]
+    fn long_and_deep_statements_do_not_overflow_the_stack() {
+        // On a 2 MiB test thread, as on a tokio worker.
+        let inline = format!("SELECT {}ssn FROM users", "ssn || ".repeat(INLINE_MAX / 8));
+        assert!(inline.len() <= INLINE_MAX);
+        assert_eq!(show(&analyze(&inline).all), ["users.ssn"]);
+        let long = format!("SELECT {}ssn FROM users", "ssn || ".repeat(40_000));
+        assert_eq!(show(&analyze(&long).all), ["users.ssn"]);
+        let nested = format!(
+            "SELECT {}ssn{} FROM users",
+            "(".repeat(200),
+            ")".repeat(200)
+        );
+        assert!(
+            !analyze(&nested).complete,
+            "past the parser's nesting limit"
+        );
     }
 
     #[test]
