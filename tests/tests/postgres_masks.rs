@@ -195,6 +195,24 @@ fn expressions_over_a_masked_column_are_masked_in_simple_queries_and_copy() {
         vec![(1, json!(["ssn-column"])); expected],
         "{shown}"
     );
+
+    // A failed cast quotes its input in the error: withheld; an error about a name is not.
+    let (out, err) = psql(
+        &topo,
+        &pg,
+        "SELECT ssn::int FROM users;\n\
+         SELECT (SELECT ssn FROM users)::numeric;\n\
+         SELECT nosuch FROM users;\n\
+         SELECT 'still here';\n",
+    );
+    assert!(!err.contains(SECRET), "{err}");
+    assert_eq!(
+        err.matches("message is withheld (SQLSTATE 22P02)").count(),
+        2,
+        "{err}"
+    );
+    assert!(err.contains("column \"nosuch\" does not exist"), "{err}");
+    assert_eq!(out.trim(), "still here");
 }
 
 #[test]

@@ -32,6 +32,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use tracing::warn;
 
 pub use self::track::Tracker;
@@ -65,6 +66,50 @@ pub fn policy_has_column_rules(policy: &PolicySet) -> bool {
 
 fn has_column_rules(masks: &Masks) -> bool {
     masks.iter().any(|m| !m.columns.is_empty())
+}
+
+/// SQLSTATE classes whose messages name objects and quote the statement, never a stored
+/// value: connection, feature, transaction state, authorization, cursor, catalog and schema
+/// names, rollback, syntax and access, resources, operator intervention.
+const ERRORS_WITHOUT_VALUES: [&str; 14] = [
+    "08", "0A", "25", "26", "28", "34", "3D", "3F", "40", "42", "53", "54", "55", "57",
+];
+
+/// An ErrorResponse to a statement under a column rule, with its message withheld when it
+/// could quote a value: a failed cast quotes its input (`SELECT ssn::int` would print the
+/// masked value), a constraint violation its key. The SQLSTATE is kept; the store keeps the
+/// server's own message. `None`: forwarded as it is.
+pub fn withheld_error(masks: &Masks, body: &[u8]) -> Option<Bytes> {
+    if !has_column_rules(masks) {
+        return None;
+    }
+    let fields = codec::error_fields(body);
+    let field = |code: u8| {
+        fields
+            .iter()
+            .find(|(c, _)| *c == code)
+            .map(|(_, v)| v.as_str())
+    };
+    let severity = field(b'V').or_else(|| field(b'S')).unwrap_or("ERROR");
+    if severity != "ERROR" {
+        return None;
+    }
+    let code = field(b'C')
+        .filter(|c| c.len() == 5 && c.bytes().all(|b| b.is_ascii_alphanumeric()))
+        .unwrap_or("XX000");
+    if ERRORS_WITHOUT_VALUES
+        .iter()
+        .any(|class| code.starts_with(class))
+    {
+        return None;
+    }
+    Some(codec::error_response(
+        code,
+        &format!(
+            "bulkhead: the server's error message is withheld (SQLSTATE {code}): the statement \
+             runs under a column mask rule, and the message could quote a masked value"
+        ),
+    ))
 }
 
 /// What a statement or portal is known to return.

@@ -289,3 +289,29 @@ async fn unknown_columns_under_a_column_rule_are_withheld() {
         .unwrap()
         .is_none());
 }
+
+#[test]
+fn errors_that_could_quote_a_value_are_withheld_under_a_column_rule() {
+    let error = |code: &str, message: &str| {
+        let frame = codec::error_response(code, message);
+        frame[5..].to_vec()
+    };
+    let cast = error(
+        "22P02",
+        "invalid input syntax for type integer: \"123-45-6789\"",
+    );
+    let out = withheld_error(&masks(), &cast).expect("withheld");
+    let fields = codec::error_fields(&out[5..]);
+    assert!(fields.contains(&(b'C', "22P02".into())), "{fields:?}");
+    assert!(
+        !fields.iter().any(|(_, v)| v.contains("123-45-6789")),
+        "{fields:?}"
+    );
+    // Syntax and access errors quote no value; detector-only masks change nothing.
+    assert!(withheld_error(&masks(), &error("42703", "column \"x\" does not exist")).is_none());
+    let detectors_only: Masks = Arc::from([rule(&[], &[Detector::Email], MaskStyle::Redact)]);
+    assert!(withheld_error(&detectors_only, &cast).is_none());
+    // No SQLSTATE: withheld, as an internal error.
+    let out = withheld_error(&masks(), b"Mno code\0\0").expect("withheld");
+    assert!(codec::error_fields(&out[5..]).contains(&(b'C', "XX000".into())));
+}
