@@ -206,7 +206,7 @@ impl Results<'_> {
             .collect();
         let computed_reads = lineage.is_some_and(|l| {
             fields.iter().enumerate().any(|(i, f)| {
-                !(f.table_oid != 0 && f.column > 0)
+                (f.table_oid == 0 || f.column <= 0)
                     && !reads
                         .as_ref()
                         .and_then(|r| r.get(i))
