@@ -7,7 +7,7 @@
 //! as unknown).
 
 use std::{
-    collections::VecDeque,
+    collections::{HashMap, VecDeque},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex, PoisonError,
@@ -77,7 +77,15 @@ pub struct Tracker {
     /// next idle (its transaction over).
     ddl: AtomicBool,
     pub(super) login: catalog::Login,
+    /// Lineages of this session's recent statements, by their exact text (a statement run
+    /// again is not parsed again). Bounded: short statements only, cleared when full.
+    lineages: Mutex<HashMap<String, Arc<Lineage>>>,
 }
+
+/// Statements longer than this are analysed every time.
+const CACHED_SQL_LEN: usize = 4096;
+/// Lineages kept per session.
+const CACHED_LINEAGES: usize = 256;
 
 impl Tracker {
     pub fn new(enabled: bool, login: catalog::Login) -> Self {
@@ -86,7 +94,38 @@ impl Tracker {
             queue: Mutex::new(VecDeque::new()),
             ddl: AtomicBool::new(false),
             login,
+            lineages: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// What a statement's output columns read, when a column rule applies to it. A call to
+    /// a function that is not a vetted built-in, or a part the classifier could not see into,
+    /// may read any table: then every computed column is masked.
+    fn lineage_of(&self, gw: &Gateway, sql: &str, masks: &Masks) -> Option<Arc<Lineage>> {
+        if !has_column_rules(masks) {
+            return None;
+        }
+        let cacheable = sql.len() <= CACHED_SQL_LEN;
+        if cacheable {
+            let cache = self.lineages.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(l) = cache.get(sql) {
+                return Some(Arc::clone(l));
+            }
+        }
+        let mut lineage = lineage::analyze(sql);
+        let classified = gw.policy.current().cache().classify(sql, None);
+        if !classified.unknown_functions.is_empty() || !classified.objects_complete {
+            lineage.mark_incomplete();
+        }
+        let lineage = Arc::new(lineage);
+        if cacheable {
+            let mut cache = self.lineages.lock().unwrap_or_else(PoisonError::into_inner);
+            if cache.len() >= CACHED_LINEAGES {
+                cache.clear();
+            }
+            cache.insert(sql.to_string(), Arc::clone(&lineage));
+        }
+        Some(lineage)
     }
 
     pub(super) fn push(&self, e: Expect) {
@@ -116,7 +155,7 @@ impl Tracker {
         } else {
             Some(VecDeque::new())
         };
-        let lineage = lineage_of(gw, sql, masks);
+        let lineage = self.lineage_of(gw, sql, masks);
         self.push(Expect::Query { copies, lineage });
     }
 
@@ -138,7 +177,7 @@ impl Tracker {
         self.push(Expect::Parse {
             name: name.to_string(),
             copy,
-            lineage: lineage_of(gw, sql, masks),
+            lineage: self.lineage_of(gw, sql, masks),
         });
     }
 
@@ -178,21 +217,6 @@ impl Tracker {
         };
         self.push(expect);
     }
-}
-
-/// What a statement's output columns read, when a column rule applies to it. A call to a
-/// function that is not a vetted built-in, or a part the classifier could not see into,
-/// may read any table: then every computed column is masked.
-fn lineage_of(gw: &Gateway, sql: &str, masks: &Masks) -> Option<Arc<Lineage>> {
-    if !has_column_rules(masks) {
-        return None;
-    }
-    let mut lineage = lineage::analyze(sql);
-    let classified = gw.policy.current().cache().classify(sql, None);
-    if !classified.unknown_functions.is_empty() || !classified.objects_complete {
-        lineage.mark_incomplete();
-    }
-    Some(Arc::new(lineage))
 }
 
 impl Results<'_> {
