@@ -109,6 +109,27 @@ const SIMPLE: &[(&str, &str)] = &[
         "SELECT ssn FROM users UNION SELECT ssn FROM users",
         "[redacted]",
     ),
+    ("SELECT (u).ssn FROM users u", "[redacted]"),
+    ("SELECT u::text FROM users u", "[redacted]"),
+    ("SELECT users FROM users", "[redacted]"),
+    ("SELECT array_agg(u) FROM users u", "[redacted]"),
+    (
+        "SELECT json_build_object('s', ssn) FROM users",
+        "[redacted]",
+    ),
+    ("SELECT format('%s', ssn) FROM users", "[redacted]"),
+    (
+        "SELECT t.x FROM users u, LATERAL (SELECT u.ssn AS x) t",
+        "[redacted]",
+    ),
+    (
+        "SELECT * FROM (SELECT upper(ssn), name FROM users) s",
+        "[redacted]|alice",
+    ),
+    (
+        r#"SELECT "S" || '' FROM (SELECT ssn AS "S" FROM users) s GROUP BY 1"#,
+        "[redacted]",
+    ),
     // Views: plain columns (the view's own OID in the RowDescription) and expressions.
     ("SELECT ssn, name FROM v", "[redacted]|alice"),
     ("SELECT lower(ssn) FROM v", "[redacted]"),
