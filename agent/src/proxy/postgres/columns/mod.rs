@@ -10,11 +10,17 @@
 //! on only for sessions that start under a policy with column mask rules; the rest pay one
 //! `bool` test.
 //!
+//! A field the RowDescription cannot place (table OID 0: an expression, aggregate, subquery)
+//! gets the mask of the table columns its expression reads, from the statement's text
+//! ([`lineage`]) and the catalog ([`computed`]); so does a view's column, from the view's
+//! definition. An error message that could quote a value is withheld ([`withheld_error`]).
+//!
 //! Fail closed: under a column rule, a field whose column cannot be identified (the side
 //! connection failed, the table is gone, the session did not follow Describes because the
-//! rule arrived with a policy reload) is masked with the strongest column style, as is every
-//! field of a COPY whose columns cannot be attributed (`COPY (query) TO` touching a table a
-//! column rule could name).
+//! rule arrived with a policy reload), or whose expression's reads cannot be told, is masked
+//! with the strongest column style, as is every field of a COPY whose columns cannot be
+//! attributed (`COPY (query) TO` whose width the text does not fix, reading a table with
+//! masked columns).
 //!
 //! Representation: a text-format value is replaced by the style's text. A binary-format value
 //! is replaced by the style's text only for types whose binary form is their text (text,
