@@ -9,13 +9,16 @@ use std::{process::Command, time::Instant};
 use bulkhead_tests::{require_root, PgServer, Side, Topology, TARGET_V4};
 use serde_json::{json, Value};
 
-/// Target `db`: reads allowed, unknown statements denied; `public.users.ssn` masked.
+/// Target `db`: reads allowed, unknown statements denied; `public.users.ssn` masked; two
+/// functions of the test's vouched for.
 const POLICY: &str = r#"
 [[target]]
 name = "db"
 protocol = "postgres"
 default = "deny"
 on_unknown = "deny"
+# Vouched for by the policy; what they read is still not known to the gateway.
+read_only_functions = ["rows_of_users", "leak"]
 
 [[rule]]
 id = "db-read"
@@ -78,7 +81,8 @@ fn setup() -> (Topology, PgServer, bulkhead_tests::Proc) {
          CREATE VIEW vv AS SELECT upper(ssn) AS s, name FROM v; \
          CREATE VIEW vo AS SELECT id, ssn FROM other; \
          CREATE FUNCTION leak() RETURNS text LANGUAGE sql AS 'SELECT ssn FROM users LIMIT 1'; \
-         CREATE VIEW vf AS SELECT leak() AS x, 1 AS one",
+         CREATE VIEW vf AS SELECT leak() AS x, 1 AS one; \
+         CREATE FUNCTION rows_of_users() RETURNS SETOF users LANGUAGE sql AS 'SELECT * FROM users'",
     );
     (topo, pg, daemon)
 }
@@ -138,6 +142,12 @@ const SIMPLE: &[(&str, &str)] = &[
     ("SELECT s, name FROM vv", "[redacted]|alice"),
     // A view over a function the gateway cannot see into: masked whole.
     ("SELECT x, one FROM vf", "[redacted]|[redacted]"),
+    // Functions the gateway cannot see into: every computed column, and table function's.
+    ("SELECT leak(), 1", "[redacted]|[redacted]"),
+    (
+        "SELECT * FROM rows_of_users()",
+        "[redacted]|[redacted]|[redacted]",
+    ),
     // What does not read the masked column passes unchanged.
     (
         "SELECT upper(name), id + 1, count(*) OVER () FROM users",

@@ -121,8 +121,8 @@ impl Lineage {
         self.all.opaque = true;
         if let Some(items) = &mut self.items {
             for item in items {
-                if let Item::Column(d) = item {
-                    d.opaque = true;
+                match item {
+                    Item::Column(d) | Item::Expand(d) => d.opaque = true,
                 }
             }
         }
@@ -1095,6 +1095,13 @@ mod tests {
         let mut l = analyze("SELECT upper(name) FROM users");
         l.mark_incomplete();
         assert!(!l.complete && l.fields(1).unwrap()[0].opaque);
+        let mut l = analyze("SELECT * FROM rows_of_users()");
+        assert!(
+            !l.fields(3).unwrap()[0].opaque,
+            "the function's arguments read nothing"
+        );
+        l.mark_incomplete();
+        assert!(l.fields(3).unwrap().iter().all(|d| d.opaque));
     }
 
     #[test]
