@@ -358,7 +358,15 @@ impl<'a> Relay<'a> {
                     }
                     masked
                 }
-                tag => self.backend(tag, &frame.body),
+                tag => {
+                    // The state sees the server's error (and records it); the client gets it
+                    // without a message that could quote a masked value.
+                    let withheld = match (tag, self.front_masks()) {
+                        (b'E', Some((_, masks))) => columns::withheld_error(&masks, &frame.body),
+                        _ => None,
+                    };
+                    self.backend(tag, &frame.body).or(withheld)
+                }
             };
             let out = replaced.unwrap_or(frame.raw);
             count.fetch_add(out.len() as u64, Ordering::Relaxed);
