@@ -436,7 +436,6 @@ impl SqlMatch {
 }
 
 impl ObjectPattern {
-
     /// An unqualified name might be in any schema on the search path: any table part match.
     fn touches(&self, object: &str) -> bool {
         self.full.is_match(object)

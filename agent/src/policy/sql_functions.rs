@@ -401,7 +401,11 @@ mod tests {
 
     #[test]
     fn the_catalog_list_is_sorted_and_leaves_out_what_writes() {
-        assert!(CATALOG_READ_ONLY.len() > 2000, "{}", CATALOG_READ_ONLY.len());
+        assert!(
+            CATALOG_READ_ONLY.len() > 2000,
+            "{}",
+            CATALOG_READ_ONLY.len()
+        );
         assert!(
             CATALOG_READ_ONLY.windows(2).all(|w| w[0] < w[1]),
             "the catalog list must be sorted (bytewise) and unique"

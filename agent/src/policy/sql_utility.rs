@@ -168,11 +168,13 @@ pub(super) fn fetch_or_move(piece: &[TokenWithSpan]) -> Option<Utility> {
         || c.keyword("FIRST")
         || c.keyword("LAST")
         || c.keyword("ALL"))
+        && matches!(
+            c.next(),
+            Some(Token::Minus | Token::Plus | Token::Number(..))
+        )
+        && !count(&mut c)
     {
-        if matches!(c.next(), Some(Token::Minus | Token::Plus | Token::Number(..))) && !count(&mut c)
-        {
-            return None;
-        }
+        return None;
     }
     let _ = c.keyword("FROM") || c.keyword("IN");
     // The cursor's name: one identifier, and nothing after it.

@@ -381,9 +381,15 @@ fn unqualified_catalog_names_resolve_to_pg_catalog_first() {
     ] {
         assert_eq!(verdict(q), Verdict::Deny, "{q}");
     }
-    assert_eq!(verdict("SELECT * FROM public.pg_stat_activity"), Verdict::Allow);
+    assert_eq!(
+        verdict("SELECT * FROM public.pg_stat_activity"),
+        Verdict::Allow
+    );
     assert_eq!(verdict("SELECT * FROM users"), Verdict::Allow);
-    assert_eq!(verdict("SELECT * FROM \"pg_stat_activity_\""), Verdict::Deny);
+    assert_eq!(
+        verdict("SELECT * FROM \"pg_stat_activity_\""),
+        Verdict::Deny
+    );
 
     let catalog = policy(
         "[[target]]\nname = \"db\"\n\
@@ -392,7 +398,11 @@ fn unqualified_catalog_names_resolve_to_pg_catalog_first() {
     let verdict = |q: &str| catalog.evaluate(&sql("db", &id, q)).verdict;
     assert_eq!(verdict("SELECT * FROM pg_class"), Verdict::Allow);
     assert_eq!(verdict("SELECT * FROM pg_catalog.pg_class"), Verdict::Allow);
-    assert_eq!(verdict("SELECT * FROM pg_stat_io"), Verdict::Deny, "maybe public.pg_stat_io");
+    assert_eq!(
+        verdict("SELECT * FROM pg_stat_io"),
+        Verdict::Deny,
+        "maybe public.pg_stat_io"
+    );
     assert_eq!(verdict("SELECT * FROM users"), Verdict::Deny);
 
     let both = policy(
@@ -400,7 +410,8 @@ fn unqualified_catalog_names_resolve_to_pg_catalog_first() {
          [[rule]]\nid = \"reads\"\nverdict = \"allow\"\nsql = { class = [\"read\"], objects = [\"pg_catalog.*\", \"public.*\"] }\n",
     );
     assert_eq!(
-        both.evaluate(&sql("db", &id, "SELECT * FROM pg_stat_io")).verdict,
+        both.evaluate(&sql("db", &id, "SELECT * FROM pg_stat_io"))
+            .verdict,
         Verdict::Allow
     );
 }
@@ -428,9 +439,16 @@ fn identifiers_fold_as_the_server_folds_them_in_utf8() {
     let verdict = |q: &str| set.evaluate(&sql("db", &id, q)).verdict;
     assert_eq!(verdict(&format!("SELECT * FROM {long}")), Verdict::Deny);
     assert_eq!(verdict(&format!("SELECT * FROM {long}xyz")), Verdict::Deny);
-    assert_eq!(verdict(&format!("SELECT * FROM \"{long}XYZ\"")), Verdict::Deny);
+    assert_eq!(
+        verdict(&format!("SELECT * FROM \"{long}XYZ\"")),
+        Verdict::Deny
+    );
     assert_eq!(verdict("SELECT * FROM É"), Verdict::Deny);
-    assert_eq!(verdict("SELECT * FROM é"), Verdict::Allow, "another table for the server");
+    assert_eq!(
+        verdict("SELECT * FROM é"),
+        Verdict::Allow,
+        "another table for the server"
+    );
 }
 
 #[test]
