@@ -426,6 +426,11 @@ mod tests {
             "lo_import",
             "fmgr_c_validator",
             "domain_in",
+            "pg_stat_get_activity",
+            "pg_stat_get_backend_activity",
+            "pg_show_all_settings",
+            "pg_get_replication_slots",
+            "pg_config",
         ] {
             assert!(
                 CATALOG_READ_ONLY.binary_search(&name).is_err(),
