@@ -628,7 +628,10 @@ fn without_noise_words(piece: &[TokenWithSpan]) -> Option<Vec<TokenWithSpan>> {
             } else if is(n, "standalone") && (is(n + 1, "yes") || is(n + 1, "no")) {
                 set(n, Edit::Words(&["NULL"]));
                 set(n + 1, Edit::Drop);
-            } else if is(n, "version") {
+            } else if is(n, "version")
+                && at(n + 1).is_some_and(|t| matches!(t.token, Token::SingleQuotedString(_)))
+            {
+                // Only before a literal: `version(...)` may be a user's function.
                 set(n, Edit::Drop);
             }
         }
