@@ -16,6 +16,9 @@
 //! - Skipped and counted: psql meta-commands, `COPY ... FROM STDIN` and its data, statements
 //!   that use psql variables, and transaction control (run for real, not compared).
 //!
+//! Each statement is judged twice, without and through the classification cache (as the daemon
+//! judges); the verdicts must agree.
+//!
 //! It fails on any statement the oracle says writes and the policy allows, and on a false-deny
 //! rate at or above 1%, where a false deny is a read denied for a reason no policy intends.
 //! Reads denied by design are counted apart, by reason: a function that is not a built-in
@@ -399,6 +402,8 @@ struct Tally {
     false_denies: Vec<(String, String, String)>,
     denied_by_design: BTreeMap<&'static str, usize>,
     writes_allowed: Vec<(String, String, String)>,
+    /// Statements whose verdict through the classification cache differs from without it.
+    cache_differs: Vec<String>,
     reconnects: usize,
 }
 
@@ -601,7 +606,10 @@ fn regression_corpus_under_read_only_policy() {
     assert!(files.len() > 100, "schedule lists {} files", files.len());
 
     let parsed = parse_file(Path::new("read-only.toml"), READ_ONLY_POLICY).expect("policy");
-    let set = PolicySet::new(parsed.rules, parsed.targets, Vec::new()).without_cache();
+    let set =
+        PolicySet::new(parsed.rules.clone(), parsed.targets.clone(), Vec::new()).without_cache();
+    // The daemon's way, through the classification cache: every verdict must be the same.
+    let cached = PolicySet::new(parsed.rules, parsed.targets, Vec::new());
     let identity = ProcessIdentity::default();
     let target = TargetRef {
         name: "db",
@@ -714,6 +722,20 @@ fn regression_corpus_under_read_only_policy() {
                         prepared: Some(&prepared),
                     },
                 });
+                let through_cache = cached.evaluate(&Request {
+                    target,
+                    identity: &identity,
+                    action: Action::Sql {
+                        text: &stmt.sql,
+                        prepared: Some(&prepared),
+                    },
+                });
+                if through_cache.decided != decision.decided {
+                    tally.cache_differs.push(format!(
+                        "{file}.sql:{}: {} uncached, {} cached",
+                        stmt.line, decision.decided, through_cache.decided
+                    ));
+                }
                 let classification = decision.sql.clone().unwrap_or_default();
                 for (name, what) in &classification.prepared {
                     prepared.insert(name, Arc::clone(what));
@@ -793,6 +815,12 @@ fn regression_corpus_under_read_only_policy() {
             .collect::<Vec<_>>()
             .join("\n")
     );
+    assert!(
+        tally.cache_differs.is_empty(),
+        "the classification cache changed {} verdicts:\n{}",
+        tally.cache_differs.len(),
+        tally.cache_differs.join("\n")
+    );
     let rate = false_deny_rate(&tally);
     assert!(
         rate < MAX_FALSE_DENY_RATE,
@@ -833,6 +861,11 @@ fn report(t: &Tally, started: Instant) -> String {
         s,
         "not comparable (other errors): {not_comparable} [{}]",
         codes.join(" ")
+    );
+    let _ = writeln!(
+        s,
+        "verdicts that differ through the classification cache: {}",
+        t.cache_differs.len()
     );
     let _ = writeln!(
         s,
