@@ -369,3 +369,57 @@ fn search_path_cannot_move_unqualified_names_and_table_is_a_read() {
     assert_eq!(error_code(&q[3]), Some("42501"), "{default}");
     assert_eq!(error_code(&q[4]), Some("42501"), "{default}");
 }
+
+/// Names as the server resolves them (issue #12): with a UTF8 database an unquoted name loses
+/// its ASCII capitals only, every name is cut to 63 bytes, and an unqualified catalog name is
+/// found in `pg_catalog` before `public`. A deny rule on the name the server uses holds
+/// whatever spelling reaches it, and a `public.*` allow rule does not cover the catalog.
+#[test]
+fn names_resolve_as_the_server_resolves_them() {
+    require_root();
+    let long = "s".repeat(63);
+    let policy = format!(
+        "{SEARCH_PATH_POLICY}\n[[rule]]\nid = \"no-secrets\"\nverdict = \"deny\"\n\
+         target = {{ name = [\"db\"] }}\nsql = {{ objects = [\"public.É\", \"public.{long}\"] }}\n"
+    );
+    let topo = Topology::new("");
+    let (pg, _daemon) = topo.postgres_target("scram-sha-256", &policy);
+    pg.admin_sql(
+        &topo,
+        &format!(
+            "CREATE TABLE public.\"É\" (v text); INSERT INTO public.\"É\" VALUES ('secret-upper'); \
+             CREATE TABLE public.\"é\" (v text); INSERT INTO public.\"é\" VALUES ('plain-lower'); \
+             CREATE TABLE public.{long} (v text); INSERT INTO public.{long} VALUES ('secret-long'); \
+             CREATE TABLE public.notes (v text); INSERT INTO public.notes VALUES ('public note')"
+        ),
+    );
+    let longer = format!("SELECT v FROM {long}xyz");
+    let quoted = format!("SELECT v FROM \"{long}XYZ\"");
+    let queries: [&[u8]; 8] = [
+        "SELECT v FROM É".as_bytes(),
+        "SELECT v FROM é".as_bytes(),
+        longer.as_bytes(),
+        quoted.as_bytes(),
+        b"SELECT usename FROM pg_stat_activity",
+        b"SELECT rolname FROM pg_roles",
+        b"SELECT * FROM pg_stat_get_activity(NULL)",
+        b"SELECT v FROM notes",
+    ];
+    let results = raw_sessions(&topo, &json!([session(&pg, &[], &queries)]));
+    assert!(
+        !json!(results).to_string().contains("secret-"),
+        "a denied table was read: {results:#?}"
+    );
+    let q = results[0]["queries"].as_array().unwrap();
+    for i in [0, 2, 3, 4, 5, 6] {
+        assert_eq!(
+            error_code(&q[i]),
+            Some("42501"),
+            "{}: {}",
+            String::from_utf8_lossy(queries[i]),
+            q[i]
+        );
+    }
+    assert_eq!(q[1][0]["row"][0], "plain-lower", "{}", q[1]);
+    assert_eq!(q[7][0]["row"][0], "public note", "{}", q[7]);
+}

@@ -391,10 +391,7 @@ impl SqlMatch {
         let objects = self.objects.is_empty()
             || match polarity {
                 Polarity::Cover => {
-                    c.objects_complete
-                        && c.objects
-                            .iter()
-                            .all(|o| self.objects.iter().any(|p| p.covers(o)))
+                    c.objects_complete && c.objects.iter().all(|o| self.covers_object(o))
                 }
                 Polarity::Touch => {
                     !c.objects_complete
@@ -422,17 +419,23 @@ impl SqlMatch {
     }
 }
 
-impl ObjectPattern {
+impl SqlMatch {
     /// Unqualified names resolve through the search path; a covering rule assumes the default
-    /// (`public`), as the server does for a role without its own schema.
-    fn covers(&self, object: &str) -> bool {
+    /// (`public`), as the server does for a role without its own schema, after `pg_catalog`,
+    /// which the server searches first: the rule must cover every schema the name may be in.
+    fn covers_object(&self, object: &str) -> bool {
+        let covered = |name: &str| self.objects.iter().any(|p| p.full.is_match(name));
         if object.contains('.') {
-            self.full.is_match(object)
-        } else {
-            self.full.is_match(object) || self.full.is_match(&format!("public.{object}"))
+            return covered(object);
         }
+        covered(object)
+            || super::sql::unqualified_resolutions(object)
+                .iter()
+                .all(|schema| covered(&format!("{schema}.{object}")))
     }
+}
 
+impl ObjectPattern {
     /// An unqualified name might be in any schema on the search path: any table part match.
     fn touches(&self, object: &str) -> bool {
         self.full.is_match(object)

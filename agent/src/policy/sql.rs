@@ -15,7 +15,7 @@
 use std::{
     collections::{BTreeSet, HashMap},
     fmt,
-    sync::Arc,
+    sync::{Arc, LazyLock},
 };
 
 use serde::{Deserialize, Serialize};
@@ -33,6 +33,56 @@ use super::{sql_settings, sql_utility, sql_walk::classify_statement};
 pub const MAX_SQL_LEN: usize = 1024 * 1024;
 /// Deepest nesting the parser follows before giving up (its own stack guard).
 pub(super) const RECURSION_LIMIT: usize = 64;
+
+/// Longest identifier the server keeps, in bytes (`NAMEDATALEN - 1`); it cuts longer ones.
+const MAX_IDENTIFIER_BYTES: usize = 63;
+
+/// An identifier as PostgreSQL reads it with a UTF8 server encoding: an unquoted name loses its
+/// ASCII capitals only (`downcase_identifier` leaves every other letter alone in a multibyte
+/// encoding: `É` stays `É`), and any name is cut to 63 bytes at a character boundary
+/// (`truncate_identifier`), so `SELECT * FROM ABC` and `"abc"` name one table and `"É"` and `é`
+/// two.
+pub fn fold_identifier(value: &str, quoted: bool) -> String {
+    let mut out = if quoted {
+        value.to_string()
+    } else {
+        value.to_ascii_lowercase()
+    };
+    if out.len() > MAX_IDENTIFIER_BYTES {
+        let mut end = MAX_IDENTIFIER_BYTES;
+        while !out.is_char_boundary(end) {
+            end -= 1;
+        }
+        out.truncate(end);
+    }
+    out
+}
+
+/// PostgreSQL 15's `pg_catalog` relations, one a line, `#` comments, sorted (a test checks).
+const CATALOG_RELATIONS_TEXT: &str = include_str!("builtin/pg15_catalog_relations.txt");
+
+static CATALOG_RELATIONS: LazyLock<Vec<&'static str>> = LazyLock::new(|| {
+    CATALOG_RELATIONS_TEXT
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect()
+});
+
+/// Where the server may find an unqualified relation name, given a search path the gateway
+/// admits (`"$user", public` or `public`: neither names `pg_catalog`, which the server then
+/// searches first). A relation of PostgreSQL 15's catalog is `pg_catalog.name`; another name
+/// beginning with `pg_` may be a catalog relation of a newer server or a table in `public`, so
+/// it is both; any other name is `public.name` (relations in `pg_catalog` all begin with `pg_`).
+pub fn unqualified_resolutions(name: &str) -> &'static [&'static str] {
+    if CATALOG_RELATIONS.binary_search(&name).is_ok() {
+        &["pg_catalog"]
+    } else if name.starts_with("pg_") {
+        &["pg_catalog", "public"]
+    } else {
+        &["public"]
+    }
+}
 
 /// What a statement does, ordered from least to most consequential.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -333,10 +383,18 @@ fn classify_pieces(sql: &str, prepared: Option<&PreparedStatements>, out: &mut C
             utility_piece(sql_utility::vacuum_or_analyze(piece), out);
             continue;
         }
-        let parsed = Parser::new(&dialect)
-            .with_recursion_limit(RECURSION_LIMIT)
-            .with_tokens_with_locations(piece.to_vec())
-            .parse_statements();
+        let parse = |tokens: Vec<TokenWithSpan>| {
+            Parser::new(&dialect)
+                .with_recursion_limit(RECURSION_LIMIT)
+                .with_tokens_with_locations(tokens)
+                .parse_statements()
+        };
+        let parsed = parse(piece.to_vec()).or_else(|e| {
+            without_noise_words(piece)
+                .ok_or(())
+                .and_then(|tokens| parse(tokens).map_err(|_| ()))
+                .map_err(|()| e)
+        });
         match parsed {
             Ok(statements) => {
                 for s in &statements {
@@ -346,6 +404,15 @@ fn classify_pieces(sql: &str, prepared: Option<&PreparedStatements>, out: &mut C
             Err(e) => {
                 if let Some(copy) = sql_utility::copy_with_options(piece) {
                     utility_piece(Some(copy), out);
+                    continue;
+                }
+                if let Some(class) = sql_utility::set_extras(piece) {
+                    out.statements += 1;
+                    out.classes.insert(class);
+                    continue;
+                }
+                if let Some(fetch) = sql_utility::fetch_or_move(piece) {
+                    utility_piece(Some(fetch), out);
                     continue;
                 }
                 if let Some(query) = table_statement(piece) {
@@ -376,6 +443,227 @@ fn classify_pieces(sql: &str, prepared: Option<&PreparedStatements>, out: &mut C
             }
         }
     }
+}
+
+/// A piece rewritten without the syntax the parser lacks, where leaving it out changes neither
+/// which statement it is nor what it calls or touches (every expression stays, as an argument):
+///
+/// - `VARIADIC` before a function argument (a reserved keyword: never a name unquoted);
+/// - a window frame's `EXCLUDE CURRENT ROW | GROUP | TIES | NO OTHERS`, and a cast on a frame
+///   offset (`'1 year'::interval PRECEDING`);
+/// - `XMLEXISTS(x PASSING [BY REF|VALUE] doc [BY REF|VALUE])` read as two arguments;
+/// - `XMLELEMENT(NAME tag, ...)` and `XMLPI(NAME target, ...)` without `NAME`;
+/// - `SUBSTRING(s SIMILAR pattern ESCAPE e)` read as three arguments;
+/// - `(composite).*` read as `(composite)`; `BETWEEN SYMMETRIC` as `BETWEEN`; postfix `ISNULL` /
+///   `NOTNULL` as `IS [NOT] NULL`; `IS [NOT] DOCUMENT` as `IS [NOT] NULL`; `XMLROOT`'s
+///   `VERSION`/`STANDALONE` clauses as plain arguments;
+/// - a recursive CTE's `SEARCH ... SET col` and `CYCLE ... USING col` (names and constants);
+/// - `ROWS FROM (f(...), g(...))` read as `UNNEST(f(...), g(...))`: the same calls.
+///
+/// What remains is parsed and judged as the statement; `None` when nothing was rewritten.
+#[expect(
+    clippy::too_many_lines,
+    reason = "one table of narrow rewrites, each a few lines, read best side by side"
+)]
+fn without_noise_words(piece: &[TokenWithSpan]) -> Option<Vec<TokenWithSpan>> {
+    #[derive(Clone, PartialEq)]
+    enum Edit {
+        Keep,
+        Drop,
+        Comma,
+        Words(&'static [&'static str]),
+    }
+    let word = |t: &TokenWithSpan, k: &str| matches!(&t.token, Token::Word(w) if w.quote_style.is_none() && w.value.eq_ignore_ascii_case(k));
+    let sig: Vec<usize> = (0..piece.len())
+        .filter(|&i| !matches!(piece[i].token, Token::Whitespace(_)))
+        .collect();
+    let at = |n: usize| sig.get(n).map(|&j| &piece[j]);
+    let is = |n: usize, k: &str| at(n).is_some_and(|t| word(t, k));
+    let mut edit = vec![Edit::Keep; piece.len()];
+    let mut set = |n: usize, e: Edit| {
+        if let Some(&j) = sig.get(n) {
+            edit[j] = e;
+        }
+    };
+    let token = |n: usize, t: &Token| at(n).is_some_and(|x| &x.token == t);
+    let ident = |n: usize| {
+        at(n).is_some_and(
+            |x| matches!(&x.token, Token::Word(w) if w.quote_style.is_none_or(|q| q == '"')),
+        )
+    };
+    // `col {, col}` from `n`: the index after it.
+    let idents = |mut n: usize| {
+        if !ident(n) {
+            return None;
+        }
+        while token(n + 1, &Token::Comma) && ident(n + 2) {
+            n += 2;
+        }
+        Some(n + 1)
+    };
+    // A recursive CTE's `SEARCH {DEPTH | BREADTH} FIRST BY cols SET col` or `CYCLE cols SET col
+    // [TO const DEFAULT const] USING col`: names and constants only. The index after it.
+    let search_or_cycle = |n: usize| -> Option<usize> {
+        if n == 0 || !token(n - 1, &Token::RParen) {
+            return None;
+        }
+        let m = if is(n, "search") && (is(n + 1, "depth") || is(n + 1, "breadth")) {
+            (is(n + 2, "first") && is(n + 3, "by")).then_some(())?;
+            idents(n + 4)?
+        } else if is(n, "cycle") {
+            idents(n + 1)?
+        } else {
+            return None;
+        };
+        (is(m, "set") && ident(m + 1)).then_some(())?;
+        let mut m = m + 2;
+        if is(n, "cycle") {
+            if is(m, "to") {
+                let constant = |k: usize| {
+                    at(k).is_some_and(|x| {
+                        matches!(x.token, Token::SingleQuotedString(_) | Token::Number(..))
+                            || word(x, "true")
+                            || word(x, "false")
+                    })
+                };
+                (constant(m + 1) && is(m + 2, "default") && constant(m + 3)).then_some(())?;
+                m += 4;
+            }
+            (is(m, "using") && ident(m + 1)).then_some(())?;
+            m += 2;
+        }
+        Some(m)
+    };
+    let mut similar = false;
+    for n in 0..sig.len() {
+        if let Some(end) = search_or_cycle(n) {
+            for k in n..end {
+                set(k, Edit::Drop);
+            }
+        } else if is(n, "rows")
+            && is(n + 1, "from")
+            && token(n + 2, &Token::LParen)
+            && n > 0
+            && (is(n - 1, "from")
+                || is(n - 1, "join")
+                || is(n - 1, "lateral")
+                || token(n - 1, &Token::Comma))
+        {
+            // `ROWS FROM (f(...), g(...))`: the same calls, as arguments of UNNEST.
+            set(n, Edit::Words(&["UNNEST"]));
+            set(n + 1, Edit::Drop);
+        } else if is(n, "variadic") {
+            set(n, Edit::Drop);
+        } else if is(n, "exclude") {
+            let len = if (is(n + 1, "current") && is(n + 2, "row"))
+                || (is(n + 1, "no") && is(n + 2, "others"))
+            {
+                3
+            } else if is(n + 1, "group") || is(n + 1, "ties") {
+                2
+            } else {
+                0
+            };
+            for k in 0..len {
+                set(n + k, Edit::Drop);
+            }
+        } else if at(n).is_some_and(|t| t.token == Token::DoubleColon)
+            && at(n + 1).is_some_and(|t| matches!(t.token, Token::Word(_)))
+            && (is(n + 2, "preceding") || is(n + 2, "following"))
+        {
+            set(n, Edit::Drop);
+            set(n + 1, Edit::Drop);
+        } else if is(n, "passing") {
+            set(n, Edit::Comma);
+            if is(n + 1, "by") && (is(n + 2, "ref") || is(n + 2, "value")) {
+                set(n + 1, Edit::Drop);
+                set(n + 2, Edit::Drop);
+            }
+        } else if is(n, "by")
+            && (is(n + 1, "ref") || is(n + 1, "value"))
+            && at(n + 2).is_some_and(|t| t.token == Token::RParen)
+            && (0..n).any(|m| is(m, "passing"))
+        {
+            set(n, Edit::Drop);
+            set(n + 1, Edit::Drop);
+        } else if is(n, "name")
+            && n >= 2
+            && at(n - 1).is_some_and(|t| t.token == Token::LParen)
+            && (is(n - 2, "xmlelement") || is(n - 2, "xmlpi"))
+        {
+            set(n, Edit::Drop);
+        } else if is(n, "similar") && !is(n + 1, "to") && n > 0 && !is(n - 1, "not") {
+            similar = true;
+            set(n, Edit::Comma);
+        } else if similar && is(n, "escape") {
+            set(n, Edit::Comma);
+        } else if token(n, &Token::RParen)
+            && token(n + 1, &Token::Period)
+            && token(n + 2, &Token::Mul)
+        {
+            // `(composite).*`: the expansion, not what is expanded.
+            set(n + 1, Edit::Drop);
+            set(n + 2, Edit::Drop);
+        } else if is(n, "symmetric") && n > 0 && is(n - 1, "between") {
+            set(n, Edit::Drop);
+        } else if is(n, "isnull") {
+            set(n, Edit::Words(&["IS", "NULL"]));
+        } else if is(n, "notnull") {
+            set(n, Edit::Words(&["IS", "NOT", "NULL"]));
+        } else if is(n, "document")
+            && n > 0
+            && (is(n - 1, "is") || (n > 1 && is(n - 1, "not") && is(n - 2, "is")))
+        {
+            set(n, Edit::Words(&["NULL"]));
+        } else if (is(n, "version") || is(n, "standalone"))
+            && n > 0
+            && token(n - 1, &Token::Comma)
+            && (0..n).any(|m| is(m, "xmlroot"))
+        {
+            // XMLROOT(x, VERSION v | VERSION NO VALUE, STANDALONE YES | NO | NO VALUE).
+            if is(n + 1, "no") && is(n + 2, "value") {
+                set(n, Edit::Words(&["NULL"]));
+                set(n + 1, Edit::Drop);
+                set(n + 2, Edit::Drop);
+            } else if is(n, "standalone") && (is(n + 1, "yes") || is(n + 1, "no")) {
+                set(n, Edit::Words(&["NULL"]));
+                set(n + 1, Edit::Drop);
+            } else if is(n, "version")
+                && at(n + 1).is_some_and(|t| matches!(t.token, Token::SingleQuotedString(_)))
+            {
+                // Only before a literal: `version(...)` may be a user's function.
+                set(n, Edit::Drop);
+            }
+        }
+    }
+    edit.iter().any(|e| *e != Edit::Keep).then(|| {
+        let mut out = Vec::with_capacity(piece.len() + 2);
+        for (t, e) in piece.iter().zip(edit) {
+            match e {
+                Edit::Keep => out.push(t.clone()),
+                Edit::Drop => {}
+                Edit::Comma => out.push(TokenWithSpan {
+                    token: Token::Comma,
+                    span: t.span,
+                }),
+                Edit::Words(words) => {
+                    for (i, w) in words.iter().enumerate() {
+                        if i > 0 {
+                            out.push(TokenWithSpan {
+                                token: Token::Whitespace(sqlparser::tokenizer::Whitespace::Space),
+                                span: t.span,
+                            });
+                        }
+                        out.push(TokenWithSpan {
+                            token: Token::make_keyword(w),
+                            span: t.span,
+                        });
+                    }
+                }
+            }
+        }
+        out
+    })
 }
 
 /// `TABLE name ...` as a statement of its own, which the parser reads only inside a query:

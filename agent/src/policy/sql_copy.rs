@@ -142,13 +142,9 @@ pub fn copy_specs(
     Some(specs)
 }
 
-/// An identifier as the server resolves it: unquoted names fold to lowercase.
+/// An identifier as the server resolves it (see [`super::sql::fold_identifier`]).
 fn fold(ident: &sqlparser::ast::Ident) -> String {
-    if ident.quote_style.is_some() {
-        ident.value.clone()
-    } else {
-        ident.value.to_lowercase()
-    }
+    super::sql::fold_identifier(&ident.value, ident.quote_style.is_some())
 }
 
 /// The format a COPY's options ask for; `None` for one that cannot be followed (a delimiter

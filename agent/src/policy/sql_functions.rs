@@ -5,8 +5,27 @@
 //! function, an extension's function, a built-in we have not vetted) is `unknown`, because a
 //! function can write, sleep, call out or change the role, and `SELECT f()` looks like a read.
 //! Functions that run SQL given as text (`query_to_xml`) are deliberately not listed.
+//!
+//! Two lists: [`READ_ONLY`], vetted by hand (it may name volatile built-ins without side
+//! effects), and the PostgreSQL 15 catalog's own word (`builtin/pg15_read_only_functions.txt`):
+//! the names all of whose overloads are declared IMMUTABLE or STABLE, which PostgreSQL defines as
+//! unable to modify the database, less the exceptions `scripts/pg-read-only-functions.sql`
+//! names. The side-effecting names below are checked before the catalog list.
+
+use std::sync::LazyLock;
 
 use super::sql::SqlClass;
+
+/// The catalog list, one name a line, `#` comments; sorted (a test checks).
+const CATALOG_TEXT: &str = include_str!("builtin/pg15_read_only_functions.txt");
+
+static CATALOG_READ_ONLY: LazyLock<Vec<&'static str>> = LazyLock::new(|| {
+    CATALOG_TEXT
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect()
+});
 
 /// What calling `name` (lowercase, without a `pg_catalog.` prefix) adds to a statement.
 /// `None`: read-only built-in. `Some(Unknown)`: not known.
@@ -82,12 +101,15 @@ pub(super) fn function_effect(name: &str) -> Option<SqlClass> {
         | "pg_sleep_until"
         | "txid_current"
         | "pg_current_xact_id" => SqlClass::AdminFunction,
+        _ if CATALOG_READ_ONLY.binary_search(&name).is_ok() => return None,
         _ => SqlClass::Unknown,
     };
     Some(class)
 }
 
 /// Built-ins with no side effects beyond reading, sorted for binary search (a test checks).
+/// The SQL/XML constructs (`XMLELEMENT`, `XMLPI`, ...) are syntax the parser reads as calls; the
+/// server's grammar never lets a function of that name be called unquoted.
 /// Special forms such as `CAST`, `EXTRACT`, `SUBSTRING ... FROM` are not calls in the parser's
 /// tree and need no entry; `CURRENT_TIMESTAMP` and friends are, and are listed.
 const READ_ONLY: &[&str] = &[
@@ -149,6 +171,7 @@ const READ_ONLY: &[&str] = &[
     "current_time",
     "current_timestamp",
     "current_user",
+    "currval",
     "date_bin",
     "date_part",
     "date_trunc",
@@ -219,6 +242,7 @@ const READ_ONLY: &[&str] = &[
     "justify_interval",
     "lag",
     "last_value",
+    "lastval",
     "lead",
     "least",
     "left",
@@ -263,11 +287,14 @@ const READ_ONLY: &[&str] = &[
     "pg_get_viewdef",
     "pg_indexes_size",
     "pg_is_in_recovery",
+    "pg_partition_ancestors",
+    "pg_partition_tree",
     "pg_postmaster_start_time",
     "pg_relation_size",
     "pg_size_pretty",
     "pg_table_is_visible",
     "pg_table_size",
+    "pg_tablespace_size",
     "pg_total_relation_size",
     "pg_typeof",
     "pi",
@@ -340,6 +367,11 @@ const READ_ONLY: &[&str] = &[
     "variance",
     "version",
     "width_bucket",
+    "xmlconcat",
+    "xmlelement",
+    "xmlforest",
+    "xmlpi",
+    "xmlroot",
 ];
 
 #[cfg(test)]
@@ -365,6 +397,54 @@ mod tests {
                 "{name} must not be read-only"
             );
         }
+    }
+
+    #[test]
+    fn the_catalog_list_is_sorted_and_leaves_out_what_writes() {
+        assert!(
+            CATALOG_READ_ONLY.len() > 2000,
+            "{}",
+            CATALOG_READ_ONLY.len()
+        );
+        assert!(
+            CATALOG_READ_ONLY.windows(2).all(|w| w[0] < w[1]),
+            "the catalog list must be sorted (bytewise) and unique"
+        );
+        for name in [
+            "query_to_xml",
+            "table_to_xml",
+            "cursor_to_xml",
+            "ts_rewrite",
+            "ts_stat",
+            "txid_current",
+            "pg_current_xact_id",
+            "set_config",
+            "nextval",
+            "currval",
+            "pg_sleep",
+            "pg_read_file",
+            "lo_import",
+            "fmgr_c_validator",
+            "domain_in",
+            "pg_stat_get_activity",
+            "pg_stat_get_backend_activity",
+            "pg_show_all_settings",
+            "pg_get_replication_slots",
+            "pg_config",
+        ] {
+            assert!(
+                CATALOG_READ_ONLY.binary_search(&name).is_err(),
+                "{name} must not be in the catalog list"
+            );
+        }
+        // The side-effecting names win over the catalog list.
+        assert_eq!(
+            function_effect("txid_current"),
+            Some(SqlClass::AdminFunction)
+        );
+        assert_eq!(function_effect("int4range"), None);
+        assert_eq!(function_effect("jsonb_populate_record"), None);
+        assert_eq!(function_effect("Int4range"), Some(SqlClass::Unknown));
     }
 
     #[test]

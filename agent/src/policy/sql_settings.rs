@@ -280,7 +280,7 @@ pub fn split_identifier_list(text: &str) -> Option<Vec<String>> {
                     Some((_, c)) => out.push(c),
                 }
             };
-            name = out;
+            name = super::sql::fold_identifier(&out, true);
             rest = &quoted[end..];
         } else {
             let end = rest
@@ -289,7 +289,7 @@ pub fn split_identifier_list(text: &str) -> Option<Vec<String>> {
             if end == 0 {
                 return None;
             }
-            name = rest[..end].to_ascii_lowercase();
+            name = super::sql::fold_identifier(&rest[..end], false);
             rest = &rest[end..];
         }
         names.push(name);

@@ -6,6 +6,10 @@
 //! - `COPY table FROM STDIN` / `TO STDOUT` with an option list the parser lacks (`WITH (FREEZE
 //!   ON)`, as `pgbench -i` sends); asked only after the parser failed.
 //!
+//! - `FETCH` and `MOVE` in every direction PostgreSQL has (the parser lacks `FETCH c`,
+//!   `FETCH ALL c`, `FETCH PRIOR c`, signed counts and `MOVE`); asked only after the parser
+//!   failed. Both read from a cursor whose query was judged when it was declared.
+//!
 //! Each grammar is narrow: a piece outside it is `None`, and the caller judges it `unknown`.
 //! Relation names are normalized as the parser's are (unquoted names fold to lowercase, quoted
 //! ones keep their case, parts joined with `.`).
@@ -138,6 +142,88 @@ pub(super) fn copy_with_options(piece: &[TokenWithSpan]) -> Option<Utility> {
     })
 }
 
+/// `FETCH [direction] [FROM | IN] cursor` or `MOVE ...`, as PostgreSQL 15's grammar has them:
+/// direction is `NEXT`, `PRIOR`, `FIRST`, `LAST`, `ABSOLUTE n`, `RELATIVE n`, `n`, `ALL`,
+/// `FORWARD [n | ALL]` or `BACKWARD [n | ALL]`, `n` a signed integer. A read; `None` outside
+/// this grammar.
+pub(super) fn fetch_or_move(piece: &[TokenWithSpan]) -> Option<Utility> {
+    let mut c = Cursor::new(piece);
+    if !(c.keyword("FETCH") || c.keyword("MOVE")) {
+        return None;
+    }
+    let count = |c: &mut Cursor<'_>| {
+        let _ = c.token(&Token::Minus) || c.token(&Token::Plus);
+        matches!(c.next(), Some(Token::Number(n, false)) if n.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| c.at += 1)
+            .is_some()
+    };
+    if c.keyword("ABSOLUTE") || c.keyword("RELATIVE") {
+        if !count(&mut c) {
+            return None;
+        }
+    } else if c.keyword("FORWARD") || c.keyword("BACKWARD") {
+        let _ = c.keyword("ALL") || count(&mut c);
+    } else if !(c.keyword("NEXT")
+        || c.keyword("PRIOR")
+        || c.keyword("FIRST")
+        || c.keyword("LAST")
+        || c.keyword("ALL"))
+        && matches!(
+            c.next(),
+            Some(Token::Minus | Token::Plus | Token::Number(..))
+        )
+        && !count(&mut c)
+    {
+        return None;
+    }
+    let _ = c.keyword("FROM") || c.keyword("IN");
+    // The cursor's name: one identifier, and nothing after it.
+    if !matches!(c.next(), Some(Token::Word(w)) if w.quote_style.is_none_or(|q| q == '"')) {
+        return None;
+    }
+    c.at += 1;
+    c.at_end().then(|| Utility {
+        class: SqlClass::Read,
+        objects: Vec::new(),
+        objects_complete: true,
+    })
+}
+
+/// `SET CONSTRAINTS {ALL | name, ...} {DEFERRED | IMMEDIATE}` (when this transaction checks
+/// deferrable constraints), `SET [SESSION | LOCAL] XML OPTION {DOCUMENT | CONTENT}` (how XML
+/// text is parsed) and `RESET TIME ZONE`: statements the parser lacks that touch nothing
+/// beyond the transaction or the session. `None` outside this grammar.
+pub(super) fn set_extras(piece: &[TokenWithSpan]) -> Option<SqlClass> {
+    let mut c = Cursor::new(piece);
+    let class = if c.keyword("RESET") {
+        (c.keyword("TIME") && c.keyword("ZONE")).then_some(SqlClass::Session)?
+    } else if c.keyword("SET") {
+        if c.keyword("CONSTRAINTS") {
+            if !c.keyword("ALL") {
+                loop {
+                    c.ident()?;
+                    if c.token(&Token::Period) {
+                        c.ident()?;
+                    }
+                    if !c.token(&Token::Comma) {
+                        break;
+                    }
+                }
+            }
+            (c.keyword("DEFERRED") || c.keyword("IMMEDIATE")).then_some(SqlClass::Transaction)?
+        } else {
+            let _ = c.keyword("SESSION") || c.keyword("LOCAL");
+            (c.keyword("XML")
+                && c.keyword("OPTION")
+                && (c.keyword("DOCUMENT") || c.keyword("CONTENT")))
+            .then_some(SqlClass::Session)?
+        }
+    } else {
+        return None;
+    };
+    c.at_end().then_some(class)
+}
+
 /// The significant tokens of a piece: no whitespace, comments or end marker.
 struct Cursor<'a> {
     tokens: Vec<&'a Token>,
@@ -194,9 +280,9 @@ impl<'a> Cursor<'a> {
             Token::Word(w) => {
                 self.at += 1;
                 Some(match w.quote_style {
-                    Some('"') => w.value.clone(),
+                    Some('"') => super::sql::fold_identifier(&w.value, true),
                     Some(_) => return None,
-                    None => w.value.to_lowercase(),
+                    None => super::sql::fold_identifier(&w.value, false),
                 })
             }
             _ => None,

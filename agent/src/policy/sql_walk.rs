@@ -14,7 +14,7 @@ use sqlparser::ast::{
 };
 
 use super::{
-    sql::{Classification, PreparedStatements, SqlClass},
+    sql::{fold_identifier, Classification, PreparedStatements, SqlClass},
     sql_functions::function_effect,
     sql_settings::{self, SettingValue},
 };
@@ -145,6 +145,10 @@ impl Walker<'_, '_> {
     }
 
     fn function(&mut self, name: &ObjectName, args: Option<&FunctionArguments>) {
+        if is_constructor_keyword(name) {
+            // What it holds is visited as any other expression or query.
+            return;
+        }
         let full = normalize_name(name);
         let short = full
             .strip_prefix("pg_catalog.")
@@ -656,13 +660,25 @@ fn set_config_effect(args: Option<&FunctionArguments>) -> Result<SqlClass, Strin
     sql_settings::judge(name, &value)
 }
 
-/// An identifier as the server resolves it: unquoted names fold to lowercase.
+/// `ARRAY(SELECT ...)`, `ROW(1, 2)` and `(VALUES ...)` as an expression, which the parser reads
+/// as calls to functions named `array`, `row` and `values`. The server never does: the three
+/// are reserved keywords, so unquoted they are constructors and a subquery, and only a quoted
+/// `"array"(...)` could call a function of that name.
+fn is_constructor_keyword(name: &ObjectName) -> bool {
+    let [part] = name.0.as_slice() else {
+        return false;
+    };
+    part.as_ident().is_some_and(|i| {
+        i.quote_style.is_none()
+            && ["array", "row", "values"]
+                .iter()
+                .any(|k| i.value.eq_ignore_ascii_case(k))
+    })
+}
+
+/// An identifier as the server resolves it (see [`fold_identifier`]).
 fn normalize_ident(ident: &Ident) -> String {
-    if ident.quote_style.is_some() {
-        ident.value.clone()
-    } else {
-        ident.value.to_lowercase()
-    }
+    fold_identifier(&ident.value, ident.quote_style.is_some())
 }
 
 fn normalize_name(name: &ObjectName) -> String {

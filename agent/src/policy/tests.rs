@@ -363,6 +363,95 @@ fn objects_and_functions() {
 }
 
 #[test]
+fn unqualified_catalog_names_resolve_to_pg_catalog_first() {
+    let id = agent();
+    let set = policy(
+        "[[target]]\nname = \"db\"\n\
+         [[rule]]\nid = \"public-reads\"\nverdict = \"allow\"\nsql = { class = [\"read\"], objects = [\"public.*\"] }\n",
+    );
+    let verdict = |q: &str| set.evaluate(&sql("db", &id, q)).verdict;
+    // The server searches pg_catalog before "$user", public: these are catalog views.
+    for q in [
+        "SELECT * FROM pg_stat_activity",
+        "SELECT * FROM PG_AUTHID",
+        "SELECT rolpassword FROM pg_authid",
+        "SELECT * FROM users JOIN pg_shadow ON true",
+        // Not a PostgreSQL 15 catalog name, but maybe a newer server's: either schema.
+        "SELECT * FROM pg_stat_io",
+    ] {
+        assert_eq!(verdict(q), Verdict::Deny, "{q}");
+    }
+    assert_eq!(
+        verdict("SELECT * FROM public.pg_stat_activity"),
+        Verdict::Allow
+    );
+    assert_eq!(verdict("SELECT * FROM users"), Verdict::Allow);
+    assert_eq!(
+        verdict("SELECT * FROM \"pg_stat_activity_\""),
+        Verdict::Deny
+    );
+
+    let catalog = policy(
+        "[[target]]\nname = \"db\"\n\
+         [[rule]]\nid = \"catalog-reads\"\nverdict = \"allow\"\nsql = { class = [\"read\"], objects = [\"pg_catalog.*\"] }\n",
+    );
+    let verdict = |q: &str| catalog.evaluate(&sql("db", &id, q)).verdict;
+    assert_eq!(verdict("SELECT * FROM pg_class"), Verdict::Allow);
+    assert_eq!(verdict("SELECT * FROM pg_catalog.pg_class"), Verdict::Allow);
+    assert_eq!(
+        verdict("SELECT * FROM pg_stat_io"),
+        Verdict::Deny,
+        "maybe public.pg_stat_io"
+    );
+    assert_eq!(verdict("SELECT * FROM users"), Verdict::Deny);
+
+    let both = policy(
+        "[[target]]\nname = \"db\"\n\
+         [[rule]]\nid = \"reads\"\nverdict = \"allow\"\nsql = { class = [\"read\"], objects = [\"pg_catalog.*\", \"public.*\"] }\n",
+    );
+    assert_eq!(
+        both.evaluate(&sql("db", &id, "SELECT * FROM pg_stat_io"))
+            .verdict,
+        Verdict::Allow
+    );
+}
+
+#[test]
+fn identifiers_fold_as_the_server_folds_them_in_utf8() {
+    use super::sql::fold_identifier;
+    assert_eq!(fold_identifier("ABC", false), "abc");
+    assert_eq!(fold_identifier("ABC", true), "ABC");
+    // PostgreSQL lowercases only ASCII letters in a multibyte encoding.
+    assert_eq!(fold_identifier("ÉTÉ", false), "ÉtÉ");
+    assert_eq!(fold_identifier("ΣΑΣ", false), "ΣΑΣ");
+    assert_eq!(fold_identifier("İx", false), "İx");
+    // Cut to 63 bytes, never inside a character.
+    assert_eq!(fold_identifier(&"a".repeat(70), false), "a".repeat(63));
+    assert_eq!(fold_identifier(&"é".repeat(40), true), "é".repeat(31));
+    // A deny rule on the name the server uses touches the longer spelling of it.
+    let id = agent();
+    let long = "s".repeat(63);
+    let set = policy(&format!(
+        "[[target]]\nname = \"db\"\n\
+         [[rule]]\nid = \"reads\"\nverdict = \"allow\"\nsql = {{ class = [\"read\"] }}\n\
+         [[rule]]\nid = \"no-secret\"\nverdict = \"deny\"\nsql = {{ objects = [\"public.{long}\", \"public.É\"] }}\n"
+    ));
+    let verdict = |q: &str| set.evaluate(&sql("db", &id, q)).verdict;
+    assert_eq!(verdict(&format!("SELECT * FROM {long}")), Verdict::Deny);
+    assert_eq!(verdict(&format!("SELECT * FROM {long}xyz")), Verdict::Deny);
+    assert_eq!(
+        verdict(&format!("SELECT * FROM \"{long}XYZ\"")),
+        Verdict::Deny
+    );
+    assert_eq!(verdict("SELECT * FROM É"), Verdict::Deny);
+    assert_eq!(
+        verdict("SELECT * FROM é"),
+        Verdict::Allow,
+        "another table for the server"
+    );
+}
+
+#[test]
 fn maintenance_rules_can_name_tables() {
     let id = agent();
     let set = policy(
