@@ -93,6 +93,37 @@ impl PolicySet {
         Cow::Owned(out)
     }
 
+    /// Whether a session of `identity` on `target` may run anything that writes: a rule that
+    /// could apply allows or holds for approval a writing class (or any class), the target's
+    /// default or `on_unknown` is not deny, or the target is in observe mode. Facts the
+    /// identity lacks count as matching (it may write). When it may not, the PostgreSQL
+    /// gateway opens the session read-only at the server, which then refuses writes hidden
+    /// behind objects the gateway cannot see into (a view calling a volatile function).
+    pub fn may_write(&self, target: TargetRef<'_>, identity: &ProcessIdentity) -> bool {
+        let settings = self.settings_for(target);
+        if settings.mode == Mode::Observe
+            || settings.default != Verdict::Deny
+            || settings.on_unknown != Verdict::Deny
+        {
+            return true;
+        }
+        self.rules.iter().any(|rule| {
+            matches!(
+                rule.effect,
+                Effect::Verdict(Verdict::Allow | Verdict::Approve)
+            ) && rule.target.matches(target)
+                && rule.identity.matches(identity, Polarity::Touch)
+                && match &rule.request {
+                    RequestMatch::Any => true,
+                    RequestMatch::Sql(m) => m
+                        .classes
+                        .as_ref()
+                        .is_none_or(|classes| classes.iter().any(|c| c.writes())),
+                    RequestMatch::Ssh(_) | RequestMatch::Http(_) | RequestMatch::Kube(_) => false,
+                }
+        })
+    }
+
     pub fn evaluate(&self, req: &Request<'_>) -> Decision {
         let settings = self.settings_for(req.target);
         let analysis = self.analyze(&req.action, &settings);

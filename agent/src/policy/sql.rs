@@ -133,6 +133,16 @@ pub enum SqlClass {
 }
 
 impl SqlClass {
+    /// Whether statements of this class can change anything: every class but `read`,
+    /// `transaction` and `session` (a session whose rules allow none of them can be opened
+    /// read-only at the server).
+    pub fn writes(self) -> bool {
+        !matches!(
+            self,
+            SqlClass::Read | SqlClass::Transaction | SqlClass::Session
+        )
+    }
+
     pub const ALL: [SqlClass; 24] = [
         SqlClass::Transaction,
         SqlClass::Session,

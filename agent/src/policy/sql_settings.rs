@@ -50,8 +50,25 @@ pub(super) fn judge(name: &str, value: &SettingValue) -> Result<SqlClass, String
             Err(()) => Err("client_encoding set to a value the gateway cannot read".into()),
         },
         "search_path" => search_path(value).map(|()| SqlClass::Session),
+        // A read-only session is opened with default_transaction_read_only on; turning it (or
+        // the current transaction's) off is judged as the write it allows. On, or back to the
+        // value the session started with, is session state.
+        "default_transaction_read_only" | "transaction_read_only" => match one_text(value) {
+            Ok(None) => Ok(SqlClass::Session),
+            Ok(Some(text)) if is_true(text) => Ok(SqlClass::Session),
+            _ => Err(format!(
+                "setting {name} to anything but on would let the session write"
+            )),
+        },
         _ => Ok(SqlClass::Session),
     }
+}
+
+/// A boolean setting's text the server reads as true (`parse_bool`: a unique prefix of `true`
+/// or `yes`, `on`, `1`, any case, surrounding spaces ignored).
+fn is_true(text: &str) -> bool {
+    let t = text.trim().to_ascii_lowercase();
+    !t.is_empty() && ("true".starts_with(&t) || "yes".starts_with(&t) || t == "on" || t == "1")
 }
 
 /// The one text of a value (`None`: back to the starting value); an error for a list or an

@@ -10,7 +10,8 @@ use std::{collections::HashMap, ops::ControlFlow, sync::Arc};
 use sqlparser::ast::{
     CopySource, CopyTarget, DollarQuotedString, Expr, FunctionArg, FunctionArgExpr,
     FunctionArguments, Ident, ObjectName, ObjectType, OnConflictAction, OnInsert, Query, Reset,
-    Select, Set, SetExpr, Statement, TableFactor, UtilityOption, Value, Visit, Visitor,
+    Select, Set, SetExpr, Statement, TableFactor, TransactionAccessMode, TransactionMode,
+    UtilityOption, Value, Visit, Visitor,
 };
 
 use super::{
@@ -290,6 +291,10 @@ impl Walker<'_, '_> {
                 }
                 _ => C::Session,
             },
+            Statement::StartTransaction { modes, .. } if read_write(modes) => {
+                self.unknown(READ_WRITE.into());
+                return;
+            }
             Statement::StartTransaction { .. }
             | Statement::Commit { .. }
             | Statement::Rollback { .. }
@@ -592,7 +597,12 @@ fn set_value(values: &[Expr]) -> SettingValue {
             .iter()
             .map(|v| match v {
                 Expr::Identifier(i) => Some(normalize_ident(i)),
-                Expr::Value(v) => string_literal(&v.value).map(str::to_string),
+                Expr::Value(v) => match &v.value {
+                    // `SET x TO TRUE`, `= 0`: the server reads these as the words they spell.
+                    Value::Boolean(b) => Some(b.to_string()),
+                    Value::Number(n, _) => Some(n.clone()),
+                    other => string_literal(other).map(str::to_string),
+                },
                 _ => None,
             })
             .collect(),
@@ -608,9 +618,25 @@ fn string_literal(v: &Value) -> Option<&str> {
     }
 }
 
+/// Why `READ WRITE` in BEGIN, START TRANSACTION or SET [SESSION CHARACTERISTICS AS]
+/// TRANSACTION is `unknown`: a read-only session is opened with `default_transaction_read_only`
+/// on, and asking for a read-write transaction is asking to write.
+const READ_WRITE: &str =
+    "READ WRITE would lift the read-only mode a session whose rules allow no writes runs in";
+
+fn read_write(modes: &[TransactionMode]) -> bool {
+    modes.iter().any(|m| {
+        matches!(
+            m,
+            TransactionMode::AccessMode(TransactionAccessMode::ReadWrite)
+        )
+    })
+}
+
 fn set_class(set: &Set) -> Result<SqlClass, String> {
     match set {
         Set::SetRole { .. } | Set::SetSessionAuthorization(_) => Ok(SqlClass::Role),
+        Set::SetTransaction { modes, .. } if read_write(modes) => Err(READ_WRITE.into()),
         Set::SetTransaction { .. } => Ok(SqlClass::Transaction),
         Set::SingleAssignment {
             variable, values, ..

@@ -273,7 +273,21 @@ async fn upstream_login<W: AsyncWrite + Unpin>(
             return end(0, 0, Outcome::UpstreamFailed { error: e });
         }
     };
-    let extra: Vec<(String, String)> = startup.params.clone();
+    // A session whose rules allow nothing that writes is opened read-only at the server, which
+    // then refuses what the gateway cannot see (a view or a default calling a volatile
+    // function); turning it off is judged as a write (`policy/sql_settings.rs`). The client's
+    // own values of it are dropped; startup parameters are applied after `options`, in order.
+    let read_only = !conn
+        .policy()
+        .may_write(conn.target.policy_ref(), &conn.identity);
+    let mut extra: Vec<(String, String)> = startup.params.clone();
+    if read_only {
+        extra.retain(|(k, _)| {
+            !k.eq_ignore_ascii_case("default_transaction_read_only")
+                && !k.eq_ignore_ascii_case("transaction_read_only")
+        });
+        extra.push(("default_transaction_read_only".into(), "on".into()));
+    }
     let up = match upstream::login(
         destination,
         pg,
@@ -301,11 +315,16 @@ async fn upstream_login<W: AsyncWrite + Unpin>(
         side: "upstream".into(),
         user: Some(format!("{user}@{database}")),
         method: login_method(
-            &if up.tls {
-                format!("{} over TLS", up.method)
-            } else {
-                up.method.to_string()
-            },
+            &format!(
+                "{}{}{}",
+                up.method,
+                if up.tls { " over TLS" } else { "" },
+                if read_only {
+                    ", read-only (server-enforced: the rules allow no writes)"
+                } else {
+                    ""
+                }
+            ),
             login.mapping,
         ),
         ok: true,
