@@ -66,6 +66,13 @@ enum SessionError {
     /// what the server does with it.
     #[error("client: {0}")]
     Unsupported(&'static str),
+    /// A per-session cap was reached (statements, portals, messages in flight).
+    #[error("session limit: {0}")]
+    Limit(&'static str),
+    /// The target answered with a message that does not fit what was asked: the gateway can
+    /// no longer tell which statement a result belongs to.
+    #[error("target: answer {0:?} out of step with the requests; the gateway lost track")]
+    OutOfStep(char),
 }
 
 /// Either leg's byte stream: a plain socket or TLS over it.

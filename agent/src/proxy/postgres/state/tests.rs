@@ -44,6 +44,7 @@ fn allow(request: u64) -> Judged {
         request,
         refusal: None,
         masks: Arc::from([]),
+        what: None,
     }
 }
 
@@ -74,6 +75,10 @@ fn error(message: &str) -> (u8, Vec<u8>) {
 
 fn ready() -> (u8, Vec<u8>) {
     (b'Z', b"I".to_vec())
+}
+
+fn in_transaction() -> (u8, Vec<u8>) {
+    (b'Z', b"T".to_vec())
 }
 
 /// The response events' request, summary and error, in order.
@@ -121,6 +126,7 @@ impl Session {
         let out = self
             .state
             .on_frontend(&request, judged)
+            .unwrap()
             .unwrap_or_else(|| raw.clone());
         self.forwarded.push(out);
     }
@@ -147,6 +153,7 @@ impl Session {
             .map(|(tag, body)| {
                 self.state
                     .on_backend(*tag, body)
+                    .unwrap()
                     .unwrap_or_else(|| frame(*tag, body))
             })
             .collect()
@@ -175,25 +182,19 @@ fn a_pipeline_of_executes_is_answered_in_order_each_with_its_own_request_and_mas
     s.send(&sync(), None);
     assert_eq!(s.forwarded.len(), 10, "everything forwarded as it came");
 
-    let parse_bind: Vec<(u8, Vec<u8>)> = [b'1', b'2']
-        .iter()
-        .cycle()
-        .take(6)
-        .map(|t| (*t, Vec::new()))
-        .collect();
-    s.answer(&parse_bind);
+    s.answer(&[(b'1', vec![]), (b'2', vec![])]);
     assert_eq!(
         s.front_masks_rule(),
         Some((Front::Execute, "mask-1".into())),
         "the first Execute's rows are masked by the first Parse's rules"
     );
-    s.answer(&[command_complete("SELECT 2")]);
+    s.answer(&[command_complete("SELECT 2"), (b'1', vec![]), (b'2', vec![])]);
     assert_eq!(
         s.state.front_masks().map(|m| m.0),
         None,
         "the UPDATE has no masks"
     );
-    s.answer(&[command_complete("UPDATE 5")]);
+    s.answer(&[command_complete("UPDATE 5"), (b'1', vec![]), (b'2', vec![])]);
     assert_eq!(
         s.front_masks_rule(),
         Some((Front::Execute, "mask-3".into()))
@@ -222,11 +223,18 @@ fn a_pipeline_of_executes_is_answered_in_order_each_with_its_own_request_and_mas
 #[test]
 fn a_portal_runs_what_its_statement_was_decided_as_until_it_is_closed() {
     let mut s = Session::default();
+    s.query("BEGIN", allow(9));
     s.parse("s1", "SELECT email FROM users", masked(1));
     s.send(&bind("p", "s1"), None);
     s.send(&sync(), None);
-    s.answer(&[(b'1', vec![]), (b'2', vec![]), ready()]);
-    // Later round trips execute the portal (with a row limit) by name.
+    s.answer(&[
+        command_complete("BEGIN"),
+        in_transaction(),
+        (b'1', vec![]),
+        (b'2', vec![]),
+        in_transaction(),
+    ]);
+    // Later round trips in the transaction execute the portal (with a row limit) by name.
     s.send(&execute("p"), None);
     s.send(&execute("p"), None);
     s.send(&sync(), None);
@@ -234,21 +242,32 @@ fn a_portal_runs_what_its_statement_was_decided_as_until_it_is_closed() {
         s.front_masks_rule(),
         Some((Front::Execute, "mask-1".into()))
     );
-    s.answer(&[(b's', vec![]), command_complete("SELECT 3"), ready()]);
+    s.answer(&[
+        (b's', vec![]),
+        command_complete("SELECT 3"),
+        in_transaction(),
+    ]);
     assert_eq!(
         responses(&s.state.take_finished()),
         vec![
+            response(9, Some("BEGIN (0 rows)"), None),
             response(1, Some("portal suspended (0 rows)"), None),
             response(1, Some("SELECT 3 (3 rows)"), None),
         ]
     );
-    // Closed, the names mean nothing: an Execute of them is nobody's and has no masks.
+    // Closed, the names mean nothing: an Execute of them runs nothing the gateway decided,
+    // and is refused unless it is decided on its own.
     s.send(&frame(b'C', b"Pp\0"), None);
     s.send(&frame(b'C', b"Ss1\0"), None);
     s.send(&bind("q", "s1"), None);
     s.send(&execute("p"), None);
     s.send(&execute("q"), None);
     s.send(&sync(), None);
+    for n in [10, 11] {
+        assert!(codec::execute_portal(&s.forwarded[n][5..])
+            .unwrap()
+            .starts_with(DENIED_MARK));
+    }
     assert_eq!(s.state.front_masks().map(|m| m.0), None);
     s.answer(&[
         (b'3', vec![]),
@@ -256,13 +275,8 @@ fn a_portal_runs_what_its_statement_was_decided_as_until_it_is_closed() {
         error("prepared statement \"s1\" does not exist"),
         ready(),
     ]);
-    assert_eq!(
-        responses(&s.state.take_finished()),
-        vec![
-            response(0, None, Some("prepared statement \"s1\" does not exist")),
-            response(0, None, Some("not executed: an earlier message failed")),
-        ]
-    );
+    assert!(s.state.take_finished().is_empty(), "nobody's requests");
+    assert_eq!(s.state.in_flight(), 0);
 }
 
 #[test]
@@ -288,30 +302,21 @@ fn after_an_error_the_executes_up_to_the_sync_are_not_executed_and_the_queue_sta
         vec![
             response(1, Some("SELECT 1 (1 rows)"), None),
             response(2, None, Some("syntax error at end of input")),
-        ],
-        "the error completes the Execute it stopped"
-    );
-    s.answer(&[ready()]);
-    assert_eq!(
-        responses(&s.state.take_finished()),
-        vec![
             response(3, None, Some("not executed: an earlier message failed")),
             response(4, None, Some("not executed: an earlier message failed")),
         ],
-        "the skipped Executes are recorded, at the Sync's ReadyForQuery"
+        "the error completes the Parse it stopped; what the server skips is recorded at once"
     );
+    s.answer(&[ready()]);
+    assert!(s.state.take_finished().is_empty());
 
     // The next Sync's round: its Execute is at the front, with its own masks.
+    s.answer(&[(b'1', vec![]), (b'2', vec![])]);
     assert_eq!(
         s.front_masks_rule(),
         Some((Front::Execute, "mask-5".into()))
     );
-    s.answer(&[
-        (b'1', vec![]),
-        (b'2', vec![]),
-        command_complete("SELECT 1"),
-        ready(),
-    ]);
+    s.answer(&[command_complete("SELECT 1"), ready()]);
     assert_eq!(
         responses(&s.state.take_finished()),
         vec![response(5, Some("SELECT 1 (1 rows)"), None)]
