@@ -412,6 +412,9 @@ pub struct State {
     /// discards everything up to the Sync, a simple Query included, and the gateway could not
     /// tell whose answers follow: such a Query is not let in ([`State::mid_batch`]).
     unsynced: bool,
+    /// The server is skipping to the next Sync (an error came before the client sent it):
+    /// what the client sends until then gets no answer and does nothing.
+    skipping: bool,
 }
 
 impl State {
@@ -706,6 +709,13 @@ impl State {
     }
 
     fn push(&mut self, pending: Pending) {
+        match pending {
+            Pending::Sync => self.skipping = false,
+            // The server skips it: no answer, no effect.
+            Pending::Query { .. } => {}
+            _ if self.skipping => return,
+            _ => {}
+        }
         for e in pending.effects() {
             self.expected.apply(e);
         }
@@ -952,6 +962,8 @@ impl State {
                 _ => {}
             }
         }
+        // No Sync sent yet: what comes before it is skipped too.
+        self.skipping = self.pending.is_empty();
         self.rebuild_expected();
         replacement
     }
@@ -1061,5 +1073,7 @@ fn effects_of(what: &Classification, text: &str) -> Vec<Effect> {
     out
 }
 
+#[cfg(test)]
+mod sim;
 #[cfg(test)]
 mod tests;

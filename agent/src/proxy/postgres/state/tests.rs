@@ -525,3 +525,123 @@ fn extended_messages_without_a_sync_make_a_simple_query_mid_batch() {
     s.send(&bind("", "a"), None);
     assert!(s.state.mid_batch(), "a Bind alone starts one");
 }
+
+mod random_sequences {
+    //! Random message sequences between a client and a model of PostgreSQL
+    //! ([`super::super::sim`]), with the errors PostgreSQL produces (duplicate names, missing
+    //! names, failed transactions, statements that fail when they run, denied statements'
+    //! stand-ins), answers read at random points: no row with the masked value reaches the
+    //! client unmasked, the denied DELETE never runs, and the gateway never loses track.
+
+    use proptest::prelude::*;
+
+    use super::super::sim::{Harness, Op, Stop, PORTALS, SQL, STATEMENTS};
+
+    fn op() -> impl Strategy<Value = Op> {
+        let s = STATEMENTS.len();
+        let p = PORTALS.len();
+        let q = SQL.len();
+        prop_oneof![
+            3 => (0..s, 0..q).prop_map(|(n, q)| Op::Parse(n, q)),
+            3 => (0..p, 0..s).prop_map(|(p, n)| Op::Bind(p, n)),
+            1 => (any::<bool>(), 0..3usize).prop_map(|(k, n)| Op::Describe(k, n)),
+            3 => (0..p).prop_map(Op::Execute),
+            1 => (any::<bool>(), 0..3usize).prop_map(|(k, n)| Op::Close(k, n)),
+            3 => Just(Op::Sync),
+            3 => (0..q).prop_map(Op::Query),
+            3 => (0..8usize).prop_map(Op::Deliver),
+        ]
+    }
+
+    fn run(ops: &[Op]) -> Harness {
+        let mut h = Harness::default();
+        for op in ops {
+            match h.step(op) {
+                Ok(()) => {}
+                Err(Stop::Session(e)) => panic!("the session ended: {e} (after {op:?})"),
+            }
+        }
+        if let Err(Stop::Session(e)) = h.finish() {
+            panic!("the session ended at the end: {e}");
+        }
+        h
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+        #[test]
+        fn no_row_goes_out_unmasked_and_the_queue_never_drifts(
+            ops in proptest::collection::vec(op(), 1..60)
+        ) {
+            let h = run(&ops);
+            prop_assert!(h.leaked.is_empty(), "rows went out in clear: {:?}", h.leaked);
+            prop_assert!(!h.server.deleted, "the denied DELETE ran");
+            prop_assert_eq!(h.state.in_flight(), 0, "answers left unmatched");
+        }
+    }
+
+    /// The sequences that were bypasses before the model followed the server.
+    #[test]
+    fn known_bypasses_stay_closed() {
+        use Op::*;
+        let secret = 0; // SELECT secret FROM users
+        let plain = 1;
+        let delete = 3;
+        let cases: Vec<Vec<Op>> = vec![
+            // A re-Parse of an existing name that the server refuses.
+            vec![
+                Parse(1, secret),
+                Sync,
+                Deliver(9),
+                Parse(1, plain),
+                Sync,
+                Deliver(9),
+                Bind(1, 1),
+                Execute(1),
+                Sync,
+            ],
+            // The same, pipelined.
+            vec![
+                Parse(1, secret),
+                Sync,
+                Parse(1, plain),
+                Sync,
+                Bind(1, 1),
+                Execute(1),
+                Sync,
+            ],
+            // A denied re-Parse.
+            vec![
+                Parse(1, secret),
+                Sync,
+                Parse(1, delete),
+                Bind(1, 1),
+                Execute(1),
+                Sync,
+                Bind(1, 1),
+                Execute(1),
+                Sync,
+            ],
+            // A Close skipped after an error.
+            vec![
+                Parse(1, secret),
+                Sync,
+                Bind(1, 2),
+                Close(true, 1),
+                Sync,
+                Bind(2, 1),
+                Execute(2),
+                Sync,
+            ],
+            // PREPARE by SQL, run by Bind/Execute; DECLARE, run by Execute and FETCH.
+            vec![Query(4), Bind(0, 1), Execute(0), Sync],
+            vec![Query(20), Query(9), Execute(1), Sync, Query(13)],
+        ];
+        for ops in cases {
+            let h = run(&ops);
+            assert!(h.leaked.is_empty(), "{ops:?}: {:?}", h.leaked);
+            assert!(!h.server.deleted, "{ops:?}");
+        }
+    }
+}
