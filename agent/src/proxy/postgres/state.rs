@@ -708,6 +708,23 @@ impl State {
         self.pending.len()
     }
 
+    /// The answers expected, in order, by their frontend tags.
+    #[cfg(test)]
+    pub fn expects(&self) -> Vec<u8> {
+        self.pending
+            .iter()
+            .map(|p| match p {
+                Pending::Query { .. } => b'Q',
+                Pending::Parse { .. } => b'P',
+                Pending::Bind { .. } => b'B',
+                Pending::Describe => b'D',
+                Pending::Execute { .. } => b'E',
+                Pending::Close { .. } => b'C',
+                Pending::Sync => b'S',
+            })
+            .collect()
+    }
+
     fn push(&mut self, pending: Pending) {
         match pending {
             Pending::Sync => self.skipping = false,

@@ -17,8 +17,16 @@ use bytes::{BufMut as _, Bytes, BytesMut};
 
 use super::{Judged, Masks, Request, State, ToJudge};
 use crate::{
+    net::OrigDstAddr,
     policy::{self, Classification, MaskRule, SqlClass},
-    proxy::postgres::{codec, SessionError},
+    proxy::postgres::{
+        catalog::{Catalogs, Login},
+        codec,
+        columns::{Results, Tracker},
+        settings::PostgresTarget,
+        SessionError,
+    },
+    record::{SessionId, SledStore},
 };
 
 /// The value a mask rule covers: it must never reach the client in clear.
@@ -565,10 +573,16 @@ pub enum Op {
 }
 
 /// A gateway [`State`] between a client and the [`Server`], deciding as the relay does under
-/// a policy that denies unknown statements and deletes and masks what reads `users`.
+/// a policy that denies unknown statements and deletes and masks what reads `users`. The
+/// column masks' own queue of answers ([`Tracker`]) follows the same messages, and must agree
+/// with the [`State`] on whose rows are arriving.
 pub struct Harness {
     pub state: State,
     pub server: Server,
+    tracker: Tracker,
+    catalogs: Catalogs,
+    /// Where the two queues disagreed on whose rows arrive.
+    pub drifted: Vec<String>,
     rule: Arc<MaskRule>,
     requests: u64,
     /// Rows that reached the client with the secret in clear.
@@ -577,14 +591,30 @@ pub struct Harness {
 
 impl Default for Harness {
     fn default() -> Self {
+        let login = Login {
+            addr: OrigDstAddr(std::net::SocketAddr::from(([127, 0, 0, 1], 5432))),
+            pg: PostgresTarget::default(),
+            user: "app".into(),
+            database: "app".into(),
+            password: None,
+        };
         Self {
             state: State::default(),
             server: Server::default(),
+            tracker: Tracker::new(true, login),
+            catalogs: Catalogs::default(),
+            drifted: Vec::new(),
             rule: secret_rule(),
             requests: 0,
             leaked: Vec::new(),
         }
     }
+}
+
+/// A store for the column masks' notes (they record only what goes wrong).
+fn store() -> &'static SledStore {
+    static STORE: std::sync::OnceLock<SledStore> = std::sync::OnceLock::new();
+    STORE.get_or_init(|| SledStore::temporary().expect("a temporary store"))
 }
 
 /// What ended a run early: the gateway refused to go on, as the relay would.
@@ -718,7 +748,14 @@ impl Harness {
             .state
             .on_frontend(&request, judged)
             .map_err(Stop::Session)?
-            .unwrap_or(raw);
+            .unwrap_or_else(|| raw.clone());
+        // What the relay tells the column masks' tracker.
+        match request {
+            Request::Query { .. } => self.tracker.forwarded_without_copy(b'Q', ""),
+            Request::Parse { name, .. } => self.tracker.forwarded_without_copy(b'P', name),
+            _ => {}
+        }
+        self.tracker.frontend(raw[0], &raw[5..]);
         self.server.receive(&out);
         Ok(())
     }
@@ -730,7 +767,24 @@ impl Harness {
                 return Ok(());
             };
             let (tag, body) = (answer[0], &answer[5..]);
+            let masked = self.state.front_masks().is_some();
+            Results::new(&self.tracker, &self.catalogs, store(), SessionId(0)).observe(
+                tag,
+                body,
+                || masked,
+            );
             if tag == b'D' {
+                // Rows never arrive while the server skips to a Sync: both queues must hold
+                // exactly the answers still owed, the front one a Query or an Execute.
+                let tracker = self.tracker.expects();
+                let state = self.state.expects();
+                if tracker != state || !matches!(state.first(), Some(b'Q' | b'E')) {
+                    self.drifted.push(format!(
+                        "a row: the gateway expects {:?}, the columns {:?}",
+                        String::from_utf8_lossy(&state),
+                        String::from_utf8_lossy(&tracker)
+                    ));
+                }
                 let masked = self
                     .state
                     .front_masks()
@@ -747,6 +801,11 @@ impl Harness {
             self.state.on_backend(tag, body).map_err(Stop::Session)?;
         }
         Ok(())
+    }
+
+    /// What the column masks' tracker still expects.
+    pub fn tracker_expects(&self) -> Vec<u8> {
+        self.tracker.expects()
     }
 
     /// Ends the client's work: a Sync, and every answer read.

@@ -578,6 +578,8 @@ mod random_sequences {
             prop_assert!(h.leaked.is_empty(), "rows went out in clear: {:?}", h.leaked);
             prop_assert!(!h.server.deleted, "the denied DELETE ran");
             prop_assert_eq!(h.state.in_flight(), 0, "answers left unmatched");
+            prop_assert!(h.drifted.is_empty(), "the two queues disagreed: {:?}", h.drifted);
+            prop_assert!(h.tracker_expects().is_empty(), "the columns' queue left answers unmatched");
         }
     }
 
