@@ -118,7 +118,8 @@ for rounds in json.loads(sys.argv[1]):
 print(json.dumps(out))
 "#;
 
-/// Reads, session settings and transactions allowed; deletes denied; unknowns denied. The
+/// Reads, session settings and transactions allowed; deletes of `users` denied, of `precious`
+/// held for approval; unknowns denied. The
 /// `secret` column of `users` is masked by a rule that applies to statements touching
 /// `users`: a statement the gateway misreads as touching nothing would get no mask at all.
 const POLICY: &str = r#"
@@ -140,7 +141,14 @@ id = "no-deletes"
 verdict = "deny"
 message = "no deletes"
 target = { name = ["db"] }
-sql = { class = ["delete"] }
+sql = { class = ["delete"], objects = ["public.users"] }
+
+[[rule]]
+id = "precious-deletes"
+verdict = "approve"
+approval_timeout = "20s"
+target = { name = ["db"] }
+sql = { class = ["delete"], objects = ["public.precious"] }
 
 [[rule]]
 id = "secret-column"
@@ -159,6 +167,7 @@ fn setup() -> (Topology, PgServer, bulkhead_tests::Proc) {
         &topo,
         &format!(
             "CREATE TABLE users (id int, secret text); INSERT INTO users VALUES (1, '{SECRET}');\n\
+             CREATE TABLE precious (id int); INSERT INTO precious VALUES (1), (2), (3);\n\
              CREATE FUNCTION open_secret_cursor() RETURNS refcursor LANGUAGE plpgsql AS $$\n\
              DECLARE c refcursor := 'fc'; BEGIN OPEN c FOR SELECT secret FROM users; RETURN c; END $$"
         ),
@@ -166,13 +175,18 @@ fn setup() -> (Topology, PgServer, bulkhead_tests::Proc) {
     (topo, pg, daemon)
 }
 
-/// Runs the raw client on the governed side: per session, per round, what came back.
-fn raw(topo: &Topology, sessions: &Value) -> Vec<Vec<Vec<Value>>> {
+/// The raw client's command for `sessions`.
+fn raw_command(topo: &Topology, sessions: &Value) -> Command {
     let script = topo.dir.join("raw_state_client.py");
     std::fs::write(&script, RAW_CLIENT.replace("HOST", TARGET_V4)).unwrap();
     let mut cmd = Command::new("python3");
     cmd.arg(&script).arg(sessions.to_string());
-    let out = topo.output(Side::Governed, cmd);
+    cmd
+}
+
+/// Runs the raw client on the governed side: per session, per round, what came back.
+fn raw(topo: &Topology, sessions: &Value) -> Vec<Vec<Vec<Value>>> {
+    let out = topo.output(Side::Governed, raw_command(topo, sessions));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -420,4 +434,56 @@ fn per_session_caps_end_the_session_with_a_clear_error() {
     );
     // Other sessions are not affected.
     assert_eq!(values(&results[1]), ["1"]);
+}
+
+#[test]
+fn a_prepared_statement_approved_by_an_admin_is_approved_for_one_execution() {
+    require_root();
+    let (topo, _pg, _daemon) = setup();
+    let delete = "DELETE FROM precious WHERE id > 0 AND id < 3";
+    let sessions = json!([[
+        [["P", "d", delete], ["S"]],
+        [["B", "", "d"], ["E", ""], ["S"]],
+        [["B", "", "d"], ["E", ""], ["S"]],
+        [["Q", "SELECT count(*)::text FROM precious"]],
+    ]]);
+    let mut client = topo.spawn(Side::Governed, "raw", raw_command(&topo, &sessions));
+    let decide = |verdict: &str, reason: &str| {
+        let pending = topo.first_pending();
+        assert!(pending.to_string().contains("precious"), "{pending}");
+        let out = topo.output(
+            Side::Host,
+            topo.bulkhead(&[
+                "approvals",
+                verdict,
+                &pending["id"].to_string(),
+                "--reason",
+                reason,
+            ]),
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    // The Parse is held and approved: its first Execute runs.
+    decide("approve", "one cleanup");
+    // The second Execute is held again, and denied.
+    decide("deny", "once was enough");
+    let line = client
+        .line(std::time::Duration::from_secs(20))
+        .unwrap_or_else(|| panic!("no output: {}", client.stderr()));
+    assert!(client.wait().success(), "{}", client.stderr());
+    let results: Vec<Vec<Vec<Value>>> = serde_json::from_str(&line).unwrap();
+    let rounds = &results[0];
+    assert!(
+        rounds[1].iter().any(|g| g["tag"] == "DELETE 2"),
+        "the approved run: {rounds:?}"
+    );
+    let refused = errors(&rounds[2]);
+    assert_eq!(refused.len(), 1, "{rounds:?}");
+    assert_eq!(refused[0].0, "42501", "{rounds:?}");
+    assert!(refused[0].1.contains("once was enough"), "{rounds:?}");
+    assert_eq!(values(&rounds[3..]), ["1"], "one row left: {rounds:?}");
 }

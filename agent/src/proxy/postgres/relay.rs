@@ -28,7 +28,7 @@ use super::{
     Catalogs, SessionError,
 };
 use crate::{
-    policy::{Action, Classification, NameEffect, PolicySet},
+    policy::{Action, Classification, NameEffect, PolicySet, Verdict},
     proxy::session::{Ask, Conn},
     record::{EventKind, Outcome, RecordedVerdict, SessionEnd},
 };
@@ -221,11 +221,15 @@ impl<'a> Relay<'a> {
             } else {
                 decision.masks.iter().cloned().collect()
             };
+        let approved_once = decision.decided == Verdict::Approve
+            && !decision.observe_only
+            && decided.refusal.is_none();
         Judged {
             request: decided.request,
             refusal: decided.refusal,
             masks,
             what: Some(classification),
+            approved_once,
         }
     }
 
@@ -266,6 +270,7 @@ impl<'a> Relay<'a> {
             refusal: Some("fastpath function calls are not allowed through the gateway".into()),
             masks: Arc::from([]),
             what: None,
+            approved_once: false,
         }
     }
 

@@ -34,7 +34,7 @@
 //!   ends with FATAL 54000 ([`SessionError::Limit`]).
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     sync::Arc,
     time::Instant,
 };
@@ -151,6 +151,9 @@ pub struct Judged {
     /// What the statement does (`None`: not known; a name it prepares then stands for an
     /// unknown statement).
     pub what: Option<Arc<Classification>>,
+    /// An admin approved it (it was held): a prepared statement is approved for one
+    /// execution, and its later Executes are decided again (a grant window covers them).
+    pub approved_once: bool,
 }
 
 impl Judged {
@@ -161,6 +164,7 @@ impl Judged {
             refusal: Some("the gateway did not decide this statement".into()),
             masks: Arc::from([]),
             what: None,
+            approved_once: false,
         }
     }
 }
@@ -177,6 +181,8 @@ pub enum Front {
 struct Attribution {
     request: u64,
     masks: Masks,
+    /// Approved by an admin for one execution: later Executes are decided again.
+    once: bool,
 }
 
 /// What a statement or portal name stands for on the server.
@@ -415,6 +421,8 @@ pub struct State {
     /// The server is skipping to the next Sync (an error came before the client sent it):
     /// what the client sends until then gets no answer and does nothing.
     skipping: bool,
+    /// Parses approved for one execution that had it (by request id).
+    spent: HashSet<u64>,
 }
 
 impl State {
@@ -507,8 +515,9 @@ impl State {
                 text: format!("Execute of portal {portal:?}"),
             });
         };
-        if named.judged.is_some() {
-            return None;
+        match &named.judged {
+            Some(a) if !(a.once && self.spent.contains(&a.request)) => return None,
+            _ => {}
         }
         Some(ToJudge {
             what: Arc::clone(&named.what),
@@ -759,6 +768,7 @@ impl State {
                     judged: Some(Attribution {
                         request: judged.request,
                         masks: Arc::from([]),
+                        once: false,
                     }),
                     hold: false,
                 },
@@ -795,6 +805,7 @@ impl State {
                 judged: reusable.then_some(Attribution {
                     request: judged.request,
                     masks: judged.masks,
+                    once: judged.approved_once,
                 }),
                 hold: false,
             },
@@ -843,15 +854,22 @@ impl State {
 
     fn push_execute(&mut self, portal: &str, judged: Option<Judged>) -> Option<Bytes> {
         let named = self.expected.portal(portal);
-        let judged = match (judged, named.and_then(|n| n.judged.clone())) {
+        let reused = named.and_then(|n| n.judged.clone());
+        let judged = match (judged, reused) {
             (Some(j), _) => j,
-            (None, Some(Attribution { request, masks })) => Judged {
-                request,
-                refusal: None,
-                masks,
-                what: None,
-            },
-            (None, None) => Judged::undecided(),
+            (None, Some(a)) if !(a.once && self.spent.contains(&a.request)) => {
+                if a.once {
+                    self.spent.insert(a.request);
+                }
+                Judged {
+                    request: a.request,
+                    refusal: None,
+                    masks: a.masks,
+                    what: None,
+                    approved_once: false,
+                }
+            }
+            (None, _) => Judged::undecided(),
         };
         let effects = match named {
             Some(n) if judged.refusal.is_none() => effects_of(&n.what, &n.text),

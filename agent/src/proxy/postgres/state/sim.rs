@@ -646,6 +646,7 @@ impl Harness {
             refusal: refused.then(|| "denied".to_string()),
             masks: if refused { Arc::from([]) } else { masks },
             what: Some(what),
+            approved_once: false,
         }
     }
 

@@ -45,6 +45,7 @@ fn allow(request: u64) -> Judged {
         refusal: None,
         masks: Arc::from([]),
         what: None,
+        approved_once: false,
     }
 }
 
@@ -524,6 +525,45 @@ fn extended_messages_without_a_sync_make_a_simple_query_mid_batch() {
     assert!(!s.state.mid_batch(), "a Sync ends the batch");
     s.send(&bind("", "a"), None);
     assert!(s.state.mid_batch(), "a Bind alone starts one");
+}
+
+#[test]
+fn a_statement_approved_by_an_admin_runs_once_and_its_later_executes_are_decided_again() {
+    let mut s = Session::default();
+    let approved = Judged {
+        approved_once: true,
+        ..allow(1)
+    };
+    s.parse("d", "DELETE FROM precious WHERE id = 1", approved);
+    s.send(&bind("", "d"), None);
+    assert!(
+        s.state.to_judge("").is_none(),
+        "the approval covers one run"
+    );
+    s.send(&execute(""), None);
+    s.send(&sync(), None);
+    assert_eq!(codec::execute_portal(&s.forwarded[2][5..]).unwrap(), "");
+    s.answer(&[
+        (b'1', vec![]),
+        (b'2', vec![]),
+        command_complete("DELETE 1"),
+        ready(),
+    ]);
+    // Again: the relay must decide it again; undecided, it is refused in place.
+    s.send(&bind("", "d"), None);
+    let again = s.state.to_judge("").expect("decided again");
+    assert!(
+        again.text.contains("DELETE FROM precious"),
+        "{}",
+        again.text
+    );
+    s.send(&execute(""), None);
+    assert!(codec::execute_portal(&s.forwarded[5][5..])
+        .unwrap()
+        .starts_with(DENIED_MARK));
+    // Decided again (approved again, say), it runs.
+    s.send(&execute(""), Some(allow(2)));
+    assert_eq!(codec::execute_portal(&s.forwarded[6][5..]).unwrap(), "");
 }
 
 mod random_sequences {
