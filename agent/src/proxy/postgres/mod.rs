@@ -33,6 +33,14 @@ mod upstream;
 
 pub use self::{cancel::CancelKeys, catalog::Catalogs};
 
+/// For the fuzz target `pg_state` (`agent/fuzz`): random message sequences, read from `data`,
+/// between a client and a model of PostgreSQL through the session model; panics where a row
+/// would go out unmasked, a denied statement would run or the gateway would lose track.
+#[cfg(feature = "fuzzing")]
+pub fn fuzz_state_sequences(data: &[u8]) {
+    state::sim::check(&state::sim::ops_from_bytes(data));
+}
+
 use tokio::{
     io::{AsyncWrite, AsyncWriteExt as _},
     net::TcpStream,

@@ -712,13 +712,13 @@ impl State {
     }
 
     /// Messages awaiting the target's answers.
-    #[cfg(test)]
+    #[cfg(any(test, feature = "fuzzing"))]
     pub fn in_flight(&self) -> usize {
         self.pending.len()
     }
 
     /// The answers expected, in order, by their frontend tags.
-    #[cfg(test)]
+    #[cfg(any(test, feature = "fuzzing"))]
     pub fn expects(&self) -> Vec<u8> {
         self.pending
             .iter()
@@ -1108,7 +1108,7 @@ fn effects_of(what: &Classification, text: &str) -> Vec<Effect> {
     out
 }
 
-#[cfg(test)]
-mod sim;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod sim;
 #[cfg(test)]
 mod tests;

@@ -172,7 +172,7 @@ impl Tracker {
     }
 }
 
-#[cfg(test)]
+#[cfg(any(test, feature = "fuzzing"))]
 impl Tracker {
     /// A simple Query or a Parse forwarded, as [`Tracker::query`] and [`Tracker::parse`]
     /// record them when there is no COPY to look at (for tests without a gateway).

@@ -554,7 +554,9 @@ impl Server {
 pub fn secret_rule() -> Arc<MaskRule> {
     Arc::new(MaskRule {
         rule: "secret".into(),
-        ..MaskRule::for_test(&[], &[], policy::MaskStyle::Redact)
+        columns: Vec::new(),
+        detectors: Vec::new(),
+        style: policy::MaskStyle::Redact,
     })
 }
 
@@ -814,4 +816,54 @@ impl Harness {
         self.step(&Op::Sync)?;
         self.deliver(usize::MAX)
     }
+}
+
+/// Ops read from bytes, two per op (for the fuzz target).
+pub fn ops_from_bytes(data: &[u8]) -> Vec<Op> {
+    data.chunks_exact(2)
+        .map(|c| {
+            let (k, a) = (c[0], usize::from(c[1]));
+            let (hi, lo) = (a >> 4, a & 0x0f);
+            match k % 8 {
+                0 => Op::Parse(hi, lo + usize::from(k / 8)),
+                1 => Op::Bind(hi, lo),
+                2 => Op::Describe(hi % 2 == 0, lo),
+                3 => Op::Execute(a),
+                4 => Op::Close(hi % 2 == 0, lo),
+                5 => Op::Sync,
+                6 => Op::Query(a),
+                _ => Op::Deliver(a % 8),
+            }
+        })
+        .collect()
+}
+
+/// Runs `ops` through a [`Harness`] and panics where the gateway let a row out unmasked, let
+/// the denied DELETE run, lost track of the answers, or ended the session.
+pub fn check(ops: &[Op]) {
+    let mut h = Harness::default();
+    for op in ops {
+        if let Err(Stop::Session(e)) = h.step(op) {
+            panic!("the session ended: {e} (after {op:?})");
+        }
+    }
+    if let Err(Stop::Session(e)) = h.finish() {
+        panic!("the session ended at the end: {e}");
+    }
+    assert!(
+        h.leaked.is_empty(),
+        "rows went out in clear: {:?}",
+        h.leaked
+    );
+    assert!(!h.server.deleted, "the denied DELETE ran");
+    assert_eq!(h.state.in_flight(), 0, "answers left unmatched");
+    assert!(
+        h.drifted.is_empty(),
+        "the two queues disagreed: {:?}",
+        h.drifted
+    );
+    assert!(
+        h.tracker_expects().is_empty(),
+        "the columns' queue left answers unmatched"
+    );
 }

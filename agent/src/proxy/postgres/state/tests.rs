@@ -575,7 +575,7 @@ mod random_sequences {
 
     use proptest::prelude::*;
 
-    use super::super::sim::{Harness, Op, Stop, PORTALS, SQL, STATEMENTS};
+    use super::super::sim::{check, ops_from_bytes, Op, PORTALS, SQL, STATEMENTS};
 
     fn op() -> impl Strategy<Value = Op> {
         let s = STATEMENTS.len();
@@ -593,20 +593,6 @@ mod random_sequences {
         ]
     }
 
-    fn run(ops: &[Op]) -> Harness {
-        let mut h = Harness::default();
-        for op in ops {
-            match h.step(op) {
-                Ok(()) => {}
-                Err(Stop::Session(e)) => panic!("the session ended: {e} (after {op:?})"),
-            }
-        }
-        if let Err(Stop::Session(e)) = h.finish() {
-            panic!("the session ended at the end: {e}");
-        }
-        h
-    }
-
     proptest! {
         #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
 
@@ -614,12 +600,15 @@ mod random_sequences {
         fn no_row_goes_out_unmasked_and_the_queue_never_drifts(
             ops in proptest::collection::vec(op(), 1..60)
         ) {
-            let h = run(&ops);
-            prop_assert!(h.leaked.is_empty(), "rows went out in clear: {:?}", h.leaked);
-            prop_assert!(!h.server.deleted, "the denied DELETE ran");
-            prop_assert_eq!(h.state.in_flight(), 0, "answers left unmatched");
-            prop_assert!(h.drifted.is_empty(), "the two queues disagreed: {:?}", h.drifted);
-            prop_assert!(h.tracker_expects().is_empty(), "the columns' queue left answers unmatched");
+            check(&ops);
+        }
+
+        /// The fuzz target's input (`agent/fuzz`, `pg_state`), read from raw bytes.
+        #[test]
+        fn the_fuzz_targets_byte_sequences_hold_too(
+            data in proptest::collection::vec(any::<u8>(), 0..120)
+        ) {
+            check(&ops_from_bytes(&data));
         }
     }
 
@@ -681,9 +670,7 @@ mod random_sequences {
             vec![Query(20), Query(9), Execute(1), Sync, Query(13)],
         ];
         for ops in cases {
-            let h = run(&ops);
-            assert!(h.leaked.is_empty(), "{ops:?}: {:?}", h.leaked);
-            assert!(!h.server.deleted, "{ops:?}");
+            check(&ops);
         }
     }
 }
