@@ -600,6 +600,9 @@ impl State {
     /// what was asked is an error that ends the session.
     pub fn on_backend(&mut self, tag: u8, body: &[u8]) -> Result<Option<Bytes>, SessionError> {
         let out_of_step = || SessionError::OutOfStep(char::from(tag));
+        // The expected names are kept as the confirmed ones plus every message in flight;
+        // rebuilt only when an answer makes the server's differ from what was expected.
+        let mut diverged = false;
         match tag {
             b'E' => return Ok(self.on_error(body)),
             b'1' => match self.pending.pop_front() {
@@ -652,6 +655,8 @@ impl State {
                                 for e in &effects {
                                     self.confirmed.apply(e);
                                 }
+                            } else {
+                                diverged = !effects.is_empty();
                             }
                             self.finish(
                                 request,
@@ -677,18 +682,22 @@ impl State {
                         effects,
                         ..
                     }) => {
-                        self.query_done(&effects, error.is_none());
+                        diverged = self.query_done(&effects, error.is_none());
                         self.finish(request, started, &tags, error, (&masks, masked_rows));
                     }
                     Some(Pending::Sync) => {}
                     _ => return Err(out_of_step()),
                 }
                 if codec::ready_status(body) == b'I' {
+                    let open = self.confirmed.portals.len();
                     self.confirmed.apply(&Effect::EndTransaction);
+                    diverged |= self.confirmed.portals.len() != open;
                 }
-                self.rebuild_expected();
             }
             _ => {}
+        }
+        if diverged {
+            self.rebuild_expected();
         }
         Ok(None)
     }
@@ -715,6 +724,31 @@ impl State {
     #[cfg(any(test, feature = "fuzzing"))]
     pub fn in_flight(&self) -> usize {
         self.pending.len()
+    }
+
+    /// Whether the expected names are the confirmed ones with every message in flight applied
+    /// (what [`State::on_backend`] keeps without rebuilding them at each answer).
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub fn expected_in_step(&self) -> bool {
+        fn same(a: &HashMap<String, Named>, b: &HashMap<String, Named>) -> bool {
+            a.len() == b.len()
+                && a.iter().all(|(k, x)| {
+                    b.get(k).is_some_and(|y| {
+                        x.what == y.what
+                            && x.hold == y.hold
+                            && x.judged.as_ref().map(|j| j.request)
+                                == y.judged.as_ref().map(|j| j.request)
+                    })
+                })
+        }
+        let mut rebuilt = self.confirmed.clone();
+        for p in &self.pending {
+            for e in p.effects() {
+                rebuilt.apply(e);
+            }
+        }
+        same(&rebuilt.statements, &self.expected.statements)
+            && same(&rebuilt.portals, &self.expected.portals)
     }
 
     /// The answers expected, in order, by their frontend tags.
@@ -922,12 +956,17 @@ impl State {
     /// is taken as dropped (a name the gateway has not got is judged as unknown), and what it
     /// makes as not made (a name that exists could not have been made again: the server
     /// refuses a duplicate; a new one stays unknown).
-    fn query_done(&mut self, effects: &[Effect], ok: bool) {
+    /// Whether the names now differ from what was expected of it.
+    fn query_done(&mut self, effects: &[Effect], ok: bool) -> bool {
+        let mut diverged = false;
         for e in effects {
             if ok || e.makes().is_none() {
                 self.confirmed.apply(e);
+            } else {
+                diverged = true;
             }
         }
+        diverged
     }
 
     /// The expected names again: the confirmed ones and what every message still in flight
@@ -1077,6 +1116,9 @@ fn take_denied(denied: &mut Option<Denied>, message: &str) -> Option<String> {
 
 /// What running a statement classified as `what` does to the names.
 fn effects_of(what: &Classification, text: &str) -> Vec<Effect> {
+    if what.names.is_empty() {
+        return Vec::new();
+    }
     let text: Arc<str> = Arc::from(text);
     let named = |what: &Arc<Classification>, hold: bool| Named {
         what: Arc::clone(what),

@@ -802,6 +802,12 @@ impl Harness {
                 continue;
             }
             self.state.on_backend(tag, body).map_err(Stop::Session)?;
+            if !self.state.expected_in_step() {
+                self.drifted.push(format!(
+                    "after {:?}, the expected names are not the confirmed ones and what is in flight",
+                    char::from(tag)
+                ));
+            }
         }
         Ok(())
     }
