@@ -18,8 +18,10 @@ pub mod maps {
     pub const PENDING_BY_COOKIE: &str = "PENDING_BY_COOKIE";
     pub const CONNECTIONS: &str = "CONNECTIONS";
     pub const ORIGINAL_BY_COOKIE: &str = "ORIGINAL_BY_COOKIE";
+    pub const UDP_ALLOW: &str = "UDP_ALLOW";
+    pub const REFUSALS: &str = "REFUSALS";
     /// Every map, in the order user space pins them.
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 12] = [
         CAPTURE_CONFIG,
         EXCLUDE_V4,
         EXCLUDE_V6,
@@ -30,6 +32,8 @@ pub mod maps {
         PENDING_BY_COOKIE,
         CONNECTIONS,
         ORIGINAL_BY_COOKIE,
+        UDP_ALLOW,
+        REFUSALS,
     ];
 }
 
@@ -40,14 +44,33 @@ pub mod programs {
     pub const SOCK_OPS: &str = "bulkhead_sock_ops";
     pub const GETPEERNAME4: &str = "bulkhead_getpeername4";
     pub const GETPEERNAME6: &str = "bulkhead_getpeername6";
-    /// Every program, in the order user space attaches them.
-    pub const ALL: [&str; 5] = [CONNECT4, CONNECT6, SOCK_OPS, GETPEERNAME4, GETPEERNAME6];
+    pub const SENDMSG4: &str = "bulkhead_sendmsg4";
+    pub const SENDMSG6: &str = "bulkhead_sendmsg6";
+    /// `lsm_cgroup/socket_create`: every address family (needs the BPF LSM).
+    pub const SOCKET_CREATE: &str = "bulkhead_socket_create";
+    /// `cgroup/sock_create`: the fallback where the BPF LSM is not active (inet sockets only).
+    pub const SOCK_CREATE: &str = "bulkhead_sock_create";
+    /// The programs every daemon attaches, in the order user space attaches them; then one of
+    /// `SOCKET_CREATE` or `SOCK_CREATE`.
+    pub const ALL: [&str; 7] = [
+        CONNECT4,
+        CONNECT6,
+        SOCK_OPS,
+        GETPEERNAME4,
+        GETPEERNAME6,
+        SENDMSG4,
+        SENDMSG6,
+    ];
 }
 
 /// Maximum entries of the per-connection maps (LRU: a record nobody collects is evicted).
 pub const MAX_CONNECTIONS: u32 = 65_536;
 /// Maximum entries of each CIDR trie.
 pub const MAX_CIDRS: u32 = 1_024;
+/// Maximum entries of `UDP_ALLOW` (resolvers and allowed UDP destinations).
+pub const MAX_UDP_ALLOW: u32 = 1_024;
+/// Size of the `REFUSALS` ring buffer in bytes (a power of two, a multiple of the page size).
+pub const REFUSALS_BYTES: u32 = 256 * 1024;
 /// Maximum excluded ports and governed uids.
 pub const MAX_PORTS: u32 = 1_024;
 pub const MAX_UIDS: u32 = 1_024;
@@ -58,6 +81,16 @@ pub const FLAG_CAPTURE_LOOPBACK: u32 = 1 << 0;
 pub const FLAG_UID_FILTER: u32 = 1 << 1;
 /// Capture only destinations in `INCLUDE_V4`/`INCLUDE_V6`.
 pub const FLAG_INCLUDE_FILTER: u32 = 1 << 2;
+/// Governed processes may open ICMP echo ("ping") sockets.
+pub const FLAG_ALLOW_PING: u32 = 1 << 3;
+/// Governed processes may open raw IP sockets (`SOCK_RAW`; needs `CAP_NET_RAW` anyway).
+pub const FLAG_ALLOW_RAW: u32 = 1 << 4;
+/// Governed processes may open SCTP sockets.
+pub const FLAG_ALLOW_SCTP: u32 = 1 << 5;
+/// Governed processes may open MPTCP sockets (not redirected: they bypass the gateway).
+pub const FLAG_ALLOW_MPTCP: u32 = 1 << 6;
+/// Governed processes may open packet sockets (`AF_PACKET`; needs `CAP_NET_RAW` anyway).
+pub const FLAG_ALLOW_PACKET: u32 = 1 << 7;
 /// Set by user space once the configuration is complete. Without it every TCP connect from the
 /// governed cgroup is refused: a half-configured redirect must not let traffic through.
 pub const FLAG_READY: u32 = 1 << 31;
@@ -115,6 +148,30 @@ pub struct SockKey {
     pub port: u32,
 }
 
+/// What a `Refusal` refused.
+pub const REFUSED_UDP_CONNECT: u32 = 1;
+pub const REFUSED_UDP_SENDMSG: u32 = 2;
+pub const REFUSED_SOCKET: u32 = 3;
+
+/// A governed process's attempt the kernel refused, sent to the daemon through `REFUSALS` so it
+/// is recorded. For UDP the record's destination is the datagram's; for a socket, the record's
+/// destination is zero and `family`/`sock_type`/`protocol` are the `socket()` arguments.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub record: ConnectRecord,
+    /// `REFUSED_*`.
+    pub kind: u32,
+    pub family: u32,
+    pub sock_type: u32,
+    pub protocol: u32,
+}
+
+/// Key of `UDP_ALLOW`, an LPM trie: the port (network order) and then the address (16 bytes,
+/// IPv4 as mapped), so a prefix of `16 + n` bits matches that port and the first `n` bits of
+/// the address. Entries are always longer than 16 bits: a port is never a wildcard.
+pub const UDP_KEY_BYTES: usize = 18;
+
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
 
@@ -128,13 +185,15 @@ pub const fn v4_mapped(ip_be: [u8; 4]) -> [u8; 16] {
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: all four types are `repr(C)`, `Copy`, contain only integers and arrays of
+    // SAFETY: all five types are `repr(C)`, `Copy`, contain only integers and arrays of
     // integers, and have no implicit padding (checked by the size assertions below).
     unsafe impl aya::Pod for super::CaptureConfig {}
     unsafe impl aya::Pod for super::ConnectRecord {}
     unsafe impl aya::Pod for super::SockKey {}
+    unsafe impl aya::Pod for super::Refusal {}
 }
 
 const _: () = assert!(core::mem::size_of::<CaptureConfig>() == 32);
 const _: () = assert!(core::mem::size_of::<ConnectRecord>() == 64);
 const _: () = assert!(core::mem::size_of::<SockKey>() == 20);
+const _: () = assert!(core::mem::size_of::<Refusal>() == 80);

@@ -12,28 +12,37 @@
 //!   socket with the original destination, not the daemon's listener, so the governed process
 //!   sees the peer it dialled.
 //!
-//! UDP and other non-stream sockets are never touched.
+//! * `cgroup/connect4/6` (for UDP sockets) and `cgroup/sendmsg4/6` decide every datagram
+//!   destination of a governed process: a configured resolver or an allowed UDP destination
+//!   (`UDP_ALLOW`) passes; anything else is refused (`EPERM`) and reported to the daemon
+//!   through the `REFUSALS` ring buffer, which records it.
+//! * `lsm_cgroup/socket_create` (the BPF LSM; `cgroup/sock_create` where it is not active,
+//!   which sees inet sockets only) refuses the sockets a governed process could leave by
+//!   without a `connect()` the gateway sees: raw, packet, ping, SCTP, MPTCP and every address
+//!   family but inet, inet6, unix and netlink, unless the configuration allows them.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
     bindings::{
         bpf_sock_addr, bpf_sock_ops, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, BPF_TCP_SYN_SENT,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, BPF_TCP_ESTABLISHED, BPF_TCP_SYN_SENT,
     },
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_get_current_uid_gid, bpf_get_socket_cookie,
     },
-    macros::{cgroup_sock_addr, map, sock_ops},
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap},
-    programs::{SockAddrContext, SockOpsContext},
+    macros::{cgroup_sock, cgroup_sock_addr, lsm_cgroup, map, sock_ops},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, RingBuf},
+    programs::{LsmContext, SockAddrContext, SockContext, SockOpsContext},
 };
 use aya_log_ebpf::{debug, warn};
 use bulkhead_common::{
-    v4_mapped, CaptureConfig, ConnectRecord, SockKey, AF_INET, AF_INET6, FLAG_CAPTURE_LOOPBACK,
+    v4_mapped, CaptureConfig, ConnectRecord, Refusal, SockKey, AF_INET, AF_INET6, FLAG_ALLOW_MPTCP,
+    FLAG_ALLOW_PACKET, FLAG_ALLOW_PING, FLAG_ALLOW_RAW, FLAG_ALLOW_SCTP, FLAG_CAPTURE_LOOPBACK,
     FLAG_INCLUDE_FILTER, FLAG_READY, FLAG_UID_FILTER, MAX_CIDRS, MAX_CONNECTIONS, MAX_PORTS,
-    MAX_UIDS,
+    MAX_UDP_ALLOW, MAX_UIDS, REFUSALS_BYTES, REFUSED_SOCKET, REFUSED_UDP_CONNECT,
+    REFUSED_UDP_SENDMSG, UDP_KEY_BYTES,
 };
 
 /// `connect()` may proceed (possibly rewritten).
@@ -41,6 +50,20 @@ const ALLOW: i32 = 1;
 /// `connect()` fails with `EPERM`.
 const REJECT: i32 = 0;
 const SOCK_STREAM: u32 = 1;
+const SOCK_DGRAM: u32 = 2;
+const SOCK_RAW: u32 = 3;
+const SOCK_SEQPACKET: u32 = 5;
+/// `socket()`'s type argument also carries `SOCK_NONBLOCK`/`SOCK_CLOEXEC`.
+const SOCK_TYPE_MASK: u32 = 0xf;
+const AF_UNIX: u32 = 1;
+const AF_NETLINK: u32 = 16;
+const AF_PACKET: u32 = 17;
+const IPPROTO_ICMP: u32 = 1;
+const IPPROTO_TCP: u32 = 6;
+const IPPROTO_UDP: u32 = 17;
+const IPPROTO_ICMPV6: u32 = 58;
+const IPPROTO_SCTP: u32 = 132;
+const IPPROTO_MPTCP: u32 = 262;
 
 #[map]
 static CAPTURE_CONFIG: Array<CaptureConfig> = Array::with_max_entries(1, 0);
@@ -69,6 +92,14 @@ static CONNECTIONS: LruHashMap<SockKey, ConnectRecord> =
 #[map]
 static ORIGINAL_BY_COOKIE: LruHashMap<u64, Original> =
     LruHashMap::with_max_entries(MAX_CONNECTIONS, 0);
+
+/// UDP destinations governed processes may send to: `port ++ address`, longest prefix wins.
+#[map]
+static UDP_ALLOW: LpmTrie<[u8; UDP_KEY_BYTES], u8> = LpmTrie::with_max_entries(MAX_UDP_ALLOW, 0);
+/// Refused attempts, for the daemon to record. When it is full the attempt is still refused,
+/// just not recorded.
+#[map]
+static REFUSALS: RingBuf = RingBuf::with_byte_size(REFUSALS_BYTES, 0);
 
 /// The destination a redirected socket dialled: IPv4 as mapped, the port in host order, and
 /// the socket's family (which `getpeername` hook answers it).
@@ -220,11 +251,12 @@ fn captured(
     !cfg.has(FLAG_INCLUDE_FILTER) || included
 }
 
+/// Who is calling, and where to (zero for a socket that has no destination yet).
 #[inline(always)]
-fn record(ctx: &SockAddrContext, dst: [u8; 16], port: u16, family: u16) -> Result<(), i32> {
+fn caller(dst: [u8; 16], port: u16, family: u16) -> ConnectRecord {
     let pid_tgid = bpf_get_current_pid_tgid();
     let uid_gid = bpf_get_current_uid_gid();
-    let rec = ConnectRecord {
+    ConnectRecord {
         // SAFETY: plain helper calls without arguments.
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         dst_addr: dst,
@@ -236,7 +268,12 @@ fn record(ctx: &SockAddrContext, dst: [u8; 16], port: u16, family: u16) -> Resul
         gid: (uid_gid >> 32) as u32,
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
         reserved: 0,
-    };
+    }
+}
+
+#[inline(always)]
+fn record(ctx: &SockAddrContext, dst: [u8; 16], port: u16, family: u16) -> Result<(), i32> {
+    let rec = caller(dst, port, family);
     // SAFETY: the context pointer is the program's own `bpf_sock_addr`.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
     if PENDING_BY_COOKIE.insert(&cookie, &rec, 0).is_err() {
@@ -258,6 +295,9 @@ fn record(ctx: &SockAddrContext, dst: [u8; 16], port: u16, family: u16) -> Resul
 fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
     // SAFETY: the kernel hands the program a valid `bpf_sock_addr`.
     let sa = unsafe { &mut *ctx.sock_addr };
+    if is_udp(sa) {
+        return udp4(ctx, REFUSED_UDP_CONNECT);
+    }
     if !is_stream(sa) {
         return Ok(ALLOW);
     }
@@ -276,14 +316,9 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
     Ok(ALLOW)
 }
 
-fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
-    // SAFETY: the kernel hands the program a valid `bpf_sock_addr`.
-    let sa = unsafe { &mut *ctx.sock_addr };
-    if !is_stream(sa) {
-        return Ok(ALLOW);
-    }
-    let cfg = config(ctx)?;
-    let words = sa.user_ip6;
+/// A `user_ip6` value as 16 bytes, whether it is IPv4-mapped, and the IPv4 address if so.
+#[inline(always)]
+fn ip6(words: [u32; 4]) -> ([u8; 16], bool, Option<[u8; 4]>) {
     let mut dst = [0u8; 16];
     let mut i = 0;
     while i < 4 {
@@ -301,6 +336,21 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
     } else {
         None
     };
+    (dst, mapped, dst_v4)
+}
+
+fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
+    // SAFETY: the kernel hands the program a valid `bpf_sock_addr`.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if is_udp(sa) {
+        return udp6(ctx, REFUSED_UDP_CONNECT);
+    }
+    if !is_stream(sa) {
+        return Ok(ALLOW);
+    }
+    let cfg = config(ctx)?;
+    let words = sa.user_ip6;
+    let (dst, mapped, dst_v4) = ip6(words);
     let port = u16::from_be(sa.user_port as u16);
     let uid = bpf_get_current_uid_gid() as u32;
     if !captured(cfg, &dst, dst_v4, port, uid) {
@@ -322,6 +372,186 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
     sa.user_port = u32::from(cfg.listener_port.to_be());
     debug!(ctx, "bulkhead: redirected connect6 to port {}", port);
     Ok(ALLOW)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn bulkhead_sendmsg4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the kernel hands the program a valid `bpf_sock_addr`.
+    if !is_udp(unsafe { &*ctx.sock_addr }) {
+        return ALLOW;
+    }
+    match udp4(&ctx, REFUSED_UDP_SENDMSG) {
+        Ok(verdict) | Err(verdict) => verdict,
+    }
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn bulkhead_sendmsg6(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the kernel hands the program a valid `bpf_sock_addr`.
+    if !is_udp(unsafe { &*ctx.sock_addr }) {
+        return ALLOW;
+    }
+    match udp6(&ctx, REFUSED_UDP_SENDMSG) {
+        Ok(verdict) | Err(verdict) => verdict,
+    }
+}
+
+/// A UDP socket (protocol 0 is UDP for a datagram socket of an inet family).
+#[inline(always)]
+fn is_udp(sa: &bpf_sock_addr) -> bool {
+    sa.type_ == SOCK_DGRAM && (sa.protocol == IPPROTO_UDP || sa.protocol == 0)
+}
+
+#[inline(always)]
+fn udp4(ctx: &SockAddrContext, kind: u32) -> Result<i32, i32> {
+    // SAFETY: the kernel hands the program a valid `bpf_sock_addr`.
+    let sa = unsafe { &*ctx.sock_addr };
+    let v4 = sa.user_ip4.to_ne_bytes();
+    let port = u16::from_be(sa.user_port as u16);
+    udp(ctx, &v4_mapped(v4), Some(v4), port, AF_INET, kind)
+}
+
+#[inline(always)]
+fn udp6(ctx: &SockAddrContext, kind: u32) -> Result<i32, i32> {
+    // SAFETY: the kernel hands the program a valid `bpf_sock_addr`.
+    let sa = unsafe { &*ctx.sock_addr };
+    let (dst, _, dst_v4) = ip6(sa.user_ip6);
+    let port = u16::from_be(sa.user_port as u16);
+    udp(ctx, &dst, dst_v4, port, AF_INET6, kind)
+}
+
+/// A datagram destination: not governed (loopback when it is not captured, excluded, another
+/// uid), a resolver or allowed destination, or refused and reported.
+#[inline(always)]
+fn udp(
+    ctx: &SockAddrContext,
+    dst: &[u8; 16],
+    dst_v4: Option<[u8; 4]>,
+    port: u16,
+    family: u16,
+    kind: u32,
+) -> Result<i32, i32> {
+    let cfg = config(ctx)?;
+    let uid = bpf_get_current_uid_gid() as u32;
+    if !captured(cfg, dst, dst_v4, port, uid) {
+        return Ok(ALLOW);
+    }
+    let p = port.to_be_bytes();
+    let mut key = [0u8; UDP_KEY_BYTES];
+    key[0] = p[0];
+    key[1] = p[1];
+    let mut i = 0;
+    while i < 16 {
+        key[2 + i] = dst[i];
+        i += 1;
+    }
+    if UDP_ALLOW
+        .get(&Key::new(8 * UDP_KEY_BYTES as u32, key))
+        .is_some()
+    {
+        return Ok(ALLOW);
+    }
+    report(
+        caller(*dst, port, family),
+        kind,
+        u32::from(family),
+        SOCK_DGRAM,
+        IPPROTO_UDP,
+    );
+    debug!(ctx, "bulkhead: refused UDP to port {}", port);
+    Err(REJECT)
+}
+
+/// Tells the daemon what was refused. A full ring buffer loses the report, not the refusal.
+#[inline(always)]
+fn report(record: ConnectRecord, kind: u32, family: u32, sock_type: u32, protocol: u32) {
+    if let Some(mut entry) = REFUSALS.reserve::<Refusal>(0) {
+        entry.write(Refusal {
+            record,
+            kind,
+            family,
+            sock_type,
+            protocol,
+        });
+        entry.submit(0);
+    }
+}
+
+/// `socket()` by a governed process, with the BPF LSM: every family. 1 allows, 0 is `EPERM`.
+#[lsm_cgroup(hook = "socket_create")]
+pub fn bulkhead_socket_create(ctx: LsmContext) -> i32 {
+    let family: i32 = ctx.arg(0);
+    let sock_type: i32 = ctx.arg(1);
+    let protocol: i32 = ctx.arg(2);
+    let kern: i32 = ctx.arg(3);
+    if kern != 0 {
+        return ALLOW;
+    }
+    socket_verdict(family as u32, sock_type as u32, protocol as u32)
+}
+
+/// `socket()` by a governed process without the BPF LSM: the kernel runs this for inet and
+/// inet6 sockets only.
+#[cgroup_sock(sock_create)]
+pub fn bulkhead_sock_create(ctx: SockContext) -> i32 {
+    // SAFETY: the kernel hands the program a valid `bpf_sock`.
+    let (family, sock_type, protocol) =
+        unsafe { ((*ctx.sock).family, (*ctx.sock).type_, (*ctx.sock).protocol) };
+    socket_verdict(family, sock_type, protocol)
+}
+
+#[inline(always)]
+fn socket_verdict(family: u32, sock_type: u32, protocol: u32) -> i32 {
+    // Until user space has written the configuration nothing is allowed beyond the defaults:
+    // the allow flags only widen, so a missing configuration is the strictest one.
+    let flags = match CAPTURE_CONFIG.get(0) {
+        Some(cfg) if cfg.has(FLAG_READY) => {
+            let uid = bpf_get_current_uid_gid() as u32;
+            // SAFETY: plain bytes, read once.
+            if cfg.has(FLAG_UID_FILTER) && unsafe { GOVERNED_UIDS.get(&uid) }.is_none() {
+                return ALLOW;
+            }
+            cfg.flags
+        }
+        _ => 0,
+    };
+    if socket_allowed(flags, family, sock_type & SOCK_TYPE_MASK, protocol) {
+        return ALLOW;
+    }
+    report(
+        caller([0; 16], 0, family as u16),
+        REFUSED_SOCKET,
+        family,
+        sock_type,
+        protocol,
+    );
+    REJECT
+}
+
+#[inline(always)]
+fn socket_allowed(flags: u32, family: u32, sock_type: u32, protocol: u32) -> bool {
+    let allows = |flag: u32| flags & flag != 0;
+    match family {
+        AF_UNIX | AF_NETLINK => true,
+        2 | 10 => match sock_type {
+            SOCK_STREAM => match protocol {
+                0 | IPPROTO_TCP => true,
+                IPPROTO_SCTP => allows(FLAG_ALLOW_SCTP),
+                IPPROTO_MPTCP => allows(FLAG_ALLOW_MPTCP),
+                _ => false,
+            },
+            SOCK_DGRAM => match protocol {
+                0 | IPPROTO_UDP => true,
+                IPPROTO_ICMP | IPPROTO_ICMPV6 => allows(FLAG_ALLOW_PING),
+                _ => false,
+            },
+            SOCK_SEQPACKET => protocol == IPPROTO_SCTP && allows(FLAG_ALLOW_SCTP),
+            SOCK_RAW => allows(FLAG_ALLOW_RAW),
+            _ => false,
+        },
+        AF_PACKET => allows(FLAG_ALLOW_PACKET),
+        _ => false,
+    }
 }
 
 fn try_sock_ops(ctx: &SockOpsContext) {
@@ -356,15 +586,19 @@ fn on_connect(ctx: &SockOpsContext) {
 }
 
 /// A redirected socket closes. Its original destination is no longer needed. If it never got
-/// past SYN_SENT (the daemon was down: nothing listened), the daemon never took its record,
-/// which would otherwise wait for whoever next connects to the listener from the same local
-/// address and port, and lend them this process's identity.
+/// past SYN_SENT (the daemon was down: nothing listened), or was reset while established
+/// (queued at a listener that then closed: the daemon stopped before accepting it), the
+/// daemon may never have taken its record, which would otherwise wait for whoever next
+/// connects to the listener from the same local address and port, and lend them this
+/// process's identity. A graceful close (FIN_WAIT, CLOSE_WAIT) keeps it: a client may close
+/// before the daemon accepts, and its bytes are still to be relayed.
 #[inline(always)]
 fn on_close(ctx: &SockOpsContext) {
     // SAFETY: the context pointer is the program's own `bpf_sock_ops`.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
     let _ = ORIGINAL_BY_COOKIE.remove(&cookie);
-    if ctx.arg(0) == BPF_TCP_SYN_SENT {
+    let old_state = ctx.arg(0);
+    if old_state == BPF_TCP_SYN_SENT || old_state == BPF_TCP_ESTABLISHED {
         if let Some(key) = local_key(ctx) {
             let _ = CONNECTIONS.remove(&key);
         }

@@ -69,14 +69,22 @@ pub fn cgroup2_mount() -> Result<PathBuf, CgroupError> {
     cgroup2_mount_from(&text).ok_or_else(|| CgroupError::NoCgroup2(path.display().to_string()))
 }
 
-/// The governed cgroup's directory: `configured` if absolute, else under the cgroup2 mount.
-pub fn resolve(mount: &Path, configured: &Path) -> Result<PathBuf, CgroupError> {
-    let path = if configured.is_absolute() {
+/// The governed cgroup's directory: the hierarchy's root for `/`, `configured` if absolute,
+/// else under the cgroup2 mount. The root is refused unless `uid_filtered` (only some uids
+/// below it are governed, `governed.users`): otherwise it would govern every process.
+pub fn resolve(
+    mount: &Path,
+    configured: &Path,
+    uid_filtered: bool,
+) -> Result<PathBuf, CgroupError> {
+    let path = if configured == Path::new("/") {
+        mount.to_path_buf()
+    } else if configured.is_absolute() {
         configured.to_path_buf()
     } else {
         mount.join(configured)
     };
-    if path == mount {
+    if path == mount && !uid_filtered {
         return Err(CgroupError::Root(path));
     }
     Ok(path)
@@ -118,11 +126,22 @@ pub fn relative(mount: &Path, governed: &Path) -> String {
     format!("/{}", rel.display())
 }
 
-/// Whether process `pid` currently runs inside the governed cgroup.
-pub fn pid_is_governed(pid: u32, mount: &Path, governed: &Path) -> io::Result<bool> {
+/// Whether process `pid` is governed: inside the governed cgroup and, when `uids` is not empty,
+/// running as one of them (its real uid, which the kernel programs see).
+pub fn pid_is_governed(pid: u32, mount: &Path, governed: &Path, uids: &[u32]) -> io::Result<bool> {
     let text = fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
     let gov = relative(mount, governed);
-    Ok(path_from_proc_cgroup(&text).is_some_and(|p| is_within(p, &gov)))
+    if !path_from_proc_cgroup(&text).is_some_and(|p| is_within(p, &gov)) {
+        return Ok(false);
+    }
+    if uids.is_empty() {
+        return Ok(true);
+    }
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let uid = crate::identity::parse_status(&status)
+        .map(|s| s.uid)
+        .ok_or_else(|| io::Error::other(format!("unreadable /proc/{pid}/status")))?;
+    Ok(uids.contains(&uid))
 }
 
 #[cfg(test)]
@@ -166,17 +185,24 @@ mod tests {
     }
 
     #[test]
-    fn resolves_relative_and_refuses_the_root() {
+    fn resolves_relative_and_refuses_the_root_unless_uids_narrow_it() {
         let mount = Path::new("/sys/fs/cgroup/unified");
         assert_eq!(
-            resolve(mount, Path::new("bulkhead.governed")).unwrap(),
+            resolve(mount, Path::new("bulkhead.governed"), false).unwrap(),
             PathBuf::from("/sys/fs/cgroup/unified/bulkhead.governed")
         );
         assert_eq!(
-            resolve(mount, Path::new("/x/y")).unwrap(),
+            resolve(mount, Path::new("/x/y"), false).unwrap(),
             PathBuf::from("/x/y")
         );
-        assert!(resolve(mount, Path::new("/sys/fs/cgroup/unified")).is_err());
+        assert!(resolve(mount, Path::new("/sys/fs/cgroup/unified"), false).is_err());
+        assert!(resolve(mount, Path::new("/"), false).is_err());
+        assert_eq!(resolve(mount, Path::new("/"), true).unwrap(), mount);
+        assert_eq!(relative(mount, mount), "/");
+        assert!(is_within(
+            "/user.slice/user-1000.slice/app.scope",
+            &relative(mount, mount)
+        ));
     }
 
     #[test]

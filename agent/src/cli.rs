@@ -6,7 +6,7 @@ mod run;
 pub mod sessions;
 
 pub use help::{command, leaf_commands, parse};
-pub use run::run;
+pub use run::{run, Account, RunOptions};
 
 pub use sessions::SessionsCommand;
 
@@ -45,11 +45,25 @@ pub enum Command {
         fail_open: bool,
     },
     /// Run a command governed: inside the governed cgroup, as the invoking user under sudo
-    /// (or --user), with that user's HOME, USER, LOGNAME and SHELL
+    /// (or --user), with that user's HOME, USER, LOGNAME and SHELL; setuid programs cannot
+    /// raise its privileges, and it keeps only the supplementary groups `[run] keep_groups`
+    /// lists (never the admin group)
     Run {
         /// Run as this user (name or uid) instead of the sudo caller
         #[arg(long, value_name = "NAME")]
         user: Option<String>,
+        /// Allow the command to run as root. Refused without it: a root process can leave the
+        /// governed cgroup and detach the gateway, so nothing it does would be governed
+        #[arg(long)]
+        allow_root: bool,
+        /// Keep the terminal as the command's controlling terminal even when it is not the
+        /// command's user's own (by default the command then gets a new session without one)
+        #[arg(long, conflicts_with = "new_session")]
+        keep_tty: bool,
+        /// Start the command in a new session, without a controlling terminal, even from its
+        /// user's own terminal
+        #[arg(long)]
+        new_session: bool,
         /// The command and its arguments
         #[arg(
             required = true,
@@ -82,7 +96,7 @@ pub enum Command {
 pub fn uninstall_programs(config: &Config) -> Result<(), CliError> {
     let pins = &config.daemon.bpf_pin_dir;
     let mount = cgroup::cgroup2_mount()?;
-    let governed = cgroup::resolve(&mount, &config.governed.cgroup)?;
+    let governed = config.governed.resolve(&mount)?;
     let refused = |e: crate::exclusive::LockError| {
         CliError::Other(format!(
             "{e}; stop the daemon first (it detaches or keeps its programs itself)"
@@ -263,19 +277,43 @@ pub fn status(config: &Config, json: bool) -> Result<(), CliError> {
 fn status_report(config: &Config) -> Result<StatusReport, CliError> {
     ask_or_read(config, &Request::Status, || {
         let mount = cgroup::cgroup2_mount()?;
-        let governed = cgroup::resolve(&mount, &config.governed.cgroup)?;
+        let governed = config.governed.resolve(&mount)?;
         let pinned = crate::ebpf::pinned_links(&config.daemon.bpf_pin_dir).len();
         let store = open_store(config).ok().and_then(|s| s.stats().ok());
         Ok(StatusReport {
             daemon: None,
             governed_cgroup: governed.display().to_string(),
+            governed_uids: config.governed.uids.clone(),
             pinned_links: pinned,
             programs_attached: pinned > 0,
             store,
             retention: config.store.retention,
             policy: None,
+            warnings: crate::privilege::warnings(config),
         })
     })
+}
+
+fn print_containment(c: &crate::control::Containment) {
+    println!("sockets:     filtered at socket(): {}", c.socket_filter);
+    if !c.sockets_allowed.is_empty() {
+        println!(
+            "             also allowed: {}",
+            c.sockets_allowed.join(", ")
+        );
+    }
+    let or_none = |v: &[String]| {
+        if v.is_empty() {
+            "none".to_string()
+        } else {
+            v.join(", ")
+        }
+    };
+    println!(
+        "udp:         DNS to {}; other UDP to {}; every other datagram refused and recorded",
+        or_none(&c.dns),
+        or_none(&c.udp_allow)
+    );
 }
 
 fn print_status(report: &StatusReport, json: bool) -> Result<(), CliError> {
@@ -318,13 +356,30 @@ fn print_status(report: &StatusReport, json: bool) -> Result<(), CliError> {
                     d.config
                 );
             }
+            print_containment(&d.containment);
             for w in &d.warnings {
                 println!("warning:     {w}");
             }
         }
         None => println!("daemon:      not running"),
     }
-    println!("governed:    {}", report.governed_cgroup);
+    for w in &report.warnings {
+        println!("warning:     {w}");
+    }
+    if report.governed_uids.is_empty() {
+        println!("governed:    {}", report.governed_cgroup);
+    } else {
+        let users: Vec<String> = report
+            .governed_uids
+            .iter()
+            .map(|&u| crate::account::Account::by_uid(u).map_or_else(|| u.to_string(), |a| a.name))
+            .collect();
+        println!(
+            "governed:    {} and below, processes of {} only",
+            report.governed_cgroup,
+            users.join(", ")
+        );
+    }
     let programs = match (&report.daemon, report.programs_attached) {
         (Some(_), _) => format!("attached ({} pinned links)", report.pinned_links),
         (None, true) => format!(

@@ -22,7 +22,9 @@ use crate::{
 };
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/bulkhead/bulkhead.toml";
-pub const DEFAULT_LISTENER_PORT: u16 = 15001;
+/// Below 1024 (`net.ipv4.ip_unprivileged_port_start`): while the daemon is down no other local
+/// user can bind it and receive what the pinned programs still send there.
+pub const DEFAULT_LISTENER_PORT: u16 = 951;
 pub const DEFAULT_GOVERNED_CGROUP: &str = "bulkhead.governed";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/bulkhead";
 pub const DEFAULT_RUN_DIR: &str = "/run/bulkhead";
@@ -73,7 +75,16 @@ pub struct Config {
     pub capture: CaptureConfig,
     pub store: StoreConfig,
     pub approvals: ApprovalsConfig,
+    pub run: RunConfig,
     pub targets: Vec<Target>,
+}
+
+/// How `bulkhead run` starts a governed command (`[run]`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunConfig {
+    /// Supplementary groups (names or gids) the command keeps from its user's groups; every
+    /// other one is dropped, and the admin group always is.
+    pub keep_groups: Vec<String>,
 }
 
 /// How requests held for approval wait (`[approvals]`).
@@ -129,10 +140,21 @@ pub struct ListenerConfig {
 
 #[derive(Debug, Clone)]
 pub struct GovernedConfig {
-    /// Relative paths are under the cgroup2 mount.
+    /// Relative paths are under the cgroup2 mount; `/` is the hierarchy's root (only with
+    /// governed users).
     pub cgroup: PathBuf,
-    /// Empty: every process in the cgroup. Otherwise only these uids.
+    /// Empty: every process in the cgroup. Otherwise only these uids (`governed.uids` and the
+    /// accounts of `governed.users`).
     pub uids: Vec<u32>,
+    /// `governed.users` as configured, for messages.
+    pub users: Vec<String>,
+}
+
+impl GovernedConfig {
+    /// The governed cgroup's directory under `mount`.
+    pub fn resolve(&self, mount: &Path) -> Result<PathBuf, crate::cgroup::CgroupError> {
+        crate::cgroup::resolve(mount, &self.cgroup, !self.uids.is_empty())
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -142,6 +164,80 @@ pub struct CaptureConfig {
     pub exclude: Vec<Cidr>,
     pub exclude_ports: Vec<u16>,
     pub unmatched: Unmatched,
+    /// Resolvers governed processes may send DNS datagrams to (`capture.dns`, with `"system"`
+    /// read from `/etc/resolv.conf` when the configuration loads).
+    pub dns: Vec<SocketAddr>,
+    /// Other UDP destinations governed processes may send to (`capture.udp_allow`).
+    pub udp_allow: Vec<UdpAllow>,
+    /// Socket kinds governed processes may open beyond TCP, UDP, unix and netlink.
+    pub sockets: Vec<SocketKind>,
+}
+
+/// A network and a port that governed processes may send datagrams to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UdpAllow {
+    pub net: Cidr,
+    pub port: u16,
+}
+
+impl std::str::FromStr for UdpAllow {
+    type Err = String;
+    /// `ADDR:PORT` or `NET/LEN:PORT`; IPv6 in brackets: `[fd00::5]:53`, `[fd00::/64]:53`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let syntax = || format!("{s:?} is not ADDR:PORT or NET/LEN:PORT (IPv6 in brackets)");
+        let (net, port) = s.rsplit_once(':').ok_or_else(syntax)?;
+        let port: u16 = port.parse().map_err(|_| syntax())?;
+        if port == 0 {
+            return Err("port 0 is not a port".into());
+        }
+        let net = net.trim_start_matches('[').replacen(']', "", 1);
+        let net: Cidr = if net.contains('/') {
+            net.parse()?
+        } else {
+            let ip: IpAddr = net.parse().map_err(|_| syntax())?;
+            Cidr::new(ip, if ip.is_ipv4() { 32 } else { 128 })?
+        };
+        Ok(Self { net, port })
+    }
+}
+
+impl std::fmt::Display for UdpAllow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.net.addr() {
+            IpAddr::V4(_) => write!(f, "{}:{}", self.net, self.port),
+            IpAddr::V6(_) => write!(f, "[{}]:{}", self.net, self.port),
+        }
+    }
+}
+
+/// A kind of socket governed processes may not open unless the configuration says so.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SocketKind {
+    /// ICMP echo ("ping") datagram sockets.
+    Ping,
+    /// Raw IP sockets.
+    Raw,
+    /// SCTP.
+    Sctp,
+    /// Multipath TCP (not redirected: it would bypass the gateway).
+    Mptcp,
+    /// `AF_PACKET`.
+    Packet,
+}
+
+/// The nameservers of a `resolv.conf` text, port 53 (scoped IPv6 addresses skipped).
+pub fn resolv_conf_nameservers(text: &str) -> Vec<SocketAddr> {
+    text.lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            (words.next() == Some("nameserver"))
+                .then(|| words.next())
+                .flatten()
+                .and_then(|a| a.parse::<IpAddr>().ok())
+                .map(|ip| SocketAddr::new(ip, 53))
+        })
+        .collect()
 }
 
 /// What happens to a captured connection whose destination matches no target.
@@ -300,6 +396,7 @@ impl Config {
             capture,
             store,
             approvals,
+            run,
             target,
         } = raw;
         let approvals = approvals_from_raw(&approvals, &invalid)?;
@@ -331,6 +428,12 @@ impl Config {
             return Err(invalid(
                 "daemon.admin_group".into(),
                 "must name a group".into(),
+            ));
+        }
+        if let Some(i) = run.keep_groups.iter().position(|g| g.trim().is_empty()) {
+            return Err(invalid(
+                format!("run.keep_groups[{i}]"),
+                "must name a group (or give its gid)".into(),
             ));
         }
         if !(1..=256).contains(&daemon.workers) {
@@ -380,14 +483,32 @@ impl Config {
             ));
         }
 
-        if governed.cgroup.as_os_str().is_empty() {
+        let mut uids = governed.uids;
+        for (i, name) in governed.users.iter().enumerate() {
+            let account = crate::account::Account::lookup(name).ok_or_else(|| {
+                invalid(
+                    format!("governed.users[{i}]"),
+                    format!("no user {name:?} on this host"),
+                )
+            })?;
+            if !uids.contains(&account.uid) {
+                uids.push(account.uid);
+            }
+        }
+        let cgroup = governed.cgroup.unwrap_or_else(|| {
+            if governed.users.is_empty() {
+                DEFAULT_GOVERNED_CGROUP.into()
+            } else {
+                "/".into()
+            }
+        });
+        if cgroup.as_os_str().is_empty() {
             return Err(invalid(
                 "governed.cgroup".into(),
                 "must not be empty".into(),
             ));
         }
-        if governed
-            .cgroup
+        if cgroup
             .components()
             .any(|c| matches!(c, std::path::Component::ParentDir))
         {
@@ -396,15 +517,15 @@ impl Config {
                 "must not contain `..`".into(),
             ));
         }
-        if governed
-            .cgroup
-            .components()
-            .all(|c| matches!(c, std::path::Component::RootDir))
+        if uids.is_empty()
+            && cgroup
+                .components()
+                .all(|c| matches!(c, std::path::Component::RootDir))
         {
             return Err(invalid(
                 "governed.cgroup".into(),
                 "must not be the root cgroup: that would govern every process on the host; \
-                 name a cgroup, and use governed.uids to narrow it"
+                 name a cgroup, or govern users everywhere with governed.users (or uids)"
                     .into(),
             ));
         }
@@ -426,6 +547,34 @@ impl Config {
                 "port 0 is not a port".into(),
             ));
         }
+        let mut dns = Vec::new();
+        for (i, entry) in capture.dns.iter().enumerate() {
+            if entry == "system" {
+                // Read once, when the configuration loads; a missing file names no resolver.
+                let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+                dns.extend(resolv_conf_nameservers(&text));
+                continue;
+            }
+            let addr = entry
+                .parse::<SocketAddr>()
+                .or_else(|_| entry.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+                .map_err(|_| {
+                    invalid(
+                        format!("capture.dns[{i}]"),
+                        format!("{entry:?} is not \"system\", an IP address or IP:PORT"),
+                    )
+                })?;
+            dns.push(addr);
+        }
+        let udp_allow = capture
+            .udp_allow
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                s.parse::<UdpAllow>()
+                    .map_err(|e| invalid(format!("capture.udp_allow[{i}]"), e))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
 
         let mut targets: Vec<Target> = Vec::with_capacity(target.len());
         for (i, t) in target.into_iter().enumerate() {
@@ -536,8 +685,9 @@ impl Config {
                 port: listener.port,
             },
             governed: GovernedConfig {
-                cgroup: governed.cgroup,
-                uids: governed.uids,
+                cgroup,
+                uids,
+                users: governed.users,
             },
             capture: CaptureConfig {
                 loopback: capture.loopback,
@@ -545,6 +695,9 @@ impl Config {
                 exclude,
                 exclude_ports: capture.exclude_ports,
                 unmatched: capture.unmatched,
+                dns,
+                udp_allow,
+                sockets: capture.sockets,
             },
             store: StoreConfig {
                 retention: crate::record::Retention {
@@ -554,6 +707,9 @@ impl Config {
                 prune_interval,
             },
             approvals,
+            run: RunConfig {
+                keep_groups: run.keep_groups,
+            },
             targets,
         })
     }
@@ -696,7 +852,14 @@ struct RawConfig {
     capture: RawCapture,
     store: RawStore,
     approvals: RawApprovals,
+    run: RawRun,
     target: Vec<RawTarget>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawRun {
+    keep_groups: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -781,20 +944,13 @@ impl Default for RawListener {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawGoverned {
-    cgroup: PathBuf,
+    /// Default: `DEFAULT_GOVERNED_CGROUP`, or `/` (the hierarchy's root) with `users`.
+    cgroup: Option<PathBuf>,
     uids: Vec<u32>,
-}
-
-impl Default for RawGoverned {
-    fn default() -> Self {
-        Self {
-            cgroup: DEFAULT_GOVERNED_CGROUP.into(),
-            uids: Vec::new(),
-        }
-    }
+    users: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -805,16 +961,22 @@ struct RawCapture {
     exclude: Vec<String>,
     exclude_ports: Vec<u16>,
     unmatched: Unmatched,
+    dns: Vec<String>,
+    udp_allow: Vec<String>,
+    sockets: Vec<SocketKind>,
 }
 
 impl Default for RawCapture {
     fn default() -> Self {
         Self {
-            loopback: false,
+            loopback: true,
             include: Vec::new(),
             exclude: Vec::new(),
             exclude_ports: Vec::new(),
             unmatched: Unmatched::Relay,
+            dns: vec!["system".into()],
+            udp_allow: Vec::new(),
+            sockets: Vec::new(),
         }
     }
 }
@@ -859,15 +1021,41 @@ mod tests {
     }
 
     #[test]
+    fn governed_users_are_uids_everywhere_and_only_they_allow_the_root_cgroup() {
+        let c = parse("[governed]\nusers = [\"nobody\"]\nuids = [4242]\n").unwrap();
+        assert_eq!(
+            c.governed.cgroup,
+            PathBuf::from("/"),
+            "users govern everywhere"
+        );
+        assert_eq!(c.governed.uids, vec![4242, 65534]);
+        assert_eq!(c.governed.users, vec!["nobody".to_string()]);
+        let c = parse("[governed]\nusers = [\"nobody\"]\ncgroup = \"agents\"\n").unwrap();
+        assert_eq!(c.governed.cgroup, PathBuf::from("agents"));
+        let c = parse("[governed]\ncgroup = \"/\"\nuids = [1000]\n").unwrap();
+        assert_eq!(c.governed.cgroup, PathBuf::from("/"));
+        let e = err("[governed]\ncgroup = \"/\"\n");
+        assert!(
+            e.contains("`governed.cgroup`") && e.contains("governed.users"),
+            "{e}"
+        );
+        let e = err("[governed]\nusers = [\"no-such-user-here\"]\n");
+        assert!(
+            e.contains("`governed.users[0]`") && e.contains("no-such-user-here"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn empty_file_is_the_embedded_default() {
         let c = parse("").unwrap();
         let d = Config::embedded_default();
         assert_eq!(c.listener_v4(), d.listener_v4());
-        assert_eq!(c.listener_v4(), "127.0.0.1:15001".parse().unwrap());
-        assert_eq!(c.listener_v6(), Some("[::1]:15001".parse().unwrap()));
+        assert_eq!(c.listener_v4(), "127.0.0.1:951".parse().unwrap());
+        assert_eq!(c.listener_v6(), Some("[::1]:951".parse().unwrap()));
         assert_eq!(c.governed.cgroup, PathBuf::from(DEFAULT_GOVERNED_CGROUP));
         assert!(!c.daemon.fail_open);
-        assert!(!c.capture.loopback);
+        assert!(c.capture.loopback, "loopback is captured by default");
         assert_eq!(c.capture.unmatched, Unmatched::Relay);
         assert_eq!(d.source, Source::Embedded);
         assert_eq!(c.daemon.admin_group, "bulkhead");
@@ -931,6 +1119,15 @@ mod tests {
         assert!(e.contains("`capture.exclude[0]`"), "{e}");
         let e = err("[governed]\ncgroup = \"/\"\n");
         assert!(e.contains("`governed.cgroup`") && e.contains("root"), "{e}");
+        let e = err("[run]\nkeep_groups = [\"docker\", \" \"]\n");
+        assert!(e.contains("`run.keep_groups[1]`"), "{e}");
+        let c = Config::from_toml(
+            "[run]\nkeep_groups = [\"docker\", \"999\"]\n",
+            Source::Embedded,
+        )
+        .unwrap();
+        assert_eq!(c.run.keep_groups, ["docker", "999"]);
+        assert!(Config::embedded_default().run.keep_groups.is_empty());
         let e = err("[governed]\ncgroup = \"a/../..\"\n");
         assert!(e.contains("`governed.cgroup`"), "{e}");
         let e = err("[[target]]\nname = \"db\"\naddresses = [\"db.internal:5432\"]\n");

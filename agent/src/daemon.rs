@@ -13,7 +13,7 @@ use crate::{
     approval::ApprovalBroker,
     cgroup,
     config::{Config, Source, TargetKind},
-    control::{self, ControlState, DaemonInfo, TargetInfo},
+    control::{self, Containment, ControlState, DaemonInfo, TargetInfo},
     credentials::CredentialRef,
     ebpf::{rules::CaptureRules, Mode, Redirector},
     exclusive::{lock_dir, LockError},
@@ -61,8 +61,18 @@ pub enum DaemonError {
     Exclusive(#[from] LockError),
 }
 
+/// The lowest port an unprivileged process may bind (`net.ipv4.ip_unprivileged_port_start`;
+/// 1024 when unreadable, the kernel's default).
+fn unprivileged_port_start() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(1024)
+}
+
 /// What can be checked before any session and is wrong, without being a reason to refuse
-/// to start: credentials the gateway cannot read, an admin group that does not exist.
+/// to start: credentials the gateway cannot read, an admin group that does not exist, a
+/// governed user in the admin group, a listener port any user could bind.
 fn startup_problems(config: &Config) -> Vec<String> {
     let mut problems = Vec::new();
     for t in &config.targets {
@@ -85,6 +95,17 @@ fn startup_problems(config: &Config) -> Vec<String> {
             config.daemon.admin_group, config.daemon.admin_group
         ));
     }
+    let port = config.listener.port;
+    if port >= unprivileged_port_start() {
+        problems.push(format!(
+            "listener.port {port} can be bound by any local user (ip_unprivileged_port_start is \
+             {}): while the daemon is down such a user could receive the governed connections \
+             the pinned programs still send there; use a port below it (the default is {})",
+            unprivileged_port_start(),
+            crate::config::DEFAULT_LISTENER_PORT
+        ));
+    }
+    problems.extend(crate::privilege::warnings(config));
     problems
 }
 
@@ -103,7 +124,7 @@ fn kernel_log_level(filter: &str) -> u8 {
 pub async fn run(config: Config) -> Result<(), DaemonError> {
     let config = Arc::new(config);
     let mount = cgroup::cgroup2_mount()?;
-    let governed = cgroup::resolve(&mount, &config.governed.cgroup)?;
+    let governed = config.governed.resolve(&mount)?;
     cgroup::ensure(&governed)?;
     let governed_rel = cgroup::relative(&mount, &governed);
     // One daemon per governed cgroup and pin directory, held until this one exits (a
@@ -120,15 +141,21 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         (cgroup_lock, pin_lock)
     };
 
-    let mut listeners = vec![bind(config.listener_v4()).await?];
-    if let Some(v6) = config.listener_v6() {
-        match bind(v6).await {
-            Ok(l) => listeners.push(l),
-            // No IPv6 on loopback: IPv6 connects are then refused, not leaked.
-            Err(e) => {
-                warn!(error = %e, "IPv6 listener unavailable; governed IPv6 connects will be refused")
-            }
+    // Records the pinned programs left for connections nobody accepted (the previous daemon
+    // stopped with them queued) go before the listener exists: none can be lent to a later
+    // connection from the same local address and port.
+    if !config.daemon.fail_open {
+        match crate::ebpf::clear_stale_records(&config.daemon.bpf_pin_dir) {
+            Ok(0) => {}
+            Ok(n) => info!(records = n, "removed connection records nobody accepted"),
+            Err(e) => warn!(error = %e, "cannot clear stale connection records"),
         }
+    }
+    let mut listeners = vec![bind(config.listener_v4()).await?];
+    // An IPv6 listener that cannot be bound is fatal: set `listener.ipv6 = ""` to run without
+    // one (governed IPv6 connects are then refused).
+    if let Some(v6) = config.listener_v6() {
+        listeners.push(bind(v6).await?);
     }
     let listener_names: Vec<String> = listeners
         .iter()
@@ -183,6 +210,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         Err(e) => warn!(error = %e, "kernel-side logs unavailable"),
     }
     let orig_dst = Arc::new(redirector.orig_dst()?);
+    let refusals = redirector.refusals()?;
     info!(
         cgroup = %governed.display(),
         mode = ?mode,
@@ -225,7 +253,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         config: Arc::clone(&config),
         orig_dst,
         store: Arc::clone(&store),
-        proc: ProcReader::new("/", governed_rel),
+        proc: ProcReader::new("/", governed_rel.clone())
+            .governing_uids(config.governed.uids.clone()),
         stats: Arc::default(),
         policy,
         tls: match crate::tls::LocalCa::load_or_create(&config.daemon.state_dir.join("ca")) {
@@ -272,12 +301,29 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
                 .collect(),
             warnings: startup_problems,
             config_changed: false,
+            containment: Containment {
+                socket_filter: redirector.socket_filter.describe().to_string(),
+                sockets_allowed: config
+                    .capture
+                    .sockets
+                    .iter()
+                    .map(|k| format!("{k:?}").to_lowercase())
+                    .collect(),
+                dns: config.capture.dns.iter().map(ToString::to_string).collect(),
+                udp_allow: config
+                    .capture
+                    .udp_allow
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect(),
+            },
         },
         config_file: match &config.source {
             Source::File(path) => Some((path.clone(), crate::config::file_digest(path))),
             Source::Embedded => None,
         },
         governed_cgroup: governed.clone(),
+        governed_uids: config.governed.uids.clone(),
         cgroup_mount: mount,
         pin_dir: config.daemon.bpf_pin_dir.clone(),
         admin_group: config.daemon.admin_group.clone(),
@@ -290,6 +336,14 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         shutdown_rx.clone(),
     ));
     tokio::spawn(control::serve(control_listener, state, shutdown_rx.clone()));
+    let refusals_done = tokio::spawn(crate::refusals::record(
+        refusals,
+        crate::refusals::Recorder::new(
+            Arc::clone(&store),
+            ProcReader::new("/", governed_rel).governing_uids(config.governed.uids.clone()),
+        ),
+        shutdown_rx.clone(),
+    ));
     let protocols = Arc::new(proxy::Protocols::default());
     let accept_loops: Vec<_> = listeners
         .into_iter()
@@ -323,6 +377,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             "sessions still open at the drain deadline; they will be marked interrupted"
         );
     }
+    // The refusals recorder closes its open sessions on shutdown.
+    let _ = refusals_done.await;
     if let Err(e) = store.flush() {
         error!(error = %e, "flushing the session store");
     }

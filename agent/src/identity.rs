@@ -145,6 +145,8 @@ pub struct ProcReader {
     root: PathBuf,
     /// The governed cgroup relative to the cgroup2 mount (`/bulkhead.governed`).
     governed: String,
+    /// Only these uids are governed in it (empty: every process).
+    uids: Vec<u32>,
     cache: std::sync::Mutex<std::collections::HashMap<u32, Cached>>,
 }
 
@@ -154,8 +156,16 @@ impl ProcReader {
         Self {
             root: root.into(),
             governed: governed_relative.into(),
+            uids: Vec::new(),
             cache: std::sync::Mutex::default(),
         }
+    }
+
+    /// Only processes of these uids in the governed cgroup are governed (`governed.users`).
+    #[must_use]
+    pub fn governing_uids(mut self, uids: Vec<u32>) -> Self {
+        self.uids = uids;
+        self
     }
 
     fn proc(&self, pid: u32) -> PathBuf {
@@ -265,7 +275,8 @@ impl ProcReader {
             };
             let governed = self
                 .cgroup(ppid)
-                .is_some_and(|c| cgroup::is_within(&c, &self.governed));
+                .is_some_and(|c| cgroup::is_within(&c, &self.governed))
+                && (self.uids.is_empty() || self.uids.contains(&status.uid));
             out.push(Ancestor {
                 pid: ppid,
                 comm: status.name,

@@ -1,6 +1,7 @@
 //! Bulkhead: a host agent that puts every outbound connection of a governed process through a
 //! local gateway. See `docs/ARCHITECTURE.md` for the data path.
 
+pub mod account;
 pub mod approval;
 pub mod cgroup;
 pub mod cli;
@@ -13,8 +14,10 @@ pub mod exclusive;
 pub mod identity;
 pub mod net;
 pub mod policy;
+pub mod privilege;
 pub mod protocol;
 pub mod proxy;
 pub mod record;
+pub mod refusals;
 pub mod text;
 pub mod tls;

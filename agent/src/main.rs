@@ -61,7 +61,21 @@ fn run(args: Cli) -> anyhow::Result<()> {
                 .build()?;
             runtime.block_on(bulkhead::daemon::run(config))?;
         }
-        Command::Run { user, command } => match cli::run(&config, user.as_deref(), &command)? {},
+        Command::Run {
+            user,
+            allow_root,
+            keep_tty,
+            new_session,
+            command,
+        } => {
+            let options = cli::RunOptions {
+                user: user.as_deref(),
+                allow_root,
+                keep_tty,
+                new_session,
+            };
+            match cli::run(&config, &options, &command)? {}
+        }
         Command::Status(f) => cli::status(&config, f.json)?,
         Command::Sessions(command) => cli::sessions::run(&config, command)?,
         Command::Ca(command) => cli::ca(&config, &command)?,

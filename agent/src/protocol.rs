@@ -13,15 +13,21 @@ pub enum Protocol {
     Ssh,
     Http,
     Kubernetes,
+    /// Datagrams the kernel refused (recorded; UDP is never relayed).
+    Udp,
+    /// A socket the kernel refused to create (raw, packet, ping, SCTP, MPTCP, other families).
+    Socket,
 }
 
 impl Protocol {
-    pub const ALL: [Protocol; 5] = [
+    pub const ALL: [Protocol; 7] = [
         Protocol::Tcp,
         Protocol::Postgres,
         Protocol::Ssh,
         Protocol::Http,
         Protocol::Kubernetes,
+        Protocol::Udp,
+        Protocol::Socket,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -31,6 +37,8 @@ impl Protocol {
             Protocol::Ssh => "ssh",
             Protocol::Http => "http",
             Protocol::Kubernetes => "kubernetes",
+            Protocol::Udp => "udp",
+            Protocol::Socket => "socket",
         }
     }
 }
@@ -47,7 +55,7 @@ impl FromStr for Protocol {
         Protocol::ALL
             .into_iter()
             .find(|p| p.as_str() == s)
-            .ok_or_else(|| "use tcp, postgres, ssh, http or kubernetes".into())
+            .ok_or_else(|| "use tcp, postgres, ssh, http, kubernetes, udp or socket".into())
     }
 }
 

@@ -32,7 +32,7 @@ pub const GOVERNED_V4: &str = "10.201.0.1";
 pub const TARGET_V4: &str = "10.201.0.2";
 pub const GOVERNED_V6: &str = "fd00:201::1";
 pub const TARGET_V6: &str = "fd00:201::2";
-pub const LISTENER_PORT: u16 = 15001;
+pub const LISTENER_PORT: u16 = 951;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 

@@ -206,8 +206,10 @@ fn run_gives_the_tool_its_users_environment_and_says_when_it_cannot_start_it() {
         String::from_utf8_lossy(&out.stderr).contains("no such user"),
         "{out:?}"
     );
-    // As root: it runs, and says that it runs as root.
+    // As root: refused unless --allow-root (tests/privilege.rs); with it, it runs and says so.
     let out = run_governed(&topo, &["--", "/usr/bin/true"], None);
+    assert!(!out.status.success(), "{out:?}");
+    let out = run_governed(&topo, &["--allow-root", "--", "/usr/bin/true"], None);
     assert!(out.status.success(), "{out:?}");
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("runs as root"),

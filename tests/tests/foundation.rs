@@ -169,11 +169,12 @@ fn processes_outside_the_governed_cgroup_connect_directly() {
 }
 
 #[test]
-fn udp_is_not_redirected() {
+fn allowed_udp_is_not_redirected() {
     require_root();
-    let topo = Topology::new("");
+    let topo = Topology::new(&format!("[capture]\nudp_allow = [\"{TARGET_V4}:5353\"]\n"));
     let _daemon = topo.start_daemon(&[]);
-    // A connected UDP socket in the governed cgroup keeps its real peer.
+    // A connected UDP socket to an allowed destination keeps its real peer (UDP is decided in
+    // the kernel, never relayed; `containment.rs` has the refusals).
     let mut cmd = Command::new("python3");
     cmd.args([
         "-c",
@@ -246,7 +247,7 @@ fn a_killed_daemon_fails_closed_and_a_restarted_one_governs_again() {
     assert!(status["daemon"].is_null(), "{status}");
     assert_eq!(status["programs_attached"], true, "{status}");
     // connect4, connect6, sock_ops, getpeername4, getpeername6.
-    assert_eq!(status["pinned_links"], 5, "{status}");
+    assert_eq!(status["pinned_links"], 8, "{status}");
 
     let _daemon = topo.start_daemon(&[]);
     assert_eq!(
@@ -256,7 +257,7 @@ fn a_killed_daemon_fails_closed_and_a_restarted_one_governs_again() {
     assert!(echo.line(Duration::from_secs(5)).is_some());
     let status = topo.run_cli(&["status", "--json"]).unwrap();
     assert_eq!(
-        status["pinned_links"], 5,
+        status["pinned_links"], 8,
         "the old links were replaced, not added to: {status}"
     );
     let sessions = topo.sessions();
@@ -366,7 +367,8 @@ fn status_and_sessions_work_with_the_daemon_running_and_stopped() {
     assert_eq!(status["governed_cgroup"], topo.cgroup.display().to_string());
     assert_eq!(status["programs_attached"], true);
     let listeners = status["daemon"]["listeners"].as_array().unwrap();
-    assert!(listeners.iter().any(|l| l == "127.0.0.1:15001"), "{status}");
+    let listener = format!("127.0.0.1:{}", bulkhead_tests::LISTENER_PORT);
+    assert!(listeners.iter().any(|l| *l == listener), "{status}");
 
     topo.probe_connect(Side::Governed, &format!("{TARGET_V4}:7000"), "x");
     let session = topo.wait_session_closed();
@@ -553,7 +555,8 @@ fn a_listener_port_in_use_is_reported_with_its_key() {
     let topo = Topology::new("");
     // Something else holds the gateway's port on the governed side's loopback.
     let mut holder = Command::new(topo.probe());
-    holder.args(["serve", "127.0.0.1:15001"]);
+    let port = bulkhead_tests::LISTENER_PORT;
+    holder.args(["serve", &format!("127.0.0.1:{port}")]);
     let mut holder = topo.spawn(Side::Host, "port-holder", holder);
     assert_eq!(
         holder.line(Duration::from_secs(10)).as_deref(),
@@ -565,7 +568,7 @@ fn a_listener_port_in_use_is_reported_with_its_key() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("127.0.0.1:15001") && err.contains("`listener.port`"),
+        err.contains(&format!("127.0.0.1:{port}")) && err.contains("`listener.port`"),
         "{err}"
     );
 }

@@ -1077,7 +1077,7 @@ mask = { columns = ["public.users.ssn"], style = "redact" }
             "1\talice\t[redacted]",
             "ssn,name",
             "\"[redacted]\",alice",
-            "[redacted]\t[redacted]",
+            "alice\t[redacted]",
         ],
         "{out}"
     );

@@ -186,6 +186,11 @@ impl Book {
         }
     }
 
+    /// The pending request `id`, left pending.
+    pub fn pending_request(&self, id: u64) -> Option<&ApprovalRequest> {
+        self.pending.get(&id).map(|h| &h.request)
+    }
+
     /// Removes a pending request whatever its deadline (expiry, a client gone).
     pub fn withdraw(&mut self, id: u64) -> Option<Held> {
         self.pending.remove(&id)

@@ -162,6 +162,9 @@ pub enum ApprovalState {
     CoveredByGrant,
     /// A grant window was ended early.
     Revoked,
+    /// Someone who may not decide this request tried to: its own process's user, or a caller
+    /// descended from a governed process. The request still waits.
+    ApproverRefused,
 }
 
 impl ApprovalState {
@@ -175,6 +178,7 @@ impl ApprovalState {
             ApprovalState::Refused => "refused",
             ApprovalState::CoveredByGrant => "covered_by_grant",
             ApprovalState::Revoked => "revoked",
+            ApprovalState::ApproverRefused => "approver_refused",
         }
     }
 }
@@ -256,6 +260,15 @@ pub enum Notice {
     },
     /// A grant window was ended early.
     Revoked { grant: GrantInfo, by: Approver },
+    /// Someone who may not decide a pending request tried to; it keeps waiting.
+    ApproverRefused {
+        approval: u64,
+        session: SessionId,
+        target: String,
+        rule: String,
+        by: Approver,
+        reason: String,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -264,6 +277,12 @@ pub enum ApprovalError {
     UnknownApproval(u64),
     #[error("approval {0} has expired; it is denied")]
     AlreadyExpired(u64),
+    #[error(
+        "approval {id}: refused: {approver} is the user whose process made this request, and \
+         nobody approves their own request (another admin must decide it); the attempt is \
+         recorded"
+    )]
+    SelfApproval { id: u64, approver: Approver },
     #[error("no open grant with id {0} (see `bulkhead approvals grants`)")]
     UnknownGrant(u64),
     #[error("grant window: {0}")]
@@ -569,6 +588,35 @@ impl ApprovalBroker {
         );
     }
 
+    /// Records, in the session of pending request `id` (if it is pending), that `approver` tried
+    /// to decide it and was refused, and why. The request keeps waiting.
+    pub fn refuse_approver(&self, id: u64, approver: &Approver, why: &str) {
+        let book = self.book();
+        let Some(req) = book.pending_request(id) else {
+            return;
+        };
+        warn!(approval = id, by = %approver, "approver refused: {why}");
+        let facts = Facts {
+            approval: Some(id),
+            by: Some(approver),
+            reason: Some(why),
+            ..Facts::default()
+        };
+        if let Err(e) = self.record(req, ApprovalState::ApproverRefused, &facts) {
+            error!(approval = id, error = %e, "cannot record a refused approver");
+        }
+        let notice = Notice::ApproverRefused {
+            approval: id,
+            session: req.session,
+            target: req.target.clone(),
+            rule: req.rule.clone(),
+            by: approver.clone(),
+            reason: why.into(),
+        };
+        drop(book);
+        self.notify(notice);
+    }
+
     /// Requests waiting for a decision, oldest first.
     pub fn list_pending(&self) -> Vec<PendingApproval> {
         self.book().pending(Instant::now())
@@ -590,6 +638,23 @@ impl ApprovalBroker {
         let now = Instant::now();
         let now_us = now_micros();
         let mut book = self.book();
+        // The governed user could run the CLI from a process outside the cgroup (a service of
+        // its own, a second login): a request is never approved by its own process's user.
+        // Root is the exception: a governed root process (`bulkhead run --allow-root`) is not
+        // contained anyway (it can leave the cgroup, stop the daemon, rewrite the store), so
+        // refusing root approvers would stop only the admins, not it.
+        if book
+            .pending_request(id)
+            .is_some_and(|r| r.identity.uid == approver.uid && r.identity.uid != 0)
+        {
+            drop(book);
+            self.refuse_approver(
+                id,
+                &approver,
+                "the approver is the user whose process made the request",
+            );
+            return Err(ApprovalError::SelfApproval { id, approver });
+        }
         let held = book.take(id, now)?;
         let view = held.view(id, now);
         let (grant, note) = match window {

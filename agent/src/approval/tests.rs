@@ -578,3 +578,58 @@ fn approval_events_recorded_before_the_added_fields_still_read() {
         ("approved", None, Some(0), Some("root"), None, None)
     );
 }
+
+/// The governed user may reach the CLI from a process outside the cgroup: its own request is
+/// still not approved by it. The attempt is recorded, the request keeps waiting, and another
+/// admin can approve it; a self-deny is allowed (it only fails closed).
+#[tokio::test(start_paused = true)]
+async fn nobody_approves_a_request_of_their_own_uid() {
+    let mut f = fixture();
+    let req = f.request("deletes-need-approval", "orders-db");
+    let agent = Approver {
+        uid: req.identity.uid,
+        user: Some("agent".into()),
+    };
+    let (id, task) = f.held(req.clone()).await;
+    let mut watcher = f.broker.subscribe();
+    let err = f
+        .broker
+        .approve(id, agent.clone(), Some("mine".into()), Some(FIVE_MIN))
+        .unwrap_err();
+    assert!(matches!(
+        watcher.try_recv(),
+        Ok(Notice::ApproverRefused { approval, ref by, .. }) if approval == id && *by == agent
+    ));
+    assert!(matches!(err, ApprovalError::SelfApproval { id: i, .. } if i == id));
+    let text = err.to_string();
+    assert!(text.contains("whose process made this request"), "{text}");
+    assert!(!task.is_finished(), "still waiting");
+    assert_eq!(f.broker.list_pending().len(), 1);
+    assert!(f.broker.grants().is_empty(), "no window opened");
+    assert_eq!(
+        f.approvals().iter().map(fields).next_back(),
+        Some((
+            "approver_refused",
+            Some(id),
+            Some(2000),
+            Some("agent"),
+            Some("the approver is the user whose process made the request"),
+            None
+        ))
+    );
+    f.broker.approve(id, alice(), None, None).unwrap();
+    assert!(task.await.unwrap().is_approved());
+    assert_eq!(f.states(), ["requested", "approver_refused", "approved"]);
+
+    let (id, task) = f.held(req.clone()).await;
+    f.broker.deny(id, agent, None).unwrap();
+    assert!(!task.await.unwrap().is_approved());
+
+    // A root requester is not contained anyway: root may approve it.
+    let mut as_root = req;
+    as_root.identity.uid = 0;
+    let (id, task) = f.held(as_root).await;
+    let root = Approver { uid: 0, user: None };
+    f.broker.approve(id, root, None, None).unwrap();
+    assert!(task.await.unwrap().is_approved());
+}

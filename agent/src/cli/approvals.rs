@@ -300,6 +300,17 @@ fn notice_line(n: &Notice) -> String {
                 .unwrap_or_default(),
             grant.map(|g| format!(" [grant {g}]")).unwrap_or_default(),
         ),
+        Notice::ApproverRefused {
+            approval,
+            session,
+            target,
+            rule,
+            by,
+            reason,
+        } => format!(
+            "{now}  REFUSED     {approval}  (session {session} → {target}, rule {rule}) {by} may \
+             not decide it: {reason}; it still waits"
+        ),
         Notice::Revoked { grant, by } => format!(
             "{now}  revoked     grant {} (uid {} {} → {}, rule {}) by {by}",
             grant.id,
@@ -541,6 +552,21 @@ mod tests {
         });
         assert!(
             line.contains("covered_by_grant  -  (session 3 → orders-db, rule deletes) by root (uid 0): migration [grant 9]"),
+            "{line}"
+        );
+        let line = notice_line(&Notice::ApproverRefused {
+            approval: 12,
+            session: crate::record::SessionId(3),
+            target: "orders-db".into(),
+            rule: "deletes".into(),
+            by: crate::approval::Approver {
+                uid: 1000,
+                user: Some("agent".into()),
+            },
+            reason: "the approver is the user whose process made the request".into(),
+        });
+        assert!(
+            line.contains("REFUSED     12  (session 3 → orders-db, rule deletes) agent (uid 1000) may not decide it: the approver is the user whose process made the request; it still waits"),
             "{line}"
         );
     }

@@ -8,7 +8,7 @@ use super::Cli;
 /// (command path, example lines).
 const EXAMPLES: &[(&[&str], &str)] = &[
     (&["daemon"], "sudo bulkhead daemon\n  sudo bulkhead --config /etc/bulkhead/bulkhead.toml daemon --fail-open"),
-    (&["run"], "sudo bulkhead run -- claude\n  sudo bulkhead run --user alice -- psql -h 10.20.0.5 -U app orders"),
+    (&["run"], "sudo bulkhead run -- claude\n  sudo bulkhead run --user ai-agent --new-session -- ./agent-task.sh\n  sudo bulkhead run --user alice -- psql -h 10.20.0.5 -U app orders"),
     (&["status"], "bulkhead status\n  bulkhead status --json | jq .policy"),
     (&["sessions", "list"], "bulkhead sessions list --since 1h\n  bulkhead sessions list --target orders-db --verdict denied --json"),
     (&["sessions", "show"], "bulkhead sessions show 2000001\n  bulkhead sessions show 2000001 --json"),

@@ -107,6 +107,9 @@ pub enum Response {
 pub struct StatusReport {
     pub daemon: Option<DaemonInfo>,
     pub governed_cgroup: String,
+    /// Only these uids are governed in the cgroup and below (empty: every process).
+    #[serde(default)]
+    pub governed_uids: Vec<u32>,
     pub pinned_links: usize,
     /// Programs are attached when the daemon runs, or when links are pinned without it
     /// (then governed connections are refused: fail closed).
@@ -116,6 +119,10 @@ pub struct StatusReport {
     /// The policy in force and the last reload error (only while the daemon runs).
     #[serde(default)]
     pub policy: Option<crate::policy::PolicyStatus>,
+    /// What is wrong with the configuration, read by the CLI while the daemon is not running
+    /// (a running daemon's are in `daemon.warnings`).
+    #[serde(default)]
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -137,6 +144,22 @@ pub struct DaemonInfo {
     /// listeners and capture rules apply only after a restart.
     #[serde(default)]
     pub config_changed: bool,
+    /// What governed processes can reach besides TCP through the gateway.
+    #[serde(default)]
+    pub containment: Containment,
+}
+
+/// Besides TCP through the gateway: the sockets and datagrams governed processes may use.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Containment {
+    /// Which sockets the kernel filters at `socket()`.
+    pub socket_filter: String,
+    /// Socket kinds the configuration allows beyond TCP, UDP, unix and netlink.
+    pub sockets_allowed: Vec<String>,
+    /// Resolvers governed processes may send DNS to.
+    pub dns: Vec<String>,
+    /// Other UDP destinations they may send to. Every other datagram is refused and recorded.
+    pub udp_allow: Vec<String>,
 }
 
 /// A configured target, for `bulkhead status`.
@@ -223,6 +246,8 @@ pub struct ControlState {
     pub policy: PolicyHandle,
     pub info: DaemonInfo,
     pub governed_cgroup: PathBuf,
+    /// Only these uids are governed in it (empty: every process).
+    pub governed_uids: Vec<u32>,
     pub cgroup_mount: PathBuf,
     pub pin_dir: PathBuf,
     pub admin_group: String,
@@ -247,11 +272,13 @@ impl ControlState {
         StatusReport {
             daemon: Some(info),
             governed_cgroup: self.governed_cgroup.display().to_string(),
+            governed_uids: self.governed_uids.clone(),
             pinned_links: crate::ebpf::pinned_links(&self.pin_dir).len(),
             programs_attached: true,
             store: self.store().stats().ok(),
             retention: self.retention,
             policy: Some(self.policy.status()),
+            warnings: Vec::new(),
         }
     }
 
@@ -284,7 +311,15 @@ impl ControlState {
     }
 }
 
+/// How far up the process tree [`refusal`] looks for a governed ancestor; a deeper tree is
+/// refused (it cannot be told apart from one that hides a governed ancestor).
+const MAX_ANCESTRY: usize = 256;
+
 /// Why a peer may not use the socket, or `None` when it may.
+///
+/// A peer whose process, or any of its ancestors, runs in the governed cgroup is refused, even
+/// as root: a governed process must not reach the control socket through a child it moved out
+/// of the cgroup (as root) or through anything it started on the way.
 pub fn refusal(
     uid: u32,
     gid: u32,
@@ -292,17 +327,28 @@ pub fn refusal(
     admin: Option<(&str, u32)>,
     mount: &Path,
     governed: &Path,
+    governed_uids: &[u32],
 ) -> Option<String> {
     let Some(pid) = pid else {
         return Some("permission denied: the caller's process is unknown".into());
     };
-    match cgroup::pid_is_governed(pid, mount, governed) {
-        Ok(false) => {}
-        Ok(true) => {
+    match governed_in_ancestry(pid, mount, governed, governed_uids) {
+        Ok(None) => {}
+        Ok(Some(p)) if p == pid => {
             return Some("permission denied: the caller runs in the governed cgroup".into())
         }
-        Err(_) => {
-            return Some("permission denied: cannot tell which cgroup the caller runs in".into())
+        Ok(Some(p)) => {
+            return Some(format!(
+                "permission denied: the caller descends from process {p} ({}), which runs in \
+                 the governed cgroup",
+                process_name(p)
+            ))
+        }
+        Err(e) => {
+            return Some(format!(
+                "permission denied: cannot tell whether the caller or one of its ancestors runs \
+                 in the governed cgroup ({e})"
+            ))
         }
     }
     if uid == 0 {
@@ -315,6 +361,58 @@ pub fn refusal(
         )),
         None => Some("permission denied: root only (the admin group does not exist)".into()),
     }
+}
+
+/// The first of `pid` and its ancestors that runs in the governed cgroup, if any.
+fn governed_in_ancestry(
+    pid: u32,
+    mount: &Path,
+    governed: &Path,
+    uids: &[u32],
+) -> io::Result<Option<u32>> {
+    first_governed(
+        pid,
+        |p| cgroup::pid_is_governed(p, mount, governed, uids),
+        parent_pid,
+    )
+}
+
+fn first_governed(
+    pid: u32,
+    is_governed: impl Fn(u32) -> io::Result<bool>,
+    parent_of: impl Fn(u32) -> io::Result<u32>,
+) -> io::Result<Option<u32>> {
+    let mut p = pid;
+    for _ in 0..MAX_ANCESTRY {
+        if is_governed(p)? {
+            return Ok(Some(p));
+        }
+        match parent_of(p)? {
+            // The top of this pid namespace's tree (init, or kthreadd's children).
+            0 | 1 => return Ok(None),
+            parent => p = parent,
+        }
+    }
+    Err(io::Error::other(format!(
+        "more than {MAX_ANCESTRY} ancestors"
+    )))
+}
+
+/// The parent of `pid`, from `/proc/PID/stat` (the field after the state, which follows the
+/// last `)`: the name in parentheses may itself contain `)` and spaces).
+fn parent_pid(pid: u32) -> io::Result<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    parent_from_stat(&stat).ok_or_else(|| io::Error::other(format!("unreadable /proc/{pid}/stat")))
+}
+
+fn parent_from_stat(stat: &str) -> Option<u32> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn process_name(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map_or_else(|_| "gone".into(), |c| c.trim_end().to_string())
 }
 
 /// The supplementary groups of a process, from `/proc/PID/status`.
@@ -401,8 +499,10 @@ async fn connection(
         admin,
         &state.cgroup_mount,
         &state.governed_cgroup,
+        &state.governed_uids,
     ) {
         warn!(uid = cred.uid(), pid = ?pid, "control request refused: {message}");
+        record_refused_decision(r, state, cred.uid(), &message).await;
         return write_response(&mut w, &Response::Error { message }).await;
     }
     let approver = Approver::from_uid(cred.uid());
@@ -437,6 +537,32 @@ async fn connection(
         }
     }
     Ok(())
+}
+
+/// How long a refused peer's request is waited for, to record an attempt to decide an approval.
+const REFUSED_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A refused peer's first request, when it tries to approve or deny a pending request, is
+/// recorded in that request's session (`approver_refused`): an attempt from the governed side
+/// to decide its own request is worth an auditor's eyes. Nothing else is read from it.
+async fn record_refused_decision(
+    r: tokio::net::unix::OwnedReadHalf,
+    state: &ControlState,
+    uid: u32,
+    message: &str,
+) {
+    let mut lines = BufReader::new(r.take(MAX_REQUEST)).lines();
+    let Ok(Ok(Some(line))) = tokio::time::timeout(REFUSED_READ_TIMEOUT, lines.next_line()).await
+    else {
+        return;
+    };
+    if let Ok(Request::ApprovalsApprove { id, .. } | Request::ApprovalsDeny { id, .. }) =
+        serde_json::from_str::<Request>(&line)
+    {
+        state
+            .approvals
+            .refuse_approver(id, &Approver::from_uid(uid), message);
+    }
 }
 
 /// Streams an export: events are read on a blocking thread and sent through a bounded
@@ -757,6 +883,46 @@ mod tests {
     }
 
     #[test]
+    fn the_parent_is_read_past_a_name_with_parentheses_and_spaces() {
+        assert_eq!(parent_from_stat("42 (bash) S 7 42 42 0"), Some(7));
+        assert_eq!(parent_from_stat("42 (a) b) (c) S 9 42 42"), Some(9));
+        assert_eq!(parent_from_stat("42 (x"), None);
+        assert_eq!(
+            parent_pid(std::process::id()).ok(),
+            Some(std::os::unix::process::parent_id())
+        );
+    }
+
+    /// A process outside the governed cgroup whose parent (or any ancestor) is in it is
+    /// found; a process that cannot be read, or a loop, is an error (refused).
+    #[test]
+    fn a_governed_ancestor_is_found_and_unreadable_ancestry_is_an_error() {
+        // 40 -> 30 -> 20 -> 10 -> 1; 20 is governed.
+        let parent = |p: u32| match p {
+            40 => Ok(30),
+            30 => Ok(20),
+            20 => Ok(10),
+            10 => Ok(1),
+            _ => Err(io::Error::other("gone")),
+        };
+        let governed = |set: &'static [u32]| move |p: u32| Ok(set.contains(&p));
+        assert_eq!(
+            first_governed(40, governed(&[20]), parent).unwrap(),
+            Some(20)
+        );
+        assert_eq!(
+            first_governed(40, governed(&[40]), parent).unwrap(),
+            Some(40)
+        );
+        assert_eq!(first_governed(40, governed(&[]), parent).unwrap(), None);
+        assert!(first_governed(50, governed(&[]), parent).is_err());
+        let looping = |p: u32| Ok(if p == 7 { 8 } else { 7 });
+        assert!(first_governed(7, governed(&[]), looping).is_err());
+        let unreadable = |_: u32| Err(io::Error::other("no /proc"));
+        assert!(first_governed(40, unreadable, parent).is_err());
+    }
+
+    #[test]
     fn the_peer_without_a_pid_is_refused() {
         let r = refusal(
             0,
@@ -765,6 +931,7 @@ mod tests {
             None,
             Path::new("/sys/fs/cgroup"),
             Path::new("/sys/fs/cgroup/x"),
+            &[],
         );
         assert!(r.is_some());
     }
@@ -783,8 +950,30 @@ mod tests {
             .to_string();
         // Treat the test's own cgroup as the governed one: it is now a governed process.
         let governed = mount.join(own);
-        let refused = refusal(0, 0, Some(me), Some(("bulkhead", 0)), &mount, &governed)
-            .expect("a governed root process must be refused");
+        let refused = refusal(
+            0,
+            0,
+            Some(me),
+            Some(("bulkhead", 0)),
+            &mount,
+            &governed,
+            &[],
+        )
+        .expect("a governed root process must be refused");
+        // Governed users only: this process (root) is in the cgroup but not governed.
+        assert!(
+            refusal(
+                0,
+                0,
+                Some(me),
+                Some(("bulkhead", 0)),
+                &mount,
+                &governed,
+                &[65534]
+            )
+            .is_none(),
+            "a process of an ungoverned uid below the cgroup is not governed"
+        );
         assert!(refused.contains("governed cgroup"), "{refused}");
         let refused = refusal(
             1000,
@@ -793,6 +982,7 @@ mod tests {
             Some(("bulkhead", 998)),
             &mount,
             &governed,
+            &[],
         )
         .expect("a governed admin must be refused");
         assert!(refused.contains("governed cgroup"), "{refused}");
@@ -804,7 +994,7 @@ mod tests {
         let mount =
             crate::cgroup::cgroup2_mount().unwrap_or_else(|_| PathBuf::from("/sys/fs/cgroup"));
         let governed = mount.join("bulkhead-unit-test-never-created");
-        assert_eq!(refusal(0, 0, Some(me), None, &mount, &governed), None);
+        assert_eq!(refusal(0, 0, Some(me), None, &mount, &governed, &[]), None);
         let denied = refusal(
             1000,
             1000,
@@ -812,6 +1002,7 @@ mod tests {
             Some(("bulkhead", 998)),
             &mount,
             &governed,
+            &[],
         )
         .unwrap();
         assert!(denied.contains("`bulkhead` group"), "{denied}");
@@ -822,11 +1013,12 @@ mod tests {
                 Some(me),
                 Some(("bulkhead", 998)),
                 &mount,
-                &governed
+                &governed,
+                &[]
             ),
             None
         );
-        let no_group = refusal(1000, 998, Some(me), None, &mount, &governed).unwrap();
+        let no_group = refusal(1000, 998, Some(me), None, &mount, &governed, &[]).unwrap();
         assert!(no_group.contains("root only"), "{no_group}");
     }
 }

@@ -18,12 +18,12 @@ use std::{
 };
 
 use aya::{
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, RingBuf},
     programs::{
         links::{FdLink, PinnedLink},
-        CgroupAttachMode, CgroupSockAddr, SockOps,
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, LsmCgroup, SockOps,
     },
-    Ebpf, EbpfLoader, Pod,
+    Btf, Ebpf, EbpfLoader, Pod,
 };
 use bulkhead_common::{maps, programs, CaptureConfig, ConnectRecord, SockKey};
 use tracing::{info, warn};
@@ -131,6 +131,27 @@ impl OrigDst for MockOrigDst {
     }
 }
 
+/// Which program filters the sockets governed processes open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SocketFilter {
+    /// `lsm_cgroup/socket_create`: every address family.
+    Lsm,
+    /// `cgroup/sock_create`: inet and inet6 sockets only (the BPF LSM is not active).
+    InetOnly,
+}
+
+impl SocketFilter {
+    pub fn describe(self) -> &'static str {
+        match self {
+            SocketFilter::Lsm => "every address family (BPF LSM)",
+            SocketFilter::InetOnly => {
+                "inet and inet6 only: the BPF LSM is not active (boot with lsm=...,bpf), so \
+                 packet, vsock and other families are not filtered"
+            }
+        }
+    }
+}
+
 /// How the programs are attached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -157,6 +178,7 @@ pub struct Redirector {
     pub mode: Mode,
     pub cgroup: PathBuf,
     pub adopted: usize,
+    pub socket_filter: SocketFilter,
 }
 
 impl Redirector {
@@ -223,6 +245,8 @@ impl Redirector {
             };
             attached.push((name, link));
         }
+        let (socket_filter, name, link) = attach_socket_filter(&mut ebpf, &cgroup_dir)?;
+        attached.push((name, link));
         // Pinned only once all are attached: a daemon that fails half-way must not leave
         // a partial redirect behind.
         let mut links = Vec::with_capacity(attached.len());
@@ -266,6 +290,19 @@ impl Redirector {
             mode,
             cgroup: cgroup.to_path_buf(),
             adopted,
+            socket_filter,
+        })
+    }
+
+    /// The ring buffer of attempts the kernel refused, for the daemon to record.
+    pub fn refusals(&mut self) -> Result<RingBuf<MapData>, EbpfError> {
+        let map = self
+            .ebpf
+            .take_map(maps::REFUSALS)
+            .ok_or(EbpfError::Missing(maps::REFUSALS))?;
+        RingBuf::try_from(map).map_err(|source| EbpfError::Map {
+            name: maps::REFUSALS,
+            source,
         })
     }
 
@@ -299,6 +336,50 @@ impl Redirector {
 
 use log as log_facade;
 
+/// Attaches the socket filter: the BPF LSM program where the kernel runs BPF LSM programs,
+/// else the inet-only `cgroup/sock_create` one.
+fn attach_socket_filter(
+    ebpf: &mut Ebpf,
+    cgroup_dir: &fs::File,
+) -> Result<(SocketFilter, &'static str, FdLink), EbpfError> {
+    let lsm = (|| -> Result<FdLink, String> {
+        let btf = Btf::from_sys_fs().map_err(|e| e.to_string())?;
+        let prog = ebpf
+            .program_mut(programs::SOCKET_CREATE)
+            .ok_or("missing from the object")?;
+        let p: &mut LsmCgroup = prog
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+        p.load("socket_create", &btf).map_err(|e| e.to_string())?;
+        let id = p.attach(cgroup_dir).map_err(|e| e.to_string())?;
+        Ok(p.take_link(id).map_err(|e| e.to_string())?.into())
+    })();
+    match lsm {
+        Ok(link) => Ok((SocketFilter::Lsm, programs::SOCKET_CREATE, link)),
+        Err(why) => {
+            warn!(
+                reason = %why,
+                "BPF LSM socket filter unavailable; filtering inet sockets only (packet, vsock \
+                 and other families are not filtered)"
+            );
+            let name = programs::SOCK_CREATE;
+            let program_err = |source| EbpfError::Program { name, source };
+            let prog = ebpf.program_mut(name).ok_or(EbpfError::Missing(name))?;
+            let p: &mut CgroupSock = prog.try_into().map_err(program_err)?;
+            p.load().map_err(program_err)?;
+            let id = p
+                .attach(cgroup_dir, CgroupAttachMode::Single)
+                .map_err(program_err)?;
+            let link = p
+                .take_link(id)
+                .map_err(program_err)?
+                .try_into()
+                .map_err(|source| EbpfError::Link { name, source })?;
+            Ok((SocketFilter::InetOnly, name, link))
+        }
+    }
+}
+
 fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> EbpfError {
     move |source| EbpfError::Map { name, source }
 }
@@ -326,6 +407,7 @@ fn fill_maps(ebpf: &mut Ebpf, rules: &CaptureRules) -> Result<(), EbpfError> {
     replace_trie(ebpf, maps::INCLUDE_V6, &rules.include_v6)?;
     replace_set(ebpf, maps::EXCLUDE_PORTS, &rules.exclude_ports)?;
     replace_set(ebpf, maps::GOVERNED_UIDS, &rules.uids)?;
+    replace_trie(ebpf, maps::UDP_ALLOW, &rules.udp_allow)?;
     let mut cfg: Array<&mut MapData, CaptureConfig> =
         Array::try_from(map_mut(ebpf, maps::CAPTURE_CONFIG)?)
             .map_err(map_err(maps::CAPTURE_CONFIG))?;
@@ -373,6 +455,23 @@ fn replace_set<K: Pod + Eq + std::hash::Hash>(
         set.insert(k, 1, 0).map_err(map_err(name))?;
     }
     Ok(())
+}
+
+/// Empties the pinned `CONNECTIONS` map (records of redirected connections nobody accepted)
+/// and returns how many went. Nothing pinned: nothing to do.
+pub fn clear_stale_records(pin_dir: &Path) -> Result<usize, EbpfError> {
+    let path = pin_dir.join("maps").join(maps::CONNECTIONS);
+    if !path.exists() {
+        return Ok(0);
+    }
+    let data = MapData::from_pin(&path).map_err(map_err(maps::CONNECTIONS))?;
+    let mut map: HashMap<MapData, SockKey, ConnectRecord> =
+        HashMap::try_from(aya::maps::Map::LruHashMap(data)).map_err(map_err(maps::CONNECTIONS))?;
+    let keys: Vec<SockKey> = map.keys().filter_map(Result::ok).collect();
+    for k in &keys {
+        let _ = map.remove(k);
+    }
+    Ok(keys.len())
 }
 
 /// Links pinned under `pin_dir/links` (by this or a previous daemon).

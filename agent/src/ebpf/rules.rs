@@ -6,14 +6,30 @@
 use std::net::{IpAddr, SocketAddr};
 
 use bulkhead_common::{
-    CaptureConfig as KernelConfig, FLAG_CAPTURE_LOOPBACK, FLAG_INCLUDE_FILTER, FLAG_READY,
-    FLAG_UID_FILTER,
+    CaptureConfig as KernelConfig, FLAG_ALLOW_MPTCP, FLAG_ALLOW_PACKET, FLAG_ALLOW_PING,
+    FLAG_ALLOW_RAW, FLAG_ALLOW_SCTP, FLAG_CAPTURE_LOOPBACK, FLAG_INCLUDE_FILTER, FLAG_READY,
+    FLAG_UID_FILTER, UDP_KEY_BYTES,
 };
 
 use crate::{
-    config::Config,
+    config::{Config, SocketKind},
     net::{to_kernel_bytes, Cidr},
 };
+
+/// A `UDP_ALLOW` entry: key (`port ++ address`) and prefix length in bits.
+pub type UdpEntry = ([u8; UDP_KEY_BYTES], u32);
+
+/// The `UDP_ALLOW` entry for `port` on the network `net` (IPv4 as mapped, like the kernel's).
+pub fn udp_entry(net: Cidr, port: u16) -> UdpEntry {
+    let mut key = [0u8; UDP_KEY_BYTES];
+    key[..2].copy_from_slice(&port.to_be_bytes());
+    key[2..].copy_from_slice(&to_kernel_bytes(net.addr()));
+    let addr_bits = match net.addr() {
+        IpAddr::V4(_) => 96 + u32::from(net.prefix()),
+        IpAddr::V6(_) => u32::from(net.prefix()),
+    };
+    (key, 16 + addr_bits)
+}
 
 /// Everything user space writes into the maps.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,6 +42,8 @@ pub struct CaptureRules {
     pub include_v6: Vec<([u8; 16], u32)>,
     pub exclude_ports: Vec<u16>,
     pub uids: Vec<u32>,
+    /// Resolvers and allowed UDP destinations.
+    pub udp_allow: Vec<UdpEntry>,
 }
 
 fn split(cidrs: &[Cidr]) -> (Vec<([u8; 4], u32)>, Vec<([u8; 16], u32)>) {
@@ -52,6 +70,31 @@ impl CaptureRules {
         if !config.capture.include.is_empty() {
             flags |= FLAG_INCLUDE_FILTER;
         }
+        for kind in &config.capture.sockets {
+            flags |= match kind {
+                SocketKind::Ping => FLAG_ALLOW_PING,
+                SocketKind::Raw => FLAG_ALLOW_RAW,
+                SocketKind::Sctp => FLAG_ALLOW_SCTP,
+                SocketKind::Mptcp => FLAG_ALLOW_MPTCP,
+                SocketKind::Packet => FLAG_ALLOW_PACKET,
+            };
+        }
+        let host = |ip: IpAddr| {
+            Cidr::new(ip, if ip.is_ipv4() { 32 } else { 128 }).expect("a host prefix is valid")
+        };
+        let udp_allow = config
+            .capture
+            .dns
+            .iter()
+            .map(|r| udp_entry(host(r.ip().to_canonical()), r.port()))
+            .chain(
+                config
+                    .capture
+                    .udp_allow
+                    .iter()
+                    .map(|a| udp_entry(a.net, a.port)),
+            )
+            .collect();
         let (exclude_v4, exclude_v6) = split(&config.capture.exclude);
         let (include_v4, include_v6) = split(&config.capture.include);
         Self {
@@ -71,6 +114,7 @@ impl CaptureRules {
             include_v6,
             exclude_ports: config.capture.exclude_ports.clone(),
             uids: config.governed.uids.clone(),
+            udp_allow,
         }
     }
 
@@ -125,6 +169,27 @@ impl CaptureRules {
     }
 }
 
+impl CaptureRules {
+    /// What the kernel programs decide for a datagram to `dst` by `uid`: `true` when it may
+    /// leave (not governed, a resolver or an allowed destination). Mirrors `agent-ebpf`'s `udp()`.
+    pub fn udp_allowed(&self, dst: SocketAddr, uid: u32) -> bool {
+        if !self.decide(dst, uid) {
+            return true;
+        }
+        let ip = dst.ip().to_canonical();
+        let key = udp_entry(
+            Cidr::new(ip, if ip.is_ipv4() { 32 } else { 128 }).expect("a host prefix is valid"),
+            dst.port(),
+        )
+        .0;
+        self.udp_allow.iter().any(|(entry, bits)| {
+            let (full, rest) = ((bits / 8) as usize, bits % 8);
+            key[..full] == entry[..full]
+                && (rest == 0 || (key[full] ^ entry[full]) >> (8 - rest) == 0)
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -139,34 +204,48 @@ mod tests {
     }
 
     #[test]
-    fn default_captures_every_tcp_destination_but_loopback_and_the_listener() {
+    fn default_captures_every_tcp_destination_and_loopback_but_the_listener() {
         let r = rules("");
         assert!(r.config.has(FLAG_READY));
+        assert!(r.config.has(FLAG_CAPTURE_LOOPBACK));
         assert!(captured(&r, "10.0.0.5:5432"));
         assert!(captured(&r, "[fd00::5]:22"));
         assert!(captured(&r, "[::ffff:10.0.0.5]:5432"));
         assert!(
-            captured(&r, "192.0.2.1:15001"),
+            captured(&r, "192.0.2.1:951"),
             "the listener port elsewhere is just a port"
         );
+        assert!(captured(&r, "127.0.0.1:5432"));
+        assert!(captured(&r, "127.1.2.3:80"));
+        assert!(captured(&r, "[::1]:22"));
+        assert!(captured(&r, "[::ffff:127.0.0.1]:5432"));
+        assert!(!captured(&r, "127.0.0.1:951"));
+        assert!(!captured(&r, "[::1]:951"));
+        assert!(!captured(&r, "0.0.0.0:951"));
+    }
+
+    #[test]
+    fn loopback_can_be_left_direct() {
+        let r = rules("[capture]\nloopback = false\n");
+        assert!(!r.config.has(FLAG_CAPTURE_LOOPBACK));
         assert!(!captured(&r, "127.0.0.1:5432"));
         assert!(!captured(&r, "127.1.2.3:80"));
         assert!(!captured(&r, "[::1]:5432"));
         assert!(!captured(&r, "[::ffff:127.0.0.1]:5432"));
         assert!(!captured(&r, "0.0.0.0:80"));
-        assert!(!captured(&r, "127.0.0.1:15001"));
+        assert!(captured(&r, "10.0.0.5:5432"));
     }
 
     #[test]
-    fn loopback_is_captured_only_when_configured_and_never_the_listener() {
+    fn the_listener_is_never_captured_but_only_its_own_address_is_exempt() {
         let r = rules("[capture]\nloopback = true\n");
         assert!(captured(&r, "127.0.0.1:5432"));
         assert!(captured(&r, "[::1]:5432"));
-        assert!(!captured(&r, "127.0.0.1:15001"));
-        assert!(!captured(&r, "[::1]:15001"));
-        assert!(!captured(&r, "[::ffff:127.0.0.1]:15001"));
+        assert!(!captured(&r, "127.0.0.1:951"));
+        assert!(!captured(&r, "[::1]:951"));
+        assert!(!captured(&r, "[::ffff:127.0.0.1]:951"));
         assert!(
-            captured(&r, "127.0.0.2:15001"),
+            captured(&r, "127.0.0.2:951"),
             "only the listener's own address is exempt"
         );
     }
@@ -193,12 +272,49 @@ mod tests {
     }
 
     #[test]
+    fn udp_goes_to_resolvers_and_allowed_destinations_only() {
+        let r = rules(
+            "[capture]\ndns = [\"10.0.0.2\", \"[fd00::53]:5353\"]\n\
+             udp_allow = [\"192.0.2.0/24:514\", \"[fd00:1::/32]:4789\"]\n",
+        );
+        let ok = |dst: &str| r.udp_allowed(dst.parse().unwrap(), 1000);
+        assert!(ok("10.0.0.2:53"));
+        assert!(
+            ok("[::ffff:10.0.0.2]:53"),
+            "IPv4-mapped is the same destination"
+        );
+        assert!(!ok("10.0.0.2:54"), "a resolver on another port");
+        assert!(!ok("10.0.0.3:53"), "another resolver");
+        assert!(ok("[fd00::53]:5353"));
+        assert!(!ok("[fd00::53]:53"));
+        assert!(ok("192.0.2.77:514"));
+        assert!(!ok("192.0.3.1:514"));
+        assert!(!ok("192.0.2.77:515"));
+        assert!(ok("[fd00:1:2::9]:4789"));
+        assert!(!ok("[fd00:2::9]:4789"));
+        assert!(!ok("198.51.100.7:443"), "QUIC anywhere else is refused");
+        assert!(!ok("127.0.0.1:9"), "loopback is captured by default");
+        assert!(
+            !r.udp_allowed("198.51.100.7:443".parse().unwrap(), 0),
+            "no uid filter: every uid is governed"
+        );
+    }
+
+    #[test]
+    fn socket_kinds_set_their_flags() {
+        let r = rules("[capture]\nsockets = [\"ping\", \"sctp\"]\n");
+        assert!(r.config.has(FLAG_ALLOW_PING) && r.config.has(FLAG_ALLOW_SCTP));
+        assert!(!r.config.has(FLAG_ALLOW_RAW) && !r.config.has(FLAG_ALLOW_PACKET));
+        assert!(!rules("").config.has(FLAG_ALLOW_PING));
+    }
+
+    #[test]
     fn not_ready_only_clears_the_ready_flag() {
         let r = rules("[capture]\nloopback = true\n");
         let nr = r.not_ready();
         assert!(!nr.has(FLAG_READY));
         assert!(nr.has(FLAG_CAPTURE_LOOPBACK));
-        assert_eq!(nr.listener_port, 15001);
+        assert_eq!(nr.listener_port, 951);
     }
 
     #[test]

@@ -104,7 +104,7 @@ pub enum MaskStyle {
 
 impl MaskStyle {
     /// Higher hides more: redact > hash > keep-last with fewer characters kept.
-    fn strength(&self) -> (u8, usize) {
+    pub(crate) fn strength(&self) -> (u8, usize) {
         match self {
             MaskStyle::KeepLast(n) => (0, usize::MAX - n),
             MaskStyle::Hash { .. } => (1, 0),
@@ -201,6 +201,12 @@ impl ColumnPattern {
             .all(|(g, v)| g.is_match(v))
     }
 
+    /// Whether the pattern could name `column` of `table` in `schema` (`None`: unqualified,
+    /// any schema).
+    pub fn may_match(&self, schema: Option<&str>, table: &str, column: &str) -> bool {
+        self.parts.last().is_some_and(|g| g.is_match(column)) && self.may_match_table(schema, table)
+    }
+
     /// Whether some column of a table could match: the schema and table parts, where the
     /// pattern has them. An unknown schema (`None`: the name was not qualified) matches.
     pub fn may_match_table(&self, schema: Option<&str>, table: &str) -> bool {
@@ -293,6 +299,20 @@ impl<'a> Masker<'a> {
         self.rules
             .iter()
             .filter(|r| r.columns.iter().any(|c| c.matches(schema, table, column)))
+            .map(|r| &r.style)
+            .max_by_key(|s| s.strength())
+    }
+
+    /// The strongest style for a column named without its schema (`None`: any schema).
+    pub fn column_style_maybe(
+        &self,
+        schema: Option<&str>,
+        table: &str,
+        column: &str,
+    ) -> Option<&MaskStyle> {
+        self.rules
+            .iter()
+            .filter(|r| r.columns.iter().any(|c| c.may_match(schema, table, column)))
             .map(|r| &r.style)
             .max_by_key(|s| s.strength())
     }
@@ -494,6 +514,21 @@ mod tests {
             Some(&MaskStyle::Redact)
         );
         assert_eq!(m.column_style("public", "users", "name"), None);
+        assert_eq!(
+            m.column_style_maybe(None, "users", "email"),
+            Some(&MaskStyle::Redact),
+            "an unqualified table may be in any schema"
+        );
+        assert_eq!(
+            m.column_style_maybe(Some("hr"), "users", "email"),
+            Some(&MaskStyle::Redact)
+        );
+        assert_eq!(m.column_style_maybe(None, "users", "name"), None);
+        let only_public = Masker::new([&weak]);
+        assert_eq!(
+            only_public.column_style_maybe(Some("hr"), "users", "email"),
+            None
+        );
         assert_eq!(
             m.mask(Some(("hr", "people", "ssn")), "123-45-6789"),
             "[redacted]"

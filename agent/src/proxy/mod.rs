@@ -171,15 +171,7 @@ pub async fn handle(
                 _ => tcp::refuse(client_stream, reason),
             }
         } else {
-            match conn.target.protocol {
-                Protocol::Postgres => {
-                    postgres::serve(&conn, &protocols.postgres, client_stream).await
-                }
-                // SSH, HTTP and Kubernetes are relayed as opaque TCP until their gateways exist.
-                Protocol::Tcp | Protocol::Ssh | Protocol::Http | Protocol::Kubernetes => {
-                    tcp::serve(&conn, client_stream).await
-                }
-            }
+            serve_allowed(&conn, protocols, client_stream).await
         };
         info!(
             outcome = end.outcome.label(),
@@ -191,6 +183,23 @@ pub async fn handle(
     }
     .instrument(span)
     .await;
+}
+
+/// An allowed connection, to its protocol's gateway.
+async fn serve_allowed(
+    conn: &Conn<'_>,
+    protocols: &Protocols,
+    client_stream: TcpStream,
+) -> SessionEnd {
+    match conn.target.protocol {
+        Protocol::Postgres => postgres::serve(conn, &protocols.postgres, client_stream).await,
+        // SSH, HTTP and Kubernetes are relayed as opaque TCP until their gateways exist.
+        Protocol::Tcp | Protocol::Ssh | Protocol::Http | Protocol::Kubernetes => {
+            tcp::serve(conn, client_stream).await
+        }
+        // Record categories only (never a configured target's protocol): refused.
+        Protocol::Udp | Protocol::Socket => tcp::refuse(client_stream, "not relayed".into()),
+    }
 }
 
 fn close(gw: &Gateway, id: SessionId, end: SessionEnd) {

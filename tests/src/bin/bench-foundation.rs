@@ -18,15 +18,19 @@ const CONNECTS: u32 = 2_000;
 const ROUNDS: usize = 5;
 const BULK_BYTES: u64 = 1 << 30;
 const BULK_ROUNDS: usize = 3;
+const DATAGRAMS: u32 = 200_000;
+const UDP_PORT: u16 = 9001;
 
 fn main() {
     if let Some(why) = missing_privileges() {
         eprintln!("bench-foundation: {why}");
         std::process::exit(2);
     }
-    // Loopback destinations are not captured by default; port 9000 on the governed side's
-    // loopback is the "same listener, not captured" case.
-    let topo = Topology::new("");
+    // With loopback not captured, port 9000 on the governed side's loopback is the "same
+    // listener, not captured" case.
+    let topo = Topology::new(&format!(
+        "[capture]\nloopback = false\nudp_allow = [\"{TARGET_V4}:{UDP_PORT}\"]\n"
+    ));
     // The relay's cost, not the policy's refusal: let opaque TCP through.
     topo.allow_opaque_tcp();
     let _local_sink = topo.echo_server_sink(Side::Host, "127.0.0.1:9000");
@@ -62,6 +66,44 @@ fn main() {
         "governed",
         subject,
     );
+
+    // UDP: the sendmsg hook's cost per datagram to an allowed destination, hooked (governed)
+    // against unhooked (outside the cgroup), same socket work otherwise.
+    let udp_target = format!("{TARGET_V4}:{UDP_PORT}");
+    let (mut cpu_b, mut cpu_s) = (Vec::new(), Vec::new());
+    let (base, subject) = alternate(
+        ROUNDS,
+        || {
+            let (wall, c) = udp_loop(&topo, Side::Host, &udp_target);
+            cpu_b.push(c);
+            wall
+        },
+        || {
+            let (wall, c) = udp_loop(&topo, Side::Governed, &udp_target);
+            cpu_s.push(c);
+            wall
+        },
+    );
+    let per = |ns: f64| ns / f64::from(DATAGRAMS) / 1000.0;
+    let (cpu_base, cpu_subject) = (median(cpu_b), median(cpu_s));
+    println!("sendto() of a 64-byte datagram to an allowed destination ({DATAGRAMS} per round)");
+    println!(
+        "  unhooked:         {:>8.3} us/datagram, CPU {:>6.3} us",
+        per(base),
+        per(cpu_base)
+    );
+    println!(
+        "  governed:         {:>8.3} us/datagram, CPU {:>6.3} us",
+        per(subject),
+        per(cpu_subject)
+    );
+    println!(
+        "  overhead:         {:>+8.3} us/datagram, CPU {:>+6.3} us, ratio {:.2}x (target <= +2 us)",
+        per(subject) - per(base),
+        per(cpu_subject) - per(cpu_base),
+        subject / base
+    );
+    println!();
 
     let (base, subject) = alternate(
         BULK_ROUNDS,
@@ -124,6 +166,26 @@ fn connect_loop(topo: &Topology, side: Side, addr: &str) -> f64 {
     // Let the gateway finish the sessions of this round before the next one starts.
     std::thread::sleep(Duration::from_millis(300));
     parse_ns(&out.stdout)
+}
+
+/// Wall and CPU nanoseconds for `DATAGRAMS` sendto() from `side`.
+fn udp_loop(topo: &Topology, side: Side, addr: &str) -> (f64, f64) {
+    let mut cmd = Command::new(topo.probe());
+    cmd.args(["bench-udp", addr, &DATAGRAMS.to_string()]);
+    let out = topo.output(side, cmd);
+    assert!(
+        out.status.success(),
+        "bench-udp failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut fields = text
+        .split_whitespace()
+        .map(|f| f.parse::<f64>().expect("ns"));
+    (
+        fields.next().expect("wall ns"),
+        fields.next().expect("cpu ns"),
+    )
 }
 
 /// Nanoseconds to send `BULK_BYTES` from `side` and get the sink's count back.

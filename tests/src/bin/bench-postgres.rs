@@ -23,7 +23,7 @@ fn main() {
         std::process::exit(2);
     }
     let topo = Topology::new("");
-    let (pg, daemon) = topo.postgres_target(
+    let (pg, daemon) = topo.postgres_target_with(
         "scram-sha-256",
         r#"
 [[target]]
@@ -37,6 +37,9 @@ verdict = "allow"
 target = { name = ["db"] }
 sql = { class = ["read", "transaction", "session", "insert", "update", "delete", "ddl", "truncate", "sequence", "maintenance"] }
 "#,
+        // pgbouncer listens on the governed side's loopback: not captured, like a peer
+        // installed next to the tool.
+        "[capture]\nloopback = false\n",
     );
 
     // pgbouncer on the governed side's loopback (not captured), session pooling.

@@ -10,6 +10,8 @@
 //! * `sink ADDR` — server that reads everything and answers with the byte count.
 //! * `bench-connect ADDR N` — N times connect()+close(); prints nanoseconds in total.
 //! * `bench-send ADDR BYTES` — sends BYTES, waits for the sink's count; prints nanoseconds.
+//! * `bench-udp ADDR N` — N `sendto()` of a 64-byte datagram from one unconnected UDP socket;
+//!   prints wall nanoseconds and this process's CPU nanoseconds (user + system).
 //! * `relay ADDR TARGET` — the least a user-space TCP relay can do: per connection, one
 //!   thread per direction copying with blocking `read`/`write` (no event loop, no parsing).
 //!   Benchmarks use it as the ceiling for any proxy in the data path.
@@ -35,6 +37,7 @@ fn main() -> ExitCode {
         ),
         "bench-connect" => bench_connect(addr(), arg(3).parse().expect("N")),
         "bench-send" => bench_send(addr(), arg(3).parse().expect("BYTES")),
+        "bench-udp" => bench_udp(addr(), arg(3).parse().expect("N")),
         "relay" => relay(addr(), arg(3).parse().expect("TARGET")),
         other => {
             eprintln!("unknown mode {other:?}");
@@ -152,6 +155,32 @@ fn bench_connect(addr: SocketAddr, n: u32) -> ExitCode {
         }
     }
     println!("{}", start.elapsed().as_nanos());
+    ExitCode::SUCCESS
+}
+
+fn bench_udp(addr: SocketAddr, n: u32) -> ExitCode {
+    let bind: SocketAddr = if addr.is_ipv4() {
+        "0.0.0.0:0".parse().expect("any")
+    } else {
+        "[::]:0".parse().expect("any")
+    };
+    let socket = std::net::UdpSocket::bind(bind).expect("bind");
+    let payload = [0x5au8; 64];
+    let cpu = || {
+        // SAFETY: getrusage fills the struct we own.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        unsafe { libc::getrusage(libc::RUSAGE_SELF, &raw mut ru) };
+        let ns = |t: libc::timeval| t.tv_sec as u128 * 1_000_000_000 + t.tv_usec as u128 * 1_000;
+        ns(ru.ru_utime) + ns(ru.ru_stime)
+    };
+    let (start, cpu_start) = (Instant::now(), cpu());
+    for _ in 0..n {
+        if let Err(e) = socket.send_to(&payload, addr) {
+            eprintln!("sendto: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    println!("{} {}", start.elapsed().as_nanos(), cpu() - cpu_start);
     ExitCode::SUCCESS
 }
 

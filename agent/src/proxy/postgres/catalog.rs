@@ -69,11 +69,17 @@ pub struct Table {
     pub schema: String,
     pub name: String,
     pub columns: Vec<Column>,
+    /// A view's or materialized view's query (`pg_get_viewdef`): what its columns read.
+    pub definition: Option<String>,
 }
 
 impl Table {
     pub fn column(&self, number: i16) -> Option<&Column> {
         self.columns.iter().find(|c| c.number == number)
+    }
+
+    pub fn column_named(&self, name: &str) -> Option<&Column> {
+        self.columns.iter().find(|c| c.name == name)
     }
 }
 
@@ -87,9 +93,14 @@ pub struct Login {
     pub password: Option<String>,
 }
 
+/// A relation's name as a statement gave it: schema (`None`: any), name.
+type RelationName = (Option<String>, String);
+
 #[derive(Default)]
 struct Database {
     tables: Mutex<HashMap<u32, (Instant, Arc<Table>)>>,
+    /// Relations by the name a statement gave (schema `None`: any schema), as OIDs.
+    names: Mutex<HashMap<RelationName, (Instant, Vec<u32>)>>,
     /// Bumped by every invalidation: a lookup that started before one does not fill the cache.
     generation: AtomicU64,
 }
@@ -123,6 +134,10 @@ impl Catalogs {
         if let Some(db) = db {
             db.generation.fetch_add(1, Ordering::SeqCst);
             db.tables
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clear();
+            db.names
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .clear();
@@ -190,6 +205,75 @@ impl Catalogs {
         self.lookup(login, &db, &condition).await
     }
 
+    /// The relations with these names (schema `None`: in any schema), with a view's
+    /// definition; names the catalog lacks are left out. Cached like [`Self::tables_by_oid`].
+    pub async fn relations_by_names(
+        &self,
+        login: &Login,
+        names: &[RelationName],
+    ) -> Result<Vec<Arc<Table>>, CatalogError> {
+        let db = self.database(login);
+        let mut found: Vec<Arc<Table>> = Vec::new();
+        let mut missing: Vec<&RelationName> = Vec::new();
+        {
+            let known = db.names.lock().unwrap_or_else(PoisonError::into_inner);
+            let tables = db.tables.lock().unwrap_or_else(PoisonError::into_inner);
+            for name in names {
+                let cached = known
+                    .get(name)
+                    .filter(|(at, _)| at.elapsed() < TTL)
+                    .and_then(|(_, oids)| {
+                        oids.iter()
+                            .map(|o| {
+                                tables
+                                    .get(o)
+                                    .filter(|(at, _)| at.elapsed() < TTL)
+                                    .map(|(_, t)| Arc::clone(t))
+                            })
+                            .collect::<Option<Vec<_>>>()
+                    });
+                match cached {
+                    Some(t) => found.extend(t),
+                    None => missing.push(name),
+                }
+            }
+        }
+        if missing.is_empty() {
+            return Ok(found);
+        }
+        let condition = missing
+            .iter()
+            .map(|(schema, name)| match schema {
+                Some(s) => format!(
+                    "(c.relname = {} AND n.nspname = {})",
+                    literal(name),
+                    literal(s)
+                ),
+                None => format!("c.relname = {}", literal(name)),
+            })
+            .collect::<Vec<_>>()
+            .join(" OR ");
+        let generation = db.generation.load(Ordering::SeqCst);
+        let looked_up = self.lookup(login, &db, &format!("({condition})")).await?;
+        if db.generation.load(Ordering::SeqCst) == generation {
+            let mut known = db.names.lock().unwrap_or_else(PoisonError::into_inner);
+            if known.len() + missing.len() > MAX_TABLES {
+                known.clear();
+            }
+            let now = Instant::now();
+            for name in &missing {
+                let oids = looked_up
+                    .iter()
+                    .filter(|t| t.name == name.1 && name.0.as_ref().is_none_or(|s| *s == t.schema))
+                    .map(|t| t.oid)
+                    .collect();
+                known.insert((*name).clone(), (now, oids));
+            }
+        }
+        found.extend(looked_up);
+        Ok(found)
+    }
+
     async fn lookup(
         &self,
         login: &Login,
@@ -199,7 +283,8 @@ impl Catalogs {
         let generation = db.generation.load(Ordering::SeqCst);
         let sql = format!(
             "SELECT c.oid, n.nspname, c.relname, a.attnum, a.attname, a.atttypid, \
-             a.attgenerated <> '' \
+             a.attgenerated <> '', \
+             CASE WHEN c.relkind IN ('v', 'm') THEN pg_catalog.pg_get_viewdef(c.oid) END \
              FROM pg_catalog.pg_class c \
              JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
              JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid \
@@ -246,7 +331,7 @@ type Row = Vec<Option<String>>;
 fn tables_from_rows(rows: &[Row]) -> Result<Vec<Arc<Table>>, CatalogError> {
     let mut tables: Vec<Table> = Vec::new();
     for row in rows {
-        let [Some(oid), Some(schema), Some(name), Some(number), Some(column), Some(type_oid), Some(generated)] =
+        let [Some(oid), Some(schema), Some(name), Some(number), Some(column), Some(type_oid), Some(generated), definition] =
             row.as_slice()
         else {
             return Err(CatalogError::Malformed);
@@ -265,6 +350,7 @@ fn tables_from_rows(rows: &[Row]) -> Result<Vec<Arc<Table>>, CatalogError> {
                 schema: schema.clone(),
                 name: name.clone(),
                 columns: vec![column],
+                definition: definition.clone(),
             }),
         }
     }
@@ -344,15 +430,37 @@ mod tests {
             row(&["16384", "public", "users", "2", "ssn", "25", "f"]),
             row(&["16390", "hr", "people", "1", "ssn", "25", "t"]),
         ];
+        let rows: Vec<Row> = rows
+            .into_iter()
+            .map(|mut r| {
+                r.push(None);
+                r
+            })
+            .chain([row(&[
+                "16400",
+                "public",
+                "v",
+                "1",
+                "ssn",
+                "25",
+                "f",
+                " SELECT users.ssn FROM users;",
+            ])])
+            .collect();
         let t = tables_from_rows(&rows).unwrap();
-        assert_eq!(t.len(), 2);
+        assert_eq!(t.len(), 3);
+        assert_eq!(t[0].definition, None);
+        assert_eq!(
+            t[2].definition.as_deref(),
+            Some(" SELECT users.ssn FROM users;")
+        );
         assert_eq!(t[0].column(2).unwrap().name, "ssn");
         assert_eq!(
             (t[1].schema.as_str(), t[1].columns[0].generated),
             ("hr", true)
         );
-        assert!(tables_from_rows(&[row(&["x", "a", "b", "1", "c", "25", "f"])]).is_err());
-        assert!(tables_from_rows(&[vec![None; 7]]).is_err());
+        assert!(tables_from_rows(&[row(&["x", "a", "b", "1", "c", "25", "f", "d"])]).is_err());
+        assert!(tables_from_rows(&[vec![None; 8]]).is_err());
         assert!(tables_from_rows(&[row(&["1"])]).is_err());
     }
 

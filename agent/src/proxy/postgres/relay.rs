@@ -453,11 +453,17 @@ impl<'a> Relay<'a> {
                     masked
                 }
                 tag => {
+                    // The state sees the server's error (and records it); the client gets it
+                    // without a message that could quote a masked value.
+                    let withheld = match (tag, self.front_masks()) {
+                        (b'E', Some((_, masks))) => columns::withheld_error(&masks, &frame.body),
+                        _ => None,
+                    };
                     let replaced = self.backend(tag, &frame.body)?;
                     if tag == b'Z' {
                         self.answered.notify_one();
                     }
-                    replaced
+                    replaced.or(withheld)
                 }
             };
             let out = replaced.unwrap_or(frame.raw);

@@ -10,11 +10,17 @@
 //! on only for sessions that start under a policy with column mask rules; the rest pay one
 //! `bool` test.
 //!
+//! A field the RowDescription cannot place (table OID 0: an expression, aggregate, subquery)
+//! gets the mask of the table columns its expression reads, from the statement's text
+//! ([`lineage`]) and the catalog ([`computed`]); so does a view's column, from the view's
+//! definition. An error message that could quote a value is withheld ([`withheld_error`]).
+//!
 //! Fail closed: under a column rule, a field whose column cannot be identified (the side
 //! connection failed, the table is gone, the session did not follow Describes because the
-//! rule arrived with a policy reload) is masked with the strongest column style, as is every
-//! field of a COPY whose columns cannot be attributed (`COPY (query) TO` touching a table a
-//! column rule could name).
+//! rule arrived with a policy reload), or whose expression's reads cannot be told, is masked
+//! with the strongest column style, as is every field of a COPY whose columns cannot be
+//! attributed (`COPY (query) TO` whose width the text does not fix, reading a table with
+//! masked columns).
 //!
 //! Representation: a text-format value is replaced by the style's text. A binary-format value
 //! is replaced by the style's text only for types whose binary form is their text (text,
@@ -25,14 +31,18 @@
 //! - [`track`]: which description describes which rows (the [`Tracker`] of the answers the
 //!   target owes, and the descriptions of statements and portals).
 //! - [`plan`]: how a result's or a COPY's values are masked, worked out once per result.
+//! - [`lineage`]: which table columns each output column of a statement reads (its text,
+//!   parsed), for fields the RowDescription cannot place (computed: table OID 0).
+//! - [`computed`]: what those reads, and view columns, call for, with the catalog's help.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use tracing::warn;
 
-use self::plan::RowPlan;
 pub use self::track::Tracker;
+use self::{lineage::Lineage, plan::RowPlan};
 use super::{
     catalog::Catalogs,
     codec::{self, FieldDescription},
@@ -44,6 +54,8 @@ use crate::{
     record::{EventKind, SessionId},
 };
 
+mod computed;
+mod lineage;
 mod plan;
 #[cfg(test)]
 mod tests;
@@ -62,11 +74,57 @@ fn has_column_rules(masks: &Masks) -> bool {
     masks.iter().any(|m| !m.columns.is_empty())
 }
 
+/// SQLSTATE classes whose messages name objects and quote the statement, never a stored
+/// value: connection, feature, transaction state, authorization, cursor, catalog and schema
+/// names, rollback, syntax and access, resources, operator intervention.
+const ERRORS_WITHOUT_VALUES: [&str; 14] = [
+    "08", "0A", "25", "26", "28", "34", "3D", "3F", "40", "42", "53", "54", "55", "57",
+];
+
+/// An ErrorResponse to a statement under a column rule, with its message withheld when it
+/// could quote a value: a failed cast quotes its input (`SELECT ssn::int` would print the
+/// masked value), a constraint violation its key. The SQLSTATE is kept; the store keeps the
+/// server's own message. `None`: forwarded as it is.
+pub fn withheld_error(masks: &Masks, body: &[u8]) -> Option<Bytes> {
+    if !has_column_rules(masks) {
+        return None;
+    }
+    let fields = codec::error_fields(body);
+    let field = |code: u8| {
+        fields
+            .iter()
+            .find(|(c, _)| *c == code)
+            .map(|(_, v)| v.as_str())
+    };
+    let severity = field(b'V').or_else(|| field(b'S')).unwrap_or("ERROR");
+    if severity != "ERROR" {
+        return None;
+    }
+    let code = field(b'C')
+        .filter(|c| c.len() == 5 && c.bytes().all(|b| b.is_ascii_alphanumeric()))
+        .unwrap_or("XX000");
+    if ERRORS_WITHOUT_VALUES
+        .iter()
+        .any(|class| code.starts_with(class))
+    {
+        return None;
+    }
+    Some(codec::error_response(
+        code,
+        &format!(
+            "bulkhead: the server's error message is withheld (SQLSTATE {code}): the statement \
+             runs under a column mask rule, and the message could quote a masked value"
+        ),
+    ))
+}
+
 /// What a statement or portal is known to return.
 #[derive(Debug, Clone, Default)]
 struct Described {
     fields: Option<Arc<[FieldDescription]>>,
     copy: Option<Arc<CopySpec>>,
+    /// What its output columns read (`None`: not analysed, no column rule applied).
+    lineage: Option<Arc<Lineage>>,
 }
 
 /// A COPY OUT in progress.
@@ -75,16 +133,19 @@ struct CopyOut {
     binary: bool,
     /// What its statement says; `None`: not known (not attributable).
     spec: Option<Arc<CopySpec>>,
+    /// What its statement's columns read.
+    lineage: Option<Arc<Lineage>>,
     rows: Option<CopyRows>,
     binary_plan: Option<RowPlan>,
     binary_started: bool,
 }
 
 impl CopyOut {
-    fn new(response: &[u8], spec: Option<Arc<CopySpec>>) -> Self {
+    fn new(response: &[u8], spec: Option<Arc<CopySpec>>, lineage: Option<Arc<Lineage>>) -> Self {
         Self {
             binary: codec::copy_out_response(response).is_ok_and(|(f, _)| f == 1),
             spec,
+            lineage,
             rows: None,
             binary_plan: None,
             binary_started: false,
@@ -102,6 +163,8 @@ pub struct Results<'a> {
     portals: HashMap<String, Described>,
     /// The latest RowDescription outside a Describe: a simple query's current result.
     query_fields: Option<Arc<[FieldDescription]>>,
+    /// What the current simple query's output columns read.
+    query_lineage: Option<Arc<Lineage>>,
     plan: Option<RowPlan>,
     copy: Option<CopyOut>,
 }
@@ -121,6 +184,7 @@ impl<'a> Results<'a> {
             statements: HashMap::new(),
             portals: HashMap::new(),
             query_fields: None,
+            query_lineage: None,
             plan: None,
             copy: None,
         }

@@ -6,7 +6,8 @@ use std::{collections::HashMap, sync::Arc};
 
 use bytes::{BufMut as _, Bytes, BytesMut};
 
-use super::Results;
+use super::lineage::Deps;
+use super::{computed::Sources, lineage::Lineage, Results};
 use crate::{
     policy::{
         mask::Detectors,
@@ -67,7 +68,11 @@ impl Results<'_> {
         if tag == b'D' {
             if self.plan.is_none() {
                 let fields = self.current_fields(front);
-                self.plan = Some(self.row_plan(masks, fields.as_deref()).await);
+                let lineage = self.current_lineage(front);
+                self.plan = Some(
+                    self.row_plan(masks, fields.as_deref(), lineage.as_deref())
+                        .await,
+                );
             }
             let Some(plan) = &self.plan else {
                 return Ok(None);
@@ -77,7 +82,16 @@ impl Results<'_> {
         self.mask_copy(masks, body).await
     }
 
-    async fn row_plan(&self, masks: &Masks, fields: Option<&[FieldDescription]>) -> RowPlan {
+    /// How a result's rows are masked. A field the RowDescription places (table OID and
+    /// column) gets its column's rule, or, for a view's column, what the view's definition
+    /// reads calls for; a computed field (OID 0) gets what its expression reads calls for
+    /// (`lineage`; not analysed: the strongest column style).
+    async fn row_plan(
+        &self,
+        masks: &Masks,
+        fields: Option<&[FieldDescription]>,
+        lineage: Option<&Lineage>,
+    ) -> RowPlan {
         let masker = Masker::new(masks.iter().map(AsRef::as_ref));
         let detectors = masker.detectors().clone();
         let unknown = masker.strongest_column_style().cloned();
@@ -116,19 +130,43 @@ impl Results<'_> {
                 }
             }
         }
+        let sources = if unknown.is_some() {
+            self.sources_for(&masker, fields, lineage, &tables).await
+        } else {
+            None
+        };
+        let reads = lineage.and_then(|l| l.fields(fields.len()));
+        let reads_of = |i: usize| -> Option<&Deps> {
+            let l = lineage?;
+            Some(reads.as_ref().and_then(|r| r.get(i)).unwrap_or(&l.all))
+        };
         let actions = fields
             .iter()
-            .map(|f| {
-                let style = if unknown.is_some() && identified(f) {
+            .enumerate()
+            .map(|(i, f)| {
+                let style = if unknown.is_none() {
+                    None
+                } else if identified(f) {
                     match tables
                         .get(&f.table_oid)
                         .and_then(|t: &Arc<Table>| t.column(f.column).map(|c| (t, c)))
                     {
+                        Some((t, c)) if t.definition.is_some() => match &sources {
+                            Some(s) => s.view_column_style(t, c.number, 0),
+                            None => unknown.clone(),
+                        },
                         Some((t, c)) => masker.column_style(&t.schema, &t.name, &c.name).cloned(),
                         None => unknown.clone(),
                     }
                 } else {
-                    None
+                    match (lineage, reads_of(i)) {
+                        (Some(_), Some(d)) if d.is_empty() => None,
+                        (Some(l), Some(d)) => match &sources {
+                            Some(s) => s.deps_style(d, l),
+                            None => unknown.clone(),
+                        },
+                        _ => unknown.clone(),
+                    }
                 };
                 match style {
                     Some(style) => FieldAction::Column {
@@ -148,6 +186,38 @@ impl Results<'_> {
             fields: Some(actions),
             unknown,
             binary: false,
+        }
+    }
+
+    /// What the catalog says of the relations a result's computed fields read and of the
+    /// views its fields come from; `None` when no field needs it.
+    async fn sources_for<'m>(
+        &self,
+        masker: &'m Masker<'m>,
+        fields: &[FieldDescription],
+        lineage: Option<&Lineage>,
+        tables: &HashMap<u32, Arc<Table>>,
+    ) -> Option<Sources<'m>> {
+        let reads = lineage.and_then(|l| l.fields(fields.len()));
+        let views: Vec<Arc<Table>> = tables
+            .values()
+            .filter(|t| t.definition.is_some())
+            .cloned()
+            .collect();
+        let computed_reads = lineage.is_some_and(|l| {
+            fields.iter().enumerate().any(|(i, f)| {
+                (f.table_oid == 0 || f.column <= 0)
+                    && !reads
+                        .as_ref()
+                        .and_then(|r| r.get(i))
+                        .unwrap_or(&l.all)
+                        .is_empty()
+            })
+        });
+        if computed_reads || !views.is_empty() {
+            Some(self.sources(masker, lineage.as_slice(), &views).await)
+        } else {
+            None
         }
     }
 
@@ -212,7 +282,36 @@ impl Results<'_> {
             } => {
                 rows.format = format.clone();
                 rows.header = *header;
-                if *touches {
+                let lineage = self.copy.as_ref().and_then(|c| c.lineage.clone());
+                let Some(lineage) = lineage else {
+                    if *touches {
+                        self.note(
+                            "COPY (query) reads a table a column rule names; every field is masked"
+                                .into(),
+                        );
+                        rows.all = all;
+                    }
+                    return rows;
+                };
+                let sources = self.sources(&masker, &[&lineage], &[]).await;
+                if let Some(columns) = lineage.columns() {
+                    // Each field by what its expression reads; a row of another width is
+                    // masked whole.
+                    rows.fields = Some(
+                        columns
+                            .iter()
+                            .map(|d| match sources.deps_style(d, &lineage) {
+                                Some(s) => FieldMask::Column(s),
+                                None => FieldMask::Detect,
+                            })
+                            .collect(),
+                    );
+                    rows.all = all;
+                } else if *touches
+                    || sources
+                        .deps_style(&Deps::opaque_reads(), &lineage)
+                        .is_some()
+                {
                     self.note(
                         "COPY (query) reads a table a column rule names; every field is masked"
                             .into(),
@@ -346,7 +445,21 @@ impl Results<'_> {
             return plan;
         }
         match spec.as_deref() {
-            Some(CopySpec::Query { touches: false, .. }) => plan.unknown = None,
+            Some(CopySpec::Query { touches: false, .. }) => {
+                // Unless what it reads (a view over a masked table) calls for a mask.
+                let lineage = self.copy.as_ref().and_then(|c| c.lineage.clone());
+                let sensitive = match &lineage {
+                    Some(l) => self
+                        .sources(&masker, &[l], &[])
+                        .await
+                        .deps_style(&Deps::opaque_reads(), l)
+                        .is_some(),
+                    None => false,
+                };
+                if !sensitive {
+                    plan.unknown = None;
+                }
+            }
             Some(CopySpec::Table {
                 schema,
                 table,

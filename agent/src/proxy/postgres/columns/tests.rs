@@ -184,6 +184,8 @@ async fn an_execute_uses_the_description_of_its_statement_with_its_bind_formats(
     t.push(Expect::Parse {
         name: "s1".into(),
         copy: None,
+        // Reads no table: only the detectors apply.
+        lineage: Some(Arc::new(super::lineage::analyze("SELECT $1::text, 1"))),
     });
     frontend(&t, b'D', &[b"S", b"s1\0"]);
     frontend(&t, b'S', &[]);
@@ -227,6 +229,7 @@ async fn an_execute_uses_the_description_of_its_statement_with_its_bind_formats(
     t.push(Expect::Parse {
         name: String::new(),
         copy: None,
+        lineage: None,
     });
     t.frontend(b'B', b"\0\0\0\0\0\0\0\0");
     frontend(&t, b'E', &[b"\0", &[0, 0, 0, 0]]);
@@ -258,7 +261,8 @@ async fn unknown_columns_under_a_column_rule_are_withheld() {
     assert_eq!(values(&out[5..]), vec![None, None]);
 
     // A simple query whose table column cannot be looked up (the side connection fails):
-    // that column is masked, the expression is only scanned.
+    // that column is masked; so is the expression, since a session that does not follow
+    // Describes did not analyse its statement either.
     r.observe(b'C', b"SELECT 1\0", || true);
     r.observe(
         b'T',
@@ -273,7 +277,7 @@ async fn unknown_columns_under_a_column_rule_are_withheld() {
         .unwrap();
     assert_eq!(
         values(&out[5..]),
-        vec![Some(b"[redacted]".to_vec()), Some(b"plain".to_vec())]
+        vec![Some(b"[redacted]".to_vec()), Some(b"[redacted]".to_vec())]
     );
     // Detector-only masks never ask the catalog: the table column is only scanned.
     let detectors_only: Masks = Arc::from([rule(&[], &[Detector::Email], MaskStyle::Redact)]);
@@ -284,4 +288,30 @@ async fn unknown_columns_under_a_column_rule_are_withheld() {
         .await
         .unwrap()
         .is_none());
+}
+
+#[test]
+fn errors_that_could_quote_a_value_are_withheld_under_a_column_rule() {
+    let error = |code: &str, message: &str| {
+        let frame = codec::error_response(code, message);
+        frame[5..].to_vec()
+    };
+    let cast = error(
+        "22P02",
+        "invalid input syntax for type integer: \"123-45-6789\"",
+    );
+    let out = withheld_error(&masks(), &cast).expect("withheld");
+    let fields = codec::error_fields(&out[5..]);
+    assert!(fields.contains(&(b'C', "22P02".into())), "{fields:?}");
+    assert!(
+        !fields.iter().any(|(_, v)| v.contains("123-45-6789")),
+        "{fields:?}"
+    );
+    // Syntax and access errors quote no value; detector-only masks change nothing.
+    assert!(withheld_error(&masks(), &error("42703", "column \"x\" does not exist")).is_none());
+    let detectors_only: Masks = Arc::from([rule(&[], &[Detector::Email], MaskStyle::Redact)]);
+    assert!(withheld_error(&detectors_only, &cast).is_none());
+    // No SQLSTATE: withheld, as an internal error.
+    let out = withheld_error(&masks(), b"Mno code\0\0").expect("withheld");
+    assert!(codec::error_fields(&out[5..]).contains(&(b'C', "XX000".into())));
 }

@@ -7,7 +7,7 @@
 //! as unknown).
 
 use std::{
-    collections::VecDeque,
+    collections::{HashMap, VecDeque},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex, PoisonError,
@@ -16,7 +16,11 @@ use std::{
 
 use tracing::warn;
 
-use super::{has_column_rules, CopyOut, Described, Results};
+use super::{
+    has_column_rules,
+    lineage::{self, Lineage},
+    CopyOut, Described, Results,
+};
 use crate::{
     policy::{
         sql_copy::{contains_copy, copy_specs, CopySpec},
@@ -39,10 +43,12 @@ pub(super) enum Expect {
     /// column rules (`None`: not known).
     Query {
         copies: Option<VecDeque<CopySpec>>,
+        lineage: Option<Arc<Lineage>>,
     },
     Parse {
         name: String,
         copy: Option<Arc<CopySpec>>,
+        lineage: Option<Arc<Lineage>>,
     },
     Bind {
         portal: String,
@@ -71,7 +77,15 @@ pub struct Tracker {
     /// next idle (its transaction over).
     ddl: AtomicBool,
     pub(super) login: catalog::Login,
+    /// Lineages of this session's recent statements, by their exact text (a statement run
+    /// again is not parsed again). Bounded: short statements only, cleared when full.
+    lineages: Mutex<HashMap<String, Arc<Lineage>>>,
 }
+
+/// Statements longer than this are analysed every time.
+const CACHED_SQL_LEN: usize = 4096;
+/// Lineages kept per session.
+const CACHED_LINEAGES: usize = 256;
 
 impl Tracker {
     pub fn new(enabled: bool, login: catalog::Login) -> Self {
@@ -80,7 +94,38 @@ impl Tracker {
             queue: Mutex::new(VecDeque::new()),
             ddl: AtomicBool::new(false),
             login,
+            lineages: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// What a statement's output columns read, when a column rule applies to it. A call to
+    /// a function that is not a vetted built-in, or a part the classifier could not see into,
+    /// may read any table: then every computed column is masked.
+    fn lineage_of(&self, gw: &Gateway, sql: &str, masks: &Masks) -> Option<Arc<Lineage>> {
+        if !has_column_rules(masks) {
+            return None;
+        }
+        let cacheable = sql.len() <= CACHED_SQL_LEN;
+        if cacheable {
+            let cache = self.lineages.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(l) = cache.get(sql) {
+                return Some(Arc::clone(l));
+            }
+        }
+        let mut lineage = lineage::analyze(sql);
+        let classified = gw.policy.current().cache().classify(sql, None);
+        if !classified.unknown_functions.is_empty() || !classified.objects_complete {
+            lineage.mark_incomplete();
+        }
+        let lineage = Arc::new(lineage);
+        if cacheable {
+            let mut cache = self.lineages.lock().unwrap_or_else(PoisonError::into_inner);
+            if cache.len() >= CACHED_LINEAGES {
+                cache.clear();
+            }
+            cache.insert(sql.to_string(), Arc::clone(&lineage));
+        }
+        Some(lineage)
     }
 
     pub(super) fn push(&self, e: Expect) {
@@ -110,7 +155,8 @@ impl Tracker {
         } else {
             Some(VecDeque::new())
         };
-        self.push(Expect::Query { copies });
+        let lineage = self.lineage_of(gw, sql, masks);
+        self.push(Expect::Query { copies, lineage });
     }
 
     /// A Parse forwarded as statement `name`.
@@ -131,6 +177,7 @@ impl Tracker {
         self.push(Expect::Parse {
             name: name.to_string(),
             copy,
+            lineage: self.lineage_of(gw, sql, masks),
         });
     }
 
@@ -180,11 +227,13 @@ impl Tracker {
         self.push(if tag == b'Q' {
             Expect::Query {
                 copies: Some(VecDeque::new()),
+                lineage: None,
             }
         } else {
             Expect::Parse {
                 name: name.to_string(),
                 copy: None,
+                lineage: None,
             }
         });
     }
@@ -233,7 +282,7 @@ impl Results<'_> {
                 b'T' => self.query_description(body, masked),
                 b'C' | b'I' | b'E' | b'Z' => self.query_fields = None,
                 // No COPY statement was looked at: under a column rule, not attributable.
-                b'H' => self.copy = Some(CopyOut::new(body, None)),
+                b'H' => self.copy = Some(CopyOut::new(body, None, None)),
                 _ => {}
             }
             return;
@@ -247,9 +296,19 @@ impl Results<'_> {
         let mut queue = tracker.queue.lock().unwrap_or_else(PoisonError::into_inner);
         match tag {
             b'1' => match pop_if(&mut queue, |e| matches!(e, Expect::Parse { .. })) {
-                Ok(Expect::Parse { name, copy }) => {
-                    self.statements
-                        .insert(name, Described { fields: None, copy });
+                Ok(Expect::Parse {
+                    name,
+                    copy,
+                    lineage,
+                }) => {
+                    self.statements.insert(
+                        name,
+                        Described {
+                            fields: None,
+                            copy,
+                            lineage,
+                        },
+                    );
                 }
                 _ => self.lost(),
             },
@@ -269,6 +328,7 @@ impl Results<'_> {
                         Described {
                             fields,
                             copy: from.copy,
+                            lineage: from.lineage,
                         },
                     );
                 }
@@ -290,6 +350,10 @@ impl Results<'_> {
                         self.described(statement, name, tag, body);
                     }
                 } else if tag == b'T' {
+                    self.query_lineage = match queue.front() {
+                        Some(Expect::Query { lineage, .. }) => lineage.clone(),
+                        _ => None,
+                    };
                     self.query_description(body, masked);
                 }
             }
@@ -324,21 +388,25 @@ impl Results<'_> {
                     }
                 }
             }
-            b'H' => {
-                let spec = match queue.front_mut() {
-                    Some(Expect::Query {
-                        copies: Some(copies),
-                    }) => copies.pop_front().map(Arc::new),
-                    Some(Expect::Execute { portal }) => self
-                        .portals
-                        .get(portal.as_str())
-                        .and_then(|d| d.copy.clone()),
-                    _ => None,
-                };
-                self.copy = Some(CopyOut::new(body, spec));
-            }
+            b'H' => self.copy_started(&mut queue, body),
             _ => {}
         }
+    }
+
+    /// A CopyOutResponse: the COPY statement of the request at the front, if known.
+    fn copy_started(&mut self, queue: &mut VecDeque<Expect>, body: &[u8]) {
+        let (spec, lineage) = match queue.front_mut() {
+            Some(Expect::Query { copies, lineage }) => (
+                copies.as_mut().and_then(VecDeque::pop_front).map(Arc::new),
+                lineage.clone(),
+            ),
+            Some(Expect::Execute { portal }) => self
+                .portals
+                .get(portal.as_str())
+                .map_or((None, None), |d| (d.copy.clone(), d.lineage.clone())),
+            _ => (None, None),
+        };
+        self.copy = Some(CopyOut::new(body, spec, lineage));
     }
 
     /// A RowDescription ('T') or NoData ('n') answering a Describe of a statement or portal.
@@ -372,6 +440,30 @@ impl Results<'_> {
         warn!("column masking lost track of the extended protocol; descriptions dropped");
         self.statements.clear();
         self.portals.clear();
+    }
+
+    /// What the output columns of the result in progress read, if analysed.
+    pub(super) fn current_lineage(&self, front: Front) -> Option<Arc<Lineage>> {
+        match front {
+            Front::Query => self.query_lineage.clone(),
+            Front::Execute => {
+                if !self.tracker.enabled {
+                    return None;
+                }
+                let queue = self
+                    .tracker
+                    .queue
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                match queue.front() {
+                    Some(Expect::Execute { portal }) => self
+                        .portals
+                        .get(portal.as_str())
+                        .and_then(|d| d.lineage.clone()),
+                    _ => None,
+                }
+            }
+        }
     }
 
     /// The fields of the result in progress, if known.

@@ -1,0 +1,327 @@
+//! Column masks through expressions, against a real PostgreSQL 15 through the gateway: an
+//! output column computed from a masked column (functions, casts, concatenation, encodings,
+//! JSON builders, aggregates, subqueries, CTEs, set operations, views) is masked; one computed
+//! from other columns, or over an unrelated table, is not. Simple and extended protocol, and
+//! COPY (query) TO STDOUT.
+
+use std::{process::Command, time::Instant};
+
+use bulkhead_tests::{require_root, PgServer, Side, Topology, TARGET_V4};
+use serde_json::{json, Value};
+
+/// Target `db`: reads allowed, unknown statements denied; `public.users.ssn` masked; two
+/// functions of the test's vouched for.
+const POLICY: &str = r#"
+[[target]]
+name = "db"
+protocol = "postgres"
+default = "deny"
+on_unknown = "deny"
+# Vouched for by the policy; what they read is still not known to the gateway.
+read_only_functions = ["rows_of_users", "leak"]
+
+[[rule]]
+id = "db-read"
+verdict = "allow"
+target = { name = ["db"] }
+sql = { class = ["read", "transaction", "session"] }
+
+[[rule]]
+id = "ssn-column"
+verdict = "mask"
+target = { name = ["db"] }
+mask = { columns = ["public.users.ssn"], style = "redact" }
+"#;
+
+const SECRET: &str = "123-45-6789";
+const OTHER: &str = "987-65-4321";
+
+fn psql(topo: &Topology, pg: &PgServer, script: &str) -> (String, String) {
+    let path = topo.dir.join(format!(
+        "script-{}.sql",
+        Instant::now().elapsed().as_nanos()
+    ));
+    std::fs::write(&path, script).unwrap();
+    let mut cmd = Command::new("psql");
+    cmd.args([
+        "-X",
+        "-q",
+        "-h",
+        TARGET_V4,
+        "-U",
+        &pg.user,
+        "-d",
+        "postgres",
+        "-v",
+        "ON_ERROR_STOP=0",
+        "-At",
+        "-f",
+    ])
+    .arg(&path)
+    .env("PGSSLMODE", "prefer")
+    .env_remove("PGPASSWORD")
+    .current_dir(&topo.dir);
+    let out = topo.output(Side::Governed, cmd);
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn setup() -> (Topology, PgServer, bulkhead_tests::Proc) {
+    let topo = Topology::new("");
+    let (pg, daemon) = topo.postgres_target("scram-sha-256", POLICY);
+    pg.admin_sql(
+        &topo,
+        "CREATE TABLE users (id int, name text, ssn text); \
+         INSERT INTO users VALUES (1, 'alice', '123-45-6789'); \
+         CREATE TABLE other (id int, ssn text); \
+         INSERT INTO other VALUES (2, '987-65-4321'); \
+         CREATE VIEW v AS SELECT id, ssn, name FROM users; \
+         CREATE VIEW vv AS SELECT upper(ssn) AS s, name FROM v; \
+         CREATE VIEW vo AS SELECT id, ssn FROM other; \
+         CREATE FUNCTION leak() RETURNS text LANGUAGE sql AS 'SELECT ssn FROM users LIMIT 1'; \
+         CREATE VIEW vf AS SELECT leak() AS x, 1 AS one; \
+         CREATE FUNCTION rows_of_users() RETURNS SETOF users LANGUAGE sql AS 'SELECT * FROM users'",
+    );
+    (topo, pg, daemon)
+}
+
+/// Each statement, one line of output each, with what it must print through the gateway.
+const SIMPLE: &[(&str, &str)] = &[
+    ("SELECT upper(ssn) FROM users", "[redacted]"),
+    ("SELECT ssn || '' FROM users", "[redacted]"),
+    ("SELECT substr(ssn, 1, 3) FROM users", "[redacted]"),
+    ("SELECT CAST(ssn AS varchar(20)) FROM users", "[redacted]"),
+    ("SELECT ssn::bytea FROM users", "[redacted]"),
+    (
+        "SELECT encode(convert_to(ssn, 'UTF8'), 'base64') FROM users",
+        "[redacted]",
+    ),
+    ("SELECT row_to_json(u) FROM users u", "[redacted]"),
+    ("SELECT to_jsonb(u.*) FROM users u", "[redacted]"),
+    ("SELECT json_agg(u.ssn) FROM users u", "[redacted]"),
+    ("SELECT string_agg(ssn, ',') FROM users", "[redacted]"),
+    ("SELECT (SELECT ssn FROM users LIMIT 1)", "[redacted]"),
+    (
+        "WITH c AS (SELECT ssn AS s FROM users) SELECT upper(s) FROM c",
+        "[redacted]",
+    ),
+    (
+        "SELECT x FROM (SELECT 'n' AS x UNION ALL SELECT ssn FROM users) t WHERE x <> 'n'",
+        "[redacted]",
+    ),
+    (
+        "SELECT ssn FROM users UNION SELECT ssn FROM users",
+        "[redacted]",
+    ),
+    ("SELECT (u).ssn FROM users u", "[redacted]"),
+    ("SELECT u::text FROM users u", "[redacted]"),
+    ("SELECT users FROM users", "[redacted]"),
+    ("SELECT array_agg(u) FROM users u", "[redacted]"),
+    (
+        "SELECT json_build_object('s', ssn) FROM users",
+        "[redacted]",
+    ),
+    ("SELECT format('%s', ssn) FROM users", "[redacted]"),
+    (
+        "SELECT t.x FROM users u, LATERAL (SELECT u.ssn AS x) t",
+        "[redacted]",
+    ),
+    (
+        "SELECT * FROM (SELECT upper(ssn), name FROM users) s",
+        "[redacted]|alice",
+    ),
+    (
+        r#"SELECT "S" || '' FROM (SELECT ssn AS "S" FROM users) s GROUP BY 1"#,
+        "[redacted]",
+    ),
+    // Views: plain columns (the view's own OID in the RowDescription) and expressions.
+    ("SELECT ssn, name FROM v", "[redacted]|alice"),
+    ("SELECT lower(ssn) FROM v", "[redacted]"),
+    ("SELECT s, name FROM vv", "[redacted]|alice"),
+    // A view over a function the gateway cannot see into: masked whole.
+    ("SELECT x, one FROM vf", "[redacted]|[redacted]"),
+    // Functions the gateway cannot see into: every computed column, and table function's.
+    ("SELECT leak(), 1", "[redacted]|[redacted]"),
+    (
+        "SELECT * FROM rows_of_users()",
+        "[redacted]|[redacted]|[redacted]",
+    ),
+    // What does not read the masked column passes unchanged.
+    (
+        "SELECT upper(name), id + 1, count(*) OVER () FROM users",
+        "ALICE|2|1",
+    ),
+    (
+        "SELECT upper(ssn), ssn || '!' FROM other",
+        "987-65-4321|987-65-4321!",
+    ),
+    (
+        "SELECT row_to_json(o) FROM other o",
+        "{\"id\":2,\"ssn\":\"987-65-4321\"}",
+    ),
+    ("SELECT ssn, lower(ssn) FROM vo", "987-65-4321|987-65-4321"),
+    ("SELECT 40 + 2, now() IS NOT NULL", "42|t"),
+];
+
+#[test]
+fn expressions_over_a_masked_column_are_masked_in_simple_queries_and_copy() {
+    require_root();
+    let (topo, pg, _daemon) = setup();
+    let script: String = SIMPLE
+        .iter()
+        .map(|(sql, _)| format!("{sql};\n"))
+        .collect::<String>()
+        + "\\copy (SELECT name, upper(ssn) FROM users) to stdout\n\
+           \\copy (SELECT ssn, name FROM v) to stdout\n\
+           \\copy (SELECT ssn || '' FROM other) to stdout\n\
+           PREPARE p AS SELECT upper(ssn), length(name) FROM users;\n\
+           EXECUTE p;\n\
+           BEGIN;\n\
+           DECLARE c CURSOR FOR SELECT ssn || '', id FROM users;\n\
+           FETCH ALL FROM c;\n\
+           COMMIT;\n";
+    let (out, err) = psql(&topo, &pg, &script);
+    assert!(err.is_empty(), "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    let mut want: Vec<&str> = SIMPLE.iter().map(|(_, w)| *w).collect();
+    want.extend([
+        "alice\t[redacted]",
+        "[redacted]\talice",
+        "987-65-4321",
+        // What an SQL-level prepared statement or cursor runs is not in the text that runs
+        // it: its computed columns are masked, its table columns keep their own rules.
+        "[redacted]|[redacted]",
+        "[redacted]|1",
+    ]);
+    for (i, (got, want)) in lines.iter().zip(&want).enumerate() {
+        let sql = SIMPLE
+            .get(i)
+            .map_or("a COPY, EXECUTE or FETCH", |(s, _)| *s);
+        assert_eq!(got, want, "{sql}");
+    }
+    assert_eq!(lines.len(), want.len(), "{out}");
+    assert!(
+        !out.contains(SECRET) && !out.contains("MTIzLTQ1LTY3ODk="),
+        "{out}"
+    );
+    assert!(out.contains(OTHER));
+
+    // The record: every statement that masked says so, and by which rule.
+    let session = topo.wait_session_closed();
+    let shown = topo
+        .run_cli(&["sessions", "show", &session["id"].to_string(), "--json"])
+        .unwrap();
+    let masked: Vec<(u64, Value)> = shown["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "response")
+        .filter_map(|e| Some((e["masked_rows"].as_u64()?, e["mask_rules"].clone())))
+        .collect();
+    let expected = SIMPLE
+        .iter()
+        .filter(|(_, w)| w.contains("[redacted]"))
+        .count()
+        + 4;
+    assert_eq!(
+        masked,
+        vec![(1, json!(["ssn-column"])); expected],
+        "{shown}"
+    );
+
+    // A failed cast quotes its input in the error: withheld; an error about a name is not.
+    let (out, err) = psql(
+        &topo,
+        &pg,
+        "SELECT ssn::int FROM users;\n\
+         SELECT (SELECT ssn FROM users)::numeric;\n\
+         SELECT nosuch FROM users;\n\
+         SELECT 'still here';\n",
+    );
+    assert!(!err.contains(SECRET), "{err}");
+    assert_eq!(
+        err.matches("message is withheld (SQLSTATE 22P02)").count(),
+        2,
+        "{err}"
+    );
+    assert!(err.contains("column \"nosuch\" does not exist"), "{err}");
+    assert_eq!(out.trim(), "still here");
+}
+
+#[test]
+fn expressions_over_a_masked_column_are_masked_in_the_extended_protocol() {
+    require_root();
+    let (topo, _pg, _daemon) = setup();
+    // tokio-postgres: each statement prepared (Parse, Describe), then executed with binary
+    // results in another round trip.
+    let exe = bulkhead_tests::probe_bin().with_file_name("bh-pg-client");
+    let out = topo.output(Side::Governed, {
+        let mut c = Command::new(exe);
+        c.args([
+            TARGET_V4,
+            "query",
+            "SELECT upper(ssn), upper(name) FROM users",
+            "SELECT ssn || '' AS s, id FROM users",
+            "SELECT string_agg(ssn, ',') FROM users",
+            "SELECT (SELECT ssn FROM users LIMIT 1)",
+            "SELECT ssn, lower(ssn) FROM v",
+            "SELECT upper(ssn), ssn FROM other",
+        ]);
+        c
+    });
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(
+        v,
+        json!([
+            [["[redacted]", "ALICE"]],
+            [["[redacted]", "1"]],
+            [["[redacted]"]],
+            [["[redacted]"]],
+            [["[redacted]", "[redacted]"]],
+            [[OTHER, OTHER]]
+        ])
+    );
+
+    // psycopg: a named prepared statement described once and executed many times, text and
+    // binary, and a pipeline.
+    let script = format!(
+        r#"
+import json, psycopg
+out = {{}}
+conn = psycopg.connect("host={TARGET_V4} user=admin dbname=postgres", autocommit=True)
+q = "SELECT upper(ssn), name, ssn || '' FROM users WHERE id = %s"
+out["prepared"] = [list(conn.execute(q, (1,), prepare=True).fetchone()) for _ in range(4)]
+out["binary"] = list(conn.execute(q, (1,), binary=True).fetchone())
+with conn.pipeline():
+    a = conn.execute("SELECT upper(ssn) FROM other WHERE id = %s", (2,))
+    b = conn.execute("SELECT encode(convert_to(ssn, 'UTF8'), 'base64') FROM users WHERE id = %s", (1,))
+out["pipeline"] = [a.fetchone()[0], b.fetchone()[0]]
+print(json.dumps(out))
+"#
+    );
+    let mut cmd = Command::new("python3");
+    cmd.args(["-c", &script]);
+    let out = topo.output(Side::Governed, cmd);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_str(stdout.trim()).unwrap();
+    let masked_row = json!(["[redacted]", "alice", "[redacted]"]);
+    assert_eq!(
+        v["prepared"],
+        json!([masked_row, masked_row, masked_row, masked_row])
+    );
+    assert_eq!(v["binary"], masked_row);
+    assert_eq!(v["pipeline"], json!([OTHER, "[redacted]"]));
+}
