@@ -58,6 +58,12 @@ pub const MAX_PORTALS: usize = 1024;
 /// flight).
 pub const MAX_PENDING: usize = 8192;
 
+/// Longest text kept with a statement that runs a prepared statement (`EXECUTE name`), which
+/// is classified again at each of its Executes.
+pub const MAX_REJUDGED_TEXT: usize = 8 * 1024;
+/// Longest text kept with a name for the record of an Execute judged on its own.
+const MAX_RECORD_TEXT: usize = 1024;
+
 /// The mask rules that apply to a statement's results (empty: none).
 pub type Masks = Arc<[Arc<policy::MaskRule>]>;
 
@@ -798,7 +804,7 @@ impl State {
                 name.to_string(),
                 Named {
                     what: Arc::new(unknown_classification("a refused statement".into())),
-                    text: Arc::from(sql),
+                    text: record_text(sql),
                     judged: Some(Attribution {
                         request: judged.request,
                         masks: Arc::from([]),
@@ -817,6 +823,14 @@ impl State {
             return Ok(Some(codec::parse(name, &stand_in)));
         }
         let (what, reusable) = match &judged.what {
+            // Runs a prepared statement: classified again at each Execute, from its whole
+            // text, which is kept only up to a bound (past it, the statement is unknown).
+            Some(what) if what.uses_prepared && sql.len() > MAX_REJUDGED_TEXT => (
+                Arc::new(unknown_classification(format!(
+                    "an EXECUTE statement longer than {MAX_REJUDGED_TEXT} bytes"
+                ))),
+                false,
+            ),
             // A statement that reads a cursor or runs a prepared statement is judged at each
             // Execute, by what the name stands for then.
             Some(what) => (
@@ -831,11 +845,16 @@ impl State {
                 true,
             ),
         };
+        let text = if what.uses_prepared {
+            Arc::from(sql)
+        } else {
+            record_text(sql)
+        };
         let effect = Effect::SetStatement(
             name.to_string(),
             Named {
                 what,
-                text: Arc::from(sql),
+                text,
                 judged: reusable.then_some(Attribution {
                     request: judged.request,
                     masks: judged.masks,
@@ -1114,12 +1133,24 @@ fn take_denied(denied: &mut Option<Denied>, message: &str) -> Option<String> {
     denied.take().map(|d| d.message)
 }
 
+/// `sql` as kept with a name for the record: its first [`MAX_RECORD_TEXT`] bytes.
+fn record_text(sql: &str) -> Arc<str> {
+    if sql.len() <= MAX_RECORD_TEXT {
+        return Arc::from(sql);
+    }
+    let mut end = MAX_RECORD_TEXT;
+    while !sql.is_char_boundary(end) {
+        end -= 1;
+    }
+    Arc::from(format!("{}...", &sql[..end]))
+}
+
 /// What running a statement classified as `what` does to the names.
 fn effects_of(what: &Classification, text: &str) -> Vec<Effect> {
     if what.names.is_empty() {
         return Vec::new();
     }
-    let text: Arc<str> = Arc::from(text);
+    let text = record_text(text);
     let named = |what: &Arc<Classification>, hold: bool| Named {
         what: Arc::clone(what),
         text: Arc::clone(&text),

@@ -566,6 +566,47 @@ fn a_statement_approved_by_an_admin_runs_once_and_its_later_executes_are_decided
     assert_eq!(codec::execute_portal(&s.forwarded[6][5..]).unwrap(), "");
 }
 
+#[test]
+fn what_a_name_keeps_is_bounded() {
+    let mut s = Session::default();
+    // A statement that runs a prepared statement is classified again at each Execute from
+    // its text, kept up to a bound: past it, the statement is unknown.
+    let executes = Arc::new(Classification {
+        uses_prepared: true,
+        ..Classification::default()
+    });
+    let long = format!("EXECUTE s('{}')", "x".repeat(MAX_REJUDGED_TEXT));
+    s.parse(
+        "e",
+        &long,
+        Judged {
+            what: Some(Arc::clone(&executes)),
+            ..allow(1)
+        },
+    );
+    s.send(&bind("p", "e"), None);
+    let judge = s.state.to_judge("p").expect("judged at each Execute");
+    assert!(judge.what.classes.contains(&SqlClass::Unknown));
+    // Otherwise only the start of a statement's text is kept, for the record.
+    s.parse(
+        "f",
+        &format!("SELECT '{}'", "y".repeat(4000)),
+        Judged {
+            what: Some(Arc::new(Classification::default())),
+            approved_once: true,
+            ..allow(2)
+        },
+    );
+    s.send(&bind("q", "f"), None);
+    s.send(&execute("q"), None);
+    s.send(&bind("r", "f"), None);
+    let judge = s
+        .state
+        .to_judge("r")
+        .expect("approved once, then judged again");
+    assert!(judge.text.len() < 1200, "{}", judge.text.len());
+}
+
 mod random_sequences {
     //! Random message sequences between a client and a model of PostgreSQL
     //! ([`super::super::sim`]), with the errors PostgreSQL produces (duplicate names, missing
