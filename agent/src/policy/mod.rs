@@ -43,7 +43,7 @@ pub use self::{
     file::{load_dir, parse_file, PolicyFileError},
     mask::{MaskRule, MaskStyle, Masker},
     reload::{watch, PolicyHandle, PolicyStatus},
-    sql::{classify, Classification, PreparedStatements, SqlClass},
+    sql::{classify, Classification, NameEffect, PreparedStatements, SqlClass},
     sql_cache::SqlCache,
     sql_settings::{login_hazard, split_identifier_list},
 };

@@ -258,6 +258,37 @@ pub struct Classification {
     /// The message ran a prepared statement: its meaning depends on session state.
     #[serde(skip)]
     pub uses_prepared: bool,
+    /// What the message does to the session's named statements and cursors, in order (the
+    /// PostgreSQL gateway's model of them follows it; a `FETCH` reads what its cursor holds).
+    #[serde(skip)]
+    pub names: Vec<NameEffect>,
+}
+
+/// One statement's effect on the session's prepared statements and cursors (portals).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NameEffect {
+    /// `PREPARE name AS ...`: what running it would do.
+    Prepare {
+        name: String,
+        what: Arc<Classification>,
+    },
+    /// `DEALLOCATE name`; `None`: `DEALLOCATE ALL`.
+    Deallocate(Option<String>),
+    /// `DECLARE name CURSOR [WITH HOLD] FOR query`: what reading it does.
+    Declare {
+        name: String,
+        what: Arc<Classification>,
+        hold: bool,
+    },
+    /// `FETCH ... name`: reads what the cursor holds.
+    Fetch(String),
+    /// `CLOSE name`; `None`: `CLOSE ALL`.
+    Close(Option<String>),
+    /// `DISCARD ALL`: every prepared statement and cursor.
+    DiscardAll,
+    /// `COMMIT`, `ROLLBACK` (to a savepoint too): the transaction's cursors (those not
+    /// declared `WITH HOLD`) are closed.
+    EndTransaction,
 }
 
 impl Classification {
@@ -273,7 +304,8 @@ impl Classification {
         self.classes.iter().next_back().copied()
     }
 
-    pub(super) fn merge(&mut self, other: &Classification) {
+    /// Adds what `other` does (its session-name effects excepted).
+    pub fn merge(&mut self, other: &Classification) {
         self.classes.extend(other.classes.iter().copied());
         self.objects.extend(other.objects.iter().cloned());
         self.functions.extend(other.functions.iter().cloned());

@@ -8,14 +8,14 @@
 use std::{collections::HashMap, ops::ControlFlow, sync::Arc};
 
 use sqlparser::ast::{
-    CopySource, CopyTarget, DollarQuotedString, Expr, FunctionArg, FunctionArgExpr,
-    FunctionArguments, Ident, ObjectName, ObjectType, OnConflictAction, OnInsert, Query, Reset,
-    Select, Set, SetExpr, Statement, TableFactor, TransactionAccessMode, TransactionMode,
-    UtilityOption, Value, Visit, Visitor,
+    CloseCursor, CopySource, CopyTarget, DiscardObject, DollarQuotedString, Expr, FunctionArg,
+    FunctionArgExpr, FunctionArguments, Ident, ObjectName, ObjectType, OnConflictAction, OnInsert,
+    Query, Reset, Select, Set, SetExpr, Statement, TableFactor, TransactionAccessMode,
+    TransactionMode, UtilityOption, Value, Visit, Visitor,
 };
 
 use super::{
-    sql::{fold_identifier, Classification, PreparedStatements, SqlClass},
+    sql::{fold_identifier, Classification, NameEffect, PreparedStatements, SqlClass},
     sql_functions::function_effect,
     sql_settings::{self, SettingValue},
 };
@@ -409,6 +409,56 @@ impl Walker<'_, '_> {
     }
 }
 
+impl Walker<'_, '_> {
+    /// What `s` does to the session's named statements and cursors (besides `PREPARE`).
+    fn name_effects(&mut self, s: &Statement) {
+        // `ALL` unquoted is the keyword, not a name.
+        let all = |i: &Ident| i.quote_style.is_none() && i.value.eq_ignore_ascii_case("all");
+        match s {
+            Statement::Declare { stmts, .. } => {
+                for d in stmts {
+                    let mut what = Classification {
+                        objects_complete: true,
+                        ..Classification::default()
+                    };
+                    if let Some(q) = &d.for_query {
+                        classify_statement(&Statement::Query(q.clone()), self.prepared, &mut what);
+                    }
+                    let what = Arc::new(what);
+                    for name in &d.names {
+                        self.out.names.push(NameEffect::Declare {
+                            name: normalize_ident(name),
+                            what: Arc::clone(&what),
+                            hold: d.hold == Some(true),
+                        });
+                    }
+                }
+            }
+            Statement::Fetch { name, .. } => {
+                self.out
+                    .names
+                    .push(NameEffect::Fetch(normalize_ident(name)));
+            }
+            Statement::Close { cursor } => self.out.names.push(NameEffect::Close(match cursor {
+                CloseCursor::All => None,
+                CloseCursor::Specific { name } => Some(normalize_ident(name)),
+            })),
+            Statement::Deallocate { name, .. } => {
+                self.out.names.push(NameEffect::Deallocate(
+                    (!all(name)).then(|| normalize_ident(name)),
+                ));
+            }
+            Statement::Discard {
+                object_type: DiscardObject::ALL,
+            } => self.out.names.push(NameEffect::DiscardAll),
+            Statement::Commit { .. } | Statement::Rollback { .. } => {
+                self.out.names.push(NameEffect::EndTransaction);
+            }
+            _ => {}
+        }
+    }
+}
+
 impl Visitor for Walker<'_, '_> {
     type Break = ();
 
@@ -434,10 +484,14 @@ impl Visitor for Walker<'_, '_> {
             };
             classify_statement(statement, self.prepared, &mut inner);
             inner.statements = 1;
-            self.out
-                .prepared
-                .push((normalize_ident(name), Arc::new(inner)));
+            let inner = Arc::new(inner);
+            self.out.names.push(NameEffect::Prepare {
+                name: normalize_ident(name),
+                what: Arc::clone(&inner),
+            });
+            self.out.prepared.push((normalize_ident(name), inner));
         }
+        self.name_effects(s);
         ControlFlow::Continue(())
     }
 

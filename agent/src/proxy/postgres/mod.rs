@@ -33,6 +33,14 @@ mod upstream;
 
 pub use self::{cancel::CancelKeys, catalog::Catalogs};
 
+/// For the fuzz target `pg_state` (`agent/fuzz`): random message sequences, read from `data`,
+/// between a client and a model of PostgreSQL through the session model; panics where a row
+/// would go out unmasked, a denied statement would run or the gateway would lose track.
+#[cfg(feature = "fuzzing")]
+pub fn fuzz_state_sequences(data: &[u8]) {
+    state::sim::check(&state::sim::ops_from_bytes(data));
+}
+
 use tokio::{
     io::{AsyncWrite, AsyncWriteExt as _},
     net::TcpStream,
@@ -66,6 +74,13 @@ enum SessionError {
     /// what the server does with it.
     #[error("client: {0}")]
     Unsupported(&'static str),
+    /// A per-session cap was reached (statements, portals, messages in flight).
+    #[error("session limit: {0}")]
+    Limit(&'static str),
+    /// The target answered with a message that does not fit what was asked: the gateway can
+    /// no longer tell which statement a result belongs to.
+    #[error("target: answer {0:?} out of step with the requests; the gateway lost track")]
+    OutOfStep(char),
 }
 
 /// Either leg's byte stream: a plain socket or TLS over it.

@@ -24,11 +24,11 @@ use super::{
     catalog, codec,
     codec::{CodecError, FrameReader},
     columns, ended, send_fatal,
-    state::{Judged, Masks, Request, State},
+    state::{Depends, Judged, Masks, Request, State, ToJudge},
     Catalogs, SessionError,
 };
 use crate::{
-    policy::{Action, PreparedStatements},
+    policy::{Action, Classification, NameEffect, PolicySet, Verdict},
     proxy::session::{Ask, Conn},
     record::{EventKind, Outcome, RecordedVerdict, SessionEnd},
 };
@@ -65,6 +65,9 @@ pub struct Relay<'a> {
     /// approval), written by the target-to-client loop between the target's messages.
     notices: tokio::sync::mpsc::UnboundedSender<Bytes>,
     notices_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Bytes>>>,
+    /// Told at each ReadyForQuery, for a message that waits for earlier answers
+    /// ([`State::must_settle`]).
+    answered: tokio::sync::Notify,
 }
 
 impl<'a> Relay<'a> {
@@ -77,6 +80,7 @@ impl<'a> Relay<'a> {
             catalogs,
             notices,
             notices_rx: Mutex::new(Some(notices_rx)),
+            answered: tokio::sync::Notify::new(),
             state: Mutex::new(State::default()),
             columns: columns::Tracker::new(columns::policy_has_column_rules(&conn.policy()), login),
         }
@@ -115,15 +119,21 @@ impl<'a> Relay<'a> {
             }
         };
         self.record_finished();
-        if let Err(
-            e @ (SessionError::Client(_)
-            | SessionError::UnexpectedFrontend(_)
-            | SessionError::Unsupported(_)),
-        ) = &result
-        {
-            // A malformed message ends this session only, with a protocol error the client can
-            // read.
-            send_fatal(&mut to_client.to, "08P01", &format!("bulkhead: {e}")).await;
+        match &result {
+            Err(
+                e @ (SessionError::Client(_)
+                | SessionError::UnexpectedFrontend(_)
+                | SessionError::Unsupported(_)
+                | SessionError::OutOfStep(_)),
+            ) => {
+                // A malformed message ends this session only, with a protocol error the client
+                // can read.
+                send_fatal(&mut to_client.to, "08P01", &format!("bulkhead: {e}")).await;
+            }
+            Err(e @ SessionError::Limit(_)) => {
+                send_fatal(&mut to_client.to, "54000", &format!("bulkhead: {e}")).await;
+            }
+            _ => {}
         }
         let outcome = match result {
             Ok(()) => Outcome::Closed,
@@ -155,30 +165,48 @@ impl<'a> Relay<'a> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Classifies `sql`, then decides it through the session pipeline (recorded before
-    /// anything is forwarded; held for approval; observe mode).
-    async fn decide(
+    /// Classifies `sql` against the session's statement names (`EXECUTE name`, and `FETCH`
+    /// by what its cursor holds), then decides it ([`Relay::decide_classified`]). Waits first
+    /// when an earlier unit of work still in flight makes names it may read.
+    async fn decide<W: AsyncWrite + Unpin>(
         &self,
+        to: &mut BufWriter<W>,
         sql: &str,
-        prepared: &mut PreparedStatements,
-        statement: Option<&str>,
-    ) -> Judged {
+    ) -> Result<Judged, SessionError> {
         let policy = self.conn.policy();
-        let classification = policy.cache().classify(sql, Some(prepared));
+        let mut waited = false;
+        let classification = loop {
+            let classification = {
+                let state = self.state();
+                state.resolve(&policy.cache().classify(sql, Some(state.prepared())))
+            };
+            if waited || !reads_names(&classification) {
+                break classification;
+            }
+            waited = self.settle(to, Depends::Any).await?;
+            if !waited {
+                break classification;
+            }
+        };
         self.columns.decided(self.catalogs, &classification);
-        for (name, what) in &classification.prepared {
-            prepared.insert(name, Arc::clone(what));
-        }
-        if let Some(name) = statement.filter(|n| !n.is_empty()) {
-            prepared.insert(name, Arc::clone(&classification));
-        }
+        Ok(self.decide_classified(&policy, classification, sql).await)
+    }
+
+    /// Decides a classified statement through the session pipeline (recorded before anything
+    /// is forwarded; held for approval; observe mode).
+    async fn decide_classified(
+        &self,
+        policy: &PolicySet,
+        classification: Arc<Classification>,
+        text: &str,
+    ) -> Judged {
         let decided = self
             .conn
             .decide(
-                &policy,
+                policy,
                 Ask {
                     action: Action::SqlClassified(&classification),
-                    text: sql,
+                    text,
                     class: classification.headline().map(|c| c.name().to_string()),
                     on_hold: Some(&|id| self.tell_held(id)),
                 },
@@ -193,10 +221,39 @@ impl<'a> Relay<'a> {
             } else {
                 decision.masks.iter().cloned().collect()
             };
+        let approved_once = decision.decided == Verdict::Approve
+            && !decision.observe_only
+            && decided.refusal.is_none();
         Judged {
             request: decided.request,
             refusal: decided.refusal,
             masks,
+            what: Some(classification),
+            approved_once,
+        }
+    }
+
+    /// Waits, if `name` is made by an earlier unit of work still in flight, until the target
+    /// has answered it (what is buffered for the target is sent first). Whether it waited.
+    async fn settle<W: AsyncWrite + Unpin>(
+        &self,
+        to: &mut BufWriter<W>,
+        name: Depends<'_>,
+    ) -> Result<bool, SessionError> {
+        if !self.state().must_settle(name) {
+            return Ok(false);
+        }
+        to.flush()
+            .await
+            .map_err(|e| SessionError::Target(e.into()))?;
+        loop {
+            let answered = self.answered.notified();
+            tokio::pin!(answered);
+            answered.as_mut().enable();
+            if !self.state().must_settle(name) {
+                return Ok(true);
+            }
+            answered.await;
         }
     }
 
@@ -212,6 +269,8 @@ impl<'a> Relay<'a> {
             request,
             refusal: Some("fastpath function calls are not allowed through the gateway".into()),
             masks: Arc::from([]),
+            what: None,
+            approved_once: false,
         }
     }
 
@@ -226,7 +285,6 @@ impl<'a> Relay<'a> {
     {
         let gw = self.conn.gw;
         let target_error = |e: std::io::Error| SessionError::Target(e.into());
-        let mut prepared = PreparedStatements::default();
         loop {
             if !leg.from.has_frame() {
                 leg.to.flush().await.map_err(target_error)?;
@@ -258,12 +316,12 @@ impl<'a> Relay<'a> {
             }
             let judged = match request {
                 Request::Query { sql } => {
-                    let judged = self.decide(sql, &mut prepared, None).await;
+                    let judged = self.decide(&mut leg.to, sql).await?;
                     self.columns.query(gw, sql, &judged.masks);
                     Some(judged)
                 }
                 Request::Parse { name, sql } => {
-                    let judged = self.decide(sql, &mut prepared, Some(name)).await;
+                    let judged = self.decide(&mut leg.to, sql).await?;
                     self.columns.parse(gw, name, sql, &judged.masks);
                     Some(judged)
                 }
@@ -271,18 +329,50 @@ impl<'a> Relay<'a> {
                     self.columns.query(gw, "", &Arc::from([]));
                     Some(self.refuse_function_call())
                 }
-                Request::Close {
-                    statement: true,
-                    name,
-                } => {
-                    prepared.remove(name);
+                Request::Bind { statement, .. } => {
+                    self.settle(&mut leg.to, Depends::Statement(statement))
+                        .await?;
                     None
+                }
+                Request::Execute { portal } => {
+                    self.settle(&mut leg.to, Depends::Portal(portal)).await?;
+                    let mut to_judge = self.state().to_judge(portal);
+                    if to_judge.as_ref().is_some_and(|j| reads_names(&j.what))
+                        && self.settle(&mut leg.to, Depends::Any).await?
+                    {
+                        to_judge = self.state().to_judge(portal);
+                    }
+                    match to_judge {
+                        Some(ToJudge { what, sql, text }) => {
+                            let policy = self.conn.policy();
+                            let what = {
+                                let state = self.state();
+                                let what = if what.uses_prepared {
+                                    policy.cache().classify(&sql, Some(state.prepared()))
+                                } else {
+                                    what
+                                };
+                                state.resolve(&what)
+                            };
+                            Some(self.decide_classified(&policy, what, &text).await)
+                        }
+                        None => None,
+                    }
                 }
                 _ => None,
             };
-            let out = self
-                .frontend(&request, judged)
-                .unwrap_or_else(|| frame.raw.clone());
+            let out = match self.frontend(&request, judged) {
+                Ok(replaced) => replaced.unwrap_or_else(|| frame.raw.clone()),
+                Err(e) => {
+                    // Nothing of it reaches the target; the target is told the session ends.
+                    leg.to
+                        .write_all(&codec::terminate())
+                        .await
+                        .map_err(target_error)?;
+                    leg.to.flush().await.map_err(target_error)?;
+                    return Err(e);
+                }
+            };
             self.columns.frontend(frame.tag, &frame.body);
             count.fetch_add(out.len() as u64, Ordering::Relaxed);
             leg.to.write_all(&out).await.map_err(target_error)?;
@@ -293,7 +383,11 @@ impl<'a> Relay<'a> {
         }
     }
 
-    fn frontend(&self, request: &Request<'_>, judged: Option<Judged>) -> Option<Bytes> {
+    fn frontend(
+        &self,
+        request: &Request<'_>,
+        judged: Option<Judged>,
+    ) -> Result<Option<Bytes>, SessionError> {
         self.state().on_frontend(request, judged)
     }
 
@@ -365,7 +459,11 @@ impl<'a> Relay<'a> {
                         (b'E', Some((_, masks))) => columns::withheld_error(&masks, &frame.body),
                         _ => None,
                     };
-                    self.backend(tag, &frame.body).or(withheld)
+                    let replaced = self.backend(tag, &frame.body)?;
+                    if tag == b'Z' {
+                        self.answered.notify_one();
+                    }
+                    replaced.or(withheld)
                 }
             };
             let out = replaced.unwrap_or(frame.raw);
@@ -377,7 +475,7 @@ impl<'a> Relay<'a> {
         }
     }
 
-    fn backend(&self, tag: u8, body: &[u8]) -> Option<Bytes> {
+    fn backend(&self, tag: u8, body: &[u8]) -> Result<Option<Bytes>, SessionError> {
         self.state().on_backend(tag, body)
     }
 
@@ -407,6 +505,12 @@ impl<'a> Relay<'a> {
             self.conn.record(kind);
         }
     }
+}
+
+/// Whether what a statement does depends on the names it reads when it runs (`EXECUTE name`,
+/// `FETCH ... name`).
+fn reads_names(what: &Classification) -> bool {
+    what.uses_prepared || what.names.iter().any(|e| matches!(e, NameEffect::Fetch(_)))
 }
 
 #[cfg(test)]

@@ -600,6 +600,14 @@ pub fn parse(name: &str, sql: &str) -> Bytes {
     })
 }
 
+/// Execute of portal `portal`, all rows.
+pub fn execute(portal: &str) -> Bytes {
+    frame(b'E', |b| {
+        put_cstr(b, portal);
+        b.put_i32(0);
+    })
+}
+
 /// A DataRow body holding `values` (`None`: SQL NULL), for tests here and in `columns`.
 #[cfg(test)]
 pub(crate) fn data_row_body(values: &[Option<&[u8]>]) -> BytesMut {

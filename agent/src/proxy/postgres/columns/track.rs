@@ -219,6 +219,43 @@ impl Tracker {
     }
 }
 
+#[cfg(any(test, feature = "fuzzing"))]
+impl Tracker {
+    /// A simple Query or a Parse forwarded, as [`Tracker::query`] and [`Tracker::parse`]
+    /// record them when there is no COPY to look at (for tests without a gateway).
+    pub fn forwarded_without_copy(&self, tag: u8, name: &str) {
+        self.push(if tag == b'Q' {
+            Expect::Query {
+                copies: Some(VecDeque::new()),
+                lineage: None,
+            }
+        } else {
+            Expect::Parse {
+                name: name.to_string(),
+                copy: None,
+                lineage: None,
+            }
+        });
+    }
+
+    /// The answers expected, in order, by their frontend tags.
+    pub fn expects(&self) -> Vec<u8> {
+        let queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        queue
+            .iter()
+            .map(|e| match e {
+                Expect::Query { .. } => b'Q',
+                Expect::Parse { .. } => b'P',
+                Expect::Bind { .. } => b'B',
+                Expect::Describe { .. } => b'D',
+                Expect::Execute { .. } => b'E',
+                Expect::Close { .. } => b'C',
+                Expect::Sync => b'S',
+            })
+            .collect()
+    }
+}
+
 impl Results<'_> {
     /// A backend message on its way to the client. `masked` says whether the request at the
     /// front has masks (asked only for a RowDescription, when the session does not follow
