@@ -265,6 +265,22 @@ fn a_held_delete_waits_for_an_admin_and_runs_when_approved() {
     );
 
     let id = pending["id"].to_string();
+    // The approver sees what the gateway found it does, and the whole text.
+    let shown = topo.run_cli(&["approvals", "show", &id, "--json"]).unwrap();
+    assert_eq!(
+        shown["what"]["classes"],
+        serde_json::json!(["delete"]),
+        "{shown}"
+    );
+    assert_eq!(
+        shown["what"]["objects"],
+        serde_json::json!(["precious"]),
+        "{shown}"
+    );
+    assert_eq!(
+        shown["text"], "DELETE FROM precious WHERE id = 1",
+        "{shown}"
+    );
     // While it waits, psql has been told why and how an admin decides (a NOTICE).
     let told = format!("bulkhead approvals approve {id}");
     let deadline = Instant::now() + Duration::from_secs(5);

@@ -34,6 +34,7 @@ impl Held {
             protocol: r.protocol,
             text: r.text.clone(),
             rule: r.rule.clone(),
+            what: r.what.clone(),
             requested_at_us: self.requested_at_us,
             expires_at_us: self.requested_at_us.saturating_add(micros(
                 self.deadline.saturating_duration_since(self.requested_at),
@@ -280,6 +281,7 @@ mod tests {
             protocol: Protocol::Postgres,
             text: "DELETE FROM orders".into(),
             rule: rule.into(),
+            what: crate::approval::RequestDetails::default(),
             timeout: Duration::from_mins(5),
         }
     }

@@ -71,6 +71,8 @@ pub struct ApprovalRequest {
     pub text: String,
     /// The id of the rule whose verdict was `approve`; a grant window matches it exactly.
     pub rule: String,
+    /// What the gateway found the request does, for the approver.
+    pub what: RequestDetails,
     /// How long to wait for a decision, usually [`ApprovalBroker::default_timeout`]; capped at
     /// `MAX_APPROVAL_WAIT`.
     pub timeout: Duration,
@@ -189,6 +191,21 @@ impl fmt::Display for ApprovalState {
     }
 }
 
+/// What the classifier found a held request does (SQL: its classes, the relations and functions
+/// it names), so an approver sees more than the text.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestDetails {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub classes: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub objects: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub functions: Vec<String>,
+    /// Why the request could not be classified, when it could not.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unknown: Vec<String>,
+}
+
 /// A request waiting for a decision, as `approvals list` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PendingApproval {
@@ -200,6 +217,8 @@ pub struct PendingApproval {
     pub protocol: Protocol,
     pub text: String,
     pub rule: String,
+    #[serde(default)]
+    pub what: RequestDetails,
     pub requested_at_us: u64,
     pub expires_at_us: u64,
     pub age_ms: u64,

@@ -75,6 +75,7 @@ impl Fixture {
             protocol: Protocol::Postgres,
             text: "DELETE FROM orders WHERE created < now() - interval '1 year'".into(),
             rule: rule.into(),
+            what: crate::approval::RequestDetails::default(),
             timeout: FIVE_MIN,
         }
     }

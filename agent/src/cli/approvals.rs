@@ -44,6 +44,13 @@ pub enum ApprovalsCommand {
         #[command(flatten)]
         json: JsonFlag,
     },
+    /// A waiting request in full: its whole text (control characters escaped), what the
+    /// gateway found it does (classes, relations, functions), who asked and under which rule
+    Show {
+        id: u64,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
     /// Follow requests as they start waiting, and their decisions
     Watch(JsonFlag),
     /// Open grant windows
@@ -86,6 +93,7 @@ pub fn run(config: &Config, command: ApprovalsCommand) -> Result<(), CliError> {
         ApprovalsCommand::Deny { id, reason, json } => {
             decide(config, &Request::ApprovalsDeny { id, reason }, json.json)
         }
+        ApprovalsCommand::Show { id, json } => show(config, id, json.json),
         ApprovalsCommand::Watch(json) => watch(config, json.json),
         ApprovalsCommand::Grants(json) => grants(config, json.json),
         ApprovalsCommand::Revoke { id, json } => revoke(config, id, json.json),
@@ -130,8 +138,34 @@ fn process(who: &ApprovalIdentity) -> &str {
         .unwrap_or(&who.comm)
 }
 
-/// One line of at most `max` characters.
+/// `text` safe to print on an admin's terminal: control characters other than newline and tab
+/// (an escape sequence could redraw the screen or hide what follows), and the Unicode format
+/// characters that reorder or hide text (bidirectional overrides, zero-width ones), are shown
+/// as escapes (`\x1b`, `\u{202e}`).
+fn escape_for_terminal(text: &str) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\n' | '\t' => out.push(c),
+            c if c.is_control() && u32::from(c) < 0x100 => {
+                let _ = write!(out, "\\x{:02x}", u32::from(c));
+            }
+            '\u{200b}'..='\u{200f}'
+            | '\u{202a}'..='\u{202e}'
+            | '\u{2060}'..='\u{2069}'
+            | '\u{feff}' => {
+                let _ = write!(out, "\\u{{{:x}}}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// One line of at most `max` characters, escaped for the terminal.
 fn one_line(text: &str, max: usize) -> String {
+    let text = escape_for_terminal(text);
     let flat = text.split_whitespace().collect::<Vec<_>>().join(" ");
     if flat.chars().count() <= max {
         return flat;
@@ -169,7 +203,57 @@ fn list(config: &Config, json: bool) -> Result<(), CliError> {
             one_line(&p.text, 60),
         );
     }
+    println!("(`bulkhead approvals show ID` shows a request in full)");
     Ok(())
+}
+
+fn show(config: &Config, id: u64, json: bool) -> Result<(), CliError> {
+    let pending: Vec<PendingApproval> = ask(config, &Request::ApprovalsList)?;
+    let Some(p) = pending.into_iter().find(|p| p.id == id) else {
+        return Err(CliError::Other(format!(
+            "no request {id} is waiting (decided, expired, or never held): `bulkhead approvals \
+             list` shows the waiting ones"
+        )));
+    };
+    if json {
+        return print_json(&p);
+    }
+    print!("{}", show_text(&p));
+    Ok(())
+}
+
+/// The `approvals show` text of a waiting request.
+fn show_text(p: &PendingApproval) -> String {
+    use std::fmt::Write as _;
+    let list = |v: &[String]| {
+        if v.is_empty() {
+            "-".to_string()
+        } else {
+            escape_for_terminal(&v.join(", "))
+        }
+    };
+    let mut out = format!(
+        "approval {}  ({}), waiting {}, expires in {}\n",
+        p.id,
+        about(p),
+        short(p.age_ms),
+        short(p.expires_in_ms)
+    );
+    if !p.what.classes.is_empty() {
+        let _ = writeln!(out, "classes:    {}", list(&p.what.classes));
+        let _ = writeln!(out, "relations:  {}", list(&p.what.objects));
+        let _ = writeln!(out, "functions:  {}", list(&p.what.functions));
+    }
+    for reason in &p.what.unknown {
+        let _ = writeln!(out, "unknown:    {}", escape_for_terminal(reason));
+    }
+    let _ = writeln!(
+        out,
+        "request ({} bytes):\n{}",
+        p.text.len(),
+        escape_for_terminal(&p.text)
+    );
+    out
 }
 
 /// "session 5, uid 1000 (alice) python3 → orders-db, rule deletes"
@@ -205,6 +289,12 @@ fn decide(config: &Config, req: &Request, json: bool) -> Result<(), CliError> {
             .unwrap_or_default()
     );
     println!("  request: {}", one_line(&d.approval.text, 200));
+    if d.approval.text.chars().count() > 200 {
+        println!(
+            "  (cut here; the whole text is in the record: bulkhead sessions show {})",
+            d.approval.session
+        );
+    }
     if let Some(g) = &d.grant {
         println!(
             "  grant {}: the same uid, executable, target and rule are approved without asking \
@@ -378,6 +468,10 @@ mod tests {
     #[test]
     fn long_text_is_one_short_line() {
         assert_eq!(one_line("SELECT\n  1", 60), "SELECT 1");
+        assert_eq!(
+            one_line("SELECT 1 \x1b[2J\x1b[1A-- \u{202e}evil", 80),
+            "SELECT 1 \\x1b[2J\\x1b[1A-- \\u{202e}evil"
+        );
         let cut = one_line(&"é".repeat(100), 10);
         assert_eq!(cut.chars().count(), 10);
         assert!(cut.ends_with('…'));
@@ -512,6 +606,45 @@ mod tests {
     }
 
     #[test]
+    fn show_prints_the_whole_request_escaped_with_what_it_does() {
+        let long = format!(
+            "DELETE FROM orders WHERE note = '{}'\n  AND id = 1",
+            "x".repeat(300)
+        );
+        let pending = PendingApproval {
+            id: 12,
+            session: crate::record::SessionId(3),
+            identity: ApprovalIdentity {
+                uid: 1000,
+                user: Some("agent".into()),
+                exe: Some("/usr/bin/psql".into()),
+                comm: "psql".into(),
+            },
+            target: "orders-db".into(),
+            protocol: crate::protocol::Protocol::Postgres,
+            text: format!("{long}; -- \x1b]0;hidden\x07"),
+            rule: "deletes".into(),
+            what: crate::approval::RequestDetails {
+                classes: vec!["delete".into()],
+                objects: vec!["public.orders".into()],
+                functions: Vec::new(),
+                unknown: Vec::new(),
+            },
+            requested_at_us: 0,
+            expires_at_us: 300_000_000,
+            age_ms: 1_000,
+            expires_in_ms: 299_000,
+        };
+        let text = show_text(&pending);
+        assert!(text.contains("classes:    delete\n"), "{text}");
+        assert!(text.contains("relations:  public.orders\n"), "{text}");
+        assert!(text.contains("functions:  -\n"), "{text}");
+        assert!(text.contains(&long), "the whole text, lines kept: {text}");
+        assert!(text.contains("\\x1b]0;hidden\\x07"), "{text}");
+        assert!(!text.contains('\x1b') && !text.contains('\x07'), "{text}");
+    }
+
+    #[test]
     fn watch_lines_say_what_happened() {
         let identity = ApprovalIdentity {
             uid: 1000,
@@ -527,6 +660,7 @@ mod tests {
             protocol: crate::protocol::Protocol::Postgres,
             text: "DELETE FROM orders".into(),
             rule: "deletes".into(),
+            what: crate::approval::RequestDetails::default(),
             requested_at_us: 0,
             expires_at_us: 300_000_000,
             age_ms: 0,

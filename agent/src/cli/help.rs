@@ -22,6 +22,7 @@ const EXAMPLES: &[(&[&str], &str)] = &[
     (&["approvals", "list"], "bulkhead approvals list\n  bulkhead approvals list --json"),
     (&["approvals", "approve"], "bulkhead approvals approve 2000123 --reason \"ticket 42\"\n  bulkhead approvals approve 2000123 --for 30m --reason \"migration window\""),
     (&["approvals", "deny"], "bulkhead approvals deny 2000123 --reason \"not during business hours\""),
+    (&["approvals", "show"], "bulkhead approvals show 2000123\n  bulkhead approvals show 2000123 --json"),
     (&["approvals", "watch"], "bulkhead approvals watch\n  bulkhead approvals watch --json"),
     (&["approvals", "grants"], "bulkhead approvals grants"),
     (&["approvals", "revoke"], "bulkhead approvals revoke 2000130"),

@@ -145,6 +145,7 @@ pub(crate) mod tests {
             protocol: Protocol::Postgres,
             text: "DROP TABLE orders".into(),
             rule: "ddl".into(),
+            what: crate::approval::RequestDetails::default(),
             timeout: std::time::Duration::from_mins(5),
         }
     }

@@ -21,7 +21,7 @@ use tokio::sync::broadcast;
 use tracing::warn;
 
 use crate::{
-    approval::{ApprovalBroker, ApprovalIdentity, ApprovalRequest, Notice},
+    approval::{ApprovalBroker, ApprovalIdentity, ApprovalRequest, Notice, RequestDetails},
     config::{unmatched_name, Config, ResolvedTarget},
     ebpf::OrigDst,
     identity::{ProcReader, ProcessIdentity},
@@ -259,6 +259,16 @@ impl Conn<'_> {
             protocol: self.target.protocol,
             text: text.to_string(),
             rule: decision.rules.first().cloned().unwrap_or_default(),
+            what: decision
+                .sql
+                .as_deref()
+                .map(|c| RequestDetails {
+                    classes: c.classes.iter().map(|k| k.name().to_string()).collect(),
+                    objects: c.objects.iter().cloned().collect(),
+                    functions: c.functions.iter().cloned().collect(),
+                    unknown: c.unknown_reasons.clone(),
+                })
+                .unwrap_or_default(),
             timeout,
         });
         tokio::pin!(request);
