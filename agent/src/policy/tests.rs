@@ -612,3 +612,55 @@ fn connect_is_gated_by_identity_rules_and_the_tcp_default() {
         vec!["no-python"]
     );
 }
+
+#[test]
+fn a_session_may_write_only_when_some_rule_that_could_apply_allows_a_writing_class() {
+    let db = TargetRef {
+        name: "db",
+        protocol: Protocol::Postgres,
+    };
+    let me = agent();
+    let head = "[[target]]\nname = \"db\"\nprotocol = \"postgres\"\ndefault = \"deny\"\n";
+    let reads = format!(
+        "{head}[[rule]]\nid = \"r\"\nverdict = \"allow\"\ntarget = {{ name = [\"db\"] }}\n\
+         sql = {{ class = [\"read\", \"transaction\", \"session\"] }}\n"
+    );
+    assert!(!policy(&reads).may_write(db, &me), "reads only");
+    // A writing class, allowed or held for approval.
+    for verdict in ["allow", "approve"] {
+        let p = format!(
+            "{reads}[[rule]]\nid = \"w\"\nverdict = \"{verdict}\"\ntarget = {{ name = [\"db\"] }}\n\
+             sql = {{ class = [\"delete\"], objects = [\"public.t\"] }}\n"
+        );
+        assert!(policy(&p).may_write(db, &me), "{verdict}");
+    }
+    // A rule for someone else, or a deny, does not count.
+    let other = format!(
+        "{reads}[[rule]]\nid = \"w\"\nverdict = \"allow\"\ntarget = {{ name = [\"db\"] }}\n\
+         identity = {{ uid = [7] }}\nsql = {{ class = [\"insert\"] }}\n\
+         [[rule]]\nid = \"d\"\nverdict = \"deny\"\ntarget = {{ name = [\"db\"] }}\n\
+         sql = {{ class = [\"ddl\"] }}\n"
+    );
+    assert!(!policy(&other).may_write(db, &me));
+    // A rule without a class list, a permissive default or on_unknown, observe mode.
+    let any = format!(
+        "{reads}[[rule]]\nid = \"a\"\nverdict = \"allow\"\ntarget = {{ name = [\"db\"] }}\n"
+    );
+    assert!(policy(&any).may_write(db, &me));
+    for setting in [
+        "default = \"allow\"",
+        "on_unknown = \"approve\"",
+        "mode = \"observe\"",
+    ] {
+        let p = reads.replace(
+            "default = \"deny\"\n",
+            &format!("default = \"deny\"\n{setting}\n"),
+        );
+        let p = if setting.starts_with("default") {
+            p.replacen("default = \"deny\"\n", "", 1)
+        } else {
+            p
+        };
+        assert!(policy(&p).may_write(db, &me), "{setting}");
+    }
+}
