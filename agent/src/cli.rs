@@ -284,6 +284,7 @@ fn status_report(config: &Config) -> Result<StatusReport, CliError> {
             daemon: None,
             governed_cgroup: governed.display().to_string(),
             governed_uids: config.governed.uids.clone(),
+            redirect: crate::control::Redirect::read(&config.daemon.bpf_pin_dir, None),
             pinned_links: pinned,
             programs_attached: pinned > 0,
             store,
@@ -389,6 +390,27 @@ fn print_status(report: &StatusReport, json: bool) -> Result<(), CliError> {
         (None, false) => "not attached: governed processes connect directly".to_string(),
     };
     println!("programs:    {programs}");
+    if let Some(r) = &report.redirect {
+        let to = if let Some(e) = &r.error {
+            format!("unreadable ({e})")
+        } else {
+            r.to.join(", ")
+        };
+        let whose = match r.this_daemon {
+            Some(true) => " (this daemon's listeners)",
+            Some(false) => {
+                " — NOT this daemon's listeners: governed connections do not reach it; restart \
+                 it so it rewrites the redirect"
+            }
+            None => "",
+        };
+        let ready = if r.ready {
+            ""
+        } else {
+            ", not ready (every governed connect is refused)"
+        };
+        println!("redirect:    governed connects go to {to}{whose}{ready}");
+    }
     if let Some(p) = &report.policy {
         for line in p.lines() {
             println!("{line}");

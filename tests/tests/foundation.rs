@@ -380,6 +380,16 @@ fn status_and_sessions_work_with_the_daemon_running_and_stopped() {
         "connect, the connection's decision, close: {status}"
     );
     assert_eq!(status["daemon"]["connections"]["accepted"], 1, "{status}");
+    // The pinned redirect points at this daemon's listeners, and is ready.
+    assert_eq!(status["redirect"]["this_daemon"], true, "{status}");
+    assert_eq!(status["redirect"]["ready"], true, "{status}");
+    assert!(
+        status["redirect"]["to"]
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!(listener)),
+        "{status}"
+    );
 
     // Stopped cleanly: the CLI reads the store itself.
     daemon.terminate();
@@ -407,6 +417,10 @@ fn status_and_sessions_work_with_the_daemon_running_and_stopped() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains("not running") && text.contains("refused until the daemon runs"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("redirect:    governed connects go to {listener}")),
         "{text}"
     );
 }

@@ -110,6 +110,9 @@ pub struct StatusReport {
     /// Only these uids are governed in the cgroup and below (empty: every process).
     #[serde(default)]
     pub governed_uids: Vec<u32>,
+    /// Where the pinned programs send governed connects (nothing pinned: absent).
+    #[serde(default)]
+    pub redirect: Option<Redirect>,
     pub pinned_links: usize,
     /// Programs are attached when the daemon runs, or when links are pinned without it
     /// (then governed connections are refused: fail closed).
@@ -147,6 +150,43 @@ pub struct DaemonInfo {
     /// What governed processes can reach besides TCP through the gateway.
     #[serde(default)]
     pub containment: Containment,
+}
+
+/// Where the pinned programs redirect governed connects, and whether that is this daemon.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Redirect {
+    /// `127.0.0.1:951`, `[::1]:951`; or the error reading the pinned configuration.
+    pub to: Vec<String>,
+    /// The configuration is complete; until it is every governed connect is refused.
+    pub ready: bool,
+    /// Whether it is the running daemon's listener (absent when no daemon runs).
+    pub this_daemon: Option<bool>,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+impl Redirect {
+    /// From the pin directory; `listeners` are the running daemon's, if one runs.
+    pub fn read(pin_dir: &Path, listeners: Option<&[String]>) -> Option<Self> {
+        Some(match crate::ebpf::pinned_redirect(pin_dir)? {
+            Ok((v4, v6, port, ready)) => {
+                let mut to = vec![std::net::SocketAddr::from((v4, port)).to_string()];
+                to.extend(v6.map(|a| std::net::SocketAddr::from((a, port)).to_string()));
+                Self {
+                    this_daemon: listeners.map(|l| to.iter().all(|t| l.contains(t))),
+                    to,
+                    ready,
+                    error: None,
+                }
+            }
+            Err(e) => Self {
+                to: Vec::new(),
+                ready: false,
+                this_daemon: listeners.map(|_| false),
+                error: Some(e.to_string()),
+            },
+        })
+    }
 }
 
 /// Besides TCP through the gateway: the sockets and datagrams governed processes may use.
@@ -269,10 +309,12 @@ impl ControlState {
             .config_file
             .as_ref()
             .is_some_and(|(path, digest)| crate::config::file_digest(path) != *digest);
+        let redirect = Redirect::read(&self.pin_dir, Some(&info.listeners));
         StatusReport {
             daemon: Some(info),
             governed_cgroup: self.governed_cgroup.display().to_string(),
             governed_uids: self.governed_uids.clone(),
+            redirect,
             pinned_links: crate::ebpf::pinned_links(&self.pin_dir).len(),
             programs_attached: true,
             store: self.store().stats().ok(),

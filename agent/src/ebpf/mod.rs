@@ -457,6 +457,31 @@ fn replace_set<K: Pod + Eq + std::hash::Hash>(
     Ok(())
 }
 
+/// Where the pinned programs send governed connects, from the pinned `CAPTURE_CONFIG`:
+/// `(IPv4 listener, IPv6 listener or None, port, ready)`. `None` when nothing is pinned.
+pub fn pinned_redirect(
+    pin_dir: &Path,
+) -> Option<Result<(std::net::Ipv4Addr, Option<std::net::Ipv6Addr>, u16, bool), EbpfError>> {
+    let path = pin_dir.join("maps").join(maps::CAPTURE_CONFIG);
+    if !path.exists() {
+        return None;
+    }
+    let read = || -> Result<_, EbpfError> {
+        let data = MapData::from_pin(&path).map_err(map_err(maps::CAPTURE_CONFIG))?;
+        let array: Array<MapData, CaptureConfig> =
+            Array::try_from(aya::maps::Map::Array(data)).map_err(map_err(maps::CAPTURE_CONFIG))?;
+        let cfg = array.get(&0, 0).map_err(map_err(maps::CAPTURE_CONFIG))?;
+        let v6 = std::net::Ipv6Addr::from(cfg.listener_v6);
+        Ok((
+            std::net::Ipv4Addr::from(cfg.listener_v4),
+            (!v6.is_unspecified()).then_some(v6),
+            cfg.listener_port,
+            cfg.has(bulkhead_common::FLAG_READY),
+        ))
+    };
+    Some(read())
+}
+
 /// Empties the pinned `CONNECTIONS` map (records of redirected connections nobody accepted)
 /// and returns how many went. Nothing pinned: nothing to do.
 pub fn clear_stale_records(pin_dir: &Path) -> Result<usize, EbpfError> {
