@@ -478,3 +478,49 @@ fn governed_users_are_governed_wherever_they_run_below_the_cgroup_and_other_uids
     };
     assert_eq!(nobody["udp"], "EPERM", "{nobody}");
 }
+
+#[test]
+fn bulkhead_run_refuses_other_socket_families_and_io_uring_whatever_the_kernel_filter() {
+    require_root();
+    let topo = Topology::new("");
+    let _daemon = topo.start_daemon(&[]);
+    let code = "import ctypes, errno, json, socket\n\
+        def sock(family, type, proto=0):\n\
+        \x20   try:\n\
+        \x20       socket.socket(family, type, proto).close()\n\
+        \x20       return 'ok'\n\
+        \x20   except OSError as e:\n\
+        \x20       return errno.errorcode.get(e.errno, str(e))\n\
+        def pair(family):\n\
+        \x20   try:\n\
+        \x20       a, b = socket.socketpair(family, socket.SOCK_STREAM)\n\
+        \x20       a.close(); b.close()\n\
+        \x20       return 'ok'\n\
+        \x20   except OSError as e:\n\
+        \x20       return errno.errorcode.get(e.errno, str(e))\n\
+        libc = ctypes.CDLL(None, use_errno=True)\n\
+        params = ctypes.create_string_buffer(120)\n\
+        fd = libc.syscall(425, 8, params)\n\
+        uring = 'ok' if fd >= 0 else errno.errorcode.get(ctypes.get_errno(), '?')\n\
+        print(json.dumps({'vsock': sock(40, socket.SOCK_STREAM), 'tcp': sock(socket.AF_INET, \
+        socket.SOCK_STREAM), 'unix_pair': pair(socket.AF_UNIX), 'io_uring': uring}))\n";
+    let run = |args: &[&str]| {
+        let mut cmd = topo.bulkhead(args);
+        cmd.args(["python3", "-c", code]);
+        let out = topo.output(Side::Host, cmd);
+        serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)))
+    };
+    let governed = run(&["run", "--user", "nobody", "--"]);
+    assert_eq!(governed["vsock"], "EPERM", "{governed}");
+    assert_eq!(governed["io_uring"], "EPERM", "{governed}");
+    assert_eq!(governed["tcp"], "ok", "{governed}");
+    assert_eq!(governed["unix_pair"], "ok", "{governed}");
+    // The same as nobody without `bulkhead run`: both work (the filter is the command's).
+    let mut plain = Command::new("python3");
+    plain.args(["-c", code]);
+    let out = topo.output_as(Side::Host, Some((65534, 65534)), plain);
+    let plain: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(plain["vsock"], "ok", "{plain}");
+    assert_eq!(plain["io_uring"], "ok", "{plain}");
+}

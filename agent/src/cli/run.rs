@@ -142,6 +142,7 @@ pub fn run(
         become_user(a, groups)?;
     }
     no_new_privileges()?;
+    restrict_sockets(config)?;
     let err = cmd.exec();
     let code = match err.kind() {
         std::io::ErrorKind::NotFound => 127,
@@ -236,6 +237,67 @@ fn no_new_privileges() -> Result<(), CliError> {
         )));
     }
     Ok(())
+}
+
+/// The address families a command under `bulkhead run` may open sockets of: unix, inet,
+/// inet6, netlink, and packet when `capture.sockets` allows it.
+fn allowed_families(config: &Config) -> Vec<u64> {
+    let mut families = vec![
+        libc::AF_UNIX as u64,
+        libc::AF_INET as u64,
+        libc::AF_INET6 as u64,
+        libc::AF_NETLINK as u64,
+    ];
+    if config
+        .capture
+        .sockets
+        .contains(&crate::config::SocketKind::Packet)
+    {
+        families.push(libc::AF_PACKET as u64);
+    }
+    families
+}
+
+/// A seccomp filter for the command and everything it starts (inherited, and it cannot be
+/// lifted): `socket()` and `socketpair()` of any other address family fail with EPERM, and so
+/// does `io_uring_setup` (an io_uring can create sockets without the `socket()` system call).
+/// The kernel's socket filter does the same for the governed cgroup, for every family only
+/// where the BPF LSM runs; this covers `bulkhead run` everywhere (vsock, for one, reaches the
+/// hypervisor of a virtual machine).
+fn restrict_sockets(config: &Config) -> Result<(), CliError> {
+    use seccompiler::{
+        SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+        SeccompRule, TargetArch,
+    };
+    let fail = |what: &str, e: &dyn std::fmt::Display| {
+        CliError::Other(format!(
+            "cannot restrict the command's sockets ({what}: {e})"
+        ))
+    };
+    let other_family = || -> Result<SeccompRule, CliError> {
+        let conditions = allowed_families(config)
+            .into_iter()
+            .map(|f| SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Ne, f))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| fail("condition", &e))?;
+        SeccompRule::new(conditions).map_err(|e| fail("rule", &e))
+    };
+    let rules = std::collections::BTreeMap::from([
+        (libc::SYS_socket, vec![other_family()?]),
+        (libc::SYS_socketpair, vec![other_family()?]),
+        (libc::SYS_io_uring_setup, Vec::new()),
+    ]);
+    let arch =
+        TargetArch::try_from(std::env::consts::ARCH).map_err(|e| fail("architecture", &e))?;
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EPERM as u32),
+        arch,
+    )
+    .map_err(|e| fail("filter", &e))?;
+    let program: seccompiler::BpfProgram = filter.try_into().map_err(|e| fail("compile", &e))?;
+    seccompiler::apply_filter(&program).map_err(|e| fail("install", &e))
 }
 
 fn is_process_group_leader() -> bool {
