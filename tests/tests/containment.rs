@@ -524,3 +524,58 @@ fn bulkhead_run_refuses_other_socket_families_and_io_uring_whatever_the_kernel_f
     assert_eq!(plain["vsock"], "ok", "{plain}");
     assert_eq!(plain["io_uring"], "ok", "{plain}");
 }
+
+#[test]
+fn bulkhead_run_keeps_the_command_from_abstract_unix_sockets_made_outside_it() {
+    require_root();
+    let topo = Topology::new("");
+    let _daemon = topo.start_daemon(&[]);
+    // A service outside, listening on an abstract unix socket (as an X server or a session bus
+    // does), answering each connection.
+    let name = format!("bh-abstract-{}", topo.id);
+    let mut listener = Command::new("python3");
+    listener.args([
+        "-u",
+        "-c",
+        &format!(
+            "import socket\n\
+             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n\
+             s.bind('\\0{name}')\n\
+             s.listen(8)\n\
+             print('ready', flush=True)\n\
+             while True:\n\
+             \x20   c, _ = s.accept()\n\
+             \x20   c.sendall(b'served')\n\
+             \x20   c.close()\n"
+        ),
+    ]);
+    let mut service = topo.spawn_as(Side::Host, Some((65534, 65534)), "abstract", listener);
+    assert_eq!(
+        service.line(Duration::from_secs(10)).as_deref(),
+        Some("ready"),
+        "{}",
+        service.stderr()
+    );
+    let code = format!(
+        "import errno, socket\n\
+         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n\
+         try:\n\
+         \x20   s.connect('\\0{name}')\n\
+         \x20   print(s.recv(16).decode())\n\
+         except OSError as e:\n\
+         \x20   print(errno.errorcode.get(e.errno, str(e)))\n"
+    );
+    let mut governed = topo.bulkhead(&["run", "--user", "nobody", "--"]);
+    governed.args(["python3", "-c", &code]);
+    let out = topo.output(Side::Host, governed);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "EPERM",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut plain = Command::new("python3");
+    plain.args(["-c", &code]);
+    let out = topo.output_as(Side::Host, Some((65534, 65534)), plain);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "served");
+}
