@@ -20,8 +20,9 @@ pub mod maps {
     pub const ORIGINAL_BY_COOKIE: &str = "ORIGINAL_BY_COOKIE";
     pub const UDP_ALLOW: &str = "UDP_ALLOW";
     pub const REFUSALS: &str = "REFUSALS";
+    pub const UNIX_ALLOW: &str = "UNIX_ALLOW";
     /// Every map, in the order user space pins them.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 13] = [
         CAPTURE_CONFIG,
         EXCLUDE_V4,
         EXCLUDE_V6,
@@ -34,6 +35,7 @@ pub mod maps {
         ORIGINAL_BY_COOKIE,
         UDP_ALLOW,
         REFUSALS,
+        UNIX_ALLOW,
     ];
 }
 
@@ -148,6 +150,28 @@ pub struct SockKey {
     pub port: u32,
 }
 
+/// Key of `UNIX_ALLOW`: a unix socket address's `sun_path`, zero-padded (an abstract name
+/// starts with its 0 byte).
+pub const UNIX_KEY_BYTES: usize = 112;
+/// Maximum entries of `UNIX_ALLOW`.
+pub const MAX_UNIX_ALLOW: u32 = 256;
+
+/// A unix socket connect or send the kernel refused (`cgroup/connect_unix`, `sendmsg_unix`),
+/// as the hand-written program in `agent/src/ebpf/unix.rs` writes it: 144 bytes, told apart
+/// from a `Refusal` (80 bytes) by its length.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnixRefusal {
+    /// `REFUSED_UNIX`.
+    pub kind: u32,
+    pub tgid: u32,
+    pub uid: u32,
+    pub reserved: u32,
+    pub comm: [u8; 16],
+    pub path: [u8; UNIX_KEY_BYTES],
+}
+pub const REFUSED_UNIX: u32 = 4;
+
 /// What a `Refusal` refused.
 pub const REFUSED_UDP_CONNECT: u32 = 1;
 pub const REFUSED_UDP_SENDMSG: u32 = 2;
@@ -185,15 +209,17 @@ pub const fn v4_mapped(ip_be: [u8; 4]) -> [u8; 16] {
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: all five types are `repr(C)`, `Copy`, contain only integers and arrays of
+    // SAFETY: all six types are `repr(C)`, `Copy`, contain only integers and arrays of
     // integers, and have no implicit padding (checked by the size assertions below).
     unsafe impl aya::Pod for super::CaptureConfig {}
     unsafe impl aya::Pod for super::ConnectRecord {}
     unsafe impl aya::Pod for super::SockKey {}
     unsafe impl aya::Pod for super::Refusal {}
+    unsafe impl aya::Pod for super::UnixRefusal {}
 }
 
 const _: () = assert!(core::mem::size_of::<CaptureConfig>() == 32);
 const _: () = assert!(core::mem::size_of::<ConnectRecord>() == 64);
 const _: () = assert!(core::mem::size_of::<SockKey>() == 20);
 const _: () = assert!(core::mem::size_of::<Refusal>() == 80);
+const _: () = assert!(core::mem::size_of::<UnixRefusal>() == 144);

@@ -41,8 +41,8 @@ use bulkhead_common::{
     v4_mapped, CaptureConfig, ConnectRecord, Refusal, SockKey, AF_INET, AF_INET6, FLAG_ALLOW_MPTCP,
     FLAG_ALLOW_PACKET, FLAG_ALLOW_PING, FLAG_ALLOW_RAW, FLAG_ALLOW_SCTP, FLAG_CAPTURE_LOOPBACK,
     FLAG_INCLUDE_FILTER, FLAG_READY, FLAG_UID_FILTER, MAX_CIDRS, MAX_CONNECTIONS, MAX_PORTS,
-    MAX_UDP_ALLOW, MAX_UIDS, REFUSALS_BYTES, REFUSED_SOCKET, REFUSED_UDP_CONNECT,
-    REFUSED_UDP_SENDMSG, UDP_KEY_BYTES,
+    MAX_UDP_ALLOW, MAX_UIDS, MAX_UNIX_ALLOW, REFUSALS_BYTES, REFUSED_SOCKET, REFUSED_UDP_CONNECT,
+    REFUSED_UDP_SENDMSG, UDP_KEY_BYTES, UNIX_KEY_BYTES,
 };
 
 /// `connect()` may proceed (possibly rewritten).
@@ -100,6 +100,11 @@ static UDP_ALLOW: LpmTrie<[u8; UDP_KEY_BYTES], u8> = LpmTrie::with_max_entries(M
 /// just not recorded.
 #[map]
 static REFUSALS: RingBuf = RingBuf::with_byte_size(REFUSALS_BYTES, 0);
+/// Unix socket addresses governed processes may connect or send to. Read only by the
+/// `cgroup/connect_unix` program user space assembles itself (aya cannot load that type); it
+/// lives here so it is created and pinned with the rest.
+#[map]
+static UNIX_ALLOW: HashMap<[u8; UNIX_KEY_BYTES], u8> = HashMap::with_max_entries(MAX_UNIX_ALLOW, 0);
 
 /// The destination a redirected socket dialled: IPv4 as mapped, the port in host order, and
 /// the socket's family (which `getpeername` hook answers it).

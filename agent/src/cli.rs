@@ -315,6 +315,9 @@ fn print_containment(c: &crate::control::Containment) {
         or_none(&c.dns),
         or_none(&c.udp_allow)
     );
+    if !c.unix.is_empty() {
+        println!("unix:        {}", c.unix);
+    }
 }
 
 fn print_status(report: &StatusReport, json: bool) -> Result<(), CliError> {

@@ -171,7 +171,25 @@ pub struct CaptureConfig {
     pub udp_allow: Vec<UdpAllow>,
     /// Socket kinds governed processes may open beyond TCP, UDP, unix and netlink.
     pub sockets: Vec<SocketKind>,
+    /// Unix socket addresses governed processes may connect or send to: absolute paths, and
+    /// `@name` for abstract ones (`capture.unix_allow`).
+    pub unix_allow: Vec<String>,
 }
+
+/// What governed processes may reach over unix sockets by default: the C library's name
+/// service and the system resolver, and the system logger. Not a user's session bus or
+/// service manager, a multiplexer's server, a container engine or a local database: each of
+/// those can act for the process outside the gateway.
+pub const DEFAULT_UNIX_ALLOW: [&str; 8] = [
+    "/run/nscd/socket",
+    "/var/run/nscd/socket",
+    "/run/systemd/resolve/io.systemd.Resolve",
+    "/run/systemd/userdb/io.systemd.DynamicUser",
+    "/var/lib/sss/pipes/nss",
+    "/dev/log",
+    "/run/systemd/journal/socket",
+    "/run/systemd/journal/stdout",
+];
 
 /// A network and a port that governed processes may send datagrams to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -566,6 +584,16 @@ impl Config {
                 })?;
             dns.push(addr);
         }
+        for (i, a) in capture.unix_allow.iter().enumerate() {
+            if crate::ebpf::unix::key(a).is_none() {
+                return Err(invalid(
+                    format!("capture.unix_allow[{i}]"),
+                    format!(
+                        "{a:?} is not an absolute socket path or @name (abstract) of at most 108 bytes"
+                    ),
+                ));
+            }
+        }
         let udp_allow = capture
             .udp_allow
             .iter()
@@ -698,6 +726,7 @@ impl Config {
                 dns,
                 udp_allow,
                 sockets: capture.sockets,
+                unix_allow: capture.unix_allow,
             },
             store: StoreConfig {
                 retention: crate::record::Retention {
@@ -964,6 +993,7 @@ struct RawCapture {
     dns: Vec<String>,
     udp_allow: Vec<String>,
     sockets: Vec<SocketKind>,
+    unix_allow: Vec<String>,
 }
 
 impl Default for RawCapture {
@@ -977,6 +1007,7 @@ impl Default for RawCapture {
             dns: vec!["system".into()],
             udp_allow: Vec::new(),
             sockets: Vec::new(),
+            unix_allow: DEFAULT_UNIX_ALLOW.iter().map(ToString::to_string).collect(),
         }
     }
 }

@@ -316,6 +316,18 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
                     .iter()
                     .map(ToString::to_string)
                     .collect(),
+                unix: match &redirector.unix_filter {
+                    Ok(()) => format!(
+                        "connects and sends only to {} (cgroup/connect_unix); every other \
+                         address refused and recorded",
+                        if config.capture.unix_allow.is_empty() {
+                            "none".to_string()
+                        } else {
+                            config.capture.unix_allow.join(", ")
+                        }
+                    ),
+                    Err(why) => format!("NOT governed: {why}"),
+                },
             },
         },
         config_file: match &config.source {

@@ -17,10 +17,12 @@ pub enum Protocol {
     Udp,
     /// A socket the kernel refused to create (raw, packet, ping, SCTP, MPTCP, other families).
     Socket,
+    /// A unix socket address the kernel refused a connect or send to.
+    Unix,
 }
 
 impl Protocol {
-    pub const ALL: [Protocol; 7] = [
+    pub const ALL: [Protocol; 8] = [
         Protocol::Tcp,
         Protocol::Postgres,
         Protocol::Ssh,
@@ -28,6 +30,7 @@ impl Protocol {
         Protocol::Kubernetes,
         Protocol::Udp,
         Protocol::Socket,
+        Protocol::Unix,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -39,6 +42,7 @@ impl Protocol {
             Protocol::Kubernetes => "kubernetes",
             Protocol::Udp => "udp",
             Protocol::Socket => "socket",
+            Protocol::Unix => "unix",
         }
     }
 }
@@ -55,7 +59,7 @@ impl FromStr for Protocol {
         Protocol::ALL
             .into_iter()
             .find(|p| p.as_str() == s)
-            .ok_or_else(|| "use tcp, postgres, ssh, http, kubernetes, udp or socket".into())
+            .ok_or_else(|| "use tcp, postgres, ssh, http, kubernetes, udp, socket or unix".into())
     }
 }
 

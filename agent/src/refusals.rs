@@ -12,7 +12,9 @@ use std::{
     time::Duration,
 };
 
-use bulkhead_common::{Refusal, REFUSED_SOCKET, REFUSED_UDP_CONNECT, REFUSED_UDP_SENDMSG};
+use bulkhead_common::{
+    ConnectRecord, Refusal, UnixRefusal, REFUSED_SOCKET, REFUSED_UDP_CONNECT, REFUSED_UDP_SENDMSG,
+};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
@@ -31,16 +33,18 @@ use crate::{
 pub const QUIET: Duration = Duration::from_secs(2);
 
 /// One refused attempt, decoded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Attempt {
     pub tgid: u32,
     pub kind: Kind,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Kind {
     /// A datagram (or a UDP `connect()`) to this destination.
     Udp(SocketAddr),
+    /// A unix socket connect or send to this address (`@name` for an abstract one).
+    Unix(std::sync::Arc<str>),
     /// `socket(family, type, protocol)`.
     Socket {
         family: u32,
@@ -70,6 +74,7 @@ impl Kind {
     pub fn text(&self) -> String {
         match self {
             Kind::Udp(dst) => format!("udp {dst}"),
+            Kind::Unix(path) => format!("unix {path}"),
             Kind::Socket {
                 family,
                 sock_type,
@@ -85,6 +90,7 @@ impl Kind {
     fn protocol(&self) -> Protocol {
         match self {
             Kind::Udp(_) => Protocol::Udp,
+            Kind::Unix(_) => Protocol::Unix,
             Kind::Socket { .. } => Protocol::Socket,
         }
     }
@@ -99,6 +105,7 @@ impl Kind {
                 "a socket kind governed processes may not open (capture.sockets allows ping, \
                  raw, sctp, mptcp, packet)"
             }
+            Kind::Unix(_) => "a unix socket address not in capture.unix_allow",
         }
     }
 }
@@ -124,6 +131,16 @@ fn type_name(sock_type: u32) -> String {
         5 => "SOCK_SEQPACKET".into(),
         other => format!("type {other}"),
     }
+}
+
+/// Decodes one ring buffer item written as a `UnixRefusal` (144 bytes).
+pub fn decode_unix(bytes: &[u8]) -> Option<UnixRefusal> {
+    if bytes.len() != std::mem::size_of::<UnixRefusal>() {
+        return None;
+    }
+    // SAFETY: the length is checked above; `UnixRefusal` is plain integers and byte arrays,
+    // valid for any bytes, and read unaligned.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<UnixRefusal>()) })
 }
 
 /// Decodes one ring buffer item (bytes the kernel wrote as a `Refusal`).
@@ -165,19 +182,41 @@ impl Recorder {
             warn!(kind = r.kind, "unknown refusal kind from the kernel");
             return;
         };
+        self.attempt(&r.record, kind, now_us);
+    }
+
+    /// Records a unix socket connect or send the kernel refused.
+    pub fn refused_unix(&mut self, r: &UnixRefusal, now_us: u64) {
+        let record = ConnectRecord {
+            cgroup_id: 0,
+            dst_addr: [0; 16],
+            dst_port: 0,
+            family: 1,
+            pid: r.tgid,
+            tgid: r.tgid,
+            uid: r.uid,
+            gid: 0,
+            comm: r.comm,
+            reserved: 0,
+        };
+        let path = crate::ebpf::unix::show(&r.path);
+        self.attempt(&record, Kind::Unix(path.into()), now_us);
+    }
+
+    fn attempt(&mut self, record: &ConnectRecord, kind: Kind, now_us: u64) {
         let attempt = Attempt {
-            tgid: r.record.tgid,
-            kind,
+            tgid: record.tgid,
+            kind: kind.clone(),
         };
         if let Some(open) = self.open.get_mut(&attempt) {
             open.count += 1;
             open.last_us = now_us;
             return;
         }
-        let identity = self.proc.identify(&r.record);
+        let identity = self.proc.identify(record);
         let destination = match kind {
             Kind::Udp(dst) => dst,
-            Kind::Socket { .. } => SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0),
+            Kind::Socket { .. } | Kind::Unix(_) => SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0),
         };
         info!(
             pid = identity.pid,
@@ -275,7 +314,9 @@ pub async fn record(
                 let now = now_micros();
                 let ring = guard.get_inner_mut();
                 while let Some(item) = ring.next() {
-                    if let Some(r) = decode(&item) {
+                    if let Some(r) = decode_unix(&item) {
+                        recorder.refused_unix(&r, now);
+                    } else if let Some(r) = decode(&item) {
                         recorder.refused(&r, now);
                     }
                 }

@@ -579,3 +579,101 @@ fn bulkhead_run_keeps_the_command_from_abstract_unix_sockets_made_outside_it() {
     let out = topo.output_as(Side::Host, Some((65534, 65534)), plain);
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "served");
 }
+
+/// A unix stream server at `address` (a path, or `\0name`) that answers "served".
+fn unix_server(topo: &Topology, address: &str) -> bulkhead_tests::Proc {
+    let mut cmd = Command::new("python3");
+    cmd.args([
+        "-u",
+        "-c",
+        &format!(
+            "import os, socket\n\
+             a = {address:?}.replace('@', '\\0', 1) if {address:?}.startswith('@') else {address:?}\n\
+             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n\
+             s.bind(a)\n\
+             if not a.startswith('\\0'): os.chmod(a, 0o777)\n\
+             s.listen(8)\n\
+             print('ready', flush=True)\n\
+             while True:\n\
+             \x20   c, _ = s.accept()\n\
+             \x20   c.sendall(b'served')\n\
+             \x20   c.close()\n"
+        ),
+    ]);
+    let mut p = topo.spawn(Side::Host, "unix-server", cmd);
+    assert_eq!(
+        p.line(Duration::from_secs(10)).as_deref(),
+        Some("ready"),
+        "{}",
+        p.stderr()
+    );
+    p
+}
+
+#[test]
+fn unix_sockets_reach_only_the_allowed_addresses_and_refusals_are_recorded() {
+    require_root();
+    let dir = std::env::temp_dir().join(format!("bh-unix-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let allowed = dir.join("allowed.sock");
+    let service = dir.join("service.sock");
+    let abstract_name = format!("@bh-unix-allowed-{}", std::process::id());
+    let topo = Topology::new(&format!(
+        "[capture]\nunix_allow = [{:?}, {:?}]\n",
+        allowed.display().to_string(),
+        abstract_name
+    ));
+    let _daemon = topo.start_daemon(&[]);
+    let (_, status) = topo.status();
+    let unix = status["daemon"]["containment"]["unix"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    if unix.starts_with("NOT governed") {
+        panic!("this kernel (6.7+) should take cgroup/connect_unix: {unix}");
+    }
+    let _a = unix_server(&topo, &allowed.display().to_string());
+    let _s = unix_server(&topo, &service.display().to_string());
+    let _ab = unix_server(&topo, &abstract_name);
+    let _other_ab = unix_server(&topo, &format!("@bh-unix-other-{}", std::process::id()));
+    let code = format!(
+        "import errno, json, socket\n\
+         def conn(a):\n\
+         \x20   a = a.replace('@', '\\0', 1) if a.startswith('@') else a\n\
+         \x20   s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n\
+         \x20   try:\n\
+         \x20       s.connect(a)\n\
+         \x20       return s.recv(16).decode()\n\
+         \x20   except OSError as e:\n\
+         \x20       return errno.errorcode.get(e.errno, str(e))\n\
+         print(json.dumps({{'allowed': conn({allowed:?}), 'service': conn({service:?}), \
+         'abstract': conn({abstract_name:?}), 'other_abstract': conn('@bh-unix-other-{pid}')}}))\n",
+        allowed = allowed.display().to_string(),
+        service = service.display().to_string(),
+        pid = std::process::id(),
+    );
+    let governed = python(&topo, Side::Governed, &code);
+    assert_eq!(governed["allowed"], "served", "{governed}");
+    assert_eq!(governed["abstract"], "served", "{governed}");
+    assert_eq!(governed["service"], "EPERM", "{governed}");
+    assert_eq!(governed["other_abstract"], "EPERM", "{governed}");
+    let outside = python(&topo, Side::Host, &code);
+    assert_eq!(outside["service"], "served", "{outside}");
+    assert_eq!(outside["other_abstract"], "served", "{outside}");
+
+    let sessions = wait_for_sessions(&topo, |s| {
+        s.iter().filter(|s| s["protocol"] == "unix").count() >= 2
+    });
+    let texts: Vec<String> = sessions
+        .iter()
+        .filter(|s| s["protocol"] == "unix")
+        .flat_map(|s| topo.events(&s["id"]))
+        .filter(|e| e["type"] == "request")
+        .map(|e| e["text"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        texts.contains(&format!("unix {}", service.display())),
+        "{texts:?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

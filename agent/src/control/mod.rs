@@ -200,6 +200,9 @@ pub struct Containment {
     pub dns: Vec<String>,
     /// Other UDP destinations they may send to. Every other datagram is refused and recorded.
     pub udp_allow: Vec<String>,
+    /// Unix socket addresses they may connect or send to, or why unix sockets are not governed.
+    #[serde(default)]
+    pub unix: String,
 }
 
 /// A configured target, for `bulkhead status`.

@@ -9,6 +9,7 @@
 //! so the kernel detaches the programs when the daemon exits, even on `kill -9`.
 
 pub mod rules;
+pub mod unix;
 
 use std::{
     collections::HashMap as StdHashMap,
@@ -179,6 +180,11 @@ pub struct Redirector {
     pub cgroup: PathBuf,
     pub adopted: usize,
     pub socket_filter: SocketFilter,
+    /// Why unix sockets are not governed, when they are not (`cgroup/connect_unix` needs
+    /// Linux 6.7).
+    pub unix_filter: Result<(), String>,
+    /// Fail open: the unix programs' links, held (dropping them detaches).
+    _unix_links: Vec<std::os::fd::OwnedFd>,
 }
 
 impl Redirector {
@@ -247,6 +253,7 @@ impl Redirector {
         }
         let (socket_filter, name, link) = attach_socket_filter(&mut ebpf, &cgroup_dir)?;
         attached.push((name, link));
+        let unix_links = unix::attach(&ebpf, &cgroup_dir);
         // Pinned only once all are attached: a daemon that fails half-way must not leave
         // a partial redirect behind.
         let mut links = Vec::with_capacity(attached.len());
@@ -263,6 +270,27 @@ impl Redirector {
                 Mode::FailOpen => Held::Owned(link),
             });
         }
+
+        let mut unix_held = Vec::new();
+        let unix_filter = match unix_links {
+            Ok(unix_links) => {
+                for (name, link) in unix_links {
+                    if mode == Mode::FailClosed {
+                        let path = link_dir.join(format!("{name}-{generation}"));
+                        unix::pin(&link, &path).map_err(|e| EbpfError::Io {
+                            path: path.clone(),
+                            source: e,
+                        })?;
+                    }
+                    unix_held.push(link);
+                }
+                Ok(())
+            }
+            Err(why) => {
+                warn!(reason = %why, "unix sockets are not governed (cgroup/connect_unix unavailable)");
+                Err(why)
+            }
+        };
 
         // Our programs are attached: the ones a previous daemon left can go. Until now both ran,
         // over the same maps, so there was no moment without a redirect.
@@ -291,6 +319,8 @@ impl Redirector {
             cgroup: cgroup.to_path_buf(),
             adopted,
             socket_filter,
+            unix_filter,
+            _unix_links: unix_held,
         })
     }
 
@@ -408,6 +438,7 @@ fn fill_maps(ebpf: &mut Ebpf, rules: &CaptureRules) -> Result<(), EbpfError> {
     replace_set(ebpf, maps::EXCLUDE_PORTS, &rules.exclude_ports)?;
     replace_set(ebpf, maps::GOVERNED_UIDS, &rules.uids)?;
     replace_trie(ebpf, maps::UDP_ALLOW, &rules.udp_allow)?;
+    replace_set(ebpf, maps::UNIX_ALLOW, &rules.unix_allow)?;
     let mut cfg: Array<&mut MapData, CaptureConfig> =
         Array::try_from(map_mut(ebpf, maps::CAPTURE_CONFIG)?)
             .map_err(map_err(maps::CAPTURE_CONFIG))?;

@@ -44,6 +44,8 @@ pub struct CaptureRules {
     pub uids: Vec<u32>,
     /// Resolvers and allowed UDP destinations.
     pub udp_allow: Vec<UdpEntry>,
+    /// Unix socket addresses governed processes may connect or send to.
+    pub unix_allow: Vec<[u8; bulkhead_common::UNIX_KEY_BYTES]>,
 }
 
 fn split(cidrs: &[Cidr]) -> (Vec<([u8; 4], u32)>, Vec<([u8; 16], u32)>) {
@@ -115,6 +117,17 @@ impl CaptureRules {
             exclude_ports: config.capture.exclude_ports.clone(),
             uids: config.governed.uids.clone(),
             udp_allow,
+            // The daemon's own control socket too: it refuses governed callers itself, with a
+            // clear message, and records the attempt in the request's session.
+            unix_allow: config
+                .capture
+                .unix_allow
+                .iter()
+                .filter_map(|a| super::unix::key(a))
+                .chain(super::unix::key(
+                    &config.control_socket().display().to_string(),
+                ))
+                .collect(),
         }
     }
 

@@ -198,7 +198,9 @@ async fn serve_allowed(
             tcp::serve(conn, client_stream).await
         }
         // Record categories only (never a configured target's protocol): refused.
-        Protocol::Udp | Protocol::Socket => tcp::refuse(client_stream, "not relayed".into()),
+        Protocol::Udp | Protocol::Socket | Protocol::Unix => {
+            tcp::refuse(client_stream, "not relayed".into())
+        }
     }
 }
 
