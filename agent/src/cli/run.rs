@@ -303,9 +303,10 @@ fn restrict_sockets(config: &Config) -> Result<(), CliError> {
 
 /// Landlock (ABI 6, Linux 6.12+): the command and what it starts may not connect to abstract
 /// unix sockets made outside their Landlock domain (an X server's, a desktop session's, other
-/// services'), which would let them ask something ungoverned to act for them. Pathname unix
-/// sockets are not covered (no kernel mechanism short of `cgroup/connect_unix` reads their
-/// path). Without Landlock ABI 6 this is said on stderr and the command still runs.
+/// services'), which would let them ask something ungoverned to act for them. (Pathname and
+/// abstract addresses are also decided in the kernel by `cgroup/connect_unix` on Linux 6.7+,
+/// `ebpf/unix.rs`; this holds under `bulkhead run` on any kernel with Landlock ABI 6.) Without
+/// it this is said on stderr and the command still runs.
 fn scope_abstract_unix_sockets() -> Result<(), CliError> {
     const LANDLOCK_CREATE_RULESET_VERSION: libc::c_long = 1;
     const LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET: u64 = 1;

@@ -108,6 +108,7 @@ fn ld_map(dst: u8, fd: RawFd) -> [Insn; 2] {
 }
 
 /// Jumps whose target is a label, resolved once the program is laid out.
+#[derive(Clone, Copy)]
 enum Jump {
     /// `if dst OP imm goto label` (`code` is the BPF_JMP opcode with BPF_K).
     Imm {
@@ -150,7 +151,9 @@ impl Asm {
                 .find(|(n, _)| n == to)
                 .map(|(_, i)| *i)
                 .expect("every label is defined");
-            let off = i16::try_from(target as isize - *at as isize - 1).expect("short program");
+            let off =
+                i64::try_from(target).unwrap_or(i64::MAX) - i64::try_from(*at).unwrap_or(0) - 1;
+            let off = i16::try_from(off).expect("short program");
             self.insns[*at].off = off;
         }
         self.insns
@@ -192,6 +195,10 @@ struct Fds {
     refusals: RawFd,
 }
 
+#[expect(
+    clippy::too_many_lines,
+    reason = "one straight-line program, read in order against the module docs"
+)]
 fn program(fds: &Fds, cast_to_kern_ctx: i32) -> Vec<Insn> {
     let key_bytes = i32::try_from(UNIX_KEY_BYTES).expect("small");
     let mut a = Asm::default();
@@ -378,9 +385,10 @@ fn program(fds: &Fds, cast_to_kern_ctx: i32) -> Vec<Insn> {
 }
 
 fn map_fd(ebpf: &Ebpf, name: &'static str) -> Result<RawFd, EbpfError> {
-    let data = match ebpf.map(name).ok_or(EbpfError::Missing(name))? {
-        Map::Array(d) | Map::HashMap(d) | Map::RingBuf(d) => d,
-        _ => return Err(EbpfError::Missing(name)),
+    let (Map::Array(data) | Map::HashMap(data) | Map::RingBuf(data)) =
+        ebpf.map(name).ok_or(EbpfError::Missing(name))?
+    else {
+        return Err(EbpfError::Missing(name));
     };
     Ok(data.fd().as_fd().as_raw_fd())
 }
@@ -509,15 +517,12 @@ pub fn key(address: &str) -> Option<[u8; UNIX_KEY_BYTES]> {
 
 /// A refused unix address as an admin reads it (`/run/user/1000/bus`, `@name`).
 pub fn show(path: &[u8]) -> String {
-    match path.split_first() {
-        Some((0, rest)) => {
-            let end = rest.iter().rposition(|b| *b != 0).map_or(0, |i| i + 1);
-            format!("@{}", String::from_utf8_lossy(&rest[..end]))
-        }
-        _ => {
-            let end = path.iter().position(|b| *b == 0).unwrap_or(path.len());
-            String::from_utf8_lossy(&path[..end]).into_owned()
-        }
+    if let Some((0, rest)) = path.split_first() {
+        let end = rest.iter().rposition(|b| *b != 0).map_or(0, |i| i + 1);
+        format!("@{}", String::from_utf8_lossy(&rest[..end]))
+    } else {
+        let end = path.iter().position(|b| *b == 0).unwrap_or(path.len());
+        String::from_utf8_lossy(&path[..end]).into_owned()
     }
 }
 
@@ -550,8 +555,11 @@ mod tests {
         for (i, ins) in p.iter().enumerate() {
             let class = ins.code & 0x07;
             if class == 0x05 && ins.code != 0x85 && ins.code != 0x95 {
-                let to = i as isize + 1 + isize::from(ins.off);
-                assert!(to >= 0 && (to as usize) < p.len(), "jump at {i} to {to}");
+                let to = i64::try_from(i).unwrap() + 1 + i64::from(ins.off);
+                assert!(
+                    usize::try_from(to).is_ok_and(|t| t < p.len()),
+                    "jump at {i} to {to}"
+                );
             }
         }
         assert_eq!(p.last().map(|i| i.code), Some(0x95));
