@@ -37,6 +37,10 @@ pub enum PolicyCommand {
 /// The example policies (`policies/` in the source tree), as `policy init` writes them.
 pub const EXAMPLES: &[(&str, &str)] = &[
     (
+        "agent-egress.toml",
+        include_str!("../../../policies/agent-egress.toml"),
+    ),
+    (
         "http-get-only.toml",
         include_str!("../../../policies/http-get-only.toml"),
     ),

@@ -57,6 +57,7 @@ fn all_examples_load_together_and_each_is_tested() {
         .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
         .collect();
     let tested = [
+        "agent-egress.toml",
         "http-get-only.toml",
         "kubernetes-read-only.toml",
         "no-ddl.toml",
@@ -530,6 +531,21 @@ fn connect<'a>(id: &'a ProcessIdentity, name: &'a str) -> Request<'a> {
         },
         identity: id,
         action: Action::Connect,
+    }
+}
+
+#[test]
+fn agent_egress() {
+    let set = example("agent-egress.toml");
+    let id = agent();
+    let d = |name| set.evaluate(&connect(&id, name));
+    let api = d("model-api");
+    assert_eq!(
+        (api.verdict, api.rules.clone()),
+        (Verdict::Allow, vec!["target:model-api:default".to_string()])
+    );
+    for other in ["203.0.113.9:443", "10.20.0.5:22", "artifact-cache"] {
+        assert_eq!(d(other).verdict, Verdict::Deny, "{other}");
     }
 }
 
