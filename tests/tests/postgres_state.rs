@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 
 /// A raw protocol client. The JSON spec (argv[1]) is a list of sessions, each a list of
 /// rounds, each a list of messages sent in one write: `["Q", sql]`, `["P", name, sql]`,
-/// `["B", portal, statement]`, `["E", portal]`, `["D", "S"|"P", name]`, `["C", "S"|"P", name]`,
+/// `["B", portal, statement(, [text parameters])]`, `["E", portal]`, `["D", "S"|"P", name]`, `["C", "S"|"P", name]`,
 /// `["S"]`. After a round it reads until one ReadyForQuery per Query and Sync in it (or the
 /// end of the connection). Prints, per session and round, what came back.
 const RAW_CLIENT: &str = r#"
@@ -66,7 +66,12 @@ def encode(m):
     if kind == "P":
         return msg(b"P", cstr(m[1]) + cstr(m[2]) + struct.pack("!h", 0))
     if kind == "B":
-        return msg(b"B", cstr(m[1]) + cstr(m[2]) + struct.pack("!hhh", 0, 0, 0))
+        params = m[3] if len(m) > 3 else []
+        body = cstr(m[1]) + cstr(m[2]) + struct.pack("!hh", 0, len(params))
+        for p in params:
+            v = p.encode()
+            body += struct.pack("!i", len(v)) + v
+        return msg(b"B", body + struct.pack("!h", 0))
     if kind == "E":
         return msg(b"E", cstr(m[1]) + struct.pack("!i", 0))
     if kind in ("D", "C"):
@@ -440,11 +445,11 @@ fn per_session_caps_end_the_session_with_a_clear_error() {
 fn a_prepared_statement_approved_by_an_admin_is_approved_for_one_execution() {
     require_root();
     let (topo, _pg, _daemon) = setup();
-    let delete = "DELETE FROM precious WHERE id > 0 AND id < 3";
+    let delete = "DELETE FROM precious WHERE id > $1::int AND id < $2::int";
     let sessions = json!([[
         [["P", "d", delete], ["S"]],
-        [["B", "", "d"], ["E", ""], ["S"]],
-        [["B", "", "d"], ["E", ""], ["S"]],
+        [["B", "", "d", ["0", "3"]], ["E", ""], ["S"]],
+        [["B", "", "d", ["-1", "3"]], ["E", ""], ["S"]],
         [["Q", "SELECT count(*)::text FROM precious"]],
     ]]);
     let mut client = topo.spawn(Side::Governed, "raw", raw_command(&topo, &sessions));
@@ -469,7 +474,19 @@ fn a_prepared_statement_approved_by_an_admin_is_approved_for_one_execution() {
     };
     // The Parse is held and approved: its first Execute runs.
     decide("approve", "one cleanup");
-    // The second Execute is held again, and denied.
+    // The second Execute is held again; the approver sees the values it is bound with, and
+    // denies it.
+    let held = topo.first_pending();
+    let shown = topo
+        .run_cli(&["approvals", "show", &held["id"].to_string(), "--json"])
+        .unwrap();
+    assert_eq!(shown["what"]["params"], json!(["-1", "3"]), "{shown}");
+    let out = topo.output(
+        Side::Host,
+        topo.bulkhead(&["approvals", "show", &held["id"].to_string()]),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("parameters: $1 = '-1', $2 = '3'"), "{text}");
     decide("deny", "once was enough");
     let line = client
         .line(std::time::Duration::from_secs(20))

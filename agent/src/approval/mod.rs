@@ -204,6 +204,10 @@ pub struct RequestDetails {
     /// Why the request could not be classified, when it could not.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unknown: Vec<String>,
+    /// Values bound to its parameters, in order (`None`: NULL), bounded: a PostgreSQL Execute
+    /// held for approval shows what it would run with.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub params: Vec<Option<String>>,
 }
 
 /// A request waiting for a decision, as `approvals list` shows it.

@@ -244,6 +244,19 @@ fn show_text(p: &PendingApproval) -> String {
         let _ = writeln!(out, "relations:  {}", list(&p.what.objects));
         let _ = writeln!(out, "functions:  {}", list(&p.what.functions));
     }
+    if !p.what.params.is_empty() {
+        let shown: Vec<String> = p
+            .what
+            .params
+            .iter()
+            .enumerate()
+            .map(|(i, v)| match v {
+                Some(v) => format!("${} = '{}'", i + 1, escape_for_terminal(v)),
+                None => format!("${} = NULL", i + 1),
+            })
+            .collect();
+        let _ = writeln!(out, "parameters: {}", shown.join(", "));
+    }
     for reason in &p.what.unknown {
         let _ = writeln!(out, "unknown:    {}", escape_for_terminal(reason));
     }
@@ -629,6 +642,7 @@ mod tests {
                 objects: vec!["public.orders".into()],
                 functions: Vec::new(),
                 unknown: Vec::new(),
+                params: vec![Some("42".into()), None],
             },
             requested_at_us: 0,
             expires_at_us: 300_000_000,
@@ -639,6 +653,10 @@ mod tests {
         assert!(text.contains("classes:    delete\n"), "{text}");
         assert!(text.contains("relations:  public.orders\n"), "{text}");
         assert!(text.contains("functions:  -\n"), "{text}");
+        assert!(
+            text.contains("parameters: $1 = '42', $2 = NULL\n"),
+            "{text}"
+        );
         assert!(text.contains(&long), "the whole text, lines kept: {text}");
         assert!(text.contains("\\x1b]0;hidden\\x07"), "{text}");
         assert!(!text.contains('\x1b') && !text.contains('\x07'), "{text}");

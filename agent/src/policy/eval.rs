@@ -124,6 +124,17 @@ impl PolicySet {
         })
     }
 
+    /// Whether anything could be held for approval: a rule or a target table says `approve`.
+    pub fn can_hold(&self) -> bool {
+        self.rules
+            .iter()
+            .any(|r| matches!(r.effect, Effect::Verdict(Verdict::Approve)))
+            || self
+                .targets
+                .iter()
+                .any(|t| t.default == Verdict::Approve || t.on_unknown == Verdict::Approve)
+    }
+
     pub fn evaluate(&self, req: &Request<'_>) -> Decision {
         let settings = self.settings_for(req.target);
         let analysis = self.analyze(&req.action, &settings);

@@ -115,6 +115,8 @@ pub struct Ask<'a> {
     /// Told the approval's id as soon as the request waits for an admin, so the protocol can
     /// say so to a client that would otherwise just hang (a PostgreSQL NOTICE).
     pub on_hold: Option<&'a (dyn Fn(u64) + Send + Sync)>,
+    /// Values bound to the request's parameters (a PostgreSQL Execute), shown to an approver.
+    pub params: &'a [Option<String>],
 }
 
 impl Conn<'_> {
@@ -142,7 +144,7 @@ impl Conn<'_> {
             identity: &self.identity,
             action: ask.action,
         });
-        self.apply_telling(decision, ask.text, ask.class, ask.on_hold)
+        self.apply_telling(decision, ask.text, ask.class, ask.on_hold, ask.params)
             .await
     }
 
@@ -192,7 +194,7 @@ impl Conn<'_> {
     /// approve holds until an admin decides or the approval expires. In observe mode the record
     /// says what would have been enforced, marked observed, and the request is forwarded.
     pub async fn apply(&self, decision: Decision, text: &str, class: Option<String>) -> Decided {
-        self.apply_telling(decision, text, class, None).await
+        self.apply_telling(decision, text, class, None, &[]).await
     }
 
     /// [`Conn::apply`], telling `on_hold` the approval's id once the request waits.
@@ -202,6 +204,7 @@ impl Conn<'_> {
         text: &str,
         class: Option<String>,
         on_hold: Option<&(dyn Fn(u64) + Send + Sync)>,
+        params: &[Option<String>],
     ) -> Decided {
         let event = EventKind::request(
             text,
@@ -228,7 +231,7 @@ impl Conn<'_> {
             Verdict::Deny => Some(decision.message.clone().unwrap_or_else(|| {
                 format!("bulkhead: denied by policy ({})", decision.rules.join(", "))
             })),
-            Verdict::Approve => self.hold(&decision, text, class, on_hold).await,
+            Verdict::Approve => self.hold(&decision, text, class, on_hold, params).await,
         };
         Decided {
             request,
@@ -246,6 +249,7 @@ impl Conn<'_> {
         text: &str,
         class: Option<String>,
         on_hold: Option<&(dyn Fn(u64) + Send + Sync)>,
+        params: &[Option<String>],
     ) -> Option<String> {
         let timeout = decision
             .approval_timeout
@@ -267,8 +271,12 @@ impl Conn<'_> {
                     objects: c.objects.iter().cloned().collect(),
                     functions: c.functions.iter().cloned().collect(),
                     unknown: c.unknown_reasons.clone(),
+                    params: params.to_vec(),
                 })
-                .unwrap_or_default(),
+                .unwrap_or_else(|| RequestDetails {
+                    params: params.to_vec(),
+                    ..RequestDetails::default()
+                }),
             timeout,
         });
         tokio::pin!(request);

@@ -416,6 +416,7 @@ async fn judge_startup_settings(
                     text: &format!("startup parameter: {text}"),
                     class: classification.headline().map(|c| c.name().to_string()),
                     on_hold: None,
+                    params: &[],
                 },
             )
             .await;

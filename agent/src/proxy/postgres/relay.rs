@@ -68,7 +68,14 @@ pub struct Relay<'a> {
     /// Told at each ReadyForQuery, for a message that waits for earlier answers
     /// ([`State::must_settle`]).
     answered: tokio::sync::Notify,
+    /// The Bind each portal name was last bound by, for approvers ([`Relay::keep_binds`]).
+    bound: Mutex<std::collections::HashMap<String, Bytes>>,
+    /// The policy at login can hold a request for approval: keep Binds for approvers.
+    keep_binds: bool,
 }
+
+/// Portal names whose bound values are kept for approvers (unnamed and named alike).
+const BOUND_PORTALS: usize = 64;
 
 impl<'a> Relay<'a> {
     /// `login` is how the session logged in upstream: the catalog's side connections log in
@@ -81,6 +88,8 @@ impl<'a> Relay<'a> {
             notices,
             notices_rx: Mutex::new(Some(notices_rx)),
             answered: tokio::sync::Notify::new(),
+            bound: Mutex::default(),
+            keep_binds: conn.policy().can_hold(),
             state: Mutex::new(State::default()),
             columns: columns::Tracker::new(columns::policy_has_column_rules(&conn.policy()), login),
         }
@@ -189,7 +198,9 @@ impl<'a> Relay<'a> {
             }
         };
         self.columns.decided(self.catalogs, &classification);
-        Ok(self.decide_classified(&policy, classification, sql).await)
+        Ok(self
+            .decide_classified(&policy, classification, sql, &[])
+            .await)
     }
 
     /// Decides a classified statement through the session pipeline (recorded before anything
@@ -199,6 +210,7 @@ impl<'a> Relay<'a> {
         policy: &PolicySet,
         classification: Arc<Classification>,
         text: &str,
+        params: &[Option<String>],
     ) -> Judged {
         let decided = self
             .conn
@@ -209,6 +221,7 @@ impl<'a> Relay<'a> {
                     text,
                     class: classification.headline().map(|c| c.name().to_string()),
                     on_hold: Some(&|id| self.tell_held(id)),
+                    params,
                 },
             )
             .await;
@@ -255,6 +268,34 @@ impl<'a> Relay<'a> {
             }
             answered.await;
         }
+    }
+
+    /// Keeps the client's latest Bind of `portal`, for an approver to read its values if an
+    /// Execute of it is held: in client order the latest Bind of a name is the one the server
+    /// will have applied when that Execute runs (a Bind the server refuses skips the Execute).
+    /// Display only, and only in sessions whose policy can hold a request (no copy per Bind
+    /// otherwise); at most [`BOUND_PORTALS`] names are kept.
+    fn remember_parameters(&self, portal: &str, body: &[u8]) {
+        if !self.keep_binds {
+            return;
+        }
+        let mut bound = self.bound.lock().unwrap_or_else(PoisonError::into_inner);
+        if bound.len() >= BOUND_PORTALS && !bound.contains_key(portal) {
+            bound.clear();
+        }
+        bound.insert(portal.to_string(), Bytes::copy_from_slice(body));
+    }
+
+    /// The values `portal` was last bound with, read for an approver.
+    fn bound_parameters(&self, portal: &str) -> Vec<Option<String>> {
+        let body = self
+            .bound
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(portal)
+            .cloned();
+        body.and_then(|b| codec::bind_parameters(&b).ok())
+            .unwrap_or_default()
     }
 
     /// A fastpath function call, refused: it names a function by OID, with nothing to judge.
@@ -329,9 +370,10 @@ impl<'a> Relay<'a> {
                     self.columns.query(gw, "", &Arc::from([]));
                     Some(self.refuse_function_call())
                 }
-                Request::Bind { statement, .. } => {
+                Request::Bind { statement, portal } => {
                     self.settle(&mut leg.to, Depends::Statement(statement))
                         .await?;
+                    self.remember_parameters(portal, &frame.body);
                     None
                 }
                 Request::Execute { portal } => {
@@ -354,7 +396,8 @@ impl<'a> Relay<'a> {
                                 };
                                 state.resolve(&what)
                             };
-                            Some(self.decide_classified(&policy, what, &text).await)
+                            let params = self.bound_parameters(portal);
+                            Some(self.decide_classified(&policy, what, &text, &params).await)
                         }
                         None => None,
                     }

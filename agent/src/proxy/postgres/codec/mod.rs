@@ -263,6 +263,73 @@ pub fn bind_names(body: &[u8]) -> Result<(&str, &str), CodecError> {
     Ok((portal, statement))
 }
 
+/// How much of one bound parameter, and of all of them, [`bind_parameters`] keeps for an
+/// approver to read.
+pub const PARAMETER_SHOWN: usize = 1024;
+pub const PARAMETERS_SHOWN: usize = 16 * 1024;
+
+/// Bind ('B'): the parameter values as an approver reads them: text-format values as text
+/// (invalid UTF-8 replaced), binary ones as `\x` and hex, NULL as `None`; each cut at
+/// [`PARAMETER_SHOWN`] bytes and all of them at [`PARAMETERS_SHOWN`] (marked `…`).
+pub fn bind_parameters(body: &[u8]) -> Result<Vec<Option<String>>, CodecError> {
+    use std::fmt::Write as _;
+    let malformed = || CodecError::Malformed { what: "Bind" };
+    let mut b = body;
+    take_cstr(&mut b, "Bind")?;
+    take_cstr(&mut b, "Bind")?;
+    let count = |b: &mut &[u8]| -> Result<usize, CodecError> {
+        if b.len() < 2 {
+            return Err(malformed());
+        }
+        usize::try_from(b.get_i16()).map_err(|_| malformed())
+    };
+    let n_formats = count(&mut b)?;
+    if b.len() < n_formats * 2 {
+        return Err(malformed());
+    }
+    let formats: Vec<i16> = (0..n_formats).map(|_| b.get_i16()).collect();
+    let n = count(&mut b)?;
+    let mut out = Vec::with_capacity(n.min(1024));
+    let mut shown = 0usize;
+    for i in 0..n {
+        if b.len() < 4 {
+            return Err(malformed());
+        }
+        let len = b.get_i32();
+        if len < 0 {
+            out.push(None);
+            continue;
+        }
+        let len = usize::try_from(len).map_err(|_| malformed())?;
+        if b.len() < len {
+            return Err(malformed());
+        }
+        let value = &b[..len];
+        b.advance(len);
+        let binary = match formats.as_slice() {
+            [] => false,
+            [one] => *one == 1,
+            many => many.get(i).is_some_and(|f| *f == 1),
+        };
+        let room = PARAMETER_SHOWN.min(PARAMETERS_SHOWN.saturating_sub(shown));
+        let mut text = if binary {
+            let mut t = String::from("\\x");
+            for byte in value.iter().take(room / 2) {
+                let _ = write!(t, "{byte:02x}");
+            }
+            t
+        } else {
+            String::from_utf8_lossy(&value[..value.len().min(room)]).into_owned()
+        };
+        if (binary && value.len() * 2 > room) || (!binary && value.len() > room) {
+            text.push('…');
+        }
+        shown += text.len();
+        out.push(Some(text));
+    }
+    Ok(out)
+}
+
 /// Execute ('E'): portal name.
 pub fn execute_portal(body: &[u8]) -> Result<&str, CodecError> {
     let mut b = body;

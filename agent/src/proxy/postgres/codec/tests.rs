@@ -237,3 +237,43 @@ fn error_responses_carry_sqlstate_and_message() {
         "an unterminated field is dropped"
     );
 }
+
+#[test]
+fn bind_parameters_are_read_for_an_approver_bounded_and_by_format() {
+    let mut body = Vec::new();
+    body.extend_from_slice(b"portal\0stmt\0");
+    // A format per value (text, binary, text); the values: text, binary, NULL.
+    body.extend_from_slice(&3i16.to_be_bytes());
+    body.extend_from_slice(&0i16.to_be_bytes());
+    body.extend_from_slice(&1i16.to_be_bytes());
+    body.extend_from_slice(&0i16.to_be_bytes());
+    body.extend_from_slice(&3i16.to_be_bytes());
+    body.extend_from_slice(&2i32.to_be_bytes());
+    body.extend_from_slice(b"42");
+    body.extend_from_slice(&2i32.to_be_bytes());
+    body.extend_from_slice(&[0xde, 0xad]);
+    body.extend_from_slice(&(-1i32).to_be_bytes());
+    body.extend_from_slice(&0i16.to_be_bytes());
+    let params = bind_parameters(&body).unwrap();
+    assert_eq!(
+        params,
+        vec![Some("42".to_string()), Some("\\xdead".to_string()), None]
+    );
+    // One long text value: cut, and marked.
+    let mut long = Vec::new();
+    long.extend_from_slice(b"\0\0");
+    long.extend_from_slice(&0i16.to_be_bytes());
+    long.extend_from_slice(&1i16.to_be_bytes());
+    long.extend_from_slice(&5000i32.to_be_bytes());
+    long.extend_from_slice(&[b'a'; 5000]);
+    long.extend_from_slice(&0i16.to_be_bytes());
+    let p = bind_parameters(&long).unwrap();
+    let v = p[0].as_deref().unwrap();
+    assert!(
+        v.len() <= PARAMETER_SHOWN + 3 && v.ends_with('…'),
+        "{}",
+        v.len()
+    );
+    // Cut short: malformed, not a panic.
+    assert!(bind_parameters(&long[..20]).is_err());
+}
