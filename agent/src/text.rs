@@ -1,7 +1,53 @@
 //! Small wording helpers for what admins read: counts with the right noun, durations as they
-//! were written.
+//! were written, text a governed process wrote made safe for a terminal, command lines as a
+//! shell reads them.
 
 use std::time::Duration;
+
+/// `text` safe to print on an admin's terminal: control characters other than newline and tab
+/// (an escape sequence could redraw the screen or hide what follows), and the Unicode format
+/// characters that reorder or hide text (bidirectional overrides, zero-width ones), are shown
+/// as escapes (`\x1b`, `\u{202e}`).
+pub fn terminal_safe(text: &str) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\n' | '\t' => out.push(c),
+            c if c.is_control() && u32::from(c) < 0x100 => {
+                let _ = write!(out, "\\x{:02x}", u32::from(c));
+            }
+            '\u{200b}'..='\u{200f}'
+            | '\u{202a}'..='\u{202e}'
+            | '\u{2060}'..='\u{2069}'
+            | '\u{feff}' => {
+                let _ = write!(out, "\\u{{{:x}}}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// A command line as a shell would read it back: arguments with anything but
+/// `A-Za-z0-9_@%+=:,./-` in single quotes (a `'` as `'\\''`), an empty one as `''`, and
+/// escaped for the terminal.
+pub fn shell_quoted(args: &[String]) -> String {
+    let safe = |c: char| c.is_ascii_alphanumeric() || "_@%+=:,./-".contains(c);
+    let quoted: Vec<String> = args
+        .iter()
+        .map(|a| {
+            if !a.is_empty() && a.chars().all(safe) {
+                a.clone()
+            } else {
+                format!("'{}'", a.replace('\'', "'\\''"))
+            }
+        })
+        .collect();
+    terminal_safe(&quoted.join(" "))
+        .replace('\n', "\\n")
+        .replace('\t', "\\t")
+}
 
 /// `1 file`, `3 files`; `plural` is the noun for any other count.
 pub fn count(n: usize, singular: &str, plural: &str) -> String {
@@ -30,6 +76,19 @@ pub fn duration(d: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn command_lines_read_back_as_a_shell_would_and_stay_on_one_line() {
+        let args: Vec<String> = ["psql", "-c", "SELECT 'a b';", "", "x\ny", "\u{1b}[2J"]
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            shell_quoted(&args),
+            "psql -c 'SELECT '\\''a b'\\'';' '' 'x\\ny' '\\x1b[2J'"
+        );
+        assert_eq!(terminal_safe("a\u{202e}b\x07"), "a\\u{202e}b\\x07");
+    }
 
     #[test]
     fn counts_and_durations_read_as_written() {

@@ -138,34 +138,9 @@ fn process(who: &ApprovalIdentity) -> &str {
         .unwrap_or(&who.comm)
 }
 
-/// `text` safe to print on an admin's terminal: control characters other than newline and tab
-/// (an escape sequence could redraw the screen or hide what follows), and the Unicode format
-/// characters that reorder or hide text (bidirectional overrides, zero-width ones), are shown
-/// as escapes (`\x1b`, `\u{202e}`).
-fn escape_for_terminal(text: &str) -> String {
-    use std::fmt::Write as _;
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '\n' | '\t' => out.push(c),
-            c if c.is_control() && u32::from(c) < 0x100 => {
-                let _ = write!(out, "\\x{:02x}", u32::from(c));
-            }
-            '\u{200b}'..='\u{200f}'
-            | '\u{202a}'..='\u{202e}'
-            | '\u{2060}'..='\u{2069}'
-            | '\u{feff}' => {
-                let _ = write!(out, "\\u{{{:x}}}", u32::from(c));
-            }
-            c => out.push(c),
-        }
-    }
-    out
-}
-
 /// One line of at most `max` characters, escaped for the terminal.
 fn one_line(text: &str, max: usize) -> String {
-    let text = escape_for_terminal(text);
+    let text = crate::text::terminal_safe(text);
     let flat = text.split_whitespace().collect::<Vec<_>>().join(" ");
     if flat.chars().count() <= max {
         return flat;
@@ -229,7 +204,7 @@ fn show_text(p: &PendingApproval) -> String {
         if v.is_empty() {
             "-".to_string()
         } else {
-            escape_for_terminal(&v.join(", "))
+            crate::text::terminal_safe(&v.join(", "))
         }
     };
     let mut out = format!(
@@ -251,20 +226,20 @@ fn show_text(p: &PendingApproval) -> String {
             .iter()
             .enumerate()
             .map(|(i, v)| match v {
-                Some(v) => format!("${} = '{}'", i + 1, escape_for_terminal(v)),
+                Some(v) => format!("${} = '{}'", i + 1, crate::text::terminal_safe(v)),
                 None => format!("${} = NULL", i + 1),
             })
             .collect();
         let _ = writeln!(out, "parameters: {}", shown.join(", "));
     }
     for reason in &p.what.unknown {
-        let _ = writeln!(out, "unknown:    {}", escape_for_terminal(reason));
+        let _ = writeln!(out, "unknown:    {}", crate::text::terminal_safe(reason));
     }
     let _ = writeln!(
         out,
         "request ({} bytes):\n{}",
         p.text.len(),
-        escape_for_terminal(&p.text)
+        crate::text::terminal_safe(&p.text)
     );
     out
 }

@@ -270,10 +270,12 @@ fn show(config: &Config, id: u64, json: bool) -> Result<(), CliError> {
     let who = &s.start.identity;
     println!("session {}  {}", s.id, s.outcome.label());
     match &s.outcome {
-        crate::record::Outcome::Refused { reason } => println!("  reason:      {reason}"),
+        crate::record::Outcome::Refused { reason } => {
+            println!("  reason:      {}", crate::text::terminal_safe(reason));
+        }
         crate::record::Outcome::UpstreamFailed { error }
         | crate::record::Outcome::Failed { error } => {
-            println!("  error:       {error}");
+            println!("  error:       {}", crate::text::terminal_safe(error));
         }
         _ => {}
     }
@@ -306,7 +308,7 @@ fn show(config: &Config, id: u64, json: bool) -> Result<(), CliError> {
         who.gid
     );
     println!("  exe:         {}", who.exe.as_deref().unwrap_or("?"));
-    println!("  cmdline:     {}", who.cmdline.join(" "));
+    println!("  cmdline:     {}", crate::text::shell_quoted(&who.cmdline));
     println!(
         "  cgroup:      {} (id {})",
         who.cgroup.as_deref().unwrap_or("?"),
@@ -332,7 +334,13 @@ fn show(config: &Config, id: u64, json: bool) -> Result<(), CliError> {
 }
 
 /// One event as a human line: offset from the session start, type, details.
+/// One event as a line of `sessions show` / `tail`, escaped for the terminal (statement text,
+/// names and errors come from the governed side).
 fn timeline_line(e: &Event, start_us: u64) -> String {
+    crate::text::terminal_safe(&timeline_text(e, start_us))
+}
+
+fn timeline_text(e: &Event, start_us: u64) -> String {
     let offset = e.at_us.saturating_sub(start_us);
     let when = format!("+{}.{:03}s", offset / 1_000_000, (offset / 1000) % 1000);
     let what = match &e.kind {
