@@ -138,8 +138,12 @@ pub fn pid_is_governed(pid: u32, mount: &Path, governed: &Path, uids: &[u32]) ->
         return Ok(true);
     }
     let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let uid = crate::identity::parse_status(&status)
-        .map(|s| s.uid)
+    // `Uid:` lists the real, effective, saved and filesystem uids; the first is the real one.
+    let uid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|u| u.parse::<u32>().ok())
         .ok_or_else(|| io::Error::other(format!("unreadable /proc/{pid}/status")))?;
     Ok(uids.contains(&uid))
 }

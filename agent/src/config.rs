@@ -585,7 +585,7 @@ impl Config {
             dns.push(addr);
         }
         for (i, a) in capture.unix_allow.iter().enumerate() {
-            if crate::ebpf::unix::key(a).is_none() {
+            if crate::net::unix_key(a).is_none() {
                 return Err(invalid(
                     format!("capture.unix_allow[{i}]"),
                     format!(

@@ -199,7 +199,7 @@ impl Recorder {
             comm: r.comm,
             reserved: 0,
         };
-        let path = crate::ebpf::unix::show(&r.path);
+        let path = crate::net::unix_address(&r.path);
         self.attempt(&record, Kind::Unix(path.into()), now_us);
     }
 

@@ -123,8 +123,8 @@ impl CaptureRules {
                 .capture
                 .unix_allow
                 .iter()
-                .filter_map(|a| super::unix::key(a))
-                .chain(super::unix::key(
+                .filter_map(|a| crate::net::unix_key(a))
+                .chain(crate::net::unix_key(
                     &config.control_socket().display().to_string(),
                 ))
                 .collect(),

@@ -499,49 +499,9 @@ pub fn attach(ebpf: &Ebpf, cgroup: &std::fs::File) -> Result<Vec<(&'static str, 
     Ok(links)
 }
 
-/// The `UNIX_ALLOW` key for a configured address: an absolute path, or `@name` for an
-/// abstract one.
-pub fn key(address: &str) -> Option<[u8; UNIX_KEY_BYTES]> {
-    let bytes: Vec<u8> = match address.strip_prefix('@') {
-        Some(name) => std::iter::once(0).chain(name.bytes()).collect(),
-        None if address.starts_with('/') => address.bytes().collect(),
-        None => return None,
-    };
-    if bytes.len() > 108 {
-        return None;
-    }
-    let mut key = [0u8; UNIX_KEY_BYTES];
-    key[..bytes.len()].copy_from_slice(&bytes);
-    Some(key)
-}
-
-/// A refused unix address as an admin reads it (`/run/user/1000/bus`, `@name`).
-pub fn show(path: &[u8]) -> String {
-    if let Some((0, rest)) = path.split_first() {
-        let end = rest.iter().rposition(|b| *b != 0).map_or(0, |i| i + 1);
-        format!("@{}", String::from_utf8_lossy(&rest[..end]))
-    } else {
-        let end = path.iter().position(|b| *b == 0).unwrap_or(path.len());
-        String::from_utf8_lossy(&path[..end]).into_owned()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn keys_and_their_display_round_trip() {
-        let k = key("/run/nscd/socket").unwrap();
-        assert_eq!(&k[..16], b"/run/nscd/socket");
-        assert!(k[16..].iter().all(|b| *b == 0));
-        assert_eq!(show(&k), "/run/nscd/socket");
-        let a = key("@/tmp/.X11-unix/X0").unwrap();
-        assert_eq!(a[0], 0);
-        assert_eq!(show(&a), "@/tmp/.X11-unix/X0");
-        assert!(key("relative/sock").is_none());
-        assert!(key(&format!("/{}", "x".repeat(200))).is_none());
-    }
 
     #[test]
     fn every_jump_lands_inside_the_program() {
