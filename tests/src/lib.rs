@@ -901,6 +901,61 @@ impl Topology {
         self.start_daemon(&[])
     }
 
+    /// From outside the cgroup, straight to the listener, from the local address `local` a
+    /// governed connection used before: the gateway must find no kernel record for it, refuse
+    /// it and record the refusal, and nothing may reach the target (`echo`).
+    pub fn assert_sneak_refused(&self, local: &str, echo: &mut Proc) {
+        let mut cmd = Command::new(self.probe());
+        cmd.args([
+            "connect",
+            &format!("127.0.0.1:{LISTENER_PORT}"),
+            "sneak",
+            local,
+        ]);
+        let sneak = parse_probe(&self.output(Side::Host, cmd));
+        assert!(
+            sneak["reply"] == "" || (sneak["reply"].is_null() && sneak["error"].is_string()),
+            "{sneak}"
+        );
+        let session = self.wait_session_closed();
+        assert_eq!(session["outcome"]["kind"], "refused", "{session}");
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(echo.drain_lines().is_empty(), "nothing reached the target");
+    }
+
+    /// psql through the gateway from the governed side, to target `db` at `TARGET_V4`: `script`
+    /// run as a file, errors not fatal (`ON_ERROR_STOP=0`), rows unaligned without headers
+    /// (`-At`), no password of its own. `PGSSLMODE` is `prefer` unless `env` (added last) says
+    /// otherwise. Returns (success, stdout, stderr).
+    pub fn psql(
+        &self,
+        pg: &PgServer,
+        script: &str,
+        env: &[(&str, &str)],
+    ) -> (bool, String, String) {
+        let path = self.dir.join(format!(
+            "script-{}.sql",
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        fs::write(&path, script).expect("psql script");
+        let mut cmd = Command::new("psql");
+        cmd.args([
+            "-X", "-q", "-h", TARGET_V4, "-U", &pg.user, "-d", "postgres",
+        ])
+        .args(["-v", "ON_ERROR_STOP=0", "-At", "-f"])
+        .arg(&path)
+        .env("PGSSLMODE", "prefer")
+        .env_remove("PGPASSWORD")
+        .envs(env.iter().copied())
+        .current_dir(&self.dir);
+        let out = self.output(Side::Governed, cmd);
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
     /// Writes the held password where a target's `credentials = { file = ... }` points.
     pub fn credential_file(&self, name: &str, secret: &str) -> PathBuf {
         let path = self.dir.join(format!("{name}.secret"));

@@ -323,22 +323,7 @@ fn a_connect_refused_while_the_daemon_was_down_lends_its_identity_to_nobody() {
     // Outside the cgroup, straight to the listener, from the same local address and port: the
     // refused connect's kernel record must not make this a governed session.
     let _daemon = topo.start_daemon(&[]);
-    let mut cmd = Command::new(topo.probe());
-    cmd.args([
-        "connect",
-        &format!("127.0.0.1:{}", bulkhead_tests::LISTENER_PORT),
-        "sneak",
-        local,
-    ]);
-    let sneak = parse_probe(&topo.output(Side::Host, cmd));
-    assert!(
-        sneak["reply"] == "" || (sneak["reply"].is_null() && sneak["error"].is_string()),
-        "{sneak}"
-    );
-    let session = topo.wait_session_closed();
-    assert_eq!(session["outcome"]["kind"], "refused", "{session}");
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(echo.drain_lines().is_empty(), "nothing reached the target");
+    topo.assert_sneak_refused(local, &mut echo);
 }
 
 #[test]

@@ -60,37 +60,7 @@ fn psql_env(
     script: &str,
     env: &[(&str, &str)],
 ) -> (bool, String, String) {
-    let path = topo.dir.join(format!(
-        "script-{}.sql",
-        Instant::now().elapsed().as_nanos()
-    ));
-    std::fs::write(&path, script).unwrap();
-    let mut cmd = Command::new("psql");
-    cmd.args([
-        "-X",
-        "-q",
-        "-h",
-        TARGET_V4,
-        "-U",
-        &pg.user,
-        "-d",
-        "postgres",
-        "-v",
-        "ON_ERROR_STOP=0",
-        "-At",
-        "-f",
-    ])
-    .arg(&path)
-    .env("PGSSLMODE", "prefer")
-    .env_remove("PGPASSWORD")
-    .envs(env.iter().copied())
-    .current_dir(&topo.dir);
-    let out = topo.output(Side::Governed, cmd);
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    topo.psql(pg, script, env)
 }
 
 fn events_of_newest(topo: &Topology) -> Vec<Value> {

@@ -4,7 +4,7 @@
 //! from other columns, or over an unrelated table, is not. Simple and extended protocol, and
 //! COPY (query) TO STDOUT.
 
-use std::{process::Command, time::Instant};
+use std::process::Command;
 
 use bulkhead_tests::{require_root, PgServer, Side, Topology, TARGET_V4};
 use serde_json::{json, Value};
@@ -37,35 +37,8 @@ const SECRET: &str = "123-45-6789";
 const OTHER: &str = "987-65-4321";
 
 fn psql(topo: &Topology, pg: &PgServer, script: &str) -> (String, String) {
-    let path = topo.dir.join(format!(
-        "script-{}.sql",
-        Instant::now().elapsed().as_nanos()
-    ));
-    std::fs::write(&path, script).unwrap();
-    let mut cmd = Command::new("psql");
-    cmd.args([
-        "-X",
-        "-q",
-        "-h",
-        TARGET_V4,
-        "-U",
-        &pg.user,
-        "-d",
-        "postgres",
-        "-v",
-        "ON_ERROR_STOP=0",
-        "-At",
-        "-f",
-    ])
-    .arg(&path)
-    .env("PGSSLMODE", "prefer")
-    .env_remove("PGPASSWORD")
-    .current_dir(&topo.dir);
-    let out = topo.output(Side::Governed, cmd);
-    (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let (_, out, err) = topo.psql(pg, script, &[]);
+    (out, err)
 }
 
 fn setup() -> (Topology, PgServer, bulkhead_tests::Proc) {

@@ -6,7 +6,7 @@
 
 use std::process::Command;
 
-use bulkhead_tests::{require_root, system_user, PgServer, Side, Topology, TARGET_V4};
+use bulkhead_tests::{require_root, system_user, PgServer, Side, Topology};
 
 const READS_ONLY: &str = r#"
 [[target]]
@@ -42,23 +42,10 @@ const HIDDEN_WRITE: &str = "CREATE TABLE audit (x int); \
      CREATE VIEW tally AS SELECT bump() AS x; \
      GRANT ALL ON audit, tally TO PUBLIC";
 
-/// psql through the gateway from the governed side; stdout and stderr.
+/// psql through the gateway from the governed side, without TLS; stdout and stderr.
 fn psql(topo: &Topology, pg: &PgServer, script: &str) -> (String, String) {
-    let path = topo.dir.join("script.sql");
-    std::fs::write(&path, script).unwrap();
-    let mut cmd = Command::new("psql");
-    cmd.args([
-        "-X", "-q", "-h", TARGET_V4, "-U", &pg.user, "-d", "postgres",
-    ])
-    .args(["-v", "ON_ERROR_STOP=0", "-At", "-f"])
-    .arg(&path)
-    .env("PGSSLMODE", "disable")
-    .env_remove("PGPASSWORD");
-    let out = topo.output(Side::Governed, cmd);
-    (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let (_, out, err) = topo.psql(pg, script, &[("PGSSLMODE", "disable")]);
+    (out, err)
 }
 
 /// Rows in `audit`, read on the server directly.
