@@ -12,6 +12,7 @@ pub mod daemon;
 pub mod ebpf;
 pub mod exclusive;
 pub mod identity;
+pub mod kube;
 pub mod net;
 pub mod policy;
 pub mod privilege;

@@ -335,6 +335,10 @@ impl PolicySet {
                 namespace,
                 name,
             },
+            Action::Unreadable { why } => Analysis::Unknown {
+                sql: false,
+                why: why.to_string(),
+            },
         }
     }
 }

@@ -374,6 +374,17 @@ fn kubernetes_read_only() {
     );
     assert_eq!(v("delete", "pods", None, Some("web")), Verdict::Deny);
     assert_eq!(v("patch", "deployments", None, Some("web")), Verdict::Deny);
+    assert_eq!(v("get", "nodes", Some("proxy"), None), Verdict::Deny);
+    assert_eq!(
+        v("get", "services", Some("proxy"), Some("web")),
+        Verdict::Deny
+    );
+    assert_eq!(v("proxy", "pods", None, Some("web")), Verdict::Deny);
+    assert_eq!(
+        v("get", "/version", None, None),
+        Verdict::Allow,
+        "discovery"
+    );
 }
 
 fn http<'a>(id: &'a ProcessIdentity, method: &'a str, host: &'a str, path: &'a str) -> Request<'a> {

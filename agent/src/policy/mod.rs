@@ -129,6 +129,11 @@ pub enum Action<'a> {
         /// `None`: the whole collection.
         name: Option<&'a str>,
     },
+    /// A request of a protocol with request rules that could not be read (a Kubernetes path
+    /// the apiserver could read differently): the target's `on_unknown` verdict, and why.
+    Unreadable {
+        why: &'a str,
+    },
 }
 
 /// Why the verdict is what it is.
