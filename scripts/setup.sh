@@ -39,6 +39,11 @@ command -v cargo >/dev/null || { echo "setup: cargo (rustup stable) is required"
 apt_install ca-certificates build-essential pkg-config iproute2 python3 zlib1g-dev libzstd-dev systemd asciinema \
   postgresql-15 postgresql-client-15 util-linux pgbouncer
 
+# kubectl for the Kubernetes tests (tests/tests/kube.rs): the one on the machine, else Debian's.
+# Their exec goes over WebSocket, which kubectl has spoken since 1.29; Debian 12's
+# kubernetes-client (1.20) speaks only SPDY, so with it the exec tests fail.
+command -v kubectl >/dev/null || apt_install kubernetes-client
+
 # Python driver for the PostgreSQL gateway tests.
 if ! python3 -c "import psycopg" 2>/dev/null; then
   log "installing psycopg 3 from PyPI"

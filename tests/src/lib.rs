@@ -965,3 +965,5 @@ impl Topology {
         path
     }
 }
+
+pub mod kube;
