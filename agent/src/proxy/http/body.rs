@@ -59,8 +59,9 @@ impl Meter {
         }
     }
 
-    /// `200 OK, 12 B up, 345 B down` and the recorded bodies, if any.
-    pub fn summary(&self, status: hyper::StatusCode) -> String {
+    /// `200 OK, 12 B up, 345 B down` and the recorded bodies, if any, with every held secret
+    /// in `secrets` blanked out (a target may echo the header it got).
+    pub fn summary(&self, status: hyper::StatusCode, secrets: &[String]) -> String {
         let up = self.up.load(Ordering::Relaxed);
         let down = self.down.load(Ordering::Relaxed);
         let mut s = format!(
@@ -79,13 +80,24 @@ impl Meter {
                         } else {
                             String::new()
                         },
-                        String::from_utf8_lossy(body)
+                        redact(&String::from_utf8_lossy(body), secrets)
                     ));
                 }
             }
         }
         s
     }
+}
+
+/// `text` with each non-empty secret replaced.
+fn redact(text: &str, secrets: &[String]) -> String {
+    let mut text = text.to_string();
+    for s in secrets.iter().filter(|s| !s.is_empty()) {
+        if text.contains(s.as_str()) {
+            text = text.replace(s.as_str(), "[held credential]");
+        }
+    }
+    text
 }
 
 /// Writes the exchange's `response` event once, when the response body is done.
@@ -97,6 +109,8 @@ pub struct Finish {
     pub started: Instant,
     pub status: hyper::StatusCode,
     pub meter: Arc<Meter>,
+    /// The held secrets of the session, never recorded.
+    pub secrets: Arc<[String]>,
 }
 
 impl Finish {
@@ -104,7 +118,7 @@ impl Finish {
         let event = EventKind::Response {
             request: self.request,
             duration_us: u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX),
-            summary: Some(self.meter.summary(self.status)),
+            summary: Some(self.meter.summary(self.status, &self.secrets)),
             error,
             masked_rows: None,
             mask_rules: Vec::new(),
@@ -259,12 +273,16 @@ mod tests {
         let m = Meter::new(true);
         m.add(true, b"{\"name\":\"x\"}");
         m.add(false, &vec![b'a'; RECORDED_BODY + 10]);
-        let s = m.summary(hyper::StatusCode::CREATED);
+        let s = m.summary(hyper::StatusCode::CREATED, &[]);
         assert!(s.starts_with("201 Created, 12 B up, 2058 B down"), "{s}");
         assert!(s.contains("request body: {\"name\":\"x\"}"), "{s}");
         assert!(s.contains(&format!("response body (first {RECORDED_BODY} of 2058 B)")), "{s}");
         let m = Meter::new(false);
         m.add(true, b"secret-ish payload");
-        assert_eq!(m.summary(hyper::StatusCode::OK), "200 OK, 18 B up, 0 B down");
+        assert_eq!(m.summary(hyper::StatusCode::OK, &[]), "200 OK, 18 B up, 0 B down");
+        let m = Meter::new(true);
+        m.add(false, b"authorization: Bearer s3cr3t\n");
+        let s = m.summary(hyper::StatusCode::OK, &["s3cr3t".into(), String::new()]);
+        assert!(s.ends_with("authorization: Bearer [held credential]\n"), "{s}");
     }
 }

@@ -170,8 +170,9 @@ pub async fn serve(conn: &Conn<'_>, shared: &Shared, client: TcpStream) -> Sessi
 /// The headers set from held credentials, read once per session (a rotated secret applies to
 /// the next session). An error names the header and where the secret was to come from, never
 /// the secret.
-fn injected_headers(settings: &HttpTarget) -> Result<Vec<(HeaderName, HeaderValue)>, String> {
-    settings
+fn injected_headers(settings: &HttpTarget) -> Result<Injected, String> {
+    let mut secrets = Vec::with_capacity(settings.inject.len());
+    let headers = settings
         .inject
         .iter()
         .map(|h| {
@@ -181,12 +182,24 @@ fn injected_headers(settings: &HttpTarget) -> Result<Vec<(HeaderName, HeaderValu
                 .credentials
                 .read_secret()
                 .map_err(|e| format!("the credential for {name}: {e}"))?;
-            let mut value = HeaderValue::from_str(&format!("{}{}", h.prefix, secret.trim()))
+            let secret = secret.trim().to_string();
+            let mut value = HeaderValue::from_str(&format!("{}{secret}", h.prefix))
                 .map_err(|_| format!("the credential for {name} is not a valid header value"))?;
             value.set_sensitive(true);
+            secrets.push(secret);
             Ok((name, value))
         })
-        .collect()
+        .collect::<Result<Vec<_>, String>>()?;
+    Ok(Injected {
+        headers,
+        secrets: secrets.into(),
+    })
+}
+
+/// Headers set from held credentials, and the secrets in them (blanked out of records).
+struct Injected {
+    headers: Vec<(HeaderName, HeaderValue)>,
+    secrets: Arc<[String]>,
 }
 
 /// A request handed from hyper's service to the connection's task, and where its answer goes.
@@ -199,7 +212,7 @@ struct Session<'c, 'g> {
     conn: &'c Conn<'g>,
     flavor: Flavor,
     upstream: Upstream,
-    injected: Result<Vec<(HeaderName, HeaderValue)>, String>,
+    injected: Result<Injected, String>,
     totals: Arc<Totals>,
     /// The client spoke TLS to the gateway.
     tls: bool,
@@ -359,7 +372,7 @@ impl Session<'_, '_> {
                 return gateway_error(StatusCode::BAD_REQUEST, "the request target is invalid")
             }
         };
-        *up.headers_mut() = forwarded_headers(&parts.headers, injected);
+        *up.headers_mut() = forwarded_headers(&parts.headers, &injected.headers);
         if let Ok(host) = HeaderValue::from_str(&norm.authority) {
             up.headers_mut().insert(header::HOST, host);
         }
@@ -375,6 +388,7 @@ impl Session<'_, '_> {
                     started: started.into_std(),
                     status: parts.status,
                     meter,
+                    secrets: Arc::clone(&injected.secrets),
                 };
                 Response::from_parts(
                     parts,
@@ -510,3 +524,7 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+#[path = "tests.rs"]
+mod gateway_tests;
