@@ -173,6 +173,35 @@ impl LocalCa {
     }
 }
 
+/// The file name of the CA bundle the daemon writes in its run directory: the system's roots
+/// and the gateway's CA, for governed tools (`bulkhead run` points them at it).
+pub const CA_BUNDLE: &str = "ca-bundle.pem";
+
+/// The variables `bulkhead run` sets to the bundle, for OpenSSL, Python requests, Node and curl.
+pub const CA_BUNDLE_VARS: [&str; 4] = [
+    "SSL_CERT_FILE",
+    "REQUESTS_CA_BUNDLE",
+    "NODE_EXTRA_CA_CERTS",
+    "CURL_CA_BUNDLE",
+];
+
+/// Writes `run_dir/ca-bundle.pem`: `system_roots` (if readable) then this CA, readable by
+/// everyone (it holds only certificates), replaced atomically.
+pub fn write_bundle(ca: &LocalCa, system_roots: &Path, run_dir: &Path) -> Result<PathBuf, TlsError> {
+    let mut text = std::fs::read_to_string(system_roots).unwrap_or_default();
+    if !text.is_empty() && !text.ends_with('\n') {
+        text.push('\n');
+    }
+    text.push_str("# Bulkhead local CA\n");
+    text.push_str(ca.cert_pem());
+    let path = run_dir.join(CA_BUNDLE);
+    let tmp = run_dir.join(format!(".{CA_BUNDLE}.tmp"));
+    std::fs::write(&tmp, text).map_err(io_err(&tmp))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644)).map_err(io_err(&tmp))?;
+    std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
+    Ok(path)
+}
+
 fn write_private(path: &Path, text: &str) -> Result<(), TlsError> {
     use std::io::Write as _;
     let mut f = std::fs::OpenOptions::new()
@@ -242,6 +271,12 @@ mod tests {
         assert!(!Arc::ptr_eq(&h, &ca.http_server_config(None, ip).unwrap()));
         std::fs::write(dir.path().join("trust.pem"), ca.cert_pem()).unwrap();
         assert!(client_config(&dir.path().join("trust.pem")).is_ok());
+        std::fs::write(dir.path().join("roots.pem"), "ROOTS").unwrap();
+        let bundle = write_bundle(&ca, &dir.path().join("roots.pem"), dir.path()).unwrap();
+        let text = std::fs::read_to_string(&bundle).unwrap();
+        assert!(text.starts_with("ROOTS\n") && text.ends_with(ca.cert_pem()), "{text}");
+        let mode = std::fs::metadata(&bundle).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o644);
         std::fs::write(dir.path().join("empty.pem"), "").unwrap();
         assert!(client_config(&dir.path().join("empty.pem")).is_err());
     }

@@ -40,6 +40,7 @@ use tokio::{
     time::Instant,
 };
 
+pub use self::upstream::SYSTEM_ROOTS;
 use self::{
     body::{Finish, Meter, ProxyBody, Tap, Totals},
     judge::{Flavor, Judgement},
