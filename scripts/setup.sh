@@ -38,6 +38,9 @@ command -v cargo >/dev/null || { echo "setup: cargo (rustup stable) is required"
 
 apt_install ca-certificates build-essential pkg-config iproute2 python3 zlib1g-dev libzstd-dev systemd asciinema \
   postgresql-15 postgresql-client-15 util-linux pgbouncer
+# The HTTP gateway's tests and benchmark: nginx as the target (and as the reference reverse
+# proxy), wrk as the load generator; curl, Python and Node as governed clients.
+apt_install nginx-light wrk curl nodejs python3-requests
 
 # kubectl for the Kubernetes tests (tests/tests/kube.rs): the one on the machine, else Debian's.
 # Their exec goes over WebSocket, which kubectl has spoken since 1.29; Debian 12's

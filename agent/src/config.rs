@@ -18,7 +18,7 @@ use crate::protocol::Protocol;
 use crate::{
     credentials::CredentialRef,
     net::{Cidr, OrigDstAddr},
-    proxy::postgres::settings::PostgresTarget,
+    proxy::{http::settings::HttpTarget, postgres::settings::PostgresTarget},
 };
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/bulkhead/bulkhead.toml";
@@ -304,13 +304,17 @@ pub struct Target {
     pub kind: TargetKind,
 }
 
-/// A target's protocol and the settings only that protocol has. SSH, HTTP and Kubernetes
-/// targets are refused by the configuration until their gateways exist.
+/// A target's protocol and the settings only that protocol has. SSH and Kubernetes targets
+/// are refused by the configuration until their gateways exist.
 #[derive(Debug, Clone)]
 pub enum TargetKind {
     /// Opaque TCP: the connection is decided, recorded and relayed.
     Tcp,
     Postgres(PostgresTarget),
+    /// HTTP(S): each request decided by method, host and path.
+    Http(HttpTarget),
+    /// A Kubernetes API server: the HTTP gateway, each request judged as a Kubernetes one.
+    Kubernetes(HttpTarget),
 }
 
 impl Target {
@@ -318,6 +322,8 @@ impl Target {
         match self.kind {
             TargetKind::Tcp => Protocol::Tcp,
             TargetKind::Postgres(_) => Protocol::Postgres,
+            TargetKind::Http(_) => Protocol::Http,
+            TargetKind::Kubernetes(_) => Protocol::Kubernetes,
         }
     }
 }
@@ -648,7 +654,20 @@ impl Config {
                     problem.into(),
                 ));
             }
+            if t.http.is_some() && t.protocol != Protocol::Http {
+                return Err(invalid(
+                    format!("target[{i}].http"),
+                    "only for targets with protocol = \"http\"".into(),
+                ));
+            }
             let kind = match (t.protocol, t.postgres) {
+                (Protocol::Http, None) => {
+                    let http = t.http.unwrap_or_default();
+                    if let Some((key, problem)) = http.problem() {
+                        return Err(invalid(format!("target[{i}].http.{key}"), problem));
+                    }
+                    TargetKind::Http(http)
+                }
                 (Protocol::Postgres, pg) => {
                     let pg = pg.unwrap_or_default();
                     if let Some((key, problem)) = pg.problem(t.credentials.is_some()) {
@@ -682,7 +701,7 @@ impl Config {
                     return Err(invalid(
                         format!("target[{i}].protocol"),
                         format!(
-                            "protocol {other} is not available in this build yet; use \"tcp\" or \"postgres\""
+                            "protocol {other} is not available in this build yet; use \"tcp\", \"postgres\" or \"http\""
                         ),
                     ))
                 }
@@ -1023,6 +1042,8 @@ struct RawTarget {
     credentials: Option<CredentialRef>,
     #[serde(default)]
     postgres: Option<PostgresTarget>,
+    #[serde(default)]
+    http: Option<HttpTarget>,
 }
 
 fn default_protocol() -> Protocol {
@@ -1037,7 +1058,7 @@ mod tests {
     fn pg_login<'a>(t: &'a Target, user: &str, database: &str) -> Option<PostgresLogin<'a>> {
         match &t.kind {
             TargetKind::Postgres(pg) => pg.login(t.credentials.as_ref(), user, database),
-            TargetKind::Tcp => panic!("{} is not a PostgreSQL target", t.name),
+            _ => panic!("{} is not a PostgreSQL target", t.name),
         }
     }
 
@@ -1394,7 +1415,7 @@ mod tests {
                     addresses = [\"10.0.0.5:5432\"]\ncredentials = { env = \"DB_PW\" }\n";
         let pg = |c: &Config| match &c.targets[0].kind {
             TargetKind::Postgres(pg) => pg.clone(),
-            TargetKind::Tcp => panic!("a postgres target"),
+            _ => panic!("a postgres target"),
         };
         let c = parse(head).unwrap();
         assert_eq!(pg(&c).auth, [AuthMethod::ScramSha256], "the default");

@@ -266,6 +266,17 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         },
         approvals: Arc::clone(&approvals),
     });
+    // The bundle governed tools trust (system roots and the gateway's CA), for `bulkhead run`.
+    if let Some(ca) = &gateway.tls {
+        match crate::tls::write_bundle(
+            ca,
+            std::path::Path::new(crate::proxy::http::SYSTEM_ROOTS),
+            &config.daemon.run_dir,
+        ) {
+            Ok(path) => info!(path = %path.display(), "CA bundle for governed tools written"),
+            Err(e) => warn!(error = %e, "cannot write the CA bundle for governed tools"),
+        }
+    }
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let control_path = config.control_socket();

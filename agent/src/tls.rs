@@ -49,7 +49,13 @@ pub struct LocalCa {
     issuer: Issuer<'static, KeyPair>,
     /// Server configurations by the address a client dialled.
     leaves: Mutex<HashMap<IpAddr, Arc<ServerConfig>>>,
+    /// HTTP server configurations (ALPN h2, http/1.1) by the server name a client asked for,
+    /// or the address it dialled when it named none.
+    named: Mutex<HashMap<String, Arc<ServerConfig>>>,
 }
+
+/// At most this many HTTP leaves are kept; beyond, the cache starts over.
+const MAX_NAMED_LEAVES: usize = 4096;
 
 impl LocalCa {
     /// Loads the CA from `dir`, creating it on first use.
@@ -80,6 +86,7 @@ impl LocalCa {
             cert_pem,
             issuer,
             leaves: Mutex::default(),
+            named: Mutex::default(),
         })
     }
 
@@ -101,6 +108,16 @@ impl LocalCa {
         {
             return Ok(Arc::clone(c));
         }
+        let config = Arc::new(self.mint(ip, names)?);
+        self.leaves
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(ip, Arc::clone(&config));
+        Ok(config)
+    }
+
+    /// A new leaf for `names` and `ip`, signed by this CA, in a server configuration.
+    fn mint(&self, ip: IpAddr, names: &[String]) -> Result<ServerConfig, TlsError> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(names.to_vec())?;
         params.subject_alt_names.push(SanType::IpAddress(ip));
@@ -123,13 +140,66 @@ impl LocalCa {
             .with_safe_default_protocol_versions()?
             .with_no_client_auth()
             .with_single_cert(chain, key)?;
-        let config = Arc::new(config);
-        self.leaves
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(ip, Arc::clone(&config));
         Ok(config)
     }
+
+    /// A server configuration for HTTP(S): a leaf for the server name `name` (SNI) if the
+    /// client sent one, else for the address `ip` it dialled; ALPN offers h2 and http/1.1.
+    /// Minted once per name.
+    pub fn http_server_config(
+        &self,
+        name: Option<&str>,
+        ip: IpAddr,
+    ) -> Result<Arc<ServerConfig>, TlsError> {
+        let key = name.map_or_else(|| ip.to_string(), str::to_ascii_lowercase);
+        if let Some(c) = self
+            .named
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&key)
+        {
+            return Ok(Arc::clone(c));
+        }
+        let names: Vec<String> = name.map(|_| vec![key.clone()]).unwrap_or_default();
+        let mut config = self.mint(ip, &names)?;
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let config = Arc::new(config);
+        let mut named = self.named.lock().unwrap_or_else(PoisonError::into_inner);
+        if named.len() >= MAX_NAMED_LEAVES {
+            named.clear();
+        }
+        named.insert(key, Arc::clone(&config));
+        Ok(config)
+    }
+}
+
+/// The file name of the CA bundle the daemon writes in its run directory: the system's roots
+/// and the gateway's CA, for governed tools (`bulkhead run` points them at it).
+pub const CA_BUNDLE: &str = "ca-bundle.pem";
+
+/// The variables `bulkhead run` sets to the bundle, for OpenSSL, Python requests, Node and curl.
+pub const CA_BUNDLE_VARS: [&str; 4] = [
+    "SSL_CERT_FILE",
+    "REQUESTS_CA_BUNDLE",
+    "NODE_EXTRA_CA_CERTS",
+    "CURL_CA_BUNDLE",
+];
+
+/// Writes `run_dir/ca-bundle.pem`: `system_roots` (if readable) then this CA, readable by
+/// everyone (it holds only certificates), replaced atomically.
+pub fn write_bundle(ca: &LocalCa, system_roots: &Path, run_dir: &Path) -> Result<PathBuf, TlsError> {
+    let mut text = std::fs::read_to_string(system_roots).unwrap_or_default();
+    if !text.is_empty() && !text.ends_with('\n') {
+        text.push('\n');
+    }
+    text.push_str("# Bulkhead local CA\n");
+    text.push_str(ca.cert_pem());
+    let path = run_dir.join(CA_BUNDLE);
+    let tmp = run_dir.join(format!(".{CA_BUNDLE}.tmp"));
+    std::fs::write(&tmp, text).map_err(io_err(&tmp))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644)).map_err(io_err(&tmp))?;
+    std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
+    Ok(path)
 }
 
 fn write_private(path: &Path, text: &str) -> Result<(), TlsError> {
@@ -194,8 +264,19 @@ mod tests {
         let a = ca.server_config(ip, &["db.internal".into()]).unwrap();
         let b = ca.server_config(ip, &[]).unwrap();
         assert!(Arc::ptr_eq(&a, &b), "one leaf per address");
+        let h = ca.http_server_config(Some("API.example"), ip).unwrap();
+        assert_eq!(h.alpn_protocols, vec![b"h2".to_vec(), b"http/1.1".to_vec()]);
+        let again = ca.http_server_config(Some("api.example"), ip).unwrap();
+        assert!(Arc::ptr_eq(&h, &again), "one leaf per server name");
+        assert!(!Arc::ptr_eq(&h, &ca.http_server_config(None, ip).unwrap()));
         std::fs::write(dir.path().join("trust.pem"), ca.cert_pem()).unwrap();
         assert!(client_config(&dir.path().join("trust.pem")).is_ok());
+        std::fs::write(dir.path().join("roots.pem"), "ROOTS").unwrap();
+        let bundle = write_bundle(&ca, &dir.path().join("roots.pem"), dir.path()).unwrap();
+        let text = std::fs::read_to_string(&bundle).unwrap();
+        assert!(text.starts_with("ROOTS\n") && text.ends_with(ca.cert_pem()), "{text}");
+        let mode = std::fs::metadata(&bundle).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o644);
         std::fs::write(dir.path().join("empty.pem"), "").unwrap();
         assert!(client_config(&dir.path().join("empty.pem")).is_err());
     }

@@ -14,6 +14,8 @@
     reason = "test harness: panics are the failure report"
 )]
 
+pub mod http;
+
 use std::{
     fs,
     io::{BufRead as _, BufReader, Read as _},

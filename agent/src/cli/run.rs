@@ -141,6 +141,14 @@ pub fn run(
             .env("SHELL", &a.shell);
         become_user(a, groups)?;
     }
+    // TLS clients trust the gateway's leaves through the bundle the daemon wrote (system
+    // roots plus its CA); the user's own files are left alone.
+    let bundle = config.daemon.run_dir.join(crate::tls::CA_BUNDLE);
+    if bundle.is_file() {
+        for var in crate::tls::CA_BUNDLE_VARS {
+            cmd.env(var, &bundle);
+        }
+    }
     no_new_privileges()?;
     restrict_sockets(config)?;
     scope_abstract_unix_sockets()?;

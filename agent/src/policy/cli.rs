@@ -359,7 +359,7 @@ pub fn decide(
             Action::SshExec { .. } => Some(Protocol::Ssh),
             Action::Http { .. } => Some(Protocol::Http),
             Action::Kube { .. } => Some(Protocol::Kubernetes),
-            Action::Connect | Action::Unreadable { .. } => None,
+            Action::Connect | Action::Unknown { .. } => None,
         })
         .ok_or_else(|| {
             PolicyCliError::Usage(format!(

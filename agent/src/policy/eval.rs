@@ -322,6 +322,10 @@ impl PolicySet {
                     why: format!("HTTP path: {e}"),
                 },
             },
+            Action::Unknown { why } => Analysis::Unknown {
+                sql: false,
+                why: why.to_string(),
+            },
             Action::Kube {
                 verb,
                 resource,
@@ -334,10 +338,6 @@ impl PolicySet {
                 subresource,
                 namespace,
                 name,
-            },
-            Action::Unreadable { why } => Analysis::Unknown {
-                sql: false,
-                why: why.to_string(),
             },
         }
     }

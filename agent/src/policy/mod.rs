@@ -129,11 +129,9 @@ pub enum Action<'a> {
         /// `None`: the whole collection.
         name: Option<&'a str>,
     },
-    /// A request of a protocol with request rules that could not be read (a Kubernetes path
-    /// the apiserver could read differently): the target's `on_unknown` verdict, and why.
-    Unreadable {
-        why: &'a str,
-    },
+    /// A request its gateway could not read the way the target will (an HTTP path with an
+    /// encoded slash, a Kubernetes path the request-info parser cannot place): `on_unknown`.
+    Unknown { why: &'a str },
 }
 
 /// Why the verdict is what it is.

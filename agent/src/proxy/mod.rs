@@ -9,6 +9,7 @@
 //! exports `serve(&Conn, TcpStream) -> SessionEnd` and `refuse(&Conn, TcpStream, message)`,
 //! and decides its requests with [`session::Conn::decide`].
 
+pub mod http;
 pub mod postgres;
 pub mod session;
 mod splice;
@@ -41,6 +42,7 @@ use crate::{
 #[derive(Default)]
 pub struct Protocols {
     pub postgres: postgres::Shared,
+    pub http: http::Shared,
 }
 
 /// Accepts until `shutdown` turns true, then returns; running connections keep their tasks.
@@ -193,10 +195,11 @@ async fn serve_allowed(
 ) -> SessionEnd {
     match conn.target.protocol {
         Protocol::Postgres => postgres::serve(conn, &protocols.postgres, client_stream).await,
-        // SSH, HTTP and Kubernetes are relayed as opaque TCP until their gateways exist.
-        Protocol::Tcp | Protocol::Ssh | Protocol::Http | Protocol::Kubernetes => {
-            tcp::serve(conn, client_stream).await
+        Protocol::Http | Protocol::Kubernetes => {
+            http::serve(conn, &protocols.http, client_stream).await
         }
+        // SSH is relayed as opaque TCP until its gateway exists.
+        Protocol::Tcp | Protocol::Ssh => tcp::serve(conn, client_stream).await,
         // Record categories only (never a configured target's protocol): refused.
         Protocol::Udp | Protocol::Socket | Protocol::Unix => {
             tcp::refuse(client_stream, "not relayed".into())

@@ -1,0 +1,531 @@
+//! The HTTP(S) gateway: accept → identify → decide → forward → record, per request.
+//!
+//! The client's connection is served by hyper (HTTP/1.1 or HTTP/2, plain or TLS terminated
+//! with a leaf the local CA mints for the server name the client asked for, ALPN choosing the
+//! version). Each request is read once ([`request::normalise`]: ambiguous ones are refused with
+//! 400), judged ([`judge::Judgement`]: the one place an HTTP target and a Kubernetes target
+//! differ) through [`Conn::decide`], and, when allowed, re-serialised by the gateway's own
+//! client connection to the target ([`upstream`]) with the held credential headers set. The
+//! target's answer streams back untouched in content ([`body`]), counted, and is recorded when
+//! it ends. A denied request is answered 403 with a JSON body naming the rule and its message.
+//!
+//! hyper's service must be `'static`, and a [`Conn`] borrows the gateway: the service only
+//! hands each request to this connection's own task, which decides and forwards it (several at
+//! once for HTTP/2) and hands the answer back.
+
+mod body;
+pub mod judge;
+mod passthrough;
+pub mod request;
+pub mod settings;
+mod upstream;
+
+use std::{convert::Infallible, sync::Arc, time::Duration};
+
+use futures_util::{stream::FuturesUnordered, StreamExt as _};
+use hyper::{
+    body::Incoming,
+    header::{self, HeaderMap, HeaderName, HeaderValue},
+    service::service_fn,
+    Method, Request, Response, StatusCode,
+};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::conn::auto,
+};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
+    sync::{mpsc, oneshot},
+    time::Instant,
+};
+
+pub use self::upstream::SYSTEM_ROOTS;
+use self::{
+    body::{Finish, Meter, ProxyBody, Tap, Totals},
+    judge::{Flavor, Judgement},
+    settings::{ClientTls, HttpTarget, UpstreamScheme},
+    upstream::{ClientConfigs, Upstream},
+};
+use super::session::{Ask, Conn};
+use crate::{
+    config::TargetKind,
+    record::{now_micros, EventKind, Outcome, RecordedVerdict, SessionEnd},
+};
+
+/// How long a client may take to send a request's head (and, on a new connection, its first
+/// request or TLS hello): slow clients are closed.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest request head (HTTP/1.1 read buffer; HTTP/2 header list).
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// The most header fields in one HTTP/1.1 request.
+pub const MAX_HEADERS: usize = 100;
+/// The most HTTP/2 streams in flight on one connection.
+pub const MAX_STREAMS: u32 = 64;
+
+/// The class requests are recorded with.
+const HTTP_CLASS: &str = "http";
+
+/// The HTTP gateway's state shared by all its sessions.
+#[derive(Default)]
+pub struct Shared {
+    /// TLS client configurations toward targets (system roots read once).
+    client_configs: ClientConfigs,
+}
+
+fn ended(totals: &Totals, outcome: Outcome) -> SessionEnd {
+    use std::sync::atomic::Ordering;
+    SessionEnd {
+        ended_at_us: now_micros(),
+        bytes_to_target: totals.up.load(Ordering::Relaxed),
+        bytes_from_target: totals.down.load(Ordering::Relaxed),
+        outcome,
+    }
+}
+
+fn failed(error: impl Into<String>) -> SessionEnd {
+    ended(
+        &Totals::default(),
+        Outcome::Failed {
+            error: error.into(),
+        },
+    )
+}
+
+/// Serves one HTTP(S) connection that the policy let through.
+pub async fn serve(conn: &Conn<'_>, shared: &Shared, client: TcpStream) -> SessionEnd {
+    let Some(target) = conn.target.target else {
+        return failed("an HTTP session needs a configured target");
+    };
+    let (flavor, settings) = match &target.kind {
+        TargetKind::Http(s) => (Flavor::Http, s),
+        TargetKind::Kubernetes(s) => (Flavor::Kubernetes, s),
+        _ => return failed("not an HTTP target"),
+    };
+    let _ = client.set_nodelay(true);
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(HEADER_TIMEOUT, client.peek(&mut first)).await {
+        Ok(Ok(n)) if n > 0 => {}
+        Ok(Ok(_)) => return ended(&Totals::default(), Outcome::Closed),
+        Ok(Err(e)) => return failed(format!("client: {e}")),
+        Err(_) => {
+            return failed(format!(
+                "client: nothing sent within {}s",
+                HEADER_TIMEOUT.as_secs()
+            ))
+        }
+    }
+    // A TLS record starts with 0x16 (handshake); no HTTP method does.
+    let client_tls = first[0] == 0x16;
+    if client_tls && settings.tls == ClientTls::Passthrough {
+        return passthrough::serve(conn, client).await;
+    }
+    let upstream_tls = match settings.upstream {
+        UpstreamScheme::Same => client_tls,
+        UpstreamScheme::Http => false,
+        UpstreamScheme::Https => true,
+    };
+    let tls_config = if upstream_tls {
+        match shared.client_configs.get(&target.name, settings) {
+            Ok(c) => Some(c),
+            Err(e) => return failed(format!("TLS to the target: {e}")),
+        }
+    } else {
+        None
+    };
+    let mut session = Session {
+        conn,
+        flavor,
+        upstream: Upstream::new(conn.destination, tls_config, settings.h2c),
+        injected: injected_headers(settings),
+        totals: Arc::default(),
+        tls: client_tls,
+        server_name: None,
+    };
+    if !client_tls {
+        return session.serve_connection(client).await;
+    }
+    let Some(ca) = conn.gw.tls.as_deref() else {
+        return failed("client TLS: the gateway has no local CA");
+    };
+    let acceptor = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), client);
+    let start = match tokio::time::timeout(HEADER_TIMEOUT, acceptor).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return failed(format!("client TLS: {e}")),
+        Err(_) => return failed("client TLS: no ClientHello in time"),
+    };
+    let server_name = start.client_hello().server_name().map(str::to_string);
+    let config = match ca.http_server_config(server_name.as_deref(), conn.destination.0.ip()) {
+        Ok(c) => c,
+        Err(e) => return failed(format!("client TLS: {e}")),
+    };
+    let stream = match tokio::time::timeout(HEADER_TIMEOUT, start.into_stream(config)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return failed(format!("client TLS: {e}")),
+        Err(_) => return failed("client TLS: handshake not finished in time"),
+    };
+    session.server_name = server_name;
+    session.serve_connection(stream).await
+}
+
+/// The headers set from held credentials, read once per session (a rotated secret applies to
+/// the next session). An error names the header and where the secret was to come from, never
+/// the secret.
+fn injected_headers(settings: &HttpTarget) -> Result<Injected, String> {
+    let mut secrets = Vec::with_capacity(settings.inject.len());
+    let headers = settings
+        .inject
+        .iter()
+        .map(|h| {
+            let name = HeaderName::from_bytes(h.header.as_bytes())
+                .map_err(|_| format!("{:?} is not a header name", h.header))?;
+            let secret = h
+                .credentials
+                .read_secret()
+                .map_err(|e| format!("the credential for {name}: {e}"))?;
+            let secret = secret.trim().to_string();
+            let mut value = HeaderValue::from_str(&format!("{}{secret}", h.prefix))
+                .map_err(|_| format!("the credential for {name} is not a valid header value"))?;
+            value.set_sensitive(true);
+            secrets.push(secret);
+            Ok((name, value))
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    Ok(Injected {
+        headers,
+        secrets: secrets.into(),
+    })
+}
+
+/// Headers set from held credentials, and the secrets in them (blanked out of records).
+struct Injected {
+    headers: Vec<(HeaderName, HeaderValue)>,
+    secrets: Arc<[String]>,
+}
+
+/// A request handed from hyper's service to the connection's task, and where its answer goes.
+struct Job {
+    req: Request<Incoming>,
+    reply: oneshot::Sender<Response<ProxyBody>>,
+}
+
+struct Session<'c, 'g> {
+    conn: &'c Conn<'g>,
+    flavor: Flavor,
+    upstream: Upstream,
+    injected: Result<Injected, String>,
+    totals: Arc<Totals>,
+    /// The client spoke TLS to the gateway.
+    tls: bool,
+    /// The server name the client's TLS hello asked for.
+    server_name: Option<String>,
+}
+
+impl Session<'_, '_> {
+    async fn serve_connection<S>(&self, io: S) -> SessionEnd
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (tx, mut rx) = mpsc::channel::<Job>(MAX_STREAMS as usize);
+        let service = service_fn(move |req: Request<Incoming>| {
+            let tx = tx.clone();
+            async move {
+                let (reply, answer) = oneshot::channel();
+                if tx.send(Job { req, reply }).await.is_err() {
+                    return Ok::<_, Infallible>(gateway_error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "the session is ending",
+                    ));
+                }
+                Ok(answer.await.unwrap_or_else(|_| {
+                    gateway_error(StatusCode::BAD_GATEWAY, "the request was dropped")
+                }))
+            }
+        });
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_TIMEOUT)
+            .max_buf_size(MAX_HEAD_BYTES)
+            .max_headers(MAX_HEADERS);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(MAX_HEAD_BYTES).unwrap_or(u32::MAX))
+            .max_concurrent_streams(MAX_STREAMS)
+            .max_pending_accept_reset_streams(Some(32))
+            .max_local_error_reset_streams(Some(32));
+        let connection = builder.serve_connection(TokioIo::new(io), service);
+        tokio::pin!(connection);
+        let mut in_flight = FuturesUnordered::new();
+        // HTTP/1.1's header timeout starts at the first byte; this one covers a client that
+        // opens HTTP/2 (or starts a line) and never completes a request.
+        let first_request = tokio::time::sleep(HEADER_TIMEOUT);
+        tokio::pin!(first_request);
+        let mut requests = 0u64;
+        let result = loop {
+            tokio::select! {
+                r = &mut connection => break r.map_err(|e| e.to_string()),
+                Some(job) = rx.recv() => {
+                    requests += 1;
+                    in_flight.push(self.exchange(job));
+                }
+                Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
+                () = &mut first_request, if requests == 0 => {
+                    break Err(format!("client: no request within {}s", HEADER_TIMEOUT.as_secs()));
+                }
+            }
+        };
+        let outcome = match result {
+            Ok(()) => Outcome::Closed,
+            Err(error) => Outcome::Failed { error },
+        };
+        ended(&self.totals, outcome)
+    }
+
+    async fn exchange(&self, job: Job) {
+        let answer = self.answer(job.req).await;
+        let _ = job.reply.send(answer);
+    }
+
+    /// Reads, judges and forwards one request; the client's answer.
+    async fn answer(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+        let started = Instant::now();
+        let (parts, body) = req.into_parts();
+        let norm = match request::normalise(
+            &parts.method,
+            &parts.uri,
+            parts.version,
+            &parts.headers,
+            self.tls,
+            self.server_name.as_deref(),
+        ) {
+            Ok(n) => n,
+            Err(bad) => {
+                let text = format!("{} {}", parts.method, parts.uri);
+                self.conn.record(
+                    EventKind::request(
+                        &text,
+                        Some(HTTP_CLASS.into()),
+                        RecordedVerdict::Deny,
+                        Vec::new(),
+                    )
+                    .with_error(format!("ambiguous request refused: {bad}")),
+                );
+                let status = StatusCode::from_u16(bad.status()).unwrap_or(StatusCode::BAD_REQUEST);
+                return json_answer(
+                    status,
+                    &serde_json::json!({
+                        "error": "bulkhead: ambiguous request refused",
+                        "reason": bad.to_string(),
+                    }),
+                );
+            }
+        };
+        let judged = Judgement::of(self.flavor, &norm);
+        let text = norm.text();
+        let policy = self.conn.policy();
+        let decided = self
+            .conn
+            .decide(
+                &policy,
+                Ask {
+                    action: judged.action(&norm),
+                    text: &text,
+                    class: Some(HTTP_CLASS.into()),
+                    on_hold: None,
+                    params: &[],
+                },
+            )
+            .await;
+        if let Some(message) = &decided.refusal {
+            return json_answer(
+                StatusCode::FORBIDDEN,
+                &serde_json::json!({
+                    "error": "bulkhead: denied",
+                    "message": message,
+                    "rule": decided.decision.rules.first(),
+                    "rules": decided.decision.rules,
+                }),
+            );
+        }
+        let injected = match &self.injected {
+            Ok(h) => h,
+            Err(e) => {
+                self.record_failure(decided.request, started, e.clone());
+                return gateway_error(
+                    StatusCode::BAD_GATEWAY,
+                    "the gateway cannot read the credential it holds for this target",
+                );
+            }
+        };
+        let meter = Meter::new(!is_safe(&norm.method));
+        let mut up = Request::new(Tap::request(
+            body,
+            Arc::clone(&meter),
+            Arc::clone(&self.totals),
+        ));
+        *up.method_mut() = norm.method.clone();
+        *up.uri_mut() = match norm.path_and_query.parse() {
+            Ok(u) => u,
+            Err(_) => {
+                return gateway_error(StatusCode::BAD_REQUEST, "the request target is invalid")
+            }
+        };
+        *up.headers_mut() = forwarded_headers(&parts.headers, &injected.headers);
+        if let Ok(host) = HeaderValue::from_str(&norm.authority) {
+            up.headers_mut().insert(header::HOST, host);
+        }
+        match self.upstream.send(&norm.host, &norm.authority, up).await {
+            Ok(resp) => {
+                let (mut parts, body) = resp.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                parts.version = hyper::Version::default();
+                let finish = Finish {
+                    store: Arc::clone(&self.conn.gw.store),
+                    session: self.conn.session,
+                    request: decided.request,
+                    started: started.into_std(),
+                    status: parts.status,
+                    meter,
+                    secrets: Arc::clone(&injected.secrets),
+                };
+                Response::from_parts(
+                    parts,
+                    ProxyBody::Stream(Tap::response(body, Arc::clone(&self.totals), finish)),
+                )
+            }
+            Err(e) => {
+                let error = e.to_string();
+                self.record_failure(decided.request, started, error.clone());
+                json_answer(
+                    StatusCode::BAD_GATEWAY,
+                    &serde_json::json!({
+                        "error": "bulkhead: the target could not be reached",
+                        "reason": error,
+                    }),
+                )
+            }
+        }
+    }
+
+    fn record_failure(&self, request: u64, started: Instant, error: String) {
+        self.conn.record(EventKind::Response {
+            request,
+            duration_us: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            summary: None,
+            error: Some(error),
+            masked_rows: None,
+            mask_rules: Vec::new(),
+        });
+    }
+}
+
+/// Methods that change nothing at the target: their bodies are not recorded.
+fn is_safe(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+    )
+}
+
+/// Headers that belong to one connection (RFC 9110 7.6.1), never forwarded either way.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-authorization",
+    "proxy-authenticate",
+];
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in HOP_BY_HOP {
+        headers.remove(*name);
+    }
+    for name in &named {
+        headers.remove(name);
+    }
+}
+
+/// The client's headers as the target gets them: hop-by-hop ones, Host (set from the judged
+/// authority), `Expect` (the gateway answers it itself) and every injected name removed, then
+/// the injected values set.
+fn forwarded_headers(client: &HeaderMap, injected: &[(HeaderName, HeaderValue)]) -> HeaderMap {
+    let mut headers = client.clone();
+    strip_hop_by_hop(&mut headers);
+    headers.remove(header::HOST);
+    headers.remove(header::EXPECT);
+    for (name, value) in injected {
+        headers.insert(name.clone(), value.clone());
+    }
+    headers
+}
+
+fn json_answer(status: StatusCode, body: &serde_json::Value) -> Response<ProxyBody> {
+    let mut text = body.to_string();
+    text.push('\n');
+    let mut resp = Response::new(ProxyBody::full(text));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+fn gateway_error(status: StatusCode, message: &str) -> Response<ProxyBody> {
+    json_answer(
+        status,
+        &serde_json::json!({ "error": format!("bulkhead: {message}") }),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_headers_drop_hop_by_hop_and_replace_injected_ones() {
+        let mut client = HeaderMap::new();
+        for (k, v) in [
+            ("host", "api"),
+            ("connection", "keep-alive, x-private"),
+            ("x-private", "1"),
+            ("keep-alive", "timeout=5"),
+            ("authorization", "Bearer dummy"),
+            ("Authorization", "Bearer dummy"),
+            ("accept", "*/*"),
+            ("expect", "100-continue"),
+            ("upgrade", "h2c"),
+        ] {
+            client.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_static(v),
+            );
+        }
+        let injected = vec![(header::AUTHORIZATION, HeaderValue::from_static("Bearer real"))];
+        let out = forwarded_headers(&client, &injected);
+        let names: Vec<&str> = out.keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, vec!["authorization", "accept"], "{out:?}");
+        assert_eq!(
+            out.get_all(header::AUTHORIZATION).iter().collect::<Vec<_>>(),
+            vec!["Bearer real"]
+        );
+    }
+}
+
+#[cfg(test)]
+#[path = "tests.rs"]
+mod gateway_tests;

@@ -1,0 +1,387 @@
+//! The HTTP gateway in process: a mock kernel record, the real accept loop, and a hyper echo
+//! server on loopback as the target. Clients write exact bytes.
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use hyper::{body::Incoming, service::service_fn, Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream},
+    sync::watch,
+};
+
+use crate::{
+    approval::ApprovalBroker,
+    config::{Config, Source},
+    ebpf::{MockOrigDst, OrigDst},
+    identity::ProcReader,
+    net::{to_kernel_bytes, ClientAddr},
+    policy::PolicyHandle,
+    proxy::{serve, Gateway},
+    record::{EventKind, ListFilter, Outcome, RecordedVerdict, SessionStore, SledStore},
+};
+
+/// A target that answers every request with its method, target and headers (one per line).
+async fn echo_target() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let svc = service_fn(|req: Request<Incoming>| async move {
+                    let mut text = format!("{} {} {:?}\n", req.method(), req.uri(), req.version());
+                    for (k, v) in req.headers() {
+                        text.push_str(&format!("{k}: {}\n", v.to_str().unwrap_or("?")));
+                    }
+                    let body = req.into_body().collect().await.unwrap().to_bytes();
+                    text.push_str(&format!("body: {}\n", String::from_utf8_lossy(&body)));
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(text))))
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+struct Harness {
+    gw: Arc<Gateway>,
+    listener: SocketAddr,
+    orig: Arc<MockOrigDst>,
+    _policies: tempfile::TempDir,
+    _shutdown: watch::Sender<bool>,
+}
+
+const POLICY: &str = r#"
+[[target]]
+name = "api"
+protocol = "http"
+default = "deny"
+
+[[rule]]
+id = "api-read"
+verdict = "allow"
+target = { name = ["api"] }
+http = { method = ["GET", "POST"], path = ["/v1/**"] }
+
+[[rule]]
+id = "no-delete"
+verdict = "deny"
+message = "nothing is deleted through the gateway"
+target = { name = ["api"] }
+http = { method = ["DELETE"] }
+
+[[rule]]
+id = "held"
+verdict = "approve"
+target = { name = ["api"] }
+http = { path = ["/v1/held"] }
+"#;
+
+impl Harness {
+    async fn new(target: SocketAddr, secret_env: &str) -> Self {
+        let config = format!(
+            "[[target]]\nname = \"api\"\nprotocol = \"http\"\naddresses = [\"{target}\"]\n\
+             [[target.http.inject]]\nheader = \"authorization\"\nprefix = \"Bearer \"\n\
+             credentials = {{ env = \"{secret_env}\" }}\n"
+        );
+        let config = Config::from_toml(&config, Source::Embedded).unwrap();
+        let policies = tempfile::tempdir().unwrap();
+        std::fs::write(policies.path().join("api.toml"), POLICY).unwrap();
+        let store: Arc<dyn SessionStore> = Arc::new(SledStore::temporary().unwrap());
+        let approvals = Arc::new(ApprovalBroker::new(Arc::clone(&store), config.approvals));
+        let orig = Arc::new(MockOrigDst::default());
+        let ca_dir = tempfile::tempdir().unwrap();
+        let gw = Arc::new(Gateway {
+            config: Arc::new(config),
+            orig_dst: Arc::clone(&orig) as Arc<dyn OrigDst>,
+            store,
+            proc: ProcReader::new("/", "/none"),
+            stats: Arc::default(),
+            policy: PolicyHandle::open(policies.path()).unwrap(),
+            approvals,
+            tls: Some(Arc::new(
+                crate::tls::LocalCa::load_or_create(&ca_dir.path().join("ca")).unwrap(),
+            )),
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = watch::channel(false);
+        tokio::spawn(serve(listener, Arc::clone(&gw), Arc::default(), rx));
+        Self {
+            gw,
+            listener: addr,
+            orig,
+            _policies: policies,
+            _shutdown: tx,
+        }
+    }
+
+    async fn connect(&self, dst: SocketAddr) -> TcpStream {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let mut comm = [0u8; 16];
+        comm[..4].copy_from_slice(b"curl");
+        self.orig.insert(
+            ClientAddr(socket.local_addr().unwrap()),
+            bulkhead_common::ConnectRecord {
+                cgroup_id: 1,
+                dst_addr: to_kernel_bytes(dst.ip()),
+                dst_port: dst.port(),
+                family: bulkhead_common::AF_INET,
+                pid: std::process::id(),
+                tgid: std::process::id(),
+                uid: 0,
+                gid: 0,
+                comm,
+                reserved: 0,
+            },
+        );
+        socket.connect(self.listener).await.unwrap()
+    }
+
+    /// Sends `raw` on a new connection and reads the answer to the end.
+    async fn raw(&self, dst: SocketAddr, raw: &[u8]) -> String {
+        let mut s = self.connect(dst).await;
+        s.write_all(raw).await.unwrap();
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+            .await
+            .expect("the gateway answers and closes")
+            .unwrap();
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    async fn events_of_newest(&self) -> Vec<EventKind> {
+        for _ in 0..500 {
+            if let Some(s) = self.gw.store.list(&ListFilter::default(), 1).unwrap().pop() {
+                if s.outcome != Outcome::Open {
+                    return self
+                        .gw
+                        .store
+                        .events(s.id)
+                        .unwrap()
+                        .into_iter()
+                        .map(|e| e.kind)
+                        .collect();
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("session never closed");
+    }
+}
+
+#[tokio::test]
+async fn allowed_requests_are_forwarded_normalised_with_the_held_header_and_recorded() {
+    std::env::set_var("BH_TEST_TOKEN_A", "real-token");
+    let target = echo_target().await;
+    let h = Harness::new(target, "BH_TEST_TOKEN_A").await;
+    let answer = h
+        .raw(
+            target,
+            b"POST /v1/%61b/./../users?x=%2F HTTP/1.1\r\nHost: API.example\r\n\
+              Authorization: Bearer dummy\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
+        )
+        .await;
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    assert!(answer.contains("POST /v1/users?x=%2F HTTP/1.1\n"), "{answer}");
+    assert!(answer.contains("authorization: Bearer real-token\n"), "{answer}");
+    assert!(!answer.contains("dummy"), "{answer}");
+    assert!(answer.contains("host: api.example\n"), "{answer}");
+    assert!(answer.contains("body: hello\n"), "{answer}");
+    let events = h.events_of_newest().await;
+    let request = events
+        .iter()
+        .find_map(|e| match e {
+            EventKind::Request { text, verdict, .. } => Some((text.clone(), *verdict)),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(
+        request,
+        (
+            "POST http://api.example/v1/users?x=%2F".to_string(),
+            RecordedVerdict::Allow
+        )
+    );
+    let summary = events
+        .iter()
+        .find_map(|e| match e {
+            EventKind::Response { summary, .. } => summary.clone(),
+            _ => None,
+        })
+        .unwrap();
+    assert!(summary.starts_with("200 OK, 5 B up"), "{summary}");
+    assert!(summary.contains("request body: hello"), "{summary}");
+    let all = format!("{events:?}");
+    assert!(!all.contains("real-token"), "the held secret is never recorded");
+}
+
+#[tokio::test]
+async fn denied_and_ambiguous_requests_never_reach_the_target() {
+    std::env::set_var("BH_TEST_TOKEN_B", "real-token");
+    let target = echo_target().await;
+    let h = Harness::new(target, "BH_TEST_TOKEN_B").await;
+    let answer = h
+        .raw(
+            target,
+            b"DELETE /v1/users/1 HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+    assert!(answer.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{answer}");
+    assert!(answer.contains("application/json"), "{answer}");
+    assert!(
+        answer.contains("\"message\":\"nothing is deleted through the gateway\""),
+        "{answer}"
+    );
+    assert!(answer.contains("\"rule\":\"no-delete\""), "{answer}");
+
+    // Content-Length with Transfer-Encoding: hyper reads the body as chunked (RFC 9112 6.1),
+    // drops the length and closes after the answer, so what follows is never read as a request.
+    let answer = h
+        .raw(
+            target,
+            b"POST /v1/x HTTP/1.1\r\nHost: api\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n\
+              0\r\n\r\nGET /v1/smuggled HTTP/1.1\r\nHost: api\r\n\r\n",
+        )
+        .await;
+    assert_eq!(answer.matches("HTTP/1.1 ").count(), 1, "{answer}");
+    assert!(!answer.contains("smuggled"), "{answer}");
+    assert!(answer.contains("transfer-encoding: chunked\n") || answer.contains("body: \n"), "{answer}");
+    assert!(!answer.contains("content-length: 40"), "{answer}");
+    for raw in [
+        &b"POST /v1/x HTTP/1.1\r\nHost: api\r\nTransfer-Encoding: gzip, chunked\r\nConnection: close\r\n\r\n0\r\n\r\n"[..],
+        b"GET /v1/x HTTP/1.1\r\nHost: api\r\nHost: other\r\nConnection: close\r\n\r\n",
+        b"GET http://other/v1/x HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n",
+        b"POST /v1/x HTTP/1.1\r\nHost: api\r\nX-HTTP-Method-Override: DELETE\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    ] {
+        let answer = h.raw(target, raw).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 400 "),
+            "{}: {answer}",
+            String::from_utf8_lossy(raw)
+        );
+        assert!(!answer.contains("real-token"), "{answer}");
+    }
+    // An encoded slash is unknown: denied (on_unknown), although /v1/** allows GET.
+    let answer = h
+        .raw(
+            target,
+            b"GET /v1/a%2Fb HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+    assert!(answer.starts_with("HTTP/1.1 403 "), "{answer}");
+    // Path outside /v1 after normalisation: the default (deny).
+    let answer = h
+        .raw(
+            target,
+            b"GET /v1/../admin HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+    assert!(answer.starts_with("HTTP/1.1 403 "), "{answer}");
+    // Too many headers: refused by hyper, the gateway still serves others.
+    let mut big = b"GET /v1/x HTTP/1.1\r\nHost: api\r\n".to_vec();
+    for i in 0..200 {
+        big.extend_from_slice(format!("x-h{i}: v\r\n").as_bytes());
+    }
+    big.extend_from_slice(b"Connection: close\r\n\r\n");
+    let answer = h.raw(target, &big).await;
+    assert!(answer.starts_with("HTTP/1.1 431 "), "{answer}");
+    let answer = h
+        .raw(
+            target,
+            b"GET /v1/ok HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+}
+
+#[tokio::test]
+async fn http2_clients_are_served_over_h2c_and_tls_with_the_name_they_asked_for() {
+    std::env::set_var("BH_TEST_TOKEN_C", "real-token");
+    let target = echo_target().await;
+    let h = Harness::new(target, "BH_TEST_TOKEN_C").await;
+    // h2c with prior knowledge.
+    let io = TokioIo::new(h.connect(target).await);
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake::<_, _, Full<Bytes>>(TokioExecutor::new(), io)
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let mut answers = Vec::new();
+    for path in ["/v1/a", "/v1/b/../c", "/v1/held-not"] {
+        let req = Request::builder()
+            .uri(format!("http://api.example{path}"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        answers.push(sender.send_request(req));
+    }
+    let mut bodies = Vec::new();
+    for a in answers {
+        let resp = a.await.unwrap();
+        assert_eq!(resp.status(), 200);
+        bodies.push(String::from_utf8(resp.collect().await.unwrap().to_bytes().to_vec()).unwrap());
+    }
+    assert!(bodies[1].starts_with("GET /v1/c HTTP/1.1\n"), "{bodies:?}");
+    assert!(bodies[0].contains("host: api.example\n"), "{bodies:?}");
+
+    // TLS: the leaf names the server name asked for; ALPN h2.
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add_parsable_certificates(
+        rustls_pki_types::CertificateDer::pem_slice_iter(
+            h.gw.tls.as_ref().unwrap().cert_pem().as_bytes(),
+        )
+        .map(Result::unwrap),
+    );
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = h.connect(target).await;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect("api.example".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut sender, conn) = hyper::client::conn::http2::handshake::<_, _, Full<Bytes>>(
+        TokioExecutor::new(),
+        TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let ok = sender
+        .send_request(
+            Request::builder()
+                .uri("https://api.example/v1/x")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    // Upstream is plain here (a plain target): the scheme follows the client's, so the
+    // gateway speaks TLS to an echo server that does not: 502, said in JSON.
+    assert_eq!(ok.status(), 502);
+    let misdirected = sender
+        .send_request(
+            Request::builder()
+                .uri("https://other.example/v1/x")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(misdirected.status(), 421);
+}
+
+use rustls_pki_types::pem::PemObject as _;

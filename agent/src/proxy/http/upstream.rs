@@ -1,0 +1,248 @@
+//! The gateway's own client connection to the target, per session: plain or TLS (verifying
+//! the real server: system roots plus the target's CA; an optional client certificate), HTTP/2
+//! when ALPN (or `h2c`) says so, else HTTP/1.1. Reopened when the target closes it, or over TLS
+//! when a request names another host (the server name must be the request's host).
+
+use std::{
+    collections::HashMap,
+    io,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, PoisonError},
+};
+
+use hyper::{
+    body::Incoming,
+    client::conn::{http1, http2},
+    Request, Response,
+};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::{ClientConfig, RootCertStore};
+use rustls_pki_types::{pem::PemObject as _, CertificateDer, PrivateKeyDer, ServerName};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
+};
+
+use super::{body::Tap, settings::HttpTarget};
+use crate::{net::OrigDstAddr, proxy::session::UPSTREAM_CONNECT_TIMEOUT};
+
+/// Where the system's trusted roots are (Debian's `ca-certificates`).
+pub const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("cannot connect to the target: {0}")]
+    Connect(io::Error),
+    #[error("the target did not accept within {}s", UPSTREAM_CONNECT_TIMEOUT.as_secs())]
+    Timeout,
+    #[error("TLS to the target: {0}")]
+    Tls(String),
+    #[error("the target's host {0:?} is not a TLS server name")]
+    ServerName(String),
+    #[error("HTTP to the target: {0}")]
+    Http(#[from] hyper::Error),
+}
+
+enum Sender {
+    H1(http1::SendRequest<Tap>),
+    H2(http2::SendRequest<Tap>),
+}
+
+impl Sender {
+    fn is_closed(&self) -> bool {
+        match self {
+            Sender::H1(s) => s.is_closed(),
+            Sender::H2(s) => s.is_closed(),
+        }
+    }
+}
+
+/// One session's connection toward its target.
+pub struct Upstream {
+    destination: OrigDstAddr,
+    /// TLS toward the target, when the scheme is `https`.
+    tls: Option<Arc<ClientConfig>>,
+    h2c: bool,
+    /// The open connection and the host it was opened for.
+    current: tokio::sync::Mutex<Option<(String, Sender)>>,
+}
+
+impl Upstream {
+    pub fn new(destination: OrigDstAddr, tls: Option<Arc<ClientConfig>>, h2c: bool) -> Self {
+        Self {
+            destination,
+            tls,
+            h2c,
+            current: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// Sends `req` (origin-form URI, Host set) to the target as the request for `host`: over
+    /// HTTP/2 the URI takes the scheme and `authority` and Host goes.
+    pub async fn send(
+        &self,
+        host: &str,
+        authority: &str,
+        mut req: Request<Tap>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let mut current = self.current.lock().await;
+        let reusable = current
+            .as_ref()
+            .is_some_and(|(h, s)| !s.is_closed() && (self.tls.is_none() || h == host));
+        if !reusable {
+            *current = None;
+            let sender = self.connect(host).await?;
+            *current = Some((host.to_string(), sender));
+        }
+        let Some((_, sender)) = current.as_mut() else {
+            return Err(UpstreamError::Tls("no connection".into()));
+        };
+        match sender {
+            Sender::H1(s) => {
+                s.ready().await?;
+                *req.version_mut() = hyper::Version::HTTP_11;
+                let fut = s.send_request(req);
+                drop(current);
+                Ok(fut.await?)
+            }
+            Sender::H2(s) => {
+                let mut s = s.clone();
+                drop(current);
+                *req.version_mut() = hyper::Version::HTTP_2;
+                let scheme = if self.tls.is_some() { "https" } else { "http" };
+                let pq = req
+                    .uri()
+                    .path_and_query()
+                    .map_or("/", hyper::http::uri::PathAndQuery::as_str)
+                    .to_string();
+                *req.uri_mut() = format!("{scheme}://{authority}{pq}")
+                    .parse()
+                    .map_err(|_| UpstreamError::ServerName(authority.to_string()))?;
+                req.headers_mut().remove(hyper::header::HOST);
+                s.ready().await?;
+                Ok(s.send_request(req).await?)
+            }
+        }
+    }
+
+    async fn connect(&self, host: &str) -> Result<Sender, UpstreamError> {
+        let tcp =
+            tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, TcpStream::connect(self.destination.0))
+                .await
+                .map_err(|_| UpstreamError::Timeout)?
+                .map_err(UpstreamError::Connect)?;
+        let _ = tcp.set_nodelay(true);
+        let Some(config) = &self.tls else {
+            return handshake(tcp, self.h2c).await;
+        };
+        let name = ServerName::try_from(host.to_string())
+            .map_err(|_| UpstreamError::ServerName(host.to_string()))?;
+        let connector = tokio_rustls::TlsConnector::from(Arc::clone(config));
+        let tls = tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, connector.connect(name, tcp))
+            .await
+            .map_err(|_| UpstreamError::Timeout)?
+            .map_err(|e| UpstreamError::Tls(e.to_string()))?;
+        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+        handshake(tls, h2).await
+    }
+}
+
+async fn handshake<S>(io: S, h2: bool) -> Result<Sender, UpstreamError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let io = TokioIo::new(io);
+    if h2 {
+        let (sender, conn) = http2::handshake(TokioExecutor::new(), io).await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "HTTP/2 connection to the target ended");
+            }
+        });
+        Ok(Sender::H2(sender))
+    } else {
+        let (sender, conn) = http1::handshake(io).await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "HTTP/1.1 connection to the target ended");
+            }
+        });
+        Ok(Sender::H1(sender))
+    }
+}
+
+/// Client TLS configurations per target, built once (the system roots are read once).
+#[derive(Default)]
+pub struct ClientConfigs {
+    by_target: Mutex<HashMap<String, Arc<ClientConfig>>>,
+}
+
+impl ClientConfigs {
+    /// The configuration for `target`: system roots, its CA, its client certificate; ALPN h2
+    /// and http/1.1 (only http/1.1 when `h1_only`).
+    pub fn get(&self, target: &str, settings: &HttpTarget) -> Result<Arc<ClientConfig>, String> {
+        if let Some(c) = self
+            .by_target
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(target)
+        {
+            return Ok(Arc::clone(c));
+        }
+        let config = Arc::new(client_config(settings)?);
+        self.by_target
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(target.to_string(), Arc::clone(&config));
+        Ok(config)
+    }
+}
+
+fn pem_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn client_config(settings: &HttpTarget) -> Result<ClientConfig, String> {
+    let mut roots = RootCertStore::empty();
+    // The system roots where they exist (a bad one among them is skipped, as browsers do).
+    if let Ok(certs) = pem_certs(Path::new(SYSTEM_ROOTS)) {
+        roots.add_parsable_certificates(certs);
+    }
+    if let Some(ca) = &settings.ca {
+        for cert in pem_certs(ca)? {
+            roots
+                .add(cert)
+                .map_err(|e| format!("{}: {e}", ca.display()))?;
+        }
+    }
+    if roots.is_empty() {
+        return Err(format!(
+            "no trusted roots: neither {SYSTEM_ROOTS} nor the target's ca"
+        ));
+    }
+    let builder = ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots);
+    let mut config = match (&settings.client_cert, &settings.client_key) {
+        (Some(cert), Some(key)) => {
+            let chain = pem_certs(cert)?;
+            let key = read_key(key)?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| e.to_string())?
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+fn read_key(path: &PathBuf) -> Result<PrivateKeyDer<'static>, String> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| format!("{}: {e}", path.display()))
+}

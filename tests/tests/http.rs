@@ -1,0 +1,304 @@
+//! The HTTP(S) gateway against nginx from Debian on the target host, with governed clients
+//! started through `bulkhead run` (curl, Python, Node) and raw sockets from Python.
+
+use bulkhead_tests::{
+    http::{Nginx, SERVER_NAME},
+    require_root, Topology, TARGET_V4,
+};
+use serde_json::Value;
+
+const SECRET: &str = "held-secret-7f3a";
+
+const POLICY: &str = r#"
+[[target]]
+name = "api"
+protocol = "http"
+default = "deny"
+
+[[rule]]
+id = "api-read"
+verdict = "allow"
+target = { name = ["api"] }
+http = { method = ["GET", "POST"], path = ["/v1/**"] }
+
+[[rule]]
+id = "no-delete"
+verdict = "deny"
+message = "nothing is deleted through the gateway"
+target = { name = ["api"] }
+http = { method = ["DELETE"] }
+"#;
+
+/// nginx on the target, configured as target `api` (plain and TLS ports) whose bearer token
+/// the gateway holds, and the daemon started.
+fn setup() -> (Topology, Nginx, bulkhead_tests::Proc) {
+    require_root();
+    let topo = Topology::new("");
+    let nginx = topo.nginx();
+    let secret = topo.credential_file("api", SECRET);
+    topo.write_config(&format!(
+        "[[target]]\nname = \"api\"\nprotocol = \"http\"\n\
+         addresses = [\"{TARGET_V4}:80\", \"{TARGET_V4}:443\"]\n\
+         [target.http]\nca = \"{ca}\"\n\
+         [[target.http.inject]]\nheader = \"authorization\"\nprefix = \"Bearer \"\n\
+         credentials = {{ file = \"{secret}\" }}\n",
+        ca = nginx.ca.display(),
+        secret = secret.display(),
+    ));
+    topo.policy("api.toml", POLICY);
+    let daemon = topo.start_daemon(&[]);
+    (topo, nginx, daemon)
+}
+
+fn text(out: &std::process::Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn curl(topo: &Topology, args: &[&str]) -> (String, String) {
+    let mut all = vec!["-sS", "--max-time", "20"];
+    all.extend_from_slice(args);
+    text(&topo.run_governed("curl", &all))
+}
+
+/// Every request event of every session, as (text, verdict, rules).
+fn requests(topo: &Topology) -> Vec<(String, String, Value)> {
+    let mut out = Vec::new();
+    for s in topo.sessions() {
+        for e in topo.events(&s["id"]) {
+            if e["type"] == "request" {
+                out.push((
+                    e["text"].as_str().unwrap_or_default().to_string(),
+                    e["verdict"].as_str().unwrap_or_default().to_string(),
+                    e["rules"].clone(),
+                ));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn curl_is_allowed_denied_and_given_the_held_token_over_http_and_https() {
+    let (topo, nginx, _daemon) = setup();
+
+    // Allowed GET, with a dummy token the gateway replaces.
+    let (out, err) = curl(
+        &topo,
+        &[
+            "-H",
+            "Authorization: Bearer dummy-token",
+            &format!("http://{TARGET_V4}/v1/items/./a/../b"),
+        ],
+    );
+    assert_eq!(out.trim(), "nginx says hello GET /v1/items/b", "{err}");
+    let log = nginx.wait_requests(1);
+    assert!(
+        log.contains(&format!("GET /v1/items/b auth=\"Bearer {SECRET}\" proto=HTTP/1.1")),
+        "nginx saw the held token, on the normalised path: {log}"
+    );
+    assert!(!log.contains("dummy-token"), "{log}");
+
+    // Denied DELETE: 403 with a JSON body naming the rule and its message; nginx sees nothing.
+    let (out, err) = curl(
+        &topo,
+        &[
+            "-X",
+            "DELETE",
+            "-w",
+            "\n%{http_code}",
+            &format!("http://{TARGET_V4}/v1/items/1"),
+        ],
+    );
+    let (body, code) = out.trim().rsplit_once('\n').unwrap_or(("", ""));
+    assert_eq!(code, "403", "{out} {err}");
+    let denial: Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    assert_eq!(denial["rule"], "no-delete", "{denial}");
+    assert_eq!(
+        denial["message"], "nothing is deleted through the gateway",
+        "{denial}"
+    );
+    // HTTP/2 without TLS (prior knowledge) toward the gateway.
+    let (out, err) = curl(
+        &topo,
+        &[
+            "--http2-prior-knowledge",
+            "-w",
+            "%{http_version}",
+            &format!("http://{TARGET_V4}/v1/h2c"),
+        ],
+    );
+    assert_eq!(out.trim_end(), "nginx says hello GET /v1/h2c\n2", "{err}");
+
+    // HTTPS with HTTP/2: the client trusts the gateway's leaf through the CA bundle `bulkhead
+    // run` names (CURL_CA_BUNDLE); the gateway verifies nginx with the target's CA and speaks
+    // HTTP/2 to it too (ALPN).
+    let (out, err) = curl(
+        &topo,
+        &[
+            "--http2",
+            "-w",
+            "%{http_version}",
+            "--resolve",
+            &format!("{SERVER_NAME}:443:{TARGET_V4}"),
+            &format!("https://{SERVER_NAME}/v1/tls"),
+        ],
+    );
+    assert_eq!(out.trim_end(), "nginx says hello GET /v1/tls\n2", "{err}");
+    let log = nginx.wait_requests(3);
+    assert!(
+        log.contains(&format!("GET /v1/tls auth=\"Bearer {SECRET}\" proto=HTTP/2.0")),
+        "{log}"
+    );
+    assert!(!log.contains("DELETE"), "the denied request never reached nginx: {log}");
+
+    // Without the bundle, curl does not trust the gateway (nothing is trusted behind its back).
+    let out = topo.output(
+        bulkhead_tests::Side::Governed,
+        {
+            let mut c = std::process::Command::new("curl");
+            c.args([
+                "-sS",
+                "--max-time",
+                "10",
+                "--cacert",
+                &nginx.ca.display().to_string(),
+                "--resolve",
+                &format!("{SERVER_NAME}:443:{TARGET_V4}"),
+                &format!("https://{SERVER_NAME}/v1/tls"),
+            ]);
+            c
+        },
+    );
+    assert!(!out.status.success(), "{out:?}");
+
+    // The record: each request with its verdict, rule and normalised URL; the held token
+    // appears nowhere.
+    let reqs = requests(&topo);
+    let find = |t: &str| reqs.iter().find(|r| r.0 == t).cloned();
+    let get = find(&format!("GET http://{TARGET_V4}/v1/items/b")).expect("GET recorded");
+    assert_eq!(get.1, "allow", "{reqs:?}");
+    let del = find(&format!("DELETE http://{TARGET_V4}/v1/items/1")).expect("DELETE recorded");
+    assert_eq!((del.1.as_str(), del.2.clone()), ("deny", serde_json::json!(["no-delete"])));
+    assert!(find(&format!("GET https://{SERVER_NAME}/v1/tls")).is_some(), "{reqs:?}");
+    let export = topo.output(
+        bulkhead_tests::Side::Host,
+        topo.bulkhead(&["sessions", "export"]),
+    );
+    let exported = String::from_utf8_lossy(&export.stdout);
+    assert!(exported.contains("\"type\":\"response\""), "{exported}");
+    assert!(exported.contains("200 OK"), "{exported}");
+    assert!(!exported.contains(SECRET), "the held token is never recorded");
+}
+
+#[test]
+fn python_and_node_clients_work_unchanged_and_ambiguous_requests_are_refused() {
+    let (topo, nginx, _daemon) = setup();
+
+    // Python's requests over HTTPS to the address (no SNI: the leaf names the address) and
+    // urllib over HTTP, with the bundle `bulkhead run` gave through REQUESTS_CA_BUNDLE.
+    let py = format!(
+        "import requests, urllib.request\n\
+         r = requests.post('https://{TARGET_V4}/v1/py', json={{'a': 1}}, headers={{'Authorization': 'Bearer nope'}})\n\
+         print(r.status_code, r.text.strip())\n\
+         print(urllib.request.urlopen('http://{TARGET_V4}/v1/urllib').read().decode().strip())\n\
+         try:\n    requests.delete('https://{TARGET_V4}/v1/py/1').raise_for_status()\n\
+         except requests.HTTPError as e:\n    print(e.response.status_code, e.response.json()['rule'])\n"
+    );
+    let (out, err) = text(&topo.run_governed("/usr/bin/python3", &["-c", &py]));
+    assert_eq!(
+        out,
+        "200 nginx says hello POST /v1/py\nnginx says hello GET /v1/urllib\n403 no-delete\n",
+        "{err}"
+    );
+
+    // Node's fetch over HTTPS, trusting the gateway through NODE_EXTRA_CA_CERTS.
+    let js = format!(
+        "fetch('https://{TARGET_V4}/v1/node').then(r => r.text()).then(t => process.stdout.write(t))\
+         .catch(e => {{ console.error(e); process.exit(1); }})"
+    );
+    let (out, err) = text(&topo.run_governed("node", &["-e", &js]));
+    assert_eq!(out, "nginx says hello GET /v1/node\n", "{err}");
+    let log = nginx.wait_requests(3);
+    assert_eq!(
+        log.matches(&format!("auth=\"Bearer {SECRET}\"")).count(),
+        3,
+        "{log}"
+    );
+
+    // Raw bytes from Python: each ambiguous request is answered 400 and never reaches nginx.
+    let raw = format!(
+        r#"
+import socket, sys, time
+def ask(data, timeout=15):
+    s = socket.create_connection(("{TARGET_V4}", 80), timeout=timeout)
+    s.sendall(data)
+    out = b""
+    while True:
+        try:
+            b = s.recv(65536)
+        except socket.timeout:
+            break
+        if not b:
+            break
+        out += b
+    return out.decode(errors="replace")
+cases = [
+    b"GET /v1/x HTTP/1.1\r\nHost: {TARGET_V4}\r\nHost: other.example\r\nConnection: close\r\n\r\n",
+    b"GET http://other.example/v1/x HTTP/1.1\r\nHost: {TARGET_V4}\r\nConnection: close\r\n\r\n",
+    b"POST /v1/x HTTP/1.1\r\nHost: {TARGET_V4}\r\nTransfer-Encoding: gzip, chunked\r\nConnection: close\r\n\r\n0\r\n\r\n",
+    b"POST /v1/x HTTP/1.1\r\nHost: {TARGET_V4}\r\nX-HTTP-Method-Override: DELETE\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    b"GET /v1/x HTTP/1.1\r\nHost: {TARGET_V4}\r\nAuthorization: a\r\nAuthorization: b\r\nConnection: close\r\n\r\n",
+]
+for c in cases:
+    print(ask(c).split("\r\n")[0])
+# An encoded slash: unknown, denied (on_unknown).
+print(ask(b"GET /v1/a%2Fb HTTP/1.1\r\nHost: {TARGET_V4}\r\nConnection: close\r\n\r\n").split("\r\n")[0])
+# Content-Length and chunked: read as chunked and the connection closed: the rest is not a request.
+print(ask(b"POST /v1/cl HTTP/1.1\r\nHost: {TARGET_V4}\r\nContent-Length: 50\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nDELETE /v1/smuggled HTTP/1.1\r\nHost: {TARGET_V4}\r\n\r\n").count("HTTP/1.1 "))
+# Too many headers, too large a head.
+print(ask(b"GET /v1/x HTTP/1.1\r\nHost: {TARGET_V4}\r\n" + b"".join(b"x-h%d: v\r\n" % i for i in range(200)) + b"\r\n").split("\r\n")[0])
+print(ask(b"GET /v1/x HTTP/1.1\r\nHost: {TARGET_V4}\r\nx-big: " + b"a" * 100000 + b"\r\n\r\n").split("\r\n")[0])
+# Not TLS, not HTTP/2: garbage that looks like a TLS record.
+print(repr(ask(b"\x16\x03\x01\x00\x05hello")[:20]))
+# Slowloris: half a head, then nothing: closed by the gateway well before our 30 s.
+t = time.time()
+s = socket.create_connection(("{TARGET_V4}", 80), timeout=30)
+s.sendall(b"GET /v1/slow HTTP/1.1\r\nHost: {TARGET_V4}\r\nX-A: ")
+try:
+    s.recv(100)
+except socket.timeout:
+    pass
+print("slow closed", time.time() - t < 20)
+"#
+    );
+    let (out, err) = text(&topo.run_governed("/usr/bin/python3", &["-c", &raw]));
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines,
+        vec![
+            "HTTP/1.1 400 Bad Request",
+            "HTTP/1.1 400 Bad Request",
+            "HTTP/1.1 400 Bad Request",
+            "HTTP/1.1 400 Bad Request",
+            "HTTP/1.1 400 Bad Request",
+            "HTTP/1.1 403 Forbidden",
+            "1",
+            "HTTP/1.1 431 Request Header Fields Too Large",
+            "HTTP/1.1 431 Request Header Fields Too Large",
+            "''",
+            "slow closed True",
+        ],
+        "{err}"
+    );
+    let log = nginx.access_log();
+    assert!(!log.contains("other.example"), "{log}");
+    assert!(!log.contains("smuggled"), "{log}");
+    assert!(!log.contains("/v1/a"), "{log}");
+    assert!(!log.contains("/v1/slow"), "{log}");
+    // After all that, the gateway still serves.
+    let (out, err) = curl(&topo, &[&format!("http://{TARGET_V4}/v1/after")]);
+    assert_eq!(out, "nginx says hello GET /v1/after\n", "{err}");
+}
