@@ -304,8 +304,8 @@ pub struct Target {
     pub kind: TargetKind,
 }
 
-/// A target's protocol and the settings only that protocol has. SSH and Kubernetes targets
-/// are refused by the configuration until their gateways exist.
+/// A target's protocol and the settings only that protocol has. SSH targets are refused by
+/// the configuration until their gateway exists.
 #[derive(Debug, Clone)]
 pub enum TargetKind {
     /// Opaque TCP: the connection is decided, recorded and relayed.
@@ -660,7 +660,20 @@ impl Config {
                     "only for targets with protocol = \"http\"".into(),
                 ));
             }
+            if t.kubernetes.is_some() && t.protocol != Protocol::Kubernetes {
+                return Err(invalid(
+                    format!("target[{i}].kubernetes"),
+                    "only for targets with protocol = \"kubernetes\"".into(),
+                ));
+            }
             let kind = match (t.protocol, t.postgres) {
+                (Protocol::Kubernetes, None) => {
+                    let kube = t.kubernetes.unwrap_or_default();
+                    if let Some((key, problem)) = kube.problem() {
+                        return Err(invalid(format!("target[{i}].kubernetes.{key}"), problem));
+                    }
+                    TargetKind::Kubernetes(kube)
+                }
                 (Protocol::Http, None) => {
                     let http = t.http.unwrap_or_default();
                     if let Some((key, problem)) = http.problem() {
@@ -701,7 +714,7 @@ impl Config {
                     return Err(invalid(
                         format!("target[{i}].protocol"),
                         format!(
-                            "protocol {other} is not available in this build yet; use \"tcp\", \"postgres\" or \"http\""
+                            "protocol {other} is not available in this build yet; use \"tcp\", \"postgres\", \"http\" or \"kubernetes\""
                         ),
                     ))
                 }
@@ -1044,6 +1057,9 @@ struct RawTarget {
     postgres: Option<PostgresTarget>,
     #[serde(default)]
     http: Option<HttpTarget>,
+    /// A Kubernetes API server's settings: the HTTP gateway's (`[target.kubernetes]`).
+    #[serde(default)]
+    kubernetes: Option<HttpTarget>,
 }
 
 fn default_protocol() -> Protocol {

@@ -107,3 +107,44 @@ impl Topology {
         cmd
     }
 }
+
+impl Topology {
+    /// A Kubernetes target `prod-cluster` at the test API server, whose bearer token and CA
+    /// the gateway holds (`[target.kubernetes]`), written into the daemon configuration.
+    pub fn kube_target(&self, api: &KubeApi) {
+        let secret = self.credential_file("prod-cluster", &api.token);
+        self.write_config(&format!(
+            "[[target]]\nname = \"prod-cluster\"\nprotocol = \"kubernetes\"\n\
+             addresses = [\"{TARGET_V4}:{APISERVER_PORT}\"]\n\
+             [target.kubernetes]\nca = \"{ca}\"\n\
+             [[target.kubernetes.inject]]\nheader = \"authorization\"\nprefix = \"Bearer \"\n\
+             credentials = {{ file = \"{secret}\" }}\n",
+            ca = api.ca.display(),
+            secret = secret.display(),
+        ));
+    }
+
+    /// `kubectl ARGS` governed through `bulkhead run`, as `nobody` (as under sudo), with the
+    /// kubeconfig `bulkhead run` writes and a discovery cache nobody can write.
+    pub fn governed_kubectl(&self, args: &[&str]) -> Command {
+        let cache = self.dir.join("kube-cache-governed");
+        std::fs::create_dir_all(&cache).expect("cache dir");
+        std::fs::set_permissions(&cache, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+            .expect("chmod cache");
+        let mut cmd = self.bulkhead(&["run", "--"]);
+        cmd.arg(kubectl_bin())
+            .arg("--cache-dir")
+            .arg(&cache)
+            .arg("--request-timeout=60s")
+            .args(args)
+            .env("SUDO_UID", "65534")
+            .env("SUDO_GID", "65534")
+            .env("SUDO_USER", "nobody")
+            .env_remove("KUBECONFIG")
+            .current_dir(&self.dir);
+        for var in ["HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"] {
+            cmd.env_remove(var);
+        }
+        cmd
+    }
+}

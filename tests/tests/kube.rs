@@ -6,7 +6,7 @@
 //! Each test builds its own namespaces (see `bulkhead_tests::Topology`) and needs root.
 
 use bulkhead_tests::{
-    kube::{missing_kubectl, write_kubeconfig},
+    kube::{missing_kubectl, write_kubeconfig, KubeApi},
     require_root, Side, Topology,
 };
 
@@ -74,8 +74,8 @@ fn kubectl_works_against_the_test_apiserver_directly() {
         ),
     );
     assert!(out.status.success(), "{}", text(&out));
-    let pod: serde_json::Value = serde_json::from_slice(&out.stdout).expect("pod JSON");
-    assert_eq!(pod["metadata"]["name"], "web-1");
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).expect("pod JSON");
+    assert_eq!(got["metadata"]["name"], "web-1");
 
     let out = topo.output(
         Side::Host,
@@ -121,4 +121,177 @@ fn kubectl_works_against_the_test_apiserver_directly() {
     write_kubeconfig(&anonymous, &api.url, &api.ca, None);
     let out = topo.output(Side::Host, topo.kubectl(&anonymous, &["get", "pods", "-A"]));
     assert!(!out.status.success(), "{}", text(&out));
+}
+
+const POLICY: &str = r#"
+[[target]]
+name = "prod-cluster"
+protocol = "kubernetes"
+default = "deny"
+
+[[rule]]
+id = "kube-read"
+verdict = "allow"
+target = { name = ["prod-cluster"] }
+kube = { verb = ["get", "list", "watch"], namespace = ["*"] }
+
+[[rule]]
+id = "no-delete-prod"
+verdict = "deny"
+message = "nothing is deleted in prod through the gateway"
+target = { name = ["prod-cluster"] }
+kube = { verb = ["delete", "deletecollection"], namespace = ["prod"] }
+
+[[rule]]
+id = "exec-needs-approval"
+verdict = "approve"
+target = { name = ["prod-cluster"] }
+kube = { resource = ["pods"], subresource = ["exec", "attach"] }
+"#;
+
+/// Every event of every session, oldest session first.
+fn all_events(topo: &Topology) -> Vec<serde_json::Value> {
+    let mut sessions = topo.sessions();
+    sessions.reverse();
+    sessions
+        .iter()
+        .flat_map(|s| topo.events(&s["id"]))
+        .collect()
+}
+
+#[test]
+fn kubectl_through_the_gateway_is_judged_held_and_recorded() {
+    require_root();
+    if skip_without_kubectl() {
+        return;
+    }
+    let topo = Topology::new("");
+    let mut api = topo.kube_apiserver();
+    topo.kube_target(&api);
+    topo.policy("kube.toml", POLICY);
+    let _daemon = topo.start_daemon(&[]);
+
+    // Allowed: a list across all namespaces. kubectl has no token (the kubeconfig `bulkhead
+    // run` wrote has none); the gateway sets the one it holds.
+    let out = topo.output(Side::Host, topo.governed_kubectl(&["get", "pods", "-A"]));
+    let all = text(&out);
+    assert!(
+        out.status.success(),
+        "{all}\nthe API server saw: {:?}\nrecorded: {:?}",
+        api.requests(),
+        all_events(&topo)
+    );
+    assert!(
+        all.lines()
+            .any(|l| l.split_whitespace().take(2).eq(["prod", "web-1"])),
+        "{all}"
+    );
+    assert!(all.contains("coredns-1"), "{all}");
+
+    // Denied: kubectl prints the rule's message; the API server never sees the DELETE.
+    let out = topo.output(
+        Side::Host,
+        topo.governed_kubectl(&["delete", "pod", "x", "-n", "prod"]),
+    );
+    let denied = text(&out);
+    assert!(!out.status.success(), "{denied}");
+    assert!(
+        denied.contains("Error from server (Forbidden)")
+            && denied.contains("nothing is deleted in prod through the gateway"),
+        "{denied}"
+    );
+
+    // Held: the exec waits for an admin, then runs.
+    let mut exec = topo.spawn(
+        Side::Host,
+        "kubectl-exec",
+        topo.governed_kubectl(&[
+            "exec", "web-1", "-n", "prod", "--", "echo", "hello", "governed",
+        ]),
+    );
+    let pending = topo.first_pending();
+    assert!(
+        pending["text"]
+            .as_str()
+            .is_some_and(|t| t.contains("/api/v1/namespaces/prod/pods/web-1/exec")),
+        "{pending}"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(
+        exec.child.try_wait().expect("try_wait").is_none(),
+        "kubectl exec waits while held"
+    );
+    let id = pending["id"].to_string();
+    let approved = topo.output(
+        Side::Host,
+        topo.bulkhead(&["approvals", "approve", &id, "--reason", "debugging web-1"]),
+    );
+    assert!(approved.status.success(), "{}", text(&approved));
+    let status = exec.wait();
+    let mut stdout = String::new();
+    while let Some(l) = exec.line(std::time::Duration::from_millis(500)) {
+        stdout.push_str(&l);
+        stdout.push('\n');
+    }
+    assert!(status.success(), "{stdout} {}", exec.stderr());
+    assert_eq!(stdout, "hello governed\n", "{}", exec.stderr());
+
+    assert_reached_and_recorded(&topo, &mut api);
+}
+
+/// What reached the API server: everything carried the held token, the DELETE never came, the
+/// exec came as a WebSocket upgrade. The record: each request with its verdict and rule, the
+/// exec's output as terminal output, and never the token.
+fn assert_reached_and_recorded(topo: &Topology, api: &mut KubeApi) {
+    let seen = api.requests();
+    assert!(!seen.is_empty());
+    assert!(
+        seen.iter().all(|r| r["authorized"] == true),
+        "the held token on every request: {seen:?}"
+    );
+    assert!(
+        !seen.iter().any(|r| r["method"] == "DELETE"),
+        "the denied DELETE never reached the server: {seen:?}"
+    );
+    assert!(
+        seen.iter().any(|r| r["upgrade"] == true
+            && r["path"] == "/api/v1/namespaces/prod/pods/web-1/exec"),
+        "{seen:?}"
+    );
+
+    let events = all_events(topo);
+    let request = |needle: &str, verdict: &str| {
+        events.iter().any(|e| {
+            e["type"] == "request"
+                && e["verdict"] == verdict
+                && e["text"].as_str().is_some_and(|t| t.contains(needle))
+        })
+    };
+    assert!(
+        request("GET https://10.201.0.2:6443/api/v1/pods", "allow"),
+        "{events:?}"
+    );
+    assert!(
+        request(
+            "DELETE https://10.201.0.2:6443/api/v1/namespaces/prod/pods/x",
+            "deny"
+        ),
+        "{events:?}"
+    );
+    assert!(
+        request("/api/v1/namespaces/prod/pods/web-1/exec", "approve"),
+        "{events:?}"
+    );
+    assert!(
+        events.iter().any(|e| e["type"] == "terminal_output"
+            && e["data"]
+                .as_str()
+                .is_some_and(|d| d.contains("hello governed"))),
+        "{events:?}"
+    );
+    let recorded = serde_json::to_string(&events).expect("JSON");
+    assert!(
+        !recorded.contains(&api.token),
+        "the held token is never recorded"
+    );
 }

@@ -148,6 +148,7 @@ pub fn run(
         for var in crate::tls::CA_BUNDLE_VARS {
             cmd.env(var, &bundle);
         }
+        kubeconfig(config, &bundle, &mut cmd);
     }
     no_new_privileges()?;
     restrict_sockets(config)?;
@@ -663,6 +664,22 @@ fn become_user(a: &Account, groups: &[u32]) -> Result<(), CliError> {
             a.uid,
             std::io::Error::last_os_error()
         )))
+    }
+}
+
+/// kubectl (and client-go tools) reach the configured Kubernetes targets through the gateway:
+/// `KUBECONFIG` names a kubeconfig written for this run (as the user the command runs as, in a
+/// private directory under the temporary directory) with each target's address, the gateway's
+/// CA bundle and no credential. The user's own kubeconfig is not read or changed.
+fn kubeconfig(config: &Config, bundle: &Path, cmd: &mut std::process::Command) {
+    let Some(text) = crate::kube::kubeconfig::for_targets(&config.targets, bundle) else {
+        return;
+    };
+    match crate::kube::kubeconfig::write_private(&std::env::temp_dir(), &text) {
+        Ok(path) => {
+            cmd.env("KUBECONFIG", path);
+        }
+        Err(e) => eprintln!("bulkhead: warning: cannot write a kubeconfig for kubectl: {e}"),
     }
 }
 

@@ -13,10 +13,9 @@
 //! `pods/NAME/exec` over WebSocket (`v5.channel.k8s.io` / `v4.channel.k8s.io`): it echoes the
 //! command's arguments on stdout, then stdin back to stdout until stdin closes, then sends a
 //! `Success` status on the error channel.
-#![expect(clippy::missing_panics_doc, reason = "test helper")]
 
 use std::{
-    collections::BTreeMap,
+    collections::BTreeSet,
     convert::Infallible,
     io::Write as _,
     net::SocketAddr,
@@ -40,7 +39,7 @@ use tokio_tungstenite::{
 };
 
 /// Pods by (namespace, name).
-type Pods = Arc<Mutex<BTreeMap<(String, String), ()>>>;
+type Pods = Arc<Mutex<BTreeSet<(String, String)>>>;
 
 struct Server {
     token: String,
@@ -64,14 +63,14 @@ fn main() {
     tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
 
-    let pods: BTreeMap<(String, String), ()> = [
+    let pods: BTreeSet<(String, String)> = [
         ("prod", "web-1"),
         ("prod", "x"),
         ("dev", "api-1"),
         ("kube-system", "coredns-1"),
     ]
     .into_iter()
-    .map(|(ns, n)| ((ns.to_string(), n.to_string()), ()))
+    .map(|(ns, n)| (ns.to_string(), n.to_string()))
     .collect();
     let server = Arc::new(Server {
         token: token.clone(),
@@ -253,9 +252,8 @@ impl Server {
                 let removed = self
                     .pods
                     .lock()
-                    .ok()
-                    .and_then(|mut p| p.remove(&((*ns).to_string(), (*name).to_string())));
-                if removed.is_some() {
+                    .is_ok_and(|mut p| p.remove(&((*ns).to_string(), (*name).to_string())));
+                if removed {
                     json_response(StatusCode::OK, &pod(ns, name))
                 } else {
                     not_found(name)
@@ -278,7 +276,7 @@ impl Server {
     fn has(&self, ns: &str, name: &str) -> bool {
         self.pods
             .lock()
-            .is_ok_and(|p| p.contains_key(&(ns.to_string(), name.to_string())))
+            .is_ok_and(|p| p.contains(&(ns.to_string(), name.to_string())))
     }
 
     fn list(&self, ns: Option<&str>, wants_table: bool) -> Response<Full<Bytes>> {
@@ -286,7 +284,7 @@ impl Server {
             .pods
             .lock()
             .map(|p| {
-                p.keys()
+                p.iter()
                     .filter(|(n, _)| ns.is_none_or(|want| want == n))
                     .cloned()
                     .collect()
@@ -379,10 +377,10 @@ fn exec(req: &mut Request<Incoming>, query: &str) -> Response<Full<Bytes>> {
                     _ => continue,
                 };
                 match data.split_first() {
-                    Some((0, rest)) if !rest.is_empty() => {
-                        if ws.send(frame(1, rest)).await.is_err() {
-                            return;
-                        }
+                    Some((0, rest))
+                        if !rest.is_empty() && ws.send(frame(1, rest)).await.is_err() =>
+                    {
+                        return;
                     }
                     // v5: stdin closed.
                     Some((255, [0])) if v5 => break,

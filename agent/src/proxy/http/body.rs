@@ -259,7 +259,9 @@ impl Body for ProxyBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             ProxyBody::Stream(tap) => tap.size_hint(),
-            ProxyBody::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
+            ProxyBody::Full(bytes) => {
+                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
+            }
         }
     }
 }
@@ -276,13 +278,22 @@ mod tests {
         let s = m.summary(hyper::StatusCode::CREATED, &[]);
         assert!(s.starts_with("201 Created, 12 B up, 2058 B down"), "{s}");
         assert!(s.contains("request body: {\"name\":\"x\"}"), "{s}");
-        assert!(s.contains(&format!("response body (first {RECORDED_BODY} of 2058 B)")), "{s}");
+        assert!(
+            s.contains(&format!("response body (first {RECORDED_BODY} of 2058 B)")),
+            "{s}"
+        );
         let m = Meter::new(false);
         m.add(true, b"secret-ish payload");
-        assert_eq!(m.summary(hyper::StatusCode::OK, &[]), "200 OK, 18 B up, 0 B down");
+        assert_eq!(
+            m.summary(hyper::StatusCode::OK, &[]),
+            "200 OK, 18 B up, 0 B down"
+        );
         let m = Meter::new(true);
         m.add(false, b"authorization: Bearer s3cr3t\n");
         let s = m.summary(hyper::StatusCode::OK, &["s3cr3t".into(), String::new()]);
-        assert!(s.ends_with("authorization: Bearer [held credential]\n"), "{s}");
+        assert!(
+            s.ends_with("authorization: Bearer [held credential]\n"),
+            "{s}"
+        );
     }
 }

@@ -16,26 +16,31 @@ pub enum Flavor {
 
 /// A request's reading, owning whatever its [`Action`] borrows.
 #[derive(Debug)]
-pub enum Judgement {
+pub enum Judgement<'n> {
     Http,
+    /// The apiserver's reading of the normalised path and query (what is forwarded).
+    Kube(crate::kube::RequestInfo<'n>),
     /// Cannot be judged: the target's `on_unknown` applies.
     Unknown(String),
 }
 
-impl Judgement {
+impl<'n> Judgement<'n> {
     /// Reads `req` as a `flavor` target's request.
-    pub fn of(flavor: Flavor, req: &Normalised) -> Self {
+    pub fn of(flavor: Flavor, req: &'n Normalised) -> Self {
         if let Some(why) = req.unknown {
             return Judgement::Unknown(format!("HTTP path: {why}"));
         }
         match flavor {
             Flavor::Http => Judgement::Http,
-            // Kubernetes: the apiserver request-info of `req.path_and_query` (the normalised
-            // form, exactly what is forwarded) and `req.method` becomes a `Judgement::Kube`
-            // whose action is `Action::Kube`. Until that parser is wired here, nothing on a
-            // Kubernetes target can be judged.
             Flavor::Kubernetes => {
-                Judgement::Unknown("Kubernetes requests are not read by this build".into())
+                let (path, query) = match req.path_and_query.split_once('?') {
+                    Some((p, q)) => (p, Some(q)),
+                    None => (req.path_and_query.as_str(), None),
+                };
+                match crate::kube::parse(req.method.as_str(), path, query) {
+                    Ok(info) => Judgement::Kube(info),
+                    Err(e) => Judgement::Unknown(format!("Kubernetes request: {e}")),
+                }
             }
         }
     }
@@ -48,6 +53,7 @@ impl Judgement {
                 host: &req.host,
                 path: &req.path_and_query,
             },
+            Judgement::Kube(info) => info.action().to_policy(),
             Judgement::Unknown(why) => Action::Unknown { why },
         }
     }

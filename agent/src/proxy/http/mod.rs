@@ -18,6 +18,7 @@ pub mod judge;
 mod passthrough;
 pub mod request;
 pub mod settings;
+mod tunnel;
 mod upstream;
 
 use std::{convert::Infallible, sync::Arc, time::Duration};
@@ -141,6 +142,7 @@ pub async fn serve(conn: &Conn<'_>, shared: &Shared, client: TcpStream) -> Sessi
         totals: Arc::default(),
         tls: client_tls,
         server_name: None,
+        tunnels: std::sync::Mutex::default(),
     };
     if !client_tls {
         return session.serve_connection(client).await;
@@ -148,7 +150,8 @@ pub async fn serve(conn: &Conn<'_>, shared: &Shared, client: TcpStream) -> Sessi
     let Some(ca) = conn.gw.tls.as_deref() else {
         return failed("client TLS: the gateway has no local CA");
     };
-    let acceptor = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), client);
+    let acceptor =
+        tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), client);
     let start = match tokio::time::timeout(HEADER_TIMEOUT, acceptor).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return failed(format!("client TLS: {e}")),
@@ -219,6 +222,9 @@ struct Session<'c, 'g> {
     tls: bool,
     /// The server name the client's TLS hello asked for.
     server_name: Option<String>,
+    /// Upgraded streams (Kubernetes exec, attach, port-forward) still relayed: the session
+    /// ends when they do.
+    tunnels: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl Session<'_, '_> {
@@ -256,7 +262,7 @@ impl Session<'_, '_> {
             .max_concurrent_streams(MAX_STREAMS)
             .max_pending_accept_reset_streams(Some(32))
             .max_local_error_reset_streams(Some(32));
-        let connection = builder.serve_connection(TokioIo::new(io), service);
+        let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
         tokio::pin!(connection);
         let mut in_flight = FuturesUnordered::new();
         // HTTP/1.1's header timeout starts at the first byte; this one covers a client that
@@ -277,6 +283,15 @@ impl Session<'_, '_> {
                 }
             }
         };
+        let tunnels = std::mem::take(
+            &mut *self
+                .tunnels
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        for t in tunnels {
+            let _ = t.await;
+        }
         let outcome = match result {
             Ok(()) => Outcome::Closed,
             Err(error) => Outcome::Failed { error },
@@ -290,8 +305,17 @@ impl Session<'_, '_> {
     }
 
     /// Reads, judges and forwards one request; the client's answer.
-    async fn answer(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one request's phases in order: read, judge, forward (or tunnel), record"
+    )]
+    async fn answer(&self, mut req: Request<Incoming>) -> Response<ProxyBody> {
         let started = Instant::now();
+        // Kubernetes exec, attach and port-forward: relayed once the policy allows them.
+        let upgrade = (self.flavor == Flavor::Kubernetes)
+            .then(|| tunnel::requested(req.headers()))
+            .flatten()
+            .map(|u| (u, hyper::upgrade::on(&mut req)));
         let (parts, body) = req.into_parts();
         let norm = match request::normalise(
             &parts.method,
@@ -340,6 +364,12 @@ impl Session<'_, '_> {
             )
             .await;
         if let Some(message) = &decided.refusal {
+            if self.flavor == Flavor::Kubernetes {
+                return json_answer(
+                    StatusCode::FORBIDDEN,
+                    &crate::kube::status::forbidden(message, &decided.decision.rules),
+                );
+            }
             return json_answer(
                 StatusCode::FORBIDDEN,
                 &serde_json::json!({
@@ -377,7 +407,28 @@ impl Session<'_, '_> {
         if let Ok(host) = HeaderValue::from_str(&norm.authority) {
             up.headers_mut().insert(header::HOST, host);
         }
-        match self.upstream.send(&norm.host, &norm.authority, up).await {
+        let sent = match upgrade {
+            Some((value, client)) => match self
+                .open_tunnel(
+                    &norm.host,
+                    value,
+                    up,
+                    client,
+                    tunnel::Exchange {
+                        request: decided.request,
+                        started,
+                        secrets: Arc::clone(&injected.secrets),
+                    },
+                )
+                .await
+            {
+                Ok(tunnel::Opened::Switched(answer)) => return answer,
+                Ok(tunnel::Opened::Answered(resp)) => Ok(resp),
+                Err(e) => Err(e),
+            },
+            None => self.upstream.send(&norm.host, &norm.authority, up).await,
+        };
+        match sent {
             Ok(resp) => {
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
@@ -515,12 +566,17 @@ mod tests {
                 HeaderValue::from_static(v),
             );
         }
-        let injected = vec![(header::AUTHORIZATION, HeaderValue::from_static("Bearer real"))];
+        let injected = vec![(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer real"),
+        )];
         let out = forwarded_headers(&client, &injected);
         let names: Vec<&str> = out.keys().map(HeaderName::as_str).collect();
         assert_eq!(names, vec!["authorization", "accept"], "{out:?}");
         assert_eq!(
-            out.get_all(header::AUTHORIZATION).iter().collect::<Vec<_>>(),
+            out.get_all(header::AUTHORIZATION)
+                .iter()
+                .collect::<Vec<_>>(),
             vec!["Bearer real"]
         );
     }

@@ -190,8 +190,14 @@ async fn allowed_requests_are_forwarded_normalised_with_the_held_header_and_reco
         )
         .await;
     assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
-    assert!(answer.contains("POST /v1/users?x=%2F HTTP/1.1\n"), "{answer}");
-    assert!(answer.contains("authorization: Bearer real-token\n"), "{answer}");
+    assert!(
+        answer.contains("POST /v1/users?x=%2F HTTP/1.1\n"),
+        "{answer}"
+    );
+    assert!(
+        answer.contains("authorization: Bearer real-token\n"),
+        "{answer}"
+    );
     assert!(!answer.contains("dummy"), "{answer}");
     assert!(answer.contains("host: api.example\n"), "{answer}");
     assert!(answer.contains("body: hello\n"), "{answer}");
@@ -220,7 +226,10 @@ async fn allowed_requests_are_forwarded_normalised_with_the_held_header_and_reco
     assert!(summary.starts_with("200 OK, 5 B up"), "{summary}");
     assert!(summary.contains("request body: hello"), "{summary}");
     let all = format!("{events:?}");
-    assert!(!all.contains("real-token"), "the held secret is never recorded");
+    assert!(
+        !all.contains("real-token"),
+        "the held secret is never recorded"
+    );
 }
 
 #[tokio::test]
@@ -253,7 +262,10 @@ async fn denied_and_ambiguous_requests_never_reach_the_target() {
         .await;
     assert_eq!(answer.matches("HTTP/1.1 ").count(), 1, "{answer}");
     assert!(!answer.contains("smuggled"), "{answer}");
-    assert!(answer.contains("transfer-encoding: chunked\n") || answer.contains("body: \n"), "{answer}");
+    assert!(
+        answer.contains("transfer-encoding: chunked\n") || answer.contains("body: \n"),
+        "{answer}"
+    );
     assert!(!answer.contains("content-length: 40"), "{answer}");
     for raw in [
         &b"POST /v1/x HTTP/1.1\r\nHost: api\r\nTransfer-Encoding: gzip, chunked\r\nConnection: close\r\n\r\n0\r\n\r\n"[..],

@@ -126,11 +126,13 @@ impl Upstream {
     }
 
     async fn connect(&self, host: &str) -> Result<Sender, UpstreamError> {
-        let tcp =
-            tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, TcpStream::connect(self.destination.0))
-                .await
-                .map_err(|_| UpstreamError::Timeout)?
-                .map_err(UpstreamError::Connect)?;
+        let tcp = tokio::time::timeout(
+            UPSTREAM_CONNECT_TIMEOUT,
+            TcpStream::connect(self.destination.0),
+        )
+        .await
+        .map_err(|_| UpstreamError::Timeout)?
+        .map_err(UpstreamError::Connect)?;
         let _ = tcp.set_nodelay(true);
         let Some(config) = &self.tls else {
             return handshake(tcp, self.h2c).await;
@@ -145,6 +147,54 @@ impl Upstream {
         let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
         handshake(tls, h2).await
     }
+}
+
+impl Upstream {
+    /// Sends an upgrade request (`Connection: Upgrade`) for `host` on a new HTTP/1.1
+    /// connection of its own (over TLS, ALPN offers only http/1.1), which becomes the upgraded
+    /// stream when the target switches protocols.
+    pub async fn send_upgrade(
+        &self,
+        host: &str,
+        mut req: Request<Tap>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let tcp = tokio::time::timeout(
+            UPSTREAM_CONNECT_TIMEOUT,
+            TcpStream::connect(self.destination.0),
+        )
+        .await
+        .map_err(|_| UpstreamError::Timeout)?
+        .map_err(UpstreamError::Connect)?;
+        let _ = tcp.set_nodelay(true);
+        *req.version_mut() = hyper::Version::HTTP_11;
+        let Some(config) = &self.tls else {
+            return send_upgrade_on(tcp, req).await;
+        };
+        let mut config = (**config).clone();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let name = ServerName::try_from(host.to_string())
+            .map_err(|_| UpstreamError::ServerName(host.to_string()))?;
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let tls = tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, connector.connect(name, tcp))
+            .await
+            .map_err(|_| UpstreamError::Timeout)?
+            .map_err(|e| UpstreamError::Tls(e.to_string()))?;
+        send_upgrade_on(tls, req).await
+    }
+}
+
+async fn send_upgrade_on<S>(io: S, req: Request<Tap>) -> Result<Response<Incoming>, UpstreamError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = http1::handshake(TokioIo::new(io)).await?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(error = %e, "upgraded connection to the target ended");
+        }
+    });
+    sender.ready().await?;
+    Ok(sender.send_request(req).await?)
 }
 
 async fn handshake<S>(io: S, h2: bool) -> Result<Sender, UpstreamError>
@@ -223,12 +273,11 @@ fn client_config(settings: &HttpTarget) -> Result<ClientConfig, String> {
             "no trusted roots: neither {SYSTEM_ROOTS} nor the target's ca"
         ));
     }
-    let builder = ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
-    .with_root_certificates(roots);
+    let builder =
+        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots);
     let mut config = match (&settings.client_cert, &settings.client_key) {
         (Some(cert), Some(key)) => {
             let chain = pem_certs(cert)?;
