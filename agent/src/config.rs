@@ -1152,6 +1152,11 @@ mod tests {
         };
         assert_eq!(pg.auth, [AuthMethod::ScramSha256]);
         assert!(!pg.login_to_network);
+        let cluster = c.targets.iter().find(|t| t.name == "prod-cluster").unwrap();
+        let TargetKind::Kubernetes(kube) = &cluster.kind else {
+            panic!("prod-cluster is a kubernetes target")
+        };
+        assert_eq!(kube.inject[0].prefix, "Bearer ");
     }
 
     #[test]
