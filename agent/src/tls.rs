@@ -160,15 +160,15 @@ impl LocalCa {
         {
             return Ok(Arc::clone(c));
         }
-        let names: Vec<String> = name.map(|_| vec![key.clone()]).unwrap_or_default();
-        let mut config = self.mint(ip, &names)?;
+        let dns_names: Vec<String> = name.map(|_| vec![key.clone()]).unwrap_or_default();
+        let mut config = self.mint(ip, &dns_names)?;
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         let config = Arc::new(config);
-        let mut named = self.named.lock().unwrap_or_else(PoisonError::into_inner);
-        if named.len() >= MAX_NAMED_LEAVES {
-            named.clear();
+        let mut cache = self.named.lock().unwrap_or_else(PoisonError::into_inner);
+        if cache.len() >= MAX_NAMED_LEAVES {
+            cache.clear();
         }
-        named.insert(key, Arc::clone(&config));
+        cache.insert(key, Arc::clone(&config));
         Ok(config)
     }
 }
@@ -187,7 +187,11 @@ pub const CA_BUNDLE_VARS: [&str; 4] = [
 
 /// Writes `run_dir/ca-bundle.pem`: `system_roots` (if readable) then this CA, readable by
 /// everyone (it holds only certificates), replaced atomically.
-pub fn write_bundle(ca: &LocalCa, system_roots: &Path, run_dir: &Path) -> Result<PathBuf, TlsError> {
+pub fn write_bundle(
+    ca: &LocalCa,
+    system_roots: &Path,
+    run_dir: &Path,
+) -> Result<PathBuf, TlsError> {
     let mut text = std::fs::read_to_string(system_roots).unwrap_or_default();
     if !text.is_empty() && !text.ends_with('\n') {
         text.push('\n');
@@ -274,7 +278,10 @@ mod tests {
         std::fs::write(dir.path().join("roots.pem"), "ROOTS").unwrap();
         let bundle = write_bundle(&ca, &dir.path().join("roots.pem"), dir.path()).unwrap();
         let text = std::fs::read_to_string(&bundle).unwrap();
-        assert!(text.starts_with("ROOTS\n") && text.ends_with(ca.cert_pem()), "{text}");
+        assert!(
+            text.starts_with("ROOTS\n") && text.ends_with(ca.cert_pem()),
+            "{text}"
+        );
         let mode = std::fs::metadata(&bundle).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o644);
         std::fs::write(dir.path().join("empty.pem"), "").unwrap();

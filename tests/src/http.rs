@@ -64,15 +64,34 @@ impl Topology {
         openssl(
             &dir,
             &[
-                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
-                "/CN=bulkhead test CA", "-keyout", "ca.key", "-out", "ca.pem",
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=bulkhead test CA",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
             ],
         );
         openssl(
             &dir,
             &[
-                "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=api.test", "-keyout",
-                "server.key", "-out", "server.csr",
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-subj",
+                "/CN=api.test",
+                "-keyout",
+                "server.key",
+                "-out",
+                "server.csr",
             ],
         );
         fs::write(
@@ -83,8 +102,21 @@ impl Topology {
         openssl(
             &dir,
             &[
-                "x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-                "-CAcreateserial", "-days", "2", "-extfile", "ext.cnf", "-out", "server.pem",
+                "x509",
+                "-req",
+                "-in",
+                "server.csr",
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                "ext.cnf",
+                "-out",
+                "server.pem",
             ],
         );
         let d = dir.display();
@@ -142,7 +174,12 @@ impl Topology {
             .env("SUDO_GID", "65534")
             .env("SUDO_USER", "nobody")
             .current_dir(&self.dir);
-        for var in ["SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "NODE_EXTRA_CA_CERTS", "CURL_CA_BUNDLE"] {
+        for var in [
+            "SSL_CERT_FILE",
+            "REQUESTS_CA_BUNDLE",
+            "NODE_EXTRA_CA_CERTS",
+            "CURL_CA_BUNDLE",
+        ] {
             cmd.env_remove(var);
         }
         self.output(Side::Host, cmd)

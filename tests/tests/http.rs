@@ -96,7 +96,9 @@ fn curl_is_allowed_denied_and_given_the_held_token_over_http_and_https() {
     assert_eq!(out.trim(), "nginx says hello GET /v1/items/b", "{err}");
     let log = nginx.wait_requests(1);
     assert!(
-        log.contains(&format!("GET /v1/items/b auth=\"Bearer {SECRET}\" proto=HTTP/1.1")),
+        log.contains(&format!(
+            "GET /v1/items/b auth=\"Bearer {SECRET}\" proto=HTTP/1.1"
+        )),
         "nginx saw the held token, on the normalised path: {log}"
     );
     assert!(!log.contains("dummy-token"), "{log}");
@@ -149,29 +151,31 @@ fn curl_is_allowed_denied_and_given_the_held_token_over_http_and_https() {
     assert_eq!(out.trim_end(), "nginx says hello GET /v1/tls\n2", "{err}");
     let log = nginx.wait_requests(3);
     assert!(
-        log.contains(&format!("GET /v1/tls auth=\"Bearer {SECRET}\" proto=HTTP/2.0")),
+        log.contains(&format!(
+            "GET /v1/tls auth=\"Bearer {SECRET}\" proto=HTTP/2.0"
+        )),
         "{log}"
     );
-    assert!(!log.contains("DELETE"), "the denied request never reached nginx: {log}");
+    assert!(
+        !log.contains("DELETE"),
+        "the denied request never reached nginx: {log}"
+    );
 
     // Without the bundle, curl does not trust the gateway (nothing is trusted behind its back).
-    let out = topo.output(
-        bulkhead_tests::Side::Governed,
-        {
-            let mut c = std::process::Command::new("curl");
-            c.args([
-                "-sS",
-                "--max-time",
-                "10",
-                "--cacert",
-                &nginx.ca.display().to_string(),
-                "--resolve",
-                &format!("{SERVER_NAME}:443:{TARGET_V4}"),
-                &format!("https://{SERVER_NAME}/v1/tls"),
-            ]);
-            c
-        },
-    );
+    let out = topo.output(bulkhead_tests::Side::Governed, {
+        let mut c = std::process::Command::new("curl");
+        c.args([
+            "-sS",
+            "--max-time",
+            "10",
+            "--cacert",
+            &nginx.ca.display().to_string(),
+            "--resolve",
+            &format!("{SERVER_NAME}:443:{TARGET_V4}"),
+            &format!("https://{SERVER_NAME}/v1/tls"),
+        ]);
+        c
+    });
     assert!(!out.status.success(), "{out:?}");
 
     // The record: each request with its verdict, rule and normalised URL; the held token
@@ -181,8 +185,14 @@ fn curl_is_allowed_denied_and_given_the_held_token_over_http_and_https() {
     let get = find(&format!("GET http://{TARGET_V4}/v1/items/b")).expect("GET recorded");
     assert_eq!(get.1, "allow", "{reqs:?}");
     let del = find(&format!("DELETE http://{TARGET_V4}/v1/items/1")).expect("DELETE recorded");
-    assert_eq!((del.1.as_str(), del.2.clone()), ("deny", serde_json::json!(["no-delete"])));
-    assert!(find(&format!("GET https://{SERVER_NAME}/v1/tls")).is_some(), "{reqs:?}");
+    assert_eq!(
+        (del.1.as_str(), del.2.clone()),
+        ("deny", serde_json::json!(["no-delete"]))
+    );
+    assert!(
+        find(&format!("GET https://{SERVER_NAME}/v1/tls")).is_some(),
+        "{reqs:?}"
+    );
     let export = topo.output(
         bulkhead_tests::Side::Host,
         topo.bulkhead(&["sessions", "export"]),
@@ -190,7 +200,10 @@ fn curl_is_allowed_denied_and_given_the_held_token_over_http_and_https() {
     let exported = String::from_utf8_lossy(&export.stdout);
     assert!(exported.contains("\"type\":\"response\""), "{exported}");
     assert!(exported.contains("200 OK"), "{exported}");
-    assert!(!exported.contains(SECRET), "the held token is never recorded");
+    assert!(
+        !exported.contains(SECRET),
+        "the held token is never recorded"
+    );
 }
 
 #[test]
@@ -209,8 +222,7 @@ fn python_and_node_clients_work_unchanged_and_ambiguous_requests_are_refused() {
     );
     let (out, err) = text(&topo.run_governed("/usr/bin/python3", &["-c", &py]));
     assert_eq!(
-        out,
-        "200 nginx says hello POST /v1/py\nnginx says hello GET /v1/urllib\n403 no-delete\n",
+        out, "200 nginx says hello POST /v1/py\nnginx says hello GET /v1/urllib\n403 no-delete\n",
         "{err}"
     );
 

@@ -131,7 +131,9 @@ pub enum Action<'a> {
     },
     /// A request its gateway could not read the way the target will (an HTTP path with an
     /// encoded slash, a Kubernetes path the request-info parser cannot place): `on_unknown`.
-    Unknown { why: &'a str },
+    Unknown {
+        why: &'a str,
+    },
 }
 
 /// Why the verdict is what it is.

@@ -3,6 +3,7 @@
 //! response's tap writes the exchange's `response` event when its body ends (or is dropped).
 
 use std::{
+    fmt::Write as _,
     pin::Pin,
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -72,17 +73,14 @@ impl Meter {
         if let Some(kept) = &self.kept {
             let kept = kept.lock().unwrap_or_else(PoisonError::into_inner);
             for (label, body, total) in [("request", &kept.0, up), ("response", &kept.1, down)] {
-                if !body.is_empty() {
-                    s.push_str(&format!(
-                        "\n{label} body{}: {}",
-                        if total > body.len() as u64 {
-                            format!(" (first {} of {total} B)", body.len())
-                        } else {
-                            String::new()
-                        },
-                        redact(&String::from_utf8_lossy(body), secrets)
-                    ));
+                if body.is_empty() {
+                    continue;
                 }
+                let _ = write!(s, "\n{label} body");
+                if total > body.len() as u64 {
+                    let _ = write!(s, " (first {} of {total} B)", body.len());
+                }
+                let _ = write!(s, ": {}", redact(&String::from_utf8_lossy(body), secrets));
             }
         }
         s
@@ -259,7 +257,9 @@ impl Body for ProxyBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             ProxyBody::Stream(tap) => tap.size_hint(),
-            ProxyBody::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
+            ProxyBody::Full(bytes) => {
+                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
+            }
         }
     }
 }
@@ -276,13 +276,22 @@ mod tests {
         let s = m.summary(hyper::StatusCode::CREATED, &[]);
         assert!(s.starts_with("201 Created, 12 B up, 2058 B down"), "{s}");
         assert!(s.contains("request body: {\"name\":\"x\"}"), "{s}");
-        assert!(s.contains(&format!("response body (first {RECORDED_BODY} of 2058 B)")), "{s}");
+        assert!(
+            s.contains(&format!("response body (first {RECORDED_BODY} of 2058 B)")),
+            "{s}"
+        );
         let m = Meter::new(false);
         m.add(true, b"secret-ish payload");
-        assert_eq!(m.summary(hyper::StatusCode::OK, &[]), "200 OK, 18 B up, 0 B down");
+        assert_eq!(
+            m.summary(hyper::StatusCode::OK, &[]),
+            "200 OK, 18 B up, 0 B down"
+        );
         let m = Meter::new(true);
         m.add(false, b"authorization: Bearer s3cr3t\n");
         let s = m.summary(hyper::StatusCode::OK, &["s3cr3t".into(), String::new()]);
-        assert!(s.ends_with("authorization: Bearer [held credential]\n"), "{s}");
+        assert!(
+            s.ends_with("authorization: Bearer [held credential]\n"),
+            "{s}"
+        );
     }
 }

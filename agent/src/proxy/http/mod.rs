@@ -148,7 +148,8 @@ pub async fn serve(conn: &Conn<'_>, shared: &Shared, client: TcpStream) -> Sessi
     let Some(ca) = conn.gw.tls.as_deref() else {
         return failed("client TLS: the gateway has no local CA");
     };
-    let acceptor = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), client);
+    let acceptor =
+        tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), client);
     let start = match tokio::time::timeout(HEADER_TIMEOUT, acceptor).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return failed(format!("client TLS: {e}")),
@@ -302,26 +303,7 @@ impl Session<'_, '_> {
             self.server_name.as_deref(),
         ) {
             Ok(n) => n,
-            Err(bad) => {
-                let text = format!("{} {}", parts.method, parts.uri);
-                self.conn.record(
-                    EventKind::request(
-                        &text,
-                        Some(HTTP_CLASS.into()),
-                        RecordedVerdict::Deny,
-                        Vec::new(),
-                    )
-                    .with_error(format!("ambiguous request refused: {bad}")),
-                );
-                let status = StatusCode::from_u16(bad.status()).unwrap_or(StatusCode::BAD_REQUEST);
-                return json_answer(
-                    status,
-                    &serde_json::json!({
-                        "error": "bulkhead: ambiguous request refused",
-                        "reason": bad.to_string(),
-                    }),
-                );
-            }
+            Err(bad) => return self.refuse_ambiguous(&parts.method, &parts.uri, &bad),
         };
         let judged = Judgement::of(self.flavor, &norm);
         let text = norm.text();
@@ -408,6 +390,33 @@ impl Session<'_, '_> {
                 )
             }
         }
+    }
+
+    /// Records and answers a request refused before judging (400, 414 or 421).
+    fn refuse_ambiguous(
+        &self,
+        method: &Method,
+        uri: &hyper::Uri,
+        bad: &request::Ambiguous,
+    ) -> Response<ProxyBody> {
+        let text = format!("{method} {uri}");
+        self.conn.record(
+            EventKind::request(
+                &text,
+                Some(HTTP_CLASS.into()),
+                RecordedVerdict::Deny,
+                Vec::new(),
+            )
+            .with_error(format!("ambiguous request refused: {bad}")),
+        );
+        let status = StatusCode::from_u16(bad.status()).unwrap_or(StatusCode::BAD_REQUEST);
+        json_answer(
+            status,
+            &serde_json::json!({
+                "error": "bulkhead: ambiguous request refused",
+                "reason": bad.to_string(),
+            }),
+        )
     }
 
     fn record_failure(&self, request: u64, started: Instant, error: String) {
@@ -515,12 +524,17 @@ mod tests {
                 HeaderValue::from_static(v),
             );
         }
-        let injected = vec![(header::AUTHORIZATION, HeaderValue::from_static("Bearer real"))];
+        let injected = vec![(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer real"),
+        )];
         let out = forwarded_headers(&client, &injected);
         let names: Vec<&str> = out.keys().map(HeaderName::as_str).collect();
         assert_eq!(names, vec!["authorization", "accept"], "{out:?}");
         assert_eq!(
-            out.get_all(header::AUTHORIZATION).iter().collect::<Vec<_>>(),
+            out.get_all(header::AUTHORIZATION)
+                .iter()
+                .collect::<Vec<_>>(),
             vec!["Bearer real"]
         );
     }

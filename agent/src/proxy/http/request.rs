@@ -66,7 +66,11 @@ const SINGLETONS: &[(&str, &str)] = &[
 ];
 
 /// Headers with which frameworks run another method than the request line's.
-const METHOD_OVERRIDES: &[&str] = &["x-http-method-override", "x-http-method", "x-method-override"];
+const METHOD_OVERRIDES: &[&str] = &[
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
 
 /// A request as judged and forwarded.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -177,8 +181,11 @@ fn framing(headers: &HeaderMap, version: Version) -> Result<(), Ambiguous> {
     if headers.contains_key(header::CONTENT_LENGTH) {
         return Err(Ambiguous::LengthAndChunked);
     }
-    let chunked_only =
-        te.len() == 1 && te[0].as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked");
+    let chunked_only = te.len() == 1
+        && te[0]
+            .as_bytes()
+            .trim_ascii()
+            .eq_ignore_ascii_case(b"chunked");
     if !chunked_only || version == Version::HTTP_10 {
         return Err(Ambiguous::TransferEncoding);
     }
@@ -290,11 +297,7 @@ mod tests {
     use super::*;
     use hyper::header::{HeaderName, HeaderValue};
 
-    fn req(
-        method: &str,
-        uri: &str,
-        headers: &[(&str, &str)],
-    ) -> Result<Normalised, Ambiguous> {
+    fn req(method: &str, uri: &str, headers: &[(&str, &str)]) -> Result<Normalised, Ambiguous> {
         let mut map = HeaderMap::new();
         for (k, v) in headers {
             map.append(
@@ -421,10 +424,7 @@ mod tests {
             req("CONNECT", "a:443", &[h]),
             Err(Ambiguous::Method("CONNECT"))
         );
-        assert_eq!(
-            req("OPTIONS", "*", &[h]).unwrap_err(),
-            Ambiguous::NotOrigin
-        );
+        assert_eq!(req("OPTIONS", "*", &[h]).unwrap_err(), Ambiguous::NotOrigin);
     }
 
     #[test]
@@ -432,9 +432,23 @@ mod tests {
         let mut map = HeaderMap::new();
         map.insert(header::HOST, HeaderValue::from_static("api.example:443"));
         let uri: Uri = "/x".parse().unwrap();
-        let n = normalise(&Method::GET, &uri, Version::HTTP_11, &map, true, Some("API.example"));
+        let n = normalise(
+            &Method::GET,
+            &uri,
+            Version::HTTP_11,
+            &map,
+            true,
+            Some("API.example"),
+        );
         assert_eq!(n.unwrap().scheme, "https");
-        let n = normalise(&Method::GET, &uri, Version::HTTP_11, &map, true, Some("other.example"));
+        let n = normalise(
+            &Method::GET,
+            &uri,
+            Version::HTTP_11,
+            &map,
+            true,
+            Some("other.example"),
+        );
         assert_eq!(n, Err(Ambiguous::NotServerName));
     }
 }

@@ -160,7 +160,11 @@ mod tests {
                 "inject[1].header",
             ),
         ] {
-            assert_eq!(parse(bad).problem().map(|p| p.0).as_deref(), Some(key), "{bad}");
+            assert_eq!(
+                parse(bad).problem().map(|p| p.0).as_deref(),
+                Some(key),
+                "{bad}"
+            );
         }
         assert!(toml::from_str::<HttpTarget>("tls = \"maybe\"\n").is_err());
     }

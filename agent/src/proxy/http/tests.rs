@@ -1,7 +1,7 @@
 //! The HTTP gateway in process: a mock kernel record, the real accept loop, and a hyper echo
 //! server on loopback as the target. Clients write exact bytes.
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+use std::{convert::Infallible, fmt::Write as _, net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full};
@@ -34,10 +34,10 @@ async fn echo_target() -> SocketAddr {
                 let svc = service_fn(|req: Request<Incoming>| async move {
                     let mut text = format!("{} {} {:?}\n", req.method(), req.uri(), req.version());
                     for (k, v) in req.headers() {
-                        text.push_str(&format!("{k}: {}\n", v.to_str().unwrap_or("?")));
+                        let _ = writeln!(text, "{k}: {}", v.to_str().unwrap_or("?"));
                     }
                     let body = req.into_body().collect().await.unwrap().to_bytes();
-                    text.push_str(&format!("body: {}\n", String::from_utf8_lossy(&body)));
+                    let _ = writeln!(text, "body: {}", String::from_utf8_lossy(&body));
                     Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(text))))
                 });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
@@ -190,8 +190,14 @@ async fn allowed_requests_are_forwarded_normalised_with_the_held_header_and_reco
         )
         .await;
     assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
-    assert!(answer.contains("POST /v1/users?x=%2F HTTP/1.1\n"), "{answer}");
-    assert!(answer.contains("authorization: Bearer real-token\n"), "{answer}");
+    assert!(
+        answer.contains("POST /v1/users?x=%2F HTTP/1.1\n"),
+        "{answer}"
+    );
+    assert!(
+        answer.contains("authorization: Bearer real-token\n"),
+        "{answer}"
+    );
     assert!(!answer.contains("dummy"), "{answer}");
     assert!(answer.contains("host: api.example\n"), "{answer}");
     assert!(answer.contains("body: hello\n"), "{answer}");
@@ -220,7 +226,10 @@ async fn allowed_requests_are_forwarded_normalised_with_the_held_header_and_reco
     assert!(summary.starts_with("200 OK, 5 B up"), "{summary}");
     assert!(summary.contains("request body: hello"), "{summary}");
     let all = format!("{events:?}");
-    assert!(!all.contains("real-token"), "the held secret is never recorded");
+    assert!(
+        !all.contains("real-token"),
+        "the held secret is never recorded"
+    );
 }
 
 #[tokio::test]
@@ -253,7 +262,10 @@ async fn denied_and_ambiguous_requests_never_reach_the_target() {
         .await;
     assert_eq!(answer.matches("HTTP/1.1 ").count(), 1, "{answer}");
     assert!(!answer.contains("smuggled"), "{answer}");
-    assert!(answer.contains("transfer-encoding: chunked\n") || answer.contains("body: \n"), "{answer}");
+    assert!(
+        answer.contains("transfer-encoding: chunked\n") || answer.contains("body: \n"),
+        "{answer}"
+    );
     assert!(!answer.contains("content-length: 40"), "{answer}");
     for raw in [
         &b"POST /v1/x HTTP/1.1\r\nHost: api\r\nTransfer-Encoding: gzip, chunked\r\nConnection: close\r\n\r\n0\r\n\r\n"[..],

@@ -126,11 +126,13 @@ impl Upstream {
     }
 
     async fn connect(&self, host: &str) -> Result<Sender, UpstreamError> {
-        let tcp =
-            tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, TcpStream::connect(self.destination.0))
-                .await
-                .map_err(|_| UpstreamError::Timeout)?
-                .map_err(UpstreamError::Connect)?;
+        let tcp = tokio::time::timeout(
+            UPSTREAM_CONNECT_TIMEOUT,
+            TcpStream::connect(self.destination.0),
+        )
+        .await
+        .map_err(|_| UpstreamError::Timeout)?
+        .map_err(UpstreamError::Connect)?;
         let _ = tcp.set_nodelay(true);
         let Some(config) = &self.tls else {
             return handshake(tcp, self.h2c).await;
@@ -223,12 +225,11 @@ fn client_config(settings: &HttpTarget) -> Result<ClientConfig, String> {
             "no trusted roots: neither {SYSTEM_ROOTS} nor the target's ca"
         ));
     }
-    let builder = ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
-    .with_root_certificates(roots);
+    let builder =
+        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots);
     let mut config = match (&settings.client_cert, &settings.client_key) {
         (Some(cert), Some(key)) => {
             let chain = pem_certs(cert)?;
