@@ -1410,6 +1410,38 @@ mod tests {
     }
 
     #[test]
+    fn http_targets_take_their_settings_and_kubernetes_waits_for_its_gateway() {
+        let c = parse(
+            "[[target]]\nname = \"api\"\nprotocol = \"http\"\naddresses = [\"10.0.0.7:443\"]\n\
+             [target.http]\ntls = \"passthrough\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.targets[0].protocol(), Protocol::Http);
+        assert!(matches!(&c.targets[0].kind, TargetKind::Http(h)
+            if h.tls == crate::proxy::http::settings::ClientTls::Passthrough));
+        let e = parse(
+            "[[target]]\nname = \"api\"\nprotocol = \"http\"\naddresses = [\"10.0.0.7:443\"]\n\
+             [[target.http.inject]]\nheader = \"host\"\ncredentials = { env = \"T\" }\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("`target[0].http.inject[0].header`"), "{e}");
+        let e = parse(
+            "[[target]]\nname = \"db\"\nprotocol = \"tcp\"\naddresses = [\"10.0.0.7:5432\"]\n\
+             [target.http]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("`target[0].http`"), "{e}");
+        let e = parse(
+            "[[target]]\nname = \"k\"\nprotocol = \"kubernetes\"\naddresses = [\"10.0.0.7:6443\"]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("not available in this build yet"), "{e}");
+    }
+
+    #[test]
     fn postgres_auth_methods_are_named_and_validated() {
         let head = "[[target]]\nname = \"db\"\nprotocol = \"postgres\"\n\
                     addresses = [\"10.0.0.5:5432\"]\ncredentials = { env = \"DB_PW\" }\n";
