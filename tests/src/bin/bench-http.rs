@@ -28,13 +28,10 @@ fn wrk(topo: &Topology, side: Side, url: &str, seconds: u32) -> f64 {
         .lines()
         .find_map(|l| l.strip_prefix("Requests/sec:"))
         .and_then(|v| v.trim().parse::<f64>().ok())
-        .unwrap_or_else(|| {
-            panic!(
-                "wrk {url}: {text} {}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        });
-    let errors = text.lines().find(|l| l.contains("Non-2xx") || l.contains("Socket errors"));
+        .unwrap_or_else(|| panic!("wrk {url}: {text} {}", String::from_utf8_lossy(&out.stderr)));
+    let errors = text
+        .lines()
+        .find(|l| l.contains("Non-2xx") || l.contains("Socket errors"));
     if let Some(e) = errors {
         eprintln!("bench-http: {url}: {e}");
     }
@@ -124,7 +121,12 @@ fn main() {
     for _ in 0..rounds {
         direct.push(wrk(&topo, Side::Host, &url, seconds));
         gateway.push(wrk(&topo, Side::Governed, &url, seconds));
-        proxy.push(wrk(&topo, Side::Host, "http://127.0.0.1:8080/bench", seconds));
+        proxy.push(wrk(
+            &topo,
+            Side::Host,
+            "http://127.0.0.1:8080/bench",
+            seconds,
+        ));
     }
     let d = median(direct);
     let g = median(gateway);
@@ -143,11 +145,22 @@ fn main() {
             &format!("https://{TARGET_V4}/bench"),
             seconds,
         ));
-        proxy_tls.push(wrk(&topo, Side::Host, "https://127.0.0.1:8443/bench", seconds));
+        proxy_tls.push(wrk(
+            &topo,
+            Side::Host,
+            "https://127.0.0.1:8443/bench",
+            seconds,
+        ));
     }
     let gt = median(gateway_tls);
     let pt = median(proxy_tls);
     println!("HTTPS (TLS terminated, then TLS to nginx), medians (requests/s):");
-    println!("  gateway terminating    {gt:>10.0}  {:.2} of direct plain", gt / d);
-    println!("  nginx terminating      {pt:>10.0}  {:.2} of direct plain", pt / d);
+    println!(
+        "  gateway terminating    {gt:>10.0}  {:.2} of direct plain",
+        gt / d
+    );
+    println!(
+        "  nginx terminating      {pt:>10.0}  {:.2} of direct plain",
+        pt / d
+    );
 }
