@@ -76,7 +76,7 @@ impl Meter {
                 if body.is_empty() {
                     continue;
                 }
-                let _ = write!(s, "\n{label} body");
+                let _ = write!(s, "; {label} body");
                 if total > body.len() as u64 {
                     let _ = write!(s, " (first {} of {total} B)", body.len());
                 }
