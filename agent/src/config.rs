@@ -1431,6 +1431,57 @@ mod tests {
     }
 
     #[test]
+    fn http_and_kubernetes_targets_take_their_settings() {
+        let c = parse(
+            "[[target]]\nname = \"api\"\nprotocol = \"http\"\naddresses = [\"10.0.0.7:443\"]\n\
+             [target.http]\ntls = \"passthrough\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.targets[0].protocol(), Protocol::Http);
+        assert!(matches!(&c.targets[0].kind, TargetKind::Http(h)
+            if h.tls == crate::proxy::http::settings::ClientTls::Passthrough));
+        let e = parse(
+            "[[target]]\nname = \"api\"\nprotocol = \"http\"\naddresses = [\"10.0.0.7:443\"]\n\
+             [[target.http.inject]]\nheader = \"host\"\ncredentials = { env = \"T\" }\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("`target[0].http.inject[0].header`"), "{e}");
+        let e = parse(
+            "[[target]]\nname = \"db\"\nprotocol = \"tcp\"\naddresses = [\"10.0.0.7:5432\"]\n\
+             [target.http]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("`target[0].http`"), "{e}");
+        let c = parse(
+            "[[target]]\nname = \"k\"\nprotocol = \"kubernetes\"\naddresses = [\"10.0.0.7:6443\"]\n\
+             [target.kubernetes]\nca = \"/etc/k.pem\"\n",
+        )
+        .unwrap();
+        assert!(matches!(&c.targets[0].kind, TargetKind::Kubernetes(k)
+            if k.ca.as_deref() == Some(std::path::Path::new("/etc/k.pem"))));
+        for (bad, key) in [
+            (
+                "protocol = \"http\"\n[target.kubernetes]\n",
+                "`target[0].kubernetes`",
+            ),
+            (
+                "protocol = \"kubernetes\"\n[[target.kubernetes.inject]]\nheader = \"host\"\n\
+                 credentials = { env = \"T\" }\n",
+                "`target[0].kubernetes.inject[0].header`",
+            ),
+        ] {
+            let e = parse(&format!(
+                "[[target]]\nname = \"k\"\naddresses = [\"10.0.0.7:6443\"]\n{bad}"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains(key), "{e}");
+        }
+    }
+
+    #[test]
     fn postgres_auth_methods_are_named_and_validated() {
         let head = "[[target]]\nname = \"db\"\nprotocol = \"postgres\"\n\
                     addresses = [\"10.0.0.5:5432\"]\ncredentials = { env = \"DB_PW\" }\n";

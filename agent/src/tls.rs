@@ -160,15 +160,15 @@ impl LocalCa {
         {
             return Ok(Arc::clone(c));
         }
-        let names: Vec<String> = name.map(|_| vec![key.clone()]).unwrap_or_default();
-        let mut config = self.mint(ip, &names)?;
+        let dns_names: Vec<String> = name.map(|_| vec![key.clone()]).unwrap_or_default();
+        let mut config = self.mint(ip, &dns_names)?;
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         let config = Arc::new(config);
-        let mut named = self.named.lock().unwrap_or_else(PoisonError::into_inner);
-        if named.len() >= MAX_NAMED_LEAVES {
-            named.clear();
+        let mut cache = self.named.lock().unwrap_or_else(PoisonError::into_inner);
+        if cache.len() >= MAX_NAMED_LEAVES {
+            cache.clear();
         }
-        named.insert(key, Arc::clone(&config));
+        cache.insert(key, Arc::clone(&config));
         Ok(config)
     }
 }

@@ -314,3 +314,68 @@ print("slow closed", time.time() - t < 20)
     let (out, err) = curl(&topo, &[&format!("http://{TARGET_V4}/v1/after")]);
     assert_eq!(out, "nginx says hello GET /v1/after\n", "{err}");
 }
+
+#[test]
+fn tls_pass_through_is_decided_by_server_name_and_relayed_untouched() {
+    require_root();
+    let topo = Topology::new("");
+    let nginx = topo.nginx();
+    topo.write_config(&format!(
+        "[[target]]\nname = \"api\"\nprotocol = \"http\"\naddresses = [\"{TARGET_V4}:443\"]\n\
+         [target.http]\ntls = \"passthrough\"\n"
+    ));
+    topo.policy(
+        "api.toml",
+        "[[target]]\nname = \"api\"\nprotocol = \"http\"\ndefault = \"deny\"\n\n\
+         [[rule]]\nid = \"api-by-name\"\nverdict = \"allow\"\ntarget = { name = [\"api\"] }\n\
+         http = { host = [\"api.test\"] }\n",
+    );
+    let _daemon = topo.start_daemon(&[]);
+    let ca = nginx.ca.display().to_string();
+    // nginx's own certificate reaches the client (it trusts only nginx's CA): not terminated.
+    let (out, err) = curl(
+        &topo,
+        &[
+            "--cacert",
+            &ca,
+            "--resolve",
+            &format!("{SERVER_NAME}:443:{TARGET_V4}"),
+            &format!("https://{SERVER_NAME}/v1/through"),
+        ],
+    );
+    assert_eq!(out.trim_end(), "nginx says hello GET /v1/through", "{err}");
+    // Another name at the same address: denied, the connection reset before any TLS answer.
+    let (out, err) = curl(
+        &topo,
+        &[
+            "--cacert",
+            &ca,
+            "--resolve",
+            &format!("other.test:443:{TARGET_V4}"),
+            "https://other.test/v1/x",
+        ],
+    );
+    assert!(out.is_empty() && !err.is_empty(), "{out} {err}");
+    // No server name (an address): unknown, denied.
+    let (out, err) = curl(
+        &topo,
+        &["--cacert", &ca, &format!("https://{TARGET_V4}/v1/x")],
+    );
+    assert!(out.is_empty() && !err.is_empty(), "{out} {err}");
+    let log = nginx.wait_requests(1);
+    assert_eq!(log.lines().count(), 1, "{log}");
+    let reqs = requests(&topo);
+    let texts: Vec<(&str, &str)> = reqs.iter().map(|r| (r.0.as_str(), r.1.as_str())).collect();
+    assert!(
+        texts.contains(&("TLS pass-through to api.test", "allow")),
+        "{texts:?}"
+    );
+    assert!(
+        texts.contains(&("TLS pass-through to other.test", "deny")),
+        "{texts:?}"
+    );
+    assert!(
+        texts.contains(&("TLS pass-through without a server name", "deny")),
+        "{texts:?}"
+    );
+}

@@ -3,6 +3,7 @@
 //! response's tap writes the exchange's `response` event when its body ends (or is dropped).
 
 use std::{
+    fmt::Write as _,
     pin::Pin,
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -72,17 +73,14 @@ impl Meter {
         if let Some(kept) = &self.kept {
             let kept = kept.lock().unwrap_or_else(PoisonError::into_inner);
             for (label, body, total) in [("request", &kept.0, up), ("response", &kept.1, down)] {
-                if !body.is_empty() {
-                    s.push_str(&format!(
-                        "\n{label} body{}: {}",
-                        if total > body.len() as u64 {
-                            format!(" (first {} of {total} B)", body.len())
-                        } else {
-                            String::new()
-                        },
-                        redact(&String::from_utf8_lossy(body), secrets)
-                    ));
+                if body.is_empty() {
+                    continue;
                 }
+                let _ = write!(s, "; {label} body");
+                if total > body.len() as u64 {
+                    let _ = write!(s, " (first {} of {total} B)", body.len());
+                }
+                let _ = write!(s, ": {}", redact(&String::from_utf8_lossy(body), secrets));
             }
         }
         s

@@ -326,26 +326,7 @@ impl Session<'_, '_> {
             self.server_name.as_deref(),
         ) {
             Ok(n) => n,
-            Err(bad) => {
-                let text = format!("{} {}", parts.method, parts.uri);
-                self.conn.record(
-                    EventKind::request(
-                        &text,
-                        Some(HTTP_CLASS.into()),
-                        RecordedVerdict::Deny,
-                        Vec::new(),
-                    )
-                    .with_error(format!("ambiguous request refused: {bad}")),
-                );
-                let status = StatusCode::from_u16(bad.status()).unwrap_or(StatusCode::BAD_REQUEST);
-                return json_answer(
-                    status,
-                    &serde_json::json!({
-                        "error": "bulkhead: ambiguous request refused",
-                        "reason": bad.to_string(),
-                    }),
-                );
-            }
+            Err(bad) => return self.refuse_ambiguous(&parts.method, &parts.uri, &bad),
         };
         let judged = Judgement::of(self.flavor, &norm);
         let text = norm.text();
@@ -459,6 +440,33 @@ impl Session<'_, '_> {
                 )
             }
         }
+    }
+
+    /// Records and answers a request refused before judging (400, 414 or 421).
+    fn refuse_ambiguous(
+        &self,
+        method: &Method,
+        uri: &hyper::Uri,
+        bad: &request::Ambiguous,
+    ) -> Response<ProxyBody> {
+        let text = format!("{method} {uri}");
+        self.conn.record(
+            EventKind::request(
+                &text,
+                Some(HTTP_CLASS.into()),
+                RecordedVerdict::Deny,
+                Vec::new(),
+            )
+            .with_error(format!("ambiguous request refused: {bad}")),
+        );
+        let status = StatusCode::from_u16(bad.status()).unwrap_or(StatusCode::BAD_REQUEST);
+        json_answer(
+            status,
+            &serde_json::json!({
+                "error": "bulkhead: ambiguous request refused",
+                "reason": bad.to_string(),
+            }),
+        )
     }
 
     fn record_failure(&self, request: u64, started: Instant, error: String) {

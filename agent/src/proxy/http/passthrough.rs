@@ -104,29 +104,9 @@ pub async fn serve(conn: &Conn<'_>, mut client: TcpStream) -> SessionEnd {
     if let Some(reason) = decided.refusal {
         return tcp::refuse(client, reason);
     }
-    let upstream = match tokio::time::timeout(
-        UPSTREAM_CONNECT_TIMEOUT,
-        TcpStream::connect(conn.destination.0),
-    )
-    .await
-    {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            return ended(
-                &super::Totals::default(),
-                Outcome::UpstreamFailed {
-                    error: e.to_string(),
-                },
-            )
-        }
-        Err(_) => {
-            return ended(
-                &super::Totals::default(),
-                Outcome::UpstreamFailed {
-                    error: "no answer in time".into(),
-                },
-            )
-        }
+    let upstream = match connect(conn).await {
+        Ok(s) => s,
+        Err(end) => return end,
     };
     let _ = upstream.set_nodelay(true);
     let (up_r, mut up_w) = upstream.into_split();
@@ -156,6 +136,23 @@ pub async fn serve(conn: &Conn<'_>, mut client: TcpStream) -> SessionEnd {
             },
         },
     )
+}
+
+async fn connect(conn: &Conn<'_>) -> Result<TcpStream, SessionEnd> {
+    let error = match tokio::time::timeout(
+        UPSTREAM_CONNECT_TIMEOUT,
+        TcpStream::connect(conn.destination.0),
+    )
+    .await
+    {
+        Ok(Ok(s)) => return Ok(s),
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "no answer in time".into(),
+    };
+    Err(ended(
+        &super::Totals::default(),
+        Outcome::UpstreamFailed { error },
+    ))
 }
 
 #[cfg(test)]

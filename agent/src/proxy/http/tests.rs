@@ -1,7 +1,7 @@
 //! The HTTP gateway in process: a mock kernel record, the real accept loop, and a hyper echo
 //! server on loopback as the target. Clients write exact bytes.
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+use std::{convert::Infallible, fmt::Write as _, net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full};
@@ -34,10 +34,10 @@ async fn echo_target() -> SocketAddr {
                 let svc = service_fn(|req: Request<Incoming>| async move {
                     let mut text = format!("{} {} {:?}\n", req.method(), req.uri(), req.version());
                     for (k, v) in req.headers() {
-                        text.push_str(&format!("{k}: {}\n", v.to_str().unwrap_or("?")));
+                        let _ = writeln!(text, "{k}: {}", v.to_str().unwrap_or("?"));
                     }
                     let body = req.into_body().collect().await.unwrap().to_bytes();
-                    text.push_str(&format!("body: {}\n", String::from_utf8_lossy(&body)));
+                    let _ = writeln!(text, "body: {}", String::from_utf8_lossy(&body));
                     Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(text))))
                 });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
@@ -81,6 +81,13 @@ id = "held"
 verdict = "approve"
 target = { name = ["api"] }
 http = { path = ["/v1/held"] }
+
+[[rule]]
+id = "held-briefly"
+verdict = "approve"
+approval_timeout = "1s"
+target = { name = ["api"] }
+http = { path = ["/v1/expires"] }
 "#;
 
 impl Harness {
@@ -394,6 +401,86 @@ async fn http2_clients_are_served_over_h2c_and_tls_with_the_name_they_asked_for(
         .await
         .unwrap();
     assert_eq!(misdirected.status(), 421);
+}
+
+#[tokio::test]
+async fn held_requests_wait_for_an_admin_and_expired_ones_are_refused_saying_so() {
+    std::env::set_var("BH_TEST_TOKEN_D", "real-token");
+    let target = echo_target().await;
+    let h = Arc::new(Harness::new(target, "BH_TEST_TOKEN_D").await);
+    let held = {
+        let h = Arc::clone(&h);
+        tokio::spawn(async move {
+            h.raw(
+                target,
+                b"POST /v1/held HTTP/1.1\r\nHost: api\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+            )
+            .await
+        })
+    };
+    let id = loop {
+        if let [one] = h.gw.approvals.list_pending().as_slice() {
+            break one.id;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(!held.is_finished(), "the client waits");
+    h.gw.approvals
+        .approve(
+            id,
+            crate::approval::Approver { uid: 0, user: None },
+            None,
+            None,
+        )
+        .unwrap();
+    let answer = held.await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+    assert!(answer.contains("POST /v1/held HTTP/1.1\n"), "{answer}");
+
+    let answer = h
+        .raw(
+            target,
+            b"GET /v1/expires HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+    assert!(answer.starts_with("HTTP/1.1 403 "), "{answer}");
+    assert!(answer.contains("expired"), "{answer}");
+    assert!(answer.contains("\"rule\":\"held-briefly\""), "{answer}");
+}
+
+#[tokio::test]
+async fn bad_http2_frames_end_that_connection_only() {
+    std::env::set_var("BH_TEST_TOKEN_E", "real-token");
+    let target = echo_target().await;
+    let h = Harness::new(target, "BH_TEST_TOKEN_E").await;
+    // The preface, then a HEADERS frame on stream 0 (a connection error), then garbage.
+    let mut bad = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    bad.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]); // empty SETTINGS
+    bad.extend_from_slice(&[0, 0, 3, 1, 5, 0, 0, 0, 0, 0xff, 0xff, 0xff]);
+    bad.extend_from_slice(&[0xde; 32]);
+    let mut s = h.connect(target).await;
+    s.write_all(&bad).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .expect("closed")
+        .unwrap();
+    // The server's frames: a GOAWAY (type 7) among them, then the end of the connection.
+    let mut types = Vec::new();
+    let mut rest = &out[..];
+    while rest.len() >= 9 {
+        let len = usize::from(rest[0]) << 16 | usize::from(rest[1]) << 8 | usize::from(rest[2]);
+        types.push(rest[3]);
+        rest = &rest[(9 + len).min(rest.len())..];
+    }
+    assert!(types.contains(&7), "{types:?}");
+    let answer = h
+        .raw(
+            target,
+            b"GET /v1/ok HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
 }
 
 use rustls_pki_types::pem::PemObject as _;

@@ -89,17 +89,33 @@ impl Upstream {
         let reusable = current
             .as_ref()
             .is_some_and(|(h, s)| !s.is_closed() && (self.tls.is_none() || h == host));
-        if !reusable {
-            *current = None;
-            let sender = self.connect(host).await?;
-            *current = Some((host.to_string(), sender));
+        // A kept connection the target has closed since shows it only when asked to be ready:
+        // nothing was sent on it, so a new one is opened once.
+        let mut fresh = !reusable;
+        loop {
+            if fresh {
+                *current = None;
+                let sender = self.connect(host).await?;
+                *current = Some((host.to_string(), sender));
+            }
+            let Some((_, sender)) = current.as_mut() else {
+                return Err(UpstreamError::Tls("no connection".into()));
+            };
+            let ready = match sender {
+                Sender::H1(s) => s.ready().await,
+                Sender::H2(s) => s.ready().await,
+            };
+            match ready {
+                Ok(()) => break,
+                Err(e) if fresh => return Err(e.into()),
+                Err(_) => fresh = true,
+            }
         }
         let Some((_, sender)) = current.as_mut() else {
             return Err(UpstreamError::Tls("no connection".into()));
         };
         match sender {
             Sender::H1(s) => {
-                s.ready().await?;
                 *req.version_mut() = hyper::Version::HTTP_11;
                 let fut = s.send_request(req);
                 drop(current);
@@ -119,7 +135,6 @@ impl Upstream {
                     .parse()
                     .map_err(|_| UpstreamError::ServerName(authority.to_string()))?;
                 req.headers_mut().remove(hyper::header::HOST);
-                s.ready().await?;
                 Ok(s.send_request(req).await?)
             }
         }
