@@ -295,3 +295,104 @@ fn assert_reached_and_recorded(topo: &Topology, api: &mut KubeApi) {
         "the held token is never recorded"
     );
 }
+
+const EXEC_POLICY: &str = r#"
+[[target]]
+name = "prod-cluster"
+protocol = "kubernetes"
+default = "deny"
+
+[[rule]]
+id = "kube-read"
+verdict = "allow"
+target = { name = ["prod-cluster"] }
+kube = { verb = ["get", "list", "watch"], namespace = ["*"] }
+
+[[rule]]
+id = "exec-in-dev"
+verdict = "allow"
+target = { name = ["prod-cluster"] }
+kube = { verb = ["create"], resource = ["pods"], subresource = ["exec"], namespace = ["dev"] }
+
+[[rule]]
+id = "no-exec-in-prod"
+verdict = "deny"
+message = "no shells in prod pods"
+target = { name = ["prod-cluster"] }
+kube = { resource = ["pods"], subresource = ["exec"], namespace = ["prod"] }
+"#;
+
+#[test]
+fn exec_input_is_recorded_and_a_denied_exec_never_opens() {
+    require_root();
+    if skip_without_kubectl() {
+        return;
+    }
+    let topo = Topology::new("");
+    let mut api = topo.kube_apiserver();
+    topo.kube_target(&api);
+    topo.policy("kube.toml", EXEC_POLICY);
+    let _daemon = topo.start_daemon(&[]);
+
+    // kubectl exec -i with stdin from a pipe, all under `bulkhead run`: the test server echoes
+    // stdin back; both directions are recorded.
+    let mut cmd = topo.governed_kubectl(&[]);
+    let kubectl_args: Vec<String> = cmd
+        .get_args()
+        .skip_while(|a| *a != "--")
+        .skip(1)
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let mut shell = topo.bulkhead(&["run", "--", "/bin/sh", "-c"]);
+    shell.arg(format!(
+        "printf 'typed by the agent\\n' | {} exec -i api-1 -n dev -- cat",
+        kubectl_args.join(" ")
+    ));
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => shell.env(k, v),
+            None => shell.env_remove(k),
+        };
+    }
+    shell.current_dir(&topo.dir);
+    cmd = shell;
+    let out = topo.output(Side::Host, cmd);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "\ntyped by the agent\n",
+        "{}",
+        text(&out)
+    );
+
+    // A denied exec: kubectl says why, and the API server never sees a stream.
+    let out = topo.output(
+        Side::Host,
+        topo.governed_kubectl(&["exec", "web-1", "-n", "prod", "--", "sh"]),
+    );
+    let denied = text(&out);
+    assert!(!out.status.success(), "{denied}");
+    assert!(denied.contains("no shells in prod pods"), "{denied}");
+
+    let seen = api.requests();
+    assert!(
+        !seen
+            .iter()
+            .any(|r| r["path"] == "/api/v1/namespaces/prod/pods/web-1/exec"),
+        "{seen:?}"
+    );
+    let events = all_events(&topo);
+    assert!(
+        events.iter().any(|e| e["type"] == "terminal_input"
+            && e["data"]
+                .as_str()
+                .is_some_and(|d| d.contains("typed by the agent"))),
+        "{events:?}"
+    );
+    assert!(
+        events.iter().any(|e| e["type"] == "request"
+            && e["verdict"] == "deny"
+            && e["rules"] == serde_json::json!(["no-exec-in-prod"])),
+        "{events:?}"
+    );
+}
