@@ -294,6 +294,32 @@ fn assert_reached_and_recorded(topo: &Topology, api: &mut KubeApi) {
         !recorded.contains(&api.token),
         "the held token is never recorded"
     );
+
+    // The exec's session exports as asciicast, as an SSH session does.
+    let exec_session = events
+        .iter()
+        .find(|e| e["type"] == "terminal_output")
+        .map(|e| e["session"].to_string())
+        .expect("a terminal session");
+    let cast = topo.output(
+        Side::Host,
+        topo.bulkhead(&[
+            "sessions",
+            "export",
+            "--session",
+            &exec_session,
+            "--format",
+            "asciicast",
+        ]),
+    );
+    let cast_text = String::from_utf8_lossy(&cast.stdout);
+    assert!(cast.status.success(), "{}", text(&cast));
+    assert!(
+        cast_text
+            .lines()
+            .any(|l| l.contains("\"o\"") && l.contains("hello governed")),
+        "{cast_text}"
+    );
 }
 
 const EXEC_POLICY: &str = r#"
