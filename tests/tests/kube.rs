@@ -422,3 +422,78 @@ fn exec_input_is_recorded_and_a_denied_exec_never_opens() {
         "{events:?}"
     );
 }
+
+const DELETE_POLICY: &str = r#"
+[[target]]
+name = "prod-cluster"
+protocol = "kubernetes"
+default = "deny"
+
+[[rule]]
+id = "delete-in-dev"
+verdict = "allow"
+target = { name = ["prod-cluster"] }
+kube = { verb = ["get", "list", "delete"], namespace = ["dev"] }
+
+[[rule]]
+id = "no-delete-prod"
+verdict = "deny"
+message = "nothing is deleted in prod through the gateway"
+target = { name = ["prod-cluster"] }
+kube = { verb = ["delete", "deletecollection"], namespace = ["prod"] }
+"#;
+
+/// Raw paths the API server would read as another namespace than they seem to name are judged
+/// as the server reads them (the gateway forwards its normalised form), and what it cannot
+/// read the same way is unknown (denied).
+#[test]
+fn raw_paths_are_judged_as_the_api_server_reads_them() {
+    require_root();
+    let topo = Topology::new("");
+    let mut api = topo.kube_apiserver();
+    topo.kube_target(&api);
+    topo.policy("kube.toml", DELETE_POLICY);
+    let _daemon = topo.start_daemon(&[]);
+    let curl = |method: &str, path: &str| {
+        let url = format!("{}{path}", api.url);
+        let out = topo.output(bulkhead_tests::Side::Host, {
+            let mut cmd = topo.bulkhead(&["run", "--", "curl"]);
+            cmd.args(["-sS", "--max-time", "20", "--path-as-is", "-X", method])
+                .args(["-w", "\n%{http_code}", &url])
+                .env("SUDO_UID", "65534")
+                .env("SUDO_GID", "65534")
+                .env("SUDO_USER", "nobody")
+                .current_dir(&topo.dir);
+            cmd
+        });
+        let body = String::from_utf8_lossy(&out.stdout).into_owned();
+        let code = body.lines().last().unwrap_or_default().to_string();
+        (code, body)
+    };
+    for path in [
+        "/api/v1/namespaces/dev/pods/../../prod/pods/x",
+        "/api/v1/namespaces/pr%6Fd/pods/x",
+        "/api/v1/namespaces/dev/../prod/pods/x",
+    ] {
+        let (code, body) = curl("DELETE", path);
+        assert_eq!(code, "403", "{path}: {body}");
+        assert!(
+            body.contains("nothing is deleted in prod"),
+            "{path}: {body}"
+        );
+    }
+    // An encoded slash: the API server's reading is not the gateway's to guess.
+    let (code, body) = curl("DELETE", "/api/v1/namespaces/dev%2F..%2Fprod/pods/x");
+    assert_eq!(code, "403", "{body}");
+    assert!(body.contains("on_unknown"), "{body}");
+    // What the rules allow goes through.
+    let (code, body) = curl("DELETE", "/api/v1/namespaces/dev/pods/api-1");
+    assert_eq!(code, "200", "{body}");
+
+    let seen = api.requests();
+    let deletes: Vec<&serde_json::Value> =
+        seen.iter().filter(|r| r["method"] == "DELETE").collect();
+    assert_eq!(deletes.len(), 1, "{seen:?}");
+    assert_eq!(deletes[0]["path"], "/api/v1/namespaces/dev/pods/api-1");
+    assert_eq!(deletes[0]["authorized"], true);
+}
