@@ -261,3 +261,98 @@ where
     let _ = to.shutdown().await;
     total
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{duplex, AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+    use crate::{
+        identity::ProcessIdentity,
+        net::{ClientAddr, OrigDstAddr},
+        protocol::Protocol,
+        record::{sled::SledStore, NewSession},
+    };
+
+    fn frame(channel: u8, data: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+        let payload: Vec<u8> = [&[channel][..], data].concat();
+        let mut v = vec![0x82, u8::try_from(payload.len()).unwrap()];
+        match mask {
+            Some(k) => {
+                v[1] |= 0x80;
+                v.extend_from_slice(&k);
+                v.extend(payload.iter().enumerate().map(|(i, b)| b ^ k[i % 4]));
+            }
+            None => v.extend_from_slice(&payload),
+        }
+        v
+    }
+
+    /// Bytes pass both ways untouched; stdin, stdout and stderr are recorded as terminal
+    /// events with the held secret blanked; the status channel is not.
+    #[tokio::test]
+    async fn relay_passes_bytes_untouched_and_records_the_channels() {
+        let store = SledStore::temporary().unwrap();
+        let session = store
+            .open(NewSession {
+                started_at_us: 1,
+                client: ClientAddr("127.0.0.1:40000".parse().unwrap()),
+                destination: OrigDstAddr("10.0.0.5:6443".parse().unwrap()),
+                target: Some("prod-cluster".into()),
+                protocol: Protocol::Kubernetes,
+                identity: ProcessIdentity::default(),
+            })
+            .unwrap();
+        let secrets: Arc<[String]> = vec!["s3cret-token".to_string()].into();
+        let (client_gw, mut client) = duplex(64 * 1024);
+        let (target_gw, mut target) = duplex(64 * 1024);
+        let up = frame(0, b"ls\n", Some([9, 8, 7, 6]));
+        let down = [
+            frame(1, b"file-a\n", None),
+            frame(2, b"token is s3cret-token\n", None),
+            frame(3, b"{\"status\":\"Success\"}", None),
+        ]
+        .concat();
+        let recorder = Recorder {
+            store: &store,
+            session,
+            secrets: &secrets,
+        };
+        let peers = async {
+            client.write_all(&up).await.unwrap();
+            client.shutdown().await.unwrap();
+            target.write_all(&down).await.unwrap();
+            target.shutdown().await.unwrap();
+            let mut at_target = Vec::new();
+            target.read_to_end(&mut at_target).await.unwrap();
+            let mut at_client = Vec::new();
+            client.read_to_end(&mut at_client).await.unwrap();
+            (at_target, at_client)
+        };
+        let ((sent_up, sent_down), (at_target, at_client)) =
+            tokio::join!(relay(client_gw, target_gw, Some(&recorder)), peers);
+        assert_eq!(at_target, up);
+        assert_eq!(at_client, down);
+        assert_eq!((sent_up, sent_down), (up.len() as u64, down.len() as u64));
+        // The two directions are relayed concurrently: compare without their interleaving.
+        let mut terminal: Vec<(&str, String)> = store
+            .events(session)
+            .unwrap()
+            .into_iter()
+            .filter_map(|e| match e.kind {
+                EventKind::TerminalInput { data } => Some(("i", data)),
+                EventKind::TerminalOutput { data } => Some(("o", data)),
+                _ => None,
+            })
+            .collect();
+        terminal.sort();
+        assert_eq!(
+            terminal,
+            vec![
+                ("i", "ls\n".to_string()),
+                ("o", "file-a\n".to_string()),
+                ("o", "token is [held secret]\n".to_string()),
+            ]
+        );
+    }
+}
