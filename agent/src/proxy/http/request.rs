@@ -347,6 +347,45 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// The forwarded path is a fixed point (a target that normalises it again reads the
+        /// path that was judged), and where the policy can read the path as sent it can read
+        /// the forwarded one (normalising never makes a request unknown).
+        #[test]
+        fn the_forwarded_path_reads_the_same_again(
+            segments in proptest::collection::vec(
+                proptest::prop_oneof![
+                    proptest::string::string_regex("[a-zA-Z0-9._~-]{0,4}").unwrap(),
+                    proptest::string::string_regex("(%[0-9a-fA-F]{2}){1,2}").unwrap(),
+                    proptest::prop_oneof![
+                        proptest::strategy::Just(".".to_string()),
+                        proptest::strategy::Just("..".to_string()),
+                        proptest::strategy::Just("%2e%2E".to_string()),
+                        proptest::strategy::Just(String::new()),
+                    ],
+                ],
+                0..8,
+            ),
+            trailing in proptest::bool::ANY,
+        ) {
+            let mut path = String::new();
+            for s in &segments {
+                path.push('/');
+                path.push_str(s);
+            }
+            if trailing || path.is_empty() {
+                path.push('/');
+            }
+            if let Ok(once) = normalise_path(&path) {
+                proptest::prop_assert_eq!(normalise_path(&once), Ok(once.clone()));
+                let policy = |p: &str| crate::policy::matchers::normalize_path(p).ok();
+                if policy(&path).is_some() {
+                    proptest::prop_assert!(policy(&once).is_some());
+                }
+            }
+        }
+    }
+
     #[test]
     fn the_host_comes_from_host_or_authority_and_they_must_agree() {
         let n = req("GET", "/v1/x?y=%2F", &[("host", "API.internal:8080")]).unwrap();
