@@ -55,70 +55,76 @@ fn openssl(dir: &std::path::Path, args: &[&str]) {
     );
 }
 
+/// A test CA (`ca.pem`) and a server certificate signed by it (`server.pem`, `server.key`) for
+/// [`SERVER_NAME`] and `TARGET_V4`, in `dir`.
+fn test_certificates(dir: &std::path::Path) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=bulkhead test CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=api.test",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+        ],
+    );
+    fs::write(
+        dir.join("ext.cnf"),
+        format!("subjectAltName=DNS:{SERVER_NAME},IP:{TARGET_V4}\n"),
+    )
+    .expect("ext");
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+            "-out",
+            "server.pem",
+        ],
+    );
+}
+
 impl Topology {
     /// Starts nginx on the target host with a test CA and a certificate for [`SERVER_NAME`]
     /// and `TARGET_V4`.
     pub fn nginx(&self) -> Nginx {
         let dir = self.dir.join("nginx");
         fs::create_dir_all(dir.join("tmp")).expect("nginx dir");
-        openssl(
-            &dir,
-            &[
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-days",
-                "2",
-                "-subj",
-                "/CN=bulkhead test CA",
-                "-keyout",
-                "ca.key",
-                "-out",
-                "ca.pem",
-            ],
-        );
-        openssl(
-            &dir,
-            &[
-                "req",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-subj",
-                "/CN=api.test",
-                "-keyout",
-                "server.key",
-                "-out",
-                "server.csr",
-            ],
-        );
-        fs::write(
-            dir.join("ext.cnf"),
-            format!("subjectAltName=DNS:{SERVER_NAME},IP:{TARGET_V4}\n"),
-        )
-        .expect("ext");
-        openssl(
-            &dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                "server.csr",
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-days",
-                "2",
-                "-extfile",
-                "ext.cnf",
-                "-out",
-                "server.pem",
-            ],
-        );
+        test_certificates(&dir);
         let d = dir.display();
         let conf = format!(
             "daemon off;\nmaster_process off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\

@@ -80,6 +80,26 @@ fn requests(topo: &Topology) -> Vec<(String, String, Value)> {
     out
 }
 
+/// Without the bundle `bulkhead run` names, curl does not trust the gateway: nothing is
+/// trusted behind the user's back.
+fn assert_untrusted_without_the_bundle(topo: &Topology, nginx: &Nginx) {
+    let out = topo.output(bulkhead_tests::Side::Governed, {
+        let mut c = std::process::Command::new("curl");
+        c.args([
+            "-sS",
+            "--max-time",
+            "10",
+            "--cacert",
+            &nginx.ca.display().to_string(),
+            "--resolve",
+            &format!("{SERVER_NAME}:443:{TARGET_V4}"),
+            &format!("https://{SERVER_NAME}/v1/tls"),
+        ]);
+        c
+    });
+    assert!(!out.status.success(), "{out:?}");
+}
+
 #[test]
 fn curl_is_allowed_denied_and_given_the_held_token_over_http_and_https() {
     let (topo, nginx, _daemon) = setup();
@@ -161,22 +181,7 @@ fn curl_is_allowed_denied_and_given_the_held_token_over_http_and_https() {
         "the denied request never reached nginx: {log}"
     );
 
-    // Without the bundle, curl does not trust the gateway (nothing is trusted behind its back).
-    let out = topo.output(bulkhead_tests::Side::Governed, {
-        let mut c = std::process::Command::new("curl");
-        c.args([
-            "-sS",
-            "--max-time",
-            "10",
-            "--cacert",
-            &nginx.ca.display().to_string(),
-            "--resolve",
-            &format!("{SERVER_NAME}:443:{TARGET_V4}"),
-            &format!("https://{SERVER_NAME}/v1/tls"),
-        ]);
-        c
-    });
-    assert!(!out.status.success(), "{out:?}");
+    assert_untrusted_without_the_bundle(&topo, &nginx);
 
     // The record: each request with its verdict, rule and normalised URL; the held token
     // appears nowhere.
