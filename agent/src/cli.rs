@@ -127,14 +127,29 @@ pub fn uninstall_programs(config: &Config) -> Result<(), CliError> {
 
 #[derive(Debug, Subcommand)]
 pub enum CaCommand {
-    /// Print the CA certificate (PEM), for a trust store or `sslrootcert`
-    Export,
+    /// Print the CA certificate (PEM), for a trust store or `sslrootcert`; with --ssh, the
+    /// SSH CA's `@cert-authority` line for ssh_known_hosts
+    Export {
+        /// The SSH CA, as a known_hosts line (`@cert-authority * ssh-ed25519 ...`)
+        #[arg(long)]
+        ssh: bool,
+    },
 }
 
 /// `bulkhead ca export`.
 pub fn ca(config: &Config, command: &CaCommand) -> Result<(), CliError> {
     match command {
-        CaCommand::Export => {
+        CaCommand::Export { ssh: true } => {
+            let line =
+                crate::proxy::ssh::ca::export_line(&config.daemon.state_dir).map_err(|e| {
+                    CliError::Other(format!(
+                        "{e} (the daemon creates the SSH CA when it first starts)"
+                    ))
+                })?;
+            println!("{line}");
+            Ok(())
+        }
+        CaCommand::Export { ssh: false } => {
             let path = config.daemon.state_dir.join("ca/ca.pem");
             let pem = std::fs::read_to_string(&path).map_err(|e| {
                 CliError::Other(format!(

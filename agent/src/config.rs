@@ -19,6 +19,7 @@ use crate::{
     credentials::CredentialRef,
     net::{Cidr, OrigDstAddr},
     proxy::postgres::settings::PostgresTarget,
+    proxy::ssh::settings::SshTarget,
 };
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/bulkhead/bulkhead.toml";
@@ -304,13 +305,14 @@ pub struct Target {
     pub kind: TargetKind,
 }
 
-/// A target's protocol and the settings only that protocol has. SSH, HTTP and Kubernetes
-/// targets are refused by the configuration until their gateways exist.
+/// A target's protocol and the settings only that protocol has. HTTP and Kubernetes targets
+/// are refused by the configuration until their gateways exist.
 #[derive(Debug, Clone)]
 pub enum TargetKind {
     /// Opaque TCP: the connection is decided, recorded and relayed.
     Tcp,
     Postgres(PostgresTarget),
+    Ssh(SshTarget),
 }
 
 impl Target {
@@ -318,6 +320,7 @@ impl Target {
         match self.kind {
             TargetKind::Tcp => Protocol::Tcp,
             TargetKind::Postgres(_) => Protocol::Postgres,
+            TargetKind::Ssh(_) => Protocol::Ssh,
         }
     }
 }
@@ -648,7 +651,26 @@ impl Config {
                     problem.into(),
                 ));
             }
+            if t.ssh.is_some() && t.protocol != Protocol::Ssh {
+                return Err(invalid(
+                    format!("target[{i}].ssh"),
+                    "only for targets with protocol = \"ssh\"".into(),
+                ));
+            }
             let kind = match (t.protocol, t.postgres) {
+                (Protocol::Ssh, None) => {
+                    let Some(ssh) = t.ssh else {
+                        return Err(invalid(
+                            format!("target[{i}].ssh"),
+                            "an ssh target needs [target.ssh] with known_hosts and a held credential"
+                                .into(),
+                        ));
+                    };
+                    if let Some((key, problem)) = ssh.problem(t.credentials.is_some()) {
+                        return Err(invalid(format!("target[{i}].ssh.{key}"), problem));
+                    }
+                    TargetKind::Ssh(ssh)
+                }
                 (Protocol::Postgres, pg) => {
                     let pg = pg.unwrap_or_default();
                     if let Some((key, problem)) = pg.problem(t.credentials.is_some()) {
@@ -682,7 +704,7 @@ impl Config {
                     return Err(invalid(
                         format!("target[{i}].protocol"),
                         format!(
-                            "protocol {other} is not available in this build yet; use \"tcp\" or \"postgres\""
+                            "protocol {other} is not available in this build yet; use \"tcp\", \"postgres\" or \"ssh\""
                         ),
                     ))
                 }
@@ -1023,6 +1045,8 @@ struct RawTarget {
     credentials: Option<CredentialRef>,
     #[serde(default)]
     postgres: Option<PostgresTarget>,
+    #[serde(default)]
+    ssh: Option<SshTarget>,
 }
 
 fn default_protocol() -> Protocol {
@@ -1037,7 +1061,9 @@ mod tests {
     fn pg_login<'a>(t: &'a Target, user: &str, database: &str) -> Option<PostgresLogin<'a>> {
         match &t.kind {
             TargetKind::Postgres(pg) => pg.login(t.credentials.as_ref(), user, database),
-            TargetKind::Tcp => panic!("{} is not a PostgreSQL target", t.name),
+            TargetKind::Tcp | TargetKind::Ssh(_) => {
+                panic!("{} is not a PostgreSQL target", t.name)
+            }
         }
     }
 
@@ -1394,7 +1420,7 @@ mod tests {
                     addresses = [\"10.0.0.5:5432\"]\ncredentials = { env = \"DB_PW\" }\n";
         let pg = |c: &Config| match &c.targets[0].kind {
             TargetKind::Postgres(pg) => pg.clone(),
-            TargetKind::Tcp => panic!("a postgres target"),
+            TargetKind::Tcp | TargetKind::Ssh(_) => panic!("a postgres target"),
         };
         let c = parse(head).unwrap();
         assert_eq!(pg(&c).auth, [AuthMethod::ScramSha256], "the default");

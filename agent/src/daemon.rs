@@ -356,7 +356,10 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         ),
         shutdown_rx.clone(),
     ));
-    let protocols = Arc::new(proxy::Protocols::default());
+    let protocols = Arc::new(proxy::Protocols {
+        ssh: proxy::ssh::Shared::load(&config.daemon.state_dir, &config.daemon.run_dir),
+        ..proxy::Protocols::default()
+    });
     let accept_loops: Vec<_> = listeners
         .into_iter()
         .map(|l| {

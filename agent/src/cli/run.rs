@@ -141,6 +141,13 @@ pub fn run(
             .env("SHELL", &a.shell);
         become_user(a, groups)?;
     }
+    if let Some(path) = crate::proxy::ssh::trust::path_with_wrappers(
+        &config.daemon.run_dir,
+        std::env::var_os("PATH").as_deref(),
+    ) {
+        // OpenSSH clients then trust the gateway's SSH CA (see proxy::ssh::trust).
+        cmd.env("PATH", path);
+    }
     no_new_privileges()?;
     restrict_sockets(config)?;
     scope_abstract_unix_sockets()?;

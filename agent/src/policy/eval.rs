@@ -22,6 +22,7 @@ enum Analysis<'a> {
     Connect,
     Sql(Arc<Classification>),
     Ssh(Vec<Vec<String>>),
+    SshShell,
     Http {
         method: String,
         host: String,
@@ -311,6 +312,7 @@ impl PolicySet {
                     why: format!("SSH command: {e}"),
                 },
             },
+            Action::SshShell => Analysis::SshShell,
             Action::Http { method, host, path } => match normalize_path(path) {
                 Ok(p) => Analysis::Http {
                     method: method.to_ascii_uppercase(),
@@ -401,6 +403,7 @@ impl RequestMatch {
             }
             (RequestMatch::Sql(m), Analysis::Sql(c)) => m.matches(c, polarity),
             (RequestMatch::Ssh(m), Analysis::Ssh(cmds)) => m.matches(cmds, polarity),
+            (RequestMatch::Ssh(m), Analysis::SshShell) => m.shell,
             (RequestMatch::Http(m), Analysis::Http { method, host, path }) => {
                 (m.methods.is_empty() || m.methods.iter().any(|x| x == method))
                     && (m.hosts.is_empty() || m.hosts.iter().any(|g| g.is_match(host)))

@@ -286,6 +286,8 @@ struct RawSsh {
     #[serde(default)]
     command: Patterns,
     #[serde(default)]
+    shell: bool,
+    #[serde(default)]
     regex: Patterns,
 }
 

@@ -114,6 +114,8 @@ pub enum Action<'a> {
     SshExec {
         command: &'a str,
     },
+    /// An interactive SSH shell (judged as a whole: what is typed is recorded, not judged).
+    SshShell,
     Http {
         method: &'a str,
         host: &'a str,
@@ -270,6 +272,8 @@ pub struct ObjectPattern {
 pub struct SshMatch {
     pub commands: Vec<ArgvPattern>,
     pub regexes: Vec<regex::Regex>,
+    /// Matches interactive shells (`ssh = { shell = true }`).
+    pub shell: bool,
 }
 
 #[derive(Debug, Clone, Default)]

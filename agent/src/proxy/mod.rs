@@ -12,6 +12,7 @@
 pub mod postgres;
 pub mod session;
 mod splice;
+pub mod ssh;
 pub mod tcp;
 
 use std::{
@@ -41,6 +42,7 @@ use crate::{
 #[derive(Default)]
 pub struct Protocols {
     pub postgres: postgres::Shared,
+    pub ssh: ssh::Shared,
 }
 
 /// Accepts until `shutdown` turns true, then returns; running connections keep their tasks.
@@ -168,6 +170,7 @@ pub async fn handle(
                 Protocol::Postgres => {
                     postgres::refuse(&conn, &protocols.postgres, client_stream, &reason).await
                 }
+                Protocol::Ssh if conn.target.target.is_some() => ssh::refuse(client_stream, reason),
                 _ => tcp::refuse(client_stream, reason),
             }
         } else {
@@ -193,8 +196,9 @@ async fn serve_allowed(
 ) -> SessionEnd {
     match conn.target.protocol {
         Protocol::Postgres => postgres::serve(conn, &protocols.postgres, client_stream).await,
-        // SSH, HTTP and Kubernetes are relayed as opaque TCP until their gateways exist.
-        Protocol::Tcp | Protocol::Ssh | Protocol::Http | Protocol::Kubernetes => {
+        Protocol::Ssh => ssh::serve(conn, &protocols.ssh, client_stream).await,
+        // HTTP and Kubernetes are relayed as opaque TCP until their gateways exist.
+        Protocol::Tcp | Protocol::Http | Protocol::Kubernetes => {
             tcp::serve(conn, client_stream).await
         }
         // Record categories only (never a configured target's protocol): refused.

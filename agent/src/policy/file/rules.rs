@@ -215,7 +215,11 @@ impl Ctx<'_> {
                     Err(e) => self.error(&r.span(), format!("bad regex: {e}"), None),
                 }
             }
-            return RequestMatch::Ssh(SshMatch { commands, regexes });
+            return RequestMatch::Ssh(SshMatch {
+                commands,
+                regexes,
+                shell: s.shell,
+            });
         }
         if let Some(h) = &raw.http {
             let h = h.get_ref();
