@@ -38,6 +38,8 @@ command -v cargo >/dev/null || { echo "setup: cargo (rustup stable) is required"
 
 apt_install ca-certificates build-essential pkg-config iproute2 python3 zlib1g-dev libzstd-dev systemd asciinema \
   postgresql-15 postgresql-client-15 util-linux pgbouncer
+# The SSH gateway's tests: sshd on the target host, the ssh/scp/sftp clients governed.
+apt_install openssh-server openssh-client
 
 # Python driver for the PostgreSQL gateway tests.
 if ! python3 -c "import psycopg" 2>/dev/null; then

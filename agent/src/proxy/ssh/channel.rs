@@ -57,7 +57,6 @@ pub async fn serve(ctx: &Ctx<'_, '_>, mut chan: Channel<server::Msg>) {
                     size: (col_width, row_height, pix_width, pix_height),
                     modes: terminal_modes,
                 });
-                let _ = ctx.client.channel_success(id).await;
             }
             ChannelMsg::WindowChange {
                 col_width,
@@ -74,16 +73,10 @@ pub async fn serve(ctx: &Ctx<'_, '_>, mut chan: Channel<server::Msg>) {
                     ctx.conn,
                     &format!("env {}", crate::text::terminal_safe(&variable_name)),
                 );
-                let _ = ctx.client.channel_failure(id).await;
             }
-            ChannelMsg::AgentForward { .. } => {
-                // The handler already answered failure.
-                record_refused(ctx.conn, "agent forwarding");
-            }
-            ChannelMsg::RequestX11 { .. } => {
-                record_refused(ctx.conn, "x11 forwarding");
-                let _ = ctx.client.channel_failure(id).await;
-            }
+            // The handler answered these (server.rs).
+            ChannelMsg::AgentForward { .. } => record_refused(ctx.conn, "agent forwarding"),
+            ChannelMsg::RequestX11 { .. } => record_refused(ctx.conn, "x11 forwarding"),
             ChannelMsg::RequestSubsystem { name, .. } => {
                 record_refused(
                     ctx.conn,
