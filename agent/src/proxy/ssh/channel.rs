@@ -252,7 +252,7 @@ async fn answered(up: &mut Channel<client::Msg>) -> bool {
     loop {
         match up.wait().await {
             Some(ChannelMsg::Success) => return true,
-            Some(ChannelMsg::Failure) | None | Some(ChannelMsg::Close) => return false,
+            Some(ChannelMsg::Failure | ChannelMsg::Close) | None => return false,
             Some(other) => debug!(?other, "before the target's answer"),
         }
     }

@@ -143,27 +143,7 @@ pub async fn serve(conn: &Conn<'_>, shared: &Shared, client: TcpStream) -> Sessi
 
     // The target first: a key that does not verify refuses the client before it logs in, with
     // the reason as its authentication banner.
-    let (mut upstream, banner) =
-        match upstream::connect(&target.name, ssh, conn.destination.0).await {
-            Ok(u) => {
-                if let HostKeyOutcome::Learned { fingerprint } = &u.outcome {
-                    conn.record(EventKind::Auth {
-                        side: "target".into(),
-                        user: None,
-                        method: format!("host key pinned on first use: {fingerprint}"),
-                        ok: true,
-                    });
-                }
-                (Some(u), None)
-            }
-            Err((message, _)) => {
-                warn!(%message, "target not verified");
-                conn.record(EventKind::Error {
-                    message: message.clone(),
-                });
-                (None, Some(message))
-            }
-        };
+    let (upstream, banner) = connect_target(conn, &target.name, ssh).await;
 
     let (to_session, mut from_client) = mpsc::channel(8);
     let open_channels = Arc::new(AtomicUsize::new(0));
@@ -179,32 +159,19 @@ pub async fn serve(conn: &Conn<'_>, shared: &Shared, client: TcpStream) -> Sessi
     let client_handle = running.handle();
     tokio::pin!(running);
 
-    // Authentication: the client is logged in when the gateway is, upstream, for its user.
-    let mut refusal: Option<String> = banner;
-    let upstream = loop {
-        tokio::select! {
-            end = &mut running => {
-                let outcome = match (end, refusal) {
-                    (_, Some(reason)) => Outcome::Refused { reason },
-                    (Ok(()), None) => Outcome::Closed,
-                    (Err(e), None) => Outcome::Failed { error: format!("client: {e}") },
-                };
-                return ended(0, 0, outcome);
-            }
-            event = from_client.recv() => match event {
-                Some(FromClient::Auth { user, method, reply }) => {
-                    let ok = log_in(conn, ssh, target, upstream.as_mut(), &user, method, &mut refusal).await;
-                    let _ = reply.send(ok);
-                    if ok {
-                        if let Some(u) = upstream.take() {
-                            break u;
-                        }
-                    }
-                }
-                Some(FromClient::Refused(what)) => record_refused(conn, &what),
-                Some(FromClient::Session(_)) | None => {}
-            }
-        }
+    let upstream = match authenticate(
+        conn,
+        ssh,
+        target,
+        running.as_mut(),
+        &mut from_client,
+        upstream,
+        banner,
+    )
+    .await
+    {
+        Ok(u) => u,
+        Err(end) => return end,
     };
 
     let ctx = Ctx {
@@ -248,6 +215,72 @@ pub async fn serve(conn: &Conn<'_>, shared: &Shared, client: TcpStream) -> Sessi
         ctx.bytes_down.load(Ordering::Relaxed),
         outcome,
     )
+}
+
+/// Connects to the target and verifies its host key: the connection, or why not (recorded).
+async fn connect_target(
+    conn: &Conn<'_>,
+    name: &str,
+    ssh: &settings::SshTarget,
+) -> (Option<Upstream>, Option<String>) {
+    match upstream::connect(name, ssh, conn.destination.0).await {
+        Ok(u) => {
+            if let HostKeyOutcome::Learned { fingerprint } = &u.outcome {
+                conn.record(EventKind::Auth {
+                    side: "target".into(),
+                    user: None,
+                    method: format!("host key pinned on first use: {fingerprint}"),
+                    ok: true,
+                });
+            }
+            (Some(u), None)
+        }
+        Err((message, _)) => {
+            warn!(%message, "target not verified");
+            conn.record(EventKind::Error {
+                message: message.clone(),
+            });
+            (None, Some(message))
+        }
+    }
+}
+
+/// Authentication: the client is logged in when the gateway is, upstream, for its user. `Err`
+/// is how the session ended when the client never was.
+async fn authenticate(
+    conn: &Conn<'_>,
+    ssh: &settings::SshTarget,
+    target: &crate::config::Target,
+    mut running: std::pin::Pin<&mut russh::server::RunningSession<ClientSide>>,
+    from_client: &mut mpsc::Receiver<FromClient>,
+    mut upstream: Option<Upstream>,
+    mut refusal: Option<String>,
+) -> Result<Upstream, SessionEnd> {
+    loop {
+        tokio::select! {
+            end = &mut running => {
+                let outcome = match (end, refusal) {
+                    (_, Some(reason)) => Outcome::Refused { reason },
+                    (Ok(()), None) => Outcome::Closed,
+                    (Err(e), None) => Outcome::Failed { error: format!("client: {e}") },
+                };
+                return Err(ended(0, 0, outcome));
+            }
+            event = from_client.recv() => match event {
+                Some(FromClient::Auth { user, method, reply }) => {
+                    let ok = log_in(conn, ssh, target, upstream.as_mut(), &user, method, &mut refusal).await;
+                    let _ = reply.send(ok);
+                    if ok {
+                        if let Some(u) = upstream.take() {
+                            return Ok(u);
+                        }
+                    }
+                }
+                Some(FromClient::Refused(what)) => record_refused(conn, &what),
+                Some(FromClient::Session(_)) | None => {}
+            }
+        }
+    }
 }
 
 /// The client asks to log in as `user`: the gateway logs in upstream with the held credential

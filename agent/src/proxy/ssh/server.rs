@@ -223,7 +223,6 @@ impl server::Handler for ClientSide {
     // Requests that other requests may follow are answered here, in order: an answer sent later
     // from the session task could be taken for the next request's.
 
-    #[expect(clippy::too_many_arguments, reason = "russh's signature")]
     async fn pty_request(
         &mut self,
         channel: ChannelId,

@@ -25,16 +25,12 @@ impl Utf8Tap {
                     let (good, bad) = rest.split_at(e.valid_up_to());
                     // valid_up_to is a char boundary: the prefix is UTF-8.
                     out.push_str(std::str::from_utf8(good).unwrap_or_default());
-                    match e.error_len() {
-                        Some(n) => {
-                            out.push('\u{fffd}');
-                            rest = &bad[n..];
-                        }
-                        None => {
-                            self.carry = bad.to_vec();
-                            break;
-                        }
-                    }
+                    let Some(n) = e.error_len() else {
+                        self.carry = bad.to_vec();
+                        break;
+                    };
+                    out.push('\u{fffd}');
+                    rest = bad.get(n..).unwrap_or_default();
                 }
             }
         }
