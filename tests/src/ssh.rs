@@ -142,7 +142,22 @@ impl Topology {
     /// `remote` the command (none: no command).
     pub fn ssh_command(&self, extra: &[&str], remote: Option<&str>) -> Command {
         let mut cmd = Command::new("ssh");
-        cmd.args(["-F", "/dev/null", "-p", &SSHD_PORT.to_string()])
+        cmd.args(["-p", &SSHD_PORT.to_string()])
+            .args(self.ssh_options())
+            .args(extra)
+            .arg(format!("agent@{TARGET_V4}"));
+        if let Some(r) = remote {
+            cmd.arg(r);
+        }
+        cmd.current_dir(&self.dir);
+        cmd
+    }
+
+    /// The options every governed OpenSSH client (`ssh`, `scp`, `sftp`) gets in these tests: no
+    /// configuration file, no key, no password, only the gateway's CA trusted (strictly).
+    pub fn ssh_options(&self) -> Vec<String> {
+        let mut cmd = Command::new("ssh");
+        cmd.args(["-F", "/dev/null"])
             .arg("-o")
             .arg(format!(
                 "GlobalKnownHostsFile={}",
@@ -163,14 +178,10 @@ impl Topology {
                 "KbdInteractiveAuthentication=no",
                 "-o",
                 "ConnectTimeout=10",
-            ])
-            .args(extra)
-            .arg(format!("agent@{TARGET_V4}"));
-        if let Some(r) = remote {
-            cmd.arg(r);
-        }
-        cmd.current_dir(&self.dir);
-        cmd
+            ]);
+        cmd.get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
     }
 
     /// Runs `ssh` as [`Topology::ssh_command`] builds it, governed; (status code, stdout, stderr).

@@ -348,3 +348,110 @@ fn fingerprint(key_line: &str, topo: &Topology) -> String {
         .unwrap()
         .to_string()
 }
+
+#[test]
+fn sftp_and_scp_are_judged_per_file_recorded_and_a_denied_put_is_permission_denied() {
+    require_root();
+    let topo = Topology::new("");
+    let dir = topo.dir.display().to_string();
+    let policy = format!(
+        "{POLICY}\n[[rule]]\nid = \"box-files\"\nverdict = \"allow\"\ntarget = {{ name = [\"box\"] }}\n\
+         ssh = {{ sftp = {{ read = [\"{dir}/**\"], write = [\"{dir}/up/**\"] }} }}\n"
+    );
+    let (_sshd, _daemon) = topo.ssh_target(&policy, "");
+    std::fs::create_dir_all(topo.dir.join("up")).unwrap();
+    std::fs::write(topo.dir.join("data.txt"), "remote data\n").unwrap();
+    std::fs::write(topo.dir.join("local.txt"), "local data\n").unwrap();
+    let batch = topo.dir.join("batch");
+    std::fs::write(
+        &batch,
+        format!(
+            "ls {dir}/up\nget {dir}/data.txt {dir}/got.txt\nput {dir}/local.txt {dir}/up/put.txt\n\
+             -put {dir}/local.txt {dir}/denied.txt\n"
+        ),
+    )
+    .unwrap();
+    let mut sftp = Command::new("sftp");
+    sftp.args(["-P", &SSHD_PORT.to_string()])
+        .args(topo.ssh_options())
+        .arg("-b")
+        .arg(&batch)
+        .arg(format!("agent@{TARGET_V4}"))
+        .current_dir(&topo.dir);
+    let out = topo.output(Side::Governed, sftp);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(topo.dir.join("got.txt")).unwrap(),
+        "remote data\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(topo.dir.join("up/put.txt")).unwrap(),
+        "local data\n"
+    );
+    assert!(!topo.dir.join("denied.txt").exists(), "a denied put wrote");
+    assert!(err.contains("Permission denied"), "{err}");
+
+    // scp (the sftp protocol in OpenSSH 9) both ways.
+    let scp = |from: &str, to: &str| {
+        let mut cmd = Command::new("scp");
+        cmd.args(["-P", &SSHD_PORT.to_string()])
+            .args(topo.ssh_options())
+            .args([from, to])
+            .current_dir(&topo.dir);
+        topo.output(Side::Governed, cmd)
+    };
+    let up = scp(
+        &format!("{dir}/local.txt"),
+        &format!("agent@{TARGET_V4}:{dir}/up/scp.txt"),
+    );
+    assert!(up.status.success(), "{up:?}");
+    assert_eq!(
+        std::fs::read_to_string(topo.dir.join("up/scp.txt")).unwrap(),
+        "local data\n"
+    );
+    let down = scp(
+        &format!("agent@{TARGET_V4}:{dir}/data.txt"),
+        &format!("{dir}/scp-got.txt"),
+    );
+    assert!(down.status.success(), "{down:?}");
+    assert_eq!(
+        std::fs::read_to_string(topo.dir.join("scp-got.txt")).unwrap(),
+        "remote data\n"
+    );
+    let denied = scp(
+        &format!("{dir}/local.txt"),
+        &format!("agent@{TARGET_V4}:{dir}/scp-denied.txt"),
+    );
+    assert!(!denied.status.success(), "{denied:?}");
+    assert!(!topo.dir.join("scp-denied.txt").exists());
+
+    let events: Vec<serde_json::Value> = topo
+        .sessions()
+        .iter()
+        .flat_map(|s| topo.events(&s["id"]))
+        .collect();
+    let request = |text: &str| {
+        events
+            .iter()
+            .find(|e| e["type"] == "request" && e["text"] == text)
+            .unwrap_or_else(|| panic!("no request {text:?} in {events:?}"))
+            .clone()
+    };
+    assert_eq!(request(&format!("sftp open-write {dir}/denied.txt"))["verdict"], "deny");
+    assert_eq!(request(&format!("sftp open-write {dir}/up/put.txt"))["verdict"], "allow");
+    assert_eq!(request(&format!("sftp open-read {dir}/data.txt"))["verdict"], "allow");
+    let summaries: Vec<&str> = events
+        .iter()
+        .filter(|e| e["type"] == "response")
+        .filter_map(|e| e["summary"].as_str())
+        .collect();
+    assert!(
+        summaries.contains(&format!("wrote 11 bytes {dir}/up/put.txt").as_str()),
+        "{summaries:?}"
+    );
+    assert!(
+        summaries.contains(&format!("read 12 bytes {dir}/data.txt").as_str()),
+        "{summaries:?}"
+    );
+}

@@ -356,7 +356,7 @@ pub fn decide(
         .or(protocol)
         .or(match action {
             Action::Sql { .. } | Action::SqlClassified(_) => Some(Protocol::Postgres),
-            Action::SshExec { .. } | Action::SshShell => Some(Protocol::Ssh),
+            Action::SshExec { .. } | Action::SshShell | Action::Sftp { .. } => Some(Protocol::Ssh),
             Action::Http { .. } => Some(Protocol::Http),
             Action::Kube { .. } => Some(Protocol::Kubernetes),
             Action::Connect => None,

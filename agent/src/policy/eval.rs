@@ -23,6 +23,10 @@ enum Analysis<'a> {
     Sql(Arc<Classification>),
     Ssh(Vec<Vec<String>>),
     SshShell,
+    Sftp {
+        write: bool,
+        path: &'a str,
+    },
     Http {
         method: String,
         host: String,
@@ -313,6 +317,19 @@ impl PolicySet {
                 },
             },
             Action::SshShell => Analysis::SshShell,
+            Action::Sftp { write, path } => {
+                if path.is_empty()
+                    || path.split('/').any(|part| part == "..")
+                    || path.contains('\0')
+                {
+                    Analysis::Unknown {
+                        sql: false,
+                        why: "sftp path with `..` (or empty): where it leads is only known on the server".into(),
+                    }
+                } else {
+                    Analysis::Sftp { write, path }
+                }
+            }
             Action::Http { method, host, path } => match normalize_path(path) {
                 Ok(p) => Analysis::Http {
                     method: method.to_ascii_uppercase(),
@@ -404,6 +421,10 @@ impl RequestMatch {
             (RequestMatch::Sql(m), Analysis::Sql(c)) => m.matches(c, polarity),
             (RequestMatch::Ssh(m), Analysis::Ssh(cmds)) => m.matches(cmds, polarity),
             (RequestMatch::Ssh(m), Analysis::SshShell) => m.shell,
+            (RequestMatch::Ssh(m), Analysis::Sftp { write, path }) => {
+                let globs = if *write { &m.sftp_write } else { &m.sftp_read };
+                globs.iter().any(|g| g.is_match(path))
+            }
             (RequestMatch::Http(m), Analysis::Http { method, host, path }) => {
                 (m.methods.is_empty() || m.methods.iter().any(|x| x == method))
                     && (m.hosts.is_empty() || m.hosts.iter().any(|g| g.is_match(host)))

@@ -287,8 +287,18 @@ struct RawSsh {
     command: Patterns,
     #[serde(default)]
     shell: bool,
+    sftp: Option<RawSftp>,
     #[serde(default)]
     regex: Patterns,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSftp {
+    #[serde(default)]
+    read: Patterns,
+    #[serde(default)]
+    write: Patterns,
 }
 
 #[derive(Debug, Deserialize)]

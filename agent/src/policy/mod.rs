@@ -116,6 +116,12 @@ pub enum Action<'a> {
     },
     /// An interactive SSH shell (judged as a whole: what is typed is recorded, not judged).
     SshShell,
+    /// An sftp file operation on `path` (as the client sent it): reading or listing, or
+    /// anything that changes the file system (`write`).
+    Sftp {
+        write: bool,
+        path: &'a str,
+    },
     Http {
         method: &'a str,
         host: &'a str,
@@ -274,6 +280,9 @@ pub struct SshMatch {
     pub regexes: Vec<regex::Regex>,
     /// Matches interactive shells (`ssh = { shell = true }`).
     pub shell: bool,
+    /// sftp paths that may be read or listed / written (`sftp = { read = [...], write = [...] }`).
+    pub sftp_read: Vec<Glob>,
+    pub sftp_write: Vec<Glob>,
 }
 
 #[derive(Debug, Clone, Default)]

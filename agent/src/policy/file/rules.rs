@@ -215,10 +215,19 @@ impl Ctx<'_> {
                     Err(e) => self.error(&r.span(), format!("bad regex: {e}"), None),
                 }
             }
+            let (sftp_read, sftp_write) = match &s.sftp {
+                Some(f) => (
+                    self.globs(&f.read, Some('/'), false),
+                    self.globs(&f.write, Some('/'), false),
+                ),
+                None => (Vec::new(), Vec::new()),
+            };
             return RequestMatch::Ssh(SshMatch {
                 commands,
                 regexes,
                 shell: s.shell,
+                sftp_read,
+                sftp_write,
             });
         }
         if let Some(h) = &raw.http {

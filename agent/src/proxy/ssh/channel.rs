@@ -32,6 +32,8 @@ struct PtyRequest {
 enum Run {
     Exec(Vec<u8>),
     Shell,
+    /// The sftp subsystem: each file operation is judged (`sftp_relay`).
+    Sftp,
 }
 
 /// Serves one session channel to its end.
@@ -77,6 +79,7 @@ pub async fn serve(ctx: &Ctx<'_, '_>, mut chan: Channel<server::Msg>) {
             // The handler answered these (server.rs).
             ChannelMsg::AgentForward { .. } => record_refused(ctx.conn, "agent forwarding"),
             ChannelMsg::RequestX11 { .. } => record_refused(ctx.conn, "x11 forwarding"),
+            ChannelMsg::RequestSubsystem { name, .. } if name == "sftp" => break Run::Sftp,
             ChannelMsg::RequestSubsystem { name, .. } => {
                 record_refused(
                     ctx.conn,
@@ -104,7 +107,16 @@ pub async fn serve(ctx: &Ctx<'_, '_>, mut chan: Channel<server::Msg>) {
     let Some(up) = open_upstream(ctx, id, &run, pty.as_ref()).await else {
         return;
     };
-    let summary = relay(ctx, chan, up, pty.is_some()).await;
+    let summary = if matches!(run, Run::Sftp) {
+        let (from_client, to_client) = chan.split();
+        let (from_up, to_up) = up.split();
+        let s = super::sftp_relay::relay(ctx, from_client, &to_client, from_up, &to_up).await;
+        let _ = to_client.close().await;
+        let _ = to_up.close().await;
+        s
+    } else {
+        relay(ctx, chan, up, pty.is_some()).await
+    };
     ctx.conn.record(EventKind::Response {
         request: text,
         duration_us: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
@@ -131,6 +143,16 @@ async fn decide(ctx: &Ctx<'_, '_>, id: ChannelId, run: &Run, pty: bool) -> (u64,
         });
     };
     let (action, text, class, unjudgeable) = match run {
+        Run::Sftp => {
+            // The subsystem grants nothing by itself: each operation is judged.
+            let request = ctx.conn.record(EventKind::request(
+                "subsystem sftp",
+                Some("sftp".into()),
+                crate::record::RecordedVerdict::Allow,
+                vec!["ssh:sftp:each-operation-judged".into()],
+            ));
+            return (request, None);
+        }
         Run::Shell => (Action::SshShell, "shell".to_string(), "shell", None),
         Run::Exec(command) => match std::str::from_utf8(command) {
             Ok(c) if !c.contains('\0') => {
@@ -238,6 +260,7 @@ async fn open_upstream(
     let sent = match run {
         Run::Exec(command) => up.exec(true, command.clone()).await,
         Run::Shell => up.request_shell(true).await,
+        Run::Sftp => up.request_subsystem(true, "sftp").await,
     };
     if sent.is_err() || !answered(&mut up).await {
         fail("target: the request failed".into()).await;

@@ -17,6 +17,8 @@ pub mod ca;
 mod channel;
 mod server;
 pub mod settings;
+pub mod sftp;
+mod sftp_relay;
 mod tap;
 pub mod trust;
 mod upstream;
