@@ -438,9 +438,18 @@ fn sftp_and_scp_are_judged_per_file_recorded_and_a_denied_put_is_permission_deni
             .unwrap_or_else(|| panic!("no request {text:?} in {events:?}"))
             .clone()
     };
-    assert_eq!(request(&format!("sftp open-write {dir}/denied.txt"))["verdict"], "deny");
-    assert_eq!(request(&format!("sftp open-write {dir}/up/put.txt"))["verdict"], "allow");
-    assert_eq!(request(&format!("sftp open-read {dir}/data.txt"))["verdict"], "allow");
+    assert_eq!(
+        request(&format!("sftp open-write {dir}/denied.txt"))["verdict"],
+        "deny"
+    );
+    assert_eq!(
+        request(&format!("sftp open-write {dir}/up/put.txt"))["verdict"],
+        "allow"
+    );
+    assert_eq!(
+        request(&format!("sftp open-read {dir}/data.txt"))["verdict"],
+        "allow"
+    );
     let summaries: Vec<&str> = events
         .iter()
         .filter(|e| e["type"] == "response")
