@@ -130,7 +130,22 @@ fn a_denied_command_gets_the_message_and_status_126_and_never_runs() {
 fn forwarding_is_refused_and_recorded() {
     require_root();
     let topo = Topology::new("");
-    let (_sshd, _daemon) = topo.ssh_target(POLICY, "");
+    // A real agent (outside the cgroup; its socket allowed to governed processes), since
+    // OpenSSH asks to forward only an agent it reaches.
+    let agent_sock = topo.dir.join("agent.sock");
+    let (_sshd, _daemon) = topo.ssh_target(
+        POLICY,
+        &format!("[capture]\nunix_allow = [\"{}\"]\n", agent_sock.display()),
+    );
+    let mut agent_cmd = Command::new("ssh-agent");
+    agent_cmd.args(["-D", "-a"]).arg(&agent_sock);
+    let _agent = topo.spawn(Side::Host, "ssh-agent", agent_cmd);
+    for _ in 0..100 {
+        if agent_sock.exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
     // -W is a direct-tcpip channel (what -L, -D and -J open).
     let (code, _, err) = topo.ssh(&["-W", &format!("{TARGET_V4}:{SSHD_PORT}")], "");
     assert_eq!(code, Some(255), "{err}");
@@ -141,6 +156,11 @@ fn forwarding_is_refused_and_recorded() {
         "true",
     );
     assert_eq!(code, Some(255), "{err}");
+    // -A: the agent request is refused (the command still runs, as with sshd's own refusal).
+    let mut agent = topo.ssh_command(&["-A"], Some("true"));
+    agent.env("SSH_AUTH_SOCK", &agent_sock);
+    let out = topo.output(Side::Governed, agent);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
     let refused: Vec<String> = topo
         .sessions()
         .iter()
@@ -156,6 +176,10 @@ fn forwarding_is_refused_and_recorded() {
     );
     assert!(
         refused.iter().any(|t| t.starts_with("tcpip-forward")),
+        "{refused:?}"
+    );
+    assert!(
+        refused.iter().any(|t| t == "agent forwarding"),
         "{refused:?}"
     );
 }
