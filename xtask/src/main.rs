@@ -73,7 +73,9 @@ fn main() -> Result<()> {
             println!();
             run(&mut Command::new(
                 root.join("target/release/bench-postgres"),
-            ))
+            ))?;
+            println!();
+            run(&mut Command::new(root.join("target/release/bench-ssh")))
         }
         Task::Daemon => {
             setup(&root)?;
