@@ -46,6 +46,9 @@ use crate::{
     record::{now_micros, EventKind, Outcome, RecordedVerdict, SessionEnd},
 };
 
+/// How long a client has to log in (OpenSSH's `LoginGraceTime` is 120 s).
+const LOGIN_GRACE: Duration = Duration::from_secs(120);
+
 /// The exit status of a command the policy denied (as a shell's "found but cannot run").
 pub const DENIED_EXIT_STATUS: u32 = 126;
 
@@ -173,7 +176,17 @@ pub async fn serve(conn: &Conn<'_>, shared: &Shared, client: TcpStream) -> Sessi
     .await
     {
         Ok(u) => u,
-        Err(end) => return end,
+        Err(end) => {
+            // The client's side runs in russh's own task: end it too.
+            let _ = client_handle
+                .disconnect(
+                    russh::Disconnect::ByApplication,
+                    "bulkhead: session ended".into(),
+                    String::new(),
+                )
+                .await;
+            return end;
+        }
     };
 
     let ctx = Ctx {
@@ -258,8 +271,15 @@ async fn authenticate(
     mut upstream: Option<Upstream>,
     mut refusal: Option<String>,
 ) -> Result<Upstream, SessionEnd> {
+    let deadline = tokio::time::sleep(LOGIN_GRACE);
+    tokio::pin!(deadline);
     loop {
         tokio::select! {
+            () = &mut deadline => {
+                return Err(ended(0, 0, Outcome::Failed {
+                    error: format!("client: not logged in within {LOGIN_GRACE:?}"),
+                }));
+            }
             end = &mut running => {
                 let outcome = match (end, refusal) {
                     (_, Some(reason)) => Outcome::Refused { reason },

@@ -153,6 +153,9 @@ impl client::Handler for TargetSide {
     }
 }
 
+/// How long the target has for its side of the key exchange.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// A connected, host-verified target; not logged in yet.
 pub struct Upstream {
     pub handle: client::Handle<TargetSide>,
@@ -210,7 +213,21 @@ pub async fn connect(
             config.preferred.key = algorithms.into();
         }
     }
-    let connected = client::connect_stream(Arc::new(config), tcp, handler).await;
+    let connected =
+        match tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            client::connect_stream(Arc::new(config), tcp, handler),
+        )
+        .await
+        {
+            Ok(c) => c,
+            Err(_) => return Err((
+                format!(
+                    "bulkhead: target {target_name}: no SSH handshake within {HANDSHAKE_TIMEOUT:?}"
+                ),
+                None,
+            )),
+        };
     let seen = outcome
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
