@@ -47,7 +47,7 @@ use crate::{
 };
 
 /// How long a client has to log in (OpenSSH's `LoginGraceTime` is 120 s).
-const LOGIN_GRACE: Duration = Duration::from_secs(120);
+const LOGIN_GRACE: Duration = Duration::from_mins(2);
 
 /// The exit status of a command the policy denied (as a shell's "found but cannot run").
 pub const DENIED_EXIT_STATUS: u32 = 126;

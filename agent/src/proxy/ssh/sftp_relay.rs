@@ -168,10 +168,7 @@ async fn requests(
                     return format!("client: {e}");
                 }
             };
-            let refused = match admit(ctx, state, request).await {
-                Ok(()) => None,
-                Err(r) => Some(r),
-            };
+            let refused = admit(ctx, state, request).await.err();
             let sent = match refused {
                 None => {
                     ctx.bytes_up

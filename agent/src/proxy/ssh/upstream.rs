@@ -213,21 +213,19 @@ pub async fn connect(
             config.preferred.key = algorithms.into();
         }
     }
-    let connected =
-        match tokio::time::timeout(
-            HANDSHAKE_TIMEOUT,
-            client::connect_stream(Arc::new(config), tcp, handler),
-        )
-        .await
-        {
-            Ok(c) => c,
-            Err(_) => return Err((
-                format!(
-                    "bulkhead: target {target_name}: no SSH handshake within {HANDSHAKE_TIMEOUT:?}"
-                ),
-                None,
-            )),
-        };
+    let Ok(connected) = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        client::connect_stream(Arc::new(config), tcp, handler),
+    )
+    .await
+    else {
+        return Err((
+            format!(
+                "bulkhead: target {target_name}: no SSH handshake within {HANDSHAKE_TIMEOUT:?}"
+            ),
+            None,
+        ));
+    };
     let seen = outcome
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
