@@ -32,7 +32,7 @@ fn main() {
     let policy = format!(
         "[[target]]\nname = \"box\"\nprotocol = \"ssh\"\ndefault = \"deny\"\n\
          [[rule]]\nid = \"bench\"\nverdict = \"allow\"\ntarget = {{ name = [\"box\"] }}\n\
-         ssh = {{ command = [\"true\"], sftp = {{ read = [\"{dir}/**\"], write = [\"{dir}/**\"] }} }}\n"
+         ssh = {{ command = [\"true\", \"dd **\"], sftp = {{ read = [\"{dir}/**\"], write = [\"{dir}/**\"] }} }}\n"
     );
     let (sshd, _daemon) = topo.ssh_target(&policy, "");
     let file = topo.dir.join("payload");
@@ -84,6 +84,39 @@ fn main() {
         "  ratio             {:>8.2}x (target >= 0.7x)",
         base / subject
     );
+    println!();
+
+    // The same bytes as an exec channel's stdin (no sftp parsing): the relay alone.
+    let quote = |w: &str| format!("'{}'", w.replace('\'', "'\\''"));
+    let payload = quote(&file.display().to_string());
+    let dd_direct = || {
+        let mut ssh = Command::new("ssh");
+        ssh.args(["-p", &SSHD_PORT.to_string()]);
+        direct_options(&mut ssh);
+        ssh.arg(format!("root@{TARGET_V4}"))
+            .arg(format!("dd of={dir}/direct.dd bs=64k status=none"));
+        let line: Vec<String> = std::iter::once(ssh.get_program())
+            .chain(ssh.get_args())
+            .map(|w| quote(&w.to_string_lossy()))
+            .collect();
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", &format!("{} < {payload}", line.join(" "))]);
+        timed(Side::Host, cmd)
+    };
+    let dd_gateway = || {
+        let line = topo.ssh_line(
+            &[],
+            Some(&format!("dd of={dir}/gateway.dd bs=64k status=none")),
+        );
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", &format!("{line} < {payload}")]);
+        timed(Side::Governed, cmd)
+    };
+    let (base, subject) = alternate(ROUNDS, dd_direct, dd_gateway);
+    println!("ssh target dd < {mib} MiB (an exec channel's stdin, no sftp)");
+    println!("  direct            {:>8.1} MiB/s", rate(base));
+    println!("  through gateway   {:>8.1} MiB/s", rate(subject));
+    println!("  ratio             {:>8.2}x", base / subject);
     println!();
 
     let exec_direct = || {
