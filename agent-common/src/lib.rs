@@ -21,8 +21,9 @@ pub mod maps {
     pub const UDP_ALLOW: &str = "UDP_ALLOW";
     pub const REFUSALS: &str = "REFUSALS";
     pub const UNIX_ALLOW: &str = "UNIX_ALLOW";
+    pub const DNS_BY_COOKIE: &str = "DNS_BY_COOKIE";
     /// Every map, in the order user space pins them.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 14] = [
         CAPTURE_CONFIG,
         EXCLUDE_V4,
         EXCLUDE_V6,
@@ -36,6 +37,7 @@ pub mod maps {
         UDP_ALLOW,
         REFUSALS,
         UNIX_ALLOW,
+        DNS_BY_COOKIE,
     ];
 }
 
@@ -48,13 +50,16 @@ pub mod programs {
     pub const GETPEERNAME6: &str = "bulkhead_getpeername6";
     pub const SENDMSG4: &str = "bulkhead_sendmsg4";
     pub const SENDMSG6: &str = "bulkhead_sendmsg6";
+    /// `cgroup/recvmsg4/6`: a reply from the DNS forwarder shows the resolver as its source.
+    pub const RECVMSG4: &str = "bulkhead_recvmsg4";
+    pub const RECVMSG6: &str = "bulkhead_recvmsg6";
     /// `lsm_cgroup/socket_create`: every address family (needs the BPF LSM).
     pub const SOCKET_CREATE: &str = "bulkhead_socket_create";
     /// `cgroup/sock_create`: the fallback where the BPF LSM is not active (inet sockets only).
     pub const SOCK_CREATE: &str = "bulkhead_sock_create";
     /// The programs every daemon attaches, in the order user space attaches them; then one of
     /// `SOCKET_CREATE` or `SOCK_CREATE`.
-    pub const ALL: [&str; 7] = [
+    pub const ALL: [&str; 9] = [
         CONNECT4,
         CONNECT6,
         SOCK_OPS,
@@ -62,6 +67,8 @@ pub mod programs {
         GETPEERNAME6,
         SENDMSG4,
         SENDMSG6,
+        RECVMSG4,
+        RECVMSG6,
     ];
 }
 
@@ -190,6 +197,12 @@ pub struct Refusal {
     pub sock_type: u32,
     pub protocol: u32,
 }
+
+/// `UDP_ALLOW` values: a destination datagrams may go to directly, or a resolver whose
+/// datagrams the kernel sends to the daemon's DNS forwarder (the listener's address and port,
+/// over UDP), which records and relays them.
+pub const UDP_DIRECT: u8 = 1;
+pub const UDP_RESOLVER: u8 = 2;
 
 /// Key of `UDP_ALLOW`, an LPM trie: the port (network order) and then the address (16 bytes,
 /// IPv4 as mapped), so a prefix of `16 + n` bits matches that port and the first `n` bits of

@@ -315,6 +315,13 @@ fn print_containment(c: &crate::control::Containment) {
         or_none(&c.dns),
         or_none(&c.udp_allow)
     );
+    if !c.dns_forwarder.is_empty() {
+        println!(
+            "dns:         every query to those resolvers recorded (names, answers) through the \
+             forwarder on {}",
+            c.dns_forwarder.join(", ")
+        );
+    }
     if !c.unix.is_empty() {
         println!("unix:        {}", c.unix);
     }

@@ -161,6 +161,20 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         .iter()
         .filter_map(|l| l.local_addr().ok().map(|a| a.to_string()))
         .collect();
+    // The DNS forwarder: the same addresses and port, over UDP, where the kernel sends
+    // governed processes' queries to the configured resolvers. Fatal like the listeners: a
+    // port someone else holds would receive those queries.
+    let mut dns_sockets = Vec::new();
+    if !config.capture.dns.is_empty() {
+        for addr in std::iter::once(config.listener_v4()).chain(config.listener_v6()) {
+            dns_sockets.push(crate::dns::bind(addr).await.map_err(|source| {
+                DaemonError::Listen {
+                    addr: format!("{addr}/udp (the DNS forwarder)"),
+                    source,
+                }
+            })?);
+        }
+    }
 
     // The record is for admins only: root and the admin group may read it (the CLI does when
     // the daemon is down), nobody else may even list the directory.
@@ -210,6 +224,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         Err(e) => warn!(error = %e, "kernel-side logs unavailable"),
     }
     let orig_dst = Arc::new(redirector.orig_dst()?);
+    let dns_origin: Arc<dyn crate::dns::DnsOrigin> = Arc::new(redirector.dns_origin()?);
     let refusals = redirector.refusals()?;
     info!(
         cgroup = %governed.display(),
@@ -310,6 +325,10 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
                     .map(|k| format!("{k:?}").to_lowercase())
                     .collect(),
                 dns: config.capture.dns.iter().map(ToString::to_string).collect(),
+                dns_forwarder: dns_sockets
+                    .iter()
+                    .filter_map(|s| s.local_addr().ok().map(|a| format!("{a}/udp")))
+                    .collect(),
                 udp_allow: config
                     .capture
                     .udp_allow
@@ -352,10 +371,26 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         refusals,
         crate::refusals::Recorder::new(
             Arc::clone(&store),
-            ProcReader::new("/", governed_rel).governing_uids(config.governed.uids.clone()),
+            ProcReader::new("/", governed_rel.clone()).governing_uids(config.governed.uids.clone()),
         ),
         shutdown_rx.clone(),
     ));
+    let dns_recorder = Arc::new(crate::dns::record::Recorder::new(
+        Arc::clone(&store),
+        ProcReader::new("/", governed_rel.clone()).governing_uids(config.governed.uids.clone()),
+    ));
+    let dns_forwarder = Arc::new(crate::dns::Forwarder::new(
+        dns_origin,
+        Arc::clone(&dns_recorder),
+    ));
+    for socket in dns_sockets {
+        tokio::spawn(crate::dns::serve(
+            socket,
+            Arc::clone(&dns_forwarder),
+            shutdown_rx.clone(),
+        ));
+    }
+    let dns_sweep = tokio::spawn(crate::dns::sweep(dns_recorder, shutdown_rx.clone()));
     let protocols = Arc::new(proxy::Protocols::default());
     let accept_loops: Vec<_> = listeners
         .into_iter()
@@ -391,6 +426,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     }
     // The refusals recorder closes its open sessions on shutdown.
     let _ = refusals_done.await;
+    let _ = dns_sweep.await;
     if let Err(e) = store.flush() {
         error!(error = %e, "flushing the session store");
     }

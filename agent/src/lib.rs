@@ -9,6 +9,7 @@ pub mod config;
 pub mod control;
 pub mod credentials;
 pub mod daemon;
+pub mod dns;
 pub mod ebpf;
 pub mod exclusive;
 pub mod identity;

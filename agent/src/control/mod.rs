@@ -198,6 +198,9 @@ pub struct Containment {
     pub sockets_allowed: Vec<String>,
     /// Resolvers governed processes may send DNS to.
     pub dns: Vec<String>,
+    /// Where their queries go instead, to be recorded and relayed (the DNS forwarder).
+    #[serde(default)]
+    pub dns_forwarder: Vec<String>,
     /// Other UDP destinations they may send to. Every other datagram is refused and recorded.
     pub udp_allow: Vec<String>,
     /// Unix socket addresses they may connect or send to, or why unix sockets are not governed.

@@ -351,6 +351,21 @@ impl Redirector {
         })
     }
 
+    /// The DNS forwarder's view of the kernel's records of queries (`DNS_BY_COOKIE`).
+    pub fn dns_origin(&mut self) -> Result<crate::dns::BpfDnsOrigin, EbpfError> {
+        let map = self
+            .ebpf
+            .take_map(maps::DNS_BY_COOKIE)
+            .ok_or(EbpfError::Missing(maps::DNS_BY_COOKIE))?;
+        let map = HashMap::try_from(map).map_err(|source| EbpfError::Map {
+            name: maps::DNS_BY_COOKIE,
+            source,
+        })?;
+        Ok(crate::dns::BpfDnsOrigin {
+            map: Mutex::new(map),
+        })
+    }
+
     /// The kernel log reader (aya-log), to be polled by the daemon.
     pub fn logger(
         &mut self,
@@ -437,7 +452,7 @@ fn fill_maps(ebpf: &mut Ebpf, rules: &CaptureRules) -> Result<(), EbpfError> {
     replace_trie(ebpf, maps::INCLUDE_V6, &rules.include_v6)?;
     replace_set(ebpf, maps::EXCLUDE_PORTS, &rules.exclude_ports)?;
     replace_set(ebpf, maps::GOVERNED_UIDS, &rules.uids)?;
-    replace_trie(ebpf, maps::UDP_ALLOW, &rules.udp_allow)?;
+    replace_udp_allow(ebpf, rules)?;
     replace_set(ebpf, maps::UNIX_ALLOW, &rules.unix_allow)?;
     let mut cfg: Array<&mut MapData, CaptureConfig> =
         Array::try_from(map_mut(ebpf, maps::CAPTURE_CONFIG)?)
@@ -463,6 +478,26 @@ fn replace_trie<K: Pod>(
     }
     for (addr, prefix) in entries {
         trie.insert(&Key::new(*prefix, *addr), 1, 0)
+            .map_err(map_err(name))?;
+    }
+    Ok(())
+}
+
+/// `UDP_ALLOW` with each entry's value (a direct destination or a resolver). An entry written
+/// twice keeps the last value: resolvers come last.
+fn replace_udp_allow(ebpf: &mut Ebpf, rules: &CaptureRules) -> Result<(), EbpfError> {
+    let name = maps::UDP_ALLOW;
+    let mut trie: LpmTrie<&mut MapData, [u8; bulkhead_common::UDP_KEY_BYTES], u8> =
+        LpmTrie::try_from(map_mut(ebpf, name)?).map_err(map_err(name))?;
+    let old: Vec<Key<_>> = trie
+        .keys()
+        .collect::<Result<_, _>>()
+        .map_err(map_err(name))?;
+    for k in &old {
+        trie.remove(k).map_err(map_err(name))?;
+    }
+    for ((key, prefix), value) in rules.udp_entries() {
+        trie.insert(&Key::new(prefix, key), value, 0)
             .map_err(map_err(name))?;
     }
     Ok(())
