@@ -315,6 +315,15 @@ fn print_containment(c: &crate::control::Containment) {
         or_none(&c.dns),
         or_none(&c.udp_allow)
     );
+    if !c.udp_policy.is_empty() {
+        println!(
+            "             the policy opens UDP to {}",
+            c.udp_policy.join(", ")
+        );
+    }
+    for note in &c.udp_policy_notes {
+        println!("             note: {note}");
+    }
     if !c.dns_forwarder.is_empty() {
         println!(
             "dns:         every query to those resolvers recorded (names, answers) through the \

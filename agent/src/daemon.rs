@@ -261,6 +261,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         }
     }
     tokio::spawn(crate::policy::watch(policy.clone()));
+    // The policy's UDP destinations, in the kernel now and after every reload.
+    sync_udp_policy(&mut redirector, &rules, &policy);
     // Approvals: one broker for every protocol handler and the control socket.
     let approvals = Arc::new(ApprovalBroker::new(Arc::clone(&store), config.approvals));
 
@@ -335,6 +337,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
                     .iter()
                     .map(ToString::to_string)
                     .collect(),
+                udp_policy: Vec::new(),
+                udp_policy_notes: Vec::new(),
                 unix: match &redirector.unix_filter {
                     Ok(()) => format!(
                         "connects and sends only to {} (cgroup/connect_unix); every other \
@@ -391,6 +395,13 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         ));
     }
     let dns_sweep = tokio::spawn(crate::dns::sweep(dns_recorder, shutdown_rx.clone()));
+    let redirector = Arc::new(std::sync::Mutex::new(redirector));
+    tokio::spawn(follow_udp_policy(
+        Arc::clone(&redirector),
+        rules,
+        gateway.policy.clone(),
+        shutdown_rx.clone(),
+    ));
     let protocols = Arc::new(proxy::Protocols::default());
     let accept_loops: Vec<_> = listeners
         .into_iter()
@@ -437,6 +448,51 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     }
     drop(redirector);
     Ok(())
+}
+
+/// Writes the UDP destinations the policy in force opens into the kernel (with the
+/// configuration's). Returns the policy version it compiled.
+fn sync_udp_policy(
+    redirector: &mut Redirector,
+    rules: &CaptureRules,
+    policy: &crate::policy::PolicyHandle,
+) -> u64 {
+    let version = policy.status().version;
+    let compiled = crate::ebpf::udp_policy::compile(&policy.current());
+    for note in &compiled.notes {
+        warn!("{note}");
+    }
+    match redirector.sync_udp_allow(rules, &compiled.entries) {
+        Ok(()) => info!(
+            destinations = ?compiled.allowed,
+            "UDP destinations opened by the policy"
+        ),
+        Err(e) => error!(error = %e, "cannot write the policy's UDP destinations"),
+    }
+    version
+}
+
+/// Recompiles the policy's UDP destinations after each reload.
+async fn follow_udp_policy(
+    redirector: Arc<std::sync::Mutex<Redirector>>,
+    rules: CaptureRules,
+    policy: crate::policy::PolicyHandle,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut done = policy.status().version;
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                if policy.status().version == done {
+                    continue;
+                }
+                let mut r = redirector.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                done = sync_udp_policy(&mut r, &rules, &policy);
+            }
+            _ = shutdown.changed() => return,
+        }
+    }
 }
 
 /// Applies retention now and then, off the runtime's worker threads.

@@ -203,6 +203,12 @@ pub struct Containment {
     pub dns_forwarder: Vec<String>,
     /// Other UDP destinations they may send to. Every other datagram is refused and recorded.
     pub udp_allow: Vec<String>,
+    /// UDP destinations the policy in force opens (`udp` targets and allow rules).
+    #[serde(default)]
+    pub udp_policy: Vec<String>,
+    /// Why other `udp` names of the policy are not opened.
+    #[serde(default)]
+    pub udp_policy_notes: Vec<String>,
     /// Unix socket addresses they may connect or send to, or why unix sockets are not governed.
     #[serde(default)]
     pub unix: String,
@@ -311,6 +317,9 @@ impl ControlState {
     fn status(&self) -> StatusReport {
         let mut info = self.info.clone();
         info.connections = self.stats.snapshot();
+        let udp = crate::ebpf::udp_policy::compile(&self.policy.current());
+        info.containment.udp_policy = udp.allowed;
+        info.containment.udp_policy_notes = udp.notes;
         info.config_changed = self
             .config_file
             .as_ref()

@@ -9,6 +9,7 @@
 //! so the kernel detaches the programs when the daemon exits, even on `kill -9`.
 
 pub mod rules;
+pub mod udp_policy;
 pub mod unix;
 
 use std::{
@@ -349,6 +350,41 @@ impl Redirector {
         Ok(BpfOrigDst {
             map: Mutex::new(map),
         })
+    }
+
+    /// Sets `UDP_ALLOW` to `rules`' entries plus `extra` direct destinations (the policy's),
+    /// adding before removing, so no destination allowed before and after is refused in
+    /// between, and without touching the other maps.
+    pub fn sync_udp_allow(
+        &mut self,
+        rules: &CaptureRules,
+        extra: &[rules::UdpEntry],
+    ) -> Result<(), EbpfError> {
+        let name = maps::UDP_ALLOW;
+        let mut trie: LpmTrie<&mut MapData, [u8; bulkhead_common::UDP_KEY_BYTES], u8> =
+            LpmTrie::try_from(map_mut(&mut self.ebpf, name)?).map_err(map_err(name))?;
+        let wanted: Vec<(rules::UdpEntry, u8)> = extra
+            .iter()
+            .map(|e| (*e, bulkhead_common::UDP_DIRECT))
+            .chain(rules.udp_entries())
+            .collect();
+        for ((key, prefix), value) in &wanted {
+            trie.insert(&Key::new(*prefix, *key), *value, 0)
+                .map_err(map_err(name))?;
+        }
+        let old: Vec<Key<_>> = trie
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(map_err(name))?;
+        for k in &old {
+            if !wanted
+                .iter()
+                .any(|((key, prefix), _)| *prefix == k.prefix_len() && *key == k.data())
+            {
+                trie.remove(k).map_err(map_err(name))?;
+            }
+        }
+        Ok(())
     }
 
     /// The DNS forwarder's view of the kernel's records of queries (`DNS_BY_COOKIE`).

@@ -478,11 +478,12 @@ impl Ctx<'_> {
             "ssh" => Protocol::Ssh,
             "http" => Protocol::Http,
             "kubernetes" => Protocol::Kubernetes,
+            "udp" => Protocol::Udp,
             other => {
                 self.error(
                     &s.span(),
                     format!("unknown protocol {other:?}"),
-                    "use tcp, postgres, ssh, http or kubernetes".to_string(),
+                    "use tcp, postgres, ssh, http, kubernetes or udp".to_string(),
                 );
                 return None;
             }
