@@ -35,19 +35,20 @@ use aya_ebpf::{
     },
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_current_uid_gid, bpf_get_socket_cookie,
+        bpf_get_current_uid_gid, bpf_get_socket_cookie, bpf_ktime_get_ns,
     },
-    macros::{cgroup_sock, cgroup_sock_addr, lsm_cgroup, map, sock_ops},
+    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, lsm_cgroup, map, sock_ops},
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, RingBuf},
-    programs::{LsmContext, SockAddrContext, SockContext, SockOpsContext},
+    programs::{LsmContext, SkBuffContext, SockAddrContext, SockContext, SockOpsContext},
 };
 use aya_log_ebpf::{debug, warn};
 use bulkhead_common::{
-    v4_mapped, CaptureConfig, ConnectRecord, Refusal, SockKey, AF_INET, AF_INET6, FLAG_ALLOW_MPTCP,
-    FLAG_ALLOW_PACKET, FLAG_ALLOW_PING, FLAG_ALLOW_RAW, FLAG_ALLOW_SCTP, FLAG_CAPTURE_LOOPBACK,
-    FLAG_INCLUDE_FILTER, FLAG_READY, FLAG_UID_FILTER, MAX_CIDRS, MAX_CONNECTIONS, MAX_PORTS,
-    MAX_UDP_ALLOW, MAX_UIDS, MAX_UNIX_ALLOW, REFUSALS_BYTES, REFUSED_SOCKET, REFUSED_UDP_CONNECT,
-    REFUSED_UDP_SENDMSG, UDP_KEY_BYTES, UDP_RESOLVER, UNIX_KEY_BYTES,
+    v4_mapped, CaptureConfig, ConnectRecord, Refusal, SockKey, UdpFlow, UdpFlowKey, AF_INET,
+    AF_INET6, FLAG_ALLOW_MPTCP, FLAG_ALLOW_PACKET, FLAG_ALLOW_PING, FLAG_ALLOW_RAW,
+    FLAG_ALLOW_SCTP, FLAG_CAPTURE_LOOPBACK, FLAG_INCLUDE_FILTER, FLAG_READY, FLAG_UID_FILTER,
+    MAX_CIDRS, MAX_CONNECTIONS, MAX_PORTS, MAX_UDP_ALLOW, MAX_UIDS, MAX_UNIX_ALLOW, REFUSALS_BYTES,
+    REFUSED_SOCKET, REFUSED_UDP_CONNECT, REFUSED_UDP_SENDMSG, UDP_KEY_BYTES, UDP_RESOLVER,
+    UNIX_KEY_BYTES,
 };
 
 /// `connect()` may proceed (possibly rewritten).
@@ -110,6 +111,14 @@ static REFUSALS: RingBuf = RingBuf::with_byte_size(REFUSALS_BYTES, 0);
 /// closed socket's entry is evicted in time.
 #[map]
 static DNS_BY_COOKIE: LruHashMap<u64, ConnectRecord> =
+    LruHashMap::with_max_entries(MAX_CONNECTIONS, 0);
+/// Who owns each governed UDP socket that sent to an allowed destination, by cookie, so the
+/// daemon can attribute its `UDP_FLOWS`.
+#[map]
+static UDP_OWNER: LruHashMap<u64, ConnectRecord> = LruHashMap::with_max_entries(MAX_CONNECTIONS, 0);
+/// Datagrams and bytes that left for allowed destinations, per socket and destination.
+#[map]
+static UDP_FLOWS: LruHashMap<UdpFlowKey, UdpFlow> =
     LruHashMap::with_max_entries(MAX_CONNECTIONS, 0);
 /// Unix socket addresses governed processes may connect or send to. Read only by the
 /// `cgroup/connect_unix` program user space assembles itself (aya cannot load that type); it
@@ -590,7 +599,13 @@ fn udp(
             }
             return Ok(Some(cfg));
         }
-        Some(_) => return Ok(None),
+        Some(_) => {
+            // SAFETY: the context pointer is the program's own `bpf_sock_addr`.
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+            // Without an owner the socket's datagrams are counted by nobody: still allowed.
+            let _ = UDP_OWNER.insert(&cookie, &caller(*dst, port, family), 0);
+            return Ok(None);
+        }
         None => {}
     }
     report(
@@ -602,6 +617,80 @@ fn udp(
     );
     debug!(ctx, "bulkhead: refused UDP to port {}", port);
     Err(REJECT)
+}
+
+/// Counts each datagram a governed socket with an owner (it sent to an allowed destination)
+/// sends: by socket and destination, payload bytes, first and last time. Never drops.
+#[cgroup_skb(egress)]
+pub fn bulkhead_udp_egress(ctx: SkBuffContext) -> i32 {
+    let _ = count_udp(&ctx);
+    1
+}
+
+#[inline(always)]
+fn count_udp(ctx: &SkBuffContext) -> Option<()> {
+    let first: u8 = ctx.load(0).ok()?;
+    let (addr, family, udp_at) = match first >> 4 {
+        4 => {
+            if ctx.load::<u8>(9).ok()? != IPPROTO_UDP as u8 {
+                return None;
+            }
+            // Only a datagram's first fragment has its UDP header.
+            let frag: u16 = u16::from_be(ctx.load(6).ok()?);
+            if frag & 0x1fff != 0 {
+                return None;
+            }
+            let dst: [u8; 4] = ctx.load(16).ok()?;
+            (v4_mapped(dst), AF_INET, usize::from(first & 0xf) * 4)
+        }
+        6 => {
+            if ctx.load::<u8>(6).ok()? != IPPROTO_UDP as u8 {
+                return None;
+            }
+            let dst: [u8; 16] = ctx.load(24).ok()?;
+            (dst, AF_INET6, 40)
+        }
+        _ => return None,
+    };
+    // SAFETY: the context's `__sk_buff`, as the helper expects.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
+    // SAFETY: plain bytes, only tested for presence.
+    if unsafe { UDP_OWNER.get(&cookie) }.is_none() {
+        return None;
+    }
+    let port = u16::from_be(ctx.load(udp_at + 2).ok()?);
+    let udp_len = u16::from_be(ctx.load(udp_at + 4).ok()?);
+    let key = UdpFlowKey {
+        cookie,
+        addr,
+        port,
+        family,
+        reserved: 0,
+    };
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let bytes = u64::from(udp_len.saturating_sub(8));
+    match UDP_FLOWS.get_ptr_mut(&key) {
+        Some(flow) => {
+            // SAFETY: a valid map value; concurrent senders on one socket may race on these
+            // plain counters, which at worst undercounts.
+            unsafe {
+                (*flow).last_ns = now;
+                (*flow).datagrams += 1;
+                (*flow).bytes += bytes;
+            }
+        }
+        None => {
+            let flow = UdpFlow {
+                first_ns: now,
+                last_ns: now,
+                datagrams: 1,
+                bytes,
+            };
+            let _ = UDP_FLOWS.insert(&key, &flow, 0);
+        }
+    }
+    Some(())
 }
 
 /// Tells the daemon what was refused. A full ring buffer loses the report, not the refusal.

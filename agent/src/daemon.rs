@@ -225,6 +225,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     }
     let orig_dst = Arc::new(redirector.orig_dst()?);
     let dns_origin: Arc<dyn crate::dns::DnsOrigin> = Arc::new(redirector.dns_origin()?);
+    let udp_flows = redirector.udp_flows()?;
     let refusals = redirector.refusals()?;
     info!(
         cgroup = %governed.display(),
@@ -395,6 +396,14 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         ));
     }
     let dns_sweep = tokio::spawn(crate::dns::sweep(dns_recorder, shutdown_rx.clone()));
+    let flows_done = tokio::spawn(crate::udp_flows::record(
+        udp_flows,
+        crate::udp_flows::Recorder::new(
+            Arc::clone(&store),
+            ProcReader::new("/", governed_rel.clone()).governing_uids(config.governed.uids.clone()),
+        ),
+        shutdown_rx.clone(),
+    ));
     let redirector = Arc::new(std::sync::Mutex::new(redirector));
     tokio::spawn(follow_udp_policy(
         Arc::clone(&redirector),
@@ -438,6 +447,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     // The refusals recorder closes its open sessions on shutdown.
     let _ = refusals_done.await;
     let _ = dns_sweep.await;
+    let _ = flows_done.await;
     if let Err(e) = store.flush() {
         error!(error = %e, "flushing the session store");
     }

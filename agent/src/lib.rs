@@ -22,3 +22,4 @@ pub mod record;
 pub mod refusals;
 pub mod text;
 pub mod tls;
+pub mod udp_flows;

@@ -151,8 +151,9 @@ fn udp_leaves_only_for_the_configured_resolver_and_allowed_destinations_and_refu
     );
     assert!(
         !udp.iter()
-            .any(|s| s["destination"] == format!("{TARGET_V4}:53")
-                || s["destination"] == format!("{TARGET_V4}:7001")),
+            .any(|s| (s["destination"] == format!("{TARGET_V4}:53")
+                || s["destination"] == format!("{TARGET_V4}:7001"))
+                && s["outcome"]["kind"] == "refused"),
         "allowed datagrams are not refusals: {sessions:?}"
     );
     let events = topo.events(&to_7002["id"]);
@@ -728,12 +729,46 @@ fn udp_destinations_the_policy_allows_pass_and_follow_reloads() {
     assert_eq!(after["7005"], "echo:q", "{after}");
     assert_eq!(after["7003"], "EPERM", "{after}");
 
-    // The refusals are recorded as before.
+    // Allowed datagrams are counted per process and destination: a closed udp session with
+    // the datagrams and payload bytes that left; the refusals are recorded as before.
     let sessions = wait_for_sessions(&topo, |s| {
-        s.iter().any(|s| {
-            s["destination"] == format!("{TARGET_V4}:7004") && s["outcome"]["kind"] == "refused"
-        })
+        let closed_to = |port: u16| {
+            s.iter().any(|s| {
+                s["destination"] == format!("{TARGET_V4}:{port}")
+                    && s["outcome"]["kind"] == "closed"
+            })
+        };
+        closed_to(7003)
+            && closed_to(7005)
+            && s.iter().any(|s| {
+                s["destination"] == format!("{TARGET_V4}:7004") && s["outcome"]["kind"] == "refused"
+            })
     });
+    let allowed = sessions
+        .iter()
+        .find(|s| {
+            s["destination"] == format!("{TARGET_V4}:7003") && s["outcome"]["kind"] == "closed"
+        })
+        .unwrap_or_else(|| panic!("no session of the allowed datagram: {sessions:?}"));
+    assert_eq!(allowed["protocol"], "udp", "{allowed}");
+    assert_eq!(allowed["identity"]["comm"], "python3", "{allowed}");
+    assert_eq!(
+        allowed["bytes_to_target"], 1,
+        "one datagram of one byte: {allowed}"
+    );
+    let events = topo.events(&allowed["id"]);
+    assert!(
+        events.iter().any(|e| e["type"] == "request"
+            && e["text"] == format!("udp {TARGET_V4}:7003")
+            && e["verdict"] == "allow"),
+        "{events:?}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e["type"] == "response" && e["summary"] == "1 datagram sent, 1 byte"),
+        "{events:?}"
+    );
     assert!(
         sessions.iter().any(|s| s["protocol"] == "udp"
             && s["destination"] == format!("{TARGET_V4}:7004")

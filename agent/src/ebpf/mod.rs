@@ -23,7 +23,8 @@ use aya::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, RingBuf},
     programs::{
         links::{FdLink, PinnedLink},
-        CgroupAttachMode, CgroupSock, CgroupSockAddr, LsmCgroup, SockOps,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, LsmCgroup,
+        SockOps,
     },
     Btf, Ebpf, EbpfLoader, Pod,
 };
@@ -254,6 +255,10 @@ impl Redirector {
         }
         let (socket_filter, name, link) = attach_socket_filter(&mut ebpf, &cgroup_dir)?;
         attached.push((name, link));
+        attached.push((
+            programs::UDP_EGRESS,
+            attach_udp_egress(&mut ebpf, &cgroup_dir)?,
+        ));
         let unix_links = unix::attach(&ebpf, &cgroup_dir);
         // Pinned only once all are attached: a daemon that fails half-way must not leave
         // a partial redirect behind.
@@ -387,6 +392,14 @@ impl Redirector {
         Ok(())
     }
 
+    /// The datagram counters and their owners, for the daemon to record.
+    pub fn udp_flows(&mut self) -> Result<crate::udp_flows::FlowMaps, EbpfError> {
+        Ok(crate::udp_flows::FlowMaps {
+            owners: take_hash_map(&mut self.ebpf, maps::UDP_OWNER)?,
+            flows: take_hash_map(&mut self.ebpf, maps::UDP_FLOWS)?,
+        })
+    }
+
     /// The DNS forwarder's view of the kernel's records of queries (`DNS_BY_COOKIE`).
     pub fn dns_origin(&mut self) -> Result<crate::dns::BpfDnsOrigin, EbpfError> {
         let map = self
@@ -459,6 +472,34 @@ fn attach_socket_filter(
             Ok((SocketFilter::InetOnly, name, link))
         }
     }
+}
+
+fn take_hash_map<K: Pod, V: Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<HashMap<MapData, K, V>, EbpfError> {
+    let map = ebpf.take_map(name).ok_or(EbpfError::Missing(name))?;
+    HashMap::try_from(map).map_err(|source| EbpfError::Map { name, source })
+}
+
+/// Attaches the datagram counter (`cgroup_skb/egress`).
+fn attach_udp_egress(ebpf: &mut Ebpf, cgroup_dir: &fs::File) -> Result<FdLink, EbpfError> {
+    let name = programs::UDP_EGRESS;
+    let program_err = |source| EbpfError::Program { name, source };
+    let prog = ebpf.program_mut(name).ok_or(EbpfError::Missing(name))?;
+    let p: &mut CgroupSkb = prog.try_into().map_err(program_err)?;
+    p.load().map_err(program_err)?;
+    let id = p
+        .attach(
+            cgroup_dir,
+            CgroupSkbAttachType::Egress,
+            CgroupAttachMode::Single,
+        )
+        .map_err(program_err)?;
+    p.take_link(id)
+        .map_err(program_err)?
+        .try_into()
+        .map_err(|source| EbpfError::Link { name, source })
 }
 
 fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> EbpfError {
