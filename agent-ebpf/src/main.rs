@@ -602,8 +602,12 @@ fn udp(
         Some(_) => {
             // SAFETY: the context pointer is the program's own `bpf_sock_addr`.
             let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
-            // Without an owner the socket's datagrams are counted by nobody: still allowed.
-            let _ = UDP_OWNER.insert(&cookie, &caller(*dst, port, family), 0);
+            // The first sender owns the socket; a lookup is cheaper than an update per
+            // datagram. Without an owner its datagrams are counted by nobody: still allowed.
+            // SAFETY: plain bytes, only tested for presence.
+            if unsafe { UDP_OWNER.get(&cookie) }.is_none() {
+                let _ = UDP_OWNER.insert(&cookie, &caller(*dst, port, family), 0);
+            }
             return Ok(None);
         }
         None => {}
