@@ -6,22 +6,27 @@
 
 use std::{process::Command, time::Duration};
 
-use bulkhead_tests::{require_root, Side, Topology, TARGET_V4};
+use bulkhead_tests::{require_root, Side, Topology, TARGET_V4, TARGET_V6};
 
 /// The address every A query is answered with.
 const ANSWER: &str = "10.201.0.77";
 
-/// A DNS responder on `TARGET_V4:53`: A queries get `ANSWER`, names under `nx.` get
-/// NXDOMAIN, other types an empty answer.
-fn resolver(topo: &Topology) -> bulkhead_tests::Proc {
+/// A DNS responder on `host:53` (`TARGET_V4` or `TARGET_V6`): A queries get `ANSWER`, names
+/// under `nx.` get NXDOMAIN, other types an empty answer.
+fn resolver(topo: &Topology, host: &str) -> bulkhead_tests::Proc {
+    let family = if host.contains(':') {
+        "AF_INET6"
+    } else {
+        "AF_INET"
+    };
     let mut cmd = Command::new("python3");
     cmd.args([
         "-u",
         "-c",
         &format!(
             "import socket, struct\n\
-             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
-             s.bind(('{TARGET_V4}', 53))\n\
+             s = socket.socket(socket.{family}, socket.SOCK_DGRAM)\n\
+             s.bind(('{host}', 53))\n\
              print('ready', flush=True)\n\
              while True:\n\
              \x20   data, peer = s.recvfrom(4096)\n\
@@ -40,7 +45,7 @@ fn resolver(topo: &Topology) -> bulkhead_tests::Proc {
              \x20   s.sendto(header + data[12:i + 5] + answer, peer)\n"
         ),
     ]);
-    let mut p = topo.spawn(Side::Target, "dns-responder", cmd);
+    let mut p = topo.spawn(Side::Target, &format!("dns-responder-{host}"), cmd);
     assert_eq!(
         p.line(Duration::from_secs(10)).as_deref(),
         Some("ready"),
@@ -60,19 +65,19 @@ fn asker() -> String {
          \x20   for part in name.split('.'):\n\
          \x20       q += bytes([len(part)]) + part.encode()\n\
          \x20   return q + b'\\0' + struct.pack('!HH', 1, 1)\n\
-         def ask(payload, connected):\n\
-         \x20   s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         def ask(payload, connected, host='{TARGET_V4}'):\n\
+         \x20   s = socket.socket(socket.AF_INET6 if ':' in host else socket.AF_INET, socket.SOCK_DGRAM)\n\
          \x20   s.settimeout(2)\n\
          \x20   try:\n\
          \x20       peer = None\n\
          \x20       if connected:\n\
-         \x20           s.connect(('{TARGET_V4}', 53)); s.send(payload)\n\
-         \x20           peer = '%s:%d' % s.getpeername()\n\
+         \x20           s.connect((host, 53)); s.send(payload)\n\
+         \x20           peer = '%s:%d' % s.getpeername()[:2]\n\
          \x20       else:\n\
-         \x20           s.sendto(payload, ('{TARGET_V4}', 53))\n\
+         \x20           s.sendto(payload, (host, 53))\n\
          \x20       data, src = s.recvfrom(4096)\n\
          \x20       answers = struct.unpack('!H', data[6:8])[0]\n\
-         \x20       return {{'from': '%s:%d' % src, 'peer': peer, 'rcode': data[3] & 15,\n\
+         \x20       return {{'from': '%s:%d' % src[:2], 'peer': peer, 'rcode': data[3] & 15,\n\
          \x20               'answer': socket.inet_ntoa(data[-4:]) if answers else None}}\n\
          \x20   except OSError as e:\n\
          \x20       return errno.errorcode.get(e.errno, str(e))\n\
@@ -135,7 +140,7 @@ fn lines(topo: &Topology, id: &serde_json::Value) -> Vec<String> {
 fn queries_to_the_resolver_are_recorded_with_names_and_answers_and_answered_from_the_resolver() {
     require_root();
     let topo = Topology::new(&format!("[capture]\ndns = [\"{TARGET_V4}\"]\n"));
-    let _resolver = resolver(&topo);
+    let _resolver = resolver(&topo, TARGET_V4);
     let _daemon = topo.start_daemon(&[]);
 
     let code = format!(
@@ -274,5 +279,65 @@ fn queries_to_the_resolver_are_recorded_with_names_and_answers_and_answered_from
     assert_eq!(
         containment["dns_forwarder"][0], "127.0.0.1:951/udp",
         "{status}"
+    );
+}
+
+#[test]
+fn ipv6_and_ipv4_mapped_queries_go_through_the_forwarder_too() {
+    require_root();
+    let topo = Topology::new(&format!(
+        "[capture]\ndns = [\"{TARGET_V4}\", \"[{TARGET_V6}]:53\"]\n"
+    ));
+    let _v4 = resolver(&topo, TARGET_V4);
+    let _v6 = resolver(&topo, TARGET_V6);
+    let _daemon = topo.start_daemon(&[]);
+    let code = format!(
+        "{}print(json.dumps({{\n\
+         'v6': ask(query('six.example', 0x6666), False, '{TARGET_V6}'),\n\
+         'v6_connected': ask(query('six-c.example', 0x6667), True, '{TARGET_V6}'),\n\
+         'mapped': ask(query('mapped.example', 0x4646), True, '::ffff:{TARGET_V4}'),\n\
+         }}))\n",
+        asker()
+    );
+    let governed = python(&topo, Side::Governed, &code);
+    for key in ["v6", "v6_connected", "mapped"] {
+        assert_eq!(governed[key]["answer"], ANSWER, "{key}: {governed}");
+    }
+    assert_eq!(
+        governed["v6"]["from"],
+        format!("{TARGET_V6}:53"),
+        "{governed}"
+    );
+    assert_eq!(
+        governed["v6_connected"]["peer"],
+        format!("{TARGET_V6}:53"),
+        "{governed}"
+    );
+    assert_eq!(
+        governed["mapped"]["from"],
+        format!("::ffff:{TARGET_V4}:53"),
+        "{governed}"
+    );
+    let sessions = wait_for(&topo, |s| {
+        s.iter()
+            .filter(|s| s["protocol"] == "dns" && s["ended_at_us"].is_u64())
+            .count()
+            >= 2
+    });
+    let dns: Vec<_> = sessions.iter().filter(|s| s["protocol"] == "dns").collect();
+    let to = |dst: String| {
+        dns.iter()
+            .find(|s| s["destination"] == dst)
+            .unwrap_or_else(|| panic!("no dns session to {dst}: {sessions:?}"))
+    };
+    let six = lines(&topo, &to(format!("[{TARGET_V6}]:53"))["id"]);
+    assert!(
+        six.contains(&format!("response NOERROR: six-c.example A {ANSWER}")),
+        "{six:#?}"
+    );
+    let mapped = lines(&topo, &to(format!("{TARGET_V4}:53"))["id"]);
+    assert!(
+        mapped.contains(&format!("response NOERROR: mapped.example A {ANSWER}")),
+        "{mapped:#?}"
     );
 }
