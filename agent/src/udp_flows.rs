@@ -64,6 +64,8 @@ struct Dest {
 
 struct Open {
     session: SessionId,
+    /// The id of its `request` event, which the closing `response` names.
+    request: u64,
     datagrams: u64,
     bytes: u64,
     last_us: u64,
@@ -143,13 +145,15 @@ impl Recorder {
                     comm: [0; 16],
                     reserved: 0,
                 });
-                let Some(session) = self.open_session(&record, dest.dst, first_us) else {
+                let Some((session, request)) = self.open_session(&record, dest.dst, first_us)
+                else {
                     continue;
                 };
                 self.open.insert(
                     dest,
                     Open {
                         session,
+                        request,
                         datagrams: 0,
                         bytes: 0,
                         last_us,
@@ -196,7 +200,7 @@ impl Recorder {
         record: &ConnectRecord,
         dst: SocketAddr,
         at_us: u64,
-    ) -> Option<SessionId> {
+    ) -> Option<(SessionId, u64)> {
         let session = self
             .store
             .open(NewSession {
@@ -215,16 +219,18 @@ impl Recorder {
             RecordedVerdict::Allow,
             Vec::new(),
         );
-        if let Err(e) = self.store.append(session, event) {
-            error!(error = %e, "cannot record allowed datagrams");
-        }
-        Some(session)
+        let request = self
+            .store
+            .append(session, event)
+            .map_err(|e| error!(error = %e, "cannot record allowed datagrams"))
+            .unwrap_or(0);
+        Some((session, request))
     }
 
     fn close(&self, o: &Open) {
         let s = |n: u64| if n == 1 { "" } else { "s" };
         let summary = EventKind::Response {
-            request: 0,
+            request: o.request,
             duration_us: 0,
             summary: Some(format!(
                 "{} datagram{} sent, {} byte{}",

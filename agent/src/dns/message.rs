@@ -11,8 +11,10 @@ use std::{
 
 use simple_dns::{rdata::RData, Packet, PacketFlag, OPCODE, QTYPE, RCODE};
 
-/// Largest DNS message the forwarder reads (EDNS0 buffers above 4096 are not used in practice).
+/// Largest query the forwarder relays (a question and EDNS options fit in far less).
 pub const MAX_MESSAGE: usize = 4096;
+/// Largest reply it delivers: any UDP payload (a client may offer an EDNS0 buffer that big).
+pub const MAX_REPLY: usize = 65_535;
 /// Most questions, and most answers, written into one event.
 const MAX_LISTED: usize = 32;
 
@@ -78,13 +80,13 @@ pub fn id(bytes: &[u8]) -> Option<u16> {
 
 /// Each question takes at least 5 bytes (root name, type, class), each record 11: a header
 /// announcing more than the message can hold is refused before anything is allocated for it.
-fn counts_fit(bytes: &[u8]) -> Result<(), MessageError> {
+fn counts_fit(bytes: &[u8], max: usize) -> Result<(), MessageError> {
     if bytes.len() < 12 {
         return Err(MessageError::Malformed("shorter than a header".into()));
     }
-    if bytes.len() > MAX_MESSAGE {
+    if bytes.len() > max {
         return Err(MessageError::Malformed(format!(
-            "{} bytes, more than {MAX_MESSAGE}",
+            "{} bytes, more than {max}",
             bytes.len()
         )));
     }
@@ -98,8 +100,8 @@ fn counts_fit(bytes: &[u8]) -> Result<(), MessageError> {
     Ok(())
 }
 
-fn parse(bytes: &[u8]) -> Result<Packet<'_>, MessageError> {
-    counts_fit(bytes)?;
+fn parse(bytes: &[u8], max: usize) -> Result<Packet<'_>, MessageError> {
+    counts_fit(bytes, max)?;
     match std::panic::catch_unwind(|| Packet::parse(bytes)) {
         Ok(Ok(p)) => Ok(p),
         Ok(Err(e)) => Err(MessageError::Malformed(e.to_string())),
@@ -129,7 +131,7 @@ fn qtype_name(q: QTYPE) -> String {
 
 /// Reads a query a governed process sent.
 pub fn parse_query(bytes: &[u8]) -> Result<Query, MessageError> {
-    let p = parse(bytes)?;
+    let p = parse(bytes, MAX_MESSAGE)?;
     if p.has_flags(PacketFlag::RESPONSE) {
         return Err(MessageError::NotAQuery);
     }
@@ -156,7 +158,7 @@ pub fn parse_query(bytes: &[u8]) -> Result<Query, MessageError> {
 
 /// Reads a resolver's reply.
 pub fn parse_reply(bytes: &[u8]) -> Result<Reply, MessageError> {
-    let p = parse(bytes)?;
+    let p = parse(bytes, MAX_REPLY)?;
     if !p.has_flags(PacketFlag::RESPONSE) {
         return Err(MessageError::NotAResponse);
     }

@@ -26,7 +26,7 @@ use tokio::{net::UdpSocket, sync::watch};
 use tracing::{debug, warn};
 
 use self::{
-    message::{parse_query, parse_reply, MAX_MESSAGE},
+    message::{parse_query, parse_reply, MAX_MESSAGE, MAX_REPLY},
     record::Recorder,
 };
 use crate::{net::from_kernel_bytes, record::now_micros};
@@ -227,11 +227,11 @@ async fn relay(
     let sock = UdpSocket::bind(any).await.map_err(io)?;
     sock.connect(resolver).await.map_err(io)?;
     sock.send(query).await.map_err(io)?;
-    let mut buf = vec![0u8; MAX_MESSAGE + 1];
+    let mut buf = vec![0u8; MAX_REPLY];
     let wait = async {
         loop {
             let n = sock.recv(&mut buf).await.map_err(io)?;
-            if n <= MAX_MESSAGE && message::id(&buf[..n]) == Some(id) {
+            if message::id(&buf[..n]) == Some(id) {
                 return Ok(buf[..n].to_vec());
             }
         }
