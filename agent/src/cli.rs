@@ -1,6 +1,7 @@
 //! The `bulkhead` command line.
 
 pub mod approvals;
+pub mod generate;
 mod help;
 mod run;
 pub mod sessions;
@@ -90,6 +91,18 @@ pub enum Command {
     /// Remove the pinned programs a stopped daemon left (fail closed) so governed processes
     /// connect directly again; refused while a daemon runs
     UninstallPrograms,
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
+    Completions {
+        /// The shell
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page, or write one page per command into a directory
+    Man {
+        /// Write bulkhead.1 and a page per subcommand (bulkhead-sessions-list.1, ...) here
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 /// `bulkhead uninstall-programs`.

@@ -50,6 +50,17 @@ fn answer_status(e: &anyhow::Error) -> Option<u8> {
 }
 
 fn run(args: Cli) -> anyhow::Result<()> {
+    // Generated from the command line alone: no configuration needed (a package build has none).
+    match &args.command {
+        Command::Completions { shell } => {
+            cli::generate::completions(*shell, &mut std::io::stdout());
+            return Ok(());
+        }
+        Command::Man { dir } => {
+            return Ok(cli::generate::man(dir.as_deref(), &mut std::io::stdout())?)
+        }
+        _ => {}
+    }
     let mut config = Config::load(args.config.as_deref())?;
     match args.command {
         Command::Daemon { fail_open } => {
@@ -82,6 +93,8 @@ fn run(args: Cli) -> anyhow::Result<()> {
         Command::Policy(cmd) => bulkhead::policy::cli::run(&config, cmd)?,
         Command::Approvals(command) => cli::approvals::run(&config, command)?,
         Command::UninstallPrograms => cli::uninstall_programs(&config)?,
+        // Answered before the configuration was loaded.
+        Command::Completions { .. } | Command::Man { .. } => {}
     }
     Ok(())
 }
