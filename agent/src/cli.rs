@@ -201,7 +201,7 @@ where
     match control::call(&config.control_socket(), &config.daemon.admin_group, req) {
         Ok(v) => serde_json::from_value(v)
             .map_err(|e| CliError::Other(format!("unexpected answer from the daemon: {e}"))),
-        Err(ClientError::NotRunning(_)) => offline(),
+        Err(ClientError::NotRunning { .. }) => offline(),
         Err(e) => Err(e.into()),
     }
 }
@@ -303,7 +303,14 @@ fn status_report(config: &Config) -> Result<StatusReport, CliError> {
             store,
             retention: config.store.retention,
             policy: None,
-            warnings: crate::privilege::warnings(config),
+            warnings: {
+                let mut w = crate::privilege::warnings(config);
+                let socket = config.control_socket();
+                if socket.exists() {
+                    w.push(control::socket_absence(&socket, true));
+                }
+                w
+            },
         })
     })
 }

@@ -25,13 +25,27 @@ fn main() -> ExitCode {
             if let Some(code) = answer_status(&e) {
                 return ExitCode::from(code);
             }
-            eprintln!("bulkhead: {e:#}");
+            eprintln!("bulkhead: {}", chain(&e));
             match e.downcast_ref::<cli::CliError>() {
                 Some(cli::CliError::Exit(code, _)) => ExitCode::from(*code),
                 _ => ExitCode::FAILURE,
             }
         }
     }
+}
+
+/// The error and its causes, each once: a message that already ends with its cause's text
+/// (`cannot read X: No such file or directory (os error 2)`) does not repeat it.
+fn chain(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.ends_with(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
 }
 
 /// Errors that are an answer, not a failure (`status` when the daemon is down, `policy test`

@@ -325,3 +325,41 @@ fn policy_test_judges_the_callers_own_uid_unless_told_otherwise() {
         "another uid is not"
     );
 }
+
+#[test]
+fn a_stale_control_socket_is_called_stale_and_errors_say_their_cause_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies");
+    let config = config_in(dir.path(), &policies);
+    let run = |args: &[&str]| {
+        let out = Command::new(bulkhead_bin())
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // No socket at all: absent, not stale.
+    let (_, err) = run(&["approvals", "list"]);
+    assert!(err.contains("no control socket at"), "{err}");
+    // A socket file nothing listens on, as a killed daemon leaves it.
+    std::fs::create_dir_all(dir.path().join("run")).unwrap();
+    let socket = dir.path().join("run/control.sock");
+    drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+    assert!(socket.exists());
+    let (_, err) = run(&["approvals", "list"]);
+    assert!(err.contains("stale control socket at"), "{err}");
+    let (out, _) = run(&["status"]);
+    assert!(out.contains("stale control socket at"), "{out}");
+
+    let out = Command::new(bulkhead_bin())
+        .args(["--config", "/nonexistent/bulkhead.toml", "status"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.matches("os error 2").count(), 1, "{err}");
+}
