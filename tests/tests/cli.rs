@@ -229,14 +229,18 @@ fn status_lists_targets_startup_problems_and_a_changed_configuration() {
          credentials = { file = \"/nonexistent/bulkhead-test-credentials\" }\n",
     );
     topo.allow_opaque_tcp();
-    let _daemon = topo.start_daemon(&[]);
+    let mut daemon_proc = topo.start_daemon(&[]);
     let status = topo.run_cli(&["status", "--json"]).unwrap();
     let daemon = &status["daemon"];
     assert_eq!(daemon["targets"][0]["name"], "echo", "{status}");
     assert_eq!(daemon["targets"][0]["protocol"], "tcp");
     assert_eq!(daemon["targets"][0]["addresses"][1], "10.201.0.0/24");
     assert_eq!(daemon["targets"][1]["protocol"], "postgres");
-    let logs = _daemon.stderr();
+    let logs = daemon_proc.drain_lines().join("\n");
+    assert!(
+        logs.contains("governing connections"),
+        "the log is read: {logs}"
+    );
     assert!(
         !logs.contains('\u{1b}'),
         "no terminal colours in a log that is not a terminal: {logs}"
@@ -260,6 +264,21 @@ fn status_lists_targets_startup_problems_and_a_changed_configuration() {
         text.contains("echo (tcp) 10.201.0.2:7000, 10.201.0.0/24"),
         "{text}"
     );
+    // SIGHUP reloads policies; the log says the rest of the file waits for a restart.
+    // SAFETY: we signal only our own child, by its pid.
+    unsafe {
+        libc::kill(i32::try_from(daemon_proc.pid()).unwrap(), libc::SIGHUP);
+    }
+    // (The daemon logs to stdout.)
+    let mut logs = String::new();
+    while let Some(line) = daemon_proc.line(std::time::Duration::from_secs(5)) {
+        logs.push_str(&line);
+        logs.push('\n');
+        if line.contains("configuration file changed") {
+            break;
+        }
+    }
+    assert!(logs.contains("apply after a restart"), "{logs}");
 }
 
 #[test]
