@@ -108,9 +108,15 @@ fn install(root: &Path) -> Result<()> {
         "/etc/bulkhead/bulkhead.example.toml",
         0o644,
     )?;
+    // The packaged unit runs /usr/bin/bulkhead (the Debian package's path); this one runs
+    // the copy above.
+    let unit = std::fs::read_to_string(root.join("packaging/bulkhead.service"))?
+        .replace("/usr/bin/bulkhead", "/usr/local/bin/bulkhead");
+    std::fs::write("/etc/systemd/system/bulkhead.service", unit)?;
+    println!("installed /etc/systemd/system/bulkhead.service");
     copy(
-        "packaging/bulkhead.service",
-        "/etc/systemd/system/bulkhead.service",
+        "packaging/bulkhead-governed.slice",
+        "/etc/systemd/system/bulkhead-governed.slice",
         0o644,
     )?;
     let group_exists = std::fs::read_to_string("/etc/group")?
