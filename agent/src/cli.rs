@@ -1,6 +1,7 @@
 //! The `bulkhead` command line.
 
 pub mod approvals;
+pub mod doctor;
 pub mod generate;
 mod help;
 mod run;
@@ -91,6 +92,10 @@ pub enum Command {
     /// Remove the pinned programs a stopped daemon left (fail closed) so governed processes
     /// connect directly again; refused while a daemon runs
     UninstallPrograms,
+    /// Check the host, the daemon and the files after installing: kernel features, cgroup v2,
+    /// BPF file system, pinned programs, listener, permissions, policies, credentials, CA trust
+    /// (exit status 1 when a check fails)
+    Doctor(JsonFlag),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
     Completions {
         /// The shell

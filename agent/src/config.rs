@@ -348,7 +348,10 @@ fn key_at(text: &str, e: &toml::de::Error) -> Option<String> {
 fn readable_expectation(message: &str) -> String {
     let ranges = [
         ("expected u16", "expected a whole number from 0 to 65535"),
-        ("expected u32", "expected a whole number from 0 to 4294967295"),
+        (
+            "expected u32",
+            "expected a whole number from 0 to 4294967295",
+        ),
         ("expected u64", "expected a whole number of 0 or more"),
         ("expected usize", "expected a whole number of 0 or more"),
         ("expected a boolean", "expected true or false"),
@@ -1133,7 +1136,10 @@ mod tests {
         let e = err("[listener]\nport = \"x\"\n");
         assert!(e.contains("`listener.port`") && !e.contains("u16"), "{e}");
         let e = err("[capture]\nloopback = \"yes\"\n");
-        assert!(e.contains("`capture.loopback`") && e.contains("true or false"), "{e}");
+        assert!(
+            e.contains("`capture.loopback`") && e.contains("true or false"),
+            "{e}"
+        );
         // A syntax error keeps the parser's own report, with its position.
         let e = err("[listener\nport = 1\n");
         assert!(e.contains("line 1"), "{e}");

@@ -107,6 +107,7 @@ fn run(args: Cli) -> anyhow::Result<()> {
         Command::Policy(cmd) => bulkhead::policy::cli::run(&config, cmd)?,
         Command::Approvals(command) => cli::approvals::run(&config, command)?,
         Command::UninstallPrograms => cli::uninstall_programs(&config)?,
+        Command::Doctor(f) => cli::doctor::run(&config, f.json)?,
         // Answered before the configuration was loaded.
         Command::Completions { .. } | Command::Man { .. } => {}
     }

@@ -382,3 +382,75 @@ fn a_stale_control_socket_is_called_stale_and_errors_say_their_cause_once() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.matches("os error 2").count(), 1, "{err}");
 }
+
+#[test]
+fn doctor_checks_the_running_daemon_and_says_how_to_fix_what_is_wrong() {
+    bulkhead_tests::require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("db-password");
+    std::fs::write(&secret, "test-only\n").unwrap();
+    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let topo = bulkhead_tests::Topology::new(&format!(
+        "[[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddresses = [\"10.201.0.2:5432\"]\n\
+         credentials = {{ file = \"{}\" }}\n",
+        secret.display()
+    ));
+    topo.allow_opaque_tcp();
+    let mut daemon = topo.start_daemon(&[]);
+    let doctor = |topo: &bulkhead_tests::Topology| {
+        let out = topo.output(
+            bulkhead_tests::Side::Host,
+            topo.bulkhead(&["doctor", "--json"]),
+        );
+        let checks: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        (out.status.code(), checks)
+    };
+    let level = |checks: &serde_json::Value, name: &str| {
+        checks
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .map(|c| (c["level"].as_str().unwrap().to_string(), c.clone()))
+            .unwrap_or_else(|| panic!("no {name} check: {checks}"))
+    };
+    let (code, checks) = doctor(&topo);
+    for ok in [
+        "cgroup v2",
+        "bpffs",
+        "daemon",
+        "programs",
+        "state dir",
+        "control",
+        "policies",
+    ] {
+        assert_eq!(level(&checks, ok).0, "ok", "{ok}: {checks}");
+    }
+    let (l, c) = level(&checks, "credentials");
+    assert_eq!(l, "warn", "a world-readable secret: {c}");
+    assert!(c["fix"].as_str().unwrap().contains("chmod 600"), "{c}");
+    assert_ne!(code, Some(1), "nothing failed: {checks}");
+
+    // Stopped: the pinned programs refuse governed connects, and doctor fails saying so.
+    daemon.terminate();
+    daemon.wait();
+    let (code, checks) = doctor(&topo);
+    assert_eq!(code, Some(1), "{checks}");
+    assert_eq!(level(&checks, "daemon").0, "fail");
+    let (l, c) = level(&checks, "programs");
+    assert_eq!(l, "warn", "{c}");
+    assert!(
+        c["detail"]
+            .as_str()
+            .unwrap()
+            .contains("refused (fail closed)"),
+        "{c}"
+    );
+    // The text form says the same with its fixes.
+    let out = topo.output(bulkhead_tests::Side::Host, topo.bulkhead(&["doctor"]));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("FAIL  daemon") && text.contains("fix: "),
+        "{text}"
+    );
+}

@@ -17,7 +17,10 @@ fn the_systemd_units_verify_and_the_service_is_hardened() {
     );
     let packaging = concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging");
     let unit = std::fs::read_to_string(format!("{packaging}/bulkhead.service")).unwrap();
-    assert!(unit.contains("ExecStart=/usr/bin/bulkhead daemon"), "{unit}");
+    assert!(
+        unit.contains("ExecStart=/usr/bin/bulkhead daemon"),
+        "{unit}"
+    );
     // Point ExecStart at the binary under test, so verify also checks that it exists.
     let unit = unit.replace(
         "/usr/bin/bulkhead",
@@ -59,10 +62,16 @@ fn the_systemd_units_verify_and_the_service_is_hardened() {
     let text = String::from_utf8_lossy(&out.stdout);
     let score: f64 = text
         .lines()
-        .find_map(|l| l.split("Overall exposure level for bulkhead.service: ").nth(1))
+        .find_map(|l| {
+            l.split("Overall exposure level for bulkhead.service: ")
+                .nth(1)
+        })
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no exposure score in: {text}"));
     eprintln!("systemd-analyze security: exposure {score}");
-    assert!(score <= MAX_EXPOSURE, "exposure {score} > {MAX_EXPOSURE}: {text}");
+    assert!(
+        score <= MAX_EXPOSURE,
+        "exposure {score} > {MAX_EXPOSURE}: {text}"
+    );
 }
