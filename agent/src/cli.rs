@@ -6,6 +6,7 @@ pub mod generate;
 mod help;
 mod run;
 pub mod sessions;
+pub mod trust;
 
 pub use help::{command, leaf_commands, parse};
 pub use run::{run, Account, RunOptions};
@@ -92,6 +93,9 @@ pub enum Command {
     /// Remove the pinned programs a stopped daemon left (fail closed) so governed processes
     /// connect directly again; refused while a daemon runs
     UninstallPrograms,
+    /// The gateway's CA in the system trust store, for tools outside `bulkhead run`
+    #[command(subcommand)]
+    Trust(trust::TrustCommand),
     /// Check the host, the daemon and the files after installing: kernel features, cgroup v2,
     /// BPF file system, pinned programs, listener, permissions, policies, credentials, CA trust
     /// (exit status 1 when a check fails)

@@ -108,6 +108,7 @@ fn run(args: Cli) -> anyhow::Result<()> {
         Command::Approvals(command) => cli::approvals::run(&config, command)?,
         Command::UninstallPrograms => cli::uninstall_programs(&config)?,
         Command::Doctor(f) => cli::doctor::run(&config, f.json)?,
+        Command::Trust(command) => cli::trust::run(&config, &command)?,
         // Answered before the configuration was loaded.
         Command::Completions { .. } | Command::Man { .. } => {}
     }

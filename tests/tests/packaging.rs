@@ -75,3 +75,139 @@ fn the_systemd_units_verify_and_the_service_is_hardened() {
         "exposure {score} > {MAX_EXPOSURE}: {text}"
     );
 }
+
+/// The Debian package `cargo xtask test` builds from the debug binary (`cargo xtask deb --dev`).
+fn built_package() -> std::path::PathBuf {
+    let dir = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/debian"));
+    std::fs::read_dir(dir)
+        .ok()
+        .and_then(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "no package in {}: run `cargo xtask deb --dev`",
+                dir.display()
+            )
+        })
+}
+
+fn dpkg(args: &[&str]) -> std::process::Output {
+    let out = Command::new("dpkg")
+        .args(["--force-confdef", "--force-confold"])
+        .args(args)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "dpkg {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Installs the package on this machine (systemd is not PID 1 here, as in a container), checks
+/// what it put where, that an admin's edit of a conffile survives a reinstall, and purges it.
+#[test]
+fn the_debian_package_installs_keeps_edits_and_purges() {
+    bulkhead_tests::require_root();
+    let deb = built_package();
+    let already = Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", "bulkhead"])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("installed"));
+    assert!(
+        !already,
+        "a bulkhead package is installed on this machine; not touching it"
+    );
+    let group_before = Command::new("getent")
+        .args(["group", "bulkhead"])
+        .output()
+        .unwrap();
+    let had_group = group_before.status.success();
+
+    struct Purge(bool);
+    impl Drop for Purge {
+        fn drop(&mut self) {
+            let _ = Command::new("dpkg").args(["--purge", "bulkhead"]).output();
+            if !self.0 {
+                let _ = Command::new("groupdel").arg("bulkhead").output();
+            }
+        }
+    }
+    let _purge = Purge(had_group);
+
+    let out = dpkg(&["-i", deb.to_str().unwrap()]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("systemd is not running here"), "{said}");
+    assert!(said.contains("bulkhead doctor"), "{said}");
+    assert!(Command::new("getent")
+        .args(["group", "bulkhead"])
+        .output()
+        .unwrap()
+        .status
+        .success());
+    let version = Command::new("/usr/bin/bulkhead")
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&version.stdout).starts_with("bulkhead "));
+    for path in [
+        "/lib/systemd/system/bulkhead.service",
+        "/lib/systemd/system/bulkhead-governed.slice",
+        "/etc/bulkhead/bulkhead.toml",
+        "/etc/bulkhead/policies/00-observe-first.toml",
+        "/etc/bulkhead/examples/read-only-agent.toml",
+        "/usr/share/bash-completion/completions/bulkhead",
+        "/usr/share/zsh/vendor-completions/_bulkhead",
+        "/usr/share/man/man1/bulkhead-doctor.1",
+    ] {
+        assert!(std::path::Path::new(path).exists(), "{path} not installed");
+    }
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata("/etc/bulkhead/credentials")
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o700, "credentials directory is root's only");
+    // The packaged configuration and policies load: `policy check` reads /etc/bulkhead.
+    let check = Command::new("/usr/bin/bulkhead")
+        .args(["policy", "check"])
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{check:?}");
+    // Every example policy is valid on its own (they are copied into policies/ one by one).
+    let examples = Command::new("/usr/bin/bulkhead")
+        .args(["policy", "check", "/etc/bulkhead/examples"])
+        .output()
+        .unwrap();
+    assert!(examples.status.success(), "{examples:?}");
+
+    // An admin's edit survives reinstalling (a conffile).
+    let conf = "/etc/bulkhead/bulkhead.toml";
+    let edited = format!(
+        "{}\n# edited by the admin\n",
+        std::fs::read_to_string(conf).unwrap()
+    );
+    std::fs::write(conf, &edited).unwrap();
+    dpkg(&["-i", deb.to_str().unwrap()]);
+    assert_eq!(std::fs::read_to_string(conf).unwrap(), edited);
+
+    // Purge: binary, units and configuration gone.
+    dpkg(&["--purge", "bulkhead"]);
+    for path in [
+        "/usr/bin/bulkhead",
+        "/lib/systemd/system/bulkhead.service",
+        "/etc/bulkhead",
+    ] {
+        assert!(
+            !std::path::Path::new(path).exists(),
+            "{path} left after purge"
+        );
+    }
+}

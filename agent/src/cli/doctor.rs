@@ -456,7 +456,7 @@ fn ca_trust(config: &Config) -> Check {
             Level::Warn,
             "the gateway CA is not in the system trust store: tools that verify TLS trust it only under `bulkhead run` or with `bulkhead ca export`",
         )
-        .fix("bulkhead ca export > /usr/local/share/ca-certificates/bulkhead.crt && update-ca-certificates")
+        .fix("sudo bulkhead trust install")
     }
 }
 
