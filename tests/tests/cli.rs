@@ -454,3 +454,72 @@ fn doctor_checks_the_running_daemon_and_says_how_to_fix_what_is_wrong() {
         "{text}"
     );
 }
+
+#[test]
+fn trust_install_puts_the_gateway_ca_in_the_trust_store_and_remove_takes_it_out() {
+    bulkhead_tests::require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_in(dir.path(), &dir.path().join("policies"));
+    let ca_dir = dir.path().join("state/ca");
+    std::fs::create_dir_all(&ca_dir).unwrap();
+    let made = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ])
+        .args(["-subj", "/CN=bulkhead trust test CA", "-days", "1"])
+        .arg("-keyout")
+        .arg(ca_dir.join("ca.key"))
+        .arg("-out")
+        .arg(ca_dir.join("ca.pem"))
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    // A file system tree of its own, so the machine's trust store is never touched.
+    let root = dir.path().join("root");
+    for d in [
+        "etc/ssl/certs",
+        "usr/local/share/ca-certificates",
+        "etc/ca-certificates/update.d",
+    ] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    // One of the machine's own roots, as on a real system (with none, update-ca-certificates
+    // never rewrites a bundle that becomes empty).
+    let one_root = std::fs::read_to_string("/etc/ca-certificates.conf")
+        .unwrap()
+        .lines()
+        .find(|l| !l.starts_with('#') && !l.starts_with('!') && !l.trim().is_empty())
+        .expect("a CA in /etc/ca-certificates.conf")
+        .to_string();
+    std::fs::write(
+        root.join("etc/ca-certificates.conf"),
+        format!("{one_root}\n"),
+    )
+    .unwrap();
+    let trust = |what: &str| {
+        let out = Command::new(bulkhead_bin())
+            .arg("--config")
+            .arg(&config)
+            .args(["trust", what, "--root"])
+            .arg(&root)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "trust {what}: {out:?}");
+        std::fs::read_to_string(root.join("etc/ssl/certs/ca-certificates.crt")).unwrap_or_default()
+    };
+    let body: String = std::fs::read_to_string(ca_dir.join("ca.pem"))
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect();
+    let bundle: String = trust("install").lines().collect();
+    assert!(bundle.contains(&body), "the CA is in the bundle: {bundle}");
+    let bundle: String = trust("remove").lines().collect();
+    assert!(!bundle.contains(&body), "the CA left the bundle");
+}

@@ -48,11 +48,10 @@ impl Paths {
         }
     }
 
-    fn update(&self, fresh: bool) -> Result<(), CliError> {
+    /// Without `--fresh`: a removed certificate is found by its dangling link and taken out of
+    /// the bundle; `--fresh` clears the links first and then leaves the bundle as it was.
+    fn update(&self) -> Result<(), CliError> {
         let mut cmd = std::process::Command::new("update-ca-certificates");
-        if fresh {
-            cmd.arg("--fresh");
-        }
         if self.root.is_some() {
             cmd.arg("--localcertsdir")
                 .arg(&self.local)
@@ -97,7 +96,7 @@ fn install(config: &Config, paths: &Paths) -> Result<(), CliError> {
     let to = paths.local.join(CA_FILE_NAME);
     let written = std::fs::create_dir_all(&paths.local).and_then(|()| std::fs::write(&to, pem));
     written.map_err(|e| CliError::Other(format!("{}: {e}", to.display())))?;
-    paths.update(false)?;
+    paths.update()?;
     println!(
         "the gateway CA is trusted system-wide ({}); `bulkhead trust remove` undoes it",
         to.display()
@@ -109,7 +108,7 @@ fn remove(paths: &Paths) -> Result<(), CliError> {
     let at = paths.local.join(CA_FILE_NAME);
     match std::fs::remove_file(&at) {
         Ok(()) => {
-            paths.update(true)?;
+            paths.update()?;
             println!("the gateway CA is no longer trusted system-wide");
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
