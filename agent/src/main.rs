@@ -116,8 +116,21 @@ fn run(args: Cli) -> anyhow::Result<()> {
 }
 
 fn init_tracing(default_filter: &str) {
+    use tracing_subscriber::{layer::SubscriberExt as _, util::SubscriberInitExt as _};
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    // Under systemd (stdout is the journal, which sets JOURNAL_STREAM), structured journal
+    // entries: fields stay fields (`journalctl -u bulkhead SESSION=2000001`), levels are
+    // priorities. Elsewhere plain text on stdout.
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        if let Ok(journald) = tracing_journald::layer() {
+            tracing_subscriber::registry()
+                .with(filter)
+                .with(journald.with_syslog_identifier("bulkhead".into()))
+                .init();
+            return;
+        }
+    }
     // Colours for a person at a terminal only; a journal or a log file gets plain text.
     let colour = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
