@@ -63,7 +63,7 @@ pub enum DaemonError {
 
 /// The lowest port an unprivileged process may bind (`net.ipv4.ip_unprivileged_port_start`;
 /// 1024 when unreadable, the kernel's default).
-fn unprivileged_port_start() -> u16 {
+pub(crate) fn unprivileged_port_start() -> u16 {
     std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
         .ok()
         .and_then(|s| s.trim().parse().ok())

@@ -109,6 +109,7 @@ pub fn checks(config: &Config) -> Vec<Check> {
         });
     }
     out.push(bpffs(&config.daemon.bpf_pin_dir));
+    out.push(listener_port(config.listener.port));
     let running = daemon(status, &mut out);
     out.push(pins(config, running));
     out.push(state_dir(
@@ -226,6 +227,25 @@ fn bpffs(pin_dir: &Path) -> Check {
             ),
         )
         .fix("mount -t bpf bpf /sys/fs/bpf")
+    }
+}
+
+/// A port any local user could bind would receive governed connections while the daemon is down.
+fn listener_port(port: u16) -> Check {
+    let start = crate::daemon::unprivileged_port_start();
+    if port < start {
+        check(
+            "listener",
+            Level::Ok,
+            format!("port {port} is privileged (below {start})"),
+        )
+    } else {
+        check(
+            "listener",
+            Level::Warn,
+            format!("port {port} can be bound by any local user (ip_unprivileged_port_start is {start}): while the daemon is down, such a user could receive governed connections"),
+        )
+        .fix(format!("set listener.port below {start} (the default is {})", crate::config::DEFAULT_LISTENER_PORT))
     }
 }
 
