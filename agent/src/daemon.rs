@@ -63,7 +63,7 @@ pub enum DaemonError {
 
 /// The lowest port an unprivileged process may bind (`net.ipv4.ip_unprivileged_port_start`;
 /// 1024 when unreadable, the kernel's default).
-fn unprivileged_port_start() -> u16 {
+pub(crate) fn unprivileged_port_start() -> u16 {
     std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
         .ok()
         .and_then(|s| s.trim().parse().ok())
@@ -264,6 +264,12 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     tokio::spawn(crate::policy::watch(policy.clone()));
     // The policy's UDP destinations, in the kernel now and after every reload.
     sync_udp_policy(&mut redirector, &rules, &policy);
+    if let Source::File(path) = &config.source {
+        tokio::spawn(warn_on_config_change(
+            path.clone(),
+            crate::config::file_digest(path),
+        ));
+    }
     // Approvals: one broker for every protocol handler and the control socket.
     let approvals = Arc::new(ApprovalBroker::new(Arc::clone(&store), config.approvals));
 
@@ -582,5 +588,30 @@ async fn forward_kernel_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>)
         };
         guard.get_inner_mut().flush();
         guard.clear_ready();
+    }
+}
+
+/// SIGHUP reloads policies only: when the configuration file changed too, say in the log
+/// that its targets, listener and capture rules wait for a restart (`status` says it as well).
+async fn warn_on_config_change(path: PathBuf, started: Option<[u8; 32]>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        return;
+    };
+    let mut warned = started;
+    while hup.recv().await.is_some() {
+        let now = crate::config::file_digest(&path);
+        if now != warned {
+            if now == started {
+                info!(config = %path.display(), "configuration file is back to what the daemon runs");
+            } else {
+                warn!(
+                    config = %path.display(),
+                    "configuration file changed: policies reload now; targets, the listener \
+                     and capture rules apply after a restart (systemctl restart bulkhead)"
+                );
+            }
+            warned = now;
+        }
     }
 }

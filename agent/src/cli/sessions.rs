@@ -573,7 +573,7 @@ fn export(
                 }
             }
         }
-        Err(ClientError::NotRunning(_)) => {
+        Err(ClientError::NotRunning { .. }) => {
             let store = open_store(config)?;
             let mut failed = None;
             query::export(&store, selection, |e| match line(&e) {

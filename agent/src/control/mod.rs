@@ -793,14 +793,28 @@ async fn write_response(w: &mut OwnedWriteHalf, response: &Response) -> io::Resu
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("the daemon is not running (no control socket at {0})")]
-    NotRunning(PathBuf),
+    /// `stale`: a socket file is there but nothing listens (a daemon that did not exit cleanly).
+    #[error("the daemon is not running ({})", socket_absence(path, *stale))]
+    NotRunning { path: PathBuf, stale: bool },
     #[error("control socket {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
     #[error("{0}")]
     Refused(String),
     #[error("unexpected answer from the daemon: {0}")]
     Protocol(String),
+}
+
+/// Why there is no daemon at `path`, as the CLI words it.
+pub fn socket_absence(path: &Path, stale: bool) -> String {
+    if stale {
+        format!(
+            "stale control socket at {}: left by a daemon that did not exit cleanly; the next \
+             `bulkhead daemon` replaces it",
+            path.display()
+        )
+    } else {
+        format!("no control socket at {}", path.display())
+    }
 }
 
 /// A connection to the daemon (blocking; the CLI has nothing else to do meanwhile).
@@ -823,7 +837,10 @@ impl Client {
                     io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
                 ) =>
             {
-                Err(ClientError::NotRunning(path.to_path_buf()))
+                Err(ClientError::NotRunning {
+                    path: path.to_path_buf(),
+                    stale: e.kind() == io::ErrorKind::ConnectionRefused,
+                })
             }
             Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
                 Err(ClientError::Refused(format!(
