@@ -69,6 +69,12 @@ if ! "$CARGO_BIN/bpf-linker" --version 2>/dev/null | grep -q '0\.13\.0'; then
     --no-default-features --features llvm-22
 fi
 
+# The Debian package (cargo xtask deb; the packaging test installs and purges it).
+if ! "$CARGO_BIN/cargo-deb" --version 2>/dev/null | grep -q 'cargo-deb 3\.8\.0'; then
+  log "installing cargo-deb 3.8.0 (a few minutes)"
+  cargo install --quiet --locked cargo-deb --version 3.8.0
+fi
+
 if ! mount | grep -q ' /sys/fs/bpf type bpf'; then
   log "mounting bpffs at /sys/fs/bpf"
   mkdir -p /sys/fs/bpf

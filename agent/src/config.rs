@@ -325,6 +325,47 @@ impl Target {
     }
 }
 
+/// The dotted key (`listener.port`) whose value a TOML error points at: the line's key under
+/// the last table header before it.
+fn key_at(text: &str, e: &toml::de::Error) -> Option<String> {
+    let start = e.span()?.start;
+    let before = text.get(..start)?;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let key = before[line_start..].split('=').next()?.trim();
+    if key.is_empty() || before[line_start..].find('=').is_none() {
+        return None;
+    }
+    let table = before[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|h| h.trim_matches(|c| c == '[' || c == ']').trim());
+    Some(match table {
+        Some(t) if !t.is_empty() => format!("{t}.{key}"),
+        _ => key.to_string(),
+    })
+}
+
+/// A deserializer's expectation in an admin's words (`expected u16`: a number and its range).
+fn readable_expectation(message: &str) -> String {
+    let ranges = [
+        ("expected u16", "expected a whole number from 0 to 65535"),
+        (
+            "expected u32",
+            "expected a whole number from 0 to 4294967295",
+        ),
+        ("expected u64", "expected a whole number of 0 or more"),
+        ("expected usize", "expected a whole number of 0 or more"),
+        ("expected a boolean", "expected true or false"),
+    ];
+    let mut out = message.to_string();
+    for (from, to) in ranges {
+        out = out.replace(from, to);
+    }
+    out
+}
+
 /// The SHA-256 of a configuration file's bytes (`None` when it cannot be read), to tell a
 /// running daemon that its file changed.
 pub fn file_digest(path: &Path) -> Option<[u8; 32]> {
@@ -396,9 +437,17 @@ impl Config {
 
     /// Parses and validates configuration text.
     pub fn from_toml(text: &str, source: Source) -> Result<Self, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: source_path(&source),
-            message: e.to_string(),
+        let raw: RawConfig = toml::from_str(text).map_err(|e| match key_at(text, &e) {
+            // A value of the wrong kind: name the key and what it takes.
+            Some(key) if e.message().contains("expected") => ConfigError::Invalid {
+                path: source_path(&source),
+                key,
+                problem: readable_expectation(e.message().trim()),
+            },
+            _ => ConfigError::Parse {
+                path: source_path(&source),
+                message: e.to_string(),
+            },
         })?;
         Self::from_raw(raw, source)
     }
@@ -1101,6 +1150,25 @@ mod tests {
             e.contains("`governed.users[0]`") && e.contains("no-such-user-here"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_kind_names_its_key_and_what_it_takes() {
+        let e = err("[daemon]\nlog = \"info\"\n\n[listener]\nport = 99999\n");
+        assert!(
+            e.contains("key `listener.port`") && e.contains("from 0 to 65535"),
+            "{e}"
+        );
+        let e = err("[listener]\nport = \"x\"\n");
+        assert!(e.contains("`listener.port`") && !e.contains("u16"), "{e}");
+        let e = err("[capture]\nloopback = \"yes\"\n");
+        assert!(
+            e.contains("`capture.loopback`") && e.contains("true or false"),
+            "{e}"
+        );
+        // A syntax error keeps the parser's own report, with its position.
+        let e = err("[listener\nport = 1\n");
+        assert!(e.contains("line 1"), "{e}");
     }
 
     #[test]

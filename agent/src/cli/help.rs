@@ -27,6 +27,11 @@ const EXAMPLES: &[(&[&str], &str)] = &[
     (&["approvals", "grants"], "bulkhead approvals grants"),
     (&["approvals", "revoke"], "bulkhead approvals revoke 2000130"),
     (&["uninstall-programs"], "sudo bulkhead uninstall-programs"),
+    (&["trust", "install"], "sudo bulkhead trust install"),
+    (&["trust", "remove"], "sudo bulkhead trust remove"),
+    (&["doctor"], "sudo bulkhead doctor\n  bulkhead doctor --json | jq '.[] | select(.level != \"ok\")'"),
+    (&["completions"], "bulkhead completions bash > /etc/bash_completion.d/bulkhead\n  bulkhead completions zsh > \"${fpath[1]}/_bulkhead\""),
+    (&["man"], "bulkhead man | man -l -\n  bulkhead man --dir /usr/share/man/man1"),
 ];
 
 /// The command line definition, with the examples in each command's help.

@@ -616,7 +616,7 @@ fn announce(config: &Config) {
         &config.daemon.admin_group,
         &Request::Status,
     ) {
-        Err(ClientError::NotRunning(_)) => {
+        Err(ClientError::NotRunning { .. }) => {
             if crate::ebpf::pinned_links(&config.daemon.bpf_pin_dir).is_empty() {
                 eprintln!(
                     "bulkhead: warning: the daemon is not running and no programs are pinned: \

@@ -82,7 +82,7 @@ pub struct TestArgs {
     /// target whose addresses match, else as a `tcp` target named by the address
     #[arg(long)]
     pub target: String,
-    /// tcp, postgres, ssh, http or kubernetes [default: from the configuration, else the request kind]
+    /// tcp, postgres, ssh, http, kubernetes or udp [default: from the configuration, else the request kind]
     #[arg(long)]
     pub protocol: Option<Protocol>,
     /// User id of the process [default: yours]

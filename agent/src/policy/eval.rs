@@ -182,7 +182,9 @@ impl PolicySet {
             (Verdict::Approve, Basis::Rules, ids(&approve))
         } else if !allow.is_empty() {
             (Verdict::Allow, Basis::Rules, ids(&allow))
-        } else if matches!(req.action, Action::Connect) && req.target.protocol != Protocol::Tcp {
+        } else if matches!(req.action, Action::Connect)
+            && !matches!(req.target.protocol, Protocol::Tcp | Protocol::Udp)
+        {
             // Opening a session grants nothing on a protocol target: each request in it is
             // judged. Only rules without a request section (identity gates) decide here.
             (

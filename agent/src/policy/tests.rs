@@ -567,6 +567,36 @@ fn file_errors_name_file_line_and_key() {
 }
 
 #[test]
+fn every_section_of_a_file_reports_its_error_not_only_the_first() {
+    let text = "[[rule]]\nid = \"x\"\nverdict = \"alow\"\n\n\
+                [[rule]]\nid = \"y\"\nverdict = \"deny\"\ntarget = \"nope\"\n\n\
+                [[target]]\nname = \"db\"\nmode = \"audit\"\n\n\
+                [[rule]]\nid = \"é\"\nverdict = \"deny\"\nsql = { clas = [\"read\"] }\n";
+    let Err(errors) = parse_file(Path::new("p/bad.toml"), text) else {
+        panic!("should not load");
+    };
+    let shown: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    let all = shown.join("\n");
+    assert_eq!(shown.len(), 4, "{all}");
+    // Each at its own line of the whole file, in file order.
+    for (at, what) in [
+        (3, "alow"),
+        (8, "expected a table"),
+        (12, "audit"),
+        (17, "clas"),
+    ] {
+        assert!(
+            shown
+                .iter()
+                .any(|e| e.contains(&format!("p/bad.toml:{at}:")) && e.contains(what)),
+            "{what} at line {at}: {all}"
+        );
+    }
+    assert!(!all.contains("RawTargetMatch"), "{all}");
+    assert!(all.contains("target = { name ="), "{all}");
+}
+
+#[test]
 fn long_operator_chains_do_not_overflow_the_stack() {
     for (op, n) in [
         ("+", 100_000),

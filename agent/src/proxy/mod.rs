@@ -202,7 +202,7 @@ async fn serve_allowed(
             tcp::serve(conn, client_stream).await
         }
         // Record categories only (never a configured target's protocol): refused.
-        Protocol::Udp | Protocol::Socket | Protocol::Unix => {
+        Protocol::Udp | Protocol::Socket | Protocol::Unix | Protocol::Dns => {
             tcp::refuse(client_stream, "not relayed".into())
         }
     }
