@@ -46,6 +46,8 @@ apt_install nginx-light wrk curl nodejs python3-requests
 # Their exec goes over WebSocket, which kubectl has spoken since 1.29; Debian 12's
 # kubernetes-client (1.20) speaks only SPDY, so with it the exec tests fail.
 command -v kubectl >/dev/null || apt_install kubernetes-client
+# The SSH gateway's tests: sshd on the target host, the ssh/scp/sftp clients governed.
+apt_install openssh-server openssh-client
 
 # Python driver for the PostgreSQL gateway tests.
 if ! python3 -c "import psycopg" 2>/dev/null; then
@@ -73,6 +75,12 @@ if ! "$CARGO_BIN/bpf-linker" --version 2>/dev/null | grep -q '0\.13\.0'; then
   log "building bpf-linker 0.13.0 against LLVM 22 (about a minute)"
   LLVM_PREFIX=/usr/lib/llvm-22 cargo install --quiet --locked bpf-linker --version 0.13.0 \
     --no-default-features --features llvm-22
+fi
+
+# The Debian package (cargo xtask deb; the packaging test installs and purges it).
+if ! "$CARGO_BIN/cargo-deb" --version 2>/dev/null | grep -q 'cargo-deb 3\.8\.0'; then
+  log "installing cargo-deb 3.8.0 (a few minutes)"
+  cargo install --quiet --locked cargo-deb --version 3.8.0
 fi
 
 if ! mount | grep -q ' /sys/fs/bpf type bpf'; then

@@ -21,8 +21,11 @@ pub mod maps {
     pub const UDP_ALLOW: &str = "UDP_ALLOW";
     pub const REFUSALS: &str = "REFUSALS";
     pub const UNIX_ALLOW: &str = "UNIX_ALLOW";
+    pub const DNS_BY_COOKIE: &str = "DNS_BY_COOKIE";
+    pub const UDP_OWNER: &str = "UDP_OWNER";
+    pub const UDP_FLOWS: &str = "UDP_FLOWS";
     /// Every map, in the order user space pins them.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 16] = [
         CAPTURE_CONFIG,
         EXCLUDE_V4,
         EXCLUDE_V6,
@@ -36,6 +39,9 @@ pub mod maps {
         UDP_ALLOW,
         REFUSALS,
         UNIX_ALLOW,
+        DNS_BY_COOKIE,
+        UDP_OWNER,
+        UDP_FLOWS,
     ];
 }
 
@@ -48,13 +54,18 @@ pub mod programs {
     pub const GETPEERNAME6: &str = "bulkhead_getpeername6";
     pub const SENDMSG4: &str = "bulkhead_sendmsg4";
     pub const SENDMSG6: &str = "bulkhead_sendmsg6";
+    /// `cgroup/recvmsg4/6`: a reply from the DNS forwarder shows the resolver as its source.
+    pub const RECVMSG4: &str = "bulkhead_recvmsg4";
+    pub const RECVMSG6: &str = "bulkhead_recvmsg6";
+    /// `cgroup_skb/egress`: counts the datagrams that leave for allowed UDP destinations.
+    pub const UDP_EGRESS: &str = "bulkhead_udp_egress";
     /// `lsm_cgroup/socket_create`: every address family (needs the BPF LSM).
     pub const SOCKET_CREATE: &str = "bulkhead_socket_create";
     /// `cgroup/sock_create`: the fallback where the BPF LSM is not active (inet sockets only).
     pub const SOCK_CREATE: &str = "bulkhead_sock_create";
     /// The programs every daemon attaches, in the order user space attaches them; then one of
     /// `SOCKET_CREATE` or `SOCK_CREATE`.
-    pub const ALL: [&str; 7] = [
+    pub const ALL: [&str; 9] = [
         CONNECT4,
         CONNECT6,
         SOCK_OPS,
@@ -62,6 +73,8 @@ pub mod programs {
         GETPEERNAME6,
         SENDMSG4,
         SENDMSG6,
+        RECVMSG4,
+        RECVMSG6,
     ];
 }
 
@@ -191,6 +204,35 @@ pub struct Refusal {
     pub protocol: u32,
 }
 
+/// `UDP_ALLOW` values: a destination datagrams may go to directly, or a resolver whose
+/// datagrams the kernel sends to the daemon's DNS forwarder (the listener's address and port,
+/// over UDP), which records and relays them.
+pub const UDP_DIRECT: u8 = 1;
+pub const UDP_RESOLVER: u8 = 2;
+
+/// Key of `UDP_FLOWS`: a governed UDP socket (by cookie) and a destination it sent to
+/// (16 bytes, IPv4 as mapped; port in host order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct UdpFlowKey {
+    pub cookie: u64,
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub family: u16,
+    pub reserved: u32,
+}
+
+/// What left on one `UdpFlowKey`: cumulative, `bpf_ktime_get_ns` (CLOCK_MONOTONIC) times.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UdpFlow {
+    pub first_ns: u64,
+    pub last_ns: u64,
+    pub datagrams: u64,
+    /// UDP payload bytes.
+    pub bytes: u64,
+}
+
 /// Key of `UDP_ALLOW`, an LPM trie: the port (network order) and then the address (16 bytes,
 /// IPv4 as mapped), so a prefix of `16 + n` bits matches that port and the first `n` bits of
 /// the address. Entries are always longer than 16 bits: a port is never a wildcard.
@@ -216,6 +258,8 @@ mod pod {
     unsafe impl aya::Pod for super::SockKey {}
     unsafe impl aya::Pod for super::Refusal {}
     unsafe impl aya::Pod for super::UnixRefusal {}
+    unsafe impl aya::Pod for super::UdpFlowKey {}
+    unsafe impl aya::Pod for super::UdpFlow {}
 }
 
 const _: () = assert!(core::mem::size_of::<CaptureConfig>() == 32);
@@ -223,3 +267,5 @@ const _: () = assert!(core::mem::size_of::<ConnectRecord>() == 64);
 const _: () = assert!(core::mem::size_of::<SockKey>() == 20);
 const _: () = assert!(core::mem::size_of::<Refusal>() == 80);
 const _: () = assert!(core::mem::size_of::<UnixRefusal>() == 144);
+const _: () = assert!(core::mem::size_of::<UdpFlowKey>() == 32);
+const _: () = assert!(core::mem::size_of::<UdpFlow>() == 32);

@@ -16,6 +16,11 @@
 //!   destination of a governed process: a configured resolver or an allowed UDP destination
 //!   (`UDP_ALLOW`) passes; anything else is refused (`EPERM`) and reported to the daemon
 //!   through the `REFUSALS` ring buffer, which records it.
+//! * A datagram to a configured resolver (`UDP_ALLOW` value `UDP_RESOLVER`) is sent to the
+//!   daemon's DNS forwarder instead (the listener's address and port, over UDP); who sent it
+//!   and to which resolver is kept under the socket's cookie (`DNS_BY_COOKIE`), where the
+//!   forwarder finds it. `cgroup/recvmsg4/6` (and `getpeername`) show the forwarder's replies
+//!   as coming from that resolver, so resolvers that check the source (glibc) accept them.
 //! * `lsm_cgroup/socket_create` (the BPF LSM; `cgroup/sock_create` where it is not active,
 //!   which sees inet sockets only) refuses the sockets a governed process could leave by
 //!   without a `connect()` the gateway sees: raw, packet, ping, SCTP, MPTCP and every address
@@ -30,19 +35,20 @@ use aya_ebpf::{
     },
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_current_uid_gid, bpf_get_socket_cookie,
+        bpf_get_current_uid_gid, bpf_get_socket_cookie, bpf_ktime_get_ns,
     },
-    macros::{cgroup_sock, cgroup_sock_addr, lsm_cgroup, map, sock_ops},
+    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, lsm_cgroup, map, sock_ops},
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, RingBuf},
-    programs::{LsmContext, SockAddrContext, SockContext, SockOpsContext},
+    programs::{LsmContext, SkBuffContext, SockAddrContext, SockContext, SockOpsContext},
 };
 use aya_log_ebpf::{debug, warn};
 use bulkhead_common::{
-    v4_mapped, CaptureConfig, ConnectRecord, Refusal, SockKey, AF_INET, AF_INET6, FLAG_ALLOW_MPTCP,
-    FLAG_ALLOW_PACKET, FLAG_ALLOW_PING, FLAG_ALLOW_RAW, FLAG_ALLOW_SCTP, FLAG_CAPTURE_LOOPBACK,
-    FLAG_INCLUDE_FILTER, FLAG_READY, FLAG_UID_FILTER, MAX_CIDRS, MAX_CONNECTIONS, MAX_PORTS,
-    MAX_UDP_ALLOW, MAX_UIDS, MAX_UNIX_ALLOW, REFUSALS_BYTES, REFUSED_SOCKET, REFUSED_UDP_CONNECT,
-    REFUSED_UDP_SENDMSG, UDP_KEY_BYTES, UNIX_KEY_BYTES,
+    v4_mapped, CaptureConfig, ConnectRecord, Refusal, SockKey, UdpFlow, UdpFlowKey, AF_INET,
+    AF_INET6, FLAG_ALLOW_MPTCP, FLAG_ALLOW_PACKET, FLAG_ALLOW_PING, FLAG_ALLOW_RAW,
+    FLAG_ALLOW_SCTP, FLAG_CAPTURE_LOOPBACK, FLAG_INCLUDE_FILTER, FLAG_READY, FLAG_UID_FILTER,
+    MAX_CIDRS, MAX_CONNECTIONS, MAX_PORTS, MAX_UDP_ALLOW, MAX_UIDS, MAX_UNIX_ALLOW, REFUSALS_BYTES,
+    REFUSED_SOCKET, REFUSED_UDP_CONNECT, REFUSED_UDP_SENDMSG, UDP_KEY_BYTES, UDP_RESOLVER,
+    UNIX_KEY_BYTES,
 };
 
 /// `connect()` may proceed (possibly rewritten).
@@ -100,6 +106,20 @@ static UDP_ALLOW: LpmTrie<[u8; UDP_KEY_BYTES], u8> = LpmTrie::with_max_entries(M
 /// just not recorded.
 #[map]
 static REFUSALS: RingBuf = RingBuf::with_byte_size(REFUSALS_BYTES, 0);
+/// Datagrams a governed socket sent to a resolver, which went to the DNS forwarder instead:
+/// who sent them and to which resolver (`dst_addr`, `dst_port`), by socket cookie. LRU: a
+/// closed socket's entry is evicted in time.
+#[map]
+static DNS_BY_COOKIE: LruHashMap<u64, ConnectRecord> =
+    LruHashMap::with_max_entries(MAX_CONNECTIONS, 0);
+/// Who owns each governed UDP socket that sent to an allowed destination, by cookie, so the
+/// daemon can attribute its `UDP_FLOWS`.
+#[map]
+static UDP_OWNER: LruHashMap<u64, ConnectRecord> = LruHashMap::with_max_entries(MAX_CONNECTIONS, 0);
+/// Datagrams and bytes that left for allowed destinations, per socket and destination.
+#[map]
+static UDP_FLOWS: LruHashMap<UdpFlowKey, UdpFlow> =
+    LruHashMap::with_max_entries(MAX_CONNECTIONS, 0);
 /// Unix socket addresses governed processes may connect or send to. Read only by the
 /// `cgroup/connect_unix` program user space assembles itself (aya cannot load that type); it
 /// lives here so it is created and pinned with the rest.
@@ -159,11 +179,25 @@ pub fn bulkhead_getpeername6(ctx: SockAddrContext) -> i32 {
     ALLOW
 }
 
-/// The original destination of this (redirected, stream) socket, if it was dialled as `family`.
+/// The original destination of this (redirected, stream) socket, if it was dialled as `family`;
+/// for a UDP socket connected to the DNS forwarder, the resolver.
 #[inline(always)]
 fn original(ctx: &SockAddrContext, family: u16) -> Option<Original> {
     // SAFETY: the kernel hands the program a valid `bpf_sock_addr`.
-    if !is_stream(unsafe { &*ctx.sock_addr }) {
+    let sa = unsafe { &*ctx.sock_addr };
+    if is_udp(sa) {
+        let rec = if family == AF_INET {
+            resolver_of_v4(ctx)
+        } else {
+            resolver_of_v6(ctx)
+        }?;
+        return Some(Original {
+            addr: rec.dst_addr,
+            port: rec.dst_port,
+            family,
+        });
+    }
+    if !is_stream(sa) {
         return None;
     }
     // SAFETY: the context pointer is the program's own `bpf_sock_addr`.
@@ -410,23 +444,125 @@ fn is_udp(sa: &bpf_sock_addr) -> bool {
 #[inline(always)]
 fn udp4(ctx: &SockAddrContext, kind: u32) -> Result<i32, i32> {
     // SAFETY: the kernel hands the program a valid `bpf_sock_addr`.
-    let sa = unsafe { &*ctx.sock_addr };
+    let sa = unsafe { &mut *ctx.sock_addr };
     let v4 = sa.user_ip4.to_ne_bytes();
     let port = u16::from_be(sa.user_port as u16);
-    udp(ctx, &v4_mapped(v4), Some(v4), port, AF_INET, kind)
+    if let Some(cfg) = udp(ctx, &v4_mapped(v4), Some(v4), port, AF_INET, kind)? {
+        sa.user_ip4 = u32::from_ne_bytes(cfg.listener_v4);
+        sa.user_port = u32::from(cfg.listener_port.to_be());
+    }
+    Ok(ALLOW)
 }
 
 #[inline(always)]
 fn udp6(ctx: &SockAddrContext, kind: u32) -> Result<i32, i32> {
     // SAFETY: the kernel hands the program a valid `bpf_sock_addr`.
-    let sa = unsafe { &*ctx.sock_addr };
-    let (dst, _, dst_v4) = ip6(sa.user_ip6);
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let words = sa.user_ip6;
+    let (dst, mapped, dst_v4) = ip6(words);
     let port = u16::from_be(sa.user_port as u16);
-    udp(ctx, &dst, dst_v4, port, AF_INET6, kind)
+    if let Some(cfg) = udp(ctx, &dst, dst_v4, port, AF_INET6, kind)? {
+        if mapped {
+            sa.user_ip6 = [0, 0, words[2], u32::from_ne_bytes(cfg.listener_v4)];
+        } else {
+            let l = cfg.listener_v6;
+            sa.user_ip6 = [
+                u32::from_ne_bytes([l[0], l[1], l[2], l[3]]),
+                u32::from_ne_bytes([l[4], l[5], l[6], l[7]]),
+                u32::from_ne_bytes([l[8], l[9], l[10], l[11]]),
+                u32::from_ne_bytes([l[12], l[13], l[14], l[15]]),
+            ];
+        }
+        sa.user_port = u32::from(cfg.listener_port.to_be());
+    }
+    Ok(ALLOW)
+}
+
+/// A datagram a governed UDP socket receives from the DNS forwarder shows the resolver it
+/// asked as its source. recvmsg hooks cannot refuse; 1 is the only valid return.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn bulkhead_recvmsg4(ctx: SockAddrContext) -> i32 {
+    if let Some(rec) = resolver_of_v4(&ctx) {
+        // SAFETY: the kernel hands the program a valid `bpf_sock_addr`.
+        let sa = unsafe { &mut *ctx.sock_addr };
+        let a = rec.dst_addr;
+        sa.user_ip4 = u32::from_ne_bytes([a[12], a[13], a[14], a[15]]);
+        sa.user_port = u32::from(rec.dst_port.to_be());
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn bulkhead_recvmsg6(ctx: SockAddrContext) -> i32 {
+    if let Some(rec) = resolver_of_v6(&ctx) {
+        // SAFETY: the kernel hands the program a valid `bpf_sock_addr`.
+        let sa = unsafe { &mut *ctx.sock_addr };
+        let a = rec.dst_addr;
+        sa.user_ip6 = [
+            u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+            u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
+            u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
+            u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+        ];
+        sa.user_port = u32::from(rec.dst_port.to_be());
+    }
+    ALLOW
+}
+
+/// The record of the resolver this UDP socket asked, when the address in `ctx` (an IPv4 peer
+/// or source) is the DNS forwarder's and the resolver is IPv4.
+#[inline(always)]
+fn resolver_of_v4(ctx: &SockAddrContext) -> Option<ConnectRecord> {
+    // SAFETY: the kernel hands the program a valid `bpf_sock_addr`.
+    let sa = unsafe { &*ctx.sock_addr };
+    if !is_udp(sa) {
+        return None;
+    }
+    let cfg = CAPTURE_CONFIG.get(0)?;
+    if sa.user_port != u32::from(cfg.listener_port.to_be())
+        || sa.user_ip4 != u32::from_ne_bytes(cfg.listener_v4)
+    {
+        return None;
+    }
+    // SAFETY: the context pointer is the program's own `bpf_sock_addr`.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    // SAFETY: plain bytes, copied out at once.
+    let rec = unsafe { DNS_BY_COOKIE.get(&cookie) }.copied()?;
+    (rec.family == AF_INET).then_some(rec)
+}
+
+/// As [`resolver_of_v4`] for an IPv6 socket: the forwarder's IPv6 address, or its IPv4 one
+/// mapped (a dual-stack socket that asked an IPv4 resolver).
+#[inline(always)]
+fn resolver_of_v6(ctx: &SockAddrContext) -> Option<ConnectRecord> {
+    // SAFETY: the kernel hands the program a valid `bpf_sock_addr`.
+    let sa = unsafe { &*ctx.sock_addr };
+    if !is_udp(sa) {
+        return None;
+    }
+    let cfg = CAPTURE_CONFIG.get(0)?;
+    if sa.user_port != u32::from(cfg.listener_port.to_be()) {
+        return None;
+    }
+    let (src, mapped, src_v4) = ip6(sa.user_ip6);
+    let from_forwarder = if mapped {
+        src_v4 == Some(cfg.listener_v4)
+    } else {
+        src == cfg.listener_v6
+    };
+    if !from_forwarder {
+        return None;
+    }
+    // SAFETY: the context pointer is the program's own `bpf_sock_addr`.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    // SAFETY: plain bytes, copied out at once.
+    let rec = unsafe { DNS_BY_COOKIE.get(&cookie) }.copied()?;
+    (rec.family == AF_INET6).then_some(rec)
 }
 
 /// A datagram destination: not governed (loopback when it is not captured, excluded, another
-/// uid), a resolver or allowed destination, or refused and reported.
+/// uid) or an allowed destination (`Ok(None)`: it passes as it is), a resolver (`Ok(Some)`:
+/// recorded, to be sent to the forwarder), or refused and reported.
 #[inline(always)]
 fn udp(
     ctx: &SockAddrContext,
@@ -435,11 +571,11 @@ fn udp(
     port: u16,
     family: u16,
     kind: u32,
-) -> Result<i32, i32> {
+) -> Result<Option<&'static CaptureConfig>, i32> {
     let cfg = config(ctx)?;
     let uid = bpf_get_current_uid_gid() as u32;
     if !captured(cfg, dst, dst_v4, port, uid) {
-        return Ok(ALLOW);
+        return Ok(None);
     }
     let p = port.to_be_bytes();
     let mut key = [0u8; UDP_KEY_BYTES];
@@ -450,11 +586,31 @@ fn udp(
         key[2 + i] = dst[i];
         i += 1;
     }
-    if UDP_ALLOW
-        .get(&Key::new(8 * UDP_KEY_BYTES as u32, key))
-        .is_some()
-    {
-        return Ok(ALLOW);
+    match UDP_ALLOW.get(&Key::new(8 * UDP_KEY_BYTES as u32, key)) {
+        Some(&UDP_RESOLVER) => {
+            let rec = caller(*dst, port, family);
+            // SAFETY: the context pointer is the program's own `bpf_sock_addr`.
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+            if DNS_BY_COOKIE.insert(&cookie, &rec, 0).is_err() {
+                // The forwarder relays only what it can attribute: refuse now rather than
+                // send a query it would drop.
+                warn!(ctx, "bulkhead: cannot record a DNS query, refusing");
+                return Err(REJECT);
+            }
+            return Ok(Some(cfg));
+        }
+        Some(_) => {
+            // SAFETY: the context pointer is the program's own `bpf_sock_addr`.
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+            // The first sender owns the socket; a lookup is cheaper than an update per
+            // datagram. Without an owner its datagrams are counted by nobody: still allowed.
+            // SAFETY: plain bytes, only tested for presence.
+            if unsafe { UDP_OWNER.get(&cookie) }.is_none() {
+                let _ = UDP_OWNER.insert(&cookie, &caller(*dst, port, family), 0);
+            }
+            return Ok(None);
+        }
+        None => {}
     }
     report(
         caller(*dst, port, family),
@@ -465,6 +621,80 @@ fn udp(
     );
     debug!(ctx, "bulkhead: refused UDP to port {}", port);
     Err(REJECT)
+}
+
+/// Counts each datagram a governed socket with an owner (it sent to an allowed destination)
+/// sends: by socket and destination, payload bytes, first and last time. Never drops.
+#[cgroup_skb(egress)]
+pub fn bulkhead_udp_egress(ctx: SkBuffContext) -> i32 {
+    let _ = count_udp(&ctx);
+    1
+}
+
+#[inline(always)]
+fn count_udp(ctx: &SkBuffContext) -> Option<()> {
+    let first: u8 = ctx.load(0).ok()?;
+    let (addr, family, udp_at) = match first >> 4 {
+        4 => {
+            if ctx.load::<u8>(9).ok()? != IPPROTO_UDP as u8 {
+                return None;
+            }
+            // Only a datagram's first fragment has its UDP header.
+            let frag: u16 = u16::from_be(ctx.load(6).ok()?);
+            if frag & 0x1fff != 0 {
+                return None;
+            }
+            let dst: [u8; 4] = ctx.load(16).ok()?;
+            (v4_mapped(dst), AF_INET, usize::from(first & 0xf) * 4)
+        }
+        6 => {
+            if ctx.load::<u8>(6).ok()? != IPPROTO_UDP as u8 {
+                return None;
+            }
+            let dst: [u8; 16] = ctx.load(24).ok()?;
+            (dst, AF_INET6, 40)
+        }
+        _ => return None,
+    };
+    // SAFETY: the context's `__sk_buff`, as the helper expects.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
+    // SAFETY: plain bytes, only tested for presence.
+    if unsafe { UDP_OWNER.get(&cookie) }.is_none() {
+        return None;
+    }
+    let port = u16::from_be(ctx.load(udp_at + 2).ok()?);
+    let udp_len = u16::from_be(ctx.load(udp_at + 4).ok()?);
+    let key = UdpFlowKey {
+        cookie,
+        addr,
+        port,
+        family,
+        reserved: 0,
+    };
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let bytes = u64::from(udp_len.saturating_sub(8));
+    match UDP_FLOWS.get_ptr_mut(&key) {
+        Some(flow) => {
+            // SAFETY: a valid map value; concurrent senders on one socket may race on these
+            // plain counters, which at worst undercounts.
+            unsafe {
+                (*flow).last_ns = now;
+                (*flow).datagrams += 1;
+                (*flow).bytes += bytes;
+            }
+        }
+        None => {
+            let flow = UdpFlow {
+                first_ns: now,
+                last_ns: now,
+                datagrams: 1,
+                bytes,
+            };
+            let _ = UDP_FLOWS.insert(&key, &flow, 0);
+        }
+    }
+    Some(())
 }
 
 /// Tells the daemon what was refused. A full ring buffer loses the report, not the refusal.

@@ -1,9 +1,12 @@
 //! The `bulkhead` command line.
 
 pub mod approvals;
+pub mod doctor;
+pub mod generate;
 mod help;
 mod run;
 pub mod sessions;
+pub mod trust;
 
 pub use help::{command, leaf_commands, parse};
 pub use run::{run, Account, RunOptions};
@@ -90,6 +93,25 @@ pub enum Command {
     /// Remove the pinned programs a stopped daemon left (fail closed) so governed processes
     /// connect directly again; refused while a daemon runs
     UninstallPrograms,
+    /// The gateway's CA in the system trust store, for tools outside `bulkhead run`
+    #[command(subcommand)]
+    Trust(trust::TrustCommand),
+    /// Check the host, the daemon and the files after installing: kernel features, cgroup v2,
+    /// BPF file system, pinned programs, listener, permissions, policies, credentials, CA trust
+    /// (exit status 1 when a check fails)
+    Doctor(JsonFlag),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
+    Completions {
+        /// The shell
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page, or write one page per command into a directory
+    Man {
+        /// Write bulkhead.1 and a page per subcommand (bulkhead-sessions-list.1, ...) here
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 /// `bulkhead uninstall-programs`.
@@ -127,14 +149,29 @@ pub fn uninstall_programs(config: &Config) -> Result<(), CliError> {
 
 #[derive(Debug, Subcommand)]
 pub enum CaCommand {
-    /// Print the CA certificate (PEM), for a trust store or `sslrootcert`
-    Export,
+    /// Print the CA certificate (PEM), for a trust store or `sslrootcert`; with --ssh, the
+    /// SSH CA's `@cert-authority` line for ssh_known_hosts
+    Export {
+        /// The SSH CA, as a known_hosts line (`@cert-authority * ssh-ed25519 ...`)
+        #[arg(long)]
+        ssh: bool,
+    },
 }
 
 /// `bulkhead ca export`.
 pub fn ca(config: &Config, command: &CaCommand) -> Result<(), CliError> {
     match command {
-        CaCommand::Export => {
+        CaCommand::Export { ssh: true } => {
+            let line =
+                crate::proxy::ssh::ca::export_line(&config.daemon.state_dir).map_err(|e| {
+                    CliError::Other(format!(
+                        "{e} (the daemon creates the SSH CA when it first starts)"
+                    ))
+                })?;
+            println!("{line}");
+            Ok(())
+        }
+        CaCommand::Export { ssh: false } => {
             let path = config.daemon.state_dir.join("ca/ca.pem");
             let pem = std::fs::read_to_string(&path).map_err(|e| {
                 CliError::Other(format!(
@@ -188,7 +225,7 @@ where
     match control::call(&config.control_socket(), &config.daemon.admin_group, req) {
         Ok(v) => serde_json::from_value(v)
             .map_err(|e| CliError::Other(format!("unexpected answer from the daemon: {e}"))),
-        Err(ClientError::NotRunning(_)) => offline(),
+        Err(ClientError::NotRunning { .. }) => offline(),
         Err(e) => Err(e.into()),
     }
 }
@@ -290,7 +327,14 @@ fn status_report(config: &Config) -> Result<StatusReport, CliError> {
             store,
             retention: config.store.retention,
             policy: None,
-            warnings: crate::privilege::warnings(config),
+            warnings: {
+                let mut w = crate::privilege::warnings(config);
+                let socket = config.control_socket();
+                if socket.exists() {
+                    w.push(control::socket_absence(&socket, true));
+                }
+                w
+            },
         })
     })
 }
@@ -315,6 +359,22 @@ fn print_containment(c: &crate::control::Containment) {
         or_none(&c.dns),
         or_none(&c.udp_allow)
     );
+    if !c.udp_policy.is_empty() {
+        println!(
+            "             the policy opens UDP to {}",
+            c.udp_policy.join(", ")
+        );
+    }
+    for note in &c.udp_policy_notes {
+        println!("             note: {note}");
+    }
+    if !c.dns_forwarder.is_empty() {
+        println!(
+            "dns:         every query to those resolvers recorded (names, answers) through the \
+             forwarder on {}",
+            c.dns_forwarder.join(", ")
+        );
+    }
     if !c.unix.is_empty() {
         println!("unix:        {}", c.unix);
     }

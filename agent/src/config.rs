@@ -18,7 +18,9 @@ use crate::protocol::Protocol;
 use crate::{
     credentials::CredentialRef,
     net::{Cidr, OrigDstAddr},
-    proxy::{http::settings::HttpTarget, postgres::settings::PostgresTarget},
+    proxy::{
+        http::settings::HttpTarget, postgres::settings::PostgresTarget, ssh::settings::SshTarget,
+    },
 };
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/bulkhead/bulkhead.toml";
@@ -304,8 +306,7 @@ pub struct Target {
     pub kind: TargetKind,
 }
 
-/// A target's protocol and the settings only that protocol has. SSH targets are refused by
-/// the configuration until their gateway exists.
+/// A target's protocol and the settings only that protocol has.
 #[derive(Debug, Clone)]
 pub enum TargetKind {
     /// Opaque TCP: the connection is decided, recorded and relayed.
@@ -315,6 +316,7 @@ pub enum TargetKind {
     Http(HttpTarget),
     /// A Kubernetes API server: the HTTP gateway, each request judged as a Kubernetes one.
     Kubernetes(HttpTarget),
+    Ssh(SshTarget),
 }
 
 impl Target {
@@ -324,8 +326,50 @@ impl Target {
             TargetKind::Postgres(_) => Protocol::Postgres,
             TargetKind::Http(_) => Protocol::Http,
             TargetKind::Kubernetes(_) => Protocol::Kubernetes,
+            TargetKind::Ssh(_) => Protocol::Ssh,
         }
     }
+}
+
+/// The dotted key (`listener.port`) whose value a TOML error points at: the line's key under
+/// the last table header before it.
+fn key_at(text: &str, e: &toml::de::Error) -> Option<String> {
+    let start = e.span()?.start;
+    let before = text.get(..start)?;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let key = before[line_start..].split('=').next()?.trim();
+    if key.is_empty() || before[line_start..].find('=').is_none() {
+        return None;
+    }
+    let table = before[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|h| h.trim_matches(|c| c == '[' || c == ']').trim());
+    Some(match table {
+        Some(t) if !t.is_empty() => format!("{t}.{key}"),
+        _ => key.to_string(),
+    })
+}
+
+/// A deserializer's expectation in an admin's words (`expected u16`: a number and its range).
+fn readable_expectation(message: &str) -> String {
+    let ranges = [
+        ("expected u16", "expected a whole number from 0 to 65535"),
+        (
+            "expected u32",
+            "expected a whole number from 0 to 4294967295",
+        ),
+        ("expected u64", "expected a whole number of 0 or more"),
+        ("expected usize", "expected a whole number of 0 or more"),
+        ("expected a boolean", "expected true or false"),
+    ];
+    let mut out = message.to_string();
+    for (from, to) in ranges {
+        out = out.replace(from, to);
+    }
+    out
 }
 
 /// The SHA-256 of a configuration file's bytes (`None` when it cannot be read), to tell a
@@ -399,9 +443,17 @@ impl Config {
 
     /// Parses and validates configuration text.
     pub fn from_toml(text: &str, source: Source) -> Result<Self, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: source_path(&source),
-            message: e.to_string(),
+        let raw: RawConfig = toml::from_str(text).map_err(|e| match key_at(text, &e) {
+            // A value of the wrong kind: name the key and what it takes.
+            Some(key) if e.message().contains("expected") => ConfigError::Invalid {
+                path: source_path(&source),
+                key,
+                problem: readable_expectation(e.message().trim()),
+            },
+            _ => ConfigError::Parse {
+                path: source_path(&source),
+                message: e.to_string(),
+            },
         })?;
         Self::from_raw(raw, source)
     }
@@ -666,6 +718,12 @@ impl Config {
                     "only for targets with protocol = \"kubernetes\"".into(),
                 ));
             }
+            if t.ssh.is_some() && t.protocol != Protocol::Ssh {
+                return Err(invalid(
+                    format!("target[{i}].ssh"),
+                    "only for targets with protocol = \"ssh\"".into(),
+                ));
+            }
             let kind = match (t.protocol, t.postgres) {
                 (Protocol::Kubernetes, None) => {
                     let kube = t.kubernetes.unwrap_or_default();
@@ -680,6 +738,19 @@ impl Config {
                         return Err(invalid(format!("target[{i}].http.{key}"), problem));
                     }
                     TargetKind::Http(http)
+                }
+                (Protocol::Ssh, None) => {
+                    let Some(ssh) = t.ssh else {
+                        return Err(invalid(
+                            format!("target[{i}].ssh"),
+                            "an ssh target needs [target.ssh] with known_hosts and a held credential"
+                                .into(),
+                        ));
+                    };
+                    if let Some((key, problem)) = ssh.problem(t.credentials.is_some()) {
+                        return Err(invalid(format!("target[{i}].ssh.{key}"), problem));
+                    }
+                    TargetKind::Ssh(ssh)
                 }
                 (Protocol::Postgres, pg) => {
                     let pg = pg.unwrap_or_default();
@@ -714,7 +785,7 @@ impl Config {
                     return Err(invalid(
                         format!("target[{i}].protocol"),
                         format!(
-                            "protocol {other} is not available in this build yet; use \"tcp\", \"postgres\", \"http\" or \"kubernetes\""
+                            "protocol {other} is not a target's protocol; use \"tcp\", \"postgres\", \"ssh\", \"http\" or \"kubernetes\""
                         ),
                     ))
                 }
@@ -1060,6 +1131,7 @@ struct RawTarget {
     /// A Kubernetes API server's settings: the HTTP gateway's (`[target.kubernetes]`).
     #[serde(default)]
     kubernetes: Option<HttpTarget>,
+    ssh: Option<SshTarget>,
 }
 
 fn default_protocol() -> Protocol {
@@ -1112,6 +1184,25 @@ mod tests {
             e.contains("`governed.users[0]`") && e.contains("no-such-user-here"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_kind_names_its_key_and_what_it_takes() {
+        let e = err("[daemon]\nlog = \"info\"\n\n[listener]\nport = 99999\n");
+        assert!(
+            e.contains("key `listener.port`") && e.contains("from 0 to 65535"),
+            "{e}"
+        );
+        let e = err("[listener]\nport = \"x\"\n");
+        assert!(e.contains("`listener.port`") && !e.contains("u16"), "{e}");
+        let e = err("[capture]\nloopback = \"yes\"\n");
+        assert!(
+            e.contains("`capture.loopback`") && e.contains("true or false"),
+            "{e}"
+        );
+        // A syntax error keeps the parser's own report, with its position.
+        let e = err("[listener\nport = 1\n");
+        assert!(e.contains("line 1"), "{e}");
     }
 
     #[test]

@@ -63,7 +63,7 @@ pub enum DaemonError {
 
 /// The lowest port an unprivileged process may bind (`net.ipv4.ip_unprivileged_port_start`;
 /// 1024 when unreadable, the kernel's default).
-fn unprivileged_port_start() -> u16 {
+pub(crate) fn unprivileged_port_start() -> u16 {
     std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
         .ok()
         .and_then(|s| s.trim().parse().ok())
@@ -161,6 +161,20 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         .iter()
         .filter_map(|l| l.local_addr().ok().map(|a| a.to_string()))
         .collect();
+    // The DNS forwarder: the same addresses and port, over UDP, where the kernel sends
+    // governed processes' queries to the configured resolvers. Fatal like the listeners: a
+    // port someone else holds would receive those queries.
+    let mut dns_sockets = Vec::new();
+    if !config.capture.dns.is_empty() {
+        for addr in std::iter::once(config.listener_v4()).chain(config.listener_v6()) {
+            dns_sockets.push(crate::dns::bind(addr).await.map_err(|source| {
+                DaemonError::Listen {
+                    addr: format!("{addr}/udp (the DNS forwarder)"),
+                    source,
+                }
+            })?);
+        }
+    }
 
     // The record is for admins only: root and the admin group may read it (the CLI does when
     // the daemon is down), nobody else may even list the directory.
@@ -210,6 +224,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         Err(e) => warn!(error = %e, "kernel-side logs unavailable"),
     }
     let orig_dst = Arc::new(redirector.orig_dst()?);
+    let dns_origin: Arc<dyn crate::dns::DnsOrigin> = Arc::new(redirector.dns_origin()?);
+    let udp_flows = redirector.udp_flows()?;
     let refusals = redirector.refusals()?;
     info!(
         cgroup = %governed.display(),
@@ -246,6 +262,14 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         }
     }
     tokio::spawn(crate::policy::watch(policy.clone()));
+    // The policy's UDP destinations, in the kernel now and after every reload.
+    sync_udp_policy(&mut redirector, &rules, &policy);
+    if let Source::File(path) = &config.source {
+        tokio::spawn(warn_on_config_change(
+            path.clone(),
+            crate::config::file_digest(path),
+        ));
+    }
     // Approvals: one broker for every protocol handler and the control socket.
     let approvals = Arc::new(ApprovalBroker::new(Arc::clone(&store), config.approvals));
 
@@ -321,12 +345,18 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
                     .map(|k| format!("{k:?}").to_lowercase())
                     .collect(),
                 dns: config.capture.dns.iter().map(ToString::to_string).collect(),
+                dns_forwarder: dns_sockets
+                    .iter()
+                    .filter_map(|s| s.local_addr().ok().map(|a| format!("{a}/udp")))
+                    .collect(),
                 udp_allow: config
                     .capture
                     .udp_allow
                     .iter()
                     .map(ToString::to_string)
                     .collect(),
+                udp_policy: Vec::new(),
+                udp_policy_notes: Vec::new(),
                 unix: match &redirector.unix_filter {
                     Ok(()) => format!(
                         "connects and sends only to {} (cgroup/connect_unix); every other \
@@ -363,11 +393,45 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         refusals,
         crate::refusals::Recorder::new(
             Arc::clone(&store),
-            ProcReader::new("/", governed_rel).governing_uids(config.governed.uids.clone()),
+            ProcReader::new("/", governed_rel.clone()).governing_uids(config.governed.uids.clone()),
         ),
         shutdown_rx.clone(),
     ));
-    let protocols = Arc::new(proxy::Protocols::default());
+    let dns_recorder = Arc::new(crate::dns::record::Recorder::new(
+        Arc::clone(&store),
+        ProcReader::new("/", governed_rel.clone()).governing_uids(config.governed.uids.clone()),
+    ));
+    let dns_forwarder = Arc::new(crate::dns::Forwarder::new(
+        dns_origin,
+        Arc::clone(&dns_recorder),
+    ));
+    for socket in dns_sockets {
+        tokio::spawn(crate::dns::serve(
+            socket,
+            Arc::clone(&dns_forwarder),
+            shutdown_rx.clone(),
+        ));
+    }
+    let dns_sweep = tokio::spawn(crate::dns::sweep(dns_recorder, shutdown_rx.clone()));
+    let flows_done = tokio::spawn(crate::udp_flows::record(
+        udp_flows,
+        crate::udp_flows::Recorder::new(
+            Arc::clone(&store),
+            ProcReader::new("/", governed_rel.clone()).governing_uids(config.governed.uids.clone()),
+        ),
+        shutdown_rx.clone(),
+    ));
+    let redirector = Arc::new(std::sync::Mutex::new(redirector));
+    tokio::spawn(follow_udp_policy(
+        Arc::clone(&redirector),
+        rules,
+        gateway.policy.clone(),
+        shutdown_rx.clone(),
+    ));
+    let protocols = Arc::new(proxy::Protocols {
+        ssh: proxy::ssh::Shared::load(&config.daemon.state_dir, &config.daemon.run_dir),
+        ..proxy::Protocols::default()
+    });
     let accept_loops: Vec<_> = listeners
         .into_iter()
         .map(|l| {
@@ -402,6 +466,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     }
     // The refusals recorder closes its open sessions on shutdown.
     let _ = refusals_done.await;
+    let _ = dns_sweep.await;
+    let _ = flows_done.await;
     if let Err(e) = store.flush() {
         error!(error = %e, "flushing the session store");
     }
@@ -412,6 +478,51 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     }
     drop(redirector);
     Ok(())
+}
+
+/// Writes the UDP destinations the policy in force opens into the kernel (with the
+/// configuration's). Returns the policy version it compiled.
+fn sync_udp_policy(
+    redirector: &mut Redirector,
+    rules: &CaptureRules,
+    policy: &crate::policy::PolicyHandle,
+) -> u64 {
+    let version = policy.status().version;
+    let compiled = crate::ebpf::udp_policy::compile(&policy.current());
+    for note in &compiled.notes {
+        warn!("{note}");
+    }
+    match redirector.sync_udp_allow(rules, &compiled.entries) {
+        Ok(()) => info!(
+            destinations = ?compiled.allowed,
+            "UDP destinations opened by the policy"
+        ),
+        Err(e) => error!(error = %e, "cannot write the policy's UDP destinations"),
+    }
+    version
+}
+
+/// Recompiles the policy's UDP destinations after each reload.
+async fn follow_udp_policy(
+    redirector: Arc<std::sync::Mutex<Redirector>>,
+    rules: CaptureRules,
+    policy: crate::policy::PolicyHandle,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut done = policy.status().version;
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                if policy.status().version == done {
+                    continue;
+                }
+                let mut r = redirector.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                done = sync_udp_policy(&mut r, &rules, &policy);
+            }
+            _ = shutdown.changed() => return,
+        }
+    }
 }
 
 /// Applies retention now and then, off the runtime's worker threads.
@@ -491,5 +602,30 @@ async fn forward_kernel_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>)
         };
         guard.get_inner_mut().flush();
         guard.clear_ready();
+    }
+}
+
+/// SIGHUP reloads policies only: when the configuration file changed too, say in the log
+/// that its targets, listener and capture rules wait for a restart (`status` says it as well).
+async fn warn_on_config_change(path: PathBuf, started: Option<[u8; 32]>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        return;
+    };
+    let mut warned = started;
+    while hup.recv().await.is_some() {
+        let now = crate::config::file_digest(&path);
+        if now != warned {
+            if now == started {
+                info!(config = %path.display(), "configuration file is back to what the daemon runs");
+            } else {
+                warn!(
+                    config = %path.display(),
+                    "configuration file changed: policies reload now; targets, the listener \
+                     and capture rules apply after a restart (systemctl restart bulkhead)"
+                );
+            }
+            warned = now;
+        }
     }
 }

@@ -25,13 +25,27 @@ fn main() -> ExitCode {
             if let Some(code) = answer_status(&e) {
                 return ExitCode::from(code);
             }
-            eprintln!("bulkhead: {e:#}");
+            eprintln!("bulkhead: {}", chain(&e));
             match e.downcast_ref::<cli::CliError>() {
                 Some(cli::CliError::Exit(code, _)) => ExitCode::from(*code),
                 _ => ExitCode::FAILURE,
             }
         }
     }
+}
+
+/// The error and its causes, each once: a message that already ends with its cause's text
+/// (`cannot read X: No such file or directory (os error 2)`) does not repeat it.
+fn chain(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.ends_with(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
 }
 
 /// Errors that are an answer, not a failure (`status` when the daemon is down, `policy test`
@@ -50,6 +64,17 @@ fn answer_status(e: &anyhow::Error) -> Option<u8> {
 }
 
 fn run(args: Cli) -> anyhow::Result<()> {
+    // Generated from the command line alone: no configuration needed (a package build has none).
+    match &args.command {
+        Command::Completions { shell } => {
+            cli::generate::completions(*shell, &mut std::io::stdout());
+            return Ok(());
+        }
+        Command::Man { dir } => {
+            return Ok(cli::generate::man(dir.as_deref(), &mut std::io::stdout())?)
+        }
+        _ => {}
+    }
     let mut config = Config::load(args.config.as_deref())?;
     match args.command {
         Command::Daemon { fail_open } => {
@@ -82,13 +107,30 @@ fn run(args: Cli) -> anyhow::Result<()> {
         Command::Policy(cmd) => bulkhead::policy::cli::run(&config, cmd)?,
         Command::Approvals(command) => cli::approvals::run(&config, command)?,
         Command::UninstallPrograms => cli::uninstall_programs(&config)?,
+        Command::Doctor(f) => cli::doctor::run(&config, f.json)?,
+        Command::Trust(command) => cli::trust::run(&config, &command)?,
+        // Answered before the configuration was loaded.
+        Command::Completions { .. } | Command::Man { .. } => {}
     }
     Ok(())
 }
 
 fn init_tracing(default_filter: &str) {
+    use tracing_subscriber::{layer::SubscriberExt as _, util::SubscriberInitExt as _};
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    // Under systemd (stdout is the journal, which sets JOURNAL_STREAM), structured journal
+    // entries: fields stay fields (`journalctl -u bulkhead SESSION=2000001`), levels are
+    // priorities. Elsewhere plain text on stdout.
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        if let Ok(journald) = tracing_journald::layer() {
+            tracing_subscriber::registry()
+                .with(filter)
+                .with(journald.with_syslog_identifier("bulkhead".into()))
+                .init();
+            return;
+        }
+    }
     // Colours for a person at a terminal only; a journal or a log file gets plain text.
     let colour = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()

@@ -19,10 +19,12 @@ pub enum Protocol {
     Socket,
     /// A unix socket address the kernel refused a connect or send to.
     Unix,
+    /// Queries to a configured resolver, through the daemon's DNS forwarder (recorded).
+    Dns,
 }
 
 impl Protocol {
-    pub const ALL: [Protocol; 8] = [
+    pub const ALL: [Protocol; 9] = [
         Protocol::Tcp,
         Protocol::Postgres,
         Protocol::Ssh,
@@ -31,6 +33,7 @@ impl Protocol {
         Protocol::Udp,
         Protocol::Socket,
         Protocol::Unix,
+        Protocol::Dns,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -43,6 +46,7 @@ impl Protocol {
             Protocol::Udp => "udp",
             Protocol::Socket => "socket",
             Protocol::Unix => "unix",
+            Protocol::Dns => "dns",
         }
     }
 }
@@ -59,7 +63,9 @@ impl FromStr for Protocol {
         Protocol::ALL
             .into_iter()
             .find(|p| p.as_str() == s)
-            .ok_or_else(|| "use tcp, postgres, ssh, http, kubernetes, udp, socket or unix".into())
+            .ok_or_else(|| {
+                "use tcp, postgres, ssh, http, kubernetes, udp, socket, unix or dns".into()
+            })
     }
 }
 

@@ -30,6 +30,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod ssh;
+
 pub const GOVERNED_V4: &str = "10.201.0.1";
 pub const TARGET_V4: &str = "10.201.0.2";
 pub const GOVERNED_V6: &str = "fd00:201::1";

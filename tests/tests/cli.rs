@@ -229,14 +229,18 @@ fn status_lists_targets_startup_problems_and_a_changed_configuration() {
          credentials = { file = \"/nonexistent/bulkhead-test-credentials\" }\n",
     );
     topo.allow_opaque_tcp();
-    let _daemon = topo.start_daemon(&[]);
+    let mut daemon_proc = topo.start_daemon(&[]);
     let status = topo.run_cli(&["status", "--json"]).unwrap();
     let daemon = &status["daemon"];
     assert_eq!(daemon["targets"][0]["name"], "echo", "{status}");
     assert_eq!(daemon["targets"][0]["protocol"], "tcp");
     assert_eq!(daemon["targets"][0]["addresses"][1], "10.201.0.0/24");
     assert_eq!(daemon["targets"][1]["protocol"], "postgres");
-    let logs = _daemon.stderr();
+    let logs = daemon_proc.drain_lines().join("\n");
+    assert!(
+        logs.contains("governing connections"),
+        "the log is read: {logs}"
+    );
     assert!(
         !logs.contains('\u{1b}'),
         "no terminal colours in a log that is not a terminal: {logs}"
@@ -260,6 +264,21 @@ fn status_lists_targets_startup_problems_and_a_changed_configuration() {
         text.contains("echo (tcp) 10.201.0.2:7000, 10.201.0.0/24"),
         "{text}"
     );
+    // SIGHUP reloads policies; the log says the rest of the file waits for a restart.
+    // SAFETY: we signal only our own child, by its pid.
+    unsafe {
+        libc::kill(i32::try_from(daemon_proc.pid()).unwrap(), libc::SIGHUP);
+    }
+    // (The daemon logs to stdout.)
+    let mut logs = String::new();
+    while let Some(line) = daemon_proc.line(std::time::Duration::from_secs(5)) {
+        logs.push_str(&line);
+        logs.push('\n');
+        if line.contains("configuration file changed") {
+            break;
+        }
+    }
+    assert!(logs.contains("apply after a restart"), "{logs}");
 }
 
 #[test]
@@ -324,4 +343,183 @@ fn policy_test_judges_the_callers_own_uid_unless_told_otherwise() {
         Some(1),
         "another uid is not"
     );
+}
+
+#[test]
+fn a_stale_control_socket_is_called_stale_and_errors_say_their_cause_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies");
+    let config = config_in(dir.path(), &policies);
+    let run = |args: &[&str]| {
+        let out = Command::new(bulkhead_bin())
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // No socket at all: absent, not stale.
+    let (_, err) = run(&["approvals", "list"]);
+    assert!(err.contains("no control socket at"), "{err}");
+    // A socket file nothing listens on, as a killed daemon leaves it.
+    std::fs::create_dir_all(dir.path().join("run")).unwrap();
+    let socket = dir.path().join("run/control.sock");
+    drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+    assert!(socket.exists());
+    let (_, err) = run(&["approvals", "list"]);
+    assert!(err.contains("stale control socket at"), "{err}");
+    let (out, _) = run(&["status"]);
+    assert!(out.contains("stale control socket at"), "{out}");
+
+    let out = Command::new(bulkhead_bin())
+        .args(["--config", "/nonexistent/bulkhead.toml", "status"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.matches("os error 2").count(), 1, "{err}");
+}
+
+#[test]
+fn doctor_checks_the_running_daemon_and_says_how_to_fix_what_is_wrong() {
+    bulkhead_tests::require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("db-password");
+    std::fs::write(&secret, "test-only\n").unwrap();
+    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let topo = bulkhead_tests::Topology::new(&format!(
+        "[[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddresses = [\"10.201.0.2:5432\"]\n\
+         credentials = {{ file = \"{}\" }}\n",
+        secret.display()
+    ));
+    topo.allow_opaque_tcp();
+    let mut daemon = topo.start_daemon(&[]);
+    let doctor = |topo: &bulkhead_tests::Topology| {
+        let out = topo.output(
+            bulkhead_tests::Side::Host,
+            topo.bulkhead(&["doctor", "--json"]),
+        );
+        let checks: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        (out.status.code(), checks)
+    };
+    let level = |checks: &serde_json::Value, name: &str| {
+        checks
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .map(|c| (c["level"].as_str().unwrap().to_string(), c.clone()))
+            .unwrap_or_else(|| panic!("no {name} check: {checks}"))
+    };
+    let (code, checks) = doctor(&topo);
+    for ok in [
+        "cgroup v2",
+        "bpffs",
+        "daemon",
+        "programs",
+        "state dir",
+        "control",
+        "policies",
+    ] {
+        assert_eq!(level(&checks, ok).0, "ok", "{ok}: {checks}");
+    }
+    let (l, c) = level(&checks, "credentials");
+    assert_eq!(l, "warn", "a world-readable secret: {c}");
+    assert!(c["fix"].as_str().unwrap().contains("chmod 600"), "{c}");
+    assert_ne!(code, Some(1), "nothing failed: {checks}");
+
+    // Stopped: the pinned programs refuse governed connects, and doctor fails saying so.
+    daemon.terminate();
+    daemon.wait();
+    let (code, checks) = doctor(&topo);
+    assert_eq!(code, Some(1), "{checks}");
+    assert_eq!(level(&checks, "daemon").0, "fail");
+    let (l, c) = level(&checks, "programs");
+    assert_eq!(l, "warn", "{c}");
+    assert!(
+        c["detail"]
+            .as_str()
+            .unwrap()
+            .contains("refused (fail closed)"),
+        "{c}"
+    );
+    // The text form says the same with its fixes.
+    let out = topo.output(bulkhead_tests::Side::Host, topo.bulkhead(&["doctor"]));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("FAIL  daemon") && text.contains("fix: "),
+        "{text}"
+    );
+}
+
+#[test]
+fn trust_install_puts_the_gateway_ca_in_the_trust_store_and_remove_takes_it_out() {
+    bulkhead_tests::require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_in(dir.path(), &dir.path().join("policies"));
+    let ca_dir = dir.path().join("state/ca");
+    std::fs::create_dir_all(&ca_dir).unwrap();
+    let made = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ])
+        .args(["-subj", "/CN=bulkhead trust test CA", "-days", "1"])
+        .arg("-keyout")
+        .arg(ca_dir.join("ca.key"))
+        .arg("-out")
+        .arg(ca_dir.join("ca.pem"))
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    // A file system tree of its own, so the machine's trust store is never touched.
+    let root = dir.path().join("root");
+    for d in [
+        "etc/ssl/certs",
+        "usr/local/share/ca-certificates",
+        "etc/ca-certificates/update.d",
+    ] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    // One of the machine's own roots, as on a real system (with none, update-ca-certificates
+    // never rewrites a bundle that becomes empty).
+    let one_root = std::fs::read_to_string("/etc/ca-certificates.conf")
+        .unwrap()
+        .lines()
+        .find(|l| !l.starts_with('#') && !l.starts_with('!') && !l.trim().is_empty())
+        .expect("a CA in /etc/ca-certificates.conf")
+        .to_string();
+    std::fs::write(
+        root.join("etc/ca-certificates.conf"),
+        format!("{one_root}\n"),
+    )
+    .unwrap();
+    let trust = |what: &str| {
+        let out = Command::new(bulkhead_bin())
+            .arg("--config")
+            .arg(&config)
+            .args(["trust", what, "--root"])
+            .arg(&root)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "trust {what}: {out:?}");
+        std::fs::read_to_string(root.join("etc/ssl/certs/ca-certificates.crt")).unwrap_or_default()
+    };
+    let body: String = std::fs::read_to_string(ca_dir.join("ca.pem"))
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect();
+    let bundle: String = trust("install").lines().collect();
+    assert!(bundle.contains(&body), "the CA is in the bundle: {bundle}");
+    let bundle: String = trust("remove").lines().collect();
+    assert!(!bundle.contains(&body), "the CA left the bundle");
 }

@@ -111,8 +111,10 @@ fn udp_leaves_only_for_the_configured_resolver_and_allowed_destinations_and_refu
          }}))\n"
     );
     let governed = python(&topo, Side::Governed, &code);
-    assert_eq!(governed["resolver"], "echo:q", "{governed}");
-    assert_eq!(governed["resolver_connected"], "echo:q", "{governed}");
+    // The resolver's datagrams go through the DNS forwarder, which relays DNS queries only
+    // (tests/tests/dns.rs): this one is not.
+    assert_eq!(governed["resolver"], "timed out", "{governed}");
+    assert_eq!(governed["resolver_connected"], "timed out", "{governed}");
     assert_eq!(governed["allowed"], "echo:q", "{governed}");
     for refused in ["other", "other_connected", "other_resolver", "mapped_other"] {
         assert_eq!(governed[refused], "EPERM", "{refused}: {governed}");
@@ -149,8 +151,9 @@ fn udp_leaves_only_for_the_configured_resolver_and_allowed_destinations_and_refu
     );
     assert!(
         !udp.iter()
-            .any(|s| s["destination"] == format!("{TARGET_V4}:53")
-                || s["destination"] == format!("{TARGET_V4}:7001")),
+            .any(|s| (s["destination"] == format!("{TARGET_V4}:53")
+                || s["destination"] == format!("{TARGET_V4}:7001"))
+                && s["outcome"]["kind"] == "refused"),
         "allowed datagrams are not refusals: {sessions:?}"
     );
     let events = topo.events(&to_7002["id"]);
@@ -661,4 +664,115 @@ fn unix_sockets_reach_only_the_allowed_addresses_and_refusals_are_recorded() {
         "{texts:?}"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn udp_destinations_the_policy_allows_pass_and_follow_reloads() {
+    require_root();
+    let topo = Topology::new(&format!("[capture]\ndns = [\"{TARGET_V4}\"]\n"));
+    let _echo: Vec<_> = [7003, 7004, 7005]
+        .iter()
+        .map(|p| udp_echo(&topo, &format!("{TARGET_V4}:{p}")))
+        .collect();
+    topo.policy(
+        "udp.toml",
+        &format!(
+            "[[target]]\nname = \"{TARGET_V4}:7003\"\nprotocol = \"udp\"\ndefault = \"allow\"\n\n\
+             [[rule]]\nid = \"root-only\"\nverdict = \"allow\"\n\
+             target = {{ name = [\"{TARGET_V4}:7004\"], protocol = [\"udp\"] }}\n\
+             identity = {{ uid = [0] }}\n"
+        ),
+    );
+    let _daemon = topo.start_daemon(&[]);
+    let code = |ports: &[u16]| {
+        let calls: Vec<String> = ports
+            .iter()
+            .map(|p| format!("'{p}': udp(socket.AF_INET, '{TARGET_V4}', {p}, False)"))
+            .collect();
+        format!("{UDP_FN}print(json.dumps({{{}}}))\n", calls.join(", "))
+    };
+    let first = python(&topo, Side::Governed, &code(&[7003, 7004, 7005]));
+    assert_eq!(first["7003"], "echo:q", "{first}");
+    assert_eq!(
+        first["7004"], "EPERM",
+        "allowed only to uid 0: the kernel cannot tell, so refused: {first}"
+    );
+    assert_eq!(first["7005"], "EPERM", "{first}");
+    let (_, status) = topo.status();
+    let c = &status["daemon"]["containment"];
+    assert_eq!(
+        c["udp_policy"],
+        serde_json::json!([format!("{TARGET_V4}:7003")]),
+        "{status}"
+    );
+    assert!(
+        c["udp_policy_notes"].to_string().contains("7004"),
+        "{status}"
+    );
+
+    // A reload opens 7005 and closes 7003.
+    topo.policy(
+        "udp.toml",
+        &format!(
+            "[[rule]]\nid = \"syslog\"\nverdict = \"allow\"\n\
+             target = {{ name = [\"{TARGET_V4}:7005\"], protocol = [\"udp\"] }}\n"
+        ),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let after = loop {
+        let now = python(&topo, Side::Governed, &code(&[7003, 7005]));
+        if now["7005"] == "echo:q" || std::time::Instant::now() > deadline {
+            break now;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert_eq!(after["7005"], "echo:q", "{after}");
+    assert_eq!(after["7003"], "EPERM", "{after}");
+
+    // Allowed datagrams are counted per process and destination: a closed udp session with
+    // the datagrams and payload bytes that left; the refusals are recorded as before.
+    let sessions = wait_for_sessions(&topo, |s| {
+        let closed_to = |port: u16| {
+            s.iter().any(|s| {
+                s["destination"] == format!("{TARGET_V4}:{port}")
+                    && s["outcome"]["kind"] == "closed"
+            })
+        };
+        closed_to(7003)
+            && closed_to(7005)
+            && s.iter().any(|s| {
+                s["destination"] == format!("{TARGET_V4}:7004") && s["outcome"]["kind"] == "refused"
+            })
+    });
+    let allowed = sessions
+        .iter()
+        .find(|s| {
+            s["destination"] == format!("{TARGET_V4}:7003") && s["outcome"]["kind"] == "closed"
+        })
+        .unwrap_or_else(|| panic!("no session of the allowed datagram: {sessions:?}"));
+    assert_eq!(allowed["protocol"], "udp", "{allowed}");
+    assert_eq!(allowed["identity"]["comm"], "python3", "{allowed}");
+    assert_eq!(
+        allowed["bytes_to_target"], 1,
+        "one datagram of one byte: {allowed}"
+    );
+    let events = topo.events(&allowed["id"]);
+    assert!(
+        events.iter().any(|e| e["type"] == "request"
+            && e["text"] == format!("udp {TARGET_V4}:7003")
+            && e["verdict"] == "allow"),
+        "{events:?}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e["type"] == "response" && e["summary"] == "1 datagram sent, 1 byte"),
+        "{events:?}"
+    );
+    assert!(
+        sessions.iter().any(|s| s["protocol"] == "udp"
+            && s["destination"] == format!("{TARGET_V4}:7004")
+            && s["outcome"]["kind"] == "refused"),
+        "{sessions:?}"
+    );
 }

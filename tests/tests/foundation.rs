@@ -246,14 +246,14 @@ fn a_killed_daemon_fails_closed_and_a_restarted_one_governs_again() {
     let status = topo.status_while_stopped();
     assert!(status["daemon"].is_null(), "{status}");
     assert_eq!(status["programs_attached"], true, "{status}");
-    // connect4/6, sock_ops, getpeername4/6, sendmsg4/6, the socket filter, and on Linux 6.7+
-    // connect_unix and sendmsg_unix.
+    // connect4/6, sock_ops, getpeername4/6, sendmsg4/6, recvmsg4/6, the socket filter, the
+    // UDP egress counter, and on Linux 6.7+ connect_unix and sendmsg_unix.
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
     let mut version = release
         .split(['.', '-'])
         .map(|p| p.parse::<u32>().unwrap_or(0));
     let (major, minor) = (version.next().unwrap_or(0), version.next().unwrap_or(0));
-    let links = if (major, minor) >= (6, 7) { 10 } else { 8 };
+    let links = if (major, minor) >= (6, 7) { 13 } else { 11 };
     assert_eq!(status["pinned_links"], links, "{status}");
 
     let _daemon = topo.start_daemon(&[]);

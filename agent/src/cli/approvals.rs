@@ -101,12 +101,12 @@ pub fn run(config: &Config, command: ApprovalsCommand) -> Result<(), CliError> {
 }
 
 /// Why a stopped daemon means there is nothing to do.
-fn not_running(path: &std::path::Path) -> CliError {
+fn not_running(path: &std::path::Path, stale: bool) -> CliError {
     CliError::Other(format!(
-        "the daemon is not running (no control socket at {}): approvals are held by the \
-         daemon, so none are pending and none can be decided; start it with `bulkhead daemon` \
-         (past decisions are in `bulkhead sessions show`)",
-        path.display()
+        "the daemon is not running ({}): approvals are held by the daemon, so none are \
+         pending and none can be decided; start it with `bulkhead daemon` (past decisions are \
+         in `bulkhead sessions show`)",
+        control::socket_absence(path, stale)
     ))
 }
 
@@ -114,7 +114,7 @@ fn ask<T: DeserializeOwned>(config: &Config, req: &Request) -> Result<T, CliErro
     match control::call(&config.control_socket(), &config.daemon.admin_group, req) {
         Ok(v) => serde_json::from_value(v)
             .map_err(|e| CliError::Other(format!("unexpected answer from the daemon: {e}"))),
-        Err(ClientError::NotRunning(path)) => Err(not_running(&path)),
+        Err(ClientError::NotRunning { path, stale }) => Err(not_running(&path, stale)),
         Err(e) => Err(e.into()),
     }
 }
@@ -430,7 +430,9 @@ fn watch(config: &Config, json: bool) -> Result<(), CliError> {
         },
     );
     match followed {
-        Err(CliError::Control(ClientError::NotRunning(path))) => Err(not_running(&path)),
+        Err(CliError::Control(ClientError::NotRunning { path, stale })) => {
+            Err(not_running(&path, stale))
+        }
         other => other,
     }
 }

@@ -15,7 +15,7 @@ const EXAMPLES: &[(&[&str], &str)] = &[
     (&["sessions", "replay"], "bulkhead sessions replay 2000001\n  bulkhead sessions replay 2000001 --speed 4"),
     (&["sessions", "export"], "bulkhead sessions export --since 1d > events.jsonl\n  bulkhead sessions export --session 2000001 --format asciicast -o s.cast"),
     (&["sessions", "tail"], "bulkhead sessions tail\n  bulkhead sessions tail --since 10m --verdict denied"),
-    (&["ca", "export"], "bulkhead ca export > bulkhead-ca.pem\n  psql \"host=10.20.0.5 sslmode=verify-full sslrootcert=bulkhead-ca.pem\""),
+    (&["ca", "export"], "bulkhead ca export > bulkhead-ca.pem\n  psql \"host=10.20.0.5 sslmode=verify-full sslrootcert=bulkhead-ca.pem\"\n  bulkhead ca export --ssh | sudo tee -a /etc/ssh/ssh_known_hosts   # SSH clients outside `bulkhead run`"),
     (&["policy", "check"], "bulkhead policy check\n  bulkhead policy check ./policies"),
     (&["policy", "test"], "bulkhead policy test --target orders-db --sql \"DELETE FROM orders WHERE id = 1\"\n  bulkhead policy test --target 10.0.0.5:443 --connect --process curl"),
     (&["policy", "init"], "sudo bulkhead policy init\n  bulkhead policy init ./my-policies"),
@@ -27,6 +27,11 @@ const EXAMPLES: &[(&[&str], &str)] = &[
     (&["approvals", "grants"], "bulkhead approvals grants"),
     (&["approvals", "revoke"], "bulkhead approvals revoke 2000130"),
     (&["uninstall-programs"], "sudo bulkhead uninstall-programs"),
+    (&["trust", "install"], "sudo bulkhead trust install"),
+    (&["trust", "remove"], "sudo bulkhead trust remove"),
+    (&["doctor"], "sudo bulkhead doctor\n  bulkhead doctor --json | jq '.[] | select(.level != \"ok\")'"),
+    (&["completions"], "bulkhead completions bash > /etc/bash_completion.d/bulkhead\n  bulkhead completions zsh > \"${fpath[1]}/_bulkhead\""),
+    (&["man"], "bulkhead man | man -l -\n  bulkhead man --dir /usr/share/man/man1"),
 ];
 
 /// The command line definition, with the examples in each command's help.

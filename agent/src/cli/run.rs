@@ -150,6 +150,13 @@ pub fn run(
         }
         kubeconfig(config, &bundle, &mut cmd);
     }
+    if let Some(path) = crate::proxy::ssh::trust::path_with_wrappers(
+        &config.daemon.run_dir,
+        std::env::var_os("PATH").as_deref(),
+    ) {
+        // OpenSSH clients then trust the gateway's SSH CA (see proxy::ssh::trust).
+        cmd.env("PATH", path);
+    }
     no_new_privileges()?;
     restrict_sockets(config)?;
     scope_abstract_unix_sockets()?;
@@ -618,7 +625,7 @@ fn announce(config: &Config) {
         &config.daemon.admin_group,
         &Request::Status,
     ) {
-        Err(ClientError::NotRunning(_)) => {
+        Err(ClientError::NotRunning { .. }) => {
             if crate::ebpf::pinned_links(&config.daemon.bpf_pin_dir).is_empty() {
                 eprintln!(
                     "bulkhead: warning: the daemon is not running and no programs are pinned: \

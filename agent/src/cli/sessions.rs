@@ -118,6 +118,8 @@ enum ProtocolArg {
     Ssh,
     Http,
     Kubernetes,
+    Udp,
+    Dns,
 }
 
 impl From<&FilterArgs> for ListFilter {
@@ -134,6 +136,8 @@ impl From<&FilterArgs> for ListFilter {
                 ProtocolArg::Ssh => Protocol::Ssh,
                 ProtocolArg::Http => Protocol::Http,
                 ProtocolArg::Kubernetes => Protocol::Kubernetes,
+                ProtocolArg::Udp => Protocol::Udp,
+                ProtocolArg::Dns => Protocol::Dns,
             }),
             denied: a.verdict == Some(VerdictFilter::Denied),
             allowed: a.verdict == Some(VerdictFilter::Allowed),
@@ -569,7 +573,7 @@ fn export(
                 }
             }
         }
-        Err(ClientError::NotRunning(_)) => {
+        Err(ClientError::NotRunning { .. }) => {
             let store = open_store(config)?;
             let mut failed = None;
             query::export(&store, selection, |e| match line(&e) {

@@ -198,8 +198,17 @@ pub struct Containment {
     pub sockets_allowed: Vec<String>,
     /// Resolvers governed processes may send DNS to.
     pub dns: Vec<String>,
+    /// Where their queries go instead, to be recorded and relayed (the DNS forwarder).
+    #[serde(default)]
+    pub dns_forwarder: Vec<String>,
     /// Other UDP destinations they may send to. Every other datagram is refused and recorded.
     pub udp_allow: Vec<String>,
+    /// UDP destinations the policy in force opens (`udp` targets and allow rules).
+    #[serde(default)]
+    pub udp_policy: Vec<String>,
+    /// Why other `udp` names of the policy are not opened.
+    #[serde(default)]
+    pub udp_policy_notes: Vec<String>,
     /// Unix socket addresses they may connect or send to, or why unix sockets are not governed.
     #[serde(default)]
     pub unix: String,
@@ -308,6 +317,9 @@ impl ControlState {
     fn status(&self) -> StatusReport {
         let mut info = self.info.clone();
         info.connections = self.stats.snapshot();
+        let udp = crate::ebpf::udp_policy::compile(&self.policy.current());
+        info.containment.udp_policy = udp.allowed;
+        info.containment.udp_policy_notes = udp.notes;
         info.config_changed = self
             .config_file
             .as_ref()
@@ -781,14 +793,28 @@ async fn write_response(w: &mut OwnedWriteHalf, response: &Response) -> io::Resu
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("the daemon is not running (no control socket at {0})")]
-    NotRunning(PathBuf),
+    /// `stale`: a socket file is there but nothing listens (a daemon that did not exit cleanly).
+    #[error("the daemon is not running ({})", socket_absence(path, *stale))]
+    NotRunning { path: PathBuf, stale: bool },
     #[error("control socket {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
     #[error("{0}")]
     Refused(String),
     #[error("unexpected answer from the daemon: {0}")]
     Protocol(String),
+}
+
+/// Why there is no daemon at `path`, as the CLI words it.
+pub fn socket_absence(path: &Path, stale: bool) -> String {
+    if stale {
+        format!(
+            "stale control socket at {}: left by a daemon that did not exit cleanly; the next \
+             `bulkhead daemon` replaces it",
+            path.display()
+        )
+    } else {
+        format!("no control socket at {}", path.display())
+    }
 }
 
 /// A connection to the daemon (blocking; the CLI has nothing else to do meanwhile).
@@ -811,7 +837,10 @@ impl Client {
                     io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
                 ) =>
             {
-                Err(ClientError::NotRunning(path.to_path_buf()))
+                Err(ClientError::NotRunning {
+                    path: path.to_path_buf(),
+                    stale: e.kind() == io::ErrorKind::ConnectionRefused,
+                })
             }
             Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
                 Err(ClientError::Refused(format!(

@@ -9,6 +9,7 @@
 //! so the kernel detaches the programs when the daemon exits, even on `kill -9`.
 
 pub mod rules;
+pub mod udp_policy;
 pub mod unix;
 
 use std::{
@@ -22,7 +23,8 @@ use aya::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, RingBuf},
     programs::{
         links::{FdLink, PinnedLink},
-        CgroupAttachMode, CgroupSock, CgroupSockAddr, LsmCgroup, SockOps,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, LsmCgroup,
+        SockOps,
     },
     Btf, Ebpf, EbpfLoader, Pod,
 };
@@ -253,6 +255,10 @@ impl Redirector {
         }
         let (socket_filter, name, link) = attach_socket_filter(&mut ebpf, &cgroup_dir)?;
         attached.push((name, link));
+        attached.push((
+            programs::UDP_EGRESS,
+            attach_udp_egress(&mut ebpf, &cgroup_dir)?,
+        ));
         let unix_links = unix::attach(&ebpf, &cgroup_dir);
         // Pinned only once all are attached: a daemon that fails half-way must not leave
         // a partial redirect behind.
@@ -351,6 +357,64 @@ impl Redirector {
         })
     }
 
+    /// Sets `UDP_ALLOW` to `rules`' entries plus `extra` direct destinations (the policy's),
+    /// adding before removing, so no destination allowed before and after is refused in
+    /// between, and without touching the other maps.
+    pub fn sync_udp_allow(
+        &mut self,
+        rules: &CaptureRules,
+        extra: &[rules::UdpEntry],
+    ) -> Result<(), EbpfError> {
+        let name = maps::UDP_ALLOW;
+        let mut trie: LpmTrie<&mut MapData, [u8; bulkhead_common::UDP_KEY_BYTES], u8> =
+            LpmTrie::try_from(map_mut(&mut self.ebpf, name)?).map_err(map_err(name))?;
+        let wanted: Vec<(rules::UdpEntry, u8)> = extra
+            .iter()
+            .map(|e| (*e, bulkhead_common::UDP_DIRECT))
+            .chain(rules.udp_entries())
+            .collect();
+        for ((key, prefix), value) in &wanted {
+            trie.insert(&Key::new(*prefix, *key), *value, 0)
+                .map_err(map_err(name))?;
+        }
+        let old: Vec<Key<_>> = trie
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(map_err(name))?;
+        for k in &old {
+            if !wanted
+                .iter()
+                .any(|((key, prefix), _)| *prefix == k.prefix_len() && *key == k.data())
+            {
+                trie.remove(k).map_err(map_err(name))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The datagram counters and their owners, for the daemon to record.
+    pub fn udp_flows(&mut self) -> Result<crate::udp_flows::FlowMaps, EbpfError> {
+        Ok(crate::udp_flows::FlowMaps {
+            owners: take_hash_map(&mut self.ebpf, maps::UDP_OWNER)?,
+            flows: take_hash_map(&mut self.ebpf, maps::UDP_FLOWS)?,
+        })
+    }
+
+    /// The DNS forwarder's view of the kernel's records of queries (`DNS_BY_COOKIE`).
+    pub fn dns_origin(&mut self) -> Result<crate::dns::BpfDnsOrigin, EbpfError> {
+        let map = self
+            .ebpf
+            .take_map(maps::DNS_BY_COOKIE)
+            .ok_or(EbpfError::Missing(maps::DNS_BY_COOKIE))?;
+        let map = HashMap::try_from(map).map_err(|source| EbpfError::Map {
+            name: maps::DNS_BY_COOKIE,
+            source,
+        })?;
+        Ok(crate::dns::BpfDnsOrigin {
+            map: Mutex::new(map),
+        })
+    }
+
     /// The kernel log reader (aya-log), to be polled by the daemon.
     pub fn logger(
         &mut self,
@@ -410,6 +474,34 @@ fn attach_socket_filter(
     }
 }
 
+fn take_hash_map<K: Pod, V: Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<HashMap<MapData, K, V>, EbpfError> {
+    let map = ebpf.take_map(name).ok_or(EbpfError::Missing(name))?;
+    HashMap::try_from(map).map_err(|source| EbpfError::Map { name, source })
+}
+
+/// Attaches the datagram counter (`cgroup_skb/egress`).
+fn attach_udp_egress(ebpf: &mut Ebpf, cgroup_dir: &fs::File) -> Result<FdLink, EbpfError> {
+    let name = programs::UDP_EGRESS;
+    let program_err = |source| EbpfError::Program { name, source };
+    let prog = ebpf.program_mut(name).ok_or(EbpfError::Missing(name))?;
+    let p: &mut CgroupSkb = prog.try_into().map_err(program_err)?;
+    p.load().map_err(program_err)?;
+    let id = p
+        .attach(
+            cgroup_dir,
+            CgroupSkbAttachType::Egress,
+            CgroupAttachMode::Single,
+        )
+        .map_err(program_err)?;
+    p.take_link(id)
+        .map_err(program_err)?
+        .try_into()
+        .map_err(|source| EbpfError::Link { name, source })
+}
+
 fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> EbpfError {
     move |source| EbpfError::Map { name, source }
 }
@@ -437,7 +529,7 @@ fn fill_maps(ebpf: &mut Ebpf, rules: &CaptureRules) -> Result<(), EbpfError> {
     replace_trie(ebpf, maps::INCLUDE_V6, &rules.include_v6)?;
     replace_set(ebpf, maps::EXCLUDE_PORTS, &rules.exclude_ports)?;
     replace_set(ebpf, maps::GOVERNED_UIDS, &rules.uids)?;
-    replace_trie(ebpf, maps::UDP_ALLOW, &rules.udp_allow)?;
+    replace_udp_allow(ebpf, rules)?;
     replace_set(ebpf, maps::UNIX_ALLOW, &rules.unix_allow)?;
     let mut cfg: Array<&mut MapData, CaptureConfig> =
         Array::try_from(map_mut(ebpf, maps::CAPTURE_CONFIG)?)
@@ -463,6 +555,26 @@ fn replace_trie<K: Pod>(
     }
     for (addr, prefix) in entries {
         trie.insert(&Key::new(*prefix, *addr), 1, 0)
+            .map_err(map_err(name))?;
+    }
+    Ok(())
+}
+
+/// `UDP_ALLOW` with each entry's value (a direct destination or a resolver). An entry written
+/// twice keeps the last value: resolvers come last.
+fn replace_udp_allow(ebpf: &mut Ebpf, rules: &CaptureRules) -> Result<(), EbpfError> {
+    let name = maps::UDP_ALLOW;
+    let mut trie: LpmTrie<&mut MapData, [u8; bulkhead_common::UDP_KEY_BYTES], u8> =
+        LpmTrie::try_from(map_mut(ebpf, name)?).map_err(map_err(name))?;
+    let old: Vec<Key<_>> = trie
+        .keys()
+        .collect::<Result<_, _>>()
+        .map_err(map_err(name))?;
+    for k in &old {
+        trie.remove(k).map_err(map_err(name))?;
+    }
+    for ((key, prefix), value) in rules.udp_entries() {
+        trie.insert(&Key::new(prefix, key), value, 0)
             .map_err(map_err(name))?;
     }
     Ok(())

@@ -42,8 +42,10 @@ pub struct CaptureRules {
     pub include_v6: Vec<([u8; 16], u32)>,
     pub exclude_ports: Vec<u16>,
     pub uids: Vec<u32>,
-    /// Resolvers and allowed UDP destinations.
+    /// Allowed UDP destinations (datagrams pass as they are).
     pub udp_allow: Vec<UdpEntry>,
+    /// Resolvers (datagrams go to the DNS forwarder, which records and relays them).
+    pub resolvers: Vec<UdpEntry>,
     /// Unix socket addresses governed processes may connect or send to.
     pub unix_allow: Vec<[u8; bulkhead_common::UNIX_KEY_BYTES]>,
 }
@@ -84,18 +86,17 @@ impl CaptureRules {
         let host = |ip: IpAddr| {
             Cidr::new(ip, if ip.is_ipv4() { 32 } else { 128 }).expect("a host prefix is valid")
         };
-        let udp_allow = config
+        let resolvers = config
             .capture
             .dns
             .iter()
             .map(|r| udp_entry(host(r.ip().to_canonical()), r.port()))
-            .chain(
-                config
-                    .capture
-                    .udp_allow
-                    .iter()
-                    .map(|a| udp_entry(a.net, a.port)),
-            )
+            .collect();
+        let udp_allow = config
+            .capture
+            .udp_allow
+            .iter()
+            .map(|a| udp_entry(a.net, a.port))
             .collect();
         let (exclude_v4, exclude_v6) = split(&config.capture.exclude);
         let (include_v4, include_v6) = split(&config.capture.include);
@@ -117,6 +118,7 @@ impl CaptureRules {
             exclude_ports: config.capture.exclude_ports.clone(),
             uids: config.governed.uids.clone(),
             udp_allow,
+            resolvers,
             // The daemon's own control socket too: it refuses governed callers itself, with a
             // clear message, and records the attempt in the request's session.
             unix_allow: config
@@ -195,11 +197,24 @@ impl CaptureRules {
             dst.port(),
         )
         .0;
-        self.udp_allow.iter().any(|(entry, bits)| {
+        self.udp_entries().any(|((entry, bits), _)| {
             let (full, rest) = ((bits / 8) as usize, bits % 8);
             key[..full] == entry[..full]
                 && (rest == 0 || (key[full] ^ entry[full]) >> (8 - rest) == 0)
         })
+    }
+
+    /// Every `UDP_ALLOW` entry with its value: resolvers last, so a resolver listed in
+    /// `capture.udp_allow` too is still a resolver (its queries recorded).
+    pub fn udp_entries(&self) -> impl Iterator<Item = (UdpEntry, u8)> + '_ {
+        self.udp_allow
+            .iter()
+            .map(|e| (*e, bulkhead_common::UDP_DIRECT))
+            .chain(
+                self.resolvers
+                    .iter()
+                    .map(|e| (*e, bulkhead_common::UDP_RESOLVER)),
+            )
     }
 }
 
@@ -310,6 +325,26 @@ mod tests {
         assert!(
             !r.udp_allowed("198.51.100.7:443".parse().unwrap(), 0),
             "no uid filter: every uid is governed"
+        );
+    }
+
+    #[test]
+    fn resolvers_are_marked_for_the_forwarder_and_other_destinations_pass_as_they_are() {
+        let r = rules(
+            "[capture]\ndns = [\"10.0.0.2\"]\nudp_allow = [\"10.0.0.0/24:53\", \"192.0.2.0/24:514\"]\n",
+        );
+        let entries: Vec<_> = r.udp_entries().collect();
+        let resolver = udp_entry(Cidr::new("10.0.0.2".parse().unwrap(), 32).unwrap(), 53);
+        assert_eq!(
+            entries.last(),
+            Some(&(resolver, bulkhead_common::UDP_RESOLVER))
+        );
+        assert_eq!(
+            entries
+                .iter()
+                .filter(|(_, v)| *v == bulkhead_common::UDP_DIRECT)
+                .count(),
+            2
         );
     }
 

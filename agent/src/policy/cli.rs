@@ -72,7 +72,7 @@ pub const EXAMPLES: &[(&str, &str)] = &[
 ];
 
 #[derive(Debug, Args)]
-#[command(group(clap::ArgGroup::new("action").required(true).args(["sql", "ssh", "http", "kube", "connect"])))]
+#[command(group(clap::ArgGroup::new("action").required(true).args(["sql", "ssh", "ssh_shell", "sftp_read", "sftp_write", "http", "kube", "connect"])))]
 pub struct TestArgs {
     /// Policy directory [default: the configuration's daemon.policy_dir]
     #[arg(long, value_name = "DIR")]
@@ -82,7 +82,7 @@ pub struct TestArgs {
     /// target whose addresses match, else as a `tcp` target named by the address
     #[arg(long)]
     pub target: String,
-    /// tcp, postgres, ssh, http or kubernetes [default: from the configuration, else the request kind]
+    /// tcp, postgres, ssh, http, kubernetes or udp [default: from the configuration, else the request kind]
     #[arg(long)]
     pub protocol: Option<Protocol>,
     /// User id of the process [default: yours]
@@ -108,6 +108,15 @@ pub struct TestArgs {
     /// An SSH exec command line
     #[arg(long)]
     pub ssh: Option<String>,
+    /// An interactive SSH shell
+    #[arg(long)]
+    pub ssh_shell: bool,
+    /// An sftp operation that reads or lists PATH
+    #[arg(long, value_name = "PATH")]
+    pub sftp_read: Option<String>,
+    /// An sftp operation that writes, creates, removes or renames PATH
+    #[arg(long, value_name = "PATH")]
+    pub sftp_write: Option<String>,
     /// An HTTP request: METHOD URL
     #[arg(long, num_args = 2, value_names = ["METHOD", "URL"])]
     pub http: Option<Vec<String>>,
@@ -327,6 +336,12 @@ pub fn decide(
         }
     } else if let Some(cmd) = &args.ssh {
         Action::SshExec { command: cmd }
+    } else if args.ssh_shell {
+        Action::SshShell
+    } else if let Some(path) = &args.sftp_read {
+        Action::Sftp { write: false, path }
+    } else if let Some(path) = &args.sftp_write {
+        Action::Sftp { write: true, path }
     } else if let Some(http) = &args.http {
         let [m, url] = http.as_slice() else {
             return Err(PolicyCliError::Usage("--http takes METHOD URL".into()));
@@ -356,7 +371,7 @@ pub fn decide(
         .or(protocol)
         .or(match action {
             Action::Sql { .. } | Action::SqlClassified(_) => Some(Protocol::Postgres),
-            Action::SshExec { .. } => Some(Protocol::Ssh),
+            Action::SshExec { .. } | Action::SshShell | Action::Sftp { .. } => Some(Protocol::Ssh),
             Action::Http { .. } => Some(Protocol::Http),
             Action::Kube { .. } => Some(Protocol::Kubernetes),
             Action::Connect | Action::Unknown { .. } => None,

@@ -22,6 +22,11 @@ enum Analysis<'a> {
     Connect,
     Sql(Arc<Classification>),
     Ssh(Vec<Vec<String>>),
+    SshShell,
+    Sftp {
+        write: bool,
+        path: &'a str,
+    },
     Http {
         method: String,
         host: String,
@@ -177,7 +182,9 @@ impl PolicySet {
             (Verdict::Approve, Basis::Rules, ids(&approve))
         } else if !allow.is_empty() {
             (Verdict::Allow, Basis::Rules, ids(&allow))
-        } else if matches!(req.action, Action::Connect) && req.target.protocol != Protocol::Tcp {
+        } else if matches!(req.action, Action::Connect)
+            && !matches!(req.target.protocol, Protocol::Tcp | Protocol::Udp)
+        {
             // Opening a session grants nothing on a protocol target: each request in it is
             // judged. Only rules without a request section (identity gates) decide here.
             (
@@ -311,6 +318,20 @@ impl PolicySet {
                     why: format!("SSH command: {e}"),
                 },
             },
+            Action::SshShell => Analysis::SshShell,
+            Action::Sftp { write, path } => {
+                if path.is_empty()
+                    || path.split('/').any(|part| part == "..")
+                    || path.contains('\0')
+                {
+                    Analysis::Unknown {
+                        sql: false,
+                        why: "sftp path with `..` (or empty): where it leads is only known on the server".into(),
+                    }
+                } else {
+                    Analysis::Sftp { write, path }
+                }
+            }
             Action::Http { method, host, path } => match normalize_path(path) {
                 Ok(p) => Analysis::Http {
                     method: method.to_ascii_uppercase(),
@@ -405,6 +426,11 @@ impl RequestMatch {
             }
             (RequestMatch::Sql(m), Analysis::Sql(c)) => m.matches(c, polarity),
             (RequestMatch::Ssh(m), Analysis::Ssh(cmds)) => m.matches(cmds, polarity),
+            (RequestMatch::Ssh(m), Analysis::SshShell) => m.shell,
+            (RequestMatch::Ssh(m), Analysis::Sftp { write, path }) => {
+                let globs = if *write { &m.sftp_write } else { &m.sftp_read };
+                globs.iter().any(|g| g.is_match(path))
+            }
             (RequestMatch::Http(m), Analysis::Http { method, host, path }) => {
                 (m.methods.is_empty() || m.methods.iter().any(|x| x == method))
                     && (m.hosts.is_empty() || m.hosts.iter().any(|g| g.is_match(host)))

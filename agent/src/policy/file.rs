@@ -286,7 +286,19 @@ struct RawSsh {
     #[serde(default)]
     command: Patterns,
     #[serde(default)]
+    shell: bool,
+    sftp: Option<RawSftp>,
+    #[serde(default)]
     regex: Patterns,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSftp {
+    #[serde(default)]
+    read: Patterns,
+    #[serde(default)]
+    write: Patterns,
 }
 
 #[derive(Debug, Deserialize)]
@@ -333,28 +345,100 @@ pub fn parse_file(path: &Path, text: &str) -> Result<ParsedFile, Vec<PolicyFileE
         text,
         errors: Vec::new(),
     };
-    let raw: RawFile = match toml::from_str(text) {
-        Ok(r) => r,
-        Err(e) => return Err(vec![ctx.toml_error(&e)]),
-    };
     let mut ctx = ctx;
     let mut out = ParsedFile::default();
-    for t in raw.target {
-        let span = t.span();
-        if let Some(t) = ctx.target(&t.into_inner(), span) {
-            out.targets.push(t);
-        }
-    }
-    for r in raw.rule {
-        let span = r.span();
-        if let Some(r) = ctx.rule(&r.into_inner(), span) {
-            out.rules.push(r);
+    match toml::from_str::<RawFile>(text) {
+        Ok(raw) => ctx.check(raw, &mut out),
+        // The deserializer stops at the first error: parse each `[[...]]` section on its own
+        // so that every section's first error (and every semantic error) is reported.
+        Err(whole) => {
+            let before = ctx.errors.len();
+            for section in sections(text) {
+                match toml::from_str::<RawFile>(&section) {
+                    Ok(raw) => ctx.check(raw, &mut out),
+                    Err(e) => {
+                        let error = ctx.toml_error(&e);
+                        ctx.errors.push(error);
+                    }
+                }
+            }
+            // Sections that each parse may still clash as a whole (a key defined twice).
+            if ctx.errors.len() == before {
+                let error = ctx.toml_error(&whole);
+                ctx.errors.push(error);
+            }
         }
     }
     if ctx.errors.is_empty() {
         Ok(out)
     } else {
         Err(ctx.errors)
+    }
+}
+
+/// A deserializer message without the parser's own type names (`expected struct RawSql`).
+fn readable(message: &str) -> String {
+    match message.find("expected struct Raw") {
+        Some(at) => {
+            let rest = &message[at + "expected struct Raw".len()..];
+            let name_end = rest
+                .find(|c: char| !c.is_ascii_alphanumeric())
+                .unwrap_or(rest.len());
+            format!("{}expected a table{}", &message[..at], &rest[name_end..])
+        }
+        None => message.to_string(),
+    }
+}
+
+/// The file cut at each line that opens an array-of-tables header (`[[rule]]`,
+/// `[[target]]`), each section as the whole file's text with every byte outside it blanked
+/// (newlines kept), so positions and spans in a section are those of the file.
+fn sections(text: &str) -> Vec<String> {
+    let mut starts = vec![0];
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        if offset > 0 && line.trim_start().starts_with("[[") {
+            starts.push(offset);
+        }
+        offset += line.len();
+    }
+    starts.push(text.len());
+    starts
+        .windows(2)
+        .map(|w| {
+            let blanked: Vec<u8> = text
+                .bytes()
+                .enumerate()
+                .map(|(i, b)| {
+                    if (w[0]..w[1]).contains(&i) || b == b'\n' {
+                        b
+                    } else {
+                        b' '
+                    }
+                })
+                .collect();
+            // Only ASCII bytes were written outside the section, and the section is cut at
+            // line starts, so the text stays valid UTF-8.
+            String::from_utf8(blanked).unwrap_or_default()
+        })
+        .collect()
+}
+
+impl Ctx<'_> {
+    /// The semantic checks of a parsed file (or section), its settings and rules added to `out`.
+    fn check(&mut self, raw: RawFile, out: &mut ParsedFile) {
+        for t in raw.target {
+            let span = t.span();
+            if let Some(t) = self.target(&t.into_inner(), span) {
+                out.targets.push(t);
+            }
+        }
+        for r in raw.rule {
+            let span = r.span();
+            if let Some(r) = self.rule(&r.into_inner(), span) {
+                out.rules.push(r);
+            }
+        }
     }
 }
 
@@ -392,11 +476,13 @@ impl Ctx<'_> {
 
     fn toml_error(&self, e: &toml::de::Error) -> PolicyFileError {
         let (line, column) = e.span().map_or((1, 1), |s| self.position(s.start));
-        let message = e.message().trim().to_string();
+        let message = readable(e.message().trim());
         let hint = if message.contains("unknown field") {
             "remove or correct the key: unknown keys are errors so that a typo never drops a condition"
         } else if message.contains("missing field") {
             "every [[rule]] needs `id` and `verdict`; a [rule.mask] needs `style`"
+        } else if message.contains("expected a table") {
+            "write it as a table, e.g. target = { name = [\"orders-db\"] }"
         } else if message.contains("invalid type") {
             "lists are written as arrays, e.g. class = [\"read\"]"
         } else {
@@ -478,11 +564,12 @@ impl Ctx<'_> {
             "ssh" => Protocol::Ssh,
             "http" => Protocol::Http,
             "kubernetes" => Protocol::Kubernetes,
+            "udp" => Protocol::Udp,
             other => {
                 self.error(
                     &s.span(),
                     format!("unknown protocol {other:?}"),
-                    "use tcp, postgres, ssh, http or kubernetes".to_string(),
+                    "use tcp, postgres, ssh, http, kubernetes or udp".to_string(),
                 );
                 return None;
             }

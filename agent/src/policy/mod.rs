@@ -114,6 +114,14 @@ pub enum Action<'a> {
     SshExec {
         command: &'a str,
     },
+    /// An interactive SSH shell (judged as a whole: what is typed is recorded, not judged).
+    SshShell,
+    /// An sftp file operation on `path` (as the client sent it): reading or listing, or
+    /// anything that changes the file system (`write`).
+    Sftp {
+        write: bool,
+        path: &'a str,
+    },
     Http {
         method: &'a str,
         host: &'a str,
@@ -275,6 +283,11 @@ pub struct ObjectPattern {
 pub struct SshMatch {
     pub commands: Vec<ArgvPattern>,
     pub regexes: Vec<regex::Regex>,
+    /// Matches interactive shells (`ssh = { shell = true }`).
+    pub shell: bool,
+    /// sftp paths that may be read or listed / written (`sftp = { read = [...], write = [...] }`).
+    pub sftp_read: Vec<Glob>,
+    pub sftp_write: Vec<Glob>,
 }
 
 #[derive(Debug, Clone, Default)]

@@ -567,6 +567,36 @@ fn file_errors_name_file_line_and_key() {
 }
 
 #[test]
+fn every_section_of_a_file_reports_its_error_not_only_the_first() {
+    let text = "[[rule]]\nid = \"x\"\nverdict = \"alow\"\n\n\
+                [[rule]]\nid = \"y\"\nverdict = \"deny\"\ntarget = \"nope\"\n\n\
+                [[target]]\nname = \"db\"\nmode = \"audit\"\n\n\
+                [[rule]]\nid = \"é\"\nverdict = \"deny\"\nsql = { clas = [\"read\"] }\n";
+    let Err(errors) = parse_file(Path::new("p/bad.toml"), text) else {
+        panic!("should not load");
+    };
+    let shown: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    let all = shown.join("\n");
+    assert_eq!(shown.len(), 4, "{all}");
+    // Each at its own line of the whole file, in file order.
+    for (at, what) in [
+        (3, "alow"),
+        (8, "expected a table"),
+        (12, "audit"),
+        (17, "clas"),
+    ] {
+        assert!(
+            shown
+                .iter()
+                .any(|e| e.contains(&format!("p/bad.toml:{at}:")) && e.contains(what)),
+            "{what} at line {at}: {all}"
+        );
+    }
+    assert!(!all.contains("RawTargetMatch"), "{all}");
+    assert!(all.contains("target = { name ="), "{all}");
+}
+
+#[test]
 fn long_operator_chains_do_not_overflow_the_stack() {
     for (op, n) in [
         ("+", 100_000),
@@ -663,4 +693,56 @@ fn a_session_may_write_only_when_some_rule_that_could_apply_allows_a_writing_cla
         };
         assert!(policy(&p).may_write(db, &me), "{setting}");
     }
+}
+
+#[test]
+fn ssh_shells_and_sftp_paths_are_matched_only_by_what_names_them() {
+    let id = agent();
+    let set = policy(
+        "[[target]]\nname = \"box\"\nprotocol = \"ssh\"\n\
+         [[rule]]\nid = \"cmds\"\nverdict = \"allow\"\nssh = { command = [\"ls **\"] }\n\
+         [[rule]]\nid = \"shells\"\nverdict = \"allow\"\nidentity = { process = [\"claude\"] }\nssh = { shell = true }\n\
+         [[rule]]\nid = \"files\"\nverdict = \"allow\"\nssh = { sftp = { read = [\"/srv/**\"], write = [\"/srv/in/**\"] } }\n\
+         [[rule]]\nid = \"no-keys\"\nverdict = \"deny\"\nssh = { sftp = { read = [\"/srv/**/*.key\"] } }\n",
+    );
+    let judge = |action: Action<'_>, who: &ProcessIdentity| {
+        let d = set.evaluate(&Request {
+            target: TargetRef {
+                name: "box",
+                protocol: Protocol::Ssh,
+            },
+            identity: who,
+            action,
+        });
+        (d.verdict, d.rules)
+    };
+    let sftp = |write, path| Action::Sftp { write, path };
+    assert_eq!(judge(sftp(false, "/srv/a/b.txt"), &id).1, vec!["files"]);
+    assert_eq!(judge(sftp(true, "/srv/in/x"), &id).0, Verdict::Allow);
+    assert_eq!(
+        judge(sftp(true, "/srv/a/b.txt"), &id).0,
+        Verdict::Deny,
+        "read only there"
+    );
+    assert_eq!(judge(sftp(false, "/srv/a/id.key"), &id).1, vec!["no-keys"]);
+    let (v, rules) = judge(sftp(false, "/srv/../etc/shadow"), &id);
+    assert_eq!(v, Verdict::Deny);
+    assert_eq!(rules, vec!["target:box:on_unknown"], "`..` is unknown");
+    assert_eq!(
+        judge(Action::SshShell, &id).0,
+        Verdict::Deny,
+        "not this process"
+    );
+    let mut claude = agent();
+    claude.comm = "claude".into();
+    assert_eq!(judge(Action::SshShell, &claude).1, vec!["shells"]);
+    assert_eq!(
+        judge(Action::SshExec { command: "ls /srv" }, &id).0,
+        Verdict::Allow
+    );
+    assert_eq!(
+        judge(sftp(false, "/etc/passwd"), &id).0,
+        Verdict::Deny,
+        "command rules do not cover files"
+    );
 }

@@ -13,6 +13,7 @@ pub mod http;
 pub mod postgres;
 pub mod session;
 mod splice;
+pub mod ssh;
 pub mod tcp;
 
 use std::{
@@ -43,6 +44,7 @@ use crate::{
 pub struct Protocols {
     pub postgres: postgres::Shared,
     pub http: http::Shared,
+    pub ssh: ssh::Shared,
 }
 
 /// Accepts until `shutdown` turns true, then returns; running connections keep their tasks.
@@ -170,6 +172,7 @@ pub async fn handle(
                 Protocol::Postgres => {
                     postgres::refuse(&conn, &protocols.postgres, client_stream, &reason).await
                 }
+                Protocol::Ssh if conn.target.target.is_some() => ssh::refuse(client_stream, reason),
                 _ => tcp::refuse(client_stream, reason),
             }
         } else {
@@ -195,13 +198,13 @@ async fn serve_allowed(
 ) -> SessionEnd {
     match conn.target.protocol {
         Protocol::Postgres => postgres::serve(conn, &protocols.postgres, client_stream).await,
+        Protocol::Ssh => ssh::serve(conn, &protocols.ssh, client_stream).await,
         Protocol::Http | Protocol::Kubernetes => {
             http::serve(conn, &protocols.http, client_stream).await
         }
-        // SSH is relayed as opaque TCP until its gateway exists.
-        Protocol::Tcp | Protocol::Ssh => tcp::serve(conn, client_stream).await,
+        Protocol::Tcp => tcp::serve(conn, client_stream).await,
         // Record categories only (never a configured target's protocol): refused.
-        Protocol::Udp | Protocol::Socket | Protocol::Unix => {
+        Protocol::Udp | Protocol::Socket | Protocol::Unix | Protocol::Dns => {
             tcp::refuse(client_stream, "not relayed".into())
         }
     }

@@ -215,7 +215,20 @@ impl Ctx<'_> {
                     Err(e) => self.error(&r.span(), format!("bad regex: {e}"), None),
                 }
             }
-            return RequestMatch::Ssh(SshMatch { commands, regexes });
+            let (sftp_read, sftp_write) = match &s.sftp {
+                Some(f) => (
+                    self.globs(&f.read, Some('/'), false),
+                    self.globs(&f.write, Some('/'), false),
+                ),
+                None => (Vec::new(), Vec::new()),
+            };
+            return RequestMatch::Ssh(SshMatch {
+                commands,
+                regexes,
+                shell: s.shell,
+                sftp_read,
+                sftp_write,
+            });
         }
         if let Some(h) = &raw.http {
             let h = h.get_ref();

@@ -1,0 +1,120 @@
+//! `bulkhead trust install | remove`: the gateway's CA in the system trust store
+//! (`update-ca-certificates`), for tools that verify TLS outside `bulkhead run` (which hands
+//! governed tools a CA bundle of its own). `--root` works on another file system tree (an
+//! image being built, a test) instead of `/`.
+
+use std::path::{Path, PathBuf};
+
+use clap::Subcommand;
+
+use super::CliError;
+use crate::config::Config;
+
+/// The name the gateway's CA has in the local certificate directory.
+pub const CA_FILE_NAME: &str = "bulkhead-gateway.crt";
+
+#[derive(Debug, Subcommand)]
+pub enum TrustCommand {
+    /// Add the gateway's CA to the system trust store (update-ca-certificates)
+    Install(RootArg),
+    /// Remove it again (the package's purge does the same)
+    Remove(RootArg),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RootArg {
+    /// Work on this file system tree instead of / (an image being built)
+    #[arg(long, value_name = "DIR", hide = true)]
+    pub root: Option<PathBuf>,
+}
+
+struct Paths {
+    local: PathBuf,
+    etc_certs: PathBuf,
+    conf: PathBuf,
+    hooks: PathBuf,
+    root: Option<PathBuf>,
+}
+
+impl Paths {
+    fn new(root: Option<&Path>) -> Self {
+        let at = |p: &str| root.map_or_else(|| PathBuf::from(p), |r| r.join(&p[1..]));
+        Self {
+            local: at("/usr/local/share/ca-certificates"),
+            etc_certs: at("/etc/ssl/certs"),
+            conf: at("/etc/ca-certificates.conf"),
+            hooks: at("/etc/ca-certificates/update.d"),
+            root: root.map(Path::to_path_buf),
+        }
+    }
+
+    /// Without `--fresh`: a removed certificate is found by its dangling link and taken out of
+    /// the bundle; `--fresh` clears the links first and then leaves the bundle as it was.
+    fn update(&self) -> Result<(), CliError> {
+        let mut cmd = std::process::Command::new("update-ca-certificates");
+        if self.root.is_some() {
+            cmd.arg("--localcertsdir")
+                .arg(&self.local)
+                .arg("--etccertsdir")
+                .arg(&self.etc_certs)
+                .arg("--certsconf")
+                .arg(&self.conf)
+                .arg("--hooksdir")
+                .arg(&self.hooks);
+        }
+        let out = cmd.output().map_err(|e| {
+            CliError::Other(format!(
+                "update-ca-certificates: {e} (install Debian's ca-certificates)"
+            ))
+        })?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(CliError::Other(format!(
+                "update-ca-certificates failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )))
+        }
+    }
+}
+
+pub fn run(config: &Config, command: &TrustCommand) -> Result<(), CliError> {
+    match command {
+        TrustCommand::Install(r) => install(config, &Paths::new(r.root.as_deref())),
+        TrustCommand::Remove(r) => remove(&Paths::new(r.root.as_deref())),
+    }
+}
+
+fn install(config: &Config, paths: &Paths) -> Result<(), CliError> {
+    let ca = config.daemon.state_dir.join("ca/ca.pem");
+    let pem = std::fs::read_to_string(&ca).map_err(|e| {
+        CliError::Other(format!(
+            "{}: {e}: the daemon creates its CA on first start; start it, then run this again",
+            ca.display()
+        ))
+    })?;
+    let to = paths.local.join(CA_FILE_NAME);
+    let written = std::fs::create_dir_all(&paths.local).and_then(|()| std::fs::write(&to, pem));
+    written.map_err(|e| CliError::Other(format!("{}: {e}", to.display())))?;
+    paths.update()?;
+    println!(
+        "the gateway CA is trusted system-wide ({}); `bulkhead trust remove` undoes it",
+        to.display()
+    );
+    Ok(())
+}
+
+fn remove(paths: &Paths) -> Result<(), CliError> {
+    let at = paths.local.join(CA_FILE_NAME);
+    match std::fs::remove_file(&at) {
+        Ok(()) => {
+            paths.update()?;
+            println!("the gateway CA is no longer trusted system-wide");
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            println!("the gateway CA was not in the system trust store");
+        }
+        Err(e) => return Err(CliError::Other(format!("{}: {e}", at.display()))),
+    }
+    Ok(())
+}

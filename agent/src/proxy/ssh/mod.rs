@@ -1,0 +1,386 @@
+//! The SSH gateway: accept → identify → decide → forward → record, per channel request.
+//!
+//! The governed client is answered by the gateway itself (russh server) with a host
+//! certificate from the gateway's SSH CA ([`ca`]); it is authenticated by its kernel identity
+//! (the connection was already decided by policy), whatever it offers (`none`, any key, any
+//! password: nothing is looked at or passed on). The gateway connects to the target itself,
+//! verifies its host key against the target's `known_hosts` before the client may log in, and
+//! logs in with the held credential as the configured or mapped user ([`upstream`]).
+//!
+//! Each session channel's request is judged before anything of it reaches the target
+//! ([`channel`]): `exec` by its command line (`Action::SshExec`), a shell as a whole
+//! (`Action::SshShell`); `env`, agent and X11 forwarding, port forwarding and subsystems are
+//! refused and recorded. A denied command gets the policy's message on stderr and exit status
+//! [`DENIED_EXIT_STATUS`].
+
+pub mod ca;
+mod channel;
+mod server;
+pub mod settings;
+pub mod sftp;
+mod sftp_relay;
+mod tap;
+pub mod trust;
+mod upstream;
+
+use std::{
+    sync::{
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use futures::stream::{FuturesUnordered, StreamExt as _};
+use tokio::{net::TcpStream, sync::mpsc};
+use tracing::{info, warn};
+
+use self::{
+    ca::SshCa,
+    server::{ClientSide, FromClient},
+    upstream::{HostKeyOutcome, Upstream},
+};
+use super::session::Conn;
+use crate::{
+    config::TargetKind,
+    record::{now_micros, EventKind, Outcome, RecordedVerdict, SessionEnd},
+};
+
+/// How long a client has to log in (OpenSSH's `LoginGraceTime` is 120 s).
+const LOGIN_GRACE: Duration = Duration::from_mins(2);
+
+/// The exit status of a command the policy denied (as a shell's "found but cannot run").
+pub const DENIED_EXIT_STATUS: u32 = 126;
+
+/// The SSH gateway's state shared by all its sessions.
+#[derive(Default)]
+pub struct Shared {
+    /// `None` when the CA could not be loaded or created: SSH sessions are refused.
+    pub ca: Option<Arc<SshCa>>,
+}
+
+impl Shared {
+    /// Loads (or creates, on first start) the SSH CA under `state_dir` and writes what
+    /// governed OpenSSH clients trust it by under `run_dir` ([`trust::write`]); a failure is
+    /// logged and SSH sessions are then refused.
+    pub fn load(state_dir: &std::path::Path, run_dir: &std::path::Path) -> Self {
+        match SshCa::load_or_create(&ca::dir(state_dir)) {
+            Ok(ca) => {
+                info!(ca = %ca.ca_fingerprint(), "SSH CA ready");
+                if let Err(e) = trust::write(run_dir, &ca.known_hosts_line()) {
+                    warn!(error = %e, "cannot write the SSH client trust files; `bulkhead run` clients will not trust the gateway's host certificate");
+                }
+                Self {
+                    ca: Some(Arc::new(ca)),
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "no SSH CA: SSH targets are refused");
+                Self { ca: None }
+            }
+        }
+    }
+}
+
+fn ended(up: u64, down: u64, outcome: Outcome) -> SessionEnd {
+    SessionEnd {
+        ended_at_us: now_micros(),
+        bytes_to_target: up,
+        bytes_from_target: down,
+        outcome,
+    }
+}
+
+/// Refuses a connection the policy denied: closed before the SSH handshake (an SSH client
+/// reports the connection closed by the remote host).
+pub fn refuse(client: TcpStream, reason: String) -> SessionEnd {
+    drop(client);
+    ended(0, 0, Outcome::Refused { reason })
+}
+
+fn server_config(ca: &SshCa) -> Arc<russh::server::Config> {
+    Arc::new(russh::server::Config {
+        keys: vec![ca.host_key.clone()],
+        certificates: vec![ca.host_certificate.clone()],
+        methods: server::methods(),
+        auth_rejection_time: Duration::from_millis(0),
+        auth_rejection_time_initial: Some(Duration::from_millis(0)),
+        max_auth_attempts: 6,
+        inactivity_timeout: None,
+        keepalive_interval: Some(Duration::from_secs(30)),
+        keepalive_max: 3,
+        nodelay: true,
+        ..russh::server::Config::default()
+    })
+}
+
+/// What every channel of a logged-in session shares.
+pub struct Ctx<'c, 'g> {
+    pub conn: &'c Conn<'g>,
+    pub client: russh::server::Handle,
+    pub upstream: &'c russh::client::Handle<upstream::TargetSide>,
+    pub record_input: bool,
+    pub bytes_up: AtomicU64,
+    pub bytes_down: AtomicU64,
+}
+
+/// Serves one SSH session on an accepted, identified connection that the policy let through.
+pub async fn serve(conn: &Conn<'_>, shared: &Shared, client: TcpStream) -> SessionEnd {
+    let failed = |error: &str| {
+        ended(
+            0,
+            0,
+            Outcome::Failed {
+                error: error.into(),
+            },
+        )
+    };
+    let Some(target) = conn.target.target else {
+        return failed("an SSH session needs a configured target");
+    };
+    let TargetKind::Ssh(ssh) = &target.kind else {
+        return failed("not an SSH target");
+    };
+    let Some(ca) = shared.ca.as_deref() else {
+        return failed("the gateway has no SSH CA (see the daemon's log)");
+    };
+    let _ = client.set_nodelay(true);
+
+    // The target first: a key that does not verify refuses the client before it logs in, with
+    // the reason as its authentication banner.
+    let (upstream, banner) = connect_target(conn, &target.name, ssh).await;
+
+    let (to_session, mut from_client) = mpsc::channel(8);
+    let open_channels = Arc::new(AtomicUsize::new(0));
+    let handler = ClientSide {
+        to_session,
+        banner: banner.clone(),
+        open_channels: Arc::clone(&open_channels),
+    };
+    let running = match russh::server::run_stream(server_config(ca), client, handler).await {
+        Ok(r) => r,
+        Err(e) => return failed(&format!("client: SSH handshake: {e}")),
+    };
+    let client_handle = running.handle();
+    tokio::pin!(running);
+
+    let upstream = match authenticate(
+        conn,
+        ssh,
+        target,
+        running.as_mut(),
+        &mut from_client,
+        upstream,
+        banner,
+    )
+    .await
+    {
+        Ok(u) => u,
+        Err(end) => {
+            // The client's side runs in russh's own task: end it too.
+            let _ = client_handle
+                .disconnect(
+                    russh::Disconnect::ByApplication,
+                    "bulkhead: session ended".into(),
+                    String::new(),
+                )
+                .await;
+            return end;
+        }
+    };
+
+    let ctx = Ctx {
+        conn,
+        client: client_handle,
+        upstream: &upstream.handle,
+        record_input: ssh.record_input,
+        bytes_up: AtomicU64::new(0),
+        bytes_down: AtomicU64::new(0),
+    };
+    let mut channels = FuturesUnordered::new();
+    let end = loop {
+        tokio::select! {
+            end = &mut running => break end,
+            event = from_client.recv() => match event {
+                Some(FromClient::Session(ch)) => channels.push(channel::serve(&ctx, ch)),
+                Some(FromClient::Refused(what)) => record_refused(conn, &what),
+                Some(FromClient::Auth { reply, .. }) => {
+                    let _ = reply.send(false);
+                }
+                None => {}
+            },
+            Some(()) = channels.next(), if !channels.is_empty() => {
+                open_channels.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+    };
+    drop(channels);
+    let _ = upstream
+        .handle
+        .disconnect(russh::Disconnect::ByApplication, "", "")
+        .await;
+    let outcome = match end {
+        Ok(()) => Outcome::Closed,
+        Err(e) => Outcome::Failed {
+            error: format!("client: {e}"),
+        },
+    };
+    ended(
+        ctx.bytes_up.load(Ordering::Relaxed),
+        ctx.bytes_down.load(Ordering::Relaxed),
+        outcome,
+    )
+}
+
+/// Connects to the target and verifies its host key: the connection, or why not (recorded).
+async fn connect_target(
+    conn: &Conn<'_>,
+    name: &str,
+    ssh: &settings::SshTarget,
+) -> (Option<Upstream>, Option<String>) {
+    match upstream::connect(name, ssh, conn.destination.0).await {
+        Ok(u) => {
+            if let HostKeyOutcome::Learned { fingerprint } = &u.outcome {
+                conn.record(EventKind::Auth {
+                    side: "target".into(),
+                    user: None,
+                    method: format!("host key pinned on first use: {fingerprint}"),
+                    ok: true,
+                });
+            }
+            (Some(u), None)
+        }
+        Err((message, _)) => {
+            warn!(%message, "target not verified");
+            conn.record(EventKind::Error {
+                message: message.clone(),
+            });
+            (None, Some(message))
+        }
+    }
+}
+
+/// Authentication: the client is logged in when the gateway is, upstream, for its user. `Err`
+/// is how the session ended when the client never was.
+async fn authenticate(
+    conn: &Conn<'_>,
+    ssh: &settings::SshTarget,
+    target: &crate::config::Target,
+    mut running: std::pin::Pin<&mut russh::server::RunningSession<ClientSide>>,
+    from_client: &mut mpsc::Receiver<FromClient>,
+    mut upstream: Option<Upstream>,
+    mut refusal: Option<String>,
+) -> Result<Upstream, SessionEnd> {
+    let deadline = tokio::time::sleep(LOGIN_GRACE);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            () = &mut deadline => {
+                return Err(ended(0, 0, Outcome::Failed {
+                    error: format!("client: not logged in within {LOGIN_GRACE:?}"),
+                }));
+            }
+            end = &mut running => {
+                let outcome = match (end, refusal) {
+                    (_, Some(reason)) => Outcome::Refused { reason },
+                    (Ok(()), None) => Outcome::Closed,
+                    (Err(e), None) => Outcome::Failed { error: format!("client: {e}") },
+                };
+                return Err(ended(0, 0, outcome));
+            }
+            event = from_client.recv() => match event {
+                Some(FromClient::Auth { user, method, reply }) => {
+                    let ok = log_in(conn, ssh, target, upstream.as_mut(), &user, method, &mut refusal).await;
+                    let _ = reply.send(ok);
+                    if ok {
+                        if let Some(u) = upstream.take() {
+                            return Ok(u);
+                        }
+                    }
+                }
+                Some(FromClient::Refused(what)) => record_refused(conn, &what),
+                Some(FromClient::Session(_)) | None => {}
+            }
+        }
+    }
+}
+
+/// The client asks to log in as `user`: the gateway logs in upstream with the held credential
+/// of the login the target maps `user` to. Recorded either way; a failure refuses the client.
+async fn log_in(
+    conn: &Conn<'_>,
+    ssh: &settings::SshTarget,
+    target: &crate::config::Target,
+    upstream: Option<&mut Upstream>,
+    user: &str,
+    method: &'static str,
+    refusal: &mut Option<String>,
+) -> bool {
+    let Some(upstream) = upstream else {
+        return false;
+    };
+    if refusal.is_some() {
+        return false;
+    }
+    conn.record(EventKind::Auth {
+        side: "client".into(),
+        user: Some(user.into()),
+        method: format!("{method} (accepted by identity; nothing passed upstream)"),
+        ok: true,
+    });
+    let Some(login) = ssh.login(target.credentials.as_ref(), user) else {
+        let reason = format!(
+            "no login of target {} for client user {user:?}",
+            target.name
+        );
+        conn.record(EventKind::Auth {
+            side: "target".into(),
+            user: None,
+            method: reason.clone(),
+            ok: false,
+        });
+        *refusal = Some(reason);
+        return false;
+    };
+    let how = match login.credential {
+        settings::SshCredential::Key(_) => "publickey (held key)",
+        settings::SshCredential::Password(_) => "password (held)",
+    };
+    match upstream::log_in(upstream, &login).await {
+        Ok(()) => {
+            conn.record(EventKind::Auth {
+                side: "target".into(),
+                user: Some(login.user.clone()),
+                method: how.into(),
+                ok: true,
+            });
+            true
+        }
+        Err(e) => {
+            warn!(error = %e, "upstream login failed");
+            conn.record(EventKind::Auth {
+                side: "target".into(),
+                user: Some(login.user.clone()),
+                method: format!("{how}: {e}"),
+                ok: false,
+            });
+            *refusal = Some(e);
+            false
+        }
+    }
+}
+
+/// A tunnel or request refused by the gateway, recorded as a denied request.
+fn record_refused(conn: &Conn<'_>, what: &str) {
+    info!(what, "refused");
+    conn.record(EventKind::request(
+        what,
+        Some("forward".into()),
+        RecordedVerdict::Deny,
+        vec![REFUSED_RULE.into()],
+    ));
+}
+
+/// The rule named for what the SSH gateway refuses by itself (tunnels, agent and X11
+/// forwarding, `env` requests, subsystems).
+pub const REFUSED_RULE: &str = "ssh:gateway:refused";

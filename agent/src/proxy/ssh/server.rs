@@ -1,0 +1,281 @@
+//! The server side toward the governed client: a thin russh handler that hands what needs a
+//! decision to the session task ([`super::serve`]) and refuses tunnels.
+//!
+//! russh runs the handler in a task of its own (`'static`), so it cannot hold the session's
+//! context: authentication and new channels go to the session task over a bounded queue, and
+//! the handler waits for the answer. Everything a channel carries after it is opened reaches
+//! the session task through the channel itself.
+
+use std::sync::{
+    atomic::{AtomicUsize, Ordering},
+    Arc,
+};
+
+use russh::{
+    server::{self, Auth, ChannelOpenHandle, Msg, PublicKeyOffer, Session, VerifiedPublicKey},
+    Channel, ChannelId, ChannelOpenFailure, MethodKind, MethodSet,
+};
+use tokio::sync::{mpsc, oneshot};
+
+/// Session channels one connection may have open at once.
+pub const MAX_CHANNELS: usize = 16;
+
+/// What the handler asks the session task.
+pub enum FromClient {
+    /// The client authenticates as `user` by `method`: the answer is whether the gateway logged
+    /// in upstream for it.
+    Auth {
+        user: String,
+        method: &'static str,
+        reply: oneshot::Sender<bool>,
+    },
+    /// A session channel, accepted.
+    Session(Channel<Msg>),
+    /// Something refused here, to record (`direct-tcpip 10.0.0.9:5432`, `tcpip-forward`).
+    Refused(String),
+}
+
+pub struct ClientSide {
+    pub to_session: mpsc::Sender<FromClient>,
+    /// Why every login is refused (the target could not be reached or verified): shown to the
+    /// client as the authentication banner.
+    pub banner: Option<String>,
+    pub open_channels: Arc<AtomicUsize>,
+}
+
+impl ClientSide {
+    async fn auth(&mut self, user: &str, method: &'static str) -> Result<Auth, russh::Error> {
+        if self.banner.is_some() {
+            return Ok(reject());
+        }
+        let (reply, answer) = oneshot::channel();
+        let asked = self
+            .to_session
+            .send(FromClient::Auth {
+                user: user.to_string(),
+                method,
+                reply,
+            })
+            .await;
+        if asked.is_err() {
+            return Ok(reject());
+        }
+        Ok(if answer.await.unwrap_or(false) {
+            Auth::Accept
+        } else {
+            reject()
+        })
+    }
+
+    async fn refused(&self, what: String) {
+        let _ = self.to_session.send(FromClient::Refused(what)).await;
+    }
+}
+
+/// No further methods: the client is refused (its identity was the kernel's, not a secret).
+fn reject() -> Auth {
+    Auth::Reject {
+        proceed_with_methods: Some(MethodSet::from(&[][..])),
+        partial_success: false,
+    }
+}
+
+impl server::Handler for ClientSide {
+    type Error = russh::Error;
+
+    async fn authentication_banner(&mut self) -> Result<Option<String>, Self::Error> {
+        Ok(self.banner.as_ref().map(|b| format!("{b}\r\n")))
+    }
+
+    async fn auth_none(&mut self, user: &str) -> Result<Auth, Self::Error> {
+        self.auth(user, "none").await
+    }
+
+    async fn auth_password(&mut self, user: &str, _password: &str) -> Result<Auth, Self::Error> {
+        // The password is not looked at and goes nowhere: the client is who the kernel says.
+        self.auth(user, "password").await
+    }
+
+    async fn auth_publickey_offered(
+        &mut self,
+        _user: &str,
+        _offer: PublicKeyOffer<'_>,
+    ) -> Result<Auth, Self::Error> {
+        Ok(Auth::Accept)
+    }
+
+    async fn auth_publickey(
+        &mut self,
+        user: &str,
+        _key: VerifiedPublicKey<'_>,
+    ) -> Result<Auth, Self::Error> {
+        self.auth(user, "publickey").await
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        channel: Channel<Msg>,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if self.open_channels.fetch_add(1, Ordering::AcqRel) >= MAX_CHANNELS {
+            self.open_channels.fetch_sub(1, Ordering::AcqRel);
+            reply.reject(ChannelOpenFailure::ResourceShortage).await;
+            self.refused(format!(
+                "session channel beyond {MAX_CHANNELS} open at once"
+            ))
+            .await;
+            return Ok(());
+        }
+        reply.accept().await;
+        if self
+            .to_session
+            .send(FromClient::Session(channel))
+            .await
+            .is_err()
+        {
+            self.open_channels.fetch_sub(1, Ordering::AcqRel);
+        }
+        Ok(())
+    }
+
+    async fn channel_open_direct_tcpip(
+        &mut self,
+        _channel: Channel<Msg>,
+        host_to_connect: &str,
+        port_to_connect: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        reply
+            .reject(ChannelOpenFailure::AdministrativelyProhibited)
+            .await;
+        self.refused(format!(
+            "direct-tcpip {}:{port_to_connect}",
+            crate::text::terminal_safe(host_to_connect)
+        ))
+        .await;
+        Ok(())
+    }
+
+    async fn channel_open_direct_streamlocal(
+        &mut self,
+        _channel: Channel<Msg>,
+        socket_path: &str,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        reply
+            .reject(ChannelOpenFailure::AdministrativelyProhibited)
+            .await;
+        self.refused(format!(
+            "direct-streamlocal {}",
+            crate::text::terminal_safe(socket_path)
+        ))
+        .await;
+        Ok(())
+    }
+
+    async fn channel_open_x11(
+        &mut self,
+        _channel: Channel<Msg>,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        reply
+            .reject(ChannelOpenFailure::AdministrativelyProhibited)
+            .await;
+        self.refused("x11 channel".into()).await;
+        Ok(())
+    }
+
+    async fn tcpip_forward(
+        &mut self,
+        address: &str,
+        port: &mut u32,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        self.refused(format!(
+            "tcpip-forward {}:{port}",
+            crate::text::terminal_safe(address)
+        ))
+        .await;
+        Ok(false)
+    }
+
+    async fn streamlocal_forward(
+        &mut self,
+        socket_path: &str,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        self.refused(format!(
+            "streamlocal-forward {}",
+            crate::text::terminal_safe(socket_path)
+        ))
+        .await;
+        Ok(false)
+    }
+
+    // Requests that other requests may follow are answered here, in order: an answer sent later
+    // from the session task could be taken for the next request's.
+
+    async fn pty_request(
+        &mut self,
+        channel: ChannelId,
+        _term: &str,
+        _col_width: u32,
+        _row_height: u32,
+        _pix_width: u32,
+        _pix_height: u32,
+        _modes: &[(russh::Pty, u32)],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        // Kept by the channel's task and requested upstream once its request is allowed.
+        session.channel_success(channel)
+    }
+
+    async fn env_request(
+        &mut self,
+        channel: ChannelId,
+        _variable_name: &str,
+        _variable_value: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_failure(channel)
+    }
+
+    async fn x11_request(
+        &mut self,
+        channel: ChannelId,
+        _single_connection: bool,
+        _x11_auth_protocol: &str,
+        _x11_auth_cookie: &str,
+        _x11_screen_number: u32,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_failure(channel)
+    }
+
+    async fn channel_close(
+        &mut self,
+        _channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        Ok(())
+    }
+}
+
+/// The methods the gateway offers: whatever the client tries is answered by its identity.
+pub fn methods() -> MethodSet {
+    MethodSet::from(
+        &[
+            MethodKind::None,
+            MethodKind::PublicKey,
+            MethodKind::Password,
+        ][..],
+    )
+}

@@ -1,0 +1,490 @@
+//! The SSH gateway (#14) against OpenSSH: Debian's sshd on the target host, the `ssh` client
+//! governed. The client holds no key for the target; the gateway logs in with the held one.
+
+use std::{process::Command, time::Duration};
+
+use bulkhead_tests::{require_root, ssh::SSHD_PORT, Side, Topology, TARGET_V4};
+
+const POLICY: &str = r#"
+[[target]]
+name = "box"
+protocol = "ssh"
+default = "deny"
+
+[[rule]]
+id = "box-allow"
+verdict = "allow"
+target = { name = ["box"] }
+ssh = { command = ["echo **", "cat", "exit *", "true", "printf **"], shell = true }
+
+[[rule]]
+id = "box-no-rm"
+verdict = "deny"
+message = "no deleting through the gateway"
+target = { name = ["box"] }
+ssh = { command = ["rm **"] }
+
+[[rule]]
+id = "box-touch-approve"
+verdict = "approve"
+target = { name = ["box"] }
+ssh = { command = ["touch **"] }
+"#;
+
+/// Events of the newest session whose request texts include `text`.
+fn session_with(topo: &Topology, text: &str) -> (serde_json::Value, Vec<serde_json::Value>) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        for s in topo.sessions() {
+            if s["outcome"]["kind"] == "open" {
+                continue;
+            }
+            let events = topo.events(&s["id"]);
+            if events
+                .iter()
+                .any(|e| e["type"] == "request" && e["text"] == text)
+            {
+                return (s, events);
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no closed session with request {text:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn exec_runs_with_the_held_key_relays_stdin_and_exit_status_and_is_recorded() {
+    require_root();
+    let topo = Topology::new("");
+    let (_sshd, _daemon) = topo.ssh_target(POLICY, "");
+
+    let (code, out, err) = topo.ssh(&[], "echo ok");
+    assert_eq!((code, out.as_str()), (Some(0), "ok\n"), "{err}");
+
+    // The exit status comes back as the target's.
+    let (code, _, err) = topo.ssh(&[], "exit 3");
+    assert_eq!(code, Some(3), "{err}");
+
+    // stdin piped through to the remote command, EOF included (cat ends).
+    let mut piped = Command::new("sh");
+    let ssh = topo.ssh_line(&[], Some("cat"));
+    piped.args(["-c", &format!("printf 'line one\\nline two\\n' | {ssh}")]);
+    let out = topo.output(Side::Governed, piped);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "line one\nline two\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let (session, events) = session_with(&topo, "echo ok");
+    assert_eq!(session["protocol"], "ssh", "{session}");
+    let request = events
+        .iter()
+        .find(|e| e["type"] == "request" && e["text"] == "echo ok")
+        .unwrap();
+    assert_eq!(request["verdict"], "allow", "{request}");
+    assert_eq!(request["rules"][0], "box-allow", "{request}");
+    assert!(
+        events.iter().any(|e| e["type"] == "auth"
+            && e["side"] == "target"
+            && e["user"] == "root"
+            && e["ok"] == true),
+        "{events:?}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e["type"] == "response" && e["summary"] == "exit 0"),
+        "{events:?}"
+    );
+}
+
+#[test]
+fn a_denied_command_gets_the_message_and_status_126_and_never_runs() {
+    require_root();
+    let topo = Topology::new("");
+    let (_sshd, _daemon) = topo.ssh_target(POLICY, "");
+    let marker = topo.dir.join("must-stay");
+    std::fs::write(&marker, "x").unwrap();
+    let (code, out, err) = topo.ssh(&[], &format!("rm -f {}", marker.display()));
+    assert_eq!(code, Some(126), "{out} {err}");
+    assert!(err.contains("no deleting through the gateway"), "{err}");
+    assert!(marker.exists(), "the denied command ran");
+    // Not covered by any allow rule: the target's default (deny).
+    let (code, _, err) = topo.ssh(&[], "id");
+    assert_eq!(code, Some(126), "{err}");
+    // A shell expansion is unknown: denied, whatever it would expand to.
+    let (code, _, err) = topo.ssh(&[], "echo $(id)");
+    assert_eq!(code, Some(126), "{err}");
+    let (_, events) = session_with(&topo, &format!("rm -f {}", marker.display()));
+    let request = events.iter().find(|e| e["type"] == "request").unwrap();
+    assert_eq!(request["verdict"], "deny", "{request}");
+    assert_eq!(request["rules"][0], "box-no-rm", "{request}");
+}
+
+#[test]
+fn forwarding_is_refused_and_recorded() {
+    require_root();
+    let topo = Topology::new("");
+    // A real agent (outside the cgroup; its socket allowed to governed processes), since
+    // OpenSSH asks to forward only an agent it reaches.
+    let agent_sock = topo.dir.join("agent.sock");
+    let (_sshd, _daemon) = topo.ssh_target(
+        POLICY,
+        &format!("[capture]\nunix_allow = [\"{}\"]\n", agent_sock.display()),
+    );
+    let mut agent_cmd = Command::new("ssh-agent");
+    agent_cmd.args(["-D", "-a"]).arg(&agent_sock);
+    let _agent = topo.spawn(Side::Host, "ssh-agent", agent_cmd);
+    for _ in 0..100 {
+        if agent_sock.exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // -W is a direct-tcpip channel (what -L, -D and -J open).
+    let (code, _, err) = topo.ssh(&["-W", &format!("{TARGET_V4}:{SSHD_PORT}")], "");
+    assert_eq!(code, Some(255), "{err}");
+    assert!(err.contains("administratively prohibited"), "{err}");
+    // -R: the remote listener is refused.
+    let (code, _, err) = topo.ssh(
+        &["-o", "ExitOnForwardFailure=yes", "-R", "0:127.0.0.1:9"],
+        "true",
+    );
+    assert_eq!(code, Some(255), "{err}");
+    // -A: the agent request is refused (the command still runs, as with sshd's own refusal).
+    let mut agent = topo.ssh_command(&["-A"], Some("true"));
+    agent.env("SSH_AUTH_SOCK", &agent_sock);
+    let out = topo.output(Side::Governed, agent);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let refused: Vec<String> = topo
+        .sessions()
+        .iter()
+        .flat_map(|s| topo.events(&s["id"]))
+        .filter(|e| e["type"] == "request" && e["class"] == "forward")
+        .map(|e| e["text"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert!(
+        refused
+            .iter()
+            .any(|t| t == &format!("direct-tcpip {TARGET_V4}:{SSHD_PORT}")),
+        "{refused:?}"
+    );
+    assert!(
+        refused.iter().any(|t| t.starts_with("tcpip-forward")),
+        "{refused:?}"
+    );
+    assert!(
+        refused.iter().any(|t| t == "agent forwarding"),
+        "{refused:?}"
+    );
+}
+
+#[test]
+fn a_changed_host_key_is_refused_naming_both_fingerprints() {
+    require_root();
+    let topo = Topology::new("");
+    let (sshd, _daemon) = topo.ssh_target(POLICY, "");
+    let real = fingerprint(&sshd.host_key_line(), &topo);
+    let other = sshd.other_host_key();
+    let recorded = fingerprint(&other, &topo);
+    sshd.write_known_hosts(&other);
+    let (code, out, err) = topo.ssh(&[], "echo ok");
+    assert_eq!(code, Some(255), "{out} {err}");
+    assert!(!out.contains("ok"));
+    assert!(
+        err.contains("box") && err.contains(&real) && err.contains(&recorded),
+        "want {real} and {recorded} in: {err}"
+    );
+}
+
+#[test]
+fn an_approval_holds_the_command_until_an_admin_approves() {
+    require_root();
+    let topo = Topology::new("");
+    let (_sshd, _daemon) = topo.ssh_target(POLICY, "");
+    let file = topo.dir.join("approved-touch");
+    let mut held = topo.spawn(
+        Side::Governed,
+        "ssh",
+        topo.ssh_command(&[], Some(&format!("touch {}", file.display()))),
+    );
+    let pending = topo.first_pending();
+    assert!(
+        pending["text"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("touch "),
+        "{pending}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!file.exists(), "ran before the approval");
+    let out = topo.output(
+        Side::Host,
+        topo.bulkhead(&["approvals", "approve", &pending["id"].to_string()]),
+    );
+    assert!(out.status.success(), "{out:?}");
+    let status = held.wait();
+    assert_eq!(status.code(), Some(0), "{}", held.stderr());
+    assert!(file.exists(), "the approved command ran");
+    assert!(
+        held.stderr().contains("waiting for an admin's approval"),
+        "{}",
+        held.stderr()
+    );
+}
+
+#[test]
+fn an_interactive_shell_is_recorded_replayed_and_exported_as_a_cast() {
+    require_root();
+    let topo = Topology::new("");
+    let (_sshd, _daemon) = topo.ssh_target(POLICY, "");
+    // A pty on the client side (script), typed input, a pty at the target.
+    let ssh = topo.ssh_line(&["-tt"], None);
+    let mut cmd = Command::new("sh");
+    cmd.args([
+        "-c",
+        &format!(
+            "(sleep 1; printf 'echo typed-$((6*7))\\n'; sleep 1; printf 'exit\\n') | script -qec \"{ssh}\" /dev/null"
+        ),
+    ]);
+    let out = topo.output(Side::Governed, cmd);
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        shown.contains("typed-42"),
+        "{shown} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let (session, events) = session_with(&topo, "shell");
+    assert!(
+        events.iter().any(|e| e["type"] == "terminal_input"
+            && e["data"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("echo typed")),
+        "{events:?}"
+    );
+    let id = session["id"].to_string();
+    let replay = topo.output(
+        Side::Host,
+        topo.bulkhead(&[
+            "sessions",
+            "replay",
+            &id,
+            "--speed",
+            "100",
+            "--max-idle",
+            "0.1",
+        ]),
+    );
+    assert!(
+        String::from_utf8_lossy(&replay.stdout).contains("typed-42"),
+        "{replay:?}"
+    );
+    let cast = topo.dir.join("shell.cast");
+    let export = topo.output(
+        Side::Host,
+        topo.bulkhead(&[
+            "sessions",
+            "export",
+            "--session",
+            &id,
+            "--format",
+            "asciicast",
+            "--output",
+            cast.to_str().unwrap(),
+        ]),
+    );
+    assert!(export.status.success(), "{export:?}");
+    let text = std::fs::read_to_string(&cast).unwrap();
+    assert!(text.contains("\"i\"") && text.contains("typed"), "{text}");
+    // asciinema reads /dev/tty: give it a terminal.
+    let played = Command::new("script")
+        .args([
+            "-qec",
+            &format!("asciinema cat {}", cast.display()),
+            "/dev/null",
+        ])
+        .output()
+        .expect("asciinema");
+    assert!(played.status.success(), "{played:?}");
+    assert!(
+        String::from_utf8_lossy(&played.stdout).contains("typed-42"),
+        "{played:?}"
+    );
+}
+
+#[test]
+fn bulkhead_run_makes_the_openssh_client_trust_the_gateway() {
+    require_root();
+    let topo = Topology::new("");
+    let (_sshd, _daemon) = topo.ssh_target(POLICY, "");
+    let line = topo.output(Side::Host, topo.bulkhead(&["ca", "export", "--ssh"]));
+    let line = String::from_utf8_lossy(&line.stdout).into_owned();
+    assert!(line.starts_with("@cert-authority * ssh-ed25519 "), "{line}");
+    assert_eq!(
+        std::fs::read_to_string(topo.gateway_known_hosts()).unwrap(),
+        line
+    );
+    // As nobody, through `bulkhead run`: plain `ssh`, strict host key checking, no options
+    // about known hosts.
+    let mut cmd = topo.bulkhead(&["run", "--"]);
+    cmd.args([
+        "ssh",
+        "-p",
+        &SSHD_PORT.to_string(),
+        "-o",
+        "StrictHostKeyChecking=yes",
+        "-o",
+        "BatchMode=yes",
+        &format!("agent@{TARGET_V4}"),
+        "echo via-run",
+    ])
+    .env("SUDO_UID", "65534")
+    .env("SUDO_GID", "65534")
+    .env("SUDO_USER", "nobody")
+    .current_dir(&topo.dir);
+    let out = topo.output(Side::Host, cmd);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "via-run\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn fingerprint(key_line: &str, topo: &Topology) -> String {
+    let path = topo.dir.join("fp.pub");
+    std::fs::write(&path, key_line).unwrap();
+    let out = Command::new("ssh-keygen")
+        .arg("-lf")
+        .arg(&path)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn sftp_and_scp_are_judged_per_file_recorded_and_a_denied_put_is_permission_denied() {
+    require_root();
+    let topo = Topology::new("");
+    let dir = topo.dir.display().to_string();
+    let policy = format!(
+        "{POLICY}\n[[rule]]\nid = \"box-files\"\nverdict = \"allow\"\ntarget = {{ name = [\"box\"] }}\n\
+         ssh = {{ sftp = {{ read = [\"{dir}/**\"], write = [\"{dir}/up/**\"] }} }}\n"
+    );
+    let (_sshd, _daemon) = topo.ssh_target(&policy, "");
+    std::fs::create_dir_all(topo.dir.join("up")).unwrap();
+    std::fs::write(topo.dir.join("data.txt"), "remote data\n").unwrap();
+    std::fs::write(topo.dir.join("local.txt"), "local data\n").unwrap();
+    let batch = topo.dir.join("batch");
+    std::fs::write(
+        &batch,
+        format!(
+            "ls {dir}/up\nget {dir}/data.txt {dir}/got.txt\nput {dir}/local.txt {dir}/up/put.txt\n\
+             -put {dir}/local.txt {dir}/denied.txt\n"
+        ),
+    )
+    .unwrap();
+    let mut sftp = Command::new("sftp");
+    sftp.args(["-P", &SSHD_PORT.to_string()])
+        .args(topo.ssh_options())
+        .arg("-b")
+        .arg(&batch)
+        .arg(format!("agent@{TARGET_V4}"))
+        .current_dir(&topo.dir);
+    let out = topo.output(Side::Governed, sftp);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(topo.dir.join("got.txt")).unwrap(),
+        "remote data\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(topo.dir.join("up/put.txt")).unwrap(),
+        "local data\n"
+    );
+    assert!(!topo.dir.join("denied.txt").exists(), "a denied put wrote");
+    assert!(err.contains("Permission denied"), "{err}");
+
+    // scp (the sftp protocol in OpenSSH 9) both ways.
+    let scp = |from: &str, to: &str| {
+        let mut cmd = Command::new("scp");
+        cmd.args(["-P", &SSHD_PORT.to_string()])
+            .args(topo.ssh_options())
+            .args([from, to])
+            .current_dir(&topo.dir);
+        topo.output(Side::Governed, cmd)
+    };
+    let up = scp(
+        &format!("{dir}/local.txt"),
+        &format!("agent@{TARGET_V4}:{dir}/up/scp.txt"),
+    );
+    assert!(up.status.success(), "{up:?}");
+    assert_eq!(
+        std::fs::read_to_string(topo.dir.join("up/scp.txt")).unwrap(),
+        "local data\n"
+    );
+    let down = scp(
+        &format!("agent@{TARGET_V4}:{dir}/data.txt"),
+        &format!("{dir}/scp-got.txt"),
+    );
+    assert!(down.status.success(), "{down:?}");
+    assert_eq!(
+        std::fs::read_to_string(topo.dir.join("scp-got.txt")).unwrap(),
+        "remote data\n"
+    );
+    let denied = scp(
+        &format!("{dir}/local.txt"),
+        &format!("agent@{TARGET_V4}:{dir}/scp-denied.txt"),
+    );
+    assert!(!denied.status.success(), "{denied:?}");
+    assert!(!topo.dir.join("scp-denied.txt").exists());
+
+    let events: Vec<serde_json::Value> = topo
+        .sessions()
+        .iter()
+        .flat_map(|s| topo.events(&s["id"]))
+        .collect();
+    let request = |text: &str| {
+        events
+            .iter()
+            .find(|e| e["type"] == "request" && e["text"] == text)
+            .unwrap_or_else(|| panic!("no request {text:?} in {events:?}"))
+            .clone()
+    };
+    assert_eq!(
+        request(&format!("sftp open-write {dir}/denied.txt"))["verdict"],
+        "deny"
+    );
+    assert_eq!(
+        request(&format!("sftp open-write {dir}/up/put.txt"))["verdict"],
+        "allow"
+    );
+    assert_eq!(
+        request(&format!("sftp open-read {dir}/data.txt"))["verdict"],
+        "allow"
+    );
+    let summaries: Vec<&str> = events
+        .iter()
+        .filter(|e| e["type"] == "response")
+        .filter_map(|e| e["summary"].as_str())
+        .collect();
+    assert!(
+        summaries.contains(&format!("wrote 11 bytes {dir}/up/put.txt").as_str()),
+        "{summaries:?}"
+    );
+    assert!(
+        summaries.contains(&format!("read 12 bytes {dir}/data.txt").as_str()),
+        "{summaries:?}"
+    );
+}
