@@ -518,8 +518,29 @@ fn trust_install_puts_the_gateway_ca_in_the_trust_store_and_remove_takes_it_out(
         .lines()
         .filter(|l| !l.starts_with("-----"))
         .collect();
+    // The SSH CA as the daemon makes it, and an admin's own line that must stay.
+    let state = dir.path().join("state");
+    let ssh_ca =
+        bulkhead::proxy::ssh::ca::SshCa::load_or_create(&bulkhead::proxy::ssh::ca::dir(&state))
+            .unwrap();
+    let known_hosts = root.join("etc/ssh/ssh_known_hosts");
+    std::fs::create_dir_all(known_hosts.parent().unwrap()).unwrap();
+    let admins = "build-1.example ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAdmin\n";
+    std::fs::write(&known_hosts, admins).unwrap();
+
     let bundle: String = trust("install").lines().collect();
     assert!(bundle.contains(&body), "the CA is in the bundle: {bundle}");
+    let hosts = std::fs::read_to_string(&known_hosts).unwrap();
+    assert_eq!(
+        hosts,
+        format!("{admins}{}\n", ssh_ca.known_hosts_line()),
+        "{hosts}"
+    );
+    // Installing again replaces the line rather than adding a second.
+    trust("install");
+    assert_eq!(std::fs::read_to_string(&known_hosts).unwrap(), hosts);
+
     let bundle: String = trust("remove").lines().collect();
     assert!(!bundle.contains(&body), "the CA left the bundle");
+    assert_eq!(std::fs::read_to_string(&known_hosts).unwrap(), admins);
 }

@@ -1,6 +1,6 @@
 //! `bulkhead trust install | remove`: the gateway's CA in the system trust store
-//! (`update-ca-certificates`), for tools that verify TLS outside `bulkhead run` (which hands
-//! governed tools a CA bundle of its own). `--root` works on another file system tree (an
+//! (`update-ca-certificates`) and its SSH CA in `/etc/ssh/ssh_known_hosts`, for tools outside
+//! `bulkhead run` (which hands governed tools trust of their own, touching no system file). `--root` works on another file system tree (an
 //! image being built, a test) instead of `/`.
 
 use std::path::{Path, PathBuf};
@@ -15,7 +15,8 @@ pub const CA_FILE_NAME: &str = "bulkhead-gateway.crt";
 
 #[derive(Debug, Subcommand)]
 pub enum TrustCommand {
-    /// Add the gateway's CA to the system trust store (update-ca-certificates)
+    /// Add the gateway's CA to the system trust store (update-ca-certificates) and its SSH CA
+    /// to /etc/ssh/ssh_known_hosts
     Install(RootArg),
     /// Remove it again (the package's purge does the same)
     Remove(RootArg),
@@ -29,6 +30,7 @@ pub struct RootArg {
 }
 
 struct Paths {
+    known_hosts: PathBuf,
     local: PathBuf,
     etc_certs: PathBuf,
     conf: PathBuf,
@@ -40,6 +42,7 @@ impl Paths {
     fn new(root: Option<&Path>) -> Self {
         let at = |p: &str| root.map_or_else(|| PathBuf::from(p), |r| r.join(&p[1..]));
         Self {
+            known_hosts: at("/etc/ssh/ssh_known_hosts"),
             local: at("/usr/local/share/ca-certificates"),
             etc_certs: at("/etc/ssl/certs"),
             conf: at("/etc/ca-certificates.conf"),
@@ -101,10 +104,45 @@ fn install(config: &Config, paths: &Paths) -> Result<(), CliError> {
         "the gateway CA is trusted system-wide ({}); `bulkhead trust remove` undoes it",
         to.display()
     );
+    if let Ok(line) = crate::proxy::ssh::ca::export_line(&config.daemon.state_dir) {
+        let text = std::fs::read_to_string(&paths.known_hosts).unwrap_or_default();
+        let mut kept = without_ssh_ca(&text);
+        kept.push_str(line.trim_end());
+        kept.push('\n');
+        let written = paths
+            .known_hosts
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| std::fs::write(&paths.known_hosts, kept));
+        written.map_err(|e| CliError::Other(format!("{}: {e}", paths.known_hosts.display())))?;
+        println!(
+            "OpenSSH clients trust the gateway's SSH CA ({})",
+            paths.known_hosts.display()
+        );
+    }
     Ok(())
 }
 
+/// The known_hosts text without the gateway's SSH CA line (it ends `bulkhead SSH CA`).
+fn without_ssh_ca(text: &str) -> String {
+    text.lines()
+        .filter(|l| !(l.starts_with("@cert-authority") && l.ends_with(" bulkhead SSH CA")))
+        .flat_map(|l| [l, "\n"])
+        .collect()
+}
+
 fn remove(paths: &Paths) -> Result<(), CliError> {
+    if let Ok(text) = std::fs::read_to_string(&paths.known_hosts) {
+        let kept = without_ssh_ca(&text);
+        if kept != text {
+            std::fs::write(&paths.known_hosts, kept)
+                .map_err(|e| CliError::Other(format!("{}: {e}", paths.known_hosts.display())))?;
+            println!(
+                "the gateway's SSH CA is no longer in {}",
+                paths.known_hosts.display()
+            );
+        }
+    }
     let at = paths.local.join(CA_FILE_NAME);
     match std::fs::remove_file(&at) {
         Ok(()) => {
