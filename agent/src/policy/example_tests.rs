@@ -550,11 +550,38 @@ fn agent_egress() {
     let set = example("agent-egress.toml");
     let id = agent();
     let d = |name| set.evaluate(&connect(&id, name));
-    let api = d("model-api");
+    // The API's connection is judged by the server name (TLS pass-through), not by address.
+    let tls = |host| {
+        set.evaluate(&Request {
+            target: TargetRef {
+                name: "model-api",
+                protocol: Protocol::Http,
+            },
+            identity: &id,
+            action: Action::Http {
+                method: "CONNECT",
+                host,
+                path: "/",
+            },
+        })
+    };
+    let api = tls("api.anthropic.com");
     assert_eq!(
         (api.verdict, api.rules.clone()),
-        (Verdict::Allow, vec!["target:model-api:default".to_string()])
+        (Verdict::Allow, vec!["model-provider".to_string()])
     );
+    assert_eq!(tls("exfil.example.net").verdict, Verdict::Deny);
+    let nameless = set.evaluate(&Request {
+        target: TargetRef {
+            name: "model-api",
+            protocol: Protocol::Http,
+        },
+        identity: &id,
+        action: Action::Unknown {
+            why: "a TLS ClientHello without a server name",
+        },
+    });
+    assert_eq!(nameless.verdict, Verdict::Deny);
     for other in ["203.0.113.9:443", "10.20.0.5:22", "artifact-cache"] {
         assert_eq!(d(other).verdict, Verdict::Deny, "{other}");
     }
