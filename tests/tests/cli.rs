@@ -453,6 +453,19 @@ fn doctor_checks_the_running_daemon_and_says_how_to_fix_what_is_wrong() {
         text.contains("FAIL  daemon") && text.contains("fix: "),
         "{text}"
     );
+
+    // A fail-open daemon pins nothing: that is a warning about the mode, not a failure.
+    let out = topo.output(
+        bulkhead_tests::Side::Host,
+        topo.bulkhead(&["uninstall-programs"]),
+    );
+    assert!(out.status.success(), "{out:?}");
+    let _open = topo.start_daemon(&["--fail-open"]);
+    let (code, checks) = doctor(&topo);
+    let (l, c) = level(&checks, "programs");
+    assert_eq!(l, "warn", "{c}");
+    assert!(c["detail"].as_str().unwrap().contains("fail open"), "{c}");
+    assert_ne!(code, Some(1), "{checks}");
 }
 
 #[test]

@@ -110,8 +110,12 @@ pub fn checks(config: &Config) -> Vec<Check> {
     }
     out.push(bpffs(&config.daemon.bpf_pin_dir));
     out.push(listener_port(config.listener.port));
+    // A fail-open daemon attaches without pinning: no links is then what it should be.
+    let fail_open = status
+        .as_ref()
+        .is_ok_and(|v| v["daemon"]["mode"] == "fail-open");
     let running = daemon(status, &mut out);
-    out.push(pins(config, running));
+    out.push(pins(config, running, fail_open));
     out.push(state_dir(
         &config.daemon.state_dir,
         &config.daemon.admin_group,
@@ -280,13 +284,19 @@ fn daemon(status: Result<serde_json::Value, control::ClientError>, out: &mut Vec
     }
 }
 
-fn pins(config: &Config, running: bool) -> Check {
+fn pins(config: &Config, running: bool, fail_open: bool) -> Check {
     let pin_dir = &config.daemon.bpf_pin_dir;
     let links = crate::ebpf::pinned_links(pin_dir).len();
     let to = control::Redirect::read(pin_dir, None)
         .map(|r| r.to.join(", "))
         .unwrap_or_default();
     match (links, running) {
+        (0, true) if fail_open => check(
+            "programs",
+            Level::Warn,
+            "attached without pins (fail open): if the daemon stops, governed processes connect directly",
+        )
+        .fix("run the daemon without --fail-open (daemon.fail_open = false) to fail closed"),
         (0, true) => check("programs", Level::Fail, "the daemon runs but no links are pinned"),
         (0, false) => check("programs", Level::Warn, "none pinned: governed processes connect directly")
             .fix("start the daemon"),
