@@ -215,6 +215,13 @@ pub async fn serve(conn: &Conn<'_>, shared: &Shared, client: TcpStream) -> Sessi
         }
     };
     drop(channels);
+    // The handler queues what it refused before it reads the client's next message, so a
+    // refusal the client disconnected right after is waiting here: record it too.
+    while let Ok(event) = from_client.try_recv() {
+        if let FromClient::Refused(what) = event {
+            record_refused(conn, &what);
+        }
+    }
     let _ = upstream
         .handle
         .disconnect(russh::Disconnect::ByApplication, "", "")
