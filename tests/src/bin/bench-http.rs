@@ -5,9 +5,17 @@
 //! with the medians. Then HTTPS: the gateway terminating TLS (and verifying nginx over TLS)
 //! beside nginx doing the same.
 //!
+//! Every request through the gateway must be recorded: after each gateway leg the store must
+//! hold one `request` and one `response` event per request wrk completed (plus those cut off
+//! when wrk stopped) and a `connect` and `close` per connection; anything less fails the run.
+//! The daemon's CPU time per request (user + system, from `/proc`) is printed beside.
+//!
+//! `BENCH_HTTP_ONLY=direct|gateway|proxy|gateway-tls|proxy-tls` runs only that leg (for
+//! profiling: the daemon's pid is printed first).
+//!
 //! Run with `cargo xtask bench` (root; release build).
 
-use std::{fs, process::Command};
+use std::{fs, process::Command, time::Duration};
 
 use bulkhead_tests::{missing_privileges, Proc, Side, Topology, TARGET_V4};
 
@@ -18,24 +26,103 @@ fn env_or(name: &str, default: u32) -> u32 {
         .unwrap_or(default)
 }
 
-/// `wrk` on `side` against `url`; requests per second.
-fn wrk(topo: &Topology, side: Side, url: &str, seconds: u32) -> f64 {
+/// What one wrk run measured.
+struct Run {
+    rps: f64,
+    /// Requests completed.
+    requests: u64,
+}
+
+/// `wrk` on `side` against `url`.
+fn wrk(topo: &Topology, side: Side, url: &str, seconds: u32) -> Run {
     let mut cmd = Command::new("wrk");
     cmd.args(["-t1", "-c16", &format!("-d{seconds}s"), url]);
     let out = topo.output(side, cmd);
     let text = String::from_utf8_lossy(&out.stdout);
+    let fail = || -> ! { panic!("wrk {url}: {text} {}", String::from_utf8_lossy(&out.stderr)) };
     let rps = text
         .lines()
         .find_map(|l| l.strip_prefix("Requests/sec:"))
         .and_then(|v| v.trim().parse::<f64>().ok())
-        .unwrap_or_else(|| panic!("wrk {url}: {text} {}", String::from_utf8_lossy(&out.stderr)));
+        .unwrap_or_else(|| fail());
+    let requests = text
+        .lines()
+        .find_map(|l| {
+            let (n, rest) = l.trim().split_once(' ')?;
+            rest.starts_with("requests in")
+                .then(|| n.parse::<u64>().ok())?
+        })
+        .unwrap_or_else(|| fail());
     let errors = text
         .lines()
         .find(|l| l.contains("Non-2xx") || l.contains("Socket errors"));
     if let Some(e) = errors {
-        eprintln!("bench-http: {url}: {e}");
+        panic!("bench-http: {url}: {e}: every request must succeed\n{text}");
     }
-    rps
+    Run { rps, requests }
+}
+
+/// The store's (events, sessions) once every session is closed.
+fn settled_store(topo: &Topology) -> (u64, u64) {
+    for _ in 0..400 {
+        let (_, report) = topo.status();
+        let store = &report["store"];
+        if store["open_sessions"].as_u64() == Some(0) {
+            return (
+                store["events"].as_u64().expect("status: store.events"),
+                store["sessions"].as_u64().expect("status: store.sessions"),
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("the gateway's sessions did not close after wrk stopped");
+}
+
+/// Runs wrk through the gateway and checks every request was recorded: a `request` and a
+/// `response` event each (those wrk completed, and at most one in flight per connection
+/// when it stopped), a `connect` and a `close` per connection. Also the daemon's CPU per
+/// request, in microseconds.
+fn gateway_leg(topo: &Topology, daemon: u32, url: &str, seconds: u32) -> (Run, f64) {
+    let (events_before, sessions_before) = settled_store(topo);
+    let cpu = cpu_us(daemon);
+    let run = wrk(topo, Side::Governed, url, seconds);
+    let cpu = cpu_us(daemon) - cpu;
+    let (events, sessions) = settled_store(topo);
+    let recorded = events - events_before;
+    let connections = sessions - sessions_before;
+    let exchanges = recorded.checked_sub(2 * connections).map(|n| n / 2);
+    let ok = recorded % 2 == 0
+        && exchanges.is_some_and(|n| n >= run.requests && n <= run.requests + connections);
+    assert!(
+        ok,
+        "bench-http: {url}: {recorded} events recorded for {} requests on {connections} \
+         connections: an event was dropped",
+        run.requests
+    );
+    #[expect(clippy::cast_precision_loss, reason = "a ratio")]
+    let per_request = cpu / run.requests.max(1) as f64;
+    (run, per_request)
+}
+
+/// CPU time (user + system) the process has used, in microseconds.
+fn cpu_us(pid: u32) -> f64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).expect("daemon's /proc stat");
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let after = &stat[stat.rfind(')').expect("stat has a command") + 2..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the name.
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    ticks * 1e6 / hz
+}
+
+/// The load average over the last minute, as `/proc/loadavg` says.
+fn load() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_string))
+        .unwrap_or_default()
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -112,52 +199,87 @@ fn main() {
          [[rule]]\nid = \"bench\"\nverdict = \"allow\"\ntarget = { name = [\"api\"] }\n\
          http = { method = [\"GET\"] }\n",
     );
-    let _daemon = topo.start_daemon(&[]);
+    let daemon = topo.start_daemon(&[]);
+    let pid = daemon.pid();
+    println!("daemon pid {pid}");
     let _proxy = reverse_proxy(&topo, &nginx.dir);
     // The access log would measure the disk: nginx keeps writing it, the same for every leg.
 
     let url = format!("http://{TARGET_V4}/bench");
-    let (mut direct, mut gateway, mut proxy) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..rounds {
-        direct.push(wrk(&topo, Side::Host, &url, seconds));
-        gateway.push(wrk(&topo, Side::Governed, &url, seconds));
-        proxy.push(wrk(
-            &topo,
-            Side::Host,
-            "http://127.0.0.1:8080/bench",
-            seconds,
-        ));
+    let tls_url = format!("https://{TARGET_V4}/bench");
+    if let Ok(leg) = std::env::var("BENCH_HTTP_ONLY") {
+        let rps = match leg.as_str() {
+            "direct" => wrk(&topo, Side::Host, &url, seconds).rps,
+            "gateway" => gateway_leg(&topo, pid, &url, seconds).0.rps,
+            "proxy" => wrk(&topo, Side::Host, "http://127.0.0.1:8080/bench", seconds).rps,
+            "gateway-tls" => gateway_leg(&topo, pid, &tls_url, seconds).0.rps,
+            "proxy-tls" => wrk(&topo, Side::Host, "https://127.0.0.1:8443/bench", seconds).rps,
+            other => panic!("BENCH_HTTP_ONLY={other}: not a leg"),
+        };
+        println!("{leg}: {rps:.0} requests/s");
+        return;
+    }
+
+    println!(
+        "HTTP/1.1, wrk -t1 -c16, {rounds} rounds of {seconds}s (requests/s; gateway CPU per request)"
+    );
+    println!("round    direct   gateway     proxy  gateway   proxy  gw cpu  load");
+    let (mut direct, mut gateway, mut proxy, mut ratios, mut proxy_ratios, mut cpus) = (
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+    );
+    for round in 1..=rounds {
+        let d = wrk(&topo, Side::Host, &url, seconds).rps;
+        let (g, cpu) = gateway_leg(&topo, pid, &url, seconds);
+        let p = wrk(&topo, Side::Host, "http://127.0.0.1:8080/bench", seconds).rps;
+        println!(
+            "{round:<5} {d:>9.0} {:>9.0} {p:>9.0}  {:>6.2}x {:>6.2}x {cpu:>5.1}us  {}",
+            g.rps,
+            g.rps / d,
+            p / d,
+            load()
+        );
+        direct.push(d);
+        gateway.push(g.rps);
+        proxy.push(p);
+        ratios.push(g.rps / d);
+        proxy_ratios.push(p / d);
+        cpus.push(cpu);
     }
     let d = median(direct);
     let g = median(gateway);
     let p = median(proxy);
-    println!("HTTP/1.1, wrk -t1 -c16, {rounds} rounds of {seconds}s, medians (requests/s):");
+    println!("medians (ratios: medians of the same-round ratios):");
     println!("  direct to nginx        {d:>10.0}  1.00");
-    println!("  through the gateway    {g:>10.0}  {:.2}", g / d);
-    println!("  through nginx (proxy)  {p:>10.0}  {:.2}", p / d);
+    println!(
+        "  through the gateway    {g:>10.0}  {:.2}  ({:.1} us CPU per request)",
+        median(ratios),
+        median(cpus)
+    );
+    println!(
+        "  through nginx (proxy)  {p:>10.0}  {:.2}",
+        median(proxy_ratios)
+    );
 
     // TLS on both legs: terminated for the client, verified toward nginx.
-    let (mut gateway_tls, mut proxy_tls) = (Vec::new(), Vec::new());
+    let (mut gateway_tls, mut proxy_tls, mut tls_cpus) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..rounds {
-        gateway_tls.push(wrk(
-            &topo,
-            Side::Governed,
-            &format!("https://{TARGET_V4}/bench"),
-            seconds,
-        ));
-        proxy_tls.push(wrk(
-            &topo,
-            Side::Host,
-            "https://127.0.0.1:8443/bench",
-            seconds,
-        ));
+        let (g, cpu) = gateway_leg(&topo, pid, &tls_url, seconds);
+        gateway_tls.push(g.rps);
+        tls_cpus.push(cpu);
+        proxy_tls.push(wrk(&topo, Side::Host, "https://127.0.0.1:8443/bench", seconds).rps);
     }
     let gt = median(gateway_tls);
     let pt = median(proxy_tls);
     println!("HTTPS (TLS terminated, then TLS to nginx), medians (requests/s):");
     println!(
-        "  gateway terminating    {gt:>10.0}  {:.2} of direct plain",
-        gt / d
+        "  gateway terminating    {gt:>10.0}  {:.2} of direct plain  ({:.1} us CPU per request)",
+        gt / d,
+        median(tls_cpus)
     );
     println!(
         "  nginx terminating      {pt:>10.0}  {:.2} of direct plain",
