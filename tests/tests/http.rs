@@ -273,11 +273,20 @@ for c in cases:
     print(ask(c).split("\r\n")[0])
 # An encoded slash: unknown, denied (on_unknown).
 print(ask(b"GET /v1/a%2Fb HTTP/1.1\r\nHost: {TARGET_V4}\r\nConnection: close\r\n\r\n").split("\r\n")[0])
-# Content-Length and chunked: read as chunked and the connection closed: the rest is not a request.
-print(ask(b"POST /v1/cl HTTP/1.1\r\nHost: {TARGET_V4}\r\nContent-Length: 50\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nDELETE /v1/smuggled HTTP/1.1\r\nHost: {TARGET_V4}\r\n\r\n").count("HTTP/1.1 "))
+# Content-Length and chunked, in either order: refused, and the connection closed: the rest
+# is not a request.
+print(ask(b"POST /v1/cl HTTP/1.1\r\nHost: {TARGET_V4}\r\nContent-Length: 50\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nDELETE /v1/smuggled HTTP/1.1\r\nHost: {TARGET_V4}\r\n\r\n").split("\r\n")[0])
+print(ask(b"POST /v1/te HTTP/1.1\r\nHost: {TARGET_V4}\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n").split("\r\n")[0])
+# The same behind a request that is fine, on one connection: the first answered, the second
+# refused, nothing after it read.
+both = ask(b"GET /v1/first HTTP/1.1\r\nHost: {TARGET_V4}\r\n\r\nPOST /v1/second HTTP/1.1\r\nHost: {TARGET_V4}\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /v1/third HTTP/1.1\r\nHost: {TARGET_V4}\r\n\r\n")
+print(both.count("HTTP/1.1 200"), both.count("HTTP/1.1 400"), both.count("HTTP/1.1 "))
+# Two Content-Lengths that disagree.
+print(ask(b"POST /v1/dupcl HTTP/1.1\r\nHost: {TARGET_V4}\r\nContent-Length: 3\r\nContent-Length: 4\r\nConnection: close\r\n\r\nabcd").split("\r\n")[0])
 # Too many headers, too large a head.
 print(ask(b"GET /v1/x HTTP/1.1\r\nHost: {TARGET_V4}\r\n" + b"".join(b"x-h%d: v\r\n" % i for i in range(200)) + b"\r\n").split("\r\n")[0])
-print(ask(b"GET /v1/x HTTP/1.1\r\nHost: {TARGET_V4}\r\nx-big: " + b"a" * 100000 + b"\r\n\r\n").split("\r\n")[0])
+big = ask(b"GET /v1/x HTTP/1.1\r\nHost: {TARGET_V4}\r\nx-big: " + b"a" * 100000 + b"\r\n\r\n").split("\r\n")[0]
+print("too large refused" if big in ("HTTP/1.1 431 Request Header Fields Too Large", "HTTP/1.1 400 Bad Request") else big)
 # Not TLS, not HTTP/2: garbage that looks like a TLS record.
 print(repr(ask(b"\x16\x03\x01\x00\x05hello")[:20]))
 # Slowloris: half a head, then nothing: closed by the gateway well before our 30 s.
@@ -302,9 +311,12 @@ print("slow closed", time.time() - t < 20)
             "HTTP/1.1 400 Bad Request",
             "HTTP/1.1 400 Bad Request",
             "HTTP/1.1 403 Forbidden",
-            "1",
+            "HTTP/1.1 400 Bad Request",
+            "HTTP/1.1 400 Bad Request",
+            "1 1 2",
+            "HTTP/1.1 400 Bad Request",
             "HTTP/1.1 431 Request Header Fields Too Large",
-            "HTTP/1.1 431 Request Header Fields Too Large",
+            "too large refused",
             "''",
             "slow closed True",
         ],
@@ -313,6 +325,10 @@ print("slow closed", time.time() - t < 20)
     let log = nginx.access_log();
     assert!(!log.contains("other.example"), "{log}");
     assert!(!log.contains("smuggled"), "{log}");
+    for path in ["/v1/cl", "/v1/te", "/v1/second", "/v1/third", "/v1/dupcl"] {
+        assert!(!log.contains(&format!("{path} ")), "{path}: {log}");
+    }
+    assert!(log.contains("/v1/first "), "{log}");
     assert!(!log.contains("/v1/a"), "{log}");
     assert!(!log.contains("/v1/slow"), "{log}");
     // After all that, the gateway still serves.
@@ -383,4 +399,54 @@ fn tls_pass_through_is_decided_by_server_name_and_relayed_untouched() {
         texts.contains(&("TLS pass-through without a server name", "deny")),
         "{texts:?}"
     );
+}
+
+/// A connection the policy refuses before any request (a rule on the process, no request
+/// section): plain HTTP is answered 403 with the denial's JSON, TLS with an `access_denied`
+/// alert; nginx sees neither, and the session is recorded as refused.
+#[test]
+fn a_connection_refused_by_policy_is_answered_403_or_a_tls_alert() {
+    require_root();
+    let topo = Topology::new("");
+    let nginx = topo.nginx();
+    topo.write_config(&format!(
+        "[[target]]\nname = \"api\"\nprotocol = \"http\"\n\
+         addresses = [\"{TARGET_V4}:80\", \"{TARGET_V4}:443\"]\n\
+         [target.http]\nca = \"{}\"\n",
+        nginx.ca.display(),
+    ));
+    topo.policy(
+        "api.toml",
+        "[[target]]\nname = \"api\"\nprotocol = \"http\"\ndefault = \"allow\"\n\n\
+         [[rule]]\nid = \"no-curl\"\nverdict = \"deny\"\n\
+         message = \"curl may not reach the API\"\n\
+         target = { name = [\"api\"] }\nidentity = { process = [\"curl\"] }\n",
+    );
+    let _daemon = topo.start_daemon(&[]);
+
+    let (out, err) = curl(&topo, &["-i", &format!("http://{TARGET_V4}/v1/refused")]);
+    assert!(out.starts_with("HTTP/1.1 403 Forbidden"), "{out:?} {err}");
+    let body = out.lines().last().unwrap_or_default();
+    let body: Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(body["message"], "curl may not reach the API", "{body}");
+    assert_eq!(body["rule"], "no-curl", "{body}");
+
+    let (out, err) = curl(&topo, &[&format!("https://{TARGET_V4}/v1/refused-tls")]);
+    assert!(out.is_empty(), "{out}");
+    assert!(err.contains("alert access denied"), "{err}");
+
+    // Python (not curl) is let through: the refusal was the rule's, not the gateway's.
+    let py = format!(
+        "import urllib.request\nprint(urllib.request.urlopen('http://{TARGET_V4}/v1/python').read().decode().strip())\n"
+    );
+    let (out, err) = text(&topo.run_governed("/usr/bin/python3", &["-c", &py]));
+    assert_eq!(out, "nginx says hello GET /v1/python\n", "{err}");
+    let log = nginx.wait_requests(1);
+    assert!(!log.contains("refused"), "{log}");
+    let refused = topo
+        .sessions()
+        .into_iter()
+        .filter(|s| s["outcome"]["kind"] == "refused")
+        .count();
+    assert_eq!(refused, 2, "{:?}", topo.sessions());
 }

@@ -173,6 +173,9 @@ pub async fn handle(
                     postgres::refuse(&conn, &protocols.postgres, client_stream, &reason).await
                 }
                 Protocol::Ssh if conn.target.target.is_some() => ssh::refuse(client_stream, reason),
+                Protocol::Http | Protocol::Kubernetes if conn.target.target.is_some() => {
+                    http::refuse(client_stream, &reason, &decided.decision.rules).await
+                }
                 _ => tcp::refuse(client_stream, reason),
             }
         } else {

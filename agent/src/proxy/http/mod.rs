@@ -14,14 +14,23 @@
 //! once for HTTP/2) and hands the answer back.
 
 mod body;
+mod framing;
 pub mod judge;
 mod passthrough;
+mod refuse;
 pub mod request;
 pub mod settings;
 mod tunnel;
 mod upstream;
 
-use std::{convert::Infallible, sync::Arc, time::Duration};
+use std::{
+    convert::Infallible,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use futures_util::{stream::FuturesUnordered, StreamExt as _};
 use hyper::{
@@ -41,13 +50,13 @@ use tokio::{
     time::Instant,
 };
 
-pub use self::upstream::SYSTEM_ROOTS;
 use self::{
     body::{Finish, Meter, ProxyBody, Tap, Totals},
     judge::{Flavor, Judgement},
     settings::{ClientTls, HttpTarget, UpstreamScheme},
     upstream::{ClientConfigs, Upstream},
 };
+pub use self::{refuse::refuse, upstream::SYSTEM_ROOTS};
 use super::session::{Ask, Conn};
 use crate::{
     config::TargetKind,
@@ -145,7 +154,8 @@ pub async fn serve(conn: &Conn<'_>, shared: &Shared, client: TcpStream) -> Sessi
         tunnels: std::sync::Mutex::default(),
     };
     if !client_tls {
-        return session.serve_connection(client).await;
+        let maybe_h2 = might_be_h2c(&client).await;
+        return session.serve_connection(client, maybe_h2).await;
     }
     let Some(ca) = conn.gw.tls.as_deref() else {
         return failed("client TLS: the gateway has no local CA");
@@ -168,7 +178,22 @@ pub async fn serve(conn: &Conn<'_>, shared: &Shared, client: TcpStream) -> Sessi
         Err(_) => return failed("client TLS: handshake not finished in time"),
     };
     session.server_name = server_name;
-    session.serve_connection(stream).await
+    // Anything but an ALPN choice of HTTP/1.1 goes through hyper's version detection.
+    let maybe_h2 = stream.get_ref().1.alpn_protocol() != Some(b"http/1.1");
+    session.serve_connection(stream, maybe_h2).await
+}
+
+/// The HTTP/2 connection preface a prior-knowledge (h2c) client starts with.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Whether a plain connection may be prior-knowledge HTTP/2: what the client sent so far is a
+/// prefix of the preface (a request line that starts `P` and has not yet differed from it).
+async fn might_be_h2c(client: &TcpStream) -> bool {
+    let mut head = [0u8; H2_PREFACE.len()];
+    match client.peek(&mut head).await {
+        Ok(n) => n > 0 && head[..n] == H2_PREFACE[..n],
+        Err(_) => true,
+    }
 }
 
 /// The headers set from held credentials, read once per session (a rotated secret applies to
@@ -228,7 +253,88 @@ struct Session<'c, 'g> {
 }
 
 impl Session<'_, '_> {
-    async fn serve_connection<S>(&self, io: S) -> SessionEnd
+    /// Serves the client's connection to its end: HTTP/1.1 served here, borrowing the
+    /// session; a connection that is (or may be) HTTP/2 through hyper's version detection,
+    /// whose streams run on spawned tasks and reach the session through a channel.
+    async fn serve_connection<S>(&self, io: S, maybe_h2: bool) -> SessionEnd
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let result = if maybe_h2 {
+            self.serve_any_version(io).await
+        } else {
+            self.serve_http1(io).await
+        };
+        let tunnels = std::mem::take(
+            &mut *self
+                .tunnels
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        for t in tunnels {
+            let _ = t.await;
+        }
+        let outcome = match result {
+            Ok(()) => Outcome::Closed,
+            Err(error) => Outcome::Failed { error },
+        };
+        ended(&self.totals, outcome)
+    }
+
+    /// HTTP/1.1: hyper's service borrows the session and answers each request in place (no
+    /// task or channel per request). The client's bytes are read alongside for framing hyper
+    /// would settle silently ([`framing`]): such a request, and any after it, is answered 400.
+    async fn serve_http1<S>(&self, io: S) -> Result<(), String>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let framing = Arc::new(framing::Framing::default());
+        let io = framing::Sniffed::new(io, Arc::clone(&framing));
+        let requests = AtomicU64::new(0);
+        let service = service_fn(|req: Request<Incoming>| {
+            // hyper calls the service once per request, in the connection's order.
+            let nth = requests.fetch_add(1, Ordering::Relaxed) + 1;
+            let refused = framing.refused(nth);
+            async move {
+                Ok::<_, Infallible>(match refused {
+                    Some(r) => self.refuse_framing(&req, r.why),
+                    None => self.answer(req).await,
+                })
+            }
+        });
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_TIMEOUT)
+            .max_buf_size(MAX_HEAD_BYTES)
+            .max_headers(MAX_HEADERS);
+        let connection = builder
+            .serve_connection(TokioIo::new(io), service)
+            .with_upgrades();
+        tokio::pin!(connection);
+        // hyper's header timeout starts at a request's first byte; this one covers a client
+        // that never completes a first request.
+        let first_request = tokio::time::sleep(HEADER_TIMEOUT);
+        tokio::pin!(first_request);
+        let mut waiting = true;
+        loop {
+            tokio::select! {
+                r = &mut connection => return r.map_err(|e| e.to_string()),
+                () = &mut first_request, if waiting => {
+                    if requests.load(Ordering::Relaxed) == 0 {
+                        return Err(format!(
+                            "client: no request within {}s",
+                            HEADER_TIMEOUT.as_secs()
+                        ));
+                    }
+                    waiting = false;
+                }
+            }
+        }
+    }
+
+    /// HTTP/1.1 or HTTP/2, as the client's first bytes say.
+    async fn serve_any_version<S>(&self, io: S) -> Result<(), String>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -283,20 +389,7 @@ impl Session<'_, '_> {
                 }
             }
         };
-        let tunnels = std::mem::take(
-            &mut *self
-                .tunnels
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        );
-        for t in tunnels {
-            let _ = t.await;
-        }
-        let outcome = match result {
-            Ok(()) => Outcome::Closed,
-            Err(error) => Outcome::Failed { error },
-        };
-        ended(&self.totals, outcome)
+        result
     }
 
     async fn exchange(&self, job: Job) {
@@ -316,7 +409,7 @@ impl Session<'_, '_> {
             .then(|| tunnel::requested(req.headers()))
             .flatten()
             .map(|u| (u, hyper::upgrade::on(&mut req)));
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
         let norm = match request::normalise(
             &parts.method,
             &parts.uri,
@@ -371,6 +464,14 @@ impl Session<'_, '_> {
                 );
             }
         };
+        // From here the request is on its way: if its future is dropped before an answer is
+        // recorded (the client went away), the guard records that.
+        let mut unanswered = Unanswered {
+            conn: self.conn,
+            request: decided.request,
+            started,
+            armed: true,
+        };
         let meter = Meter::new(!is_safe(&norm.method));
         let mut up = Request::new(Tap::request(
             body,
@@ -378,32 +479,48 @@ impl Session<'_, '_> {
             Arc::clone(&self.totals),
         ));
         *up.method_mut() = norm.method.clone();
-        *up.uri_mut() = match norm.path_and_query.parse() {
-            Ok(u) => u,
-            Err(_) => {
-                return gateway_error(StatusCode::BAD_REQUEST, "the request target is invalid")
+        // The client's own origin-form target when it is already the normalised one (the
+        // usual case): no second parse.
+        let as_sent = parts.uri.scheme().is_none()
+            && parts
+                .uri
+                .path_and_query()
+                .map(hyper::http::uri::PathAndQuery::as_str)
+                == Some(norm.path_and_query.as_str());
+        *up.uri_mut() = if as_sent {
+            std::mem::take(&mut parts.uri)
+        } else {
+            match norm.path_and_query.parse() {
+                Ok(u) => u,
+                Err(_) => {
+                    return gateway_error(StatusCode::BAD_REQUEST, "the request target is invalid")
+                }
             }
         };
-        *up.headers_mut() = forwarded_headers(&parts.headers, &injected.headers);
+        *up.headers_mut() =
+            forwarded_headers(std::mem::take(&mut parts.headers), &injected.headers);
         if let Ok(host) = HeaderValue::from_str(&norm.authority) {
             up.headers_mut().insert(header::HOST, host);
         }
         let sent = match upgrade {
-            Some((value, client)) => match self
-                .open_tunnel(
-                    &norm.host,
-                    value,
-                    up,
-                    client,
-                    tunnel::Exchange {
-                        request: decided.request,
-                        started,
-                        secrets: Arc::clone(&injected.secrets),
-                    },
-                )
-                .await
+            // Boxed: the rare path's state would otherwise make every request's future larger.
+            Some((value, client)) => match Box::pin(self.open_tunnel(
+                &norm.host,
+                value,
+                up,
+                client,
+                tunnel::Exchange {
+                    request: decided.request,
+                    started,
+                    secrets: Arc::clone(&injected.secrets),
+                },
+            ))
+            .await
             {
-                Ok(tunnel::Opened::Switched(answer)) => return answer,
+                Ok(tunnel::Opened::Switched(answer)) => {
+                    unanswered.armed = false;
+                    return answer;
+                }
                 Ok(tunnel::Opened::Answered(resp)) => Ok(resp),
                 Err(e) => Err(e),
             },
@@ -414,6 +531,7 @@ impl Session<'_, '_> {
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
                 parts.version = hyper::Version::default();
+                unanswered.armed = false;
                 let finish = Finish {
                     store: Arc::clone(&self.conn.gw.store),
                     session: self.conn.session,
@@ -430,6 +548,7 @@ impl Session<'_, '_> {
             }
             Err(e) => {
                 let error = e.to_string();
+                unanswered.armed = false;
                 self.record_failure(decided.request, started, error.clone());
                 json_answer(
                     StatusCode::BAD_GATEWAY,
@@ -469,6 +588,31 @@ impl Session<'_, '_> {
         )
     }
 
+    /// Records and answers 400 a request whose framing the client's bytes left ambiguous
+    /// ([`framing`]), closing the connection: what follows it cannot be read reliably.
+    fn refuse_framing(&self, req: &Request<Incoming>, why: &str) -> Response<ProxyBody> {
+        let text = format!("{} {}", req.method(), req.uri());
+        self.conn.record(
+            EventKind::request(
+                &text,
+                Some(HTTP_CLASS.into()),
+                RecordedVerdict::Deny,
+                Vec::new(),
+            )
+            .with_error(format!("ambiguous request refused: {why}")),
+        );
+        let mut resp = json_answer(
+            StatusCode::BAD_REQUEST,
+            &serde_json::json!({
+                "error": "bulkhead: ambiguous request refused",
+                "reason": why,
+            }),
+        );
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        resp
+    }
+
     fn record_failure(&self, request: u64, started: Instant, error: String) {
         self.conn.record(EventKind::Response {
             request,
@@ -478,6 +622,30 @@ impl Session<'_, '_> {
             masked_rows: None,
             mask_rules: Vec::new(),
         });
+    }
+}
+
+/// Records the `response` event of an allowed request whose answer never came (its future
+/// dropped: the client closed the connection first), unless disarmed.
+struct Unanswered<'c, 'g> {
+    conn: &'c Conn<'g>,
+    request: u64,
+    started: Instant,
+    armed: bool,
+}
+
+impl Drop for Unanswered<'_, '_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.conn.record(EventKind::Response {
+                request: self.request,
+                duration_us: u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX),
+                summary: None,
+                error: Some("no answer reached the client (it went away first)".into()),
+                masked_rows: None,
+                mask_rules: Vec::new(),
+            });
+        }
     }
 }
 
@@ -521,8 +689,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// The client's headers as the target gets them: hop-by-hop ones, Host (set from the judged
 /// authority), `Expect` (the gateway answers it itself) and every injected name removed, then
 /// the injected values set.
-fn forwarded_headers(client: &HeaderMap, injected: &[(HeaderName, HeaderValue)]) -> HeaderMap {
-    let mut headers = client.clone();
+fn forwarded_headers(mut headers: HeaderMap, injected: &[(HeaderName, HeaderValue)]) -> HeaderMap {
     strip_hop_by_hop(&mut headers);
     headers.remove(header::HOST);
     headers.remove(header::EXPECT);
@@ -578,7 +745,7 @@ mod tests {
             header::AUTHORIZATION,
             HeaderValue::from_static("Bearer real"),
         )];
-        let out = forwarded_headers(&client, &injected);
+        let out = forwarded_headers(client, &injected);
         let names: Vec<&str> = out.keys().map(HeaderName::as_str).collect();
         assert_eq!(names, vec!["authorization", "accept"], "{out:?}");
         assert_eq!(
