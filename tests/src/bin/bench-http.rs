@@ -113,6 +113,7 @@ fn cpu_us(pid: u32) -> f64 {
     // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the name.
     let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
     // SAFETY: sysconf has no preconditions.
+    #[expect(clippy::cast_precision_loss, reason = "clock ticks per second")]
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     ticks * 1e6 / hz
 }
@@ -173,6 +174,7 @@ fn reverse_proxy(topo: &Topology, nginx_dir: &std::path::Path) -> Proc {
     panic!("the reverse proxy did not start");
 }
 
+#[expect(clippy::too_many_lines, reason = "the legs in order, then the report")]
 fn main() {
     if let Some(why) = missing_privileges() {
         eprintln!("bench-http: {why}");
