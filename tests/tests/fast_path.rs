@@ -3,7 +3,7 @@
 //! `sk_msg` program's counters show it), and what the client sees is unchanged. The rest of
 //! the foundation and PostgreSQL suites run with it on too (`BULKHEAD_TEST_FAST_PATH=1`).
 
-use bulkhead_tests::{require_root, Topology, TARGET_V4};
+use bulkhead_tests::{require_root, Side, Topology, TARGET_V4};
 use serde_json::Value;
 
 const POLICY: &str = r#"
@@ -79,4 +79,42 @@ fn with_the_fast_path_on_the_gateway_answers_through_the_kernel_and_psql_sees_th
     // 300 kB row, went straight to psql's socket.
     assert!(n["redirected"].as_u64() > Some(0), "{n}");
     assert!(n["redirected_bytes"].as_u64() > Some(300_000), "{n}");
+}
+
+/// Blocking clients that read right after they write, many at once, through the fast path:
+/// every one must get its answer. On Linux 6.18 some get `EAGAIN` from a blocking read
+/// instead (`tcp_bpf_recvmsg` returns it when a wake-up that brought no data ends its wait),
+/// which is why `capture.fast_path` is off by default. Run it with `--ignored` on a kernel to
+/// be trusted with the fast path.
+#[test]
+#[ignore = "fails on Linux 6.18: a socket in a sockmap can return EAGAIN from a blocking read"]
+fn blocking_clients_through_the_fast_path_all_get_their_answer() {
+    require_root();
+    let topo = Topology::new("[capture]\nfast_path = true\n");
+    topo.allow_opaque_tcp();
+    let _echo = topo.echo_server(Side::Target, format!("{TARGET_V4}:7000").parse().unwrap());
+    let _daemon = topo.start_daemon(&[]);
+    let dst = format!("{TARGET_V4}:7000");
+    let failed: Vec<Value> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..12)
+            .map(|t| {
+                let (topo, dst) = (&topo, &dst);
+                s.spawn(move || {
+                    (0..6)
+                        .map(|i| topo.probe_connect(Side::Governed, dst, &format!("t{t}i{i}")))
+                        .filter(|r| r["reply"].is_null())
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap())
+            .collect()
+    });
+    assert!(
+        failed.is_empty(),
+        "{} of 72 failed: {failed:?}",
+        failed.len()
+    );
 }

@@ -58,27 +58,7 @@ fn main() -> Result<()> {
                 test.push("--");
                 test.extend(args.iter().map(String::as_str));
             }
-            let all = cargo(&root, &test);
-            // The foundation and PostgreSQL suites again with the kernel fast path on.
-            let mut fast = vec![
-                "test",
-                "--package",
-                "bulkhead-tests",
-                "--test",
-                "foundation",
-                "--test",
-                "postgres",
-            ];
-            if !args.is_empty() {
-                fast.push("--");
-                fast.extend(args.iter().map(String::as_str));
-            }
-            let cargo_bin = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let fast = run(Command::new(cargo_bin)
-                .current_dir(&root)
-                .env("BULKHEAD_TEST_FAST_PATH", "1")
-                .args(&fast));
-            all.and(fast)
+            cargo(&root, &test)
         }
         Task::Bench => {
             setup(&root)?;

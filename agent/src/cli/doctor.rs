@@ -197,7 +197,13 @@ fn fast_path(config: &Config, status: Option<&serde_json::Value>) -> Check {
     let in_use = status.and_then(|s| s["daemon"]["containment"]["fast_path"].as_str());
     match (config.capture.fast_path, in_use) {
         (false, _) => check("fast path", Level::Ok, "off (capture.fast_path = false)"),
-        (true, Some("on")) => check("fast path", Level::Ok, "on (sk_msg on FAST_PATH)"),
+        (true, Some("on")) => check(
+            "fast path",
+            Level::Warn,
+            "on (experimental): on Linux 6.18 a governed program's blocking read can fail with \
+             EAGAIN (docs/BENCHMARKS.md)",
+        )
+        .fix("set capture.fast_path = false unless every governed tool reads non-blocking"),
         (true, Some(other)) => check(
             "fast path",
             Level::Warn,

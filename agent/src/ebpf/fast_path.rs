@@ -144,3 +144,30 @@ pub fn pinned_counters(pin_dir: &Path) -> Option<Result<FastPathCounters, EbpfEr
     };
     Some(read())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The accepted end's key is the connecting end's, mirrored: what the `sk_msg` program
+    /// looks up for the peer of a sending socket.
+    #[tokio::test]
+    async fn the_accepted_key_mirrors_the_connecting_one() {
+        for addr in ["127.0.0.1:0", "[::1]:0"] {
+            let Ok(listener) = tokio::net::TcpListener::bind(addr).await else {
+                continue; // no IPv6 loopback here
+            };
+            let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+                .await
+                .unwrap();
+            let (accepted, _) = listener.accept().await.unwrap();
+            let (c, a) = (flow_key(&client).unwrap(), flow_key(&accepted).unwrap());
+            assert_eq!(c.mirrored(), a);
+            assert_eq!(
+                a.local_port,
+                u32::from(listener.local_addr().unwrap().port())
+            );
+            assert_ne!(c, a);
+        }
+    }
+}

@@ -90,9 +90,11 @@ pub trait OrigDst: Send + Sync + 'static {
 
     /// Puts the accepted end of a redirected connection in the kernel fast path
     /// ([`fast_path`]), when it is on. Called before the gateway writes to `accepted`; the
-    /// connection stays on TCP when this does nothing or fails.
-    fn fast_path(&self, accepted: &tokio::net::TcpStream) {
+    /// connection stays on TCP when this does nothing or fails. `true` when it is in: its
+    /// bytes may then arrive outside the TCP receive queue, which only `read(2)` sees.
+    fn fast_path(&self, accepted: &tokio::net::TcpStream) -> bool {
         let _ = accepted;
+        false
     }
 }
 
@@ -104,14 +106,15 @@ pub struct BpfOrigDst {
 }
 
 impl OrigDst for BpfOrigDst {
-    fn fast_path(&self, accepted: &tokio::net::TcpStream) {
+    fn fast_path(&self, accepted: &tokio::net::TcpStream) -> bool {
         let Some(fp) = &self.fast_path else {
-            return;
+            return false;
         };
         let added = fast_path::flow_key(accepted).and_then(|key| fp.add(accepted, key));
-        if let Err(e) = added {
+        if let Err(e) = &added {
             tracing::debug!(error = %e, "connection stays off the fast path");
         }
+        added.is_ok()
     }
 
     fn take(&self, client: ClientAddr) -> Option<ConnectRecord> {

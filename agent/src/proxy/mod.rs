@@ -196,8 +196,8 @@ async fn serve_allowed(
     protocols: &Protocols,
     client_stream: TcpStream,
 ) -> SessionEnd {
-    // The kernel fast path, for the gateways that read their client with read(2) (and not
-    // for `tcp`, whose splice(2) reads only what came through TCP); before any byte is sent.
+    // The kernel fast path, before the gateway sends a byte (`tcp` decides for itself: its
+    // splice(2) reads only what came through TCP).
     if matches!(
         conn.target.protocol,
         Protocol::Postgres | Protocol::Ssh | Protocol::Http | Protocol::Kubernetes
