@@ -147,21 +147,30 @@ impl Sink {
         // One chunk per session, events in append (id) order. An unstable sort needs no
         // scratch buffer: a stable one allocated half a batch of events every 10 ms.
         batch.sort_unstable_by_key(|e| (e.session, e.id));
-        let mut writes = sled::Batch::default();
-        let mut bytes = 0u64;
         let mut scratch = Vec::new();
+        // Chunk by chunk, not as one `sled::Batch`: applying a batch takes sled's
+        // process-wide concurrency lock for writing, and from the first batch on every
+        // read, insert and `generate_id` takes it for reading. The runtime thread that
+        // appends events (`generate_id`) then stalled, with every session it serves, while
+        // this thread applied a batch: 9-13% of both cores idle under pgbench (see
+        // docs/BENCHMARKS.md, issue 17). Chunks are independent of each other, so a batch
+        // need not land atomically: what a crash may lose is bounded by the flush interval
+        // either way. A chunk written again after a failed batch replaces its earlier copy.
         for run in batch.chunk_by(|a, b| a.session == b.session) {
             let mut rest = run;
             while let Some(first) = rest.first() {
                 let key = event_key(first.session, first.id);
                 let (value, taken) = encode_chunk(rest, &mut scratch)?;
                 rest = &rest[taken..];
-                bytes += (key.len() + value.len()) as u64;
-                writes.insert(&key, value);
+                let added = (key.len() + value.len()) as u64;
+                let replaced = self
+                    .events
+                    .insert(key, value)?
+                    .map_or(0, |old| (key.len() + old.len()) as u64);
+                self.recorded_bytes.fetch_add(added, Ordering::Relaxed);
+                self.recorded_bytes.fetch_sub(replaced, Ordering::Relaxed);
             }
         }
-        self.events.apply_batch(writes)?;
-        self.recorded_bytes.fetch_add(bytes, Ordering::Relaxed);
         Ok(())
     }
 
