@@ -12,6 +12,9 @@
 //! * `bench-send ADDR BYTES` — sends BYTES, waits for the sink's count; prints nanoseconds.
 //! * `bench-udp ADDR N` — N `sendto()` of a 64-byte datagram from one unconnected UDP socket;
 //!   prints wall nanoseconds and this process's CPU nanoseconds (user + system).
+//! * `echo ADDR` — server that writes back every byte as soon as it reads it.
+//! * `bench-echo ADDR N` — N times connect(), one byte sent and its echo read back, close();
+//!   prints nanoseconds in total (what a tool feels before its first answer).
 //! * `relay ADDR TARGET` — the least a user-space TCP relay can do: per connection, one
 //!   thread per direction copying with blocking `read`/`write` (no event loop, no parsing).
 //!   Benchmarks use it as the ceiling for any proxy in the data path.
@@ -39,6 +42,8 @@ fn main() -> ExitCode {
         "bench-send" => bench_send(addr(), arg(3).parse().expect("BYTES")),
         "bench-udp" => bench_udp(addr(), arg(3).parse().expect("N")),
         "relay" => relay(addr(), arg(3).parse().expect("TARGET")),
+        "echo" => echo(addr()),
+        "bench-echo" => bench_echo(addr(), arg(3).parse().expect("N")),
         other => {
             eprintln!("unknown mode {other:?}");
             ExitCode::FAILURE
@@ -237,4 +242,45 @@ fn copy(mut from: TcpStream, mut to: TcpStream) {
     }
     let _ = to.shutdown(Shutdown::Both);
     let _ = from.shutdown(Shutdown::Both);
+}
+
+fn echo(addr: SocketAddr) -> ExitCode {
+    let listener = listen(addr);
+    println!("ready");
+    for stream in listener.incoming() {
+        let Ok(mut s) = stream else { continue };
+        let _ = s.set_nodelay(true);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 16 * 1024];
+            while let Ok(n) = s.read(&mut buf) {
+                if n == 0 || s.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    ExitCode::SUCCESS
+}
+
+fn bench_echo(addr: SocketAddr, n: u32) -> ExitCode {
+    let start = Instant::now();
+    for _ in 0..n {
+        let result = (|| -> std::io::Result<()> {
+            let mut s = TcpStream::connect(addr)?;
+            s.set_nodelay(true)?;
+            s.write_all(b"x")?;
+            let mut byte = [0u8; 1];
+            s.read_exact(&mut byte)?;
+            if byte != *b"x" {
+                return Err(std::io::Error::other("echo sent back another byte"));
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            eprintln!("connect and echo: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    println!("{}", start.elapsed().as_nanos());
+    ExitCode::SUCCESS
 }
