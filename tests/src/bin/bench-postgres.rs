@@ -25,25 +25,32 @@ fn daemon_capture(extra: &str) -> String {
     format!("[capture]\nloopback = false\n{extra}\n")
 }
 
-/// Events the daemon has recorded so far (appended to its store), and its open connections.
-fn recorded(topo: &Topology) -> (u64, u64) {
+/// Events the daemon has recorded so far (appended to its store), the bytes its store holds,
+/// and its open connections.
+fn recorded(topo: &Topology) -> (u64, u64, u64) {
     let (_, report) = topo.status();
-    let events = report["store"]["events"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no store event count in {report}"));
-    let active = report["daemon"]["connections"]["active"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no active connection count in {report}"));
-    (events, active)
+    let number = |v: &serde_json::Value, what: &str| {
+        v.as_u64()
+            .unwrap_or_else(|| panic!("no {what} in {report}"))
+    };
+    (
+        number(&report["store"]["events"], "store event count"),
+        number(&report["store"]["recorded_bytes"], "recorded bytes"),
+        number(
+            &report["daemon"]["connections"]["active"],
+            "active connection count",
+        ),
+    )
 }
 
-/// The store's event count once every gateway session has ended (their last results recorded).
-fn recorded_when_drained(topo: &Topology) -> u64 {
+/// The store's event count and recorded bytes once every gateway session has ended (their
+/// last results recorded).
+fn recorded_when_drained(topo: &Topology) -> (u64, u64) {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let (events, active) = recorded(topo);
+        let (events, bytes, active) = recorded(topo);
         if active == 0 {
-            return events;
+            return (events, bytes);
         }
         assert!(
             std::time::Instant::now() < deadline,
@@ -57,6 +64,15 @@ fn recorded_when_drained(topo: &Topology) -> u64 {
 /// per mode (for profiling it from outside).
 fn only() -> Option<String> {
     std::env::var("BENCH_PG_ONLY").ok()
+}
+
+/// The pgbench query modes `BENCH_PG_ONLY` runs: `BENCH_PG_MODES` (comma-separated, e.g.
+/// `extended`: an unnamed Parse per statement, as most drivers send), else simple and prepared.
+fn only_modes() -> Vec<String> {
+    std::env::var("BENCH_PG_MODES").map_or_else(
+        |_| vec!["simple".into(), "prepared".into()],
+        |m| m.split(',').map(str::to_string).collect(),
+    )
 }
 
 fn main() {
@@ -189,7 +205,17 @@ sql = { class = ["read", "transaction", "session", "insert", "update", "delete",
             .zip(before)
             .map(|(p, b)| (cpu_us(p) - b) / transactions);
         if let Some(before) = events_before {
-            check_recorded(mode, transactions, recorded_when_drained(&topo) - before);
+            let after = recorded_when_drained(&topo);
+            check_recorded(mode, transactions, after.0 - before.0);
+            if only().is_some() {
+                #[expect(clippy::cast_precision_loss, reason = "far below 2^52")]
+                let per = |n: u64| n as f64 / transactions;
+                println!(
+                    "{mode:<9} gateway recorded {:.2} events, {:.1} bytes per transaction",
+                    per(after.0 - before.0),
+                    per(after.1.saturating_sub(before.1))
+                );
+            }
         }
         (tps(&out), cpu.unwrap_or(0.0))
     };
@@ -198,8 +224,8 @@ sql = { class = ["read", "transaction", "session", "insert", "update", "delete",
             .iter()
             .find(|l| l.name == name)
             .expect("BENCH_PG_ONLY names a leg");
-        for mode in ["simple", "prepared"] {
-            let (tps, cpu) = run(leg, mode, &seconds);
+        for mode in only_modes() {
+            let (tps, cpu) = run(leg, &mode, &seconds);
             println!("{mode:<9} {name} {tps:.0} tps, proxy CPU {cpu:.1} us per transaction");
         }
         return;
@@ -355,11 +381,11 @@ impl Row {
 }
 
 /// Fails the run unless the store gained an event for every statement: a request and a
-/// response per simple-mode transaction, a response per prepared execution (its Parse was
-/// decided once per connection). What is recorded beyond that is the sessions' own events
+/// response per simple-mode (or extended-mode) transaction, a response per prepared execution
+/// (its Parse was decided once per connection). What is recorded beyond that is the sessions' own events
 /// (connect, logins, close) and the Parses.
 fn check_recorded(mode: &str, transactions: f64, events: u64) {
-    let per_statement = if mode == "simple" { 2.0 } else { 1.0 };
+    let per_statement = if mode == "prepared" { 1.0 } else { 2.0 };
     #[expect(
         clippy::cast_precision_loss,
         reason = "event counts are far below 2^52"
