@@ -307,17 +307,17 @@ sql = { class = ["read", "transaction", "session", "insert", "update", "delete",
     let of = |m: usize, f: fn(&Row) -> f64| median(table[m].iter().map(f).collect());
     println!();
     println!("issue 17 figures (median of {rounds} rounds, each a same-round figure):");
-    println!("{:<52} {:>16}  target", "figure", "measured");
+    println!("{:<52} {:>20}  target", "figure", "measured");
     for (m, mode) in ["simple", "prepared"].into_iter().enumerate() {
         println!(
-            "{:<52} {:>16.2}  >= 1.05",
+            "{:<52} {:>20.2}  >= 1.05",
             format!("gateway TPS / pgbouncer TPS, {mode}"),
             of(m, |r| r.tps[1] / r.tps[2])
         );
     }
     for (m, mode) in ["simple", "prepared"].into_iter().enumerate() {
         println!(
-            "{:<52} {:>16}  <= pgbouncer's",
+            "{:<52} {:>20}  <= pgbouncer's",
             format!("gateway CPU per transaction vs pgbouncer's, {mode}"),
             format!(
                 "{:.1} vs {:.1} us",
@@ -327,12 +327,12 @@ sql = { class = ["read", "transaction", "session", "insert", "update", "delete",
         );
     }
     println!(
-        "{:<52} {:>16}  <= pgbouncer's",
+        "{:<52} {:>20}  <= pgbouncer's",
         "single client, added latency vs pgbouncer's",
         format!("{:+.1} vs {:+.1} us", over(1), over(2)),
     );
     println!(
-        "{:<52} {:>16}  >= 1.0",
+        "{:<52} {:>20}  >= 1.0",
         "gateway TPS / bare relay TPS, simple / prepared",
         format!(
             "{:.2} / {:.2}",
