@@ -19,12 +19,14 @@ use bulkhead::{
 const BIG: u32 = 100_000;
 const SMALL: u32 = 1_000;
 const RUNS: usize = 21;
+/// Microseconds between sessions' starts: a store spread over time, as a daemon's is.
+const SPACING_US: u64 = 10_000;
 
 fn fill(store: &SledStore, n: u32) {
     for i in 0..n {
         let id = store
             .open(NewSession {
-                started_at_us: u64::from(i),
+                started_at_us: u64::from(i) * SPACING_US,
                 client: ClientAddr("127.0.0.1:40000".parse().unwrap()),
                 destination: OrigDstAddr("10.0.0.5:5432".parse().unwrap()),
                 target: Some(if i % 2 == 0 { "db" } else { "api" }.into()),
@@ -60,7 +62,7 @@ fn fill(store: &SledStore, n: u32) {
             .close(
                 id,
                 SessionEnd {
-                    ended_at_us: u64::from(i) + 10,
+                    ended_at_us: u64::from(i) * SPACING_US + 10,
                     bytes_to_target: 100,
                     bytes_from_target: 1000,
                     outcome: Outcome::Closed,
@@ -115,9 +117,9 @@ fn main() {
         uid: Some(3),
         ..ListFilter::default()
     };
-    // Sessions started before 500 us: the oldest 500 of each store (start times are 0..n).
+    // The oldest 500 sessions of each store.
     let only_old = ListFilter {
-        until_us: Some(500),
+        until_us: Some(499 * SPACING_US),
         ..ListFilter::default()
     };
     println!();
