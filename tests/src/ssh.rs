@@ -60,7 +60,8 @@ impl SshServer {
 
 impl Topology {
     /// Starts sshd on `TARGET_V4:SSHD_PORT` accepting only a fresh key, which the gateway will
-    /// hold; forwarding is allowed by sshd, so what refuses it in the tests is the gateway.
+    /// hold; forwarding and `BULKHEAD_*` variables are allowed by sshd, so what refuses them in
+    /// the tests is the gateway.
     pub fn sshd(&self) -> SshServer {
         assert!(
             std::path::Path::new(SSHD).exists(),
@@ -84,7 +85,8 @@ impl Topology {
                  PasswordAuthentication no\nKbdInteractiveAuthentication no\n\
                  PermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\n\
                  AllowTcpForwarding yes\nAllowAgentForwarding yes\nX11Forwarding no\n\
-                 PrintMotd no\nPrintLastLog no\nSubsystem sftp internal-sftp\nLogLevel VERBOSE\n",
+                 PrintMotd no\nPrintLastLog no\nSubsystem sftp internal-sftp\nLogLevel VERBOSE\n\
+                 AcceptEnv BULKHEAD_*\n",
                 d = dir.display()
             ),
         )
