@@ -831,3 +831,62 @@ fn sftp_and_scp_are_judged_per_file_recorded_and_a_denied_put_is_permission_deni
         "{summaries:?}"
     );
 }
+
+#[test]
+fn a_window_size_change_reaches_the_remote_pty() {
+    require_root();
+    let topo = Topology::new("");
+    // A tmux server of the test's own, governed (its panes' ssh is captured; its own socket
+    // allowed to governed processes); driven from outside the cgroup over that socket. Short:
+    // a unix socket path has at most 107 bytes, the topology's directory may be long.
+    let sock = std::path::PathBuf::from(format!("/tmp/bh-tmux-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&sock);
+    let (_sshd, _daemon) = topo.ssh_target(
+        POLICY,
+        &format!("[capture]\nunix_allow = [\"{}\"]\n", sock.display()),
+    );
+    let mut server = Command::new("tmux");
+    server.args(["-D", "-f", "/dev/null", "-S"]).arg(&sock);
+    let server = topo.spawn(Side::Governed, "tmux", server);
+    let tmux = |args: &[&str]| {
+        let mut cmd = Command::new("tmux");
+        cmd.arg("-S").arg(&sock).args(args);
+        topo.output(Side::Host, cmd)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !sock.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "tmux did not start: {}",
+            server.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let ssh = topo.ssh_line(&["-tt"], None);
+    let out = tmux(&["new-session", "-d", "-x", "80", "-y", "24", &ssh]);
+    assert!(out.status.success(), "{out:?}");
+    // Types `stty size` (what the remote pty says its size is) until the answer shows.
+    let size_shown = |want: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let _ = tmux(&["send-keys", "echo size=$(stty size)", "Enter"]);
+            std::thread::sleep(Duration::from_millis(300));
+            let screen =
+                String::from_utf8_lossy(&tmux(&["capture-pane", "-p"]).stdout).into_owned();
+            if screen.contains(&format!("size={want}")) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "want size={want}:\n{screen}"
+            );
+        }
+    };
+    size_shown("24 80");
+    let out = tmux(&["resize-window", "-x", "100", "-y", "30"]);
+    assert!(out.status.success(), "{out:?}");
+    let _ = tmux(&["send-keys", "clear", "Enter"]);
+    size_shown("30 100");
+    let _ = tmux(&["kill-server"]);
+    let _ = std::fs::remove_file(&sock);
+}
