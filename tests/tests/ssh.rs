@@ -890,3 +890,40 @@ fn a_window_size_change_reaches_the_remote_pty() {
     let _ = tmux(&["kill-server"]);
     let _ = std::fs::remove_file(&sock);
 }
+
+#[test]
+fn a_held_password_logs_in_upstream() {
+    require_root();
+    let topo = Topology::new("");
+    let sshd = topo.sshd_with_password("held-secret-42");
+    let secret = topo.credential_file("box", "held-secret-42");
+    // No key for the target: only the password.
+    topo.write_config(&format!(
+        "[[target]]\nname = \"box\"\nprotocol = \"ssh\"\naddresses = [\"{TARGET_V4}:{SSHD_PORT}\"]\n\
+         credentials = {{ file = \"{}\" }}\n[target.ssh]\nuser = \"root\"\nknown_hosts = \"{}\"\n",
+        secret.display(),
+        sshd.known_hosts.display()
+    ));
+    topo.policy("box.toml", POLICY);
+    let _daemon = topo.start_daemon(&[]);
+    let (code, out, err) = topo.ssh(&[], "echo ok");
+    assert_eq!((code, out.as_str()), (Some(0), "ok\n"), "{err}");
+    assert!(
+        sshd.proc.stderr().contains("Accepted password for root"),
+        "{}",
+        sshd.proc.stderr()
+    );
+    let (_, events) = session_with(&topo, "echo ok");
+    assert!(
+        events.iter().any(|e| e["type"] == "auth"
+            && e["side"] == "target"
+            && e["method"] == "password (held)"
+            && e["ok"] == true),
+        "{events:?}"
+    );
+    // A wrong held password refuses the client, and says so.
+    std::fs::write(&secret, "not-the-password").unwrap();
+    let (code, out, err) = topo.ssh(&[], "echo ok");
+    assert_eq!(code, Some(255), "{out} {err}");
+    assert!(!out.contains("ok"), "{out}");
+}
