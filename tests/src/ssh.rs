@@ -95,13 +95,13 @@ impl Topology {
             .expect("chmod");
         self.sshd_with(
             "PasswordAuthentication yes\nPermitRootLogin yes\n",
-            Some(copy),
+            Some(&copy),
         )
     }
 
     /// `extra` goes first in sshd_config (sshd takes a keyword's first value); `shadow`, when
     /// given, is bind-mounted on `/etc/shadow` in sshd's own mount namespace.
-    fn sshd_with(&self, extra: &str, shadow: Option<PathBuf>) -> SshServer {
+    fn sshd_with(&self, extra: &str, shadow: Option<&std::path::Path>) -> SshServer {
         assert!(
             std::path::Path::new(SSHD).exists(),
             "{SSHD} is missing: apt-get install openssh-server (scripts/setup.sh)"
@@ -130,7 +130,7 @@ impl Topology {
             ),
         )
         .expect("sshd_config");
-        let mut cmd = match &shadow {
+        let mut cmd = match shadow {
             None => Command::new(SSHD),
             Some(copy) => {
                 // unshare(1) makes the new namespace's mounts private: nothing leaks out.

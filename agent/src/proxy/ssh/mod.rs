@@ -223,47 +223,12 @@ pub async fn serve(conn: &Conn<'_>, shared: &Shared, client: TcpStream) -> Sessi
     let end = loop {
         tokio::select! {
             end = &mut running => break end,
-            event = from_client.recv() => match event {
-                Some(FromClient::Session(ch)) => channels.push(Box::pin(channel::serve(&ctx, ch))),
-                Some(FromClient::DirectTcpip { channel, host, port, originator, reply }) => {
-                    channels.push(Box::pin(tunnel::direct(&ctx, channel, host, port, originator, reply)));
+            event = from_client.recv() => {
+                if let Some(event) = event {
+                    on_client(&ctx, &mut channels, event).await;
                 }
-                // The handler waits for these answers (in order with the client's next
-                // requests), so they are decided here at once; none can be held.
-                Some(FromClient::Env { channel, name, value, reply }) => {
-                    let _ = reply.send(tunnel::env(&ctx, channel, &name, value).await);
-                }
-                Some(FromClient::Agent { channel, reply }) => {
-                    let _ = reply.send(tunnel::agent(&ctx, channel).await);
-                }
-                Some(FromClient::RemoteForward { address, port, reply }) => {
-                    let _ = reply.send(tunnel::remote_forward(&ctx, &address, port).await);
-                }
-                Some(FromClient::CancelRemoteForward { address, port, reply }) => {
-                    let _ = reply.send(tunnel::cancel_remote_forward(&ctx, &address, port).await);
-                }
-                Some(FromClient::Refused(what)) => record_refused(conn, &what),
-                Some(FromClient::Auth { reply, .. }) => {
-                    let _ = reply.send(false);
-                }
-                None => {}
             },
-            Some(event) = from_target.recv() => {
-                if open_channels.fetch_add(1, Ordering::AcqRel) >= server::MAX_CHANNELS {
-                    // Dropping the event rejects the target's channel.
-                    open_channels.fetch_sub(1, Ordering::AcqRel);
-                    record_refused(conn, &format!("target channel beyond {} open at once", server::MAX_CHANNELS));
-                    continue;
-                }
-                channels.push(match event {
-                    FromTarget::Forwarded { channel, listen, originator, reply } => {
-                        Box::pin(tunnel::forwarded(&ctx, channel, listen, originator, reply))
-                    }
-                    FromTarget::Agent { channel, reply } => {
-                        Box::pin(tunnel::agent_channel(&ctx, channel, reply))
-                    }
-                });
-            },
+            Some(event) = from_target.recv() => on_target(&ctx, &mut channels, &open_channels, event),
             Some(()) = channels.next(), if !channels.is_empty() => {
                 open_channels.fetch_sub(1, Ordering::AcqRel);
             }
@@ -292,6 +257,89 @@ pub async fn serve(conn: &Conn<'_>, shared: &Shared, client: TcpStream) -> Sessi
         ctx.bytes_down.load(Ordering::Relaxed),
         outcome,
     )
+}
+
+/// What the client's handler hands over once the client is logged in.
+async fn on_client<'a>(
+    ctx: &'a Ctx<'_, '_>,
+    channels: &mut FuturesUnordered<ChannelTask<'a>>,
+    event: FromClient,
+) {
+    match event {
+        FromClient::Session(ch) => channels.push(Box::pin(channel::serve(ctx, ch))),
+        FromClient::DirectTcpip {
+            channel,
+            host,
+            port,
+            originator,
+            reply,
+        } => channels.push(Box::pin(tunnel::direct(
+            ctx, channel, host, port, originator, reply,
+        ))),
+        // The handler waits for these answers (in order with the client's next requests), so
+        // they are decided here at once; none can be held.
+        FromClient::Env {
+            channel,
+            name,
+            value,
+            reply,
+        } => {
+            let _ = reply.send(tunnel::env(ctx, channel, &name, value).await);
+        }
+        FromClient::Agent { channel, reply } => {
+            let _ = reply.send(tunnel::agent(ctx, channel).await);
+        }
+        FromClient::RemoteForward {
+            address,
+            port,
+            reply,
+        } => {
+            let _ = reply.send(tunnel::remote_forward(ctx, &address, port).await);
+        }
+        FromClient::CancelRemoteForward {
+            address,
+            port,
+            reply,
+        } => {
+            let _ = reply.send(tunnel::cancel_remote_forward(ctx, &address, port).await);
+        }
+        FromClient::Refused(what) => record_refused(ctx.conn, &what),
+        FromClient::Auth { reply, .. } => {
+            let _ = reply.send(false);
+        }
+    }
+}
+
+/// A channel the target opens (for an allowed `-R` or `-A`), counted with the client's.
+fn on_target<'a>(
+    ctx: &'a Ctx<'_, '_>,
+    channels: &mut FuturesUnordered<ChannelTask<'a>>,
+    open_channels: &AtomicUsize,
+    event: FromTarget,
+) {
+    if open_channels.fetch_add(1, Ordering::AcqRel) >= server::MAX_CHANNELS {
+        // Dropping the event rejects the target's channel.
+        open_channels.fetch_sub(1, Ordering::AcqRel);
+        record_refused(
+            ctx.conn,
+            &format!(
+                "target channel beyond {} open at once",
+                server::MAX_CHANNELS
+            ),
+        );
+        return;
+    }
+    channels.push(match event {
+        FromTarget::Forwarded {
+            channel,
+            listen,
+            originator,
+            reply,
+        } => Box::pin(tunnel::forwarded(ctx, channel, listen, originator, reply)),
+        FromTarget::Agent { channel, reply } => {
+            Box::pin(tunnel::agent_channel(ctx, channel, reply))
+        }
+    });
 }
 
 /// Connects to the target and verifies its host key: the connection, or why not (recorded).
