@@ -16,6 +16,8 @@
 //! * `bench-rr ADDR N SIZE [WAIT_MS]` — on one connection (after waiting WAIT_MS once
 //!   connected, if given), N times: write SIZE bytes, read SIZE back; prints nanoseconds in
 //!   total (connect and the wait excluded).
+//! * `bench-echo ADDR N` — N times connect(), one byte sent and its echo read back, close();
+//!   prints nanoseconds in total (what a tool feels before its first answer).
 //! * `relay ADDR TARGET` — the least a user-space TCP relay can do: per connection, one
 //!   thread per direction copying with blocking `read`/`write` (no event loop, no parsing).
 //!   Benchmarks use it as the ceiling for any proxy in the data path.
@@ -50,6 +52,7 @@ fn main() -> ExitCode {
             arg(4).parse().expect("SIZE"),
             arg(5).parse().unwrap_or(0),
         ),
+        "bench-echo" => bench_echo(addr(), arg(3).parse().expect("N")),
         other => {
             eprintln!("unknown mode {other:?}");
             ExitCode::FAILURE
@@ -315,4 +318,27 @@ fn read_exact_blocking(s: &mut TcpStream, buf: &mut [u8]) {
             Err(e) => panic!("read: {e}"),
         }
     }
+}
+
+fn bench_echo(addr: SocketAddr, n: u32) -> ExitCode {
+    let start = Instant::now();
+    for _ in 0..n {
+        let result = (|| -> std::io::Result<()> {
+            let mut s = TcpStream::connect(addr)?;
+            s.set_nodelay(true)?;
+            s.write_all(b"x")?;
+            let mut byte = [0u8; 1];
+            s.read_exact(&mut byte)?;
+            if byte != *b"x" {
+                return Err(std::io::Error::other("echo sent back another byte"));
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            eprintln!("connect and echo: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    println!("{}", start.elapsed().as_nanos());
+    ExitCode::SUCCESS
 }
