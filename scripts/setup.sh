@@ -48,6 +48,8 @@ apt_install nginx-light wrk curl nodejs python3-requests
 command -v kubectl >/dev/null || apt_install kubernetes-client
 # The SSH gateway's tests: sshd on the target host, the ssh/scp/sftp clients governed.
 apt_install openssh-server openssh-client
+# Its pty resize test drives the client in tmux; its held-password test hashes with openssl.
+apt_install tmux openssl
 
 # Python driver for the PostgreSQL gateway tests.
 if ! python3 -c "import psycopg" 2>/dev/null; then

@@ -24,8 +24,14 @@ pub mod maps {
     pub const DNS_BY_COOKIE: &str = "DNS_BY_COOKIE";
     pub const UDP_OWNER: &str = "UDP_OWNER";
     pub const UDP_FLOWS: &str = "UDP_FLOWS";
+    /// The kernel fast path (`capture.fast_path`): both ends of redirected connections.
+    pub const FAST_PATH: &str = "FAST_PATH";
+    /// Per sending socket: may its sends skip the loopback TCP stack (`FAST_PATH_*` values).
+    pub const FAST_PATH_STATE: &str = "FAST_PATH_STATE";
+    /// Per-CPU counters of the fast path (`FAST_PATH_STAT_*` indexes).
+    pub const FAST_PATH_STATS: &str = "FAST_PATH_STATS";
     /// Every map, in the order user space pins them.
-    pub const ALL: [&str; 16] = [
+    pub const ALL: [&str; 19] = [
         CAPTURE_CONFIG,
         EXCLUDE_V4,
         EXCLUDE_V6,
@@ -42,6 +48,9 @@ pub mod maps {
         DNS_BY_COOKIE,
         UDP_OWNER,
         UDP_FLOWS,
+        FAST_PATH,
+        FAST_PATH_STATE,
+        FAST_PATH_STATS,
     ];
 }
 
@@ -63,6 +72,9 @@ pub mod programs {
     pub const SOCKET_CREATE: &str = "bulkhead_socket_create";
     /// `cgroup/sock_create`: the fallback where the BPF LSM is not active (inet sockets only).
     pub const SOCK_CREATE: &str = "bulkhead_sock_create";
+    /// `sk_msg` on `FAST_PATH`: a send goes straight to the peer socket's receive queue.
+    /// Attached (to the map, not the cgroup) only with `capture.fast_path`.
+    pub const FAST_PATH_MSG: &str = "bulkhead_fast_path";
     /// The programs every daemon attaches, in the order user space attaches them; then one of
     /// `SOCKET_CREATE` or `SOCK_CREATE`.
     pub const ALL: [&str; 9] = [
@@ -109,6 +121,8 @@ pub const FLAG_ALLOW_PACKET: u32 = 1 << 7;
 /// Set by user space once the configuration is complete. Without it every TCP connect from the
 /// governed cgroup is refused: a half-configured redirect must not let traffic through.
 pub const FLAG_READY: u32 = 1 << 31;
+/// Put redirected sockets in `FAST_PATH` when they are established (`capture.fast_path`).
+pub const FLAG_FAST_PATH: u32 = 1 << 8;
 
 /// The single entry of `CAPTURE_CONFIG`.
 #[repr(C)]
@@ -162,6 +176,50 @@ pub struct SockKey {
     /// Host order.
     pub port: u32,
 }
+
+/// Key of `FAST_PATH` and `FAST_PATH_STATE`: a TCP socket's own 4-tuple. A socket finds its
+/// peer on loopback under the mirrored key (local and remote swapped).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// 16 bytes network order (IPv4 as IPv4-mapped).
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+    /// Host order.
+    pub local_port: u32,
+    pub remote_port: u32,
+}
+
+impl FlowKey {
+    /// The key the socket at the other end of this connection is stored under.
+    #[must_use]
+    pub const fn mirrored(&self) -> Self {
+        Self {
+            local_addr: self.remote_addr,
+            remote_addr: self.local_addr,
+            local_port: self.remote_port,
+            remote_port: self.local_port,
+        }
+    }
+}
+
+/// `FAST_PATH_STATE`: the socket has sent nothing yet; its next send may take the fast path.
+pub const FAST_PATH_UNDECIDED: u32 = 0;
+/// Its sends go to the peer's receive queue.
+pub const FAST_PATH_ON: u32 = 1;
+/// Some of its bytes went through TCP: all the rest do too (a redirected send would overtake
+/// bytes still queued in the peer's TCP receive queue).
+pub const FAST_PATH_OFF: u32 = 2;
+/// `FAST_PATH_STATS` indexes.
+pub const FAST_PATH_STAT_REDIRECTED: u32 = 0;
+pub const FAST_PATH_STAT_REDIRECTED_BYTES: u32 = 1;
+pub const FAST_PATH_STAT_PASSED: u32 = 2;
+pub const FAST_PATH_STAT_PASSED_BYTES: u32 = 3;
+/// Sockets put in `FAST_PATH` by `sock_ops` (governed ends).
+pub const FAST_PATH_STAT_CLIENTS: u32 = 4;
+/// `sock_ops` could not put a governed socket in `FAST_PATH`.
+pub const FAST_PATH_STAT_CLIENT_FAILED: u32 = 5;
+pub const FAST_PATH_STATS_LEN: u32 = 6;
 
 /// Key of `UNIX_ALLOW`: a unix socket address's `sun_path`, zero-padded (an abstract name
 /// starts with its 0 byte).
@@ -260,6 +318,7 @@ mod pod {
     unsafe impl aya::Pod for super::UnixRefusal {}
     unsafe impl aya::Pod for super::UdpFlowKey {}
     unsafe impl aya::Pod for super::UdpFlow {}
+    unsafe impl aya::Pod for super::FlowKey {}
 }
 
 const _: () = assert!(core::mem::size_of::<CaptureConfig>() == 32);
@@ -269,3 +328,4 @@ const _: () = assert!(core::mem::size_of::<Refusal>() == 80);
 const _: () = assert!(core::mem::size_of::<UnixRefusal>() == 144);
 const _: () = assert!(core::mem::size_of::<UdpFlowKey>() == 32);
 const _: () = assert!(core::mem::size_of::<UdpFlow>() == 32);
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);

@@ -25,27 +25,40 @@
 //!   which sees inet sockets only) refuses the sockets a governed process could leave by
 //!   without a `connect()` the gateway sees: raw, packet, ping, SCTP, MPTCP and every address
 //!   family but inet, inet6, unix and netlink, unless the configuration allows them.
+//!
+//! * The fast path (`capture.fast_path`): `sock_ops` puts a redirected socket in `FAST_PATH`
+//!   when it is established (the daemon puts its accepted end there itself), and `sk_msg` on
+//!   that map moves each send of either end straight into the other end's receive queue,
+//!   skipping the loopback TCP stack. A socket whose first send found no peer keeps using TCP
+//!   for good (`FAST_PATH_STATE`): a redirected send would be read before older bytes still
+//!   waiting in the peer's TCP receive queue.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
     bindings::{
-        bpf_sock_addr, bpf_sock_ops, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        bpf_sock_addr, bpf_sock_ops, sk_action::SK_PASS, sk_msg_md, BPF_ANY, BPF_F_INGRESS,
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
         BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, BPF_TCP_ESTABLISHED, BPF_TCP_SYN_SENT,
     },
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_get_current_uid_gid, bpf_get_socket_cookie, bpf_ktime_get_ns,
     },
-    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, lsm_cgroup, map, sock_ops},
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, RingBuf},
-    programs::{LsmContext, SkBuffContext, SockAddrContext, SockContext, SockOpsContext},
+    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, lsm_cgroup, map, sk_msg, sock_ops},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockHash},
+    programs::{
+        LsmContext, SkBuffContext, SkMsgContext, SockAddrContext, SockContext, SockOpsContext,
+    },
 };
 use aya_log_ebpf::{debug, warn};
 use bulkhead_common::{
-    v4_mapped, CaptureConfig, ConnectRecord, Refusal, SockKey, UdpFlow, UdpFlowKey, AF_INET,
-    AF_INET6, FLAG_ALLOW_MPTCP, FLAG_ALLOW_PACKET, FLAG_ALLOW_PING, FLAG_ALLOW_RAW,
-    FLAG_ALLOW_SCTP, FLAG_CAPTURE_LOOPBACK, FLAG_INCLUDE_FILTER, FLAG_READY, FLAG_UID_FILTER,
+    v4_mapped, CaptureConfig, ConnectRecord, FlowKey, Refusal, SockKey, UdpFlow, UdpFlowKey,
+    AF_INET, AF_INET6, FAST_PATH_OFF, FAST_PATH_ON, FAST_PATH_STATS_LEN, FAST_PATH_STAT_CLIENTS,
+    FAST_PATH_STAT_CLIENT_FAILED, FAST_PATH_STAT_PASSED, FAST_PATH_STAT_PASSED_BYTES,
+    FAST_PATH_STAT_REDIRECTED, FAST_PATH_STAT_REDIRECTED_BYTES, FAST_PATH_UNDECIDED,
+    FLAG_ALLOW_MPTCP, FLAG_ALLOW_PACKET, FLAG_ALLOW_PING, FLAG_ALLOW_RAW, FLAG_ALLOW_SCTP,
+    FLAG_CAPTURE_LOOPBACK, FLAG_FAST_PATH, FLAG_INCLUDE_FILTER, FLAG_READY, FLAG_UID_FILTER,
     MAX_CIDRS, MAX_CONNECTIONS, MAX_PORTS, MAX_UDP_ALLOW, MAX_UIDS, MAX_UNIX_ALLOW, REFUSALS_BYTES,
     REFUSED_SOCKET, REFUSED_UDP_CONNECT, REFUSED_UDP_SENDMSG, UDP_KEY_BYTES, UDP_RESOLVER,
     UNIX_KEY_BYTES,
@@ -125,6 +138,20 @@ static UDP_FLOWS: LruHashMap<UdpFlowKey, UdpFlow> =
 /// lives here so it is created and pinned with the rest.
 #[map]
 static UNIX_ALLOW: HashMap<[u8; UNIX_KEY_BYTES], u8> = HashMap::with_max_entries(MAX_UNIX_ALLOW, 0);
+
+/// Both ends of redirected connections (`capture.fast_path`), by their own 4-tuple: the
+/// governed socket (put here by `sock_ops`) and the daemon's accepted one (by the daemon).
+#[map]
+static FAST_PATH: SockHash<FlowKey> = SockHash::with_max_entries(2 * MAX_CONNECTIONS, 0);
+/// Whether a socket in `FAST_PATH` may send through it (`FAST_PATH_*`), by its own 4-tuple.
+/// Written before the socket goes in the map; a missing entry (evicted) means TCP, which is
+/// always safe. LRU: entries of closed sockets go in time.
+#[map]
+static FAST_PATH_STATE: LruHashMap<FlowKey, u32> =
+    LruHashMap::with_max_entries(2 * MAX_CONNECTIONS, 0);
+/// What the fast path did (`FAST_PATH_STAT_*`), per CPU.
+#[map]
+static FAST_PATH_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(FAST_PATH_STATS_LEN, 0);
 
 /// The destination a redirected socket dialled: IPv4 as mapped, the port in host order, and
 /// the socket's family (which `getpeername` hook answers it).
@@ -792,6 +819,7 @@ fn socket_allowed(flags: u32, family: u32, sock_type: u32, protocol: u32) -> boo
 fn try_sock_ops(ctx: &SockOpsContext) {
     match ctx.op() {
         BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(ctx),
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_established(ctx),
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => on_close(ctx),
         _ => {}
     }
@@ -838,6 +866,138 @@ fn on_close(ctx: &SockOpsContext) {
             let _ = CONNECTIONS.remove(&key);
         }
     }
+}
+
+/// A socket is established: if it was redirected and the fast path is on, put it in
+/// `FAST_PATH`, marked as not having sent anything (it cannot have: this runs before
+/// `connect()` returns).
+#[inline(always)]
+fn on_established(ctx: &SockOpsContext) {
+    match CAPTURE_CONFIG.get(0) {
+        Some(cfg) if cfg.has(FLAG_FAST_PATH) => {}
+        _ => return,
+    }
+    // SAFETY: the context pointer is the program's own `bpf_sock_ops`.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+    // SAFETY: only tested for presence.
+    if unsafe { ORIGINAL_BY_COOKIE.get(&cookie) }.is_none() {
+        return; // not a redirected connection
+    }
+    let Some(local) = local_key(ctx) else {
+        return;
+    };
+    let ops = ctx.ops;
+    // SAFETY: `ops` is the program's own `bpf_sock_ops`.
+    let family = unsafe { (*ops).family };
+    let remote_addr = if family == u32::from(AF_INET) {
+        v4_mapped(remote_ip4(ops).to_ne_bytes())
+    } else {
+        words_to_bytes(remote_ip6(ops))
+    };
+    let mut key = FlowKey {
+        local_addr: local.addr,
+        remote_addr,
+        local_port: local.port,
+        remote_port: u32::from(u16::from_be((remote_port(ops) >> 16) as u16)),
+    };
+    if FAST_PATH_STATE
+        .insert(&key, &FAST_PATH_UNDECIDED, u64::from(BPF_ANY))
+        .is_err()
+    {
+        count(FAST_PATH_STAT_CLIENT_FAILED, 1);
+        return;
+    }
+    // SAFETY: `ops` is the program's own `bpf_sock_ops`, valid for this call.
+    let inserted = FAST_PATH.update(&mut key, unsafe { &mut *ops }, u64::from(BPF_ANY));
+    if inserted.is_ok() {
+        count(FAST_PATH_STAT_CLIENTS, 1);
+    } else {
+        // Not in the map: its sends never run the fast path program. Nothing to undo.
+        count(FAST_PATH_STAT_CLIENT_FAILED, 1);
+    }
+}
+
+#[inline(always)]
+fn count(index: u32, n: u64) {
+    if let Some(c) = FAST_PATH_STATS.get_ptr_mut(index) {
+        // SAFETY: a valid per-CPU slot; nothing else writes it on this CPU meanwhile.
+        unsafe { *c += n };
+    }
+}
+
+/// A send on a socket in `FAST_PATH`: into the peer's receive queue when the peer is in the
+/// map and every earlier send of this socket went the same way; through TCP otherwise.
+#[sk_msg]
+pub fn bulkhead_fast_path(ctx: SkMsgContext) -> u32 {
+    fast_path(&ctx);
+    // With a redirect set, SK_PASS delivers to the peer; without, it is an ordinary send.
+    SK_PASS
+}
+
+#[inline(always)]
+fn fast_path(ctx: &SkMsgContext) {
+    let msg = ctx.msg;
+    // SAFETY: `msg` is the program's own `sk_msg_md`.
+    let family = unsafe { (*msg).family };
+    let (local_addr, remote_addr) = if family == u32::from(AF_INET) {
+        (
+            v4_mapped(msg_local_ip4(msg).to_ne_bytes()),
+            v4_mapped(msg_remote_ip4(msg).to_ne_bytes()),
+        )
+    } else if family == u32::from(AF_INET6) {
+        (
+            words_to_bytes(msg_local_ip6(msg)),
+            words_to_bytes(msg_remote_ip6(msg)),
+        )
+    } else {
+        return;
+    };
+    let own = FlowKey {
+        local_addr,
+        remote_addr,
+        local_port: msg_local_port(msg),
+        remote_port: u32::from(u16::from_be((msg_remote_port(msg) >> 16) as u16)),
+    };
+    let size = u64::from(msg_size(msg));
+    let Some(state) = FAST_PATH_STATE.get_ptr_mut(&own) else {
+        count(FAST_PATH_STAT_PASSED, 1);
+        count(FAST_PATH_STAT_PASSED_BYTES, size);
+        return;
+    };
+    // SAFETY: a valid map value; only this socket's sends (serialised by its lock) write it.
+    let current = unsafe { *state };
+    if current != FAST_PATH_OFF {
+        let mut peer = own.mirrored();
+        if FAST_PATH.redirect_msg(ctx, &mut peer, u64::from(BPF_F_INGRESS)) == i64::from(SK_PASS) {
+            if current != FAST_PATH_ON {
+                // SAFETY: as above.
+                unsafe { *state = FAST_PATH_ON };
+            }
+            count(FAST_PATH_STAT_REDIRECTED, 1);
+            count(FAST_PATH_STAT_REDIRECTED_BYTES, size);
+            return;
+        }
+        // No peer (not yet in the map, or gone): TCP from now on. Leaving the fast path is
+        // safe: bytes already redirected are read before anything TCP delivers after them.
+        // SAFETY: as above.
+        unsafe { *state = FAST_PATH_OFF };
+    }
+    count(FAST_PATH_STAT_PASSED, 1);
+    count(FAST_PATH_STAT_PASSED_BYTES, size);
+}
+
+#[inline(always)]
+fn words_to_bytes(w: [u32; 4]) -> [u8; 16] {
+    let (a, b, c, d) = (
+        w[0].to_ne_bytes(),
+        w[1].to_ne_bytes(),
+        w[2].to_ne_bytes(),
+        w[3].to_ne_bytes(),
+    );
+    [
+        a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2],
+        d[3],
+    ]
 }
 
 /// The socket's local address and port: the peer address the daemon sees on `accept()`.
@@ -891,6 +1051,90 @@ fn local_ip6(ops: *mut bpf_sock_ops) -> [u32; 4] {
             core::ptr::read_volatile(&raw const (*ops).local_ip6[3]),
         ]
     }
+}
+
+#[inline(never)]
+fn remote_ip4(ops: *mut bpf_sock_ops) -> u32 {
+    // SAFETY: `ops` is the program's own context.
+    unsafe { core::ptr::read_volatile(&raw const (*ops).remote_ip4) }
+}
+
+#[inline(never)]
+fn remote_ip6(ops: *mut bpf_sock_ops) -> [u32; 4] {
+    // SAFETY: `ops` is the program's own context.
+    unsafe {
+        [
+            core::ptr::read_volatile(&raw const (*ops).remote_ip6[0]),
+            core::ptr::read_volatile(&raw const (*ops).remote_ip6[1]),
+            core::ptr::read_volatile(&raw const (*ops).remote_ip6[2]),
+            core::ptr::read_volatile(&raw const (*ops).remote_ip6[3]),
+        ]
+    }
+}
+
+/// The remote port, network order in the upper 16 bits (as the kernel exposes it).
+#[inline(never)]
+fn remote_port(ops: *mut bpf_sock_ops) -> u32 {
+    // SAFETY: `ops` is the program's own context.
+    unsafe { core::ptr::read_volatile(&raw const (*ops).remote_port) }
+}
+
+#[inline(never)]
+fn msg_local_ip4(msg: *mut sk_msg_md) -> u32 {
+    // SAFETY: `msg` is the program's own context.
+    unsafe { core::ptr::read_volatile(&raw const (*msg).local_ip4) }
+}
+
+#[inline(never)]
+fn msg_remote_ip4(msg: *mut sk_msg_md) -> u32 {
+    // SAFETY: `msg` is the program's own context.
+    unsafe { core::ptr::read_volatile(&raw const (*msg).remote_ip4) }
+}
+
+#[inline(never)]
+fn msg_local_ip6(msg: *mut sk_msg_md) -> [u32; 4] {
+    // SAFETY: `msg` is the program's own context.
+    unsafe {
+        [
+            core::ptr::read_volatile(&raw const (*msg).local_ip6[0]),
+            core::ptr::read_volatile(&raw const (*msg).local_ip6[1]),
+            core::ptr::read_volatile(&raw const (*msg).local_ip6[2]),
+            core::ptr::read_volatile(&raw const (*msg).local_ip6[3]),
+        ]
+    }
+}
+
+#[inline(never)]
+fn msg_remote_ip6(msg: *mut sk_msg_md) -> [u32; 4] {
+    // SAFETY: `msg` is the program's own context.
+    unsafe {
+        [
+            core::ptr::read_volatile(&raw const (*msg).remote_ip6[0]),
+            core::ptr::read_volatile(&raw const (*msg).remote_ip6[1]),
+            core::ptr::read_volatile(&raw const (*msg).remote_ip6[2]),
+            core::ptr::read_volatile(&raw const (*msg).remote_ip6[3]),
+        ]
+    }
+}
+
+/// Host order.
+#[inline(never)]
+fn msg_local_port(msg: *mut sk_msg_md) -> u32 {
+    // SAFETY: `msg` is the program's own context.
+    unsafe { core::ptr::read_volatile(&raw const (*msg).local_port) }
+}
+
+/// Network order in the upper 16 bits.
+#[inline(never)]
+fn msg_remote_port(msg: *mut sk_msg_md) -> u32 {
+    // SAFETY: `msg` is the program's own context.
+    unsafe { core::ptr::read_volatile(&raw const (*msg).remote_port) }
+}
+
+#[inline(never)]
+fn msg_size(msg: *mut sk_msg_md) -> u32 {
+    // SAFETY: `msg` is the program's own context.
+    unsafe { core::ptr::read_volatile(&raw const (*msg).size) }
 }
 
 #[cfg(not(test))]

@@ -375,6 +375,16 @@ fn print_containment(c: &crate::control::Containment) {
             c.dns_forwarder.join(", ")
         );
     }
+    if !c.fast_path.is_empty() {
+        match &c.fast_path_counters {
+            Some(n) => println!(
+                "fast path:   {} ({} sends / {} bytes redirected in the kernel, {} sends through \
+                 TCP; {} governed sockets in the map)",
+                c.fast_path, n.redirected, n.redirected_bytes, n.passed, n.governed_sockets
+            ),
+            None => println!("fast path:   {}", c.fast_path),
+        }
+    }
     if !c.unix.is_empty() {
         println!("unix:        {}", c.unix);
     }

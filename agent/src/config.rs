@@ -176,6 +176,10 @@ pub struct CaptureConfig {
     /// Unix socket addresses governed processes may connect or send to: absolute paths, and
     /// `@name` for abstract ones (`capture.unix_allow`).
     pub unix_allow: Vec<String>,
+    /// The kernel fast path for the loopback hop between governed processes and the gateway
+    /// (`capture.fast_path`, off by default): `sk_msg` moves each send straight to the peer
+    /// socket. See `ebpf::fast_path`.
+    pub fast_path: bool,
 }
 
 /// What governed processes may reach over unix sockets by default: the C library's name
@@ -830,6 +834,7 @@ impl Config {
                 udp_allow,
                 sockets: capture.sockets,
                 unix_allow: capture.unix_allow,
+                fast_path: capture.fast_path,
             },
             store: StoreConfig {
                 retention: crate::record::Retention {
@@ -1097,6 +1102,7 @@ struct RawCapture {
     udp_allow: Vec<String>,
     sockets: Vec<SocketKind>,
     unix_allow: Vec<String>,
+    fast_path: bool,
 }
 
 impl Default for RawCapture {
@@ -1111,6 +1117,7 @@ impl Default for RawCapture {
             udp_allow: Vec::new(),
             sockets: Vec::new(),
             unix_allow: DEFAULT_UNIX_ALLOW.iter().map(ToString::to_string).collect(),
+            fast_path: false,
         }
     }
 }
@@ -1216,6 +1223,16 @@ mod tests {
         assert!(!c.daemon.fail_open);
         assert!(c.capture.loopback, "loopback is captured by default");
         assert_eq!(c.capture.unmatched, Unmatched::Relay);
+        assert!(
+            !c.capture.fast_path,
+            "the kernel fast path is off by default"
+        );
+        assert!(
+            parse("[capture]\nfast_path = true\n")
+                .unwrap()
+                .capture
+                .fast_path
+        );
         assert_eq!(d.source, Source::Embedded);
         assert_eq!(c.daemon.admin_group, "bulkhead");
         assert_eq!(c.store.retention.max_age_us, Some(90 * 86_400 * 1_000_000));

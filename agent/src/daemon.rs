@@ -223,7 +223,12 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         }
         Err(e) => warn!(error = %e, "kernel-side logs unavailable"),
     }
-    let orig_dst = Arc::new(redirector.orig_dst()?);
+    let mut orig_dst = redirector.orig_dst()?;
+    orig_dst.fast_path = redirector.take_fast_path()?;
+    if orig_dst.fast_path.is_some() {
+        info!("kernel fast path on: sk_msg moves loopback sends between governed sockets and the gateway");
+    }
+    let orig_dst = Arc::new(orig_dst);
     let dns_origin: Arc<dyn crate::dns::DnsOrigin> = Arc::new(redirector.dns_origin()?);
     let udp_flows = redirector.udp_flows()?;
     let refusals = redirector.refusals()?;
@@ -369,6 +374,12 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
                     ),
                     Err(why) => format!("NOT governed: {why}"),
                 },
+                fast_path: match &redirector.fast_path {
+                    Ok(true) => "on".into(),
+                    Ok(false) => "off".into(),
+                    Err(why) => format!("off: {why}"),
+                },
+                fast_path_counters: None,
             },
         },
         config_file: match &config.source {

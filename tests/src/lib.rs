@@ -40,6 +40,27 @@ pub const LISTENER_PORT: u16 = 951;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
+/// `BULKHEAD_TEST_FAST_PATH=1`: every daemon the tests start runs with `capture.fast_path`
+/// (CI runs the foundation and PostgreSQL tests both ways).
+pub fn fast_path_from_env() -> bool {
+    std::env::var("BULKHEAD_TEST_FAST_PATH").is_ok_and(|v| v == "1")
+}
+
+/// `config` with `capture.fast_path = true` when `on` (added to its `[capture]` table, or in
+/// one of its own), unless it sets `fast_path` itself.
+pub fn with_fast_path(config: String, on: bool) -> String {
+    if !on || config.contains("fast_path") {
+        return config;
+    }
+    match config.find("[capture]\n") {
+        Some(at) => {
+            let after = at + "[capture]\n".len();
+            format!("{}fast_path = true\n{}", &config[..after], &config[after..])
+        }
+        None => format!("{config}\n[capture]\nfast_path = true\n"),
+    }
+}
+
 /// `target/<profile>`, from this executable: a test (`target/<profile>/deps/<test>`) or a
 /// binary of this package (`target/<profile>/<bin>`).
 fn profile_dir() -> PathBuf {
@@ -311,7 +332,8 @@ impl Topology {
                 .map(|w| format!("workers = {w}\n"))
                 .unwrap_or_default(),
         );
-        fs::write(&self.config_path, format!("{base}{extra}")).expect("write config");
+        let text = with_fast_path(format!("{base}{extra}"), fast_path_from_env());
+        fs::write(&self.config_path, text).expect("write config");
     }
 
     fn netns_file(&self, side: Side) -> fs::File {

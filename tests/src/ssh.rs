@@ -60,8 +60,48 @@ impl SshServer {
 
 impl Topology {
     /// Starts sshd on `TARGET_V4:SSHD_PORT` accepting only a fresh key, which the gateway will
-    /// hold; forwarding is allowed by sshd, so what refuses it in the tests is the gateway.
+    /// hold; forwarding and `BULKHEAD_*` variables are allowed by sshd, so what refuses them in
+    /// the tests is the gateway.
     pub fn sshd(&self) -> SshServer {
+        self.sshd_with("", None)
+    }
+
+    /// [`Topology::sshd`] that also takes `password` for root: sshd runs in a mount namespace
+    /// of its own where `/etc/shadow` is a copy with that password (this machine's is not
+    /// touched), and `PasswordAuthentication` is on.
+    pub fn sshd_with_password(&self, password: &str) -> SshServer {
+        let out = Command::new("openssl")
+            .args(["passwd", "-6", password])
+            .output()
+            .expect("openssl passwd");
+        assert!(out.status.success(), "openssl passwd: {out:?}");
+        let hash = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let shadow: String = fs::read_to_string("/etc/shadow")
+            .expect("/etc/shadow")
+            .lines()
+            .map(|l| match l.split_once(':') {
+                Some(("root", rest)) => {
+                    let after = rest.split_once(':').map_or("", |(_, a)| a);
+                    format!("root:{hash}:{after}\n")
+                }
+                _ => format!("{l}\n"),
+            })
+            .collect();
+        let dir = self.dir.join("sshd");
+        fs::create_dir_all(&dir).expect("sshd dir");
+        let copy = dir.join("shadow");
+        fs::write(&copy, shadow).expect("shadow copy");
+        fs::set_permissions(&copy, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .expect("chmod");
+        self.sshd_with(
+            "PasswordAuthentication yes\nPermitRootLogin yes\n",
+            Some(&copy),
+        )
+    }
+
+    /// `extra` goes first in sshd_config (sshd takes a keyword's first value); `shadow`, when
+    /// given, is bind-mounted on `/etc/shadow` in sshd's own mount namespace.
+    fn sshd_with(&self, extra: &str, shadow: Option<&std::path::Path>) -> SshServer {
         assert!(
             std::path::Path::new(SSHD).exists(),
             "{SSHD} is missing: apt-get install openssh-server (scripts/setup.sh)"
@@ -79,17 +119,33 @@ impl Topology {
         fs::write(
             &config,
             format!(
-                "Port {SSHD_PORT}\nListenAddress {TARGET_V4}\nHostKey {d}/host_ed25519\n\
+                "{extra}Port {SSHD_PORT}\nListenAddress {TARGET_V4}\nHostKey {d}/host_ed25519\n\
                  PidFile {d}/sshd.pid\nAuthorizedKeysFile {d}/authorized_keys\n\
                  PasswordAuthentication no\nKbdInteractiveAuthentication no\n\
                  PermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\n\
                  AllowTcpForwarding yes\nAllowAgentForwarding yes\nX11Forwarding no\n\
-                 PrintMotd no\nPrintLastLog no\nSubsystem sftp internal-sftp\nLogLevel VERBOSE\n",
+                 PrintMotd no\nPrintLastLog no\nSubsystem sftp internal-sftp\nLogLevel VERBOSE\n\
+                 AcceptEnv BULKHEAD_*\n",
                 d = dir.display()
             ),
         )
         .expect("sshd_config");
-        let mut cmd = Command::new(SSHD);
+        let mut cmd = match shadow {
+            None => Command::new(SSHD),
+            Some(copy) => {
+                // unshare(1) makes the new namespace's mounts private: nothing leaks out.
+                let mut c = Command::new("unshare");
+                c.args([
+                    "-m",
+                    "sh",
+                    "-c",
+                    "mount --bind \"$0\" /etc/shadow && exec \"$@\"",
+                ])
+                .arg(copy)
+                .arg(SSHD);
+                c
+            }
+        };
         cmd.args(["-D", "-e", "-f"]).arg(&config);
         let mut proc = self.spawn(Side::Target, "sshd", cmd);
         let deadline = Instant::now() + Duration::from_secs(20);

@@ -377,7 +377,24 @@ fn a_connection_queued_when_the_daemon_stops_lends_its_identity_to_nobody() {
     let mut cmd = Command::new(topo.probe());
     cmd.args(["connect", &dst, "governed", local]);
     let mut queued = topo.spawn(Side::Governed, "queued", cmd);
-    std::thread::sleep(Duration::from_millis(500));
+    // Until the handshake completed into the listener's queue: the listener's side of the
+    // connection exists (the kernel holds the record), whatever state the client moved on to.
+    let queued_in_listener = || {
+        let mut ss = Command::new("ss");
+        ss.args(["-Htn"]);
+        let out = topo.output(Side::Host, ss);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .any(|l| l.split_whitespace().nth(4) == Some(local))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !queued_in_listener() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the governed connect never completed into the stopped daemon's queue"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     daemon.kill9();
     let queued = parse_probe(&std::process::Output {
         status: queued.wait(),

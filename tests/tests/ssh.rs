@@ -184,6 +184,349 @@ fn forwarding_is_refused_and_recorded() {
     );
 }
 
+/// [`POLICY`] with tunnels, agent forwarding and `BULKHEAD_*` variables allowed by rule, and
+/// the commands the tests below run.
+fn tunnel_policy() -> String {
+    format!(
+        "{POLICY}\n[[rule]]\nid = \"box-tunnels\"\nverdict = \"allow\"\ntarget = {{ name = [\"box\"] }}\n\
+         ssh = {{ forward = [\"{TARGET_V4}:{ECHO_PORT}\"], remote_forward = [\"localhost:*\"], agent = true, env = [\"BULKHEAD_*\"] }}\n\
+         [[rule]]\nid = \"box-tools\"\nverdict = \"allow\"\ntarget = {{ name = [\"box\"] }}\n\
+         ssh = {{ command = [\"ssh-add -l\", \"printenv **\"] }}\n"
+    )
+}
+
+/// The echo server's port on the target host (`-L`), and on the governed host (`-R`).
+const ECHO_PORT: u16 = 7007;
+
+/// Probes `addr` from `side` until the echo server behind it answers (a tunnel being set up
+/// by an `ssh` started just before); the echoed text.
+fn echoed_through(
+    topo: &Topology,
+    side: Side,
+    addr: &str,
+    text: &str,
+    context: &dyn Fn() -> String,
+) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let probe = topo.probe_connect(side, addr, text);
+        if probe["reply"].as_str().is_some_and(|r| !r.is_empty()) {
+            return bulkhead_tests::reply(&probe)["data"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no echo through {addr}: {probe}\n{}\n{:?}",
+            context(),
+            forward_requests(topo)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Forwarding requests recorded, as (text, verdict).
+fn forward_requests(topo: &Topology) -> Vec<(String, String)> {
+    topo.sessions()
+        .iter()
+        .flat_map(|s| topo.events(&s["id"]))
+        .filter(|e| e["type"] == "request" && e["class"] == "forward")
+        .map(|e| {
+            (
+                e["text"].as_str().unwrap_or_default().to_string(),
+                e["verdict"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn local_forwarding_allowed_by_a_rule_carries_data_and_is_recorded() {
+    require_root();
+    let topo = Topology::new("");
+    let (_sshd, _daemon) = topo.ssh_target(&tunnel_policy(), "");
+    let _echo = topo.echo_server(
+        Side::Target,
+        format!("{TARGET_V4}:{ECHO_PORT}").parse().unwrap(),
+    );
+    // -L: a listener on the governed host, through the gateway, to the echo server that only
+    // the target reaches; the connection is made from outside the cgroup (not captured).
+    let forward = format!("127.0.0.1:17007:{TARGET_V4}:{ECHO_PORT}");
+    let mut tunnel = topo.spawn(
+        Side::Governed,
+        "ssh -L",
+        topo.ssh_command(
+            &["-N", "-o", "ExitOnForwardFailure=yes", "-L", &forward],
+            None,
+        ),
+    );
+    let echoed = echoed_through(
+        &topo,
+        Side::Host,
+        "127.0.0.1:17007",
+        "through the tunnel",
+        &|| tunnel.stderr(),
+    );
+    assert_eq!(echoed, "through the tunnel", "{}", tunnel.stderr());
+    // Another destination is not allowed: the channel is refused, the ssh goes on.
+    let (code, _, err) = topo.ssh(&["-W", &format!("{TARGET_V4}:{SSHD_PORT}")], "");
+    assert_eq!(code, Some(255), "{err}");
+    assert!(err.contains("administratively prohibited"), "{err}");
+    // The tunnel's record: its response (bytes both ways) once the echo server closed it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let events = loop {
+        let events: Vec<serde_json::Value> = topo
+            .sessions()
+            .iter()
+            .flat_map(|s| topo.events(&s["id"]))
+            .collect();
+        if events.iter().any(|e| {
+            e["type"] == "response"
+                && e["summary"]
+                    .as_str()
+                    .is_some_and(|s| s.contains("bytes to target"))
+        }) {
+            break events;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no tunnel response: {events:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    tunnel.terminate();
+    let allowed = events
+        .iter()
+        .find(|e| {
+            e["type"] == "request" && e["text"] == format!("direct-tcpip {TARGET_V4}:{ECHO_PORT}")
+        })
+        .unwrap_or_else(|| panic!("{events:?}"));
+    assert_eq!(allowed["verdict"], "allow", "{allowed}");
+    assert_eq!(allowed["rules"][0], "box-tunnels", "{allowed}");
+    let response = events
+        .iter()
+        .find(|e| e["type"] == "response" && e["request"] == allowed["id"])
+        .unwrap_or_else(|| panic!("{events:?}"));
+    // What was sent, and the echo server's JSON line (with the text) back.
+    let summary = response["summary"].as_str().unwrap_or_default();
+    let (sent, back) = summary
+        .strip_suffix(" from target")
+        .and_then(|s| s.split_once(" bytes to target, "))
+        .unwrap_or_else(|| panic!("{response}"));
+    assert_eq!(sent, "through the tunnel".len().to_string(), "{response}");
+    assert!(
+        back.parse::<usize>().unwrap() > "through the tunnel".len(),
+        "{response}"
+    );
+    assert!(
+        forward_requests(&topo).contains(&(
+            format!("direct-tcpip {TARGET_V4}:{SSHD_PORT}"),
+            "deny".to_string()
+        )),
+        "{:?}",
+        forward_requests(&topo)
+    );
+}
+
+#[test]
+fn remote_forwarding_allowed_by_a_rule_reaches_the_client_side() {
+    require_root();
+    let topo = Topology::new("");
+    // What the client connects to for -R is a connection of the governed process like any
+    // other, captured and judged: here an opaque TCP destination the policy lets through.
+    topo.allow_opaque_tcp();
+    let (_sshd, daemon) = topo.ssh_target(&tunnel_policy(), "");
+    // The client's side of -R: an echo server on the governed host.
+    let _echo = topo.echo_server(
+        Side::Host,
+        format!("127.0.0.1:{ECHO_PORT}").parse().unwrap(),
+    );
+    let forward = format!("0:127.0.0.1:{ECHO_PORT}");
+    let tunnel = topo.spawn(
+        Side::Governed,
+        "ssh -R",
+        topo.ssh_command(
+            &["-N", "-o", "ExitOnForwardFailure=yes", "-R", &forward],
+            None,
+        ),
+    );
+    // OpenSSH prints the port the target allocated.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let port = loop {
+        let err = tunnel.stderr();
+        if let Some(rest) = err.split("Allocated port ").nth(1) {
+            break rest
+                .split_whitespace()
+                .next()
+                .and_then(|p| p.parse::<u16>().ok())
+                .unwrap_or_else(|| panic!("{err}"));
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no allocated port: {err}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // On the target: its loopback listener leads back to the client's echo server.
+    let echoed = echoed_through(
+        &topo,
+        Side::Target,
+        &format!("127.0.0.1:{port}"),
+        "back to the client",
+        &|| {
+            let events: Vec<String> = topo
+                .sessions()
+                .iter()
+                .flat_map(|s| topo.events(&s["id"]))
+                .filter(|e| e["type"] != "request")
+                .map(|e| e.to_string())
+                .take(30)
+                .collect();
+            format!(
+                "{}\n{}\n{}",
+                tunnel.stderr(),
+                daemon.stderr(),
+                events.join("\n")
+            )
+        },
+    );
+    assert_eq!(echoed, "back to the client");
+    // The client's own connection to its side went through the gateway too.
+    assert!(
+        topo.sessions().iter().any(|s| {
+            topo.events(&s["id"]).iter().any(|e| {
+                e["type"] == "connect"
+                    && e["comm"] == "ssh"
+                    && e["destination"] == format!("127.0.0.1:{ECHO_PORT}")
+            })
+        }),
+        "the -R connection on the client's side was not captured"
+    );
+    let requests = forward_requests(&topo);
+    assert!(
+        requests.contains(&("tcpip-forward localhost:0".to_string(), "allow".to_string())),
+        "{requests:?}"
+    );
+    assert!(
+        requests.iter().any(|(t, v)| t
+            .starts_with(&format!("forwarded-tcpip localhost:{port} from 127.0.0.1:"))
+            && v == "allow"),
+        "{requests:?}"
+    );
+}
+
+#[test]
+fn agent_forwarding_allowed_by_a_rule_lists_the_clients_key_on_the_target() {
+    require_root();
+    let topo = Topology::new("");
+    let agent_sock = topo.dir.join("agent.sock");
+    let (_sshd, _daemon) = topo.ssh_target(
+        &tunnel_policy(),
+        &format!("[capture]\nunix_allow = [\"{}\"]\n", agent_sock.display()),
+    );
+    let mut agent_cmd = Command::new("ssh-agent");
+    agent_cmd.args(["-D", "-a"]).arg(&agent_sock);
+    let _agent = topo.spawn(Side::Host, "ssh-agent", agent_cmd);
+    let key = topo.dir.join("client_key");
+    let keygen = Command::new("ssh-keygen")
+        .args([
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "",
+            "-C",
+            "the-clients-key",
+            "-f",
+        ])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(keygen.status.success(), "{keygen:?}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut add = Command::new("ssh-add");
+        add.arg(&key).env("SSH_AUTH_SOCK", &agent_sock);
+        let out = topo.output(Side::Host, add);
+        if out.status.success() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "ssh-add: {out:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut listed = topo.ssh_command(&["-A"], Some("ssh-add -l"));
+    listed.env("SSH_AUTH_SOCK", &agent_sock);
+    let out = topo.output(Side::Governed, listed);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(stdout.contains("the-clients-key"), "{out:?}");
+    let requests = forward_requests(&topo);
+    assert!(
+        requests.contains(&("agent forwarding".to_string(), "allow".to_string())),
+        "{requests:?}"
+    );
+    assert!(
+        requests.contains(&("auth-agent channel".to_string(), "allow".to_string())),
+        "{requests:?}"
+    );
+    // Without the -A, the target has no agent (and the gateway relays none).
+    let mut plain = topo.ssh_command(&[], Some("ssh-add -l"));
+    plain.env("SSH_AUTH_SOCK", &agent_sock);
+    let out = topo.output(Side::Governed, plain);
+    assert_eq!(out.status.code(), Some(2), "no agent: {out:?}");
+}
+
+#[test]
+fn env_variables_are_refused_by_default_and_passed_when_a_rule_allows_them() {
+    require_root();
+    let topo = Topology::new("");
+    let policy = format!(
+        "{POLICY}\n[[rule]]\nid = \"box-printenv\"\nverdict = \"allow\"\ntarget = {{ name = [\"box\"] }}\n\
+         ssh = {{ command = [\"printenv **\"] }}\n"
+    );
+    let (_sshd, _daemon) = topo.ssh_target(&policy, "");
+    let (code, out, err) = topo.ssh(
+        &["-o", "SetEnv=BULKHEAD_GREETING=hello"],
+        "printenv BULKHEAD_GREETING",
+    );
+    assert_eq!((code, out.as_str()), (Some(1), ""), "refused: {err}");
+    assert!(
+        forward_requests(&topo)
+            .contains(&("env BULKHEAD_GREETING".to_string(), "deny".to_string())),
+        "{:?}",
+        forward_requests(&topo)
+    );
+    // With a rule naming it, the remote command sees it; others stay refused.
+    topo.policy("box.toml", &tunnel_policy());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (code, out, err) = topo.ssh(
+            &["-o", "SetEnv=BULKHEAD_GREETING=hello OTHER_VAR=x"],
+            "printenv BULKHEAD_GREETING OTHER_VAR",
+        );
+        if out == "hello\n" {
+            assert_eq!(code, Some(1), "OTHER_VAR is not set: {err}");
+            break;
+        }
+        // The policy reloads on change: until then, refused as before.
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{code:?} {out:?} {err}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let requests = forward_requests(&topo);
+    assert!(
+        requests.contains(&("env BULKHEAD_GREETING".to_string(), "allow".to_string())),
+        "{requests:?}"
+    );
+    assert!(
+        requests.contains(&("env OTHER_VAR".to_string(), "deny".to_string())),
+        "{requests:?}"
+    );
+}
+
 #[test]
 fn a_changed_host_key_is_refused_naming_both_fingerprints() {
     require_root();
@@ -487,4 +830,100 @@ fn sftp_and_scp_are_judged_per_file_recorded_and_a_denied_put_is_permission_deni
         summaries.contains(&format!("read 12 bytes {dir}/data.txt").as_str()),
         "{summaries:?}"
     );
+}
+
+#[test]
+fn a_window_size_change_reaches_the_remote_pty() {
+    require_root();
+    let topo = Topology::new("");
+    // A tmux server of the test's own, governed (its panes' ssh is captured; its own socket
+    // allowed to governed processes); driven from outside the cgroup over that socket. Short:
+    // a unix socket path has at most 107 bytes, the topology's directory may be long.
+    let sock = std::path::PathBuf::from(format!("/tmp/bh-tmux-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&sock);
+    let (_sshd, _daemon) = topo.ssh_target(
+        POLICY,
+        &format!("[capture]\nunix_allow = [\"{}\"]\n", sock.display()),
+    );
+    let mut server = Command::new("tmux");
+    server.args(["-D", "-f", "/dev/null", "-S"]).arg(&sock);
+    let server = topo.spawn(Side::Governed, "tmux", server);
+    let tmux = |args: &[&str]| {
+        let mut cmd = Command::new("tmux");
+        cmd.arg("-S").arg(&sock).args(args);
+        topo.output(Side::Host, cmd)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !sock.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "tmux did not start: {}",
+            server.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let ssh = topo.ssh_line(&["-tt"], None);
+    let out = tmux(&["new-session", "-d", "-x", "80", "-y", "24", &ssh]);
+    assert!(out.status.success(), "{out:?}");
+    // Types `stty size` (what the remote pty says its size is) until the answer shows.
+    let size_shown = |want: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let _ = tmux(&["send-keys", "echo size=$(stty size)", "Enter"]);
+            std::thread::sleep(Duration::from_millis(300));
+            let screen =
+                String::from_utf8_lossy(&tmux(&["capture-pane", "-p"]).stdout).into_owned();
+            if screen.contains(&format!("size={want}")) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "want size={want}:\n{screen}"
+            );
+        }
+    };
+    size_shown("24 80");
+    let out = tmux(&["resize-window", "-x", "100", "-y", "30"]);
+    assert!(out.status.success(), "{out:?}");
+    let _ = tmux(&["send-keys", "clear", "Enter"]);
+    size_shown("30 100");
+    let _ = tmux(&["kill-server"]);
+    let _ = std::fs::remove_file(&sock);
+}
+
+#[test]
+fn a_held_password_logs_in_upstream() {
+    require_root();
+    let topo = Topology::new("");
+    let sshd = topo.sshd_with_password("held-secret-42");
+    let secret = topo.credential_file("box", "held-secret-42");
+    // No key for the target: only the password.
+    topo.write_config(&format!(
+        "[[target]]\nname = \"box\"\nprotocol = \"ssh\"\naddresses = [\"{TARGET_V4}:{SSHD_PORT}\"]\n\
+         credentials = {{ file = \"{}\" }}\n[target.ssh]\nuser = \"root\"\nknown_hosts = \"{}\"\n",
+        secret.display(),
+        sshd.known_hosts.display()
+    ));
+    topo.policy("box.toml", POLICY);
+    let _daemon = topo.start_daemon(&[]);
+    let (code, out, err) = topo.ssh(&[], "echo ok");
+    assert_eq!((code, out.as_str()), (Some(0), "ok\n"), "{err}");
+    assert!(
+        sshd.proc.stderr().contains("Accepted password for root"),
+        "{}",
+        sshd.proc.stderr()
+    );
+    let (_, events) = session_with(&topo, "echo ok");
+    assert!(
+        events.iter().any(|e| e["type"] == "auth"
+            && e["side"] == "target"
+            && e["method"] == "password (held)"
+            && e["ok"] == true),
+        "{events:?}"
+    );
+    // A wrong held password refuses the client, and says so.
+    std::fs::write(&secret, "not-the-password").unwrap();
+    let (code, out, err) = topo.ssh(&[], "echo ok");
+    assert_eq!(code, Some(255), "{out} {err}");
+    assert!(!out.contains("ok"), "{out}");
 }

@@ -52,13 +52,17 @@ fn main() -> Result<()> {
             cargo(&root, &["build", "--package", "bulkhead", "--bins"])?;
             // The packaging test installs and purges the Debian package of this build.
             deb(&root, true)?;
-            // The default members: every crate but the no_std eBPF one.
-            let mut test = vec!["test"];
+            // The default members: every crate but the no_std eBPF one (the benches are
+            // binaries of bulkhead-tests, so this builds them too). Every test binary runs, so
+            // one failing file does not hide the others.
+            let mut test = vec!["test", "--no-fail-fast"];
             if !args.is_empty() {
                 test.push("--");
                 test.extend(args.iter().map(String::as_str));
             }
-            cargo(&root, &test)
+            let tested = cargo(&root, &test);
+            let fuzz = check_fuzz_targets(&root);
+            tested.and(fuzz)
         }
         Task::Bench => {
             setup(&root)?;
@@ -200,6 +204,18 @@ fn install(root: &Path) -> Result<()> {
         println!("systemd is not running here: start the daemon with `bulkhead daemon`");
     }
     Ok(())
+}
+
+/// The fuzz targets type-check against the library (running them needs nightly and
+/// cargo-fuzz, see agent/fuzz/README.md); their own workspace and lock file, and a target
+/// directory of their own so the main build is not invalidated.
+fn check_fuzz_targets(root: &Path) -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    run(Command::new(cargo)
+        .current_dir(root.join("agent/fuzz"))
+        .env("BULKHEAD_SKIP_EBPF", "1")
+        .env("CARGO_TARGET_DIR", root.join("target/fuzz"))
+        .args(["check", "--locked", "--bins"]))
 }
 
 fn workspace_root() -> Result<PathBuf> {

@@ -85,6 +85,7 @@ pub fn checks(config: &Config) -> Vec<Check> {
         &control::Request::Status,
     );
     out.push(bpf_lsm(status.as_ref().ok()));
+    out.push(fast_path(config, status.as_ref().ok()));
     let mount = cgroup::cgroup2_mount();
     out.push(match &mount {
         Ok(m) => check("cgroup v2", Level::Ok, format!("mounted at {}", m.display())),
@@ -188,6 +189,31 @@ fn bpf_lsm(status: Option<&serde_json::Value>) -> Check {
             "add bpf to the kernel's lsm= boot parameter (lsm={},bpf)",
             if lsms.trim().is_empty() { "landlock,lockdown,yama,apparmor" } else { lsms.trim() }
         ))
+    }
+}
+
+/// The kernel fast path (`capture.fast_path`): asked for, and whether the daemon attached it.
+fn fast_path(config: &Config, status: Option<&serde_json::Value>) -> Check {
+    let in_use = status.and_then(|s| s["daemon"]["containment"]["fast_path"].as_str());
+    match (config.capture.fast_path, in_use) {
+        (false, _) => check("fast path", Level::Ok, "off (capture.fast_path = false)"),
+        (true, Some("on")) => check(
+            "fast path",
+            Level::Warn,
+            "on (experimental): on Linux 6.18 a governed program's blocking read can fail with \
+             EAGAIN (docs/BENCHMARKS.md)",
+        )
+        .fix("set capture.fast_path = false unless every governed tool reads non-blocking"),
+        (true, Some(other)) => check(
+            "fast path",
+            Level::Warn,
+            format!("asked for, but the daemon runs without it ({other}); connections use TCP"),
+        ),
+        (true, None) => check(
+            "fast path",
+            Level::Ok,
+            "asked for (capture.fast_path = true); the daemon is not running",
+        ),
     }
 }
 

@@ -212,6 +212,13 @@ pub struct Containment {
     /// Unix socket addresses they may connect or send to, or why unix sockets are not governed.
     #[serde(default)]
     pub unix: String,
+    /// The kernel fast path for the loopback hop (`capture.fast_path`): "on", "off", or
+    /// "off: why" when it was asked for and could not be attached.
+    #[serde(default)]
+    pub fast_path: String,
+    /// What it did (from the pinned counters), when it is on.
+    #[serde(default)]
+    pub fast_path_counters: Option<crate::ebpf::fast_path::FastPathCounters>,
 }
 
 /// A configured target, for `bulkhead status`.
@@ -320,6 +327,10 @@ impl ControlState {
         let udp = crate::ebpf::udp_policy::compile(&self.policy.current());
         info.containment.udp_policy = udp.allowed;
         info.containment.udp_policy_notes = udp.notes;
+        if info.containment.fast_path == "on" {
+            info.containment.fast_path_counters =
+                crate::ebpf::fast_path::pinned_counters(&self.pin_dir).and_then(Result::ok);
+        }
         info.config_changed = self
             .config_file
             .as_ref()

@@ -8,6 +8,7 @@
 //! Fail open: nothing is pinned; the links live only as long as the daemon's file descriptors,
 //! so the kernel detaches the programs when the daemon exits, even on `kill -9`.
 
+pub mod fast_path;
 pub mod rules;
 pub mod udp_policy;
 pub mod unix;
@@ -20,11 +21,11 @@ use std::{
 };
 
 use aya::{
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, RingBuf},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, RingBuf, SockHash},
     programs::{
         links::{FdLink, PinnedLink},
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, LsmCgroup,
-        SockOps,
+        SkMsg, SockOps,
     },
     Btf, Ebpf, EbpfLoader, Pod,
 };
@@ -86,14 +87,36 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> EbpfError + '_ {
 pub trait OrigDst: Send + Sync + 'static {
     /// Takes (and forgets) the record for `client`.
     fn take(&self, client: ClientAddr) -> Option<ConnectRecord>;
+
+    /// Puts the accepted end of a redirected connection in the kernel fast path
+    /// ([`fast_path`]), when it is on. Called before the gateway writes to `accepted`; the
+    /// connection stays on TCP when this does nothing or fails. `true` when it is in: its
+    /// bytes may then arrive outside the TCP receive queue, which only `read(2)` sees.
+    fn fast_path(&self, accepted: &tokio::net::TcpStream) -> bool {
+        let _ = accepted;
+        false
+    }
 }
 
 /// The kernel's records, from the pinned or owned `CONNECTIONS` map.
 pub struct BpfOrigDst {
     map: Mutex<HashMap<MapData, SockKey, ConnectRecord>>,
+    /// `capture.fast_path` on and its program attached.
+    pub fast_path: Option<fast_path::FastPath>,
 }
 
 impl OrigDst for BpfOrigDst {
+    fn fast_path(&self, accepted: &tokio::net::TcpStream) -> bool {
+        let Some(fp) = &self.fast_path else {
+            return false;
+        };
+        let added = fast_path::flow_key(accepted).and_then(|key| fp.add(accepted, key));
+        if let Err(e) = &added {
+            tracing::debug!(error = %e, "connection stays off the fast path");
+        }
+        added.is_ok()
+    }
+
     fn take(&self, client: ClientAddr) -> Option<ConnectRecord> {
         let key = SockKey {
             addr: to_kernel_bytes(client.0.ip()),
@@ -187,6 +210,9 @@ pub struct Redirector {
     pub unix_filter: Result<(), String>,
     /// Fail open: the unix programs' links, held (dropping them detaches).
     _unix_links: Vec<std::os::fd::OwnedFd>,
+    /// `capture.fast_path`: `Ok(true)` when its program is attached, or why it is not.
+    pub fast_path: Result<bool, String>,
+    fast_path_sockets: Option<SockHash<MapData, bulkhead_common::FlowKey>>,
 }
 
 impl Redirector {
@@ -219,6 +245,26 @@ impl Redirector {
         loader.override_global("AYA_LOG_LEVEL", &kernel_log_level, false);
         let mut ebpf = loader.load(EBPF_OBJECT)?;
 
+        // Before the rules turn `FLAG_FAST_PATH` on: a socket takes the map's programs when
+        // it goes in.
+        let (fast_path, fast_path_sockets) = if rules.config.has(bulkhead_common::FLAG_FAST_PATH) {
+            match attach_fast_path(&mut ebpf) {
+                Ok(sockets) => (Ok(true), Some(sockets)),
+                Err(e) => {
+                    warn!(error = %e, "kernel fast path unavailable; connections use TCP");
+                    (Err(e.to_string()), None)
+                }
+            }
+        } else {
+            (Ok(false), None)
+        };
+        let degraded;
+        let rules = if fast_path.is_err() {
+            degraded = rules.without_fast_path();
+            &degraded
+        } else {
+            rules
+        };
         fill_maps(&mut ebpf, rules)?;
 
         let cgroup_dir = fs::File::open(cgroup).map_err(io_err(cgroup))?;
@@ -327,7 +373,18 @@ impl Redirector {
             socket_filter,
             unix_filter,
             _unix_links: unix_held,
+            fast_path,
+            fast_path_sockets,
         })
+    }
+
+    /// The fast path's handle for the gateway, when it is on.
+    pub fn take_fast_path(&mut self) -> Result<Option<fast_path::FastPath>, EbpfError> {
+        let Some(sockets) = self.fast_path_sockets.take() else {
+            return Ok(None);
+        };
+        let state = take_hash_map(&mut self.ebpf, maps::FAST_PATH_STATE)?;
+        Ok(Some(fast_path::FastPath::new(sockets, state)))
     }
 
     /// The ring buffer of attempts the kernel refused, for the daemon to record.
@@ -354,6 +411,7 @@ impl Redirector {
         })?;
         Ok(BpfOrigDst {
             map: Mutex::new(map),
+            fast_path: None,
         })
     }
 
@@ -424,6 +482,9 @@ impl Redirector {
 
     /// Rewrites the capture rules in place (configuration reload).
     pub fn update_rules(&mut self, rules: &CaptureRules) -> Result<(), EbpfError> {
+        if self.fast_path != Ok(true) {
+            return fill_maps(&mut self.ebpf, &rules.without_fast_path());
+        }
         fill_maps(&mut self.ebpf, rules)
     }
 }
@@ -480,6 +541,25 @@ fn take_hash_map<K: Pod, V: Pod>(
 ) -> Result<HashMap<MapData, K, V>, EbpfError> {
     let map = ebpf.take_map(name).ok_or(EbpfError::Missing(name))?;
     HashMap::try_from(map).map_err(|source| EbpfError::Map { name, source })
+}
+
+/// Loads the fast path's `sk_msg` program and attaches it to `FAST_PATH` (the map holds it,
+/// not a cgroup). Returns the map, for the daemon to put accepted sockets in.
+fn attach_fast_path(
+    ebpf: &mut Ebpf,
+) -> Result<SockHash<MapData, bulkhead_common::FlowKey>, EbpfError> {
+    let name = programs::FAST_PATH_MSG;
+    let program_err = |source| EbpfError::Program { name, source };
+    let map = ebpf
+        .take_map(maps::FAST_PATH)
+        .ok_or(EbpfError::Missing(maps::FAST_PATH))?;
+    let sockets: SockHash<MapData, bulkhead_common::FlowKey> =
+        SockHash::try_from(map).map_err(map_err(maps::FAST_PATH))?;
+    let prog = ebpf.program_mut(name).ok_or(EbpfError::Missing(name))?;
+    let p: &mut SkMsg = prog.try_into().map_err(program_err)?;
+    p.load().map_err(program_err)?;
+    p.attach(sockets.fd()).map_err(program_err)?;
+    Ok(sockets)
 }
 
 /// Attaches the datagram counter (`cgroup_skb/egress`).

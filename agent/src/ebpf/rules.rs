@@ -74,6 +74,9 @@ impl CaptureRules {
         if !config.capture.include.is_empty() {
             flags |= FLAG_INCLUDE_FILTER;
         }
+        if config.capture.fast_path {
+            flags |= bulkhead_common::FLAG_FAST_PATH;
+        }
         for kind in &config.capture.sockets {
             flags |= match kind {
                 SocketKind::Ping => FLAG_ALLOW_PING,
@@ -140,6 +143,14 @@ impl CaptureRules {
             flags: self.config.flags & !FLAG_READY,
             ..self.config
         }
+    }
+
+    /// These rules with the fast path off (its program could not be attached).
+    #[must_use]
+    pub fn without_fast_path(&self) -> Self {
+        let mut rules = self.clone();
+        rules.config.flags &= !bulkhead_common::FLAG_FAST_PATH;
+        rules
     }
 
     /// What the kernel programs decide for a TCP connect to `dst` by `uid`: `true` when it is

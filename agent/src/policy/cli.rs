@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use clap::{Args, Subcommand};
 use serde::Serialize;
 
-use super::{load_dir, Action, Decision, PolicySet, Request, TargetRef};
+use super::{load_dir, Action, Decision, PolicySet, Request, SshForward, TargetRef};
 use crate::{
     config::Config,
     identity::{Ancestor, ProcessIdentity},
@@ -72,7 +72,11 @@ pub const EXAMPLES: &[(&str, &str)] = &[
 ];
 
 #[derive(Debug, Args)]
-#[command(group(clap::ArgGroup::new("action").required(true).args(["sql", "ssh", "ssh_shell", "sftp_read", "sftp_write", "http", "kube", "connect"])))]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "command-line flags, one per kind of request"
+)]
+#[command(group(clap::ArgGroup::new("action").required(true).args(["sql", "ssh", "ssh_shell", "sftp_read", "sftp_write", "ssh_forward", "ssh_remote_forward", "ssh_agent", "ssh_env", "http", "kube", "connect"])))]
 pub struct TestArgs {
     /// Policy directory [default: the configuration's daemon.policy_dir]
     #[arg(long, value_name = "DIR")]
@@ -117,6 +121,18 @@ pub struct TestArgs {
     /// An sftp operation that writes, creates, removes or renames PATH
     #[arg(long, value_name = "PATH")]
     pub sftp_write: Option<String>,
+    /// An SSH direct-tcpip tunnel (`ssh -L`, `-D`, `-W`, `-J`) to HOST:PORT
+    #[arg(long, value_name = "HOST:PORT")]
+    pub ssh_forward: Option<String>,
+    /// An SSH remote forward (`ssh -R`): the target listening on ADDRESS:PORT
+    #[arg(long, value_name = "ADDRESS:PORT")]
+    pub ssh_remote_forward: Option<String>,
+    /// SSH agent forwarding (`ssh -A`)
+    #[arg(long)]
+    pub ssh_agent: bool,
+    /// An environment variable sent over SSH (`SendEnv`, `SetEnv`)
+    #[arg(long, value_name = "NAME")]
+    pub ssh_env: Option<String>,
     /// An HTTP request: METHOD URL
     #[arg(long, num_args = 2, value_names = ["METHOD", "URL"])]
     pub http: Option<Vec<String>>,
@@ -342,6 +358,28 @@ pub fn decide(
         Action::Sftp { write: false, path }
     } else if let Some(path) = &args.sftp_write {
         Action::Sftp { write: true, path }
+    } else if let Some(address) = &args.ssh_forward {
+        let (host, port) = split_host_port(address)?;
+        Action::SshForward {
+            kind: SshForward::Local,
+            host,
+            port,
+        }
+    } else if let Some(address) = &args.ssh_remote_forward {
+        let (host, port) = split_host_port(address)?;
+        Action::SshForward {
+            kind: SshForward::Remote,
+            host,
+            port,
+        }
+    } else if args.ssh_agent {
+        Action::SshForward {
+            kind: SshForward::Agent,
+            host: "",
+            port: 0,
+        }
+    } else if let Some(name) = &args.ssh_env {
+        Action::SshEnv { name }
     } else if let Some(http) = &args.http {
         let [m, url] = http.as_slice() else {
             return Err(PolicyCliError::Usage("--http takes METHOD URL".into()));
@@ -371,7 +409,11 @@ pub fn decide(
         .or(protocol)
         .or(match action {
             Action::Sql { .. } | Action::SqlClassified(_) => Some(Protocol::Postgres),
-            Action::SshExec { .. } | Action::SshShell | Action::Sftp { .. } => Some(Protocol::Ssh),
+            Action::SshExec { .. }
+            | Action::SshShell
+            | Action::Sftp { .. }
+            | Action::SshForward { .. }
+            | Action::SshEnv { .. } => Some(Protocol::Ssh),
             Action::Http { .. } => Some(Protocol::Http),
             Action::Kube { .. } => Some(Protocol::Kubernetes),
             Action::Connect | Action::Unknown { .. } => None,
@@ -392,6 +434,17 @@ pub fn decide(
     };
     let decision = set.evaluate(&req);
     Ok((target, protocol, decision))
+}
+
+/// `HOST:PORT` or `[V6]:PORT` as given to `--ssh-forward` / `--ssh-remote-forward`.
+fn split_host_port(address: &str) -> Result<(&str, u32), PolicyCliError> {
+    let bad = || PolicyCliError::Usage(format!("{address:?}: give HOST:PORT"));
+    let (host, port) = address.rsplit_once(':').ok_or_else(bad)?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    Ok((host, port.parse().map_err(|_| bad())?))
 }
 
 /// The target name and protocol `--target` stands for: a configured target by name; else an

@@ -5,8 +5,8 @@ use std::{borrow::Cow, sync::Arc};
 use super::{
     matchers::{normalize_host, normalize_path, split_command, Glob},
     Action, Basis, Classification, Decision, Effect, HttpMatch, IdentityMatch, KubeMatch, MaskRule,
-    Mode, ObjectPattern, PolicySet, Request, RequestMatch, Rule, SqlClass, SqlMatch, SshMatch,
-    TargetMatch, TargetRef, TargetSettings, Verdict,
+    Mode, ObjectPattern, PolicySet, Request, RequestMatch, Rule, SqlClass, SqlMatch, SshForward,
+    SshMatch, TargetMatch, TargetRef, TargetSettings, Verdict,
 };
 use crate::{identity::ProcessIdentity, protocol::Protocol};
 
@@ -26,6 +26,14 @@ enum Analysis<'a> {
     Sftp {
         write: bool,
         path: &'a str,
+    },
+    /// `address` is `host:port`, normalized ([`forward_address`]).
+    SshForward {
+        kind: SshForward,
+        address: String,
+    },
+    SshEnv {
+        name: &'a str,
     },
     Http {
         method: String,
@@ -182,6 +190,10 @@ impl PolicySet {
             (Verdict::Approve, Basis::Rules, ids(&approve))
         } else if !allow.is_empty() {
             (Verdict::Allow, Basis::Rules, ids(&allow))
+        } else if let Action::SshForward { .. } | Action::SshEnv { .. } = req.action {
+            // Each is a way around the gateway (or what it judged): only a rule naming it allows.
+            let rule = format!("target:{target}:needs-a-rule");
+            (Verdict::Deny, Basis::Default, vec![rule])
         } else if matches!(req.action, Action::Connect)
             && !matches!(req.target.protocol, Protocol::Tcp | Protocol::Udp)
         {
@@ -332,6 +344,7 @@ impl PolicySet {
                     Analysis::Sftp { write, path }
                 }
             }
+            Action::SshForward { .. } | Action::SshEnv { .. } => analyze_ssh_forward(action),
             Action::Http { method, host, path } => match normalize_path(path) {
                 Ok(p) => Analysis::Http {
                     method: method.to_ascii_uppercase(),
@@ -414,6 +427,11 @@ impl IdentityMatch {
 impl RequestMatch {
     fn matches(&self, analysis: &Analysis<'_>, polarity: Polarity) -> bool {
         match (self, analysis) {
+            // A rule without a request section allows no tunnel and no variable (each must be
+            // named); it may still deny or hold them.
+            (RequestMatch::Any, Analysis::SshForward { .. } | Analysis::SshEnv { .. }) => {
+                polarity == Polarity::Touch
+            }
             (RequestMatch::Any, _) => true,
             // Unknown SQL is matched by restricting rules that name `unknown` or no class at all
             // (what it touches is not known, so object conditions cannot exclude it). Covering
@@ -430,6 +448,14 @@ impl RequestMatch {
             (RequestMatch::Ssh(m), Analysis::Sftp { write, path }) => {
                 let globs = if *write { &m.sftp_write } else { &m.sftp_read };
                 globs.iter().any(|g| g.is_match(path))
+            }
+            (RequestMatch::Ssh(m), Analysis::SshForward { kind, address }) => match kind {
+                SshForward::Local => m.forward.iter().any(|g| g.is_match(address)),
+                SshForward::Remote => m.remote_forward.iter().any(|g| g.is_match(address)),
+                SshForward::Agent => m.agent,
+            },
+            (RequestMatch::Ssh(m), Analysis::SshEnv { name }) => {
+                m.env.iter().any(|g| g.is_match(name))
             }
             (RequestMatch::Http(m), Analysis::Http { method, host, path }) => {
                 (m.methods.is_empty() || m.methods.iter().any(|x| x == method))
@@ -514,6 +540,57 @@ impl ObjectPattern {
             || (!object.contains('.')
                 && self.table_part.as_ref().is_some_and(|g| g.is_match(object)))
     }
+}
+
+fn analyze_ssh_forward<'a>(action: &Action<'a>) -> Analysis<'a> {
+    let unknown = |why: String| Analysis::Unknown { sql: false, why };
+    match *action {
+        Action::SshForward { kind, host, port } => match forward_address(kind, host, port) {
+            Ok(address) => Analysis::SshForward { kind, address },
+            Err(why) => unknown(format!("SSH forwarding: {why}")),
+        },
+        Action::SshEnv { name } if !name.is_empty() && !name.contains(['=', '\0']) => {
+            Analysis::SshEnv { name }
+        }
+        _ => unknown("an environment variable name that is empty or has `=` or NUL".into()),
+    }
+}
+
+/// `host:port` as forwarding rules match it: the host lowercased, without a trailing dot, an
+/// IPv6 address in brackets, an empty (any) listen address as `*`. A host the target's
+/// resolver could read as an address other than the one written (`10.5`, `167772165`,
+/// `0x0a.0.0.5`: `inet_aton` accepts them) or with characters no host name has is refused.
+pub fn forward_address(kind: SshForward, host: &str, port: u32) -> Result<String, String> {
+    if kind == SshForward::Agent {
+        return Ok(String::new());
+    }
+    let port = u16::try_from(port).map_err(|_| format!("port {port} out of range"))?;
+    if kind == SshForward::Remote && (host.is_empty() || host == "*") {
+        return Ok(format!("*:{port}"));
+    }
+    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+        return Ok(match ip.to_canonical() {
+            std::net::IpAddr::V4(v4) => format!("{v4}:{port}"),
+            std::net::IpAddr::V6(v6) => format!("[{v6}]:{port}"),
+        });
+    }
+    let name = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
+    let last = name.rsplit('.').next().unwrap_or_default();
+    if name.is_empty()
+        || name.len() > 253
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+        || name.split('.').any(str::is_empty)
+    {
+        return Err(format!("{host:?} is not a host name or an address"));
+    }
+    if last.starts_with(|c: char| c.is_ascii_digit()) {
+        return Err(format!(
+            "{host:?} reads as a numeric address in a form other than a.b.c.d"
+        ));
+    }
+    Ok(format!("{name}:{port}"))
 }
 
 impl SshMatch {

@@ -681,3 +681,37 @@ fn the_starter_policy_observes_everything_and_a_missing_directory_selects_it() {
     // An existing directory never selects the starter.
     assert!(!PolicyHandle::new(&missing).start_with_starter_if_missing());
 }
+
+#[test]
+fn ssh_safe_commands_tunnels_and_variables() {
+    use crate::policy::SshForward;
+    let set = example("ssh-safe-commands.toml");
+    let id = agent();
+    let v = |action| {
+        set.evaluate(&Request {
+            target: TargetRef {
+                name: "build-hosts",
+                protocol: Protocol::Ssh,
+            },
+            identity: &id,
+            action,
+        })
+        .verdict
+    };
+    let forward = |kind, host, port| Action::SshForward { kind, host, port };
+    assert_eq!(v(Action::SshEnv { name: "LC_ALL" }), Verdict::Allow);
+    assert_eq!(v(Action::SshEnv { name: "LD_PRELOAD" }), Verdict::Deny);
+    assert_eq!(
+        v(forward(SshForward::Local, "localhost", 9090)),
+        Verdict::Allow
+    );
+    assert_eq!(
+        v(forward(SshForward::Local, "10.0.0.5", 5432)),
+        Verdict::Deny
+    );
+    assert_eq!(
+        v(forward(SshForward::Remote, "localhost", 9090)),
+        Verdict::Deny
+    );
+    assert_eq!(v(forward(SshForward::Agent, "", 0)), Verdict::Deny);
+}

@@ -290,6 +290,14 @@ struct RawSsh {
     sftp: Option<RawSftp>,
     #[serde(default)]
     regex: Patterns,
+    #[serde(default)]
+    forward: Patterns,
+    #[serde(default)]
+    remote_forward: Patterns,
+    #[serde(default)]
+    agent: bool,
+    #[serde(default)]
+    env: Patterns,
 }
 
 #[derive(Debug, Deserialize)]

@@ -122,6 +122,19 @@ pub enum Action<'a> {
         write: bool,
         path: &'a str,
     },
+    /// A tunnel or forwarding an SSH client asks for: refused unless a rule names it (neither
+    /// a target's default nor a rule without an `ssh` section allows one).
+    SshForward {
+        kind: SshForward,
+        /// Where to (`Local`) or where the target listens (`Remote`); empty for `Agent`.
+        host: &'a str,
+        port: u32,
+    },
+    /// An environment variable an SSH client sends (`SendEnv`, `SetEnv`): refused unless a rule
+    /// names it, since it can change what the remote login shell runs.
+    SshEnv {
+        name: &'a str,
+    },
     Http {
         method: &'a str,
         host: &'a str,
@@ -142,6 +155,17 @@ pub enum Action<'a> {
     Unknown {
         why: &'a str,
     },
+}
+
+/// The kinds of SSH forwarding ([`Action::SshForward`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SshForward {
+    /// A direct-tcpip channel (`ssh -L`, `-D`, `-W`, `-J`): the target connects to host:port.
+    Local,
+    /// A tcpip-forward request (`ssh -R`): the target listens on host:port.
+    Remote,
+    /// Agent forwarding (`ssh -A`).
+    Agent,
 }
 
 /// Why the verdict is what it is.
@@ -288,6 +312,14 @@ pub struct SshMatch {
     /// sftp paths that may be read or listed / written (`sftp = { read = [...], write = [...] }`).
     pub sftp_read: Vec<Glob>,
     pub sftp_write: Vec<Glob>,
+    /// direct-tcpip destinations (`forward = ["db.internal:5432"]`), as `host:port`.
+    pub forward: Vec<Glob>,
+    /// tcpip-forward listen addresses on the target (`remote_forward = ["localhost:*"]`).
+    pub remote_forward: Vec<Glob>,
+    /// Agent forwarding (`agent = true`).
+    pub agent: bool,
+    /// Environment variable names (`env = ["LANG", "LC_*"]`).
+    pub env: Vec<Glob>,
 }
 
 #[derive(Debug, Clone, Default)]

@@ -746,3 +746,105 @@ fn ssh_shells_and_sftp_paths_are_matched_only_by_what_names_them() {
         "command rules do not cover files"
     );
 }
+
+#[test]
+fn ssh_tunnels_agent_and_env_need_a_rule_that_names_them() {
+    use super::SshForward;
+    let id = agent();
+    let judge = |set: &PolicySet, action: Action<'_>| {
+        let d = set.evaluate(&Request {
+            target: TargetRef {
+                name: "box",
+                protocol: Protocol::Ssh,
+            },
+            identity: &id,
+            action,
+        });
+        (d.verdict, d.rules)
+    };
+    let local = |host, port| Action::SshForward {
+        kind: SshForward::Local,
+        host,
+        port,
+    };
+    let remote = |host, port| Action::SshForward {
+        kind: SshForward::Remote,
+        host,
+        port,
+    };
+    let agent_fwd = Action::SshForward {
+        kind: SshForward::Agent,
+        host: "",
+        port: 0,
+    };
+    // An allow-everything target and rule still allow no tunnel and no variable.
+    let open = policy(
+        "[[target]]\nname = \"box\"\nprotocol = \"ssh\"\ndefault = \"allow\"\n\
+         [[rule]]\nid = \"all\"\nverdict = \"allow\"\ntarget = { name = [\"box\"] }\n",
+    );
+    for action in [
+        local("10.0.0.5", 5432),
+        remote("localhost", 8080),
+        agent_fwd,
+        Action::SshEnv { name: "LANG" },
+    ] {
+        assert_eq!(
+            judge(&open, action),
+            (Verdict::Deny, vec!["target:box:needs-a-rule".to_string()]),
+            "{action:?}"
+        );
+    }
+    assert_eq!(
+        judge(&open, Action::SshExec { command: "id" }).0,
+        Verdict::Allow
+    );
+
+    let set = policy(
+        "[[target]]\nname = \"box\"\nprotocol = \"ssh\"\n\
+         [[rule]]\nid = \"tunnels\"\nverdict = \"allow\"\n\
+         ssh = { forward = [\"10.0.0.5:5432\", \"*.internal:*\"], remote_forward = [\"localhost:*\"], agent = true, env = [\"LANG\", \"LC_*\"] }\n\
+         [[rule]]\nid = \"no-admin\"\nverdict = \"deny\"\nssh = { forward = [\"admin.internal:*\"] }\n\
+         [[rule]]\nid = \"nothing-to-ssh\"\nverdict = \"deny\"\nssh = { forward = [\"**:22\"] }\n",
+    );
+    assert_eq!(judge(&set, local("10.0.0.5", 5432)).1, vec!["tunnels"]);
+    assert_eq!(judge(&set, local("DB.Internal.", 5432)).1, vec!["tunnels"]);
+    assert_eq!(
+        judge(&set, local("admin.internal", 443)).1,
+        vec!["no-admin"]
+    );
+    assert_eq!(
+        judge(&set, local("db.internal", 22)).1,
+        vec!["nothing-to-ssh"]
+    );
+    assert_eq!(judge(&set, local("10.0.0.5", 5433)).0, Verdict::Deny);
+    assert_eq!(judge(&set, local("10.0.0.6", 5432)).0, Verdict::Deny);
+    // Another spelling of 10.0.0.5 that the target's resolver accepts: not judged as a name.
+    for host in ["167772165", "10.5", "0x0a.0.0.5", "010.0.0.5"] {
+        let (v, rules) = judge(&set, local(host, 5432));
+        assert_eq!(v, Verdict::Deny, "{host}");
+        assert_eq!(rules, vec!["target:box:on_unknown"], "{host}");
+    }
+    assert_eq!(judge(&set, local("a b", 5432)).0, Verdict::Deny);
+    assert_eq!(judge(&set, local("10.0.0.5", 70000)).0, Verdict::Deny);
+    assert_eq!(judge(&set, remote("localhost", 0)).1, vec!["tunnels"]);
+    assert_eq!(
+        judge(&set, remote("", 8080)).0,
+        Verdict::Deny,
+        "all addresses"
+    );
+    assert_eq!(judge(&set, agent_fwd).1, vec!["tunnels"]);
+    assert_eq!(
+        judge(&set, Action::SshEnv { name: "LC_ALL" }).1,
+        vec!["tunnels"]
+    );
+    assert_eq!(
+        judge(&set, Action::SshEnv { name: "LD_PRELOAD" }).0,
+        Verdict::Deny
+    );
+    assert_eq!(judge(&set, Action::SshEnv { name: "A=B" }).0, Verdict::Deny);
+    // Command rules do not cover tunnels, and tunnel rules do not cover commands.
+    assert_eq!(
+        judge(&set, Action::SshExec { command: "ls" }).0,
+        Verdict::Deny
+    );
+}

@@ -199,6 +199,14 @@ async fn serve_allowed(
     protocols: &Protocols,
     client_stream: TcpStream,
 ) -> SessionEnd {
+    // The kernel fast path, before the gateway sends a byte (`tcp` decides for itself: its
+    // splice(2) reads only what came through TCP).
+    if matches!(
+        conn.target.protocol,
+        Protocol::Postgres | Protocol::Ssh | Protocol::Http | Protocol::Kubernetes
+    ) {
+        conn.gw.orig_dst.fast_path(&client_stream);
+    }
     match conn.target.protocol {
         Protocol::Postgres => postgres::serve(conn, &protocols.postgres, client_stream).await,
         Protocol::Ssh => ssh::serve(conn, &protocols.ssh, client_stream).await,

@@ -24,7 +24,10 @@ const BUFFER: usize = 256 * 1024;
 /// Serves an allowed connection: connects to the original destination and relays until both
 /// directions are done. Opaque bytes carry no requests to judge; the connection was decided.
 pub async fn serve(conn: &Conn<'_>, client: TcpStream) -> SessionEnd {
-    forward(client, conn.destination).await
+    // With the kernel fast path the client's bytes may arrive in its socket's sk_msg queue,
+    // which splice(2) does not read: relay by copy then.
+    let fast_path = conn.gw.orig_dst.fast_path(&client);
+    forward(client, conn.destination, fast_path).await
 }
 
 /// Refuses a connection: reset at once (`SO_LINGER` 0), so the client sees the refusal on its
@@ -38,7 +41,7 @@ pub fn refuse(client: TcpStream, reason: String) -> SessionEnd {
 }
 
 /// Connects to `destination` and relays until both directions are done.
-async fn forward(client: TcpStream, destination: OrigDstAddr) -> SessionEnd {
+async fn forward(client: TcpStream, destination: OrigDstAddr, fast_path: bool) -> SessionEnd {
     let upstream =
         match tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, TcpStream::connect(destination.0))
             .await
@@ -65,11 +68,15 @@ async fn forward(client: TcpStream, destination: OrigDstAddr) -> SessionEnd {
         };
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
-    let (up, down, result) = match super::splice::relay(&client, &upstream).await {
-        Ok(done) => done,
-        Err(e) => {
-            tracing::warn!(error = %e, "splice unavailable; relaying by copy");
-            relay(client.into_split(), upstream.into_split()).await
+    let (up, down, result) = if fast_path {
+        relay(client.into_split(), upstream.into_split()).await
+    } else {
+        match super::splice::relay(&client, &upstream).await {
+            Ok(done) => done,
+            Err(e) => {
+                tracing::warn!(error = %e, "splice unavailable; relaying by copy");
+                relay(client.into_split(), upstream.into_split()).await
+            }
         }
     };
     let outcome = match result {

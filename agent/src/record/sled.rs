@@ -37,6 +37,9 @@ use super::{
     EVENT_SCHEMA_VERSION,
 };
 
+/// How far out of start order sessions may be keyed (ids are handed out as sessions open, a
+/// few microseconds after their start time is taken): `since` and `until` scans allow this much.
+const START_ORDER_SLACK_US: u64 = 1_000_000;
 /// How often sled writes its log to disk: the most that a crash can lose.
 pub const FLUSH_EVERY_MS: u64 = 100;
 /// How often the writer thread moves queued events into the tree.
@@ -147,21 +150,30 @@ impl Sink {
         // One chunk per session, events in append (id) order. An unstable sort needs no
         // scratch buffer: a stable one allocated half a batch of events every 10 ms.
         batch.sort_unstable_by_key(|e| (e.session, e.id));
-        let mut writes = sled::Batch::default();
-        let mut bytes = 0u64;
         let mut scratch = Vec::new();
+        // Chunk by chunk, not as one `sled::Batch`: applying a batch takes sled's
+        // process-wide concurrency lock for writing, and from the first batch on every
+        // read, insert and `generate_id` takes it for reading. The runtime thread that
+        // appends events (`generate_id`) then stalled, with every session it serves, while
+        // this thread applied a batch: 9-13% of both cores idle under pgbench (see
+        // docs/BENCHMARKS.md, issue 17). Chunks are independent of each other, so a batch
+        // need not land atomically: what a crash may lose is bounded by the flush interval
+        // either way. A chunk written again after a failed batch replaces its earlier copy.
         for run in batch.chunk_by(|a, b| a.session == b.session) {
             let mut rest = run;
             while let Some(first) = rest.first() {
                 let key = event_key(first.session, first.id);
                 let (value, taken) = encode_chunk(rest, &mut scratch)?;
                 rest = &rest[taken..];
-                bytes += (key.len() + value.len()) as u64;
-                writes.insert(&key, value);
+                let added = (key.len() + value.len()) as u64;
+                let replaced = self
+                    .events
+                    .insert(key, value)?
+                    .map_or(0, |old| (key.len() + old.len()) as u64);
+                self.recorded_bytes.fetch_add(added, Ordering::Relaxed);
+                self.recorded_bytes.fetch_sub(replaced, Ordering::Relaxed);
             }
         }
-        self.events.apply_batch(writes)?;
-        self.recorded_bytes.fetch_add(bytes, Ordering::Relaxed);
         Ok(())
     }
 
@@ -452,6 +464,53 @@ impl SledStore {
         self.sink.write_out(&self.queue)
     }
 
+    /// The key of the newest session started at or before `t`, found by bisecting the key
+    /// space (session keys are in start order): a few dozen lookups, however many sessions.
+    fn last_started_by(&self, t: u64) -> Result<Option<[u8; 8]>, StoreError> {
+        let started = |k: &[u8], v: &[u8]| -> Result<u64, StoreError> {
+            Ok(Self::decode_session(k, v)?.start.started_at_us)
+        };
+        let id = |k: &[u8]| -> u64 {
+            let mut b = [0u8; 8];
+            let n = k.len().min(8);
+            b[..n].copy_from_slice(&k[..n]);
+            u64::from_be_bytes(b)
+        };
+        let (Some((first_k, first_v)), Some((last_k, last_v))) =
+            (self.sessions.first()?, self.sessions.last()?)
+        else {
+            return Ok(None);
+        };
+        if started(&first_k, &first_v)? > t {
+            return Ok(None);
+        }
+        if started(&last_k, &last_v)? <= t {
+            return Ok(Some(id(&last_k).to_be_bytes()));
+        }
+        // `lo` is a session started by `t`; every session keyed at or after `hi` started later.
+        let (mut lo, mut hi) = (id(&first_k), id(&last_k));
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            match self
+                .sessions
+                .range(mid.to_be_bytes()..)
+                .next()
+                .transpose()?
+            {
+                Some((k, v)) if id(&k) < hi => {
+                    if started(&k, &v)? <= t {
+                        lo = id(&k);
+                    } else {
+                        hi = id(&k);
+                    }
+                }
+                // No session keyed in [mid, hi).
+                _ => hi = mid,
+            }
+        }
+        Ok(Some(lo.to_be_bytes()))
+    }
+
     /// Removes a session and its events; returns (events, bytes) removed.
     fn remove_session(&self, id: SessionId) -> Result<(u64, u64), StoreError> {
         let mut bytes = 0u64;
@@ -558,7 +617,18 @@ impl SessionStore for SledStore {
 
     fn list(&self, filter: &ListFilter, limit: usize) -> Result<Vec<Session>, StoreError> {
         let mut out = Vec::with_capacity(limit.min(1024));
-        for kv in self.sessions.iter().rev() {
+        // With `until`, the newest-first scan starts at the last session that can match, not
+        // at the newest one (the same ordering, with the same second of slack, as `since`).
+        let sessions = match filter.until_us {
+            Some(until) => {
+                match self.last_started_by(until.saturating_add(START_ORDER_SLACK_US))? {
+                    Some(last) => self.sessions.range(..=last),
+                    None => return Ok(out),
+                }
+            }
+            None => self.sessions.iter(),
+        };
+        for kv in sessions.rev() {
             if out.len() >= limit {
                 break;
             }
@@ -566,10 +636,9 @@ impl SessionStore for SledStore {
             let s = Self::decode_session(&k, &v)?;
             // Keys are in start order (ids are handed out as sessions open, a few microseconds
             // after their start time is taken): far enough past `since`, stop scanning.
-            if filter
-                .since_us
-                .is_some_and(|since| s.start.started_at_us.saturating_add(1_000_000) < since)
-            {
+            if filter.since_us.is_some_and(|since| {
+                s.start.started_at_us.saturating_add(START_ORDER_SLACK_US) < since
+            }) {
                 break;
             }
             if filter.matches(&s) {
@@ -850,6 +919,45 @@ mod tests {
             }),
             vec![plain, held, masked]
         );
+    }
+
+    #[test]
+    fn until_finds_the_same_sessions_as_a_full_scan() {
+        let store = SledStore::temporary().unwrap();
+        for n in 0..300u16 {
+            store.open(start(n)).unwrap();
+        }
+        let every = store.list(&ListFilter::default(), usize::MAX).unwrap();
+        assert_eq!(every.len(), 300);
+        for until in [
+            0,
+            1,
+            999_999_999,
+            1_000_000_000,
+            77_500_000_000,
+            299_000_000_000,
+            u64::MAX,
+        ] {
+            let filter = ListFilter {
+                until_us: Some(until),
+                ..ListFilter::default()
+            };
+            let expected: Vec<SessionId> = every
+                .iter()
+                .filter(|s| filter.matches(s))
+                .map(|s| s.id)
+                .collect();
+            for limit in [1, 50, usize::MAX] {
+                let got: Vec<SessionId> = store
+                    .list(&filter, limit)
+                    .unwrap()
+                    .iter()
+                    .map(|s| s.id)
+                    .collect();
+                let want: Vec<SessionId> = expected.iter().copied().take(limit).collect();
+                assert_eq!(got, want, "until {until}, limit {limit}");
+            }
+        }
     }
 
     #[test]

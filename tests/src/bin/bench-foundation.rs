@@ -4,8 +4,13 @@
 //! 1. connect()+close() of a governed process vs an ungoverned one to the same listener when
 //!    the destination is not captured (the cost of the cgroup hook itself);
 //! 2. connect()+close() of a governed process whose connect is captured and redirected to the
-//!    gateway vs an ungoverned process connecting directly to the same target;
-//! 3. a bulk transfer through the gateway's relay vs direct.
+//!    gateway vs an ungoverned process connecting directly to the same target (the clock stops
+//!    when connect() returns, before the gateway has accepted: the hook and redirect alone);
+//! 3. connect(), one byte sent and its echo read back from the target, close(): what a tool
+//!    feels before its first answer, through the gateway (accept, identify, record, dial the
+//!    target) vs direct;
+//! 4. the UDP sendmsg hook's cost per datagram;
+//! 5. a bulk transfer through the gateway's relay vs direct.
 //!
 //! Rounds alternate baseline and subject so drift affects both; the median round is reported.
 //! Run with `cargo xtask bench` (root; builds in release mode).
@@ -20,6 +25,9 @@ const BULK_BYTES: u64 = 1 << 30;
 const BULK_ROUNDS: usize = 3;
 const DATAGRAMS: u32 = 200_000;
 const UDP_PORT: u16 = 9001;
+const ECHO_PORT: u16 = 9002;
+/// Connects per round of the connect-and-echo measurement (each one a gateway session).
+const ECHO_CONNECTS: u32 = 1_000;
 
 fn main() {
     if let Some(why) = missing_privileges() {
@@ -35,6 +43,7 @@ fn main() {
     topo.allow_opaque_tcp();
     let _local_sink = topo.echo_server_sink(Side::Host, "127.0.0.1:9000");
     let _target_sink = topo.echo_server_sink(Side::Target, &format!("{TARGET_V4}:9000"));
+    let _target_echo = echo_server(&topo, &format!("{TARGET_V4}:{ECHO_PORT}"));
     let _daemon = topo.start_daemon(&[]);
 
     println!("bulkhead foundation benchmarks ({ROUNDS} rounds of {CONNECTS} connects, {BULK_ROUNDS} rounds of {} MiB; median)", BULK_BYTES >> 20);
@@ -66,6 +75,8 @@ fn main() {
         "governed",
         subject,
     );
+
+    connect_and_echo(&topo);
 
     // UDP: the sendmsg hook's cost per datagram to an allowed destination, hooked (governed)
     // against unhooked (outside the cgroup), same socket work otherwise.
@@ -120,6 +131,29 @@ fn main() {
     );
 }
 
+/// What a tool feels: connect, one byte echoed back by the target, close; through the gateway
+/// against direct.
+fn connect_and_echo(topo: &Topology) {
+    let echo_target = format!("{TARGET_V4}:{ECHO_PORT}");
+    let (base, subject) = alternate(
+        ROUNDS,
+        || echo_loop(topo, Side::Host, &echo_target),
+        || echo_loop(topo, Side::Governed, &echo_target),
+    );
+    let per = |ns: f64| ns / f64::from(ECHO_CONNECTS) / 1000.0;
+    println!(
+        "connect() + first byte echoed back by the target + close() ({ECHO_CONNECTS} per round)"
+    );
+    println!("  direct            {:>8.2} us/connect", per(base));
+    println!("  through gateway   {:>8.2} us/connect", per(subject));
+    println!(
+        "  overhead:         {:>+8.2} us/connect, ratio {:.2}x (target <= +50 us)",
+        per(subject) - per(base),
+        subject / base
+    );
+    println!();
+}
+
 /// Runs baseline and subject `rounds` times, alternating; returns their medians.
 fn alternate(
     rounds: usize,
@@ -163,9 +197,53 @@ fn connect_loop(topo: &Topology, side: Side, addr: &str) -> f64 {
         "bench-connect failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // Let the gateway finish the sessions of this round before the next one starts.
-    std::thread::sleep(Duration::from_millis(300));
+    drained(topo);
     parse_ns(&out.stdout)
+}
+
+/// Nanoseconds for `ECHO_CONNECTS` connects from `side`, each with one byte echoed back.
+fn echo_loop(topo: &Topology, side: Side, addr: &str) -> f64 {
+    let mut cmd = Command::new(topo.probe());
+    cmd.args(["bench-echo", addr, &ECHO_CONNECTS.to_string()]);
+    let out = topo.output(side, cmd);
+    assert!(
+        out.status.success(),
+        "bench-echo failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drained(topo);
+    parse_ns(&out.stdout)
+}
+
+/// Waits until the gateway has finished every session (recorded and closed), so one round's
+/// work does not run into the next one's clock.
+fn drained(topo: &Topology) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, report) = topo.status();
+        if report["daemon"]["connections"]["active"].as_u64() == Some(0) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "gateway sessions still open 30 s after the round: {report}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `bh-probe echo` on the target host.
+fn echo_server(topo: &Topology, addr: &str) -> bulkhead_tests::Proc {
+    let mut cmd = Command::new(topo.probe());
+    cmd.args(["echo", addr]);
+    let mut p = topo.spawn(Side::Target, "echo", cmd);
+    assert_eq!(
+        p.line(Duration::from_secs(10)).as_deref(),
+        Some("ready"),
+        "echo did not start: {}",
+        p.stderr()
+    );
+    p
 }
 
 /// Wall and CPU nanoseconds for `DATAGRAMS` sendto() from `side`.

@@ -1,7 +1,15 @@
 //! PostgreSQL gateway benchmark: pgbench through the gateway (policy and recording on) against
 //! pgbench straight to the server, through pgbouncer (session pooling) and through a bare
 //! relay, all in one run on the same server, in alternating rounds (`BENCH_PG_ROUNDS`, 3),
-//! printed as ratios of the direct figure with the medians of the rounds.
+//! printed as ratios of the direct figure with the medians of the rounds, then the figures of
+//! issue 17 (the gateway against pgbouncer and the bare relay, as medians of same-round ratios).
+//!
+//! Every gateway run is checked against the store: the events the daemon recorded during it
+//! must cover every transaction pgbench completed (a request and a response per simple-mode
+//! statement, a response per prepared execution). An event dropped under load fails the run.
+//!
+//! `BENCH_PG_CAPTURE` adds lines to the daemon's `[capture]` table (see [`daemon_capture`]),
+//! for legs that compare capture settings (a kernel fast path on and off).
 //!
 //! Run with `cargo xtask bench` (root; release build).
 
@@ -11,10 +19,60 @@ use bulkhead_tests::{missing_privileges, system_user, Side, Topology, TARGET_V4}
 
 const SECONDS: &str = "10";
 
+/// The daemon's `[capture]` table: loopback not captured (pgbouncer and the relay listen on
+/// the governed side's loopback, like peers installed next to the tool), plus `extra` lines.
+fn daemon_capture(extra: &str) -> String {
+    format!("[capture]\nloopback = false\n{extra}\n")
+}
+
+/// Events the daemon has recorded so far (appended to its store), the bytes its store holds,
+/// and its open connections.
+fn recorded(topo: &Topology) -> (u64, u64, u64) {
+    let (_, report) = topo.status();
+    let number = |v: &serde_json::Value, what: &str| {
+        v.as_u64()
+            .unwrap_or_else(|| panic!("no {what} in {report}"))
+    };
+    (
+        number(&report["store"]["events"], "store event count"),
+        number(&report["store"]["recorded_bytes"], "recorded bytes"),
+        number(
+            &report["daemon"]["connections"]["active"],
+            "active connection count",
+        ),
+    )
+}
+
+/// The store's event count and recorded bytes once every gateway session has ended (their
+/// last results recorded).
+fn recorded_when_drained(topo: &Topology) -> (u64, u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (events, bytes, active) = recorded(topo);
+        if active == 0 {
+            return (events, bytes);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "gateway sessions still open 30 s after pgbench ended"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// `BENCH_PG_ONLY=direct|gateway|pgbouncer|relay` runs only that leg, for `BENCH_PG_SECONDS`
 /// per mode (for profiling it from outside).
 fn only() -> Option<String> {
     std::env::var("BENCH_PG_ONLY").ok()
+}
+
+/// The pgbench query modes `BENCH_PG_ONLY` runs: `BENCH_PG_MODES` (comma-separated, e.g.
+/// `extended`: an unnamed Parse per statement, as most drivers send), else simple and prepared.
+fn only_modes() -> Vec<String> {
+    std::env::var("BENCH_PG_MODES").map_or_else(
+        |_| vec!["simple".into(), "prepared".into()],
+        |m| m.split(',').map(str::to_string).collect(),
+    )
 }
 
 fn main() {
@@ -37,9 +95,7 @@ verdict = "allow"
 target = { name = ["db"] }
 sql = { class = ["read", "transaction", "session", "insert", "update", "delete", "ddl", "truncate", "sequence", "maintenance"] }
 "#,
-        // pgbouncer listens on the governed side's loopback: not captured, like a peer
-        // installed next to the tool.
-        "[capture]\nloopback = false\n",
+        &daemon_capture(&std::env::var("BENCH_PG_CAPTURE").unwrap_or_default()),
     );
 
     // pgbouncer on the governed side's loopback (not captured), session pooling.
@@ -97,6 +153,83 @@ sql = { class = ["read", "transaction", "session", "insert", "update", "delete",
     println!("pgbench -S, 8 clients, 2 threads, {SECONDS} s per run, scale 10; PostgreSQL 15 on the target host");
     println!("ratios are of the direct figure; cpu/tx is each proxy's CPU (user + system) per transaction, in us");
     println!();
+    let seconds = std::env::var("BENCH_PG_SECONDS").unwrap_or_else(|_| SECONDS.into());
+    // Each leg: where pgbench runs, where it connects, the password it gives, the proxy's pid.
+    // A leg added here (a second gateway with other capture settings, say) needs a column in
+    // `Row` and `print_row`.
+    let legs = [
+        Leg {
+            name: "direct",
+            side: Side::Host,
+            host: TARGET_V4,
+            port: "5432",
+            password: pg.password.as_str(),
+            pid: None,
+        },
+        Leg {
+            name: "gateway",
+            side: Side::Governed,
+            host: TARGET_V4,
+            port: "5432",
+            password: "",
+            pid: Some(daemon.child.id()),
+        },
+        Leg {
+            name: "pgbouncer",
+            side: Side::Host,
+            host: "127.0.0.1",
+            port: "6432",
+            password: pg.password.as_str(),
+            pid: Some(bouncer_proc.child.id()),
+        },
+        Leg {
+            name: "relay",
+            side: Side::Host,
+            host: "127.0.0.1",
+            port: "6433",
+            password: pg.password.as_str(),
+            pid: Some(relay_proc.child.id()),
+        },
+    ];
+    // Transactions per second and the proxy's CPU per transaction. A gateway run also checks
+    // that the store recorded every statement of it.
+    let run = |leg: &Leg, mode: &str, seconds: &str| {
+        // `-n`: no vacuum before the run, so every statement of it is one of the transactions.
+        let args = ["-n", "-S", "-M", mode, "-c", "8", "-j", "2", "-T", seconds];
+        let events_before = (leg.side == Side::Governed).then(|| recorded_when_drained(&topo));
+        let before = leg.pid.map(cpu_us);
+        let out = pgbench(&topo, leg.side, leg.host, leg.port, leg.password, &args);
+        let transactions = transactions(&out);
+        let cpu = leg
+            .pid
+            .zip(before)
+            .map(|(p, b)| (cpu_us(p) - b) / transactions);
+        if let Some(before) = events_before {
+            let after = recorded_when_drained(&topo);
+            check_recorded(mode, transactions, after.0 - before.0);
+            if only().is_some() {
+                #[expect(clippy::cast_precision_loss, reason = "far below 2^52")]
+                let per = |n: u64| n as f64 / transactions;
+                println!(
+                    "{mode:<9} gateway recorded {:.2} events, {:.1} bytes per transaction",
+                    per(after.0 - before.0),
+                    per(after.1.saturating_sub(before.1))
+                );
+            }
+        }
+        (tps(&out), cpu.unwrap_or(0.0))
+    };
+    if let Some(name) = only() {
+        let leg = legs
+            .iter()
+            .find(|l| l.name == name)
+            .expect("BENCH_PG_ONLY names a leg");
+        for mode in only_modes() {
+            let (tps, cpu) = run(leg, &mode, &seconds);
+            println!("{mode:<9} {name} {tps:.0} tps, proxy CPU {cpu:.1} us per transaction");
+        }
+        return;
+    }
     println!(
         "{:<11} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>7} {:>7}",
         "mode round",
@@ -111,96 +244,39 @@ sql = { class = ["read", "transaction", "session", "insert", "update", "delete",
         "pgb cpu",
         "rly cpu"
     );
-    let seconds = std::env::var("BENCH_PG_SECONDS").unwrap_or_else(|_| SECONDS.into());
-    // Each leg: where pgbench runs, where it connects, the password it gives, the proxy's pid.
-    let legs = [
-        (
-            "direct",
-            Side::Host,
-            TARGET_V4,
-            "5432",
-            pg.password.as_str(),
-            None,
-        ),
-        (
-            "gateway",
-            Side::Governed,
-            TARGET_V4,
-            "5432",
-            "",
-            Some(daemon.child.id()),
-        ),
-        (
-            "pgbouncer",
-            Side::Host,
-            "127.0.0.1",
-            "6432",
-            pg.password.as_str(),
-            Some(bouncer_proc.child.id()),
-        ),
-        (
-            "relay",
-            Side::Host,
-            "127.0.0.1",
-            "6433",
-            pg.password.as_str(),
-            Some(relay_proc.child.id()),
-        ),
-    ];
-    // Transactions per second and the proxy's CPU per transaction.
-    let run = |leg: &(&str, Side, &str, &str, &str, Option<u32>), mode: &str, seconds: &str| {
-        let (_, side, host, port, password, pid) = *leg;
-        let args = ["-S", "-M", mode, "-c", "8", "-j", "2", "-T", seconds];
-        let before = pid.map(cpu_us);
-        let out = pgbench(&topo, side, host, port, password, &args);
-        let cpu = pid
-            .zip(before)
-            .map(|(p, b)| (cpu_us(p) - b) / transactions(&out));
-        (tps(&out), cpu.unwrap_or(0.0))
-    };
-    if let Some(name) = only() {
-        let leg = legs
-            .iter()
-            .find(|l| l.0 == name)
-            .expect("BENCH_PG_ONLY names a leg");
-        for mode in ["simple", "prepared"] {
-            let (tps, cpu) = run(leg, mode, &seconds);
-            println!("{mode:<9} {name} {tps:.0} tps, proxy CPU {cpu:.1} us per transaction");
-        }
-        return;
-    }
     // The machine's run-to-run noise is larger than the differences measured, so the legs are
     // run in rounds, alternating, and the medians of the same-round figures are reported.
     let rounds: usize = std::env::var("BENCH_PG_ROUNDS")
         .ok()
         .and_then(|r| r.parse().ok())
         .unwrap_or(3);
-    let latency_args = ["-S", "-M", "prepared", "-c", "1", "-j", "1", "-T", SECONDS];
-    // Per mode: per round, [tps per leg, ratio per proxy leg, cpu per proxy leg].
-    let mut table: [Vec<[f64; 10]>; 2] = [Vec::new(), Vec::new()];
+    let latency_args = [
+        "-n", "-S", "-M", "prepared", "-c", "1", "-j", "1", "-T", &seconds,
+    ];
+    // Per mode, per round.
+    let mut table: [Vec<Row>; 2] = [Vec::new(), Vec::new()];
     // Per round: single-client latency per leg.
     let mut latencies: Vec<[f64; 4]> = Vec::new();
     for round in 1..=rounds {
         for (m, mode) in ["simple", "prepared"].into_iter().enumerate() {
             let [direct, gateway, bouncer, relay] =
-                legs.each_ref().map(|leg| run(leg, mode, SECONDS));
-            let row = [
-                direct.0,
-                gateway.0,
-                bouncer.0,
-                relay.0,
-                gateway.0 / direct.0,
-                bouncer.0 / direct.0,
-                relay.0 / direct.0,
-                gateway.1,
-                bouncer.1,
-                relay.1,
-            ];
-            print_row(&format!("{mode} {round}"), &row);
+                legs.each_ref().map(|leg| run(leg, mode, &seconds));
+            let row = Row {
+                tps: [direct.0, gateway.0, bouncer.0, relay.0],
+                cpu: [gateway.1, bouncer.1, relay.1],
+            };
+            print_row(&format!("{mode} {round}"), &row.columns());
             table[m].push(row);
         }
-        let lat = legs.each_ref().map(|&(_, side, host, port, password, _)| {
-            latency(&pgbench(&topo, side, host, port, password, &latency_args))
+        let lat = legs.each_ref().map(|leg| {
+            latency(&pgbench(
+                &topo,
+                leg.side,
+                leg.host,
+                leg.port,
+                leg.password,
+                &latency_args,
+            ))
         });
         println!(
             "latency {round}: direct {:.1} us; gateway {:+.1} us, pgbouncer {:+.1} us, relay {:+.1} us",
@@ -215,16 +291,112 @@ sql = { class = ["read", "transaction", "session", "insert", "update", "delete",
     println!("median of {rounds} rounds:");
     for (m, mode) in ["simple", "prepared"].into_iter().enumerate() {
         let row: [f64; 10] =
-            std::array::from_fn(|i| median(table[m].iter().map(|r| r[i]).collect()));
+            std::array::from_fn(|i| median(table[m].iter().map(|r| r.columns()[i]).collect()));
         print_row(mode, &row);
     }
     let over = |leg: usize| median(latencies.iter().map(|l| l[leg] - l[0]).collect());
     println!(
-        "single client latency (-S -M prepared -c 1) over direct ({:.1} us): gateway {:+.1} us (target <= +25 us), pgbouncer {:+.1} us, relay {:+.1} us",
+        "single client latency (-S -M prepared -c 1) over direct ({:.1} us): gateway {:+.1} us, pgbouncer {:+.1} us, relay {:+.1} us",
         median(latencies.iter().map(|l| l[0]).collect()),
         over(1),
         over(2),
         over(3)
+    );
+
+    // The figures of issue 17, each a median of same-round figures.
+    let of = |m: usize, f: fn(&Row) -> f64| median(table[m].iter().map(f).collect());
+    println!();
+    println!("issue 17 figures (median of {rounds} rounds, each a same-round figure):");
+    println!("{:<52} {:>20}  target", "figure", "measured");
+    for (m, mode) in ["simple", "prepared"].into_iter().enumerate() {
+        println!(
+            "{:<52} {:>20.2}  >= 1.05",
+            format!("gateway TPS / pgbouncer TPS, {mode}"),
+            of(m, |r| r.tps[1] / r.tps[2])
+        );
+    }
+    for (m, mode) in ["simple", "prepared"].into_iter().enumerate() {
+        println!(
+            "{:<52} {:>20}  <= pgbouncer's",
+            format!("gateway CPU per transaction vs pgbouncer's, {mode}"),
+            format!(
+                "{:.1} vs {:.1} us",
+                of(m, |r| r.cpu[0]),
+                of(m, |r| r.cpu[1])
+            ),
+        );
+    }
+    println!(
+        "{:<52} {:>20}  <= pgbouncer's",
+        "single client, added latency vs pgbouncer's",
+        format!("{:+.1} vs {:+.1} us", over(1), over(2)),
+    );
+    println!(
+        "{:<52} {:>20}  >= 1.0",
+        "gateway TPS / bare relay TPS, simple / prepared",
+        format!(
+            "{:.2} / {:.2}",
+            of(0, |r| r.tps[1] / r.tps[3]),
+            of(1, |r| r.tps[1] / r.tps[3])
+        ),
+    );
+}
+
+/// One way pgbench reaches the server.
+struct Leg<'a> {
+    name: &'static str,
+    side: Side,
+    host: &'a str,
+    port: &'a str,
+    password: &'a str,
+    /// The proxy whose CPU is counted.
+    pid: Option<u32>,
+}
+
+/// One mode's round: TPS of direct, gateway, pgbouncer, relay; CPU per transaction of the
+/// three proxies.
+struct Row {
+    tps: [f64; 4],
+    cpu: [f64; 3],
+}
+
+impl Row {
+    /// As printed: TPS, the proxies' ratios of direct, their CPU.
+    fn columns(&self) -> [f64; 10] {
+        let [direct, gateway, bouncer, relay] = self.tps;
+        let [gw_cpu, pgb_cpu, rly_cpu] = self.cpu;
+        [
+            direct,
+            gateway,
+            bouncer,
+            relay,
+            gateway / direct,
+            bouncer / direct,
+            relay / direct,
+            gw_cpu,
+            pgb_cpu,
+            rly_cpu,
+        ]
+    }
+}
+
+/// Fails the run unless the store gained an event for every statement: a request and a
+/// response per simple-mode (or extended-mode) transaction, a response per prepared execution
+/// (its Parse was decided once per connection). What is recorded beyond that is the sessions' own events
+/// (connect, logins, close) and the Parses.
+fn check_recorded(mode: &str, transactions: f64, events: u64) {
+    let per_statement = if mode == "prepared" { 1.0 } else { 2.0 };
+    #[expect(
+        clippy::cast_precision_loss,
+        reason = "event counts are far below 2^52"
+    )]
+    let events = events as f64;
+    let expected = per_statement * transactions;
+    assert!(
+        events >= expected,
+        "bench-postgres: the gateway recorded {events} events for {transactions} transactions \
+         in {mode} mode, fewer than the {expected} its statements need: events were dropped, \
+         so this run failed"
     );
 }
 

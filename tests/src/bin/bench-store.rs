@@ -1,5 +1,7 @@
 //! Session store benchmark: `sessions list` (newest 50) on a store of 100k sessions against the
-//! same query on a store of 1k sessions, measured in the same run; plus reopen time.
+//! same query on a store of 1k sessions, measured in the same run; plus reopen time. Both legs
+//! of each line do the same work; `--until` matches only the oldest sessions, where a newest-
+//! first scan cannot stop early.
 //! Run with `cargo xtask bench` or `cargo run --release -p bulkhead-tests --bin bench-store`.
 
 use std::time::{Duration, Instant};
@@ -17,12 +19,14 @@ use bulkhead::{
 const BIG: u32 = 100_000;
 const SMALL: u32 = 1_000;
 const RUNS: usize = 21;
+/// Microseconds between sessions' starts: a store spread over time, as a daemon's is.
+const SPACING_US: u64 = 10_000;
 
 fn fill(store: &SledStore, n: u32) {
     for i in 0..n {
         let id = store
             .open(NewSession {
-                started_at_us: u64::from(i),
+                started_at_us: u64::from(i) * SPACING_US,
                 client: ClientAddr("127.0.0.1:40000".parse().unwrap()),
                 destination: OrigDstAddr("10.0.0.5:5432".parse().unwrap()),
                 target: Some(if i % 2 == 0 { "db" } else { "api" }.into()),
@@ -58,7 +62,7 @@ fn fill(store: &SledStore, n: u32) {
             .close(
                 id,
                 SessionEnd {
-                    ended_at_us: u64::from(i) + 10,
+                    ended_at_us: u64::from(i) * SPACING_US + 10,
                     bytes_to_target: 100,
                     bytes_from_target: 1000,
                     outcome: Outcome::Closed,
@@ -113,6 +117,11 @@ fn main() {
         uid: Some(3),
         ..ListFilter::default()
     };
+    // The oldest 500 sessions of each store.
+    let only_old = ListFilter {
+        until_us: Some(499 * SPACING_US),
+        ..ListFilter::default()
+    };
     println!();
     println!(
         "{:<32} {:>12} {:>12} {:>8}",
@@ -122,6 +131,7 @@ fn main() {
         ("no filter", &all),
         ("--target api", &by_target),
         ("--uid 3", &by_uid),
+        ("--until (only the oldest 500)", &only_old),
     ] {
         let a = median_ms(|| assert_eq!(small_store.list(f, 50).unwrap().len(), 50));
         let b = median_ms(|| assert_eq!(big_store.list(f, 50).unwrap().len(), 50));
@@ -137,14 +147,20 @@ fn main() {
         "status (store stats)",
         b / a
     );
-    let newest = big_store.list(&all, 1).unwrap()[0].id;
-    let a = median_ms(|| {
-        assert!(!small_store
-            .events(small_store.list(&all, 1).unwrap()[0].id)
+    // The newest session with events in each store (every tenth has a request), found
+    // outside the timed part.
+    let with_events = |store: &SledStore| {
+        store
+            .list(&all, 20)
             .unwrap()
-            .is_empty())
-    });
-    let b = median_ms(|| assert!(!big_store.events(newest).unwrap().is_empty()));
+            .into_iter()
+            .map(|s| s.id)
+            .find(|&id| store.events(id).unwrap().len() > 2)
+            .expect("a session with a request")
+    };
+    let (small_newest, big_newest) = (with_events(&small_store), with_events(&big_store));
+    let a = median_ms(|| assert_eq!(small_store.events(small_newest).unwrap().len(), 3));
+    let b = median_ms(|| assert_eq!(big_store.events(big_newest).unwrap().len(), 3));
     println!(
         "{:<32} {a:>9.3} ms {b:>9.3} ms {:>7.2}x",
         "events of one session",

@@ -12,6 +12,12 @@
 //! * `bench-send ADDR BYTES` — sends BYTES, waits for the sink's count; prints nanoseconds.
 //! * `bench-udp ADDR N` — N `sendto()` of a 64-byte datagram from one unconnected UDP socket;
 //!   prints wall nanoseconds and this process's CPU nanoseconds (user + system).
+//! * `echo ADDR` — server that writes back every read at once (request/response benches).
+//! * `bench-rr ADDR N SIZE [WAIT_MS]` — on one connection (after waiting WAIT_MS once
+//!   connected, if given), N times: write SIZE bytes, read SIZE back; prints nanoseconds in
+//!   total (connect and the wait excluded).
+//! * `bench-echo ADDR N` — N times connect(), one byte sent and its echo read back, close();
+//!   prints nanoseconds in total (what a tool feels before its first answer).
 //! * `relay ADDR TARGET` — the least a user-space TCP relay can do: per connection, one
 //!   thread per direction copying with blocking `read`/`write` (no event loop, no parsing).
 //!   Benchmarks use it as the ceiling for any proxy in the data path.
@@ -39,6 +45,14 @@ fn main() -> ExitCode {
         "bench-send" => bench_send(addr(), arg(3).parse().expect("BYTES")),
         "bench-udp" => bench_udp(addr(), arg(3).parse().expect("N")),
         "relay" => relay(addr(), arg(3).parse().expect("TARGET")),
+        "echo" => echo(addr()),
+        "bench-rr" => bench_rr(
+            addr(),
+            arg(3).parse().expect("N"),
+            arg(4).parse().expect("SIZE"),
+            arg(5).parse().unwrap_or(0),
+        ),
+        "bench-echo" => bench_echo(addr(), arg(3).parse().expect("N")),
         other => {
             eprintln!("unknown mode {other:?}");
             ExitCode::FAILURE
@@ -195,8 +209,9 @@ fn bench_send(addr: SocketAddr, bytes: u64) -> ExitCode {
         left -= n as u64;
     }
     s.shutdown(Shutdown::Write).expect("shutdown");
-    let mut reply = String::new();
-    s.read_to_string(&mut reply).expect("read");
+    let mut reply = Vec::new();
+    read_to_end_blocking(&mut s, &mut reply);
+    let reply = String::from_utf8_lossy(&reply);
     let elapsed = start.elapsed().as_nanos();
     assert_eq!(
         reply.trim(),
@@ -237,4 +252,93 @@ fn copy(mut from: TcpStream, mut to: TcpStream) {
     }
     let _ = to.shutdown(Shutdown::Both);
     let _ = from.shutdown(Shutdown::Both);
+}
+
+fn echo(addr: SocketAddr) -> ExitCode {
+    let listener = listen(addr);
+    println!("ready");
+    for stream in listener.incoming() {
+        let Ok(mut s) = stream else { continue };
+        let _ = s.set_nodelay(true);
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 64 * 1024];
+            while let Ok(n) = s.read(&mut buf) {
+                if n == 0 || s.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    ExitCode::SUCCESS
+}
+
+fn bench_rr(addr: SocketAddr, n: u32, size: usize, wait_ms: u64) -> ExitCode {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_nodelay(true).expect("TCP_NODELAY");
+    std::thread::sleep(Duration::from_millis(wait_ms));
+    let request = vec![0x5au8; size];
+    let mut answer = vec![0u8; size];
+    // One exchange first, so the connection is through the gateway's setup before the clock.
+    s.write_all(&request).expect("write");
+    read_exact_blocking(&mut s, &mut answer);
+    let start = Instant::now();
+    for _ in 0..n {
+        s.write_all(&request).expect("write");
+        read_exact_blocking(&mut s, &mut answer);
+    }
+    let elapsed = start.elapsed().as_nanos();
+    assert_eq!(answer, request, "the echo came back changed");
+    println!("{elapsed}");
+    ExitCode::SUCCESS
+}
+
+/// `read_to_end` on a blocking socket without a timeout, where `EAGAIN` can only be spurious:
+/// a socket in a sockmap (the kernel fast path) can return it from a blocking read on Linux
+/// 6.18 (`tcp_bpf_recvmsg`, woken by something other than data). Counted on stderr.
+fn read_to_end_blocking(s: &mut TcpStream, out: &mut Vec<u8>) {
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => eprintln!("spurious EAGAIN"),
+            Err(e) => panic!("read: {e}"),
+        }
+    }
+}
+
+/// `read_exact`, retrying a spurious `EAGAIN` (see [`read_to_end_blocking`]).
+fn read_exact_blocking(s: &mut TcpStream, buf: &mut [u8]) {
+    let mut at = 0;
+    while at < buf.len() {
+        match s.read(&mut buf[at..]) {
+            Ok(0) => panic!("read: end of stream"),
+            Ok(n) => at += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => eprintln!("spurious EAGAIN"),
+            Err(e) => panic!("read: {e}"),
+        }
+    }
+}
+
+fn bench_echo(addr: SocketAddr, n: u32) -> ExitCode {
+    let start = Instant::now();
+    for _ in 0..n {
+        let result = (|| -> std::io::Result<()> {
+            let mut s = TcpStream::connect(addr)?;
+            s.set_nodelay(true)?;
+            s.write_all(b"x")?;
+            let mut byte = [0u8; 1];
+            s.read_exact(&mut byte)?;
+            if byte != *b"x" {
+                return Err(std::io::Error::other("echo sent back another byte"));
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            eprintln!("connect and echo: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    println!("{}", start.elapsed().as_nanos());
+    ExitCode::SUCCESS
 }

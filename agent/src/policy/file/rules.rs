@@ -228,6 +228,10 @@ impl Ctx<'_> {
                 shell: s.shell,
                 sftp_read,
                 sftp_write,
+                forward: self.globs(&s.forward, Some('.'), true),
+                remote_forward: self.globs(&s.remote_forward, Some('.'), true),
+                agent: s.agent,
+                env: self.globs(&s.env, None, false),
             });
         }
         if let Some(h) = &raw.http {

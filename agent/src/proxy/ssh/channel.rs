@@ -2,12 +2,16 @@
 //! on the target.
 //!
 //! Before the channel's one `exec` or `shell` request, a `pty-req` is kept (and replayed
-//! upstream once the request is allowed) and everything else is refused and recorded: `env`
-//! (it can change what the remote login shell runs), agent and X11 forwarding, subsystems
-//! (sftp: not judged yet). Nothing reaches the target before the request is allowed: the
-//! upstream channel is opened only then, and the command sent is exactly the bytes judged.
+//! upstream once the request is allowed), and so are the `env` variables and the agent
+//! forwarding the policy allowed (judged for the handler, [`super::tunnel`]); X11 forwarding
+//! and subsystems other than sftp are refused and recorded. Nothing reaches the target before
+//! the request is allowed: the upstream channel is opened only then, and the command sent is
+//! exactly the bytes judged.
 
-use std::{sync::atomic::Ordering, time::Instant};
+use std::{
+    sync::{atomic::Ordering, PoisonError},
+    time::Instant,
+};
 
 use russh::{
     client, server, Channel, ChannelId, ChannelMsg, ChannelReadHalf, ChannelWriteHalf, Pty, Sig,
@@ -37,7 +41,21 @@ enum Run {
 }
 
 /// Serves one session channel to its end.
-pub async fn serve(ctx: &Ctx<'_, '_>, mut chan: Channel<server::Msg>) {
+pub async fn serve(ctx: &Ctx<'_, '_>, chan: Channel<server::Msg>) {
+    let id = chan.id();
+    serve_channel(ctx, chan).await;
+    // What was allowed for it and not used (a request refused, or none made).
+    ctx.env
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .remove(&id);
+    ctx.agent
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .remove(&id);
+}
+
+async fn serve_channel(ctx: &Ctx<'_, '_>, mut chan: Channel<server::Msg>) {
     let id = chan.id();
     let mut pty: Option<PtyRequest> = None;
     let run = loop {
@@ -70,14 +88,9 @@ pub async fn serve(ctx: &Ctx<'_, '_>, mut chan: Channel<server::Msg>) {
                     p.size = (col_width, row_height, pix_width, pix_height);
                 }
             }
-            ChannelMsg::SetEnv { variable_name, .. } => {
-                record_refused(
-                    ctx.conn,
-                    &format!("env {}", crate::text::terminal_safe(&variable_name)),
-                );
-            }
-            // The handler answered these (server.rs).
-            ChannelMsg::AgentForward { .. } => record_refused(ctx.conn, "agent forwarding"),
+            // The session task judged these for the handler (tunnel.rs), which answered them.
+            ChannelMsg::SetEnv { .. } | ChannelMsg::AgentForward { .. } => {}
+            // The handler refused it (server.rs).
             ChannelMsg::RequestX11 { .. } => record_refused(ctx.conn, "x11 forwarding"),
             ChannelMsg::RequestSubsystem { name, .. } if name == "sftp" => break Run::Sftp,
             ChannelMsg::RequestSubsystem { name, .. } => {
@@ -99,12 +112,23 @@ pub async fn serve(ctx: &Ctx<'_, '_>, mut chan: Channel<server::Msg>) {
 
     let (text, refusal) = decide(ctx, id, &run, pty.is_some()).await;
     let started = Instant::now();
+    let env = ctx
+        .env
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .remove(&id)
+        .unwrap_or_default();
+    let agent = ctx
+        .agent
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .remove(&id);
     if let Some(message) = refusal {
         deny(ctx, id, &message, pty.is_some()).await;
         drop(chan);
         return;
     }
-    let Some(up) = open_upstream(ctx, id, &run, pty.as_ref()).await else {
+    let Some(up) = open_upstream(ctx, id, &run, pty.as_ref(), &env, agent).await else {
         return;
     };
     let summary = if matches!(run, Run::Sftp) {
@@ -232,6 +256,8 @@ async fn open_upstream(
     id: ChannelId,
     run: &Run,
     pty: Option<&PtyRequest>,
+    env: &[(String, String)],
+    agent: bool,
 ) -> Option<Channel<client::Msg>> {
     let fail = |why: String| async move {
         let c = &ctx.client;
@@ -246,6 +272,25 @@ async fn open_upstream(
             return None;
         }
     };
+    // What the client sent and the policy allowed, before the request as OpenSSH sends it
+    // (sshd applies variables only to a command or shell started after them).
+    for (name, value) in env {
+        if up
+            .set_env(false, name.as_str(), value.as_str())
+            .await
+            .is_err()
+        {
+            fail("target: cannot pass an environment variable".into()).await;
+            return None;
+        }
+    }
+    if agent {
+        if up.agent_forward(true).await.is_ok() && answered(&mut up).await {
+            ctx.agent_upstream.store(true, Ordering::Release);
+        } else {
+            debug!("the target refused agent forwarding");
+        }
+    }
     if let Some(p) = pty {
         let (cols, rows, pw, ph) = p.size;
         if up
@@ -344,13 +389,6 @@ async fn client_to_target(
             }
             ChannelMsg::Signal { signal } => to_up.signal(signal).await,
             ChannelMsg::Close => return,
-            ChannelMsg::SetEnv { variable_name, .. } => {
-                record_refused(
-                    ctx.conn,
-                    &format!("env {}", crate::text::terminal_safe(&variable_name)),
-                );
-                Ok(())
-            }
             other => {
                 debug!(?other, "not relayed after the channel's request");
                 Ok(())

@@ -9,8 +9,9 @@
 //!
 //! Each session channel's request is judged before anything of it reaches the target
 //! ([`channel`]): `exec` by its command line (`Action::SshExec`), a shell as a whole
-//! (`Action::SshShell`); `env`, agent and X11 forwarding, port forwarding and subsystems are
-//! refused and recorded. A denied command gets the policy's message on stderr and exit status
+//! (`Action::SshShell`); `env`, agent forwarding and port forwarding are refused unless a rule
+//! names them ([`tunnel`]); X11 forwarding and subsystems other than sftp are refused; all are
+//! recorded. A denied command gets the policy's message on stderr and exit status
 //! [`DENIED_EXIT_STATUS`].
 
 pub mod ca;
@@ -21,12 +22,16 @@ pub mod sftp;
 mod sftp_relay;
 mod tap;
 pub mod trust;
+mod tunnel;
 mod upstream;
 
 use std::{
+    collections::{HashMap, HashSet},
+    future::Future,
+    pin::Pin,
     sync::{
-        atomic::{AtomicU64, AtomicUsize, Ordering},
-        Arc,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        Arc, Mutex,
     },
     time::Duration,
 };
@@ -38,7 +43,7 @@ use tracing::{info, warn};
 use self::{
     ca::SshCa,
     server::{ClientSide, FromClient},
-    upstream::{HostKeyOutcome, Upstream},
+    upstream::{FromTarget, HostKeyOutcome, Upstream},
 };
 use super::session::Conn;
 use crate::{
@@ -122,7 +127,19 @@ pub struct Ctx<'c, 'g> {
     pub record_input: bool,
     pub bytes_up: AtomicU64,
     pub bytes_down: AtomicU64,
+    /// Allowed `env` variables per session channel, sent upstream before its request.
+    pub env: Mutex<HashMap<russh::ChannelId, Vec<(String, String)>>>,
+    /// Session channels whose agent forwarding was allowed.
+    pub agent: Mutex<HashSet<russh::ChannelId>>,
+    /// The target agreed to forward the agent: its agent channels are relayed to the client.
+    pub agent_upstream: AtomicBool,
+    /// Listens on the target (`ssh -R`, as asked: address, bound port), with the rules that
+    /// allowed them.
+    pub listens: Mutex<HashMap<(String, u32), Vec<String>>>,
 }
+
+/// A channel's task, polled by the session task.
+type ChannelTask<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 
 /// Serves one SSH session on an accepted, identified connection that the policy let through.
 pub async fn serve(conn: &Conn<'_>, shared: &Shared, client: TcpStream) -> SessionEnd {
@@ -148,7 +165,8 @@ pub async fn serve(conn: &Conn<'_>, shared: &Shared, client: TcpStream) -> Sessi
 
     // The target first: a key that does not verify refuses the client before it logs in, with
     // the reason as its authentication banner.
-    let (upstream, banner) = connect_target(conn, &target.name, ssh).await;
+    let (to_session_from_target, mut from_target) = mpsc::channel(8);
+    let (upstream, banner) = connect_target(conn, &target.name, ssh, to_session_from_target).await;
 
     let (to_session, mut from_client) = mpsc::channel(8);
     let open_channels = Arc::new(AtomicUsize::new(0));
@@ -196,19 +214,21 @@ pub async fn serve(conn: &Conn<'_>, shared: &Shared, client: TcpStream) -> Sessi
         record_input: ssh.record_input,
         bytes_up: AtomicU64::new(0),
         bytes_down: AtomicU64::new(0),
+        env: Mutex::default(),
+        agent: Mutex::default(),
+        agent_upstream: AtomicBool::new(false),
+        listens: Mutex::default(),
     };
-    let mut channels = FuturesUnordered::new();
+    let mut channels: FuturesUnordered<ChannelTask<'_>> = FuturesUnordered::new();
     let end = loop {
         tokio::select! {
             end = &mut running => break end,
-            event = from_client.recv() => match event {
-                Some(FromClient::Session(ch)) => channels.push(channel::serve(&ctx, ch)),
-                Some(FromClient::Refused(what)) => record_refused(conn, &what),
-                Some(FromClient::Auth { reply, .. }) => {
-                    let _ = reply.send(false);
+            event = from_client.recv() => {
+                if let Some(event) = event {
+                    on_client(&ctx, &mut channels, event).await;
                 }
-                None => {}
             },
+            Some(event) = from_target.recv() => on_target(&ctx, &mut channels, &open_channels, event),
             Some(()) = channels.next(), if !channels.is_empty() => {
                 open_channels.fetch_sub(1, Ordering::AcqRel);
             }
@@ -239,13 +259,97 @@ pub async fn serve(conn: &Conn<'_>, shared: &Shared, client: TcpStream) -> Sessi
     )
 }
 
+/// What the client's handler hands over once the client is logged in.
+async fn on_client<'a>(
+    ctx: &'a Ctx<'_, '_>,
+    channels: &mut FuturesUnordered<ChannelTask<'a>>,
+    event: FromClient,
+) {
+    match event {
+        FromClient::Session(ch) => channels.push(Box::pin(channel::serve(ctx, ch))),
+        FromClient::DirectTcpip {
+            channel,
+            host,
+            port,
+            originator,
+            reply,
+        } => channels.push(Box::pin(tunnel::direct(
+            ctx, channel, host, port, originator, reply,
+        ))),
+        // The handler waits for these answers (in order with the client's next requests), so
+        // they are decided here at once; none can be held.
+        FromClient::Env {
+            channel,
+            name,
+            value,
+            reply,
+        } => {
+            let _ = reply.send(tunnel::env(ctx, channel, &name, value).await);
+        }
+        FromClient::Agent { channel, reply } => {
+            let _ = reply.send(tunnel::agent(ctx, channel).await);
+        }
+        FromClient::RemoteForward {
+            address,
+            port,
+            reply,
+        } => {
+            let _ = reply.send(tunnel::remote_forward(ctx, &address, port).await);
+        }
+        FromClient::CancelRemoteForward {
+            address,
+            port,
+            reply,
+        } => {
+            let _ = reply.send(tunnel::cancel_remote_forward(ctx, &address, port).await);
+        }
+        FromClient::Refused(what) => record_refused(ctx.conn, &what),
+        FromClient::Auth { reply, .. } => {
+            let _ = reply.send(false);
+        }
+    }
+}
+
+/// A channel the target opens (for an allowed `-R` or `-A`), counted with the client's.
+fn on_target<'a>(
+    ctx: &'a Ctx<'_, '_>,
+    channels: &mut FuturesUnordered<ChannelTask<'a>>,
+    open_channels: &AtomicUsize,
+    event: FromTarget,
+) {
+    if open_channels.fetch_add(1, Ordering::AcqRel) >= server::MAX_CHANNELS {
+        // Dropping the event rejects the target's channel.
+        open_channels.fetch_sub(1, Ordering::AcqRel);
+        record_refused(
+            ctx.conn,
+            &format!(
+                "target channel beyond {} open at once",
+                server::MAX_CHANNELS
+            ),
+        );
+        return;
+    }
+    channels.push(match event {
+        FromTarget::Forwarded {
+            channel,
+            listen,
+            originator,
+            reply,
+        } => Box::pin(tunnel::forwarded(ctx, channel, listen, originator, reply)),
+        FromTarget::Agent { channel, reply } => {
+            Box::pin(tunnel::agent_channel(ctx, channel, reply))
+        }
+    });
+}
+
 /// Connects to the target and verifies its host key: the connection, or why not (recorded).
 async fn connect_target(
     conn: &Conn<'_>,
     name: &str,
     ssh: &settings::SshTarget,
+    to_session: mpsc::Sender<FromTarget>,
 ) -> (Option<Upstream>, Option<String>) {
-    match upstream::connect(name, ssh, conn.destination.0).await {
+    match upstream::connect(name, ssh, conn.destination.0, to_session).await {
         Ok(u) => {
             if let HostKeyOutcome::Learned { fingerprint } = &u.outcome {
                 conn.record(EventKind::Auth {
@@ -306,7 +410,8 @@ async fn authenticate(
                     }
                 }
                 Some(FromClient::Refused(what)) => record_refused(conn, &what),
-                Some(FromClient::Session(_)) | None => {}
+                // Nothing else comes before a login (a reply dropped is a refusal).
+                Some(_) | None => {}
             }
         }
     }

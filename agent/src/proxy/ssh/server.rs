@@ -1,5 +1,5 @@
 //! The server side toward the governed client: a thin russh handler that hands what needs a
-//! decision to the session task ([`super::serve`]) and refuses tunnels.
+//! decision to the session task ([`super::serve`]) and answers what it decided.
 //!
 //! russh runs the handler in a task of its own (`'static`), so it cannot hold the session's
 //! context: authentication and new channels go to the session task over a bounded queue, and
@@ -17,7 +17,7 @@ use russh::{
 };
 use tokio::sync::{mpsc, oneshot};
 
-/// Session channels one connection may have open at once.
+/// Channels (session, tunnels) one connection may have open at once.
 pub const MAX_CHANNELS: usize = 16;
 
 /// What the handler asks the session task.
@@ -31,8 +31,41 @@ pub enum FromClient {
     },
     /// A session channel, accepted.
     Session(Channel<Msg>),
-    /// Something refused here, to record (`direct-tcpip 10.0.0.9:5432`, `tcpip-forward`).
+    /// Something refused here, to record (`direct-streamlocal /run/x`, `x11 channel`).
     Refused(String),
+    /// A direct-tcpip channel (`ssh -L`, `-D`, `-W`, `-J`), not yet accepted: the session
+    /// task judges it and accepts or rejects it through `reply`.
+    DirectTcpip {
+        channel: Channel<Msg>,
+        host: String,
+        port: u32,
+        originator: (String, u32),
+        reply: ChannelOpenHandle,
+    },
+    /// The client sends a variable for a session channel: whether it is allowed (then kept
+    /// for the channel's request upstream).
+    Env {
+        channel: ChannelId,
+        name: String,
+        value: String,
+        reply: oneshot::Sender<bool>,
+    },
+    /// The client asks to forward its agent on a session channel: whether it is allowed.
+    Agent {
+        channel: ChannelId,
+        reply: oneshot::Sender<bool>,
+    },
+    /// `ssh -R`: the port the target listens on, when allowed and the target agreed.
+    RemoteForward {
+        address: String,
+        port: u32,
+        reply: oneshot::Sender<Option<u32>>,
+    },
+    CancelRemoteForward {
+        address: String,
+        port: u32,
+        reply: oneshot::Sender<bool>,
+    },
 }
 
 pub struct ClientSide {
@@ -69,6 +102,26 @@ impl ClientSide {
 
     async fn refused(&self, what: String) {
         let _ = self.to_session.send(FromClient::Refused(what)).await;
+    }
+
+    /// Asks the session task; `None` when it is gone (refused).
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> FromClient) -> Option<T> {
+        let (reply, answer) = oneshot::channel();
+        self.to_session.send(make(reply)).await.ok()?;
+        answer.await.ok()
+    }
+
+    /// Counts a channel against [`MAX_CHANNELS`]; false (and recorded) past it.
+    async fn take_channel_slot(&self, what: &str) -> bool {
+        if self.open_channels.fetch_add(1, Ordering::AcqRel) >= MAX_CHANNELS {
+            self.open_channels.fetch_sub(1, Ordering::AcqRel);
+            self.refused(format!(
+                "{what} beyond {MAX_CHANNELS} channels open at once"
+            ))
+            .await;
+            return false;
+        }
+        true
     }
 }
 
@@ -118,13 +171,8 @@ impl server::Handler for ClientSide {
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        if self.open_channels.fetch_add(1, Ordering::AcqRel) >= MAX_CHANNELS {
-            self.open_channels.fetch_sub(1, Ordering::AcqRel);
+        if !self.take_channel_slot("session channel").await {
             reply.reject(ChannelOpenFailure::ResourceShortage).await;
-            self.refused(format!(
-                "session channel beyond {MAX_CHANNELS} open at once"
-            ))
-            .await;
             return Ok(());
         }
         reply.accept().await;
@@ -141,22 +189,32 @@ impl server::Handler for ClientSide {
 
     async fn channel_open_direct_tcpip(
         &mut self,
-        _channel: Channel<Msg>,
+        channel: Channel<Msg>,
         host_to_connect: &str,
         port_to_connect: u32,
-        _originator_address: &str,
-        _originator_port: u32,
+        originator_address: &str,
+        originator_port: u32,
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        reply
-            .reject(ChannelOpenFailure::AdministrativelyProhibited)
+        if !self.take_channel_slot("direct-tcpip channel").await {
+            reply.reject(ChannelOpenFailure::ResourceShortage).await;
+            return Ok(());
+        }
+        // Judged (and perhaps held) in the session task, so this handler goes on meanwhile.
+        let sent = self
+            .to_session
+            .send(FromClient::DirectTcpip {
+                channel,
+                host: host_to_connect.to_string(),
+                port: port_to_connect,
+                originator: (originator_address.to_string(), originator_port),
+                reply,
+            })
             .await;
-        self.refused(format!(
-            "direct-tcpip {}:{port_to_connect}",
-            crate::text::terminal_safe(host_to_connect)
-        ))
-        .await;
+        if sent.is_err() {
+            self.open_channels.fetch_sub(1, Ordering::AcqRel);
+        }
         Ok(())
     }
 
@@ -199,12 +257,38 @@ impl server::Handler for ClientSide {
         port: &mut u32,
         _session: &mut Session,
     ) -> Result<bool, Self::Error> {
-        self.refused(format!(
-            "tcpip-forward {}:{port}",
-            crate::text::terminal_safe(address)
-        ))
-        .await;
-        Ok(false)
+        let asked = *port;
+        let bound = self
+            .ask(|reply| FromClient::RemoteForward {
+                address: address.to_string(),
+                port: asked,
+                reply,
+            })
+            .await
+            .flatten();
+        Ok(match bound {
+            Some(p) => {
+                *port = p;
+                true
+            }
+            None => false,
+        })
+    }
+
+    async fn cancel_tcpip_forward(
+        &mut self,
+        address: &str,
+        port: u32,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        Ok(self
+            .ask(|reply| FromClient::CancelRemoteForward {
+                address: address.to_string(),
+                port,
+                reply,
+            })
+            .await
+            .unwrap_or(false))
     }
 
     async fn streamlocal_forward(
@@ -241,11 +325,36 @@ impl server::Handler for ClientSide {
     async fn env_request(
         &mut self,
         channel: ChannelId,
-        _variable_name: &str,
-        _variable_value: &str,
+        variable_name: &str,
+        variable_value: &str,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        session.channel_failure(channel)
+        let allowed = self
+            .ask(|reply| FromClient::Env {
+                channel,
+                name: variable_name.to_string(),
+                value: variable_value.to_string(),
+                reply,
+            })
+            .await
+            .unwrap_or(false);
+        if allowed {
+            session.channel_success(channel)
+        } else {
+            session.channel_failure(channel)
+        }
+    }
+
+    async fn agent_request(
+        &mut self,
+        channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        // russh answers it by what is returned.
+        Ok(self
+            .ask(|reply| FromClient::Agent { channel, reply })
+            .await
+            .unwrap_or(false))
     }
 
     async fn x11_request(

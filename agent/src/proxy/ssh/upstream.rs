@@ -107,13 +107,15 @@ pub fn check_host_key(
     }
 }
 
-/// The client-side handler: checks the host key, refuses every channel the target would open.
+/// The client-side handler: checks the host key; hands the channels the target opens for an
+/// allowed `-R` or `-A` to the session task and refuses every other.
 pub struct TargetSide {
     known_hosts: std::path::PathBuf,
     host: String,
     port: u16,
     mode: HostKeyCheck,
     outcome: Arc<Mutex<Option<HostKeyOutcome>>>,
+    to_session: tokio::sync::mpsc::Sender<FromTarget>,
 }
 
 impl client::Handler for TargetSide {
@@ -138,12 +140,48 @@ impl client::Handler for TargetSide {
 
     async fn server_channel_open_forwarded_tcpip(
         &mut self,
+        channel: russh::Channel<client::Msg>,
+        connected_address: &str,
+        connected_port: u32,
+        originator_address: &str,
+        originator_port: u32,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        // The session task accepts it only for a listen it asked for (an allowed `-R`);
+        // dropping `reply` (no session any more) rejects it.
+        let _ = self
+            .to_session
+            .send(FromTarget::Forwarded {
+                channel,
+                listen: (connected_address.to_string(), connected_port),
+                originator: (originator_address.to_string(), originator_port),
+                reply,
+            })
+            .await;
+        Ok(())
+    }
+
+    async fn server_channel_open_agent_forward(
+        &mut self,
+        channel: russh::Channel<client::Msg>,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        let _ = self
+            .to_session
+            .send(FromTarget::Agent { channel, reply })
+            .await;
+        Ok(())
+    }
+
+    // Every other channel the target might open toward the gateway is refused (russh accepts
+    // them by default).
+
+    async fn server_channel_open_session(
+        &mut self,
         _channel: russh::Channel<client::Msg>,
-        _connected_address: &str,
-        _connected_port: u32,
-        _originator_address: &str,
-        _originator_port: u32,
-        reply: russh::client::ChannelOpenHandle,
+        reply: client::ChannelOpenHandle,
         _session: &mut client::Session,
     ) -> Result<(), Self::Error> {
         reply
@@ -151,6 +189,78 @@ impl client::Handler for TargetSide {
             .await;
         Ok(())
     }
+
+    async fn server_channel_open_direct_tcpip(
+        &mut self,
+        _channel: russh::Channel<client::Msg>,
+        _host_to_connect: &str,
+        _port_to_connect: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        reply
+            .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+            .await;
+        Ok(())
+    }
+
+    async fn server_channel_open_forwarded_streamlocal(
+        &mut self,
+        _channel: russh::Channel<client::Msg>,
+        _socket_path: &str,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        reply
+            .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+            .await;
+        Ok(())
+    }
+
+    async fn server_channel_open_direct_streamlocal(
+        &mut self,
+        _channel: russh::Channel<client::Msg>,
+        _socket_path: &str,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        reply
+            .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+            .await;
+        Ok(())
+    }
+
+    async fn server_channel_open_x11(
+        &mut self,
+        _channel: russh::Channel<client::Msg>,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        reply
+            .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+            .await;
+        Ok(())
+    }
+}
+
+/// Channels the target opens toward the gateway, for the session task to judge.
+pub enum FromTarget {
+    /// A connection to a listen the gateway asked for (`ssh -R`): (address, port) as asked.
+    Forwarded {
+        channel: russh::Channel<client::Msg>,
+        listen: (String, u32),
+        originator: (String, u32),
+        reply: client::ChannelOpenHandle,
+    },
+    /// An agent channel (the target's `SSH_AUTH_SOCK` was used).
+    Agent {
+        channel: russh::Channel<client::Msg>,
+        reply: client::ChannelOpenHandle,
+    },
 }
 
 /// How long the target has for its side of the key exchange.
@@ -168,6 +278,7 @@ pub async fn connect(
     target_name: &str,
     ssh: &SshTarget,
     addr: std::net::SocketAddr,
+    to_session: tokio::sync::mpsc::Sender<FromTarget>,
 ) -> Result<Upstream, (String, Option<HostKeyOutcome>)> {
     let host = addr.ip().to_canonical().to_string();
     let port = addr.port();
@@ -196,6 +307,7 @@ pub async fn connect(
         port,
         mode: ssh.host_key,
         outcome: Arc::clone(&outcome),
+        to_session,
     };
     let mut config = client::Config {
         inactivity_timeout: None,
