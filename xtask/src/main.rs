@@ -207,15 +207,16 @@ fn install(root: &Path) -> Result<()> {
 }
 
 /// The fuzz targets type-check against the library (running them needs nightly and
-/// cargo-fuzz, see agent/fuzz/README.md); their own workspace and lock file, and a target
-/// directory of their own so the main build is not invalidated.
+/// cargo-fuzz, see agent/fuzz/README.md); their own workspace and lock file (not `--locked`:
+/// cargo keeps its versions and adds only what a new dependency of the library needs), and a
+/// target directory of their own so the main build is not invalidated.
 fn check_fuzz_targets(root: &Path) -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     run(Command::new(cargo)
         .current_dir(root.join("agent/fuzz"))
         .env("BULKHEAD_SKIP_EBPF", "1")
         .env("CARGO_TARGET_DIR", root.join("target/fuzz"))
-        .args(["check", "--locked", "--bins"]))
+        .args(["check", "--bins"]))
 }
 
 fn workspace_root() -> Result<PathBuf> {
