@@ -281,6 +281,26 @@ print(ask(b"POST /v1/te HTTP/1.1\r\nHost: {TARGET_V4}\r\nTransfer-Encoding: chun
 # refused, nothing after it read.
 both = ask(b"GET /v1/first HTTP/1.1\r\nHost: {TARGET_V4}\r\n\r\nPOST /v1/second HTTP/1.1\r\nHost: {TARGET_V4}\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /v1/third HTTP/1.1\r\nHost: {TARGET_V4}\r\n\r\n")
 print(both.count("HTTP/1.1 200"), both.count("HTTP/1.1 400"), both.count("HTTP/1.1 "))
+# The same over TLS, with ALPN http/1.1 and with no ALPN at all (HTTP/1.1 either way).
+import ssl
+def ask_tls(data, alpn):
+    ctx = ssl.create_default_context()
+    if alpn:
+        ctx.set_alpn_protocols(alpn)
+    s = ctx.wrap_socket(socket.create_connection(("{TARGET_V4}", 443), timeout=15), server_hostname="{TARGET_V4}")
+    s.sendall(data)
+    out = b""
+    while True:
+        try:
+            b = s.recv(65536)
+        except (socket.timeout, ssl.SSLError):
+            break
+        if not b:
+            break
+        out += b
+    return out.decode(errors="replace")
+for alpn in (["http/1.1"], None):
+    print(ask_tls(b"POST /v1/tls-cl HTTP/1.1\r\nHost: {TARGET_V4}\r\nContent-Length: 50\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nDELETE /v1/smuggled HTTP/1.1\r\nHost: {TARGET_V4}\r\n\r\n", alpn).split("\r\n")[0])
 # Two Content-Lengths that disagree.
 print(ask(b"POST /v1/dupcl HTTP/1.1\r\nHost: {TARGET_V4}\r\nContent-Length: 3\r\nContent-Length: 4\r\nConnection: close\r\n\r\nabcd").split("\r\n")[0])
 # Too many headers, too large a head.
@@ -314,6 +334,8 @@ print("slow closed", time.time() - t < 20)
             "HTTP/1.1 400 Bad Request",
             "HTTP/1.1 400 Bad Request",
             "1 1 2",
+            "HTTP/1.1 400 Bad Request",
+            "HTTP/1.1 400 Bad Request",
             "HTTP/1.1 400 Bad Request",
             "HTTP/1.1 431 Request Header Fields Too Large",
             "too large refused",

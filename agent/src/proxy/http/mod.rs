@@ -179,7 +179,9 @@ pub async fn serve(conn: &Conn<'_>, shared: &Shared, client: TcpStream) -> Sessi
     };
     session.server_name = server_name;
     // Anything but an ALPN choice of HTTP/1.1 goes through hyper's version detection.
-    let maybe_h2 = stream.get_ref().1.alpn_protocol() != Some(b"http/1.1");
+    // HTTP/2 over TLS is chosen by ALPN (RFC 9113 §3.2); a client that offered none speaks
+    // HTTP/1.1 and gets its framing checked like any other (wrk, Python's ssl, openssl s_client).
+    let maybe_h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
     session.serve_connection(stream, maybe_h2).await
 }
 
