@@ -89,7 +89,10 @@ fn main() -> Result<()> {
             println!();
             run(&mut Command::new(root.join("target/release/bench-http")))?;
             println!();
-            run(&mut Command::new(root.join("target/release/bench-ssh")))
+            run(&mut Command::new(root.join("target/release/bench-ssh")))?;
+            println!();
+            run(Command::new(root.join("target/release/bench-fastpath"))
+                .env("BULKHEAD_BIN", root.join("target/release/bulkhead")))
         }
         Task::Daemon => {
             setup(&root)?;
