@@ -301,6 +301,21 @@ def ask_tls(data, alpn):
     return out.decode(errors="replace")
 for alpn in (["http/1.1"], None):
     print(ask_tls(b"POST /v1/tls-cl HTTP/1.1\r\nHost: {TARGET_V4}\r\nContent-Length: 50\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nDELETE /v1/smuggled HTTP/1.1\r\nHost: {TARGET_V4}\r\n\r\n", alpn).split("\r\n")[0])
+# The same sent a byte first (a prefix of HTTP/2's preface, `P`), the rest later.
+s = socket.create_connection(("{TARGET_V4}", 80), timeout=15)
+s.sendall(b"P")
+time.sleep(0.3)
+s.sendall(b"OST /v1/dribble HTTP/1.1\r\nHost: {TARGET_V4}\r\nContent-Length: 50\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nDELETE /v1/smuggled HTTP/1.1\r\nHost: {TARGET_V4}\r\n\r\n")
+out = b""
+while True:
+    try:
+        b = s.recv(65536)
+    except socket.timeout:
+        break
+    if not b:
+        break
+    out += b
+print(out.decode(errors="replace").split("\r\n")[0])
 # Two Content-Lengths that disagree.
 print(ask(b"POST /v1/dupcl HTTP/1.1\r\nHost: {TARGET_V4}\r\nContent-Length: 3\r\nContent-Length: 4\r\nConnection: close\r\n\r\nabcd").split("\r\n")[0])
 # Too many headers, too large a head.
@@ -334,6 +349,7 @@ print("slow closed", time.time() - t < 20)
             "HTTP/1.1 400 Bad Request",
             "HTTP/1.1 400 Bad Request",
             "1 1 2",
+            "HTTP/1.1 400 Bad Request",
             "HTTP/1.1 400 Bad Request",
             "HTTP/1.1 400 Bad Request",
             "HTTP/1.1 400 Bad Request",

@@ -154,7 +154,7 @@ pub async fn serve(conn: &Conn<'_>, shared: &Shared, client: TcpStream) -> Sessi
         tunnels: std::sync::Mutex::default(),
     };
     if !client_tls {
-        let maybe_h2 = might_be_h2c(&client).await;
+        let maybe_h2 = is_h2c(&client).await;
         return session.serve_connection(client, maybe_h2).await;
     }
     let Some(ca) = conn.gw.tls.as_deref() else {
@@ -188,13 +188,28 @@ pub async fn serve(conn: &Conn<'_>, shared: &Shared, client: TcpStream) -> Sessi
 /// The HTTP/2 connection preface a prior-knowledge (h2c) client starts with.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// Whether a plain connection may be prior-knowledge HTTP/2: what the client sent so far is a
-/// prefix of the preface (a request line that starts `P` and has not yet differed from it).
-async fn might_be_h2c(client: &TcpStream) -> bool {
+/// Whether a plain connection is prior-knowledge HTTP/2: the client's first bytes are the
+/// whole preface. While what arrived is still a prefix of it (a request line sent a byte at a
+/// time starts `P` too), it waits for more, up to [`HEADER_TIMEOUT`]: the any-version server's
+/// HTTP/1 side has no framing checks, so only a complete preface may reach it. Anything else,
+/// errors included, is served as HTTP/1.1 with its framing checked.
+async fn is_h2c(client: &TcpStream) -> bool {
     let mut head = [0u8; H2_PREFACE.len()];
-    match client.peek(&mut head).await {
-        Ok(n) => n > 0 && head[..n] == H2_PREFACE[..n],
-        Err(_) => true,
+    let deadline = tokio::time::Instant::now() + HEADER_TIMEOUT;
+    loop {
+        match client.peek(&mut head).await {
+            Ok(n) if n > 0 && head[..n] == H2_PREFACE[..n] => {
+                if n == head.len() {
+                    return true;
+                }
+            }
+            _ => return false,
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        // Only a client that sends its first bytes in pieces gets here.
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
