@@ -299,7 +299,7 @@ def ask_tls(data, alpn):
             break
         out += b
     return out.decode(errors="replace")
-for alpn in (["http/1.1"], None):
+for alpn in (["http/1.1"], None, ["h2"]):
     print(ask_tls(b"POST /v1/tls-cl HTTP/1.1\r\nHost: {TARGET_V4}\r\nContent-Length: 50\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nDELETE /v1/smuggled HTTP/1.1\r\nHost: {TARGET_V4}\r\n\r\n", alpn).split("\r\n")[0])
 # The same sent a byte first (a prefix of HTTP/2's preface, `P`), the rest later.
 s = socket.create_connection(("{TARGET_V4}", 80), timeout=15)
@@ -349,6 +349,7 @@ print("slow closed", time.time() - t < 20)
             "HTTP/1.1 400 Bad Request",
             "HTTP/1.1 400 Bad Request",
             "1 1 2",
+            "HTTP/1.1 400 Bad Request",
             "HTTP/1.1 400 Bad Request",
             "HTTP/1.1 400 Bad Request",
             "HTTP/1.1 400 Bad Request",

@@ -350,7 +350,9 @@ impl Session<'_, '_> {
         }
     }
 
-    /// HTTP/1.1 or HTTP/2, as the client's first bytes say.
+    /// A connection chosen as HTTP/2 (ALPN `h2`, or the whole preface). hyper-util's server
+    /// would still serve HTTP/1 on it if the client spoke that instead (ALPN `h2`, then a
+    /// request line), without the framing checks: such a request is refused.
     async fn serve_any_version<S>(&self, io: S) -> Result<(), String>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -359,6 +361,12 @@ impl Session<'_, '_> {
         let service = service_fn(move |req: Request<Incoming>| {
             let tx = tx.clone();
             async move {
+                if req.version() != hyper::Version::HTTP_2 {
+                    return Ok::<_, Infallible>(gateway_error(
+                        StatusCode::BAD_REQUEST,
+                        "HTTP/1 on a connection that chose HTTP/2",
+                    ));
+                }
                 let (reply, answer) = oneshot::channel();
                 if tx.send(Job { req, reply }).await.is_err() {
                     return Ok::<_, Infallible>(gateway_error(
