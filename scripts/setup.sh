@@ -50,6 +50,8 @@ command -v kubectl >/dev/null || apt_install kubernetes-client
 apt_install openssh-server openssh-client
 # Its pty resize test drives the client in tmux; its held-password test hashes with openssl.
 apt_install tmux openssl
+# The packaging tests: `vagrant validate` on vagrant/Vagrantfile (no provider needed).
+apt_install vagrant
 
 # Python driver for the PostgreSQL gateway tests.
 if ! python3 -c "import psycopg" 2>/dev/null; then
