@@ -163,9 +163,11 @@ const SLICE_CGROUP: &str = "bulkhead.slice/bulkhead-governed.slice";
 /// pid, the package purged, then what the package keeps and the test created.
 #[derive(Default)]
 struct HostChanges {
-    /// The daemon's pid, and its pid file when a script started it.
+    /// The daemon's pid, and its pid file when a script started it, or its process when the
+    /// test did.
     daemon: Option<u32>,
     pidfile: Option<PathBuf>,
+    child: Option<std::process::Child>,
     /// Cgroups the test created, parents first.
     cgroups: Vec<PathBuf>,
     installed: bool,
@@ -263,18 +265,19 @@ impl HostChanges {
         }
         let gone = || !daemon_runs(pid);
         // SAFETY: kill has no memory preconditions; the pid is the daemon this test started.
-        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        unsafe { libc::kill(pid.cast_signed(), libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(15);
         while !gone() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
         if !gone() {
             // SAFETY: as above.
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            unsafe { libc::kill(pid.cast_signed(), libc::SIGKILL) };
         }
-        // Our own child: reap it (a script's child was re-parented and is reaped elsewhere).
-        // SAFETY: waitpid on a pid that is not our child returns ECHILD.
-        unsafe { libc::waitpid(pid as i32, std::ptr::null_mut(), 0) };
+        // The test's own child is reaped here; a script's was re-parented, and is reaped there.
+        if let Some(mut child) = self.child.take() {
+            let _ = child.wait();
+        }
     }
 }
 
@@ -455,32 +458,7 @@ fn the_debian_package_installs_governs_keeps_edits_and_purges() {
         .unwrap()
         .status
         .success());
-    let version = bulkhead(&["--version"]);
-    assert!(String::from_utf8_lossy(&version.stdout).starts_with("bulkhead "));
-    for path in [
-        UNIT,
-        "/lib/systemd/system/bulkhead-governed.slice",
-        "/etc/bulkhead/bulkhead.toml",
-        "/etc/bulkhead/policies/00-observe-first.toml",
-        "/etc/bulkhead/examples/read-only-agent.toml",
-        "/usr/share/bash-completion/completions/bulkhead",
-        "/usr/share/zsh/vendor-completions/_bulkhead",
-        "/usr/share/man/man1/bulkhead-doctor.1",
-        "/usr/share/doc/bulkhead/GUIDE.md",
-    ] {
-        assert!(Path::new(path).exists(), "{path} not installed");
-    }
-    let mode = std::fs::metadata("/etc/bulkhead/credentials")
-        .unwrap()
-        .permissions()
-        .mode();
-    assert_eq!(mode & 0o777, 0o700, "credentials directory is root's only");
-    // The packaged configuration and policies load: `policy check` reads /etc/bulkhead.
-    let check_policies = bulkhead(&["policy", "check"]);
-    assert!(check_policies.status.success(), "{check_policies:?}");
-    // Every example policy is valid on its own (they are copied into policies/ one by one).
-    let examples = bulkhead(&["policy", "check", "/etc/bulkhead/examples"]);
-    assert!(examples.status.success(), "{examples:?}");
+    assert_installed_files();
 
     // Before the daemon runs, doctor fails and says how to start it.
     let (code, checks) = doctor();
@@ -498,7 +476,9 @@ fn the_debian_package_installs_governs_keeps_edits_and_purges() {
     // The daemon as the unit starts it; then doctor passes (warnings allowed: this machine's
     // kernel and trust store are what they are) and reports it running with pinned links.
     let daemon = start_as_the_unit_would(&host.scratch().join("daemon.log"));
-    host.daemon = Some(daemon.id());
+    let daemon_pid = daemon.id();
+    host.daemon = Some(daemon_pid);
+    host.child = Some(daemon);
     let (code, checks) = doctor();
     assert_eq!(code, Some(0), "doctor with the daemon running: {checks}");
     let running = check(&checks, "daemon");
@@ -507,7 +487,7 @@ fn the_debian_package_installs_governs_keeps_edits_and_purges() {
         running["detail"]
             .as_str()
             .unwrap_or_default()
-            .contains(&format!("pid {}", daemon.id())),
+            .contains(&format!("pid {daemon_pid}")),
         "{running}"
     );
     let programs = check(&checks, "programs");
@@ -521,56 +501,8 @@ fn the_debian_package_installs_governs_keeps_edits_and_purges() {
     );
     assert_eq!(check(&checks, "governed")["level"], "ok", "{checks}");
 
-    // A process put in the slice's cgroup (as `systemd-run --slice=bulkhead-governed.slice`
-    // would) is governed: its connection to a loopback server goes through the gateway (the
-    // packaged policy observes) and is recorded with its pid and destination.
-    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let server_addr = server.local_addr().unwrap();
-    let echo = std::thread::spawn(move || {
-        let (mut conn, peer) = server.accept().unwrap();
-        let mut got = String::new();
-        std::io::Read::read_to_string(&mut conn, &mut got).unwrap();
-        std::io::Write::write_all(&mut conn, got.to_uppercase().as_bytes()).unwrap();
-        peer
-    });
-    let procs = host.governed_cgroup().join("cgroup.procs");
-    let mut probe = Command::new(bulkhead_tests::probe_bin());
-    probe.args(["connect", &server_addr.to_string(), "governed"]);
-    // SAFETY: between fork and exec the child only writes to a cgroup file.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut probe, move || {
-            std::fs::write(&procs, b"0")
-        });
-    }
-    let reply = bulkhead_tests::parse_probe(&probe.output().unwrap());
-    let server_saw = echo.join().unwrap();
-    assert_eq!(reply["reply"], "GOVERNED", "{reply}");
-    // The server's peer is the gateway's upstream socket, not the probe's own.
-    assert_ne!(
-        reply["local"],
-        server_saw.to_string(),
-        "the connection went around the gateway"
-    );
-    let pid = reply["pid"].clone();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let session = loop {
-        let sessions = bulkhead_json(&["sessions", "list"]);
-        if let Some(s) = sessions
-            .as_array()
-            .and_then(|a| a.iter().find(|s| s["identity"]["pid"] == pid))
-        {
-            break s.clone();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no session of pid {pid}: {sessions}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert!(
-        session.to_string().contains(&server_addr.to_string()),
-        "the session names the destination {server_addr}: {session}"
-    );
+    assert_a_process_in_the_slice_is_governed(host.governed_cgroup());
+
     host.stop_daemon();
 
     // An admin's edit survives reinstalling (a conffile).
@@ -771,7 +703,74 @@ fn the_vagrant_provisioning_runs_here_and_the_walkthrough_works() {
     let status = bulkhead_json(&["status"]);
     assert_eq!(status["daemon"]["pid"], pid, "{status}");
 
-    // The walkthrough. 1: a DROP TABLE is refused with the rule's message.
+    walkthrough(port);
+
+    // The daemon the script started stops by its pid file (Drop does it too, on failure).
+    host.stop_daemon();
+    assert!(
+        !daemon_runs(pid),
+        "the daemon (pid {pid}) outlived the test"
+    );
+}
+
+/// A process put in the slice's cgroup (as `systemd-run --slice=bulkhead-governed.slice`
+/// would) is governed: its connection to a loopback server goes through the gateway (the
+/// packaged policy observes) and is recorded with its pid and destination.
+fn assert_a_process_in_the_slice_is_governed(cgroup: &Path) {
+    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let server_addr = server.local_addr().unwrap();
+    let echo = std::thread::spawn(move || {
+        let (mut conn, peer) = server.accept().unwrap();
+        let mut got = String::new();
+        std::io::Read::read_to_string(&mut conn, &mut got).unwrap();
+        std::io::Write::write_all(&mut conn, got.to_uppercase().as_bytes()).unwrap();
+        peer
+    });
+    let procs = cgroup.join("cgroup.procs");
+    let mut probe = Command::new(bulkhead_tests::probe_bin());
+    probe.args(["connect", &server_addr.to_string(), "governed"]);
+    // SAFETY: between fork and exec the child only writes to a cgroup file.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut probe, move || {
+            std::fs::write(&procs, b"0")
+        });
+    }
+    let reply = bulkhead_tests::parse_probe(&probe.output().unwrap());
+    let server_saw = echo.join().unwrap();
+    assert_eq!(reply["reply"], "GOVERNED", "{reply}");
+    // The server's peer is the gateway's upstream socket, not the probe's own.
+    assert_ne!(
+        reply["local"],
+        server_saw.to_string(),
+        "the connection went around the gateway"
+    );
+    let pid = reply["pid"].clone();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let session = loop {
+        let sessions = bulkhead_json(&["sessions", "list"]);
+        if let Some(s) = sessions
+            .as_array()
+            .and_then(|a| a.iter().find(|s| s["identity"]["pid"] == pid))
+        {
+            break s.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no session of pid {pid}: {sessions}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        session.to_string().contains(&server_addr.to_string()),
+        "the session names the destination {server_addr}: {session}"
+    );
+}
+
+/// README's "Try it in a VM", as assertions: a DROP refused with the rule's message, the ssn
+/// column masked, a DELETE held until `bulkhead approvals approve`, then run, and its session
+/// shown and replayed.
+fn walkthrough(port: u16) {
+    // 1: a DROP TABLE is refused with the rule's message.
     let drop = demo_psql(port, "DROP TABLE customers").output().unwrap();
     assert!(!drop.status.success(), "{}", text(&drop));
     assert!(
@@ -792,16 +791,6 @@ fn the_vagrant_provisioning_runs_here_and_the_walkthrough_works() {
     assert!(rows.contains("6789"), "keep-last-4: {rows}");
 
     // 3: a DELETE waits for an admin; the row is still there while it waits.
-    /// The held psql, ended by pid if the test fails before it finishes.
-    struct Held(Option<std::process::Child>);
-    impl Drop for Held {
-        fn drop(&mut self) {
-            if let Some(mut child) = self.0.take() {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
-    }
     let mut delete = Held(Some(
         demo_psql(port, "DELETE FROM customers WHERE name = 'Carol'")
             .stdout(Stdio::piped())
@@ -869,11 +858,46 @@ fn the_vagrant_provisioning_runs_here_and_the_walkthrough_works() {
         "{}",
         text(&replay)
     );
+}
 
-    // The daemon the script started stops by its pid file (Drop does it too, on failure).
-    host.stop_daemon();
-    assert!(
-        !daemon_runs(pid),
-        "the daemon (pid {pid}) outlived the test"
-    );
+/// The held psql, ended by pid if the test fails before it finishes.
+struct Held(Option<std::process::Child>);
+impl Drop for Held {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// What the package put where: the binary, units, configuration and policies (which load),
+/// completions, manuals, docs, and the credentials directory root's only.
+fn assert_installed_files() {
+    let version = bulkhead(&["--version"]);
+    assert!(String::from_utf8_lossy(&version.stdout).starts_with("bulkhead "));
+    for path in [
+        UNIT,
+        "/lib/systemd/system/bulkhead-governed.slice",
+        "/etc/bulkhead/bulkhead.toml",
+        "/etc/bulkhead/policies/00-observe-first.toml",
+        "/etc/bulkhead/examples/read-only-agent.toml",
+        "/usr/share/bash-completion/completions/bulkhead",
+        "/usr/share/zsh/vendor-completions/_bulkhead",
+        "/usr/share/man/man1/bulkhead-doctor.1",
+        "/usr/share/doc/bulkhead/GUIDE.md",
+    ] {
+        assert!(Path::new(path).exists(), "{path} not installed");
+    }
+    let mode = std::fs::metadata("/etc/bulkhead/credentials")
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o700, "credentials directory is root's only");
+    // The packaged configuration and policies load: `policy check` reads /etc/bulkhead.
+    let check_policies = bulkhead(&["policy", "check"]);
+    assert!(check_policies.status.success(), "{check_policies:?}");
+    // Every example policy is valid on its own (they are copied into policies/ one by one).
+    let examples = bulkhead(&["policy", "check", "/etc/bulkhead/examples"]);
+    assert!(examples.status.success(), "{examples:?}");
 }
