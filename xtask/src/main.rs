@@ -154,7 +154,9 @@ fn deb(root: &Path, dev: bool) -> Result<()> {
         "target/debian/",
     ];
     if dev {
-        args.extend(["--profile", "dev"]);
+        // --fast: the tests' package is installed once and thrown away; cargo-deb's default
+        // compression of the debug build took 142-148 s, --fast 25 s (same run, load 12-14).
+        args.extend(["--profile", "dev", "--fast"]);
     }
     cargo(root, &args)
 }
