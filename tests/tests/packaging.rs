@@ -182,12 +182,6 @@ struct HostChanges {
 }
 
 impl HostChanges {
-    fn scratch(&self) -> &Path {
-        self.scratch.as_ref().unwrap().path()
-    }
-}
-
-impl HostChanges {
     /// Refuses (panics) on a machine where installing the package could touch something that
     /// is not the test's: systemd running (it would start the service), a bulkhead package or
     /// daemon, its pins, its listener port, the slice's cgroup.
@@ -248,6 +242,10 @@ impl HostChanges {
 
     fn governed_cgroup(&self) -> &Path {
         &self.cgroups[1]
+    }
+
+    fn scratch(&self) -> &Path {
+        self.scratch.as_ref().unwrap().path()
     }
 
     /// Stops the daemon: SIGTERM, then SIGKILL after 15 s (the unit's TimeoutStopSec).
