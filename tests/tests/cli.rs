@@ -556,4 +556,19 @@ fn trust_install_puts_the_gateway_ca_in_the_trust_store_and_remove_takes_it_out(
     let bundle: String = trust("remove").lines().collect();
     assert!(!bundle.contains(&body), "the CA left the bundle");
     assert_eq!(std::fs::read_to_string(&known_hosts).unwrap(), admins);
+    // No link is left pointing at the removed CA (update-ca-certificates leaves two).
+    for entry in std::fs::read_dir(root.join("etc/ssl/certs")).unwrap() {
+        let path = entry.unwrap().path();
+        assert!(
+            std::fs::metadata(&path).is_ok(),
+            "dangling {}",
+            path.display()
+        );
+    }
+    // A known_hosts file that `install` made holds nothing after `remove`: it goes.
+    std::fs::remove_file(&known_hosts).unwrap();
+    trust("install");
+    assert!(known_hosts.exists());
+    trust("remove");
+    assert!(!known_hosts.exists(), "an empty known_hosts was left");
 }

@@ -172,7 +172,7 @@ fn bpf_lsm(status: Option<&serde_json::Value>) -> Check {
     let in_use = status.and_then(|s| s["daemon"]["containment"]["socket_filter"].as_str());
     if lsms.split(',').any(|l| l.trim() == "bpf") {
         match in_use {
-            Some(f) if !f.contains("BPF LSM") => check(
+            Some(f) if f != crate::ebpf::SocketFilter::Lsm.describe() => check(
                 "bpf lsm",
                 Level::Warn,
                 format!("listed ({}) but the daemon could not load its LSM program; socket() filter: {f}", lsms.trim()),

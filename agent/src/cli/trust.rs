@@ -135,8 +135,13 @@ fn remove(paths: &Paths) -> Result<(), CliError> {
     if let Ok(text) = std::fs::read_to_string(&paths.known_hosts) {
         let kept = without_ssh_ca(&text);
         if kept != text {
-            std::fs::write(&paths.known_hosts, kept)
-                .map_err(|e| CliError::Other(format!("{}: {e}", paths.known_hosts.display())))?;
+            // A file that held only the gateway's line (`trust install` made it) goes too.
+            let done = if kept.trim().is_empty() {
+                std::fs::remove_file(&paths.known_hosts)
+            } else {
+                std::fs::write(&paths.known_hosts, kept)
+            };
+            done.map_err(|e| CliError::Other(format!("{}: {e}", paths.known_hosts.display())))?;
             println!(
                 "the gateway's SSH CA is no longer in {}",
                 paths.known_hosts.display()
@@ -147,6 +152,7 @@ fn remove(paths: &Paths) -> Result<(), CliError> {
     match std::fs::remove_file(&at) {
         Ok(()) => {
             paths.update()?;
+            remove_dangling_links(paths);
             println!("the gateway CA is no longer trusted system-wide");
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -155,4 +161,21 @@ fn remove(paths: &Paths) -> Result<(), CliError> {
         Err(e) => return Err(CliError::Other(format!("{}: {e}", at.display()))),
     }
     Ok(())
+}
+
+/// update-ca-certificates takes a removed local CA out of the bundle but leaves its links in
+/// /etc/ssl/certs (`bulkhead-gateway.pem` and the hash link to it) dangling: remove those two.
+fn remove_dangling_links(paths: &Paths) {
+    let pem = Path::new(CA_FILE_NAME).with_extension("pem");
+    let ours = |target: &Path| target == paths.local.join(CA_FILE_NAME) || target == pem;
+    let Ok(entries) = std::fs::read_dir(&paths.etc_certs) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let dangling = std::fs::metadata(&path).is_err();
+        if dangling && std::fs::read_link(&path).is_ok_and(|t| ours(&t)) {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
 }

@@ -162,7 +162,7 @@ impl OrigDst for MockOrigDst {
 pub enum SocketFilter {
     /// `lsm_cgroup/socket_create`: every address family.
     Lsm,
-    /// `cgroup/sock_create`: inet and inet6 sockets only (the BPF LSM is not active).
+    /// `cgroup/sock_create`: inet and inet6 sockets only (no BPF LSM program could be loaded).
     InetOnly,
 }
 
@@ -171,8 +171,9 @@ impl SocketFilter {
         match self {
             SocketFilter::Lsm => "every address family (BPF LSM)",
             SocketFilter::InetOnly => {
-                "inet and inet6 only: the BPF LSM is not active (boot with lsm=...,bpf), so \
-                 packet, vsock and other families are not filtered"
+                "inet and inet6 only: no BPF LSM program could be loaded (the kernel needs \
+                 lsm=...,bpf, and some virtual machines refuse it even then), so packet, vsock \
+                 and other families are not filtered"
             }
         }
     }
