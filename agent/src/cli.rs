@@ -539,11 +539,7 @@ fn print_json<T: Serialize>(value: &T) -> Result<(), CliError> {
     Ok(())
 }
 
+/// RFC 3339 UTC to the second (`2026-12-01T05:40:12Z`), as every time the CLI prints.
 fn format_time(micros: u64) -> String {
-    let t = std::time::UNIX_EPOCH + std::time::Duration::from_micros(micros);
-    humantime::format_rfc3339_seconds(t)
-        .to_string()
-        .replace('T', " ")
-        .trim_end_matches('Z')
-        .to_string()
+    crate::text::timestamp(micros)
 }
