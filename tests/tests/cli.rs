@@ -557,3 +557,46 @@ fn trust_install_puts_the_gateway_ca_in_the_trust_store_and_remove_takes_it_out(
     assert!(!bundle.contains(&body), "the CA left the bundle");
     assert_eq!(std::fs::read_to_string(&known_hosts).unwrap(), admins);
 }
+
+/// A daemon killed with -9 leaves its control socket: the CLI calls it stale (not just
+/// "not running"), and the next daemon removes it and says so in its log.
+#[test]
+fn a_crashed_daemons_control_socket_is_called_stale_and_the_next_daemon_replaces_it() {
+    use bulkhead_tests::Side;
+    bulkhead_tests::require_root();
+    let topo = bulkhead_tests::Topology::new("");
+    let mut daemon = topo.start_daemon(&[]);
+    daemon.kill9();
+    let socket = topo.dir.join("run/control.sock");
+    assert!(socket.exists());
+    let out = topo.output(Side::Host, topo.bulkhead(&["approvals", "list"]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("the daemon is not running")
+            && err.contains(&format!("stale control socket at {}", socket.display()))
+            && err.contains("did not exit cleanly"),
+        "{err}"
+    );
+    let out = topo.output(Side::Host, topo.bulkhead(&["status"]));
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("stale control socket at"), "{text}");
+
+    let mut daemon = topo.start_daemon(&[]);
+    let mut logs = String::new();
+    while let Some(line) = daemon.line(std::time::Duration::from_secs(5)) {
+        logs.push_str(&line);
+        logs.push('\n');
+        if line.contains("removed a stale control socket") {
+            break;
+        }
+    }
+    assert!(
+        logs.contains("removed a stale control socket")
+            && logs.contains(&socket.display().to_string()),
+        "{logs}"
+    );
+    // It answers on the socket it replaced.
+    let out = topo.output(Side::Host, topo.bulkhead(&["approvals", "list"]));
+    assert!(out.status.success(), "{out:?}");
+}
