@@ -600,3 +600,51 @@ fn a_crashed_daemons_control_socket_is_called_stale_and_the_next_daemon_replaces
     let out = topo.output(Side::Host, topo.bulkhead(&["approvals", "list"]));
     assert!(out.status.success(), "{out:?}");
 }
+
+/// After a daemon exits, `bulkhead run` says what will happen to the tool's connections, and
+/// that is what happens: a fail-open daemon's programs went with it (connections go direct,
+/// never "refused"); a fail-closed daemon's stay pinned (connections are refused).
+#[test]
+fn run_says_truly_whether_connections_are_refused_after_the_daemon_exits() {
+    use bulkhead_tests::{parse_probe, Side, TARGET_V4};
+    bulkhead_tests::require_root();
+    let topo = bulkhead_tests::Topology::new("");
+    topo.allow_opaque_tcp();
+    let dst = format!("{TARGET_V4}:7000");
+    let _echo = topo.echo_server(Side::Target, dst.parse().unwrap());
+    let probe = topo.probe();
+    let probe = probe.to_str().unwrap();
+    let run_probe = || {
+        let out = run_governed(&topo, &["--", probe, "connect", &dst, "x"], Some("65534"));
+        let said = String::from_utf8_lossy(&out.stderr).into_owned();
+        (said, parse_probe(&out))
+    };
+
+    // Fail open, and it crashed: nothing is left in the kernel.
+    let mut daemon = topo.start_daemon(&["--fail-open"]);
+    daemon.kill9();
+    let (said, probe_result) = run_probe();
+    assert!(said.contains("NOT governed"), "{said}");
+    assert!(!said.contains("refused"), "{said}");
+    assert_eq!(
+        bulkhead_tests::reply(&probe_result)["data"],
+        "x",
+        "{probe_result}"
+    );
+    // Direct: from the namespace's own address, not redirected to the loopback listener.
+    assert!(
+        probe_result["local"]
+            .as_str()
+            .unwrap()
+            .starts_with("10.201.0.1:"),
+        "it went direct: {probe_result}"
+    );
+
+    // Fail closed, stopped: the pinned programs refuse every governed connect.
+    let mut daemon = topo.start_daemon(&[]);
+    daemon.terminate();
+    let (said, probe_result) = run_probe();
+    assert!(said.contains("will be refused until it runs"), "{said}");
+    assert!(!said.contains("NOT governed"), "{said}");
+    assert_eq!(probe_result["kind"], "ConnectionRefused", "{probe_result}");
+}
