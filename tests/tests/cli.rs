@@ -558,49 +558,6 @@ fn trust_install_puts_the_gateway_ca_in_the_trust_store_and_remove_takes_it_out(
     assert_eq!(std::fs::read_to_string(&known_hosts).unwrap(), admins);
 }
 
-/// A daemon killed with -9 leaves its control socket: the CLI calls it stale (not just
-/// "not running"), and the next daemon removes it and says so in its log.
-#[test]
-fn a_crashed_daemons_control_socket_is_called_stale_and_the_next_daemon_replaces_it() {
-    use bulkhead_tests::Side;
-    bulkhead_tests::require_root();
-    let topo = bulkhead_tests::Topology::new("");
-    let mut daemon = topo.start_daemon(&[]);
-    daemon.kill9();
-    let socket = topo.dir.join("run/control.sock");
-    assert!(socket.exists());
-    let out = topo.output(Side::Host, topo.bulkhead(&["approvals", "list"]));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("the daemon is not running")
-            && err.contains(&format!("stale control socket at {}", socket.display()))
-            && err.contains("did not exit cleanly"),
-        "{err}"
-    );
-    let out = topo.output(Side::Host, topo.bulkhead(&["status"]));
-    assert_eq!(out.status.code(), Some(1));
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("stale control socket at"), "{text}");
-
-    let mut daemon = topo.start_daemon(&[]);
-    let mut logs = String::new();
-    while let Some(line) = daemon.line(std::time::Duration::from_secs(5)) {
-        logs.push_str(&line);
-        logs.push('\n');
-        if line.contains("removed a stale control socket") {
-            break;
-        }
-    }
-    assert!(
-        logs.contains("removed a stale control socket")
-            && logs.contains(&socket.display().to_string()),
-        "{logs}"
-    );
-    // It answers on the socket it replaced.
-    let out = topo.output(Side::Host, topo.bulkhead(&["approvals", "list"]));
-    assert!(out.status.success(), "{out:?}");
-}
-
 /// After a daemon exits, `bulkhead run` says what will happen to the tool's connections, and
 /// that is what happens: a fail-open daemon's programs went with it (connections go direct,
 /// never "refused"); a fail-closed daemon's stay pinned (connections are refused).
@@ -647,4 +604,90 @@ fn run_says_truly_whether_connections_are_refused_after_the_daemon_exits() {
     assert!(said.contains("will be refused until it runs"), "{said}");
     assert!(!said.contains("NOT governed"), "{said}");
     assert_eq!(probe_result["kind"], "ConnectionRefused", "{probe_result}");
+}
+
+/// A daemon killed with -9 leaves its control socket: the CLI calls it stale (not just
+/// "not running"), and the next daemon removes it and says so in its log.
+#[test]
+fn a_crashed_daemons_control_socket_is_called_stale_and_the_next_daemon_replaces_it() {
+    use bulkhead_tests::Side;
+    bulkhead_tests::require_root();
+    let topo = bulkhead_tests::Topology::new("");
+    let mut daemon = topo.start_daemon(&[]);
+    daemon.kill9();
+    let socket = topo.dir.join("run/control.sock");
+    assert!(socket.exists());
+    let out = topo.output(Side::Host, topo.bulkhead(&["approvals", "list"]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("the daemon is not running")
+            && err.contains(&format!("stale control socket at {}", socket.display()))
+            && err.contains("did not exit cleanly"),
+        "{err}"
+    );
+    let out = topo.output(Side::Host, topo.bulkhead(&["status"]));
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("stale control socket at"), "{text}");
+
+    let mut daemon = topo.start_daemon(&[]);
+    let mut logs = String::new();
+    while let Some(line) = daemon.line(std::time::Duration::from_secs(5)) {
+        logs.push_str(&line);
+        logs.push('\n');
+        if line.contains("removed a stale control socket") {
+            break;
+        }
+    }
+    assert!(
+        logs.contains("removed a stale control socket")
+            && logs.contains(&socket.display().to_string()),
+        "{logs}"
+    );
+    // It answers on the socket it replaced.
+    let out = topo.output(Side::Host, topo.bulkhead(&["approvals", "list"]));
+    assert!(out.status.success(), "{out:?}");
+}
+
+/// `approvals watch` follows across a daemon restart: it says on stderr that the daemon went
+/// away and that it reconnected, instead of ending silently.
+#[test]
+fn approvals_watch_says_the_daemon_went_away_and_follows_the_next_one() {
+    use bulkhead_tests::Side;
+    use std::time::{Duration, Instant};
+    bulkhead_tests::require_root();
+    let topo = bulkhead_tests::Topology::new("");
+    let mut daemon = topo.start_daemon(&[]);
+    let watch = topo.spawn(Side::Host, "watch", topo.bulkhead(&["approvals", "watch"]));
+    // Connected: the watcher holds a unix socket (its connection to the control socket).
+    let connected = || {
+        let mut ss = std::process::Command::new("ss");
+        ss.args(["-x", "-p"]);
+        let out = topo.output(Side::Host, ss);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .any(|l| l.contains(&format!("pid={},", watch.pid())))
+    };
+    let wait = |what: &str, ok: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !ok() {
+            assert!(Instant::now() < deadline, "{what}: {}", watch.stderr());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait("the watcher connects", &connected);
+    daemon.terminate();
+    wait("the watcher says the daemon went away", &|| {
+        watch.stderr().contains("the daemon went away")
+    });
+    let _daemon = topo.start_daemon(&[]);
+    wait("the watcher reconnects", &|| {
+        watch.stderr().contains("reconnected to the daemon")
+    });
+    assert_eq!(
+        watch.stderr().matches("went away").count(),
+        1,
+        "{}",
+        watch.stderr()
+    );
 }
