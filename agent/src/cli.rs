@@ -77,6 +77,9 @@ pub enum Command {
         command: Vec<OsString>,
     },
     /// Show whether connections are governed, where, and how many sessions were recorded
+    ///
+    /// Exit status, for scripts: 0 the daemon governs with a loaded policy, 1 the daemon is not
+    /// running, 3 it runs but the last policy reload failed (2 is a usage error).
     Status(JsonFlag),
     /// Recorded sessions
     #[command(subcommand)]

@@ -23,6 +23,7 @@ pub enum ApprovalsCommand {
     List(JsonFlag),
     /// Approve a waiting request; with --for, also approve requests like it for a while
     Approve {
+        /// The request's approval id (`approvals list` shows them)
         id: u64,
         /// Why; recorded with the decision
         #[arg(long)]
@@ -37,6 +38,7 @@ pub enum ApprovalsCommand {
     },
     /// Deny a waiting request; its client is told, with the reason
     Deny {
+        /// The request's approval id (`approvals list` shows them)
         id: u64,
         /// Why; recorded and shown to the client
         #[arg(long)]
@@ -47,6 +49,7 @@ pub enum ApprovalsCommand {
     /// A waiting request in full: its whole text (control characters escaped), what the
     /// gateway found it does (classes, relations, functions), who asked and under which rule
     Show {
+        /// The request's approval id (`approvals list` shows them)
         id: u64,
         #[command(flatten)]
         json: JsonFlag,

@@ -33,6 +33,7 @@ pub enum SessionsCommand {
     },
     /// One session: identity, target, and the timeline of events with verdicts
     Show {
+        /// The session's id (`sessions list` shows them)
         id: u64,
         #[command(flatten)]
         json: JsonFlag,
@@ -40,6 +41,7 @@ pub enum SessionsCommand {
     /// Replay a session with its timing: terminal output for terminal sessions, a paced
     /// timeline of events for the others
     Replay {
+        /// The session's id (`sessions list` shows them)
         id: u64,
         /// Playback speed factor (2 = twice as fast)
         #[arg(long, default_value_t = 1.0)]
@@ -59,6 +61,7 @@ pub enum SessionsCommand {
         /// Events at or before this time (RFC 3339, or a duration ago)
         #[arg(long, value_parser = parse_when)]
         until: Option<u64>,
+        /// What to write
         #[arg(long, value_enum, default_value_t = ExportFormat::Jsonl)]
         format: ExportFormat,
         /// Write to FILE instead of standard output
@@ -109,8 +112,10 @@ pub struct FilterArgs {
     /// Only this user id
     #[arg(long)]
     uid: Option<u32>,
+    /// Only sessions with this kind of decision in them
     #[arg(long, value_enum)]
     verdict: Option<VerdictFilter>,
+    /// Only this protocol
     #[arg(long, value_enum)]
     protocol: Option<ProtocolArg>,
 }
