@@ -621,7 +621,7 @@ fn text_views_show_rfc3339_times_and_why_sessions_were_refused() {
     let id_of = |probe: &Value| {
         all.iter()
             .find(|s| s["identity"]["pid"] == probe["pid"])
-            .map(|s| s["id"].as_u64().unwrap())
+            .and_then(|s| s["id"].as_u64())
             .unwrap_or_else(|| panic!("no session of {probe}: {all:?}"))
     };
     let (ok_id, unmatched_id, closed_id) = (id_of(&ok), id_of(&unmatched), id_of(&closed));
@@ -685,8 +685,13 @@ fn text_views_show_rfc3339_times_and_why_sessions_were_refused() {
         .run_cli(&["sessions", "list", "--json", "--verdict", "denied"])
         .unwrap());
     assert_eq!(denied, vec![unmatched_id]);
+    time_filters_take_rfc3339_times_dates_and_durations(&topo);
+    tail_lines_start_with_the_time_and_say_why(&topo, closed_id);
+}
 
-    // --since / --until: RFC 3339 times (as printed) and durations ago.
+/// `sessions list --since/--until` over the three sessions of the test above, all started in
+/// the last minute.
+fn time_filters_take_rfc3339_times_dates_and_durations(topo: &Topology) {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -725,8 +730,11 @@ fn text_views_show_rfc3339_times_and_why_sessions_were_refused() {
         String::from_utf8_lossy(&out.stderr).contains("2026-11-26T14:00:00Z"),
         "{out:?}"
     );
+}
 
-    // tail: every line starts with the event's time to the millisecond; refusals say why.
+/// `sessions tail --since 10m`: every line starts with the event's time to the millisecond;
+/// refusals say why.
+fn tail_lines_start_with_the_time_and_say_why(topo: &Topology, closed_id: u64) {
     let mut tail = topo.spawn(
         Side::Host,
         "tail",
