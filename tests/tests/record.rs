@@ -765,3 +765,44 @@ fn tail_lines_start_with_the_time_and_say_why(topo: &Topology, closed_id: u64) {
         "{lines:?}"
     );
 }
+
+/// A PostgreSQL target whose port is closed: psql is told in its own protocol (a FATAL), and
+/// the session is recorded `refused` with the target's reason, not as a denial.
+#[test]
+fn a_postgres_target_that_refuses_the_connection_is_recorded_refused() {
+    require_root();
+    let topo = Topology::new(
+        "[[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddresses = [\"10.201.0.2:5499\"]\n\
+         [target.postgres]\nauth = [\"none\"]\n",
+    );
+    topo.policy(
+        "db.toml",
+        "[[target]]\nname = \"db\"\nprotocol = \"postgres\"\ndefault = \"allow\"\n",
+    );
+    let _daemon = topo.start_daemon(&[]);
+    let mut psql = Command::new("psql");
+    psql.args([
+        "-X", "-h", TARGET_V4, "-p", "5499", "-U", "app", "-d", "postgres", "-c", "SELECT 1",
+    ])
+    .env("PGSSLMODE", "disable")
+    .env("PGCONNECT_TIMEOUT", "10");
+    let out = topo.output(Side::Governed, psql);
+    assert!(!out.status.success(), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("FATAL"), "{said}");
+    let session = topo.wait_session_closed();
+    assert_eq!(session["outcome"]["kind"], "target_refused", "{session}");
+    assert!(
+        session["outcome"]["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("target db refused the connection"),
+        "{session}"
+    );
+    let out = topo.output(Side::Host, topo.bulkhead(&["sessions", "list"]));
+    let list = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        list.contains("refused: target db refused the connection"),
+        "{list}"
+    );
+}
