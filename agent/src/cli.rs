@@ -77,6 +77,9 @@ pub enum Command {
         command: Vec<OsString>,
     },
     /// Show whether connections are governed, where, and how many sessions were recorded
+    ///
+    /// Exit status, for scripts: 0 the daemon governs with a loaded policy, 1 the daemon is not
+    /// running, 3 it runs but the last policy reload failed (2 is a usage error).
     Status(JsonFlag),
     /// Recorded sessions
     #[command(subcommand)]
@@ -539,11 +542,7 @@ fn print_json<T: Serialize>(value: &T) -> Result<(), CliError> {
     Ok(())
 }
 
+/// RFC 3339 UTC to the second (`2026-12-01T05:40:12Z`), as every time the CLI prints.
 fn format_time(micros: u64) -> String {
-    let t = std::time::UNIX_EPOCH + std::time::Duration::from_micros(micros);
-    humantime::format_rfc3339_seconds(t)
-        .to_string()
-        .replace('T', " ")
-        .trim_end_matches('Z')
-        .to_string()
+    crate::text::timestamp(micros)
 }

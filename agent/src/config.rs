@@ -335,32 +335,40 @@ impl Target {
     }
 }
 
-/// The dotted key (`listener.port`) whose value a TOML error points at: the line's key under
-/// the last table header before it.
+/// The dotted key (`listener.port`) whose value a TOML error points at: the key of the value's
+/// line (or, inside a multi-line array, of the nearest line above with one) under the last
+/// table header before it.
 fn key_at(text: &str, e: &toml::de::Error) -> Option<String> {
     let start = e.span()?.start;
     let before = text.get(..start)?;
-    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-    let key = before[line_start..].split('=').next()?.trim();
-    if key.is_empty() || before[line_start..].find('=').is_none() {
-        return None;
+    let mut key = None;
+    let mut table = None;
+    for line in before.rsplit('\n').map(str::trim) {
+        if line.starts_with('[') {
+            table = Some(line.trim_matches(|c| c == '[' || c == ']').trim());
+            break;
+        }
+        if key.is_none() && !line.starts_with('#') {
+            key = line
+                .split_once('=')
+                .map(|(k, _)| k.trim())
+                .filter(|k| !k.is_empty());
+        }
     }
-    let table = before[..line_start]
-        .lines()
-        .rev()
-        .map(str::trim)
-        .find(|l| l.starts_with('['))
-        .map(|h| h.trim_matches(|c| c == '[' || c == ']').trim());
+    let key = key?;
     Some(match table {
         Some(t) if !t.is_empty() => format!("{t}.{key}"),
         _ => key.to_string(),
     })
 }
 
-/// A deserializer's expectation in an admin's words (`expected u16`: a number and its range).
+/// A deserializer's complaint in an admin's words: what the key takes first, then what it got
+/// (`invalid type: string "abc", expected u16` → `expected a whole number from 0 to 65535, got
+/// string "abc"`).
 fn readable_expectation(message: &str) -> String {
     let ranges = [
         ("expected u16", "expected a whole number from 0 to 65535"),
+        ("expected u8", "expected a whole number from 0 to 255"),
         (
             "expected u32",
             "expected a whole number from 0 to 4294967295",
@@ -368,10 +376,20 @@ fn readable_expectation(message: &str) -> String {
         ("expected u64", "expected a whole number of 0 or more"),
         ("expected usize", "expected a whole number of 0 or more"),
         ("expected a boolean", "expected true or false"),
+        ("expected a string", "expected a quoted string"),
+        ("expected a sequence", "expected a list in brackets ([...])"),
     ];
     let mut out = message.to_string();
     for (from, to) in ranges {
         out = out.replace(from, to);
+    }
+    for lead in ["invalid type: ", "invalid value: "] {
+        if let Some((got, expected)) = out
+            .strip_prefix(lead)
+            .and_then(|rest| rest.split_once(", expected "))
+        {
+            return format!("expected {expected}, got {got}");
+        }
     }
     out
 }
@@ -456,7 +474,7 @@ impl Config {
             },
             _ => ConfigError::Parse {
                 path: source_path(&source),
-                message: e.to_string(),
+                message: readable_expectation(&e.to_string()),
             },
         })?;
         Self::from_raw(raw, source)
@@ -1202,6 +1220,31 @@ mod tests {
         );
         let e = err("[listener]\nport = \"x\"\n");
         assert!(e.contains("`listener.port`") && !e.contains("u16"), "{e}");
+        let e = err("[listener]\nport = \"abc\"\n");
+        assert!(
+            e.ends_with(
+                "key `listener.port`: expected a whole number from 0 to 65535, got string \"abc\""
+            ),
+            "{e}"
+        );
+        // A value inside a multi-line list: the list's key.
+        let e = err("[capture]\nexclude_ports = [\n  22,\n  \"http\",\n]\n");
+        assert!(
+            e.contains("key `capture.exclude_ports`")
+                && e.contains("from 0 to 65535")
+                && !e.contains("u16"),
+            "{e}"
+        );
+        let e = err("[daemon]\nworkers = -1\n");
+        assert!(
+            e.contains("`daemon.workers`: expected a whole number of 0 or more, got integer `-1`"),
+            "{e}"
+        );
+        let e = err("[store]\nmax_age = 90\n");
+        assert!(
+            e.contains("`store.max_age`: expected a quoted string"),
+            "{e}"
+        );
         let e = err("[capture]\nloopback = \"yes\"\n");
         assert!(
             e.contains("`capture.loopback`") && e.contains("true or false"),

@@ -34,13 +34,14 @@ fn main() -> ExitCode {
     }
 }
 
-/// The error and its causes, each once: a message that already ends with its cause's text
-/// (`cannot read X: No such file or directory (os error 2)`) does not repeat it.
+/// The error and its causes, each once: a message that already includes its cause's text
+/// (`cannot read X: No such file or directory (os error 2)`, or `cannot listen on X: Address
+/// already in use (os error 98) (another program ...)`) does not repeat it.
 fn chain(e: &anyhow::Error) -> String {
     let mut text = e.to_string();
     for cause in e.chain().skip(1) {
         let cause = cause.to_string();
-        if !text.ends_with(&cause) {
+        if !text.contains(&cause) {
             text.push_str(": ");
             text.push_str(&cause);
         }

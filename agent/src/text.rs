@@ -2,7 +2,7 @@
 //! were written, text a governed process wrote made safe for a terminal, command lines as a
 //! shell reads them.
 
-use std::time::Duration;
+use std::time::{Duration, UNIX_EPOCH};
 
 /// `text` safe to print on an admin's terminal: control characters other than newline and tab
 /// (an escape sequence could redraw the screen or hide what follows), and the Unicode format
@@ -49,6 +49,18 @@ pub fn shell_quoted(args: &[String]) -> String {
         .replace('\t', "\\t")
 }
 
+/// An instant (microseconds since the epoch) as RFC 3339 UTC to the second:
+/// `2026-12-01T05:40:12Z`. The one style of every time the CLI prints.
+pub fn timestamp(micros: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_micros(micros)).to_string()
+}
+
+/// As [`timestamp`], with milliseconds (`2026-12-01T05:40:12.345Z`), where lines that follow
+/// each other closely must show their order (`sessions tail`, `approvals watch`).
+pub fn timestamp_ms(micros: u64) -> String {
+    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_micros(micros)).to_string()
+}
+
 /// `1 file`, `3 files`; `plural` is the noun for any other count.
 pub fn count(n: usize, singular: &str, plural: &str) -> String {
     if n == 1 {
@@ -88,6 +100,23 @@ mod tests {
             "psql -c 'SELECT '\\''a b'\\'';' '' 'x\\ny' '\\x1b[2J'"
         );
         assert_eq!(terminal_safe("a\u{202e}b\x07"), "a\\u{202e}b\\x07");
+    }
+
+    #[test]
+    fn times_are_rfc_3339_utc_and_parse_back() {
+        let us = 1_796_103_612_345_678; // 2026-12-01T05:40:12.345678Z
+        assert_eq!(timestamp(us), "2026-12-01T05:40:12Z");
+        assert_eq!(timestamp_ms(us), "2026-12-01T05:40:12.345Z");
+        assert_eq!(timestamp(0), "1970-01-01T00:00:00Z");
+        for text in [timestamp(us), timestamp_ms(us)] {
+            let back = humantime::parse_rfc3339(&text).unwrap();
+            let back = back.duration_since(UNIX_EPOCH).unwrap().as_micros();
+            assert_eq!(
+                u64::try_from(back).unwrap() / 1_000_000,
+                us / 1_000_000,
+                "{text}"
+            );
+        }
     }
 
     #[test]

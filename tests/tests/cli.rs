@@ -572,3 +572,137 @@ fn trust_install_puts_the_gateway_ca_in_the_trust_store_and_remove_takes_it_out(
     trust("remove");
     assert!(!known_hosts.exists(), "an empty known_hosts was left");
 }
+
+/// After a daemon exits, `bulkhead run` says what will happen to the tool's connections, and
+/// that is what happens: a fail-open daemon's programs went with it (connections go direct,
+/// never "refused"); a fail-closed daemon's stay pinned (connections are refused).
+#[test]
+fn run_says_truly_whether_connections_are_refused_after_the_daemon_exits() {
+    use bulkhead_tests::{parse_probe, Side, TARGET_V4};
+    bulkhead_tests::require_root();
+    let topo = bulkhead_tests::Topology::new("");
+    topo.allow_opaque_tcp();
+    let dst = format!("{TARGET_V4}:7000");
+    let _echo = topo.echo_server(Side::Target, dst.parse().unwrap());
+    let probe = topo.probe();
+    let probe = probe.to_str().unwrap();
+    let run_probe = || {
+        let out = run_governed(&topo, &["--", probe, "connect", &dst, "x"], Some("65534"));
+        let said = String::from_utf8_lossy(&out.stderr).into_owned();
+        (said, parse_probe(&out))
+    };
+
+    // Fail open, and it crashed: nothing is left in the kernel.
+    let mut daemon = topo.start_daemon(&["--fail-open"]);
+    daemon.kill9();
+    let (said, probe_result) = run_probe();
+    assert!(said.contains("NOT governed"), "{said}");
+    assert!(!said.contains("refused"), "{said}");
+    assert_eq!(
+        bulkhead_tests::reply(&probe_result)["data"],
+        "x",
+        "{probe_result}"
+    );
+    // Direct: from the namespace's own address, not redirected to the loopback listener.
+    assert!(
+        probe_result["local"]
+            .as_str()
+            .unwrap()
+            .starts_with("10.201.0.1:"),
+        "it went direct: {probe_result}"
+    );
+
+    // Fail closed, stopped: the pinned programs refuse every governed connect.
+    let mut daemon = topo.start_daemon(&[]);
+    daemon.terminate();
+    let (said, probe_result) = run_probe();
+    assert!(said.contains("will be refused until it runs"), "{said}");
+    assert!(!said.contains("NOT governed"), "{said}");
+    assert_eq!(probe_result["kind"], "ConnectionRefused", "{probe_result}");
+}
+
+/// A daemon killed with -9 leaves its control socket: the CLI calls it stale (not just
+/// "not running"), and the next daemon removes it and says so in its log.
+#[test]
+fn a_crashed_daemons_control_socket_is_called_stale_and_the_next_daemon_replaces_it() {
+    use bulkhead_tests::Side;
+    bulkhead_tests::require_root();
+    let topo = bulkhead_tests::Topology::new("");
+    let mut daemon = topo.start_daemon(&[]);
+    daemon.kill9();
+    let socket = topo.dir.join("run/control.sock");
+    assert!(socket.exists());
+    let out = topo.output(Side::Host, topo.bulkhead(&["approvals", "list"]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("the daemon is not running")
+            && err.contains(&format!("stale control socket at {}", socket.display()))
+            && err.contains("did not exit cleanly"),
+        "{err}"
+    );
+    let out = topo.output(Side::Host, topo.bulkhead(&["status"]));
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("stale control socket at"), "{text}");
+
+    let mut daemon = topo.start_daemon(&[]);
+    let mut logs = String::new();
+    while let Some(line) = daemon.line(std::time::Duration::from_secs(5)) {
+        logs.push_str(&line);
+        logs.push('\n');
+        if line.contains("removed a stale control socket") {
+            break;
+        }
+    }
+    assert!(
+        logs.contains("removed a stale control socket")
+            && logs.contains(&socket.display().to_string()),
+        "{logs}"
+    );
+    // It answers on the socket it replaced.
+    let out = topo.output(Side::Host, topo.bulkhead(&["approvals", "list"]));
+    assert!(out.status.success(), "{out:?}");
+}
+
+/// `approvals watch` follows across a daemon restart: it says on stderr that the daemon went
+/// away and that it reconnected, instead of ending silently.
+#[test]
+fn approvals_watch_says_the_daemon_went_away_and_follows_the_next_one() {
+    use bulkhead_tests::Side;
+    use std::time::{Duration, Instant};
+    bulkhead_tests::require_root();
+    let topo = bulkhead_tests::Topology::new("");
+    let mut daemon = topo.start_daemon(&[]);
+    let watch = topo.spawn(Side::Host, "watch", topo.bulkhead(&["approvals", "watch"]));
+    // Connected: the watcher holds a unix socket (its connection to the control socket).
+    let connected = || {
+        let mut ss = std::process::Command::new("ss");
+        ss.args(["-x", "-p"]);
+        let out = topo.output(Side::Host, ss);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .any(|l| l.contains(&format!("pid={},", watch.pid())))
+    };
+    let wait = |what: &str, ok: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !ok() {
+            assert!(Instant::now() < deadline, "{what}: {}", watch.stderr());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait("the watcher connects", &connected);
+    daemon.terminate();
+    wait("the watcher says the daemon went away", &|| {
+        watch.stderr().contains("the daemon went away")
+    });
+    let _daemon = topo.start_daemon(&[]);
+    wait("the watcher reconnects", &|| {
+        watch.stderr().contains("reconnected to the daemon")
+    });
+    assert_eq!(
+        watch.stderr().matches("went away").count(),
+        1,
+        "{}",
+        watch.stderr()
+    );
+}

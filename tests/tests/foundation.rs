@@ -577,4 +577,6 @@ fn a_listener_port_in_use_is_reported_with_its_key() {
         err.contains(&format!("127.0.0.1:{port}")) && err.contains("`listener.port`"),
         "{err}"
     );
+    // The cause once, though the message goes on after it (the hint).
+    assert_eq!(err.matches("(os error 98)").count(), 1, "{err}");
 }

@@ -567,3 +567,242 @@ fn tail_shows_the_history_since_and_follows_across_a_daemon_restart() {
     );
     daemon.terminate();
 }
+
+/// `2026-12-01T05:40:12Z` (`millis`: `2026-12-01T05:40:12.345Z`) at the start of `text`.
+fn starts_with_rfc3339(text: &str, millis: bool) -> bool {
+    let b = text.as_bytes();
+    let digits = |r: std::ops::Range<usize>| {
+        r.into_iter()
+            .all(|i| b.get(i).is_some_and(u8::is_ascii_digit))
+    };
+    let at = |i: usize, c: u8| b.get(i) == Some(&c);
+    let date_time = digits(0..4)
+        && at(4, b'-')
+        && digits(5..7)
+        && at(7, b'-')
+        && digits(8..10)
+        && at(10, b'T')
+        && digits(11..13)
+        && at(13, b':')
+        && digits(14..16)
+        && at(16, b':')
+        && digits(17..19);
+    date_time
+        && if millis {
+            at(19, b'.') && digits(20..23) && at(23, b'Z')
+        } else {
+            at(19, b'Z')
+        }
+}
+
+/// The text views (`sessions list`, `show`, `tail`) print times as RFC 3339 UTC and say why a
+/// session was refused; `--since`/`--until` take RFC 3339 times and durations ago. A target
+/// that refuses the connection (a closed port) is recorded `refused` with its reason, not as
+/// a denial, and the tool sees a reset.
+#[test]
+fn text_views_show_rfc3339_times_and_why_sessions_were_refused() {
+    require_root();
+    let topo = Topology::new(&format!(
+        "[capture]\nunmatched = \"refuse\"\n{ECHO}\
+         [[target]]\nname = \"closed\"\naddresses = [\"10.201.0.2:7002\"]\n"
+    ));
+    topo.allow_opaque_tcp();
+    let _echo = topo.echo_server(Side::Target, format!("{TARGET_V4}:7000").parse().unwrap());
+    let _daemon = topo.start_daemon(&[]);
+
+    let ok = governed_connect(&topo, &format!("{TARGET_V4}:7000"), None);
+    assert_eq!(bulkhead_tests::reply(&ok)["data"], "payload", "{ok}");
+    let unmatched = governed_connect(&topo, &format!("{TARGET_V4}:7001"), None);
+    // Nothing listens on 7002: the target refuses. The tool's connect succeeded (the gateway
+    // accepted it); what it sees is a reset, not an empty answer.
+    let closed = governed_connect(&topo, &format!("{TARGET_V4}:7002"), None);
+    assert_eq!(closed["kind"], "ConnectionReset", "{closed}");
+    let all = wait_closed_sessions(&topo, 3);
+    let id_of = |probe: &Value| {
+        all.iter()
+            .find(|s| s["identity"]["pid"] == probe["pid"])
+            .and_then(|s| s["id"].as_u64())
+            .unwrap_or_else(|| panic!("no session of {probe}: {all:?}"))
+    };
+    let (ok_id, unmatched_id, closed_id) = (id_of(&ok), id_of(&unmatched), id_of(&closed));
+    let closed_session = all.iter().find(|s| s["id"] == closed_id).unwrap();
+    assert_eq!(
+        closed_session["outcome"]["kind"], "target_refused",
+        "{closed_session}"
+    );
+    assert!(
+        closed_session["outcome"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("10.201.0.2:7002 refused the connection"),
+        "{closed_session}"
+    );
+
+    let text = |args: &[&str]| {
+        let out = topo.output(Side::Host, topo.bulkhead(args));
+        assert!(out.status.success(), "bulkhead {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let list = text(&["sessions", "list"]);
+    let row = |id: u64| {
+        list.lines()
+            .find(|l| l.trim_start().starts_with(&format!("{id} ")))
+            .unwrap_or_else(|| panic!("no row for session {id}:\n{list}"))
+            .to_string()
+    };
+    for id in [ok_id, unmatched_id, closed_id] {
+        let row = row(id);
+        let started = row.trim_start()[id.to_string().len()..].trim_start();
+        assert!(starts_with_rfc3339(started, false), "{row}");
+    }
+    assert!(row(ok_id).ends_with("closed"), "{list}");
+    assert!(
+        row(unmatched_id).contains("refused")
+            && row(unmatched_id).contains("matches no configured target"),
+        "{list}"
+    );
+    assert!(
+        row(closed_id).contains("refused: 10.201.0.2:7002 refused the connection"),
+        "{list}"
+    );
+    let shown = text(&["sessions", "show", &closed_id.to_string()]);
+    assert!(
+        shown.contains("reason:      10.201.0.2:7002 refused the connection"),
+        "{shown}"
+    );
+    let started = shown
+        .lines()
+        .find_map(|l| l.strip_prefix("  started:     "))
+        .unwrap_or_else(|| panic!("{shown}"));
+    assert!(starts_with_rfc3339(started, false), "{shown}");
+    assert!(
+        shown
+            .contains("close       refused (0 up, 0 down): 10.201.0.2:7002 refused the connection"),
+        "{shown}"
+    );
+    // A closed port is not a policy's denial.
+    let denied = ids(&topo
+        .run_cli(&["sessions", "list", "--json", "--verdict", "denied"])
+        .unwrap());
+    assert_eq!(denied, vec![unmatched_id]);
+    time_filters_take_rfc3339_times_dates_and_durations(&topo);
+    tail_lines_start_with_the_time_and_say_why(&topo, closed_id);
+}
+
+/// `sessions list --since/--until` over the three sessions of the test above, all started in
+/// the last minute.
+fn time_filters_take_rfc3339_times_dates_and_durations(topo: &Topology) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let rfc3339 = |secs: u64| {
+        let out = Command::new("date")
+            .args(["-u", "-d", &format!("@{secs}"), "+%Y-%m-%dT%H:%M:%SZ"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let count = |args: &[&str]| {
+        let mut a = vec!["sessions", "list", "--json"];
+        a.extend_from_slice(args);
+        ids(&topo.run_cli(&a).unwrap()).len()
+    };
+    let (hour_ago, in_an_hour) = (rfc3339(now - 3600), rfc3339(now + 3600));
+    assert_eq!(count(&["--since", &hour_ago, "--until", &in_an_hour]), 3);
+    assert_eq!(count(&["--since", "10m", "--until", &in_an_hour]), 3);
+    assert_eq!(
+        count(&["--until", "10m"]),
+        0,
+        "nothing started 10 minutes ago"
+    );
+    assert_eq!(count(&["--until", &hour_ago]), 0);
+    assert_eq!(
+        count(&["--since", &hour_ago[..10], "--until", "2099-01-01"]),
+        3
+    );
+    let out = topo.output(
+        Side::Host,
+        topo.bulkhead(&["sessions", "list", "--since", "yesterday"]),
+    );
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("2026-11-26T14:00:00Z"),
+        "{out:?}"
+    );
+}
+
+/// `sessions tail --since 10m`: every line starts with the event's time to the millisecond;
+/// refusals say why.
+fn tail_lines_start_with_the_time_and_say_why(topo: &Topology, closed_id: u64) {
+    let mut tail = topo.spawn(
+        Side::Host,
+        "tail",
+        topo.bulkhead(&["sessions", "tail", "--since", "10m"]),
+    );
+    let mut lines = Vec::new();
+    while !lines.iter().any(|l: &String| {
+        l.contains(&format!("session {closed_id:>8}")) && l.contains("close     ")
+    }) {
+        let line = tail
+            .line(Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("tail stopped: {lines:?} {}", tail.stderr()));
+        lines.push(line);
+    }
+    for l in &lines {
+        assert!(starts_with_rfc3339(l, true), "{l}");
+    }
+    assert!(
+        lines.iter().any(
+            |l| l.contains("close       refused") && l.contains("matches no configured target")
+        ),
+        "{lines:?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("10.201.0.2:7002 refused the connection")),
+        "{lines:?}"
+    );
+}
+
+/// A PostgreSQL target whose port is closed: psql is told in its own protocol (a FATAL), and
+/// the session is recorded `refused` with the target's reason, not as a denial.
+#[test]
+fn a_postgres_target_that_refuses_the_connection_is_recorded_refused() {
+    require_root();
+    let topo = Topology::new(
+        "[[target]]\nname = \"db\"\nprotocol = \"postgres\"\naddresses = [\"10.201.0.2:5499\"]\n\
+         [target.postgres]\nauth = [\"none\"]\n",
+    );
+    topo.policy(
+        "db.toml",
+        "[[target]]\nname = \"db\"\nprotocol = \"postgres\"\ndefault = \"allow\"\n",
+    );
+    let _daemon = topo.start_daemon(&[]);
+    let mut psql = Command::new("psql");
+    psql.args([
+        "-X", "-h", TARGET_V4, "-p", "5499", "-U", "app", "-d", "postgres", "-c", "SELECT 1",
+    ])
+    .env("PGSSLMODE", "disable")
+    .env("PGCONNECT_TIMEOUT", "10");
+    let out = topo.output(Side::Governed, psql);
+    assert!(!out.status.success(), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("FATAL"), "{said}");
+    let session = topo.wait_session_closed();
+    assert_eq!(session["outcome"]["kind"], "target_refused", "{session}");
+    assert!(
+        session["outcome"]["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("target db refused the connection"),
+        "{session}"
+    );
+    let out = topo.output(Side::Host, topo.bulkhead(&["sessions", "list"]));
+    let list = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        list.contains("refused: target db refused the connection"),
+        "{list}"
+    );
+}

@@ -23,6 +23,7 @@ pub enum ApprovalsCommand {
     List(JsonFlag),
     /// Approve a waiting request; with --for, also approve requests like it for a while
     Approve {
+        /// The request's approval id (`approvals list` shows them)
         id: u64,
         /// Why; recorded with the decision
         #[arg(long)]
@@ -37,6 +38,7 @@ pub enum ApprovalsCommand {
     },
     /// Deny a waiting request; its client is told, with the reason
     Deny {
+        /// The request's approval id (`approvals list` shows them)
         id: u64,
         /// Why; recorded and shown to the client
         #[arg(long)]
@@ -47,6 +49,7 @@ pub enum ApprovalsCommand {
     /// A waiting request in full: its whole text (control characters escaped), what the
     /// gateway found it does (classes, relations, functions), who asked and under which rule
     Show {
+        /// The request's approval id (`approvals list` shows them)
         id: u64,
         #[command(flatten)]
         json: JsonFlag,
@@ -160,13 +163,14 @@ fn list(config: &Config, json: bool) -> Result<(), CliError> {
         return Ok(());
     }
     println!(
-        "{:>10}  {:>7}  {:>7}  {:>8}  {:>5}  {:<12}  {:<15}  {:<14}  {:<18}  REQUEST",
-        "ID", "AGE", "EXPIRES", "SESSION", "UID", "USER", "PROCESS", "TARGET", "RULE"
+        "{:>10}  {:<20}  {:>7}  {:>7}  {:>8}  {:>5}  {:<12}  {:<15}  {:<14}  {:<18}  REQUEST",
+        "ID", "REQUESTED", "AGE", "EXPIRES", "SESSION", "UID", "USER", "PROCESS", "TARGET", "RULE"
     );
     for p in &pending {
         println!(
-            "{:>10}  {:>7}  {:>7}  {:>8}  {:>5}  {:<12}  {:<15}  {:<14}  {:<18}  {}",
+            "{:>10}  {:<20}  {:>7}  {:>7}  {:>8}  {:>5}  {:<12}  {:<15}  {:<14}  {:<18}  {}",
             p.id,
+            format_time(p.requested_at_us),
             short(p.age_ms),
             short(p.expires_in_ms),
             p.session,
@@ -208,10 +212,12 @@ fn show_text(p: &PendingApproval) -> String {
         }
     };
     let mut out = format!(
-        "approval {}  ({}), waiting {}, expires in {}\n",
+        "approval {}  ({})\nrequested:  {} (waiting {}), expires {} (in {})\n",
         p.id,
         about(p),
+        format_time(p.requested_at_us),
         short(p.age_ms),
+        format_time(p.expires_at_us),
         short(p.expires_in_ms)
     );
     if !p.what.classes.is_empty() {
@@ -286,7 +292,7 @@ fn decide(config: &Config, req: &Request, json: bool) -> Result<(), CliError> {
     if let Some(g) = &d.grant {
         println!(
             "  grant {}: the same uid, executable, target and rule are approved without asking \
-             until {} UTC ({}); end it with `bulkhead approvals revoke {}`",
+             until {} ({}); end it with `bulkhead approvals revoke {}`",
             g.id,
             format_time(g.until_us),
             short(g.remaining_ms),
@@ -309,12 +315,12 @@ fn grants(config: &Config, json: bool) -> Result<(), CliError> {
         return Ok(());
     }
     println!(
-        "{:>10}  {:>7}  {:<19}  {:>5}  {:<15}  {:<14}  {:<18}  {:>4}  {:<16}  REASON",
-        "ID", "LEFT", "UNTIL (UTC)", "UID", "PROCESS", "TARGET", "RULE", "USES", "BY"
+        "{:>10}  {:>7}  {:<20}  {:>5}  {:<15}  {:<14}  {:<18}  {:>4}  {:<16}  REASON",
+        "ID", "LEFT", "UNTIL", "UID", "PROCESS", "TARGET", "RULE", "USES", "BY"
     );
     for g in &grants {
         println!(
-            "{:>10}  {:>7}  {:<19}  {:>5}  {:<15}  {:<14}  {:<18}  {:>4}  {:<16}  {}",
+            "{:>10}  {:>7}  {:<20}  {:>5}  {:<15}  {:<14}  {:<18}  {:>4}  {:<16}  {}",
             g.id,
             short(g.remaining_ms),
             format_time(g.until_us),
@@ -350,7 +356,8 @@ fn revoke(config: &Config, id: u64, json: bool) -> Result<(), CliError> {
 
 /// One notice as a human line.
 fn notice_line(n: &Notice) -> String {
-    let now = format_time(now_micros());
+    // Milliseconds: notices can follow each other within a second, and their order matters.
+    let now = crate::text::timestamp_ms(now_micros());
     match n {
         Notice::Requested { approval: p } => format!(
             "{now}  requested   {}  ({}), expires in {}: {}",
@@ -627,6 +634,13 @@ mod tests {
             expires_in_ms: 299_000,
         };
         let text = show_text(&pending);
+        assert!(
+            text.contains(
+                "requested:  1970-01-01T00:00:00Z (waiting 1s), expires 1970-01-01T00:05:00Z \
+                 (in 4m59s)\n"
+            ),
+            "{text}"
+        );
         assert!(text.contains("classes:    delete\n"), "{text}");
         assert!(text.contains("relations:  public.orders\n"), "{text}");
         assert!(text.contains("functions:  -\n"), "{text}");

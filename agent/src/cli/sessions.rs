@@ -22,6 +22,9 @@ pub enum SessionsCommand {
     List {
         #[command(flatten)]
         filter: FilterArgs,
+        /// Sessions started at or before this time (RFC 3339 UTC, or a duration ago like 10m)
+        #[arg(long, value_parser = parse_when)]
+        until: Option<u64>,
         /// How many sessions to show
         #[arg(long, default_value_t = 50)]
         limit: usize,
@@ -30,6 +33,7 @@ pub enum SessionsCommand {
     },
     /// One session: identity, target, and the timeline of events with verdicts
     Show {
+        /// The session's id (`sessions list` shows them)
         id: u64,
         #[command(flatten)]
         json: JsonFlag,
@@ -37,6 +41,7 @@ pub enum SessionsCommand {
     /// Replay a session with its timing: terminal output for terminal sessions, a paced
     /// timeline of events for the others
     Replay {
+        /// The session's id (`sessions list` shows them)
         id: u64,
         /// Playback speed factor (2 = twice as fast)
         #[arg(long, default_value_t = 1.0)]
@@ -56,6 +61,7 @@ pub enum SessionsCommand {
         /// Events at or before this time (RFC 3339, or a duration ago)
         #[arg(long, value_parser = parse_when)]
         until: Option<u64>,
+        /// What to write
         #[arg(long, value_enum, default_value_t = ExportFormat::Jsonl)]
         format: ExportFormat,
         /// Write to FILE instead of standard output
@@ -93,7 +99,8 @@ pub enum VerdictFilter {
 
 #[derive(Debug, Args)]
 pub struct FilterArgs {
-    /// Sessions started at or after this time (RFC 3339, or a duration ago like 15m, 2h, 7days)
+    /// Sessions started at or after this time (RFC 3339 UTC like 2026-12-01T05:40:00Z, or a
+    /// duration ago like 15m, 2h, 7days)
     #[arg(long, value_parser = parse_when)]
     since: Option<u64>,
     /// Only this target
@@ -105,8 +112,10 @@ pub struct FilterArgs {
     /// Only this user id
     #[arg(long)]
     uid: Option<u32>,
+    /// Only sessions with this kind of decision in them
     #[arg(long, value_enum)]
     verdict: Option<VerdictFilter>,
+    /// Only this protocol
     #[arg(long, value_enum)]
     protocol: Option<ProtocolArg>,
 }
@@ -161,10 +170,19 @@ fn parse_when(text: &str) -> Result<u64, String> {
                 .ok_or_else(|| format!("{text:?} is too long ago"))?,
         );
     }
-    humantime::parse_rfc3339_weak(text)
+    // A date alone is its first second (UTC).
+    let midnight;
+    let time = if text.len() == 10 && !text.contains(['T', 't', ' ']) {
+        midnight = format!("{text}T00:00:00Z");
+        &midnight
+    } else {
+        text
+    };
+    humantime::parse_rfc3339_weak(time)
         .map_err(|_| {
             format!(
-                "{text:?} is neither a time (2026-11-26T14:00:00Z) nor a duration ago (2h, 7days)"
+                "{text:?} is neither a time in UTC (2026-11-26T14:00:00Z, 2026-11-26) nor a \
+                 duration ago (10m, 2h, 7days)"
             )
         })
         .and_then(to_us)
@@ -174,9 +192,16 @@ pub fn run(config: &Config, command: SessionsCommand) -> Result<(), CliError> {
     match command {
         SessionsCommand::List {
             filter,
+            until,
             limit,
             json,
-        } => list(config, &ListFilter::from(&filter), limit, json.json),
+        } => {
+            let filter = ListFilter {
+                until_us: until,
+                ..ListFilter::from(&filter)
+            };
+            list(config, &filter, limit, json.json)
+        }
         SessionsCommand::Show { id, json } => show(config, id, json.json),
         SessionsCommand::Replay {
             id,
@@ -220,21 +245,12 @@ fn list(config: &Config, filter: &ListFilter, limit: usize, json: bool) -> Resul
         return print_json(&sessions);
     }
     println!(
-        "{:>8}  {:<19}  {:>7}  {:<15}  {:>5}  {:<28}  {:<12}  {:<5}  {:>9}  {:>9}  OUTCOME",
-        "ID",
-        "STARTED (UTC)",
-        "PID",
-        "PROCESS",
-        "UID",
-        "DESTINATION",
-        "TARGET",
-        "PROTO",
-        "UP",
-        "DOWN"
+        "{:>8}  {:<20}  {:>7}  {:<15}  {:>5}  {:<28}  {:<12}  {:<5}  {:>9}  {:>9}  OUTCOME",
+        "ID", "STARTED", "PID", "PROCESS", "UID", "DESTINATION", "TARGET", "PROTO", "UP", "DOWN"
     );
     for s in &sessions {
         println!(
-            "{:>8}  {:<19}  {:>7}  {:<15}  {:>5}  {:<28}  {:<12}  {:<5}  {:>9}  {:>9}  {}{}",
+            "{:>8}  {:<20}  {:>7}  {:<15}  {:>5}  {:<28}  {:<12}  {:<5}  {:>9}  {:>9}  {}{}{}",
             s.id.0,
             format_time(s.start.started_at_us),
             s.start.identity.pid,
@@ -251,12 +267,33 @@ fn list(config: &Config, filter: &ListFilter, limit: usize, json: bool) -> Resul
             } else {
                 String::new()
             },
+            s.outcome
+                .reason()
+                .map(|r| format!(": {}", one_line(r, LIST_REASON_CHARS)))
+                .unwrap_or_default(),
         );
     }
     if sessions.is_empty() {
         println!("(no sessions match)");
     }
     Ok(())
+}
+
+/// How much of a refusal's or failure's reason a `sessions list` row shows (`sessions show`
+/// has all of it).
+const LIST_REASON_CHARS: usize = 100;
+
+/// `text` on one line, at most `max` characters (cut with `…`), escaped for the terminal.
+fn one_line(text: &str, max: usize) -> String {
+    let flat = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    let cut = if flat.chars().count() > max {
+        let mut cut: String = flat.chars().take(max.saturating_sub(1)).collect();
+        cut.push('…');
+        cut
+    } else {
+        flat
+    };
+    crate::text::terminal_safe(&cut)
 }
 
 fn detail(config: &Config, id: u64) -> Result<SessionDetail, CliError> {
@@ -273,15 +310,8 @@ fn show(config: &Config, id: u64, json: bool) -> Result<(), CliError> {
     let s = &d.session;
     let who = &s.start.identity;
     println!("session {}  {}", s.id, s.outcome.label());
-    match &s.outcome {
-        crate::record::Outcome::Refused { reason } => {
-            println!("  reason:      {}", crate::text::terminal_safe(reason));
-        }
-        crate::record::Outcome::UpstreamFailed { error }
-        | crate::record::Outcome::Failed { error } => {
-            println!("  error:       {}", crate::text::terminal_safe(error));
-        }
-        _ => {}
+    if let Some(reason) = s.outcome.reason() {
+        println!("  reason:      {}", crate::text::terminal_safe(reason));
     }
     println!("  started:     {}", format_time(s.start.started_at_us));
     if let Some(end) = s.ended_at_us {
@@ -347,7 +377,48 @@ fn timeline_line(e: &Event, start_us: u64) -> String {
 fn timeline_text(e: &Event, start_us: u64) -> String {
     let offset = e.at_us.saturating_sub(start_us);
     let when = format!("+{}.{:03}s", offset / 1_000_000, (offset / 1000) % 1000);
-    let what = match &e.kind {
+    format!("{when:>10}  {}", event_text(e))
+}
+
+/// A request event's line: verdict, class, rules, text, and how it went.
+fn request_text(kind: &EventKind) -> String {
+    let EventKind::Request {
+        text,
+        class,
+        verdict,
+        rules,
+        observed,
+        summary,
+        error,
+        ..
+    } = kind
+    else {
+        return String::new();
+    };
+    format!(
+        "request     {verdict:?}{} [{}]{} {}{}{}",
+        if *observed { " (observed)" } else { "" },
+        class.as_deref().unwrap_or("-"),
+        if rules.is_empty() {
+            String::new()
+        } else {
+            format!(" rules {}", rules.join(","))
+        },
+        text.replace('\n', " "),
+        summary
+            .as_deref()
+            .map(|s| format!(" → {s}"))
+            .unwrap_or_default(),
+        error
+            .as_deref()
+            .map(|e| format!(" → error: {e}"))
+            .unwrap_or_default(),
+    )
+}
+
+/// What an event says, without its time.
+fn event_text(e: &Event) -> String {
+    match &e.kind {
         EventKind::Connect {
             destination,
             pid,
@@ -365,36 +436,7 @@ fn timeline_text(e: &Event, start_us: u64) -> String {
             user.as_deref().unwrap_or("-"),
             if *ok { "ok" } else { "failed" }
         ),
-        EventKind::Request {
-            text,
-            class,
-            verdict,
-            rules,
-            observed,
-            summary,
-            error,
-            ..
-        } => {
-            let mut l = format!(
-                "request     {:?}{} [{}]{} {}",
-                verdict,
-                if *observed { " (observed)" } else { "" },
-                class.as_deref().unwrap_or("-"),
-                if rules.is_empty() {
-                    String::new()
-                } else {
-                    format!(" rules {}", rules.join(","))
-                },
-                text.replace('\n', " ")
-            );
-            if let Some(s) = summary {
-                l.push_str(&format!(" → {s}"));
-            }
-            if let Some(err) = error {
-                l.push_str(&format!(" → error: {err}"));
-            }
-            l
-        }
+        EventKind::Request { .. } => request_text(&e.kind),
         EventKind::Response {
             request,
             duration_us,
@@ -455,12 +497,15 @@ fn timeline_text(e: &Event, start_us: u64) -> String {
             bytes_from_target,
         } => {
             format!(
-                "close       {} ({bytes_to_target} up, {bytes_from_target} down)",
-                outcome.label()
+                "close       {} ({bytes_to_target} up, {bytes_from_target} down){}",
+                outcome.label(),
+                outcome
+                    .reason()
+                    .map(|r| format!(": {}", r.replace('\n', " ")))
+                    .unwrap_or_default()
             )
         }
-    };
-    format!("{when:>10}  {what}")
+    }
 }
 
 fn is_terminal(events: &[Event]) -> bool {
@@ -621,9 +666,9 @@ fn tail(config: &Config, filter: &ListFilter, json: bool) -> Result<(), CliError
                         writeln!(
                             out,
                             "{}  session {:>8}  {}",
-                            format_time(event.at_us),
+                            crate::text::timestamp_ms(event.at_us),
                             event.session,
-                            timeline_line(&event, event.at_us).trim_start()
+                            crate::text::terminal_safe(&event_text(&event))
                         )
                     };
                     if written.and_then(|()| out.flush()).is_err() {

@@ -511,14 +511,34 @@ pub fn group_gid(name: &str) -> Option<u32> {
     gid_from_group_file(&std::fs::read_to_string("/etc/group").ok()?, name)
 }
 
-/// Binds the socket: mode 0660, owned by the admin group when it exists.
+/// Binds the socket: mode 0660, owned by the admin group when it exists. A socket file
+/// nothing listens on (a crashed daemon's) is removed, and the log says so; one a live daemon
+/// answers on is refused.
 pub fn bind(path: &Path, admin_group: &str) -> io::Result<UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-        _ => {}
+    match std::os::unix::net::UnixStream::connect(path) {
+        // Another daemon answers there (one with other pins and cgroup, so its locks did not
+        // stop this one): taking its socket would cut its admins off.
+        Ok(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                "another daemon answers on it; stop that daemon or give this one another \
+                 daemon.run_dir",
+            ))
+        }
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+            std::fs::remove_file(path)?;
+            warn!(
+                path = %path.display(),
+                "removed a stale control socket left by a daemon that did not exit cleanly"
+            );
+        }
+        Err(_) => match std::fs::remove_file(path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        },
     }
     let listener = UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
@@ -935,6 +955,25 @@ impl From<StoreError> for ClientError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_stale_socket_is_replaced_and_a_live_one_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.sock");
+        // A crashed daemon's socket: the file is there, nothing listens.
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        let live = bind(&path, "no-such-group-here").unwrap();
+        assert!(std::os::unix::net::UnixStream::connect(&path).is_ok());
+        let e = bind(&path, "no-such-group-here").unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AddrInUse, "{e}");
+        assert!(
+            e.to_string().contains("another daemon answers on it"),
+            "{e}"
+        );
+        // The live daemon still has its socket.
+        assert!(std::os::unix::net::UnixStream::connect(&path).is_ok());
+        drop(live);
+    }
 
     #[test]
     fn finds_the_admin_group() {

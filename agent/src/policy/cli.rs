@@ -25,6 +25,10 @@ pub enum PolicyCommand {
         json: bool,
     },
     /// Show the verdict and the deciding rules for one request, without a target
+    ///
+    /// Exit status, for scripts: 0 allow (masks included), 1 deny, 3 approve (held for an
+    /// admin). Approve is 3, not 2: 2 is a usage error (a mistyped option) for every command,
+    /// and a typo must never read as "needs approval".
     Test(Box<TestArgs>),
     /// Write the example policies into the policy directory, to start enforcing (a daemon
     /// running the built-in starter policy loads them within seconds)
@@ -92,18 +96,22 @@ pub struct TestArgs {
     /// User id of the process [default: yours]
     #[arg(long)]
     pub uid: Option<u32>,
+    /// User name of the process [default: none]
     #[arg(long)]
     pub user: Option<String>,
     /// Process name (comm)
     #[arg(long, default_value = "bash")]
     pub process: String,
+    /// Executable path of the process (/usr/bin/psql) [default: none]
     #[arg(long)]
     pub exe: Option<String>,
     /// An ancestor process, nearest first; a name or an executable path (repeatable)
     #[arg(long = "ancestor", value_name = "NAME|PATH")]
     pub ancestors: Vec<String>,
+    /// The process's cgroup path (/bulkhead.slice/agent) [default: none]
     #[arg(long)]
     pub cgroup: Option<String>,
+    /// The process's systemd unit (agent.service) [default: none]
     #[arg(long)]
     pub unit: Option<String>,
     /// A SQL message (simple query)

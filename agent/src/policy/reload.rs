@@ -44,10 +44,7 @@ pub struct PolicyStatus {
 impl PolicyStatus {
     /// Lines for `bulkhead status`, aligned with its other rows.
     pub fn lines(&self) -> Vec<String> {
-        let when = |us: u64| {
-            let t = std::time::UNIX_EPOCH + Duration::from_micros(us);
-            humantime::format_rfc3339_seconds(t).to_string()
-        };
+        let when = crate::text::timestamp;
         let mut out = vec![if self.starter {
             format!(
                 "policy:      BUILT-IN STARTER (observe mode): everything is recorded, nothing is enforced; \

@@ -33,11 +33,19 @@ pub async fn serve(conn: &Conn<'_>, client: TcpStream) -> SessionEnd {
 /// Refuses a connection: reset at once (`SO_LINGER` 0), so the client sees the refusal on its
 /// first read or write instead of a clean end of stream it could take for an empty answer.
 pub fn refuse(client: TcpStream, reason: String) -> SessionEnd {
+    refuse_with(client, Outcome::Refused { reason })
+}
+
+/// Ends a connection whose target could not be reached with a reset, as [`refuse`] does: the
+/// client's connect already succeeded (the gateway accepted it), so the nearest it can get to
+/// the target's refusal is `ECONNRESET` on its first read or write, never a clean end of stream
+/// it could take for an empty answer.
+fn refuse_with(client: TcpStream, outcome: Outcome) -> SessionEnd {
     if let Err(e) = client.set_zero_linger() {
         tracing::debug!(error = %e, "cannot set SO_LINGER; closing without a reset");
     }
     drop(client);
-    ended(0, 0, Outcome::Refused { reason })
+    ended(0, 0, outcome)
 }
 
 /// Connects to `destination` and relays until both directions are done.
@@ -48,18 +56,11 @@ async fn forward(client: TcpStream, destination: OrigDstAddr, fast_path: bool) -
         {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
-                return ended(
-                    0,
-                    0,
-                    Outcome::UpstreamFailed {
-                        error: e.to_string(),
-                    },
-                )
+                return refuse_with(client, Outcome::upstream_connect_failed(destination, &e))
             }
             Err(_) => {
-                return ended(
-                    0,
-                    0,
+                return refuse_with(
+                    client,
                     Outcome::UpstreamFailed {
                         error: format!("no answer within {}s", UPSTREAM_CONNECT_TIMEOUT.as_secs()),
                     },

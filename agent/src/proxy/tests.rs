@@ -431,7 +431,7 @@ async fn unmatched_destinations_are_refused_when_configured() {
 }
 
 #[tokio::test]
-async fn an_unreachable_target_is_recorded_as_upstream_failed() {
+async fn a_target_that_refuses_is_recorded_as_refused_and_the_client_is_reset() {
     // A port we just closed on loopback refuses connections.
     let closed = {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -440,13 +440,21 @@ async fn an_unreachable_target_is_recorded_as_upstream_failed() {
     let h = Harness::new("", ALLOW_TCP).await;
     let mut c = h.connect(closed).await;
     let mut buf = [0u8; 1];
-    assert_eq!(c.read(&mut buf).await.unwrap_or(0), 0);
+    let read = c.read(&mut buf).await;
+    assert_eq!(
+        read.as_ref().map_err(std::io::Error::kind).err(),
+        Some(std::io::ErrorKind::ConnectionReset),
+        "a reset, not an empty answer: {read:?}"
+    );
     let s = h.closed().await;
     assert!(
-        matches!(s.outcome, Outcome::UpstreamFailed { .. }),
+        matches!(&s.outcome, Outcome::TargetRefused { reason }
+            if reason.contains(&closed.to_string()) && reason.contains("refused the connection")),
         "{:?}",
         s.outcome
     );
+    assert_eq!(s.outcome.label(), "refused");
+    assert!(!s.was_denied(), "a closed port is not a policy denial");
 }
 
 /// `bulkhead policy test --connect` and the live gateway agree on every example policy in

@@ -77,6 +77,9 @@ pub enum Outcome {
     Failed { error: String },
     /// Found open when the daemon started: the previous daemon stopped while it ran.
     Interrupted,
+    /// The target refused the connection (nothing listens on its port, or a firewall rejects
+    /// it). Labelled `refused` like a refusal by the gateway; not counted as a denial.
+    TargetRefused { reason: String },
 }
 
 impl Outcome {
@@ -84,10 +87,33 @@ impl Outcome {
         match self {
             Outcome::Open => "open",
             Outcome::Closed => "closed",
-            Outcome::Refused { .. } => "refused",
+            Outcome::Refused { .. } | Outcome::TargetRefused { .. } => "refused",
             Outcome::UpstreamFailed { .. } => "upstream-failed",
             Outcome::Failed { .. } => "failed",
             Outcome::Interrupted => "interrupted",
+        }
+    }
+
+    /// Why the session was refused or failed, when it was.
+    pub fn reason(&self) -> Option<&str> {
+        match self {
+            Outcome::Refused { reason } | Outcome::TargetRefused { reason } => Some(reason),
+            Outcome::UpstreamFailed { error } | Outcome::Failed { error } => Some(error),
+            Outcome::Open | Outcome::Closed | Outcome::Interrupted => None,
+        }
+    }
+
+    /// How a failed connect to the target ends the session: `TargetRefused` when the target
+    /// refused it (`ECONNREFUSED`), `UpstreamFailed` otherwise. `target` is the address.
+    pub fn upstream_connect_failed(target: impl std::fmt::Display, error: &std::io::Error) -> Self {
+        if error.kind() == std::io::ErrorKind::ConnectionRefused {
+            Outcome::TargetRefused {
+                reason: format!("{target} refused the connection ({error})"),
+            }
+        } else {
+            Outcome::UpstreamFailed {
+                error: error.to_string(),
+            }
         }
     }
 }

@@ -95,6 +95,9 @@ impl UpstreamError {
             UpstreamError::NotAllowed { .. } => Outcome::Refused {
                 reason: format!("target {target}: {self}"),
             },
+            UpstreamError::Connect(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                Outcome::upstream_connect_failed(format_args!("target {target}"), e)
+            }
             _ => Outcome::UpstreamFailed {
                 error: self.to_string(),
             },
