@@ -201,15 +201,21 @@ impl ProcReader {
             .cache
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // `execve` keeps the pid and its start time: the executable (one readlink) and the
+        // kernel's comm tell a process that became another program, which is read afresh.
+        let exe = self.exe(pid);
+        let comm = comm_str(&rec.comm);
         if let Some(c) = cache.get(&pid) {
             if c.start_time == start_time
                 && c.uid == rec.uid
                 && c.gid == rec.gid
                 && c.cgroup == cgroup
+                && c.identity.exe == exe
+                && c.identity.comm == comm
             {
                 return ProcessIdentity {
                     tid: rec.pid,
-                    comm: comm_str(&rec.comm),
+                    comm,
                     cgroup_id: rec.cgroup_id,
                     ..c.identity.clone()
                 };
@@ -391,6 +397,16 @@ Pid:\t4242\nPPid:\t4200\nTracerPid:\t0\nUid:\t1000\t1000\t1000\t1000\nGid:\t1001
         fs::write(p.join("cmdline"), "after-setuid\0").unwrap();
         rec.uid = 0;
         assert_eq!(reader.identify(&rec).cmdline, vec!["after-setuid"]);
+        // And after an execve (same pid and start time): another executable, or another comm.
+        fs::remove_file(p.join("exe")).unwrap();
+        std::os::unix::fs::symlink("/usr/bin/curl", p.join("exe")).unwrap();
+        fs::write(p.join("cmdline"), "curl\0").unwrap();
+        let execed = reader.identify(&rec);
+        assert_eq!(execed.exe.as_deref(), Some("/usr/bin/curl"));
+        assert_eq!(execed.cmdline, vec!["curl"]);
+        fs::write(p.join("cmdline"), "python3\0").unwrap();
+        rec.comm = *b"python3\0\0\0\0\0\0\0\0\0";
+        assert_eq!(reader.identify(&rec).cmdline, vec!["python3"]);
     }
 
     /// A fixture proc tree: agent (4242, governed) ← shell (4200, governed) ← claude (4100,

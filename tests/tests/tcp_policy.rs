@@ -452,3 +452,73 @@ fn a_python_http_request_through_the_relay_is_recorded_closed() {
     }
     assert_eq!(last["outcome"]["kind"], "closed", "{last}");
 }
+
+#[test]
+fn a_process_that_execs_another_program_is_judged_as_that_program() {
+    let mut w = World::build_host(
+        r#"
+[[rule]]
+id = "python-may"
+verdict = "allow"
+target = { name = ["build-host"] }
+identity = { process = ["python3"] }
+"#,
+    );
+    let addr = build_host_addr();
+    let (host, port) = addr.rsplit_once(':').unwrap();
+    // Python, which the rule lets through, connects; then the same process (same pid, same
+    // start time) becomes another program by execve and connects again.
+    let other = w.topo.probe_named("other-probe");
+    let script = format!(
+        "import os, socket\n\
+         s = socket.create_connection(('{host}', {port}))\n\
+         s.sendall(b'first')\n\
+         s.shutdown(socket.SHUT_WR)\n\
+         print(s.recv(100).decode(), flush=True)\n\
+         s.close()\n\
+         os.execv('{other}', ['{other}', 'connect', '{addr}', ''])\n",
+        other = other.display()
+    );
+    let mut cmd = Command::new("python3");
+    cmd.args(["-c", &script]);
+    let out = w.topo.output(Side::Governed, cmd);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.lines().next().is_some_and(|l| l.contains("first")),
+        "python's connection relayed: {stdout}"
+    );
+    let execed = bulkhead_tests::parse_probe(&out);
+    let pid = execed["pid"].clone();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let sessions = loop {
+        let mine: Vec<Value> = w
+            .topo
+            .sessions()
+            .into_iter()
+            .filter(|s| s["identity"]["pid"] == pid && s["outcome"]["kind"] != "open")
+            .collect();
+        if mine.len() == 2 {
+            break mine;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "two sessions of {pid}: {mine:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let by_comm = |comm: &str| {
+        sessions
+            .iter()
+            .find(|s| s["identity"]["comm"] == comm)
+            .unwrap_or_else(|| panic!("a session of {comm}: {sessions:?}"))
+    };
+    assert_eq!(by_comm("python3")["outcome"]["kind"], "closed");
+    let after = by_comm("other-probe");
+    assert_eq!(after["outcome"]["kind"], "refused", "{after}");
+    assert!(
+        after["identity"]["exe"]
+            .as_str()
+            .is_some_and(|e| e.ends_with("/other-probe")),
+        "identified by its new executable: {after}"
+    );
+}
