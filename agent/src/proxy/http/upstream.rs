@@ -57,21 +57,33 @@ impl Sender {
     }
 }
 
+/// TLS toward a target: offering HTTP/2 and HTTP/1.1, or HTTP/1.1 alone.
+#[derive(Clone)]
+pub struct TlsConfigs {
+    any: Arc<ClientConfig>,
+    h1: Arc<ClientConfig>,
+}
+
 /// One session's connection toward its target.
 pub struct Upstream {
     destination: OrigDstAddr,
     /// TLS toward the target, when the scheme is `https`.
-    tls: Option<Arc<ClientConfig>>,
+    tls: Option<TlsConfigs>,
+    /// Whether ALPN offers the target HTTP/2: only when the client speaks it. An HTTP/1.1
+    /// client's requests go to the target as HTTP/1.1, as nginx's proxy sends them; HTTP/2 for
+    /// one request at a time costs more on both ends (frames, HPACK, window updates).
+    offer_h2: bool,
     h2c: bool,
     /// The open connection and the host it was opened for.
     current: tokio::sync::Mutex<Option<(String, Sender)>>,
 }
 
 impl Upstream {
-    pub fn new(destination: OrigDstAddr, tls: Option<Arc<ClientConfig>>, h2c: bool) -> Self {
+    pub fn new(destination: OrigDstAddr, tls: Option<TlsConfigs>, h2c: bool) -> Self {
         Self {
             destination,
             tls,
+            offer_h2: true,
             h2c,
             current: tokio::sync::Mutex::new(None),
         }
@@ -140,6 +152,11 @@ impl Upstream {
         }
     }
 
+    /// Offers HTTP/2 to the target (over TLS) only if `h2`: the client's own version.
+    pub fn offer_h2(&mut self, h2: bool) {
+        self.offer_h2 = h2;
+    }
+
     async fn connect(&self, host: &str) -> Result<Sender, UpstreamError> {
         let tcp = tokio::time::timeout(
             UPSTREAM_CONNECT_TIMEOUT,
@@ -149,8 +166,13 @@ impl Upstream {
         .map_err(|_| UpstreamError::Timeout)?
         .map_err(UpstreamError::Connect)?;
         let _ = tcp.set_nodelay(true);
-        let Some(config) = &self.tls else {
+        let Some(configs) = &self.tls else {
             return handshake(tcp, self.h2c).await;
+        };
+        let config = if self.offer_h2 {
+            &configs.any
+        } else {
+            &configs.h1
         };
         let name = ServerName::try_from(host.to_string())
             .map_err(|_| UpstreamError::ServerName(host.to_string()))?;
@@ -182,14 +204,12 @@ impl Upstream {
         .map_err(UpstreamError::Connect)?;
         let _ = tcp.set_nodelay(true);
         *req.version_mut() = hyper::Version::HTTP_11;
-        let Some(config) = &self.tls else {
+        let Some(configs) = &self.tls else {
             return send_upgrade_on(tcp, req).await;
         };
-        let mut config = (**config).clone();
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
         let name = ServerName::try_from(host.to_string())
             .map_err(|_| UpstreamError::ServerName(host.to_string()))?;
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let connector = tokio_rustls::TlsConnector::from(Arc::clone(&configs.h1));
         let tls = tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, connector.connect(name, tcp))
             .await
             .map_err(|_| UpstreamError::Timeout)?
@@ -239,27 +259,33 @@ where
 /// Client TLS configurations per target, built once (the system roots are read once).
 #[derive(Default)]
 pub struct ClientConfigs {
-    by_target: Mutex<HashMap<String, Arc<ClientConfig>>>,
+    by_target: Mutex<HashMap<String, TlsConfigs>>,
 }
 
 impl ClientConfigs {
-    /// The configuration for `target`: system roots, its CA, its client certificate; ALPN h2
-    /// and http/1.1 (only http/1.1 when `h1_only`).
-    pub fn get(&self, target: &str, settings: &HttpTarget) -> Result<Arc<ClientConfig>, String> {
+    /// The configurations for `target`: system roots, its CA, its client certificate; ALPN h2
+    /// and http/1.1, or http/1.1 alone.
+    pub fn get(&self, target: &str, settings: &HttpTarget) -> Result<TlsConfigs, String> {
         if let Some(c) = self
             .by_target
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .get(target)
         {
-            return Ok(Arc::clone(c));
+            return Ok(c.clone());
         }
-        let config = Arc::new(client_config(settings)?);
+        let any = client_config(settings)?;
+        let mut h1 = any.clone();
+        h1.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let configs = TlsConfigs {
+            any: Arc::new(any),
+            h1: Arc::new(h1),
+        };
         self.by_target
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(target.to_string(), Arc::clone(&config));
-        Ok(config)
+            .insert(target.to_string(), configs.clone());
+        Ok(configs)
     }
 }
 
