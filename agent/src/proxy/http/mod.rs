@@ -345,6 +345,7 @@ impl Session<'_, '_> {
         loop {
             tokio::select! {
                 r = &mut connection => return r.map_err(|e| e.to_string()),
+                () = self.upstream.driver.run() => {}
                 () = &mut first_request, if waiting => {
                     if requests.load(Ordering::Relaxed) == 0 {
                         return Err(format!(
@@ -417,6 +418,7 @@ impl Session<'_, '_> {
         let result = loop {
             tokio::select! {
                 r = &mut connection => break r.map_err(|e| e.to_string()),
+                () = self.upstream.driver.run() => {}
                 Some(job) = rx.recv() => {
                     requests += 1;
                     in_flight.push(self.exchange(job));

@@ -2,12 +2,19 @@
 //! the real server: system roots plus the target's CA; an optional client certificate), HTTP/2
 //! when ALPN (or `h2c`) says so, else HTTP/1.1. Reopened when the target closes it, or over TLS
 //! when a request names another host (the server name must be the request's host).
+//!
+//! The connection's own future (hyper's dispatcher: writing requests, reading answers) runs in
+//! the session's task, polled through [`Driver`] beside the client's connection, rather than in
+//! a task of its own: a request and its answer then cross no task boundary.
 
 use std::{
     collections::HashMap,
+    future::Future,
     io,
     path::{Path, PathBuf},
+    pin::Pin,
     sync::{Arc, Mutex, PoisonError},
+    task::{Context, Poll, Waker},
 };
 
 use hyper::{
@@ -57,6 +64,68 @@ impl Sender {
     }
 }
 
+/// A connection's own future: hyper's dispatcher for one connection to the target.
+type ConnFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The futures of a session's connections to its target, polled by the session's own task
+/// ([`Driver::poll_drive`], beside the client's connection) until each connection ends.
+#[derive(Default)]
+pub struct Driver {
+    state: Mutex<DriverState>,
+}
+
+#[derive(Default)]
+struct DriverState {
+    conns: Vec<ConnFuture>,
+    /// The session task's waker, told when a connection is added.
+    waker: Option<Waker>,
+}
+
+impl Driver {
+    fn add(&self, conn: ConnFuture) {
+        let waker = {
+            let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+            state.conns.push(conn);
+            state.waker.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    /// Drives every open connection; never ready (the session ends it by dropping the driver,
+    /// which closes them).
+    pub fn poll_drive(&self, cx: &mut Context<'_>) -> Poll<()> {
+        // Polled outside the lock: a connection's future polls the request body, which must
+        // not find the driver held.
+        let mut conns = {
+            let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+            if !state
+                .waker
+                .as_ref()
+                .is_some_and(|w| w.will_wake(cx.waker()))
+            {
+                state.waker = Some(cx.waker().clone());
+            }
+            std::mem::take(&mut state.conns)
+        };
+        conns.retain_mut(|c| c.as_mut().poll(cx).is_pending());
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if state.conns.is_empty() {
+            state.conns = conns;
+        } else {
+            // Added while these were polled (adding woke the task): keep both.
+            state.conns.append(&mut conns);
+        }
+        Poll::Pending
+    }
+
+    /// Runs until the session's task drops it: drives the connections.
+    pub async fn run(&self) {
+        std::future::poll_fn(|cx| self.poll_drive(cx)).await;
+    }
+}
+
 /// TLS toward a target: offering HTTP/2 and HTTP/1.1, or HTTP/1.1 alone.
 #[derive(Clone)]
 pub struct TlsConfigs {
@@ -76,6 +145,8 @@ pub struct Upstream {
     h2c: bool,
     /// The open connection and the host it was opened for.
     current: tokio::sync::Mutex<Option<(String, Sender)>>,
+    /// The connections' futures, polled by the session's task.
+    pub driver: Driver,
 }
 
 impl Upstream {
@@ -86,6 +157,7 @@ impl Upstream {
             offer_h2: true,
             h2c,
             current: tokio::sync::Mutex::new(None),
+            driver: Driver::default(),
         }
     }
 
@@ -167,7 +239,7 @@ impl Upstream {
         .map_err(UpstreamError::Connect)?;
         let _ = tcp.set_nodelay(true);
         let Some(configs) = &self.tls else {
-            return handshake(tcp, self.h2c).await;
+            return self.handshake(tcp, self.h2c).await;
         };
         let config = if self.offer_h2 {
             &configs.any
@@ -182,7 +254,32 @@ impl Upstream {
             .map_err(|_| UpstreamError::Timeout)?
             .map_err(|e| UpstreamError::Tls(e.to_string()))?;
         let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-        handshake(tls, h2).await
+        self.handshake(tls, h2).await
+    }
+
+    /// Opens HTTP/2 or HTTP/1.1 on `io`; the connection's future goes to the driver.
+    async fn handshake<S>(&self, io: S, h2: bool) -> Result<Sender, UpstreamError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let io = TokioIo::new(io);
+        if h2 {
+            let (sender, conn) = http2::handshake(TokioExecutor::new(), io).await?;
+            self.driver.add(Box::pin(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "HTTP/2 connection to the target ended");
+                }
+            }));
+            Ok(Sender::H2(sender))
+        } else {
+            let (sender, conn) = http1::handshake(io).await?;
+            self.driver.add(Box::pin(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "HTTP/1.1 connection to the target ended");
+                }
+            }));
+            Ok(Sender::H1(sender))
+        }
     }
 }
 
@@ -230,30 +327,6 @@ where
     });
     sender.ready().await?;
     Ok(sender.send_request(req).await?)
-}
-
-async fn handshake<S>(io: S, h2: bool) -> Result<Sender, UpstreamError>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let io = TokioIo::new(io);
-    if h2 {
-        let (sender, conn) = http2::handshake(TokioExecutor::new(), io).await?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "HTTP/2 connection to the target ended");
-            }
-        });
-        Ok(Sender::H2(sender))
-    } else {
-        let (sender, conn) = http1::handshake(io).await?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "HTTP/1.1 connection to the target ended");
-            }
-        });
-        Ok(Sender::H1(sender))
-    }
 }
 
 /// Client TLS configurations per target, built once (the system roots are read once).
