@@ -480,11 +480,6 @@ impl Session<'_, '_> {
         };
         let judged = Judgement::of(self.flavor, &norm);
         let text = norm.text();
-        if let (Some((value, _)), Judgement::Kube(info)) = (&upgrade, &judged) {
-            if tunnel::unrecordable(value, &info.action()) {
-                return self.refuse_unrecordable(&text);
-            }
-        }
         let policy = self.conn.policy();
         let decided = self
             .conn
@@ -515,6 +510,13 @@ impl Session<'_, '_> {
                     "rules": decided.decision.rules,
                 }),
             );
+        }
+        // Judged first, so a denied exec gets its rule's message whichever way it came (kubectl
+        // retries a refused WebSocket exec over SPDY); an allowed one over SPDY is refused here.
+        if let (Some((value, _)), Judgement::Kube(info)) = (&upgrade, &judged) {
+            if tunnel::unrecordable(value, &info.action()) {
+                return self.refuse_unrecordable(&text);
+            }
         }
         let injected = match &self.injected {
             Ok(h) => h,

@@ -41,7 +41,7 @@ pub struct HttpTarget {
 }
 
 /// How long an idle client HTTP/2 connection is kept by default (nginx's `http2_idle_timeout`).
-pub const H2_IDLE_TIMEOUT: Duration = Duration::from_secs(180);
+pub const H2_IDLE_TIMEOUT: Duration = Duration::from_mins(3);
 
 fn some_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     let text = String::deserialize(d)?;

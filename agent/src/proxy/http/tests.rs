@@ -540,7 +540,7 @@ async fn an_idle_http2_connection_gets_goaway_and_is_closed() {
     let mut out = Vec::new();
     let mut answered = 0;
     let closed = tokio::time::timeout(Duration::from_secs(15), async {
-        let mut buf = [0u8; 16384];
+        let mut buf = vec![0u8; 16384];
         loop {
             let n = s.read(&mut buf).await.unwrap_or(0);
             if n == 0 {
@@ -600,6 +600,13 @@ id = "everything"
 verdict = "allow"
 target = { name = ["api"] }
 kube = { verb = ["*"], resource = ["*"] }
+
+[[rule]]
+id = "no-prod-shells"
+verdict = "deny"
+message = "no shells in prod"
+target = { name = ["api"] }
+kube = { resource = ["pods"], subresource = ["exec"], namespace = ["prod"] }
 "#;
 
 #[tokio::test]
@@ -634,6 +641,13 @@ async fn spdy_exec_is_refused_and_websocket_exec_and_spdy_port_forward_are_relay
             "{events:?}"
         );
     }
+    // Judged first: a denied exec over SPDY gets its rule's message (kubectl retries a
+    // refused WebSocket exec over SPDY, and prints the last answer).
+    let denied =
+        upgrade("POST", "exec", "SPDY/3.1").replace("/namespaces/web/", "/namespaces/prod/");
+    let answer = h.raw(target, denied.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 403 "), "{answer}");
+    assert!(answer.contains("no shells in prod"), "{answer}");
     // WebSocket exec and SPDY port-forward reach the target (the echo answers 200 rather than
     // switching protocols, and that answer comes back).
     for (sub, proto) in [("exec", "websocket"), ("portforward", "SPDY/3.1")] {

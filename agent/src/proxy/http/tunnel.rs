@@ -46,8 +46,9 @@ pub fn requested(headers: &HeaderMap) -> Option<HeaderValue> {
 
 /// Whether an allowed upgrade would open an exec or attach stream the gateway cannot record:
 /// SPDY/3.1 (kubectl before 1.29-1.30) frames its channels in zlib-compressed SPDY, which is
-/// not read. Such a stream is refused whatever the policy says (fail closed: an exec that is
-/// not recorded is not run); port-forward streams are relayed and counted either way.
+/// not read. Such a stream is judged like any request and, when the policy lets it through,
+/// refused (fail closed: an exec that is not recorded is not run); port-forward streams are
+/// relayed and counted either way.
 pub fn unrecordable(upgrade: &HeaderValue, action: &crate::kube::KubeAction<'_>) -> bool {
     upgrade.as_bytes().eq_ignore_ascii_case(b"SPDY/3.1")
         && action.resource == "pods"
