@@ -15,7 +15,8 @@ use crate::{Proc, Side, Topology, TARGET_V4};
 /// The name the test server's certificate is for (clients reach it with `curl --resolve`).
 pub const SERVER_NAME: &str = "api.test";
 
-/// nginx on `TARGET_V4`: port 80 plain, 443 TLS with HTTP/2.
+/// nginx on `TARGET_V4`: port 80 plain, 443 TLS with HTTP/2; port 81 plain too, for a
+/// destination no HTTP target names (opaque TCP: the benchmark's ceiling).
 pub struct Nginx {
     pub proc: Proc,
     pub dir: PathBuf,
@@ -136,6 +137,7 @@ impl Topology {
                uwsgi_temp_path {d}/tmp;\nscgi_temp_path {d}/tmp;\n\
                server {{\n\
                  listen {TARGET_V4}:80;\n\
+                 listen {TARGET_V4}:81;\n\
                  listen {TARGET_V4}:443 ssl http2;\n\
                  ssl_certificate {d}/server.pem;\nssl_certificate_key {d}/server.key;\n\
                  location / {{ return 200 \"nginx says hello $request_method $uri\\n\"; }}\n\

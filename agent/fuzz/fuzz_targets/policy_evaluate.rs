@@ -64,6 +64,7 @@ fuzz_target!(|data: &[u8]| {
                 Protocol::Kubernetes,
                 Action::Kube {
                     verb,
+                    group: Some(""),
                     resource,
                     subresource: None,
                     namespace,

@@ -62,6 +62,8 @@ pub enum RequestInfo<'a> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KubeAction<'r> {
     pub verb: &'r str,
+    /// `Some("")` for the core group; `None` for a non-resource request.
+    pub group: Option<&'r str>,
     pub resource: &'r str,
     pub subresource: Option<&'r str>,
     pub namespace: Option<&'r str>,
@@ -72,6 +74,7 @@ impl<'r> KubeAction<'r> {
     pub fn to_policy(self) -> crate::policy::Action<'r> {
         crate::policy::Action::Kube {
             verb: self.verb,
+            group: self.group,
             resource: self.resource,
             subresource: self.subresource,
             namespace: self.namespace,
@@ -96,6 +99,7 @@ impl RequestInfo<'_> {
                         .is_some_and(|s| STREAM_SUBRESOURCES.contains(&s));
                 KubeAction {
                     verb: if stream { "create" } else { r.verb },
+                    group: Some(&r.api_group),
                     resource: &r.resource,
                     subresource: r.subresource.as_deref(),
                     namespace: r.namespace.as_deref(),
@@ -104,6 +108,7 @@ impl RequestInfo<'_> {
             }
             RequestInfo::NonResource { verb, path } => KubeAction {
                 verb,
+                group: None,
                 resource: path,
                 subresource: None,
                 namespace: None,

@@ -8,7 +8,11 @@ pub fn forbidden(message: &str, rules: &[String]) -> serde_json::Value {
         "apiVersion": "v1",
         "metadata": {},
         "status": "Failure",
-        "message": format!("bulkhead: {message} (rule {})", rules.join(", ")),
+        "message": if rules.is_empty() {
+            format!("bulkhead: {message}")
+        } else {
+            format!("bulkhead: {message} (rule {})", rules.join(", "))
+        },
         "reason": "Forbidden",
         "details": { "causes": rules.iter().map(|r| serde_json::json!({"reason": "BulkheadRule", "message": r})).collect::<Vec<_>>() },
         "code": 403,

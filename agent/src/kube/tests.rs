@@ -399,6 +399,13 @@ target = { name = ["prod-cluster"] }
 kube = { resource = ["secrets"], name = ["db-*"] }
 
 [[rule]]
+id = "no-apps-delete"
+verdict = "deny"
+message = "no deletes of apps"
+target = { name = ["prod-cluster"] }
+kube = { verb = ["delete"], group = ["apps"], resource = ["deployments"] }
+
+[[rule]]
 id = "scale-web"
 verdict = "allow"
 target = { name = ["prod-cluster"] }
@@ -408,6 +415,49 @@ kube = { verb = ["update", "patch"], resource = ["deployments"], subresource = [
     .unwrap();
     let set = load_dir(dir.path()).unwrap();
     (dir, set)
+}
+
+#[test]
+fn rules_can_name_the_api_group() {
+    let (_dir, set) = kube_policies();
+    let identity = ProcessIdentity::default();
+    let judge = |method: &str, path: &str| {
+        let info = parse(method, path, None).unwrap();
+        let d = set.evaluate(&Request {
+            target: TargetRef {
+                name: "prod-cluster",
+                protocol: Protocol::Kubernetes,
+            },
+            identity: &identity,
+            action: info.action().to_policy(),
+        });
+        (d.verdict, d.rules)
+    };
+    // `dev-all` allows anything in dev; `no-apps-delete` names the apps group only.
+    assert_eq!(
+        judge("DELETE", "/apis/apps/v1/namespaces/dev/deployments/web"),
+        (
+            crate::policy::Verdict::Deny,
+            vec!["no-apps-delete".to_string()]
+        )
+    );
+    for other in [
+        "/apis/example.com/v1/namespaces/dev/deployments/web",
+        "/api/v1/namespaces/dev/deployments/web",
+    ] {
+        assert_eq!(
+            judge("DELETE", other),
+            (crate::policy::Verdict::Allow, vec!["dev-all".to_string()]),
+            "{other}"
+        );
+    }
+    // A request about no resource is in no group.
+    let info = parse("GET", "/apis/apps", None).unwrap();
+    assert_eq!(info.action().group, None);
+    assert_eq!(
+        parse("GET", "/api/v1/pods", None).unwrap().action().group,
+        Some("")
+    );
 }
 
 #[derive(Parser)]
@@ -472,7 +522,9 @@ proptest! {
             action: action.to_policy(),
         });
 
-        let mut words = format!("{verb} {resource}");
+        // kubectl's RESOURCE.GROUP for a group other than the core one.
+        let dotted = if group.is_empty() { String::new() } else { format!(".{group}") };
+        let mut words = format!("{verb} {resource}{dotted}");
         if !collection {
             words = format!("{words}/{name}");
             if let Some(sub) = subresource {

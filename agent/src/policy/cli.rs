@@ -144,8 +144,8 @@ pub struct TestArgs {
     /// An HTTP request: METHOD URL
     #[arg(long, num_args = 2, value_names = ["METHOD", "URL"])]
     pub http: Option<Vec<String>>,
-    /// A Kubernetes request, kubectl style: "get pods", "delete deployments/web", "logs web-1",
-    /// "exec web-1", "get pods/web-1/log"
+    /// A Kubernetes request, kubectl style: "get pods", "delete deployments.apps/web" (RESOURCE.GROUP
+    /// outside the core group), "logs web-1", "exec web-1", "get pods/web-1/log"
     #[arg(long, value_name = "REQUEST")]
     pub kube: Option<String>,
     /// Namespace of the Kubernetes request (none: cluster-scoped or all namespaces)
@@ -401,9 +401,17 @@ pub fn decide(
         }
     } else if let Some(kube) = &args.kube {
         (verb, resource, subresource, name) = parse_kube(kube)?;
+        // kubectl's `RESOURCE.GROUP` (`deployments.apps`); a bare resource is the core group's,
+        // a path (`/version`) is in none.
+        let (res, group) = match resource.split_once('.') {
+            _ if resource.starts_with('/') => (resource.as_str(), None),
+            Some((r, g)) => (r, Some(g)),
+            None => (resource.as_str(), Some("")),
+        };
         Action::Kube {
             verb: &verb,
-            resource: &resource,
+            group,
+            resource: res,
             subresource: subresource.as_deref(),
             namespace: args.namespace.as_deref(),
             name: name.as_deref(),

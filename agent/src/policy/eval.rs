@@ -42,6 +42,7 @@ enum Analysis<'a> {
     },
     Kube {
         verb: &'a str,
+        group: Option<&'a str>,
         resource: &'a str,
         subresource: Option<&'a str>,
         namespace: Option<&'a str>,
@@ -362,12 +363,14 @@ impl PolicySet {
             },
             Action::Kube {
                 verb,
+                group,
                 resource,
                 subresource,
                 namespace,
                 name,
             } => Analysis::Kube {
                 verb,
+                group,
                 resource,
                 subresource,
                 namespace,
@@ -466,12 +469,16 @@ impl RequestMatch {
                 RequestMatch::Kube(m),
                 Analysis::Kube {
                     verb,
+                    group,
                     resource,
                     subresource,
                     namespace,
                     name,
                 },
-            ) => m.matches(verb, resource, *subresource, *namespace, *name, polarity),
+            ) => {
+                m.matches(verb, resource, *subresource, *namespace, *name, polarity)
+                    && m.matches_group(*group)
+            }
             _ => false,
         }
     }
@@ -615,6 +622,12 @@ impl HttpMatch {
 }
 
 impl KubeMatch {
+    /// No groups named, or the request's group is one of them. A request with no group (not
+    /// about a resource) is in none of them.
+    fn matches_group(&self, group: Option<&str>) -> bool {
+        self.groups.is_empty() || group.is_some_and(|g| self.groups.iter().any(|p| p.is_match(g)))
+    }
+
     fn matches(
         &self,
         verb: &str,

@@ -346,6 +346,7 @@ fn kube<'a>(
         identity: id,
         action: Action::Kube {
             verb,
+            group: Some(""),
             resource,
             subresource,
             namespace,

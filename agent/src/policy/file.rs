@@ -326,6 +326,8 @@ struct RawKube {
     #[serde(default)]
     verb: Patterns,
     #[serde(default)]
+    group: Patterns,
+    #[serde(default)]
     resource: Patterns,
     #[serde(default)]
     subresource: Patterns,

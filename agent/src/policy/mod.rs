@@ -143,6 +143,9 @@ pub enum Action<'a> {
     },
     Kube {
         verb: &'a str,
+        /// The API group: `Some("")` for the core group (`/api/v1`), `None` for a request
+        /// that is not about a resource (discovery, `/version`).
+        group: Option<&'a str>,
         resource: &'a str,
         subresource: Option<&'a str>,
         /// `None`: cluster-scoped, or across all namespaces.
@@ -332,6 +335,8 @@ pub struct HttpMatch {
 #[derive(Debug, Clone, Default)]
 pub struct KubeMatch {
     pub verbs: Vec<Glob>,
+    /// API groups (`""` is the core group); a request with no group matches none.
+    pub groups: Vec<Glob>,
     pub resources: Vec<Glob>,
     pub subresources: Vec<Glob>,
     pub namespaces: Vec<Glob>,

@@ -2,15 +2,17 @@
 //! the gateway (policy, credential injection and recording on) and through nginx as a reverse
 //! proxy on the governed side's loopback, in alternating rounds of the same run
 //! (`BENCH_HTTP_ROUNDS`, 3; `BENCH_HTTP_SECONDS`, 10), printed as ratios of the direct figure
-//! with the medians. Then HTTPS: the gateway terminating TLS (and verifying nginx over TLS)
-//! beside nginx doing the same.
+//! with the medians. The ceiling beside them: the same wrk through the gateway to a port no
+//! HTTP target names (nginx's port 81), relayed as opaque TCP: what the gateway's capture,
+//! accept and byte copy cost with no HTTP at all. Then HTTPS: the gateway terminating TLS (and
+//! verifying nginx over TLS) beside nginx doing the same.
 //!
 //! Every request through the gateway must be recorded: after each gateway leg the store must
 //! hold one `request` and one `response` event per request wrk completed (plus those cut off
 //! when wrk stopped) and a `connect` and `close` per connection; anything less fails the run.
 //! The daemon's CPU time per request (user + system, from `/proc`) is printed beside.
 //!
-//! `BENCH_HTTP_ONLY=direct|gateway|proxy|gateway-tls|proxy-tls` runs only that leg (for
+//! `BENCH_HTTP_ONLY=direct|gateway|proxy|relay|gateway-tls|proxy-tls` runs only that leg (for
 //! profiling: the daemon's pid is printed first).
 //!
 //! Run with `cargo xtask bench` (root; release build).
@@ -102,6 +104,28 @@ fn gateway_leg(topo: &Topology, daemon: u32, url: &str, seconds: u32) -> (Run, f
     #[expect(clippy::cast_precision_loss, reason = "a ratio")]
     let per_request = cpu / run.requests.max(1) as f64;
     (run, per_request)
+}
+
+/// Runs wrk through the gateway to a destination it relays as opaque TCP (no HTTP read):
+/// the ceiling for the HTTP legs. The daemon's CPU per request, in microseconds.
+fn relay_leg(topo: &Topology, daemon: u32, url: &str, seconds: u32) -> (Run, f64) {
+    settled_store(topo);
+    let cpu = cpu_us(daemon);
+    let run = wrk(topo, Side::Governed, url, seconds);
+    let cpu = cpu_us(daemon) - cpu;
+    #[expect(clippy::cast_precision_loss, reason = "a ratio")]
+    let per_request = cpu / run.requests.max(1) as f64;
+    (run, per_request)
+}
+
+/// wrk through nginx as a reverse proxy; its CPU per request, in microseconds.
+fn proxy_leg(topo: &Topology, nginx: u32, url: &str, seconds: u32) -> (f64, f64) {
+    let cpu = cpu_us(nginx);
+    let run = wrk(topo, Side::Host, url, seconds);
+    let cpu = cpu_us(nginx) - cpu;
+    #[expect(clippy::cast_precision_loss, reason = "a ratio")]
+    let per_request = cpu / run.requests.max(1) as f64;
+    (run.rps, per_request)
 }
 
 /// CPU time (user + system) the process has used, in microseconds.
@@ -201,21 +225,26 @@ fn main() {
          [[rule]]\nid = \"bench\"\nverdict = \"allow\"\ntarget = { name = [\"api\"] }\n\
          http = { method = [\"GET\"] }\n",
     );
+    // The ceiling leg's destination (nginx's port 81) is no target's: opaque TCP.
+    topo.allow_opaque_tcp();
     let daemon = topo.start_daemon(&[]);
     let pid = daemon.pid();
     println!("daemon pid {pid}");
-    let _proxy = reverse_proxy(&topo, &nginx.dir);
+    let proxy_proc = reverse_proxy(&topo, &nginx.dir);
+    let proxy_pid = proxy_proc.child.id();
     // The access log would measure the disk: nginx keeps writing it, the same for every leg.
 
     let url = format!("http://{TARGET_V4}/bench");
     let tls_url = format!("https://{TARGET_V4}/bench");
+    let relay_url = format!("http://{TARGET_V4}:81/bench");
     if let Ok(leg) = std::env::var("BENCH_HTTP_ONLY") {
         let rps = match leg.as_str() {
             "direct" => wrk(&topo, Side::Host, &url, seconds).rps,
             "gateway" => gateway_leg(&topo, pid, &url, seconds).0.rps,
-            "proxy" => wrk(&topo, Side::Host, "http://127.0.0.1:8080/bench", seconds).rps,
+            "proxy" => proxy_leg(&topo, proxy_pid, "http://127.0.0.1:8080/bench", seconds).0,
+            "relay" => relay_leg(&topo, pid, &relay_url, seconds).0.rps,
             "gateway-tls" => gateway_leg(&topo, pid, &tls_url, seconds).0.rps,
-            "proxy-tls" => wrk(&topo, Side::Host, "https://127.0.0.1:8443/bench", seconds).rps,
+            "proxy-tls" => proxy_leg(&topo, proxy_pid, "https://127.0.0.1:8443/bench", seconds).0,
             other => panic!("BENCH_HTTP_ONLY={other}: not a leg"),
         };
         println!("{leg}: {rps:.0} requests/s");
@@ -223,57 +252,72 @@ fn main() {
     }
 
     println!(
-        "HTTP/1.1, wrk -t1 -c16, {rounds} rounds of {seconds}s (requests/s; gateway CPU per request)"
+        "HTTP/1.1, wrk -t1 -c16, {rounds} rounds of {seconds}s (requests/s; daemon CPU per request)"
     );
-    println!("round    direct   gateway     proxy  gateway   proxy  gw cpu  load");
-    let (mut direct, mut gateway, mut proxy, mut ratios, mut proxy_ratios, mut cpus) = (
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
+    println!(
+        "round    direct   gateway     proxy     relay  gateway   proxy   relay  gw cpu  proxy cpu  relay cpu  load"
     );
+    let (mut direct, mut gateway, mut proxy, mut relay) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut ratios, mut proxy_ratios, mut relay_ratios) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut cpus, mut proxy_cpus, mut relay_cpus) = (Vec::new(), Vec::new(), Vec::new());
     for round in 1..=rounds {
         let d = wrk(&topo, Side::Host, &url, seconds).rps;
         let (g, cpu) = gateway_leg(&topo, pid, &url, seconds);
-        let p = wrk(&topo, Side::Host, "http://127.0.0.1:8080/bench", seconds).rps;
+        let (p, proxy_cpu) = proxy_leg(&topo, proxy_pid, "http://127.0.0.1:8080/bench", seconds);
+        let (r, relay_cpu) = relay_leg(&topo, pid, &relay_url, seconds);
         println!(
-            "{round:<5} {d:>9.0} {:>9.0} {p:>9.0}  {:>6.2}x {:>6.2}x {cpu:>5.1}us  {}",
+            "{round:<5} {d:>9.0} {:>9.0} {p:>9.0} {:>9.0}  {:>6.2}x {:>6.2}x {:>6.2}x {cpu:>5.1}us  {proxy_cpu:>7.1}us  {relay_cpu:>7.1}us  {}",
             g.rps,
+            r.rps,
             g.rps / d,
             p / d,
+            r.rps / d,
             load()
         );
         direct.push(d);
         gateway.push(g.rps);
         proxy.push(p);
+        relay.push(r.rps);
         ratios.push(g.rps / d);
         proxy_ratios.push(p / d);
+        relay_ratios.push(r.rps / d);
         cpus.push(cpu);
+        proxy_cpus.push(proxy_cpu);
+        relay_cpus.push(relay_cpu);
     }
     let d = median(direct);
     let g = median(gateway);
     let p = median(proxy);
+    let r = median(relay);
     println!("medians (ratios: medians of the same-round ratios):");
     println!("  direct to nginx        {d:>10.0}  1.00");
     println!(
-        "  through the gateway    {g:>10.0}  {:.2}  ({:.1} us CPU per request)",
+        "  through the gateway    {g:>10.0}  {:.2}  ({:.1} us daemon CPU per request)",
         median(ratios),
         median(cpus)
     );
     println!(
-        "  through nginx (proxy)  {p:>10.0}  {:.2}",
-        median(proxy_ratios)
+        "  through nginx (proxy)  {p:>10.0}  {:.2}  ({:.1} us nginx CPU per request)",
+        median(proxy_ratios),
+        median(proxy_cpus)
+    );
+    println!(
+        "  gateway, opaque TCP    {r:>10.0}  {:.2}  ({:.1} us daemon CPU per request; the ceiling)",
+        median(relay_ratios),
+        median(relay_cpus)
     );
 
     // TLS on both legs: terminated for the client, verified toward nginx.
     let (mut gateway_tls, mut proxy_tls, mut tls_cpus) = (Vec::new(), Vec::new(), Vec::new());
+    let mut proxy_tls_cpus = Vec::new();
     for _ in 0..rounds {
         let (g, cpu) = gateway_leg(&topo, pid, &tls_url, seconds);
         gateway_tls.push(g.rps);
         tls_cpus.push(cpu);
-        proxy_tls.push(wrk(&topo, Side::Host, "https://127.0.0.1:8443/bench", seconds).rps);
+        let (p, cpu) = proxy_leg(&topo, proxy_pid, "https://127.0.0.1:8443/bench", seconds);
+        proxy_tls.push(p);
+        proxy_tls_cpus.push(cpu);
     }
     let gt = median(gateway_tls);
     let pt = median(proxy_tls);
@@ -284,7 +328,8 @@ fn main() {
         median(tls_cpus)
     );
     println!(
-        "  nginx terminating      {pt:>10.0}  {:.2} of direct plain",
-        pt / d
+        "  nginx terminating      {pt:>10.0}  {:.2} of direct plain  ({:.1} us nginx CPU per request)",
+        pt / d,
+        median(proxy_tls_cpus)
     );
 }

@@ -250,6 +250,7 @@ impl Ctx<'_> {
             let k = k.get_ref();
             return RequestMatch::Kube(KubeMatch {
                 verbs: self.globs(&k.verb, None, true),
+                groups: self.globs(&k.group, None, true),
                 resources: self.globs(&k.resource, None, true),
                 subresources: self.globs(&k.subresource, None, true),
                 namespaces: self.globs(&k.namespace, None, false),

@@ -26,6 +26,8 @@ pub const RECORDED_BODY: usize = 2048;
 pub struct Totals {
     pub up: AtomicU64,
     pub down: AtomicU64,
+    /// Responses whose bodies are still on their way to the client.
+    pub streaming: AtomicU64,
 }
 
 /// One exchange's counts and recorded prefixes, shared by its request and response taps.
@@ -150,6 +152,7 @@ impl Tap {
 
     /// The target's response body on its way to the client; `finish` records the exchange.
     pub fn response(inner: Incoming, totals: Arc<Totals>, finish: Finish) -> Self {
+        totals.streaming.fetch_add(1, Ordering::Relaxed);
         Self {
             inner,
             up: false,
@@ -162,6 +165,7 @@ impl Tap {
     fn done(&mut self, error: Option<String>) {
         if let Some(f) = self.finish.take() {
             f.record(error);
+            self.totals.streaming.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }

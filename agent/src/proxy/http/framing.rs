@@ -25,6 +25,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::{MAX_HEADERS, MAX_HEAD_BYTES};
 
+/// Why a head longer than [`MAX_HEAD_BYTES`] is refused (answered 431, not 400).
+pub const HEAD_TOO_LARGE: &str = "a request head larger than the gateway reads";
+
 /// The longest chunk-size line (with extensions) or trailer section followed.
 const MAX_CHUNK_LINE: usize = 4096;
 
@@ -250,7 +253,7 @@ impl Reader {
                         .extend_from_slice(&data[..data.len().min(MAX_HEAD_BYTES + 1)]);
                 }
                 if self.head.len() > MAX_HEAD_BYTES {
-                    return Err("a request head larger than the gateway reads");
+                    return Err(HEAD_TOO_LARGE);
                 }
                 *data = &[];
                 Ok(())

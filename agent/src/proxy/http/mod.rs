@@ -73,6 +73,9 @@ pub const MAX_HEADERS: usize = 100;
 /// The most HTTP/2 streams in flight on one connection.
 pub const MAX_STREAMS: u32 = 64;
 
+/// How long a client may take to close its HTTP/2 connection after the idle GOAWAY.
+const H2_GOAWAY_GRACE: Duration = Duration::from_secs(5);
+
 /// The class requests are recorded with.
 const HTTP_CLASS: &str = "http";
 
@@ -152,9 +155,11 @@ pub async fn serve(conn: &Conn<'_>, shared: &Shared, client: TcpStream) -> Sessi
         tls: client_tls,
         server_name: None,
         tunnels: std::sync::Mutex::default(),
+        h2_idle: settings.idle_timeout.unwrap_or(settings::H2_IDLE_TIMEOUT),
     };
     if !client_tls {
         let maybe_h2 = is_h2c(&client).await;
+        session.upstream.offer_h2(maybe_h2);
         return session.serve_connection(client, maybe_h2).await;
     }
     let Some(ca) = conn.gw.tls.as_deref() else {
@@ -182,6 +187,7 @@ pub async fn serve(conn: &Conn<'_>, shared: &Shared, client: TcpStream) -> Sessi
     // HTTP/2 over TLS is chosen by ALPN (RFC 9113 §3.2); a client that offered none speaks
     // HTTP/1.1 and gets its framing checked like any other (wrk, Python's ssl, openssl s_client).
     let maybe_h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+    session.upstream.offer_h2(maybe_h2);
     session.serve_connection(stream, maybe_h2).await
 }
 
@@ -267,6 +273,8 @@ struct Session<'c, 'g> {
     /// Upgraded streams (Kubernetes exec, attach, port-forward) still relayed: the session
     /// ends when they do.
     tunnels: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// How long an HTTP/2 connection may stay with nothing in flight.
+    h2_idle: Duration,
 }
 
 impl Session<'_, '_> {
@@ -337,6 +345,7 @@ impl Session<'_, '_> {
         loop {
             tokio::select! {
                 r = &mut connection => return r.map_err(|e| e.to_string()),
+                () = self.upstream.driver.run() => {}
                 () = &mut first_request, if waiting => {
                     if requests.load(Ordering::Relaxed) == 0 {
                         return Err(format!(
@@ -401,12 +410,35 @@ impl Session<'_, '_> {
         let first_request = tokio::time::sleep(HEADER_TIMEOUT);
         tokio::pin!(first_request);
         let mut requests = 0u64;
+        // Idle: no request answered or streaming for `h2_idle`; then GOAWAY, and a client that
+        // does not close within the grace after it is closed on.
+        let idle = tokio::time::sleep(self.h2_idle);
+        tokio::pin!(idle);
+        let mut goaway_sent = false;
         let result = loop {
             tokio::select! {
                 r = &mut connection => break r.map_err(|e| e.to_string()),
+                () = self.upstream.driver.run() => {}
                 Some(job) = rx.recv() => {
                     requests += 1;
                     in_flight.push(self.exchange(job));
+                    if !goaway_sent {
+                        idle.as_mut().reset(Instant::now() + self.h2_idle);
+                    }
+                }
+                () = &mut idle => {
+                    if goaway_sent {
+                        break Ok(());
+                    }
+                    let busy = !in_flight.is_empty()
+                        || self.totals.streaming.load(Ordering::Relaxed) > 0;
+                    if busy {
+                        idle.as_mut().reset(Instant::now() + self.h2_idle);
+                    } else {
+                        connection.as_mut().graceful_shutdown();
+                        goaway_sent = true;
+                        idle.as_mut().reset(Instant::now() + H2_GOAWAY_GRACE);
+                    }
                 }
                 Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
                 () = &mut first_request, if requests == 0 => {
@@ -478,6 +510,13 @@ impl Session<'_, '_> {
                     "rules": decided.decision.rules,
                 }),
             );
+        }
+        // Judged first, so a denied exec gets its rule's message whichever way it came (kubectl
+        // retries a refused WebSocket exec over SPDY); an allowed one over SPDY is refused here.
+        if let (Some((value, _)), Judgement::Kube(info)) = (&upgrade, &judged) {
+            if tunnel::unrecordable(value, &info.action()) {
+                return self.refuse_unrecordable(&text);
+            }
         }
         let injected = match &self.injected {
             Ok(h) => h,
@@ -613,8 +652,28 @@ impl Session<'_, '_> {
         )
     }
 
+    /// Records and answers 403 an exec or attach over SPDY ([`tunnel::unrecordable`]).
+    fn refuse_unrecordable(&self, text: &str) -> Response<ProxyBody> {
+        const WHY: &str = "an exec or attach over SPDY cannot be recorded, so it is not run; \
+                           use a kubectl that speaks WebSocket (1.30 or later)";
+        self.conn.record(
+            EventKind::request(
+                text,
+                Some(HTTP_CLASS.into()),
+                RecordedVerdict::Deny,
+                Vec::new(),
+            )
+            .with_error(format!("bulkhead: {WHY}")),
+        );
+        json_answer(
+            StatusCode::FORBIDDEN,
+            &crate::kube::status::forbidden(WHY, &[]),
+        )
+    }
+
     /// Records and answers 400 a request whose framing the client's bytes left ambiguous
-    /// ([`framing`]), closing the connection: what follows it cannot be read reliably.
+    /// ([`framing`]), or 431 one whose head is longer than the gateway reads, closing the
+    /// connection: what follows it cannot be read reliably.
     fn refuse_framing(&self, req: &Request<Incoming>, why: &str) -> Response<ProxyBody> {
         let text = format!("{} {}", req.method(), req.uri());
         self.conn.record(
@@ -626,12 +685,20 @@ impl Session<'_, '_> {
             )
             .with_error(format!("ambiguous request refused: {why}")),
         );
+        let (status, error) = if why == framing::HEAD_TOO_LARGE {
+            (
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "bulkhead: request head too large",
+            )
+        } else {
+            (
+                StatusCode::BAD_REQUEST,
+                "bulkhead: ambiguous request refused",
+            )
+        };
         let mut resp = json_answer(
-            StatusCode::BAD_REQUEST,
-            &serde_json::json!({
-                "error": "bulkhead: ambiguous request refused",
-                "reason": why,
-            }),
+            status,
+            &serde_json::json!({ "error": error, "reason": why }),
         );
         resp.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));

@@ -2,7 +2,7 @@
 //! and the target, and the headers the gateway sets from held credentials. The configuration
 //! parses them; the gateway applies them.
 
-use std::path::PathBuf;
+use std::{path::PathBuf, time::Duration};
 
 use hyper::http::HeaderName;
 use serde::Deserialize;
@@ -34,6 +34,20 @@ pub struct HttpTarget {
     /// Headers the gateway sets on every request, replacing what the client sent.
     #[serde(default)]
     pub inject: Vec<InjectHeader>,
+    /// How long a client's HTTP/2 connection may stay with no request in flight before the
+    /// gateway ends it (GOAWAY); humantime (`"90s"`), [`H2_IDLE_TIMEOUT`] when not given.
+    #[serde(default, deserialize_with = "some_duration")]
+    pub idle_timeout: Option<Duration>,
+}
+
+/// How long an idle client HTTP/2 connection is kept by default (nginx's `http2_idle_timeout`).
+pub const H2_IDLE_TIMEOUT: Duration = Duration::from_mins(3);
+
+fn some_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let text = String::deserialize(d)?;
+    humantime::parse_duration(&text)
+        .map(Some)
+        .map_err(|e| serde::de::Error::custom(format!("{text:?}: {e}")))
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -80,6 +94,9 @@ const NOT_INJECTABLE: &[&str] = &[
 impl HttpTarget {
     /// What is wrong with the settings, if anything: (key, problem).
     pub fn problem(&self) -> Option<(String, String)> {
+        if self.idle_timeout.is_some_and(|d| d.is_zero()) {
+            return Some(("idle_timeout".into(), "must be longer than zero".into()));
+        }
         if self.client_cert.is_some() != self.client_key.is_some() {
             return Some((
                 "client_cert".into(),
@@ -167,5 +184,17 @@ mod tests {
             );
         }
         assert!(toml::from_str::<HttpTarget>("tls = \"maybe\"\n").is_err());
+        assert_eq!(
+            parse("idle_timeout = \"90s\"\n").idle_timeout,
+            Some(Duration::from_secs(90))
+        );
+        assert!(toml::from_str::<HttpTarget>("idle_timeout = \"soon\"\n").is_err());
+        assert_eq!(
+            parse("idle_timeout = \"0s\"\n")
+                .problem()
+                .map(|p| p.0)
+                .as_deref(),
+            Some("idle_timeout")
+        );
     }
 }

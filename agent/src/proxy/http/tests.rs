@@ -92,14 +92,31 @@ http = { path = ["/v1/expires"] }
 
 impl Harness {
     async fn new(target: SocketAddr, secret_env: &str) -> Self {
+        Self::with(target, secret_env, "", POLICY).await
+    }
+
+    /// An `api` target of `protocol` with `settings` (lines of its `[target.http]`, or of
+    /// `[target.kubernetes]`) under `policy`.
+    async fn with(target: SocketAddr, secret_env: &str, settings: &str, policy: &str) -> Self {
+        Self::build(target, secret_env, "http", settings, policy).await
+    }
+
+    async fn build(
+        target: SocketAddr,
+        secret_env: &str,
+        protocol: &str,
+        settings: &str,
+        policy: &str,
+    ) -> Self {
         let config = format!(
-            "[[target]]\nname = \"api\"\nprotocol = \"http\"\naddresses = [\"{target}\"]\n\
-             [[target.http.inject]]\nheader = \"authorization\"\nprefix = \"Bearer \"\n\
+            "[[target]]\nname = \"api\"\nprotocol = \"{protocol}\"\naddresses = [\"{target}\"]\n\
+             [target.{protocol}]\n{settings}\n\
+             [[target.{protocol}.inject]]\nheader = \"authorization\"\nprefix = \"Bearer \"\n\
              credentials = {{ env = \"{secret_env}\" }}\n"
         );
         let config = Config::from_toml(&config, Source::Embedded).unwrap();
         let policies = tempfile::tempdir().unwrap();
-        std::fs::write(policies.path().join("api.toml"), POLICY).unwrap();
+        std::fs::write(policies.path().join("api.toml"), policy).unwrap();
         let store: Arc<dyn SessionStore> = Arc::new(SledStore::temporary().unwrap());
         let approvals = Arc::new(ApprovalBroker::new(Arc::clone(&store), config.approvals));
         let orig = Arc::new(MockOrigDst::default());
@@ -486,6 +503,191 @@ async fn bad_http2_frames_end_that_connection_only() {
         )
         .await;
     assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+}
+
+/// The server's frames in `out` (type, flags, payload), as far as they are whole.
+fn h2_frames(out: &[u8]) -> Vec<(u8, u8, Vec<u8>)> {
+    let mut frames = Vec::new();
+    let mut rest = out;
+    while rest.len() >= 9 {
+        let len = usize::from(rest[0]) << 16 | usize::from(rest[1]) << 8 | usize::from(rest[2]);
+        if rest.len() < 9 + len {
+            break;
+        }
+        frames.push((rest[3], rest[4], rest[9..9 + len].to_vec()));
+        rest = &rest[9 + len..];
+    }
+    frames
+}
+
+#[tokio::test]
+async fn an_idle_http2_connection_gets_goaway_and_is_closed() {
+    std::env::set_var("BH_TEST_TOKEN_I", "real-token");
+    let target = echo_target().await;
+    let h = Harness::with(target, "BH_TEST_TOKEN_I", "idle_timeout = \"1s\"", POLICY).await;
+    let mut s = h.connect(target).await;
+    // Prior knowledge: the preface, empty SETTINGS, then `GET /v1/idle` on stream 1 (HPACK:
+    // :method GET, :scheme http, :path and :authority as literals with indexed names).
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+    let block: &[u8] = b"\x82\x86\x44\x08/v1/idle\x41\x03api";
+    hello.extend_from_slice(&[0, 0, u8::try_from(block.len()).unwrap(), 1, 5, 0, 0, 0, 1]);
+    hello.extend_from_slice(block);
+    let started = std::time::Instant::now();
+    s.write_all(&hello).await.unwrap();
+    // Read to the end, acknowledging SETTINGS and PINGs as a client does (the gateway's
+    // graceful GOAWAY waits for a PING's acknowledgement).
+    let mut out = Vec::new();
+    let mut answered = 0;
+    let closed = tokio::time::timeout(Duration::from_secs(15), async {
+        let mut buf = vec![0u8; 16384];
+        loop {
+            let n = s.read(&mut buf).await.unwrap_or(0);
+            if n == 0 {
+                return;
+            }
+            out.extend_from_slice(&buf[..n]);
+            let frames = h2_frames(&out);
+            for (kind, flags, payload) in &frames[answered..] {
+                if *kind == 4 && flags & 1 == 0 {
+                    s.write_all(&[0, 0, 0, 4, 1, 0, 0, 0, 0]).await.unwrap();
+                }
+                if *kind == 6 && flags & 1 == 0 {
+                    let mut ack = vec![0, 0, 8, 6, 1, 0, 0, 0, 0];
+                    ack.extend_from_slice(payload);
+                    s.write_all(&ack).await.unwrap();
+                }
+            }
+            answered = frames.len();
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the idle connection was not closed");
+    let elapsed = started.elapsed();
+    let frames = h2_frames(&out);
+    let kinds: Vec<u8> = frames.iter().map(|f| f.0).collect();
+    // HEADERS and DATA of the answer (the request was served), then GOAWAY.
+    assert!(kinds.contains(&1) && kinds.contains(&0), "{kinds:?}");
+    let goaway = kinds.iter().position(|k| *k == 7).expect("a GOAWAY");
+    assert!(
+        goaway > kinds.iter().position(|k| *k == 1).unwrap(),
+        "{kinds:?}"
+    );
+    assert!(
+        elapsed >= Duration::from_secs(1),
+        "closed after {elapsed:?}"
+    );
+    let data: Vec<u8> = frames
+        .iter()
+        .filter(|f| f.0 == 0)
+        .flat_map(|f| f.2.clone())
+        .collect();
+    assert!(
+        String::from_utf8_lossy(&data).contains("GET /v1/idle "),
+        "{}",
+        String::from_utf8_lossy(&data)
+    );
+}
+
+const KUBE_POLICY: &str = r#"
+[[target]]
+name = "api"
+protocol = "kubernetes"
+default = "deny"
+
+[[rule]]
+id = "everything"
+verdict = "allow"
+target = { name = ["api"] }
+kube = { verb = ["*"], resource = ["*"] }
+
+[[rule]]
+id = "no-prod-shells"
+verdict = "deny"
+message = "no shells in prod"
+target = { name = ["api"] }
+kube = { resource = ["pods"], subresource = ["exec"], namespace = ["prod"] }
+"#;
+
+#[tokio::test]
+async fn spdy_exec_is_refused_and_websocket_exec_and_spdy_port_forward_are_relayed() {
+    std::env::set_var("BH_TEST_TOKEN_S", "real-token");
+    let target = echo_target().await;
+    let h = Harness::build(target, "BH_TEST_TOKEN_S", "kubernetes", "", KUBE_POLICY).await;
+    let upgrade = |method: &str, sub: &str, proto: &str| {
+        format!(
+            "{method} /api/v1/namespaces/web/pods/web-1/{sub}?command=ls&stdout=true HTTP/1.1\r\n\
+             Host: api\r\nConnection: Upgrade, close\r\nUpgrade: {proto}\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+             X-Stream-Protocol-Version: v4.channel.k8s.io\r\n\r\n"
+        )
+    };
+    // The policy allows every exec; over SPDY it cannot be recorded, so it is refused.
+    for (method, sub) in [("POST", "exec"), ("POST", "attach"), ("GET", "exec")] {
+        let answer = h
+            .raw(target, upgrade(method, sub, "SPDY/3.1").as_bytes())
+            .await;
+        assert!(answer.starts_with("HTTP/1.1 403 "), "{answer}");
+        assert!(answer.contains("\"reason\":\"Forbidden\""), "{answer}");
+        assert!(answer.contains("over SPDY cannot be recorded"), "{answer}");
+        assert!(!answer.contains("real-token"), "{answer}");
+        let events = h.events_of_newest().await;
+        assert!(
+            events.iter().any(|e| matches!(
+                e,
+                EventKind::Request { verdict: RecordedVerdict::Deny, error: Some(e), .. }
+                    if e.contains("SPDY")
+            )),
+            "{events:?}"
+        );
+    }
+    // Judged first: a denied exec over SPDY gets its rule's message (kubectl retries a
+    // refused WebSocket exec over SPDY, and prints the last answer).
+    let denied =
+        upgrade("POST", "exec", "SPDY/3.1").replace("/namespaces/web/", "/namespaces/prod/");
+    let answer = h.raw(target, denied.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 403 "), "{answer}");
+    assert!(answer.contains("no shells in prod"), "{answer}");
+    // WebSocket exec and SPDY port-forward reach the target (the echo answers 200 rather than
+    // switching protocols, and that answer comes back).
+    for (sub, proto) in [("exec", "websocket"), ("portforward", "SPDY/3.1")] {
+        let answer = h.raw(target, upgrade("GET", sub, proto).as_bytes()).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 200 "),
+            "{sub} {proto}: {answer}"
+        );
+        assert!(
+            answer.contains(&format!("GET /api/v1/namespaces/web/pods/web-1/{sub}?")),
+            "{answer}"
+        );
+        assert!(
+            answer.contains("authorization: Bearer real-token\n"),
+            "{answer}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_head_over_the_limit_is_answered_431() {
+    std::env::set_var("BH_TEST_TOKEN_L", "real-token");
+    let target = echo_target().await;
+    let h = Harness::new(target, "BH_TEST_TOKEN_L").await;
+    let mut big = b"GET /v1/x HTTP/1.1\r\nHost: api\r\nx-big: ".to_vec();
+    big.extend(std::iter::repeat_n(b'a', 100_000));
+    big.extend_from_slice(b"\r\n\r\n");
+    let mut s = h.connect(target).await;
+    // The client writes all of it, as clients do, and reads what it gets.
+    let (mut rd, mut wr) = s.split();
+    let write = async {
+        let _ = wr.write_all(&big).await;
+    };
+    let mut out = Vec::new();
+    let read = async {
+        let _ = tokio::time::timeout(Duration::from_secs(10), rd.read_to_end(&mut out)).await;
+    };
+    tokio::join!(write, read);
+    let answer = String::from_utf8_lossy(&out);
+    assert!(answer.starts_with("HTTP/1.1 431 "), "{answer:?}");
 }
 
 use rustls_pki_types::pem::PemObject as _;

@@ -44,6 +44,17 @@ pub fn requested(headers: &HeaderMap) -> Option<HeaderValue> {
     (connection_upgrade && known).then(|| upgrade.clone())
 }
 
+/// Whether an allowed upgrade would open an exec or attach stream the gateway cannot record:
+/// SPDY/3.1 (kubectl before 1.29-1.30) frames its channels in zlib-compressed SPDY, which is
+/// not read. Such a stream is judged like any request and, when the policy lets it through,
+/// refused (fail closed: an exec that is not recorded is not run); port-forward streams are
+/// relayed and counted either way.
+pub fn unrecordable(upgrade: &HeaderValue, action: &crate::kube::KubeAction<'_>) -> bool {
+    upgrade.as_bytes().eq_ignore_ascii_case(b"SPDY/3.1")
+        && action.resource == "pods"
+        && matches!(action.subresource, Some("exec" | "attach"))
+}
+
 /// The upgrade request's record: its event, when it started, the secrets kept out of the record.
 pub struct Exchange {
     pub request: u64,

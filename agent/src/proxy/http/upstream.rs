@@ -2,12 +2,19 @@
 //! the real server: system roots plus the target's CA; an optional client certificate), HTTP/2
 //! when ALPN (or `h2c`) says so, else HTTP/1.1. Reopened when the target closes it, or over TLS
 //! when a request names another host (the server name must be the request's host).
+//!
+//! The connection's own future (hyper's dispatcher: writing requests, reading answers) runs in
+//! the session's task, polled through [`Driver`] beside the client's connection, rather than in
+//! a task of its own: a request and its answer then cross no task boundary.
 
 use std::{
     collections::HashMap,
+    future::Future,
     io,
     path::{Path, PathBuf},
+    pin::Pin,
     sync::{Arc, Mutex, PoisonError},
+    task::{Context, Poll, Waker},
 };
 
 use hyper::{
@@ -57,23 +64,100 @@ impl Sender {
     }
 }
 
+/// A connection's own future: hyper's dispatcher for one connection to the target.
+type ConnFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The futures of a session's connections to its target, polled by the session's own task
+/// ([`Driver::poll_drive`], beside the client's connection) until each connection ends.
+#[derive(Default)]
+pub struct Driver {
+    state: Mutex<DriverState>,
+}
+
+#[derive(Default)]
+struct DriverState {
+    conns: Vec<ConnFuture>,
+    /// The session task's waker, told when a connection is added.
+    waker: Option<Waker>,
+}
+
+impl Driver {
+    fn add(&self, conn: ConnFuture) {
+        let waker = {
+            let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+            state.conns.push(conn);
+            state.waker.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    /// Drives every open connection; never ready (the session ends it by dropping the driver,
+    /// which closes them).
+    pub fn poll_drive(&self, cx: &mut Context<'_>) -> Poll<()> {
+        // Polled outside the lock: a connection's future polls the request body, which must
+        // not find the driver held.
+        let mut conns = {
+            let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+            if !state
+                .waker
+                .as_ref()
+                .is_some_and(|w| w.will_wake(cx.waker()))
+            {
+                state.waker = Some(cx.waker().clone());
+            }
+            std::mem::take(&mut state.conns)
+        };
+        conns.retain_mut(|c| c.as_mut().poll(cx).is_pending());
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if state.conns.is_empty() {
+            state.conns = conns;
+        } else {
+            // Added while these were polled (adding woke the task): keep both.
+            state.conns.append(&mut conns);
+        }
+        Poll::Pending
+    }
+
+    /// Runs until the session's task drops it: drives the connections.
+    pub async fn run(&self) {
+        std::future::poll_fn(|cx| self.poll_drive(cx)).await;
+    }
+}
+
+/// TLS toward a target: offering HTTP/2 and HTTP/1.1, or HTTP/1.1 alone.
+#[derive(Clone)]
+pub struct TlsConfigs {
+    any: Arc<ClientConfig>,
+    h1: Arc<ClientConfig>,
+}
+
 /// One session's connection toward its target.
 pub struct Upstream {
     destination: OrigDstAddr,
     /// TLS toward the target, when the scheme is `https`.
-    tls: Option<Arc<ClientConfig>>,
+    tls: Option<TlsConfigs>,
+    /// Whether ALPN offers the target HTTP/2: only when the client speaks it. An HTTP/1.1
+    /// client's requests go to the target as HTTP/1.1, as nginx's proxy sends them; HTTP/2 for
+    /// one request at a time costs more on both ends (frames, HPACK, window updates).
+    offer_h2: bool,
     h2c: bool,
     /// The open connection and the host it was opened for.
     current: tokio::sync::Mutex<Option<(String, Sender)>>,
+    /// The connections' futures, polled by the session's task.
+    pub driver: Driver,
 }
 
 impl Upstream {
-    pub fn new(destination: OrigDstAddr, tls: Option<Arc<ClientConfig>>, h2c: bool) -> Self {
+    pub fn new(destination: OrigDstAddr, tls: Option<TlsConfigs>, h2c: bool) -> Self {
         Self {
             destination,
             tls,
+            offer_h2: true,
             h2c,
             current: tokio::sync::Mutex::new(None),
+            driver: Driver::default(),
         }
     }
 
@@ -140,6 +224,11 @@ impl Upstream {
         }
     }
 
+    /// Offers HTTP/2 to the target (over TLS) only if `h2`: the client's own version.
+    pub fn offer_h2(&mut self, h2: bool) {
+        self.offer_h2 = h2;
+    }
+
     async fn connect(&self, host: &str) -> Result<Sender, UpstreamError> {
         let tcp = tokio::time::timeout(
             UPSTREAM_CONNECT_TIMEOUT,
@@ -149,8 +238,13 @@ impl Upstream {
         .map_err(|_| UpstreamError::Timeout)?
         .map_err(UpstreamError::Connect)?;
         let _ = tcp.set_nodelay(true);
-        let Some(config) = &self.tls else {
-            return handshake(tcp, self.h2c).await;
+        let Some(configs) = &self.tls else {
+            return self.handshake(tcp, self.h2c).await;
+        };
+        let config = if self.offer_h2 {
+            &configs.any
+        } else {
+            &configs.h1
         };
         let name = ServerName::try_from(host.to_string())
             .map_err(|_| UpstreamError::ServerName(host.to_string()))?;
@@ -160,7 +254,32 @@ impl Upstream {
             .map_err(|_| UpstreamError::Timeout)?
             .map_err(|e| UpstreamError::Tls(e.to_string()))?;
         let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-        handshake(tls, h2).await
+        self.handshake(tls, h2).await
+    }
+
+    /// Opens HTTP/2 or HTTP/1.1 on `io`; the connection's future goes to the driver.
+    async fn handshake<S>(&self, io: S, h2: bool) -> Result<Sender, UpstreamError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let io = TokioIo::new(io);
+        if h2 {
+            let (sender, conn) = http2::handshake(TokioExecutor::new(), io).await?;
+            self.driver.add(Box::pin(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "HTTP/2 connection to the target ended");
+                }
+            }));
+            Ok(Sender::H2(sender))
+        } else {
+            let (sender, conn) = http1::handshake(io).await?;
+            self.driver.add(Box::pin(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "HTTP/1.1 connection to the target ended");
+                }
+            }));
+            Ok(Sender::H1(sender))
+        }
     }
 }
 
@@ -182,14 +301,12 @@ impl Upstream {
         .map_err(UpstreamError::Connect)?;
         let _ = tcp.set_nodelay(true);
         *req.version_mut() = hyper::Version::HTTP_11;
-        let Some(config) = &self.tls else {
+        let Some(configs) = &self.tls else {
             return send_upgrade_on(tcp, req).await;
         };
-        let mut config = (**config).clone();
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
         let name = ServerName::try_from(host.to_string())
             .map_err(|_| UpstreamError::ServerName(host.to_string()))?;
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let connector = tokio_rustls::TlsConnector::from(Arc::clone(&configs.h1));
         let tls = tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, connector.connect(name, tcp))
             .await
             .map_err(|_| UpstreamError::Timeout)?
@@ -212,54 +329,36 @@ where
     Ok(sender.send_request(req).await?)
 }
 
-async fn handshake<S>(io: S, h2: bool) -> Result<Sender, UpstreamError>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let io = TokioIo::new(io);
-    if h2 {
-        let (sender, conn) = http2::handshake(TokioExecutor::new(), io).await?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "HTTP/2 connection to the target ended");
-            }
-        });
-        Ok(Sender::H2(sender))
-    } else {
-        let (sender, conn) = http1::handshake(io).await?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "HTTP/1.1 connection to the target ended");
-            }
-        });
-        Ok(Sender::H1(sender))
-    }
-}
-
 /// Client TLS configurations per target, built once (the system roots are read once).
 #[derive(Default)]
 pub struct ClientConfigs {
-    by_target: Mutex<HashMap<String, Arc<ClientConfig>>>,
+    by_target: Mutex<HashMap<String, TlsConfigs>>,
 }
 
 impl ClientConfigs {
-    /// The configuration for `target`: system roots, its CA, its client certificate; ALPN h2
-    /// and http/1.1 (only http/1.1 when `h1_only`).
-    pub fn get(&self, target: &str, settings: &HttpTarget) -> Result<Arc<ClientConfig>, String> {
+    /// The configurations for `target`: system roots, its CA, its client certificate; ALPN h2
+    /// and http/1.1, or http/1.1 alone.
+    pub fn get(&self, target: &str, settings: &HttpTarget) -> Result<TlsConfigs, String> {
         if let Some(c) = self
             .by_target
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .get(target)
         {
-            return Ok(Arc::clone(c));
+            return Ok(c.clone());
         }
-        let config = Arc::new(client_config(settings)?);
+        let any = client_config(settings)?;
+        let mut h1 = any.clone();
+        h1.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let configs = TlsConfigs {
+            any: Arc::new(any),
+            h1: Arc::new(h1),
+        };
         self.by_target
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(target.to_string(), Arc::clone(&config));
-        Ok(config)
+            .insert(target.to_string(), configs.clone());
+        Ok(configs)
     }
 }
 
