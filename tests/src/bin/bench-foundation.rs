@@ -13,7 +13,9 @@
 //! 5. a bulk transfer through the gateway's relay vs direct.
 //!
 //! Rounds alternate baseline and subject so drift affects both; the median round is reported.
-//! Run with `cargo xtask bench` (root; builds in release mode).
+//! Run with `cargo xtask bench` (root; builds in release mode). `BENCH_FOUNDATION_ONLY=echo`
+//! runs only the connect-and-echo measurement (`BENCH_ECHO_ROUNDS` rounds, default 5), for
+//! profiling: the daemon's pid is printed first.
 
 use std::{process::Command, time::Duration};
 
@@ -44,7 +46,15 @@ fn main() {
     let _local_sink = topo.echo_server_sink(Side::Host, "127.0.0.1:9000");
     let _target_sink = topo.echo_server_sink(Side::Target, &format!("{TARGET_V4}:9000"));
     let _target_echo = echo_server(&topo, &format!("{TARGET_V4}:{ECHO_PORT}"));
-    let _daemon = topo.start_daemon(&[]);
+    let daemon = topo.start_daemon(&[]);
+    if std::env::var("BENCH_FOUNDATION_ONLY").as_deref() == Ok("echo") {
+        println!("daemon pid {}", daemon.pid());
+        let rounds = std::env::var("BENCH_ECHO_ROUNDS").map_or(ROUNDS, |r| {
+            r.parse().expect("BENCH_ECHO_ROUNDS is a number")
+        });
+        connect_and_echo(&topo, daemon.pid(), rounds);
+        return;
+    }
 
     println!("bulkhead foundation benchmarks ({ROUNDS} rounds of {CONNECTS} connects, {BULK_ROUNDS} rounds of {} MiB; median)", BULK_BYTES >> 20);
     println!();
@@ -76,7 +86,7 @@ fn main() {
         subject,
     );
 
-    connect_and_echo(&topo);
+    connect_and_echo(&topo, daemon.pid(), ROUNDS);
 
     // UDP: the sendmsg hook's cost per datagram to an allowed destination, hooked (governed)
     // against unhooked (outside the cgroup), same socket work otherwise.
@@ -132,26 +142,67 @@ fn main() {
 }
 
 /// What a tool feels: connect, one byte echoed back by the target, close; through the gateway
-/// against direct.
-fn connect_and_echo(topo: &Topology) {
+/// against direct, with the daemon's CPU time per gateway connection (everything it does for
+/// one: accept, identify, record, decide, dial, relay, close; plus answering the `status`
+/// polls of the wait for the round to drain) and the load average per round.
+fn connect_and_echo(topo: &Topology, daemon: u32, rounds: usize) {
     let echo_target = format!("{TARGET_V4}:{ECHO_PORT}");
-    let (base, subject) = alternate(
-        ROUNDS,
-        || echo_loop(topo, Side::Host, &echo_target),
-        || echo_loop(topo, Side::Governed, &echo_target),
-    );
     let per = |ns: f64| ns / f64::from(ECHO_CONNECTS) / 1000.0;
     println!(
         "connect() + first byte echoed back by the target + close() ({ECHO_CONNECTS} per round)"
     );
-    println!("  direct            {:>8.2} us/connect", per(base));
-    println!("  through gateway   {:>8.2} us/connect", per(subject));
+    println!("round    direct  gateway    added   ratio  gw cpu/conn  load");
+    let (mut base, mut subject, mut added, mut cpu) = (vec![], vec![], vec![], vec![]);
+    for round in 1..=rounds {
+        let b = per(echo_loop(topo, Side::Host, &echo_target));
+        let cpu_before = cpu_us(daemon);
+        let s = per(echo_loop(topo, Side::Governed, &echo_target));
+        // Drained: every session of the round closed and recorded.
+        let c = (cpu_us(daemon) - cpu_before) / f64::from(ECHO_CONNECTS);
+        println!(
+            "{round:<5} {b:>9.1} {s:>8.1} {:>+8.1} {:>6.2}x {c:>9.1} us  {}",
+            s - b,
+            s / b,
+            load()
+        );
+        base.push(b);
+        subject.push(s);
+        added.push(s - b);
+        cpu.push(c);
+    }
+    let (b, s) = (median(base), median(subject));
+    println!("  direct            {b:>8.2} us/connect");
+    println!("  through gateway   {s:>8.2} us/connect");
     println!(
-        "  overhead:         {:>+8.2} us/connect, ratio {:.2}x (target <= +50 us)",
-        per(subject) - per(base),
-        subject / base
+        "  overhead:         {:>+8.2} us/connect (median of the same-round differences), ratio {:.2}x (target <= +50 us)",
+        median(added),
+        s / b
+    );
+    println!(
+        "  gateway CPU:      {:>8.1} us per connection (median)",
+        median(cpu)
     );
     println!();
+}
+
+/// CPU time the process's threads have used, in microseconds, from each thread's
+/// `schedstat` (nanoseconds; `/proc/PID/stat` counts in ticks of 10 ms, too coarse here).
+/// A thread that ends between two readings takes its time with it.
+fn cpu_us(pid: u32) -> f64 {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("daemon's /proc tasks");
+    let ns: f64 = tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<f64>().ok())
+        .sum();
+    ns / 1000.0
+}
+
+/// The one-minute load average, to print beside a round's figures.
+fn load() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_string))
+        .unwrap_or_default()
 }
 
 /// Runs baseline and subject `rounds` times, alternating; returns their medians.
