@@ -927,3 +927,80 @@ fn a_held_password_logs_in_upstream() {
     assert_eq!(code, Some(255), "{out} {err}");
     assert!(!out.contains("ok"), "{out}");
 }
+
+/// Waits until sshd has logged `n` logins with the held key (sessions' and the pool's).
+fn wait_for_logins(sshd: &bulkhead_tests::ssh::SshServer, n: usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let seen = sshd
+            .proc
+            .stderr()
+            .matches("Accepted publickey for root")
+            .count();
+        if seen >= n {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{seen} of {n} upstream logins: {}",
+            sshd.proc.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The target side's login method recorded for the session that ran `text`.
+fn target_login(topo: &Topology, text: &str) -> String {
+    let (_, events) = session_with(topo, text);
+    events
+        .iter()
+        .find(|e| e["type"] == "auth" && e["side"] == "target" && e["ok"] == true)
+        .and_then(|e| e["method"].as_str())
+        .unwrap_or_else(|| panic!("no upstream login in {events:?}"))
+        .to_string()
+}
+
+#[test]
+fn a_session_takes_a_warm_connection_unless_the_key_file_or_host_key_changed_since() {
+    require_root();
+    let topo = Topology::new("");
+    let (sshd, _daemon) = topo.ssh_target(POLICY, "");
+    // The first session connects itself: no target is warmed before it is used.
+    let (code, out, err) = topo.ssh(&[], "echo one");
+    assert_eq!((code, out.as_str()), (Some(0), "one\n"), "{err}");
+    assert_eq!(target_login(&topo, "echo one"), "publickey (held key)");
+    // Its login warmed one connection for the next.
+    wait_for_logins(&sshd, 2);
+    let (code, out, err) = topo.ssh(&[], "echo two");
+    assert_eq!((code, out.as_str()), (Some(0), "two\n"), "{err}");
+    let method = target_login(&topo, "echo two");
+    assert!(method.contains("warm pooled connection"), "{method}");
+    // Taken once: the session's end closed it, and a refill replaced it.
+    wait_for_logins(&sshd, 3);
+
+    // The held key file rewritten (a rotation) after the warm login: not taken.
+    let held = std::fs::read(&sshd.held_key).unwrap();
+    std::fs::write(&sshd.held_key, &held).unwrap();
+    let (code, out, err) = topo.ssh(&[], "echo three");
+    assert_eq!((code, out.as_str()), (Some(0), "three\n"), "{err}");
+    assert_eq!(target_login(&topo, "echo three"), "publickey (held key)");
+    wait_for_logins(&sshd, 5);
+
+    // known_hosts no longer records the key the warm connection was verified with: not taken,
+    // and the session's own connection is refused naming both keys.
+    let real = fingerprint(&sshd.host_key_line(), &topo);
+    let other = sshd.other_host_key();
+    sshd.write_known_hosts(&other);
+    let (code, out, err) = topo.ssh(&[], "echo four");
+    assert_eq!(code, Some(255), "{out} {err}");
+    assert!(
+        err.contains(&real) && err.contains(&fingerprint(&other, &topo)),
+        "{err}"
+    );
+    let logins = sshd
+        .proc
+        .stderr()
+        .matches("Accepted publickey for root")
+        .count();
+    assert_eq!(logins, 5, "nothing logged in after the key change");
+}
