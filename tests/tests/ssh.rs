@@ -1004,3 +1004,194 @@ fn a_session_takes_a_warm_connection_unless_the_key_file_or_host_key_changed_sin
         .count();
     assert_eq!(logins, 5, "nothing logged in after the key change");
 }
+
+#[test]
+fn an_approve_rule_holds_a_local_forward_until_an_admin_approves_then_it_carries_data() {
+    require_root();
+    let topo = Topology::new("");
+    let policy = format!(
+        "{POLICY}\n[[rule]]\nid = \"box-tunnel-approve\"\nverdict = \"approve\"\n\
+         target = {{ name = [\"box\"] }}\nssh = {{ forward = [\"{TARGET_V4}:{ECHO_PORT}\"] }}\n"
+    );
+    let (_sshd, _daemon) = topo.ssh_target(&policy, "");
+    let _echo = topo.echo_server(
+        Side::Target,
+        format!("{TARGET_V4}:{ECHO_PORT}").parse().unwrap(),
+    );
+    let forward = format!("127.0.0.1:17009:{TARGET_V4}:{ECHO_PORT}");
+    let mut tunnel = topo.spawn(
+        Side::Governed,
+        "ssh -L",
+        topo.ssh_command(
+            &["-N", "-o", "ExitOnForwardFailure=yes", "-L", &forward],
+            None,
+        ),
+    );
+    // The local listener is up once ssh has logged in; a connection through it opens the
+    // channel the gateway holds.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !topo
+        .output(Side::Host, {
+            let mut ss = Command::new("ss");
+            ss.args(["-ltnH", "sport = :17009"]);
+            ss
+        })
+        .stdout
+        .starts_with(b"LISTEN")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no -L listener: {}",
+            tunnel.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let probe = std::thread::scope(|scope| {
+        let held =
+            scope.spawn(|| topo.probe_connect(Side::Host, "127.0.0.1:17009", "after the approval"));
+        let pending = topo.first_pending();
+        assert_eq!(
+            pending["text"],
+            format!("direct-tcpip {TARGET_V4}:{ECHO_PORT}"),
+            "{pending}"
+        );
+        assert!(!held.is_finished(), "the channel was not held");
+        let out = topo.output(
+            Side::Host,
+            topo.bulkhead(&["approvals", "approve", &pending["id"].to_string()]),
+        );
+        assert!(out.status.success(), "{out:?}");
+        held.join().unwrap()
+    });
+    assert_eq!(
+        bulkhead_tests::reply(&probe)["data"],
+        "after the approval",
+        "{probe}\n{}",
+        tunnel.stderr()
+    );
+    tunnel.terminate();
+    assert!(
+        forward_requests(&topo).contains(&(
+            format!("direct-tcpip {TARGET_V4}:{ECHO_PORT}"),
+            "approve".to_string()
+        )),
+        "{:?}",
+        forward_requests(&topo)
+    );
+}
+
+#[test]
+fn a_cancelled_remote_forward_closes_the_targets_listener() {
+    require_root();
+    let topo = Topology::new("");
+    topo.allow_opaque_tcp();
+    let (_sshd, _daemon) = topo.ssh_target(&tunnel_policy(), "");
+    let _echo = topo.echo_server(
+        Side::Host,
+        format!("127.0.0.1:{ECHO_PORT}").parse().unwrap(),
+    );
+    let control = topo.dir.join("ctl");
+    let control = control.display().to_string();
+    let forward = format!("17010:127.0.0.1:{ECHO_PORT}");
+    let mut master = topo.spawn(
+        Side::Governed,
+        "ssh -M -R",
+        topo.ssh_command(
+            &[
+                "-M",
+                "-S",
+                &control,
+                "-N",
+                "-o",
+                "ExitOnForwardFailure=yes",
+                "-R",
+                &forward,
+            ],
+            None,
+        ),
+    );
+    let echoed = echoed_through(
+        &topo,
+        Side::Target,
+        "127.0.0.1:17010",
+        "before the cancel",
+        &|| master.stderr(),
+    );
+    assert_eq!(echoed, "before the cancel");
+    // The mux client runs outside the cgroup: governed processes may not connect to unix
+    // sockets, the master's control socket included.
+    let out = topo.output(
+        Side::Host,
+        topo.ssh_command(&["-S", &control, "-O", "cancel", "-R", &forward], None),
+    );
+    assert!(out.status.success(), "{out:?}\n{}", master.stderr());
+    // The target's listener goes away (asked of sshd, which closes it).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let listening = topo.output(Side::Target, {
+            let mut ss = Command::new("ss");
+            ss.args(["-ltnH", "sport = :17010"]);
+            ss
+        });
+        if listening.stdout.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the target still listens: {}\n{}",
+            String::from_utf8_lossy(&listening.stdout),
+            master.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let probe = topo.probe_connect(Side::Target, "127.0.0.1:17010", "after the cancel");
+    assert_eq!(probe["kind"], "ConnectionRefused", "{probe}");
+    master.terminate();
+    let requests = forward_requests(&topo);
+    assert!(
+        requests.contains(&(
+            "cancel-tcpip-forward localhost:17010".to_string(),
+            "allow".to_string()
+        )),
+        "{requests:?}"
+    );
+}
+
+#[test]
+fn in_observe_mode_a_tunnel_no_rule_allows_is_relayed_and_recorded_as_would_be_denied() {
+    require_root();
+    let topo = Topology::new("");
+    let policy = POLICY.replacen(
+        "default = \"deny\"\n",
+        "default = \"deny\"\nmode = \"observe\"\n",
+        1,
+    );
+    let (_sshd, _daemon) = topo.ssh_target(&policy, "");
+    let _echo = topo.echo_server(
+        Side::Target,
+        format!("{TARGET_V4}:{ECHO_PORT}").parse().unwrap(),
+    );
+    let forward = format!("127.0.0.1:17011:{TARGET_V4}:{ECHO_PORT}");
+    let mut tunnel = topo.spawn(
+        Side::Governed,
+        "ssh -L",
+        topo.ssh_command(
+            &["-N", "-o", "ExitOnForwardFailure=yes", "-L", &forward],
+            None,
+        ),
+    );
+    let echoed = echoed_through(&topo, Side::Host, "127.0.0.1:17011", "observed", &|| {
+        tunnel.stderr()
+    });
+    assert_eq!(echoed, "observed");
+    tunnel.terminate();
+    let text = format!("direct-tcpip {TARGET_V4}:{ECHO_PORT}");
+    let request = topo
+        .sessions()
+        .iter()
+        .flat_map(|s| topo.events(&s["id"]))
+        .find(|e| e["type"] == "request" && e["text"] == text)
+        .unwrap_or_else(|| panic!("{:?}", forward_requests(&topo)));
+    assert_eq!(request["verdict"], "deny", "{request}");
+    assert_eq!(request["observed"], true, "{request}");
+}

@@ -122,11 +122,10 @@ fn main() {
     std::thread::sleep(Duration::from_millis(10));
 }
 
+/// Runs a measurement, returning its time and the gateway's CPU time over it.
+type WithCpu<'a> = &'a dyn Fn(&dyn Fn() -> f64) -> (f64, f64);
+
 /// scp and an exec channel's stdin, `mib` MiB each.
-#[expect(
-    clippy::too_many_arguments,
-    reason = "the closures main builds, passed on"
-)]
 fn transfers(
     topo: &Topology,
     mib: u32,
@@ -134,7 +133,7 @@ fn transfers(
     dir: &str,
     direct_options: &dyn Fn(&mut Command),
     timed: &dyn Fn(Side, Command) -> f64,
-    with_cpu: &dyn Fn(&dyn Fn() -> f64) -> (f64, f64),
+    with_cpu: WithCpu<'_>,
 ) {
     let scp_direct = || {
         let mut cmd = Command::new("scp");
@@ -213,7 +212,7 @@ fn exec_rounds(
     direct_default_kex: &dyn Fn(&mut Command),
     direct_kex: &str,
     timed: &dyn Fn(Side, Command) -> f64,
-    with_cpu: &dyn Fn(&dyn Fn() -> f64) -> (f64, f64),
+    with_cpu: WithCpu<'_>,
 ) {
     let exec_direct_with = |options: &dyn Fn(&mut Command)| {
         let mut total = 0.0;
