@@ -927,3 +927,271 @@ fn a_held_password_logs_in_upstream() {
     assert_eq!(code, Some(255), "{out} {err}");
     assert!(!out.contains("ok"), "{out}");
 }
+
+/// Waits until sshd has logged `n` logins with the held key (sessions' and the pool's).
+fn wait_for_logins(sshd: &bulkhead_tests::ssh::SshServer, n: usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let seen = sshd
+            .proc
+            .stderr()
+            .matches("Accepted publickey for root")
+            .count();
+        if seen >= n {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{seen} of {n} upstream logins: {}",
+            sshd.proc.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The target side's login method recorded for the session that ran `text`.
+fn target_login(topo: &Topology, text: &str) -> String {
+    let (_, events) = session_with(topo, text);
+    events
+        .iter()
+        .find(|e| e["type"] == "auth" && e["side"] == "target" && e["ok"] == true)
+        .and_then(|e| e["method"].as_str())
+        .unwrap_or_else(|| panic!("no upstream login in {events:?}"))
+        .to_string()
+}
+
+#[test]
+fn a_session_takes_a_warm_connection_unless_the_key_file_or_host_key_changed_since() {
+    require_root();
+    let topo = Topology::new("");
+    let (sshd, _daemon) = topo.ssh_target(POLICY, "");
+    // The first session connects itself: no target is warmed before it is used.
+    let (code, out, err) = topo.ssh(&[], "echo one");
+    assert_eq!((code, out.as_str()), (Some(0), "one\n"), "{err}");
+    assert_eq!(target_login(&topo, "echo one"), "publickey (held key)");
+    // Its login warmed one connection for the next.
+    wait_for_logins(&sshd, 2);
+    let (code, out, err) = topo.ssh(&[], "echo two");
+    assert_eq!((code, out.as_str()), (Some(0), "two\n"), "{err}");
+    let method = target_login(&topo, "echo two");
+    assert!(method.contains("warm pooled connection"), "{method}");
+    // Taken once: the session's end closed it, and a refill replaced it.
+    wait_for_logins(&sshd, 3);
+
+    // The held key file rewritten (a rotation) after the warm login: not taken.
+    let held = std::fs::read(&sshd.held_key).unwrap();
+    std::fs::write(&sshd.held_key, &held).unwrap();
+    let (code, out, err) = topo.ssh(&[], "echo three");
+    assert_eq!((code, out.as_str()), (Some(0), "three\n"), "{err}");
+    assert_eq!(target_login(&topo, "echo three"), "publickey (held key)");
+    wait_for_logins(&sshd, 5);
+
+    // known_hosts no longer records the key the warm connection was verified with: not taken,
+    // and the session's own connection is refused naming both keys.
+    let real = fingerprint(&sshd.host_key_line(), &topo);
+    let other = sshd.other_host_key();
+    sshd.write_known_hosts(&other);
+    let (code, out, err) = topo.ssh(&[], "echo four");
+    assert_eq!(code, Some(255), "{out} {err}");
+    assert!(
+        err.contains(&real) && err.contains(&fingerprint(&other, &topo)),
+        "{err}"
+    );
+    let logins = sshd
+        .proc
+        .stderr()
+        .matches("Accepted publickey for root")
+        .count();
+    assert_eq!(logins, 5, "nothing logged in after the key change");
+}
+
+#[test]
+fn an_approve_rule_holds_a_local_forward_until_an_admin_approves_then_it_carries_data() {
+    require_root();
+    let topo = Topology::new("");
+    let policy = format!(
+        "{POLICY}\n[[rule]]\nid = \"box-tunnel-approve\"\nverdict = \"approve\"\n\
+         target = {{ name = [\"box\"] }}\nssh = {{ forward = [\"{TARGET_V4}:{ECHO_PORT}\"] }}\n"
+    );
+    let (_sshd, _daemon) = topo.ssh_target(&policy, "");
+    let _echo = topo.echo_server(
+        Side::Target,
+        format!("{TARGET_V4}:{ECHO_PORT}").parse().unwrap(),
+    );
+    let forward = format!("127.0.0.1:17009:{TARGET_V4}:{ECHO_PORT}");
+    let mut tunnel = topo.spawn(
+        Side::Governed,
+        "ssh -L",
+        topo.ssh_command(
+            &["-N", "-o", "ExitOnForwardFailure=yes", "-L", &forward],
+            None,
+        ),
+    );
+    // The local listener is up once ssh has logged in; a connection through it opens the
+    // channel the gateway holds.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !topo
+        .output(Side::Host, {
+            let mut ss = Command::new("ss");
+            ss.args(["-ltnH", "sport = :17009"]);
+            ss
+        })
+        .stdout
+        .starts_with(b"LISTEN")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no -L listener: {}",
+            tunnel.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let probe = std::thread::scope(|scope| {
+        let held =
+            scope.spawn(|| topo.probe_connect(Side::Host, "127.0.0.1:17009", "after the approval"));
+        let pending = topo.first_pending();
+        assert_eq!(
+            pending["text"],
+            format!("direct-tcpip {TARGET_V4}:{ECHO_PORT}"),
+            "{pending}"
+        );
+        assert!(!held.is_finished(), "the channel was not held");
+        let out = topo.output(
+            Side::Host,
+            topo.bulkhead(&["approvals", "approve", &pending["id"].to_string()]),
+        );
+        assert!(out.status.success(), "{out:?}");
+        held.join().unwrap()
+    });
+    assert_eq!(
+        bulkhead_tests::reply(&probe)["data"],
+        "after the approval",
+        "{probe}\n{}",
+        tunnel.stderr()
+    );
+    tunnel.terminate();
+    assert!(
+        forward_requests(&topo).contains(&(
+            format!("direct-tcpip {TARGET_V4}:{ECHO_PORT}"),
+            "approve".to_string()
+        )),
+        "{:?}",
+        forward_requests(&topo)
+    );
+}
+
+#[test]
+fn a_cancelled_remote_forward_closes_the_targets_listener() {
+    require_root();
+    let topo = Topology::new("");
+    topo.allow_opaque_tcp();
+    let (_sshd, _daemon) = topo.ssh_target(&tunnel_policy(), "");
+    let _echo = topo.echo_server(
+        Side::Host,
+        format!("127.0.0.1:{ECHO_PORT}").parse().unwrap(),
+    );
+    let control = topo.dir.join("ctl");
+    let control = control.display().to_string();
+    let forward = format!("17010:127.0.0.1:{ECHO_PORT}");
+    let mut master = topo.spawn(
+        Side::Governed,
+        "ssh -M -R",
+        topo.ssh_command(
+            &[
+                "-M",
+                "-S",
+                &control,
+                "-N",
+                "-o",
+                "ExitOnForwardFailure=yes",
+                "-R",
+                &forward,
+            ],
+            None,
+        ),
+    );
+    let echoed = echoed_through(
+        &topo,
+        Side::Target,
+        "127.0.0.1:17010",
+        "before the cancel",
+        &|| master.stderr(),
+    );
+    assert_eq!(echoed, "before the cancel");
+    // The mux client runs outside the cgroup: governed processes may not connect to unix
+    // sockets, the master's control socket included.
+    let out = topo.output(
+        Side::Host,
+        topo.ssh_command(&["-S", &control, "-O", "cancel", "-R", &forward], None),
+    );
+    assert!(out.status.success(), "{out:?}\n{}", master.stderr());
+    // The target's listener goes away (asked of sshd, which closes it).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let listening = topo.output(Side::Target, {
+            let mut ss = Command::new("ss");
+            ss.args(["-ltnH", "sport = :17010"]);
+            ss
+        });
+        if listening.stdout.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the target still listens: {}\n{}",
+            String::from_utf8_lossy(&listening.stdout),
+            master.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let probe = topo.probe_connect(Side::Target, "127.0.0.1:17010", "after the cancel");
+    assert_eq!(probe["kind"], "ConnectionRefused", "{probe}");
+    master.terminate();
+    let requests = forward_requests(&topo);
+    assert!(
+        requests.contains(&(
+            "cancel-tcpip-forward localhost:17010".to_string(),
+            "allow".to_string()
+        )),
+        "{requests:?}"
+    );
+}
+
+#[test]
+fn in_observe_mode_a_tunnel_no_rule_allows_is_relayed_and_recorded_as_would_be_denied() {
+    require_root();
+    let topo = Topology::new("");
+    let policy = POLICY.replacen(
+        "default = \"deny\"\n",
+        "default = \"deny\"\nmode = \"observe\"\n",
+        1,
+    );
+    let (_sshd, _daemon) = topo.ssh_target(&policy, "");
+    let _echo = topo.echo_server(
+        Side::Target,
+        format!("{TARGET_V4}:{ECHO_PORT}").parse().unwrap(),
+    );
+    let forward = format!("127.0.0.1:17011:{TARGET_V4}:{ECHO_PORT}");
+    let mut tunnel = topo.spawn(
+        Side::Governed,
+        "ssh -L",
+        topo.ssh_command(
+            &["-N", "-o", "ExitOnForwardFailure=yes", "-L", &forward],
+            None,
+        ),
+    );
+    let echoed = echoed_through(&topo, Side::Host, "127.0.0.1:17011", "observed", &|| {
+        tunnel.stderr()
+    });
+    assert_eq!(echoed, "observed");
+    tunnel.terminate();
+    let text = format!("direct-tcpip {TARGET_V4}:{ECHO_PORT}");
+    let request = topo
+        .sessions()
+        .iter()
+        .flat_map(|s| topo.events(&s["id"]))
+        .find(|e| e["type"] == "request" && e["text"] == text)
+        .unwrap_or_else(|| panic!("{:?}", forward_requests(&topo)));
+    assert_eq!(request["verdict"], "deny", "{request}");
+    assert_eq!(request["observed"], true, "{request}");
+}

@@ -12,7 +12,10 @@
 //! or per connection.
 //!
 //! Rounds alternate baseline and subject; the median round is reported.
-//! Run with `cargo xtask bench` (root; builds in release mode).
+//! Run with `cargo xtask bench` (root; builds in release mode). `BENCH_SSH_ONLY=exec` runs only
+//! the `ssh target true` part; `BENCH_SSH_POOL=N` sets the target's `ssh.pool` (warm upstream
+//! connections; unset: the daemon's default), so a run can compare the gateway with and
+//! without them. `BULKHEAD_BIN` runs another daemon binary (an older build, for before/after).
 
 use std::{
     process::Command,
@@ -40,7 +43,13 @@ fn main() {
          [[rule]]\nid = \"bench\"\nverdict = \"allow\"\ntarget = {{ name = [\"box\"] }}\n\
          ssh = {{ command = [\"true\", \"dd **\"], sftp = {{ read = [\"{dir}/**\"], write = [\"{dir}/**\"] }} }}\n"
     );
-    let (sshd, daemon) = topo.ssh_target(&policy, "");
+    let pool = std::env::var("BENCH_SSH_POOL").ok();
+    let target_toml = pool
+        .as_ref()
+        .map(|n| format!("pool = {n}\n"))
+        .unwrap_or_default();
+    let exec_only = std::env::var("BENCH_SSH_ONLY").is_ok_and(|v| v == "exec");
+    let (sshd, daemon) = topo.ssh_target(&policy, &target_toml);
     let daemon_pid = daemon.pid();
     let file = topo.dir.join("payload");
     let out = Command::new("dd")
@@ -93,11 +102,44 @@ fn main() {
     println!("key exchange: direct {direct_kex}; client to gateway {gateway_kex}; gateway to target {GATEWAY_KEX} (russh's first in common with OpenSSH 9.2)");
     println!("load average at start: {}", load_average());
     println!();
+    println!(
+        "bulkhead SSH gateway benchmarks ({ROUNDS} rounds; median); target ssh.pool = {}",
+        pool.as_deref().unwrap_or("default")
+    );
+    println!();
+    if !exec_only {
+        transfers(&topo, mib, &file, &dir, &direct_options, &timed, &with_cpu);
+    }
+    exec_rounds(
+        &topo,
+        &direct_options,
+        &direct_default_kex,
+        &direct_kex,
+        &timed,
+        &with_cpu,
+    );
+    println!("load average at end: {}", load_average());
+    std::thread::sleep(Duration::from_millis(10));
+}
+
+/// Runs a measurement, returning its time and the gateway's CPU time over it.
+type WithCpu<'a> = &'a dyn Fn(&dyn Fn() -> f64) -> (f64, f64);
+
+/// scp and an exec channel's stdin, `mib` MiB each.
+fn transfers(
+    topo: &Topology,
+    mib: u32,
+    file: &std::path::Path,
+    dir: &str,
+    direct_options: &dyn Fn(&mut Command),
+    timed: &dyn Fn(Side, Command) -> f64,
+    with_cpu: WithCpu<'_>,
+) {
     let scp_direct = || {
         let mut cmd = Command::new("scp");
         cmd.args(["-q", "-P", &SSHD_PORT.to_string()]);
         direct_options(&mut cmd);
-        cmd.arg(&file)
+        cmd.arg(file)
             .arg(format!("root@{TARGET_V4}:{dir}/direct.out"));
         timed(Side::Host, cmd)
     };
@@ -105,12 +147,10 @@ fn main() {
         let mut cmd = Command::new("scp");
         cmd.args(["-q", "-P", &SSHD_PORT.to_string()])
             .args(topo.ssh_options())
-            .arg(&file)
+            .arg(file)
             .arg(format!("agent@{TARGET_V4}:{dir}/gateway.out"));
         with_cpu(&|| timed(Side::Governed, cmd_clone(&cmd)))
     };
-    println!("bulkhead SSH gateway benchmarks ({ROUNDS} rounds; median)");
-    println!();
     let (base, (subject, cpu)) = alternate(ROUNDS, scp_direct, scp_gateway);
     let rate = |s: f64| f64::from(mib) / s;
     println!("scp upload of {mib} MiB (sftp protocol)");
@@ -129,6 +169,7 @@ fn main() {
     // The same bytes as an exec channel's stdin (no sftp parsing): the relay alone.
     let quote = |w: &str| format!("'{}'", w.replace('\'', "'\\''"));
     let payload = quote(&file.display().to_string());
+    let rate = |s: f64| f64::from(mib) / s;
     let dd_direct = || {
         let mut ssh = Command::new("ssh");
         ssh.args(["-p", &SSHD_PORT.to_string()]);
@@ -162,7 +203,17 @@ fn main() {
         cpu * 1e3 / f64::from(mib)
     );
     println!();
+}
 
+/// `ssh target true`, `EXECS` per round, with how many gateway logins took a warm connection.
+fn exec_rounds(
+    topo: &Topology,
+    direct_options: &dyn Fn(&mut Command),
+    direct_default_kex: &dyn Fn(&mut Command),
+    direct_kex: &str,
+    timed: &dyn Fn(Side, Command) -> f64,
+    with_cpu: WithCpu<'_>,
+) {
     let exec_direct_with = |options: &dyn Fn(&mut Command)| {
         let mut total = 0.0;
         for _ in 0..EXECS {
@@ -184,12 +235,13 @@ fn main() {
         })
     };
     let (base, (subject, cpu)) =
-        alternate(ROUNDS, || exec_direct_with(&direct_options), exec_gateway);
+        alternate(ROUNDS, || exec_direct_with(direct_options), exec_gateway);
     let (default_kex, _) = alternate(
         ROUNDS,
-        || exec_direct_with(&direct_default_kex),
+        || exec_direct_with(direct_default_kex),
         || (0.0, 0.0),
     );
+    let (pooled, logins) = pooled_logins(topo);
     println!("ssh target true (connect, key exchange, login, exec, exit; {EXECS} per round)");
     println!("  direct            {:>8.1} ms ({direct_kex})", base * 1e3);
     println!("  through gateway   {:>8.1} ms", subject * 1e3);
@@ -205,8 +257,26 @@ fn main() {
         "  direct, OpenSSH's default key exchange: {:.1} ms",
         default_kex * 1e3
     );
-    println!("load average at end: {}", load_average());
-    std::thread::sleep(Duration::from_millis(10));
+    println!("  gateway logins on a warm pooled connection: {pooled} of {logins} (all legs)");
+}
+
+/// Of all recorded upstream logins, how many took a warm connection.
+fn pooled_logins(topo: &Topology) -> (usize, usize) {
+    let mut pooled = 0;
+    let mut logins = 0;
+    for s in topo.sessions() {
+        for e in topo.events(&s["id"]) {
+            if e["type"] == "auth" && e["side"] == "target" && e["ok"] == true {
+                if let Some(m) = e["method"].as_str() {
+                    if !m.starts_with("host key") {
+                        logins += 1;
+                        pooled += usize::from(m.contains("warm pooled connection"));
+                    }
+                }
+            }
+        }
+    }
+    (pooled, logins)
 }
 
 /// The key exchange the gateway's legs negotiate with OpenSSH 9.2 (russh has no sntrup761).

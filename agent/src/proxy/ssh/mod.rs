@@ -16,6 +16,7 @@
 
 pub mod ca;
 mod channel;
+pub mod pool;
 mod server;
 pub mod settings;
 pub mod sftp;
@@ -33,12 +34,15 @@ use std::{
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         Arc, Mutex,
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use futures::stream::{FuturesUnordered, StreamExt as _};
-use tokio::{net::TcpStream, sync::mpsc};
-use tracing::{info, warn};
+use tokio::{
+    net::TcpStream,
+    sync::{mpsc, watch},
+};
+use tracing::{debug, info, warn};
 
 use self::{
     ca::SshCa,
@@ -62,6 +66,8 @@ pub const DENIED_EXIT_STATUS: u32 = 126;
 pub struct Shared {
     /// `None` when the CA could not be loaded or created: SSH sessions are refused.
     pub ca: Option<Arc<SshCa>>,
+    /// Warm upstream connections ([`pool`]).
+    pub pool: pool::Pool,
 }
 
 impl Shared {
@@ -77,11 +83,15 @@ impl Shared {
                 }
                 Self {
                     ca: Some(Arc::new(ca)),
+                    pool: pool::Pool::default(),
                 }
             }
             Err(e) => {
                 warn!(error = %e, "no SSH CA: SSH targets are refused");
-                Self { ca: None }
+                Self {
+                    ca: None,
+                    pool: pool::Pool::default(),
+                }
             }
         }
     }
@@ -162,34 +172,46 @@ pub async fn serve(conn: &Conn<'_>, shared: &Shared, client: TcpStream) -> Sessi
         return failed("the gateway has no SSH CA (see the daemon's log)");
     };
     let _ = client.set_nodelay(true);
+    let started = Instant::now();
+    let addr = conn.destination.0;
 
-    // The target first: a key that does not verify refuses the client before it logs in, with
-    // the reason as its authentication banner.
-    let (to_session_from_target, mut from_target) = mpsc::channel(8);
-    let (upstream, banner) = connect_target(conn, &target.name, ssh, to_session_from_target).await;
-
+    // A warm connection waiting for this target means the session needs no connection of its
+    // own before the client logs in (it takes one for the client's login then).
+    let warm = ssh.pool > 0 && shared.pool.has_warm(&target.name, addr, ssh);
+    let (banner_tx, banner_rx) = watch::channel(None);
     let (to_session, mut from_client) = mpsc::channel(8);
     let open_channels = Arc::new(AtomicUsize::new(0));
     let handler = ClientSide {
         to_session,
-        banner: banner.clone(),
+        banner: banner_rx,
         open_channels: Arc::clone(&open_channels),
     };
-    let running = match russh::server::run_stream(server_config(ca), client, handler).await {
+    // Otherwise the target's connection, key exchange and host key check run while the
+    // client's key exchange does.
+    let (fresh, running) = tokio::join!(
+        connect_unless_warm(conn, &target.name, ssh, warm, &banner_tx, started),
+        russh::server::run_stream(server_config(ca), client, handler)
+    );
+    let running = match running {
         Ok(r) => r,
-        Err(e) => return failed(&format!("client: SSH handshake: {e}")),
+        Err(e) => {
+            if let Some((u, _)) = fresh.upstream {
+                pool::drop_connection(u);
+            }
+            return failed(&format!("client: SSH handshake: {e}"));
+        }
     };
     let client_handle = running.handle();
     tokio::pin!(running);
 
-    let upstream = match authenticate(
+    let (upstream, mut from_target) = match authenticate(
         conn,
+        shared,
         ssh,
         target,
         running.as_mut(),
         &mut from_client,
-        upstream,
-        banner,
+        fresh,
     )
     .await
     {
@@ -206,6 +228,7 @@ pub async fn serve(conn: &Conn<'_>, shared: &Shared, client: TcpStream) -> Sessi
             return end;
         }
     };
+    debug!(ms = started.elapsed().as_millis(), "SSH: client logged in");
 
     let ctx = Ctx {
         conn,
@@ -235,6 +258,18 @@ pub async fn serve(conn: &Conn<'_>, shared: &Shared, client: TcpStream) -> Sessi
         }
     };
     drop(channels);
+    finish(&ctx, &upstream, &mut from_client, end).await
+}
+
+/// Records what the client's handler refused last, disconnects the target and says how the
+/// session ended.
+async fn finish(
+    ctx: &Ctx<'_, '_>,
+    upstream: &Upstream,
+    from_client: &mut mpsc::Receiver<FromClient>,
+    end: Result<(), russh::Error>,
+) -> SessionEnd {
+    let conn = ctx.conn;
     // The handler queues what it refused before it reads the client's next message, so a
     // refusal the client disconnected right after is waiting here: record it too.
     while let Ok(event) = from_client.try_recv() {
@@ -351,14 +386,7 @@ async fn connect_target(
 ) -> (Option<Upstream>, Option<String>) {
     match upstream::connect(name, ssh, conn.destination.0, to_session).await {
         Ok(u) => {
-            if let HostKeyOutcome::Learned { fingerprint } = &u.outcome {
-                conn.record(EventKind::Auth {
-                    side: "target".into(),
-                    user: None,
-                    method: format!("host key pinned on first use: {fingerprint}"),
-                    ok: true,
-                });
-            }
+            record_pinned(conn, &u);
             (Some(u), None)
         }
         Err((message, _)) => {
@@ -371,42 +399,77 @@ async fn connect_target(
     }
 }
 
+/// The session's own connection to the target, unless a warm one is waiting (`warm`); the
+/// client's login waits for its outcome on `banner` (a key that does not verify refuses it,
+/// with the reason as its authentication banner).
+async fn connect_unless_warm(
+    conn: &Conn<'_>,
+    name: &str,
+    ssh: &settings::SshTarget,
+    warm: bool,
+    banner: &watch::Sender<Option<Result<(), String>>>,
+    started: Instant,
+) -> Fresh {
+    if warm {
+        banner.send_replace(Some(Ok(())));
+        return Fresh::default();
+    }
+    let (to_session, from_target) = mpsc::channel(8);
+    let (upstream, refusal) = connect_target(conn, name, ssh, to_session).await;
+    debug!(
+        ms = started.elapsed().as_millis(),
+        ok = upstream.is_some(),
+        "SSH: target connected and verified"
+    );
+    banner.send_replace(Some(refusal.clone().map_or(Ok(()), Err)));
+    Fresh {
+        upstream: upstream.map(|u| (u, from_target)),
+        refusal,
+    }
+}
+
+/// The session's own connection to the target, made while the client's key exchange ran:
+/// none when a warm one was waiting. `refusal`: why every login is refused.
+#[derive(Default)]
+struct Fresh {
+    upstream: Option<(Upstream, mpsc::Receiver<FromTarget>)>,
+    refusal: Option<String>,
+}
+
 /// Authentication: the client is logged in when the gateway is, upstream, for its user. `Err`
 /// is how the session ended when the client never was.
 async fn authenticate(
     conn: &Conn<'_>,
+    shared: &Shared,
     ssh: &settings::SshTarget,
     target: &crate::config::Target,
     mut running: std::pin::Pin<&mut russh::server::RunningSession<ClientSide>>,
     from_client: &mut mpsc::Receiver<FromClient>,
-    mut upstream: Option<Upstream>,
-    mut refusal: Option<String>,
-) -> Result<Upstream, SessionEnd> {
+    mut fresh: Fresh,
+) -> Result<(Upstream, mpsc::Receiver<FromTarget>), SessionEnd> {
     let deadline = tokio::time::sleep(LOGIN_GRACE);
     tokio::pin!(deadline);
-    loop {
+    let result = loop {
         tokio::select! {
             () = &mut deadline => {
-                return Err(ended(0, 0, Outcome::Failed {
+                break Err(ended(0, 0, Outcome::Failed {
                     error: format!("client: not logged in within {LOGIN_GRACE:?}"),
                 }));
             }
             end = &mut running => {
-                let outcome = match (end, refusal) {
+                let outcome = match (end, fresh.refusal.take()) {
                     (_, Some(reason)) => Outcome::Refused { reason },
                     (Ok(()), None) => Outcome::Closed,
                     (Err(e), None) => Outcome::Failed { error: format!("client: {e}") },
                 };
-                return Err(ended(0, 0, outcome));
+                break Err(ended(0, 0, outcome));
             }
             event = from_client.recv() => match event {
                 Some(FromClient::Auth { user, method, reply }) => {
-                    let ok = log_in(conn, ssh, target, upstream.as_mut(), &user, method, &mut refusal).await;
-                    let _ = reply.send(ok);
-                    if ok {
-                        if let Some(u) = upstream.take() {
-                            return Ok(u);
-                        }
+                    let logged_in = log_in(conn, shared, ssh, target, &mut fresh, &user, method).await;
+                    let _ = reply.send(logged_in.is_some());
+                    if let Some(u) = logged_in {
+                        break Ok(u);
                     }
                 }
                 Some(FromClient::Refused(what)) => record_refused(conn, &what),
@@ -414,25 +477,28 @@ async fn authenticate(
                 Some(_) | None => {}
             }
         }
+    };
+    // A connection of the session's own that a warm one made unnecessary.
+    if let Some((u, _)) = fresh.upstream.take() {
+        pool::drop_connection(u);
     }
+    result
 }
 
 /// The client asks to log in as `user`: the gateway logs in upstream with the held credential
-/// of the login the target maps `user` to. Recorded either way; a failure refuses the client.
+/// of the login the target maps `user` to, or takes a warm connection logged in so. Recorded
+/// either way; a failure refuses the client.
 async fn log_in(
     conn: &Conn<'_>,
+    shared: &Shared,
     ssh: &settings::SshTarget,
     target: &crate::config::Target,
-    upstream: Option<&mut Upstream>,
+    fresh: &mut Fresh,
     user: &str,
     method: &'static str,
-    refusal: &mut Option<String>,
-) -> bool {
-    let Some(upstream) = upstream else {
-        return false;
-    };
-    if refusal.is_some() {
-        return false;
+) -> Option<(Upstream, mpsc::Receiver<FromTarget>)> {
+    if fresh.refusal.is_some() {
+        return None;
     }
     conn.record(EventKind::Auth {
         side: "client".into(),
@@ -451,14 +517,41 @@ async fn log_in(
             method: reason.clone(),
             ok: false,
         });
-        *refusal = Some(reason);
-        return false;
+        fresh.refusal = Some(reason);
+        return None;
     };
     let how = match login.credential {
         settings::SshCredential::Key(_) => "publickey (held key)",
         settings::SshCredential::Password(_) => "password (held)",
     };
-    match upstream::log_in(upstream, &login).await {
+    let key =
+        (ssh.pool > 0).then(|| pool::PoolKey::new(&target.name, conn.destination.0, ssh, &login));
+    if let Some(taken) = key.as_ref().and_then(|k| shared.pool.take(k)) {
+        record_pinned(conn, &taken.upstream);
+        conn.record(EventKind::Auth {
+            side: "target".into(),
+            user: Some(login.user.clone()),
+            method: format!(
+                "{how}; {POOLED} (logged in {} ms before)",
+                taken.age.as_millis()
+            ),
+            ok: true,
+        });
+        return Some((taken.upstream, taken.from_target));
+    }
+    let (mut upstream, from_target) = if let Some(u) = fresh.upstream.take() {
+        u
+    } else {
+        // A warm connection was expected and was not there (taken, closed or stale).
+        let (to_session, from_target) = mpsc::channel(8);
+        let (upstream, refusal) = connect_target(conn, &target.name, ssh, to_session).await;
+        let Some(u) = upstream else {
+            fresh.refusal = refusal;
+            return None;
+        };
+        (u, from_target)
+    };
+    match upstream::log_in(&mut upstream, &login).await {
         Ok(()) => {
             conn.record(EventKind::Auth {
                 side: "target".into(),
@@ -466,7 +559,11 @@ async fn log_in(
                 method: how.into(),
                 ok: true,
             });
-            true
+            // The key is used: keep one warm for the next session.
+            if let Some(k) = key {
+                shared.pool.fill(k);
+            }
+            Some((upstream, from_target))
         }
         Err(e) => {
             warn!(error = %e, "upstream login failed");
@@ -476,9 +573,24 @@ async fn log_in(
                 method: format!("{how}: {e}"),
                 ok: false,
             });
-            *refusal = Some(e);
-            false
+            fresh.refusal = Some(e);
+            None
         }
+    }
+}
+
+/// How the record names a login made on a warm connection.
+pub const POOLED: &str = "warm pooled connection";
+
+/// Records a host key pinned on first use by this connection.
+fn record_pinned(conn: &Conn<'_>, upstream: &Upstream) {
+    if let HostKeyOutcome::Learned { fingerprint } = &upstream.outcome {
+        conn.record(EventKind::Auth {
+            side: "target".into(),
+            user: None,
+            method: format!("host key pinned on first use: {fingerprint}"),
+            ok: true,
+        });
     }
 }
 

@@ -15,7 +15,7 @@ use russh::{
     server::{self, Auth, ChannelOpenHandle, Msg, PublicKeyOffer, Session, VerifiedPublicKey},
     Channel, ChannelId, ChannelOpenFailure, MethodKind, MethodSet,
 };
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 /// Channels (session, tunnels) one connection may have open at once.
 pub const MAX_CHANNELS: usize = 16;
@@ -70,15 +70,16 @@ pub enum FromClient {
 
 pub struct ClientSide {
     pub to_session: mpsc::Sender<FromClient>,
-    /// Why every login is refused (the target could not be reached or verified): shown to the
-    /// client as the authentication banner.
-    pub banner: Option<String>,
+    /// Why every login is refused (the target could not be reached or verified), shown to the
+    /// client as the authentication banner: `None` until the session task knows (it connects to
+    /// the target while the client's key exchange runs), then `Some(Ok(()))` when nothing is.
+    pub banner: watch::Receiver<Option<Result<(), String>>>,
     pub open_channels: Arc<AtomicUsize>,
 }
 
 impl ClientSide {
     async fn auth(&mut self, user: &str, method: &'static str) -> Result<Auth, russh::Error> {
-        if self.banner.is_some() {
+        if matches!(&*self.banner.borrow(), Some(Err(_))) {
             return Ok(reject());
         }
         let (reply, answer) = oneshot::channel();
@@ -137,7 +138,13 @@ impl server::Handler for ClientSide {
     type Error = russh::Error;
 
     async fn authentication_banner(&mut self) -> Result<Option<String>, Self::Error> {
-        Ok(self.banner.as_ref().map(|b| format!("{b}\r\n")))
+        // Waits for the target's connection (bounded by its timeouts); a session task gone
+        // without an answer refuses every login anyway.
+        let refusal = match self.banner.wait_for(Option::is_some).await {
+            Ok(resolved) => resolved.clone().and_then(Result::err),
+            Err(_) => None,
+        };
+        Ok(refusal.map(|b| format!("{b}\r\n")))
     }
 
     async fn auth_none(&mut self, user: &str) -> Result<Auth, Self::Error> {

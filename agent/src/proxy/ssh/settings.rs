@@ -30,6 +30,14 @@ pub struct SshTarget {
     /// records output only.
     #[serde(default = "record_input_default")]
     pub record_input: bool,
+    /// Warm upstream connections kept per (target, upstream login), logged in before a client
+    /// asks (0 to 2; 0: none, each session connects when its client logs in).
+    #[serde(default = "pool_default")]
+    pub pool: u8,
+}
+
+fn pool_default() -> u8 {
+    1
 }
 
 fn record_input_default() -> bool {
@@ -144,6 +152,9 @@ impl SshTarget {
         if self.user.as_deref() == Some("") {
             return Some(("user".into(), "must not be empty".into()));
         }
+        if self.pool > super::pool::MAX_PER_KEY {
+            return Some(("pool".into(), "at most 2 warm connections per login".into()));
+        }
         None
     }
 }
@@ -193,6 +204,8 @@ mod tests {
         assert!(t.problem(true).is_none());
         let t = target("known_hosts = \"/k\"\n[[map]]\nuser = \"\"\nkey = \"/a\"\n");
         assert_eq!(t.problem(false).unwrap().0, "map[0].user");
+        let t = target("known_hosts = \"/k\"\nkey = \"/a\"\npool = 3\n");
+        assert_eq!(t.problem(false).unwrap().0, "pool");
         assert!(toml::from_str::<SshTarget>("host_key = \"tofu\"\n").is_err());
         assert!(toml::from_str::<SshTarget>("known_hosts = \"/k\"\nhost_key = \"lax\"\n").is_err());
     }

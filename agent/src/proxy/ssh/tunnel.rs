@@ -139,19 +139,34 @@ pub async fn remote_forward(ctx: &Ctx<'_, '_>, address: &str, port: u32) -> Opti
     }
 }
 
+/// `ssh -O cancel -R` (`cancel-tcpip-forward`): only a listen this session made is cancelled
+/// on the target; recorded either way.
 pub async fn cancel_remote_forward(ctx: &Ctx<'_, '_>, address: &str, port: u32) -> bool {
-    let known = ctx
+    let text = format!("cancel-tcpip-forward {}", host_port(address, port));
+    let rules = ctx
         .listens
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
-        .remove(&(address.to_string(), port))
-        .is_some();
-    known
-        && ctx
-            .upstream
-            .cancel_tcpip_forward(address, port)
-            .await
-            .is_ok()
+        .remove(&(address.to_string(), port));
+    let Some(rules) = rules else {
+        record_refused(ctx, &format!("{text}: no such listen"));
+        return false;
+    };
+    ctx.conn.record(EventKind::request(
+        &text,
+        Some(FORWARD_CLASS.into()),
+        RecordedVerdict::Allow,
+        rules,
+    ));
+    match ctx.upstream.cancel_tcpip_forward(address, port).await {
+        Ok(()) => true,
+        Err(e) => {
+            ctx.conn.record(EventKind::Error {
+                message: format!("target: {text}: {e}"),
+            });
+            false
+        }
+    }
 }
 
 fn record_refused(ctx: &Ctx<'_, '_>, what: &str) {

@@ -107,6 +107,9 @@ pub fn check_host_key(
     }
 }
 
+/// What the host key check found, and the key presented (none for a certificate).
+type Checked = (HostKeyOutcome, Option<PublicKey>);
+
 /// The client-side handler: checks the host key; hands the channels the target opens for an
 /// allowed `-R` or `-A` to the session task and refuses every other.
 pub struct TargetSide {
@@ -114,7 +117,7 @@ pub struct TargetSide {
     host: String,
     port: u16,
     mode: HostKeyCheck,
-    outcome: Arc<Mutex<Option<HostKeyOutcome>>>,
+    outcome: Arc<Mutex<Option<Checked>>>,
     to_session: tokio::sync::mpsc::Sender<FromTarget>,
 }
 
@@ -125,16 +128,18 @@ impl client::Handler for TargetSide {
         &mut self,
         server_public_key: &PublicKeyOrCertificate,
     ) -> Result<bool, Self::Error> {
-        let outcome = match server_public_key {
-            PublicKeyOrCertificate::PublicKey { key, .. } => {
-                check_host_key(&self.known_hosts, &self.host, self.port, key, self.mode)
-            }
-            PublicKeyOrCertificate::Certificate(_) => {
-                HostKeyOutcome::Error("the server presented a certificate, not a key".into())
-            }
+        let (outcome, key) = match server_public_key {
+            PublicKeyOrCertificate::PublicKey { key, .. } => (
+                check_host_key(&self.known_hosts, &self.host, self.port, key, self.mode),
+                Some(key.clone()),
+            ),
+            PublicKeyOrCertificate::Certificate(_) => (
+                HostKeyOutcome::Error("the server presented a certificate, not a key".into()),
+                None,
+            ),
         };
         let accepted = outcome.accepted();
-        *self.outcome.lock().unwrap_or_else(PoisonError::into_inner) = Some(outcome);
+        *self.outcome.lock().unwrap_or_else(PoisonError::into_inner) = Some((outcome, key));
         Ok(accepted)
     }
 
@@ -270,6 +275,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(20);
 pub struct Upstream {
     pub handle: client::Handle<TargetSide>,
     pub outcome: HostKeyOutcome,
+    /// The key the target presented (and `known_hosts` accepted).
+    pub host_key: Option<PublicKey>,
 }
 
 /// Connects to `addr`, runs the key exchange and verifies the host key. `Err` is the message
@@ -343,8 +350,12 @@ pub async fn connect(
         .unwrap_or_else(PoisonError::into_inner)
         .clone();
     match (connected, seen) {
-        (Ok(handle), Some(outcome)) if outcome.accepted() => Ok(Upstream { handle, outcome }),
-        (_, Some(outcome)) if !outcome.accepted() => Err((
+        (Ok(handle), Some((outcome, host_key))) if outcome.accepted() => Ok(Upstream {
+            handle,
+            outcome,
+            host_key,
+        }),
+        (_, Some((outcome, _))) if !outcome.accepted() => Err((
             outcome
                 .refusal(target_name, &format!("{host}:{port}"))
                 .unwrap_or_default(),
