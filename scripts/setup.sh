@@ -50,6 +50,8 @@ command -v kubectl >/dev/null || apt_install kubernetes-client
 apt_install openssh-server openssh-client
 # Its pty resize test drives the client in tmux; its held-password test hashes with openssl.
 apt_install tmux openssl
+# Its X11 forwarding test needs sshd's xauth.
+apt_install xauth
 # The packaging tests: `vagrant validate` on vagrant/Vagrantfile (no provider needed).
 apt_install vagrant
 

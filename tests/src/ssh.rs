@@ -176,7 +176,44 @@ impl Topology {
     /// sshd on the target host as target `box` (user root, the held key, strict known_hosts,
     /// `target_toml` added to `[target.ssh]`), `policy` as `box.toml`; the daemon started.
     pub fn ssh_target(&self, policy: &str, target_toml: &str) -> (SshServer, Proc) {
-        let server = self.sshd();
+        self.ssh_target_on(self.sshd(), policy, target_toml)
+    }
+
+    /// [`Topology::ssh_target`] whose sshd forwards X11 (`X11Forwarding yes`), its `xauth`
+    /// writing to `xauthority` in the test's directory (never a home directory).
+    pub fn ssh_target_x11(&self, policy: &str, target_toml: &str) -> (SshServer, Proc, PathBuf) {
+        let xauthority = self.dir.join("Xauthority");
+        let wrapper = self.dir.join("xauth");
+        fs::write(
+            &wrapper,
+            format!(
+                "#!/bin/sh\nXAUTHORITY={} exec /usr/bin/xauth \"$@\"\n",
+                xauthority.display()
+            ),
+        )
+        .expect("xauth wrapper");
+        fs::set_permissions(
+            &wrapper,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .expect("chmod xauth wrapper");
+        let server = self.sshd_with(
+            &format!(
+                "X11Forwarding yes\nX11UseLocalhost yes\nXAuthLocation {}\n",
+                wrapper.display()
+            ),
+            None,
+        );
+        let (server, daemon) = self.ssh_target_on(server, policy, target_toml);
+        (server, daemon, xauthority)
+    }
+
+    fn ssh_target_on(
+        &self,
+        server: SshServer,
+        policy: &str,
+        target_toml: &str,
+    ) -> (SshServer, Proc) {
         self.write_config(&format!(
             "[[target]]\nname = \"box\"\nprotocol = \"ssh\"\naddresses = [\"{TARGET_V4}:{SSHD_PORT}\"]\n\
              [target.ssh]\nuser = \"root\"\nkey = \"{}\"\nknown_hosts = \"{}\"\n{target_toml}",

@@ -182,6 +182,17 @@ fn forwarding_is_refused_and_recorded() {
         refused.iter().any(|t| t == "agent forwarding"),
         "{refused:?}"
     );
+    // -Y: X11 forwarding is refused (the command still runs, without a display).
+    let mut x11 = topo.ssh_command(&["-Y"], Some("true"));
+    x11.env("DISPLAY", "127.0.0.1:37")
+        .env("XAUTHORITY", topo.dir.join("client-Xauthority"));
+    let out = topo.output(Side::Governed, x11);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(
+        forward_requests(&topo).contains(&("x11 forwarding".to_string(), "deny".to_string())),
+        "{:?}",
+        forward_requests(&topo)
+    );
 }
 
 /// [`POLICY`] with tunnels, agent forwarding and `BULKHEAD_*` variables allowed by rule, and
@@ -1194,4 +1205,93 @@ fn in_observe_mode_a_tunnel_no_rule_allows_is_relayed_and_recorded_as_would_be_d
         .unwrap_or_else(|| panic!("{:?}", forward_requests(&topo)));
     assert_eq!(request["verdict"], "deny", "{request}");
     assert_eq!(request["observed"], true, "{request}");
+}
+
+/// The display number of the test's fake X server on the governed host (TCP 6000 + N).
+const X_DISPLAY: u16 = 37;
+
+#[test]
+fn x11_forwarding_allowed_by_a_rule_reaches_the_clients_display() {
+    require_root();
+    assert!(
+        std::path::Path::new("/usr/bin/xauth").exists(),
+        "/usr/bin/xauth is missing: apt-get install xauth (scripts/setup.sh)"
+    );
+    let topo = Topology::new("");
+    // The client's connection to its own display is a governed connection like any other.
+    topo.allow_opaque_tcp();
+    // A program on the target that opens $DISPLAY as an X client does: the setup packet with
+    // the cookie sshd stored, then a few bytes; it prints what the display answers.
+    let script = topo.dir.join("x11_client.py");
+    let xauthority = topo.dir.join("Xauthority");
+    std::fs::write(
+        &script,
+        format!(
+            "import os, socket, struct, subprocess\n\
+             d = os.environ['DISPLAY']\n\
+             n = int(d.split(':')[1].split('.')[0])\n\
+             env = dict(os.environ, XAUTHORITY='{}')\n\
+             f = subprocess.check_output(['xauth', 'list'], env=env).decode().split()\n\
+             name, cookie = f[1].encode(), bytes.fromhex(f[2])\n\
+             pad = lambda b: b + bytes(-len(b) % 4)\n\
+             s = socket.create_connection(('127.0.0.1', 6000 + n))\n\
+             s.sendall(struct.pack('<cxHHHH2x', b'l', 11, 0, len(name), len(cookie)) + pad(name) + pad(cookie) + b'hello X')\n\
+             print(s.recv(100).decode(), flush=True)\n",
+            xauthority.display()
+        ),
+    )
+    .unwrap();
+    let policy = format!(
+        "{POLICY}\n[[rule]]\nid = \"box-x11\"\nverdict = \"allow\"\ntarget = {{ name = [\"box\"] }}\n\
+         ssh = {{ x11 = true, command = [\"python3 {}\"] }}\n",
+        script.display()
+    );
+    let (_sshd, _daemon, _) = topo.ssh_target_x11(&policy, "");
+    // The client's display: answers the X client's bytes once the setup packet and the
+    // payload are in, and prints what it got.
+    let mut display = Command::new("python3");
+    display.args([
+        "-c",
+        &format!(
+            "import socket\n\
+             l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+             l.bind(('127.0.0.1', {})); l.listen(1); print('listening', flush=True)\n\
+             c, _ = l.accept(); got = b''\n\
+             while b'hello X' not in got:\n\
+             \x20   b = c.recv(4096)\n\
+             \x20   if not b: break\n\
+             \x20   got += b\n\
+             print('got', got[:12].hex(), got.endswith(b'hello X'), flush=True)\n\
+             c.sendall(b'X server says hi'); c.close()\n",
+            6000 + X_DISPLAY
+        ),
+    ]);
+    let mut display = topo.spawn(Side::Host, "fake X server", display);
+    assert_eq!(
+        display.line(Duration::from_secs(10)).as_deref(),
+        Some("listening")
+    );
+    let mut ssh = topo.ssh_command(&["-Y"], Some(&format!("python3 {}", script.display())));
+    ssh.env("DISPLAY", format!("127.0.0.1:{X_DISPLAY}"))
+        .env("XAUTHORITY", topo.dir.join("client-Xauthority"));
+    let out = topo.output(Side::Governed, ssh);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("X server says hi"),
+        "{out:?}\n{:?}",
+        forward_requests(&topo)
+    );
+    // The display got the X11 setup packet (little-endian, protocol 11) and the bytes after it.
+    let got = display.line(Duration::from_secs(10)).unwrap_or_default();
+    assert!(
+        got.starts_with("got 6c000b00") && got.ends_with("True"),
+        "{got}"
+    );
+    let requests = forward_requests(&topo);
+    for (text, verdict) in [("x11 forwarding", "allow"), ("x11 channel", "allow")] {
+        assert!(
+            requests.contains(&(text.to_string(), verdict.to_string())),
+            "{text}: {requests:?}"
+        );
+    }
 }

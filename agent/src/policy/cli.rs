@@ -80,7 +80,7 @@ pub const EXAMPLES: &[(&str, &str)] = &[
     clippy::struct_excessive_bools,
     reason = "command-line flags, one per kind of request"
 )]
-#[command(group(clap::ArgGroup::new("action").required(true).args(["sql", "ssh", "ssh_shell", "sftp_read", "sftp_write", "ssh_forward", "ssh_remote_forward", "ssh_agent", "ssh_env", "http", "kube", "connect"])))]
+#[command(group(clap::ArgGroup::new("action").required(true).args(["sql", "ssh", "ssh_shell", "sftp_read", "sftp_write", "ssh_forward", "ssh_remote_forward", "ssh_agent", "ssh_x11", "ssh_env", "http", "kube", "connect"])))]
 pub struct TestArgs {
     /// Policy directory [default: the configuration's daemon.policy_dir]
     #[arg(long, value_name = "DIR")]
@@ -138,6 +138,9 @@ pub struct TestArgs {
     /// SSH agent forwarding (`ssh -A`)
     #[arg(long)]
     pub ssh_agent: bool,
+    /// SSH X11 forwarding (`ssh -X`, `-Y`)
+    #[arg(long)]
+    pub ssh_x11: bool,
     /// An environment variable sent over SSH (`SendEnv`, `SetEnv`)
     #[arg(long, value_name = "NAME")]
     pub ssh_env: Option<String>,
@@ -380,9 +383,9 @@ pub fn decide(
             host,
             port,
         }
-    } else if args.ssh_agent {
+    } else if let Some(kind) = channel_forward(args) {
         Action::SshForward {
-            kind: SshForward::Agent,
+            kind,
             host: "",
             port: 0,
         }
@@ -677,5 +680,16 @@ mod tests {
             Some("log".into())
         );
         assert!(parse_kube("get").is_err());
+    }
+}
+
+/// `--ssh-agent` / `--ssh-x11`: the forwarding asked about (it names no host).
+fn channel_forward(args: &TestArgs) -> Option<SshForward> {
+    if args.ssh_agent {
+        Some(SshForward::Agent)
+    } else if args.ssh_x11 {
+        Some(SshForward::X11)
+    } else {
+        None
     }
 }

@@ -456,6 +456,7 @@ impl RequestMatch {
                 SshForward::Local => m.forward.iter().any(|g| g.is_match(address)),
                 SshForward::Remote => m.remote_forward.iter().any(|g| g.is_match(address)),
                 SshForward::Agent => m.agent,
+                SshForward::X11 => m.x11,
             },
             (RequestMatch::Ssh(m), Analysis::SshEnv { name }) => {
                 m.env.iter().any(|g| g.is_match(name))
@@ -568,7 +569,7 @@ fn analyze_ssh_forward<'a>(action: &Action<'a>) -> Analysis<'a> {
 /// resolver could read as an address other than the one written (`10.5`, `167772165`,
 /// `0x0a.0.0.5`: `inet_aton` accepts them) or with characters no host name has is refused.
 pub fn forward_address(kind: SshForward, host: &str, port: u32) -> Result<String, String> {
-    if kind == SshForward::Agent {
+    if matches!(kind, SshForward::Agent | SshForward::X11) {
         return Ok(String::new());
     }
     let port = u16::try_from(port).map_err(|_| format!("port {port} out of range"))?;

@@ -297,6 +297,8 @@ struct RawSsh {
     #[serde(default)]
     agent: bool,
     #[serde(default)]
+    x11: bool,
+    #[serde(default)]
     env: Patterns,
 }
 

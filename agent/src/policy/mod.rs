@@ -169,6 +169,8 @@ pub enum SshForward {
     Remote,
     /// Agent forwarding (`ssh -A`).
     Agent,
+    /// X11 forwarding (`ssh -X`, `-Y`).
+    X11,
 }
 
 /// Why the verdict is what it is.
@@ -321,6 +323,8 @@ pub struct SshMatch {
     pub remote_forward: Vec<Glob>,
     /// Agent forwarding (`agent = true`).
     pub agent: bool,
+    /// X11 forwarding (`x11 = true`).
+    pub x11: bool,
     /// Environment variable names (`env = ["LANG", "LC_*"]`).
     pub env: Vec<Glob>,
 }

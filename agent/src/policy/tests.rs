@@ -848,3 +848,44 @@ fn ssh_tunnels_agent_and_env_need_a_rule_that_names_them() {
         Verdict::Deny
     );
 }
+
+#[test]
+fn x11_forwarding_needs_a_rule_of_its_own() {
+    use super::SshForward;
+    let id = agent();
+    let judge = |set: &PolicySet, action: Action<'_>| {
+        let d = set.evaluate(&Request {
+            target: TargetRef {
+                name: "box",
+                protocol: Protocol::Ssh,
+            },
+            identity: &id,
+            action,
+        });
+        (d.verdict, d.rules)
+    };
+    let x11 = Action::SshForward {
+        kind: SshForward::X11,
+        host: "",
+        port: 0,
+    };
+    let agent_fwd = Action::SshForward {
+        kind: SshForward::Agent,
+        host: "",
+        port: 0,
+    };
+    let display = policy(
+        "[[target]]\nname = \"box\"\nprotocol = \"ssh\"\n\
+         [[rule]]\nid = \"x\"\nverdict = \"allow\"\nssh = { x11 = true }\n",
+    );
+    assert_eq!(judge(&display, x11).1, vec!["x"]);
+    // `x11 = true` is not `agent = true`, nor the other way round, and an allow-everything
+    // rule allows no X11.
+    assert_eq!(judge(&display, agent_fwd).0, Verdict::Deny);
+    let agent_only = policy(
+        "[[target]]\nname = \"box\"\nprotocol = \"ssh\"\ndefault = \"allow\"\n\
+         [[rule]]\nid = \"a\"\nverdict = \"allow\"\nssh = { agent = true }\n\
+         [[rule]]\nid = \"all\"\nverdict = \"allow\"\ntarget = { name = [\"box\"] }\n",
+    );
+    assert_eq!(judge(&agent_only, x11).0, Verdict::Deny);
+}

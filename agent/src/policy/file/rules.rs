@@ -231,6 +231,7 @@ impl Ctx<'_> {
                 forward: self.globs(&s.forward, Some('.'), true),
                 remote_forward: self.globs(&s.remote_forward, Some('.'), true),
                 agent: s.agent,
+                x11: s.x11,
                 env: self.globs(&s.env, None, false),
             });
         }

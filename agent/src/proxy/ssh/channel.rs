@@ -2,9 +2,9 @@
 //! on the target.
 //!
 //! Before the channel's one `exec` or `shell` request, a `pty-req` is kept (and replayed
-//! upstream once the request is allowed), and so are the `env` variables and the agent
-//! forwarding the policy allowed (judged for the handler, [`super::tunnel`]); X11 forwarding
-//! and subsystems other than sftp are refused and recorded. Nothing reaches the target before
+//! upstream once the request is allowed), and so are the `env` variables, the agent and the
+//! X11 forwarding the policy allowed (judged for the handler, [`super::tunnel`]); subsystems
+//! other than sftp are refused and recorded. Nothing reaches the target before
 //! the request is allowed: the upstream channel is opened only then, and the command sent is
 //! exactly the bytes judged.
 
@@ -53,6 +53,10 @@ pub async fn serve(ctx: &Ctx<'_, '_>, chan: Channel<server::Msg>) {
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .remove(&id);
+    ctx.x11
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .remove(&id);
 }
 
 async fn serve_channel(ctx: &Ctx<'_, '_>, mut chan: Channel<server::Msg>) {
@@ -89,9 +93,9 @@ async fn serve_channel(ctx: &Ctx<'_, '_>, mut chan: Channel<server::Msg>) {
                 }
             }
             // The session task judged these for the handler (tunnel.rs), which answered them.
-            ChannelMsg::SetEnv { .. } | ChannelMsg::AgentForward { .. } => {}
-            // The handler refused it (server.rs).
-            ChannelMsg::RequestX11 { .. } => record_refused(ctx.conn, "x11 forwarding"),
+            ChannelMsg::SetEnv { .. }
+            | ChannelMsg::AgentForward { .. }
+            | ChannelMsg::RequestX11 { .. } => {}
             ChannelMsg::RequestSubsystem { name, .. } if name == "sftp" => break Run::Sftp,
             ChannelMsg::RequestSubsystem { name, .. } => {
                 record_refused(
@@ -123,12 +127,17 @@ async fn serve_channel(ctx: &Ctx<'_, '_>, mut chan: Channel<server::Msg>) {
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .remove(&id);
+    let x11 = ctx
+        .x11
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .remove(&id);
     if let Some(message) = refusal {
         deny(ctx, id, &message, pty.is_some()).await;
         drop(chan);
         return;
     }
-    let Some(up) = open_upstream(ctx, id, &run, pty.as_ref(), &env, agent).await else {
+    let Some(up) = open_upstream(ctx, id, &run, pty.as_ref(), &env, agent, x11).await else {
         return;
     };
     let summary = if matches!(run, Run::Sftp) {
@@ -258,6 +267,7 @@ async fn open_upstream(
     pty: Option<&PtyRequest>,
     env: &[(String, String)],
     agent: bool,
+    x11: Option<super::tunnel::X11Request>,
 ) -> Option<Channel<client::Msg>> {
     let fail = |why: String| async move {
         let c = &ctx.client;
@@ -289,6 +299,16 @@ async fn open_upstream(
             ctx.agent_upstream.store(true, Ordering::Release);
         } else {
             debug!("the target refused agent forwarding");
+        }
+    }
+    if let Some(x) = x11 {
+        let asked = up
+            .request_x11(true, x.single_connection, x.protocol, x.cookie, x.screen)
+            .await;
+        if asked.is_ok() && answered(&mut up).await {
+            ctx.x11_upstream.store(true, Ordering::Release);
+        } else {
+            debug!("the target refused X11 forwarding");
         }
     }
     if let Some(p) = pty {

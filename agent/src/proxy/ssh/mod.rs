@@ -9,9 +9,8 @@
 //!
 //! Each session channel's request is judged before anything of it reaches the target
 //! ([`channel`]): `exec` by its command line (`Action::SshExec`), a shell as a whole
-//! (`Action::SshShell`); `env`, agent forwarding and port forwarding are refused unless a rule
-//! names them ([`tunnel`]); X11 forwarding and subsystems other than sftp are refused; all are
-//! recorded. A denied command gets the policy's message on stderr and exit status
+//! (`Action::SshShell`); `env`, agent, X11 and port forwarding are refused unless a rule
+//! names them ([`tunnel`]); subsystems other than sftp are refused; all are recorded. A denied command gets the policy's message on stderr and exit status
 //! [`DENIED_EXIT_STATUS`].
 
 pub mod ca;
@@ -143,9 +142,37 @@ pub struct Ctx<'c, 'g> {
     pub agent: Mutex<HashSet<russh::ChannelId>>,
     /// The target agreed to forward the agent: its agent channels are relayed to the client.
     pub agent_upstream: AtomicBool,
+    /// Session channels whose X11 forwarding was allowed, with the client's request.
+    pub x11: Mutex<HashMap<russh::ChannelId, tunnel::X11Request>>,
+    /// The target agreed to forward X11: its X11 channels are relayed to the client.
+    pub x11_upstream: AtomicBool,
     /// Listens on the target (`ssh -R`, as asked: address, bound port), with the rules that
     /// allowed them.
     pub listens: Mutex<HashMap<(String, u32), Vec<String>>>,
+}
+
+impl<'c, 'g> Ctx<'c, 'g> {
+    fn new(
+        conn: &'c Conn<'g>,
+        client: russh::server::Handle,
+        upstream: &'c russh::client::Handle<upstream::TargetSide>,
+        record_input: bool,
+    ) -> Self {
+        Self {
+            conn,
+            client,
+            upstream,
+            record_input,
+            bytes_up: AtomicU64::new(0),
+            bytes_down: AtomicU64::new(0),
+            env: Mutex::default(),
+            agent: Mutex::default(),
+            agent_upstream: AtomicBool::new(false),
+            x11: Mutex::default(),
+            x11_upstream: AtomicBool::new(false),
+            listens: Mutex::default(),
+        }
+    }
 }
 
 /// A channel's task, polled by the session task.
@@ -230,18 +257,7 @@ pub async fn serve(conn: &Conn<'_>, shared: &Shared, client: TcpStream) -> Sessi
     };
     debug!(ms = started.elapsed().as_millis(), "SSH: client logged in");
 
-    let ctx = Ctx {
-        conn,
-        client: client_handle,
-        upstream: &upstream.handle,
-        record_input: ssh.record_input,
-        bytes_up: AtomicU64::new(0),
-        bytes_down: AtomicU64::new(0),
-        env: Mutex::default(),
-        agent: Mutex::default(),
-        agent_upstream: AtomicBool::new(false),
-        listens: Mutex::default(),
-    };
+    let ctx = Ctx::new(conn, client_handle, &upstream.handle, ssh.record_input);
     let mut channels: FuturesUnordered<ChannelTask<'_>> = FuturesUnordered::new();
     let end = loop {
         tokio::select! {
@@ -324,6 +340,13 @@ async fn on_client<'a>(
         FromClient::Agent { channel, reply } => {
             let _ = reply.send(tunnel::agent(ctx, channel).await);
         }
+        FromClient::X11 {
+            channel,
+            request,
+            reply,
+        } => {
+            let _ = reply.send(tunnel::x11(ctx, channel, request).await);
+        }
         FromClient::RemoteForward {
             address,
             port,
@@ -374,6 +397,11 @@ fn on_target<'a>(
         FromTarget::Agent { channel, reply } => {
             Box::pin(tunnel::agent_channel(ctx, channel, reply))
         }
+        FromTarget::X11 {
+            channel,
+            originator,
+            reply,
+        } => Box::pin(tunnel::x11_channel(ctx, channel, originator, reply)),
     });
 }
 
@@ -605,6 +633,6 @@ fn record_refused(conn: &Conn<'_>, what: &str) {
     ));
 }
 
-/// The rule named for what the SSH gateway refuses by itself (tunnels, agent and X11
-/// forwarding, `env` requests, subsystems).
+/// The rule named for what the SSH gateway refuses by itself (unix-socket forwarding, channels
+/// it did not ask for, subsystems other than sftp).
 pub const REFUSED_RULE: &str = "ssh:gateway:refused";

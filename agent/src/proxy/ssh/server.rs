@@ -55,6 +55,13 @@ pub enum FromClient {
         channel: ChannelId,
         reply: oneshot::Sender<bool>,
     },
+    /// The client asks for X11 forwarding on a session channel: whether it is allowed (then
+    /// kept for the channel's request upstream).
+    X11 {
+        channel: ChannelId,
+        request: super::tunnel::X11Request,
+        reply: oneshot::Sender<bool>,
+    },
     /// `ssh -R`: the port the target listens on, when allowed and the target agreed.
     RemoteForward {
         address: String,
@@ -367,13 +374,33 @@ impl server::Handler for ClientSide {
     async fn x11_request(
         &mut self,
         channel: ChannelId,
-        _single_connection: bool,
-        _x11_auth_protocol: &str,
-        _x11_auth_cookie: &str,
-        _x11_screen_number: u32,
+        single_connection: bool,
+        x11_auth_protocol: &str,
+        x11_auth_cookie: &str,
+        x11_screen_number: u32,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        session.channel_failure(channel)
+        // OpenSSH sends a cookie of its own making and puts the real one in when an X11
+        // channel reaches it: what is passed on opens nothing by itself.
+        let request = super::tunnel::X11Request {
+            single_connection,
+            protocol: x11_auth_protocol.to_string(),
+            cookie: x11_auth_cookie.to_string(),
+            screen: x11_screen_number,
+        };
+        let allowed = self
+            .ask(|reply| FromClient::X11 {
+                channel,
+                request,
+                reply,
+            })
+            .await
+            .unwrap_or(false);
+        if allowed {
+            session.channel_success(channel)
+        } else {
+            session.channel_failure(channel)
+        }
     }
 
     async fn channel_close(

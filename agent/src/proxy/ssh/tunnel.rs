@@ -99,6 +99,34 @@ pub async fn agent(ctx: &Ctx<'_, '_>, channel: ChannelId) -> bool {
     agent.contains(&channel) || (agent.len() < super::server::MAX_CHANNELS && agent.insert(channel))
 }
 
+/// An allowed `x11-req`, kept for its session channel's request upstream.
+#[derive(Debug, Clone)]
+pub struct X11Request {
+    pub single_connection: bool,
+    pub protocol: String,
+    pub cookie: String,
+    pub screen: u32,
+}
+
+/// `ssh -X` / `-Y` on session channel `channel`: kept for its request upstream if allowed.
+pub async fn x11(ctx: &Ctx<'_, '_>, channel: ChannelId, request: X11Request) -> bool {
+    let action = Action::SshForward {
+        kind: SshForward::X11,
+        host: "",
+        port: 0,
+    };
+    let (allowed, _) = judge_at_once(ctx, action, "x11 forwarding").await;
+    if !allowed {
+        return false;
+    }
+    let mut x11 = ctx.x11.lock().unwrap_or_else(PoisonError::into_inner);
+    if x11.len() >= super::server::MAX_CHANNELS && !x11.contains_key(&channel) {
+        return false;
+    }
+    x11.insert(channel, request);
+    true
+}
+
 /// `ssh -R address:port`: asked of the target if allowed; the port it listens on.
 pub async fn remote_forward(ctx: &Ctx<'_, '_>, address: &str, port: u32) -> Option<u32> {
     let text = format!("tcpip-forward {}", host_port(address, port));
@@ -306,6 +334,46 @@ pub async fn agent_channel(
     ));
     let started = Instant::now();
     match ctx.client.channel_open_agent().await {
+        Ok(client) => {
+            reply.accept().await;
+            let bytes = relay(ctx, client, up).await;
+            record_end(ctx, request, started, Some(bytes), None);
+        }
+        Err(e) => {
+            reply.reject(ChannelOpenFailure::ConnectFailed).await;
+            record_end(ctx, request, started, None, Some(format!("client: {e}")));
+        }
+    }
+}
+
+/// An X11 channel the target opened: relayed to the client's display when X11 forwarding was
+/// allowed and asked of the target on this connection.
+pub async fn x11_channel(
+    ctx: &Ctx<'_, '_>,
+    up: Channel<client::Msg>,
+    originator: (String, u32),
+    reply: client::ChannelOpenHandle,
+) {
+    let text = "x11 channel";
+    if !ctx.x11_upstream.load(Ordering::Acquire) {
+        reply
+            .reject(ChannelOpenFailure::AdministrativelyProhibited)
+            .await;
+        record_refused(ctx, text);
+        return;
+    }
+    let request = ctx.conn.record(EventKind::request(
+        text,
+        Some(FORWARD_CLASS.into()),
+        RecordedVerdict::Allow,
+        vec!["ssh:x11-forwarding-allowed".into()],
+    ));
+    let started = Instant::now();
+    match ctx
+        .client
+        .channel_open_x11(originator.0, originator.1)
+        .await
+    {
         Ok(client) => {
             reply.accept().await;
             let bytes = relay(ctx, client, up).await;

@@ -239,14 +239,19 @@ impl client::Handler for TargetSide {
 
     async fn server_channel_open_x11(
         &mut self,
-        _channel: russh::Channel<client::Msg>,
-        _originator_address: &str,
-        _originator_port: u32,
+        channel: russh::Channel<client::Msg>,
+        originator_address: &str,
+        originator_port: u32,
         reply: client::ChannelOpenHandle,
         _session: &mut client::Session,
     ) -> Result<(), Self::Error> {
-        reply
-            .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+        let _ = self
+            .to_session
+            .send(FromTarget::X11 {
+                channel,
+                originator: (originator_address.to_string(), originator_port),
+                reply,
+            })
             .await;
         Ok(())
     }
@@ -264,6 +269,12 @@ pub enum FromTarget {
     /// An agent channel (the target's `SSH_AUTH_SOCK` was used).
     Agent {
         channel: russh::Channel<client::Msg>,
+        reply: client::ChannelOpenHandle,
+    },
+    /// An X11 channel (a program on the target opened its `DISPLAY`).
+    X11 {
+        channel: russh::Channel<client::Msg>,
+        originator: (String, u32),
         reply: client::ChannelOpenHandle,
     },
 }
