@@ -750,18 +750,7 @@ fn ssh_shells_and_sftp_paths_are_matched_only_by_what_names_them() {
 #[test]
 fn ssh_tunnels_agent_and_env_need_a_rule_that_names_them() {
     use super::SshForward;
-    let id = agent();
-    let judge = |set: &PolicySet, action: Action<'_>| {
-        let d = set.evaluate(&Request {
-            target: TargetRef {
-                name: "box",
-                protocol: Protocol::Ssh,
-            },
-            identity: &id,
-            action,
-        });
-        (d.verdict, d.rules)
-    };
+    let judge = ssh_judge;
     let local = |host, port| Action::SshForward {
         kind: SshForward::Local,
         host,
@@ -852,18 +841,7 @@ fn ssh_tunnels_agent_and_env_need_a_rule_that_names_them() {
 #[test]
 fn x11_forwarding_needs_a_rule_of_its_own() {
     use super::SshForward;
-    let id = agent();
-    let judge = |set: &PolicySet, action: Action<'_>| {
-        let d = set.evaluate(&Request {
-            target: TargetRef {
-                name: "box",
-                protocol: Protocol::Ssh,
-            },
-            identity: &id,
-            action,
-        });
-        (d.verdict, d.rules)
-    };
+    let judge = ssh_judge;
     let x11 = Action::SshForward {
         kind: SshForward::X11,
         host: "",
@@ -888,4 +866,17 @@ fn x11_forwarding_needs_a_rule_of_its_own() {
          [[rule]]\nid = \"all\"\nverdict = \"allow\"\ntarget = { name = [\"box\"] }\n",
     );
     assert_eq!(judge(&agent_only, x11).0, Verdict::Deny);
+}
+
+/// An SSH request of [`agent`] to target `box` under `set`: the verdict and its rules.
+fn ssh_judge(set: &PolicySet, action: Action<'_>) -> (Verdict, Vec<String>) {
+    let d = set.evaluate(&Request {
+        target: TargetRef {
+            name: "box",
+            protocol: Protocol::Ssh,
+        },
+        identity: &agent(),
+        action,
+    });
+    (d.verdict, d.rules)
 }

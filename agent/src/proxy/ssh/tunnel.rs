@@ -318,32 +318,17 @@ pub async fn agent_channel(
     up: Channel<client::Msg>,
     reply: client::ChannelOpenHandle,
 ) {
-    let text = "auth-agent channel";
-    if !ctx.agent_upstream.load(Ordering::Acquire) {
-        reply
-            .reject(ChannelOpenFailure::AdministrativelyProhibited)
-            .await;
-        record_refused(ctx, text);
-        return;
-    }
-    let request = ctx.conn.record(EventKind::request(
-        text,
-        Some(FORWARD_CLASS.into()),
-        RecordedVerdict::Allow,
-        vec!["ssh:agent-forwarding-allowed".into()],
-    ));
-    let started = Instant::now();
-    match ctx.client.channel_open_agent().await {
-        Ok(client) => {
-            reply.accept().await;
-            let bytes = relay(ctx, client, up).await;
-            record_end(ctx, request, started, Some(bytes), None);
-        }
-        Err(e) => {
-            reply.reject(ChannelOpenFailure::ConnectFailed).await;
-            record_end(ctx, request, started, None, Some(format!("client: {e}")));
-        }
-    }
+    let asked = ctx.agent_upstream.load(Ordering::Acquire);
+    let open = ctx.client.channel_open_agent();
+    to_client(
+        ctx,
+        up,
+        reply,
+        ("auth-agent channel", "ssh:agent-forwarding-allowed"),
+        asked,
+        open,
+    )
+    .await;
 }
 
 /// An X11 channel the target opened: relayed to the client's display when X11 forwarding was
@@ -354,8 +339,31 @@ pub async fn x11_channel(
     originator: (String, u32),
     reply: client::ChannelOpenHandle,
 ) {
-    let text = "x11 channel";
-    if !ctx.x11_upstream.load(Ordering::Acquire) {
+    let asked = ctx.x11_upstream.load(Ordering::Acquire);
+    let open = ctx.client.channel_open_x11(originator.0, originator.1);
+    to_client(
+        ctx,
+        up,
+        reply,
+        ("x11 channel", "ssh:x11-forwarding-allowed"),
+        asked,
+        open,
+    )
+    .await;
+}
+
+/// A channel the target opened toward a service on the client's side (its agent, its
+/// display): refused unless the gateway `asked` for it on this connection, else opened toward
+/// the client by `open` and relayed; recorded as (`text`, `rule`).
+async fn to_client(
+    ctx: &Ctx<'_, '_>,
+    up: Channel<client::Msg>,
+    reply: client::ChannelOpenHandle,
+    (text, rule): (&str, &str),
+    asked: bool,
+    open: impl std::future::Future<Output = Result<Channel<server::Msg>, russh::Error>>,
+) {
+    if !asked {
         reply
             .reject(ChannelOpenFailure::AdministrativelyProhibited)
             .await;
@@ -366,14 +374,10 @@ pub async fn x11_channel(
         text,
         Some(FORWARD_CLASS.into()),
         RecordedVerdict::Allow,
-        vec!["ssh:x11-forwarding-allowed".into()],
+        vec![rule.into()],
     ));
     let started = Instant::now();
-    match ctx
-        .client
-        .channel_open_x11(originator.0, originator.1)
-        .await
-    {
+    match open.await {
         Ok(client) => {
             reply.accept().await;
             let bytes = relay(ctx, client, up).await;
