@@ -83,16 +83,20 @@ pub async fn env(ctx: &Ctx<'_, '_>, channel: ChannelId, name: &str, value: Strin
     true
 }
 
-/// An agent forwarding request on session channel `channel`: asked of the target with the
-/// channel's request if allowed.
-pub async fn agent(ctx: &Ctx<'_, '_>, channel: ChannelId) -> bool {
+/// Agent or X11 forwarding, which name no host: whether the policy allows it (recorded).
+async fn judge_forwarding(ctx: &Ctx<'_, '_>, kind: SshForward, text: &str) -> bool {
     let action = Action::SshForward {
-        kind: SshForward::Agent,
+        kind,
         host: "",
         port: 0,
     };
-    let (allowed, _) = judge_at_once(ctx, action, "agent forwarding").await;
-    if !allowed {
+    judge_at_once(ctx, action, text).await.0
+}
+
+/// An agent forwarding request on session channel `channel`: asked of the target with the
+/// channel's request if allowed.
+pub async fn agent(ctx: &Ctx<'_, '_>, channel: ChannelId) -> bool {
+    if !judge_forwarding(ctx, SshForward::Agent, "agent forwarding").await {
         return false;
     }
     let mut agent = ctx.agent.lock().unwrap_or_else(PoisonError::into_inner);
@@ -110,13 +114,7 @@ pub struct X11Request {
 
 /// `ssh -X` / `-Y` on session channel `channel`: kept for its request upstream if allowed.
 pub async fn x11(ctx: &Ctx<'_, '_>, channel: ChannelId, request: X11Request) -> bool {
-    let action = Action::SshForward {
-        kind: SshForward::X11,
-        host: "",
-        port: 0,
-    };
-    let (allowed, _) = judge_at_once(ctx, action, "x11 forwarding").await;
-    if !allowed {
+    if !judge_forwarding(ctx, SshForward::X11, "x11 forwarding").await {
         return false;
     }
     let mut x11 = ctx.x11.lock().unwrap_or_else(PoisonError::into_inner);
