@@ -267,7 +267,7 @@ async fn open_upstream(
     pty: Option<&PtyRequest>,
     env: &[(String, String)],
     agent: bool,
-    x11: Option<super::tunnel::X11Request>,
+    x11: Option<super::server::X11Request>,
 ) -> Option<Channel<client::Msg>> {
     let fail = |why: String| async move {
         let c = &ctx.client;

@@ -143,7 +143,7 @@ pub struct Ctx<'c, 'g> {
     /// The target agreed to forward the agent: its agent channels are relayed to the client.
     pub agent_upstream: AtomicBool,
     /// Session channels whose X11 forwarding was allowed, with the client's request.
-    pub x11: Mutex<HashMap<russh::ChannelId, tunnel::X11Request>>,
+    pub x11: Mutex<HashMap<russh::ChannelId, server::X11Request>>,
     /// The target agreed to forward X11: its X11 channels are relayed to the client.
     pub x11_upstream: AtomicBool,
     /// Listens on the target (`ssh -R`, as asked: address, bound port), with the rules that

@@ -24,16 +24,13 @@ use tokio::sync::mpsc;
 use tracing::debug;
 
 use super::{
-    settings::{HostKeyCheck, SshCredential, SshLogin, SshTarget},
+    settings::{HostKeyCheck, SshCredential, SshLogin, SshTarget, MAX_PER_KEY},
     upstream::{self, FromTarget, HostKeyOutcome, Upstream},
 };
 use crate::credentials::CredentialRef;
 
 /// How long a warm connection waits for a session before it is dropped.
 pub const IDLE_AGE: Duration = Duration::from_mins(1);
-
-/// The most warm connections per key, whatever the target's `ssh.pool` says.
-pub const MAX_PER_KEY: u8 = 2;
 
 /// What a warm connection was made for; a session takes only one made for the key it needs.
 /// The whole `ssh` settings are part of it, so a configuration change (reload) is another key.

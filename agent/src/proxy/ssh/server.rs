@@ -59,7 +59,7 @@ pub enum FromClient {
     /// kept for the channel's request upstream).
     X11 {
         channel: ChannelId,
-        request: super::tunnel::X11Request,
+        request: X11Request,
         reply: oneshot::Sender<bool>,
     },
     /// `ssh -R`: the port the target listens on, when allowed and the target agreed.
@@ -73,6 +73,15 @@ pub enum FromClient {
         port: u32,
         reply: oneshot::Sender<bool>,
     },
+}
+
+/// An allowed `x11-req`, judged by the session task ([`super::tunnel::x11`]) and kept for its session channel's request upstream.
+#[derive(Debug, Clone)]
+pub struct X11Request {
+    pub single_connection: bool,
+    pub protocol: String,
+    pub cookie: String,
+    pub screen: u32,
 }
 
 pub struct ClientSide {
@@ -382,7 +391,7 @@ impl server::Handler for ClientSide {
     ) -> Result<(), Self::Error> {
         // OpenSSH sends a cookie of its own making and puts the real one in when an X11
         // channel reaches it: what is passed on opens nothing by itself.
-        let request = super::tunnel::X11Request {
+        let request = X11Request {
             single_connection,
             protocol: x11_auth_protocol.to_string(),
             cookie: x11_auth_cookie.to_string(),

@@ -8,6 +8,9 @@ use serde::Deserialize;
 use crate::{credentials::CredentialRef, proxy::postgres::settings::ClientPattern};
 
 /// How the gateway logs in to an SSH target.
+
+/// The most warm upstream connections per key (`pool.rs`), whatever a target's `ssh.pool` says.
+pub const MAX_PER_KEY: u8 = 2;
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SshTarget {
@@ -152,7 +155,7 @@ impl SshTarget {
         if self.user.as_deref() == Some("") {
             return Some(("user".into(), "must not be empty".into()));
         }
-        if self.pool > super::pool::MAX_PER_KEY {
+        if self.pool > MAX_PER_KEY {
             return Some(("pool".into(), "at most 2 warm connections per login".into()));
         }
         None

@@ -103,17 +103,12 @@ pub async fn agent(ctx: &Ctx<'_, '_>, channel: ChannelId) -> bool {
     agent.contains(&channel) || (agent.len() < super::server::MAX_CHANNELS && agent.insert(channel))
 }
 
-/// An allowed `x11-req`, kept for its session channel's request upstream.
-#[derive(Debug, Clone)]
-pub struct X11Request {
-    pub single_connection: bool,
-    pub protocol: String,
-    pub cookie: String,
-    pub screen: u32,
-}
-
 /// `ssh -X` / `-Y` on session channel `channel`: kept for its request upstream if allowed.
-pub async fn x11(ctx: &Ctx<'_, '_>, channel: ChannelId, request: X11Request) -> bool {
+pub async fn x11(
+    ctx: &Ctx<'_, '_>,
+    channel: ChannelId,
+    request: super::server::X11Request,
+) -> bool {
     if !judge_forwarding(ctx, SshForward::X11, "x11 forwarding").await {
         return false;
     }
