@@ -8,6 +8,7 @@
 use std::{
     io,
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
+    sync::{Mutex, PoisonError},
 };
 
 use tokio::{io::Interest, net::TcpStream};
@@ -15,10 +16,55 @@ use tokio::{io::Interest, net::TcpStream};
 /// Bytes moved per `splice` call; also the pipe's capacity.
 const PIPE_SIZE: usize = 1 << 20;
 
+/// Empty pipes kept for the next connections: a short connection then costs no `pipe2`,
+/// `F_SETPIPE_SZ` and two `close` per direction.
+const POOLED_PIPES: usize = 16;
+
+static POOL: Mutex<Vec<Pipe>> = Mutex::new(Vec::new());
+
 /// A non-blocking pipe sized for bulk transfers.
 struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
+}
+
+/// A pipe taken from the pool (or made), given back only when it was left empty: a pump that
+/// ended with bytes in it, or was dropped midway, closes it instead.
+struct Pooled {
+    pipe: Option<Pipe>,
+    empty: bool,
+}
+
+impl Pooled {
+    fn take() -> io::Result<Self> {
+        let pooled = POOL.lock().unwrap_or_else(PoisonError::into_inner).pop();
+        let pipe = match pooled {
+            Some(p) => p,
+            None => Pipe::new()?,
+        };
+        Ok(Self {
+            pipe: Some(pipe),
+            empty: false,
+        })
+    }
+
+    fn pipe(&self) -> &Pipe {
+        // Only `drop` takes it out.
+        self.pipe
+            .as_ref()
+            .expect("a pooled pipe is present until dropped")
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        if let (true, Some(pipe)) = (self.empty, self.pipe.take()) {
+            let mut pool = POOL.lock().unwrap_or_else(PoisonError::into_inner);
+            if pool.len() < POOLED_PIPES {
+                pool.push(pipe);
+            }
+        }
+    }
 }
 
 impl Pipe {
@@ -61,7 +107,13 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
 
 /// Moves bytes from `from` to `to` through `pipe` until `from` reaches EOF, then half-closes
 /// `to`.
-async fn pump(from: &TcpStream, to: &TcpStream, pipe: Pipe, count: &mut u64) -> io::Result<()> {
+async fn pump(
+    from: &TcpStream,
+    to: &TcpStream,
+    mut pooled: Pooled,
+    count: &mut u64,
+) -> io::Result<()> {
+    let pipe = pooled.pipe();
     loop {
         let n = loop {
             from.readable().await?;
@@ -81,6 +133,8 @@ async fn pump(from: &TcpStream, to: &TcpStream, pipe: Pipe, count: &mut u64) -> 
                     return Err(e);
                 }
             }
+            // Everything read was written: the pipe is empty and can serve another connection.
+            pooled.empty = true;
             return Ok(());
         }
         let mut left = n;
@@ -107,7 +161,7 @@ pub async fn relay(
     client: &TcpStream,
     upstream: &TcpStream,
 ) -> io::Result<(u64, u64, io::Result<()>)> {
-    let (up_pipe, down_pipe) = (Pipe::new()?, Pipe::new()?);
+    let (up_pipe, down_pipe) = (Pooled::take()?, Pooled::take()?);
     let mut sent = 0u64;
     let mut received = 0u64;
     let result = tokio::try_join!(
@@ -173,5 +227,36 @@ mod tests {
         let _ = app.write_all(&[1u8; 100_000]).await;
         let (_, _, result) = relay.await.unwrap();
         assert!(result.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_pipe_left_with_bytes_is_never_reused() {
+        // Many relays cut off by a reset while the pipe toward the dead server holds bytes,
+        // each followed by a relay that must see exactly its own bytes.
+        for round in 0..20u8 {
+            let (mut app, gw_client) = pair().await;
+            let (gw_up, server) = pair().await;
+            let relaying = tokio::spawn(async move { relay(&gw_client, &gw_up).await.unwrap() });
+            socket2::SockRef::from(&server)
+                .set_linger(Some(std::time::Duration::ZERO))
+                .unwrap();
+            let _ = app.write_all(&[round; 300_000]).await;
+            drop(server);
+            let (_, _, result) = relaying.await.unwrap();
+            assert!(result.is_err());
+
+            let (mut app, gw_client) = pair().await;
+            let (gw_up, mut server) = pair().await;
+            let relaying = tokio::spawn(async move { relay(&gw_client, &gw_up).await.unwrap() });
+            app.write_all(b"fresh").await.unwrap();
+            app.shutdown().await.unwrap();
+            let mut got = Vec::new();
+            server.read_to_end(&mut got).await.unwrap();
+            assert_eq!(got, b"fresh", "round {round}: only this connection's bytes");
+            drop(server);
+            let (up, _, result) = relaying.await.unwrap();
+            result.unwrap();
+            assert_eq!(up, 5);
+        }
     }
 }

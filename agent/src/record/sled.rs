@@ -20,6 +20,7 @@
 //! that must record before they act refuse to act.
 
 use std::{
+    collections::HashMap,
     path::Path,
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -77,6 +78,10 @@ pub struct SledStore {
     session_count: AtomicU64,
     open_count: AtomicU64,
     event_count: AtomicU64,
+    /// The sessions this process opened and has not closed, as last written to the tree:
+    /// closing one and counting its denials update this copy, with no read and decode of the
+    /// tree's value on the connection's path.
+    live: Mutex<HashMap<SessionId, Session>>,
 }
 
 /// Events appended but not yet in the tree.
@@ -371,6 +376,7 @@ impl SledStore {
             session_count: AtomicU64::new(0),
             open_count: AtomicU64::new(0),
             event_count: AtomicU64::new(0),
+            live: Mutex::new(HashMap::new()),
         };
         // One pass at startup so retention and status need no scans later.
         let (mut bytes, mut sessions, mut open, mut events) = (0u64, 0u64, 0u64, 0u64);
@@ -392,6 +398,10 @@ impl SledStore {
         store.open_count.store(open, Ordering::Relaxed);
         store.event_count.store(events, Ordering::Relaxed);
         Ok(store)
+    }
+
+    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<SessionId, Session>> {
+        self.live.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn decode_session(key: &[u8], value: &[u8]) -> Result<Session, StoreError> {
@@ -545,7 +555,7 @@ impl SessionStore for SledStore {
         };
         let at = start.started_at_us;
         self.open_count.fetch_add(1, Ordering::Relaxed);
-        self.put_session(&Session {
+        let session = Session {
             id,
             start,
             ended_at_us: None,
@@ -555,7 +565,9 @@ impl SessionStore for SledStore {
             denied: 0,
             held: 0,
             masked: 0,
-        })?;
+        };
+        self.put_session(&session)?;
+        self.live().insert(id, session);
         self.put_event(id, connect, at)?;
         Ok(id)
     }
@@ -577,7 +589,12 @@ impl SessionStore for SledStore {
         if let Some(count) = counter {
             // Events are recorded whether or not their session is known (as every other
             // event is); only a known session has counters to keep.
-            if let Some(mut s) = self.get(session)? {
+            let mut live = self.live();
+            if let Some(s) = live.get_mut(&session) {
+                count(s);
+                self.put_session(s)?;
+            } else if let Some(mut s) = self.get(session)? {
+                drop(live);
                 count(&mut s);
                 self.put_session(&s)?;
             }
@@ -586,7 +603,11 @@ impl SessionStore for SledStore {
     }
 
     fn close(&self, id: SessionId, end: SessionEnd) -> Result<(), StoreError> {
-        let mut session = self.get(id)?.ok_or(StoreError::UnknownSession(id))?;
+        let live = self.live().remove(&id);
+        let mut session = match live {
+            Some(s) => s,
+            None => self.get(id)?.ok_or(StoreError::UnknownSession(id))?,
+        };
         if session.outcome == Outcome::Open {
             self.open_count.fetch_sub(1, Ordering::Relaxed);
         }
@@ -1349,6 +1370,41 @@ mod tests {
                 open: 0
             }
         );
+    }
+
+    #[test]
+    fn a_closed_session_keeps_its_counters_across_a_reopen() {
+        // Closing and counting work on the process's copy of a live session: what reaches the
+        // tree must be the whole session, counters and end together.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sled");
+        let id = {
+            let store = SledStore::open(&path).unwrap();
+            let id = store.open(start(7)).unwrap();
+            store.append(id, request(RecordedVerdict::Deny)).unwrap();
+            store.append(id, request(RecordedVerdict::Deny)).unwrap();
+            let live = store.get(id).unwrap().unwrap();
+            assert_eq!((live.denied, live.outcome.clone()), (2, Outcome::Open));
+            store.close(id, end(Outcome::Closed)).unwrap();
+            // Closed: the next count reads the tree (nothing live is left to update).
+            store.append(id, request(RecordedVerdict::Deny)).unwrap();
+            store.flush().unwrap();
+            id
+        };
+        let store = SledStore::open_waiting(&path, std::time::Duration::from_secs(5)).unwrap();
+        let s = store.get(id).unwrap().unwrap();
+        assert_eq!(
+            (
+                s.denied,
+                s.outcome,
+                s.bytes_to_target,
+                s.bytes_from_target,
+                s.ended_at_us
+            ),
+            (3, Outcome::Closed, 10, 20, Some(99))
+        );
+        assert_eq!(s.start, start(7));
+        assert_eq!(store.stats().unwrap().open_sessions, 0);
     }
 
     #[test]
