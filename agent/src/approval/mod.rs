@@ -310,10 +310,12 @@ pub enum ApprovalError {
     UnknownGrant(u64),
     #[error("grant window: {0}")]
     Window(String),
-    #[error("approval {id}: the decision could not be recorded ({source}); the request was refused instead")]
-    Unrecorded { id: u64, source: StoreError },
-    #[error("grant {grant} is revoked, but the revocation could not be recorded: {source}")]
-    RevokeUnrecorded { grant: u64, source: StoreError },
+    // `error`, not `source`: the message carries the store's error, so it must not also be
+    // the error's source (a caller printing the chain would say it twice).
+    #[error("approval {id}: the decision could not be recorded ({error}); the request was refused instead")]
+    Unrecorded { id: u64, error: StoreError },
+    #[error("grant {grant} is revoked, but the revocation could not be recorded: {error}")]
+    RevokeUnrecorded { grant: u64, error: StoreError },
 }
 
 /// The facts of one `approval` event besides the request it is about.
@@ -717,7 +719,7 @@ impl ApprovalBroker {
             let _ = held.decide.send(ApprovalOutcome::Refused {
                 reason: "approved, but the approval could not be recorded".into(),
             });
-            return Err(ApprovalError::Unrecorded { id, source });
+            return Err(ApprovalError::Unrecorded { id, error: source });
         }
         let grant = grant.map(|g| {
             let info = g.info(now);
@@ -779,7 +781,7 @@ impl ApprovalBroker {
         drop(book);
         if let Err(source) = recorded {
             error!(approval = id, error = %source, "cannot record a denial");
-            return Err(ApprovalError::Unrecorded { id, source });
+            return Err(ApprovalError::Unrecorded { id, error: source });
         }
         info!(approval = id, by = %approver, "denied");
         self.notify_decided(
@@ -823,7 +825,10 @@ impl ApprovalBroker {
         // Revoked either way: failing to record must not keep a window open.
         if let Err(source) = recorded {
             error!(grant, error = %source, "cannot record a revoked grant");
-            return Err(ApprovalError::RevokeUnrecorded { grant, source });
+            return Err(ApprovalError::RevokeUnrecorded {
+                grant,
+                error: source,
+            });
         }
         info!(grant, by = %approver, "grant revoked");
         self.notify(Notice::Revoked {

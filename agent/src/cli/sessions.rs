@@ -129,6 +129,10 @@ enum ProtocolArg {
     Kubernetes,
     Udp,
     Dns,
+    /// Sockets of other families refused by the socket filter
+    Socket,
+    /// Unix-domain connects
+    Unix,
 }
 
 impl From<&FilterArgs> for ListFilter {
@@ -147,6 +151,8 @@ impl From<&FilterArgs> for ListFilter {
                 ProtocolArg::Kubernetes => Protocol::Kubernetes,
                 ProtocolArg::Udp => Protocol::Udp,
                 ProtocolArg::Dns => Protocol::Dns,
+                ProtocolArg::Socket => Protocol::Socket,
+                ProtocolArg::Unix => Protocol::Unix,
             }),
             denied: a.verdict == Some(VerdictFilter::Denied),
             allowed: a.verdict == Some(VerdictFilter::Allowed),
