@@ -32,7 +32,7 @@ use std::{
 use bytes::Bytes;
 use futures_util::{SinkExt as _, StreamExt as _};
 use http_body_util::Full;
-use hyper::{body::Incoming, header, Request, Response, StatusCode};
+use hyper::{body::Incoming, header, upgrade::OnUpgrade, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{json, Value};
 use tokio_tungstenite::{
@@ -409,66 +409,7 @@ fn exec(req: &mut Request<Incoming>, query: &str) -> Response<Full<Bytes>> {
             _ => {}
         }
     }
-    let v5 = protocol.starts_with("v5");
-    let base64_text = protocol.contains("base64");
-    let upgrade = hyper::upgrade::on(req);
-    tokio::spawn(async move {
-        let Ok(upgraded) = upgrade.await else {
-            return;
-        };
-        let mut ws =
-            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
-        let frame = |channel: u8, data: &[u8]| {
-            if base64_text {
-                return Message::Text(
-                    format!("{}{}", char::from(b'0' + channel), base64(data)).into(),
-                );
-            }
-            let mut v = Vec::with_capacity(data.len() + 1);
-            v.push(channel);
-            v.extend_from_slice(data);
-            Message::Binary(v.into())
-        };
-        // The fixed echo: the arguments after the program name, then stdin until it closes.
-        let args = command.get(1..).unwrap_or_default().join(" ");
-        if ws
-            .send(frame(1, format!("{args}\n").as_bytes()))
-            .await
-            .is_err()
-        {
-            return;
-        }
-        if stdin && !base64_text {
-            while let Some(Ok(msg)) = ws.next().await {
-                // As `wsstream` reads them: text and binary alike.
-                let data = match msg {
-                    Message::Binary(b) => b.to_vec(),
-                    Message::Text(t) => t.as_bytes().to_vec(),
-                    Message::Close(_) => break,
-                    _ => continue,
-                };
-                match data.split_first() {
-                    Some((0, rest))
-                        if !rest.is_empty() && ws.send(frame(1, rest)).await.is_err() =>
-                    {
-                        return;
-                    }
-                    // v5: stdin closed.
-                    Some((255, [0])) if v5 => break,
-                    _ => {}
-                }
-            }
-        }
-        let status = json!({"metadata": {}, "status": "Success"}).to_string();
-        let _ = ws.send(frame(3, status.as_bytes())).await;
-        // A close without a code reads as an error to client-go: say it ended normally.
-        let _ = ws
-            .close(Some(CloseFrame {
-                code: CloseCode::Normal,
-                reason: "".into(),
-            }))
-            .await;
-    });
+    tokio::spawn(echo(hyper::upgrade::on(req), command, stdin, protocol));
     let mut answer = Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
         .header(header::CONNECTION, "Upgrade")
@@ -484,6 +425,62 @@ fn exec(req: &mut Request<Incoming>, query: &str) -> Response<Full<Bytes>> {
         answer = answer.header(header::SEC_WEBSOCKET_EXTENSIONS, "permessage-deflate");
     }
     answer.body(Full::new(Bytes::new())).expect("response")
+}
+
+/// The exec's echo on the upgraded stream, in the chosen subprotocol's framing.
+async fn echo(upgrade: OnUpgrade, command: Vec<String>, stdin: bool, protocol: &'static str) {
+    let v5 = protocol.starts_with("v5");
+    let base64_text = protocol.contains("base64");
+    let Ok(upgraded) = upgrade.await else {
+        return;
+    };
+    let mut ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+    let frame = |channel: u8, data: &[u8]| {
+        if base64_text {
+            return Message::Text(format!("{}{}", char::from(b'0' + channel), base64(data)).into());
+        }
+        let mut v = Vec::with_capacity(data.len() + 1);
+        v.push(channel);
+        v.extend_from_slice(data);
+        Message::Binary(v.into())
+    };
+    // The fixed echo: the arguments after the program name, then stdin until it closes.
+    let args = command.get(1..).unwrap_or_default().join(" ");
+    if ws
+        .send(frame(1, format!("{args}\n").as_bytes()))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    if stdin && !base64_text {
+        while let Some(Ok(msg)) = ws.next().await {
+            // As `wsstream` reads them: text and binary alike.
+            let data = match msg {
+                Message::Binary(b) => b.to_vec(),
+                Message::Text(t) => t.as_bytes().to_vec(),
+                Message::Close(_) => break,
+                _ => continue,
+            };
+            match data.split_first() {
+                Some((0, rest)) if !rest.is_empty() && ws.send(frame(1, rest)).await.is_err() => {
+                    return;
+                }
+                // v5: stdin closed.
+                Some((255, [0])) if v5 => break,
+                _ => {}
+            }
+        }
+    }
+    let status = json!({"metadata": {}, "status": "Success"}).to_string();
+    let _ = ws.send(frame(3, status.as_bytes())).await;
+    // A close without a code reads as an error to client-go: say it ended normally.
+    let _ = ws
+        .close(Some(CloseFrame {
+            code: CloseCode::Normal,
+            reason: "".into(),
+        }))
+        .await;
 }
 
 /// Percent- and plus-decoding of a query value.

@@ -124,7 +124,7 @@ fn unreadable_answer(answer: &HeaderMap, terminal: bool) -> Option<&'static str>
     let chosen: Vec<&str> = answer
         .get_all(header::SEC_WEBSOCKET_PROTOCOL)
         .iter()
-        .map(|v| v.to_str().map(str::trim).unwrap_or("\u{fffd}"))
+        .map(|v| v.to_str().map_or("\u{fffd}", str::trim))
         .collect();
     match chosen.as_slice() {
         _ if !terminal => None,
