@@ -497,3 +497,163 @@ fn raw_paths_are_judged_as_the_api_server_reads_them() {
     assert_eq!(deletes[0]["path"], "/api/v1/namespaces/dev/pods/api-1");
     assert_eq!(deletes[0]["authorized"], true);
 }
+
+/// The WebSocket exec client a tool could write itself: exact handshakes and frames from
+/// Python, over TLS to the cluster's address with the bundle `bulkhead run` gave.
+const RAW_EXEC: &str = r#"
+import socket, ssl, sys
+HOST, PORT = sys.argv[1], int(sys.argv[2])
+ctx = ssl.create_default_context()
+def frame(payload, opcode=2, rsv=0):
+    mask = b"\x11\x22\x33\x44"
+    head = bytes([0x80 | rsv | opcode, 0x80 | len(payload)])
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+def read_frame(s):
+    def exact(n):
+        out = b""
+        while len(out) < n:
+            b = s.recv(n - len(out))
+            if not b:
+                raise EOFError
+            out += b
+        return out
+    h = exact(2)
+    n = h[1] & 0x7f
+    if n == 126:
+        n = int.from_bytes(exact(2), "big")
+    elif n == 127:
+        n = int.from_bytes(exact(8), "big")
+    return h[0] & 0x0f, exact(n)
+def upgrade(command, protocols, extensions=None):
+    s = ctx.wrap_socket(socket.create_connection((HOST, PORT), timeout=20), server_hostname=HOST)
+    head = (f"GET /api/v1/namespaces/dev/pods/api-1/exec?command=echo&command={command}"
+            f"&stdin=true&stdout=true HTTP/1.1\r\nHost: {HOST}:{PORT}\r\n"
+            "Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            f"Sec-WebSocket-Protocol: {protocols}\r\n")
+    if extensions:
+        head += f"Sec-WebSocket-Extensions: {extensions}\r\n"
+    s.sendall((head + "\r\n").encode())
+    got = b""
+    while b"\r\n\r\n" not in got:
+        b = s.recv(65536)
+        if not b:
+            break
+        got += b
+    answer, _, rest = got.partition(b"\r\n\r\n")
+    lines = answer.decode().split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, v in (l.split(":", 1) for l in lines[1:] if ":" in l)}
+    return s, lines[0], headers, rest
+# 1. Only a base64 subprotocol: refused before it reaches the cluster.
+s, status, headers, rest = upgrade("b64only", "v4.base64.channel.k8s.io")
+print("base64 only:", status, b"base64" in rest)
+s.close()
+# 2. base64 first, the binary one second, and compression: the binary one, uncompressed.
+s, status, headers, rest = upgrade("mixed", "v4.base64.channel.k8s.io, v5.channel.k8s.io",
+                                   "permessage-deflate; client_max_window_bits")
+print("mixed:", status, headers.get("sec-websocket-protocol"),
+      headers.get("sec-websocket-extensions"))
+print("stdout:", read_frame(s))
+# stdin in a text message: the apiserver reads it as stdin all the same.
+s.sendall(frame(b"\x00typed in a text frame\n", opcode=1))
+print("echo:", read_frame(s))
+s.sendall(frame(b"\xff\x00"))
+print("status:", read_frame(s)[1][:1])
+s.close()
+# 3. A frame with RSV1 set (what permessage-deflate sends): the stream ends there.
+s, status, headers, rest = upgrade("rsv", "v5.channel.k8s.io")
+print("rsv:", status, read_frame(s))
+s.sendall(frame(b"\x00compressed-looking\n", rsv=0x40))
+try:
+    while True:
+        op, data = read_frame(s)
+        print("after rsv:", op, data)
+except (EOFError, ConnectionError, ssl.SSLError, socket.timeout) as e:
+    print("closed:", type(e).__name__)
+"#;
+
+/// What the record cannot read is not relayed: a WebSocket exec that offers only the
+/// `base64.channel.k8s.io` subprotocol is refused (403) and never reaches the cluster; one that
+/// offers it first gets the binary protocol (the offer is cut down before it is forwarded) and
+/// no compression; stdin sent in a text message is recorded (the apiserver reads it); a frame
+/// with a reserved bit set (a compressed frame) ends the stream instead of passing unread.
+#[test]
+fn exec_streams_the_record_cannot_read_are_not_relayed() {
+    require_root();
+    let topo = Topology::new("");
+    let mut api = topo.kube_apiserver();
+    topo.kube_target(&api);
+    topo.policy("kube.toml", EXEC_POLICY);
+    let _daemon = topo.start_daemon(&[]);
+    let (host, port) = api
+        .url
+        .trim_start_matches("https://")
+        .rsplit_once(':')
+        .expect("HOST:PORT");
+    let out = topo.run_governed("/usr/bin/python3", &["-c", RAW_EXEC, host, port]);
+    let printed = String::from_utf8_lossy(&out.stdout).into_owned();
+    let all = text(&out);
+    assert!(out.status.success(), "{all}");
+    let lines: Vec<&str> = printed.lines().collect();
+    assert_eq!(
+        lines,
+        vec![
+            "base64 only: HTTP/1.1 403 Forbidden True",
+            "mixed: HTTP/1.1 101 Switching Protocols v5.channel.k8s.io None",
+            "stdout: (2, b'\\x01mixed\\n')",
+            "echo: (2, b'\\x01typed in a text frame\\n')",
+            "status: b'\\x03'",
+            "rsv: HTTP/1.1 101 Switching Protocols (2, b'\\x01rsv\\n')",
+            "closed: EOFError",
+        ],
+        "{all}"
+    );
+
+    // What reached the cluster: no base64-only exec; the others offered only what the gateway
+    // reads, and no extension.
+    let seen = api.requests();
+    let execs: Vec<&serde_json::Value> = seen.iter().filter(|r| r["upgrade"] == true).collect();
+    assert_eq!(execs.len(), 2, "{seen:?}");
+    assert!(execs[0]["query"]
+        .as_str()
+        .unwrap()
+        .contains("command=mixed"));
+    for exec in &execs {
+        assert_eq!(
+            exec["protocols"],
+            serde_json::json!(["v5.channel.k8s.io"]),
+            "{exec}"
+        );
+        assert_eq!(exec["extensions"], serde_json::json!([]), "{exec}");
+    }
+
+    let events = all_events(&topo);
+    assert!(
+        events.iter().any(|e| e["type"] == "request"
+            && e["verdict"] == "deny"
+            && e["text"]
+                .as_str()
+                .is_some_and(|t| t.contains("command=b64only"))
+            && e["error"].as_str().is_some_and(|t| t.contains("base64"))),
+        "{events:?}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e["type"] == "terminal_input" && e["data"] == "typed in a text frame\n"),
+        "{events:?}"
+    );
+    assert!(
+        events.iter().any(|e| e["type"] == "response"
+            && e["error"]
+                .as_str()
+                .is_some_and(|t| t.contains("reserved bits"))),
+        "{events:?}"
+    );
+    assert!(
+        !events.iter().any(|e| e["data"]
+            .as_str()
+            .is_some_and(|d| d.contains("compressed-looking"))),
+        "{events:?}"
+    );
+}

@@ -1,15 +1,26 @@
 //! The Kubernetes stream protocols seen from the side: a tap that reads the WebSocket frames
-//! of an exec or attach stream (`v4.channel.k8s.io`, `v5.channel.k8s.io`) as they are relayed,
-//! and hands each data chunk over with its channel (stdin, stdout, stderr, the status), for the
-//! terminal record. The relay forwards the bytes untouched whatever the tap makes of them; the
-//! tap only reads.
+//! of an exec or attach stream (`channel.k8s.io`, `v4.channel.k8s.io`, `v5.channel.k8s.io`, or
+//! no subprotocol, which the apiserver reads as `channel.k8s.io`) as they are relayed, and
+//! hands each data chunk over with its channel (stdin, stdout, stderr, the status), for the
+//! terminal record. The relay forwards the bytes untouched; the tap only reads, and says when
+//! it cannot (then the relay ends the stream: what is not read is not relayed).
 //!
-//! Each binary message's first byte is its channel; a message may come in fragments
-//! (continuation frames) and a frame in any number of reads. State is bounded: a frame head is
-//! at most 14 bytes, and payloads are handed over as they arrive, never collected.
+//! Each data message's first byte is its channel. The apiserver (`wsstream`, on
+//! `golang.org/x/net/websocket`) reads text and binary messages alike as bytes, so the tap
+//! reads both. A message may come in fragments (continuation frames) and a frame in any number
+//! of reads. State is bounded: a frame head is at most 14 bytes, and payloads are handed over
+//! as they arrive, never collected.
+//!
+//! What the tap does not read ends its reading ([`FrameTap::lost`]): reserved bits (a
+//! compression extension such as permessage-deflate, never negotiated through the gateway),
+//! reserved opcodes, fragmented or oversized control frames, a continuation with no message in
+//! progress and a new message inside a fragmented one.
 
-/// The exec/attach subprotocols whose frames the tap reads (binary, channel byte first).
-pub const CHANNEL_PROTOCOLS: [&str; 2] = ["v5.channel.k8s.io", "v4.channel.k8s.io"];
+/// The exec/attach subprotocols whose frames the tap reads (channel byte first, then raw
+/// bytes). The `base64.channel.k8s.io` variants (channel digit, then base64 text) are not
+/// among them: the gateway does not forward them.
+pub const CHANNEL_PROTOCOLS: [&str; 3] =
+    ["v5.channel.k8s.io", "v4.channel.k8s.io", "channel.k8s.io"];
 
 /// A stream of the channel protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,14 +69,15 @@ pub struct FrameTap {
     mask: Option<[u8; 4]>,
     /// Bytes of this frame's payload seen so far (for the mask's offset).
     offset: u64,
-    /// The frame carries data of a binary message (not a control or text frame).
+    /// The frame carries data of a message (not a control frame).
     data: bool,
     /// The channel of the message in progress, once its first payload byte was seen.
     channel: Option<Channel>,
-    /// The message in progress is binary (continuations belong to it).
-    in_binary: bool,
-    /// The stream broke the framing rules: the tap stops reading (the relay goes on).
-    lost: bool,
+    /// A fragmented data message is in progress (continuations belong to it).
+    in_message: bool,
+    /// Why the tap stopped reading: the stream broke the framing rules or used what the tap
+    /// does not read. The relay must not go on unread.
+    lost: Option<&'static str>,
 }
 
 impl Default for FrameTap {
@@ -79,15 +91,15 @@ impl Default for FrameTap {
             offset: 0,
             data: false,
             channel: None,
-            in_binary: false,
-            lost: false,
+            in_message: false,
+            lost: None,
         }
     }
 }
 
 impl FrameTap {
-    /// Whether the tap lost track of the framing (what follows is not recorded).
-    pub fn lost(&self) -> bool {
+    /// Why the tap stopped reading, if it did (what follows would not be recorded).
+    pub fn lost(&self) -> Option<&'static str> {
         self.lost
     }
 
@@ -95,7 +107,7 @@ impl FrameTap {
     /// data, unmasked.
     pub fn feed(&mut self, mut bytes: &[u8], out: &mut dyn FnMut(Channel, &[u8])) {
         let mut scratch = [0u8; 1024];
-        while !bytes.is_empty() && !self.lost {
+        while !bytes.is_empty() && self.lost.is_none() {
             match self.state {
                 State::Head => {
                     let take = (self.head_len().unwrap_or(2) - self.have).min(bytes.len());
@@ -160,6 +172,7 @@ impl FrameTap {
 
     fn start_frame(&mut self) {
         let fin_opcode = self.head[0];
+        let fin = fin_opcode & 0x80 != 0;
         let opcode = fin_opcode & 0x0f;
         let masked = self.head[1] & 0x80 != 0;
         let (len, next) = match self.head[1] & 0x7f {
@@ -179,29 +192,42 @@ impl FrameTap {
             m.copy_from_slice(&self.head[next..next + 4]);
             m
         });
+        // RSV1-3: set only by a negotiated extension (permessage-deflate sets RSV1), whose
+        // payload the tap cannot read as the server will.
+        if fin_opcode & 0x70 != 0 {
+            self.lost = Some("a WebSocket frame with reserved bits set (compressed?)");
+            return;
+        }
         match opcode {
             // Continuation: data of the message in progress.
-            0 => self.data = self.in_binary,
-            // Binary: a new message; its first byte is the channel.
-            2 => {
-                self.in_binary = true;
+            0 if self.in_message => self.data = true,
+            0 => {
+                self.lost = Some("a WebSocket continuation frame with no message to continue");
+                return;
+            }
+            1 | 2 if self.in_message => {
+                self.lost = Some("a new WebSocket message inside a fragmented one");
+                return;
+            }
+            // Text or binary: a new message; its first byte is the channel.
+            1 | 2 => {
+                self.in_message = true;
                 self.channel = None;
                 self.data = true;
             }
-            // Text (the base64 protocols) and control frames are relayed, not read.
-            1 => {
-                self.in_binary = false;
-                self.data = false;
+            8..=10 if !fin => {
+                self.lost = Some("a fragmented WebSocket control frame");
+                return;
             }
             8..=10 => self.data = false,
             _ => {
-                self.lost = true;
+                self.lost = Some("a WebSocket frame with a reserved opcode");
                 return;
             }
         }
         // A control frame's payload is at most 125 bytes (RFC 6455 5.5).
         if opcode >= 8 && len > 125 {
-            self.lost = true;
+            self.lost = Some("a WebSocket control frame over 125 bytes");
             return;
         }
         self.remaining = len;
@@ -216,8 +242,8 @@ impl FrameTap {
     fn end_frame(&mut self) {
         let fin = self.head[0] & 0x80 != 0;
         let opcode = self.head[0] & 0x0f;
-        if fin && (opcode == 0 || opcode == 2) && self.data {
-            self.in_binary = false;
+        if fin && opcode <= 2 && self.data {
+            self.in_message = false;
             self.channel = None;
         }
         self.state = State::Head;
@@ -262,7 +288,7 @@ mod tests {
                 _ => got.push((c, d.to_vec())),
             });
         }
-        assert!(!tap.lost());
+        assert_eq!(tap.lost(), None);
         got
     }
 
@@ -279,7 +305,9 @@ mod tests {
         stream.extend(frame(true, 0, b"or\n", None));
         stream.extend(frame(true, 2, &[&[1u8][..], &big].concat(), None));
         stream.extend(frame(true, 2, b"\x03{\"status\":\"Success\"}", None));
-        stream.extend(frame(true, 1, b"1aGk=", None));
+        // A text message is read as the apiserver reads it: bytes, channel first.
+        stream.extend(frame(false, 1, b"\x00typed ", Some([5, 6, 7, 8])));
+        stream.extend(frame(true, 0, b"as text\n", Some([5, 6, 7, 8])));
         stream.extend(frame(true, 8, &[3, 232], None));
         for step in [1, 2, 3, 7, 1000, stream.len()] {
             let got = read(&stream, step);
@@ -291,6 +319,7 @@ mod tests {
                     (Channel::Stderr, b"error\n".to_vec()),
                     (Channel::Stdout, big.clone()),
                     (Channel::Status, b"{\"status\":\"Success\"}".to_vec()),
+                    (Channel::Stdin, b"typed as text\n".to_vec()),
                 ],
                 "read {step} bytes at a time"
             );
@@ -298,18 +327,54 @@ mod tests {
     }
 
     #[test]
-    fn broken_framing_stops_the_tap_without_panicking() {
+    fn what_the_tap_cannot_read_stops_it_without_panicking() {
+        let lost = |stream: &[u8]| {
+            let mut tap = FrameTap::default();
+            tap.feed(stream, &mut |_, _| {});
+            tap.lost()
+        };
+        assert!(lost(&[0x83, 0x00]).is_some(), "reserved opcode");
+        assert!(
+            lost(&[0x89, 126, 0, 200]).is_some(),
+            "control frame over 125 bytes"
+        );
+        assert!(lost(&[0x09, 0x00]).is_some(), "fragmented control frame");
+        // permessage-deflate: RSV1 on the first frame of a compressed message.
+        let compressed = frame(true, 2, b"\x00\xf2\xc9\x57\xe0\x02\x00", None);
+        let mut rsv1 = compressed.clone();
+        rsv1[0] |= 0x40;
+        assert!(lost(&rsv1).is_some(), "RSV1");
+        for bit in [0x20, 0x10] {
+            let mut other = compressed.clone();
+            other[0] |= bit;
+            assert!(lost(&other).is_some(), "RSV bit {bit:#x}");
+        }
+        assert_eq!(lost(&compressed), None);
+        assert!(
+            lost(&frame(true, 0, b"\x00ls\n", None)).is_some(),
+            "continuation with no message"
+        );
+        assert!(
+            lost(
+                &[
+                    frame(false, 2, b"\x00l", None),
+                    frame(true, 1, b"\x00s", None)
+                ]
+                .concat()
+            )
+            .is_some(),
+            "a new message inside a fragmented one"
+        );
+        // Nothing after the break is handed over, even a well-formed frame.
         let mut tap = FrameTap::default();
-        tap.feed(&[0x83, 0x00], &mut |_, _| panic!("no data"));
-        assert!(tap.lost(), "reserved opcode");
-        let mut tap = FrameTap::default();
-        tap.feed(&[0x89, 126, 0, 200], &mut |_, _| panic!("no data"));
-        assert!(tap.lost(), "control frame over 125 bytes");
+        let stream = [rsv1, frame(true, 2, b"\x00after\n", None)].concat();
+        tap.feed(&stream, &mut |_, d| panic!("read after the break: {d:?}"));
+        assert!(tap.lost().is_some());
         let mut tap = FrameTap::default();
         tap.feed(
             &[0x82, 127, 255, 255, 255, 255, 255, 255, 255, 255, 1, 2],
             &mut |_, _| {},
         );
-        assert!(!tap.lost(), "a huge length is only counted down");
+        assert_eq!(tap.lost(), None, "a huge length is only counted down");
     }
 }

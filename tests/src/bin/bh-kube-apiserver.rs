@@ -10,9 +10,15 @@
 //! Serves `/version`, `/api`, `/apis`, `/api/v1` (pods, pods/exec, pods/log, namespaces;
 //! aggregated discovery is declined by answering plain JSON), pods in namespaces (list across
 //! all namespaces or in one, get, delete; as `Table` when kubectl asks for it), and
-//! `pods/NAME/exec` over WebSocket (`v5.channel.k8s.io` / `v4.channel.k8s.io`): it echoes the
-//! command's arguments on stdout, then stdin back to stdout until stdin closes, then sends a
-//! `Success` status on the error channel.
+//! `pods/NAME/exec` over WebSocket: it echoes the command's arguments on stdout, then stdin
+//! back to stdout until stdin closes, then sends a `Success` status on the error channel.
+//!
+//! The WebSocket handshake is the apiserver's (`wsstream`): the first subprotocol the client
+//! offers among `v5.channel.k8s.io`, `v4.channel.k8s.io`, `channel.k8s.io` and the
+//! `base64.channel.k8s.io` ones (no offer: `channel.k8s.io`, named in no header), and text
+//! messages are read as binary ones. It also accepts `permessage-deflate` when offered (without
+//! compressing anything), so a test sees whether a client could negotiate it. Each upgrade's
+//! request line also says the subprotocols and extensions it was offered.
 
 use std::{
     collections::BTreeSet,
@@ -26,7 +32,7 @@ use std::{
 use bytes::Bytes;
 use futures_util::{SinkExt as _, StreamExt as _};
 use http_body_util::Full;
-use hyper::{body::Incoming, header, Request, Response, StatusCode};
+use hyper::{body::Incoming, header, upgrade::OnUpgrade, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{json, Value};
 use tokio_tungstenite::{
@@ -198,9 +204,16 @@ impl Server {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v == format!("Bearer {}", self.token));
         let upgrade = req.headers().contains_key(header::UPGRADE);
+        let extensions: Vec<&str> = req
+            .headers()
+            .get_all(header::SEC_WEBSOCKET_EXTENSIONS)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
         self.say(
             &json!({"method": req.method().as_str(), "path": path, "query": query,
                     "authorized": authorized, "upgrade": upgrade,
+                    "protocols": offered_protocols(&req), "extensions": extensions,
                     "version": format!("{:?}", req.version())})
             .to_string(),
         );
@@ -310,25 +323,75 @@ fn not_found(name: &str) -> Response<Full<Bytes>> {
     )
 }
 
-/// The WebSocket exec: answers 101 with the channel protocol, then runs the echo.
+/// The subprotocols a WebSocket client offers, as the apiserver reads them: the first
+/// `Sec-WebSocket-Protocol` line, split at commas.
+fn offered_protocols(req: &Request<Incoming>) -> Vec<String> {
+    req.headers()
+        .get(header::SEC_WEBSOCKET_PROTOCOL)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(',')
+                .map(|p| p.trim().to_string())
+                .filter(|p| !p.is_empty())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The exec subprotocols the apiserver accepts.
+const EXEC_PROTOCOLS: [&str; 5] = [
+    "v5.channel.k8s.io",
+    "v4.channel.k8s.io",
+    "channel.k8s.io",
+    "v4.base64.channel.k8s.io",
+    "base64.channel.k8s.io",
+];
+
+/// Standard base64 with padding.
+fn base64(data: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// The WebSocket exec: answers 101 with the chosen subprotocol, then runs the echo.
 fn exec(req: &mut Request<Incoming>, query: &str) -> Response<Full<Bytes>> {
-    let offered: Vec<String> = req
-        .headers()
-        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(',').map(|p| p.trim().to_string()))
-        .collect();
-    let Some(protocol) = ["v5.channel.k8s.io", "v4.channel.k8s.io"]
-        .into_iter()
-        .find(|p| offered.iter().any(|o| o == p))
-    else {
+    let offered = offered_protocols(req);
+    let protocol = if offered.is_empty() {
+        Some("")
+    } else {
+        offered
+            .iter()
+            .find_map(|o| EXEC_PROTOCOLS.into_iter().find(|p| p == o))
+    };
+    let Some(protocol) = protocol else {
         return status(
             StatusCode::BAD_REQUEST,
             "BadRequest",
-            "exec needs a WebSocket upgrade with v5.channel.k8s.io or v4.channel.k8s.io",
+            "exec needs a WebSocket upgrade with a channel.k8s.io subprotocol",
         );
     };
+    let deflate = req
+        .headers()
+        .get_all(header::SEC_WEBSOCKET_EXTENSIONS)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("permessage-deflate"));
     let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned() else {
         return status(
             StatusCode::BAD_REQUEST,
@@ -346,69 +409,78 @@ fn exec(req: &mut Request<Incoming>, query: &str) -> Response<Full<Bytes>> {
             _ => {}
         }
     }
-    let v5 = protocol.starts_with("v5");
-    let upgrade = hyper::upgrade::on(req);
-    tokio::spawn(async move {
-        let Ok(upgraded) = upgrade.await else {
-            return;
-        };
-        let mut ws =
-            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
-        let frame = |channel: u8, data: &[u8]| {
-            let mut v = Vec::with_capacity(data.len() + 1);
-            v.push(channel);
-            v.extend_from_slice(data);
-            Message::Binary(v.into())
-        };
-        // The fixed echo: the arguments after the program name, then stdin until it closes.
-        let args = command.get(1..).unwrap_or_default().join(" ");
-        if ws
-            .send(frame(1, format!("{args}\n").as_bytes()))
-            .await
-            .is_err()
-        {
-            return;
-        }
-        if stdin {
-            while let Some(Ok(msg)) = ws.next().await {
-                let data = match msg {
-                    Message::Binary(b) => b.to_vec(),
-                    Message::Close(_) => break,
-                    _ => continue,
-                };
-                match data.split_first() {
-                    Some((0, rest))
-                        if !rest.is_empty() && ws.send(frame(1, rest)).await.is_err() =>
-                    {
-                        return;
-                    }
-                    // v5: stdin closed.
-                    Some((255, [0])) if v5 => break,
-                    _ => {}
-                }
-            }
-        }
-        let status = json!({"metadata": {}, "status": "Success"}).to_string();
-        let _ = ws.send(frame(3, status.as_bytes())).await;
-        // A close without a code reads as an error to client-go: say it ended normally.
-        let _ = ws
-            .close(Some(CloseFrame {
-                code: CloseCode::Normal,
-                reason: "".into(),
-            }))
-            .await;
-    });
-    Response::builder()
+    tokio::spawn(echo(hyper::upgrade::on(req), command, stdin, protocol));
+    let mut answer = Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
         .header(header::CONNECTION, "Upgrade")
         .header(header::UPGRADE, "websocket")
         .header(
             header::SEC_WEBSOCKET_ACCEPT,
             derive_accept_key(key.as_bytes()),
-        )
-        .header(header::SEC_WEBSOCKET_PROTOCOL, protocol)
-        .body(Full::new(Bytes::new()))
-        .expect("response")
+        );
+    if !protocol.is_empty() {
+        answer = answer.header(header::SEC_WEBSOCKET_PROTOCOL, protocol);
+    }
+    if deflate {
+        answer = answer.header(header::SEC_WEBSOCKET_EXTENSIONS, "permessage-deflate");
+    }
+    answer.body(Full::new(Bytes::new())).expect("response")
+}
+
+/// The exec's echo on the upgraded stream, in the chosen subprotocol's framing.
+async fn echo(upgrade: OnUpgrade, command: Vec<String>, stdin: bool, protocol: &'static str) {
+    let v5 = protocol.starts_with("v5");
+    let base64_text = protocol.contains("base64");
+    let Ok(upgraded) = upgrade.await else {
+        return;
+    };
+    let mut ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+    let frame = |channel: u8, data: &[u8]| {
+        if base64_text {
+            return Message::Text(format!("{}{}", char::from(b'0' + channel), base64(data)).into());
+        }
+        let mut v = Vec::with_capacity(data.len() + 1);
+        v.push(channel);
+        v.extend_from_slice(data);
+        Message::Binary(v.into())
+    };
+    // The fixed echo: the arguments after the program name, then stdin until it closes.
+    let args = command.get(1..).unwrap_or_default().join(" ");
+    if ws
+        .send(frame(1, format!("{args}\n").as_bytes()))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    if stdin && !base64_text {
+        while let Some(Ok(msg)) = ws.next().await {
+            // As `wsstream` reads them: text and binary alike.
+            let data = match msg {
+                Message::Binary(b) => b.to_vec(),
+                Message::Text(t) => t.as_bytes().to_vec(),
+                Message::Close(_) => break,
+                _ => continue,
+            };
+            match data.split_first() {
+                Some((0, rest)) if !rest.is_empty() && ws.send(frame(1, rest)).await.is_err() => {
+                    return;
+                }
+                // v5: stdin closed.
+                Some((255, [0])) if v5 => break,
+                _ => {}
+            }
+        }
+    }
+    let status = json!({"metadata": {}, "status": "Success"}).to_string();
+    let _ = ws.send(frame(3, status.as_bytes())).await;
+    // A close without a code reads as an error to client-go: say it ended normally.
+    let _ = ws
+        .close(Some(CloseFrame {
+            code: CloseCode::Normal,
+            reason: "".into(),
+        }))
+        .await;
 }
 
 /// Percent- and plus-decoding of a query value.

@@ -512,10 +512,13 @@ impl Session<'_, '_> {
             );
         }
         // Judged first, so a denied exec gets its rule's message whichever way it came (kubectl
-        // retries a refused WebSocket exec over SPDY); an allowed one over SPDY is refused here.
-        if let (Some((value, _)), Judgement::Kube(info)) = (&upgrade, &judged) {
-            if tunnel::unrecordable(value, &info.action()) {
-                return self.refuse_unrecordable(&text);
+        // retries a refused WebSocket exec over SPDY); an allowed one the gateway could not
+        // record (SPDY, base64 subprotocols) is refused here.
+        let terminal =
+            matches!(&judged, Judgement::Kube(info) if tunnel::is_terminal(&info.action()));
+        if let (Some((value, _)), true) = (&upgrade, terminal) {
+            if let Some(why) = tunnel::unrecordable(value, &parts.headers) {
+                return self.refuse_unrecordable(&text, why);
             }
         }
         let injected = match &self.injected {
@@ -577,6 +580,7 @@ impl Session<'_, '_> {
                     request: decided.request,
                     started,
                     secrets: Arc::clone(&injected.secrets),
+                    terminal,
                 },
             ))
             .await
@@ -652,10 +656,9 @@ impl Session<'_, '_> {
         )
     }
 
-    /// Records and answers 403 an exec or attach over SPDY ([`tunnel::unrecordable`]).
-    fn refuse_unrecordable(&self, text: &str) -> Response<ProxyBody> {
-        const WHY: &str = "an exec or attach over SPDY cannot be recorded, so it is not run; \
-                           use a kubectl that speaks WebSocket (1.30 or later)";
+    /// Records and answers 403 an exec or attach whose stream could not be recorded
+    /// ([`tunnel::unrecordable`] says why).
+    fn refuse_unrecordable(&self, text: &str, why: &str) -> Response<ProxyBody> {
         self.conn.record(
             EventKind::request(
                 text,
@@ -663,11 +666,11 @@ impl Session<'_, '_> {
                 RecordedVerdict::Deny,
                 Vec::new(),
             )
-            .with_error(format!("bulkhead: {WHY}")),
+            .with_error(format!("bulkhead: {why}")),
         );
         json_answer(
             StatusCode::FORBIDDEN,
-            &crate::kube::status::forbidden(WHY, &[]),
+            &crate::kube::status::forbidden(why, &[]),
         )
     }
 

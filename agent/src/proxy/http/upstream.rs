@@ -48,6 +48,8 @@ pub enum UpstreamError {
     ServerName(String),
     #[error("HTTP to the target: {0}")]
     Http(#[from] hyper::Error),
+    #[error("the target switched protocols to a stream the gateway cannot record: {0}")]
+    Unrecordable(&'static str),
 }
 
 enum Sender {
