@@ -413,12 +413,9 @@ mod tests {
         v
     }
 
-    /// Bytes pass both ways untouched; stdin, stdout and stderr are recorded as terminal
-    /// events with the held secret blanked; the status channel is not.
-    #[tokio::test]
-    async fn relay_passes_bytes_untouched_and_records_the_channels() {
-        let store = SledStore::temporary().unwrap();
-        let session = store
+    /// A Kubernetes session in `store`, as the gateway opens one for an exec.
+    fn exec_session(store: &SledStore) -> crate::record::SessionId {
+        store
             .open(NewSession {
                 started_at_us: 1,
                 client: ClientAddr("127.0.0.1:40000".parse().unwrap()),
@@ -427,7 +424,15 @@ mod tests {
                 protocol: Protocol::Kubernetes,
                 identity: ProcessIdentity::default(),
             })
-            .unwrap();
+            .unwrap()
+    }
+
+    /// Bytes pass both ways untouched; stdin, stdout and stderr are recorded as terminal
+    /// events with the held secret blanked; the status channel is not.
+    #[tokio::test]
+    async fn relay_passes_bytes_untouched_and_records_the_channels() {
+        let store = SledStore::temporary().unwrap();
+        let session = exec_session(&store);
         let secrets: Arc<[String]> = vec!["s3cret-token".to_string()].into();
         let (client_gw, mut client) = duplex(64 * 1024);
         let (target_gw, mut target) = duplex(64 * 1024);
@@ -582,16 +587,7 @@ mod tests {
     #[tokio::test]
     async fn a_frame_the_tap_cannot_read_ends_the_relay() {
         let store = SledStore::temporary().unwrap();
-        let session = store
-            .open(NewSession {
-                started_at_us: 1,
-                client: ClientAddr("127.0.0.1:40000".parse().unwrap()),
-                destination: OrigDstAddr("10.0.0.5:6443".parse().unwrap()),
-                target: Some("prod-cluster".into()),
-                protocol: Protocol::Kubernetes,
-                identity: ProcessIdentity::default(),
-            })
-            .unwrap();
+        let session = exec_session(&store);
         let recorder = Recorder {
             store: &store,
             session,
