@@ -13,7 +13,8 @@
 //! The daemon's CPU time per request (user + system, from `/proc`) is printed beside.
 //!
 //! `BENCH_HTTP_ONLY=direct|gateway|proxy|relay|gateway-tls|proxy-tls` runs only that leg (for
-//! profiling: the daemon's pid is printed first).
+//! profiling and quick A/B pairs: the daemon's pid is printed first, then the leg's requests/s
+//! and, but for `direct`, the CPU per request and the load average).
 //!
 //! Run with `cargo xtask bench` (root; release build).
 
@@ -238,16 +239,32 @@ fn main() {
     let tls_url = format!("https://{TARGET_V4}/bench");
     let relay_url = format!("http://{TARGET_V4}:81/bench");
     if let Ok(leg) = std::env::var("BENCH_HTTP_ONLY") {
-        let rps = match leg.as_str() {
-            "direct" => wrk(&topo, Side::Host, &url, seconds).rps,
-            "gateway" => gateway_leg(&topo, pid, &url, seconds).0.rps,
-            "proxy" => proxy_leg(&topo, proxy_pid, "http://127.0.0.1:8080/bench", seconds).0,
-            "relay" => relay_leg(&topo, pid, &relay_url, seconds).0.rps,
-            "gateway-tls" => gateway_leg(&topo, pid, &tls_url, seconds).0.rps,
-            "proxy-tls" => proxy_leg(&topo, proxy_pid, "https://127.0.0.1:8443/bench", seconds).0,
+        let of_run = |(run, cpu): (Run, f64)| (run.rps, Some(cpu));
+        let (rps, cpu) = match leg.as_str() {
+            "direct" => (wrk(&topo, Side::Host, &url, seconds).rps, None),
+            "gateway" => of_run(gateway_leg(&topo, pid, &url, seconds)),
+            "proxy" => {
+                let (rps, cpu) =
+                    proxy_leg(&topo, proxy_pid, "http://127.0.0.1:8080/bench", seconds);
+                (rps, Some(cpu))
+            }
+            "relay" => of_run(relay_leg(&topo, pid, &relay_url, seconds)),
+            "gateway-tls" => of_run(gateway_leg(&topo, pid, &tls_url, seconds)),
+            "proxy-tls" => {
+                let (rps, cpu) =
+                    proxy_leg(&topo, proxy_pid, "https://127.0.0.1:8443/bench", seconds);
+                (rps, Some(cpu))
+            }
             other => panic!("BENCH_HTTP_ONLY={other}: not a leg"),
         };
-        println!("{leg}: {rps:.0} requests/s");
+        // The CPU per request is the daemon's (nginx's for the proxy legs), as in the table.
+        match cpu {
+            Some(us) => println!(
+                "{leg}: {rps:.0} requests/s, {us:.1} us CPU per request, load {}",
+                load()
+            ),
+            None => println!("{leg}: {rps:.0} requests/s"),
+        }
         return;
     }
 

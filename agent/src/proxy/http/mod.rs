@@ -513,9 +513,13 @@ impl Session<'_, '_> {
         }
         // Judged first, so a denied exec gets its rule's message whichever way it came (kubectl
         // retries a refused WebSocket exec over SPDY); an allowed one the gateway could not
-        // record (SPDY, base64 subprotocols) is refused here.
-        let terminal =
-            matches!(&judged, Judgement::Kube(info) if tunnel::is_terminal(&info.action()));
+        // record (SPDY, base64 subprotocols) is refused here. An upgrade the gateway could not
+        // read as a Kubernetes request (a policy that allows unknowns) may be an exec: it is
+        // treated as one.
+        let terminal = match &judged {
+            Judgement::Kube(info) => tunnel::is_terminal(&info.action()),
+            Judgement::Http | Judgement::Unknown(_) => true,
+        };
         if let (Some((value, _)), true) = (&upgrade, terminal) {
             if let Some(why) = tunnel::unrecordable(value, &parts.headers) {
                 return self.refuse_unrecordable(&text, why);
@@ -752,17 +756,18 @@ fn is_safe(method: &Method) -> bool {
     )
 }
 
-/// Headers that belong to one connection (RFC 9110 7.6.1), never forwarded either way.
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "te",
-    "trailer",
-    "upgrade",
-    "proxy-authorization",
-    "proxy-authenticate",
+/// Headers that belong to one connection (RFC 9110 7.6.1), never forwarded either way (as
+/// `HeaderName` constants: a lookup by string parses the name every time).
+static HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TRANSFER_ENCODING,
+    header::TE,
+    header::TRAILER,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+    header::PROXY_AUTHENTICATE,
 ];
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
@@ -773,8 +778,8 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .flat_map(|v| v.split(','))
         .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
         .collect();
-    for name in HOP_BY_HOP {
-        headers.remove(*name);
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
     }
     for name in &named {
         headers.remove(name);

@@ -10,7 +10,7 @@
 //! request unknown (the policy's `on_unknown`), as the policy README says.
 
 use hyper::{
-    header::{self, HeaderMap},
+    header::{self, HeaderMap, HeaderName},
     Method, Uri, Version,
 };
 
@@ -56,20 +56,27 @@ impl Ambiguous {
 pub const MAX_TARGET: usize = 8 * 1024;
 
 /// Headers that must not appear twice with different values: each decides what the request is.
-const SINGLETONS: &[(&str, &str)] = &[
-    ("host", "Host"),
-    ("content-length", "Content-Length"),
-    ("content-type", "Content-Type"),
-    ("authorization", "Authorization"),
-    ("proxy-authorization", "Proxy-Authorization"),
-    ("content-encoding", "Content-Encoding"),
+/// Names as `HeaderName` constants: a lookup by string parses the name every time.
+static SINGLETONS: [(HeaderName, &str); 6] = [
+    (header::HOST, "Host"),
+    (header::CONTENT_LENGTH, "Content-Length"),
+    (header::CONTENT_TYPE, "Content-Type"),
+    (header::AUTHORIZATION, "Authorization"),
+    (header::PROXY_AUTHORIZATION, "Proxy-Authorization"),
+    (header::CONTENT_ENCODING, "Content-Encoding"),
 ];
 
 /// Headers with which frameworks run another method than the request line's.
-const METHOD_OVERRIDES: &[&str] = &[
-    "x-http-method-override",
-    "x-http-method",
-    "x-method-override",
+static METHOD_OVERRIDES: [(HeaderName, &str); 3] = [
+    (
+        HeaderName::from_static("x-http-method-override"),
+        "x-http-method-override",
+    ),
+    (HeaderName::from_static("x-http-method"), "x-http-method"),
+    (
+        HeaderName::from_static("x-method-override"),
+        "x-method-override",
+    ),
 ];
 
 /// A request as judged and forwarded.
@@ -111,15 +118,18 @@ pub fn normalise(
         return Err(Ambiguous::Method("CONNECT"));
     }
     framing(headers, version)?;
-    for (name, label) in SINGLETONS {
-        let mut values = headers.get_all(*name).iter();
+    for (name, label) in &SINGLETONS {
+        let mut values = headers.get_all(name).iter();
         if let Some(first) = values.next() {
             if values.any(|v| v != first) {
                 return Err(Ambiguous::Duplicate(label));
             }
         }
     }
-    if let Some(name) = METHOD_OVERRIDES.iter().find(|h| headers.contains_key(**h)) {
+    if let Some((_, name)) = METHOD_OVERRIDES
+        .iter()
+        .find(|(h, _)| headers.contains_key(h))
+    {
         return Err(Ambiguous::MethodOverride(name));
     }
 
