@@ -28,8 +28,8 @@ use super::{
     Catalogs, SessionError,
 };
 use crate::{
-    policy::{Action, Classification, NameEffect, PolicySet, Verdict},
-    proxy::session::{Ask, Conn},
+    policy::{Classification, NameEffect, PolicySet, Verdict},
+    proxy::session::Conn,
     record::{EventKind, Outcome, RecordedVerdict, SessionEnd},
 };
 
@@ -204,32 +204,30 @@ impl<'a> Relay<'a> {
     }
 
     /// Decides a classified statement through the session pipeline (recorded before anything
-    /// is forwarded; held for approval; observe mode).
+    /// is forwarded; held for approval; observe mode), a repeated one from the session's memo
+    /// ([`Conn::decide_sql`]).
     async fn decide_classified(
         &self,
-        policy: &PolicySet,
+        policy: &Arc<PolicySet>,
         classification: Arc<Classification>,
         text: &str,
         params: &[Option<String>],
     ) -> Judged {
         let decided = self
             .conn
-            .decide(
+            .decide_sql(
                 policy,
-                Ask {
-                    action: Action::SqlClassified(&classification),
-                    text,
-                    class: classification.headline().map(|c| c.name().to_string()),
-                    on_hold: Some(&|id| self.tell_held(id)),
-                    params,
-                },
+                &classification,
+                text,
+                Some(&|id| self.tell_held(id)),
+                params,
             )
             .await;
         let decision = &decided.decision;
         // Observe mode never changes what flows: its masks are recorded, not applied. Nothing
         // of a refused statement runs.
         let masks: Masks =
-            if decision.observe_only || decision.masks.is_empty() || !decided.forward() {
+            if decision.observe_only || decision.masks.is_empty() || decided.refusal.is_some() {
                 no_masks()
             } else {
                 decision.masks.iter().cloned().collect()
