@@ -237,18 +237,17 @@ impl Conn<'_> {
         on_hold: Option<&(dyn Fn(u64) + Send + Sync)>,
         params: &[Option<String>],
     ) -> DecidedSql {
-        let (decision, rules) = match self.memo.get(policy, what) {
-            Some(hit) => hit,
-            None => {
-                let decision = Arc::new(policy.evaluate(&policy::Request {
-                    target: self.target.policy_ref(),
-                    identity: &self.identity,
-                    action: Action::SqlClassified(what),
-                }));
-                let rules: Arc<[String]> = Arc::from(decision.rules.as_slice());
-                self.memo.put(policy, what, &decision, &rules);
-                (decision, rules)
-            }
+        let (decision, rules) = if let Some(hit) = self.memo.get(policy, what) {
+            hit
+        } else {
+            let decision = Arc::new(policy.evaluate(&policy::Request {
+                target: self.target.policy_ref(),
+                identity: &self.identity,
+                action: Action::SqlClassified(what),
+            }));
+            let rules: Arc<[String]> = Arc::from(decision.rules.as_slice());
+            self.memo.put(policy, what, &decision, &rules);
+            (decision, rules)
         };
         let class = what.headline().map(|c| Cow::Borrowed(c.name()));
         let (request, refusal) = self
