@@ -241,7 +241,7 @@ impl Recorder {
         };
         let event = EventKind::request(
             &kind.text(),
-            Some(kind.protocol().to_string()),
+            Some(kind.protocol().to_string().into()),
             RecordedVerdict::Deny,
             Vec::new(),
         )

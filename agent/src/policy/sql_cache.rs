@@ -549,7 +549,8 @@ impl SqlCache {
         prepared: Option<&PreparedStatements>,
     ) -> Arc<Classification> {
         let cacheable = self.capacity > 0 && sql.len() <= Self::MAX_KEY;
-        let mut shape = String::new();
+        // A key is never longer than its text (a literal folds to `0`): one allocation.
+        let mut shape = String::with_capacity(if cacheable { sql.len() } else { 0 });
         let folded = cacheable && shape_key(sql, &mut shape);
         let key: &str = if folded { &shape } else { sql };
         if cacheable {

@@ -161,6 +161,7 @@ pub async fn handle(
             identity,
             session: id,
             target,
+            memo: session::DecisionMemo::default(),
         };
 
         // Decide the connection itself, before the protocol reads or sends a byte.

@@ -9,9 +9,10 @@
 //! broker itself.
 
 use std::{
+    borrow::Cow,
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc,
+        Arc, Mutex, PoisonError,
     },
     time::Duration,
 };
@@ -26,7 +27,7 @@ use crate::{
     ebpf::OrigDst,
     identity::{ProcReader, ProcessIdentity},
     net::{ClientAddr, OrigDstAddr},
-    policy::{self, Action, Basis, Decision, PolicySet, Verdict},
+    policy::{self, Action, Basis, Classification, Decision, PolicySet, Verdict},
     protocol::Protocol,
     record::{EventKind, RecordedVerdict, SessionId, SessionStore},
 };
@@ -86,6 +87,82 @@ pub struct Conn<'g> {
     pub identity: ProcessIdentity,
     pub session: SessionId,
     pub target: ResolvedTarget<'g>,
+    /// Decisions on statements already judged in this session ([`Conn::decide_sql`]).
+    pub memo: DecisionMemo,
+}
+
+/// The decisions on SQL already judged in a session, so a repeated statement's decision is
+/// served without evaluating the policy or allocating. A decision depends only on the policy,
+/// the target, the identity and what the statement does; the target and identity are the
+/// session's, so an entry is keyed by the policy snapshot and the classification, each
+/// compared by address. The entry holds both, so neither address can be reused by another
+/// value while it is kept. The SQL classification cache hands out one `Arc` per statement
+/// shape, which makes repeated statements (and statements differing only in folded literals)
+/// meet here; any other classification misses and is evaluated. A new policy snapshot
+/// empties the memo.
+#[derive(Default)]
+pub struct DecisionMemo {
+    entries: Mutex<Vec<Memo>>,
+}
+
+struct Memo {
+    policy: Arc<PolicySet>,
+    what: Arc<Classification>,
+    decision: Arc<Decision>,
+    /// `decision.rules` as the request event shares them.
+    rules: Arc<[String]>,
+}
+
+impl DecisionMemo {
+    /// Statement shapes remembered per session; past it the oldest is replaced.
+    pub const CAPACITY: usize = 32;
+
+    fn get(
+        &self,
+        policy: &Arc<PolicySet>,
+        what: &Arc<Classification>,
+    ) -> Option<(Arc<Decision>, Arc<[String]>)> {
+        let entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        entries
+            .iter()
+            .find(|m| Arc::ptr_eq(&m.what, what) && Arc::ptr_eq(&m.policy, policy))
+            .map(|m| (Arc::clone(&m.decision), Arc::clone(&m.rules)))
+    }
+
+    fn put(
+        &self,
+        policy: &Arc<PolicySet>,
+        what: &Arc<Classification>,
+        decision: &Arc<Decision>,
+        rules: &Arc<[String]>,
+    ) {
+        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        if entries
+            .first()
+            .is_some_and(|m| !Arc::ptr_eq(&m.policy, policy))
+        {
+            entries.clear();
+        }
+        if entries.len() >= Self::CAPACITY {
+            entries.remove(0);
+        }
+        entries.push(Memo {
+            policy: Arc::clone(policy),
+            what: Arc::clone(what),
+            decision: Arc::clone(decision),
+            rules: Arc::clone(rules),
+        });
+    }
+}
+
+/// A decided statement ([`Conn::decide_sql`]): the decision shared with the session's memo.
+#[derive(Debug)]
+pub struct DecidedSql {
+    /// The id of the recorded request event (0 when none was recorded), for its response.
+    pub request: u64,
+    /// `None`: forward it. `Some(message)`: refuse it, telling the client `message`.
+    pub refusal: Option<String>,
+    pub decision: Arc<Decision>,
 }
 
 /// What a protocol is to do with a decided request.
@@ -111,7 +188,7 @@ pub struct Ask<'a> {
     /// What the client asked for, as recorded and shown to an approver.
     pub text: &'a str,
     /// Its class as recorded (`read`, `connect`, ...).
-    pub class: Option<String>,
+    pub class: Option<Cow<'static, str>>,
     /// Told the approval's id as soon as the request waits for an admin, so the protocol can
     /// say so to a client that would otherwise just hang (a PostgreSQL NOTICE).
     pub on_hold: Option<&'a (dyn Fn(u64) + Send + Sync)>,
@@ -146,6 +223,41 @@ impl Conn<'_> {
         });
         self.apply_telling(decision, ask.text, ask.class, ask.on_hold, ask.params)
             .await
+    }
+
+    /// [`Conn::decide`] for a classified SQL statement, served from the session's memo when
+    /// the same policy snapshot judged the same classification before ([`DecisionMemo`]). The
+    /// recorded class is the classification's headline. Recorded and enforced exactly as
+    /// [`Conn::decide`] does.
+    pub async fn decide_sql(
+        &self,
+        policy: &Arc<PolicySet>,
+        what: &Arc<Classification>,
+        text: &str,
+        on_hold: Option<&(dyn Fn(u64) + Send + Sync)>,
+        params: &[Option<String>],
+    ) -> DecidedSql {
+        let (decision, rules) = if let Some(hit) = self.memo.get(policy, what) {
+            hit
+        } else {
+            let decision = Arc::new(policy.evaluate(&policy::Request {
+                target: self.target.policy_ref(),
+                identity: &self.identity,
+                action: Action::SqlClassified(what),
+            }));
+            let rules: Arc<[String]> = Arc::from(decision.rules.as_slice());
+            self.memo.put(policy, what, &decision, &rules);
+            (decision, rules)
+        };
+        let class = what.headline().map(|c| Cow::Borrowed(c.name()));
+        let (request, refusal) = self
+            .enforce(&decision, rules, text, class, on_hold, params)
+            .await;
+        DecidedSql {
+            request,
+            refusal,
+            decision,
+        }
     }
 
     /// Like [`Conn::decide`] where no one can wait (during a protocol's login): a request that
@@ -193,7 +305,12 @@ impl Conn<'_> {
     /// refuses), then enforces it: allow forwards, deny refuses with the policy's message,
     /// approve holds until an admin decides or the approval expires. In observe mode the record
     /// says what would have been enforced, marked observed, and the request is forwarded.
-    pub async fn apply(&self, decision: Decision, text: &str, class: Option<String>) -> Decided {
+    pub async fn apply(
+        &self,
+        decision: Decision,
+        text: &str,
+        class: Option<Cow<'static, str>>,
+    ) -> Decided {
         self.apply_telling(decision, text, class, None, &[]).await
     }
 
@@ -202,28 +319,46 @@ impl Conn<'_> {
         &self,
         decision: Decision,
         text: &str,
-        class: Option<String>,
+        class: Option<Cow<'static, str>>,
         on_hold: Option<&(dyn Fn(u64) + Send + Sync)>,
         params: &[Option<String>],
     ) -> Decided {
-        let event = EventKind::request(
-            text,
-            class.clone(),
-            recorded(decision.decided),
-            decision.rules.clone(),
-        )
-        .observed(decision.observe_only);
+        let rules = Arc::from(decision.rules.as_slice());
+        let (request, refusal) = self
+            .enforce(&decision, rules, text, class, on_hold, params)
+            .await;
+        Decided {
+            request,
+            refusal,
+            decision,
+        }
+    }
+
+    /// Records `decision` (`rules` are its rule ids, shared with the event) and enforces it:
+    /// the request event's id and the refusal, if refused.
+    async fn enforce(
+        &self,
+        decision: &Decision,
+        rules: Arc<[String]>,
+        text: &str,
+        class: Option<Cow<'static, str>>,
+        on_hold: Option<&(dyn Fn(u64) + Send + Sync)>,
+        params: &[Option<String>],
+    ) -> (u64, Option<String>) {
+        // The class is needed again only when the request is held.
+        let held_class = (decision.verdict == Verdict::Approve).then(|| class.clone());
+        let event = EventKind::request(text, class, recorded(decision.decided), rules)
+            .observed(decision.observe_only);
         let request = match self.gw.store.append(self.session, event) {
             Ok(id) => id,
             Err(e) => {
                 warn!(error = %e, "cannot record a decision; the request is refused");
-                return Decided {
-                    request: 0,
-                    refusal: Some(
+                return (
+                    0,
+                    Some(
                         "bulkhead: the gateway cannot record this request, so it is not run".into(),
                     ),
-                    decision,
-                };
+                );
             }
         };
         let refusal = match decision.verdict {
@@ -231,13 +366,12 @@ impl Conn<'_> {
             Verdict::Deny => Some(decision.message.clone().unwrap_or_else(|| {
                 format!("bulkhead: denied by policy ({})", decision.rules.join(", "))
             })),
-            Verdict::Approve => self.hold(&decision, text, class, on_hold, params).await,
+            Verdict::Approve => {
+                self.hold(decision, text, held_class.flatten(), on_hold, params)
+                    .await
+            }
         };
-        Decided {
-            request,
-            refusal,
-            decision,
-        }
+        (request, refusal)
     }
 
     /// Holds a request until an admin decides (or it expires); the refusal message unless
@@ -247,7 +381,7 @@ impl Conn<'_> {
         &self,
         decision: &Decision,
         text: &str,
-        class: Option<String>,
+        class: Option<Cow<'static, str>>,
         on_hold: Option<&(dyn Fn(u64) + Send + Sync)>,
         params: &[Option<String>],
     ) -> Option<String> {
@@ -301,8 +435,13 @@ impl Conn<'_> {
         let message = outcome.denial_message()?;
         // The final verdict is a denial: that is what counts the session as denied.
         self.record(
-            EventKind::request(text, class, RecordedVerdict::Deny, decision.rules.clone())
-                .with_error(message.clone()),
+            EventKind::request(
+                text,
+                class,
+                RecordedVerdict::Deny,
+                decision.rules.as_slice(),
+            )
+            .with_error(message.clone()),
         );
         Some(message)
     }

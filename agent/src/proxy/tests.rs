@@ -184,9 +184,9 @@ fn only_request(events: &[EventKind]) -> (RecordedVerdict, Vec<String>, bool, St
             ..
         }] => (
             *verdict,
-            rules.clone(),
+            rules.to_vec(),
             *observed,
-            class.clone().unwrap_or_default(),
+            class.as_deref().unwrap_or_default().to_string(),
         ),
         other => panic!("expected one request event: {other:?}"),
     }
@@ -573,7 +573,7 @@ async fn live_connect_decision(
             RecordedVerdict::Approve => policy::Verdict::Approve,
             RecordedVerdict::Mask => panic!("a connection is never masked"),
         };
-        (verdict, rules, observed)
+        (verdict, rules.to_vec(), observed)
     } else {
         assert!(
             !matches!(closed.outcome, Outcome::Refused { .. }),

@@ -7,7 +7,11 @@
 
 pub mod sled;
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::{
+    borrow::Cow,
+    sync::Arc,
+    time::{SystemTime, UNIX_EPOCH},
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -184,12 +188,14 @@ pub enum EventKind {
         method: String,
         ok: bool,
     },
-    /// A request (statement, command, HTTP request) with its verdict.
+    /// A request (statement, command, HTTP request) with its verdict. `class` and `rules` are
+    /// shared, not copied, where a protocol serves a repeated request's decision from memory
+    /// (the PostgreSQL gateway): they read and write as a string and a list of strings.
     Request {
         text: String,
-        class: Option<String>,
+        class: Option<Cow<'static, str>>,
         verdict: RecordedVerdict,
-        rules: Vec<String>,
+        rules: Arc<[String]>,
         /// Observe mode: the verdict was recorded, not enforced.
         #[serde(default)]
         observed: bool,
@@ -269,15 +275,15 @@ impl EventKind {
     /// A request with its verdict, its text bounded: the one place request events are built.
     pub fn request(
         text: &str,
-        class: Option<String>,
+        class: Option<Cow<'static, str>>,
         verdict: RecordedVerdict,
-        rules: Vec<String>,
+        rules: impl Into<Arc<[String]>>,
     ) -> Self {
         EventKind::Request {
             text: bounded(text),
             class,
             verdict,
-            rules,
+            rules: rules.into(),
             observed: false,
             duration_us: None,
             summary: None,
@@ -488,7 +494,7 @@ mod tests {
                 text: "DELETE FROM t".into(),
                 class: Some("delete".into()),
                 verdict: RecordedVerdict::Deny,
-                rules: vec!["no-writes".into()],
+                rules: vec!["no-writes".into()].into(),
                 observed: false,
                 duration_us: Some(3),
                 summary: None,

@@ -830,7 +830,7 @@ mod tests {
             text: "SELECT 1".into(),
             class: Some("read".into()),
             verdict,
-            rules: vec![],
+            rules: vec![].into(),
             observed: false,
             duration_us: None,
             summary: None,

@@ -198,12 +198,17 @@ sql = { class = ["read", "transaction", "session", "insert", "update", "delete",
         let args = ["-n", "-S", "-M", mode, "-c", "8", "-j", "2", "-T", seconds];
         let events_before = (leg.side == Side::Governed).then(|| recorded_when_drained(&topo));
         let before = leg.pid.map(cpu_us);
+        let user_before = leg.pid.map(user_cpu_us);
         let out = pgbench(&topo, leg.side, leg.host, leg.port, leg.password, &args);
         let transactions = transactions(&out);
         let cpu = leg
             .pid
             .zip(before)
             .map(|(p, b)| (cpu_us(p) - b) / transactions);
+        let user = leg
+            .pid
+            .zip(user_before)
+            .map(|(p, b)| (user_cpu_us(p) - b) / transactions);
         if let Some(before) = events_before {
             let after = recorded_when_drained(&topo);
             check_recorded(mode, transactions, after.0 - before.0);
@@ -217,7 +222,7 @@ sql = { class = ["read", "transaction", "session", "insert", "update", "delete",
                 );
             }
         }
-        (tps(&out), cpu.unwrap_or(0.0))
+        (tps(&out), cpu.unwrap_or(0.0), user.unwrap_or(0.0))
     };
     if let Some(name) = only() {
         let leg = legs
@@ -225,8 +230,11 @@ sql = { class = ["read", "transaction", "session", "insert", "update", "delete",
             .find(|l| l.name == name)
             .expect("BENCH_PG_ONLY names a leg");
         for mode in only_modes() {
-            let (tps, cpu) = run(leg, &mode, &seconds);
-            println!("{mode:<9} {name} {tps:.0} tps, proxy CPU {cpu:.1} us per transaction");
+            let (tps, cpu, user) = run(leg, &mode, &seconds);
+            println!(
+                "{mode:<9} {name} {tps:.0} tps, proxy CPU {cpu:.1} us per transaction \
+                 ({user:.1} us in user space)"
+            );
         }
         return;
     }
@@ -477,15 +485,28 @@ fn latency(text: &str) -> f64 {
 
 /// CPU time (user + system) the process has used, in microseconds.
 fn cpu_us(pid: u32) -> f64 {
+    let (user, system) = cpu_ticks_us(pid);
+    user + system
+}
+
+/// The user-space part of [`cpu_us`]: what the proxy's own code costs, without the kernel's
+/// socket work and wake-ups.
+fn user_cpu_us(pid: u32) -> f64 {
+    cpu_ticks_us(pid).0
+}
+
+/// A process's user and system CPU time so far, in microseconds.
+fn cpu_ticks_us(pid: u32) -> (f64, f64) {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).expect("daemon's /proc stat");
     // Fields after the command name, which is in parentheses and may hold spaces.
     let after = &stat[stat.rfind(')').expect("stat has a command") + 2..];
     let fields: Vec<&str> = after.split_whitespace().collect();
     // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the name.
-    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    let user: f64 = fields[11].parse().unwrap();
+    let system: f64 = fields[12].parse().unwrap();
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    ticks * 1e6 / hz
+    (user * 1e6 / hz, system * 1e6 / hz)
 }
 
 /// Transactions pgbench completed.

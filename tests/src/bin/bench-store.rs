@@ -49,7 +49,7 @@ fn fill(store: &SledStore, n: u32) {
                         text: "SELECT abalance FROM pgbench_accounts WHERE aid = $1".into(),
                         class: Some("read".into()),
                         verdict: RecordedVerdict::Allow,
-                        rules: vec!["read-only".into()],
+                        rules: vec!["read-only".into()].into(),
                         observed: false,
                         duration_us: Some(40),
                         summary: Some("SELECT 1".into()),

@@ -414,7 +414,7 @@ async fn judge_startup_settings(
                 Ask {
                     action: Action::SqlClassified(&classification),
                     text: &format!("startup parameter: {text}"),
-                    class: classification.headline().map(|c| c.name().to_string()),
+                    class: classification.headline().map(|c| c.name().into()),
                     on_hold: None,
                     params: &[],
                 },

@@ -24,12 +24,12 @@ use super::{
     catalog, codec,
     codec::{CodecError, FrameReader},
     columns, ended, send_fatal,
-    state::{Depends, Judged, Masks, Request, State, ToJudge},
+    state::{no_masks, Depends, Judged, Masks, Request, State, ToJudge},
     Catalogs, SessionError,
 };
 use crate::{
-    policy::{Action, Classification, NameEffect, PolicySet, Verdict},
-    proxy::session::{Ask, Conn},
+    policy::{Classification, NameEffect, PolicySet, Verdict},
+    proxy::session::Conn,
     record::{EventKind, Outcome, RecordedVerdict, SessionEnd},
 };
 
@@ -127,7 +127,7 @@ impl<'a> Relay<'a> {
                 r = &mut target_side => r,
             }
         };
-        self.record_finished();
+        self.record_finished(&mut Vec::new());
         match &result {
             Err(
                 e @ (SessionError::Client(_)
@@ -204,33 +204,31 @@ impl<'a> Relay<'a> {
     }
 
     /// Decides a classified statement through the session pipeline (recorded before anything
-    /// is forwarded; held for approval; observe mode).
+    /// is forwarded; held for approval; observe mode), a repeated one from the session's memo
+    /// ([`Conn::decide_sql`]).
     async fn decide_classified(
         &self,
-        policy: &PolicySet,
+        policy: &Arc<PolicySet>,
         classification: Arc<Classification>,
         text: &str,
         params: &[Option<String>],
     ) -> Judged {
         let decided = self
             .conn
-            .decide(
+            .decide_sql(
                 policy,
-                Ask {
-                    action: Action::SqlClassified(&classification),
-                    text,
-                    class: classification.headline().map(|c| c.name().to_string()),
-                    on_hold: Some(&|id| self.tell_held(id)),
-                    params,
-                },
+                &classification,
+                text,
+                Some(&|id| self.tell_held(id)),
+                params,
             )
             .await;
         let decision = &decided.decision;
         // Observe mode never changes what flows: its masks are recorded, not applied. Nothing
         // of a refused statement runs.
         let masks: Masks =
-            if decision.observe_only || decision.masks.is_empty() || !decided.forward() {
-                Arc::from([])
+            if decision.observe_only || decision.masks.is_empty() || decided.refusal.is_some() {
+                no_masks()
             } else {
                 decision.masks.iter().cloned().collect()
             };
@@ -309,7 +307,7 @@ impl<'a> Relay<'a> {
         Judged {
             request,
             refusal: Some("fastpath function calls are not allowed through the gateway".into()),
-            masks: Arc::from([]),
+            masks: no_masks(),
             what: None,
             approved_once: false,
         }
@@ -367,7 +365,7 @@ impl<'a> Relay<'a> {
                     Some(judged)
                 }
                 Request::FunctionCall => {
-                    self.columns.query(gw, "", &Arc::from([]));
+                    self.columns.query(gw, "", &no_masks());
                     Some(self.refuse_function_call())
                 }
                 Request::Bind { statement, portal } => {
@@ -455,13 +453,15 @@ impl<'a> Relay<'a> {
             gw.store.as_ref(),
             self.conn.session,
         );
+        // Kept across flushes: the events to record move through it without a new list each.
+        let mut finished = Vec::new();
         loop {
             if !leg.from.has_frame() {
                 leg.to
                     .flush()
                     .await
                     .map_err(|e| SessionError::Client(e.into()))?;
-                self.record_finished();
+                self.record_finished(&mut finished);
             }
             // Only when the next read would wait anyway is a gateway notice let in (between
             // whole frames; the reader keeps a partly read frame across the select).
@@ -541,10 +541,10 @@ impl<'a> Relay<'a> {
         results.mask(front, &masks, tag, body).await
     }
 
-    /// Records the results completed so far.
-    fn record_finished(&self) {
-        let finished = self.state().take_finished();
-        for kind in finished {
+    /// Records the results completed so far, moved through `scratch` (left empty).
+    fn record_finished(&self, scratch: &mut Vec<EventKind>) {
+        self.state().move_finished_into(scratch);
+        for kind in scratch.drain(..) {
             self.conn.record(kind);
         }
     }

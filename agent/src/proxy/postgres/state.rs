@@ -67,6 +67,78 @@ const MAX_RECORD_TEXT: usize = 1024;
 /// The mask rules that apply to a statement's results (empty: none).
 pub type Masks = Arc<[Arc<policy::MaskRule>]>;
 
+/// No masks, shared: an empty `Arc<[_]>` still allocates its counts, once per statement.
+pub fn no_masks() -> Masks {
+    static NONE: std::sync::LazyLock<Masks> = std::sync::LazyLock::new(|| Arc::from([]));
+    Arc::clone(&NONE)
+}
+
+/// The command tags of a request's answers, joined as its `Response` event shows them
+/// (`SELECT 1; UPDATE 2`), and the rows they count (each tag's last number). Built as the tags
+/// arrive, in one string that becomes the summary: no list of tags and no `format!` per
+/// statement.
+#[derive(Debug, Default)]
+struct Tags {
+    joined: String,
+    count: u32,
+    rows: u64,
+}
+
+impl Tags {
+    fn push(&mut self, tag: &str) {
+        if self.count == 0 {
+            // Room for the first tag and the row count appended by `summary`.
+            self.joined.reserve(tag.len() + 32);
+        } else {
+            self.joined.push_str("; ");
+        }
+        self.joined.push_str(tag);
+        self.count = self.count.saturating_add(1);
+        let rows = tag
+            .rsplit(' ')
+            .next()
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0);
+        self.rows = self.rows.saturating_add(rows);
+    }
+
+    fn one(tag: &str) -> Self {
+        let mut tags = Self::default();
+        tags.push(tag);
+        tags
+    }
+
+    /// `TAGS (N rows)`, or `None` without a tag.
+    fn summary(self) -> Option<String> {
+        if self.count == 0 {
+            return None;
+        }
+        let mut out = self.joined;
+        out.push_str(" (");
+        push_decimal(&mut out, self.rows);
+        out.push_str(" rows)");
+        Some(out)
+    }
+}
+
+/// Appends `n` in decimal, without the formatting machinery.
+fn push_decimal(out: &mut String, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        // `n % 10` is below 10: the cast cannot truncate.
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for &d in &digits[at..] {
+        out.push(char::from(d));
+    }
+}
+
 /// A frontend message, read as far as the session's model needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Request<'a> {
@@ -168,7 +240,7 @@ impl Judged {
         Self {
             request: 0,
             refusal: Some("the gateway did not decide this statement".into()),
-            masks: Arc::from([]),
+            masks: no_masks(),
             what: None,
             approved_once: false,
         }
@@ -326,7 +398,7 @@ enum Pending {
     Query {
         request: u64,
         started: Instant,
-        tags: Vec<String>,
+        tags: Tags,
         error: Option<String>,
         masks: Masks,
         /// Rows (or COPY lines) sent with masked values.
@@ -641,9 +713,9 @@ impl State {
             }
             b'C' | b's' | b'I' => {
                 let summary = match tag {
-                    b'C' => codec::command_tag(body).to_string(),
-                    b's' => "portal suspended".into(),
-                    _ => "empty query".into(),
+                    b'C' => codec::command_tag(body),
+                    b's' => "portal suspended",
+                    _ => "empty query",
                 };
                 match self.pending.front_mut() {
                     Some(Pending::Query { tags, .. }) => tags.push(summary),
@@ -667,7 +739,7 @@ impl State {
                             self.finish(
                                 request,
                                 started,
-                                std::slice::from_ref(&summary),
+                                Tags::one(summary),
                                 None,
                                 (&masks, masked_rows),
                             );
@@ -689,7 +761,7 @@ impl State {
                         ..
                     }) => {
                         diverged = self.query_done(&effects, error.is_none());
-                        self.finish(request, started, &tags, error, (&masks, masked_rows));
+                        self.finish(request, started, tags, error, (&masks, masked_rows));
                     }
                     Some(Pending::Sync) => {}
                     _ => return Err(out_of_step()),
@@ -722,8 +794,15 @@ impl State {
     }
 
     /// The results completed since the last call, as `Response` events to record.
+    #[cfg(test)]
     pub fn take_finished(&mut self) -> Vec<EventKind> {
         std::mem::take(&mut self.finished)
+    }
+
+    /// Moves the results completed since the last call into `out`, as `Response` events to
+    /// record; both lists keep their allocations.
+    pub fn move_finished_into(&mut self, out: &mut Vec<EventKind>) {
+        out.append(&mut self.finished);
     }
 
     /// Messages awaiting the target's answers.
@@ -807,7 +886,7 @@ impl State {
                     text: record_text(sql),
                     judged: Some(Attribution {
                         request: judged.request,
-                        masks: Arc::from([]),
+                        masks: no_masks(),
                         once: false,
                     }),
                     hold: false,
@@ -889,13 +968,13 @@ impl State {
             None => (None, None, masks),
             Some(message) => {
                 let (denied, stand_in) = Self::stand_in(message);
-                (Some(denied), Some(frame(&stand_in)), Arc::from([]))
+                (Some(denied), Some(frame(&stand_in)), no_masks())
             }
         };
         self.push(Pending::Query {
             request,
             started: Instant::now(),
-            tags: Vec::new(),
+            tags: Tags::default(),
             error: None,
             masks,
             masked_rows: 0,
@@ -932,7 +1011,7 @@ impl State {
             None => (None, None, judged.masks),
             Some(message) => {
                 let (denied, stand_in) = Self::stand_in(message);
-                (Some(denied), Some(codec::execute(&stand_in)), Arc::from([]))
+                (Some(denied), Some(codec::execute(&stand_in)), no_masks())
             }
         };
         self.push(Pending::Execute {
@@ -1050,7 +1129,13 @@ impl State {
                     },
                 ) if request != 0 && !recorded.contains(&request) => {
                     recorded.push(request);
-                    self.finish(request, started, &[], Some(error), (&Arc::from([]), 0));
+                    self.finish(
+                        request,
+                        started,
+                        Tags::default(),
+                        Some(error),
+                        (&no_masks(), 0),
+                    );
                 }
                 _ => {}
             }
@@ -1088,24 +1173,15 @@ impl State {
         &mut self,
         request: u64,
         started: Instant,
-        tags: &[String],
+        tags: Tags,
         error: Option<String>,
         (masks, masked): (&Masks, u64),
     ) {
         let duration_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-        let rows: u64 = tags
-            .iter()
-            .filter_map(|t| t.rsplit(' ').next()?.parse::<u64>().ok())
-            .sum();
-        let summary = match tags {
-            [] => None,
-            [one] => Some(format!("{one} ({rows} rows)")),
-            many => Some(format!("{} ({rows} rows)", many.join("; "))),
-        };
         self.finished.push(EventKind::Response {
             request,
             duration_us,
-            summary,
+            summary: tags.summary(),
             error,
             masked_rows: (masked > 0).then_some(masked),
             mask_rules: if masked > 0 {

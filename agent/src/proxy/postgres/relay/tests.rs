@@ -87,6 +87,7 @@ fn conn(gw: &Gateway) -> Conn<'_> {
         identity: ProcessIdentity::default(),
         session,
         target,
+        memo: crate::proxy::session::DecisionMemo::default(),
     }
 }
 
@@ -413,4 +414,100 @@ async fn a_simple_query_inside_an_unfinished_extended_batch_ends_the_session() {
         "{fatal:?}"
     );
     assert!(matches!(end.outcome, Outcome::Failed { .. }));
+}
+
+/// A repeated statement's decision comes from the session's memo (the same decision, not a
+/// new one), is recorded every time, and a new policy snapshot is never served an old
+/// snapshot's decision.
+#[tokio::test]
+async fn a_repeated_statement_is_decided_from_the_memo_until_the_policy_changes() {
+    let policies = tempfile::tempdir().unwrap();
+    let gw = gateway(&policies);
+    let conn = conn(&gw);
+    let policy = conn.policy();
+    // Two texts of one shape: the classification cache hands out one classification.
+    let first = policy.cache().classify("DELETE FROM t WHERE id = 1", None);
+    let second = policy.cache().classify("DELETE FROM t WHERE id = 2", None);
+    assert!(
+        Arc::ptr_eq(&first, &second),
+        "one shape, one classification"
+    );
+
+    let a = conn
+        .decide_sql(&policy, &first, "DELETE FROM t WHERE id = 1", None, &[])
+        .await;
+    let b = conn
+        .decide_sql(&policy, &second, "DELETE FROM t WHERE id = 2", None, &[])
+        .await;
+    assert_eq!(a.refusal.as_deref(), Some("no deletes here"));
+    assert_eq!(b.refusal.as_deref(), Some("no deletes here"));
+    assert!(
+        Arc::ptr_eq(&a.decision, &b.decision),
+        "served from the memo"
+    );
+    assert_ne!(a.request, b.request);
+
+    // Another statement shape is evaluated on its own.
+    let read = policy.cache().classify("SELECT 1", None);
+    let c = conn.decide_sql(&policy, &read, "SELECT 1", None, &[]).await;
+    assert!(c.refusal.is_none());
+
+    // The deny rule goes: the new snapshot allows what the memo holds as denied.
+    std::fs::write(
+        policies.path().join("test.toml"),
+        "[[target]]\nprotocol = \"postgres\"\ndefault = \"allow\"\n",
+    )
+    .unwrap();
+    gw.policy.reload().unwrap();
+    let reloaded = conn.policy();
+    assert!(!Arc::ptr_eq(&policy, &reloaded));
+    let d = conn
+        .decide_sql(&reloaded, &first, "DELETE FROM t WHERE id = 1", None, &[])
+        .await;
+    assert!(d.refusal.is_none(), "{:?}", d.refusal);
+    assert_eq!(d.decision.rules, vec!["target:db:default".to_string()]);
+
+    let recorded: Vec<(String, RecordedVerdict, Vec<String>, Option<String>)> = gw
+        .store
+        .events(conn.session)
+        .unwrap()
+        .into_iter()
+        .filter_map(|e| match e.kind {
+            EventKind::Request {
+                text,
+                verdict,
+                rules,
+                class,
+                ..
+            } => Some((text, verdict, rules.to_vec(), class.map(String::from))),
+            _ => None,
+        })
+        .collect();
+    let deny = |t: &str| {
+        (
+            t.to_string(),
+            RecordedVerdict::Deny,
+            vec!["no-deletes".to_string()],
+            Some("delete".to_string()),
+        )
+    };
+    assert_eq!(
+        recorded,
+        vec![
+            deny("DELETE FROM t WHERE id = 1"),
+            deny("DELETE FROM t WHERE id = 2"),
+            (
+                "SELECT 1".into(),
+                RecordedVerdict::Allow,
+                vec!["target:db:default".into()],
+                Some("read".into())
+            ),
+            (
+                "DELETE FROM t WHERE id = 1".into(),
+                RecordedVerdict::Allow,
+                vec!["target:db:default".into()],
+                Some("delete".into())
+            ),
+        ]
+    );
 }
