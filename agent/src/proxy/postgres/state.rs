@@ -73,71 +73,7 @@ pub fn no_masks() -> Masks {
     Arc::clone(&NONE)
 }
 
-/// The command tags of a request's answers, joined as its `Response` event shows them
-/// (`SELECT 1; UPDATE 2`), and the rows they count (each tag's last number). Built as the tags
-/// arrive, in one string that becomes the summary: no list of tags and no `format!` per
-/// statement.
-#[derive(Debug, Default)]
-struct Tags {
-    joined: String,
-    count: u32,
-    rows: u64,
-}
-
-impl Tags {
-    fn push(&mut self, tag: &str) {
-        if self.count == 0 {
-            // Room for the first tag and the row count appended by `summary`.
-            self.joined.reserve(tag.len() + 32);
-        } else {
-            self.joined.push_str("; ");
-        }
-        self.joined.push_str(tag);
-        self.count = self.count.saturating_add(1);
-        let rows = tag
-            .rsplit(' ')
-            .next()
-            .and_then(|n| n.parse::<u64>().ok())
-            .unwrap_or(0);
-        self.rows = self.rows.saturating_add(rows);
-    }
-
-    fn one(tag: &str) -> Self {
-        let mut tags = Self::default();
-        tags.push(tag);
-        tags
-    }
-
-    /// `TAGS (N rows)`, or `None` without a tag.
-    fn summary(self) -> Option<String> {
-        if self.count == 0 {
-            return None;
-        }
-        let mut out = self.joined;
-        out.push_str(" (");
-        push_decimal(&mut out, self.rows);
-        out.push_str(" rows)");
-        Some(out)
-    }
-}
-
-/// Appends `n` in decimal, without the formatting machinery.
-fn push_decimal(out: &mut String, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        // `n % 10` is below 10: the cast cannot truncate.
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    for &d in &digits[at..] {
-        out.push(char::from(d));
-    }
-}
+use summary::Tags;
 
 /// A frontend message, read as far as the session's model needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1259,5 +1195,6 @@ fn effects_of(what: &Classification, text: &str) -> Vec<Effect> {
 
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod sim;
+mod summary;
 #[cfg(test)]
 mod tests;

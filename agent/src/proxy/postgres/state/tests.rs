@@ -715,29 +715,3 @@ mod random_sequences {
         }
     }
 }
-
-/// A response's summary as it was written with `format!`: the tags joined with `; `, then the
-/// rows they count (each tag's last number), without a tag none.
-#[test]
-fn a_response_summary_joins_the_tags_and_counts_their_rows() {
-    assert_eq!(Tags::default().summary(), None);
-    assert_eq!(
-        Tags::one("SELECT 0").summary().as_deref(),
-        Some("SELECT 0 (0 rows)")
-    );
-    let mut tags = Tags::default();
-    for t in ["BEGIN", "INSERT 0 5", "UPDATE 12", "", "COMMIT"] {
-        tags.push(t);
-    }
-    assert_eq!(
-        tags.summary().as_deref(),
-        Some("BEGIN; INSERT 0 5; UPDATE 12; ; COMMIT (17 rows)")
-    );
-    let mut huge = Tags::default();
-    huge.push(&format!("SELECT {}", u64::MAX));
-    huge.push("SELECT 1");
-    assert_eq!(
-        huge.summary(),
-        Some(format!("SELECT {0}; SELECT 1 ({0} rows)", u64::MAX))
-    );
-}
