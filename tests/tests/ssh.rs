@@ -252,19 +252,18 @@ fn forward_requests(topo: &Topology) -> Vec<(String, String)> {
         .collect()
 }
 
-#[test]
-fn local_forwarding_allowed_by_a_rule_carries_data_and_is_recorded() {
-    require_root();
-    let topo = Topology::new("");
-    let (_sshd, _daemon) = topo.ssh_target(&tunnel_policy(), "");
-    let _echo = topo.echo_server(
+/// The echo server on the target host, and a governed `ssh -N -L 127.0.0.1:PORT:echo` to it
+/// through the gateway (the listener is reached from outside the cgroup: not captured).
+fn echo_through_local_forward(
+    topo: &Topology,
+    port: u16,
+) -> (bulkhead_tests::Proc, bulkhead_tests::Proc) {
+    let echo = topo.echo_server(
         Side::Target,
         format!("{TARGET_V4}:{ECHO_PORT}").parse().unwrap(),
     );
-    // -L: a listener on the governed host, through the gateway, to the echo server that only
-    // the target reaches; the connection is made from outside the cgroup (not captured).
-    let forward = format!("127.0.0.1:17007:{TARGET_V4}:{ECHO_PORT}");
-    let mut tunnel = topo.spawn(
+    let forward = format!("127.0.0.1:{port}:{TARGET_V4}:{ECHO_PORT}");
+    let tunnel = topo.spawn(
         Side::Governed,
         "ssh -L",
         topo.ssh_command(
@@ -272,6 +271,17 @@ fn local_forwarding_allowed_by_a_rule_carries_data_and_is_recorded() {
             None,
         ),
     );
+    (echo, tunnel)
+}
+
+#[test]
+fn local_forwarding_allowed_by_a_rule_carries_data_and_is_recorded() {
+    require_root();
+    let topo = Topology::new("");
+    let (_sshd, _daemon) = topo.ssh_target(&tunnel_policy(), "");
+    // -L: a listener on the governed host, through the gateway, to the echo server that only
+    // the target reaches; the connection is made from outside the cgroup (not captured).
+    let (_echo, mut tunnel) = echo_through_local_forward(&topo, 17007);
     let echoed = echoed_through(
         &topo,
         Side::Host,
@@ -1025,19 +1035,7 @@ fn an_approve_rule_holds_a_local_forward_until_an_admin_approves_then_it_carries
          target = {{ name = [\"box\"] }}\nssh = {{ forward = [\"{TARGET_V4}:{ECHO_PORT}\"] }}\n"
     );
     let (_sshd, _daemon) = topo.ssh_target(&policy, "");
-    let _echo = topo.echo_server(
-        Side::Target,
-        format!("{TARGET_V4}:{ECHO_PORT}").parse().unwrap(),
-    );
-    let forward = format!("127.0.0.1:17009:{TARGET_V4}:{ECHO_PORT}");
-    let mut tunnel = topo.spawn(
-        Side::Governed,
-        "ssh -L",
-        topo.ssh_command(
-            &["-N", "-o", "ExitOnForwardFailure=yes", "-L", &forward],
-            None,
-        ),
-    );
+    let (_echo, mut tunnel) = echo_through_local_forward(&topo, 17009);
     // The local listener is up once ssh has logged in; a connection through it opens the
     // channel the gateway holds.
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
@@ -1178,19 +1176,7 @@ fn in_observe_mode_a_tunnel_no_rule_allows_is_relayed_and_recorded_as_would_be_d
         1,
     );
     let (_sshd, _daemon) = topo.ssh_target(&policy, "");
-    let _echo = topo.echo_server(
-        Side::Target,
-        format!("{TARGET_V4}:{ECHO_PORT}").parse().unwrap(),
-    );
-    let forward = format!("127.0.0.1:17011:{TARGET_V4}:{ECHO_PORT}");
-    let mut tunnel = topo.spawn(
-        Side::Governed,
-        "ssh -L",
-        topo.ssh_command(
-            &["-N", "-o", "ExitOnForwardFailure=yes", "-L", &forward],
-            None,
-        ),
-    );
+    let (_echo, mut tunnel) = echo_through_local_forward(&topo, 17011);
     let echoed = echoed_through(&topo, Side::Host, "127.0.0.1:17011", "observed", &|| {
         tunnel.stderr()
     });

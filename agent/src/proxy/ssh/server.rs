@@ -361,11 +361,7 @@ impl server::Handler for ClientSide {
             })
             .await
             .unwrap_or(false);
-        if allowed {
-            session.channel_success(channel)
-        } else {
-            session.channel_failure(channel)
-        }
+        answer(session, channel, allowed)
     }
 
     async fn agent_request(
@@ -405,11 +401,7 @@ impl server::Handler for ClientSide {
             })
             .await
             .unwrap_or(false);
-        if allowed {
-            session.channel_success(channel)
-        } else {
-            session.channel_failure(channel)
-        }
+        answer(session, channel, allowed)
     }
 
     async fn channel_close(
@@ -418,6 +410,15 @@ impl server::Handler for ClientSide {
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
         Ok(())
+    }
+}
+
+/// Answers a channel request the session's task judged: success when it was allowed.
+fn answer(session: &mut Session, channel: ChannelId, allowed: bool) -> Result<(), russh::Error> {
+    if allowed {
+        session.channel_success(channel)
+    } else {
+        session.channel_failure(channel)
     }
 }
 
