@@ -119,16 +119,39 @@ pub fn comm_str(comm: &[u8; 16]) -> String {
 /// The start time of a process (clock ticks after boot) from `/proc/PID/stat` text: with the
 /// pid, it names one process for the life of the system, even when pids are reused.
 pub fn start_time_from_stat(stat: &str) -> Option<u64> {
-    // "pid (comm) state ppid ...": comm may hold spaces and parentheses; fields resume after
-    // the last ')'. starttime is field 22, the 20th after the comm.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(19)?.parse().ok()
+    parse_stat(stat).map(|s| s.start_time)
+}
+
+/// The fields of `/proc/PID/stat` we use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stat<'a> {
+    pub comm: &'a str,
+    pub ppid: u32,
+    pub start_time: u64,
+}
+
+/// `/proc/PID/stat`: "pid (comm) state ppid ... starttime ...". The comm may hold spaces and
+/// parentheses, so the fields resume after the last ')'; ppid is field 4, starttime field 22.
+pub fn parse_stat(stat: &str) -> Option<Stat<'_>> {
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    let comm = stat.get(open + 1..close)?;
+    let mut rest = stat[close + 1..].split_whitespace();
+    let ppid = rest.nth(1)?.parse().ok()?;
+    let start_time = rest.nth(17)?.parse().ok()?;
+    Some(Stat {
+        comm,
+        ppid,
+        start_time,
+    })
 }
 
 /// How many processes' identities are kept between connections.
 const CACHE_CAPACITY: usize = 4096;
 
-/// What `/proc` said about a process, valid while its start time, uid, gid and cgroup stay.
+/// What `/proc` said about a process, valid while its start time, uid, gid, cgroup, executable
+/// and name stay, and while its parent chain is the one it was read with ([`ProcReader::
+/// chain_unchanged`]).
 #[derive(Debug)]
 struct Cached {
     start_time: u64,
@@ -136,6 +159,9 @@ struct Cached {
     gid: u32,
     cgroup: Option<String>,
     identity: ProcessIdentity,
+    /// Each ancestor's start time, in `identity.ancestors` order; `None` when one could not be
+    /// read, and then the chain is read afresh every time.
+    ancestor_starts: Option<Vec<u64>>,
 }
 
 /// Reads `/proc` (or a fixture tree) for identity, and remembers what it read: a process that
@@ -189,13 +215,15 @@ impl ProcReader {
     /// Identity for a kernel record. Never fails: what `/proc` cannot tell stays empty.
     pub fn identify(&self, rec: &ConnectRecord) -> ProcessIdentity {
         let pid = rec.tgid;
-        let start_time = fs::read_to_string(self.proc(pid).join("stat"))
-            .ok()
-            .and_then(|s| start_time_from_stat(&s));
+        let stat_text = fs::read_to_string(self.proc(pid).join("stat")).unwrap_or_default();
+        let stat = parse_stat(&stat_text);
         let cgroup = self.cgroup(pid);
-        let Some(start_time) = start_time else {
+        let Some(Stat {
+            start_time, ppid, ..
+        }) = stat
+        else {
             // Gone already: nothing to cache, the kernel's record is what there is.
-            return self.read_identity(rec, cgroup);
+            return self.read_identity(rec, cgroup).0;
         };
         let cache = self
             .cache
@@ -212,6 +240,9 @@ impl ProcReader {
                 && c.cgroup == cgroup
                 && c.identity.exe == exe
                 && c.identity.comm == comm
+                && c.ancestor_starts
+                    .as_deref()
+                    .is_some_and(|starts| self.chain_unchanged(ppid, &c.identity.ancestors, starts))
             {
                 return ProcessIdentity {
                     tid: rec.pid,
@@ -222,7 +253,7 @@ impl ProcReader {
             }
         }
         drop(cache);
-        let identity = self.read_identity(rec, cgroup.clone());
+        let (identity, ancestor_starts) = self.read_identity(rec, cgroup.clone());
         let mut cache = self
             .cache
             .lock()
@@ -238,12 +269,51 @@ impl ProcReader {
                 gid: rec.gid,
                 cgroup,
                 identity: identity.clone(),
+                ancestor_starts,
             },
         );
         identity
     }
 
-    fn read_identity(&self, rec: &ConnectRecord, cgroup: Option<String>) -> ProcessIdentity {
+    /// Whether a cached parent chain still holds: the process's parent is the first ancestor,
+    /// and each ancestor is the same process (start time), still runs the same program (name,
+    /// executable) and still has the next one as its parent. An ancestor that exec'd another
+    /// program, or died and left the process to a new parent, makes the chain be read afresh:
+    /// an `ancestors` rule must judge the chain as it is at this connect. A chain that ended
+    /// inside the governed cgroup (its top could not be read) is never reused.
+    fn chain_unchanged(&self, ppid: u32, ancestors: &[Ancestor], starts: &[u64]) -> bool {
+        if ancestors.len() != starts.len()
+            || !ancestors
+                .last()
+                .is_some_and(|a| !a.governed || ancestors.len() == MAX_ANCESTORS)
+        {
+            return false;
+        }
+        let mut parent = ppid;
+        for (a, &start) in ancestors.iter().zip(starts) {
+            if a.pid != parent {
+                return false;
+            }
+            let Ok(text) = fs::read_to_string(self.proc(a.pid).join("stat")) else {
+                return false;
+            };
+            match parse_stat(&text) {
+                Some(s) if s.start_time == start && s.comm == a.comm => parent = s.ppid,
+                _ => return false,
+            }
+            if self.exe(a.pid) != a.exe {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// The identity read from `/proc`, and its ancestors' start times (see [`Cached`]).
+    fn read_identity(
+        &self,
+        rec: &ConnectRecord,
+        cgroup: Option<String>,
+    ) -> (ProcessIdentity, Option<Vec<u64>>) {
         let pid = rec.tgid;
         let cmdline = fs::read(self.proc(pid).join("cmdline"))
             .map(|b| parse_cmdline(&b))
@@ -252,7 +322,8 @@ impl ProcReader {
         let user = fs::read_to_string(self.root.join("etc/passwd"))
             .ok()
             .and_then(|p| user_from_passwd(&p, rec.uid));
-        ProcessIdentity {
+        let (ancestors, ancestor_starts) = self.ancestors_with_starts(pid);
+        let identity = ProcessIdentity {
             pid,
             tid: rec.pid,
             uid: rec.uid,
@@ -264,21 +335,37 @@ impl ProcReader {
             cgroup_id: rec.cgroup_id,
             cgroup,
             unit,
-            ancestors: self.ancestors(pid),
-        }
+            ancestors,
+        };
+        (identity, ancestor_starts)
     }
 
     /// Parents of `pid`, nearest first, through the governed ones and the first one outside.
     pub fn ancestors(&self, pid: u32) -> Vec<Ancestor> {
+        self.ancestors_with_starts(pid).0
+    }
+
+    /// [`ProcReader::ancestors`], with each one's start time, read before the rest of what is
+    /// known of it (so an exec in between shows as a changed executable or name later, never as
+    /// an old start time); `None` if any start time could not be read.
+    fn ancestors_with_starts(&self, pid: u32) -> (Vec<Ancestor>, Option<Vec<u64>>) {
         let mut out = Vec::new();
+        let mut starts = Some(Vec::new());
         let mut ppid = match self.status(pid) {
             Some(s) => s.ppid,
-            None => return out,
+            None => return (out, None),
         };
         while ppid > 0 && out.len() < MAX_ANCESTORS {
+            let start = fs::read_to_string(self.proc(ppid).join("stat"))
+                .ok()
+                .and_then(|s| start_time_from_stat(&s));
             let Some(status) = self.status(ppid) else {
                 break;
             };
+            match (&mut starts, start) {
+                (Some(list), Some(start)) => list.push(start),
+                _ => starts = None,
+            }
             let governed = self
                 .cgroup(ppid)
                 .is_some_and(|c| cgroup::is_within(&c, &self.governed))
@@ -294,7 +381,7 @@ impl ProcReader {
             }
             ppid = status.ppid;
         }
-        out
+        (out, starts)
     }
 }
 
@@ -409,6 +496,110 @@ Pid:\t4242\nPPid:\t4200\nTracerPid:\t0\nUid:\t1000\t1000\t1000\t1000\nGid:\t1001
         assert_eq!(reader.identify(&rec).cmdline, vec!["python3"]);
     }
 
+    /// A `/proc/PID/stat` line with the fields [`parse_stat`] reads.
+    fn stat_line(pid: u32, comm: &str, ppid: u32, start: u64) -> String {
+        format!("{pid} ({comm}) S {ppid} 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 1 0 {start} 0 0")
+    }
+
+    #[test]
+    fn a_cached_identity_is_reused_only_while_its_parent_chain_holds() {
+        let root = fixture();
+        let reader = ProcReader::new(root.path(), "/bulkhead.governed");
+        let proc = |pid: u32| root.path().join(format!("proc/{pid}"));
+        let rec = ConnectRecord {
+            cgroup_id: 1,
+            dst_addr: [0; 16],
+            dst_port: 1,
+            family: 2,
+            pid: 4242,
+            tgid: 4242,
+            uid: 1000,
+            gid: 1000,
+            comm: *b"psql\0\0\0\0\0\0\0\0\0\0\0\0",
+            reserved: 0,
+        };
+        let parents = |id: &ProcessIdentity| -> Vec<(u32, String, Option<String>)> {
+            id.ancestors
+                .iter()
+                .map(|a| (a.pid, a.comm.clone(), a.exe.clone()))
+                .collect()
+        };
+        let first = reader.identify(&rec);
+        assert_eq!(first.ancestors.len(), 3);
+        // Unchanged chain: served from the cache (a changed command line shows it was).
+        fs::write(proc(4242).join("cmdline"), "cached?\0").unwrap();
+        assert_eq!(reader.identify(&rec).cmdline, first.cmdline);
+
+        // The parent shell execs another program: same pid and start time, new executable and
+        // name. The chain is read afresh.
+        fs::remove_file(proc(4200).join("exe")).unwrap();
+        std::os::unix::fs::symlink("/usr/bin/python3", proc(4200).join("exe")).unwrap();
+        fs::write(
+            proc(4200).join("stat"),
+            stat_line(4200, "python3", 4100, 42_000),
+        )
+        .unwrap();
+        fs::write(
+            proc(4200).join("status"),
+            "Name:\tpython3\nPPid:\t4100\nUid:\t1000\t1000\t1000\t1000\nGid:\t1000\t1000\t1000\t1000\n",
+        )
+        .unwrap();
+        let execed = reader.identify(&rec);
+        assert_eq!(
+            parents(&execed)[0],
+            (4200, "python3".into(), Some("/usr/bin/python3".into()))
+        );
+        // The same exec keeping the executable's path but not its name is seen too.
+        fs::write(
+            proc(4200).join("stat"),
+            stat_line(4200, "renamed", 4100, 42_000),
+        )
+        .unwrap();
+        fs::write(
+            proc(4200).join("status"),
+            "Name:\trenamed\nPPid:\t4100\nUid:\t1000\t1000\t1000\t1000\nGid:\t1000\t1000\t1000\t1000\n",
+        )
+        .unwrap();
+        assert_eq!(parents(&reader.identify(&rec))[0].1, "renamed");
+
+        // A grandparent replaced by a new process under the same pid (a new start time).
+        fs::write(
+            proc(4100).join("stat"),
+            stat_line(4100, "claude", 4000, 99_999),
+        )
+        .unwrap();
+        fs::write(proc(4242).join("cmdline"), "reread\0").unwrap();
+        assert_eq!(reader.identify(&rec).cmdline, vec!["reread"]);
+
+        // The parent dies and the process is reparented to sshd: the chain is now sshd alone.
+        fs::write(
+            proc(4242).join("stat"),
+            stat_line(4242, "psql", 4000, 42_420),
+        )
+        .unwrap();
+        fs::write(
+            proc(4242).join("status"),
+            "Name:\tpsql\nPPid:\t4000\nUid:\t1000\t1000\t1000\t1000\nGid:\t1000\t1000\t1000\t1000\n",
+        )
+        .unwrap();
+        let orphan = reader.identify(&rec);
+        assert_eq!(
+            parents(&orphan),
+            vec![(4000, "sshd".into(), Some("/usr/sbin/sshd".into()))]
+        );
+        // And that chain is reused again while it holds.
+        fs::write(proc(4242).join("cmdline"), "cached again?\0").unwrap();
+        assert_eq!(reader.identify(&rec).cmdline, vec!["reread"]);
+    }
+
+    #[test]
+    fn parses_stat_with_odd_names() {
+        let s = parse_stat("7 (a) b (c)) S 3 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 1 0 55 0 0").unwrap();
+        assert_eq!((s.comm, s.ppid, s.start_time), ("a) b (c)", 3, 55));
+        assert_eq!(parse_stat("7 (x) S"), None);
+        assert_eq!(parse_stat("no parens"), None);
+    }
+
     /// A fixture proc tree: agent (4242, governed) ← shell (4200, governed) ← claude (4100,
     /// governed) ← sshd (4000, not governed) ← init (1).
     fn fixture() -> tempfile::TempDir {
@@ -454,6 +645,11 @@ Pid:\t4242\nPPid:\t4200\nTracerPid:\t0\nUid:\t1000\t1000\t1000\t1000\nGid:\t1001
             fs::write(
                 p.join("status"),
                 format!("Name:\t{name}\nPPid:\t{ppid}\nUid:\t1000\t1000\t1000\t1000\nGid:\t1000\t1000\t1000\t1000\n"),
+            )
+            .unwrap();
+            fs::write(
+                p.join("stat"),
+                stat_line(pid, name, ppid, u64::from(pid) * 10),
             )
             .unwrap();
             fs::write(p.join("cgroup"), format!("0::{cg}\n")).unwrap();

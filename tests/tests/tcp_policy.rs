@@ -522,3 +522,100 @@ identity = { process = ["python3"] }
         "identified by its new executable: {after}"
     );
 }
+
+#[test]
+fn a_rule_on_an_ancestor_judges_the_parent_as_it_is_at_each_connect() {
+    let mut w = World::build_host(
+        r#"
+[[rule]]
+id = "under-the-wrapper"
+verdict = "allow"
+target = { name = ["build-host"] }
+identity = { ancestor = ["trusted-wrapper"] }
+"#,
+    );
+    let addr = build_host_addr();
+    let (host, port) = addr.rsplit_once(':').unwrap();
+    // The child connects twice, the same process both times (its own pid, start time,
+    // executable and name do not change, so the daemon's identity cache would serve it). In
+    // between, its parent, the process the rule trusts, execs another program.
+    let child = format!(
+        "import json, os, socket, sys, time\n\
+         def attempt():\n\
+         \x20   try:\n\
+         \x20       s = socket.create_connection(('{host}', {port}), timeout=5)\n\
+         \x20       s.sendall(b'hi')\n\
+         \x20       s.shutdown(socket.SHUT_WR)\n\
+         \x20       return s.recv(100).decode() or 'closed'\n\
+         \x20   except OSError as e:\n\
+         \x20       return 'error: ' + str(e)\n\
+         first = attempt()\n\
+         os.write(int(sys.argv[1]), b'x')\n\
+         parent = os.getppid()\n\
+         for _ in range(250):\n\
+         \x20   if open(f'/proc/{{parent}}/comm').read().strip() == 'sleep':\n\
+         \x20       break\n\
+         \x20   time.sleep(0.02)\n\
+         print(json.dumps({{'pid': os.getpid(), 'parent': open(f'/proc/{{parent}}/comm').read().strip(), 'first': first, 'second': attempt()}}), flush=True)\n"
+    );
+    let parent = format!(
+        "import ctypes, os, subprocess, sys\n\
+         ctypes.CDLL(None).prctl(15, b'trusted-wrapper', 0, 0, 0)\n\
+         r, w = os.pipe()\n\
+         subprocess.Popen([sys.executable, '-c', {child:?}, str(w)], pass_fds=(w,))\n\
+         os.read(r, 1)\n\
+         os.execv('/bin/sleep', ['sleep', '3'])\n"
+    );
+    let mut cmd = Command::new("python3");
+    cmd.args(["-c", &parent]);
+    let out = w.topo.output(Side::Governed, cmd);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let seen: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+        panic!(
+            "child's report: {e}: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    assert_eq!(seen["parent"], "sleep", "the parent exec'd: {seen}");
+    assert!(
+        seen["first"].as_str().is_some_and(|r| r.contains("hi")),
+        "under the trusted parent the connection is relayed: {seen}"
+    );
+    assert!(
+        !seen["second"].as_str().is_some_and(|r| r.contains("hi")),
+        "under the exec'd parent nothing is relayed: {seen}"
+    );
+    let pid = seen["pid"].clone();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let sessions = loop {
+        let mine: Vec<Value> = w
+            .topo
+            .sessions()
+            .into_iter()
+            .filter(|s| s["identity"]["pid"] == pid && s["outcome"]["kind"] != "open")
+            .collect();
+        if mine.len() == 2 {
+            break mine;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "two sessions of {pid}: {mine:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let under = |parent: &str| {
+        sessions
+            .iter()
+            .find(|s| s["identity"]["ancestors"][0]["comm"] == parent)
+            .unwrap_or_else(|| panic!("a session under {parent}: {sessions:?}"))
+    };
+    assert_eq!(under("trusted-wrapper")["outcome"]["kind"], "closed");
+    let after = under("sleep");
+    assert_eq!(after["outcome"]["kind"], "refused", "{after}");
+    assert!(
+        after["identity"]["ancestors"][0]["exe"]
+            .as_str()
+            .is_some_and(|e| e.ends_with("/sleep")),
+        "the parent identified by its new executable: {after}"
+    );
+}
