@@ -81,10 +81,18 @@ fn run(args: Cli) -> anyhow::Result<()> {
         Command::Daemon { fail_open } => {
             config.daemon.fail_open |= fail_open;
             init_tracing(&config.daemon.log);
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(config.daemon.workers)
-                .enable_all()
-                .build()?;
+            // One worker: a current-thread runtime, with no work-stealing queues, no
+            // cross-thread wake-ups and no atomics on every task's schedule.
+            let runtime = if config.daemon.workers == 1 {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?
+            } else {
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(config.daemon.workers)
+                    .enable_all()
+                    .build()?
+            };
             runtime.block_on(bulkhead::daemon::run(config))?;
         }
         Command::Run {
