@@ -60,7 +60,7 @@ fn recorded_when_drained(topo: &Topology) -> (u64, u64) {
     }
 }
 
-/// `BENCH_PG_ONLY=direct|gateway|pgbouncer|relay` runs only that leg, for `BENCH_PG_SECONDS`
+/// `BENCH_PG_ONLY=direct|gateway|pgbouncer|relay|tokio-relay` runs only that leg, for `BENCH_PG_SECONDS`
 /// per mode (for profiling it from outside).
 fn only() -> Option<String> {
     std::env::var("BENCH_PG_ONLY").ok()
@@ -150,6 +150,24 @@ sql = { class = ["read", "transaction", "session", "insert", "update", "delete",
         relay_proc.stderr()
     );
 
+    // The ceiling for a gateway on tokio: the same relay on the daemon's runtime (one
+    // current-thread runtime, a task per connection). Only with `BENCH_PG_ONLY=tokio-relay`.
+    let mut tokio_relay = (only().as_deref() == Some("tokio-relay")).then(|| {
+        let mut cmd = Command::new(topo.probe());
+        cmd.args([
+            "relay-async",
+            "127.0.0.1:6434",
+            &format!("{TARGET_V4}:5432"),
+        ]);
+        let mut p = topo.spawn(Side::Host, "tokio-relay", cmd);
+        assert_eq!(
+            p.line(Duration::from_secs(10)).as_deref(),
+            Some("ready"),
+            "tokio relay did not start: {}",
+            p.stderr()
+        );
+        p
+    });
     println!("pgbench -S, 8 clients, 2 threads, {SECONDS} s per run, scale 10; PostgreSQL 15 on the target host");
     println!("ratios are of the direct figure; cpu/tx is each proxy's CPU (user + system) per transaction, in us");
     println!();
@@ -225,8 +243,17 @@ sql = { class = ["read", "transaction", "session", "insert", "update", "delete",
         (tps(&out), cpu.unwrap_or(0.0), user.unwrap_or(0.0))
     };
     if let Some(name) = only() {
+        let tokio_leg = tokio_relay.as_mut().map(|p| Leg {
+            name: "tokio-relay",
+            side: Side::Host,
+            host: "127.0.0.1",
+            port: "6434",
+            password: pg.password.as_str(),
+            pid: Some(p.child.id()),
+        });
         let leg = legs
             .iter()
+            .chain(tokio_leg.as_ref())
             .find(|l| l.name == name)
             .expect("BENCH_PG_ONLY names a leg");
         for mode in only_modes() {

@@ -21,6 +21,10 @@
 //! * `relay ADDR TARGET` — the least a user-space TCP relay can do: per connection, one
 //!   thread per direction copying with blocking `read`/`write` (no event loop, no parsing).
 //!   Benchmarks use it as the ceiling for any proxy in the data path.
+//! * `relay-async ADDR TARGET` — the least a relay on the gateway's own runtime can do: one
+//!   tokio current-thread runtime (as the daemon's), one task per connection copying both
+//!   directions (`copy_bidirectional`), no parsing, no policy, no record. The ceiling for a
+//!   gateway built on tokio.
 
 use std::{
     io::{Read as _, Write as _},
@@ -45,6 +49,7 @@ fn main() -> ExitCode {
         "bench-send" => bench_send(addr(), arg(3).parse().expect("BYTES")),
         "bench-udp" => bench_udp(addr(), arg(3).parse().expect("N")),
         "relay" => relay(addr(), arg(3).parse().expect("TARGET")),
+        "relay-async" => relay_async(addr(), arg(3).parse().expect("TARGET")),
         "echo" => echo(addr()),
         "bench-rr" => bench_rr(
             addr(),
@@ -240,6 +245,30 @@ fn relay(addr: SocketAddr, target: SocketAddr) -> ExitCode {
         std::thread::spawn(move || copy(upstream2, client2));
     }
     ExitCode::SUCCESS
+}
+
+fn relay_async(addr: SocketAddr, target: SocketAddr) -> ExitCode {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
+        println!("ready");
+        loop {
+            let Ok((mut client, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let Ok(mut upstream) = tokio::net::TcpStream::connect(target).await else {
+                    return;
+                };
+                let _ = client.set_nodelay(true);
+                let _ = upstream.set_nodelay(true);
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+            });
+        }
+    })
 }
 
 /// Copies until EOF or an error, then shuts both directions so the peer thread ends too.
