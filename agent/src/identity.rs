@@ -387,6 +387,8 @@ impl ProcReader {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
 
     const STATUS: &str = "Name:\tpsql\nUmask:\t0022\nState:\tS (sleeping)\nTgid:\t4242\nNgid:\t0\n\
@@ -496,16 +498,28 @@ Pid:\t4242\nPPid:\t4200\nTracerPid:\t0\nUid:\t1000\t1000\t1000\t1000\nGid:\t1001
         assert_eq!(reader.identify(&rec).cmdline, vec!["python3"]);
     }
 
-    /// A `/proc/PID/stat` line with the fields [`parse_stat`] reads.
-    fn stat_line(pid: u32, comm: &str, ppid: u32, start: u64) -> String {
-        format!("{pid} ({comm}) S {ppid} 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 1 0 {start} 0 0")
+    /// Writes a fixture process's `stat` and `status` (uid and gid 1000): what an exec (a new
+    /// name), a reparenting (a new parent) or a reused pid (a new start time) changes.
+    fn write_proc(proc_dir: &Path, pid: u32, name: &str, ppid: u32, start: u64) {
+        let p = proc_dir.join(pid.to_string());
+        fs::write(
+            p.join("stat"),
+            format!("{pid} ({name}) S {ppid} 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 1 0 {start} 0 0"),
+        )
+        .unwrap();
+        fs::write(
+            p.join("status"),
+            format!("Name:\t{name}\nPPid:\t{ppid}\nUid:\t1000\t1000\t1000\t1000\nGid:\t1000\t1000\t1000\t1000\n"),
+        )
+        .unwrap();
     }
 
     #[test]
     fn a_cached_identity_is_reused_only_while_its_parent_chain_holds() {
         let root = fixture();
         let reader = ProcReader::new(root.path(), "/bulkhead.governed");
-        let proc = |pid: u32| root.path().join(format!("proc/{pid}"));
+        let procs = root.path().join("proc");
+        let proc = |pid: u32| procs.join(pid.to_string());
         let rec = ConnectRecord {
             cgroup_id: 1,
             dst_addr: [0; 16],
@@ -534,54 +548,23 @@ Pid:\t4242\nPPid:\t4200\nTracerPid:\t0\nUid:\t1000\t1000\t1000\t1000\nGid:\t1001
         // name. The chain is read afresh.
         fs::remove_file(proc(4200).join("exe")).unwrap();
         std::os::unix::fs::symlink("/usr/bin/python3", proc(4200).join("exe")).unwrap();
-        fs::write(
-            proc(4200).join("stat"),
-            stat_line(4200, "python3", 4100, 42_000),
-        )
-        .unwrap();
-        fs::write(
-            proc(4200).join("status"),
-            "Name:\tpython3\nPPid:\t4100\nUid:\t1000\t1000\t1000\t1000\nGid:\t1000\t1000\t1000\t1000\n",
-        )
-        .unwrap();
+        write_proc(&procs, 4200, "python3", 4100, 42_000);
         let execed = reader.identify(&rec);
         assert_eq!(
             parents(&execed)[0],
             (4200, "python3".into(), Some("/usr/bin/python3".into()))
         );
         // The same exec keeping the executable's path but not its name is seen too.
-        fs::write(
-            proc(4200).join("stat"),
-            stat_line(4200, "renamed", 4100, 42_000),
-        )
-        .unwrap();
-        fs::write(
-            proc(4200).join("status"),
-            "Name:\trenamed\nPPid:\t4100\nUid:\t1000\t1000\t1000\t1000\nGid:\t1000\t1000\t1000\t1000\n",
-        )
-        .unwrap();
+        write_proc(&procs, 4200, "renamed", 4100, 42_000);
         assert_eq!(parents(&reader.identify(&rec))[0].1, "renamed");
 
         // A grandparent replaced by a new process under the same pid (a new start time).
-        fs::write(
-            proc(4100).join("stat"),
-            stat_line(4100, "claude", 4000, 99_999),
-        )
-        .unwrap();
+        write_proc(&procs, 4100, "claude", 4000, 99_999);
         fs::write(proc(4242).join("cmdline"), "reread\0").unwrap();
         assert_eq!(reader.identify(&rec).cmdline, vec!["reread"]);
 
         // The parent dies and the process is reparented to sshd: the chain is now sshd alone.
-        fs::write(
-            proc(4242).join("stat"),
-            stat_line(4242, "psql", 4000, 42_420),
-        )
-        .unwrap();
-        fs::write(
-            proc(4242).join("status"),
-            "Name:\tpsql\nPPid:\t4000\nUid:\t1000\t1000\t1000\t1000\nGid:\t1000\t1000\t1000\t1000\n",
-        )
-        .unwrap();
+        write_proc(&procs, 4242, "psql", 4000, 42_420);
         let orphan = reader.identify(&rec);
         assert_eq!(
             parents(&orphan),
@@ -642,16 +625,13 @@ Pid:\t4242\nPPid:\t4200\nTracerPid:\t0\nUid:\t1000\t1000\t1000\t1000\nGid:\t1001
         for (pid, name, ppid, cg, exe, cmd) in procs {
             let p = dir.path().join(format!("proc/{pid}"));
             fs::create_dir_all(&p).unwrap();
-            fs::write(
-                p.join("status"),
-                format!("Name:\t{name}\nPPid:\t{ppid}\nUid:\t1000\t1000\t1000\t1000\nGid:\t1000\t1000\t1000\t1000\n"),
-            )
-            .unwrap();
-            fs::write(
-                p.join("stat"),
-                stat_line(pid, name, ppid, u64::from(pid) * 10),
-            )
-            .unwrap();
+            write_proc(
+                &dir.path().join("proc"),
+                pid,
+                name,
+                ppid,
+                u64::from(pid) * 10,
+            );
             fs::write(p.join("cgroup"), format!("0::{cg}\n")).unwrap();
             fs::write(p.join("cmdline"), cmd).unwrap();
             std::os::unix::fs::symlink(exe, p.join("exe")).unwrap();

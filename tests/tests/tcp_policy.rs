@@ -19,6 +19,26 @@ fn build_host_addr() -> String {
     format!("{TARGET_V4}:7000")
 }
 
+/// The `n` ended sessions of process `pid`, waiting up to 10 s for them to be recorded.
+fn ended_sessions_of(topo: &Topology, pid: &Value, n: usize) -> Vec<Value> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mine: Vec<Value> = topo
+            .sessions()
+            .into_iter()
+            .filter(|s| s["identity"]["pid"] == *pid && s["outcome"]["kind"] != "open")
+            .collect();
+        if mine.len() == n {
+            return mine;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{n} sessions of {pid}: {mine:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// A running daemon under one policy file, with echo servers on the target host.
 struct World {
     // Fields drop in order: processes first, then the namespaces they run in.
@@ -455,7 +475,7 @@ fn a_python_http_request_through_the_relay_is_recorded_closed() {
 
 #[test]
 fn a_process_that_execs_another_program_is_judged_as_that_program() {
-    let mut w = World::build_host(
+    let w = World::build_host(
         r#"
 [[rule]]
 id = "python-may"
@@ -489,23 +509,7 @@ identity = { process = ["python3"] }
     );
     let execed = bulkhead_tests::parse_probe(&out);
     let pid = execed["pid"].clone();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let sessions = loop {
-        let mine: Vec<Value> = w
-            .topo
-            .sessions()
-            .into_iter()
-            .filter(|s| s["identity"]["pid"] == pid && s["outcome"]["kind"] != "open")
-            .collect();
-        if mine.len() == 2 {
-            break mine;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "two sessions of {pid}: {mine:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let sessions = ended_sessions_of(&w.topo, &pid, 2);
     let by_comm = |comm: &str| {
         sessions
             .iter()
@@ -525,7 +529,7 @@ identity = { process = ["python3"] }
 
 #[test]
 fn a_rule_on_an_ancestor_judges_the_parent_as_it_is_at_each_connect() {
-    let mut w = World::build_host(
+    let w = World::build_host(
         r#"
 [[rule]]
 id = "under-the-wrapper"
@@ -586,23 +590,7 @@ identity = { ancestor = ["trusted-wrapper"] }
         "under the exec'd parent nothing is relayed: {seen}"
     );
     let pid = seen["pid"].clone();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let sessions = loop {
-        let mine: Vec<Value> = w
-            .topo
-            .sessions()
-            .into_iter()
-            .filter(|s| s["identity"]["pid"] == pid && s["outcome"]["kind"] != "open")
-            .collect();
-        if mine.len() == 2 {
-            break mine;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "two sessions of {pid}: {mine:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let sessions = ended_sessions_of(&w.topo, &pid, 2);
     let under = |parent: &str| {
         sessions
             .iter()
