@@ -27,6 +27,7 @@ pub mod matchers;
 pub mod reload;
 pub mod sql;
 mod sql_cache;
+mod sql_class;
 pub mod sql_copy;
 mod sql_functions;
 mod sql_settings;

@@ -14,7 +14,7 @@
 
 use std::sync::LazyLock;
 
-use super::sql::SqlClass;
+use super::sql_class::SqlClass;
 
 /// The catalog list, one name a line, `#` comments; sorted (a test checks).
 const CATALOG_TEXT: &str = include_str!("builtin/pg15_read_only_functions.txt");

@@ -19,7 +19,7 @@
 
 use sqlparser::tokenizer::{Token, TokenWithSpan};
 
-use super::sql::SqlClass;
+use super::sql_class::SqlClass;
 
 /// A setting's new value as a statement gives it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -297,7 +297,7 @@ pub fn split_identifier_list(text: &str) -> Option<Vec<String>> {
                     Some((_, c)) => out.push(c),
                 }
             };
-            name = super::sql::fold_identifier(&out, true);
+            name = super::sql_class::fold_identifier(&out, true);
             rest = &quoted[end..];
         } else {
             let end = rest
@@ -306,7 +306,7 @@ pub fn split_identifier_list(text: &str) -> Option<Vec<String>> {
             if end == 0 {
                 return None;
             }
-            name = super::sql::fold_identifier(&rest[..end], false);
+            name = super::sql_class::fold_identifier(&rest[..end], false);
             rest = &rest[end..];
         }
         names.push(name);

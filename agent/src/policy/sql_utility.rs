@@ -16,7 +16,7 @@
 
 use sqlparser::tokenizer::{Token, TokenWithSpan};
 
-use super::sql::SqlClass;
+use super::sql_class::SqlClass;
 
 /// What a utility statement does and touches.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -280,9 +280,9 @@ impl<'a> Cursor<'a> {
             Token::Word(w) => {
                 self.at += 1;
                 Some(match w.quote_style {
-                    Some('"') => super::sql::fold_identifier(&w.value, true),
+                    Some('"') => super::sql_class::fold_identifier(&w.value, true),
                     Some(_) => return None,
-                    None => super::sql::fold_identifier(&w.value, false),
+                    None => super::sql_class::fold_identifier(&w.value, false),
                 })
             }
             _ => None,

@@ -15,7 +15,7 @@ use sqlparser::ast::{
 };
 
 use super::{
-    sql::{fold_identifier, Classification, NameEffect, PreparedStatements, SqlClass},
+    sql_class::{fold_identifier, Classification, NameEffect, PreparedStatements, SqlClass},
     sql_functions::function_effect,
     sql_settings::{self, SettingValue},
 };
