@@ -426,10 +426,18 @@ fn print_status(report: &StatusReport, json: bool) -> Result<(), CliError> {
                     "targets:     none configured (every destination is judged by its address)"
                 );
             }
-            if d.config_changed {
+            if !d.restart_needed.is_empty() {
                 println!(
-                    "config:      CHANGED since the daemon started ({}): targets, listeners and \
-                     capture rules apply after a restart; policies reload by themselves",
+                    "config:      CHANGED in sections that apply after a restart ({}): {} \
+                     (systemctl restart bulkhead)",
+                    d.config,
+                    d.restart_needed.join(", ")
+                );
+            } else if d.config_changed {
+                println!(
+                    "config:      CHANGED since the daemon read it ({}): `systemctl reload \
+                     bulkhead` (SIGHUP) applies its targets; listener and capture rules apply \
+                     after a restart; policies reload by themselves",
                     d.config
                 );
             }

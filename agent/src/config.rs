@@ -81,6 +81,45 @@ pub struct Config {
     pub targets: Vec<Target>,
 }
 
+impl Config {
+    /// This configuration with the targets of `newer` (the file read again): what a reload
+    /// (`SIGHUP`) applies while the daemon runs. Every other section stays as the daemon
+    /// started; [`Config::restart_needed`] names those that differ.
+    #[must_use]
+    pub fn with_targets_of(&self, newer: &Config) -> Config {
+        Config {
+            targets: newer.targets.clone(),
+            ..self.clone()
+        }
+    }
+
+    /// The sections of `newer` that differ from this running configuration and apply only
+    /// after a restart: the listener, the cgroup, the capture rules, the store, approvals.
+    /// (`[run]` is read by `bulkhead run` itself, each time.)
+    pub fn restart_needed(&self, newer: &Config) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        if self.daemon != newer.daemon {
+            out.push("daemon");
+        }
+        if self.listener != newer.listener {
+            out.push("listener");
+        }
+        if self.governed != newer.governed {
+            out.push("governed");
+        }
+        if self.capture != newer.capture {
+            out.push("capture");
+        }
+        if self.store != newer.store {
+            out.push("store");
+        }
+        if self.approvals != newer.approvals {
+            out.push("approvals");
+        }
+        out
+    }
+}
+
 /// How `bulkhead run` starts a governed command (`[run]`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RunConfig {
@@ -108,14 +147,14 @@ pub const MAX_APPROVAL_WAIT: std::time::Duration = std::time::Duration::from_hou
 pub const MAX_PENDING_APPROVALS: usize = 10_000;
 
 /// Retention of the session record.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StoreConfig {
     pub retention: crate::record::Retention,
     /// How often the daemon prunes.
     pub prune_interval: std::time::Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct DaemonConfig {
     pub state_dir: PathBuf,
     pub run_dir: PathBuf,
@@ -132,7 +171,7 @@ pub struct DaemonConfig {
     pub workers: usize,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ListenerConfig {
     pub ipv4: Ipv4Addr,
     /// `None` disables the IPv6 listener; IPv6 connects are then refused rather than redirected.
@@ -140,7 +179,7 @@ pub struct ListenerConfig {
     pub port: u16,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct GovernedConfig {
     /// Relative paths are under the cgroup2 mount; `/` is the hierarchy's root (only with
     /// governed users).
@@ -159,7 +198,7 @@ impl GovernedConfig {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct CaptureConfig {
     pub loopback: bool,
     pub include: Vec<Cidr>,

@@ -13,7 +13,7 @@ use crate::{
     approval::ApprovalBroker,
     cgroup,
     config::{Config, Source, TargetKind},
-    control::{self, Containment, ControlState, DaemonInfo, TargetInfo},
+    control::{self, Containment, ControlState, DaemonInfo},
     credentials::CredentialRef,
     ebpf::{rules::CaptureRules, Mode, Redirector},
     exclusive::{lock_dir, LockError},
@@ -269,17 +269,11 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     tokio::spawn(crate::policy::watch(policy.clone()));
     // The policy's UDP destinations, in the kernel now and after every reload.
     sync_udp_policy(&mut redirector, &rules, &policy);
-    if let Source::File(path) = &config.source {
-        tokio::spawn(warn_on_config_change(
-            path.clone(),
-            crate::config::file_digest(path),
-        ));
-    }
     // Approvals: one broker for every protocol handler and the control socket.
     let approvals = Arc::new(ApprovalBroker::new(Arc::clone(&store), config.approvals));
 
     let gateway = Arc::new(Gateway {
-        config: Arc::clone(&config),
+        config: Arc::clone(&config).into(),
         orig_dst,
         store: Arc::clone(&store),
         proc: ProcReader::new("/", governed_rel.clone())
@@ -330,17 +324,10 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             },
             listeners: listener_names,
             connections: StatsSnapshot::default(),
-            targets: config
-                .targets
-                .iter()
-                .map(|t| TargetInfo {
-                    name: t.name.clone(),
-                    protocol: t.protocol(),
-                    addresses: t.addresses.iter().map(ToString::to_string).collect(),
-                })
-                .collect(),
+            targets: control::target_infos(&config),
             warnings: startup_problems,
             config_changed: false,
+            restart_needed: Vec::new(),
             containment: Containment {
                 socket_filter: redirector.socket_filter.describe().to_string(),
                 sockets_allowed: config
@@ -382,6 +369,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
                 fast_path_counters: None,
             },
         },
+        reloaded: std::sync::Mutex::default(),
         config_file: match &config.source {
             Source::File(path) => Some((path.clone(), crate::config::file_digest(path))),
             Source::Embedded => None,
@@ -399,7 +387,11 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         config.store,
         shutdown_rx.clone(),
     ));
-    tokio::spawn(control::serve(control_listener, state, shutdown_rx.clone()));
+    tokio::spawn(control::serve(
+        control_listener,
+        Arc::clone(&state),
+        shutdown_rx.clone(),
+    ));
     let refusals_done = tokio::spawn(crate::refusals::record(
         refusals,
         crate::refusals::Recorder::new(
@@ -443,6 +435,14 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         ssh: proxy::ssh::Shared::load(&config.daemon.state_dir, &config.daemon.run_dir),
         ..proxy::Protocols::default()
     });
+    if let Source::File(path) = &config.source {
+        tokio::spawn(reload_on_hangup(
+            path.clone(),
+            Arc::clone(&state),
+            Arc::clone(&gateway),
+            Arc::clone(&protocols),
+        ));
+    }
     let accept_loops: Vec<_> = listeners
         .into_iter()
         .map(|l| {
@@ -616,27 +616,83 @@ async fn forward_kernel_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>)
     }
 }
 
-/// SIGHUP reloads policies only: when the configuration file changed too, say in the log
-/// that its targets, listener and capture rules wait for a restart (`status` says it as well).
-async fn warn_on_config_change(path: PathBuf, started: Option<[u8; 32]>) {
+/// SIGHUP reloads policies (they also reload by themselves) and, when the configuration file
+/// changed, its targets: connections accepted from then on resolve their destination under
+/// the new target table; sessions already open keep the one they started with. A file that
+/// does not load changes nothing (the log says why). Other sections that differ from what runs
+/// (listener, cgroup, capture rules, store, approvals) apply after a restart: the log and
+/// `status` name them.
+async fn reload_on_hangup(
+    path: PathBuf,
+    state: Arc<ControlState>,
+    gateway: Arc<Gateway>,
+    protocols: Arc<proxy::Protocols>,
+) {
     use tokio::signal::unix::{signal, SignalKind};
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
         return;
     };
-    let mut warned = started;
+    let mut read = state.config_file.as_ref().and_then(|(_, d)| *d);
     while hup.recv().await.is_some() {
-        let now = crate::config::file_digest(&path);
-        if now != warned {
-            if now == started {
-                info!(config = %path.display(), "configuration file is back to what the daemon runs");
-            } else {
+        let digest = crate::config::file_digest(&path);
+        if digest == read {
+            continue;
+        }
+        let newer = match Config::load(Some(&path)) {
+            Ok(c) => c,
+            Err(e) => {
                 warn!(
                     config = %path.display(),
-                    "configuration file changed: policies reload now; targets, the listener \
-                     and capture rules apply after a restart (systemctl restart bulkhead)"
+                    error = %e,
+                    "configuration file not reloaded: it does not load; the daemon keeps what it runs"
                 );
+                continue;
             }
-            warned = now;
+        };
+        let running = gateway.config.current();
+        let restart: Vec<String> = running
+            .restart_needed(&newer)
+            .into_iter()
+            .map(str::to_string)
+            .collect();
+        let applied = Arc::new(running.with_targets_of(&newer));
+        let names = |c: &Config| -> std::collections::BTreeSet<String> {
+            c.targets.iter().map(|t| t.name.clone()).collect()
+        };
+        let (before, after) = (names(&running), names(&applied));
+        let problems = startup_problems(&applied);
+        let targets = control::target_infos(&applied);
+        gateway.config.replace(applied);
+        // Upstream TLS settings are cached by target name: a target's CA or client
+        // certificate may have changed with it.
+        protocols.http.forget_upstream_tls();
+        info!(
+            config = %path.display(),
+            targets = targets.len(),
+            added = ?after.difference(&before).collect::<Vec<_>>(),
+            removed = ?before.difference(&after).collect::<Vec<_>>(),
+            "configuration reloaded: its targets apply to new connections; open sessions keep theirs"
+        );
+        for problem in &problems {
+            warn!("{problem}");
         }
+        if !restart.is_empty() {
+            warn!(
+                config = %path.display(),
+                sections = ?restart,
+                "configuration file changed in sections that apply after a restart \
+                 (systemctl restart bulkhead)"
+            );
+        }
+        *state
+            .reloaded
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(control::Reloaded {
+            digest,
+            targets,
+            warnings: problems,
+            restart_needed: restart,
+        });
+        read = digest;
     }
 }

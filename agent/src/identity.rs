@@ -351,15 +351,15 @@ impl ProcReader {
     fn ancestors_with_starts(&self, pid: u32) -> (Vec<Ancestor>, Option<Vec<u64>>) {
         let mut out = Vec::new();
         let mut starts = Some(Vec::new());
-        let mut ppid = match self.status(pid) {
+        let mut parent = match self.status(pid) {
             Some(s) => s.ppid,
             None => return (out, None),
         };
-        while ppid > 0 && out.len() < MAX_ANCESTORS {
-            let start = fs::read_to_string(self.proc(ppid).join("stat"))
+        while parent > 0 && out.len() < MAX_ANCESTORS {
+            let start = fs::read_to_string(self.proc(parent).join("stat"))
                 .ok()
                 .and_then(|s| start_time_from_stat(&s));
-            let Some(status) = self.status(ppid) else {
+            let Some(status) = self.status(parent) else {
                 break;
             };
             match (&mut starts, start) {
@@ -367,19 +367,19 @@ impl ProcReader {
                 _ => starts = None,
             }
             let governed = self
-                .cgroup(ppid)
+                .cgroup(parent)
                 .is_some_and(|c| cgroup::is_within(&c, &self.governed))
                 && (self.uids.is_empty() || self.uids.contains(&status.uid));
             out.push(Ancestor {
-                pid: ppid,
+                pid: parent,
                 comm: status.name,
-                exe: self.exe(ppid),
+                exe: self.exe(parent),
                 governed,
             });
             if !governed {
                 break;
             }
-            ppid = status.ppid;
+            parent = status.ppid;
         }
         (out, starts)
     }
@@ -500,16 +500,16 @@ Pid:\t4242\nPPid:\t4200\nTracerPid:\t0\nUid:\t1000\t1000\t1000\t1000\nGid:\t1001
 
     /// Writes a fixture process's `stat` and `status` (uid and gid 1000): what an exec (a new
     /// name), a reparenting (a new parent) or a reused pid (a new start time) changes.
-    fn write_proc(proc_dir: &Path, pid: u32, name: &str, ppid: u32, start: u64) {
+    fn write_proc(proc_dir: &Path, pid: u32, name: &str, parent: u32, start: u64) {
         let p = proc_dir.join(pid.to_string());
         fs::write(
             p.join("stat"),
-            format!("{pid} ({name}) S {ppid} 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 1 0 {start} 0 0"),
+            format!("{pid} ({name}) S {parent} 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 1 0 {start} 0 0"),
         )
         .unwrap();
         fs::write(
             p.join("status"),
-            format!("Name:\t{name}\nPPid:\t{ppid}\nUid:\t1000\t1000\t1000\t1000\nGid:\t1000\t1000\t1000\t1000\n"),
+            format!("Name:\t{name}\nPPid:\t{parent}\nUid:\t1000\t1000\t1000\t1000\nGid:\t1000\t1000\t1000\t1000\n"),
         )
         .unwrap();
     }

@@ -259,26 +259,108 @@ fn status_lists_targets_startup_problems_and_a_changed_configuration() {
     assert_eq!(status["daemon"]["config_changed"], true, "{status}");
     let out = topo.output(bulkhead_tests::Side::Host, topo.bulkhead(&["status"]));
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("CHANGED since the daemon started"), "{text}");
+    assert!(text.contains("CHANGED since the daemon read it"), "{text}");
     assert!(
         text.contains("echo (tcp) 10.201.0.2:7000, 10.201.0.0/24"),
         "{text}"
     );
-    // SIGHUP reloads policies; the log says the rest of the file waits for a restart.
+    // SIGHUP reads the file again: nothing but a comment changed, so nothing waits.
+    hangup(&daemon_proc);
+    wait_log(&mut daemon_proc, "configuration reloaded");
+    let status = topo.run_cli(&["status", "--json"]).unwrap();
+    assert_eq!(status["daemon"]["config_changed"], false, "{status}");
+}
+
+/// Sends SIGHUP to a daemon this test started.
+fn hangup(daemon: &bulkhead_tests::Proc) {
     // SAFETY: we signal only our own child, by its pid.
     unsafe {
-        libc::kill(i32::try_from(daemon_proc.pid()).unwrap(), libc::SIGHUP);
+        libc::kill(i32::try_from(daemon.pid()).unwrap(), libc::SIGHUP);
     }
-    // (The daemon logs to stdout.)
+}
+
+/// The daemon's log (stdout) up to the first line containing `until`, which must come.
+fn wait_log(daemon: &mut bulkhead_tests::Proc, until: &str) -> String {
     let mut logs = String::new();
-    while let Some(line) = daemon_proc.line(std::time::Duration::from_secs(5)) {
+    while let Some(line) = daemon.line(std::time::Duration::from_secs(5)) {
         logs.push_str(&line);
         logs.push('\n');
-        if line.contains("configuration file changed") {
+        if line.contains(until) {
             break;
         }
     }
-    assert!(logs.contains("apply after a restart"), "{logs}");
+    assert!(logs.contains(until), "{logs}");
+    logs
+}
+
+#[test]
+fn a_sighup_applies_new_targets_to_new_connections_and_names_what_waits_for_a_restart() {
+    bulkhead_tests::require_root();
+    let topo = bulkhead_tests::Topology::new(
+        "[[target]]\nname = \"echo\"\naddresses = [\"10.201.0.2:7000\", \"10.201.0.0/24\"]\n",
+    );
+    topo.allow_opaque_tcp();
+    let mut daemon_proc = topo.start_daemon(&[]);
+    let _echo = topo.echo_server(
+        bulkhead_tests::Side::Target,
+        "10.201.0.2:7001".parse().unwrap(),
+    );
+    let session_target = || {
+        let client = topo.probe_connect(bulkhead_tests::Side::Governed, "10.201.0.2:7001", "hi");
+        assert_eq!(bulkhead_tests::reply(&client)["data"], "hi", "{client}");
+        topo.wait_session_of(&client["pid"])["target"].clone()
+    };
+    assert_eq!(
+        session_target(),
+        "echo",
+        "the /24 of target echo, before the reload"
+    );
+    // A target added to the file applies at the next SIGHUP, to new connections, without a
+    // restart; a changed listener port waits for one, and says so.
+    let mut config_text = std::fs::read_to_string(&topo.config_path).unwrap();
+    config_text.push_str(
+        "[[target]]\nname = \"late\"\naddresses = [\"10.201.0.2:7001\"]\n\
+         [listener]\nport = 952\n",
+    );
+    std::fs::write(&topo.config_path, &config_text).unwrap();
+    hangup(&daemon_proc);
+    let logs = wait_log(&mut daemon_proc, "apply after a restart");
+    assert!(logs.contains("configuration reloaded"), "{logs}");
+    assert!(logs.contains("late"), "the added target is named: {logs}");
+    assert_eq!(
+        session_target(),
+        "late",
+        "new connections use the new target table"
+    );
+    let status = topo.run_cli(&["status", "--json"]).unwrap();
+    let daemon = &status["daemon"];
+    assert_eq!(daemon["targets"][1]["name"], "late", "{status}");
+    assert_eq!(
+        daemon["restart_needed"],
+        serde_json::json!(["listener"]),
+        "{status}"
+    );
+    assert_eq!(daemon["config_changed"], true, "{status}");
+    assert_eq!(
+        daemon["pid"],
+        daemon_proc.pid(),
+        "the same daemon: {status}"
+    );
+    let out = topo.output(bulkhead_tests::Side::Host, topo.bulkhead(&["status"]));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("CHANGED in sections that apply after a restart")
+            && text.contains("listener"),
+        "{text}"
+    );
+    assert!(text.contains("late (tcp) 10.201.0.2:7001"), "{text}");
+
+    // A file that does not load changes nothing (the good file is put back for the CLI).
+    std::fs::write(&topo.config_path, "[[target]\nbroken").unwrap();
+    hangup(&daemon_proc);
+    wait_log(&mut daemon_proc, "not reloaded");
+    std::fs::write(&topo.config_path, &config_text).unwrap();
+    assert_eq!(session_target(), "late", "the last good target table stays");
 }
 
 #[test]

@@ -14,7 +14,7 @@ use std::{
     io,
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{Arc, Mutex, PoisonError},
 };
 
 use serde::{Deserialize, Serialize};
@@ -143,10 +143,15 @@ pub struct DaemonInfo {
     /// a missing admin group).
     #[serde(default)]
     pub warnings: Vec<String>,
-    /// The configuration file differs from the one the daemon started with: targets,
-    /// listeners and capture rules apply only after a restart.
+    /// The configuration file differs from what the daemon runs: edited since it was last
+    /// read (a reload, `SIGHUP`, applies its targets), or read with sections that apply only
+    /// after a restart (`restart_needed`).
     #[serde(default)]
     pub config_changed: bool,
+    /// Sections of the configuration file, as last read, that differ from what the daemon
+    /// runs and apply only after a restart (`listener`, `capture`, ...).
+    #[serde(default)]
+    pub restart_needed: Vec<String>,
     /// What governed processes can reach besides TCP through the gateway.
     #[serde(default)]
     pub containment: Containment,
@@ -219,6 +224,30 @@ pub struct Containment {
     /// What it did (from the pinned counters), when it is on.
     #[serde(default)]
     pub fast_path_counters: Option<crate::ebpf::fast_path::FastPathCounters>,
+}
+
+/// What a reload of the configuration file (`SIGHUP`) left: the digest of the file it read,
+/// the targets it put in force, what it found wrong in them, and the sections that differ
+/// from what runs and wait for a restart.
+#[derive(Debug, Clone, Default)]
+pub struct Reloaded {
+    pub digest: Option<[u8; 32]>,
+    pub targets: Vec<TargetInfo>,
+    pub warnings: Vec<String>,
+    pub restart_needed: Vec<String>,
+}
+
+/// The targets of `config`, for `bulkhead status`.
+pub fn target_infos(config: &crate::config::Config) -> Vec<TargetInfo> {
+    config
+        .targets
+        .iter()
+        .map(|t| TargetInfo {
+            name: t.name.clone(),
+            protocol: t.protocol(),
+            addresses: t.addresses.iter().map(ToString::to_string).collect(),
+        })
+        .collect()
 }
 
 /// A configured target, for `bulkhead status`.
@@ -312,6 +341,8 @@ pub struct ControlState {
     pub admin_group: String,
     /// The configuration file and its digest at start, to tell when it changed.
     pub config_file: Option<(PathBuf, Option<[u8; 32]>)>,
+    /// What the last reload of the configuration file put in force (`None`: none since start).
+    pub reloaded: Mutex<Option<Reloaded>>,
     pub retention: Retention,
     pub approvals: Arc<ApprovalBroker>,
 }
@@ -331,10 +362,25 @@ impl ControlState {
             info.containment.fast_path_counters =
                 crate::ebpf::fast_path::pinned_counters(&self.pin_dir).and_then(Result::ok);
         }
-        info.config_changed = self
-            .config_file
-            .as_ref()
-            .is_some_and(|(path, digest)| crate::config::file_digest(path) != *digest);
+        let reloaded = self
+            .reloaded
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let read_digest = match reloaded {
+            Some(r) => {
+                info.targets = r.targets;
+                info.warnings = r.warnings;
+                info.restart_needed = r.restart_needed;
+                r.digest
+            }
+            None => self.config_file.as_ref().and_then(|(_, d)| *d),
+        };
+        info.config_changed = !info.restart_needed.is_empty()
+            || self
+                .config_file
+                .as_ref()
+                .is_some_and(|(path, _)| crate::config::file_digest(path) != read_digest);
         let redirect = Redirect::read(&self.pin_dir, Some(&info.listeners));
         StatusReport {
             daemon: Some(info),

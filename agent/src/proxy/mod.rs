@@ -112,8 +112,10 @@ pub async fn handle(
         rec.dst_port,
     ));
     let identity = gw.proc.identify(&rec);
-    // Resolve: a configured target, or the destination's address for one no target names.
-    let target = gw.config.resolve(destination);
+    // Resolve: a configured target, or the destination's address for one no target names,
+    // under the configuration in force now, kept to the session's end.
+    let config = gw.config.current();
+    let target = config.resolve(destination);
     let span = info_span!(
         "conn",
         pid = identity.pid,
@@ -123,8 +125,8 @@ pub async fn handle(
         session = tracing::field::Empty,
     );
 
-    async move {
-        if target.target.is_none() && gw.config.capture.unmatched == Unmatched::Refuse {
+    async {
+        if target.target.is_none() && config.capture.unmatched == Unmatched::Refuse {
             gw.stats.refused.fetch_add(1, Ordering::Relaxed);
             info!("destination matches no target; refused (capture.unmatched = \"refuse\")");
             record_refusal(

@@ -63,9 +63,33 @@ impl Stats {
     }
 }
 
+/// The configuration connections start under. A reload (`SIGHUP`, [`Config::with_targets_of`])
+/// replaces it whole; a connection reads it once, when it is accepted, and keeps that copy to
+/// its end, so a session is never judged under two target tables.
+#[derive(Clone)]
+pub struct LiveConfig(Arc<arc_swap::ArcSwap<Config>>);
+
+impl LiveConfig {
+    /// The configuration in force now.
+    pub fn current(&self) -> Arc<Config> {
+        self.0.load_full()
+    }
+
+    /// Puts `config` in force for connections accepted from now on.
+    pub fn replace(&self, config: Arc<Config>) {
+        self.0.store(config);
+    }
+}
+
+impl From<Arc<Config>> for LiveConfig {
+    fn from(config: Arc<Config>) -> Self {
+        Self(Arc::new(arc_swap::ArcSwap::new(config)))
+    }
+}
+
 /// The services every connection shares.
 pub struct Gateway {
-    pub config: Arc<Config>,
+    pub config: LiveConfig,
     pub orig_dst: Arc<dyn OrigDst>,
     pub store: Arc<dyn SessionStore>,
     pub proc: ProcReader,

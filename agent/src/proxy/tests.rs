@@ -38,7 +38,7 @@ impl Harness {
         let approvals = Arc::new(ApprovalBroker::new(Arc::clone(&store), config.approvals));
         let orig = Arc::new(MockOrigDst::default());
         let gw = Arc::new(Gateway {
-            config: Arc::new(config),
+            config: Arc::new(config).into(),
             orig_dst: Arc::clone(&orig) as Arc<dyn OrigDst>,
             store,
             proc: ProcReader::new("/", "/none"),
@@ -503,7 +503,7 @@ async fn policy_test_connect_and_the_live_gateway_agree_on_every_example_policy(
         for &dst in &destinations {
             for comm in ["psql", "claude", "git", "bash"] {
                 let (identity, live) = live_connect_decision(&h, comm, dst).await;
-                let cli = cli_connect_decision(&h.gw.config, &set, &identity, dst);
+                let cli = cli_connect_decision(&h.gw.config.current(), &set, &identity, dst);
                 assert_eq!(
                     live,
                     cli,

@@ -86,6 +86,13 @@ pub struct Shared {
     client_configs: ClientConfigs,
 }
 
+impl Shared {
+    /// Drops the upstream TLS configurations built so far (see [`ClientConfigs::clear`]).
+    pub fn forget_upstream_tls(&self) {
+        self.client_configs.clear();
+    }
+}
+
 fn ended(totals: &Totals, outcome: Outcome) -> SessionEnd {
     use std::sync::atomic::Ordering;
     SessionEnd {

@@ -122,7 +122,7 @@ impl Harness {
         let orig = Arc::new(MockOrigDst::default());
         let ca_dir = tempfile::tempdir().unwrap();
         let gw = Arc::new(Gateway {
-            config: Arc::new(config),
+            config: Arc::new(config).into(),
             orig_dst: Arc::clone(&orig) as Arc<dyn OrigDst>,
             store,
             proc: ProcReader::new("/", "/none"),

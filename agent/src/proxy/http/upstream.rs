@@ -338,6 +338,15 @@ pub struct ClientConfigs {
 }
 
 impl ClientConfigs {
+    /// Forgets every cached configuration: a reload may have changed a target's CA or client
+    /// certificate under the same name.
+    pub fn clear(&self) {
+        self.by_target
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+    }
+
     /// The configurations for `target`: system roots, its CA, its client certificate; ALPN h2
     /// and http/1.1, or http/1.1 alone.
     pub fn get(&self, target: &str, settings: &HttpTarget) -> Result<TlsConfigs, String> {

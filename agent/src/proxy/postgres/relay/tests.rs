@@ -56,7 +56,7 @@ fn gateway(policies: &tempfile::TempDir) -> Gateway {
     let store: Arc<dyn SessionStore> = Arc::new(SledStore::temporary().unwrap());
     Gateway {
         approvals: Arc::new(ApprovalBroker::new(Arc::clone(&store), config.approvals)),
-        config: Arc::new(config),
+        config: Arc::new(config).into(),
         orig_dst: Arc::new(MockOrigDst::default()),
         store,
         proc: ProcReader::new("/", "/none"),
@@ -66,9 +66,10 @@ fn gateway(policies: &tempfile::TempDir) -> Gateway {
     }
 }
 
-fn conn(gw: &Gateway) -> Conn<'_> {
+/// A session under `config` (the gateway's, taken once as a connection takes it).
+fn conn<'a>(gw: &'a Gateway, config: &'a Config) -> Conn<'a> {
     let client = ClientAddr(SocketAddr::from(([127, 0, 0, 1], 40000)));
-    let target = gw.config.resolve(destination());
+    let target = config.resolve(destination());
     let session = gw
         .store
         .open(NewSession {
@@ -140,7 +141,8 @@ async fn relayed<T, F: Future<Output = T>>(
 ) -> Relayed<T> {
     let policies = tempfile::tempdir().unwrap();
     let gw = gateway(&policies);
-    let conn = conn(&gw);
+    let config = gw.config.current();
+    let conn = conn(&gw, &config);
     let (client_end, gw_client) = tokio::io::duplex(64 * 1024);
     let (gw_target, target_end) = tokio::io::duplex(64 * 1024);
     let (end, received, client) = tokio::join!(
@@ -423,7 +425,8 @@ async fn a_simple_query_inside_an_unfinished_extended_batch_ends_the_session() {
 async fn a_repeated_statement_is_decided_from_the_memo_until_the_policy_changes() {
     let policies = tempfile::tempdir().unwrap();
     let gw = gateway(&policies);
-    let conn = conn(&gw);
+    let config = gw.config.current();
+    let conn = conn(&gw, &config);
     let policy = conn.policy();
     // Two texts of one shape: the classification cache hands out one classification.
     let first = policy.cache().classify("DELETE FROM t WHERE id = 1", None);
