@@ -11,9 +11,9 @@ use std::{
 };
 
 use bulkhead::{
-    config::Protocol,
     identity::{Ancestor, ProcessIdentity},
     policy::{load_dir, Action, PolicySet, Request, TargetRef},
+    protocol::Protocol,
 };
 
 const PGBENCH: &[&str] = &[
