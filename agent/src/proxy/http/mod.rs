@@ -16,6 +16,7 @@
 mod body;
 mod framing;
 pub mod judge;
+mod lanes;
 mod passthrough;
 mod refuse;
 pub mod request;
@@ -25,10 +26,12 @@ mod upstream;
 
 use std::{
     convert::Infallible,
+    future::Future as _,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc,
     },
+    task::Poll,
     time::Duration,
 };
 
@@ -341,22 +344,24 @@ impl Session<'_, '_> {
         // that never completes a first request.
         let first_request = tokio::time::sleep(HEADER_TIMEOUT);
         tokio::pin!(first_request);
-        let mut waiting = true;
-        loop {
-            tokio::select! {
-                r = &mut connection => return r.map_err(|e| e.to_string()),
-                () = self.upstream.driver.run() => {}
-                () = &mut first_request, if waiting => {
-                    if requests.load(Ordering::Relaxed) == 0 {
-                        return Err(format!(
-                            "client: no request within {}s",
-                            HEADER_TIMEOUT.as_secs()
-                        ));
-                    }
-                    waiting = false;
-                }
-            }
-        }
+        // The client's connection, the connections to the target, the first-request timer:
+        // each polled only when its own waker fired ([`lanes`]), so the hand-overs between
+        // the two connections do not wake the task.
+        let lanes = lanes::Lanes::new(3);
+        std::future::poll_fn(|cx| {
+            lanes.poll(cx, |lane, cx| match lane {
+                0 => connection.as_mut().poll(cx).map_err(|e| e.to_string()),
+                1 => self.upstream.driver.poll_drive(cx).map(Ok),
+                _ => match first_request.as_mut().poll(cx) {
+                    Poll::Ready(()) if requests.load(Ordering::Relaxed) == 0 => Poll::Ready(Err(
+                        format!("client: no request within {}s", HEADER_TIMEOUT.as_secs()),
+                    )),
+                    // Fired once, never polled again (nothing wakes this lane).
+                    _ => Poll::Pending,
+                },
+            })
+        })
+        .await
     }
 
     /// A connection chosen as HTTP/2 (ALPN `h2`, or the whole preface). hyper-util's server
