@@ -789,28 +789,19 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if !any {
         return;
     }
-    // Names listed in Connection go too (only when there is a Connection header): each
-    // token matched against the names present, so a usual `keep-alive` or `close` is neither
-    // parsed nor allocated as a header name.
-    let mut named: Vec<HeaderName> = Vec::new();
-    if present[0] {
-        let tokens = headers
+    // Names listed in Connection go too (only when there is a Connection header).
+    let named: Vec<HeaderName> = if present[0] {
+        headers
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .map(str::trim);
-        for token in tokens {
-            if let Some(name) = headers
-                .keys()
-                .find(|k| k.as_str().eq_ignore_ascii_case(token))
-            {
-                if !HOP_BY_HOP.contains(name) && !named.contains(name) {
-                    named.push(name.clone());
-                }
-            }
-        }
-    }
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .filter(|n| !HOP_BY_HOP.contains(n))
+            .collect()
+    } else {
+        Vec::new()
+    };
     for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
         headers.remove(name);
     }
