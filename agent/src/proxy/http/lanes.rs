@@ -161,11 +161,11 @@ mod tests {
         assert_eq!(task.0.load(Ordering::SeqCst), 1);
         // Polled, lane 0 wakes lane 2: both run in this poll, lane 1 does not, and the task is
         // not woken again.
-        let lane2 = saved[2].clone().unwrap();
+        let third = saved[2].clone().unwrap();
         let r: Poll<()> = lanes.poll(&mut cx, |i, _| {
             polls[i] += 1;
             if i == 0 {
-                lane2.wake_by_ref();
+                third.wake_by_ref();
             }
             Poll::Pending
         });
