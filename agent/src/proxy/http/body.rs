@@ -67,11 +67,17 @@ impl Meter {
     pub fn summary(&self, status: hyper::StatusCode, secrets: &[String]) -> String {
         let up = self.up.load(Ordering::Relaxed);
         let down = self.down.load(Ordering::Relaxed);
-        let mut s = format!(
-            "{} {}, {up} B up, {down} B down",
-            status.as_u16(),
-            status.canonical_reason().unwrap_or("")
-        );
+        // `200 OK, 12 B up, 345 B down`, without `format!` (one of them per request).
+        let mut numbers = itoa::Buffer::new();
+        let mut s = String::with_capacity(64);
+        s.push_str(status.as_str());
+        s.push(' ');
+        s.push_str(status.canonical_reason().unwrap_or(""));
+        s.push_str(", ");
+        s.push_str(numbers.format(up));
+        s.push_str(" B up, ");
+        s.push_str(numbers.format(down));
+        s.push_str(" B down");
         if let Some(kept) = &self.kept {
             let kept = kept.lock().unwrap_or_else(PoisonError::into_inner);
             for (label, body, total) in [("request", &kept.0, up), ("response", &kept.1, down)] {

@@ -16,6 +16,7 @@
 mod body;
 mod framing;
 pub mod judge;
+mod lanes;
 mod passthrough;
 mod refuse;
 pub mod request;
@@ -25,10 +26,12 @@ mod upstream;
 
 use std::{
     convert::Infallible,
+    future::Future as _,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc,
     },
+    task::Poll,
     time::Duration,
 };
 
@@ -348,22 +351,24 @@ impl Session<'_, '_> {
         // that never completes a first request.
         let first_request = tokio::time::sleep(HEADER_TIMEOUT);
         tokio::pin!(first_request);
-        let mut waiting = true;
-        loop {
-            tokio::select! {
-                r = &mut connection => return r.map_err(|e| e.to_string()),
-                () = self.upstream.driver.run() => {}
-                () = &mut first_request, if waiting => {
-                    if requests.load(Ordering::Relaxed) == 0 {
-                        return Err(format!(
-                            "client: no request within {}s",
-                            HEADER_TIMEOUT.as_secs()
-                        ));
-                    }
-                    waiting = false;
-                }
-            }
-        }
+        // The client's connection, the connections to the target, the first-request timer:
+        // each polled only when its own waker fired ([`lanes`]), so the hand-overs between
+        // the two connections do not wake the task.
+        let lanes = lanes::Lanes::new(3);
+        std::future::poll_fn(|cx| {
+            lanes.poll(cx, |lane, cx| match lane {
+                0 => connection.as_mut().poll(cx).map_err(|e| e.to_string()),
+                1 => self.upstream.driver.poll_drive(cx).map(Ok),
+                _ => match first_request.as_mut().poll(cx) {
+                    Poll::Ready(()) if requests.load(Ordering::Relaxed) == 0 => Poll::Ready(Err(
+                        format!("client: no request within {}s", HEADER_TIMEOUT.as_secs()),
+                    )),
+                    // Fired once, never polled again (nothing wakes this lane).
+                    _ => Poll::Pending,
+                },
+            })
+        })
+        .await
     }
 
     /// A connection chosen as HTTP/2 (ALPN `h2`, or the whole preface). hyper-util's server
@@ -778,14 +783,33 @@ static HOP_BY_HOP: [HeaderName; 9] = [
 ];
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for name in &HOP_BY_HOP {
+    // One pass over the names present (a few) finds the hop-by-hop ones among them: cheaper
+    // than a hashed removal of each of the nine names, which are mostly absent.
+    let mut present = [false; HOP_BY_HOP.len()];
+    let mut any = false;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present[i] = true;
+            any = true;
+        }
+    }
+    if !any {
+        return;
+    }
+    // Names listed in Connection go too (only when there is a Connection header).
+    let named: Vec<HeaderName> = if present[0] {
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .filter(|n| !HOP_BY_HOP.contains(n))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
         headers.remove(name);
     }
     for name in &named {
@@ -828,6 +852,34 @@ fn gateway_error(status: StatusCode, message: &str) -> Response<ProxyBody> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_names_are_stripped_from_answers_too() {
+        let mut answer = HeaderMap::new();
+        for (k, v) in [
+            ("server", "nginx"),
+            ("connection", "close, X-Trace"),
+            ("connection", "te"),
+            ("x-trace", "1"),
+            ("te", "trailers"),
+            ("content-length", "3"),
+        ] {
+            answer.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_static(v),
+            );
+        }
+        strip_hop_by_hop(&mut answer);
+        let names: Vec<&str> = answer.keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, vec!["server", "content-length"], "{answer:?}");
+        // None present: nothing removed.
+        let mut plain = HeaderMap::new();
+        plain.insert(header::SERVER, HeaderValue::from_static("nginx"));
+        plain.insert(header::CONTENT_LENGTH, HeaderValue::from_static("3"));
+        let before = plain.clone();
+        strip_hop_by_hop(&mut plain);
+        assert_eq!(plain, before);
+    }
 
     #[test]
     fn forwarded_headers_drop_hop_by_hop_and_replace_injected_ones() {

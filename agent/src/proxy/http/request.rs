@@ -98,10 +98,21 @@ pub struct Normalised {
 impl Normalised {
     /// How the request is recorded and shown to an approver: `GET https://host/path?q`.
     pub fn text(&self) -> String {
-        format!(
-            "{} {}://{}{}",
-            self.method, self.scheme, self.authority, self.path_and_query
-        )
+        let method = self.method.as_str();
+        let mut text = String::with_capacity(
+            method.len() + 4 + self.scheme.len() + self.authority.len() + self.path_and_query.len(),
+        );
+        for part in [
+            method,
+            " ",
+            self.scheme,
+            "://",
+            &self.authority,
+            &self.path_and_query,
+        ] {
+            text.push_str(part);
+        }
+        text
     }
 }
 

@@ -256,6 +256,50 @@ async fn allowed_requests_are_forwarded_normalised_with_the_held_header_and_reco
     );
 }
 
+/// The session polls the client's connection and the target's in one task, each woken on its
+/// own (`lanes.rs`): a large body each way and a request after it on the same connection must
+/// flow without a lost wake-up (which would stall the exchange until the timeout here).
+#[tokio::test]
+async fn large_bodies_both_ways_and_a_request_after_them_flow_on_one_connection() {
+    std::env::set_var("BH_TEST_TOKEN_L", "real-token");
+    let target = echo_target().await;
+    let h = Harness::new(target, "BH_TEST_TOKEN_L").await;
+    let size = 4 << 20;
+    let mut raw =
+        format!("POST /v1/big HTTP/1.1\r\nHost: api.example\r\nContent-Length: {size}\r\n\r\n")
+            .into_bytes();
+    raw.extend(std::iter::repeat_n(b'a', size));
+    raw.extend_from_slice(
+        b"GET /v1/after HTTP/1.1\r\nHost: api.example\r\nConnection: close\r\n\r\n",
+    );
+    let answer = h.raw(target, &raw).await;
+    assert_eq!(
+        answer.matches("HTTP/1.1 200 OK\r\n").count(),
+        2,
+        "{}",
+        &answer[..200]
+    );
+    assert!(
+        answer.contains(&"a".repeat(size)),
+        "the body came back whole"
+    );
+    assert!(answer.contains("GET /v1/after HTTP/1.1\n"));
+    let events = h.events_of_newest().await;
+    let summaries: Vec<String> = events
+        .iter()
+        .filter_map(|e| match e {
+            EventKind::Response { summary, .. } => summary.clone(),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(summaries.len(), 2, "{summaries:?}");
+    assert!(
+        summaries[0].starts_with(&format!("200 OK, {size} B up")),
+        "{}",
+        &summaries[0][..80]
+    );
+}
+
 #[tokio::test]
 async fn denied_and_ambiguous_requests_never_reach_the_target() {
     std::env::set_var("BH_TEST_TOKEN_B", "real-token");
