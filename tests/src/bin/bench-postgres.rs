@@ -1,6 +1,6 @@
 //! PostgreSQL gateway benchmark: pgbench through the gateway (policy and recording on) against
-//! pgbench straight to the server, through pgbouncer (session pooling) and through a bare
-//! relay, all in one run on the same server, in alternating rounds (`BENCH_PG_ROUNDS`, 3),
+//! pgbench straight to the server, through pgbouncer (session pooling), through a bare
+//! threaded relay and through a bare relay on tokio (the daemon's runtime), all in one run on the same server, in alternating rounds (`BENCH_PG_ROUNDS`, 3),
 //! printed as ratios of the direct figure with the medians of the rounds, then the figures of
 //! issue 17 (the gateway against pgbouncer and the bare relay, as medians of same-round ratios).
 //!
@@ -150,9 +150,9 @@ sql = { class = ["read", "transaction", "session", "insert", "update", "delete",
         relay_proc.stderr()
     );
 
-    // The ceiling for a gateway on tokio: the same relay on the daemon's runtime (one
-    // current-thread runtime, a task per connection). Only with `BENCH_PG_ONLY=tokio-relay`.
-    let mut tokio_relay = (only().as_deref() == Some("tokio-relay")).then(|| {
+    // The ceiling for a gateway on tokio: a relay on the daemon's runtime (one current-thread
+    // runtime, a task per connection), nothing parsed, decided or recorded.
+    let tokio_relay = {
         let mut cmd = Command::new(topo.probe());
         cmd.args([
             "relay-async",
@@ -167,7 +167,7 @@ sql = { class = ["read", "transaction", "session", "insert", "update", "delete",
             p.stderr()
         );
         p
-    });
+    };
     println!("pgbench -S, 8 clients, 2 threads, {SECONDS} s per run, scale 10; PostgreSQL 15 on the target host");
     println!("ratios are of the direct figure; cpu/tx is each proxy's CPU (user + system) per transaction, in us");
     println!();
@@ -208,6 +208,14 @@ sql = { class = ["read", "transaction", "session", "insert", "update", "delete",
             password: pg.password.as_str(),
             pid: Some(relay_proc.child.id()),
         },
+        Leg {
+            name: "tokio-relay",
+            side: Side::Host,
+            host: "127.0.0.1",
+            port: "6434",
+            password: pg.password.as_str(),
+            pid: Some(tokio_relay.child.id()),
+        },
     ];
     // Transactions per second and the proxy's CPU per transaction. A gateway run also checks
     // that the store recorded every statement of it.
@@ -243,17 +251,8 @@ sql = { class = ["read", "transaction", "session", "insert", "update", "delete",
         (tps(&out), cpu.unwrap_or(0.0), user.unwrap_or(0.0))
     };
     if let Some(name) = only() {
-        let tokio_leg = tokio_relay.as_mut().map(|p| Leg {
-            name: "tokio-relay",
-            side: Side::Host,
-            host: "127.0.0.1",
-            port: "6434",
-            password: pg.password.as_str(),
-            pid: Some(p.child.id()),
-        });
         let leg = legs
             .iter()
-            .chain(tokio_leg.as_ref())
             .find(|l| l.name == name)
             .expect("BENCH_PG_ONLY names a leg");
         for mode in only_modes() {
@@ -266,18 +265,21 @@ sql = { class = ["read", "transaction", "session", "insert", "update", "delete",
         return;
     }
     println!(
-        "{:<11} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>7} {:>7}",
+        "{:<11} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>7} {:>7} {:>7}",
         "mode round",
         "direct",
         "gateway",
         "pgbouncr",
         "relay",
+        "tokio",
         "gateway",
         "pgbouncr",
         "relay",
+        "tokio",
         "gw cpu",
         "pgb cpu",
-        "rly cpu"
+        "rly cpu",
+        "tok cpu"
     );
     // The machine's run-to-run noise is larger than the differences measured, so the legs are
     // run in rounds, alternating, and the medians of the same-round figures are reported.
@@ -291,14 +293,14 @@ sql = { class = ["read", "transaction", "session", "insert", "update", "delete",
     // Per mode, per round.
     let mut table: [Vec<Row>; 2] = [Vec::new(), Vec::new()];
     // Per round: single-client latency per leg.
-    let mut latencies: Vec<[f64; 4]> = Vec::new();
+    let mut latencies: Vec<[f64; 5]> = Vec::new();
     for round in 1..=rounds {
         for (m, mode) in ["simple", "prepared"].into_iter().enumerate() {
-            let [direct, gateway, bouncer, relay] =
+            let [direct, gateway, bouncer, relay, tokio] =
                 legs.each_ref().map(|leg| run(leg, mode, &seconds));
             let row = Row {
-                tps: [direct.0, gateway.0, bouncer.0, relay.0],
-                cpu: [gateway.1, bouncer.1, relay.1],
+                tps: [direct.0, gateway.0, bouncer.0, relay.0, tokio.0],
+                cpu: [gateway.1, bouncer.1, relay.1, tokio.1],
             };
             print_row(&format!("{mode} {round}"), &row.columns());
             table[m].push(row);
@@ -314,28 +316,30 @@ sql = { class = ["read", "transaction", "session", "insert", "update", "delete",
             ))
         });
         println!(
-            "latency {round}: direct {:.1} us; gateway {:+.1} us, pgbouncer {:+.1} us, relay {:+.1} us",
+            "latency {round}: direct {:.1} us; gateway {:+.1} us, pgbouncer {:+.1} us, relay {:+.1} us, tokio relay {:+.1} us",
             lat[0],
             lat[1] - lat[0],
             lat[2] - lat[0],
-            lat[3] - lat[0]
+            lat[3] - lat[0],
+            lat[4] - lat[0]
         );
         latencies.push(lat);
     }
     println!();
     println!("median of {rounds} rounds:");
     for (m, mode) in ["simple", "prepared"].into_iter().enumerate() {
-        let row: [f64; 10] =
+        let row: [f64; 13] =
             std::array::from_fn(|i| median(table[m].iter().map(|r| r.columns()[i]).collect()));
         print_row(mode, &row);
     }
     let over = |leg: usize| median(latencies.iter().map(|l| l[leg] - l[0]).collect());
     println!(
-        "single client latency (-S -M prepared -c 1) over direct ({:.1} us): gateway {:+.1} us, pgbouncer {:+.1} us, relay {:+.1} us",
+        "single client latency (-S -M prepared -c 1) over direct ({:.1} us): gateway {:+.1} us, pgbouncer {:+.1} us, relay {:+.1} us, tokio relay {:+.1} us",
         median(latencies.iter().map(|l| l[0]).collect()),
         over(1),
         over(2),
-        over(3)
+        over(3),
+        over(4)
     );
 
     // The figures of issue 17, each a median of same-round figures.
@@ -375,6 +379,11 @@ sql = { class = ["read", "transaction", "session", "insert", "update", "delete",
             of(1, |r| r.tps[1] / r.tps[3])
         ),
     );
+    println!(
+        "{:<52} {:>20}  (context)",
+        "tokio relay CPU per transaction, simple / prepared",
+        format!("{:.1} / {:.1} us", of(0, |r| r.cpu[3]), of(1, |r| r.cpu[3])),
+    );
 }
 
 /// One way pgbench reaches the server.
@@ -391,26 +400,29 @@ struct Leg<'a> {
 /// One mode's round: TPS of direct, gateway, pgbouncer, relay; CPU per transaction of the
 /// three proxies.
 struct Row {
-    tps: [f64; 4],
-    cpu: [f64; 3],
+    tps: [f64; 5],
+    cpu: [f64; 4],
 }
 
 impl Row {
     /// As printed: TPS, the proxies' ratios of direct, their CPU.
-    fn columns(&self) -> [f64; 10] {
-        let [direct, gateway, bouncer, relay] = self.tps;
-        let [gw_cpu, pgb_cpu, rly_cpu] = self.cpu;
+    fn columns(&self) -> [f64; 13] {
+        let [direct, gateway, bouncer, relay, tokio] = self.tps;
+        let [gw_cpu, pgb_cpu, rly_cpu, tok_cpu] = self.cpu;
         [
             direct,
             gateway,
             bouncer,
             relay,
+            tokio,
             gateway / direct,
             bouncer / direct,
             relay / direct,
+            tokio / direct,
             gw_cpu,
             pgb_cpu,
             rly_cpu,
+            tok_cpu,
         ]
     }
 }
@@ -435,10 +447,10 @@ fn check_recorded(mode: &str, transactions: f64, events: u64) {
     );
 }
 
-fn print_row(label: &str, r: &[f64; 10]) {
+fn print_row(label: &str, r: &[f64; 13]) {
     println!(
-        "{label:<11} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>7.2}x {:>7.2}x {:>7.2}x {:>7.1} {:>7.1} {:>7.1}",
-        r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9]
+        "{label:<11} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>7.2}x {:>7.2}x {:>7.2}x {:>7.2}x {:>7.1} {:>7.1} {:>7.1} {:>7.1}",
+        r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10], r[11], r[12]
     );
 }
 
