@@ -458,18 +458,7 @@ Pid:\t4242\nPPid:\t4200\nTracerPid:\t0\nUid:\t1000\t1000\t1000\t1000\nGid:\t1001
             format!("4242 (psql) S 4200 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 1 0 {start} 0 0")
         };
         fs::write(p.join("stat"), stat(100)).unwrap();
-        let mut rec = ConnectRecord {
-            cgroup_id: 1,
-            dst_addr: [0; 16],
-            dst_port: 1,
-            family: 2,
-            pid: 4242,
-            tgid: 4242,
-            uid: 1000,
-            gid: 1000,
-            comm: *b"psql\0\0\0\0\0\0\0\0\0\0\0\0",
-            reserved: 0,
-        };
+        let mut rec = psql_connect();
         assert_eq!(
             reader.identify(&rec).cmdline,
             vec!["psql", "-h", "10.0.0.5"]
@@ -498,6 +487,22 @@ Pid:\t4242\nPPid:\t4200\nTracerPid:\t0\nUid:\t1000\t1000\t1000\t1000\nGid:\t1001
         assert_eq!(reader.identify(&rec).cmdline, vec!["python3"]);
     }
 
+    /// The fixture's psql (4242, uid 1000) connecting.
+    fn psql_connect() -> ConnectRecord {
+        ConnectRecord {
+            cgroup_id: 1,
+            dst_addr: [0; 16],
+            dst_port: 1,
+            family: 2,
+            pid: 4242,
+            tgid: 4242,
+            uid: 1000,
+            gid: 1000,
+            comm: *b"psql\0\0\0\0\0\0\0\0\0\0\0\0",
+            reserved: 0,
+        }
+    }
+
     /// Writes a fixture process's `stat` and `status` (uid and gid 1000): what an exec (a new
     /// name), a reparenting (a new parent) or a reused pid (a new start time) changes.
     fn write_proc(proc_dir: &Path, pid: u32, name: &str, parent: u32, start: u64) {
@@ -520,18 +525,7 @@ Pid:\t4242\nPPid:\t4200\nTracerPid:\t0\nUid:\t1000\t1000\t1000\t1000\nGid:\t1001
         let reader = ProcReader::new(root.path(), "/bulkhead.governed");
         let procs = root.path().join("proc");
         let proc = |pid: u32| procs.join(pid.to_string());
-        let rec = ConnectRecord {
-            cgroup_id: 1,
-            dst_addr: [0; 16],
-            dst_port: 1,
-            family: 2,
-            pid: 4242,
-            tgid: 4242,
-            uid: 1000,
-            gid: 1000,
-            comm: *b"psql\0\0\0\0\0\0\0\0\0\0\0\0",
-            reserved: 0,
-        };
+        let rec = psql_connect();
         let parents = |id: &ProcessIdentity| -> Vec<(u32, String, Option<String>)> {
             id.ancestors
                 .iter()
