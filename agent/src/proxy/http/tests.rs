@@ -735,3 +735,31 @@ async fn a_head_over_the_limit_is_answered_431() {
 }
 
 use rustls_pki_types::pem::PemObject as _;
+
+/// A session opened before a reload asks with its target's old settings, one after it with
+/// the new, under the same name: each gets configurations built from its own settings.
+#[test]
+fn upstream_tls_configurations_are_served_only_for_the_settings_they_were_built_from() {
+    let configs = super::upstream::ClientConfigs::default();
+    let before = super::settings::HttpTarget::default();
+    let after = super::settings::HttpTarget {
+        h2c: true,
+        ..super::settings::HttpTarget::default()
+    };
+    let first = configs.get("api", &before).unwrap();
+    let again = configs.get("api", &before).unwrap();
+    assert!(
+        Arc::ptr_eq(&first.any, &again.any),
+        "built once per settings"
+    );
+    let reloaded = configs.get("api", &after).unwrap();
+    assert!(
+        !Arc::ptr_eq(&first.any, &reloaded.any),
+        "changed settings under the same name are built afresh"
+    );
+    let old_session = configs.get("api", &before).unwrap();
+    assert!(
+        !Arc::ptr_eq(&reloaded.any, &old_session.any),
+        "a session with the old settings never gets the new ones' configuration"
+    );
+}

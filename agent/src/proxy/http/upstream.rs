@@ -131,8 +131,8 @@ impl Driver {
 /// TLS toward a target: offering HTTP/2 and HTTP/1.1, or HTTP/1.1 alone.
 #[derive(Clone)]
 pub struct TlsConfigs {
-    any: Arc<ClientConfig>,
-    h1: Arc<ClientConfig>,
+    pub(super) any: Arc<ClientConfig>,
+    pub(super) h1: Arc<ClientConfig>,
 }
 
 /// One session's connection toward its target.
@@ -331,15 +331,17 @@ where
     Ok(sender.send_request(req).await?)
 }
 
-/// Client TLS configurations per target, built once (the system roots are read once).
+/// Client TLS configurations per target, built once (the system roots are read once). Each is
+/// kept with the settings it was built from and served only for the same settings: after a
+/// reload (`SIGHUP`) a session opened before it still asks with its target's old settings,
+/// and a new one with the new, under the same name.
 #[derive(Default)]
 pub struct ClientConfigs {
-    by_target: Mutex<HashMap<String, TlsConfigs>>,
+    by_target: Mutex<HashMap<String, (HttpTarget, TlsConfigs)>>,
 }
 
 impl ClientConfigs {
-    /// Forgets every cached configuration: a reload may have changed a target's CA or client
-    /// certificate under the same name.
+    /// Forgets every cached configuration (a reload's targets are built again when used).
     pub fn clear(&self) {
         self.by_target
             .lock()
@@ -350,13 +352,15 @@ impl ClientConfigs {
     /// The configurations for `target`: system roots, its CA, its client certificate; ALPN h2
     /// and http/1.1, or http/1.1 alone.
     pub fn get(&self, target: &str, settings: &HttpTarget) -> Result<TlsConfigs, String> {
-        if let Some(c) = self
+        if let Some((built_for, c)) = self
             .by_target
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .get(target)
         {
-            return Ok(c.clone());
+            if built_for == settings {
+                return Ok(c.clone());
+            }
         }
         let any = client_config(settings)?;
         let mut h1 = any.clone();
@@ -368,7 +372,7 @@ impl ClientConfigs {
         self.by_target
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(target.to_string(), configs.clone());
+            .insert(target.to_string(), (settings.clone(), configs.clone()));
         Ok(configs)
     }
 }
