@@ -105,7 +105,13 @@ impl Config {
     /// (`[run]` is read by `bulkhead run` itself, each time.)
     pub fn restart_needed(&self, newer: &Config) -> Vec<&'static str> {
         let mut out = Vec::new();
-        if self.daemon != newer.daemon {
+        // `bulkhead daemon --fail-open` sets it over the file: a daemon running fail-open
+        // cannot tell the flag from the file, so only turning it on counts as a change.
+        let daemon = DaemonConfig {
+            fail_open: newer.daemon.fail_open || self.daemon.fail_open,
+            ..newer.daemon.clone()
+        };
+        if self.daemon != daemon {
             out.push("daemon");
         }
         if self.listener != newer.listener {

@@ -544,3 +544,25 @@ fn a_postgres_target_of_networks_alone_must_opt_in_to_log_in_there() {
     // Opaque TCP holds no credentials: networks alone are fine.
     parse("[[target]]\nname = \"net\"\naddresses = [\"10.30.0.0/24\"]\n").unwrap();
 }
+
+#[test]
+fn a_reload_takes_the_targets_and_names_the_sections_that_wait_for_a_restart() {
+    let running = parse(
+        "[daemon]\nfail_open = true\n[[target]]\nname = \"a\"\naddresses = [\"10.0.0.1:5432\"]\n",
+    )
+    .unwrap();
+    let newer =
+        parse("[listener]\nport = 952\n[[target]]\nname = \"b\"\naddresses = [\"10.0.0.2:80\"]\n")
+            .unwrap();
+    let applied = running.with_targets_of(&newer);
+    assert_eq!(applied.targets.len(), 1);
+    assert_eq!(applied.targets[0].name, "b");
+    assert_eq!(applied.listener, running.listener, "the listener waits");
+    // The listener differs; `daemon` does not count the file's fail_open = false against a
+    // daemon running fail-open (it may be the command line's `--fail-open`).
+    assert_eq!(running.restart_needed(&newer), vec!["listener"]);
+    let closed = parse("").unwrap();
+    let opened = parse("[daemon]\nfail_open = true\n").unwrap();
+    assert_eq!(closed.restart_needed(&opened), vec!["daemon"]);
+    assert!(closed.restart_needed(&parse("").unwrap()).is_empty());
+}
