@@ -93,7 +93,22 @@ struct Queue {
     /// the previous batch's allocation, emptied, to swap in for the next: a queue rebuilt from
     /// nothing every batch costs the appending thread a dozen reallocations of up to a few
     /// hundred KiB (fresh pages, faulted in) every 10 ms.
-    write: Mutex<Vec<Event>>,
+    write: Mutex<Spare>,
+}
+
+/// What a batch's write keeps for the next: the emptied event list and the encoding buffers.
+#[derive(Default)]
+struct Spare {
+    events: Vec<Event>,
+    buffers: ChunkBuffers,
+}
+
+/// A chunk's uncompressed body and its compressed value, reused from one chunk to the next.
+#[derive(Default)]
+struct ChunkBuffers {
+    body: Vec<u8>,
+    /// Only ever grown: its bytes past a chunk's end are stale, never zeroed again.
+    value: Vec<u8>,
 }
 
 #[derive(Default)]
@@ -121,14 +136,15 @@ impl Sink {
     /// Moves everything queued so far into the tree.
     fn write_out(&self, queue: &Queue) -> Result<(), StoreError> {
         let mut spare = queue.write.lock().unwrap_or_else(PoisonError::into_inner);
+        let spare = &mut *spare;
         let mut batch = {
             let mut state = queue.lock();
             if state.events.is_empty() {
                 return Ok(());
             }
-            std::mem::replace(&mut state.events, std::mem::take(&mut *spare))
+            std::mem::replace(&mut state.events, std::mem::take(&mut spare.events))
         };
-        let result = self.write(&mut batch);
+        let result = self.write(&batch, &mut spare.buffers);
         match result {
             Ok(()) => {
                 queue.lock().failed = None;
@@ -137,7 +153,7 @@ impl Sink {
                 if batch.capacity() > 4 * WRITE_BATCH {
                     batch.shrink_to(WRITE_BATCH);
                 }
-                *spare = batch;
+                spare.events = batch;
                 Ok(())
             }
             Err(e) => {
@@ -151,11 +167,14 @@ impl Sink {
         }
     }
 
-    fn write(&self, batch: &mut [Event]) -> Result<(), StoreError> {
-        // One chunk per session, events in append (id) order. An unstable sort needs no
-        // scratch buffer: a stable one allocated half a batch of events every 10 ms.
-        batch.sort_unstable_by_key(|e| (e.session, e.id));
-        let mut scratch = Vec::new();
+    fn write(&self, batch: &[Event], buffers: &mut ChunkBuffers) -> Result<(), StoreError> {
+        // One chunk per session, events in append (id) order. Keys and references are
+        // sorted, not the events: an event is a few hundred bytes to move, and a sort that
+        // reads its key through a reference misses the cache on most comparisons.
+        let mut keyed: Vec<(SessionId, u64, &Event)> =
+            batch.iter().map(|e| (e.session, e.id, e)).collect();
+        keyed.sort_unstable_by_key(|&(session, id, _)| (session, id));
+        let order: Vec<&Event> = keyed.into_iter().map(|(_, _, e)| e).collect();
         // Chunk by chunk, not as one `sled::Batch`: applying a batch takes sled's
         // process-wide concurrency lock for writing, and from the first batch on every
         // read, insert and `generate_id` takes it for reading. The runtime thread that
@@ -164,11 +183,11 @@ impl Sink {
         // docs/BENCHMARKS.md, issue 17). Chunks are independent of each other, so a batch
         // need not land atomically: what a crash may lose is bounded by the flush interval
         // either way. A chunk written again after a failed batch replaces its earlier copy.
-        for run in batch.chunk_by(|a, b| a.session == b.session) {
+        for run in order.chunk_by(|a, b| a.session == b.session) {
             let mut rest = run;
             while let Some(first) = rest.first() {
                 let key = event_key(first.session, first.id);
-                let (value, taken) = encode_chunk(rest, &mut scratch)?;
+                let (value, taken) = encode_chunk(rest, buffers)?;
                 rest = &rest[taken..];
                 let added = (key.len() + value.len()) as u64;
                 let replaced = self
@@ -207,34 +226,62 @@ impl Sink {
 }
 
 /// A compressed chunk ([`CHUNK_LZ4`]) of the first of `events` (at least one; fewer than all
-/// once the body passes [`CHUNK_TARGET`]), and how many it holds. `scratch` keeps the
-/// uncompressed body's allocation from one chunk to the next.
-fn encode_chunk(events: &[Event], scratch: &mut Vec<u8>) -> Result<(Vec<u8>, usize), StoreError> {
+/// once the body passes [`CHUNK_TARGET`]), and how many it holds. The value is borrowed from
+/// `buffers`, which keep their allocations from one chunk to the next.
+fn encode_chunk<'b>(
+    events: &[&Event],
+    buffers: &'b mut ChunkBuffers,
+) -> Result<(&'b [u8], usize), StoreError> {
     let too_big = || StoreError::Encode(serde::ser::Error::custom("chunk larger than 4 GiB"));
-    scratch.clear();
+    let ChunkBuffers { body, value } = buffers;
+    body.clear();
     let mut taken = 0;
     for event in events {
-        if taken > 0 && scratch.len() >= CHUNK_TARGET {
+        if taken > 0 && body.len() >= CHUNK_TARGET {
             break;
         }
         taken += 1;
-        let at = scratch.len();
-        scratch.extend_from_slice(&[0; 4]);
-        serde_json::to_writer(&mut *scratch, event).map_err(StoreError::Encode)?;
-        let len = u32::try_from(scratch.len() - at - 4).map_err(|_| too_big())?;
-        scratch[at..at + 4].copy_from_slice(&len.to_le_bytes());
+        let at = body.len();
+        body.extend_from_slice(&[0; 4]);
+        event_json(event, body)?;
+        let len = u32::try_from(body.len() - at - 4).map_err(|_| too_big())?;
+        body[at..at + 4].copy_from_slice(&len.to_le_bytes());
     }
     let count = u32::try_from(taken).map_err(|_| too_big())?;
-    let body_len = u32::try_from(scratch.len()).map_err(|_| too_big())?;
+    let body_len = u32::try_from(body.len()).map_err(|_| too_big())?;
     let header = 9;
-    let mut out = vec![0u8; header + lz4_flex::block::get_maximum_output_size(scratch.len())];
-    out[0] = CHUNK_LZ4;
-    out[1..5].copy_from_slice(&count.to_le_bytes());
-    out[5..9].copy_from_slice(&body_len.to_le_bytes());
-    let n = lz4_flex::block::compress_into(scratch, &mut out[header..])
+    let need = header + lz4_flex::block::get_maximum_output_size(body.len());
+    if value.len() < need {
+        value.resize(need, 0);
+    }
+    value[0] = CHUNK_LZ4;
+    value[1..5].copy_from_slice(&count.to_le_bytes());
+    value[5..9].copy_from_slice(&body_len.to_le_bytes());
+    let n = lz4_flex::block::compress_into(body, &mut value[header..])
         .map_err(|e| StoreError::Encode(serde::ser::Error::custom(e)))?;
-    out.truncate(header + n);
-    Ok((out, taken))
+    Ok((&value[..header + n], taken))
+}
+
+/// Appends `event` as JSON, the bytes `serde_json::to_writer(event)` writes, without serde's
+/// path for a flattened field (a map serializer for every field of the kind): the envelope
+/// written directly, then the kind as its own object with its opening brace made the comma
+/// that joins the two.
+fn event_json(event: &Event, out: &mut Vec<u8>) -> Result<(), StoreError> {
+    let mut n = itoa::Buffer::new();
+    out.extend_from_slice(b"{\"v\":");
+    out.extend_from_slice(n.format(event.v).as_bytes());
+    out.extend_from_slice(b",\"session\":");
+    out.extend_from_slice(n.format(event.session.0).as_bytes());
+    out.extend_from_slice(b",\"id\":");
+    out.extend_from_slice(n.format(event.id).as_bytes());
+    out.extend_from_slice(b",\"at_us\":");
+    out.extend_from_slice(n.format(event.at_us).as_bytes());
+    let kind = out.len();
+    serde_json::to_writer(&mut *out, &event.kind).map_err(StoreError::Encode)?;
+    // An internally tagged enum always writes its tag: the object is never empty.
+    debug_assert_eq!(out.get(kind), Some(&b'{'));
+    out[kind] = b',';
+    Ok(())
 }
 
 /// How many events a stored value holds, without decompressing it.
@@ -352,7 +399,7 @@ impl SledStore {
         let queue = Arc::new(Queue {
             state: Mutex::new(QueueState::default()),
             wake: Condvar::new(),
-            write: Mutex::new(Vec::new()),
+            write: Mutex::new(Spare::default()),
         });
         let sink = Arc::new(Sink {
             events: events.clone(),
@@ -1214,6 +1261,61 @@ mod tests {
     }
 
     #[test]
+    fn events_are_written_as_serde_writes_them() {
+        let kinds = [
+            request(RecordedVerdict::Deny),
+            EventKind::request(
+                "say \"hi\"\n\u{1}é",
+                None,
+                RecordedVerdict::Allow,
+                Vec::new(),
+            )
+            .observed(true),
+            EventKind::Response {
+                request: 9,
+                duration_us: 120,
+                summary: Some("SELECT 1".into()),
+                error: None,
+                masked_rows: Some(2),
+                mask_rules: vec!["emails".into()],
+            },
+            EventKind::Response {
+                request: 9,
+                duration_us: 120,
+                summary: None,
+                error: Some("boom".into()),
+                masked_rows: None,
+                mask_rules: Vec::new(),
+            },
+            EventKind::TerminalOutput {
+                data: "\u{1b}[0m$ ".into(),
+            },
+            EventKind::Close {
+                outcome: Outcome::Failed {
+                    error: "reset".into(),
+                },
+                bytes_to_target: 1,
+                bytes_from_target: u64::MAX,
+            },
+        ];
+        for (i, kind) in kinds.into_iter().enumerate() {
+            let event = Event {
+                v: EVENT_SCHEMA_VERSION,
+                session: SessionId(u64::MAX - i as u64),
+                id: i as u64,
+                at_us: 1_700_000_000_000_000 + i as u64,
+                kind,
+            };
+            let mut ours = Vec::new();
+            event_json(&event, &mut ours).unwrap();
+            assert_eq!(
+                String::from_utf8(ours).unwrap(),
+                serde_json::to_string(&event).unwrap()
+            );
+        }
+    }
+
+    #[test]
     fn a_compressed_chunk_reads_back_and_counts_without_decompressing() {
         let events: Vec<Event> = (0..50u64)
             .map(|i| Event {
@@ -1225,15 +1327,17 @@ mod tests {
             })
             .collect();
         let key = event_key(SessionId(7), 100);
-        let mut scratch = Vec::new();
-        let (value, taken) = encode_chunk(&events, &mut scratch).unwrap();
+        let mut buffers = ChunkBuffers::default();
+        let refs: Vec<&Event> = events.iter().collect();
+        let (value, taken) = encode_chunk(&refs, &mut buffers).unwrap();
+        let value = value.to_vec();
         assert_eq!(taken, 50);
         assert_eq!(value[0], CHUNK_LZ4);
         assert!(
-            value.len() * 3 < scratch.len(),
+            value.len() * 3 < buffers.body.len(),
             "similar events compress: {} of {} bytes",
             value.len(),
-            scratch.len()
+            buffers.body.len()
         );
         assert_eq!(event_count(&key, &value).unwrap(), 50);
         let plain = chunk_plain(&key, &value).unwrap();
@@ -1297,7 +1401,9 @@ mod tests {
             at_us: 1,
             kind: request(RecordedVerdict::Deny),
         }];
-        let (good, _) = encode_chunk(&events, &mut Vec::new()).unwrap();
+        let mut buffers = ChunkBuffers::default();
+        let (good, _) = encode_chunk(&[&events[0]], &mut buffers).unwrap();
+        let good = good.to_vec();
         let mut huge = good.clone();
         huge[5..9].copy_from_slice(&u32::MAX.to_le_bytes());
         let mut longer = good.clone();

@@ -15,7 +15,8 @@
 //! Rounds alternate baseline and subject so drift affects both; the median round is reported.
 //! Run with `cargo xtask bench` (root; builds in release mode). `BENCH_FOUNDATION_ONLY=echo`
 //! runs only the connect-and-echo measurement (`BENCH_ECHO_ROUNDS` rounds, default 5), for
-//! profiling: the daemon's pid is printed first.
+//! profiling: the daemon's pid is printed first. `BENCH_FOUNDATION_ONLY=bulk` runs only the bulk
+//! transfer (`BENCH_BULK_ROUNDS` rounds, default 3), with the daemon's CPU per MiB relayed.
 
 use std::{process::Command, time::Duration};
 
@@ -47,12 +48,8 @@ fn main() {
     let _target_sink = topo.echo_server_sink(Side::Target, &format!("{TARGET_V4}:9000"));
     let _target_echo = echo_server(&topo, &format!("{TARGET_V4}:{ECHO_PORT}"));
     let daemon = topo.start_daemon(&[]);
-    if std::env::var("BENCH_FOUNDATION_ONLY").as_deref() == Ok("echo") {
-        println!("daemon pid {}", daemon.pid());
-        let rounds = std::env::var("BENCH_ECHO_ROUNDS").map_or(ROUNDS, |r| {
-            r.parse().expect("BENCH_ECHO_ROUNDS is a number")
-        });
-        connect_and_echo(&topo, daemon.pid(), rounds);
+    let target = format!("{TARGET_V4}:9000");
+    if only_one(&topo, daemon.pid(), &target) {
         return;
     }
 
@@ -72,7 +69,6 @@ fn main() {
         subject,
     );
 
-    let target = format!("{TARGET_V4}:9000");
     let (base, subject) = alternate(
         ROUNDS,
         || connect_loop(&topo, Side::Host, &target),
@@ -335,4 +331,66 @@ fn parse_ns(stdout: &[u8]) -> f64 {
     text.trim()
         .parse()
         .unwrap_or_else(|e| panic!("probe printed {text:?}: {e}"))
+}
+
+/// `BENCH_FOUNDATION_ONLY=echo|bulk`: runs that measurement alone (`BENCH_ECHO_ROUNDS` or
+/// `BENCH_BULK_ROUNDS` rounds); whether it did.
+fn only_one(topo: &Topology, daemon: u32, target: &str) -> bool {
+    let rounds = |var: &str, default: usize| {
+        std::env::var(var).map_or(default, |r| {
+            r.parse().unwrap_or_else(|_| panic!("{var} is a number"))
+        })
+    };
+    match std::env::var("BENCH_FOUNDATION_ONLY").as_deref() {
+        Ok("echo") => {
+            println!("daemon pid {daemon}");
+            connect_and_echo(topo, daemon, rounds("BENCH_ECHO_ROUNDS", ROUNDS));
+        }
+        Ok("bulk") => bulk_rounds(
+            topo,
+            daemon,
+            target,
+            rounds("BENCH_BULK_ROUNDS", BULK_ROUNDS),
+        ),
+        _ => return false,
+    }
+    true
+}
+
+/// The bulk transfer alone: direct and through the gateway alternating, each round's
+/// throughput, ratio and the daemon's CPU per MiB it relayed (steadier than throughput on a
+/// shared machine), then the medians.
+#[expect(clippy::cast_precision_loss, reason = "1 GiB is far below 2^52")]
+fn bulk_rounds(topo: &Topology, daemon: u32, target: &str, rounds: usize) {
+    let mib = |ns: f64| (BULK_BYTES as f64 / f64::from(1 << 20)) / (ns / 1e9);
+    println!("daemon pid {daemon}");
+    println!("bulk transfer, {} MiB per round", BULK_BYTES >> 20);
+    println!("round    direct   gateway   ratio  gw cpu/MiB  load");
+    let (mut direct, mut gateway, mut ratio, mut cpu) = (vec![], vec![], vec![], vec![]);
+    for round in 1..=rounds {
+        let d = bulk(topo, Side::Host, target);
+        let before = cpu_us(daemon);
+        let g = bulk(topo, Side::Governed, target);
+        let c =
+            (cpu_us(daemon) - before) / f64::from(u32::try_from(BULK_BYTES >> 20).expect("MiB"));
+        println!(
+            "{round:<5} {:>9.0} {:>9.0} {:>6.2}x {:>8.1} us  {}",
+            mib(d),
+            mib(g),
+            d / g,
+            c,
+            load()
+        );
+        direct.push(mib(d));
+        gateway.push(mib(g));
+        ratio.push(d / g);
+        cpu.push(c);
+    }
+    println!(
+        "median: direct {:.0} MiB/s, through gateway {:.0} MiB/s, {:.2}x of direct (median of the same-round ratios), {:.1} us daemon CPU per MiB",
+        median(direct),
+        median(gateway),
+        median(ratio),
+        median(cpu)
+    );
 }

@@ -3,6 +3,7 @@
 //! of each line do the same work; `--until` matches only the oldest sessions, where a newest-
 //! first scan cannot stop early.
 //! Run with `cargo xtask bench` or `cargo run --release -p bulkhead-tests --bin bench-store`.
+//! `BENCH_STORE_ONLY=append` prints only what recording costs per event ([`append_cost`]).
 
 use std::time::{Duration, Instant};
 
@@ -22,24 +23,29 @@ const RUNS: usize = 21;
 /// Microseconds between sessions' starts: a store spread over time, as a daemon's is.
 const SPACING_US: u64 = 10_000;
 
+/// The `i`th session of a filled store, started at `at_us`.
+fn new_session(i: u32, at_us: u64) -> NewSession {
+    NewSession {
+        started_at_us: at_us,
+        client: ClientAddr("127.0.0.1:40000".parse().unwrap()),
+        destination: OrigDstAddr("10.0.0.5:5432".parse().unwrap()),
+        target: Some(if i.is_multiple_of(2) { "db" } else { "api" }.into()),
+        protocol: Protocol::Tcp,
+        identity: ProcessIdentity {
+            pid: i,
+            uid: i % 7,
+            comm: "psql".into(),
+            exe: Some("/usr/bin/psql".into()),
+            cmdline: vec!["psql".into(), "-h".into(), "db".into()],
+            ..ProcessIdentity::default()
+        },
+    }
+}
+
 fn fill(store: &SledStore, n: u32) {
     for i in 0..n {
         let id = store
-            .open(NewSession {
-                started_at_us: u64::from(i) * SPACING_US,
-                client: ClientAddr("127.0.0.1:40000".parse().unwrap()),
-                destination: OrigDstAddr("10.0.0.5:5432".parse().unwrap()),
-                target: Some(if i % 2 == 0 { "db" } else { "api" }.into()),
-                protocol: Protocol::Tcp,
-                identity: ProcessIdentity {
-                    pid: i,
-                    uid: i % 7,
-                    comm: "psql".into(),
-                    exe: Some("/usr/bin/psql".into()),
-                    cmdline: vec!["psql".into(), "-h".into(), "db".into()],
-                    ..ProcessIdentity::default()
-                },
-            })
+            .open(new_session(i, u64::from(i) * SPACING_US))
             .unwrap();
         if i % 10 == 0 {
             store
@@ -87,6 +93,11 @@ fn median_ms(mut f: impl FnMut()) -> f64 {
 
 fn main() {
     let dir = std::env::temp_dir().join(format!("bulkhead-bench-store-{}", std::process::id()));
+    if std::env::var("BENCH_STORE_ONLY").as_deref() == Ok("append") {
+        append_cost(&dir.join("append"));
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
     let (big, small) = (dir.join("big"), dir.join("small"));
     let start = Instant::now();
     fill(&SledStore::open(&big).unwrap(), BIG);
@@ -168,4 +179,101 @@ fn main() {
     );
     drop((big_store, small_store));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Statement/result pairs appended per round of [`append_cost`].
+const PAIRS: u64 = 100_000;
+
+/// What recording costs per event, as the PostgreSQL gateway records pgbench's simple mode:
+/// a request (its own statement text each) and a response per statement, over 8 sessions.
+/// CPU of the appending thread and of the store's writer thread (which encodes, compresses and
+/// inserts), per event; 5 rounds, each on a fresh store, medians.
+#[expect(
+    clippy::cast_precision_loss,
+    reason = "nanosecond and event counts far below 2^52"
+)]
+fn append_cost(dir: &std::path::Path) {
+    let (mut appending, mut writing) = (Vec::new(), Vec::new());
+    for round in 0..5 {
+        let path = dir.join(round.to_string());
+        let store = SledStore::open(&path).unwrap();
+        let sessions: Vec<_> = (0..8u32)
+            .map(|i| store.open(new_session(i, 0)).unwrap())
+            .collect();
+        let writer_before = thread_cpu_ns("store-writer");
+        let before = own_cpu_ns();
+        for i in 0..PAIRS {
+            let s = sessions[usize::try_from(i % 8).expect("below 8")];
+            let text = format!(
+                "SELECT abalance FROM pgbench_accounts WHERE aid = {};",
+                (i * 7919) % 1_000_000
+            );
+            let request = store
+                .append(
+                    s,
+                    EventKind::request(
+                        &text,
+                        Some("read".into()),
+                        RecordedVerdict::Allow,
+                        vec!["read-only".to_string()],
+                    ),
+                )
+                .unwrap();
+            store
+                .append(
+                    s,
+                    EventKind::Response {
+                        request,
+                        duration_us: 180,
+                        summary: Some("SELECT 1".into()),
+                        error: None,
+                        masked_rows: None,
+                        mask_rules: Vec::new(),
+                    },
+                )
+                .unwrap();
+        }
+        let appended = own_cpu_ns() - before;
+        store.flush().unwrap();
+        let written = thread_cpu_ns("store-writer") - writer_before;
+        let events = (2 * PAIRS) as f64;
+        appending.push(appended as f64 / events);
+        writing.push(written as f64 / events);
+        drop(store);
+        let _ = std::fs::remove_dir_all(&path);
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    println!(
+        "recording {} statement/result pairs over 8 sessions (median of 5 rounds): appending thread {:.0} ns, store writer {:.0} ns CPU per event",
+        PAIRS,
+        median(appending),
+        median(writing)
+    );
+}
+
+/// CPU time of this thread, in nanoseconds.
+fn own_cpu_ns() -> u64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, std::ptr::addr_of_mut!(t)) };
+    let whole = |v: i64| u64::try_from(v).unwrap_or(0);
+    whole(t.tv_sec) * 1_000_000_000 + whole(t.tv_nsec)
+}
+
+/// CPU time of this process's thread named `name`, in nanoseconds (0 when there is none).
+fn thread_cpu_ns(name: &str) -> u64 {
+    std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name))
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
 }
