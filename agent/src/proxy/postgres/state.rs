@@ -43,9 +43,12 @@ use bytes::Bytes;
 
 use super::{codec, SessionError};
 use crate::{
-    policy::{self, Classification, NameEffect, PreparedStatements, SqlClass},
+    policy::{self, Classification, NameEffect, PreparedStatements},
     record::{now_micros, EventKind},
 };
+use names::{effects_of, record_text, unknown_classification, Attribution, Effect, Named, Names};
+pub use request::Request;
+use summary::Tags;
 
 /// The prefix of the statement that stands in for a denied one.
 const DENIED_MARK: &str = "BULKHEAD_DENIED_";
@@ -71,86 +74,6 @@ pub type Masks = Arc<[Arc<policy::MaskRule>]>;
 pub fn no_masks() -> Masks {
     static NONE: std::sync::LazyLock<Masks> = std::sync::LazyLock::new(|| Arc::from([]));
     Arc::clone(&NONE)
-}
-
-use summary::Tags;
-
-/// A frontend message, read as far as the session's model needs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Request<'a> {
-    Query {
-        sql: &'a str,
-    },
-    Parse {
-        name: &'a str,
-        sql: &'a str,
-    },
-    Bind {
-        portal: &'a str,
-        statement: &'a str,
-    },
-    Describe {
-        statement: bool,
-        name: &'a str,
-    },
-    Execute {
-        portal: &'a str,
-    },
-    Sync,
-    Close {
-        statement: bool,
-        name: &'a str,
-    },
-    /// A fastpath function call: it names a function by OID, with nothing to judge it by.
-    FunctionCall,
-    Terminate,
-    /// Flush and COPY data, done or fail: forwarded as they are, not answered on their own.
-    Other,
-}
-
-impl<'a> Request<'a> {
-    /// Reads a frontend message; an unknown tag or a malformed body is the client's error.
-    pub fn read(tag: u8, body: &'a [u8]) -> Result<Self, SessionError> {
-        let client = SessionError::Client;
-        Ok(match tag {
-            b'Q' => Request::Query {
-                sql: codec::query_text(body).map_err(client)?,
-            },
-            b'P' => {
-                let (name, sql) = codec::parse_message(body).map_err(client)?;
-                Request::Parse { name, sql }
-            }
-            b'B' => {
-                let (portal, statement) = codec::bind_names(body).map_err(client)?;
-                Request::Bind { portal, statement }
-            }
-            b'E' => Request::Execute {
-                portal: codec::execute_portal(body).map_err(client)?,
-            },
-            b'S' => Request::Sync,
-            b'C' | b'D' => {
-                let (kind, name) = codec::close_target(body).map_err(client)?;
-                let statement = match kind {
-                    b'S' => true,
-                    b'P' => false,
-                    _ => {
-                        return Err(SessionError::Client(codec::CodecError::Malformed {
-                            what: "Close or Describe",
-                        }))
-                    }
-                };
-                if tag == b'C' {
-                    Request::Close { statement, name }
-                } else {
-                    Request::Describe { statement, name }
-                }
-            }
-            b'F' => Request::FunctionCall,
-            b'X' => Request::Terminate,
-            b'H' | b'd' | b'c' | b'f' => Request::Other,
-            other => return Err(SessionError::UnexpectedFrontend(char::from(other))),
-        })
-    }
 }
 
 /// The decision on a statement, as the model applies it.
@@ -188,136 +111,6 @@ impl Judged {
 pub enum Front {
     Query,
     Execute,
-}
-
-/// Which request a statement or portal runs, and the masks for its rows.
-#[derive(Debug, Clone)]
-struct Attribution {
-    request: u64,
-    masks: Masks,
-    /// Approved by an admin for one execution: later Executes are decided again.
-    once: bool,
-}
-
-/// What a statement or portal name stands for on the server.
-#[derive(Debug, Clone)]
-struct Named {
-    /// What running it does.
-    what: Arc<Classification>,
-    /// The text that made it, for the record of an Execute judged on its own.
-    text: Arc<str>,
-    /// The decision on its Parse, which its Executes reuse; `None`: each Execute is judged.
-    judged: Option<Attribution>,
-    /// A cursor declared `WITH HOLD`: it outlives its transaction.
-    hold: bool,
-}
-
-impl Named {
-    /// A name the gateway cannot place: it runs something unknown.
-    fn unknown(reason: String) -> Self {
-        Self {
-            what: Arc::new(unknown_classification(reason)),
-            text: Arc::from(""),
-            judged: None,
-            hold: false,
-        }
-    }
-}
-
-fn unknown_classification(reason: String) -> Classification {
-    let mut c = Classification::default();
-    c.classes.insert(SqlClass::Unknown);
-    c.unknown_reasons.push(reason);
-    c
-}
-
-/// A change to the names, applied when the server has applied the message behind it.
-#[derive(Debug, Clone)]
-enum Effect {
-    SetStatement(String, Named),
-    RemoveStatement(String),
-    ClearStatements,
-    SetPortal(String, Named),
-    /// A Bind: the portal runs what the statement stands for when the server binds it.
-    BindPortal {
-        portal: String,
-        statement: String,
-    },
-    RemovePortal(String),
-    ClearPortals,
-    /// The transaction ended: its portals are closed (cursors declared `WITH HOLD` stay).
-    EndTransaction,
-}
-
-impl Effect {
-    /// The name this effect makes, if any (a statement: `true`).
-    fn makes(&self) -> Option<(bool, &str)> {
-        match self {
-            Effect::SetStatement(name, _) => Some((true, name)),
-            Effect::SetPortal(name, _) | Effect::BindPortal { portal: name, .. } => {
-                Some((false, name))
-            }
-            _ => None,
-        }
-    }
-}
-
-/// What every statement and portal name stands for.
-#[derive(Debug, Clone, Default)]
-struct Names {
-    statements: HashMap<String, Named>,
-    portals: HashMap<String, Named>,
-    /// The statements' classifications, for the classifier's `EXECUTE name`.
-    prepared: PreparedStatements,
-}
-
-impl Names {
-    fn apply(&mut self, effect: &Effect) {
-        match effect {
-            Effect::SetStatement(name, named) => {
-                self.prepared.insert(name, Arc::clone(&named.what));
-                self.statements.insert(name.clone(), named.clone());
-            }
-            Effect::RemoveStatement(name) => {
-                self.prepared.remove(name);
-                self.statements.remove(name);
-            }
-            Effect::ClearStatements => {
-                self.prepared.clear();
-                self.statements.clear();
-            }
-            Effect::SetPortal(name, named) => {
-                self.portals.insert(name.clone(), named.clone());
-            }
-            Effect::BindPortal { portal, statement } => {
-                let named = self.statements.get(statement).cloned().unwrap_or_else(|| {
-                    Named::unknown(format!(
-                        "statement {statement:?}, which the gateway did not see prepared"
-                    ))
-                });
-                self.portals.insert(
-                    portal.clone(),
-                    Named {
-                        hold: false,
-                        ..named
-                    },
-                );
-            }
-            Effect::RemovePortal(name) => {
-                self.portals.remove(name);
-            }
-            Effect::ClearPortals => self.portals.clear(),
-            Effect::EndTransaction => self.portals.retain(|_, p| p.hold),
-        }
-    }
-
-    fn statement(&self, name: &str) -> Option<&Named> {
-        self.statements.get(name)
-    }
-
-    fn portal(&self, name: &str) -> Option<&Named> {
-        self.portals.get(name)
-    }
 }
 
 /// A denied statement's stand-in in flight: its nonce and the policy's message.
@@ -1145,54 +938,8 @@ fn take_denied(denied: &mut Option<Denied>, message: &str) -> Option<String> {
     denied.take().map(|d| d.message)
 }
 
-/// `sql` as kept with a name for the record: its first [`MAX_RECORD_TEXT`] bytes.
-fn record_text(sql: &str) -> Arc<str> {
-    if sql.len() <= MAX_RECORD_TEXT {
-        return Arc::from(sql);
-    }
-    let mut end = MAX_RECORD_TEXT;
-    while !sql.is_char_boundary(end) {
-        end -= 1;
-    }
-    Arc::from(format!("{}...", &sql[..end]))
-}
-
-/// What running a statement classified as `what` does to the names.
-fn effects_of(what: &Classification, text: &str) -> Vec<Effect> {
-    if what.names.is_empty() {
-        return Vec::new();
-    }
-    let text = record_text(text);
-    let named = |what: &Arc<Classification>, hold: bool| Named {
-        what: Arc::clone(what),
-        text: Arc::clone(&text),
-        judged: None,
-        hold,
-    };
-    let mut out = Vec::with_capacity(what.names.len());
-    for e in &what.names {
-        match e {
-            NameEffect::Prepare { name, what } => {
-                out.push(Effect::SetStatement(name.clone(), named(what, false)));
-            }
-            NameEffect::Deallocate(Some(name)) => out.push(Effect::RemoveStatement(name.clone())),
-            NameEffect::Deallocate(None) => out.push(Effect::ClearStatements),
-            NameEffect::Declare { name, what, hold } => {
-                out.push(Effect::SetPortal(name.clone(), named(what, *hold)));
-            }
-            NameEffect::Close(Some(name)) => out.push(Effect::RemovePortal(name.clone())),
-            NameEffect::Close(None) => out.push(Effect::ClearPortals),
-            NameEffect::DiscardAll => {
-                out.push(Effect::ClearStatements);
-                out.push(Effect::ClearPortals);
-            }
-            NameEffect::EndTransaction => out.push(Effect::EndTransaction),
-            NameEffect::Fetch(_) => {}
-        }
-    }
-    out
-}
-
+mod names;
+mod request;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod sim;
 mod summary;

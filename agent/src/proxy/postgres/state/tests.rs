@@ -4,7 +4,7 @@
 use bytes::{BufMut as _, BytesMut};
 
 use super::*;
-use crate::policy::{mask::Detector, MaskRule, MaskStyle};
+use crate::policy::{mask::Detector, MaskRule, MaskStyle, SqlClass};
 
 /// A session's model with what went by.
 #[derive(Default)]
