@@ -233,6 +233,14 @@ impl Conn<'_> {
         }
     }
 
+    /// Records a request's result (a `Response` event), in the request event itself while
+    /// that still waits to be written ([`SessionStore::complete`]); a failure is logged.
+    pub fn complete(&self, result: EventKind) {
+        if let Err(e) = self.gw.store.complete(self.session, result) {
+            warn!(error = %e, "cannot record an event");
+        }
+    }
+
     /// The policy in force now.
     pub fn policy(&self) -> Arc<PolicySet> {
         self.gw.policy.current()

@@ -447,6 +447,12 @@ pub trait SessionStore: Send + Sync {
     fn open(&self, start: NewSession) -> Result<SessionId, StoreError>;
     /// Appends an event to a session; returns the event's id.
     fn append(&self, session: SessionId, kind: EventKind) -> Result<u64, StoreError>;
+    /// Records a request's result (a `Response` event). A store may write it into the request
+    /// event itself (its `duration_us`, `summary` and `error`) while that event still waits to
+    /// be written; otherwise it is appended. Returns the id of the event that holds it.
+    fn complete(&self, session: SessionId, result: EventKind) -> Result<u64, StoreError> {
+        self.append(session, result)
+    }
     /// Records the end of a session (and its `close` event).
     fn close(&self, id: SessionId, end: SessionEnd) -> Result<(), StoreError>;
     fn get(&self, id: SessionId) -> Result<Option<Session>, StoreError>;

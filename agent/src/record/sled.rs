@@ -649,6 +649,59 @@ impl SessionStore for SledStore {
         self.put_event(session, kind, super::now_micros())
     }
 
+    /// A result without masked rows, while its request waits in the queue with no result of
+    /// its own, and while nobody tails (a tail has already been sent the request as it was):
+    /// written into the request, one event less for the writer. Anything else is appended.
+    fn complete(&self, session: SessionId, result: EventKind) -> Result<u64, StoreError> {
+        let EventKind::Response {
+            request,
+            duration_us,
+            summary,
+            error,
+            masked_rows: None,
+            mask_rules,
+        } = result
+        else {
+            return self.append(session, result);
+        };
+        if mask_rules.is_empty() && self.tail.receiver_count() == 0 {
+            let mut state = self.queue.lock();
+            let queued = state
+                .events
+                .binary_search_by_key(&request, |e| e.id)
+                .ok()
+                .and_then(|at| state.events.get_mut(at))
+                .filter(|e| e.session == session);
+            if let Some(Event {
+                kind:
+                    EventKind::Request {
+                        duration_us: held_duration @ None,
+                        summary: held_summary @ None,
+                        error: held_error @ None,
+                        ..
+                    },
+                ..
+            }) = queued
+            {
+                *held_duration = Some(duration_us);
+                *held_summary = summary;
+                *held_error = error;
+                return Ok(request);
+            }
+        }
+        self.append(
+            session,
+            EventKind::Response {
+                request,
+                duration_us,
+                summary,
+                error,
+                masked_rows: None,
+                mask_rules,
+            },
+        )
+    }
+
     fn close(&self, id: SessionId, end: SessionEnd) -> Result<(), StoreError> {
         let live = self.live().remove(&id);
         let mut session = match live {
@@ -1258,6 +1311,76 @@ mod tests {
             Err(StoreError::Corrupt { .. })
         ));
         assert_eq!(chunk_events(&key, &[CHUNK_MAGIC]).unwrap().len(), 0);
+    }
+
+    fn response(request: u64, masked_rows: Option<u64>) -> EventKind {
+        EventKind::Response {
+            request,
+            duration_us: 7,
+            summary: Some("SELECT 1".into()),
+            error: None,
+            masked_rows,
+            mask_rules: masked_rows.map(|_| vec!["pii".into()]).unwrap_or_default(),
+        }
+    }
+
+    #[test]
+    fn a_result_goes_into_its_request_only_while_that_waits_unwritten() {
+        let store = SledStore::temporary().unwrap();
+        let (a, b) = (store.open(start(1)).unwrap(), store.open(start(2)).unwrap());
+        // Queued: the result is written into the request.
+        let r1 = store.append(a, request(RecordedVerdict::Allow)).unwrap();
+        assert_eq!(store.complete(a, response(r1, None)).unwrap(), r1);
+        // Rows went out masked: a response of its own (the session's counter needs it).
+        let r2 = store.append(a, request(RecordedVerdict::Allow)).unwrap();
+        assert_ne!(store.complete(a, response(r2, Some(1))).unwrap(), r2);
+        // Another session's request is never completed by this one.
+        let r3 = store.append(b, request(RecordedVerdict::Allow)).unwrap();
+        assert_ne!(store.complete(a, response(r3, None)).unwrap(), r3);
+        // Already written: appended.
+        let r4 = store.append(a, request(RecordedVerdict::Allow)).unwrap();
+        store.flush().unwrap();
+        assert_ne!(store.complete(a, response(r4, None)).unwrap(), r4);
+        // Someone tails: appended, as the tail already has the request.
+        let r5 = store.append(a, request(RecordedVerdict::Allow)).unwrap();
+        let tail = store.subscribe();
+        assert_ne!(store.complete(a, response(r5, None)).unwrap(), r5);
+        drop(tail);
+        // A request that has a result already keeps it.
+        let r6 = store.append(a, request(RecordedVerdict::Allow)).unwrap();
+        store.complete(a, response(r6, None)).unwrap();
+        assert_ne!(store.complete(a, response(r6, None)).unwrap(), r6);
+
+        let events = store.events(a).unwrap();
+        let kinds: Vec<(&str, Option<u64>)> = events
+            .iter()
+            .map(|e| match &e.kind {
+                EventKind::Request { duration_us, .. } => ("request", *duration_us),
+                EventKind::Response { request, .. } => ("response", Some(*request)),
+                other => (other.label(), None),
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                ("connect", None),
+                ("request", Some(7)),
+                ("request", None),
+                ("response", Some(r2)),
+                ("response", Some(r3)),
+                ("request", None),
+                ("response", Some(r4)),
+                ("request", None),
+                ("response", Some(r5)),
+                ("request", Some(7)),
+                ("response", Some(r6)),
+            ]
+        );
+        let EventKind::Request { summary, .. } = &events[1].kind else {
+            unreachable!()
+        };
+        assert_eq!(summary.as_deref(), Some("SELECT 1"));
+        assert_eq!(store.get(a).unwrap().unwrap().masked, 1);
     }
 
     #[test]

@@ -545,7 +545,7 @@ impl<'a> Relay<'a> {
     fn record_finished(&self, scratch: &mut Vec<EventKind>) {
         self.state().move_finished_into(scratch);
         for kind in scratch.drain(..) {
-            self.conn.record(kind);
+            self.conn.complete(kind);
         }
     }
 }

@@ -210,7 +210,8 @@ fn bind_execute() -> Vec<Bytes> {
     vec![frame(b'B', b"\0\0\0\0\0\0\0\0"), frame(b'E', b"\0\0\0\0\0")]
 }
 
-/// Each recorded result with its request's text and verdict, in order.
+/// Each recorded result with its request's text and verdict, in the requests' order: a
+/// `response` event, or the result written into its request while that waited unwritten.
 fn results(
     store: &dyn SessionStore,
     session: SessionId,
@@ -223,7 +224,7 @@ fn results(
             _ => None,
         })
         .collect();
-    events
+    let mut out: Vec<(u64, _)> = events
         .iter()
         .filter_map(|e| match &e.kind {
             EventKind::Response {
@@ -233,11 +234,24 @@ fn results(
                 ..
             } => {
                 let (text, verdict) = requests[request].clone();
-                Some((text, verdict, summary.clone(), error.clone()))
+                Some((*request, (text, verdict, summary.clone(), error.clone())))
             }
+            EventKind::Request {
+                text,
+                verdict,
+                duration_us: Some(_),
+                summary,
+                error,
+                ..
+            } => Some((
+                e.id,
+                (text.clone(), *verdict, summary.clone(), error.clone()),
+            )),
             _ => None,
         })
-        .collect()
+        .collect();
+    out.sort_by_key(|(request, _)| *request);
+    out.into_iter().map(|(_, result)| result).collect()
 }
 
 #[tokio::test]
