@@ -763,3 +763,55 @@ fn upstream_tls_configurations_are_served_only_for_the_settings_they_were_built_
         "a session with the old settings never gets the new ones' configuration"
     );
 }
+
+/// hyper's deadline for each request head is kept by the session's own timer
+/// ([`super::head_clock`]): a client that sends its second head slowly on a kept-alive
+/// connection is closed at [`super::HEADER_TIMEOUT`] from when the gateway began waiting for
+/// it, neither sooner nor much later, and that head never reaches the target.
+#[tokio::test]
+async fn a_slow_second_head_is_closed_at_the_header_timeout() {
+    std::env::set_var("BH_TEST_TOKEN_S", "real-token");
+    let target = echo_target().await;
+    let h = Harness::new(target, "BH_TEST_TOKEN_S").await;
+    let mut s = h.connect(target).await;
+    s.write_all(b"GET /v1/first HTTP/1.1\r\nHost: api\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 65536];
+    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+        .await
+        .expect("the first answer")
+        .unwrap();
+    let first = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(first.starts_with("HTTP/1.1 200 "), "{first}");
+    let waiting = std::time::Instant::now();
+    // Half a head, then a byte every 2 s: never complete.
+    s.write_all(b"GET /v1/slow HTTP/1.1\r\nHost: api\r\n")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let read = async {
+        loop {
+            tokio::select! {
+                r = s.read(&mut buf) => match r {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => rest.extend_from_slice(&buf[..n]),
+                },
+                () = tokio::time::sleep(Duration::from_secs(2)) => {
+                    let _ = s.write_all(b"X").await;
+                }
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), read)
+        .await
+        .expect("the gateway closes a slow head");
+    let took = waiting.elapsed();
+    let secs = super::HEADER_TIMEOUT.as_secs_f64();
+    assert!(
+        took.as_secs_f64() > secs - 0.5 && took.as_secs_f64() < secs + 3.0,
+        "closed after {took:?}"
+    );
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(!rest.contains("/v1/slow"), "never forwarded: {rest}");
+}
