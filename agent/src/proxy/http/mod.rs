@@ -15,7 +15,6 @@
 
 mod body;
 mod framing;
-mod head_clock;
 pub mod judge;
 mod lanes;
 mod memo;
@@ -342,12 +341,9 @@ impl Session<'_, '_> {
                 })
             }
         });
-        // hyper's deadline for each request head, kept by one timer of the session's (a lane
-        // below) instead of a timer entry made and dropped per request ([`head_clock`]).
-        let clock = Arc::new(head_clock::HeadClock::default());
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder
-            .timer(clock.timer())
+            .timer(TokioTimer::new())
             .header_read_timeout(HEADER_TIMEOUT)
             .max_buf_size(MAX_HEAD_BYTES)
             .max_headers(MAX_HEADERS);
@@ -359,20 +355,14 @@ impl Session<'_, '_> {
         // that never completes a first request.
         let first_request = tokio::time::sleep(HEADER_TIMEOUT);
         tokio::pin!(first_request);
-        let head_timer = tokio::time::sleep(HEADER_TIMEOUT);
-        tokio::pin!(head_timer);
-        // The client's connection, the connections to the target, the first-request timer,
-        // the timer behind hyper's head deadlines: each polled only when its own waker fired
-        // ([`lanes`]), so the hand-overs between the two connections do not wake the task.
-        let lanes = lanes::Lanes::new(4);
+        // The client's connection, the connections to the target, the first-request timer:
+        // each polled only when its own waker fired ([`lanes`]), so the hand-overs between
+        // the two connections do not wake the task.
+        let lanes = lanes::Lanes::new(3);
         std::future::poll_fn(|cx| {
             lanes.poll(cx, |lane, cx| match lane {
                 0 => connection.as_mut().poll(cx).map_err(|e| e.to_string()),
                 1 => self.upstream.driver.poll_drive(cx).map(Ok),
-                3 => {
-                    clock.poll_lane(head_timer.as_mut(), cx);
-                    Poll::Pending
-                }
                 _ => match first_request.as_mut().poll(cx) {
                     Poll::Ready(()) if requests.load(Ordering::Relaxed) == 0 => Poll::Ready(Err(
                         format!("client: no request within {}s", HEADER_TIMEOUT.as_secs()),

@@ -848,10 +848,10 @@ async fn a_remembered_decision_serves_only_requests_the_policy_reads_the_same() 
     );
 }
 
-/// hyper's deadline for each request head is kept by the session's own timer
-/// ([`super::head_clock`]): a client that sends its second head slowly on a kept-alive
-/// connection is closed at [`super::HEADER_TIMEOUT`] from when the gateway began waiting for
-/// it, neither sooner nor much later, and that head never reaches the target.
+/// hyper's deadline for each request head (its `header_read_timeout`), not only the first
+/// request's: a client that sends its second head slowly on a kept-alive connection is closed
+/// at [`super::HEADER_TIMEOUT`] from when the gateway began waiting for it, neither sooner nor
+/// much later, and that head never reaches the target.
 #[tokio::test]
 async fn a_slow_second_head_is_closed_at_the_header_timeout() {
     std::env::set_var("BH_TEST_TOKEN_S", "real-token");
