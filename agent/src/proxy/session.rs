@@ -292,6 +292,25 @@ impl Conn<'_> {
         }
     }
 
+    /// Records and enforces `decision`, made by this session under the policy in force for a
+    /// request that read the same as `text`'s (a protocol's own memo of its decisions; `rules`
+    /// are the decision's, shared with the event). Recorded and enforced exactly as
+    /// [`Conn::decide`] does.
+    pub async fn decide_remembered(
+        &self,
+        decision: Arc<Decision>,
+        rules: Arc<[String]>,
+        text: &str,
+        class: Option<Cow<'static, str>>,
+    ) -> DecidedSql {
+        let (request, refusal) = self.enforce(&decision, rules, text, class, None, &[]).await;
+        DecidedSql {
+            request,
+            refusal,
+            decision,
+        }
+    }
+
     /// Like [`Conn::decide`] where no one can wait (during a protocol's login): a request that
     /// needs approval is refused, and recorded as denied.
     pub async fn decide_at_once(&self, policy: &PolicySet, ask: Ask<'_>) -> Decided {

@@ -17,6 +17,7 @@ mod body;
 mod framing;
 pub mod judge;
 mod lanes;
+mod memo;
 mod passthrough;
 mod refuse;
 pub mod request;
@@ -60,7 +61,7 @@ use self::{
     upstream::{ClientConfigs, Upstream},
 };
 pub use self::{refuse::refuse, upstream::SYSTEM_ROOTS};
-use super::session::{Ask, Conn};
+use super::session::Conn;
 use crate::{
     config::TargetKind,
     record::{now_micros, EventKind, Outcome, RecordedVerdict, SessionEnd},
@@ -166,6 +167,7 @@ pub async fn serve(conn: &Conn<'_>, shared: &Shared, client: TcpStream) -> Sessi
         server_name: None,
         tunnels: std::sync::Mutex::default(),
         h2_idle: settings.idle_timeout.unwrap_or(settings::H2_IDLE_TIMEOUT),
+        memo: memo::DecisionMemo::default(),
     };
     if !client_tls {
         let maybe_h2 = is_h2c(&client).await;
@@ -285,6 +287,8 @@ struct Session<'c, 'g> {
     tunnels: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// How long an HTTP/2 connection may stay with nothing in flight.
     h2_idle: Duration,
+    /// Decisions on requests already judged in this session.
+    memo: memo::DecisionMemo,
 }
 
 impl Session<'_, '_> {
@@ -493,18 +497,23 @@ impl Session<'_, '_> {
         let judged = Judgement::of(self.flavor, &norm);
         let text = norm.text();
         let policy = self.conn.policy();
+        // A request that reads as one judged before in this session, under the same policy,
+        // gets that decision ([`memo`]); it is recorded and enforced as any other.
+        let (decision, rules) = if let Some(hit) = self.memo.get(&policy, &norm) {
+            hit
+        } else {
+            let decision = Arc::new(policy.evaluate(&crate::policy::Request {
+                target: self.conn.target.policy_ref(),
+                identity: &self.conn.identity,
+                action: judged.action(&norm),
+            }));
+            let rules: Arc<[String]> = Arc::from(decision.rules.as_slice());
+            self.memo.put(&policy, &norm, &decision, &rules);
+            (decision, rules)
+        };
         let decided = self
             .conn
-            .decide(
-                &policy,
-                Ask {
-                    action: judged.action(&norm),
-                    text: &text,
-                    class: Some(HTTP_CLASS.into()),
-                    on_hold: None,
-                    params: &[],
-                },
-            )
+            .decide_remembered(decision, rules, &text, Some(HTTP_CLASS.into()))
             .await;
         if let Some(message) = &decided.refusal {
             if self.flavor == Flavor::Kubernetes {

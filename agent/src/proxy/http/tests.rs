@@ -763,3 +763,139 @@ fn upstream_tls_configurations_are_served_only_for_the_settings_they_were_built_
         "a session with the old settings never gets the new ones' configuration"
     );
 }
+
+/// The status codes of the answers in `out`, in order.
+fn statuses(out: &str) -> Vec<u16> {
+    out.split("HTTP/1.1 ")
+        .skip(1)
+        .filter_map(|s| s.get(..3)?.parse().ok())
+        .collect()
+}
+
+/// A session remembers its decisions ([`super::memo`]): a request that differs from one judged
+/// before in any input of the policy (method, host, normalised path, an unknown reading) or
+/// comes after a policy reload is judged anew, on the same connection; every one is recorded
+/// with its own verdict.
+#[tokio::test]
+async fn a_remembered_decision_serves_only_requests_the_policy_reads_the_same() {
+    std::env::set_var("BH_TEST_TOKEN_M", "real-token");
+    let target = echo_target().await;
+    let policy = |allowed: &str| {
+        format!(
+            "[[target]]\nname = \"api\"\nprotocol = \"http\"\ndefault = \"deny\"\n\
+             [[rule]]\nid = \"read\"\nverdict = \"allow\"\ntarget = {{ name = [\"api\"] }}\n\
+             http = {{ method = [\"GET\"], path = [\"{allowed}\"] }}\n\
+             [[rule]]\nid = \"not-other\"\nverdict = \"deny\"\ntarget = {{ name = [\"api\"] }}\n\
+             http = {{ host = [\"other.example\"] }}\n"
+        )
+    };
+    let h = Harness::with(target, "BH_TEST_TOKEN_M", "", &policy("/v1/**")).await;
+    let mut s = h.connect(target).await;
+    s.write_all(
+        b"GET /v1/users HTTP/1.1\r\nHost: api\r\n\r\n\
+          DELETE /v1/users HTTP/1.1\r\nHost: api\r\n\r\n\
+          GET /v1/users HTTP/1.1\r\nHost: api\r\n\r\n\
+          GET /v1/users/../../admin HTTP/1.1\r\nHost: api\r\n\r\n\
+          GET /v1/a%2Fb HTTP/1.1\r\nHost: api\r\n\r\n\
+          GET /v1/users HTTP/1.1\r\nHost: other.example\r\n\r\n\
+          GET /v1/users HTTP/1.1\r\nHost: api\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 65536];
+    while statuses(&String::from_utf8_lossy(&out)).len() < 7 {
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .expect("answers")
+            .unwrap();
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&out));
+        out.extend_from_slice(&buf[..n]);
+    }
+    let first = String::from_utf8_lossy(&out).into_owned();
+    assert_eq!(
+        statuses(&first),
+        [200, 403, 200, 403, 403, 403, 200],
+        "{first}"
+    );
+    // A new policy on the same connection: what it allowed before is denied now.
+    std::fs::write(h._policies.path().join("api.toml"), policy("/v2/**")).unwrap();
+    h.gw.policy.reload().unwrap();
+    s.write_all(b"GET /v1/users HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest))
+        .await
+        .expect("the gateway answers and closes")
+        .unwrap();
+    let rest = String::from_utf8_lossy(&rest).into_owned();
+    assert_eq!(statuses(&rest), [403], "{rest}");
+    let verdicts: Vec<RecordedVerdict> = h
+        .events_of_newest()
+        .await
+        .into_iter()
+        .filter_map(|e| match e {
+            EventKind::Request { verdict, .. } => Some(verdict),
+            _ => None,
+        })
+        .collect();
+    let (allow, deny) = (RecordedVerdict::Allow, RecordedVerdict::Deny);
+    assert_eq!(
+        verdicts,
+        [allow, deny, allow, deny, deny, deny, allow, deny],
+        "every request recorded with its own verdict"
+    );
+}
+
+/// hyper's deadline for each request head (its `header_read_timeout`), not only the first
+/// request's: a client that sends its second head slowly on a kept-alive connection is closed
+/// at [`super::HEADER_TIMEOUT`] from when the gateway began waiting for it, neither sooner nor
+/// much later, and that head never reaches the target.
+#[tokio::test]
+async fn a_slow_second_head_is_closed_at_the_header_timeout() {
+    std::env::set_var("BH_TEST_TOKEN_S", "real-token");
+    let target = echo_target().await;
+    let h = Harness::new(target, "BH_TEST_TOKEN_S").await;
+    let mut s = h.connect(target).await;
+    s.write_all(b"GET /v1/first HTTP/1.1\r\nHost: api\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 65536];
+    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+        .await
+        .expect("the first answer")
+        .unwrap();
+    let first = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(first.starts_with("HTTP/1.1 200 "), "{first}");
+    let waiting = std::time::Instant::now();
+    // Half a head, then a byte every 2 s: never complete.
+    s.write_all(b"GET /v1/slow HTTP/1.1\r\nHost: api\r\n")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let read = async {
+        loop {
+            tokio::select! {
+                r = s.read(&mut buf) => match r {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => rest.extend_from_slice(&buf[..n]),
+                },
+                () = tokio::time::sleep(Duration::from_secs(2)) => {
+                    let _ = s.write_all(b"X").await;
+                }
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), read)
+        .await
+        .expect("the gateway closes a slow head");
+    let took = waiting.elapsed();
+    let secs = super::HEADER_TIMEOUT.as_secs_f64();
+    assert!(
+        took.as_secs_f64() > secs - 0.5 && took.as_secs_f64() < secs + 3.0,
+        "closed after {took:?}"
+    );
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(!rest.contains("/v1/slow"), "never forwarded: {rest}");
+}
