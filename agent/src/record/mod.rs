@@ -415,6 +415,10 @@ pub struct StoreStats {
     pub sessions: u64,
     pub open_sessions: u64,
     pub events: u64,
+    /// Results written into their request events instead of `response` events of their own,
+    /// since the daemon started ([`SessionStore::complete`]).
+    #[serde(default)]
+    pub results_in_requests: u64,
     /// Keys and values recorded (what retention by size counts).
     pub recorded_bytes: u64,
     /// Files on disk, including sled's own overhead.

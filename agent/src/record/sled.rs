@@ -78,6 +78,8 @@ pub struct SledStore {
     session_count: AtomicU64,
     open_count: AtomicU64,
     event_count: AtomicU64,
+    /// Results written into their requests ([`SessionStore::complete`]) since opening.
+    merged_count: AtomicU64,
     /// The sessions this process opened and has not closed, as last written to the tree:
     /// closing one and counting its denials update this copy, with no read and decode of the
     /// tree's value on the connection's path.
@@ -423,6 +425,7 @@ impl SledStore {
             session_count: AtomicU64::new(0),
             open_count: AtomicU64::new(0),
             event_count: AtomicU64::new(0),
+            merged_count: AtomicU64::new(0),
             live: Mutex::new(HashMap::new()),
         };
         // One pass at startup so retention and status need no scans later.
@@ -686,6 +689,8 @@ impl SessionStore for SledStore {
                 *held_duration = Some(duration_us);
                 *held_summary = summary;
                 *held_error = error;
+                drop(state);
+                self.merged_count.fetch_add(1, Ordering::Relaxed);
                 return Ok(request);
             }
         }
@@ -802,6 +807,7 @@ impl SessionStore for SledStore {
             sessions: counts.total,
             open_sessions: counts.open,
             events: self.event_count.load(Ordering::Relaxed),
+            results_in_requests: self.merged_count.load(Ordering::Relaxed),
             recorded_bytes: self.sink.recorded_bytes.load(Ordering::Relaxed),
             disk_bytes: self.db.size_on_disk()?,
             oldest_session_us: oldest,
@@ -1381,6 +1387,7 @@ mod tests {
         };
         assert_eq!(summary.as_deref(), Some("SELECT 1"));
         assert_eq!(store.get(a).unwrap().unwrap().masked, 1);
+        assert_eq!(store.stats().unwrap().results_in_requests, 2);
     }
 
     #[test]

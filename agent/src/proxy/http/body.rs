@@ -129,7 +129,8 @@ impl Finish {
             masked_rows: None,
             mask_rules: Vec::new(),
         };
-        if let Err(e) = self.store.append(self.session, event) {
+        // Written into the request event while that still waits to be written.
+        if let Err(e) = self.store.complete(self.session, event) {
             tracing::warn!(error = %e, "cannot record an HTTP response");
         }
     }

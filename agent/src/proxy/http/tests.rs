@@ -243,7 +243,10 @@ async fn allowed_requests_are_forwarded_normalised_with_the_held_header_and_reco
     let summary = events
         .iter()
         .find_map(|e| match e {
-            EventKind::Response { summary, .. } => summary.clone(),
+            // A result in a response event, or written into its request.
+            EventKind::Response { summary, .. } | EventKind::Request { summary, .. } => {
+                summary.clone()
+            }
             _ => None,
         })
         .unwrap();
@@ -288,7 +291,10 @@ async fn large_bodies_both_ways_and_a_request_after_them_flow_on_one_connection(
     let summaries: Vec<String> = events
         .iter()
         .filter_map(|e| match e {
-            EventKind::Response { summary, .. } => summary.clone(),
+            // A result in a response event, or written into its request.
+            EventKind::Response { summary, .. } | EventKind::Request { summary, .. } => {
+                summary.clone()
+            }
             _ => None,
         })
         .collect();
