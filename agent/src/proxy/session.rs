@@ -115,48 +115,68 @@ pub struct Conn<'g> {
     pub memo: DecisionMemo,
 }
 
-/// The decisions on SQL already judged in a session, so a repeated statement's decision is
-/// served without evaluating the policy or allocating. A decision depends only on the policy,
-/// the target, the identity and what the statement does; the target and identity are the
-/// session's, so an entry is keyed by the policy snapshot and the classification, each
-/// compared by address. The entry holds both, so neither address can be reused by another
+/// The decisions already made in a session, so a repeated request's decision is served
+/// without evaluating the policy or allocating. A decision depends only on the policy, the
+/// target, the identity and the request as the policy reads it; the target and identity are
+/// the session's, so an entry is keyed by the policy snapshot (by address) and `K`, what the
+/// protocol's policy reads (HTTP: `proxy/http/memo.rs`). For SQL, the default, `K` is the
+/// classification, compared by address. The entry holds both, so neither address can be reused by another
 /// value while it is kept. The SQL classification cache hands out one `Arc` per statement
 /// shape, which makes repeated statements (and statements differing only in folded literals)
 /// meet here; any other classification misses and is evaluated. A new policy snapshot
 /// empties the memo.
-#[derive(Default)]
-pub struct DecisionMemo {
-    entries: Mutex<Vec<Memo>>,
+pub struct DecisionMemo<K = Arc<Classification>> {
+    entries: Mutex<Vec<Memo<K>>>,
+    capacity: usize,
 }
 
-struct Memo {
+struct Memo<K> {
     policy: Arc<PolicySet>,
-    what: Arc<Classification>,
+    key: K,
     decision: Arc<Decision>,
     /// `decision.rules` as the request event shares them.
     rules: Arc<[String]>,
 }
 
+impl Default for DecisionMemo {
+    fn default() -> Self {
+        Self::new(Self::CAPACITY)
+    }
+}
+
 impl DecisionMemo {
     /// Statement shapes remembered per session; past it the oldest is replaced.
     pub const CAPACITY: usize = 32;
+}
 
-    fn get(
+impl<K> DecisionMemo<K> {
+    /// A memo of at most `capacity` decisions, keyed by `K` (what a protocol's decision depends
+    /// on besides the policy snapshot, the target and the identity).
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            entries: Mutex::new(Vec::with_capacity(capacity)),
+            capacity,
+        }
+    }
+
+    /// The decision made under `policy` (compared by address) on a key `is` accepts.
+    pub fn get(
         &self,
         policy: &Arc<PolicySet>,
-        what: &Arc<Classification>,
+        is: impl Fn(&K) -> bool,
     ) -> Option<(Arc<Decision>, Arc<[String]>)> {
         let entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
         entries
             .iter()
-            .find(|m| Arc::ptr_eq(&m.what, what) && Arc::ptr_eq(&m.policy, policy))
+            .find(|m| Arc::ptr_eq(&m.policy, policy) && is(&m.key))
             .map(|m| (Arc::clone(&m.decision), Arc::clone(&m.rules)))
     }
 
-    fn put(
+    /// Remembers `decision` on `key` under `policy`; a new policy snapshot empties the memo.
+    pub fn put(
         &self,
         policy: &Arc<PolicySet>,
-        what: &Arc<Classification>,
+        key: K,
         decision: &Arc<Decision>,
         rules: &Arc<[String]>,
     ) {
@@ -167,12 +187,12 @@ impl DecisionMemo {
         {
             entries.clear();
         }
-        if entries.len() >= Self::CAPACITY {
+        if entries.len() >= self.capacity {
             entries.remove(0);
         }
         entries.push(Memo {
             policy: Arc::clone(policy),
-            what: Arc::clone(what),
+            key,
             decision: Arc::clone(decision),
             rules: Arc::clone(rules),
         });
@@ -269,18 +289,19 @@ impl Conn<'_> {
         on_hold: Option<&(dyn Fn(u64) + Send + Sync)>,
         params: &[Option<String>],
     ) -> DecidedSql {
-        let (decision, rules) = if let Some(hit) = self.memo.get(policy, what) {
-            hit
-        } else {
-            let decision = Arc::new(policy.evaluate(&policy::Request {
-                target: self.target.policy_ref(),
-                identity: &self.identity,
-                action: Action::SqlClassified(what),
-            }));
-            let rules: Arc<[String]> = Arc::from(decision.rules.as_slice());
-            self.memo.put(policy, what, &decision, &rules);
-            (decision, rules)
-        };
+        let (decision, rules) =
+            if let Some(hit) = self.memo.get(policy, |known| Arc::ptr_eq(known, what)) {
+                hit
+            } else {
+                let decision = Arc::new(policy.evaluate(&policy::Request {
+                    target: self.target.policy_ref(),
+                    identity: &self.identity,
+                    action: Action::SqlClassified(what),
+                }));
+                let rules: Arc<[String]> = Arc::from(decision.rules.as_slice());
+                self.memo.put(policy, Arc::clone(what), &decision, &rules);
+                (decision, rules)
+            };
         let class = what.headline().map(|c| Cow::Borrowed(c.name()));
         let (request, refusal) = self
             .enforce(&decision, rules, text, class, on_hold, params)

@@ -167,7 +167,7 @@ pub async fn serve(conn: &Conn<'_>, shared: &Shared, client: TcpStream) -> Sessi
         server_name: None,
         tunnels: std::sync::Mutex::default(),
         h2_idle: settings.idle_timeout.unwrap_or(settings::H2_IDLE_TIMEOUT),
-        memo: memo::DecisionMemo::default(),
+        memo: memo::DecisionMemo::new(memo::CAPACITY),
     };
     if !client_tls {
         let maybe_h2 = is_h2c(&client).await;
@@ -499,7 +499,7 @@ impl Session<'_, '_> {
         let policy = self.conn.policy();
         // A request that reads as one judged before in this session, under the same policy,
         // gets that decision ([`memo`]); it is recorded and enforced as any other.
-        let (decision, rules) = if let Some(hit) = self.memo.get(&policy, &norm) {
+        let (decision, rules) = if let Some(hit) = self.memo.get(&policy, |shape| shape.is(&norm)) {
             hit
         } else {
             let decision = Arc::new(policy.evaluate(&crate::policy::Request {
@@ -508,7 +508,8 @@ impl Session<'_, '_> {
                 action: judged.action(&norm),
             }));
             let rules: Arc<[String]> = Arc::from(decision.rules.as_slice());
-            self.memo.put(&policy, &norm, &decision, &rules);
+            self.memo
+                .put(&policy, memo::Shape::of(&norm), &decision, &rules);
             (decision, rules)
         };
         let decided = self
