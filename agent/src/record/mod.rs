@@ -5,6 +5,7 @@
 //! The event schema is documented in `docs/EVENTS.md` and is stable: fields are added, never
 //! renamed or removed.
 
+mod chunk;
 pub mod sled;
 
 use std::{

@@ -10,7 +10,7 @@
 //! Events are appended to an in-memory queue (an id, a lock, a push: nothing on the request
 //! path touches the tree), and a writer thread moves the queue into the tree every
 //! [`WRITE_EVERY_MS`], one value per session per batch: a *chunk* of length-prefixed JSON
-//! events keyed by its first event, LZ4-compressed (see [`encode_chunk`]). sled copies a whole
+//! events keyed by its first event, LZ4-compressed (see `record/chunk.rs`). sled copies a whole
 //! leaf (up to 16 values) on every insert and rewrites it to its log every tenth, so the bytes
 //! per value are what the store costs; a session's events repeat themselves and compress
 //! several times over. Reads that need events first write
@@ -32,6 +32,8 @@ use std::{
 
 use tokio::sync::broadcast;
 
+use super::chunk::{chunk_events, chunk_plain, corrupt, encode_chunk, event_count, ChunkBuffers};
+
 use super::{
     Event, EventKind, ListFilter, NewSession, Outcome, PruneReport, RecordedVerdict, Retention,
     Session, SessionCounts, SessionEnd, SessionId, SessionStore, StoreError, StoreStats,
@@ -52,19 +54,6 @@ const WRITE_BATCH: usize = 2048;
 const MAX_QUEUED: usize = 256 * 1024;
 /// Events buffered for slow `tail` readers before they miss some.
 const TAIL_BUFFER: usize = 4096;
-/// First byte of a chunk value. A value written one event per key (before chunks) is a JSON
-/// object and starts with `{`.
-const CHUNK_MAGIC: u8 = 0xB1;
-/// First byte of a compressed chunk (what the writer writes): then the number of events
-/// (u32, little-endian), the length of the uncompressed body (u32, little-endian), and the
-/// body, which is a [`CHUNK_MAGIC`] chunk without its first byte, as an LZ4 block.
-const CHUNK_LZ4: u8 = 0xB2;
-/// Uncompressed body size past which the writer starts a new chunk for the same session, so a
-/// body is at most this plus one event, however far the queue grew while the writer stalled.
-const CHUNK_TARGET: usize = 1 << 20;
-/// The largest uncompressed chunk body a reader accepts: a damaged length must not make it
-/// allocate gigabytes. Far above what the writer writes ([`CHUNK_TARGET`] plus one event).
-const MAX_CHUNK_BODY: usize = 256 << 20;
 
 pub struct SledStore {
     db: sled::Db,
@@ -103,14 +92,6 @@ struct Queue {
 struct Spare {
     events: Vec<Event>,
     buffers: ChunkBuffers,
-}
-
-/// A chunk's uncompressed body and its compressed value, reused from one chunk to the next.
-#[derive(Default)]
-struct ChunkBuffers {
-    body: Vec<u8>,
-    /// Only ever grown: its bytes past a chunk's end are stale, never zeroed again.
-    value: Vec<u8>,
 }
 
 #[derive(Default)]
@@ -224,129 +205,6 @@ impl Sink {
                 return;
             }
         }
-    }
-}
-
-/// A compressed chunk ([`CHUNK_LZ4`]) of the first of `events` (at least one; fewer than all
-/// once the body passes [`CHUNK_TARGET`]), and how many it holds. The value is borrowed from
-/// `buffers`, which keep their allocations from one chunk to the next.
-fn encode_chunk<'b>(
-    events: &[&Event],
-    buffers: &'b mut ChunkBuffers,
-) -> Result<(&'b [u8], usize), StoreError> {
-    let too_big = || StoreError::Encode(serde::ser::Error::custom("chunk larger than 4 GiB"));
-    let ChunkBuffers { body, value } = buffers;
-    body.clear();
-    let mut taken = 0;
-    for event in events {
-        if taken > 0 && body.len() >= CHUNK_TARGET {
-            break;
-        }
-        taken += 1;
-        let at = body.len();
-        body.extend_from_slice(&[0; 4]);
-        event_json(event, body)?;
-        let len = u32::try_from(body.len() - at - 4).map_err(|_| too_big())?;
-        body[at..at + 4].copy_from_slice(&len.to_le_bytes());
-    }
-    let count = u32::try_from(taken).map_err(|_| too_big())?;
-    let body_len = u32::try_from(body.len()).map_err(|_| too_big())?;
-    let header = 9;
-    let need = header + lz4_flex::block::get_maximum_output_size(body.len());
-    if value.len() < need {
-        value.resize(need, 0);
-    }
-    value[0] = CHUNK_LZ4;
-    value[1..5].copy_from_slice(&count.to_le_bytes());
-    value[5..9].copy_from_slice(&body_len.to_le_bytes());
-    let n = lz4_flex::block::compress_into(body, &mut value[header..])
-        .map_err(|e| StoreError::Encode(serde::ser::Error::custom(e)))?;
-    Ok((&value[..header + n], taken))
-}
-
-/// Appends `event` as JSON, the bytes `serde_json::to_writer(event)` writes, without serde's
-/// path for a flattened field (a map serializer for every field of the kind): the envelope
-/// written directly, then the kind as its own object with its opening brace made the comma
-/// that joins the two.
-fn event_json(event: &Event, out: &mut Vec<u8>) -> Result<(), StoreError> {
-    let mut n = itoa::Buffer::new();
-    out.extend_from_slice(b"{\"v\":");
-    out.extend_from_slice(n.format(event.v).as_bytes());
-    out.extend_from_slice(b",\"session\":");
-    out.extend_from_slice(n.format(event.session.0).as_bytes());
-    out.extend_from_slice(b",\"id\":");
-    out.extend_from_slice(n.format(event.id).as_bytes());
-    out.extend_from_slice(b",\"at_us\":");
-    out.extend_from_slice(n.format(event.at_us).as_bytes());
-    let kind = out.len();
-    serde_json::to_writer(&mut *out, &event.kind).map_err(StoreError::Encode)?;
-    // An internally tagged enum always writes its tag: the object is never empty.
-    debug_assert_eq!(out.get(kind), Some(&b'{'));
-    out[kind] = b',';
-    Ok(())
-}
-
-/// How many events a stored value holds, without decompressing it.
-fn event_count(key: &[u8], value: &[u8]) -> Result<u64, StoreError> {
-    match value.split_first() {
-        Some((&CHUNK_LZ4, rest)) => rest
-            .get(..4)
-            .map(|c| u64::from(u32::from_le_bytes([c[0], c[1], c[2], c[3]])))
-            .ok_or_else(|| corrupt(key, serde::de::Error::custom("chunk header cut short"))),
-        _ => Ok(chunk_events(key, value)?.len() as u64),
-    }
-}
-
-/// A stored value as [`chunk_events`] reads it: a compressed chunk decompressed, anything else
-/// as it is.
-fn chunk_plain<'v>(key: &[u8], value: &'v [u8]) -> Result<std::borrow::Cow<'v, [u8]>, StoreError> {
-    let Some((&CHUNK_LZ4, rest)) = value.split_first() else {
-        return Ok(std::borrow::Cow::Borrowed(value));
-    };
-    let bad = |why: &str| corrupt(key, serde::de::Error::custom(why));
-    let (Some(len), Some(block)) = (rest.get(4..8), rest.get(8..)) else {
-        return Err(bad("chunk header cut short"));
-    };
-    let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
-    if len > MAX_CHUNK_BODY {
-        return Err(bad("chunk body length out of range"));
-    }
-    let mut plain = vec![0u8; 1 + len];
-    plain[0] = CHUNK_MAGIC;
-    match lz4_flex::block::decompress_into(block, &mut plain[1..]) {
-        Ok(n) if n == len => Ok(std::borrow::Cow::Owned(plain)),
-        Ok(_) => Err(bad("chunk body shorter than its header says")),
-        Err(e) => Err(bad(&format!("chunk does not decompress: {e}"))),
-    }
-}
-
-/// The JSON of each event in a stored value: a chunk, or one event (the format before chunks).
-fn chunk_events<'v>(key: &[u8], value: &'v [u8]) -> Result<Vec<&'v [u8]>, StoreError> {
-    let Some((&CHUNK_MAGIC, mut rest)) = value.split_first() else {
-        return Ok(vec![value]);
-    };
-    let mut out = Vec::new();
-    while !rest.is_empty() {
-        let json = rest
-            .get(..4)
-            .map(|l| u32::from_le_bytes([l[0], l[1], l[2], l[3]]) as usize)
-            .and_then(|len| rest.get(4..4 + len));
-        let Some(json) = json else {
-            return Err(corrupt(
-                key,
-                serde::de::Error::custom("chunk cut short inside an event"),
-            ));
-        };
-        rest = &rest[4 + json.len()..];
-        out.push(json);
-    }
-    Ok(out)
-}
-
-fn corrupt(key: &[u8], source: serde_json::Error) -> StoreError {
-    StoreError::Corrupt {
-        key: key.iter().map(|b| format!("{b:02x}")).collect(),
-        source,
     }
 }
 
@@ -656,35 +514,38 @@ impl SessionStore for SledStore {
     /// its own, and while nobody tails (a tail has already been sent the request as it was):
     /// written into the request, one event less for the writer. Anything else is appended.
     fn complete(&self, session: SessionId, result: EventKind) -> Result<u64, StoreError> {
-        let EventKind::Response {
-            request,
-            duration_us,
-            summary,
-            error,
-            masked_rows: None,
-            mask_rules,
-        } = result
-        else {
-            return self.append(session, result);
-        };
-        if mask_rules.is_empty() && self.tail.receiver_count() == 0 {
-            let mut state = self.queue.lock();
-            let queued = state
-                .events
-                .binary_search_by_key(&request, |e| e.id)
-                .ok()
-                .and_then(|at| state.events.get_mut(at))
-                .filter(|e| e.session == session);
-            if let Some(Event {
-                kind:
-                    EventKind::Request {
-                        duration_us: held_duration @ None,
-                        summary: held_summary @ None,
-                        error: held_error @ None,
-                        ..
-                    },
+        let request = match &result {
+            EventKind::Response {
+                request,
+                masked_rows: None,
+                mask_rules,
                 ..
-            }) = queued
+            } if mask_rules.is_empty() && self.tail.receiver_count() == 0 => *request,
+            _ => return self.append(session, result),
+        };
+        let mut state = self.queue.lock();
+        let unanswered = state
+            .events
+            .binary_search_by_key(&request, |e| e.id)
+            .ok()
+            .and_then(|at| state.events.get_mut(at))
+            .filter(|e| e.session == session)
+            .and_then(|e| match &mut e.kind {
+                EventKind::Request {
+                    duration_us: held_duration @ None,
+                    summary: held_summary @ None,
+                    error: held_error @ None,
+                    ..
+                } => Some((held_duration, held_summary, held_error)),
+                _ => None,
+            });
+        if let Some((held_duration, held_summary, held_error)) = unanswered {
+            if let EventKind::Response {
+                duration_us,
+                summary,
+                error,
+                ..
+            } = result
             {
                 *held_duration = Some(duration_us);
                 *held_summary = summary;
@@ -694,17 +555,8 @@ impl SessionStore for SledStore {
                 return Ok(request);
             }
         }
-        self.append(
-            session,
-            EventKind::Response {
-                request,
-                duration_us,
-                summary,
-                error,
-                masked_rows: None,
-                mask_rules,
-            },
-        )
+        drop(state);
+        self.append(session, result)
     }
 
     fn close(&self, id: SessionId, end: SessionEnd) -> Result<(), StoreError> {
@@ -902,7 +754,10 @@ mod tests {
         identity::ProcessIdentity,
         net::{ClientAddr, OrigDstAddr},
         protocol::Protocol,
-        record::MAX_EVENT_TEXT,
+        record::{
+            chunk::{event_json, CHUNK_LZ4, CHUNK_MAGIC, CHUNK_TARGET},
+            MAX_EVENT_TEXT,
+        },
     };
 
     fn start(n: u16) -> NewSession {
