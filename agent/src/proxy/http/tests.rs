@@ -53,7 +53,7 @@ struct Harness {
     gw: Arc<Gateway>,
     listener: SocketAddr,
     orig: Arc<MockOrigDst>,
-    _policies: tempfile::TempDir,
+    policies: tempfile::TempDir,
     _shutdown: watch::Sender<bool>,
 }
 
@@ -141,7 +141,7 @@ impl Harness {
             gw,
             listener: addr,
             orig,
-            _policies: policies,
+            policies,
             _shutdown: tx,
         }
     }
@@ -809,7 +809,7 @@ async fn a_remembered_decision_serves_only_requests_the_policy_reads_the_same() 
     .await
     .unwrap();
     let mut out = Vec::new();
-    let mut buf = [0u8; 65536];
+    let mut buf = vec![0u8; 65536];
     while statuses(&String::from_utf8_lossy(&out)).len() < 7 {
         let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
             .await
@@ -825,7 +825,7 @@ async fn a_remembered_decision_serves_only_requests_the_policy_reads_the_same() 
         "{first}"
     );
     // A new policy on the same connection: what it allowed before is denied now.
-    std::fs::write(h._policies.path().join("api.toml"), policy("/v2/**")).unwrap();
+    std::fs::write(h.policies.path().join("api.toml"), policy("/v2/**")).unwrap();
     h.gw.policy.reload().unwrap();
     s.write_all(b"GET /v1/users HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n")
         .await
@@ -867,7 +867,7 @@ async fn a_slow_second_head_is_closed_at_the_header_timeout() {
     s.write_all(b"GET /v1/first HTTP/1.1\r\nHost: api\r\n\r\n")
         .await
         .unwrap();
-    let mut buf = [0u8; 65536];
+    let mut buf = vec![0u8; 65536];
     let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
         .await
         .expect("the first answer")
