@@ -152,9 +152,10 @@ impl DecisionMemo {
 impl<K> DecisionMemo<K> {
     /// A memo of at most `capacity` decisions, keyed by `K` (what a protocol's decision depends
     /// on besides the policy snapshot, the target and the identity).
+    /// Allocates nothing until the first decision: a connection may never make one.
     pub fn new(capacity: usize) -> Self {
         Self {
-            entries: Mutex::new(Vec::with_capacity(capacity)),
+            entries: Mutex::new(Vec::new()),
             capacity,
         }
     }
