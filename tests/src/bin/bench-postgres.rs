@@ -1,32 +1,92 @@
-//! PostgreSQL gateway benchmark: pgbench through the gateway (policy and recording on) against
-//! pgbench straight to the server, through pgbouncer (session pooling), through a bare
-//! threaded relay and through a bare relay on tokio (the daemon's runtime), all in one run on the same server, in alternating rounds (`BENCH_PG_ROUNDS`, 3),
-//! printed as ratios of the direct figure with the medians of the rounds, then the figures of
-//! issue 17 (the gateway against pgbouncer and the bare relay, as medians of same-round ratios).
+//! PostgreSQL gateway benchmark: pgbench through the gateway (policy and recording on), with
+//! the kernel fast path (`capture.fast_path`) off and on, against pgbench straight to the
+//! server, through pgbouncer (session pooling), through a bare threaded relay and through a
+//! bare relay on tokio (the daemon's runtime), all in one run on the same server, in
+//! alternating rounds (`BENCH_PG_ROUNDS`, 3), printed as ratios of the direct figure with the
+//! medians of the rounds, then the figures of issue 17 (the gateway against pgbouncer and the
+//! bare relay, as medians of same-round ratios).
+//!
+//! One daemon serves both gateway legs: it is restarted with the fast path on before the
+//! `gateway-fp` leg and with it off before the `gateway` leg (a restart costs about a second
+//! and is not timed; each run starts its own pgbench connections anyway).
 //!
 //! Every gateway run is checked against the store: the events the daemon recorded during it
 //! must cover every transaction pgbench completed (a request and a response per simple-mode
 //! statement, a response per prepared execution). An event dropped under load fails the run.
 //!
 //! `BENCH_PG_CAPTURE` adds lines to the daemon's `[capture]` table (see [`daemon_capture`]),
-//! for legs that compare capture settings (a kernel fast path on and off).
+//! for comparing other capture settings; `fast_path` is the legs' to set.
 //!
 //! Run with `cargo xtask bench` (root; release build).
 
-use std::{fs, process::Command, time::Duration};
+use std::{
+    cell::{Cell, RefCell},
+    fs,
+    process::Command,
+    time::Duration,
+};
 
-use bulkhead_tests::{missing_privileges, system_user, Side, Topology, TARGET_V4};
+use bulkhead_tests::{missing_privileges, system_user, Proc, Side, Topology, TARGET_V4};
 
 const SECONDS: &str = "10";
 
 /// The daemon's `[capture]` table: loopback not captured (pgbouncer and the relay listen on
 /// the governed side's loopback, like peers installed next to the tool), plus `extra` lines.
 fn daemon_capture(extra: &str) -> String {
+    assert!(
+        !extra.contains("fast_path"),
+        "BENCH_PG_CAPTURE must not set fast_path: the gateway legs run with it off and on"
+    );
     format!("[capture]\nloopback = false\n{extra}\n")
 }
 
-/// Events the daemon has recorded so far (appended to its store), the bytes its store holds,
-/// and its open connections.
+/// The line [`Gateway::fast_path`] adds to the `[capture]` table.
+const FAST_PATH_ON: &str = "fast_path = true\n";
+
+/// The daemon both gateway legs measure, restarted when a leg needs the other fast-path
+/// setting.
+struct Gateway<'t> {
+    topo: &'t Topology,
+    daemon: RefCell<Proc>,
+    fast_path: Cell<bool>,
+}
+
+impl Gateway<'_> {
+    fn pid(&self) -> u32 {
+        self.daemon.borrow().pid()
+    }
+
+    /// Restarts the daemon with `capture.fast_path` set to `on`, unless it runs so already.
+    fn fast_path(&self, on: bool) {
+        if self.fast_path.get() == on {
+            return;
+        }
+        let config = fs::read_to_string(&self.topo.config_path).expect("read config");
+        let config = if on {
+            config.replacen("[capture]\n", &format!("[capture]\n{FAST_PATH_ON}"), 1)
+        } else {
+            config.replacen(FAST_PATH_ON, "", 1)
+        };
+        assert_eq!(
+            config.contains(FAST_PATH_ON),
+            on,
+            "no [capture] table to set fast_path in: {config}"
+        );
+        fs::write(&self.topo.config_path, config).expect("write config");
+        self.daemon.borrow_mut().terminate();
+        *self.daemon.borrow_mut() = self.topo.start_daemon(&[]);
+        self.fast_path.set(on);
+    }
+}
+
+/// Sends the daemon's kernel fast path has moved so far.
+fn redirected(topo: &Topology) -> u64 {
+    let (_, report) = topo.status();
+    report["daemon"]["containment"]["fast_path_counters"]["redirected"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no fast path counters in {report}"))
+}
+
 /// Events the daemon has recorded so far, results it wrote into their request events instead
 /// of events of their own, the bytes its store holds, and its open connections.
 fn recorded(topo: &Topology) -> (u64, u64, u64, u64) {
@@ -66,7 +126,7 @@ fn recorded_when_drained(topo: &Topology) -> (u64, u64, u64) {
     }
 }
 
-/// `BENCH_PG_ONLY=direct|gateway|pgbouncer|relay|tokio-relay` runs only that leg, for `BENCH_PG_SECONDS`
+/// `BENCH_PG_ONLY=direct|gateway|gateway-fp|pgbouncer|relay|tokio-relay` runs only that leg, for `BENCH_PG_SECONDS`
 /// per mode (for profiling it from outside).
 fn only() -> Option<String> {
     std::env::var("BENCH_PG_ONLY").ok()
@@ -103,6 +163,11 @@ sql = { class = ["read", "transaction", "session", "insert", "update", "delete",
 "#,
         &daemon_capture(&std::env::var("BENCH_PG_CAPTURE").unwrap_or_default()),
     );
+    let gateway = Gateway {
+        topo: &topo,
+        daemon: RefCell::new(daemon),
+        fast_path: Cell::new(false),
+    };
 
     // pgbouncer on the governed side's loopback (not captured), session pooling.
     let (pg_uid, pg_gid) = system_user("postgres");
@@ -179,8 +244,6 @@ sql = { class = ["read", "transaction", "session", "insert", "update", "delete",
     println!();
     let seconds = std::env::var("BENCH_PG_SECONDS").unwrap_or_else(|_| SECONDS.into());
     // Each leg: where pgbench runs, where it connects, the password it gives, the proxy's pid.
-    // A leg added here (a second gateway with other capture settings, say) needs a column in
-    // `Row` and `print_row`.
     let legs = [
         Leg {
             name: "direct",
@@ -189,6 +252,7 @@ sql = { class = ["read", "transaction", "session", "insert", "update", "delete",
             port: "5432",
             password: pg.password.as_str(),
             pid: None,
+            fast_path: None,
         },
         Leg {
             name: "gateway",
@@ -196,7 +260,8 @@ sql = { class = ["read", "transaction", "session", "insert", "update", "delete",
             host: TARGET_V4,
             port: "5432",
             password: "",
-            pid: Some(daemon.child.id()),
+            pid: None,
+            fast_path: Some(false),
         },
         Leg {
             name: "pgbouncer",
@@ -205,6 +270,7 @@ sql = { class = ["read", "transaction", "session", "insert", "update", "delete",
             port: "6432",
             password: pg.password.as_str(),
             pid: Some(bouncer_proc.child.id()),
+            fast_path: None,
         },
         Leg {
             name: "relay",
@@ -213,6 +279,7 @@ sql = { class = ["read", "transaction", "session", "insert", "update", "delete",
             port: "6433",
             password: pg.password.as_str(),
             pid: Some(relay_proc.child.id()),
+            fast_path: None,
         },
         Leg {
             name: "tokio-relay",
@@ -221,24 +288,50 @@ sql = { class = ["read", "transaction", "session", "insert", "update", "delete",
             port: "6434",
             password: pg.password.as_str(),
             pid: Some(tokio_relay.child.id()),
+            fast_path: None,
+        },
+        Leg {
+            name: "gateway-fp",
+            side: Side::Governed,
+            host: TARGET_V4,
+            port: "5432",
+            password: "",
+            pid: None,
+            fast_path: Some(true),
         },
     ];
+    // The proxy whose CPU a leg counts; a gateway leg first gets its fast-path setting.
+    let proxy = |leg: &Leg| match leg.fast_path {
+        Some(on) => {
+            gateway.fast_path(on);
+            Some(gateway.pid())
+        }
+        None => leg.pid,
+    };
     // Transactions per second and the proxy's CPU per transaction. A gateway run also checks
     // that the store recorded every statement of it.
     let run = |leg: &Leg, mode: &str, seconds: &str| {
         // `-n`: no vacuum before the run, so every statement of it is one of the transactions.
         let args = ["-n", "-S", "-M", mode, "-c", "8", "-j", "2", "-T", seconds];
+        let pid = proxy(leg);
         let events_before = (leg.side == Side::Governed).then(|| recorded_when_drained(&topo));
-        let before = leg.pid.map(cpu_us);
-        let user_before = leg.pid.map(user_cpu_us);
+        let redirected_before = (leg.fast_path == Some(true)).then(|| redirected(&topo));
+        let before = pid.map(cpu_us);
+        let user_before = pid.map(user_cpu_us);
         let out = pgbench(&topo, leg.side, leg.host, leg.port, leg.password, &args);
         let transactions = transactions(&out);
-        let cpu = leg
-            .pid
+        if let Some(before) = redirected_before {
+            let sends = redirected(&topo) - before;
+            assert!(
+                sends > 0,
+                "bench-postgres: the fast path moved none of the {mode} run's sends: it did not \
+                 take effect, so this leg measured the ordinary path"
+            );
+        }
+        let cpu = pid
             .zip(before)
             .map(|(p, b)| (cpu_us(p) - b) / transactions);
-        let user = leg
-            .pid
+        let user = pid
             .zip(user_before)
             .map(|(p, b)| (user_cpu_us(p) - b) / transactions);
         if let Some(before) = events_before {
@@ -273,22 +366,26 @@ sql = { class = ["read", "transaction", "session", "insert", "update", "delete",
         return;
     }
     println!(
-        "{:<11} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>7} {:>7} {:>7}",
+        "{:<11} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>7} {:>7} {:>7} {:>7}",
         "mode round",
         "direct",
         "gateway",
+        "gw fp",
         "pgbouncr",
         "relay",
         "tokio",
         "gateway",
+        "gw fp",
         "pgbouncr",
         "relay",
         "tokio",
         "gw cpu",
+        "fp cpu",
         "pgb cpu",
         "rly cpu",
         "tok cpu"
     );
+    println!("(gw fp: the gateway with the kernel fast path on)");
     // The machine's run-to-run noise is larger than the differences measured, so the legs are
     // run in rounds, alternating, and the medians of the same-round figures are reported.
     let rounds: usize = std::env::var("BENCH_PG_ROUNDS")
@@ -301,19 +398,20 @@ sql = { class = ["read", "transaction", "session", "insert", "update", "delete",
     // Per mode, per round.
     let mut table: [Vec<Row>; 2] = [Vec::new(), Vec::new()];
     // Per round: single-client latency per leg.
-    let mut latencies: Vec<[f64; 5]> = Vec::new();
+    let mut latencies: Vec<[f64; 6]> = Vec::new();
     for round in 1..=rounds {
         for (m, mode) in ["simple", "prepared"].into_iter().enumerate() {
-            let [direct, gateway, bouncer, relay, tokio] =
+            let [direct, gateway, bouncer, relay, tokio, fast] =
                 legs.each_ref().map(|leg| run(leg, mode, &seconds));
             let row = Row {
-                tps: [direct.0, gateway.0, bouncer.0, relay.0, tokio.0],
-                cpu: [gateway.1, bouncer.1, relay.1, tokio.1],
+                tps: [direct.0, gateway.0, bouncer.0, relay.0, tokio.0, fast.0],
+                cpu: [gateway.1, bouncer.1, relay.1, tokio.1, fast.1],
             };
             print_row(&format!("{mode} {round}"), &row.columns());
             table[m].push(row);
         }
         let lat = legs.each_ref().map(|leg| {
+            proxy(leg);
             latency(&pgbench(
                 &topo,
                 leg.side,
@@ -324,9 +422,10 @@ sql = { class = ["read", "transaction", "session", "insert", "update", "delete",
             ))
         });
         println!(
-            "latency {round}: direct {:.1} us; gateway {:+.1} us, pgbouncer {:+.1} us, relay {:+.1} us, tokio relay {:+.1} us",
+            "latency {round}: direct {:.1} us; gateway {:+.1} us (fast path on {:+.1} us), pgbouncer {:+.1} us, relay {:+.1} us, tokio relay {:+.1} us",
             lat[0],
             lat[1] - lat[0],
+            lat[5] - lat[0],
             lat[2] - lat[0],
             lat[3] - lat[0],
             lat[4] - lat[0]
@@ -336,15 +435,16 @@ sql = { class = ["read", "transaction", "session", "insert", "update", "delete",
     println!();
     println!("median of {rounds} rounds:");
     for (m, mode) in ["simple", "prepared"].into_iter().enumerate() {
-        let row: [f64; 13] =
+        let row: [f64; 16] =
             std::array::from_fn(|i| median(table[m].iter().map(|r| r.columns()[i]).collect()));
         print_row(mode, &row);
     }
     let over = |leg: usize| median(latencies.iter().map(|l| l[leg] - l[0]).collect());
     println!(
-        "single client latency (-S -M prepared -c 1) over direct ({:.1} us): gateway {:+.1} us, pgbouncer {:+.1} us, relay {:+.1} us, tokio relay {:+.1} us",
+        "single client latency (-S -M prepared -c 1) over direct ({:.1} us): gateway {:+.1} us (fast path on {:+.1} us), pgbouncer {:+.1} us, relay {:+.1} us, tokio relay {:+.1} us",
         median(latencies.iter().map(|l| l[0]).collect()),
         over(1),
+        over(5),
         over(2),
         over(3),
         over(4)
@@ -387,6 +487,35 @@ sql = { class = ["read", "transaction", "session", "insert", "update", "delete",
             of(1, |r| r.tps[1] / r.tps[3])
         ),
     );
+    println!("with the kernel fast path on (capture.fast_path):");
+    println!(
+        "{:<52} {:>20}  >= 1.0",
+        "gateway TPS / bare relay TPS, simple / prepared",
+        format!(
+            "{:.2} / {:.2}",
+            of(0, |r| r.tps[5] / r.tps[3]),
+            of(1, |r| r.tps[5] / r.tps[3])
+        ),
+    );
+    println!(
+        "{:<52} {:>20}  >= 1.05",
+        "gateway TPS / pgbouncer TPS, simple / prepared",
+        format!(
+            "{:.2} / {:.2}",
+            of(0, |r| r.tps[5] / r.tps[2]),
+            of(1, |r| r.tps[5] / r.tps[2])
+        ),
+    );
+    println!(
+        "{:<52} {:>20}  <= pgbouncer's",
+        "gateway CPU per transaction, simple / prepared",
+        format!("{:.1} / {:.1} us", of(0, |r| r.cpu[4]), of(1, |r| r.cpu[4])),
+    );
+    println!(
+        "{:<52} {:>20}  <= pgbouncer's",
+        "single client, added latency",
+        format!("{:+.1} us", over(5)),
+    );
     println!(
         "{:<52} {:>20}  (context)",
         "tokio relay CPU per transaction, simple / prepared",
@@ -401,33 +530,38 @@ struct Leg<'a> {
     host: &'a str,
     port: &'a str,
     password: &'a str,
-    /// The proxy whose CPU is counted.
+    /// The proxy whose CPU is counted (a gateway leg's is the daemon's at the time).
     pid: Option<u32>,
+    /// A gateway leg: the daemon's `capture.fast_path`.
+    fast_path: Option<bool>,
 }
 
-/// One mode's round: TPS of direct, gateway, pgbouncer, relay; CPU per transaction of the
-/// three proxies.
+/// One mode's round: TPS of direct, gateway, pgbouncer, relay, tokio relay, gateway with the
+/// fast path; CPU per transaction of the five proxies.
 struct Row {
-    tps: [f64; 5],
-    cpu: [f64; 4],
+    tps: [f64; 6],
+    cpu: [f64; 5],
 }
 
 impl Row {
     /// As printed: TPS, the proxies' ratios of direct, their CPU.
-    fn columns(&self) -> [f64; 13] {
-        let [direct, gateway, bouncer, relay, tokio] = self.tps;
-        let [gw_cpu, pgb_cpu, rly_cpu, tok_cpu] = self.cpu;
+    fn columns(&self) -> [f64; 16] {
+        let [direct, gateway, bouncer, relay, tokio, fast] = self.tps;
+        let [gw_cpu, pgb_cpu, rly_cpu, tok_cpu, fast_cpu] = self.cpu;
         [
             direct,
             gateway,
+            fast,
             bouncer,
             relay,
             tokio,
             gateway / direct,
+            fast / direct,
             bouncer / direct,
             relay / direct,
             tokio / direct,
             gw_cpu,
+            fast_cpu,
             pgb_cpu,
             rly_cpu,
             tok_cpu,
@@ -456,10 +590,10 @@ fn check_recorded(mode: &str, transactions: f64, records: u64) {
     );
 }
 
-fn print_row(label: &str, r: &[f64; 13]) {
+fn print_row(label: &str, r: &[f64; 16]) {
     println!(
-        "{label:<11} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>7.2}x {:>7.2}x {:>7.2}x {:>7.2}x {:>7.1} {:>7.1} {:>7.1} {:>7.1}",
-        r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10], r[11], r[12]
+        "{label:<11} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>7.2}x {:>7.2}x {:>7.2}x {:>7.2}x {:>7.2}x {:>7.1} {:>7.1} {:>7.1} {:>7.1} {:>7.1}",
+        r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10], r[11], r[12], r[13], r[14], r[15]
     );
 }
 
