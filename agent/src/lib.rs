@@ -6,6 +6,7 @@ pub mod approval;
 pub mod cgroup;
 pub mod cli;
 pub mod config;
+pub mod conn_log;
 pub mod control;
 pub mod credentials;
 pub mod daemon;

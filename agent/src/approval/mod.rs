@@ -19,12 +19,12 @@ use std::{
     time::Duration,
 };
 
+use crate::conn_log::{error, info, warn};
 use serde::{Deserialize, Serialize};
 use tokio::{
     sync::{broadcast, oneshot},
     time::Instant,
 };
-use tracing::{error, info, warn};
 
 use self::book::{Admission, Book, Grant, Held};
 use crate::{

@@ -26,12 +26,13 @@ use tokio::{
     net::{TcpListener, TcpStream},
     sync::watch,
 };
-use tracing::{debug, error, info, info_span, warn, Instrument as _};
+use tracing::info_span;
 
 use self::session::Conn;
 pub use self::session::{Gateway, Stats, StatsSnapshot, UPSTREAM_CONNECT_TIMEOUT};
 use crate::{
     config::Unmatched,
+    conn_log::{self, debug, error, info, warn},
     identity::ProcessIdentity,
     net::{from_kernel_bytes, ClientAddr, OrigDstAddr},
     protocol::Protocol,
@@ -124,8 +125,9 @@ pub async fn handle(
         target = %target.name,
         session = tracing::field::Empty,
     );
+    let own_span = span.clone();
 
-    async {
+    let connection = async {
         if target.target.is_none() && config.capture.unmatched == Unmatched::Refuse {
             gw.stats.refused.fetch_add(1, Ordering::Relaxed);
             info!("destination matches no target; refused (capture.unmatched = \"refuse\")");
@@ -154,7 +156,7 @@ pub async fn handle(
                 return;
             }
         };
-        tracing::Span::current().record("session", id.0);
+        own_span.record("session", id.0);
         debug!("session opened");
         let conn = Conn {
             gw,
@@ -193,9 +195,8 @@ pub async fn handle(
             "session closed"
         );
         close(gw, id, end);
-    }
-    .instrument(span)
-    .await;
+    };
+    conn_log::in_conn(connection, span).await;
 }
 
 /// An allowed connection, to its protocol's gateway.

@@ -17,9 +17,9 @@ use std::{
     time::Duration,
 };
 
+use crate::conn_log::warn;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
-use tracing::warn;
 
 use crate::{
     approval::{ApprovalBroker, ApprovalIdentity, ApprovalRequest, Notice, RequestDetails},

@@ -42,7 +42,7 @@ pub fn refuse(client: TcpStream, reason: String) -> SessionEnd {
 /// it could take for an empty answer.
 fn refuse_with(client: TcpStream, outcome: Outcome) -> SessionEnd {
     if let Err(e) = client.set_zero_linger() {
-        tracing::debug!(error = %e, "cannot set SO_LINGER; closing without a reset");
+        crate::conn_log::debug!(error = %e, "cannot set SO_LINGER; closing without a reset");
     }
     drop(client);
     ended(0, 0, outcome)
@@ -75,7 +75,7 @@ async fn forward(client: TcpStream, destination: OrigDstAddr, fast_path: bool) -
         match super::splice::relay(&client, &upstream).await {
             Ok(done) => done,
             Err(e) => {
-                tracing::warn!(error = %e, "splice unavailable; relaying by copy");
+                crate::conn_log::warn!(error = %e, "splice unavailable; relaying by copy");
                 relay(client.into_split(), upstream.into_split()).await
             }
         }

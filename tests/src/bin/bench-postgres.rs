@@ -310,9 +310,16 @@ sql = { class = ["read", "transaction", "session", "insert", "update", "delete",
     };
     // Transactions per second and the proxy's CPU per transaction. A gateway run also checks
     // that the store recorded every statement of it.
+    // `BENCH_PG_RATE`: transactions per second pgbench keeps to (`-R`), below what every leg
+    // reaches, for comparing two builds' CPU per transaction at the same load: on a saturated
+    // machine the figure also moves with how the scheduler happens to share the cores.
+    let rate = std::env::var("BENCH_PG_RATE").ok();
     let run = |leg: &Leg, mode: &str, seconds: &str| {
         // `-n`: no vacuum before the run, so every statement of it is one of the transactions.
-        let args = ["-n", "-S", "-M", mode, "-c", "8", "-j", "2", "-T", seconds];
+        let mut args = vec!["-n", "-S", "-M", mode, "-c", "8", "-j", "2", "-T", seconds];
+        if let Some(rate) = &rate {
+            args.extend(["-R", rate.as_str()]);
+        }
         let pid = proxy(leg);
         let events_before = (leg.side == Side::Governed).then(|| recorded_when_drained(&topo));
         let redirected_before = (leg.fast_path == Some(true)).then(|| redirected(&topo));
@@ -328,9 +335,7 @@ sql = { class = ["read", "transaction", "session", "insert", "update", "delete",
                  take effect, so this leg measured the ordinary path"
             );
         }
-        let cpu = pid
-            .zip(before)
-            .map(|(p, b)| (cpu_us(p) - b) / transactions);
+        let cpu = pid.zip(before).map(|(p, b)| (cpu_us(p) - b) / transactions);
         let user = pid
             .zip(user_before)
             .map(|(p, b)| (user_cpu_us(p) - b) / transactions);

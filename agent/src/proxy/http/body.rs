@@ -131,7 +131,7 @@ impl Finish {
         };
         // Written into the request event while that still waits to be written.
         if let Err(e) = self.store.complete(self.session, event) {
-            tracing::warn!(error = %e, "cannot record an HTTP response");
+            crate::conn_log::warn!(error = %e, "cannot record an HTTP response");
         }
     }
 }

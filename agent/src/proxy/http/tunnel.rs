@@ -256,7 +256,7 @@ fn micros(started: Instant) -> u64 {
 
 fn record(store: &dyn SessionStore, session: SessionId, kind: EventKind) {
     if let Err(e) = store.append(session, kind) {
-        tracing::warn!(error = %e, "cannot record a Kubernetes stream event");
+        crate::conn_log::warn!(error = %e, "cannot record a Kubernetes stream event");
     }
 }
 

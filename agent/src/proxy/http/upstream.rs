@@ -269,7 +269,7 @@ impl Upstream {
             let (sender, conn) = http2::handshake(TokioExecutor::new(), io).await?;
             self.driver.add(Box::pin(async move {
                 if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "HTTP/2 connection to the target ended");
+                    crate::conn_log::debug!(error = %e, "HTTP/2 connection to the target ended");
                 }
             }));
             Ok(Sender::H2(sender))
@@ -277,7 +277,7 @@ impl Upstream {
             let (sender, conn) = http1::handshake(io).await?;
             self.driver.add(Box::pin(async move {
                 if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "HTTP/1.1 connection to the target ended");
+                    crate::conn_log::debug!(error = %e, "HTTP/1.1 connection to the target ended");
                 }
             }));
             Ok(Sender::H1(sender))
@@ -324,7 +324,7 @@ where
     let (mut sender, conn) = http1::handshake(TokioIo::new(io)).await?;
     tokio::spawn(async move {
         if let Err(e) = conn.with_upgrades().await {
-            tracing::debug!(error = %e, "upgraded connection to the target ended");
+            crate::conn_log::debug!(error = %e, "upgraded connection to the target ended");
         }
     });
     sender.ready().await?;

@@ -2,12 +2,12 @@
 //! CancelRequest), its startup parameters judged as the `SET` statements they amount to, the
 //! gateway's own login upstream with the held credentials, and the client's greeting.
 
+use crate::conn_log::{info, warn};
 use bytes::Bytes;
 use tokio::{
     io::{AsyncWrite, AsyncWriteExt as _, BufWriter, ReadHalf, WriteHalf},
     net::TcpStream,
 };
-use tracing::{info, warn};
 
 use super::{
     cancel::{self, CancelKey, CancelKeys},

@@ -16,9 +16,9 @@ use std::{
     time::Duration,
 };
 
+use crate::conn_log::debug;
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, BufWriter};
-use tracing::debug;
 
 use super::{
     catalog, codec,

@@ -13,10 +13,10 @@ use std::{
     time::Instant,
 };
 
+use crate::conn_log::{debug, info};
 use russh::{
     client, server, Channel, ChannelId, ChannelMsg, ChannelReadHalf, ChannelWriteHalf, Pty, Sig,
 };
-use tracing::{debug, info};
 
 use super::{record_refused, tap::Utf8Tap, Ctx, DENIED_EXIT_STATUS};
 use crate::{

@@ -36,12 +36,12 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::conn_log::{debug, info, warn};
 use futures::stream::{FuturesUnordered, StreamExt as _};
 use tokio::{
     net::TcpStream,
     sync::{mpsc, watch},
 };
-use tracing::{debug, info, warn};
 
 use self::{
     ca::SshCa,

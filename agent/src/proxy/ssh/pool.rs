@@ -20,8 +20,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::conn_log::debug;
 use tokio::sync::mpsc;
-use tracing::debug;
 
 use super::{
     settings::{HostKeyCheck, SshCredential, SshLogin, SshTarget, MAX_PER_KEY},

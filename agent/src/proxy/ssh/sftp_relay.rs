@@ -8,8 +8,8 @@ use std::{
     sync::{atomic::Ordering, Mutex, PoisonError},
 };
 
+use crate::conn_log::{debug, warn};
 use russh::{client, server, ChannelMsg, ChannelReadHalf, ChannelWriteHalf};
-use tracing::{debug, warn};
 
 use super::{
     sftp::{self, Answer, Framer, HandleOp, Request},

@@ -17,11 +17,11 @@ use std::{
     time::Instant,
 };
 
+use crate::conn_log::{debug, info};
 use russh::{
     client, server, Channel, ChannelId, ChannelMsg, ChannelOpenFailure, ChannelReadHalf,
     ChannelWriteHalf,
 };
-use tracing::{debug, info};
 
 use super::Ctx;
 use crate::{

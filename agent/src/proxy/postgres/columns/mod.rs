@@ -38,8 +38,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use crate::conn_log::warn;
 use bytes::Bytes;
-use tracing::warn;
 
 pub use self::track::Tracker;
 use self::{lineage::Lineage, plan::RowPlan};

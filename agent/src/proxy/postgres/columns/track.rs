@@ -14,7 +14,7 @@ use std::{
     },
 };
 
-use tracing::warn;
+use crate::conn_log::warn;
 
 use super::{
     has_column_rules,
