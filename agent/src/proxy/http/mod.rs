@@ -72,7 +72,10 @@ use crate::{
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// The largest request head (HTTP/1.1 read buffer; HTTP/2 header list).
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
-/// The most header fields in one HTTP/1.1 request.
+/// The most header fields in one HTTP/1.1 request: hyper's own default, which its HTTP/1
+/// builders keep when `max_headers` is not called. Calling it (even with 100) makes hyper fill
+/// two 100-entry header arrays for every head it parses, both legs (docs/BENCHMARKS.md); the
+/// limit is pinned by a test (`exactly_max_headers_fields_are_served_one_more_is_431`).
 pub const MAX_HEADERS: usize = 100;
 /// The most HTTP/2 streams in flight on one connection.
 pub const MAX_STREAMS: u32 = 64;
@@ -345,8 +348,7 @@ impl Session<'_, '_> {
         builder
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_TIMEOUT)
-            .max_buf_size(MAX_HEAD_BYTES)
-            .max_headers(MAX_HEADERS);
+            .max_buf_size(MAX_HEAD_BYTES);
         let connection = builder
             .serve_connection(TokioIo::new(io), service)
             .with_upgrades();
@@ -409,8 +411,7 @@ impl Session<'_, '_> {
             .http1()
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_TIMEOUT)
-            .max_buf_size(MAX_HEAD_BYTES)
-            .max_headers(MAX_HEADERS);
+            .max_buf_size(MAX_HEAD_BYTES);
         builder
             .http2()
             .timer(TokioTimer::new())

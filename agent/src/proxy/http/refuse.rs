@@ -14,7 +14,7 @@ use tokio::{
     net::TcpStream,
 };
 
-use super::{json_answer, HEADER_TIMEOUT, MAX_HEADERS, MAX_HEAD_BYTES};
+use super::{json_answer, HEADER_TIMEOUT, MAX_HEAD_BYTES};
 use crate::record::{now_micros, Outcome, SessionEnd};
 
 /// A TLS record (content type 21, alert; version 3.3) holding a fatal (2) `access_denied` (49)
@@ -75,7 +75,6 @@ pub async fn refuse(mut client: TcpStream, message: &str, rules: &[String]) -> S
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT)
         .max_buf_size(MAX_HEAD_BYTES)
-        .max_headers(MAX_HEADERS)
         .keep_alive(false);
     let served = builder.serve_connection(TokioIo::new(client), service);
     let _ = tokio::time::timeout(HEADER_TIMEOUT + LINGER, served).await;

@@ -717,6 +717,32 @@ async fn spdy_exec_is_refused_and_websocket_exec_and_spdy_port_forward_are_relay
     }
 }
 
+/// The header-field limit is hyper's default, `MAX_HEADERS` (the builders do not set it).
+#[tokio::test]
+async fn exactly_max_headers_fields_are_served_one_more_is_431() {
+    std::env::set_var("BH_TEST_TOKEN_M", "real-token");
+    let target = echo_target().await;
+    let h = Harness::new(target, "BH_TEST_TOKEN_M").await;
+    let head = |fields: usize| {
+        // Host and Connection, and the rest `x-h` fields.
+        let mut raw = b"GET /v1/x HTTP/1.1\r\nHost: api\r\n".to_vec();
+        for i in 0..fields - 2 {
+            raw.extend_from_slice(format!("x-h{i}: v\r\n").as_bytes());
+        }
+        raw.extend_from_slice(b"Connection: close\r\n\r\n");
+        raw
+    };
+    let answer = h.raw(target, &head(super::MAX_HEADERS)).await;
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+    let last = format!("x-h{}: v", super::MAX_HEADERS - 3);
+    assert!(
+        answer.contains(&last),
+        "the target saw every field: {answer}"
+    );
+    let answer = h.raw(target, &head(super::MAX_HEADERS + 1)).await;
+    assert!(answer.starts_with("HTTP/1.1 431 "), "{answer}");
+}
+
 #[tokio::test]
 async fn a_head_over_the_limit_is_answered_431() {
     std::env::set_var("BH_TEST_TOKEN_L", "real-token");
