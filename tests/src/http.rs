@@ -141,10 +141,15 @@ impl Topology {
                  listen {TARGET_V4}:443 ssl http2;\n\
                  ssl_certificate {d}/server.pem;\nssl_certificate_key {d}/server.key;\n\
                  location / {{ return 200 \"nginx says hello $request_method $uri\\n\"; }}\n\
+                 location /files/ {{ alias {d}/www/; }}\n\
                }}\n\
              }}\n"
         );
         fs::write(dir.join("nginx.conf"), conf).expect("nginx.conf");
+        // A 1 MiB file, `/files/big`: bulk responses (`BENCH_HTTP_PATH` in bench-http).
+        fs::create_dir_all(dir.join("www")).expect("nginx www");
+        let big: Vec<u8> = (0..1u32 << 20).map(|i| b'a' + (i % 26) as u8).collect();
+        fs::write(dir.join("www/big"), big).expect("www/big");
         let mut cmd = Command::new("nginx");
         cmd.arg("-p")
             .arg(&dir)

@@ -240,9 +240,11 @@ fn main() {
     let proxy_pid = proxy_proc.child.id();
     // The access log would measure the disk: nginx keeps writing it, the same for every leg.
 
-    let url = format!("http://{TARGET_V4}/bench");
-    let tls_url = format!("https://{TARGET_V4}/bench");
-    let relay_url = format!("http://{TARGET_V4}:81/bench");
+    // `BENCH_HTTP_PATH`: what wrk asks for; `/files/big` is a 1 MiB file (bulk responses).
+    let path = std::env::var("BENCH_HTTP_PATH").unwrap_or_else(|_| "/bench".into());
+    let url = format!("http://{TARGET_V4}{path}");
+    let tls_url = format!("https://{TARGET_V4}{path}");
+    let relay_url = format!("http://{TARGET_V4}:81{path}");
     if let Ok(leg) = std::env::var("BENCH_HTTP_ONLY") {
         let of_run = |(run, cpu): (Run, f64)| (run.rps, Some(cpu));
         let (rps, cpu) = match leg.as_str() {
@@ -250,14 +252,14 @@ fn main() {
             "gateway" => of_run(gateway_leg(&topo, pid, &url, seconds)),
             "proxy" => {
                 let (rps, cpu) =
-                    proxy_leg(&topo, proxy_pid, "http://127.0.0.1:8080/bench", seconds);
+                    proxy_leg(&topo, proxy_pid, &format!("http://127.0.0.1:8080{path}"), seconds);
                 (rps, Some(cpu))
             }
             "relay" => of_run(relay_leg(&topo, pid, &relay_url, seconds)),
             "gateway-tls" => of_run(gateway_leg(&topo, pid, &tls_url, seconds)),
             "proxy-tls" => {
                 let (rps, cpu) =
-                    proxy_leg(&topo, proxy_pid, "https://127.0.0.1:8443/bench", seconds);
+                    proxy_leg(&topo, proxy_pid, &format!("https://127.0.0.1:8443{path}"), seconds);
                 (rps, Some(cpu))
             }
             other => panic!("BENCH_HTTP_ONLY={other}: not a leg"),
@@ -286,7 +288,7 @@ fn main() {
     for round in 1..=rounds {
         let d = wrk(&topo, Side::Host, &url, seconds).rps;
         let (g, cpu) = gateway_leg(&topo, pid, &url, seconds);
-        let (p, proxy_cpu) = proxy_leg(&topo, proxy_pid, "http://127.0.0.1:8080/bench", seconds);
+        let (p, proxy_cpu) = proxy_leg(&topo, proxy_pid, &format!("http://127.0.0.1:8080{path}"), seconds);
         let (r, relay_cpu) = relay_leg(&topo, pid, &relay_url, seconds);
         println!(
             "{round:<5} {d:>9.0} {:>9.0} {p:>9.0} {:>9.0}  {:>6.2}x {:>6.2}x {:>6.2}x {cpu:>5.1}us  {proxy_cpu:>7.1}us  {relay_cpu:>7.1}us  {}",
@@ -337,7 +339,7 @@ fn main() {
         let (g, cpu) = gateway_leg(&topo, pid, &tls_url, seconds);
         gateway_tls.push(g.rps);
         tls_cpus.push(cpu);
-        let (p, cpu) = proxy_leg(&topo, proxy_pid, "https://127.0.0.1:8443/bench", seconds);
+        let (p, cpu) = proxy_leg(&topo, proxy_pid, &format!("https://127.0.0.1:8443{path}"), seconds);
         proxy_tls.push(p);
         proxy_tls_cpus.push(cpu);
     }
