@@ -251,15 +251,23 @@ fn main() {
             "direct" => (wrk(&topo, Side::Host, &url, seconds).rps, None),
             "gateway" => of_run(gateway_leg(&topo, pid, &url, seconds)),
             "proxy" => {
-                let (rps, cpu) =
-                    proxy_leg(&topo, proxy_pid, &format!("http://127.0.0.1:8080{path}"), seconds);
+                let (rps, cpu) = proxy_leg(
+                    &topo,
+                    proxy_pid,
+                    &format!("http://127.0.0.1:8080{path}"),
+                    seconds,
+                );
                 (rps, Some(cpu))
             }
             "relay" => of_run(relay_leg(&topo, pid, &relay_url, seconds)),
             "gateway-tls" => of_run(gateway_leg(&topo, pid, &tls_url, seconds)),
             "proxy-tls" => {
-                let (rps, cpu) =
-                    proxy_leg(&topo, proxy_pid, &format!("https://127.0.0.1:8443{path}"), seconds);
+                let (rps, cpu) = proxy_leg(
+                    &topo,
+                    proxy_pid,
+                    &format!("https://127.0.0.1:8443{path}"),
+                    seconds,
+                );
                 (rps, Some(cpu))
             }
             other => panic!("BENCH_HTTP_ONLY={other}: not a leg"),
@@ -288,7 +296,12 @@ fn main() {
     for round in 1..=rounds {
         let d = wrk(&topo, Side::Host, &url, seconds).rps;
         let (g, cpu) = gateway_leg(&topo, pid, &url, seconds);
-        let (p, proxy_cpu) = proxy_leg(&topo, proxy_pid, &format!("http://127.0.0.1:8080{path}"), seconds);
+        let (p, proxy_cpu) = proxy_leg(
+            &topo,
+            proxy_pid,
+            &format!("http://127.0.0.1:8080{path}"),
+            seconds,
+        );
         let (r, relay_cpu) = relay_leg(&topo, pid, &relay_url, seconds);
         println!(
             "{round:<5} {d:>9.0} {:>9.0} {p:>9.0} {:>9.0}  {:>6.2}x {:>6.2}x {:>6.2}x {cpu:>5.1}us  {proxy_cpu:>7.1}us  {relay_cpu:>7.1}us  {}",
@@ -339,7 +352,12 @@ fn main() {
         let (g, cpu) = gateway_leg(&topo, pid, &tls_url, seconds);
         gateway_tls.push(g.rps);
         tls_cpus.push(cpu);
-        let (p, cpu) = proxy_leg(&topo, proxy_pid, &format!("https://127.0.0.1:8443{path}"), seconds);
+        let (p, cpu) = proxy_leg(
+            &topo,
+            proxy_pid,
+            &format!("https://127.0.0.1:8443{path}"),
+            seconds,
+        );
         proxy_tls.push(p);
         proxy_tls_cpus.push(cpu);
     }

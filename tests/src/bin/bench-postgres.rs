@@ -478,53 +478,46 @@ sql = { class = ["read", "transaction", "session", "insert", "update", "delete",
             ),
         );
     }
-    println!(
-        "{:<52} {:>20}  <= pgbouncer's",
+    // One figure per line; `ratio` is a TPS ratio's medians, simple / prepared.
+    let line = |label: &str, measured: String, target: &str| {
+        println!("{label:<52} {measured:>20}  {target}");
+    };
+    let ratio = |f: fn(&Row) -> f64| format!("{:.2} / {:.2}", of(0, f), of(1, f));
+    line(
         "single client, added latency vs pgbouncer's",
         format!("{:+.1} vs {:+.1} us", over(1), over(2)),
+        "<= pgbouncer's",
     );
-    println!(
-        "{:<52} {:>20}  >= 1.0",
+    line(
         "gateway TPS / bare relay TPS, simple / prepared",
-        format!(
-            "{:.2} / {:.2}",
-            of(0, |r| r.tps[1] / r.tps[3]),
-            of(1, |r| r.tps[1] / r.tps[3])
-        ),
+        ratio(|r| r.tps[1] / r.tps[3]),
+        ">= 1.0",
     );
     println!("with the kernel fast path on (capture.fast_path):");
-    println!(
-        "{:<52} {:>20}  >= 1.0",
+    line(
         "gateway TPS / bare relay TPS, simple / prepared",
-        format!(
-            "{:.2} / {:.2}",
-            of(0, |r| r.tps[5] / r.tps[3]),
-            of(1, |r| r.tps[5] / r.tps[3])
-        ),
+        ratio(|r| r.tps[5] / r.tps[3]),
+        ">= 1.0",
     );
-    println!(
-        "{:<52} {:>20}  >= 1.05",
+    line(
         "gateway TPS / pgbouncer TPS, simple / prepared",
-        format!(
-            "{:.2} / {:.2}",
-            of(0, |r| r.tps[5] / r.tps[2]),
-            of(1, |r| r.tps[5] / r.tps[2])
-        ),
+        ratio(|r| r.tps[5] / r.tps[2]),
+        ">= 1.05",
     );
-    println!(
-        "{:<52} {:>20}  <= pgbouncer's",
+    line(
         "gateway CPU per transaction, simple / prepared",
         format!("{:.1} / {:.1} us", of(0, |r| r.cpu[4]), of(1, |r| r.cpu[4])),
+        "<= pgbouncer's",
     );
-    println!(
-        "{:<52} {:>20}  <= pgbouncer's",
+    line(
         "single client, added latency",
         format!("{:+.1} us", over(5)),
+        "<= pgbouncer's",
     );
-    println!(
-        "{:<52} {:>20}  (context)",
+    line(
         "tokio relay CPU per transaction, simple / prepared",
         format!("{:.1} / {:.1} us", of(0, |r| r.cpu[3]), of(1, |r| r.cpu[3])),
+        "(context)",
     );
 }
 
