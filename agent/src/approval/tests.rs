@@ -7,8 +7,10 @@ use tokio::{sync::broadcast, task::JoinHandle};
 
 use super::*;
 use crate::{
+    identity::ProcessIdentity,
     net::{ClientAddr, OrigDstAddr},
-    record::{Event, NewSession, SledStore},
+    protocol::Protocol,
+    record::{Event, NewSession, SessionId, SledStore},
 };
 
 const FIVE_MIN: Duration = Duration::from_mins(5);
