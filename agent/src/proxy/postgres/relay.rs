@@ -10,7 +10,7 @@
 
 use std::{
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex, MutexGuard, PoisonError,
     },
     time::Duration,
@@ -62,9 +62,12 @@ pub struct Relay<'a> {
     /// Which result columns are which, for column mask rules.
     columns: columns::Tracker,
     /// Messages for the client from the gateway itself (a NOTICE that a statement waits for
-    /// approval), written by the target-to-client loop between the target's messages.
-    notices: tokio::sync::mpsc::UnboundedSender<Bytes>,
-    notices_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Bytes>>>,
+    /// approval), written by the target-to-client loop between the target's messages. Only
+    /// the client-to-target loop adds to them, and [`Relay::run`] polls it first: the
+    /// target-to-client loop, polled after it in the same pass, finds them without a waker
+    /// of its own ([`Relay::notice_queued`]).
+    notices: Mutex<Vec<Bytes>>,
+    notice_queued: AtomicBool,
     /// Told at each ReadyForQuery, for a message that waits for earlier answers
     /// ([`State::must_settle`]).
     answered: tokio::sync::Notify,
@@ -81,12 +84,11 @@ impl<'a> Relay<'a> {
     /// `login` is how the session logged in upstream: the catalog's side connections log in
     /// the same way.
     pub fn new(conn: &'a Conn<'a>, catalogs: &'a Catalogs, login: catalog::Login) -> Self {
-        let (notices, notices_rx) = tokio::sync::mpsc::unbounded_channel();
         Self {
             conn,
             catalogs,
-            notices,
-            notices_rx: Mutex::new(Some(notices_rx)),
+            notices: Mutex::default(),
+            notice_queued: AtomicBool::new(false),
             answered: tokio::sync::Notify::new(),
             bound: Mutex::default(),
             keep_binds: conn.policy().can_hold(),
@@ -116,6 +118,9 @@ impl<'a> Relay<'a> {
             let target_side = self.target_to_client(&mut to_client, &down_count);
             tokio::pin!(client_side, target_side);
             tokio::select! {
+                // The client side first: the notices it queues are found by the target side
+                // in the same pass (`notices`).
+                biased;
                 r = &mut client_side => {
                     // The client is done and the target was told (Terminate): let its last
                     // answers through.
@@ -166,8 +171,11 @@ impl<'a> Relay<'a> {
             "bulkhead: this statement waits for an admin's approval (id {id}): \
              `bulkhead approvals approve {id}` or `bulkhead approvals deny {id}`"
         );
-        // The relay ending first drops the receiver: nobody left to tell.
-        let _ = self.notices.send(codec::notice_response(&message));
+        self.notices
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(codec::notice_response(&message));
+        self.notice_queued.store(true, Ordering::Release);
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -442,11 +450,6 @@ impl<'a> Relay<'a> {
         W: AsyncWrite + Unpin,
     {
         let gw = self.conn.gw;
-        let mut notices = self
-            .notices_rx
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
         let mut results = columns::Results::new(
             &self.columns,
             self.catalogs,
@@ -465,20 +468,26 @@ impl<'a> Relay<'a> {
             }
             // Only when the next read would wait anyway is a gateway notice let in (between
             // whole frames; the reader keeps a partly read frame across the select).
-            let next = match notices.as_mut() {
-                Some(rx) if !leg.from.has_frame() => tokio::select! {
+            let next = if leg.from.has_frame() {
+                leg.from.next().await
+            } else {
+                tokio::select! {
                     biased;
                     frame = leg.from.next() => frame,
-                    Some(notice) = rx.recv() => {
-                        count.fetch_add(notice.len() as u64, Ordering::Relaxed);
-                        leg.to
-                            .write_all(&notice)
-                            .await
-                            .map_err(|e| SessionError::Client(e.into()))?;
+                    () = self.notice_queued() => {
+                        let notices = std::mem::take(
+                            &mut *self.notices.lock().unwrap_or_else(PoisonError::into_inner),
+                        );
+                        for notice in notices {
+                            count.fetch_add(notice.len() as u64, Ordering::Relaxed);
+                            leg.to
+                                .write_all(&notice)
+                                .await
+                                .map_err(|e| SessionError::Client(e.into()))?;
+                        }
                         continue;
                     }
-                },
-                _ => leg.from.next().await,
+                }
             };
             let Some(frame) = next.map_err(SessionError::Target)? else {
                 return Ok(());
@@ -498,9 +507,12 @@ impl<'a> Relay<'a> {
                 tag => {
                     // The state sees the server's error (and records it); the client gets it
                     // without a message that could quote a masked value.
-                    let withheld = match (tag, self.front_masks()) {
-                        (b'E', Some((_, masks))) => columns::withheld_error(&masks, &frame.body),
-                        _ => None,
+                    // (Only an error is looked at: the state's lock once per frame, not twice.)
+                    let withheld = if tag == b'E' {
+                        self.front_masks()
+                            .and_then(|(_, masks)| columns::withheld_error(&masks, &frame.body))
+                    } else {
+                        None
                     };
                     let replaced = self.backend(tag, &frame.body)?;
                     if tag == b'Z' {
@@ -516,6 +528,19 @@ impl<'a> Relay<'a> {
                 .await
                 .map_err(|e| SessionError::Client(e.into()))?;
         }
+    }
+
+    /// Ready once a notice is queued (and the flag taken down). Registers no waker: a notice
+    /// is queued only while the client side is polled, and the target side is polled right
+    /// after it ([`Relay::run`]); cheaper than a channel's receiver, registered at every wait.
+    fn notice_queued(&self) -> impl std::future::Future<Output = ()> + '_ {
+        std::future::poll_fn(|_| {
+            if self.notice_queued.swap(false, Ordering::Acquire) {
+                std::task::Poll::Ready(())
+            } else {
+                std::task::Poll::Pending
+            }
+        })
     }
 
     fn backend(&self, tag: u8, body: &[u8]) -> Result<Option<Bytes>, SessionError> {

@@ -8,7 +8,7 @@ use tokio::io::{split, AsyncReadExt as _, DuplexStream};
 
 use super::*;
 use crate::{
-    approval::ApprovalBroker,
+    approval::{ApprovalBroker, Approver},
     config::{Config, Source},
     ebpf::MockOrigDst,
     identity::{ProcReader, ProcessIdentity},
@@ -29,6 +29,12 @@ verdict = "deny"
 message = "no deletes here"
 target = { protocol = ["postgres"] }
 sql = { class = ["delete"] }
+
+[[rule]]
+id = "truncates"
+verdict = "approve"
+target = { protocol = ["postgres"] }
+sql = { class = ["truncate"] }
 
 [[rule]]
 id = "emails"
@@ -252,6 +258,55 @@ fn results(
         .collect();
     out.sort_by_key(|(request, _)| *request);
     out.into_iter().map(|(_, result)| result).collect()
+}
+
+/// A held statement's NOTICE reaches the client while the statement waits, each time: the
+/// target side finds it in the pass that queued it, with no waker of its own (`Relay::run`
+/// polls the client side first). Eight holds, so an order that left it to chance would fail.
+#[tokio::test]
+async fn a_held_statement_is_told_to_the_client_while_it_waits() {
+    let policies = tempfile::tempdir().unwrap();
+    let gw = gateway(&policies);
+    let config = gw.config.current();
+    let conn = conn(&gw, &config);
+    let (client_end, gw_client) = tokio::io::duplex(64 * 1024);
+    let (gw_target, target_end) = tokio::io::duplex(64 * 1024);
+    let answer = |_: &[Frame]| vec![frame(b'C', b"TRUNCATE TABLE\0"), frame(b'Z', b"I")];
+    let approvals = &gw.approvals;
+    let client = async move {
+        let (r, mut w) = split(client_end);
+        let mut reader = FrameReader::new(r, "target", codec::MAX_BACKEND);
+        for _ in 0..8 {
+            w.write_all(&codec::query("TRUNCATE t")).await.unwrap();
+            let told = tokio::time::timeout(Duration::from_secs(5), reader.next())
+                .await
+                .expect("the client is told while the statement waits")
+                .unwrap()
+                .unwrap();
+            assert_eq!(told.tag, b'N', "a NOTICE first");
+            assert!(
+                String::from_utf8_lossy(&told.body).contains("waits for an admin's approval"),
+                "{told:?}"
+            );
+            let pending = approvals.list_pending();
+            assert_eq!(pending.len(), 1, "{pending:?}");
+            approvals
+                .approve(pending[0].id, Approver::from_uid(0), None, None)
+                .unwrap();
+            let answers = read_until_ready(&mut reader).await;
+            let tags: Vec<u8> = answers.iter().map(|f| f.tag).collect();
+            assert_eq!(tags, b"CZ", "then the target's answer");
+        }
+        w.write_all(&codec::terminate()).await.unwrap();
+    };
+    let (end, received, ()) = tokio::join!(
+        relay(&conn, gw_client, gw_target),
+        fake_target(target_end, answer),
+        client
+    );
+    assert_eq!(end.outcome, Outcome::Closed, "{end:?}");
+    let queries = received.iter().filter(|f| f.tag == b'Q').count();
+    assert_eq!(queries, 8, "each statement ran once approved");
 }
 
 #[tokio::test]
