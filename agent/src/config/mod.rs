@@ -13,11 +13,8 @@ use std::{
 
 use serde::Serialize;
 
+use crate::net::{Cidr, OrigDstAddr};
 use crate::protocol::Protocol;
-use crate::{
-    credentials::CredentialRef,
-    net::{Cidr, OrigDstAddr},
-};
 
 mod capture;
 mod raw;
@@ -28,6 +25,7 @@ use raw::{RawApprovals, RawConfig};
 pub use capture::{
     resolv_conf_nameservers, CaptureConfig, SocketKind, UdpAllow, Unmatched, DEFAULT_UNIX_ALLOW,
 };
+use target::targets_from_raw;
 pub use target::{unmatched_name, ResolvedTarget, Target, TargetAddress, TargetKind};
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/bulkhead/bulkhead.toml";
@@ -521,141 +519,7 @@ impl Config {
             })
             .collect::<Result<Vec<_>, _>>()?;
 
-        let mut targets: Vec<Target> = Vec::with_capacity(target.len());
-        for (i, t) in target.into_iter().enumerate() {
-            if t.name.is_empty()
-                || !t
-                    .name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-            {
-                return Err(invalid(
-                    format!("target[{i}].name"),
-                    format!(
-                        "{:?} must be non-empty and use only letters, digits, '-', '_' and '.'",
-                        t.name
-                    ),
-                ));
-            }
-            if targets.iter().any(|o| o.name == t.name) {
-                return Err(invalid(
-                    format!("target[{i}].name"),
-                    format!("{:?} is used by another target", t.name),
-                ));
-            }
-            if t.addresses.is_empty() {
-                return Err(invalid(
-                    format!("target[{i}].addresses"),
-                    "needs at least one address".into(),
-                ));
-            }
-            let addresses = t
-                .addresses
-                .iter()
-                .enumerate()
-                .map(|(j, a)| {
-                    a.parse::<TargetAddress>()
-                        .map_err(|e| invalid(format!("target[{i}].addresses[{j}]"), e))
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            if let Some((field, problem)) = t.credentials.as_ref().and_then(CredentialRef::problem)
-            {
-                return Err(invalid(
-                    format!("target[{i}].credentials.{field}"),
-                    problem.into(),
-                ));
-            }
-            if t.http.is_some() && t.protocol != Protocol::Http {
-                return Err(invalid(
-                    format!("target[{i}].http"),
-                    "only for targets with protocol = \"http\"".into(),
-                ));
-            }
-            if t.kubernetes.is_some() && t.protocol != Protocol::Kubernetes {
-                return Err(invalid(
-                    format!("target[{i}].kubernetes"),
-                    "only for targets with protocol = \"kubernetes\"".into(),
-                ));
-            }
-            if t.ssh.is_some() && t.protocol != Protocol::Ssh {
-                return Err(invalid(
-                    format!("target[{i}].ssh"),
-                    "only for targets with protocol = \"ssh\"".into(),
-                ));
-            }
-            let kind = match (t.protocol, t.postgres) {
-                (Protocol::Kubernetes, None) => {
-                    let kube = t.kubernetes.unwrap_or_default();
-                    if let Some((key, problem)) = kube.problem() {
-                        return Err(invalid(format!("target[{i}].kubernetes.{key}"), problem));
-                    }
-                    TargetKind::Kubernetes(kube)
-                }
-                (Protocol::Http, None) => {
-                    let http = t.http.unwrap_or_default();
-                    if let Some((key, problem)) = http.problem() {
-                        return Err(invalid(format!("target[{i}].http.{key}"), problem));
-                    }
-                    TargetKind::Http(http)
-                }
-                (Protocol::Ssh, None) => {
-                    let Some(ssh) = t.ssh else {
-                        return Err(invalid(
-                            format!("target[{i}].ssh"),
-                            "an ssh target needs [target.ssh] with known_hosts and a held credential"
-                                .into(),
-                        ));
-                    };
-                    if let Some((key, problem)) = ssh.problem(t.credentials.is_some()) {
-                        return Err(invalid(format!("target[{i}].ssh.{key}"), problem));
-                    }
-                    TargetKind::Ssh(ssh)
-                }
-                (Protocol::Postgres, pg) => {
-                    let pg = pg.unwrap_or_default();
-                    if let Some((key, problem)) = pg.problem(t.credentials.is_some()) {
-                        return Err(invalid(format!("target[{i}].postgres.{key}"), problem));
-                    }
-                    // The gateway logs in with the held credentials only at addresses named
-                    // as sockets (unless opted in): with only networks, nowhere.
-                    let named_socket = addresses
-                        .iter()
-                        .any(|a| matches!(a, TargetAddress::Socket(_)));
-                    if !named_socket && !pg.login_to_network {
-                        return Err(invalid(
-                            format!("target[{i}].addresses"),
-                            "a postgres target is logged in to only at the IP:PORT addresses it \
-                             names, and this one names only networks: name its servers as \
-                             IP:PORT, or set postgres.login_to_network = true to log in with its \
-                             credentials at whatever address in the network a client dials"
-                                .into(),
-                        ));
-                    }
-                    TargetKind::Postgres(pg)
-                }
-                (_, Some(_)) => {
-                    return Err(invalid(
-                        format!("target[{i}].postgres"),
-                        "only for targets with protocol = \"postgres\"".into(),
-                    ))
-                }
-                (Protocol::Tcp, None) => TargetKind::Tcp,
-                (other, None) => {
-                    return Err(invalid(
-                        format!("target[{i}].protocol"),
-                        format!(
-                            "protocol {other} is not a target's protocol; use \"tcp\", \"postgres\", \"ssh\", \"http\" or \"kubernetes\""
-                        ),
-                    ))
-                }
-            };
-            targets.push(Target {
-                name: t.name,
-                addresses,
-                credentials: t.credentials,
-                kind,
-            });
-        }
+        let targets = targets_from_raw(target, &invalid)?;
 
         Ok(Config {
             source,

@@ -2,6 +2,7 @@
 
 use std::{borrow::Cow, fmt, net::SocketAddr, str::FromStr};
 
+use super::{raw::RawTarget, ConfigError};
 use crate::{
     credentials::CredentialRef,
     net::{Cidr, OrigDstAddr},
@@ -109,4 +110,159 @@ impl FromStr for TargetAddress {
             format!("{s:?} is neither IP:PORT ([IPv6]:PORT for IPv6) nor a network like 10.0.0.0/24")
         })
     }
+}
+
+/// The `[[target]]` tables, checked: names (unique, plain), addresses, credential references,
+/// and each protocol's own table (only on its protocol's targets).
+pub(super) fn targets_from_raw(
+    raw: Vec<RawTarget>,
+    invalid: &dyn Fn(String, String) -> ConfigError,
+) -> Result<Vec<Target>, ConfigError> {
+    let mut targets: Vec<Target> = Vec::with_capacity(raw.len());
+    for (i, mut t) in raw.into_iter().enumerate() {
+        if t.name.is_empty()
+            || !t
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(invalid(
+                format!("target[{i}].name"),
+                format!(
+                    "{:?} must be non-empty and use only letters, digits, '-', '_' and '.'",
+                    t.name
+                ),
+            ));
+        }
+        if targets.iter().any(|o| o.name == t.name) {
+            return Err(invalid(
+                format!("target[{i}].name"),
+                format!("{:?} is used by another target", t.name),
+            ));
+        }
+        if t.addresses.is_empty() {
+            return Err(invalid(
+                format!("target[{i}].addresses"),
+                "needs at least one address".into(),
+            ));
+        }
+        let addresses = t
+            .addresses
+            .iter()
+            .enumerate()
+            .map(|(j, a)| {
+                a.parse::<TargetAddress>()
+                    .map_err(|e| invalid(format!("target[{i}].addresses[{j}]"), e))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if let Some((field, problem)) = t.credentials.as_ref().and_then(CredentialRef::problem) {
+            return Err(invalid(
+                format!("target[{i}].credentials.{field}"),
+                problem.into(),
+            ));
+        }
+        if t.http.is_some() && t.protocol != Protocol::Http {
+            return Err(invalid(
+                format!("target[{i}].http"),
+                "only for targets with protocol = \"http\"".into(),
+            ));
+        }
+        if t.kubernetes.is_some() && t.protocol != Protocol::Kubernetes {
+            return Err(invalid(
+                format!("target[{i}].kubernetes"),
+                "only for targets with protocol = \"kubernetes\"".into(),
+            ));
+        }
+        if t.ssh.is_some() && t.protocol != Protocol::Ssh {
+            return Err(invalid(
+                format!("target[{i}].ssh"),
+                "only for targets with protocol = \"ssh\"".into(),
+            ));
+        }
+        let kind = kind_from_raw(i, &mut t, &addresses, invalid)?;
+        targets.push(Target {
+            name: t.name,
+            addresses,
+            credentials: t.credentials,
+            kind,
+        });
+    }
+    Ok(targets)
+}
+
+/// Target `i`'s protocol and that protocol's own table, checked (the table is taken out of
+/// `t`).
+fn kind_from_raw(
+    i: usize,
+    t: &mut RawTarget,
+    addresses: &[TargetAddress],
+    invalid: &dyn Fn(String, String) -> ConfigError,
+) -> Result<TargetKind, ConfigError> {
+    let kind = match (t.protocol, t.postgres.take()) {
+        (Protocol::Kubernetes, None) => {
+            let kube = t.kubernetes.take().unwrap_or_default();
+            if let Some((key, problem)) = kube.problem() {
+                return Err(invalid(format!("target[{i}].kubernetes.{key}"), problem));
+            }
+            TargetKind::Kubernetes(kube)
+        }
+        (Protocol::Http, None) => {
+            let http = t.http.take().unwrap_or_default();
+            if let Some((key, problem)) = http.problem() {
+                return Err(invalid(format!("target[{i}].http.{key}"), problem));
+            }
+            TargetKind::Http(http)
+        }
+        (Protocol::Ssh, None) => {
+            let Some(ssh) = t.ssh.take() else {
+                return Err(invalid(
+                    format!("target[{i}].ssh"),
+                    "an ssh target needs [target.ssh] with known_hosts and a held credential"
+                        .into(),
+                ));
+            };
+            if let Some((key, problem)) = ssh.problem(t.credentials.is_some()) {
+                return Err(invalid(format!("target[{i}].ssh.{key}"), problem));
+            }
+            TargetKind::Ssh(ssh)
+        }
+        (Protocol::Postgres, pg) => {
+            let pg = pg.unwrap_or_default();
+            if let Some((key, problem)) = pg.problem(t.credentials.is_some()) {
+                return Err(invalid(format!("target[{i}].postgres.{key}"), problem));
+            }
+            // The gateway logs in with the held credentials only at addresses named
+            // as sockets (unless opted in): with only networks, nowhere.
+            let named_socket = addresses
+                .iter()
+                .any(|a| matches!(a, TargetAddress::Socket(_)));
+            if !named_socket && !pg.login_to_network {
+                return Err(invalid(
+                    format!("target[{i}].addresses"),
+                    "a postgres target is logged in to only at the IP:PORT addresses it \
+                     names, and this one names only networks: name its servers as \
+                     IP:PORT, or set postgres.login_to_network = true to log in with its \
+                     credentials at whatever address in the network a client dials"
+                        .into(),
+                ));
+            }
+            TargetKind::Postgres(pg)
+        }
+        (_, Some(_)) => {
+            return Err(invalid(
+                format!("target[{i}].postgres"),
+                "only for targets with protocol = \"postgres\"".into(),
+            ))
+        }
+        (Protocol::Tcp, None) => TargetKind::Tcp,
+        (other, None) => {
+            return Err(invalid(
+                format!("target[{i}].protocol"),
+                format!(
+                    "protocol {other} is not a target's protocol; use \"tcp\", \"postgres\", \"ssh\", \"http\" or \"kubernetes\""
+                ),
+            ))
+        }
+    };
+    Ok(kind)
 }

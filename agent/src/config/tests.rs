@@ -1,5 +1,8 @@
 use super::*;
-use crate::proxy::postgres::settings::{AuthMethod, PostgresLogin};
+use crate::{
+    credentials::CredentialRef,
+    proxy::postgres::settings::{AuthMethod, PostgresLogin},
+};
 
 fn pg_login<'a>(t: &'a Target, user: &str, database: &str) -> Option<PostgresLogin<'a>> {
     match &t.kind {
