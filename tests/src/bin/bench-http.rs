@@ -4,7 +4,10 @@
 //! (`BENCH_HTTP_ROUNDS`, 3; `BENCH_HTTP_SECONDS`, 10), printed as ratios of the direct figure
 //! with the medians. The ceiling beside them: the same wrk through the gateway to a port no
 //! HTTP target names (nginx's port 81), relayed as opaque TCP: what the gateway's capture,
-//! accept and byte copy cost with no HTTP at all. Then HTTPS: the gateway terminating TLS (and
+//! accept and byte copy cost with no HTTP at all. And hyper's own ceiling: `bh-probe
+//! hyper-proxy`, hyper's server and client on the daemon's runtime with nothing of the
+//! gateway's (no capture, policy or record), what any gateway that re-serialises requests with
+//! hyper pays at least. Then HTTPS: the gateway terminating TLS (and
 //! verifying nginx over TLS) beside nginx doing the same.
 //!
 //! Every request through the gateway must be recorded: after each gateway leg the store must
@@ -12,13 +15,16 @@
 //! when wrk stopped) and a `connect` and `close` per connection; anything less fails the run.
 //! The daemon's CPU time per request (user + system, from `/proc`) is printed beside.
 //!
-//! `BENCH_HTTP_ONLY=direct|gateway|proxy|relay|gateway-tls|proxy-tls` runs only that leg (for
+//! `BENCH_HTTP_ONLY=direct|gateway|proxy|relay|hyper|gateway-tls|proxy-tls` runs only that leg (for
 //! profiling and quick A/B pairs: the daemon's pid is printed first, then the leg's requests/s
 //! and, but for `direct`, the CPU per request and the load average).
 //!
 //! Run with `cargo xtask bench` (root; release build).
 
 use std::{fs, process::Command, time::Duration};
+
+/// Where `bh-probe hyper-proxy` listens, on the governed side's loopback.
+const HYPER_PROXY: &str = "127.0.0.1:8081";
 
 use bulkhead_tests::{missing_privileges, Proc, Side, Topology, TARGET_V4};
 
@@ -245,6 +251,19 @@ fn main() {
     let url = format!("http://{TARGET_V4}{path}");
     let tls_url = format!("https://{TARGET_V4}{path}");
     let relay_url = format!("http://{TARGET_V4}:81{path}");
+    let mut hyper_proc = {
+        let mut cmd = Command::new(topo.probe());
+        cmd.args(["hyper-proxy", HYPER_PROXY, &format!("{TARGET_V4}:80")]);
+        topo.spawn(Side::Host, "hyper-proxy", cmd)
+    };
+    assert_eq!(
+        hyper_proc.line(Duration::from_secs(10)).as_deref(),
+        Some("ready"),
+        "hyper proxy did not start: {}",
+        hyper_proc.stderr()
+    );
+    let hyper_pid = hyper_proc.child.id();
+    let hyper_url = format!("http://{HYPER_PROXY}{path}");
     if let Ok(leg) = std::env::var("BENCH_HTTP_ONLY") {
         let of_run = |(run, cpu): (Run, f64)| (run.rps, Some(cpu));
         let (rps, cpu) = match leg.as_str() {
@@ -260,6 +279,10 @@ fn main() {
                 (rps, Some(cpu))
             }
             "relay" => of_run(relay_leg(&topo, pid, &relay_url, seconds)),
+            "hyper" => {
+                let (rps, cpu) = proxy_leg(&topo, hyper_pid, &hyper_url, seconds);
+                (rps, Some(cpu))
+            }
             "gateway-tls" => of_run(gateway_leg(&topo, pid, &tls_url, seconds)),
             "proxy-tls" => {
                 let (rps, cpu) = proxy_leg(
@@ -272,7 +295,8 @@ fn main() {
             }
             other => panic!("BENCH_HTTP_ONLY={other}: not a leg"),
         };
-        // The CPU per request is the daemon's (nginx's for the proxy legs), as in the table.
+        // The CPU per request is the daemon's (nginx's for the proxy legs, the hyper proxy's
+        // for its own), as in the table.
         match cpu {
             Some(us) => println!(
                 "{leg}: {rps:.0} requests/s, {us:.1} us CPU per request, load {}",
@@ -287,12 +311,14 @@ fn main() {
         "HTTP/1.1, wrk -t1 -c16, {rounds} rounds of {seconds}s (requests/s; daemon CPU per request)"
     );
     println!(
-        "round    direct   gateway     proxy     relay  gateway   proxy   relay  gw cpu  proxy cpu  relay cpu  load"
+        "round    direct   gateway     proxy     relay     hyper  gateway   proxy   relay   hyper  gw cpu  proxy cpu  relay cpu  hyper cpu  load"
     );
-    let (mut direct, mut gateway, mut proxy, mut relay) =
+    let (mut direct, mut gateway, mut proxy, mut relay, mut hyper) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut ratios, mut proxy_ratios, mut relay_ratios, mut hyper_ratios) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let (mut ratios, mut proxy_ratios, mut relay_ratios) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut cpus, mut proxy_cpus, mut relay_cpus) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut cpus, mut proxy_cpus, mut relay_cpus, mut hyper_cpus) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 1..=rounds {
         let d = wrk(&topo, Side::Host, &url, seconds).rps;
         let (g, cpu) = gateway_leg(&topo, pid, &url, seconds);
@@ -303,15 +329,20 @@ fn main() {
             seconds,
         );
         let (r, relay_cpu) = relay_leg(&topo, pid, &relay_url, seconds);
+        let (h, hyper_cpu) = proxy_leg(&topo, hyper_pid, &hyper_url, seconds);
         println!(
-            "{round:<5} {d:>9.0} {:>9.0} {p:>9.0} {:>9.0}  {:>6.2}x {:>6.2}x {:>6.2}x {cpu:>5.1}us  {proxy_cpu:>7.1}us  {relay_cpu:>7.1}us  {}",
+            "{round:<5} {d:>9.0} {:>9.0} {p:>9.0} {:>9.0} {h:>9.0}  {:>6.2}x {:>6.2}x {:>6.2}x {:>6.2}x {cpu:>5.1}us  {proxy_cpu:>7.1}us  {relay_cpu:>7.1}us  {hyper_cpu:>7.1}us  {}",
             g.rps,
             r.rps,
             g.rps / d,
             p / d,
             r.rps / d,
+            h / d,
             load()
         );
+        hyper.push(h);
+        hyper_ratios.push(h / d);
+        hyper_cpus.push(hyper_cpu);
         direct.push(d);
         gateway.push(g.rps);
         proxy.push(p);
@@ -327,6 +358,7 @@ fn main() {
     let g = median(gateway);
     let p = median(proxy);
     let r = median(relay);
+    let h = median(hyper);
     println!("medians (ratios: medians of the same-round ratios):");
     println!("  direct to nginx        {d:>10.0}  1.00");
     println!(
@@ -343,6 +375,11 @@ fn main() {
         "  gateway, opaque TCP    {r:>10.0}  {:.2}  ({:.1} us daemon CPU per request; the ceiling)",
         median(relay_ratios),
         median(relay_cpus)
+    );
+    println!(
+        "  bare hyper proxy       {h:>10.0}  {:.2}  ({:.1} us CPU per request; hyper's own ceiling)",
+        median(hyper_ratios),
+        median(hyper_cpus)
     );
 
     // TLS on both legs: terminated for the client, verified toward nginx.

@@ -25,6 +25,11 @@
 //!   tokio current-thread runtime (as the daemon's), one task per connection copying both
 //!   directions (`copy_bidirectional`), no parsing, no policy, no record. The ceiling for a
 //!   gateway built on tokio.
+//! * `hyper-proxy ADDR TARGET` — the least an HTTP/1.1 proxy built as the gateway's is can do:
+//!   the same runtime, and per client connection hyper's server reading each request and hyper's
+//!   client sending it on one upstream connection of its own, driven by the same task, the
+//!   response streamed back. `Authorization` is set, as the gateway and the nginx proxy of the
+//!   benchmark do; no policy, no record. The ceiling for a gateway that re-serialises with hyper.
 
 use std::{
     io::{Read as _, Write as _},
@@ -50,6 +55,7 @@ fn main() -> ExitCode {
         "bench-udp" => bench_udp(addr(), arg(3).parse().expect("N")),
         "relay" => relay(addr(), arg(3).parse().expect("TARGET")),
         "relay-async" => relay_async(addr(), arg(3).parse().expect("TARGET")),
+        "hyper-proxy" => hyper_proxy(addr(), arg(3).parse().expect("TARGET")),
         "echo" => echo(addr()),
         "bench-rr" => bench_rr(
             addr(),
@@ -266,6 +272,101 @@ fn relay_async(addr: SocketAddr, target: SocketAddr) -> ExitCode {
                 let _ = client.set_nodelay(true);
                 let _ = upstream.set_nodelay(true);
                 let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+            });
+        }
+    })
+}
+
+/// Upstream connections of one `hyper-proxy` client connection, driven by its own task beside
+/// the server side (as the gateway drives its own).
+#[derive(Default)]
+struct UpstreamConns {
+    futures: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
+    waker: Option<std::task::Waker>,
+}
+
+fn hyper_proxy(addr: SocketAddr, target: SocketAddr) -> ExitCode {
+    use std::sync::{Arc, Mutex};
+
+    use hyper::{
+        body::Incoming,
+        client::conn::http1::SendRequest,
+        header::{HeaderValue, AUTHORIZATION},
+        Request,
+    };
+    use hyper_util::rt::TokioIo;
+
+    // A new upstream connection (nginx closes one after its keep-alive request limit).
+    async fn open(
+        target: SocketAddr,
+        conns: &Mutex<UpstreamConns>,
+    ) -> Result<SendRequest<Incoming>, hyper::Error> {
+        let upstream = tokio::net::TcpStream::connect(target)
+            .await
+            .expect("the target accepts");
+        let _ = upstream.set_nodelay(true);
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(upstream)).await?;
+        let mut c = conns.lock().expect("conns");
+        c.futures.push(Box::pin(async move {
+            let _ = conn.await;
+        }));
+        if let Some(w) = c.waker.take() {
+            w.wake();
+        }
+        Ok(sender)
+    }
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
+        println!("ready");
+        loop {
+            let Ok((client, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let _ = client.set_nodelay(true);
+                let conns = Arc::new(Mutex::new(UpstreamConns::default()));
+                let sender: Arc<Mutex<Option<SendRequest<Incoming>>>> = Arc::default();
+                let service = {
+                    let conns = Arc::clone(&conns);
+                    hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                        let conns = Arc::clone(&conns);
+                        let sender = Arc::clone(&sender);
+                        async move {
+                            req.headers_mut()
+                                .insert(AUTHORIZATION, HeaderValue::from_static("Bearer bench"));
+                            let open_one = sender
+                                .lock()
+                                .expect("sender")
+                                .take()
+                                .filter(|s| !s.is_closed());
+                            let mut s = match open_one {
+                                Some(s) => s,
+                                None => open(target, &conns).await?,
+                            };
+                            s.ready().await?;
+                            let sent = s.send_request(req);
+                            *sender.lock().expect("sender") = Some(s);
+                            sent.await
+                        }
+                    })
+                };
+                let server = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(client), service);
+                let drive = std::future::poll_fn(|cx| {
+                    let mut c = conns.lock().expect("conns");
+                    c.futures.retain_mut(|f| f.as_mut().poll(cx).is_pending());
+                    c.waker = Some(cx.waker().clone());
+                    std::task::Poll::<()>::Pending
+                });
+                tokio::select! {
+                    _ = server => {}
+                    () = drive => {}
+                }
             });
         }
     })
