@@ -684,22 +684,40 @@ impl Topology {
     }
 }
 
-impl Drop for Topology {
-    fn drop(&mut self) {
-        // Processes left in our cgroup were started by this test: end them by pid.
-        if let Ok(procs) = fs::read_to_string(self.cgroup.join("cgroup.procs")) {
-            for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-                // SAFETY: plain kill of a process in the cgroup this test created.
-                unsafe {
-                    libc::kill(pid, libc::SIGKILL);
-                }
+/// `dir` and every cgroup below it, the deepest first (the order they can be removed in).
+fn cgroup_tree(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(entries) = fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                out.extend(cgroup_tree(&e.path()));
             }
         }
-        for _ in 0..100 {
-            if fs::remove_dir(&self.cgroup).is_ok() || !self.cgroup.exists() {
-                break;
+    }
+    out.push(dir.to_path_buf());
+    out
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        // Our cgroup and those a test made below it (a "service" of the agent's user), the
+        // deepest first: a cgroup with a child cannot be removed.
+        for cgroup in cgroup_tree(&self.cgroup) {
+            // Processes left in them were started by this test: end them by pid.
+            if let Ok(procs) = fs::read_to_string(cgroup.join("cgroup.procs")) {
+                for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                    // SAFETY: plain kill of a process in a cgroup this test created.
+                    unsafe {
+                        libc::kill(pid, libc::SIGKILL);
+                    }
+                }
             }
-            std::thread::sleep(Duration::from_millis(20));
+            for _ in 0..100 {
+                if fs::remove_dir(&cgroup).is_ok() || !cgroup.exists() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
         let _ = fs::remove_dir_all(&self.pin_dir);
         let _ = Command::new("ip")
