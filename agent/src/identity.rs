@@ -5,7 +5,11 @@
 //! since the process may already have exited. Parsing takes a root directory so tests run on
 //! fixtures.
 
-use std::{fs, path::PathBuf};
+use std::{
+    fs,
+    io::{self, Read as _},
+    path::{Path, PathBuf},
+};
 
 use bulkhead_common::ConnectRecord;
 use serde::{Deserialize, Serialize};
@@ -164,6 +168,26 @@ struct Cached {
     ancestor_starts: Option<Vec<u64>>,
 }
 
+/// A small file's text, read with one `read(2)` where it fits in 4 KiB. procfs makes a file
+/// such as `/proc/PID/stat` whole at its first read, so a read that leaves room in the buffer
+/// has all of it; `fs::read_to_string` probes with small reads first, five or six system calls
+/// per file where this makes three (open, read, close). A longer file is read on to its end.
+fn read_small(path: &Path) -> io::Result<String> {
+    let mut file = fs::File::open(path)?;
+    let mut buf = [0u8; 4096];
+    let n = loop {
+        match file.read(&mut buf) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            r => break r?,
+        }
+    };
+    let mut bytes = buf[..n].to_vec();
+    if n == buf.len() {
+        file.read_to_end(&mut bytes)?;
+    }
+    String::from_utf8(bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
 /// Reads `/proc` (or a fixture tree) for identity, and remembers what it read: a process that
 /// opens many connections (a pool, a benchmark) is looked up in full once.
 #[derive(Debug)]
@@ -198,24 +222,29 @@ impl ProcReader {
         self.root.join("proc").join(pid.to_string())
     }
 
+    /// `/proc/PID/NAME` as text ([`read_small`]).
+    fn proc_text(&self, pid: u32, name: &str) -> io::Result<String> {
+        read_small(&self.proc(pid).join(name))
+    }
+
     fn exe(&self, pid: u32) -> Option<String> {
         let link = fs::read_link(self.proc(pid).join("exe")).ok()?;
         Some(link.to_string_lossy().into_owned())
     }
 
     fn cgroup(&self, pid: u32) -> Option<String> {
-        let text = fs::read_to_string(self.proc(pid).join("cgroup")).ok()?;
+        let text = self.proc_text(pid, "cgroup").ok()?;
         cgroup::path_from_proc_cgroup(&text).map(str::to_string)
     }
 
     fn status(&self, pid: u32) -> Option<Status> {
-        parse_status(&fs::read_to_string(self.proc(pid).join("status")).ok()?)
+        parse_status(&self.proc_text(pid, "status").ok()?)
     }
 
     /// Identity for a kernel record. Never fails: what `/proc` cannot tell stays empty.
     pub fn identify(&self, rec: &ConnectRecord) -> ProcessIdentity {
         let pid = rec.tgid;
-        let stat_text = fs::read_to_string(self.proc(pid).join("stat")).unwrap_or_default();
+        let stat_text = self.proc_text(pid, "stat").unwrap_or_default();
         let stat = parse_stat(&stat_text);
         let cgroup = self.cgroup(pid);
         let Some(Stat {
@@ -294,7 +323,7 @@ impl ProcReader {
             if a.pid != parent {
                 return false;
             }
-            let Ok(text) = fs::read_to_string(self.proc(a.pid).join("stat")) else {
+            let Ok(text) = self.proc_text(a.pid, "stat") else {
                 return false;
             };
             match parse_stat(&text) {
@@ -356,7 +385,8 @@ impl ProcReader {
             None => return (out, None),
         };
         while parent > 0 && out.len() < MAX_ANCESTORS {
-            let start = fs::read_to_string(self.proc(parent).join("stat"))
+            let start = self
+                .proc_text(parent, "stat")
                 .ok()
                 .and_then(|s| start_time_from_stat(&s));
             let Some(status) = self.status(parent) else {
@@ -439,6 +469,30 @@ Pid:\t4242\nPPid:\t4200\nTracerPid:\t0\nUid:\t1000\t1000\t1000\t1000\nGid:\t1001
         assert_eq!(user_from_passwd(passwd, 7), None);
         assert_eq!(comm_str(b"curl\0\0\0\0\0\0\0\0\0\0\0\0"), "curl");
         assert_eq!(comm_str(b"0123456789abcdef"), "0123456789abcdef");
+    }
+
+    /// A file read in one call when it fits, and to its end when it does not: shorter than
+    /// the buffer, exactly as long, longer; and this process's own `/proc` stat, which procfs
+    /// makes whole at the first read.
+    #[test]
+    fn small_files_are_read_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        for len in [0, 1, 4095, 4096, 4097, 10_000] {
+            let text: String = b"abcdefghijklmnopqrstuvwxyz"
+                .iter()
+                .cycle()
+                .take(len)
+                .map(|&b| char::from(b))
+                .collect();
+            let path = dir.path().join(format!("f{len}"));
+            fs::write(&path, &text).unwrap();
+            assert_eq!(read_small(&path).unwrap(), text, "{len} bytes");
+        }
+        let own = read_small(Path::new("/proc/self/stat")).unwrap();
+        assert!(start_time_from_stat(&own).is_some(), "{own}");
+        assert!(read_small(&dir.path().join("absent")).is_err());
+        fs::write(dir.path().join("binary"), [0xff, 0xfe]).unwrap();
+        assert!(read_small(&dir.path().join("binary")).is_err());
     }
 
     #[test]
