@@ -19,7 +19,8 @@
 //! * `bench-echo ADDR N` — N times connect(), one byte sent and its echo read back, close();
 //!   prints nanoseconds in total (what a tool feels before its first answer).
 //! * `relay ADDR TARGET` — the least a user-space TCP relay can do: per connection, one
-//!   thread per direction copying with blocking `read`/`write` (no event loop, no parsing).
+//!   thread per direction copying with blocking `read`/`write` (no event loop, no parsing),
+//!   passing a half-close on.
 //!   Benchmarks use it as the ceiling for any proxy in the data path.
 //! * `relay-async ADDR TARGET` — the least a relay on the gateway's own runtime can do: one
 //!   tokio current-thread runtime (as the daemon's), one task per connection copying both
@@ -253,7 +254,13 @@ fn relay(addr: SocketAddr, target: SocketAddr) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn relay_async(addr: SocketAddr, target: SocketAddr) -> ExitCode {
+/// Serves `addr` on the daemon's kind of runtime (tokio, current thread): prints `ready`, then
+/// runs `serve` on a task of its own for each accepted connection.
+fn serve_async<F, Fut>(addr: SocketAddr, serve: F) -> ExitCode
+where
+    F: Fn(tokio::net::TcpStream) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -262,18 +269,22 @@ fn relay_async(addr: SocketAddr, target: SocketAddr) -> ExitCode {
         let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
         println!("ready");
         loop {
-            let Ok((mut client, _)) = listener.accept().await else {
+            let Ok((client, _)) = listener.accept().await else {
                 continue;
             };
-            tokio::spawn(async move {
-                let Ok(mut upstream) = tokio::net::TcpStream::connect(target).await else {
-                    return;
-                };
-                let _ = client.set_nodelay(true);
-                let _ = upstream.set_nodelay(true);
-                let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
-            });
+            let _ = client.set_nodelay(true);
+            tokio::spawn(serve(client));
         }
+    })
+}
+
+fn relay_async(addr: SocketAddr, target: SocketAddr) -> ExitCode {
+    serve_async(addr, move |mut client| async move {
+        let Ok(mut upstream) = tokio::net::TcpStream::connect(target).await else {
+            return;
+        };
+        let _ = upstream.set_nodelay(true);
+        let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
     })
 }
 
@@ -316,68 +327,61 @@ fn hyper_proxy(addr: SocketAddr, target: SocketAddr) -> ExitCode {
         Ok(sender)
     }
 
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
-        println!("ready");
-        loop {
-            let Ok((client, _)) = listener.accept().await else {
-                continue;
-            };
-            tokio::spawn(async move {
-                let _ = client.set_nodelay(true);
-                let conns = Arc::new(Mutex::new(UpstreamConns::default()));
-                let sender: Arc<Mutex<Option<SendRequest<Incoming>>>> = Arc::default();
-                let service = {
-                    let conns = Arc::clone(&conns);
-                    hyper::service::service_fn(move |mut req: Request<Incoming>| {
-                        let conns = Arc::clone(&conns);
-                        let sender = Arc::clone(&sender);
-                        async move {
-                            req.headers_mut()
-                                .insert(AUTHORIZATION, HeaderValue::from_static("Bearer bench"));
-                            let open_one = sender
-                                .lock()
-                                .expect("sender")
-                                .take()
-                                .filter(|s| !s.is_closed());
-                            let mut s = match open_one {
-                                Some(s) => s,
-                                None => open(target, &conns).await?,
-                            };
-                            s.ready().await?;
-                            let sent = s.send_request(req);
-                            *sender.lock().expect("sender") = Some(s);
-                            sent.await
-                        }
-                    })
-                };
-                let server = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(client), service);
-                let drive = std::future::poll_fn(|cx| {
-                    let mut c = conns.lock().expect("conns");
-                    c.futures.retain_mut(|f| f.as_mut().poll(cx).is_pending());
-                    c.waker = Some(cx.waker().clone());
-                    std::task::Poll::<()>::Pending
-                });
-                tokio::select! {
-                    _ = server => {}
-                    () = drive => {}
+    serve_async(addr, move |client| async move {
+        let conns = Arc::new(Mutex::new(UpstreamConns::default()));
+        let sender: Arc<Mutex<Option<SendRequest<Incoming>>>> = Arc::default();
+        let service = {
+            let conns = Arc::clone(&conns);
+            hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                let conns = Arc::clone(&conns);
+                let sender = Arc::clone(&sender);
+                async move {
+                    req.headers_mut()
+                        .insert(AUTHORIZATION, HeaderValue::from_static("Bearer bench"));
+                    let open_one = sender
+                        .lock()
+                        .expect("sender")
+                        .take()
+                        .filter(|s| !s.is_closed());
+                    let mut s = match open_one {
+                        Some(s) => s,
+                        None => open(target, &conns).await?,
+                    };
+                    s.ready().await?;
+                    let sent = s.send_request(req);
+                    *sender.lock().expect("sender") = Some(s);
+                    sent.await
                 }
-            });
+            })
+        };
+        let server = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(client), service);
+        let drive = std::future::poll_fn(|cx| {
+            let mut c = conns.lock().expect("conns");
+            c.futures.retain_mut(|f| f.as_mut().poll(cx).is_pending());
+            c.waker = Some(cx.waker().clone());
+            std::task::Poll::<()>::Pending
+        });
+        tokio::select! {
+            _ = server => {}
+            () = drive => {}
         }
     })
 }
 
-/// Copies until EOF or an error, then shuts both directions so the peer thread ends too.
+/// Copies until EOF, which it passes on (a half-close, as the gateway does: the other
+/// direction goes on, a sink's answer after the sender's EOF comes back), or until an error,
+/// which shuts both directions so the peer thread ends too.
 fn copy(mut from: TcpStream, mut to: TcpStream) {
     let mut buf = vec![0u8; 64 * 1024];
-    while let Ok(n) = from.read(&mut buf) {
-        if n == 0 || to.write_all(&buf[..n]).is_err() {
-            break;
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) => {
+                let _ = to.shutdown(Shutdown::Write);
+                return;
+            }
+            Ok(n) if to.write_all(&buf[..n]).is_ok() => {}
+            _ => break,
         }
     }
     let _ = to.shutdown(Shutdown::Both);
