@@ -329,19 +329,19 @@ fn main() {
             seconds,
         );
         let (r, relay_cpu) = relay_leg(&topo, pid, &relay_url, seconds);
-        let (h, hyper_cpu) = proxy_leg(&topo, hyper_pid, &hyper_url, seconds);
+        let (bare, hyper_cpu) = proxy_leg(&topo, hyper_pid, &hyper_url, seconds);
         println!(
-            "{round:<5} {d:>9.0} {:>9.0} {p:>9.0} {:>9.0} {h:>9.0}  {:>6.2}x {:>6.2}x {:>6.2}x {:>6.2}x {cpu:>5.1}us  {proxy_cpu:>7.1}us  {relay_cpu:>7.1}us  {hyper_cpu:>7.1}us  {}",
+            "{round:<5} {d:>9.0} {:>9.0} {p:>9.0} {:>9.0} {bare:>9.0}  {:>6.2}x {:>6.2}x {:>6.2}x {:>6.2}x {cpu:>5.1}us  {proxy_cpu:>7.1}us  {relay_cpu:>7.1}us  {hyper_cpu:>7.1}us  {}",
             g.rps,
             r.rps,
             g.rps / d,
             p / d,
             r.rps / d,
-            h / d,
+            bare / d,
             load()
         );
-        hyper.push(h);
-        hyper_ratios.push(h / d);
+        hyper.push(bare);
+        hyper_ratios.push(bare / d);
         hyper_cpus.push(hyper_cpu);
         direct.push(d);
         gateway.push(g.rps);
