@@ -358,7 +358,7 @@ fn main() {
     let g = median(gateway);
     let p = median(proxy);
     let r = median(relay);
-    let h = median(hyper);
+    let hy = median(hyper);
     println!("medians (ratios: medians of the same-round ratios):");
     println!("  direct to nginx        {d:>10.0}  1.00");
     println!(
@@ -377,7 +377,7 @@ fn main() {
         median(relay_cpus)
     );
     println!(
-        "  bare hyper proxy       {h:>10.0}  {:.2}  ({:.1} us CPU per request; hyper's own ceiling)",
+        "  bare hyper proxy       {hy:>10.0}  {:.2}  ({:.1} us CPU per request; hyper's own ceiling)",
         median(hyper_ratios),
         median(hyper_cpus)
     );
