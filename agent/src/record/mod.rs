@@ -7,6 +7,7 @@
 
 mod chunk;
 pub mod sled;
+mod writer;
 
 use std::{
     borrow::Cow,
