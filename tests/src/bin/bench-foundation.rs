@@ -8,7 +8,8 @@
 //!    when connect() returns, before the gateway has accepted: the hook and redirect alone);
 //! 3. connect(), one byte sent and its echo read back from the target, close(): what a tool
 //!    feels before its first answer, through the gateway (accept, identify, record, dial the
-//!    target) vs direct;
+//!    target) vs direct, beside the floor for any proxy on the gateway's runtime: `bh-probe
+//!    relay-async` (accept, dial, copy; nothing else);
 //! 4. the UDP sendmsg hook's cost per datagram;
 //! 5. a bulk transfer through the gateway's relay vs direct, beside the ceiling: the same
 //!    transfer through `bh-probe relay` (a thread copying with blocking reads and writes, no
@@ -35,6 +36,11 @@ const ECHO_PORT: u16 = 9002;
 const ECHO_CONNECTS: u32 = 1_000;
 /// Where the bulk transfer's bare relay listens (on the host side's loopback).
 const BULK_RELAY: &str = "127.0.0.1:9100";
+/// The connect-and-echo measurement's bare relay (`bh-probe relay-async`, on the host side's
+/// loopback) and the echo server of its own it dials: a port of its own, so its TIME_WAITs do
+/// not crowd the ephemeral ports toward the other legs' echo server.
+const ECHO_RELAY: &str = "127.0.0.1:9103";
+const ECHO_RELAY_PORT: u16 = 9003;
 
 fn main() {
     if let Some(why) = missing_privileges() {
@@ -135,36 +141,56 @@ fn main() {
 /// polls of the wait for the round to drain) and the load average per round.
 fn connect_and_echo(topo: &Topology, daemon: u32, rounds: usize) {
     let echo_target = format!("{TARGET_V4}:{ECHO_PORT}");
+    let _relay_echo = echo_server(topo, &format!("{TARGET_V4}:{ECHO_RELAY_PORT}"));
+    let mut cmd = Command::new(topo.probe());
+    cmd.args([
+        "relay-async",
+        ECHO_RELAY,
+        &format!("{TARGET_V4}:{ECHO_RELAY_PORT}"),
+    ]);
+    let mut relay = topo.spawn(Side::Host, "echo-relay", cmd);
+    assert_eq!(
+        relay.line(Duration::from_secs(10)).as_deref(),
+        Some("ready"),
+        "relay did not start: {}",
+        relay.stderr()
+    );
     let per = |ns: f64| ns / f64::from(ECHO_CONNECTS) / 1000.0;
     println!(
-        "connect() + first byte echoed back by the target + close() ({ECHO_CONNECTS} per round)"
+        "connect() + first byte echoed back by the target + close() ({ECHO_CONNECTS} per round; relay: bh-probe relay-async, the floor)"
     );
-    println!("round    direct  gateway    added   ratio  gw cpu/conn  load");
+    println!("round    direct  gateway    relay    added  relay added  gw cpu/conn  load");
     let (mut base, mut subject, mut added, mut cpu) = (vec![], vec![], vec![], vec![]);
+    let (mut relayed, mut relay_added) = (vec![], vec![]);
     for round in 1..=rounds {
         let b = per(echo_loop(topo, Side::Host, &echo_target));
         let cpu_before = cpu_us(daemon);
         let s = per(echo_loop(topo, Side::Governed, &echo_target));
         // Drained: every session of the round closed and recorded.
         let c = (cpu_us(daemon) - cpu_before) / f64::from(ECHO_CONNECTS);
+        let r = per(echo_loop(topo, Side::Host, ECHO_RELAY));
         println!(
-            "{round:<5} {b:>9.1} {s:>8.1} {:>+8.1} {:>6.2}x {c:>9.1} us  {}",
+            "{round:<5} {b:>9.1} {s:>8.1} {r:>8.1} {:>+8.1} {:>+12.1} {c:>9.1} us  {}",
             s - b,
-            s / b,
+            r - b,
             load()
         );
         base.push(b);
         subject.push(s);
         added.push(s - b);
+        relayed.push(r);
+        relay_added.push(r - b);
         cpu.push(c);
     }
     let (b, s) = (median(base), median(subject));
     println!("  direct            {b:>8.2} us/connect");
     println!("  through gateway   {s:>8.2} us/connect");
+    println!("  through the relay {:>8.2} us/connect", median(relayed));
     println!(
-        "  overhead:         {:>+8.2} us/connect (median of the same-round differences), ratio {:.2}x (target <= +50 us)",
+        "  overhead:         {:>+8.2} us/connect (median of the same-round differences), ratio {:.2}x (target <= +50 us); the bare relay {:>+.2} us",
         median(added),
-        s / b
+        s / b,
+        median(relay_added)
     );
     println!(
         "  gateway CPU:      {:>8.1} us per connection (median)",
