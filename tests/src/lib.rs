@@ -586,34 +586,29 @@ impl Topology {
         dst
     }
 
-    /// An echo server on the target host at `addr` (`bh-probe serve`).
-    pub fn echo_server(&self, side: Side, addr: SocketAddr) -> Proc {
+    /// `bh-probe ARGS` on `side`, once it has said it is ready (a server, a relay).
+    pub fn probe_server(&self, side: Side, name: &str, args: &[&str]) -> Proc {
         let mut cmd = Command::new(self.probe());
-        cmd.args(["serve", &addr.to_string()]);
-        let mut p = self.spawn(side, "echo", cmd);
+        cmd.args(args);
+        let mut p = self.spawn(side, name, cmd);
         let ready = p.line(Duration::from_secs(10));
         assert_eq!(
             ready.as_deref(),
             Some("ready"),
-            "echo server did not start: {}",
+            "{name} did not start: {}",
             p.stderr()
         );
         p
     }
 
+    /// An echo server on the target host at `addr` (`bh-probe serve`).
+    pub fn echo_server(&self, side: Side, addr: SocketAddr) -> Proc {
+        self.probe_server(side, "echo", &["serve", &addr.to_string()])
+    }
+
     /// A server that reads everything and answers with the byte count (`bh-probe sink`).
     pub fn echo_server_sink(&self, side: Side, addr: &str) -> Proc {
-        let mut cmd = Command::new(self.probe());
-        cmd.args(["sink", addr]);
-        let mut p = self.spawn(side, "sink", cmd);
-        let ready = p.line(Duration::from_secs(10));
-        assert_eq!(
-            ready.as_deref(),
-            Some("ready"),
-            "sink did not start: {}",
-            p.stderr()
-        );
-        p
+        self.probe_server(side, "sink", &["sink", addr])
     }
 
     /// Sessions the daemon (or the store) reports, newest first.

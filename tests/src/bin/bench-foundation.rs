@@ -142,18 +142,14 @@ fn main() {
 fn connect_and_echo(topo: &Topology, daemon: u32, rounds: usize) {
     let echo_target = format!("{TARGET_V4}:{ECHO_PORT}");
     let _relay_echo = echo_server(topo, &format!("{TARGET_V4}:{ECHO_RELAY_PORT}"));
-    let mut cmd = Command::new(topo.probe());
-    cmd.args([
-        "relay-async",
-        ECHO_RELAY,
-        &format!("{TARGET_V4}:{ECHO_RELAY_PORT}"),
-    ]);
-    let mut relay = topo.spawn(Side::Host, "echo-relay", cmd);
-    assert_eq!(
-        relay.line(Duration::from_secs(10)).as_deref(),
-        Some("ready"),
-        "relay did not start: {}",
-        relay.stderr()
+    let _relay = topo.probe_server(
+        Side::Host,
+        "echo-relay",
+        &[
+            "relay-async",
+            ECHO_RELAY,
+            &format!("{TARGET_V4}:{ECHO_RELAY_PORT}"),
+        ],
     );
     let per = |ns: f64| ns / f64::from(ECHO_CONNECTS) / 1000.0;
     println!(
@@ -299,16 +295,7 @@ fn drained(topo: &Topology) {
 
 /// `bh-probe echo` on the target host.
 fn echo_server(topo: &Topology, addr: &str) -> bulkhead_tests::Proc {
-    let mut cmd = Command::new(topo.probe());
-    cmd.args(["echo", addr]);
-    let mut p = topo.spawn(Side::Target, "echo", cmd);
-    assert_eq!(
-        p.line(Duration::from_secs(10)).as_deref(),
-        Some("ready"),
-        "echo did not start: {}",
-        p.stderr()
-    );
-    p
+    topo.probe_server(Side::Target, "echo", &["echo", addr])
 }
 
 /// Wall and CPU nanoseconds for `DATAGRAMS` sendto() from `side`.
@@ -380,15 +367,7 @@ fn only_one(topo: &Topology, daemon: u32, target: &str) -> bool {
 /// shared machine), then the medians.
 #[expect(clippy::cast_precision_loss, reason = "1 GiB is far below 2^52")]
 fn bulk_rounds(topo: &Topology, daemon: u32, target: &str, rounds: usize) {
-    let mut cmd = Command::new(topo.probe());
-    cmd.args(["relay", BULK_RELAY, target]);
-    let mut relay = topo.spawn(Side::Host, "bulk-relay", cmd);
-    assert_eq!(
-        relay.line(Duration::from_secs(10)).as_deref(),
-        Some("ready"),
-        "relay did not start: {}",
-        relay.stderr()
-    );
+    let _relay = topo.probe_server(Side::Host, "bulk-relay", &["relay", BULK_RELAY, target]);
     let mib = |ns: f64| (BULK_BYTES as f64 / f64::from(1 << 20)) / (ns / 1e9);
     println!("daemon pid {daemon}");
     println!(

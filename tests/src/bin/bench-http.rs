@@ -251,16 +251,10 @@ fn main() {
     let url = format!("http://{TARGET_V4}{path}");
     let tls_url = format!("https://{TARGET_V4}{path}");
     let relay_url = format!("http://{TARGET_V4}:81{path}");
-    let mut hyper_proc = {
-        let mut cmd = Command::new(topo.probe());
-        cmd.args(["hyper-proxy", HYPER_PROXY, &format!("{TARGET_V4}:80")]);
-        topo.spawn(Side::Host, "hyper-proxy", cmd)
-    };
-    assert_eq!(
-        hyper_proc.line(Duration::from_secs(10)).as_deref(),
-        Some("ready"),
-        "hyper proxy did not start: {}",
-        hyper_proc.stderr()
+    let hyper_proc = topo.probe_server(
+        Side::Host,
+        "hyper-proxy",
+        &["hyper-proxy", HYPER_PROXY, &format!("{TARGET_V4}:80")],
     );
     let hyper_pid = hyper_proc.child.id();
     let hyper_url = format!("http://{HYPER_PROXY}{path}");

@@ -211,34 +211,16 @@ sql = { class = ["read", "transaction", "session", "insert", "update", "delete",
     assert!(init.contains("done"), "{init}");
 
     // The ceiling for any proxy here: a relay that only copies bytes (`bh-probe relay`).
-    let mut cmd = Command::new(topo.probe());
-    cmd.args(["relay", "127.0.0.1:6433", &format!("{TARGET_V4}:5432")]);
-    let mut relay_proc = topo.spawn(Side::Host, "relay", cmd);
-    assert_eq!(
-        relay_proc.line(Duration::from_secs(10)).as_deref(),
-        Some("ready"),
-        "relay did not start: {}",
-        relay_proc.stderr()
-    );
+    let target = format!("{TARGET_V4}:5432");
+    let relay_proc = topo.probe_server(Side::Host, "relay", &["relay", "127.0.0.1:6433", &target]);
 
     // The ceiling for a gateway on tokio: a relay on the daemon's runtime (one current-thread
     // runtime, a task per connection), nothing parsed, decided or recorded.
-    let tokio_relay = {
-        let mut cmd = Command::new(topo.probe());
-        cmd.args([
-            "relay-async",
-            "127.0.0.1:6434",
-            &format!("{TARGET_V4}:5432"),
-        ]);
-        let mut p = topo.spawn(Side::Host, "tokio-relay", cmd);
-        assert_eq!(
-            p.line(Duration::from_secs(10)).as_deref(),
-            Some("ready"),
-            "tokio relay did not start: {}",
-            p.stderr()
-        );
-        p
-    };
+    let tokio_relay = topo.probe_server(
+        Side::Host,
+        "tokio-relay",
+        &["relay-async", "127.0.0.1:6434", &target],
+    );
     println!("pgbench -S, 8 clients, 2 threads, {SECONDS} s per run, scale 10; PostgreSQL 15 on the target host");
     println!("ratios are of the direct figure; cpu/tx is each proxy's CPU (user + system) per transaction, in us");
     println!();
