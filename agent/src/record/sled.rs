@@ -7,8 +7,9 @@
 //!
 //! Ids come from sled's crash-safe generator and keep increasing across restarts.
 //!
-//! Events are appended to an in-memory queue (an id, a lock, a push: nothing on the request
-//! path touches the tree), and a writer thread (`record/writer.rs`) moves the queue into the tree every
+//! Events, and sessions as they open, close and count, are appended to an in-memory queue (an
+//! id, a lock, a push: nothing on the connection's path touches a tree), and a writer thread
+//! (`record/writer.rs`) moves the queue into the trees every
 //! [`WRITE_EVERY_MS`], one value per session per batch: a *chunk* of length-prefixed JSON
 //! events keyed by its first event, LZ4-compressed (see `record/chunk.rs`). sled copies a whole
 //! leaf (up to 16 values) on every insert and rewrites it to its log every tenth, so the bytes
@@ -61,12 +62,11 @@ pub struct SledStore {
     /// Shared with the writer thread.
     sink: Arc<Sink>,
     writer: Option<JoinHandle<()>>,
-    session_count: AtomicU64,
     open_count: AtomicU64,
     event_count: AtomicU64,
     /// Results written into their requests ([`SessionStore::complete`]) since opening.
     merged_count: AtomicU64,
-    /// The sessions this process opened and has not closed, as last written to the tree:
+    /// The sessions this process opened and has not closed, as last queued for the tree:
     /// closing one and counting its denials update this copy, with no read and decode of the
     /// tree's value on the connection's path.
     live: Mutex<HashMap<SessionId, Session>>,
@@ -119,8 +119,10 @@ impl SledStore {
             write: Mutex::new(Spare::default()),
         });
         let sink = Arc::new(Sink {
+            sessions: sessions.clone(),
             events: events.clone(),
             recorded_bytes: AtomicU64::new(0),
+            session_count: AtomicU64::new(0),
         });
         let writer = {
             let (queue, sink) = (Arc::clone(&queue), Arc::clone(&sink));
@@ -137,7 +139,6 @@ impl SledStore {
             queue,
             sink,
             writer: Some(writer),
-            session_count: AtomicU64::new(0),
             open_count: AtomicU64::new(0),
             event_count: AtomicU64::new(0),
             merged_count: AtomicU64::new(0),
@@ -159,7 +160,7 @@ impl SledStore {
             events += event_count(&k, &v)?;
         }
         store.sink.recorded_bytes.store(bytes, Ordering::Relaxed);
-        store.session_count.store(sessions, Ordering::Relaxed);
+        store.sink.session_count.store(sessions, Ordering::Relaxed);
         store.open_count.store(open, Ordering::Relaxed);
         store.event_count.store(events, Ordering::Relaxed);
         Ok(store)
@@ -173,27 +174,14 @@ impl SledStore {
         serde_json::from_slice(value).map_err(|e| corrupt(key, e))
     }
 
-    fn put_session(&self, session: &Session) -> Result<(), StoreError> {
-        let key = session.id.0.to_be_bytes();
-        let value = serde_json::to_vec(session).map_err(StoreError::Encode)?;
-        let new_len = (key.len() + value.len()) as u64;
-        match self.sessions.insert(key, value)? {
-            Some(old) => {
-                let old_len = (key.len() + old.len()) as u64;
-                self.sink
-                    .recorded_bytes
-                    .fetch_add(new_len, Ordering::Relaxed);
-                self.sink
-                    .recorded_bytes
-                    .fetch_sub(old_len, Ordering::Relaxed);
-            }
-            None => {
-                self.sink
-                    .recorded_bytes
-                    .fetch_add(new_len, Ordering::Relaxed);
-                self.session_count.fetch_add(1, Ordering::Relaxed);
-            }
+    /// Queues a session's value for the writer thread, as events are: the JSON and the tree
+    /// insert happen off the connection's path. Fails as appends do when the writer has.
+    fn queue_session(&self, session: Session) -> Result<(), StoreError> {
+        let mut state = self.queue.lock();
+        if let Some(why) = &state.failed {
+            return Err(StoreError::Unavailable(why.clone()));
         }
+        state.sessions.push(session);
         Ok(())
     }
 
@@ -298,7 +286,7 @@ impl SledStore {
         }
         if let Some(v) = self.sessions.remove(id.0.to_be_bytes())? {
             bytes += (8 + v.len()) as u64;
-            self.session_count.fetch_sub(1, Ordering::Relaxed);
+            self.sink.session_count.fetch_sub(1, Ordering::Relaxed);
         }
         self.event_count.fetch_sub(events, Ordering::Relaxed);
         self.sink.recorded_bytes.fetch_sub(bytes, Ordering::Relaxed);
@@ -331,7 +319,7 @@ impl SessionStore for SledStore {
             held: 0,
             masked: 0,
         };
-        self.put_session(&session)?;
+        self.queue_session(session.clone())?;
         self.live().insert(id, session);
         self.put_event(id, connect, at)?;
         Ok(id)
@@ -357,11 +345,13 @@ impl SessionStore for SledStore {
             let mut live = self.live();
             if let Some(s) = live.get_mut(&session) {
                 count(s);
-                self.put_session(s)?;
-            } else if let Some(mut s) = self.get(session)? {
+                self.queue_session(s.clone())?;
+            } else {
                 drop(live);
-                count(&mut s);
-                self.put_session(&s)?;
+                if let Some(mut s) = self.get(session)? {
+                    count(&mut s);
+                    self.queue_session(s)?;
+                }
             }
         }
         self.put_event(session, kind, super::now_micros())
@@ -429,7 +419,7 @@ impl SessionStore for SledStore {
         session.bytes_to_target = end.bytes_to_target;
         session.bytes_from_target = end.bytes_from_target;
         session.outcome = end.outcome.clone();
-        self.put_session(&session)?;
+        self.queue_session(session)?;
         self.put_event(
             id,
             EventKind::Close {
@@ -443,6 +433,8 @@ impl SessionStore for SledStore {
     }
 
     fn get(&self, id: SessionId) -> Result<Option<Session>, StoreError> {
+        // Sessions are written by the writer thread: what was queued first.
+        self.write_out()?;
         let key = id.0.to_be_bytes();
         self.sessions
             .get(key)?
@@ -451,6 +443,7 @@ impl SessionStore for SledStore {
     }
 
     fn list(&self, filter: &ListFilter, limit: usize) -> Result<Vec<Session>, StoreError> {
+        self.write_out()?;
         let mut out = Vec::with_capacity(limit.min(1024));
         // With `until`, the newest-first scan starts at the last session that can match, not
         // at the newest one (the same ordering, with the same second of slack, as `since`).
@@ -500,8 +493,9 @@ impl SessionStore for SledStore {
     }
 
     fn counts(&self) -> Result<SessionCounts, StoreError> {
+        self.write_out()?;
         Ok(SessionCounts {
-            total: self.session_count.load(Ordering::Relaxed),
+            total: self.sink.session_count.load(Ordering::Relaxed),
             open: self.open_count.load(Ordering::Relaxed),
         })
     }
@@ -568,7 +562,7 @@ impl SessionStore for SledStore {
         for mut s in open.iter().cloned() {
             s.outcome = Outcome::Interrupted;
             self.open_count.fetch_sub(1, Ordering::Relaxed);
-            self.put_session(&s)?;
+            self.sink.put_session(&s)?;
             self.put_event(
                 s.id,
                 EventKind::Close {
@@ -658,6 +652,30 @@ mod tests {
             summary: None,
             error: None,
         }
+    }
+
+    /// Opening, counting and closing a session queue its value for the writer thread: the
+    /// connection's path writes no tree (the writer, held here, has not run), and every read
+    /// writes the queue out first, so it sees the session as it now is.
+    #[test]
+    fn sessions_are_written_by_the_writer_and_read_as_they_now_are() {
+        let store = SledStore::temporary().unwrap();
+        let hold = store.queue.write.lock().unwrap();
+        let id = store.open(start(1)).unwrap();
+        store.append(id, request(RecordedVerdict::Deny)).unwrap();
+        assert!(store.sessions.get(id.0.to_be_bytes()).unwrap().is_none());
+        assert_eq!(store.queue.lock().sessions.len(), 2, "opened, then counted");
+        drop(hold);
+        let s = store.get(id).unwrap().unwrap();
+        assert_eq!((s.outcome.clone(), s.denied), (Outcome::Open, 1));
+        store.close(id, end(Outcome::Closed)).unwrap();
+        let listed = store.list(&ListFilter::default(), 10).unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(
+            (listed[0].outcome.clone(), listed[0].denied),
+            (Outcome::Closed, 1)
+        );
+        assert_eq!(store.counts().unwrap(), SessionCounts { total: 1, open: 0 });
     }
 
     #[test]

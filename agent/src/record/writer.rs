@@ -12,7 +12,7 @@ use std::{
 
 use super::{
     chunk::{encode_chunk, ChunkBuffers},
-    Event, SessionId, StoreError,
+    Event, Session, SessionId, StoreError,
 };
 
 /// How often the writer thread moves queued events into the tree.
@@ -42,6 +42,9 @@ pub(super) struct Spare {
 #[derive(Default)]
 pub(super) struct QueueState {
     pub(super) events: Vec<Event>,
+    /// Sessions to write as they now are (opened, closed, a counter changed), in the order
+    /// they were queued: a later copy of one replaces the earlier in the tree.
+    pub(super) sessions: Vec<Session>,
     pub(super) stop: bool,
     /// Why the last write failed; appends fail while it is set.
     pub(super) failed: Option<String>,
@@ -55,24 +58,56 @@ impl Queue {
 
 /// Where the writer puts a batch.
 pub(super) struct Sink {
+    pub(super) sessions: sled::Tree,
     pub(super) events: sled::Tree,
     /// Bytes of keys and values in both trees, kept as writes happen.
     pub(super) recorded_bytes: AtomicU64,
+    /// Sessions in the tree.
+    pub(super) session_count: AtomicU64,
 }
 
 impl Sink {
-    /// Moves everything queued so far into the tree.
+    /// Writes a session's value (its JSON) in the sessions tree, keeping the counts.
+    pub(super) fn put_session(&self, session: &Session) -> Result<(), StoreError> {
+        let key = session.id.0.to_be_bytes();
+        let value = serde_json::to_vec(session).map_err(StoreError::Encode)?;
+        let new_len = (key.len() + value.len()) as u64;
+        match self.sessions.insert(key, value)? {
+            Some(old) => {
+                let old_len = (key.len() + old.len()) as u64;
+                self.recorded_bytes.fetch_add(new_len, Ordering::Relaxed);
+                self.recorded_bytes.fetch_sub(old_len, Ordering::Relaxed);
+            }
+            None => {
+                self.recorded_bytes.fetch_add(new_len, Ordering::Relaxed);
+                self.session_count.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves everything queued so far into the trees: the sessions, then the events.
     pub(super) fn write_out(&self, queue: &Queue) -> Result<(), StoreError> {
         let mut spare = queue.write.lock().unwrap_or_else(PoisonError::into_inner);
         let spare = &mut *spare;
-        let mut batch = {
+        let (mut batch, sessions) = {
             let mut state = queue.lock();
-            if state.events.is_empty() {
+            if state.events.is_empty() && state.sessions.is_empty() {
                 return Ok(());
             }
-            std::mem::replace(&mut state.events, std::mem::take(&mut spare.events))
+            (
+                std::mem::replace(&mut state.events, std::mem::take(&mut spare.events)),
+                std::mem::take(&mut state.sessions),
+            )
         };
-        let result = self.write(&batch, &mut spare.buffers);
+        let result = sessions
+            .iter()
+            .try_for_each(|s| self.put_session(s))
+            .map_err(|e| (e, true))
+            .and_then(|()| {
+                self.write(&batch, &mut spare.buffers)
+                    .map_err(|e| (e, false))
+            });
         match result {
             Ok(()) => {
                 queue.lock().failed = None;
@@ -84,12 +119,16 @@ impl Sink {
                 spare.events = batch;
                 Ok(())
             }
-            Err(e) => {
-                // Nothing accepted is dropped: the batch goes back, first, for the next try.
+            Err((e, sessions_failed)) => {
+                // Nothing accepted is dropped: the batch goes back, first, for the next try
+                // (sessions too if they were not all written: writing one again replaces it).
                 let mut state = queue.lock();
                 state.failed = Some(e.to_string());
                 batch.sort_unstable_by_key(|e| e.id);
                 state.events.splice(0..0, batch);
+                if sessions_failed {
+                    state.sessions.splice(0..0, sessions);
+                }
                 Err(e)
             }
         }
