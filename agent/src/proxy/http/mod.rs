@@ -439,10 +439,6 @@ impl Session<'_, '_> {
     }
 
     /// Reads, judges and forwards one request; the client's answer.
-    #[expect(
-        clippy::too_many_lines,
-        reason = "one request's phases in order: read, judge, forward (or tunnel), record"
-    )]
     async fn answer(&self, mut req: Request<Incoming>) -> Response<ProxyBody> {
         let started = Instant::now();
         // Kubernetes exec, attach and port-forward: relayed once the policy allows them.
@@ -464,42 +460,13 @@ impl Session<'_, '_> {
         };
         let judged = Judgement::of(self.flavor, &norm);
         let text = norm.text();
-        let policy = self.conn.policy();
-        // A request that reads as one judged before in this session, under the same policy,
-        // gets that decision ([`memo`]); it is recorded and enforced as any other.
-        let (decision, rules) = if let Some(hit) = self.memo.get(&policy, |shape| shape.is(&norm)) {
-            hit
-        } else {
-            let decision = Arc::new(policy.evaluate(&crate::policy::Request {
-                target: self.conn.target.policy_ref(),
-                identity: &self.conn.identity,
-                action: judged.action(&norm),
-            }));
-            let rules: Arc<[String]> = Arc::from(decision.rules.as_slice());
-            self.memo
-                .put(&policy, memo::Shape::of(&norm), &decision, &rules);
-            (decision, rules)
-        };
+        let (decision, rules) = self.decision(&norm, &judged);
         let decided = self
             .conn
             .decide_remembered(decision, rules, &text, Some(HTTP_CLASS.into()))
             .await;
         if let Some(message) = &decided.refusal {
-            if self.flavor == Flavor::Kubernetes {
-                return json_answer(
-                    StatusCode::FORBIDDEN,
-                    &crate::kube::status::forbidden(message, &decided.decision.rules),
-                );
-            }
-            return json_answer(
-                StatusCode::FORBIDDEN,
-                &serde_json::json!({
-                    "error": "bulkhead: denied",
-                    "message": message,
-                    "rule": decided.decision.rules.first(),
-                    "rules": decided.decision.rules,
-                }),
-            );
+            return self.denied(message, &decided.decision.rules);
         }
         // Judged first, so a denied exec gets its rule's message whichever way it came (kubectl
         // retries a refused WebSocket exec over SPDY); an allowed one the gateway could not
@@ -534,35 +501,14 @@ impl Session<'_, '_> {
             armed: true,
         };
         let meter = Meter::new(!is_safe(&norm.method));
-        let mut up = Request::new(Tap::request(
-            body,
-            Arc::clone(&meter),
-            Arc::clone(&self.totals),
-        ));
-        *up.method_mut() = norm.method.clone();
-        // The client's own origin-form target when it is already the normalised one (the
-        // usual case): no second parse.
-        let as_sent = parts.uri.scheme().is_none()
-            && parts
-                .uri
-                .path_and_query()
-                .map(hyper::http::uri::PathAndQuery::as_str)
-                == Some(norm.path_and_query.as_str());
-        *up.uri_mut() = if as_sent {
-            std::mem::take(&mut parts.uri)
-        } else {
-            match norm.path_and_query.parse() {
-                Ok(u) => u,
-                Err(_) => {
-                    return gateway_error(StatusCode::BAD_REQUEST, "the request target is invalid")
-                }
-            }
+        let Some(up) = Self::upstream_request(
+            &mut parts,
+            Tap::request(body, Arc::clone(&meter), Arc::clone(&self.totals)),
+            &norm,
+            injected,
+        ) else {
+            return gateway_error(StatusCode::BAD_REQUEST, "the request target is invalid");
         };
-        *up.headers_mut() =
-            forwarded_headers(std::mem::take(&mut parts.headers), &injected.headers);
-        if let Ok(host) = HeaderValue::from_str(&norm.authority) {
-            up.headers_mut().insert(header::HOST, host);
-        }
         let sent = match upgrade {
             // Boxed: the rare path's state would otherwise make every request's future larger.
             Some((value, client)) => match Box::pin(self.open_tunnel(
@@ -588,20 +534,33 @@ impl Session<'_, '_> {
             },
             None => self.upstream.send(&norm.host, &norm.authority, up).await,
         };
+        unanswered.armed = false;
+        self.answered(sent, decided.request, started, meter, &injected.secrets)
+    }
+
+    /// The client's answer from the target's (streamed, its result recorded when its body
+    /// ends), or the 502 for a target that could not be reached (recorded now).
+    fn answered(
+        &self,
+        sent: Result<Response<Incoming>, upstream::UpstreamError>,
+        request: u64,
+        started: Instant,
+        meter: Arc<Meter>,
+        secrets: &Arc<[String]>,
+    ) -> Response<ProxyBody> {
         match sent {
             Ok(resp) => {
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
                 parts.version = hyper::Version::default();
-                unanswered.armed = false;
                 let finish = Finish {
                     store: Arc::clone(&self.conn.gw.store),
                     session: self.conn.session,
-                    request: decided.request,
+                    request,
                     started: started.into_std(),
                     status: parts.status,
                     meter,
-                    secrets: Arc::clone(&injected.secrets),
+                    secrets: Arc::clone(secrets),
                 };
                 Response::from_parts(
                     parts,
@@ -610,8 +569,7 @@ impl Session<'_, '_> {
             }
             Err(e) => {
                 let error = e.to_string();
-                unanswered.armed = false;
-                self.record_failure(decided.request, started, error.clone());
+                self.record_failure(request, started, error.clone());
                 json_answer(
                     StatusCode::BAD_GATEWAY,
                     &serde_json::json!({
@@ -621,6 +579,81 @@ impl Session<'_, '_> {
                 )
             }
         }
+    }
+
+    /// The policy's decision on a normalised request, and its rules as the request event
+    /// shares them. A request that reads as one judged before in this session, under the same
+    /// policy, gets that decision ([`memo`]); it is recorded and enforced as any other.
+    fn decision(
+        &self,
+        norm: &request::Normalised,
+        judged: &Judgement,
+    ) -> (Arc<crate::policy::Decision>, Arc<[String]>) {
+        let policy = self.conn.policy();
+        if let Some(hit) = self.memo.get(&policy, |shape| shape.is(norm)) {
+            return hit;
+        }
+        let decision = Arc::new(policy.evaluate(&crate::policy::Request {
+            target: self.conn.target.policy_ref(),
+            identity: &self.conn.identity,
+            action: judged.action(norm),
+        }));
+        let rules: Arc<[String]> = Arc::from(decision.rules.as_slice());
+        self.memo
+            .put(&policy, memo::Shape::of(norm), &decision, &rules);
+        (decision, rules)
+    }
+
+    /// The 403 for a refused request: a Kubernetes `Status` kubectl prints, else JSON naming
+    /// the rule and its message.
+    fn denied(&self, message: &str, rules: &[String]) -> Response<ProxyBody> {
+        if self.flavor == Flavor::Kubernetes {
+            return json_answer(
+                StatusCode::FORBIDDEN,
+                &crate::kube::status::forbidden(message, rules),
+            );
+        }
+        json_answer(
+            StatusCode::FORBIDDEN,
+            &serde_json::json!({
+                "error": "bulkhead: denied",
+                "message": message,
+                "rule": rules.first(),
+                "rules": rules,
+            }),
+        )
+    }
+
+    /// The request the target gets: the normalised method and target, the client's headers as
+    /// [`forwarded_headers`] leaves them, Host from the judged authority. `None` when the
+    /// normalised target does not parse.
+    fn upstream_request(
+        parts: &mut hyper::http::request::Parts,
+        body: Tap,
+        norm: &request::Normalised,
+        injected: &Injected,
+    ) -> Option<Request<Tap>> {
+        let mut up = Request::new(body);
+        *up.method_mut() = norm.method.clone();
+        // The client's own origin-form target when it is already the normalised one (the
+        // usual case): no second parse.
+        let as_sent = parts.uri.scheme().is_none()
+            && parts
+                .uri
+                .path_and_query()
+                .map(hyper::http::uri::PathAndQuery::as_str)
+                == Some(norm.path_and_query.as_str());
+        *up.uri_mut() = if as_sent {
+            std::mem::take(&mut parts.uri)
+        } else {
+            norm.path_and_query.parse().ok()?
+        };
+        *up.headers_mut() =
+            forwarded_headers(std::mem::take(&mut parts.headers), &injected.headers);
+        if let Ok(host) = HeaderValue::from_str(&norm.authority) {
+            up.headers_mut().insert(header::HOST, host);
+        }
+        Some(up)
     }
 
     /// Records and answers a request refused before judging (400, 414 or 421).
