@@ -5,15 +5,20 @@
 //! since the process may already have exited. Parsing takes a root directory so tests run on
 //! fixtures.
 
+mod dir;
+
 use std::{
+    collections::HashMap,
     fs,
-    io::{self, Read as _},
-    path::{Path, PathBuf},
+    path::PathBuf,
+    sync::{Mutex, PoisonError},
+    time::{Duration, Instant},
 };
 
 use bulkhead_common::ConnectRecord;
 use serde::{Deserialize, Serialize};
 
+use self::dir::ProcDir;
 use crate::cgroup;
 
 /// How far up the parent chain we look before giving up.
@@ -120,12 +125,6 @@ pub fn comm_str(comm: &[u8; 16]) -> String {
     String::from_utf8_lossy(&comm[..end]).into_owned()
 }
 
-/// The start time of a process (clock ticks after boot) from `/proc/PID/stat` text: with the
-/// pid, it names one process for the life of the system, even when pids are reused.
-pub fn start_time_from_stat(stat: &str) -> Option<u64> {
-    parse_stat(stat).map(|s| s.start_time)
-}
-
 /// The fields of `/proc/PID/stat` we use.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stat<'a> {
@@ -151,45 +150,68 @@ pub fn parse_stat(stat: &str) -> Option<Stat<'_>> {
 }
 
 /// How many processes' identities are kept between connections.
-const CACHE_CAPACITY: usize = 4096;
+const CACHE_CAPACITY: usize = 1024;
+/// How many `/proc` directories the kept identities may hold open between them.
+const CACHE_DIRS: usize = 4096;
+/// The longest a cached identity is served. A name (`prctl(PR_SET_NAME)`, or an exec of the
+/// same executable under another name) and a cgroup's path (a rename) can change without
+/// anything [`Cached::holds`] checks changing; they are read afresh at least this often.
+pub const CACHE_TTL: Duration = Duration::from_secs(1);
 
-/// What `/proc` said about a process, valid while its start time, uid, gid, cgroup, executable
-/// and name stay, and while its parent chain is the one it was read with ([`ProcReader::
-/// chain_unchanged`]).
+/// What `/proc` said about a process, served while [`Cached::holds`].
 #[derive(Debug)]
 struct Cached {
-    start_time: u64,
+    read_at: Instant,
     uid: u32,
     gid: u32,
-    cgroup: Option<String>,
+    /// The process's `/proc` directory, opened before anything was read of it.
+    dir: ProcDir,
+    /// Read through `dir`; its executable is known (`Some`), or it would not be kept.
     identity: ProcessIdentity,
-    /// Each ancestor's start time, in `identity.ancestors` order; `None` when one could not be
-    /// read, and then the chain is read afresh every time.
-    ancestor_starts: Option<Vec<u64>>,
+    /// Each ancestor's directory, in `identity.ancestors` order; `None` when the chain cannot
+    /// be proved unchanged (an ancestor's executable unknown, or the chain's top not reached),
+    /// and then it is read afresh every time.
+    parents: Option<Vec<ProcDir>>,
 }
 
-/// A small file's text, read with one `read(2)` where it fits in 4 KiB. procfs makes a file
-/// such as `/proc/PID/stat` whole at its first read, so a read that leaves room in the buffer
-/// has all of it; `fs::read_to_string` probes with small reads first, five or six system calls
-/// per file where this makes three (open, read, close). A longer file is read on to its end.
-fn read_small(path: &Path) -> io::Result<String> {
-    let mut file = fs::File::open(path)?;
-    let mut buf = [0u8; 4096];
-    let n = loop {
-        match file.read(&mut buf) {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            r => break r?,
-        }
-    };
-    let mut bytes = buf[..n].to_vec();
-    if n == buf.len() {
-        file.read_to_end(&mut bytes)?;
+impl Cached {
+    /// Directories held open.
+    fn dirs(&self) -> usize {
+        1 + self.parents.as_ref().map_or(0, Vec::len)
     }
-    String::from_utf8(bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+
+    /// Whether this is still the connecting process's identity, proved with one system call per
+    /// process in the chain: the kernel's record names the same uid, gid, cgroup (by id) and
+    /// thread name; the process is the one read (its directory still reads) and runs the same
+    /// executable; and so does each ancestor. A live ancestor is still its child's parent: a
+    /// parent changes only when the old one exits (`PPid` is the thread group of
+    /// `real_parent`), and [`ProcReader::ancestors`] proved each one the parent when it opened
+    /// it. An exec of another executable, an exit (a reused pid is another process), a setuid or
+    /// a move to another cgroup is seen at the next connect; the rest within [`CACHE_TTL`].
+    fn holds(&self, rec: &ConnectRecord, comm: &str, now: Instant, ttl: Duration) -> bool {
+        now.saturating_duration_since(self.read_at) < ttl
+            && self.uid == rec.uid
+            && self.gid == rec.gid
+            && self.identity.cgroup_id == rec.cgroup_id
+            && self.identity.comm == comm
+            && self
+                .identity
+                .exe
+                .as_deref()
+                .is_some_and(|exe| self.dir.link_is(c"exe", exe))
+            && self.parents.as_ref().is_some_and(|dirs| {
+                dirs.iter().zip(&self.identity.ancestors).all(|(dir, a)| {
+                    a.exe
+                        .as_deref()
+                        .is_some_and(|exe| dir.link_is(c"exe", exe))
+                })
+            })
+    }
 }
 
 /// Reads `/proc` (or a fixture tree) for identity, and remembers what it read: a process that
-/// opens many connections (a pool, a benchmark) is looked up in full once.
+/// opens many connections (a pool, a benchmark) is read in full once a [`CACHE_TTL`], and
+/// proved unchanged at each connect with a `readlinkat` per process in its chain.
 #[derive(Debug)]
 pub struct ProcReader {
     root: PathBuf,
@@ -197,7 +219,8 @@ pub struct ProcReader {
     governed: String,
     /// Only these uids are governed in it (empty: every process).
     uids: Vec<u32>,
-    cache: std::sync::Mutex<std::collections::HashMap<u32, Cached>>,
+    ttl: Duration,
+    cache: Mutex<HashMap<u32, Cached>>,
 }
 
 impl ProcReader {
@@ -207,7 +230,8 @@ impl ProcReader {
             root: root.into(),
             governed: governed_relative.into(),
             uids: Vec::new(),
-            cache: std::sync::Mutex::default(),
+            ttl: CACHE_TTL,
+            cache: Mutex::default(),
         }
     }
 
@@ -218,201 +242,193 @@ impl ProcReader {
         self
     }
 
-    fn proc(&self, pid: u32) -> PathBuf {
-        self.root.join("proc").join(pid.to_string())
+    /// Serves a cached identity for at most `ttl` (zero: every connect reads `/proc`).
+    #[must_use]
+    pub fn caching_for(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
     }
 
-    /// `/proc/PID/NAME` as text ([`read_small`]).
-    fn proc_text(&self, pid: u32, name: &str) -> io::Result<String> {
-        read_small(&self.proc(pid).join(name))
-    }
-
-    fn exe(&self, pid: u32) -> Option<String> {
-        let link = fs::read_link(self.proc(pid).join("exe")).ok()?;
-        Some(link.to_string_lossy().into_owned())
-    }
-
-    fn cgroup(&self, pid: u32) -> Option<String> {
-        let text = self.proc_text(pid, "cgroup").ok()?;
-        cgroup::path_from_proc_cgroup(&text).map(str::to_string)
-    }
-
-    fn status(&self, pid: u32) -> Option<Status> {
-        parse_status(&self.proc_text(pid, "status").ok()?)
+    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Cached>> {
+        self.cache.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Identity for a kernel record. Never fails: what `/proc` cannot tell stays empty.
     pub fn identify(&self, rec: &ConnectRecord) -> ProcessIdentity {
         let pid = rec.tgid;
-        let stat_text = self.proc_text(pid, "stat").unwrap_or_default();
-        let stat = parse_stat(&stat_text);
-        let cgroup = self.cgroup(pid);
-        let Some(Stat {
-            start_time, ppid, ..
-        }) = stat
-        else {
-            // Gone already: nothing to cache, the kernel's record is what there is.
-            return self.read_identity(rec, cgroup).0;
-        };
-        let cache = self
-            .cache
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        // `execve` keeps the pid and its start time: the executable (one readlink) and the
-        // kernel's comm tell a process that became another program, which is read afresh.
-        let exe = self.exe(pid);
         let comm = comm_str(&rec.comm);
-        if let Some(c) = cache.get(&pid) {
-            if c.start_time == start_time
-                && c.uid == rec.uid
-                && c.gid == rec.gid
-                && c.cgroup == cgroup
-                && c.identity.exe == exe
-                && c.identity.comm == comm
-                && c.ancestor_starts
-                    .as_deref()
-                    .is_some_and(|starts| self.chain_unchanged(ppid, &c.identity.ancestors, starts))
-            {
-                return ProcessIdentity {
-                    tid: rec.pid,
-                    comm,
-                    cgroup_id: rec.cgroup_id,
-                    ..c.identity.clone()
-                };
-            }
+        let now = Instant::now();
+        if let Some(c) = self
+            .cache()
+            .get(&pid)
+            .filter(|c| c.holds(rec, &comm, now, self.ttl))
+        {
+            return ProcessIdentity {
+                tid: rec.pid,
+                comm,
+                ..c.identity.clone()
+            };
         }
-        drop(cache);
-        let (identity, ancestor_starts) = self.read_identity(rec, cgroup.clone());
-        let mut cache = self
-            .cache
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if cache.len() >= CACHE_CAPACITY {
-            cache.clear();
+        let Ok(dir) = ProcDir::open(&self.root, pid) else {
+            // Gone already: the kernel's record is what there is.
+            return self.kernel_identity(rec, comm);
+        };
+        let (identity, parents) = self.read_identity(rec, comm, &dir);
+        if identity.exe.is_some() {
+            self.keep(
+                pid,
+                Cached {
+                    read_at: now,
+                    uid: rec.uid,
+                    gid: rec.gid,
+                    dir,
+                    identity: identity.clone(),
+                    parents,
+                },
+            );
         }
-        cache.insert(
-            pid,
-            Cached {
-                start_time,
-                uid: rec.uid,
-                gid: rec.gid,
-                cgroup,
-                identity: identity.clone(),
-                ancestor_starts,
-            },
-        );
         identity
     }
 
-    /// Whether a cached parent chain still holds: the process's parent is the first ancestor,
-    /// and each ancestor is the same process (start time), still runs the same program (name,
-    /// executable) and still has the next one as its parent. An ancestor that exec'd another
-    /// program, or died and left the process to a new parent, makes the chain be read afresh:
-    /// an `ancestors` rule must judge the chain as it is at this connect. A chain that ended
-    /// inside the governed cgroup (its top could not be read) is never reused.
-    fn chain_unchanged(&self, ppid: u32, ancestors: &[Ancestor], starts: &[u64]) -> bool {
-        if ancestors.len() != starts.len()
-            || !ancestors
-                .last()
-                .is_some_and(|a| !a.governed || ancestors.len() == MAX_ANCESTORS)
-        {
-            return false;
-        }
-        let mut parent = ppid;
-        for (a, &start) in ancestors.iter().zip(starts) {
-            if a.pid != parent {
-                return false;
-            }
-            let Ok(text) = self.proc_text(a.pid, "stat") else {
-                return false;
-            };
-            match parse_stat(&text) {
-                Some(s) if s.start_time == start && s.comm == a.comm => parent = s.ppid,
-                _ => return false,
-            }
-            if self.exe(a.pid) != a.exe {
-                return false;
+    /// Keeps `entry`, within [`CACHE_CAPACITY`] entries and [`CACHE_DIRS`] open directories:
+    /// past either, the expired entries go, then all of them.
+    fn keep(&self, pid: u32, entry: Cached) {
+        let mut cache = self.cache();
+        cache.remove(&pid);
+        let full = |cache: &HashMap<u32, Cached>| {
+            cache.len() >= CACHE_CAPACITY
+                || cache.values().map(Cached::dirs).sum::<usize>() + entry.dirs() > CACHE_DIRS
+        };
+        if full(&cache) {
+            cache.retain(|_, c| entry.read_at.saturating_duration_since(c.read_at) < self.ttl);
+            if full(&cache) {
+                cache.clear();
             }
         }
-        true
+        cache.insert(pid, entry);
     }
 
-    /// The identity read from `/proc`, and its ancestors' start times (see [`Cached`]).
-    fn read_identity(
-        &self,
-        rec: &ConnectRecord,
-        cgroup: Option<String>,
-    ) -> (ProcessIdentity, Option<Vec<u64>>) {
-        let pid = rec.tgid;
-        let cmdline = fs::read(self.proc(pid).join("cmdline"))
-            .map(|b| parse_cmdline(&b))
-            .unwrap_or_default();
-        let unit = cgroup.as_deref().and_then(unit_from_cgroup_path);
-        let user = fs::read_to_string(self.root.join("etc/passwd"))
-            .ok()
-            .and_then(|p| user_from_passwd(&p, rec.uid));
-        let (ancestors, ancestor_starts) = self.ancestors_with_starts(pid);
-        let identity = ProcessIdentity {
-            pid,
+    /// What the kernel's record tells of a process `/proc` no longer shows.
+    fn kernel_identity(&self, rec: &ConnectRecord, comm: String) -> ProcessIdentity {
+        ProcessIdentity {
+            pid: rec.tgid,
             tid: rec.pid,
             uid: rec.uid,
             gid: rec.gid,
-            user,
-            comm: comm_str(&rec.comm),
-            exe: self.exe(pid),
-            cmdline,
+            user: self.user(rec.uid),
+            comm,
             cgroup_id: rec.cgroup_id,
+            ..ProcessIdentity::default()
+        }
+    }
+
+    fn user(&self, uid: u32) -> Option<String> {
+        fs::read_to_string(self.root.join("etc/passwd"))
+            .ok()
+            .and_then(|p| user_from_passwd(&p, uid))
+    }
+
+    fn governed(&self, cgroup: Option<&str>, uid: u32) -> bool {
+        cgroup.is_some_and(|c| cgroup::is_within(c, &self.governed))
+            && (self.uids.is_empty() || self.uids.contains(&uid))
+    }
+
+    /// The identity read through `dir`, and the ancestors' directories (see [`Cached`]).
+    fn read_identity(
+        &self,
+        rec: &ConnectRecord,
+        comm: String,
+        dir: &ProcDir,
+    ) -> (ProcessIdentity, Option<Vec<ProcDir>>) {
+        let ppid = dir
+            .text(c"stat")
+            .ok()
+            .and_then(|s| parse_stat(&s).map(|s| s.ppid));
+        let cgroup = cgroup_of(dir);
+        let (ancestors, parents) = match ppid {
+            Some(ppid) => self.ancestors(dir, ppid),
+            None => (Vec::new(), None),
+        };
+        let identity = ProcessIdentity {
+            unit: cgroup.as_deref().and_then(unit_from_cgroup_path),
             cgroup,
-            unit,
+            exe: dir.link(c"exe"),
+            cmdline: dir
+                .bytes(c"cmdline")
+                .map(|b| parse_cmdline(&b))
+                .unwrap_or_default(),
             ancestors,
+            ..self.kernel_identity(rec, comm)
         };
-        (identity, ancestor_starts)
+        (identity, parents)
     }
 
-    /// Parents of `pid`, nearest first, through the governed ones and the first one outside.
-    pub fn ancestors(&self, pid: u32) -> Vec<Ancestor> {
-        self.ancestors_with_starts(pid).0
-    }
-
-    /// [`ProcReader::ancestors`], with each one's start time, read before the rest of what is
-    /// known of it (so an exec in between shows as a changed executable or name later, never as
-    /// an old start time); `None` if any start time could not be read.
-    fn ancestors_with_starts(&self, pid: u32) -> (Vec<Ancestor>, Option<Vec<u64>>) {
+    /// The parents of the process whose directory is `child` and whose parent was `ppid`,
+    /// nearest first, through the governed ones and the first one outside; with their
+    /// directories when each one's executable is known and the chain's top was reached.
+    ///
+    /// Each parent's directory is opened, then its child is read again: a child that still
+    /// names it as its parent proves the directory is that parent, not a newcomer given the
+    /// pid of one that exited (the child would have been reparented). A child reparented
+    /// meanwhile is followed to its new parent.
+    fn ancestors(&self, child: &ProcDir, ppid: u32) -> (Vec<Ancestor>, Option<Vec<ProcDir>>) {
         let mut out = Vec::new();
-        let mut starts = Some(Vec::new());
-        let mut parent = match self.status(pid) {
-            Some(s) => s.ppid,
-            None => return (out, None),
-        };
+        let mut dirs: Vec<ProcDir> = Vec::new();
+        let mut provable = true;
+        let mut parent = ppid;
+        let mut reparented = 0;
         while parent > 0 && out.len() < MAX_ANCESTORS {
-            let start = self
-                .proc_text(parent, "stat")
-                .ok()
-                .and_then(|s| start_time_from_stat(&s));
-            let Some(status) = self.status(parent) else {
+            let Ok(dir) = ProcDir::open(&self.root, parent) else {
+                provable = false;
                 break;
             };
-            match (&mut starts, start) {
-                (Some(list), Some(start)) => list.push(start),
-                _ => starts = None,
+            let child_dir = dirs.last().unwrap_or(child);
+            let now_parent = child_dir
+                .text(c"stat")
+                .ok()
+                .and_then(|s| parse_stat(&s).map(|s| s.ppid));
+            match now_parent {
+                Some(p) if p == parent => {}
+                Some(p) if reparented < MAX_ANCESTORS => {
+                    reparented += 1;
+                    parent = p;
+                    continue;
+                }
+                _ => {
+                    provable = false;
+                    break;
+                }
             }
-            let governed = self
-                .cgroup(parent)
-                .is_some_and(|c| cgroup::is_within(&c, &self.governed))
-                && (self.uids.is_empty() || self.uids.contains(&status.uid));
+            let Some(status) = dir.text(c"status").ok().and_then(|s| parse_status(&s)) else {
+                provable = false;
+                break;
+            };
+            let governed = self.governed(cgroup_of(&dir).as_deref(), status.uid);
+            let exe = dir.link(c"exe");
+            provable &= exe.is_some();
             out.push(Ancestor {
                 pid: parent,
                 comm: status.name,
-                exe: self.exe(parent),
+                exe,
                 governed,
             });
+            dirs.push(dir);
             if !governed {
                 break;
             }
             parent = status.ppid;
         }
-        (out, starts)
+        let topped = out
+            .last()
+            .is_some_and(|a| !a.governed || out.len() == MAX_ANCESTORS);
+        (out, (provable && topped).then_some(dirs))
     }
+}
+
+/// The process's cgroup path, relative to the cgroup2 mount.
+fn cgroup_of(dir: &ProcDir) -> Option<String> {
+    let text = dir.text(c"cgroup").ok()?;
+    cgroup::path_from_proc_cgroup(&text).map(str::to_string)
 }
 
 #[cfg(test)]

@@ -1,4 +1,7 @@
-use std::path::Path;
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
 
 use super::*;
 
@@ -53,11 +56,14 @@ fn finds_units_and_users() {
 }
 
 /// A file read in one call when it fits, and to its end when it does not: shorter than
-/// the buffer, exactly as long, longer; and this process's own `/proc` stat, which procfs
-/// makes whole at the first read.
+/// the buffer, exactly as long, longer; this process's own `/proc` stat, which procfs makes
+/// whole at the first read; and links, read whole or not at all.
 #[test]
-fn small_files_are_read_whole() {
-    let dir = tempfile::tempdir().unwrap();
+fn a_proc_directory_reads_files_and_links_whole() {
+    let root = tempfile::tempdir().unwrap();
+    let p = root.path().join("proc/7");
+    fs::create_dir_all(&p).unwrap();
+    let dir = ProcDir::open(root.path(), 7).unwrap();
     for len in [0, 1, 4095, 4096, 4097, 10_000] {
         let text: String = b"abcdefghijklmnopqrstuvwxyz"
             .iter()
@@ -65,34 +71,47 @@ fn small_files_are_read_whole() {
             .take(len)
             .map(|&b| char::from(b))
             .collect();
-        let path = dir.path().join(format!("f{len}"));
-        fs::write(&path, &text).unwrap();
-        assert_eq!(read_small(&path).unwrap(), text, "{len} bytes");
+        let name = format!("f{len}");
+        fs::write(p.join(&name), &text).unwrap();
+        let name = std::ffi::CString::new(name).unwrap();
+        assert_eq!(dir.text(&name).unwrap(), text, "{len} bytes");
     }
-    let own = read_small(Path::new("/proc/self/stat")).unwrap();
-    assert!(start_time_from_stat(&own).is_some(), "{own}");
-    assert!(read_small(&dir.path().join("absent")).is_err());
-    fs::write(dir.path().join("binary"), [0xff, 0xfe]).unwrap();
-    assert!(read_small(&dir.path().join("binary")).is_err());
+    assert!(dir.text(c"absent").is_err());
+    fs::write(p.join("binary"), [0xff, 0xfe]).unwrap();
+    assert!(dir.text(c"binary").is_err());
+    assert_eq!(dir.bytes(c"binary").unwrap(), [0xff, 0xfe]);
+
+    let long = format!("/{}", "x".repeat(4094));
+    std::os::unix::fs::symlink("/usr/bin/psql", p.join("exe")).unwrap();
+    std::os::unix::fs::symlink(&long, p.join("long")).unwrap();
+    assert_eq!(dir.link(c"exe").as_deref(), Some("/usr/bin/psql"));
+    assert!(dir.link_is(c"exe", "/usr/bin/psql"));
+    assert!(!dir.link_is(c"exe", "/usr/bin/psq"));
+    assert_eq!(dir.link(c"long"), Some(long.clone()), "the longest link there is");
+    assert!(!dir.link_is(c"long", &long[..4094]));
+    assert_eq!(dir.link(c"absent"), None);
+
+    let own = ProcDir::open(Path::new("/"), std::process::id()).unwrap();
+    let stat = own.text(c"stat").unwrap();
+    assert!(parse_stat(&stat).is_some(), "{stat}");
+    assert!(own.link(c"exe").is_some());
+    assert!(ProcDir::open(root.path(), 8).is_err());
 }
 
 #[test]
 fn parses_the_start_time_even_with_odd_names() {
     let stat = "4242 (my (odd) name) S 4200 4242 4200 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 10";
-    assert_eq!(start_time_from_stat(stat), Some(987_654));
-    assert_eq!(start_time_from_stat("4242 (x) S 1"), None);
-    assert_eq!(start_time_from_stat("garbage"), None);
+    assert_eq!(parse_stat(stat).map(|s| s.start_time), Some(987_654));
+    assert_eq!(parse_stat("4242 (x) S 1").map(|s| s.start_time), None);
+    assert_eq!(parse_stat("garbage").map(|s| s.start_time), None);
 }
 
 #[test]
 fn a_cached_identity_is_reused_only_for_the_same_process() {
     let root = fixture();
+    let procs = root.path().join("proc");
     let reader = ProcReader::new(root.path(), "/bulkhead.governed");
-    let p = root.path().join("proc/4242");
-    let stat = |start: u64| {
-        format!("4242 (psql) S 4200 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 1 0 {start} 0 0")
-    };
-    fs::write(p.join("stat"), stat(100)).unwrap();
+    let p = procs.join("4242");
     let mut rec = psql_connect();
     assert_eq!(
         reader.identify(&rec).cmdline,
@@ -103,14 +122,24 @@ fn a_cached_identity_is_reused_only_for_the_same_process() {
     rec.pid = 4250;
     let again = reader.identify(&rec);
     assert_eq!((again.tid, again.cmdline[0].as_str()), (4250, "psql"));
-    // A new process with the reused pid is read afresh.
-    fs::write(p.join("stat"), stat(200)).unwrap();
-    assert_eq!(reader.identify(&rec).cmdline, vec!["changed"]);
+    // The process exits and a new one is given its pid, with the same executable: read afresh.
+    let psql = (4242, "psql", 4200, "/bulkhead.governed", "/usr/bin/psql", "new\0");
+    spawn(&procs, psql);
+    assert_eq!(reader.identify(&rec).cmdline, vec!["new"]);
     // So is the same process after a setuid.
     fs::write(p.join("cmdline"), "after-setuid\0").unwrap();
     rec.uid = 0;
     assert_eq!(reader.identify(&rec).cmdline, vec!["after-setuid"]);
-    // And after an execve (same pid and start time): another executable, or another comm.
+    // After a move to another cgroup (the kernel's record names another one).
+    fs::write(p.join("cgroup"), "0::/bulkhead.governed/moved\n").unwrap();
+    fs::write(p.join("cmdline"), "after-move\0").unwrap();
+    rec.cgroup_id = 2;
+    let moved = reader.identify(&rec);
+    assert_eq!(
+        (moved.cmdline[0].as_str(), moved.cgroup.as_deref()),
+        ("after-move", Some("/bulkhead.governed/moved"))
+    );
+    // And after an execve (same pid, same process): another executable, or another comm.
     fs::remove_file(p.join("exe")).unwrap();
     std::os::unix::fs::symlink("/usr/bin/curl", p.join("exe")).unwrap();
     fs::write(p.join("cmdline"), "curl\0").unwrap();
@@ -120,6 +149,49 @@ fn a_cached_identity_is_reused_only_for_the_same_process() {
     fs::write(p.join("cmdline"), "python3\0").unwrap();
     rec.comm = *b"python3\0\0\0\0\0\0\0\0\0";
     assert_eq!(reader.identify(&rec).cmdline, vec!["python3"]);
+    // A process whose executable cannot be read is never served from the cache: nothing would
+    // prove it the same process.
+    fs::remove_file(p.join("exe")).unwrap();
+    fs::write(p.join("cmdline"), "no-exe\0").unwrap();
+    assert_eq!(reader.identify(&rec).cmdline, vec!["no-exe"]);
+    fs::write(p.join("cmdline"), "no-exe-again\0").unwrap();
+    assert_eq!(reader.identify(&rec).cmdline, vec!["no-exe-again"]);
+}
+
+/// What the per-connect proof cannot see (a cgroup renamed in place, a name set with `prctl`)
+/// is read afresh once the cached identity is older than the reader's time to live.
+#[test]
+fn a_cached_identity_expires() {
+    let root = fixture();
+    let p = root.path().join("proc/4242");
+    let ttl = Duration::from_millis(200);
+    let reader = ProcReader::new(root.path(), "/bulkhead.governed").caching_for(ttl);
+    let rec = psql_connect();
+    assert_eq!(
+        reader.identify(&rec).cgroup.as_deref(),
+        Some("/bulkhead.governed")
+    );
+    let renamed = Instant::now();
+    fs::write(p.join("cgroup"), "0::/bulkhead.governed/renamed.service\n").unwrap();
+    let within = reader.identify(&rec);
+    if renamed.elapsed() < ttl {
+        assert_eq!(within.cgroup.as_deref(), Some("/bulkhead.governed"));
+    }
+    std::thread::sleep(ttl);
+    let after = reader.identify(&rec);
+    assert_eq!(
+        (after.cgroup.as_deref(), after.unit.as_deref()),
+        (
+            Some("/bulkhead.governed/renamed.service"),
+            Some("renamed.service")
+        )
+    );
+    // A reader that keeps nothing reads every time.
+    let uncached =
+        ProcReader::new(root.path(), "/bulkhead.governed").caching_for(Duration::ZERO);
+    uncached.identify(&rec);
+    fs::write(p.join("cmdline"), "fresh\0").unwrap();
+    assert_eq!(uncached.identify(&rec).cmdline, vec!["fresh"]);
 }
 
 /// The fixture's psql (4242, uid 1000) connecting.
@@ -183,16 +255,22 @@ fn a_cached_identity_is_reused_only_while_its_parent_chain_holds() {
         parents(&execed)[0],
         (4200, "python3".into(), Some("/usr/bin/python3".into()))
     );
-    // The same exec keeping the executable's path but not its name is seen too.
-    write_proc(&procs, 4200, "renamed", 4100, 42_000);
-    assert_eq!(parents(&reader.identify(&rec))[0].1, "renamed");
 
-    // A grandparent replaced by a new process under the same pid (a new start time).
-    write_proc(&procs, 4100, "claude", 4000, 99_999);
+    // A grandparent that exited, its pid given to a new process with the same executable.
+    let claude = (
+        4100,
+        "claude",
+        4000,
+        "/bulkhead.governed/claude.scope",
+        "/opt/claude/bin/claude",
+        "claude\0",
+    );
+    spawn(&procs, claude);
     fs::write(proc(4242).join("cmdline"), "reread\0").unwrap();
     assert_eq!(reader.identify(&rec).cmdline, vec!["reread"]);
 
     // The parent dies and the process is reparented to sshd: the chain is now sshd alone.
+    fs::remove_dir_all(proc(4200)).unwrap();
     write_proc(&procs, 4242, "psql", 4000, 42_420);
     let orphan = reader.identify(&rec);
     assert_eq!(
@@ -210,6 +288,21 @@ fn parses_stat_with_odd_names() {
     assert_eq!((s.comm, s.ppid, s.start_time), ("a) b (c)", 3, 55));
     assert_eq!(parse_stat("7 (x) S"), None);
     assert_eq!(parse_stat("no parens"), None);
+}
+
+/// A fixture process (pid, name, parent, cgroup, executable, command line) in a new
+/// directory: a process that exited and left its pid to this one leaves nothing behind, as in
+/// procfs, where the old process's directory then reads nothing.
+fn spawn(proc_dir: &Path, (pid, name, ppid, cg, exe, cmd): (u32, &str, u32, &str, &str, &str)) {
+    let p = proc_dir.join(pid.to_string());
+    if p.exists() {
+        fs::remove_dir_all(&p).unwrap();
+    }
+    fs::create_dir_all(&p).unwrap();
+    write_proc(proc_dir, pid, name, ppid, u64::from(pid) * 10);
+    fs::write(p.join("cgroup"), format!("0::{cg}\n")).unwrap();
+    fs::write(p.join("cmdline"), cmd).unwrap();
+    std::os::unix::fs::symlink(exe, p.join("exe")).unwrap();
 }
 
 /// A fixture proc tree: agent (4242, governed) ← shell (4200, governed) ← claude (4100,
@@ -251,19 +344,8 @@ fn fixture() -> tempfile::TempDir {
         ),
         (1, "init", 0, "/", "/sbin/init", "/sbin/init\0"),
     ];
-    for (pid, name, ppid, cg, exe, cmd) in procs {
-        let p = dir.path().join(format!("proc/{pid}"));
-        fs::create_dir_all(&p).unwrap();
-        write_proc(
-            &dir.path().join("proc"),
-            pid,
-            name,
-            ppid,
-            u64::from(pid) * 10,
-        );
-        fs::write(p.join("cgroup"), format!("0::{cg}\n")).unwrap();
-        fs::write(p.join("cmdline"), cmd).unwrap();
-        std::os::unix::fs::symlink(exe, p.join("exe")).unwrap();
+    for p in procs {
+        spawn(&dir.path().join("proc"), p);
     }
     fs::create_dir_all(dir.path().join("etc")).unwrap();
     fs::write(
@@ -340,4 +422,33 @@ fn a_vanished_process_keeps_the_kernel_identity() {
     let id = reader.identify(&rec);
     assert_eq!((id.pid, id.uid, id.comm.as_str()), (9, 5, "gone"));
     assert!(id.exe.is_none() && id.cmdline.is_empty() && id.ancestors.is_empty());
+}
+
+/// procfs as the cache relies on it, on this kernel: a held `/proc/PID` follows its process
+/// through an exec (its `exe` then names the new program) and reads nothing once the process
+/// has exited, whatever is later given its pid.
+#[test]
+fn a_held_proc_directory_follows_its_process_and_no_other() {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new("sh")
+        .args(["-c", "read _; exec sleep 30"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let dir = ProcDir::open(Path::new("/"), child.id()).unwrap();
+    let shell = dir.link(c"exe").unwrap();
+    assert!(dir.link_is(c"exe", &shell));
+    writeln!(child.stdin.as_mut().unwrap()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while dir.link_is(c"exe", &shell) {
+        assert!(Instant::now() < deadline, "the shell never exec'd sleep");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let sleep = dir.link(c"exe").unwrap();
+    assert!(sleep.ends_with("/sleep"), "{sleep}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(dir.link(c"exe"), None);
+    assert!(!dir.link_is(c"exe", &sleep));
+    assert!(dir.text(c"stat").is_err());
 }
