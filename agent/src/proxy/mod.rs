@@ -26,7 +26,6 @@ use tokio::{
     net::{TcpListener, TcpStream},
     sync::watch,
 };
-use tracing::info_span;
 
 use self::session::Conn;
 pub use self::session::{Gateway, Stats, StatsSnapshot, UPSTREAM_CONNECT_TIMEOUT};
@@ -117,15 +116,12 @@ pub async fn handle(
     // under the configuration in force now, kept to the session's end.
     let config = gw.config.current();
     let target = config.resolve(destination);
-    let span = info_span!(
-        "conn",
-        pid = identity.pid,
-        comm = %identity.comm,
-        dst = %destination,
-        target = %target.name,
-        session = tracing::field::Empty,
+    let fields = conn_log::ConnFields::new(
+        identity.pid,
+        identity.comm.clone(),
+        destination,
+        target.name.to_string(),
     );
-    let own_span = span.clone();
 
     let connection = async {
         if target.target.is_none() && config.capture.unmatched == Unmatched::Refuse {
@@ -156,7 +152,7 @@ pub async fn handle(
                 return;
             }
         };
-        own_span.record("session", id.0);
+        conn_log::record_session(id.0);
         debug!("session opened");
         let conn = Conn {
             gw,
@@ -196,7 +192,7 @@ pub async fn handle(
         );
         close(gw, id, end);
     };
-    conn_log::in_conn(connection, span).await;
+    conn_log::in_conn(connection, fields).await;
 }
 
 /// An allowed connection, to its protocol's gateway.
