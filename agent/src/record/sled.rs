@@ -676,6 +676,17 @@ mod tests {
             (Outcome::Closed, 1)
         );
         assert_eq!(store.counts().unwrap(), SessionCounts { total: 1, open: 0 });
+
+        // Opened, counted and closed within one batch: written once, as last queued.
+        let hold = store.queue.write.lock().unwrap();
+        let short = store.open(start(2)).unwrap();
+        store.append(short, request(RecordedVerdict::Deny)).unwrap();
+        store.close(short, end(Outcome::Closed)).unwrap();
+        assert_eq!(store.queue.lock().sessions.len(), 3);
+        drop(hold);
+        let s = store.get(short).unwrap().unwrap();
+        assert_eq!((s.outcome, s.denied, s.ended_at_us), (Outcome::Closed, 1, Some(99)));
+        assert_eq!(store.counts().unwrap(), SessionCounts { total: 2, open: 0 });
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! [`WRITE_EVERY_MS`], one LZ4-compressed chunk per session per batch (`record/chunk.rs`).
 
 use std::{
+    collections::HashSet,
     sync::{
         atomic::{AtomicU64, Ordering},
         Condvar, Mutex, PoisonError,
@@ -100,8 +101,13 @@ impl Sink {
                 std::mem::take(&mut state.sessions),
             )
         };
+        // A session queued more than once in a batch (a short one, opened and closed within
+        // it) is written once, as it was last queued.
+        let mut written = HashSet::with_capacity(sessions.len());
         let result = sessions
             .iter()
+            .rev()
+            .filter(|s| written.insert(s.id))
             .try_for_each(|s| self.put_session(s))
             .map_err(|e| (e, true))
             .and_then(|()| {
