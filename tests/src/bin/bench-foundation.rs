@@ -142,7 +142,7 @@ fn main() {
 fn connect_and_echo(topo: &Topology, daemon: u32, rounds: usize) {
     let echo_target = format!("{TARGET_V4}:{ECHO_PORT}");
     let _relay_echo = echo_server(topo, &format!("{TARGET_V4}:{ECHO_RELAY_PORT}"));
-    let _relay = topo.probe_server(
+    let relay = topo.probe_server(
         Side::Host,
         "echo-relay",
         &[
@@ -155,22 +155,27 @@ fn connect_and_echo(topo: &Topology, daemon: u32, rounds: usize) {
     println!(
         "connect() + first byte echoed back by the target + close() ({ECHO_CONNECTS} per round; relay: bh-probe relay-async, the floor)"
     );
-    println!("round    direct  gateway    relay    added  relay added  gw cpu/conn  load");
+    println!(
+        "round    direct  gateway    relay    added  relay added  gw cpu/conn  relay cpu/conn  load"
+    );
     let (mut base, mut subject, mut added, mut cpu) = (vec![], vec![], vec![], vec![]);
-    let (mut relayed, mut relay_added) = (vec![], vec![]);
+    let (mut relayed, mut relay_added, mut relay_cpu) = (vec![], vec![], vec![]);
     for round in 1..=rounds {
         let b = per(echo_loop(topo, Side::Host, &echo_target));
         let cpu_before = cpu_us(daemon);
         let s = per(echo_loop(topo, Side::Governed, &echo_target));
         // Drained: every session of the round closed and recorded.
         let c = (cpu_us(daemon) - cpu_before) / f64::from(ECHO_CONNECTS);
+        let relay_before = cpu_us(relay.pid());
         let r = per(echo_loop(topo, Side::Host, ECHO_RELAY));
+        let rc = (cpu_us(relay.pid()) - relay_before) / f64::from(ECHO_CONNECTS);
         println!(
-            "{round:<5} {b:>9.1} {s:>8.1} {r:>8.1} {:>+8.1} {:>+12.1} {c:>9.1} us  {}",
+            "{round:<5} {b:>9.1} {s:>8.1} {r:>8.1} {:>+8.1} {:>+12.1} {c:>9.1} us  {rc:>11.1} us  {}",
             s - b,
             r - b,
             load()
         );
+        relay_cpu.push(rc);
         base.push(b);
         subject.push(s);
         added.push(s - b);
@@ -189,8 +194,9 @@ fn connect_and_echo(topo: &Topology, daemon: u32, rounds: usize) {
         median(relay_added)
     );
     println!(
-        "  gateway CPU:      {:>8.1} us per connection (median)",
-        median(cpu)
+        "  gateway CPU:      {:>8.1} us per connection (median); the bare relay {:.1} us",
+        median(cpu),
+        median(relay_cpu)
     );
     println!();
 }
