@@ -218,9 +218,12 @@ mod tests {
     /// fields as recorded so far.
     #[derive(Clone, Default)]
     struct Seen {
-        events: Arc<Mutex<Vec<(String, Vec<String>)>>>,
-        spans: Arc<Mutex<Vec<(String, Vec<String>)>>>,
+        events: Log,
+        spans: Log,
     }
+
+    /// Names (an event's message, a span's name), each with its list.
+    type Log = Arc<Mutex<Vec<(String, Vec<String>)>>>;
 
     #[derive(Default)]
     struct Fields {
@@ -289,7 +292,10 @@ mod tests {
                     warn!("inside");
                     warn!("again");
                     // The task's poll itself enters nothing.
-                    assert_eq!(Span::current().metadata().map(|m| m.name()), Some("other"));
+                    assert_eq!(
+                        Span::current().metadata().map(tracing::Metadata::name),
+                        Some("other")
+                    );
                 },
                 fields(),
             ));
@@ -298,7 +304,11 @@ mod tests {
         });
         let events: HashMap<String, Vec<String>> =
             seen.events.lock().unwrap().iter().cloned().collect();
-        assert_eq!(events["inside"], ["conn"], "a root span, not under what was entered");
+        assert_eq!(
+            events["inside"],
+            ["conn"],
+            "a root span, not under what was entered"
+        );
         assert_eq!(events["again"], ["conn"]);
         assert_eq!(events["after"], ["other"]);
         let spans = seen.spans.lock().unwrap();
@@ -306,7 +316,13 @@ mod tests {
         assert_eq!(conn.len(), 1, "one span for the connection's events");
         assert_eq!(
             conn[0].1,
-            ["pid=4242", "comm=psql", "dst=10.0.0.5:5432", "target=db", "session=7"]
+            [
+                "pid=4242",
+                "comm=psql",
+                "dst=10.0.0.5:5432",
+                "target=db",
+                "session=7"
+            ]
         );
     }
 

@@ -199,8 +199,7 @@ fn take_elem<K: Pod, V: Pod>(map: &MapData, key: &K) -> io::Result<Option<V>> {
     let value_ptr = value.as_mut_ptr().cast::<u8>();
     // SAFETY: `key` is a `K` and `value` has room for a `V`; the map's sizes were checked
     // against `K` and `V` when it was opened.
-    let found = match unsafe { map_elem(BPF_MAP_LOOKUP_AND_DELETE_ELEM, map, key_ptr, value_ptr) }
-    {
+    let found = match unsafe { map_elem(BPF_MAP_LOOKUP_AND_DELETE_ELEM, map, key_ptr, value_ptr) } {
         Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | ENOTSUPP)) => {
             // SAFETY: as above.
             unsafe { lookup_then_delete(map, key_ptr, value_ptr) }?
@@ -965,9 +964,7 @@ mod tests {
         let mut value = [0u8; 24];
         let take = |value: &mut [u8; 24]| {
             // SAFETY: key and value of the map's sizes.
-            unsafe {
-                lookup_then_delete(&map, std::ptr::from_ref(&key).cast(), value.as_mut_ptr())
-            }
+            unsafe { lookup_then_delete(&map, std::ptr::from_ref(&key).cast(), value.as_mut_ptr()) }
         };
         assert!(take(&mut value).unwrap());
         assert_eq!(value, [2; 24]);

@@ -200,11 +200,9 @@ impl Cached {
                 .as_deref()
                 .is_some_and(|exe| self.dir.link_is(c"exe", exe))
             && self.parents.as_ref().is_some_and(|dirs| {
-                dirs.iter().zip(&self.identity.ancestors).all(|(dir, a)| {
-                    a.exe
-                        .as_deref()
-                        .is_some_and(|exe| dir.link_is(c"exe", exe))
-                })
+                dirs.iter()
+                    .zip(&self.identity.ancestors)
+                    .all(|(dir, a)| a.exe.as_deref().is_some_and(|exe| dir.link_is(c"exe", exe)))
             })
     }
 }

@@ -87,7 +87,11 @@ fn a_proc_directory_reads_files_and_links_whole() {
     assert_eq!(dir.link(c"exe").as_deref(), Some("/usr/bin/psql"));
     assert!(dir.link_is(c"exe", "/usr/bin/psql"));
     assert!(!dir.link_is(c"exe", "/usr/bin/psq"));
-    assert_eq!(dir.link(c"long"), Some(long.clone()), "the longest link there is");
+    assert_eq!(
+        dir.link(c"long"),
+        Some(long.clone()),
+        "the longest link there is"
+    );
     assert!(!dir.link_is(c"long", &long[..4094]));
     assert_eq!(dir.link(c"absent"), None);
 
@@ -123,7 +127,14 @@ fn a_cached_identity_is_reused_only_for_the_same_process() {
     let again = reader.identify(&rec);
     assert_eq!((again.tid, again.cmdline[0].as_str()), (4250, "psql"));
     // The process exits and a new one is given its pid, with the same executable: read afresh.
-    let psql = (4242, "psql", 4200, "/bulkhead.governed", "/usr/bin/psql", "new\0");
+    let psql = (
+        4242,
+        "psql",
+        4200,
+        "/bulkhead.governed",
+        "/usr/bin/psql",
+        "new\0",
+    );
     spawn(&procs, psql);
     assert_eq!(reader.identify(&rec).cmdline, vec!["new"]);
     // So is the same process after a setuid.
@@ -187,8 +198,7 @@ fn a_cached_identity_expires() {
         )
     );
     // A reader that keeps nothing reads every time.
-    let uncached =
-        ProcReader::new(root.path(), "/bulkhead.governed").caching_for(Duration::ZERO);
+    let uncached = ProcReader::new(root.path(), "/bulkhead.governed").caching_for(Duration::ZERO);
     uncached.identify(&rec);
     fs::write(p.join("cmdline"), "fresh\0").unwrap();
     assert_eq!(uncached.identify(&rec).cmdline, vec!["fresh"]);
@@ -293,14 +303,14 @@ fn parses_stat_with_odd_names() {
 /// A fixture process (pid, name, parent, cgroup, executable, command line) in a new
 /// directory: a process that exited and left its pid to this one leaves nothing behind, as in
 /// procfs, where the old process's directory then reads nothing.
-fn spawn(proc_dir: &Path, (pid, name, ppid, cg, exe, cmd): (u32, &str, u32, &str, &str, &str)) {
+fn spawn(proc_dir: &Path, (pid, name, ppid, cgroup, exe, cmd): (u32, &str, u32, &str, &str, &str)) {
     let p = proc_dir.join(pid.to_string());
     if p.exists() {
         fs::remove_dir_all(&p).unwrap();
     }
     fs::create_dir_all(&p).unwrap();
     write_proc(proc_dir, pid, name, ppid, u64::from(pid) * 10);
-    fs::write(p.join("cgroup"), format!("0::{cg}\n")).unwrap();
+    fs::write(p.join("cgroup"), format!("0::{cgroup}\n")).unwrap();
     fs::write(p.join("cmdline"), cmd).unwrap();
     std::os::unix::fs::symlink(exe, p.join("exe")).unwrap();
 }

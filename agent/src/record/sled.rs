@@ -685,7 +685,10 @@ mod tests {
         assert_eq!(store.queue.lock().sessions.len(), 3);
         drop(hold);
         let s = store.get(short).unwrap().unwrap();
-        assert_eq!((s.outcome, s.denied, s.ended_at_us), (Outcome::Closed, 1, Some(99)));
+        assert_eq!(
+            (s.outcome, s.denied, s.ended_at_us),
+            (Outcome::Closed, 1, Some(99))
+        );
         assert_eq!(store.counts().unwrap(), SessionCounts { total: 2, open: 0 });
     }
 
