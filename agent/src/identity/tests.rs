@@ -267,15 +267,7 @@ fn a_cached_identity_is_reused_only_while_its_parent_chain_holds() {
     );
 
     // A grandparent that exited, its pid given to a new process with the same executable.
-    let claude = (
-        4100,
-        "claude",
-        4000,
-        "/bulkhead.governed/claude.scope",
-        "/opt/claude/bin/claude",
-        "claude\0",
-    );
-    spawn(&procs, claude);
+    spawn(&procs, CLAUDE);
     fs::write(proc(4242).join("cmdline"), "reread\0").unwrap();
     assert_eq!(reader.identify(&rec).cmdline, vec!["reread"]);
 
@@ -300,10 +292,30 @@ fn parses_stat_with_odd_names() {
     assert_eq!(parse_stat("no parens"), None);
 }
 
+/// A fixture process: pid, name, parent, cgroup, executable, command line.
+type FixtureProc = (
+    u32,
+    &'static str,
+    u32,
+    &'static str,
+    &'static str,
+    &'static str,
+);
+
+/// The fixture's claude (4100), governed, in a scope of its own.
+const CLAUDE: FixtureProc = (
+    4100,
+    "claude",
+    4000,
+    "/bulkhead.governed/claude.scope",
+    "/opt/claude/bin/claude",
+    "claude\0",
+);
+
 /// A fixture process (pid, name, parent, cgroup, executable, command line) in a new
 /// directory: a process that exited and left its pid to this one leaves nothing behind, as in
 /// procfs, where the old process's directory then reads nothing.
-fn spawn(proc_dir: &Path, (pid, name, ppid, cgroup, exe, cmd): (u32, &str, u32, &str, &str, &str)) {
+fn spawn(proc_dir: &Path, (pid, name, ppid, cgroup, exe, cmd): FixtureProc) {
     let p = proc_dir.join(pid.to_string());
     if p.exists() {
         fs::remove_dir_all(&p).unwrap();
@@ -336,14 +348,7 @@ fn fixture() -> tempfile::TempDir {
             "/usr/bin/bash",
             "bash\0",
         ),
-        (
-            4100,
-            "claude",
-            4000,
-            "/bulkhead.governed/claude.scope",
-            "/opt/claude/bin/claude",
-            "claude\0",
-        ),
+        CLAUDE,
         (
             4000,
             "sshd",
