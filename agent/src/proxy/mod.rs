@@ -171,11 +171,22 @@ pub async fn handle(
             info!(rules = ?decided.decision.rules, "connection refused by policy");
             match conn.target.protocol {
                 Protocol::Postgres => {
-                    postgres::refuse(&conn, &protocols.postgres, client_stream, &reason).await
+                    Box::pin(postgres::refuse(
+                        &conn,
+                        &protocols.postgres,
+                        client_stream,
+                        &reason,
+                    ))
+                    .await
                 }
                 Protocol::Ssh if conn.target.target.is_some() => ssh::refuse(client_stream, reason),
                 Protocol::Http | Protocol::Kubernetes if conn.target.target.is_some() => {
-                    http::refuse(client_stream, &reason, &decided.decision.rules).await
+                    Box::pin(http::refuse(
+                        client_stream,
+                        &reason,
+                        &decided.decision.rules,
+                    ))
+                    .await
                 }
                 _ => tcp::refuse(client_stream, reason),
             }
@@ -209,13 +220,17 @@ async fn serve_allowed(
     ) {
         conn.gw.orig_dst.fast_path(&client_stream);
     }
+    // Each protocol's future boxed: held inline, the largest of them (several KiB) would size
+    // every connection's task, and be copied whole into it at spawn, whatever it serves.
     match conn.target.protocol {
-        Protocol::Postgres => postgres::serve(conn, &protocols.postgres, client_stream).await,
-        Protocol::Ssh => ssh::serve(conn, &protocols.ssh, client_stream).await,
-        Protocol::Http | Protocol::Kubernetes => {
-            http::serve(conn, &protocols.http, client_stream).await
+        Protocol::Postgres => {
+            Box::pin(postgres::serve(conn, &protocols.postgres, client_stream)).await
         }
-        Protocol::Tcp => tcp::serve(conn, client_stream).await,
+        Protocol::Ssh => Box::pin(ssh::serve(conn, &protocols.ssh, client_stream)).await,
+        Protocol::Http | Protocol::Kubernetes => {
+            Box::pin(http::serve(conn, &protocols.http, client_stream)).await
+        }
+        Protocol::Tcp => Box::pin(tcp::serve(conn, client_stream)).await,
         // Record categories only (never a configured target's protocol): refused.
         Protocol::Udp | Protocol::Socket | Protocol::Unix | Protocol::Dns => {
             tcp::refuse(client_stream, "not relayed".into())
