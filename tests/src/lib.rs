@@ -146,6 +146,17 @@ impl Proc {
         self.stdout.as_ref()?.recv_timeout(timeout).ok()
     }
 
+    /// The rest of stdout, read to its end (the process closed it), or until no line comes
+    /// within `patience`. Returns at once at the end: the reader's channel closes with it.
+    pub fn rest_of_stdout(&mut self, patience: Duration) -> String {
+        let mut out = String::new();
+        while let Some(line) = self.line(patience) {
+            out.push_str(&line);
+            out.push('\n');
+        }
+        out
+    }
+
     /// Every stdout line available now.
     pub fn drain_lines(&mut self) -> Vec<String> {
         let Some(rx) = self.stdout.as_ref() else {

@@ -228,11 +228,9 @@ fn kubectl_through_the_gateway_is_judged_held_and_recorded() {
     );
     assert!(approved.status.success(), "{}", text(&approved));
     let status = exec.wait();
-    let mut stdout = String::new();
-    while let Some(l) = exec.line(std::time::Duration::from_millis(500)) {
-        stdout.push_str(&l);
-        stdout.push('\n');
-    }
+    // kubectl has exited: its stdout ends, so this waits only on a loaded machine's reader
+    // thread (500 ms per line was once too short).
+    let stdout = exec.rest_of_stdout(std::time::Duration::from_secs(10));
     assert!(status.success(), "{stdout} {}", exec.stderr());
     assert_eq!(stdout, "hello governed\n", "{}", exec.stderr());
 
