@@ -108,6 +108,18 @@ pub fn sh(program: &str, args: &[&str]) {
     );
 }
 
+/// CPU time the process's threads have used, in microseconds, from each thread's
+/// `schedstat` (nanoseconds; `/proc/PID/stat` counts in ticks of 10 ms, too coarse here).
+/// A thread that ends between two readings takes its time with it.
+pub fn cpu_us(pid: u32) -> f64 {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("daemon's /proc tasks");
+    let ns: f64 = tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<f64>().ok())
+        .sum();
+    ns / 1000.0
+}
+
 /// Panics, saying why, when privileged tests cannot run here: a skipped test would pass.
 pub fn require_root() {
     if let Some(why) = missing_privileges() {

@@ -11,11 +11,13 @@
 //!    its end in the map);
 //! 3. the same, the client waiting 20 ms after connecting (both directions on the fast path).
 //!
-//! Prints medians, ratios, the load average before and after, and the fast path's counters.
+//! Prints medians, ratios, each daemon's CPU per MiB or per exchange, the load average before
+//! and after, and the fast path's counters. `BENCH_FASTPATH_ONLY=rr` runs the two
+//! request/response measurements alone.
 
 use std::{process::Command, time::Duration};
 
-use bulkhead_tests::{missing_privileges, Proc, Side, Topology, TARGET_V4};
+use bulkhead_tests::{cpu_us, missing_privileges, Proc, Side, Topology, TARGET_V4};
 
 const BULK_BYTES: u64 = 256 << 20;
 const ROUNDS: usize = 5;
@@ -38,35 +40,15 @@ fn main() {
         "bulkhead kernel fast path ({ROUNDS} rounds, median; load average before: {load_before})"
     );
     println!();
-    let bulk = three(
-        |w, side| w.probe(side, &["bench-send", &sink, &BULK_BYTES.to_string()]),
-        &off,
-        &on,
-    );
-    let mib = |ns: f64| (BULK_BYTES as f64 / f64::from(1 << 20)) / (ns / 1e9);
-    println!(
-        "bulk, {} MiB governed -> target (opaque TCP)",
-        BULK_BYTES >> 20
-    );
-    println!("  direct:                {:>9.0} MiB/s", mib(bulk[0]));
-    println!(
-        "  gateway, fast path off:{:>9.0} MiB/s  {:.2}x of direct",
-        mib(bulk[1]),
-        bulk[0] / bulk[1]
-    );
-    println!(
-        "  gateway, fast path on: {:>9.0} MiB/s  {:.2}x of direct, {:.2}x of off",
-        mib(bulk[2]),
-        bulk[0] / bulk[2],
-        bulk[1] / bulk[2]
-    );
-    println!();
+    if std::env::var("BENCH_FASTPATH_ONLY").as_deref() != Ok("rr") {
+        bulk(&off, &on, &sink);
+    }
 
     for (title, wait) in [
         ("the client writes at once", "0"),
         ("the client waits 20 ms after connecting", "20"),
     ] {
-        let rr = three(
+        let Legs { time: rr, cpu } = three(
             |w, side| {
                 w.probe(
                     side,
@@ -79,16 +61,19 @@ fn main() {
         let us = |ns: f64| ns / f64::from(EXCHANGES) / 1000.0;
         println!("request/response, 64 bytes, {title} ({EXCHANGES} exchanges)");
         println!("  direct:                {:>8.2} us/exchange", us(rr[0]));
+        let cpu = cpu.map(|c| c / f64::from(EXCHANGES));
         println!(
-            "  gateway, fast path off:{:>8.2} us/exchange  (+{:.2} us)",
+            "  gateway, fast path off:{:>8.2} us/exchange  (+{:.2} us)  daemon CPU {:.2} us/exchange",
             us(rr[1]),
-            us(rr[1]) - us(rr[0])
+            us(rr[1]) - us(rr[0]),
+            cpu[0]
         );
         println!(
-            "  gateway, fast path on: {:>8.2} us/exchange  (+{:.2} us; {:.2}x of off)",
+            "  gateway, fast path on: {:>8.2} us/exchange  (+{:.2} us; {:.2}x of off)  daemon CPU {:.2} us/exchange",
             us(rr[2]),
             us(rr[2]) - us(rr[0]),
-            rr[2] / rr[1]
+            rr[2] / rr[1],
+            cpu[1]
         );
         println!();
     }
@@ -100,8 +85,40 @@ fn main() {
     println!("load average after: {}", load());
 }
 
+/// Opaque TCP bulk, governed side to the sink: throughput and each daemon's CPU per MiB.
+fn bulk(off: &World, on: &World, sink: &str) {
+    let Legs { time: bulk, cpu } = three(
+        |w, side| w.probe(side, &["bench-send", sink, &BULK_BYTES.to_string()]),
+        off,
+        on,
+    );
+    let mibs = BULK_BYTES as f64 / f64::from(1 << 20);
+    let mib = |ns: f64| mibs / (ns / 1e9);
+    let cpu = cpu.map(|c| c / mibs);
+    println!(
+        "bulk, {} MiB governed -> target (opaque TCP)",
+        BULK_BYTES >> 20
+    );
+    println!("  direct:                {:>9.0} MiB/s", mib(bulk[0]));
+    println!(
+        "  gateway, fast path off:{:>9.0} MiB/s  {:.2}x of direct  daemon CPU {:.0} us/MiB",
+        mib(bulk[1]),
+        bulk[0] / bulk[1],
+        cpu[0]
+    );
+    println!(
+        "  gateway, fast path on: {:>9.0} MiB/s  {:.2}x of direct, {:.2}x of off  daemon CPU {:.0} us/MiB",
+        mib(bulk[2]),
+        bulk[0] / bulk[2],
+        bulk[1] / bulk[2],
+        cpu[1]
+    );
+    println!();
+}
+
 struct World {
     topo: Topology,
+    daemon: u32,
     _servers: Vec<Proc>,
 }
 
@@ -117,6 +134,7 @@ impl World {
         let daemon = topo.start_daemon(&[]);
         Self {
             topo,
+            daemon: daemon.pid(),
             _servers: vec![sink, echo, daemon],
         }
     }
@@ -138,16 +156,34 @@ impl World {
     }
 }
 
-/// Medians of direct (ungoverned, from `off`'s host side), through `off`'s gateway and through
-/// `on`'s, over alternating rounds.
-fn three(run: impl Fn(&World, Side) -> f64, off: &World, on: &World) -> [f64; 3] {
-    let mut r: [Vec<f64>; 3] = Default::default();
+/// Medians over alternating rounds: the run's time direct (ungoverned, from `off`'s host
+/// side), through `off`'s gateway and through `on`'s; and the daemon CPU (us) of the two
+/// gateway legs.
+struct Legs {
+    time: [f64; 3],
+    cpu: [f64; 2],
+}
+
+fn three(run: impl Fn(&World, Side) -> f64, off: &World, on: &World) -> Legs {
+    let mut time: [Vec<f64>; 3] = Default::default();
+    let mut cpu: [Vec<f64>; 2] = Default::default();
+    let through = |w: &World, cpu: &mut Vec<f64>| {
+        let before = cpu_us(w.daemon);
+        let t = run(w, Side::Governed);
+        cpu.push(cpu_us(w.daemon) - before);
+        t
+    };
     for _ in 0..ROUNDS {
-        r[0].push(run(off, Side::Host));
-        r[1].push(run(off, Side::Governed));
-        r[2].push(run(on, Side::Governed));
+        time[0].push(run(off, Side::Host));
+        let t = through(off, &mut cpu[0]);
+        time[1].push(t);
+        let t = through(on, &mut cpu[1]);
+        time[2].push(t);
     }
-    r.map(median)
+    Legs {
+        time: time.map(median),
+        cpu: cpu.map(median),
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

@@ -23,7 +23,7 @@
 
 use std::{process::Command, time::Duration};
 
-use bulkhead_tests::{missing_privileges, Side, Topology, TARGET_V4};
+use bulkhead_tests::{cpu_us, missing_privileges, Side, Topology, TARGET_V4};
 
 const CONNECTS: u32 = 2_000;
 const ROUNDS: usize = 5;
@@ -199,18 +199,6 @@ fn connect_and_echo(topo: &Topology, daemon: u32, rounds: usize) {
         median(relay_cpu)
     );
     println!();
-}
-
-/// CPU time the process's threads have used, in microseconds, from each thread's
-/// `schedstat` (nanoseconds; `/proc/PID/stat` counts in ticks of 10 ms, too coarse here).
-/// A thread that ends between two readings takes its time with it.
-fn cpu_us(pid: u32) -> f64 {
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("daemon's /proc tasks");
-    let ns: f64 = tasks
-        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
-        .filter_map(|s| s.split_whitespace().next()?.parse::<f64>().ok())
-        .sum();
-    ns / 1000.0
 }
 
 /// The one-minute load average, to print beside a round's figures.
