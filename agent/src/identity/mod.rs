@@ -154,8 +154,10 @@ const CACHE_CAPACITY: usize = 1024;
 /// How many `/proc` directories the kept identities may hold open between them.
 const CACHE_DIRS: usize = 4096;
 /// The longest a cached identity is served. A name (`prctl(PR_SET_NAME)`, or an exec of the
-/// same executable under another name) and a cgroup's path (a rename) can change without
-/// anything [`Cached::holds`] checks changing; they are read afresh at least this often.
+/// same executable under another name), a cgroup's path (a rename), an ancestor's cgroup and a
+/// command line (the process's own memory, which it can rewrite at any time, cached or not)
+/// can change without anything [`Cached::holds`] checks changing; they are read afresh at
+/// least this often.
 pub const CACHE_TTL: Duration = Duration::from_secs(1);
 
 /// What `/proc` said about a process, served while [`Cached::holds`].
