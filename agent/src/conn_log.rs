@@ -158,9 +158,15 @@ impl Drop for Entered {
 }
 
 /// An event at `$level` in the current connection's span.
+///
+/// The span is made only if the current subscriber takes an event at this level from the
+/// calling module: `level_enabled!` alone is the highest level any subscriber takes (every
+/// thread's, and every target's), so a `debug!` filtered out by `bulkhead=info` would still
+/// make the span. `enabled!` asks the current dispatcher, through a callsite whose interest
+/// is cached, so an event that is off costs what tracing's own macros cost.
 macro_rules! conn_event {
     ($level:expr, $($arg:tt)+) => {
-        if tracing::level_enabled!($level) {
+        if tracing::level_enabled!($level) && tracing::enabled!($level) {
             let _entered = $crate::conn_log::enter();
             tracing::event!($level, $($arg)+);
         }
