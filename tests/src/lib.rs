@@ -1018,6 +1018,22 @@ impl Topology {
         )
     }
 
+    /// `bh-pg-client` (tokio-postgres: Parse and Describe, then Execute with binary results)
+    /// through the gateway from the governed side, to `TARGET_V4`, with `args` after the
+    /// address (none: its own fixed script); its JSON output, once it exited 0.
+    pub fn pg_client(&self, args: &[&str]) -> serde_json::Value {
+        let mut cmd = Command::new(probe_bin().with_file_name("bh-pg-client"));
+        cmd.arg(TARGET_V4).args(args);
+        let out = self.output(Side::Governed, cmd);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{stdout} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_str(stdout.trim()).expect("bh-pg-client prints JSON")
+    }
+
     /// Writes the held password where a target's `credentials = { file = ... }` points.
     pub fn credential_file(&self, name: &str, secret: &str) -> PathBuf {
         let path = self.dir.join(format!("{name}.secret"));

@@ -1078,25 +1078,12 @@ mask = { columns = ["public.users.ssn"], style = "redact" }
 
     // Extended protocol, tokio-postgres: the rows of an Execute follow no RowDescription (it
     // came with the statement's Describe, in an earlier round trip) and are binary.
-    let exe = bulkhead_tests::probe_bin().with_file_name("bh-pg-client");
-    let out = topo.output(Side::Governed, {
-        let mut c = Command::new(exe);
-        c.args([
-            TARGET_V4,
-            "query",
-            "SELECT ssn AS x, name, id FROM users",
-            "SELECT ssn FROM other",
-            "SELECT o.ssn, u.ssn FROM other o JOIN users u ON true",
-        ]);
-        c
-    });
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_str(stdout.trim()).unwrap();
+    let v = topo.pg_client(&[
+        "query",
+        "SELECT ssn AS x, name, id FROM users",
+        "SELECT ssn FROM other",
+        "SELECT o.ssn, u.ssn FROM other o JOIN users u ON true",
+    ]);
     assert_eq!(
         v,
         serde_json::json!([
@@ -1156,19 +1143,7 @@ print(json.dumps(out))
 fn a_rust_driver_with_binary_parameters_and_prepared_statements() {
     require_root();
     let (topo, _pg, _daemon) = setup("scram-sha-256", POLICY);
-    let exe = bulkhead_tests::probe_bin().with_file_name("bh-pg-client");
-    let out = topo.output(Side::Governed, {
-        let mut c = Command::new(exe);
-        c.arg(TARGET_V4);
-        c
-    });
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_str(stdout.trim()).unwrap();
+    let v = topo.pg_client(&[]);
     assert_eq!(v["n"], 42);
     assert_eq!(v["s"], "binary");
     assert_eq!(v["b"], serde_json::json!([0, 1, 255]));

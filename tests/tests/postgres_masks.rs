@@ -2,7 +2,8 @@
 //! output column computed from a masked column (functions, casts, concatenation, encodings,
 //! JSON builders, aggregates, subqueries, CTEs, set operations, views) is masked; one computed
 //! from other columns, or over an unrelated table, is not. Simple and extended protocol, and
-//! COPY (query) TO STDOUT.
+//! COPY (query) TO STDOUT. A rule on a table covers its partitions and `INHERITS` children,
+//! and one on a partition covers reading it through its parent.
 
 use std::process::Command;
 
@@ -33,6 +34,16 @@ target = { name = ["db"] }
 mask = { columns = ["public.users.ssn"], style = "redact" }
 "#;
 
+/// Added to [`POLICY`]: a rule on one partition's column only, and one on a table
+/// partitioned twice over (tables the test of kin makes).
+const KIN_RULE: &str = r#"
+[[rule]]
+id = "kin-ssn"
+verdict = "mask"
+target = { name = ["db"] }
+mask = { columns = ["public.ev_eu.ssn", "public.up.ssn"], style = "redact" }
+"#;
+
 const SECRET: &str = "123-45-6789";
 const OTHER: &str = "987-65-4321";
 
@@ -42,8 +53,12 @@ fn psql(topo: &Topology, pg: &PgServer, script: &str) -> (String, String) {
 }
 
 fn setup() -> (Topology, PgServer, bulkhead_tests::Proc) {
+    setup_with(POLICY)
+}
+
+fn setup_with(policy: &str) -> (Topology, PgServer, bulkhead_tests::Proc) {
     let topo = Topology::new("");
-    let (pg, daemon) = topo.postgres_target("scram-sha-256", POLICY);
+    let (pg, daemon) = topo.postgres_target("scram-sha-256", policy);
     pg.admin_sql(
         &topo,
         "CREATE TABLE users (id int, name text, ssn text); \
@@ -229,28 +244,15 @@ fn expressions_over_a_masked_column_are_masked_in_the_extended_protocol() {
     let (topo, _pg, _daemon) = setup();
     // tokio-postgres: each statement prepared (Parse, Describe), then executed with binary
     // results in another round trip.
-    let exe = bulkhead_tests::probe_bin().with_file_name("bh-pg-client");
-    let out = topo.output(Side::Governed, {
-        let mut c = Command::new(exe);
-        c.args([
-            TARGET_V4,
-            "query",
-            "SELECT upper(ssn), upper(name) FROM users",
-            "SELECT ssn || '' AS s, id FROM users",
-            "SELECT string_agg(ssn, ',') FROM users",
-            "SELECT (SELECT ssn FROM users LIMIT 1)",
-            "SELECT ssn, lower(ssn) FROM v",
-            "SELECT upper(ssn), ssn FROM other",
-        ]);
-        c
-    });
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_str(stdout.trim()).unwrap();
+    let v = topo.pg_client(&[
+        "query",
+        "SELECT upper(ssn), upper(name) FROM users",
+        "SELECT ssn || '' AS s, id FROM users",
+        "SELECT string_agg(ssn, ',') FROM users",
+        "SELECT (SELECT ssn FROM users LIMIT 1)",
+        "SELECT ssn, lower(ssn) FROM v",
+        "SELECT upper(ssn), ssn FROM other",
+    ]);
     assert_eq!(
         v,
         json!([
@@ -297,4 +299,68 @@ print(json.dumps(out))
     );
     assert_eq!(v["binary"], masked_row);
     assert_eq!(v["pipeline"], json!([OTHER, "[redacted]"]));
+}
+
+/// A child's rows are its parent's: a partition (at any depth) or an `INHERITS` child of a
+/// masked table is masked, read directly, through a view, by COPY or in an expression, in
+/// simple and extended queries; a rule on one partition masks its parent's column (the rows
+/// cannot be told apart) and not its sibling's.
+#[test]
+fn partitions_and_inheriting_tables_share_their_kin_column_rules() {
+    require_root();
+    let (topo, pg, _daemon) = setup_with(&format!("{POLICY}{KIN_RULE}"));
+    pg.admin_sql(
+        &topo,
+        "CREATE TABLE kid (extra int) INHERITS (users); \
+         INSERT INTO kid VALUES (3, 'bob', '123-45-6789', 5); \
+         CREATE VIEW vk AS SELECT name, ssn FROM kid; \
+         CREATE TABLE ev (id int, ssn text) PARTITION BY LIST (id); \
+         CREATE TABLE ev_eu PARTITION OF ev FOR VALUES IN (1); \
+         CREATE TABLE ev_us PARTITION OF ev FOR VALUES IN (2) PARTITION BY LIST (id); \
+         CREATE TABLE ev_us_1 PARTITION OF ev_us FOR VALUES IN (2); \
+         INSERT INTO ev VALUES (1, '123-45-6789'), (2, '987-65-4321'); \
+         CREATE TABLE up (id int, ssn text) PARTITION BY RANGE (id); \
+         CREATE TABLE up_1 PARTITION OF up FOR VALUES FROM (0) TO (10) PARTITION BY RANGE (id); \
+         CREATE TABLE up_1_a PARTITION OF up_1 FOR VALUES FROM (0) TO (5); \
+         INSERT INTO up VALUES (1, '987-65-4321');",
+    );
+    let cases: &[(&str, &str)] = &[
+        ("SELECT name, ssn FROM kid", "bob|[redacted]"),
+        ("SELECT upper(ssn), extra FROM kid", "[redacted]|5"),
+        ("SELECT * FROM vk", "bob|[redacted]"),
+        ("SELECT name, ssn FROM ONLY users", "alice|[redacted]"),
+        ("SELECT ssn FROM ev WHERE id = 2", "[redacted]"),
+        ("SELECT ssn FROM ONLY ev_eu", "[redacted]"),
+        ("SELECT ssn FROM ev_us", "987-65-4321"),
+        ("SELECT ssn || '' FROM ev_us_1", "987-65-4321"),
+        ("SELECT ssn FROM up_1_a", "[redacted]"),
+        ("SELECT id FROM up_1_a", "1"),
+    ];
+    let script: String = cases
+        .iter()
+        .map(|(sql, _)| format!("{sql};\n"))
+        .collect::<String>()
+        + "\\copy kid to stdout\n\\copy (SELECT ssn FROM ev_eu) to stdout\n";
+    let (out, err) = psql(&topo, &pg, &script);
+    assert!(err.is_empty(), "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    let mut want: Vec<&str> = cases.iter().map(|(_, w)| *w).collect();
+    want.extend(["3\tbob\t[redacted]\t5", "[redacted]"]);
+    assert_eq!(lines, want, "{script}");
+
+    // The extended protocol, binary results.
+    let v = topo.pg_client(&[
+        "query",
+        "SELECT ssn, name FROM kid",
+        "SELECT ssn FROM ev",
+        "SELECT ssn FROM ev_us_1",
+    ]);
+    assert_eq!(
+        v,
+        json!([
+            [["[redacted]", "bob"]],
+            [["[redacted]"], ["[redacted]"]],
+            [[OTHER]]
+        ])
+    );
 }

@@ -71,6 +71,10 @@ pub struct Table {
     pub columns: Vec<Column>,
     /// A view's or materialized view's query (`pg_get_viewdef`): what its columns read.
     pub definition: Option<String>,
+    /// The tables it inherits from and those that inherit from it, at any depth (partitions
+    /// and `INHERITS`), as (schema, name): a child's rows are read through its parent too, and
+    /// a child's inherited column has its parent's name ([`super::columns`] masks by both).
+    pub kin: Vec<(String, String)>,
 }
 
 impl Table {
@@ -281,15 +285,31 @@ impl Catalogs {
         condition: &str,
     ) -> Result<Vec<Arc<Table>>, CatalogError> {
         let generation = db.generation.load(Ordering::SeqCst);
+        // The kin of each table, once per table (not per column): its ancestors and its
+        // descendants in pg_inherits (acyclic: the server refuses circular inheritance), as a
+        // JSON array of [schema, name], which no name can break.
         let sql = format!(
-            "SELECT c.oid, n.nspname, c.relname, a.attnum, a.attname, a.atttypid, \
+            "WITH rel AS (SELECT c.oid, n.nspname, c.relname, c.relkind \
+               FROM pg_catalog.pg_class c \
+               JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE {condition}), \
+             kin AS (SELECT rel.oid, (WITH RECURSIVE \
+               up(oid) AS (SELECT i.inhparent FROM pg_catalog.pg_inherits i \
+                 WHERE i.inhrelid = rel.oid \
+                 UNION SELECT i.inhparent FROM pg_catalog.pg_inherits i JOIN up ON i.inhrelid = up.oid), \
+               down(oid) AS (SELECT i.inhrelid FROM pg_catalog.pg_inherits i \
+                 WHERE i.inhparent = rel.oid \
+                 UNION SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN down ON i.inhparent = down.oid) \
+               SELECT pg_catalog.json_agg(pg_catalog.json_build_array(kn.nspname, k.relname)) \
+               FROM pg_catalog.pg_class k JOIN pg_catalog.pg_namespace kn ON kn.oid = k.relnamespace \
+               WHERE k.oid IN (SELECT oid FROM up UNION SELECT oid FROM down)) AS kin FROM rel) \
+             SELECT rel.oid, rel.nspname, rel.relname, a.attnum, a.attname, a.atttypid, \
              a.attgenerated <> '', \
-             CASE WHEN c.relkind IN ('v', 'm') THEN pg_catalog.pg_get_viewdef(c.oid) END \
-             FROM pg_catalog.pg_class c \
-             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
-             JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid \
-             WHERE {condition} AND a.attnum > 0 AND NOT a.attisdropped \
-             ORDER BY c.oid, a.attnum"
+             CASE WHEN rel.relkind IN ('v', 'm') THEN pg_catalog.pg_get_viewdef(rel.oid) END, \
+             kin.kin \
+             FROM rel JOIN kin ON kin.oid = rel.oid \
+             JOIN pg_catalog.pg_attribute a ON a.attrelid = rel.oid \
+             WHERE a.attnum > 0 AND NOT a.attisdropped \
+             ORDER BY rel.oid, a.attnum"
         );
         let rows = tokio::time::timeout(LOOKUP_TIMEOUT, query(login, &sql))
             .await
@@ -331,7 +351,7 @@ type Row = Vec<Option<String>>;
 fn tables_from_rows(rows: &[Row]) -> Result<Vec<Arc<Table>>, CatalogError> {
     let mut tables: Vec<Table> = Vec::new();
     for row in rows {
-        let [Some(oid), Some(schema), Some(name), Some(number), Some(column), Some(type_oid), Some(generated), definition] =
+        let [Some(oid), Some(schema), Some(name), Some(number), Some(column), Some(type_oid), Some(generated), definition, kin] =
             row.as_slice()
         else {
             return Err(CatalogError::Malformed);
@@ -351,6 +371,12 @@ fn tables_from_rows(rows: &[Row]) -> Result<Vec<Arc<Table>>, CatalogError> {
                 name: name.clone(),
                 columns: vec![column],
                 definition: definition.clone(),
+                kin: match kin {
+                    None => Vec::new(),
+                    Some(json) => {
+                        serde_json::from_str(json).map_err(|_| CatalogError::Malformed)?
+                    }
+                },
             }),
         }
     }
@@ -434,6 +460,7 @@ mod tests {
             .into_iter()
             .map(|mut r| {
                 r.push(None);
+                r.push(None);
                 r
             })
             .chain([row(&[
@@ -445,11 +472,20 @@ mod tests {
                 "25",
                 "f",
                 " SELECT users.ssn FROM users;",
+                r#"[["public","users_2024"],["hr","odd \"]\\"]]"#,
             ])])
             .collect();
         let t = tables_from_rows(&rows).unwrap();
         assert_eq!(t.len(), 3);
         assert_eq!(t[0].definition, None);
+        assert!(t[0].kin.is_empty());
+        assert_eq!(
+            t[2].kin,
+            [
+                ("public".to_string(), "users_2024".to_string()),
+                ("hr".to_string(), "odd \"]\\".to_string())
+            ]
+        );
         assert_eq!(
             t[2].definition.as_deref(),
             Some(" SELECT users.ssn FROM users;")
@@ -459,8 +495,13 @@ mod tests {
             (t[1].schema.as_str(), t[1].columns[0].generated),
             ("hr", true)
         );
-        assert!(tables_from_rows(&[row(&["x", "a", "b", "1", "c", "25", "f", "d"])]).is_err());
-        assert!(tables_from_rows(&[vec![None; 8]]).is_err());
+        assert!(
+            tables_from_rows(&[row(&["x", "a", "b", "1", "c", "25", "f", "d", "[]"])]).is_err()
+        );
+        assert!(
+            tables_from_rows(&[row(&["1", "a", "b", "1", "c", "25", "f", "d", "[1]"])]).is_err()
+        );
+        assert!(tables_from_rows(&[vec![None; 9]]).is_err());
         assert!(tables_from_rows(&[row(&["1"])]).is_err());
     }
 

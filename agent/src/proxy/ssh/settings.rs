@@ -7,10 +7,10 @@ use serde::Deserialize;
 
 use crate::{credentials::CredentialRef, proxy::postgres::settings::ClientPattern};
 
-/// How the gateway logs in to an SSH target.
-
 /// The most warm upstream connections per key (`pool.rs`), whatever a target's `ssh.pool` says.
 pub const MAX_PER_KEY: u8 = 2;
+
+/// How the gateway logs in to an SSH target.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SshTarget {

@@ -100,10 +100,7 @@ impl Sources<'_> {
 
     fn table_column_style(&self, t: &Table, column: &str, depth: usize) -> Option<MaskStyle> {
         if t.definition.is_none() {
-            return self
-                .masker
-                .column_style(&t.schema, &t.name, column)
-                .cloned();
+            return super::table_column_style(self.masker, t, column).cloned();
         }
         match t.column_named(column) {
             Some(c) => self.view_column_style(t, c.number, depth),
@@ -242,6 +239,7 @@ mod tests {
                 })
                 .collect(),
             definition: definition.map(str::to_string),
+            kin: Vec::new(),
         })
     }
 

@@ -44,13 +44,13 @@ use bytes::Bytes;
 pub use self::track::Tracker;
 use self::{lineage::Lineage, plan::RowPlan};
 use super::{
-    catalog::Catalogs,
+    catalog::{Catalogs, Table},
     codec::{self, FieldDescription},
     copy_out::CopyRows,
     state::Masks,
 };
 use crate::{
-    policy::{sql_copy::CopySpec, PolicySet},
+    policy::{sql_copy::CopySpec, MaskStyle, Masker, PolicySet},
     record::{EventKind, SessionId},
 };
 
@@ -72,6 +72,24 @@ pub fn policy_has_column_rules(policy: &PolicySet) -> bool {
 
 fn has_column_rules(masks: &Masks) -> bool {
     masks.iter().any(|m| !m.columns.is_empty())
+}
+
+/// The strongest style a column rule gives `column` of table `t`: a rule on `t` itself, or on
+/// the same-named column of a table it inherits from or that inherits from it. A partition's
+/// or an `INHERITS` child's rows are its parent's rows (a rule on `users.ssn` covers
+/// `SELECT ssn FROM users_2024`), a parent's rows include its children's (a rule on a
+/// partition covers reading it through the parent, `ONLY` or not: the rows cannot be told
+/// apart), and an inherited column always has its parent's name (the server refuses to rename
+/// one in a child).
+fn table_column_style<'m>(
+    masker: &'m Masker<'_>,
+    t: &Table,
+    column: &str,
+) -> Option<&'m MaskStyle> {
+    std::iter::once((t.schema.as_str(), t.name.as_str()))
+        .chain(t.kin.iter().map(|(s, n)| (s.as_str(), n.as_str())))
+        .filter_map(|(schema, table)| masker.column_style(schema, table, column))
+        .max_by_key(|s| s.strength())
 }
 
 /// SQLSTATE classes whose messages name objects and quote the statement, never a stored

@@ -155,7 +155,7 @@ impl Results<'_> {
                             Some(s) => s.view_column_style(t, c.number, 0),
                             None => unknown.clone(),
                         },
-                        Some((t, c)) => masker.column_style(&t.schema, &t.name, &c.name).cloned(),
+                        Some((t, c)) => super::table_column_style(&masker, t, &c.name).cloned(),
                         None => unknown.clone(),
                     }
                 } else {
@@ -333,7 +333,7 @@ impl Results<'_> {
                     Ok(Some((t, cols))) => {
                         rows.fields = Some(
                             cols.iter()
-                                .map(|c| match masker.column_style(&t.schema, &t.name, c) {
+                                .map(|c| match super::table_column_style(&masker, &t, c) {
                                     Some(s) => FieldMask::Column(s.clone()),
                                     None => FieldMask::Detect,
                                 })
@@ -475,7 +475,7 @@ impl Results<'_> {
                                     .iter()
                                     .find(|c| &c.name == name)
                                     .map_or(0, |c| c.type_oid);
-                                match masker.column_style(&t.schema, &t.name, name) {
+                                match super::table_column_style(&masker, &t, name) {
                                     Some(s) => FieldAction::Column {
                                         style: s.clone(),
                                         format: 1,
