@@ -364,3 +364,43 @@ fn partitions_and_inheriting_tables_share_their_kin_column_rules() {
         ])
     );
 }
+
+/// A name looked up at run time is quoted by the error that says it is not there: reading a
+/// masked column as a relation, schema, role, operator, type or setting name would print it.
+/// Those messages are withheld; one about the statement's own text is not.
+#[test]
+fn errors_quoting_a_name_from_a_masked_column_are_withheld() {
+    require_root();
+    let (topo, pg, _daemon) = setup();
+    let leaks = [
+        "SELECT ssn::regclass FROM users",
+        "SELECT ssn::regoper FROM users",
+        "SELECT ssn::regnamespace FROM users",
+        "SELECT ssn::regrole FROM users",
+        "SELECT ssn::regtype FROM users",
+        "SELECT current_setting(ssn) FROM users",
+        "SELECT has_table_privilege(ssn, 'select') FROM users",
+        "SELECT has_database_privilege(ssn, 'connect') FROM users",
+        "SELECT upper(ssn)::regclass FROM v",
+    ];
+    let script: String = leaks.iter().map(|sql| format!("{sql};\n")).collect::<String>()
+        + "SELECT nosuch FROM users;\n\
+           SELECT 'x'::regclass;\n\
+           SELECT * FROM nosuch;\n\
+           SELECT 'still here';\n";
+    let (out, err) = psql(&topo, &pg, &script);
+    assert!(!err.contains(SECRET) && !err.contains("123"), "{err}");
+    assert_eq!(
+        err.matches("message is withheld").count(),
+        leaks.len(),
+        "{err}"
+    );
+    for kept in [
+        "column \"nosuch\" does not exist",
+        "relation \"x\" does not exist",
+        "relation \"nosuch\" does not exist",
+    ] {
+        assert!(err.contains(kept), "{kept}: {err}");
+    }
+    assert_eq!(out.trim(), "still here");
+}

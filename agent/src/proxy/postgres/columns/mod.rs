@@ -92,17 +92,26 @@ fn table_column_style<'m>(
         .max_by_key(|s| s.strength())
 }
 
-/// SQLSTATE classes whose messages name objects and quote the statement, never a stored
-/// value: connection, feature, transaction state, authorization, cursor, catalog and schema
-/// names, rollback, syntax and access, resources, operator intervention.
-const ERRORS_WITHOUT_VALUES: [&str; 14] = [
-    "08", "0A", "25", "26", "28", "34", "3D", "3F", "40", "42", "53", "54", "55", "57",
-];
+/// SQLSTATE classes whose messages quote neither a value nor a name: connection, transaction
+/// state, rollback, resources, program limits, operator intervention.
+const ERRORS_WITHOUT_NAMES: [&str; 6] = ["08", "25", "40", "53", "54", "57"];
+
+/// SQLSTATE classes whose messages quote names but no value of their own: feature, statement,
+/// authorization, cursor, catalog and schema names, syntax and access, object state. A name can
+/// be a value, though: `SELECT ssn::regclass FROM users` fails with `relation "123-45-6789"
+/// does not exist` (42P01), and `::regnamespace`, `::regrole`, `::regoper`,
+/// `current_setting(ssn)` and `has_table_privilege(ssn, ...)` likewise. So one of these is
+/// forwarded only when the statement's own text is what it quotes: it points at a position of
+/// the statement (`P`, set only by the parser and the analyser, which read the text and the
+/// catalog, never a table's rows) and has no context (`W`: raised within a function, or while
+/// parsing a string, as `ssn::regtype` is).
+const ERRORS_WITH_NAMES: [&str; 8] = ["0A", "26", "28", "34", "3D", "3F", "42", "55"];
 
 /// An ErrorResponse to a statement under a column rule, with its message withheld when it
 /// could quote a value: a failed cast quotes its input (`SELECT ssn::int` would print the
-/// masked value), a constraint violation its key. The SQLSTATE is kept; the store keeps the
-/// server's own message. `None`: forwarded as it is.
+/// masked value), a constraint violation its key, a name looked up at run time the name
+/// ([`ERRORS_WITH_NAMES`]). The SQLSTATE is kept; the store keeps the server's own message.
+/// `None`: forwarded as it is.
 pub fn withheld_error(masks: &Masks, body: &[u8]) -> Option<Bytes> {
     if !has_column_rules(masks) {
         return None;
@@ -121,10 +130,9 @@ pub fn withheld_error(masks: &Masks, body: &[u8]) -> Option<Bytes> {
     let code = field(b'C')
         .filter(|c| c.len() == 5 && c.bytes().all(|b| b.is_ascii_alphanumeric()))
         .unwrap_or("XX000");
-    if ERRORS_WITHOUT_VALUES
-        .iter()
-        .any(|class| code.starts_with(class))
-    {
+    let class = |classes: &[&str]| classes.iter().any(|class| code.starts_with(class));
+    let from_the_text = field(b'P').is_some() && field(b'W').is_none();
+    if class(&ERRORS_WITHOUT_NAMES) || (class(&ERRORS_WITH_NAMES) && from_the_text) {
         return None;
     }
     Some(codec::error_response(

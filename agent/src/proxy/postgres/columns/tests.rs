@@ -307,8 +307,45 @@ fn errors_that_could_quote_a_value_are_withheld_under_a_column_rule() {
         !fields.iter().any(|(_, v)| v.contains("123-45-6789")),
         "{fields:?}"
     );
-    // Syntax and access errors quote no value; detector-only masks change nothing.
-    assert!(withheld_error(&masks(), &error("42703", "column \"x\" does not exist")).is_none());
+    // A name error raised at a position of the statement quotes its text: forwarded. One
+    // without a position (a name looked up at run time: `ssn::regclass`), or with a context
+    // (within a function, or a string parsed as a type name), could quote a value.
+    let with = |code: &str, message: &str, extra: &[u8]| {
+        let mut body = error(code, message);
+        body.pop();
+        body.extend_from_slice(extra);
+        body.push(0);
+        body
+    };
+    let missing = "column \"x\" does not exist";
+    assert!(withheld_error(&masks(), &with("42703", missing, b"P8\0")).is_none());
+    assert!(withheld_error(&masks(), &with("42703", missing, b"")).is_some());
+    let leaked = "relation \"123-45-6789\" does not exist";
+    let out = withheld_error(&masks(), &with("42P01", leaked, b"")).expect("withheld");
+    assert!(!String::from_utf8_lossy(&out).contains("123-45-6789"));
+    let typed = with(
+        "42601",
+        "syntax error at or near \"123\"",
+        b"P8\0Winvalid type name \"123-45-6789\"\0",
+    );
+    assert!(withheld_error(&masks(), &typed).is_some());
+    for schema in [
+        "3F000", "3D000", "28000", "34000", "26000", "0A000", "55000",
+    ] {
+        assert!(
+            withheld_error(&masks(), &with(schema, leaked, b"")).is_some(),
+            "{schema}"
+        );
+    }
+    // Classes that quote nothing: forwarded, position or not.
+    let aborted = "current transaction is aborted, commands ignored until end of transaction block";
+    assert!(withheld_error(&masks(), &error("25P02", aborted)).is_none());
+    assert!(withheld_error(
+        &masks(),
+        &error("57014", "canceling statement due to user request")
+    )
+    .is_none());
+    // Detector-only masks change nothing.
     let detectors_only: Masks = Arc::from([rule(&[], &[Detector::Email], MaskStyle::Redact)]);
     assert!(withheld_error(&detectors_only, &cast).is_none());
     // No SQLSTATE: withheld, as an internal error.
