@@ -383,7 +383,10 @@ fn errors_quoting_a_name_from_a_masked_column_are_withheld() {
         "SELECT has_database_privilege(ssn, 'connect') FROM users",
         "SELECT upper(ssn)::regclass FROM v",
     ];
-    let script: String = leaks.iter().map(|sql| format!("{sql};\n")).collect::<String>()
+    let script: String = leaks
+        .iter()
+        .map(|sql| format!("{sql};\n"))
+        .collect::<String>()
         + "SELECT nosuch FROM users;\n\
            SELECT 'x'::regclass;\n\
            SELECT * FROM nosuch;\n\
@@ -403,4 +406,41 @@ fn errors_quoting_a_name_from_a_masked_column_are_withheld() {
         assert!(err.contains(kept), "{kept}: {err}");
     }
     assert_eq!(out.trim(), "still here");
+}
+
+/// Added to [`POLICY`]: NOTIFY and `pg_notify`.
+const NOTIFY_RULE: &str = r#"
+[[rule]]
+id = "db-notify"
+verdict = "allow"
+target = { name = ["db"] }
+sql = { class = ["read", "notify"] }
+"#;
+
+/// A notification's payload cannot be told apart from a masked column's value
+/// (`pg_notify('c', ssn)`): under a column rule it is withheld, the channel kept.
+#[test]
+fn notification_payloads_are_withheld_under_a_column_rule() {
+    require_root();
+    let (topo, pg, _daemon) = setup_with(&format!("{POLICY}{NOTIFY_RULE}"));
+    let (out, err) = psql(
+        &topo,
+        &pg,
+        "LISTEN c;\nSELECT pg_notify('c', ssn) FROM users;\nNOTIFY c, 'plain';\nSELECT 'still here';\n",
+    );
+    assert!(err.is_empty(), "{err}");
+    let withheld = "payload \"[bulkhead: payload withheld under a column mask rule]\"";
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 4, "{out}");
+    assert_eq!(
+        lines[0], "[redacted]",
+        "pg_notify's own column: computed from ssn"
+    );
+    for line in &lines[1..3] {
+        assert!(
+            line.starts_with("Asynchronous notification \"c\" with ") && line.contains(withheld),
+            "{out}"
+        );
+    }
+    assert_eq!(lines[3], "still here");
 }

@@ -77,6 +77,9 @@ pub struct Relay<'a> {
     keep_binds: bool,
 }
 
+/// A notification's payload under a column mask rule ([`Relay::withheld_notification`]).
+const NOTIFICATION_WITHHELD: &str = "[bulkhead: payload withheld under a column mask rule]";
+
 /// Portal names whose bound values are kept for approvers (unnamed and named alike).
 const BOUND_PORTALS: usize = 64;
 
@@ -508,11 +511,12 @@ impl<'a> Relay<'a> {
                     // The state sees the server's error (and records it); the client gets it
                     // without a message that could quote a masked value.
                     // (Only an error is looked at: the state's lock once per frame, not twice.)
-                    let withheld = if tag == b'E' {
-                        self.front_masks()
-                            .and_then(|(_, masks)| columns::withheld_error(&masks, &frame.body))
-                    } else {
-                        None
+                    let withheld = match tag {
+                        b'E' => self
+                            .front_masks()
+                            .and_then(|(_, masks)| columns::withheld_error(&masks, &frame.body)),
+                        b'A' => self.withheld_notification(&frame.body)?,
+                        _ => None,
                     };
                     let replaced = self.backend(tag, &frame.body)?;
                     if tag == b'Z' {
@@ -541,6 +545,20 @@ impl<'a> Relay<'a> {
                 std::task::Poll::Pending
             }
         })
+    }
+
+    /// A notification with its payload withheld, under a policy with column mask rules:
+    /// whichever statement sent it, in this session or another, may have put a masked value
+    /// in it (`SELECT pg_notify('c', ssn) FROM users`), and nothing says which. It can arrive
+    /// between statements, so the policy's rules are asked, not a statement's. The channel
+    /// and the process id pass.
+    fn withheld_notification(&self, body: &[u8]) -> Result<Option<Bytes>, SessionError> {
+        if !columns::policy_has_column_rules(&self.conn.policy()) {
+            return Ok(None);
+        }
+        codec::notification_with_payload(body, NOTIFICATION_WITHHELD)
+            .map(Some)
+            .map_err(SessionError::Target)
     }
 
     fn backend(&self, tag: u8, body: &[u8]) -> Result<Option<Bytes>, SessionError> {

@@ -428,6 +428,22 @@ fn fields_frame(tag: u8, severity: &str, sqlstate: &str, message: &str) -> Bytes
     })
 }
 
+/// A NotificationResponse ('A') with its payload replaced; the notifying process's id and the
+/// channel are kept.
+pub fn notification_with_payload(body: &[u8], payload: &str) -> Result<Bytes, CodecError> {
+    let what = "NotificationResponse";
+    let (pid, mut rest) = body
+        .split_first_chunk::<4>()
+        .ok_or(CodecError::Malformed { what })?;
+    let channel = take_cstr(&mut rest, what)?;
+    take_cstr(&mut rest, what)?;
+    Ok(frame(b'A', |b| {
+        b.put_slice(pid);
+        put_cstr(b, channel);
+        put_cstr(b, payload);
+    }))
+}
+
 pub fn authentication_ok() -> Bytes {
     frame(b'R', |b| b.put_i32(0))
 }

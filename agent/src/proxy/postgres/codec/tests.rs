@@ -277,3 +277,20 @@ fn bind_parameters_are_read_for_an_approver_bounded_and_by_format() {
     // Cut short: malformed, not a panic.
     assert!(bind_parameters(&long[..20]).is_err());
 }
+
+#[test]
+fn a_notification_keeps_its_process_and_channel_with_a_new_payload() {
+    let body = b"\x00\x00\x04\xd2chan\0123-45-6789\0";
+    let out = notification_with_payload(body, "[withheld]").unwrap();
+    assert_eq!(
+        &out[..],
+        b"A\x00\x00\x00\x18\x00\x00\x04\xd2chan\0[withheld]\0"
+    );
+    for bad in [
+        &b"\x00\x00"[..],
+        b"\x00\x00\x04\xd2chan",
+        b"\x00\x00\x04\xd2chan\0no end",
+    ] {
+        assert!(notification_with_payload(bad, "x").is_err());
+    }
+}
