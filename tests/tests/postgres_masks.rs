@@ -444,3 +444,36 @@ fn notification_payloads_are_withheld_under_a_column_rule() {
     }
     assert_eq!(lines[3], "still here");
 }
+
+/// A setting given a masked column's value would keep it as session state, which `SHOW`,
+/// `current_setting` and (for `application_name`) ParameterStatus hand back as a constant:
+/// `set_config` of a value the statement computes is refused; a given value is not.
+#[test]
+fn session_settings_cannot_keep_a_masked_value() {
+    require_root();
+    let (topo, pg, _daemon) = setup();
+    let (out, err) = psql(
+        &topo,
+        &pg,
+        "SELECT set_config('my.x', ssn, false) FROM users;\n\
+         SELECT set_config('application_name', (SELECT ssn FROM users), false);\n\
+         SHOW application_name;\n\
+         SELECT coalesce(current_setting('my.x', true), 'unset');\n\
+         SELECT set_config('my.y', 'given', false);\n\
+         SHOW my.y;\n",
+    );
+    assert!(
+        !out.contains(SECRET) && !err.contains(SECRET),
+        "{out} {err}"
+    );
+    assert_eq!(
+        err.matches("ERROR:  bulkhead:").count(),
+        2,
+        "both set_config calls refused: {err}"
+    );
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        ["psql", "unset", "given", "given"],
+        "{out}"
+    );
+}

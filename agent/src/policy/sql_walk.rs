@@ -715,21 +715,28 @@ fn set_class(set: &Set) -> Result<SqlClass, String> {
 
 /// `set_config(name, value, is_local)`: judged as the `SET` it amounts to. A name that is not a
 /// literal could be any setting, and a judged setting's value that is not a literal any value:
-/// both are `unknown`.
+/// both are `unknown`. So is any setting's value that the statement computes rather than is
+/// given (a literal or a parameter): `set_config('my.x', ssn, false) FROM users` would keep a
+/// masked column in session state, where `SHOW my.x` reads it back as a constant.
 fn set_config_effect(args: Option<&FunctionArguments>) -> Result<SqlClass, String> {
-    let args: Vec<Option<&str>> = match args {
+    let exprs: Vec<Option<&Expr>> = match args {
         Some(FunctionArguments::List(list)) => list
             .args
             .iter()
             .map(|a| match a {
-                FunctionArg::Unnamed(FunctionArgExpr::Expr(Expr::Value(v))) => {
-                    string_literal(&v.value)
-                }
+                FunctionArg::Unnamed(FunctionArgExpr::Expr(e)) => Some(e),
                 _ => None,
             })
             .collect(),
         _ => Vec::new(),
     };
+    let args: Vec<Option<&str>> = exprs
+        .iter()
+        .map(|e| match e {
+            Some(Expr::Value(v)) => string_literal(&v.value),
+            _ => None,
+        })
+        .collect();
     let Some(Some(name)) = args.first() else {
         return Err("set_config of a setting the gateway cannot name".into());
     };
@@ -737,7 +744,25 @@ fn set_config_effect(args: Option<&FunctionArguments>) -> Result<SqlClass, Strin
         Some(Some(value)) => SettingValue::Raw((*value).to_string()),
         _ => SettingValue::NotLiteral,
     };
-    sql_settings::judge(name, &value)
+    let class = sql_settings::judge(name, &value)?;
+    if exprs.get(1).is_some_and(|e| !e.is_some_and(is_given)) {
+        return Err(
+            "set_config of a value the statement computes (session state could keep a masked \
+             column)"
+                .into(),
+        );
+    }
+    Ok(class)
+}
+
+/// Whether an expression is given by the statement or its parameters, not computed from a
+/// table or a function: a literal, a parameter (`$1`), or one of them cast or parenthesised.
+fn is_given(expr: &Expr) -> bool {
+    match expr {
+        Expr::Value(_) | Expr::TypedString { .. } => true,
+        Expr::Cast { expr, .. } | Expr::Nested(expr) => is_given(expr),
+        _ => false,
+    }
 }
 
 /// `ARRAY(SELECT ...)`, `ROW(1, 2)` and `(VALUES ...)` as an expression, which the parser reads
