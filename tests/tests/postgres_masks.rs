@@ -477,3 +477,47 @@ fn session_settings_cannot_keep_a_masked_value() {
         "{out}"
     );
 }
+
+/// The planner's statistics keep sample values of every column (`pg_stats`,
+/// `pg_stats_ext`, `pg_statistic`): under a column rule those are masked, and the rest of
+/// the statistics (names, fractions) is not.
+#[test]
+fn statistics_do_not_show_sampled_values_under_a_column_rule() {
+    require_root();
+    let (topo, pg, _daemon) = setup();
+    pg.admin_sql(
+        &topo,
+        "INSERT INTO users SELECT 1, 'alice', '123-45-6789' FROM generate_series(1, 50); \
+         INSERT INTO users SELECT 2, 'bob', '234-56-7890' FROM generate_series(1, 50); \
+         CREATE STATISTICS users_mcv (mcv) ON id, ssn FROM users; \
+         ANALYZE users;",
+    );
+    let (out, err) = psql(
+        &topo,
+        &pg,
+        "SELECT attname, most_common_vals, null_frac FROM pg_stats \
+           WHERE tablename = 'users' AND attname IN ('id', 'ssn') ORDER BY 1;\n\
+         SELECT array_to_string(most_common_vals, ',') FROM pg_stats \
+           WHERE tablename = 'users' AND attname = 'ssn';\n\
+         SELECT most_common_vals FROM pg_stats_ext WHERE tablename = 'users';\n\
+         SELECT count(*) > 1 FROM pg_statistic WHERE starelid = 'users'::regclass;\n\
+         SELECT stavalues1 FROM pg_statistic WHERE starelid = 'users'::regclass AND staattnum = 3;\n",
+    );
+    assert!(err.is_empty(), "{err}");
+    assert!(
+        !out.contains(SECRET) && !out.contains("234-56-7890"),
+        "{out}"
+    );
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        [
+            "id|[redacted]|0",
+            "ssn|[redacted]|0",
+            "[redacted]",
+            "[redacted]",
+            "t",
+            "[redacted]"
+        ],
+        "{out}"
+    );
+}

@@ -81,15 +81,35 @@ fn has_column_rules(masks: &Masks) -> bool {
 /// partition covers reading it through the parent, `ONLY` or not: the rows cannot be told
 /// apart), and an inherited column always has its parent's name (the server refuses to rename
 /// one in a child).
+///
+/// The planner's statistics hold sample values of every table's columns: `pg_statistic`'s
+/// `stavalues1` to `stavalues5` (shown by `pg_stats` as `most_common_vals`,
+/// `histogram_bounds` and `most_common_elems`) and `pg_statistic_ext_data`'s `stxdmcv` and
+/// `stxdexpr` (shown by `pg_stats_ext` and `pg_stats_ext_exprs`). Which table's values a row
+/// holds is in the row, not in the description, so under a column rule they get its
+/// strongest style.
 fn table_column_style<'m>(
     masker: &'m Masker<'_>,
     t: &Table,
     column: &str,
 ) -> Option<&'m MaskStyle> {
+    if holds_sampled_values(t, column) {
+        return masker.strongest_column_style();
+    }
     std::iter::once((t.schema.as_str(), t.name.as_str()))
         .chain(t.kin.iter().map(|(s, n)| (s.as_str(), n.as_str())))
         .filter_map(|(schema, table)| masker.column_style(schema, table, column))
         .max_by_key(|s| s.strength())
+}
+
+/// Whether `column` of `t` is one of the statistics' sample values ([`table_column_style`]).
+fn holds_sampled_values(t: &Table, column: &str) -> bool {
+    t.schema == "pg_catalog"
+        && match t.name.as_str() {
+            "pg_statistic" => column.starts_with("stavalues"),
+            "pg_statistic_ext_data" => matches!(column, "stxdmcv" | "stxdexpr"),
+            _ => false,
+        }
 }
 
 /// SQLSTATE classes whose messages quote neither a value nor a name: connection, transaction
