@@ -521,3 +521,41 @@ fn statistics_do_not_show_sampled_values_under_a_column_rule() {
         "{out}"
     );
 }
+
+/// A stored generated column computed from a masked column is masked as it is, read
+/// directly, in an expression, by `COPY (query)` or by a driver; one computed from other
+/// columns is not.
+#[test]
+fn generated_columns_are_masked_as_what_they_are_computed_from() {
+    require_root();
+    let rule = r#"
+[[rule]]
+id = "people-ssn"
+verdict = "mask"
+target = { name = ["db"] }
+mask = { columns = ["public.people.ssn"], style = "redact" }
+"#;
+    let (topo, pg, _daemon) = setup_with(&format!("{POLICY}{rule}"));
+    pg.admin_sql(
+        &topo,
+        "CREATE TABLE people (id int, ssn text, \
+           \"Tail\" text GENERATED ALWAYS AS (right(ssn, 4)) STORED, \
+           twice int GENERATED ALWAYS AS (id * 2) STORED); \
+         INSERT INTO people (id, ssn) VALUES (1, '123-45-6789');",
+    );
+    let (out, err) = psql(
+        &topo,
+        &pg,
+        "SELECT \"Tail\", twice FROM people;\n\
+         SELECT lower(\"Tail\") || twice FROM people;\n\
+         \\copy (SELECT \"Tail\", twice FROM people) to stdout\n",
+    );
+    assert!(err.is_empty(), "{err}");
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        ["[redacted]|2", "[redacted]", "[redacted]\t2"],
+        "{out}"
+    );
+    let v = topo.pg_client(&["query", "SELECT \"Tail\", twice FROM people"]);
+    assert_eq!(v, json!([[["[redacted]", "2"]]]));
+}

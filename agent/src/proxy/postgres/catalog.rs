@@ -60,6 +60,9 @@ pub struct Column {
     pub type_oid: u32,
     /// Generated columns are left out of `COPY table TO` without a column list.
     pub generated: bool,
+    /// A stored generated column's expression (`pg_get_expr`): the columns of its row it is
+    /// computed from ([`super::columns`] masks it as they are).
+    pub generation: Option<String>,
 }
 
 /// A table (or view, materialized view, foreign table) and its live columns in order.
@@ -305,9 +308,11 @@ impl Catalogs {
              SELECT rel.oid, rel.nspname, rel.relname, a.attnum, a.attname, a.atttypid, \
              a.attgenerated <> '', \
              CASE WHEN rel.relkind IN ('v', 'm') THEN pg_catalog.pg_get_viewdef(rel.oid) END, \
-             kin.kin \
+             kin.kin, \
+             CASE WHEN a.attgenerated <> '' THEN pg_catalog.pg_get_expr(d.adbin, d.adrelid) END \
              FROM rel JOIN kin ON kin.oid = rel.oid \
              JOIN pg_catalog.pg_attribute a ON a.attrelid = rel.oid \
+             LEFT JOIN pg_catalog.pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum \
              WHERE a.attnum > 0 AND NOT a.attisdropped \
              ORDER BY rel.oid, a.attnum"
         );
@@ -351,7 +356,7 @@ type Row = Vec<Option<String>>;
 fn tables_from_rows(rows: &[Row]) -> Result<Vec<Arc<Table>>, CatalogError> {
     let mut tables: Vec<Table> = Vec::new();
     for row in rows {
-        let [Some(oid), Some(schema), Some(name), Some(number), Some(column), Some(type_oid), Some(generated), definition, kin] =
+        let [Some(oid), Some(schema), Some(name), Some(number), Some(column), Some(type_oid), Some(generated), definition, kin, generation] =
             row.as_slice()
         else {
             return Err(CatalogError::Malformed);
@@ -362,6 +367,7 @@ fn tables_from_rows(rows: &[Row]) -> Result<Vec<Arc<Table>>, CatalogError> {
             name: column.clone(),
             type_oid: type_oid.parse().map_err(|_| CatalogError::Malformed)?,
             generated: generated == "t",
+            generation: generation.clone(),
         };
         match tables.last_mut() {
             Some(t) if t.oid == oid => t.columns.push(column),
@@ -461,6 +467,7 @@ mod tests {
             .map(|mut r| {
                 r.push(None);
                 r.push(None);
+                r.push(None);
                 r
             })
             .chain([row(&[
@@ -473,12 +480,15 @@ mod tests {
                 "f",
                 " SELECT users.ssn FROM users;",
                 r#"[["public","users_2024"],["hr","odd \"]\\"]]"#,
+                "upper(ssn)",
             ])])
             .collect();
         let t = tables_from_rows(&rows).unwrap();
         assert_eq!(t.len(), 3);
         assert_eq!(t[0].definition, None);
         assert!(t[0].kin.is_empty());
+        assert_eq!(t[0].columns[1].generation, None);
+        assert_eq!(t[2].columns[0].generation.as_deref(), Some("upper(ssn)"));
         assert_eq!(
             t[2].kin,
             [
@@ -496,12 +506,14 @@ mod tests {
             ("hr", true)
         );
         assert!(
-            tables_from_rows(&[row(&["x", "a", "b", "1", "c", "25", "f", "d", "[]"])]).is_err()
+            tables_from_rows(&[row(&["x", "a", "b", "1", "c", "25", "f", "d", "[]", "e"])])
+                .is_err()
         );
         assert!(
-            tables_from_rows(&[row(&["1", "a", "b", "1", "c", "25", "f", "d", "[1]"])]).is_err()
+            tables_from_rows(&[row(&["1", "a", "b", "1", "c", "25", "f", "d", "[1]", "e"])])
+                .is_err()
         );
-        assert!(tables_from_rows(&[vec![None; 9]]).is_err());
+        assert!(tables_from_rows(&[vec![None; 10]]).is_err());
         assert!(tables_from_rows(&[row(&["1"])]).is_err());
     }
 

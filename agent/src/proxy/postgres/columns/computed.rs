@@ -236,6 +236,7 @@ mod tests {
                     name: (*c).into(),
                     type_oid: 25,
                     generated: false,
+                    generation: None,
                 })
                 .collect(),
             definition: definition.map(str::to_string),

@@ -87,7 +87,7 @@ fn has_column_rules(masks: &Masks) -> bool {
 /// `histogram_bounds` and `most_common_elems`) and `pg_statistic_ext_data`'s `stxdmcv` and
 /// `stxdexpr` (shown by `pg_stats_ext` and `pg_stats_ext_exprs`). Which table's values a row
 /// holds is in the row, not in the description, so under a column rule they get its
-/// strongest style.
+/// strongest style. A stored generated column is masked as the columns it is computed from.
 fn table_column_style<'m>(
     masker: &'m Masker<'_>,
     t: &Table,
@@ -96,10 +96,52 @@ fn table_column_style<'m>(
     if holds_sampled_values(t, column) {
         return masker.strongest_column_style();
     }
+    let own = named_style(masker, t, column);
+    let Some(expr) = t.column_named(column).and_then(|c| c.generation.as_deref()) else {
+        return own;
+    };
+    // A stored generated column is computed from columns of its own row (never another
+    // generated one): it is masked as they are. An expression that cannot be read: as the
+    // strongest.
+    let Some(reads) = names_in(expr) else {
+        return masker.strongest_column_style();
+    };
+    reads
+        .iter()
+        .filter(|name| *name != column && t.column_named(name).is_some())
+        .filter_map(|name| named_style(masker, t, name))
+        .chain(own)
+        .max_by_key(|s| s.strength())
+}
+
+/// The strongest style a rule naming `column` of `t` or of its kin gives it.
+fn named_style<'m>(masker: &'m Masker<'_>, t: &Table, column: &str) -> Option<&'m MaskStyle> {
     std::iter::once((t.schema.as_str(), t.name.as_str()))
         .chain(t.kin.iter().map(|(s, n)| (s.as_str(), n.as_str())))
         .filter_map(|(schema, table)| masker.column_style(schema, table, column))
         .max_by_key(|s| s.strength())
+}
+
+/// The names an expression's text uses, folded as the server folds them (unquoted: ASCII
+/// lowercased); `None` if it cannot be read.
+fn names_in(expr: &str) -> Option<Vec<String>> {
+    use sqlparser::{
+        dialect::PostgreSqlDialect,
+        tokenizer::{Token, Tokenizer},
+    };
+    let tokens = Tokenizer::new(&PostgreSqlDialect {}, expr)
+        .tokenize()
+        .ok()?;
+    Some(
+        tokens
+            .into_iter()
+            .filter_map(|t| match t {
+                Token::Word(w) if w.quote_style.is_some() => Some(w.value),
+                Token::Word(w) => Some(w.value.to_ascii_lowercase()),
+                _ => None,
+            })
+            .collect(),
+    )
 }
 
 /// Whether `column` of `t` is one of the statistics' sample values ([`table_column_style`]).
