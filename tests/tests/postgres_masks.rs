@@ -559,3 +559,39 @@ mask = { columns = ["public.people.ssn"], style = "redact" }
     let v = topo.pg_client(&["query", "SELECT \"Tail\", twice FROM people"]);
     assert_eq!(v, json!([[["[redacted]", "2"]]]));
 }
+
+/// Names in a statement are read as the server reads them (UTF8: only ASCII capitals fold;
+/// cut to 63 bytes), so a computed column over a table the statement names unquoted with a
+/// non-ASCII capital, or with a name past 63 bytes, is still traced to the masked column.
+#[test]
+fn statement_names_fold_as_the_server_folds_them() {
+    require_root();
+    let long = "l".repeat(63);
+    let rule = format!(
+        r#"
+[[rule]]
+id = "odd-names"
+verdict = "mask"
+target = {{ name = ["db"] }}
+mask = {{ columns = ["public.Über.ssn", "public.{long}.ssn"], style = "redact" }}
+"#
+    );
+    let (topo, pg, _daemon) = setup_with(&format!("{POLICY}{rule}"));
+    pg.admin_sql(
+        &topo,
+        &format!(
+            "CREATE TABLE \"Über\" (ssn text); INSERT INTO \"Über\" VALUES ('123-45-6789'); \
+             CREATE TABLE {long} (ssn text); INSERT INTO {long} VALUES ('123-45-6789');"
+        ),
+    );
+    let (out, err) = psql(
+        &topo,
+        &pg,
+        &format!(
+            "SELECT upper(ssn) FROM Über;\nSELECT upper(x.ssn) FROM Über x;\n\
+             SELECT upper(ssn) FROM {long}xyz;\nSELECT upper({long}xyz.ssn) FROM {long};\n"
+        ),
+    );
+    assert!(!err.contains("ERROR"), "{err}");
+    assert_eq!(out.lines().collect::<Vec<_>>(), ["[redacted]"; 4], "{out}");
+}

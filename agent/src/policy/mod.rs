@@ -46,6 +46,7 @@ pub use self::{
     reload::{watch, PolicyHandle, PolicyStatus},
     sql::{classify, Classification, NameEffect, PreparedStatements, SqlClass},
     sql_cache::SqlCache,
+    sql_class::fold_identifier,
     sql_settings::{login_hazard, split_identifier_list},
 };
 use crate::{identity::ProcessIdentity, protocol::Protocol};

@@ -17,6 +17,8 @@
 
 use std::{collections::BTreeSet, ops::ControlFlow};
 
+use crate::policy::fold_identifier;
+
 use sqlparser::{
     ast::{
         visit_relations, CopySource, Expr, FunctionArg, FunctionArgExpr, FunctionArguments, Ident,
@@ -289,13 +291,11 @@ fn from_query(q: &Query) -> Lineage {
     }
 }
 
-/// Server folding of an identifier: unquoted names are lowercased.
+/// An identifier as the server reads it: unquoted, its ASCII capitals only are lowercased
+/// (`Über` stays `Über` in a UTF8 database), and any name is cut to 63 bytes
+/// ([`fold_identifier`]).
 fn fold(i: &Ident) -> String {
-    if i.quote_style.is_some() {
-        i.value.clone()
-    } else {
-        i.value.to_lowercase()
-    }
+    fold_identifier(&i.value, i.quote_style.is_some())
 }
 
 fn rel_name(name: &ObjectName) -> Option<RelName> {

@@ -122,8 +122,8 @@ fn named_style<'m>(masker: &'m Masker<'_>, t: &Table, column: &str) -> Option<&'
         .max_by_key(|s| s.strength())
 }
 
-/// The names an expression's text uses, folded as the server folds them (unquoted: ASCII
-/// lowercased); `None` if it cannot be read.
+/// The names an expression's text uses, folded as the server folds them; `None` if it
+/// cannot be read.
 fn names_in(expr: &str) -> Option<Vec<String>> {
     use sqlparser::{
         dialect::PostgreSqlDialect,
@@ -136,8 +136,10 @@ fn names_in(expr: &str) -> Option<Vec<String>> {
         tokens
             .into_iter()
             .filter_map(|t| match t {
-                Token::Word(w) if w.quote_style.is_some() => Some(w.value),
-                Token::Word(w) => Some(w.value.to_ascii_lowercase()),
+                Token::Word(w) => Some(crate::policy::fold_identifier(
+                    &w.value,
+                    w.quote_style.is_some(),
+                )),
                 _ => None,
             })
             .collect(),
