@@ -288,9 +288,9 @@ impl Catalogs {
         condition: &str,
     ) -> Result<Vec<Arc<Table>>, CatalogError> {
         let generation = db.generation.load(Ordering::SeqCst);
-        // The kin of each table, once per table (not per column): its ancestors and its
-        // descendants in pg_inherits (acyclic: the server refuses circular inheritance), as a
-        // JSON array of [schema, name], which no name can break.
+        // The kin of each table, worked out and sent once per table (on its first column's
+        // row): its ancestors and its descendants in pg_inherits (acyclic: the server refuses
+        // circular inheritance), as a JSON array of [schema, name], which no name can break.
         let sql = format!(
             "WITH rel AS (SELECT c.oid, n.nspname, c.relname, c.relkind \
                FROM pg_catalog.pg_class c \
@@ -308,7 +308,8 @@ impl Catalogs {
              SELECT rel.oid, rel.nspname, rel.relname, a.attnum, a.attname, a.atttypid, \
              a.attgenerated <> '', \
              CASE WHEN rel.relkind IN ('v', 'm') THEN pg_catalog.pg_get_viewdef(rel.oid) END, \
-             kin.kin, \
+             CASE WHEN pg_catalog.row_number() OVER (PARTITION BY rel.oid ORDER BY a.attnum) = 1 \
+               THEN kin.kin END, \
              CASE WHEN a.attgenerated <> '' THEN pg_catalog.pg_get_expr(d.adbin, d.adrelid) END \
              FROM rel JOIN kin ON kin.oid = rel.oid \
              JOIN pg_catalog.pg_attribute a ON a.attrelid = rel.oid \
