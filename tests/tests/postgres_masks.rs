@@ -3,7 +3,8 @@
 //! JSON builders, aggregates, subqueries, CTEs, set operations, views) is masked; one computed
 //! from other columns, or over an unrelated table, is not. Simple and extended protocol, and
 //! COPY (query) TO STDOUT. A rule on a table covers its partitions and `INHERITS` children,
-//! and one on a partition covers reading it through its parent.
+//! and one on a partition covers reading it through its parent: masks, and deny rules that
+//! name tables.
 
 use std::process::Command;
 
@@ -594,4 +595,53 @@ mask = {{ columns = ["public.Über.ssn", "public.{long}.ssn"], style = "redact" 
     );
     assert!(!err.contains("ERROR"), "{err}");
     assert_eq!(out.lines().collect::<Vec<_>>(), ["[redacted]"; 4], "{out}");
+}
+
+/// Added to [`POLICY`]: reads of `ev` (partitioned) and of `kid` (an `INHERITS` child of
+/// `users`) denied by name.
+const DENY_KIN_RULES: &str = r#"
+[[rule]]
+id = "no-ev"
+verdict = "deny"
+target = { name = ["db"] }
+sql = { objects = ["public.ev"] }
+message = "no ev"
+
+[[rule]]
+id = "no-kid"
+verdict = "deny"
+target = { name = ["db"] }
+sql = { objects = ["public.kid"] }
+message = "no kid"
+"#;
+
+/// A deny rule that names a table covers its partitions at any depth (their rows are its
+/// rows), and one that names a child covers its parent (the parent's rows include the
+/// child's); a sibling, or a table of no kin, is not covered.
+#[test]
+fn a_deny_rule_on_a_table_covers_the_tables_that_share_its_rows() {
+    require_root();
+    let (topo, pg, _daemon) = setup_with(&format!("{POLICY}{DENY_KIN_RULES}"));
+    pg.admin_sql(
+        &topo,
+        "CREATE TABLE kid (extra int) INHERITS (users); \
+         CREATE TABLE ev (id int, ssn text) PARTITION BY LIST (id); \
+         CREATE TABLE ev_eu PARTITION OF ev FOR VALUES IN (1); \
+         CREATE TABLE ev_us PARTITION OF ev FOR VALUES IN (2) PARTITION BY LIST (id); \
+         CREATE TABLE ev_us_1 PARTITION OF ev_us FOR VALUES IN (2); \
+         CREATE TABLE solo (id int); INSERT INTO solo VALUES (7);",
+    );
+    let (out, err) = psql(
+        &topo,
+        &pg,
+        "SELECT count(*) FROM ev;\n\
+         SELECT count(*) FROM ev_eu;\n\
+         SELECT count(*) FROM ev_us_1;\n\
+         SELECT count(*) FROM users;\n\
+         SELECT id FROM solo;\n\
+         SELECT count(*) FROM other;\n",
+    );
+    assert_eq!(err.matches("ERROR:  bulkhead: no ev").count(), 3, "{err}");
+    assert_eq!(err.matches("ERROR:  bulkhead: no kid").count(), 1, "{err}");
+    assert_eq!(out.lines().collect::<Vec<_>>(), ["7", "1"], "{out}");
 }

@@ -485,6 +485,17 @@ impl RequestMatch {
     }
 }
 
+impl PolicySet {
+    /// Whether a rule that restricts (deny, approve, mask) names SQL objects: only then can a
+    /// table's kin ([`Classification::kin`]) change a decision.
+    pub fn restricts_sql_objects(&self) -> bool {
+        self.rules.iter().any(|r| {
+            !matches!(r.effect, Effect::Verdict(Verdict::Allow))
+                && matches!(&r.request, RequestMatch::Sql(m) if !m.objects.is_empty())
+        })
+    }
+}
+
 impl SqlMatch {
     fn matches(&self, c: &Classification, polarity: Polarity) -> bool {
         let classes = match &self.classes {
@@ -503,6 +514,7 @@ impl SqlMatch {
                     !c.objects_complete
                         || c.objects
                             .iter()
+                            .chain(&c.kin)
                             .any(|o| self.objects.iter().any(|p| p.touches(o)))
                 }
             };

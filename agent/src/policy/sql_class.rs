@@ -229,6 +229,13 @@ pub struct Classification {
     /// False when part of the message was judged without seeing what it touches (DO, CALL,
     /// keyword fallback): an allow rule that names objects then cannot vouch for it.
     pub objects_complete: bool,
+    /// Tables whose rows `objects` share, from the target's catalog (a partition's or an
+    /// `INHERITS` child's parents, a parent's children), as `schema.table`: a rule that
+    /// restricts (deny, approve, mask) an object touches the statement if it names one of
+    /// them; an allow rule must still cover `objects` themselves. Filled by the PostgreSQL
+    /// gateway, never by the classifier.
+    #[serde(skip)]
+    pub kin: BTreeSet<String>,
     pub statements: usize,
     /// Statements this message prepares, by name, with what each would do when executed.
     #[serde(skip)]

@@ -362,6 +362,47 @@ fn objects_and_functions() {
     assert_eq!(verdict("SELECT app.other()"), Verdict::Deny);
 }
 
+/// A table's kin (filled by the PostgreSQL gateway from the catalog) lets a restricting rule
+/// touch the statement; an allow rule must still cover the tables the statement names.
+#[test]
+fn kin_is_touched_by_restricting_rules_and_never_covers() {
+    let id = agent();
+    let set = policy(
+        "[[target]]\nname = \"db\"\n\
+         [[rule]]\nid = \"reads\"\nverdict = \"allow\"\nsql = { class = [\"read\"], objects = [\"public.ev\", \"public.other\"] }\n\
+         [[rule]]\nid = \"no-secret\"\nverdict = \"deny\"\nsql = { objects = [\"hr.secret\"] }\n",
+    );
+    assert!(set.restricts_sql_objects());
+    assert!(!policy("[[target]]\nname = \"db\"\n[[rule]]\nid = \"r\"\nverdict = \"allow\"\nsql = { objects = [\"a\"] }\n")
+        .restricts_sql_objects());
+    let classified = |q: &str, kin: &[&str]| {
+        let mut c = (*set.cache().classify(q, None)).clone();
+        c.kin = kin.iter().map(|k| (*k).to_string()).collect();
+        Arc::new(c)
+    };
+    let verdict = |c: &Arc<Classification>| {
+        set.evaluate(&Request {
+            action: Action::SqlClassified(c),
+            ..sql("db", &id, "")
+        })
+        .verdict
+    };
+    let child_of_secret = classified("SELECT * FROM hr.secret_2024", &["hr.secret"]);
+    assert_eq!(verdict(&child_of_secret), Verdict::Deny);
+    let child_of_ev = classified("SELECT * FROM public.ev_eu", &["public.ev"]);
+    assert_eq!(
+        verdict(&child_of_ev),
+        Verdict::Deny,
+        "the allow names ev, not ev_eu"
+    );
+    let ev = classified("SELECT * FROM public.ev", &["public.ev_eu"]);
+    assert_eq!(
+        verdict(&ev),
+        Verdict::Allow,
+        "kin an allow rule does not name is no matter"
+    );
+}
+
 #[test]
 fn unqualified_catalog_names_resolve_to_pg_catalog_first() {
     let id = agent();

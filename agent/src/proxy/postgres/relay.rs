@@ -28,7 +28,7 @@ use super::{
     Catalogs, SessionError,
 };
 use crate::{
-    policy::{Classification, NameEffect, PolicySet, Verdict},
+    policy::{Classification, NameEffect, PolicySet, SqlClass, Verdict},
     proxy::session::Conn,
     record::{EventKind, Outcome, RecordedVerdict, SessionEnd},
 };
@@ -224,6 +224,7 @@ impl<'a> Relay<'a> {
         text: &str,
         params: &[Option<String>],
     ) -> Judged {
+        let classification = self.with_kin(policy, classification).await;
         let decided = self
             .conn
             .decide_sql(
@@ -253,6 +254,31 @@ impl<'a> Relay<'a> {
             what: Some(classification),
             approved_once,
         }
+    }
+
+    /// `what` with the kin of the tables it touches ([`Classification::kin`]: a deny rule on
+    /// a table covers reading its partitions), when a rule that restricts names objects; the
+    /// target's catalog is asked (cached, [`catalog`]). When it cannot answer, the statement
+    /// is unknown (fail closed).
+    async fn with_kin(&self, policy: &PolicySet, what: Arc<Classification>) -> Arc<Classification> {
+        if what.objects.is_empty() || !policy.restricts_sql_objects() {
+            return what;
+        }
+        let kin = self.columns.kin(self.catalogs, &what.objects).await;
+        if kin.as_ref().is_ok_and(std::collections::BTreeSet::is_empty) {
+            return what;
+        }
+        let mut with = (*what).clone();
+        match kin {
+            Ok(kin) => with.kin = kin,
+            Err(e) => {
+                with.classes.insert(SqlClass::Unknown);
+                with.unknown_reasons.push(format!(
+                    "{e}: which tables share rows with the ones it touches is not known"
+                ));
+            }
+        }
+        Arc::new(with)
     }
 
     /// Waits, if `name` is made by an earlier unit of work still in flight, until the target

@@ -208,6 +208,33 @@ pub fn withheld_error(masks: &Masks, body: &[u8]) -> Option<Bytes> {
     ))
 }
 
+impl Tracker {
+    /// The kin of the tables `objects` names (`schema.table` or `table`, as the classifier
+    /// gives them): what the target's catalog says they inherit from and what inherits from
+    /// them, as `schema.table`, less `objects` themselves. Names the catalog lacks (a CTE's,
+    /// a table not made yet) have none.
+    pub async fn kin(
+        &self,
+        catalogs: &Catalogs,
+        objects: &std::collections::BTreeSet<String>,
+    ) -> Result<std::collections::BTreeSet<String>, super::catalog::CatalogError> {
+        let names: Vec<(Option<String>, String)> = objects
+            .iter()
+            .map(|o| match o.split_once('.') {
+                Some((schema, table)) => (Some(schema.to_string()), table.to_string()),
+                None => (None, o.clone()),
+            })
+            .collect();
+        let tables = catalogs.relations_by_names(&self.login, &names).await?;
+        Ok(tables
+            .iter()
+            .flat_map(|t| &t.kin)
+            .map(|(schema, table)| format!("{schema}.{table}"))
+            .filter(|k| !objects.contains(k))
+            .collect())
+    }
+}
+
 /// What a statement or portal is known to return.
 #[derive(Debug, Clone, Default)]
 struct Described {
