@@ -645,3 +645,81 @@ fn a_deny_rule_on_a_table_covers_the_tables_that_share_its_rows() {
     assert_eq!(err.matches("ERROR:  bulkhead: no kid").count(), 1, "{err}");
     assert_eq!(out.lines().collect::<Vec<_>>(), ["7", "1"], "{out}");
 }
+
+/// A cursor declared by SQL is a portal the extended protocol can Describe and Execute by
+/// name: its rows are masked as a FETCH's are (table columns by their rule, computed ones as
+/// unknown), with or without a Describe first. A raw client sends the exact messages.
+#[test]
+fn a_cursor_declared_by_sql_and_executed_as_a_portal_is_masked() {
+    require_root();
+    let (topo, pg, _daemon) = setup();
+    pg.admin_sql(&topo, "INSERT INTO users VALUES (2, 'bob', '234-56-7890');");
+    let script = format!(
+        r#"
+import json, socket, struct
+s = socket.create_connection(("{TARGET_V4}", 5432))
+params = b"user\x00{user}\x00database\x00postgres\x00\x00"
+s.sendall(struct.pack("!ii", 8 + len(params), 196608) + params)
+buf = b""
+def msg(tag, body):
+    return tag + struct.pack("!i", 4 + len(body)) + body
+def until_ready():
+    global buf
+    out = []
+    while True:
+        while len(buf) >= 5:
+            n = struct.unpack("!i", buf[1:5])[0]
+            if len(buf) < 1 + n:
+                break
+            out.append((buf[0:1], buf[5:1 + n]))
+            buf = buf[1 + n:]
+            if out[-1][0] == b"Z":
+                return out
+        chunk = s.recv(65536)
+        if not chunk:
+            return out
+        buf += chunk
+def rows(answers):
+    out = []
+    for tag, body in answers:
+        if tag == b"D":
+            p, row = 2, []
+            for _ in range(struct.unpack("!h", body[:2])[0]):
+                n = struct.unpack("!i", body[p:p + 4])[0]
+                p += 4
+                row.append(None if n < 0 else body[p:p + n].decode())
+                p += max(n, 0)
+            out.append(row)
+        elif tag == b"E":
+            out.append(["error", body.decode(errors="replace")])
+    return out
+until_ready()
+s.sendall(msg(b"Q", b"BEGIN; DECLARE c CURSOR FOR SELECT upper(ssn), ssn, name FROM users ORDER BY id\x00"))
+until_ready()
+s.sendall(msg(b"D", b"Pc\x00") + msg(b"E", b"c\x00" + struct.pack("!i", 1)) + msg(b"S", b""))
+first = rows(until_ready())
+s.sendall(msg(b"E", b"c\x00" + struct.pack("!i", 0)) + msg(b"S", b""))
+rest = rows(until_ready())
+s.sendall(msg(b"X", b""))
+print(json.dumps([first, rest]))
+"#,
+        user = pg.user
+    );
+    let mut cmd = Command::new("python3");
+    cmd.args(["-c", &script]);
+    let out = topo.output(Side::Governed, cmd);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(
+        v,
+        json!([
+            [["[redacted]", "[redacted]", "alice"]],
+            [["[redacted]", "[redacted]", "bob"]]
+        ])
+    );
+}
