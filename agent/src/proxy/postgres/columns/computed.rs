@@ -100,7 +100,7 @@ impl Sources<'_> {
 
     fn table_column_style(&self, t: &Table, column: &str, depth: usize) -> Option<MaskStyle> {
         if t.definition.is_none() {
-            return super::table_column_style(self.masker, t, column).cloned();
+            return super::style::table_column_style(self.masker, t, column).cloned();
         }
         match t.column_named(column) {
             Some(c) => self.view_column_style(t, c.number, depth),

@@ -155,7 +155,9 @@ impl Results<'_> {
                             Some(s) => s.view_column_style(t, c.number, 0),
                             None => unknown.clone(),
                         },
-                        Some((t, c)) => super::table_column_style(&masker, t, &c.name).cloned(),
+                        Some((t, c)) => {
+                            super::style::table_column_style(&masker, t, &c.name).cloned()
+                        }
                         None => unknown.clone(),
                     }
                 } else {
@@ -333,7 +335,7 @@ impl Results<'_> {
                     Ok(Some((t, cols))) => {
                         rows.fields = Some(
                             cols.iter()
-                                .map(|c| match super::table_column_style(&masker, &t, c) {
+                                .map(|c| match super::style::table_column_style(&masker, &t, c) {
                                     Some(s) => FieldMask::Column(s.clone()),
                                     None => FieldMask::Detect,
                                 })
@@ -475,7 +477,7 @@ impl Results<'_> {
                                     .iter()
                                     .find(|c| &c.name == name)
                                     .map_or(0, |c| c.type_oid);
-                                match super::table_column_style(&masker, &t, name) {
+                                match super::style::table_column_style(&masker, &t, name) {
                                     Some(s) => FieldAction::Column {
                                         style: s.clone(),
                                         format: 1,
