@@ -15,7 +15,9 @@
 //! statement, a response per prepared execution). An event dropped under load fails the run.
 //!
 //! `BENCH_PG_CAPTURE` adds lines to the daemon's `[capture]` table (see [`daemon_capture`]),
-//! for comparing other capture settings; `fast_path` is the legs' to set.
+//! for comparing other capture settings; `fast_path` is the legs' to set. `BENCH_PG_POLICY`
+//! adds rules to the policy (e.g. a deny rule naming a table, which makes the gateway ask
+//! the catalog for the kin of every statement's tables).
 //!
 //! Run with `cargo xtask bench` (root; release build).
 
@@ -147,8 +149,8 @@ fn main() {
         std::process::exit(2);
     }
     let topo = Topology::new("");
-    let (pg, daemon) = topo.postgres_target_with(
-        "scram-sha-256",
+    let policy = format!(
+        "{}\n{}",
         r#"
 [[target]]
 name = "db"
@@ -161,6 +163,11 @@ verdict = "allow"
 target = { name = ["db"] }
 sql = { class = ["read", "transaction", "session", "insert", "update", "delete", "ddl", "truncate", "sequence", "maintenance"] }
 "#,
+        std::env::var("BENCH_PG_POLICY").unwrap_or_default()
+    );
+    let (pg, daemon) = topo.postgres_target_with(
+        "scram-sha-256",
+        &policy,
         &daemon_capture(&std::env::var("BENCH_PG_CAPTURE").unwrap_or_default()),
     );
     let gateway = Gateway {
