@@ -1018,6 +1018,20 @@ impl Topology {
         )
     }
 
+    /// `python3 -c script` on the governed side; its standard output, once it exited 0.
+    pub fn python(&self, script: &str) -> String {
+        let mut cmd = Command::new("python3");
+        cmd.args(["-c", script]);
+        let out = self.output(Side::Governed, cmd);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{stdout} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    }
+
     /// `bh-pg-client` (tokio-postgres: Parse and Describe, then Execute with binary results)
     /// through the gateway from the governed side, to `TARGET_V4`, with `args` after the
     /// address (none: its own fixed script); its JSON output, once it exited 0.

@@ -6,9 +6,7 @@
 //! and one on a partition covers reading it through its parent: masks, and deny rules that
 //! name tables.
 
-use std::process::Command;
-
-use bulkhead_tests::{require_root, PgServer, Side, Topology, TARGET_V4};
+use bulkhead_tests::{require_root, PgServer, Topology, TARGET_V4};
 use serde_json::{json, Value};
 
 /// Target `db`: reads allowed, unknown statements denied; `public.users.ssn` masked; two
@@ -283,16 +281,7 @@ out["pipeline"] = [a.fetchone()[0], b.fetchone()[0]]
 print(json.dumps(out))
 "#
     );
-    let mut cmd = Command::new("python3");
-    cmd.args(["-c", &script]);
-    let out = topo.output(Side::Governed, cmd);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_str(stdout.trim()).unwrap();
+    let v: Value = serde_json::from_str(topo.python(&script).trim()).unwrap();
     let masked_row = json!(["[redacted]", "alice", "[redacted]"]);
     assert_eq!(
         v["prepared"],
@@ -705,16 +694,7 @@ print(json.dumps([first, rest]))
 "#,
         user = pg.user
     );
-    let mut cmd = Command::new("python3");
-    cmd.args(["-c", &script]);
-    let out = topo.output(Side::Governed, cmd);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_str(stdout.trim()).unwrap();
+    let v: Value = serde_json::from_str(topo.python(&script).trim()).unwrap();
     assert_eq!(
         v,
         json!([
