@@ -489,10 +489,7 @@ impl PolicySet {
     /// Whether a rule that restricts (deny, approve, mask) names SQL objects: only then can a
     /// table's kin ([`Classification::kin`]) change a decision.
     pub fn restricts_sql_objects(&self) -> bool {
-        self.rules.iter().any(|r| {
-            !matches!(r.effect, Effect::Verdict(Verdict::Allow))
-                && matches!(&r.request, RequestMatch::Sql(m) if !m.objects.is_empty())
-        })
+        self.restricts_sql_objects
     }
 }
 

@@ -386,15 +386,23 @@ pub struct PolicySet {
     pub targets: Vec<TargetSettings>,
     pub files: Vec<PathBuf>,
     cache: Arc<SqlCache>,
+    /// Whether a rule that restricts names SQL objects ([`PolicySet::restricts_sql_objects`]),
+    /// worked out once: the PostgreSQL gateway asks per statement.
+    restricts_sql_objects: bool,
 }
 
 impl PolicySet {
     pub fn new(rules: Vec<Rule>, targets: Vec<TargetSettings>, files: Vec<PathBuf>) -> Self {
+        let restricts_sql_objects = rules.iter().any(|r| {
+            !matches!(r.effect, Effect::Verdict(Verdict::Allow))
+                && matches!(&r.request, RequestMatch::Sql(m) if !m.objects.is_empty())
+        });
         Self {
             rules,
             targets,
             files,
             cache: Arc::new(SqlCache::default()),
+            restricts_sql_objects,
         }
     }
 
